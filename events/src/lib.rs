@@ -1,0 +1,20 @@
+//! slate-events: the event catalog, the event store, the projections and the
+//! domain commands (accounts, credits). No HTTP, no provider.
+
+/// SQL formatted from trusted, static pieces of this crate (table prefixes,
+/// column lists), never from input.
+macro_rules! trusted_sql {
+    ($($t:tt)*) => { sqlx::AssertSqlSafe(format!($($t)*)) };
+}
+
+pub mod accounts;
+pub mod catalog;
+pub mod credits;
+pub mod db;
+pub mod error;
+pub mod projections;
+pub mod store;
+
+pub use catalog::{Actor, DomainEvent, Metadata};
+pub use error::Error;
+pub use store::{ExpectedVersion, NewEvent, RecordedEvent};

@@ -1,0 +1,175 @@
+//! The asynchronous projector: gap-safe, checkpointed, one active instance
+//! per projection across all processes.
+//!
+//! Identity values are handed out at INSERT but become visible at COMMIT, so
+//! "the last position seen" can skip an event whose transaction commits late.
+//! The projector reads only events of transactions older than every running
+//! one (`transaction_id < pg_snapshot_xmin(pg_current_snapshot())`), in
+//! (transaction_id, global_position) order, and checkpoints that pair.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::watch;
+
+use super::{Projection, TxEvent, prefixed_columns};
+use crate::Error;
+
+/// Advisory-lock namespace of projector leadership ("slat").
+const LOCK_NAMESPACE: i32 = 0x736c_6174;
+
+pub(crate) async fn lock_checkpoint(conn: &mut PgConnection, p: Projection) -> Result<(), Error> {
+    sqlx::query(
+        "insert into projection_checkpoints (projection) values ($1) on conflict do nothing",
+    )
+    .bind(p.name())
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("select 1 from projection_checkpoints where projection = $1 for update")
+        .bind(p.name())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Apply the next batch after the checkpoint and move it. The caller holds
+/// the checkpoint row lock, in a transaction.
+pub(crate) async fn apply_batch(
+    conn: &mut PgConnection,
+    p: Projection,
+    limit: i64,
+) -> Result<usize, Error> {
+    let sql = format!(
+        "select e.transaction_id::text as txid, {cols}
+           from events e, projection_checkpoints c
+          where c.projection = $1
+            and (e.transaction_id, e.global_position) > (c.last_transaction_id, c.last_position)
+            and e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+            and e.event_type = any($2)
+          order by e.transaction_id, e.global_position
+          limit $3",
+        cols = prefixed_columns("e")
+    );
+    let batch: Vec<TxEvent> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(p.name())
+        .bind(p.event_types())
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+    let Some(last) = batch.last() else {
+        return Ok(0);
+    };
+    for e in &batch {
+        p.apply_recorded(conn, "", &e.event).await?;
+    }
+    sqlx::query(
+        "update projection_checkpoints
+            set last_transaction_id = $2::xid8, last_position = $3,
+                events_applied = events_applied + $4, updated_at = now()
+          where projection = $1",
+    )
+    .bind(p.name())
+    .bind(&last.txid)
+    .bind(last.event.global_position)
+    .bind(batch.len() as i64)
+    .execute(&mut *conn)
+    .await?;
+    Ok(batch.len())
+}
+
+/// One batch in its own transaction. Returns how many events it applied.
+pub async fn run_batch(pool: &PgPool, p: Projection, limit: i64) -> Result<usize, Error> {
+    let mut tx = pool.begin().await?;
+    lock_checkpoint(&mut tx, p).await?;
+    let n = apply_batch(&mut tx, p, limit).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// Apply everything that is safely visible now. Tests call this instead of
+/// waiting for the background projector.
+pub async fn catch_up(pool: &PgPool, p: Projection) -> Result<u64, Error> {
+    let mut total = 0u64;
+    loop {
+        let n = run_batch(pool, p, 500).await?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+    }
+}
+
+/// Follow the log for one projection until `shutdown` turns true. Only the
+/// process holding the projection's advisory lock applies events; the others
+/// wait to take over.
+pub async fn run_projector(pool: PgPool, p: Projection, mut shutdown: watch::Receiver<bool>) {
+    let name = p.name();
+    while !*shutdown.borrow() {
+        match lead(&pool, p, &mut shutdown).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // Someone else leads; try again in a while.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+            Err(e) => {
+                tracing::error!(projection = name, error = %e, "projector failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+    }
+    tracing::info!(projection = name, "projector stopped");
+}
+
+/// Returns Ok(false) when another process holds the lock, Ok(true) after a
+/// clean shutdown.
+async fn lead(
+    pool: &PgPool,
+    p: Projection,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool, Error> {
+    // A dedicated session holds the lock: if this process dies, so does the
+    // session, and the lock passes on.
+    let mut lock_conn = PgConnection::connect_with(&pool.connect_options()).await?;
+    let got: bool = sqlx::query_scalar("select pg_try_advisory_lock($1, hashtext($2))")
+        .bind(LOCK_NAMESPACE)
+        .bind(p.name())
+        .fetch_one(&mut lock_conn)
+        .await?;
+    if !got {
+        lock_conn.close().await.ok();
+        return Ok(false);
+    }
+    tracing::info!(projection = p.name(), "projector leading");
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen("slate_events").await?;
+    let mut last_ping = tokio::time::Instant::now();
+    loop {
+        if *shutdown.borrow() {
+            lock_conn.close().await.ok();
+            return Ok(true);
+        }
+        let n = run_batch(pool, p, 500).await?;
+        if last_ping.elapsed() > Duration::from_secs(5) {
+            // Still holding the session (and so the lock)?
+            sqlx::query("select 1").execute(&mut lock_conn).await?;
+            last_ping = tokio::time::Instant::now();
+        }
+        if n > 0 {
+            continue;
+        }
+        // Nothing visible: wait for a commit, or poll (a transaction that
+        // held back the snapshot's xmin may have ended without notifying).
+        tokio::select! {
+            r = listener.recv() => { r?; }
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}

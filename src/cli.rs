@@ -1,0 +1,324 @@
+//! The `slate` command line: every process and operator tool.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use slate_events::catalog::GrantSource;
+use slate_events::credits::{self, Grant};
+use slate_events::projections::{self, Projection};
+use slate_events::{Actor, Metadata};
+use uuid::Uuid;
+
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "slate",
+    version,
+    about = "Slate: credits, generations and the audit log"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the database if missing and run all migrations.
+    Migrate,
+    /// Serve the HTTP API.
+    Serve,
+    /// Run the job workers, the projectors and the sweeper.
+    Work,
+    /// Rebuild or verify projections.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
+    },
+    /// The event catalog.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+    /// Accounts.
+    Accounts {
+        #[command(subcommand)]
+        command: AccountsCommand,
+    },
+    /// The credit ledger.
+    Credits {
+        #[command(subcommand)]
+        command: CreditsCommand,
+    },
+    /// Job queue diagnostics.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+    /// Run the whole story end to end against the configured services.
+    Demo,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectionsCommand {
+    /// Replay the log from zero into the live tables.
+    Rebuild {
+        /// One projection (credits, credit_ledger); all when omitted.
+        #[arg(long)]
+        projection: Option<String>,
+    },
+    /// Rebuild into scratch tables and compare with the live ones; exits 1 on
+    /// any difference.
+    Verify {
+        #[arg(long)]
+        projection: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Write the catalog as JSON Schema files.
+    Schema {
+        #[arg(long, default_value = "events/schema")]
+        out: PathBuf,
+        /// Only check that the files are up to date (exit 1 when stale).
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountsCommand {
+    /// Open an account; prints its id.
+    Create {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        staff: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CreditsCommand {
+    /// Grant credits (support goodwill, promotions).
+    Grant {
+        #[arg(long)]
+        account: Uuid,
+        #[arg(long)]
+        amount: i64,
+        #[arg(long)]
+        reason: String,
+        #[arg(long, default_value = "goodwill")]
+        source: GrantSource,
+        /// RFC 3339 time after which the credits lapse.
+        #[arg(long)]
+        expires_at: Option<DateTime<Utc>>,
+        /// Idempotency key; a new one when omitted.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Available, reserved, debt and buckets of an account.
+    Show {
+        #[arg(long)]
+        account: Uuid,
+    },
+    /// Release holds past their expiry and lapse expired buckets now.
+    Sweep,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// Enqueue a diagnostic job for `slate work` to run.
+    Ping {
+        /// A job that panics, to check the worker survives it.
+        #[arg(long)]
+        panic: bool,
+    },
+}
+
+fn operator() -> Metadata {
+    let name = std::env::var("USER").unwrap_or_else(|_| "operator".into());
+    Metadata::by(Actor::Operator { name })
+}
+
+fn selected(name: &Option<String>) -> anyhow::Result<Vec<Projection>> {
+    match name {
+        None => Ok(Projection::ALL.to_vec()),
+        Some(n) => Projection::from_name(n)
+            .map(|p| vec![p])
+            .with_context(|| format!("unknown projection {n:?} (credits, credit_ledger)")),
+    }
+}
+
+/// Run a command; returns the process exit code.
+pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
+    let db_url = config.database_url.expose().to_owned();
+    let pool = || async {
+        slate_events::db::connect(&db_url, config.database_max_connections)
+            .await
+            .context("connecting to PostgreSQL")
+    };
+    match cli.command {
+        Command::Migrate => {
+            crate::migrate::ensure_database(&db_url).await?;
+            crate::migrate::run(&pool().await?).await?;
+            println!("migrations applied");
+        }
+        Command::Serve => {
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("binding {}", config.listen))?;
+            let state = crate::server::build_state(config).await?;
+            crate::server::serve(listener, state, crate::shutdown_signal()).await?;
+        }
+        Command::Work => {
+            let name = format!(
+                "{}-{}-{}",
+                hostname(),
+                std::process::id(),
+                &Uuid::new_v4().simple().to_string()[..8]
+            );
+            let settings = slate_workers::WorkerSettings::new(name);
+            slate_workers::run(pool().await?, settings, crate::shutdown_signal()).await?;
+        }
+        Command::Projections { command } => match command {
+            ProjectionsCommand::Rebuild { projection } => {
+                let pool = pool().await?;
+                for p in selected(&projection)? {
+                    let n = projections::rebuild(&pool, p).await?;
+                    println!("{}: rebuilt from {n} events", p.name());
+                }
+            }
+            ProjectionsCommand::Verify { projection } => {
+                let pool = pool().await?;
+                let report = projections::verify(&pool, &selected(&projection)?).await?;
+                for t in &report.tables {
+                    let state = if t.is_clean() { "ok" } else { "DIFFERENT" };
+                    println!(
+                        "{:<14} {:<26} live {:>8}  rebuilt {:>8}  {state}",
+                        t.projection, t.table, t.live_rows, t.rebuilt_rows
+                    );
+                    for s in &t.samples {
+                        println!("    {s}");
+                    }
+                }
+                println!("{} events replayed", report.events_replayed);
+                if !report.is_clean() {
+                    println!("projections differ from the log");
+                    return Ok(1);
+                }
+                println!("all projections match the log");
+            }
+        },
+        Command::Events { command } => match command {
+            EventsCommand::Schema { out, check } => return schema(&out, check),
+        },
+        Command::Accounts { command } => match command {
+            AccountsCommand::Create { email, staff } => {
+                let pool = pool().await?;
+                let mut conn = pool.acquire().await?;
+                let id =
+                    slate_events::accounts::create_account(&mut conn, &email, staff, operator())
+                        .await?;
+                println!("{id}");
+            }
+        },
+        Command::Credits { command } => match command {
+            CreditsCommand::Grant {
+                account,
+                amount,
+                reason,
+                source,
+                expires_at,
+                key,
+            } => {
+                let pool = pool().await?;
+                let mut conn = pool.acquire().await?;
+                let grant = Grant {
+                    account_id: account,
+                    amount,
+                    source,
+                    grant_key: key.unwrap_or_else(|| format!("operator:{}", Uuid::now_v7())),
+                    stripe_object: None,
+                    expires_at,
+                    reason: Some(reason),
+                };
+                let out = credits::grant(&mut conn, &grant, &operator()).await?;
+                println!(
+                    "{}: {} credits into bucket {} ({} settled debt)",
+                    out.outcome, out.amount, out.bucket_id, out.debt_settled
+                );
+            }
+            CreditsCommand::Show { account } => {
+                let pool = pool().await?;
+                let mut conn = pool.acquire().await?;
+                let b = credits::balance(&mut conn, account).await?;
+                println!("{}", serde_json::to_string_pretty(&b)?);
+            }
+            CreditsCommand::Sweep => {
+                let r = slate_workers::sweeper::sweep(&pool().await?, Utc::now()).await?;
+                println!(
+                    "{} holds released, {} buckets expired",
+                    r.holds_released, r.buckets_expired
+                );
+            }
+        },
+        Command::Jobs { command } => match command {
+            JobsCommand::Ping { panic } => {
+                let pool = pool().await?;
+                let mut conn = pool.acquire().await?;
+                let job = if panic {
+                    slate_workers::diagnostics::DiagnosticJob::Panic
+                } else {
+                    slate_workers::diagnostics::DiagnosticJob::Ping
+                };
+                slate_workers::jobs::enqueue(&mut conn, slate_workers::diagnostics::QUEUE, &job, 1)
+                    .await?;
+                println!("enqueued {job:?}");
+            }
+        },
+        Command::Demo => {
+            crate::migrate::ensure_database(&db_url).await?;
+            let pool = pool().await?;
+            crate::migrate::run(&pool).await?;
+            return crate::demo::run(&pool, &config).await;
+        }
+    }
+    Ok(0)
+}
+
+fn schema(out: &std::path::Path, check: bool) -> anyhow::Result<i32> {
+    let files = slate_events::catalog::schema_files();
+    if check {
+        let mut stale = Vec::new();
+        for f in &files {
+            let current = std::fs::read_to_string(out.join(&f.file_name)).unwrap_or_default();
+            if current != f.contents {
+                stale.push(f.file_name.clone());
+            }
+        }
+        if !stale.is_empty() {
+            println!(
+                "stale schema files (run `slate events schema`): {}",
+                stale.join(", ")
+            );
+            return Ok(1);
+        }
+        println!("{} schema files up to date", files.len());
+        return Ok(0);
+    }
+    std::fs::create_dir_all(out)?;
+    for f in &files {
+        std::fs::write(out.join(&f.file_name), &f.contents)?;
+    }
+    println!("wrote {} schema files to {}", files.len(), out.display());
+    Ok(0)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "host".into())
+}

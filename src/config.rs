@@ -1,0 +1,190 @@
+//! Configuration, read once from the environment and validated at start.
+//! Every default points at a local service, so a fresh checkout runs with
+//! nothing set (see `scripts/services`).
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use slate_workers::storage::StorageSettings;
+
+/// A secret whose `Debug` and `Display` print nothing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+    /// Pretty on a terminal, JSON otherwise.
+    Auto,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: Secret,
+    pub database_max_connections: u32,
+    pub redis_url: Secret,
+    pub listen: SocketAddr,
+    pub s3_endpoint: String,
+    pub s3_bucket: String,
+    pub s3_region: String,
+    pub aws_access_key_id: String,
+    pub aws_secret_access_key: Secret,
+    pub stripe_webhook_secrets: Vec<Secret>,
+    pub stripe_api_key: Option<Secret>,
+    pub stripe_api_base: Option<String>,
+    pub livemode: bool,
+    pub log_format: LogFormat,
+}
+
+/// The documented defaults (README, `scripts/services`).
+pub const DEFAULTS: &[(&str, &str)] = &[
+    ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/slate"),
+    ("DATABASE_MAX_CONNECTIONS", "20"),
+    ("REDIS_URL", "redis://127.0.0.1:6379"),
+    ("SLATE_LISTEN", "127.0.0.1:8080"),
+    ("S3_ENDPOINT", "http://127.0.0.1:9000"),
+    ("S3_BUCKET", "slate-media"),
+    ("S3_REGION", "us-east-1"),
+    ("AWS_ACCESS_KEY_ID", "slate"),
+    ("AWS_SECRET_ACCESS_KEY", "slate-local-secret"),
+    ("STRIPE_WEBHOOK_SECRETS", ""),
+    ("STRIPE_API_KEY", ""),
+    ("STRIPE_API_BASE", ""),
+    ("SLATE_LIVEMODE", "false"),
+    ("SLATE_LOG_FORMAT", "auto"),
+];
+
+impl Config {
+    pub fn from_env() -> anyhow::Result<Self> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        let get = |key: &str| -> String {
+            lookup(key).unwrap_or_else(|| {
+                DEFAULTS
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| (*v).to_owned())
+                    .unwrap_or_default()
+            })
+        };
+        let non_empty = |key: &str| Some(get(key)).filter(|v| !v.trim().is_empty());
+        let secrets: Vec<Secret> = get("STRIPE_WEBHOOK_SECRETS")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(Secret::new)
+            .collect();
+        if let Some(bad) = secrets.iter().find(|s| !s.expose().starts_with("whsec_")) {
+            let _ = bad;
+            anyhow::bail!("STRIPE_WEBHOOK_SECRETS: every secret must start with whsec_");
+        }
+        let log_format = match get("SLATE_LOG_FORMAT").as_str() {
+            "json" => LogFormat::Json,
+            "pretty" => LogFormat::Pretty,
+            "auto" | "" => LogFormat::Auto,
+            other => {
+                anyhow::bail!("SLATE_LOG_FORMAT: expected json, pretty or auto, got {other:?}")
+            }
+        };
+        Ok(Self {
+            database_url: Secret::new(get("DATABASE_URL")),
+            database_max_connections: get("DATABASE_MAX_CONNECTIONS")
+                .parse()
+                .context("DATABASE_MAX_CONNECTIONS must be a number")?,
+            redis_url: Secret::new(get("REDIS_URL")),
+            listen: get("SLATE_LISTEN")
+                .parse()
+                .context("SLATE_LISTEN must be host:port")?,
+            s3_endpoint: get("S3_ENDPOINT"),
+            s3_bucket: get("S3_BUCKET"),
+            s3_region: get("S3_REGION"),
+            aws_access_key_id: get("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key: Secret::new(get("AWS_SECRET_ACCESS_KEY")),
+            stripe_webhook_secrets: secrets,
+            stripe_api_key: non_empty("STRIPE_API_KEY").map(Secret::new),
+            stripe_api_base: non_empty("STRIPE_API_BASE"),
+            livemode: match get("SLATE_LIVEMODE").as_str() {
+                "true" | "1" => true,
+                "false" | "0" | "" => false,
+                other => anyhow::bail!("SLATE_LIVEMODE: expected true or false, got {other:?}"),
+            },
+            log_format,
+        })
+    }
+
+    pub fn storage(&self) -> StorageSettings {
+        StorageSettings {
+            endpoint: self.s3_endpoint.clone(),
+            bucket: self.s3_bucket.clone(),
+            region: self.s3_region.clone(),
+            access_key_id: self.aws_access_key_id.clone(),
+            secret_access_key: self.aws_secret_access_key.expose().to_owned(),
+        }
+    }
+
+    /// The Stripe API client, when a key is configured.
+    pub fn stripe_client(&self) -> anyhow::Result<Option<stripe::Client>> {
+        let Some(key) = &self.stripe_api_key else {
+            return Ok(None);
+        };
+        let mut builder = stripe::ClientBuilder::new(key.expose());
+        if let Some(base) = &self.stripe_api_base {
+            builder = builder.url(base);
+        }
+        Ok(Some(builder.build().context("building the Stripe client")?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_point_at_local_services() {
+        let c = Config::from_lookup(|_| None).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert!(c.database_url.expose().contains("127.0.0.1:5432/slate"));
+        assert!(c.stripe_webhook_secrets.is_empty());
+        assert!(!c.livemode);
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = Config::from_lookup(|k| {
+            (k == "STRIPE_WEBHOOK_SECRETS").then(|| "whsec_one,whsec_two".to_owned())
+        })
+        .unwrap();
+        assert_eq!(c.stripe_webhook_secrets.len(), 2);
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("whsec_one"));
+        assert!(!printed.contains("slate-local-secret"));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(Config::from_lookup(|k| (k == "SLATE_LIVEMODE").then(|| "maybe".into())).is_err());
+        assert!(
+            Config::from_lookup(|k| (k == "STRIPE_WEBHOOK_SECRETS").then(|| "nope".into()))
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,32 @@
+//! Slate: the HTTP API, the CLI and the wiring. Domain logic lives in
+//! `slate-events`, side effects in `slate-workers`.
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod migrate;
+pub mod server;
+pub mod telemetry;
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,21 @@
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = slate::cli::Cli::parse();
+    let config = match slate::config::Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("configuration error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    slate::telemetry::init(config.log_format);
+    match slate::cli::run(cli, config).await {
+        Ok(code) => std::process::ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

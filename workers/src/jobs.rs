@@ -1,0 +1,37 @@
+//! Enqueueing jobs inside the caller's transaction: a job exists exactly when
+//! the write it follows committed.
+
+use apalis::prelude::TaskBuilder;
+use serde::Serialize;
+use sqlx::PgConnection;
+
+/// How many times the database may hand a job out before it stays failed.
+/// apalis-postgres re-runs a failed job as soon as its `run_at` has passed;
+/// handlers push `run_at` forward themselves for backoff (see [`backoff`]).
+pub const DEFAULT_MAX_ATTEMPTS: usize = 5;
+
+/// Push `job` onto `queue` on the caller's connection (use the transaction of
+/// the write the job follows). Payloads carry ids, never prompts or personal
+/// data.
+pub async fn enqueue<J: Serialize>(
+    conn: &mut PgConnection,
+    queue: &str,
+    job: &J,
+    max_attempts: usize,
+) -> Result<(), apalis_postgres::Error> {
+    let bytes = serde_json::to_vec(job).expect("job payloads serialize");
+    let task = TaskBuilder::new(bytes).max_attempts(max_attempts).build();
+    apalis_postgres::queries::push_tasks(conn, queue, vec![task]).await
+}
+
+/// Exponential backoff with a ceiling, for attempt `n` (1-based).
+pub fn backoff(attempt: usize) -> std::time::Duration {
+    let secs = 2u64.saturating_pow(attempt.min(10) as u32).min(600);
+    std::time::Duration::from_secs(secs)
+}
+
+/// The job queue's own migrations (schema `apalis`, recorded in
+/// `_sqlx_migrations`).
+pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), apalis_postgres::Error> {
+    apalis_postgres::PostgresStorage::setup(pool).await
+}

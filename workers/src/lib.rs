@@ -1,0 +1,11 @@
+//! slate-workers: durable apalis job handlers, the background loops of
+//! `slate work` (projectors, sweeper), provider clients and object storage.
+//! Knows no axum.
+
+pub mod diagnostics;
+pub mod jobs;
+pub mod runtime;
+pub mod storage;
+pub mod sweeper;
+
+pub use runtime::{WorkerSettings, run};

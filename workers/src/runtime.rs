@@ -1,0 +1,121 @@
+//! `slate work`: the apalis worker monitor, the asynchronous projectors and
+//! the credit sweeper, until a shutdown signal.
+
+use std::future::Future;
+use std::time::Duration;
+
+use apalis::prelude::*;
+use apalis_postgres::{Config, PostgresStorage};
+use slate_events::projections::{self, Projection};
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use crate::diagnostics::{self, DiagnosticJob};
+use crate::sweeper;
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Unique per process: a restarted worker under an old name would find
+    /// its jobs still marked as its own.
+    pub worker_name: String,
+    /// A worker that misses `missed_heartbeats` beats is declared dead and
+    /// its jobs go back to the queue.
+    pub heartbeat: Duration,
+    pub missed_heartbeats: usize,
+    pub sweep_interval: Duration,
+    /// How long in-flight jobs get to finish on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl WorkerSettings {
+    pub fn new(worker_name: String) -> Self {
+        Self {
+            worker_name,
+            heartbeat: Duration::from_secs(5),
+            missed_heartbeats: 3,
+            sweep_interval: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+
+    fn queue_config(&self, queue: &str) -> Config {
+        Config::default()
+            .queue(queue)
+            .heartbeat_interval(self.heartbeat)
+            .missed_heartbeats(self.missed_heartbeats)
+            .batch_size(10)
+    }
+}
+
+/// Run until `shutdown` resolves, then stop taking jobs, let in-flight ones
+/// finish (up to the grace period) and stop the background loops.
+pub async fn run<S>(pool: PgPool, settings: WorkerSettings, shutdown: S) -> anyhow::Result<()>
+where
+    S: Future<Output = ()> + Send + 'static,
+{
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut background = Vec::new();
+    for &p in Projection::ASYNC {
+        background.push(tokio::spawn(projections::run_projector(
+            pool.clone(),
+            p,
+            stop_rx.clone(),
+        )));
+    }
+    background.push(tokio::spawn(sweep_loop(
+        pool.clone(),
+        settings.sweep_interval,
+        stop_rx.clone(),
+    )));
+
+    let diagnostics_storage = PostgresStorage::<DiagnosticJob>::new(&pool)
+        .with_config(settings.queue_config(diagnostics::QUEUE))
+        .with_pubsub();
+    let name = settings.worker_name.clone();
+    let monitor = Monitor::new()
+        .register(move |_restarts| {
+            WorkerBuilder::new(format!("{name}.diagnostics"))
+                .backend(diagnostics_storage.clone())
+                .catch_panic()
+                .build(diagnostics::handle)
+        })
+        .shutdown_timeout(settings.shutdown_grace);
+
+    tracing::info!(worker = %settings.worker_name, "worker started");
+    let result = monitor
+        .run_with_signal(async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: finishing in-flight jobs");
+            let _ = stop_tx.send(true);
+            Ok(())
+        })
+        .await;
+    for h in background {
+        let _ = h.await;
+    }
+    tracing::info!("worker stopped");
+    result.map_err(|e| anyhow::anyhow!("worker monitor: {e}"))
+}
+
+async fn sweep_loop(pool: PgPool, every: Duration, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
+        match sweeper::sweep(&pool, chrono::Utc::now()).await {
+            Ok(r) if r.holds_released > 0 || r.buckets_expired > 0 => tracing::info!(
+                holds_released = r.holds_released,
+                buckets_expired = r.buckets_expired,
+                "credit sweep"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "credit sweep failed"),
+        }
+    }
+}
