@@ -11,6 +11,7 @@ async fn main() -> std::process::ExitCode {
         }
     };
     slate::telemetry::init(config.log_format);
+    slate::telemetry::log_panics();
     match slate::cli::run(cli, config).await {
         Ok(code) => std::process::ExitCode::from(code as u8),
         Err(e) => {

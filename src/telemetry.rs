@@ -24,3 +24,21 @@ pub fn init(format: LogFormat) {
         builder.try_init()
     };
 }
+
+/// Panics go to the log as one structured line (message and location), not
+/// as a backtrace on stderr.
+pub fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(panic = %message, %location, "panic");
+    }));
+}

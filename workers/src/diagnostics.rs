@@ -20,12 +20,15 @@ pub enum DiagnosticJob {
 
 #[tracing::instrument(skip_all, fields(kind = ?job))]
 pub async fn handle(job: DiagnosticJob) -> Result<(), BoxDynError> {
-    match job {
-        DiagnosticJob::Ping => {
-            tracing::info!("diagnostic ping handled");
-            Ok(())
+    crate::jobs::contain(async move {
+        match job {
+            DiagnosticJob::Ping => {
+                tracing::info!("diagnostic ping handled");
+                Ok(())
+            }
+            DiagnosticJob::Panic => panic!("diagnostic panic requested"),
+            DiagnosticJob::Fail => Err("diagnostic failure requested".into()),
         }
-        DiagnosticJob::Panic => panic!("diagnostic panic requested"),
-        DiagnosticJob::Fail => Err("diagnostic failure requested".into()),
-    }
+    })
+    .await
 }

@@ -35,3 +35,31 @@ pub fn backoff(attempt: usize) -> std::time::Duration {
 pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), apalis_postgres::Error> {
     apalis_postgres::PostgresStorage::setup(pool).await
 }
+
+/// A job's handler panicked. The job is killed (never retried: a panic is a
+/// bug, and running it again would panic again).
+#[derive(Debug, thiserror::Error)]
+#[error("job panicked: {0}")]
+pub struct JobPanicked(pub String);
+
+/// Run a handler body so that a panic inside it becomes a terminal job error
+/// the queue records (status `Killed`), instead of unwinding through apalis,
+/// which would leave the job marked `Running` for ever.
+pub async fn contain<F, T>(body: F) -> Result<T, apalis::prelude::BoxDynError>
+where
+    F: std::future::Future<Output = Result<T, apalis::prelude::BoxDynError>>,
+{
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(body).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic".into());
+            tracing::error!(panic = %message, "job panicked; killed");
+            Err(Box::new(apalis::prelude::AbortError::new(JobPanicked(message))))
+        }
+    }
+}

@@ -1,0 +1,187 @@
+use std::sync::Arc;
+
+use slate_events::catalog::{AccountCreated, DomainEvent};
+use slate_events::store::{self, ExpectedVersion, NewEvent};
+use slate_events::{Error, Metadata};
+use uuid::Uuid;
+
+use crate::harness::TestDb;
+
+fn account_event(account_id: Uuid) -> NewEvent {
+    NewEvent::new(
+        DomainEvent::AccountCreated(AccountCreated {
+            account_id,
+            email: format!("{account_id}@example.com"),
+            staff: false,
+        }),
+        Metadata::system(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conflicting_appends_at_the_same_version_exactly_one_wins() {
+    let db = TestDb::new().await;
+    let stream = "test-conflict";
+    let mut conn = db.conn().await;
+    store::append(&mut conn, stream, ExpectedVersion::NoStream, &[account_event(Uuid::now_v7())])
+        .await
+        .unwrap();
+    drop(conn);
+
+    // 16 writers all believe the stream is at version 1.
+    let barrier = Arc::new(tokio::sync::Barrier::new(16));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let pool = db.pool.clone();
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = pool.acquire().await.unwrap();
+            let mut tx = sqlx::Acquire::begin(&mut *conn).await.unwrap();
+            barrier.wait().await;
+            let r = store::append(
+                &mut tx,
+                stream,
+                ExpectedVersion::Exact(1),
+                &[account_event(Uuid::now_v7()), account_event(Uuid::now_v7())],
+            )
+            .await;
+            if r.is_ok() {
+                tx.commit().await.unwrap();
+            }
+            r
+        }));
+    }
+    let mut won = 0;
+    let mut conflicts = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(a) => {
+                won += 1;
+                assert_eq!(a.version, 3);
+            }
+            Err(Error::Conflict { .. }) => conflicts += 1,
+            Err(e) => panic!("unexpected error {e:?}"),
+        }
+    }
+    assert_eq!((won, conflicts), (1, 15));
+    let mut conn = db.conn().await;
+    let events = store::read_stream(&mut conn, stream).await.unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.stream_version).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+}
+
+#[tokio::test]
+async fn a_stale_expected_version_is_a_typed_conflict_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let mut conn = db.conn().await;
+    store::append(&mut conn, "s", ExpectedVersion::NoStream, &[account_event(Uuid::now_v7())])
+        .await
+        .unwrap();
+    let err = store::append(&mut conn, "s", ExpectedVersion::NoStream, &[account_event(Uuid::now_v7())])
+        .await
+        .unwrap_err();
+    match err {
+        Error::Conflict { actual, .. } => assert_eq!(actual, 1),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let err = store::append(&mut conn, "s", ExpectedVersion::Exact(5), &[account_event(Uuid::now_v7())])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }));
+    assert!(err.is_retryable());
+    assert_eq!(store::read_stream(&mut conn, "s").await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_event_id_appended_twice_stores_one_event() {
+    let db = TestDb::new().await;
+    let event = account_event(Uuid::now_v7());
+    let mut conn = db.conn().await;
+    let first = store::append(&mut conn, "dup", ExpectedVersion::Any, std::slice::from_ref(&event))
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    // A retry, even with the expected version it had the first time.
+    let again = store::append(&mut conn, "dup", ExpectedVersion::NoStream, std::slice::from_ref(&event))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.positions, first.positions);
+
+    // Concurrent retries of one batch: still one copy.
+    let batch = vec![account_event(Uuid::now_v7()), account_event(Uuid::now_v7())];
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let pool = db.pool.clone();
+        let batch = batch.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = pool.acquire().await.unwrap();
+            // A retry after a conflict is how a caller resolves a race.
+            for _ in 0..10 {
+                match store::append(&mut conn, "dup2", ExpectedVersion::Any, &batch).await {
+                    Ok(a) => return a,
+                    Err(e) if e.is_retryable() => continue,
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+            panic!("no progress");
+        }));
+    }
+    let mut fresh = 0;
+    for t in tasks {
+        if !t.await.unwrap().duplicate {
+            fresh += 1;
+        }
+    }
+    assert_eq!(fresh, 1);
+    let count: i64 = sqlx::query_scalar("select count(*) from events where stream_id in ('dup', 'dup2')")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 3);
+}
+
+#[tokio::test]
+async fn several_events_append_atomically_inside_the_callers_transaction() {
+    let db = TestDb::new().await;
+    let mut conn = db.conn().await;
+    let mut tx = sqlx::Acquire::begin(&mut *conn).await.unwrap();
+    let a = store::append(
+        &mut tx,
+        "atomic",
+        ExpectedVersion::NoStream,
+        &[account_event(Uuid::now_v7()), account_event(Uuid::now_v7()), account_event(Uuid::now_v7())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.version, 3);
+    // A conflict inside the transaction leaves it usable (savepoint).
+    assert!(store::append(&mut tx, "atomic", ExpectedVersion::Exact(1), &[account_event(Uuid::now_v7())])
+        .await
+        .is_err());
+    tx.rollback().await.unwrap();
+    assert!(store::read_stream(&mut conn, "atomic").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn update_delete_and_truncate_on_events_are_refused_by_the_database() {
+    let db = TestDb::new().await;
+    let mut conn = db.conn().await;
+    store::append(&mut conn, "immutable", ExpectedVersion::Any, &[account_event(Uuid::now_v7())])
+        .await
+        .unwrap();
+    for sql in [
+        "update events set payload = '{}'",
+        "delete from events",
+        "truncate events",
+        "update events set event_type = 'X' where stream_id = 'immutable'",
+    ] {
+        let err = sqlx::query(sql).execute(&mut *conn).await.unwrap_err();
+        let db_err = err.as_database_error().expect("a database error");
+        assert_eq!(db_err.code().as_deref(), Some("SL001"), "{sql}");
+        assert!(db_err.message().contains("append-only"));
+    }
+    assert_eq!(store::read_stream(&mut conn, "immutable").await.unwrap().len(), 1);
+}

@@ -1,0 +1,81 @@
+//! The HTTP server on port 0 against real PostgreSQL and Redis.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use slate::config::Config;
+use slate::http::AppState;
+
+use crate::harness::{TestDb, redis_url};
+
+pub struct TestApp {
+    pub address: String,
+    pub db: TestDb,
+    pub client: reqwest::Client,
+}
+
+pub async fn spawn_app_with(redis: String) -> TestApp {
+    let db = TestDb::new().await;
+    let config = Config::from_lookup(|k| match k {
+        "DATABASE_URL" => Some(db.url.clone()),
+        "REDIS_URL" => Some(redis.clone()),
+        _ => None,
+    })
+    .unwrap();
+    let state = AppState {
+        pool: db.pool.clone(),
+        redis: redis::Client::open(redis.as_str()).unwrap(),
+        config: Arc::new(config),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(slate::server::serve(listener, state, std::future::pending()));
+    TestApp { address, db, client: reqwest::Client::new() }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(redis_url()).await
+}
+
+impl TestApp {
+    pub async fn get(&self, path: &str) -> (u16, Value, reqwest::header::HeaderMap) {
+        let r = self.client.get(format!("{}{path}", self.address)).send().await.unwrap();
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        (status, r.json().await.unwrap_or(Value::Null), headers)
+    }
+}
+
+#[tokio::test]
+async fn health_and_readiness_answer_when_postgres_and_redis_do() {
+    let app = spawn_app().await;
+    let (status, body, headers) = app.get("/healthz").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "ok");
+    assert!(headers.contains_key("x-request-id"));
+    let (status, body, _) = app.get("/readyz").await;
+    assert_eq!(status, 200, "{body} — is Redis running? scripts/services starts it");
+    assert_eq!(body["checks"]["postgres"], "ok");
+    assert_eq!(body["checks"]["redis"], "ok");
+    let _ = &app.db;
+}
+
+#[tokio::test]
+async fn readiness_fails_with_503_when_redis_is_unreachable() {
+    // Nothing listens on port 1.
+    let app = spawn_app_with("redis://127.0.0.1:1".into()).await;
+    let (status, body, _) = app.get("/readyz").await;
+    assert_eq!(status, 503);
+    assert_eq!(body["status"], "unavailable");
+    assert_eq!(body["checks"]["postgres"], "ok");
+    assert_eq!(body["checks"]["redis"], "unreachable");
+    // Liveness does not depend on anything.
+    assert_eq!(app.get("/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn an_unknown_route_is_a_404() {
+    let app = spawn_app().await;
+    let r = app.client.get(format!("{}/nope", app.address)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+}

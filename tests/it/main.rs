@@ -1,0 +1,10 @@
+//! Black-box and integration tests against real PostgreSQL, Redis and S3.
+
+mod catalog;
+mod credits;
+mod event_store;
+mod harness;
+mod http;
+mod projections;
+mod services;
+mod worker;

@@ -1,0 +1,37 @@
+//! The real services the tests stand on: they must be there, and a missing
+//! one fails loudly.
+
+use slate_workers::storage::{Storage, StorageSettings};
+
+fn s3_settings() -> StorageSettings {
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+    StorageSettings {
+        endpoint: env("S3_ENDPOINT", "http://127.0.0.1:9000"),
+        bucket: env("S3_BUCKET", "slate-media"),
+        region: env("S3_REGION", "us-east-1"),
+        access_key_id: env("AWS_ACCESS_KEY_ID", "slate"),
+        secret_access_key: env("AWS_SECRET_ACCESS_KEY", "slate-local-secret"),
+    }
+}
+
+#[tokio::test]
+async fn objects_round_trip_through_the_s3_server_and_bad_signatures_are_refused() {
+    let settings = s3_settings();
+    let storage = Storage::new(&settings);
+    storage
+        .ensure_bucket()
+        .await
+        .unwrap_or_else(|e| panic!("S3 unreachable at {} ({e:?}); scripts/services starts it", settings.endpoint));
+    let key = format!("users/test/collections/c/{}.txt", uuid::Uuid::new_v4());
+    storage.put(&key, b"media bytes".to_vec(), "text/plain").await.unwrap();
+    assert_eq!(storage.get(&key).await.unwrap(), b"media bytes");
+
+    let forged = Storage::new(&StorageSettings { secret_access_key: "wrong".into(), ..settings });
+    assert!(forged.get(&key).await.is_err(), "the S3 server must check signatures");
+}
+
+#[tokio::test]
+#[should_panic(expected = "PostgreSQL unreachable")]
+async fn a_missing_postgres_fails_the_test_instead_of_skipping_it() {
+    crate::harness::admin_connection("postgres://postgres@127.0.0.1:1/postgres").await;
+}
