@@ -10,11 +10,19 @@ use crate::harness::TestDb;
 #[test]
 fn an_account_created_v1_payload_is_upcast_to_v2() {
     let id = Uuid::now_v7();
-    let event = DomainEvent::decode("AccountCreated", 1, json!({"account_id": id, "email": "a@example.com"}))
-        .unwrap();
+    let event = DomainEvent::decode(
+        "AccountCreated",
+        1,
+        json!({"account_id": id, "email": "a@example.com"}),
+    )
+    .unwrap();
     assert_eq!(
         event,
-        DomainEvent::AccountCreated(AccountCreated { account_id: id, email: "a@example.com".into(), staff: false })
+        DomainEvent::AccountCreated(AccountCreated {
+            account_id: id,
+            email: "a@example.com".into(),
+            staff: false
+        })
     );
     assert_eq!(event.schema_version(), 2);
     // Unknown shapes are refused, not guessed.
@@ -38,14 +46,21 @@ async fn a_v1_event_stored_in_the_log_is_read_in_its_current_shape_on_rebuild() 
     .execute(&db.pool)
     .await
     .unwrap();
-    projections::rebuild(&db.pool, Projection::Credits).await.unwrap();
+    projections::rebuild(&db.pool, Projection::Credits)
+        .await
+        .unwrap();
     let staff: bool = sqlx::query_scalar("select staff from accounts where account_id = $1")
         .bind(id)
         .fetch_one(&db.pool)
         .await
         .unwrap();
     assert!(!staff);
-    assert!(projections::verify(&db.pool, Projection::ALL).await.unwrap().is_clean());
+    assert!(
+        projections::verify(&db.pool, Projection::ALL)
+            .await
+            .unwrap()
+            .is_clean()
+    );
 }
 
 #[test]
@@ -63,7 +78,10 @@ fn the_checked_in_json_schema_files_are_up_to_date() {
         "stale event schema files {stale:?}: run `cargo run -- events schema` and commit events/schema/"
     );
     // And no file is left over from an event that no longer exists.
-    let expected: Vec<String> = slate_events::catalog::schema_files().into_iter().map(|f| f.file_name).collect();
+    let expected: Vec<String> = slate_events::catalog::schema_files()
+        .into_iter()
+        .map(|f| f.file_name)
+        .collect();
     for entry in std::fs::read_dir(&dir).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
         assert!(expected.contains(&name), "unexpected schema file {name}");

@@ -50,7 +50,9 @@ pub async fn reserve(conn: &mut PgConnection, account: Uuid, amount: i64) -> (Uu
         amount,
         Utc::now() + Duration::hours(1),
         Utc::now(),
-        &Metadata::by(Actor::User { account_id: account }),
+        &Metadata::by(Actor::User {
+            account_id: account,
+        }),
     )
     .await
     .unwrap();
@@ -59,7 +61,11 @@ pub async fn reserve(conn: &mut PgConnection, account: Uuid, amount: i64) -> (Uu
 
 async fn bucket_left(conn: &mut PgConnection, account: Uuid, bucket: Uuid) -> (i64, i64) {
     let b = credits::balance(conn, account).await.unwrap();
-    let b = b.buckets.into_iter().find(|b| b.bucket_id == bucket).unwrap();
+    let b = b
+        .buckets
+        .into_iter()
+        .find(|b| b.bucket_id == bucket)
+        .unwrap();
     (b.remaining, b.reserved)
 }
 
@@ -69,7 +75,14 @@ async fn two_hundred_concurrent_reservations_on_fifty_credits_exactly_fifty_succ
     let mut conn = db.conn().await;
     let account = new_account(&mut conn).await;
     grant(&mut conn, account, 30, GrantSource::Purchase, None).await;
-    grant(&mut conn, account, 20, GrantSource::Promotion, Some(Utc::now() + Duration::days(1))).await;
+    grant(
+        &mut conn,
+        account,
+        20,
+        GrantSource::Promotion,
+        Some(Utc::now() + Duration::days(1)),
+    )
+    .await;
     drop(conn);
 
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(200));
@@ -87,7 +100,10 @@ async fn two_hundred_concurrent_reservations_on_fifty_credits_exactly_fifty_succ
     for t in tasks {
         match t.await.unwrap() {
             Reservation::Reserved { .. } => reserved += 1,
-            Reservation::Insufficient { available, shortfall } => {
+            Reservation::Insufficient {
+                available,
+                shortfall,
+            } => {
                 assert_eq!((available, shortfall), (0, 1));
                 refused += 1;
             }
@@ -123,7 +139,9 @@ async fn concurrent_capture_and_release_of_one_reservation_exactly_one_takes_eff
             tasks.push(tokio::spawn(async move {
                 let mut conn = pool.acquire().await.unwrap();
                 if i % 2 == 0 {
-                    credits::capture(&mut conn, generation, &Metadata::system()).await.unwrap()
+                    credits::capture(&mut conn, generation, &Metadata::system())
+                        .await
+                        .unwrap()
                 } else {
                     credits::release(&mut conn, generation, "failed", &Metadata::system())
                         .await
@@ -159,29 +177,58 @@ async fn a_second_capture_or_release_is_a_no_op_reporting_the_earlier_outcome() 
     let account = new_account(&mut conn).await;
     grant(&mut conn, account, 10, GrantSource::Purchase, None).await;
     let (g, _) = reserve(&mut conn, account, 4).await;
-    let first = credits::capture(&mut conn, g, &Metadata::system()).await.unwrap();
+    let first = credits::capture(&mut conn, g, &Metadata::system())
+        .await
+        .unwrap();
     assert_eq!(first.outcome, "captured");
-    let again = credits::capture(&mut conn, g, &Metadata::system()).await.unwrap();
+    let again = credits::capture(&mut conn, g, &Metadata::system())
+        .await
+        .unwrap();
     assert_eq!(again.outcome, "already_captured");
-    let late = credits::release(&mut conn, g, "failed", &Metadata::system()).await.unwrap();
+    let late = credits::release(&mut conn, g, "failed", &Metadata::system())
+        .await
+        .unwrap();
     assert_eq!(late.outcome, "already_captured");
     let b = credits::balance(&mut conn, account).await.unwrap();
     assert_eq!((b.available, b.reserved), (6, 0));
-    let events: i64 = sqlx::query_scalar("select count(*) from events where event_type = 'CreditsCaptured'")
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
+    let events: i64 =
+        sqlx::query_scalar("select count(*) from events where event_type = 'CreditsCaptured'")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
     assert_eq!(events, 1);
 
     // Reserving again under the same generation id is the same reservation.
     let (g2, _) = reserve(&mut conn, account, 2).await;
-    let dup = credits::reserve(&mut conn, account, g2, 2, Utc::now() + Duration::hours(1), Utc::now(), &Metadata::system())
-        .await
-        .unwrap();
-    assert_eq!(dup, Reservation::Duplicate { status: "reserved".into(), amount: 2 });
-    let other = credits::reserve(&mut conn, account, g2, 3, Utc::now() + Duration::hours(1), Utc::now(), &Metadata::system())
-        .await
-        .unwrap_err();
+    let dup = credits::reserve(
+        &mut conn,
+        account,
+        g2,
+        2,
+        Utc::now() + Duration::hours(1),
+        Utc::now(),
+        &Metadata::system(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        dup,
+        Reservation::Duplicate {
+            status: "reserved".into(),
+            amount: 2
+        }
+    );
+    let other = credits::reserve(
+        &mut conn,
+        account,
+        g2,
+        3,
+        Utc::now() + Duration::hours(1),
+        Utc::now(),
+        &Metadata::system(),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(other, slate_events::Error::KeyReused));
 }
 
@@ -190,18 +237,40 @@ async fn a_reservation_spanning_two_buckets_released_returns_each_its_share() {
     let db = TestDb::new().await;
     let mut conn = db.conn().await;
     let account = new_account(&mut conn).await;
-    let soon = grant(&mut conn, account, 30, GrantSource::Promotion, Some(Utc::now() + Duration::days(2))).await;
-    let later = grant(&mut conn, account, 50, GrantSource::Purchase, Some(Utc::now() + Duration::days(20))).await;
+    let soon = grant(
+        &mut conn,
+        account,
+        30,
+        GrantSource::Promotion,
+        Some(Utc::now() + Duration::days(2)),
+    )
+    .await;
+    let later = grant(
+        &mut conn,
+        account,
+        50,
+        GrantSource::Purchase,
+        Some(Utc::now() + Duration::days(20)),
+    )
+    .await;
     let never = grant(&mut conn, account, 40, GrantSource::Goodwill, None).await;
 
     // Soonest expiry first: 30 from `soon`, 20 from `later`, none from `never`.
     let (g, r) = reserve(&mut conn, account, 50).await;
-    assert!(matches!(r, Reservation::Reserved { amount: 50, available: 70 }));
+    assert!(matches!(
+        r,
+        Reservation::Reserved {
+            amount: 50,
+            available: 70
+        }
+    ));
     assert_eq!(bucket_left(&mut conn, account, soon).await, (0, 30));
     assert_eq!(bucket_left(&mut conn, account, later).await, (30, 20));
     assert_eq!(bucket_left(&mut conn, account, never).await, (40, 0));
 
-    let out = credits::release(&mut conn, g, "provider_failed", &Metadata::system()).await.unwrap();
+    let out = credits::release(&mut conn, g, "provider_failed", &Metadata::system())
+        .await
+        .unwrap();
     assert_eq!(out.outcome, "released");
     assert_eq!(bucket_left(&mut conn, account, soon).await, (30, 0));
     assert_eq!(bucket_left(&mut conn, account, later).await, (50, 0));
@@ -217,30 +286,61 @@ async fn a_revoke_of_a_partly_spent_purchase_leaves_the_right_debt_settled_by_th
     let account = new_account(&mut conn).await;
     let purchase = grant(&mut conn, account, 100, GrantSource::Purchase, None).await;
     let (spent, _) = reserve(&mut conn, account, 60).await;
-    credits::capture(&mut conn, spent, &Metadata::system()).await.unwrap();
+    credits::capture(&mut conn, spent, &Metadata::system())
+        .await
+        .unwrap();
     let (held, _) = reserve(&mut conn, account, 15).await;
 
     // Refund of the whole purchase: 25 left to take, 75 spent or held → debt.
-    let out = credits::revoke(&mut conn, account, purchase, 100, "re_1", Some("refund"), &Metadata::by(Actor::Stripe))
-        .await
-        .unwrap();
-    assert_eq!((out.outcome.as_str(), out.taken, out.debt_added), ("revoked", 25, 75));
+    let out = credits::revoke(
+        &mut conn,
+        account,
+        purchase,
+        100,
+        "re_1",
+        Some("refund"),
+        &Metadata::by(Actor::Stripe),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (out.outcome.as_str(), out.taken, out.debt_added),
+        ("revoked", 25, 75)
+    );
     let b = credits::balance(&mut conn, account).await.unwrap();
     assert_eq!((b.available, b.reserved, b.debt), (0, 15, 75));
 
     // The same refund delivered again changes nothing.
-    let again = credits::revoke(&mut conn, account, purchase, 100, "re_1", Some("refund"), &Metadata::by(Actor::Stripe))
-        .await
-        .unwrap();
+    let again = credits::revoke(
+        &mut conn,
+        account,
+        purchase,
+        100,
+        "re_1",
+        Some("refund"),
+        &Metadata::by(Actor::Stripe),
+    )
+    .await
+    .unwrap();
     assert_eq!(again.outcome, "duplicate");
     // Nothing more can be taken from that purchase.
-    let more = credits::revoke(&mut conn, account, purchase, 10, "re_2", None, &Metadata::by(Actor::Stripe))
-        .await
-        .unwrap();
+    let more = credits::revoke(
+        &mut conn,
+        account,
+        purchase,
+        10,
+        "re_2",
+        None,
+        &Metadata::by(Actor::Stripe),
+    )
+    .await
+    .unwrap();
     assert_eq!(more.outcome, "nothing_to_revoke");
 
     // The held 15 come back: they pay off debt instead of becoming available.
-    let rel = credits::release(&mut conn, held, "canceled", &Metadata::system()).await.unwrap();
+    let rel = credits::release(&mut conn, held, "canceled", &Metadata::system())
+        .await
+        .unwrap();
     assert_eq!(rel.outcome, "released");
     let b = credits::balance(&mut conn, account).await.unwrap();
     assert_eq!((b.available, b.reserved, b.debt), (0, 0, 60));
@@ -258,37 +358,88 @@ async fn an_expired_bucket_lapses_and_held_credits_from_it_lapse_on_release() {
     let mut conn = db.conn().await;
     let account = new_account(&mut conn).await;
     let t0 = Utc::now();
-    let short = grant(&mut conn, account, 40, GrantSource::Promotion, Some(t0 + Duration::days(7))).await;
+    let short = grant(
+        &mut conn,
+        account,
+        40,
+        GrantSource::Promotion,
+        Some(t0 + Duration::days(7)),
+    )
+    .await;
     grant(&mut conn, account, 10, GrantSource::Goodwill, None).await;
     let (held, _) = reserve(&mut conn, account, 15).await; // from `short`
 
     // Not yet: nothing lapses a day before.
-    assert_eq!(credits::expire(&mut conn, t0 + Duration::days(6)).await.unwrap(), 0);
+    assert_eq!(
+        credits::expire(&mut conn, t0 + Duration::days(6))
+            .await
+            .unwrap(),
+        0
+    );
     // A week later the bucket lapses: its 25 unreserved credits are gone.
-    assert_eq!(credits::expire(&mut conn, t0 + Duration::days(7) + Duration::seconds(1)).await.unwrap(), 1);
+    assert_eq!(
+        credits::expire(&mut conn, t0 + Duration::days(7) + Duration::seconds(1))
+            .await
+            .unwrap(),
+        1
+    );
     let b = credits::balance(&mut conn, account).await.unwrap();
     assert_eq!((b.available, b.reserved), (10, 15));
     let bucket = b.buckets.iter().find(|b| b.bucket_id == short).unwrap();
     assert!(bucket.expired);
     assert_eq!((bucket.remaining, bucket.lapsed), (0, 25));
     // Expiring again does nothing.
-    assert_eq!(credits::expire(&mut conn, t0 + Duration::days(8)).await.unwrap(), 0);
+    assert_eq!(
+        credits::expire(&mut conn, t0 + Duration::days(8))
+            .await
+            .unwrap(),
+        0
+    );
 
     // The held credits come back after the bucket lapsed: they lapse too.
-    let out = credits::release(&mut conn, held, "provider_failed", &Metadata::system()).await.unwrap();
+    let out = credits::release(&mut conn, held, "provider_failed", &Metadata::system())
+        .await
+        .unwrap();
     assert_eq!(out.outcome, "released");
     let b = credits::balance(&mut conn, account).await.unwrap();
     assert_eq!((b.available, b.reserved), (10, 0));
     assert_invariant(&mut conn, account).await;
 
     // A reservation at a time past another bucket's expiry lapses it first.
-    let weekly = grant(&mut conn, account, 5, GrantSource::Promotion, Some(t0 + Duration::days(1))).await;
-    let r = credits::reserve(&mut conn, account, Uuid::now_v7(), 12, t0 + Duration::days(3), t0 + Duration::days(2), &Metadata::system())
-        .await
-        .unwrap();
-    assert_eq!(r, Reservation::Insufficient { available: 10, shortfall: 2 });
+    let weekly = grant(
+        &mut conn,
+        account,
+        5,
+        GrantSource::Promotion,
+        Some(t0 + Duration::days(1)),
+    )
+    .await;
+    let r = credits::reserve(
+        &mut conn,
+        account,
+        Uuid::now_v7(),
+        12,
+        t0 + Duration::days(3),
+        t0 + Duration::days(2),
+        &Metadata::system(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r,
+        Reservation::Insufficient {
+            available: 10,
+            shortfall: 2
+        }
+    );
     let b = credits::balance(&mut conn, account).await.unwrap();
-    assert!(b.buckets.iter().find(|b| b.bucket_id == weekly).unwrap().expired);
+    assert!(
+        b.buckets
+            .iter()
+            .find(|b| b.bucket_id == weekly)
+            .unwrap()
+            .expired
+    );
 }
 
 #[tokio::test]
@@ -299,29 +450,47 @@ async fn a_stranded_hold_is_released_by_the_sweeper_after_its_expiry() {
     grant(&mut conn, account, 20, GrantSource::Purchase, None).await;
     let t0 = Utc::now();
     let generation = Uuid::now_v7();
-    credits::reserve(&mut conn, account, generation, 8, t0 + Duration::minutes(30), t0, &Metadata::system())
-        .await
-        .unwrap();
+    credits::reserve(
+        &mut conn,
+        account,
+        generation,
+        8,
+        t0 + Duration::minutes(30),
+        t0,
+        &Metadata::system(),
+    )
+    .await
+    .unwrap();
     drop(conn);
 
-    let before = slate_workers::sweeper::sweep(&db.pool, t0 + Duration::minutes(29)).await.unwrap();
+    let before = slate_workers::sweeper::sweep(&db.pool, t0 + Duration::minutes(29))
+        .await
+        .unwrap();
     assert_eq!(before.holds_released, 0);
-    let after = slate_workers::sweeper::sweep(&db.pool, t0 + Duration::minutes(31)).await.unwrap();
+    let after = slate_workers::sweeper::sweep(&db.pool, t0 + Duration::minutes(31))
+        .await
+        .unwrap();
     assert_eq!(after.holds_released, 1);
-    let again = slate_workers::sweeper::sweep(&db.pool, t0 + Duration::minutes(40)).await.unwrap();
+    let again = slate_workers::sweeper::sweep(&db.pool, t0 + Duration::minutes(40))
+        .await
+        .unwrap();
     assert_eq!(again.holds_released, 0);
 
     let mut conn = db.conn().await;
     let b = credits::balance(&mut conn, account).await.unwrap();
     assert_eq!((b.available, b.reserved), (20, 0));
-    let reason: String = sqlx::query_scalar("select release_reason from credit_reservations where generation_id = $1")
-        .bind(generation)
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
+    let reason: String = sqlx::query_scalar(
+        "select release_reason from credit_reservations where generation_id = $1",
+    )
+    .bind(generation)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
     assert_eq!(reason, "hold_expired");
     // A worker that turns up late cannot capture what was released.
-    let late = credits::capture(&mut conn, generation, &Metadata::system()).await.unwrap();
+    let late = credits::capture(&mut conn, generation, &Metadata::system())
+        .await
+        .unwrap();
     assert_eq!(late.outcome, "already_released");
 }
 
@@ -346,12 +515,28 @@ async fn caller_mistakes_are_typed_errors() {
     )
     .await
     .unwrap_err();
-    assert!(matches!(e, slate_events::Error::UnknownAccount(id) if id == unknown), "{e:?}");
-    let e = credits::reserve(&mut conn, account, Uuid::now_v7(), 0, Utc::now() + Duration::hours(1), Utc::now(), &Metadata::system())
+    assert!(
+        matches!(e, slate_events::Error::UnknownAccount(id) if id == unknown),
+        "{e:?}"
+    );
+    let e = credits::reserve(
+        &mut conn,
+        account,
+        Uuid::now_v7(),
+        0,
+        Utc::now() + Duration::hours(1),
+        Utc::now(),
+        &Metadata::system(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, slate_events::Error::InvalidArgument(_)),
+        "{e:?}"
+    );
+    let e = credits::capture(&mut conn, Uuid::now_v7(), &Metadata::system())
         .await
         .unwrap_err();
-    assert!(matches!(e, slate_events::Error::InvalidArgument(_)), "{e:?}");
-    let e = credits::capture(&mut conn, Uuid::now_v7(), &Metadata::system()).await.unwrap_err();
     assert!(matches!(e, slate_events::Error::UnknownReservation));
     // Same grant key, other amount: refused, not silently merged.
     let g = Grant {
@@ -363,9 +548,23 @@ async fn caller_mistakes_are_typed_errors() {
         expires_at: None,
         reason: None,
     };
-    assert_eq!(credits::grant(&mut conn, &g, &Metadata::system()).await.unwrap().outcome, "granted");
-    assert_eq!(credits::grant(&mut conn, &g, &Metadata::system()).await.unwrap().outcome, "duplicate");
-    let e = credits::grant(&mut conn, &Grant { amount: 6, ..g }, &Metadata::system()).await.unwrap_err();
+    assert_eq!(
+        credits::grant(&mut conn, &g, &Metadata::system())
+            .await
+            .unwrap()
+            .outcome,
+        "granted"
+    );
+    assert_eq!(
+        credits::grant(&mut conn, &g, &Metadata::system())
+            .await
+            .unwrap()
+            .outcome,
+        "duplicate"
+    );
+    let e = credits::grant(&mut conn, &Grant { amount: 6, ..g }, &Metadata::system())
+        .await
+        .unwrap_err();
     assert!(matches!(e, slate_events::Error::KeyReused));
 }
 

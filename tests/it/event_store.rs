@@ -23,9 +23,14 @@ async fn conflicting_appends_at_the_same_version_exactly_one_wins() {
     let db = TestDb::new().await;
     let stream = "test-conflict";
     let mut conn = db.conn().await;
-    store::append(&mut conn, stream, ExpectedVersion::NoStream, &[account_event(Uuid::now_v7())])
-        .await
-        .unwrap();
+    store::append(
+        &mut conn,
+        stream,
+        ExpectedVersion::NoStream,
+        &[account_event(Uuid::now_v7())],
+    )
+    .await
+    .unwrap();
     drop(conn);
 
     // 16 writers all believe the stream is at version 1.
@@ -76,19 +81,34 @@ async fn conflicting_appends_at_the_same_version_exactly_one_wins() {
 async fn a_stale_expected_version_is_a_typed_conflict_and_writes_nothing() {
     let db = TestDb::new().await;
     let mut conn = db.conn().await;
-    store::append(&mut conn, "s", ExpectedVersion::NoStream, &[account_event(Uuid::now_v7())])
-        .await
-        .unwrap();
-    let err = store::append(&mut conn, "s", ExpectedVersion::NoStream, &[account_event(Uuid::now_v7())])
-        .await
-        .unwrap_err();
+    store::append(
+        &mut conn,
+        "s",
+        ExpectedVersion::NoStream,
+        &[account_event(Uuid::now_v7())],
+    )
+    .await
+    .unwrap();
+    let err = store::append(
+        &mut conn,
+        "s",
+        ExpectedVersion::NoStream,
+        &[account_event(Uuid::now_v7())],
+    )
+    .await
+    .unwrap_err();
     match err {
         Error::Conflict { actual, .. } => assert_eq!(actual, 1),
         other => panic!("expected a conflict, got {other:?}"),
     }
-    let err = store::append(&mut conn, "s", ExpectedVersion::Exact(5), &[account_event(Uuid::now_v7())])
-        .await
-        .unwrap_err();
+    let err = store::append(
+        &mut conn,
+        "s",
+        ExpectedVersion::Exact(5),
+        &[account_event(Uuid::now_v7())],
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::Conflict { .. }));
     assert!(err.is_retryable());
     assert_eq!(store::read_stream(&mut conn, "s").await.unwrap().len(), 1);
@@ -99,14 +119,24 @@ async fn the_same_event_id_appended_twice_stores_one_event() {
     let db = TestDb::new().await;
     let event = account_event(Uuid::now_v7());
     let mut conn = db.conn().await;
-    let first = store::append(&mut conn, "dup", ExpectedVersion::Any, std::slice::from_ref(&event))
-        .await
-        .unwrap();
+    let first = store::append(
+        &mut conn,
+        "dup",
+        ExpectedVersion::Any,
+        std::slice::from_ref(&event),
+    )
+    .await
+    .unwrap();
     assert!(!first.duplicate);
     // A retry, even with the expected version it had the first time.
-    let again = store::append(&mut conn, "dup", ExpectedVersion::NoStream, std::slice::from_ref(&event))
-        .await
-        .unwrap();
+    let again = store::append(
+        &mut conn,
+        "dup",
+        ExpectedVersion::NoStream,
+        std::slice::from_ref(&event),
+    )
+    .await
+    .unwrap();
     assert!(again.duplicate);
     assert_eq!(again.positions, first.positions);
 
@@ -136,10 +166,11 @@ async fn the_same_event_id_appended_twice_stores_one_event() {
         }
     }
     assert_eq!(fresh, 1);
-    let count: i64 = sqlx::query_scalar("select count(*) from events where stream_id in ('dup', 'dup2')")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let count: i64 =
+        sqlx::query_scalar("select count(*) from events where stream_id in ('dup', 'dup2')")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(count, 3);
 }
 
@@ -152,26 +183,47 @@ async fn several_events_append_atomically_inside_the_callers_transaction() {
         &mut tx,
         "atomic",
         ExpectedVersion::NoStream,
-        &[account_event(Uuid::now_v7()), account_event(Uuid::now_v7()), account_event(Uuid::now_v7())],
+        &[
+            account_event(Uuid::now_v7()),
+            account_event(Uuid::now_v7()),
+            account_event(Uuid::now_v7()),
+        ],
     )
     .await
     .unwrap();
     assert_eq!(a.version, 3);
     // A conflict inside the transaction leaves it usable (savepoint).
-    assert!(store::append(&mut tx, "atomic", ExpectedVersion::Exact(1), &[account_event(Uuid::now_v7())])
+    assert!(
+        store::append(
+            &mut tx,
+            "atomic",
+            ExpectedVersion::Exact(1),
+            &[account_event(Uuid::now_v7())]
+        )
         .await
-        .is_err());
+        .is_err()
+    );
     tx.rollback().await.unwrap();
-    assert!(store::read_stream(&mut conn, "atomic").await.unwrap().is_empty());
+    assert!(
+        store::read_stream(&mut conn, "atomic")
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test]
 async fn update_delete_and_truncate_on_events_are_refused_by_the_database() {
     let db = TestDb::new().await;
     let mut conn = db.conn().await;
-    store::append(&mut conn, "immutable", ExpectedVersion::Any, &[account_event(Uuid::now_v7())])
-        .await
-        .unwrap();
+    store::append(
+        &mut conn,
+        "immutable",
+        ExpectedVersion::Any,
+        &[account_event(Uuid::now_v7())],
+    )
+    .await
+    .unwrap();
     for sql in [
         "update events set payload = '{}'",
         "delete from events",
@@ -183,5 +235,11 @@ async fn update_delete_and_truncate_on_events_are_refused_by_the_database() {
         assert_eq!(db_err.code().as_deref(), Some("SL001"), "{sql}");
         assert!(db_err.message().contains("append-only"));
     }
-    assert_eq!(store::read_stream(&mut conn, "immutable").await.unwrap().len(), 1);
+    assert_eq!(
+        store::read_stream(&mut conn, "immutable")
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }

@@ -79,10 +79,12 @@ async fn template() -> &'static str {
                     .unwrap();
             if !exists {
                 let building = format!("{name}_building");
-                sqlx::query(sqlx::AssertSqlSafe(format!("drop database if exists {building}")))
-                    .execute(&mut admin)
-                    .await
-                    .unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "drop database if exists {building}"
+                )))
+                .execute(&mut admin)
+                .await
+                .unwrap();
                 sqlx::query(sqlx::AssertSqlSafe(format!("create database {building}")))
                     .execute(&mut admin)
                     .await

@@ -29,8 +29,16 @@ pub async fn spawn_app_with(redis: String) -> TestApp {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(slate::server::serve(listener, state, std::future::pending()));
-    TestApp { address, db, client: reqwest::Client::new() }
+    tokio::spawn(slate::server::serve(
+        listener,
+        state,
+        std::future::pending(),
+    ));
+    TestApp {
+        address,
+        db,
+        client: reqwest::Client::new(),
+    }
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -39,7 +47,12 @@ pub async fn spawn_app() -> TestApp {
 
 impl TestApp {
     pub async fn get(&self, path: &str) -> (u16, Value, reqwest::header::HeaderMap) {
-        let r = self.client.get(format!("{}{path}", self.address)).send().await.unwrap();
+        let r = self
+            .client
+            .get(format!("{}{path}", self.address))
+            .send()
+            .await
+            .unwrap();
         let status = r.status().as_u16();
         let headers = r.headers().clone();
         (status, r.json().await.unwrap_or(Value::Null), headers)
@@ -54,7 +67,10 @@ async fn health_and_readiness_answer_when_postgres_and_redis_do() {
     assert_eq!(body["status"], "ok");
     assert!(headers.contains_key("x-request-id"));
     let (status, body, _) = app.get("/readyz").await;
-    assert_eq!(status, 200, "{body} — is Redis running? scripts/services starts it");
+    assert_eq!(
+        status, 200,
+        "{body} — is Redis running? scripts/services starts it"
+    );
     assert_eq!(body["checks"]["postgres"], "ok");
     assert_eq!(body["checks"]["redis"], "ok");
     let _ = &app.db;
@@ -76,6 +92,11 @@ async fn readiness_fails_with_503_when_redis_is_unreachable() {
 #[tokio::test]
 async fn an_unknown_route_is_a_404() {
     let app = spawn_app().await;
-    let r = app.client.get(format!("{}/nope", app.address)).send().await.unwrap();
+    let r = app
+        .client
+        .get(format!("{}/nope", app.address))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 404);
 }

@@ -31,24 +31,22 @@ async fn a_slow_transactions_event_is_not_skipped_by_the_projector() {
     // The slow transaction appends first (lower position) and stays open.
     let mut slow = db.pool.begin().await.unwrap();
     let slow_bucket = grant(&mut slow, slow_account, 5, GrantSource::Purchase, None).await;
-    let slow_pos: i64 = sqlx::query_scalar(
-        "select global_position from events where payload->>'bucket_id' = $1",
-    )
-    .bind(slow_bucket.to_string())
-    .fetch_one(&mut *slow)
-    .await
-    .unwrap();
+    let slow_pos: i64 =
+        sqlx::query_scalar("select global_position from events where payload->>'bucket_id' = $1")
+            .bind(slow_bucket.to_string())
+            .fetch_one(&mut *slow)
+            .await
+            .unwrap();
 
     // A later append commits while it is open.
     let mut conn = db.conn().await;
     let fast_bucket = grant(&mut conn, fast_account, 7, GrantSource::Purchase, None).await;
-    let fast_pos: i64 = sqlx::query_scalar(
-        "select global_position from events where payload->>'bucket_id' = $1",
-    )
-    .bind(fast_bucket.to_string())
-    .fetch_one(&mut *conn)
-    .await
-    .unwrap();
+    let fast_pos: i64 =
+        sqlx::query_scalar("select global_position from events where payload->>'bucket_id' = $1")
+            .bind(fast_bucket.to_string())
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
     assert!(fast_pos > slow_pos);
     // A reader checkpointing "the last position seen" would now see fast_pos
     // and move past slow_pos for good.
@@ -61,7 +59,9 @@ async fn a_slow_transactions_event_is_not_skipped_by_the_projector() {
     assert_eq!(visible, vec![fast_pos]);
 
     // The projector does not move past the open transaction.
-    projections::catch_up(&db.pool, Projection::CreditLedger).await.unwrap();
+    projections::catch_up(&db.pool, Projection::CreditLedger)
+        .await
+        .unwrap();
     assert!(!ledger_positions(&db).await.contains(&fast_pos));
 
     slow.commit().await.unwrap();
@@ -69,7 +69,12 @@ async fn a_slow_transactions_event_is_not_skipped_by_the_projector() {
     let seen = ledger_positions(&db).await;
     assert!(seen.contains(&slow_pos), "slow event skipped: {seen:?}");
     assert!(seen.contains(&fast_pos));
-    assert!(projections::verify(&db.pool, Projection::ALL).await.unwrap().is_clean());
+    assert!(
+        projections::verify(&db.pool, Projection::ALL)
+            .await
+            .unwrap()
+            .is_clean()
+    );
 }
 
 /// A randomized mix of every ledger operation over several accounts.
@@ -87,35 +92,60 @@ async fn random_workload(db: &TestDb, seed: u64, steps: usize) -> Vec<Uuid> {
         let account = *rng.pick(&accounts);
         match rng.range(0, 100) {
             0..=19 => {
-                let source = *rng.pick(&[GrantSource::Purchase, GrantSource::Promotion, GrantSource::Subscription]);
-                let expiry = (rng.range(0, 3) == 0).then(|| t0 + Duration::minutes(rng.range(1, 120)));
+                let source = *rng.pick(&[
+                    GrantSource::Purchase,
+                    GrantSource::Promotion,
+                    GrantSource::Subscription,
+                ]);
+                let expiry =
+                    (rng.range(0, 3) == 0).then(|| t0 + Duration::minutes(rng.range(1, 120)));
                 let b = grant(&mut conn, account, rng.range(1, 60), source, expiry).await;
                 buckets.push((account, b));
             }
             20..=54 => {
                 let hold = t0 + Duration::minutes(rng.range(10, 200));
                 let g = Uuid::now_v7();
-                let r = credits::reserve(&mut conn, account, g, rng.range(1, 25), hold, t0, &Metadata::system())
-                    .await
-                    .unwrap();
+                let r = credits::reserve(
+                    &mut conn,
+                    account,
+                    g,
+                    rng.range(1, 25),
+                    hold,
+                    t0,
+                    &Metadata::system(),
+                )
+                .await
+                .unwrap();
                 if matches!(r, Reservation::Reserved { .. }) {
                     open.push(g);
                 }
             }
             55..=74 if !open.is_empty() => {
                 let g = open.swap_remove(rng.range(0, open.len() as i64) as usize);
-                credits::capture(&mut conn, g, &Metadata::system()).await.unwrap();
+                credits::capture(&mut conn, g, &Metadata::system())
+                    .await
+                    .unwrap();
             }
             75..=89 if !open.is_empty() => {
                 let g = open[rng.range(0, open.len() as i64) as usize];
                 // Sometimes resolved twice: the second is a no-op.
-                credits::release(&mut conn, g, "failed", &Metadata::system()).await.unwrap();
+                credits::release(&mut conn, g, "failed", &Metadata::system())
+                    .await
+                    .unwrap();
             }
             90..=95 if !buckets.is_empty() => {
                 let (a, b) = *rng.pick(&buckets);
-                credits::revoke(&mut conn, a, b, rng.range(1, 40), &format!("re_{step}_{}", Uuid::new_v4().simple()), Some("refund"), &Metadata::by(Actor::Stripe))
-                    .await
-                    .unwrap();
+                credits::revoke(
+                    &mut conn,
+                    a,
+                    b,
+                    rng.range(1, 40),
+                    &format!("re_{step}_{}", Uuid::new_v4().simple()),
+                    Some("refund"),
+                    &Metadata::by(Actor::Stripe),
+                )
+                .await
+                .unwrap();
             }
             _ => {
                 let at = t0 + Duration::minutes(rng.range(0, 240));
@@ -138,14 +168,19 @@ async fn after_a_randomized_workload_verify_finds_rebuilt_equal_to_live() {
     eprintln!("randomized workload seed {seed} (SLATE_TEST_SEED replays it)");
 
     // Two concurrent workloads on the same database.
-    let (a, b) = tokio::join!(random_workload(&db, seed, 300), random_workload(&db, seed ^ 0xabcdef, 300));
+    let (a, b) = tokio::join!(
+        random_workload(&db, seed, 300),
+        random_workload(&db, seed ^ 0xabcdef, 300)
+    );
     db.settle_projections().await;
 
     let mut conn = db.conn().await;
     for account in a.iter().chain(&b) {
         assert_invariant(&mut conn, *account).await;
     }
-    let report = projections::verify(&db.pool, Projection::ALL).await.unwrap();
+    let report = projections::verify(&db.pool, Projection::ALL)
+        .await
+        .unwrap();
     assert!(report.is_clean(), "{report:#?}");
     assert!(report.events_replayed > 300);
 
@@ -160,21 +195,28 @@ async fn after_a_randomized_workload_verify_finds_rebuilt_equal_to_live() {
     assert!(stdout.contains("all projections match the log"), "{stdout}");
 
     // Rebuilding from the log reproduces the same state.
-    let before: Vec<(Uuid, i64, i64, i64)> =
-        sqlx::query_as("select account_id, available, reserved, debt from credit_accounts order by account_id")
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap();
+    let before: Vec<(Uuid, i64, i64, i64)> = sqlx::query_as(
+        "select account_id, available, reserved, debt from credit_accounts order by account_id",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
     for &p in Projection::ALL {
         projections::rebuild(&db.pool, p).await.unwrap();
     }
-    let after: Vec<(Uuid, i64, i64, i64)> =
-        sqlx::query_as("select account_id, available, reserved, debt from credit_accounts order by account_id")
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap();
+    let after: Vec<(Uuid, i64, i64, i64)> = sqlx::query_as(
+        "select account_id, available, reserved, debt from credit_accounts order by account_id",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
     assert_eq!(before, after);
-    assert!(projections::verify(&db.pool, Projection::ALL).await.unwrap().is_clean());
+    assert!(
+        projections::verify(&db.pool, Projection::ALL)
+            .await
+            .unwrap()
+            .is_clean()
+    );
 }
 
 #[tokio::test]
@@ -185,7 +227,12 @@ async fn verify_reports_a_tampered_projection_and_exits_non_zero() {
     grant(&mut conn, account, 10, GrantSource::Purchase, None).await;
     reserve(&mut conn, account, 3).await;
     db.settle_projections().await;
-    assert!(projections::verify(&db.pool, Projection::ALL).await.unwrap().is_clean());
+    assert!(
+        projections::verify(&db.pool, Projection::ALL)
+            .await
+            .unwrap()
+            .is_clean()
+    );
 
     sqlx::query("update credit_accounts set available = available + 1 where account_id = $1")
         .bind(account)
@@ -196,9 +243,16 @@ async fn verify_reports_a_tampered_projection_and_exits_non_zero() {
         .execute(&mut *conn)
         .await
         .unwrap();
-    let report = projections::verify(&db.pool, Projection::ALL).await.unwrap();
+    let report = projections::verify(&db.pool, Projection::ALL)
+        .await
+        .unwrap();
     assert!(!report.is_clean());
-    let bad: Vec<_> = report.tables.iter().filter(|t| !t.is_clean()).map(|t| t.table).collect();
+    let bad: Vec<_> = report
+        .tables
+        .iter()
+        .filter(|t| !t.is_clean())
+        .map(|t| t.table)
+        .collect();
     assert_eq!(bad, vec!["credit_accounts", "credit_ledger_entries"]);
 
     let out = Command::new(env!("CARGO_BIN_EXE_slate"))
@@ -216,7 +270,12 @@ async fn verify_reports_a_tampered_projection_and_exits_non_zero() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    assert!(projections::verify(&db.pool, Projection::ALL).await.unwrap().is_clean());
+    assert!(
+        projections::verify(&db.pool, Projection::ALL)
+            .await
+            .unwrap()
+            .is_clean()
+    );
     let b = credits::balance(&mut conn, account).await.unwrap();
     assert_eq!((b.available, b.reserved), (7, 3));
 }
@@ -226,9 +285,17 @@ async fn only_one_projector_leads_and_another_takes_over_when_it_stops() {
     let db = TestDb::new().await;
     let (stop_a, rx_a) = tokio::sync::watch::channel(false);
     let (stop_b, rx_b) = tokio::sync::watch::channel(false);
-    let a = tokio::spawn(projections::run_projector(db.pool.clone(), Projection::CreditLedger, rx_a));
+    let a = tokio::spawn(projections::run_projector(
+        db.pool.clone(),
+        Projection::CreditLedger,
+        rx_a,
+    ));
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let b = tokio::spawn(projections::run_projector(db.pool.clone(), Projection::CreditLedger, rx_b));
+    let b = tokio::spawn(projections::run_projector(
+        db.pool.clone(),
+        Projection::CreditLedger,
+        rx_b,
+    ));
 
     let mut conn = db.conn().await;
     let account = new_account(&mut conn).await;
@@ -253,7 +320,12 @@ async fn only_one_projector_leads_and_another_takes_over_when_it_stops() {
     wait_for_ledger(&db, 25).await;
     stop_b.send(true).unwrap();
     b.await.unwrap();
-    assert!(projections::verify(&db.pool, Projection::ALL).await.unwrap().is_clean());
+    assert!(
+        projections::verify(&db.pool, Projection::ALL)
+            .await
+            .unwrap()
+            .is_clean()
+    );
 }
 
 async fn wait_for_ledger(db: &TestDb, n: i64) {
@@ -266,7 +338,10 @@ async fn wait_for_ledger(db: &TestDb, n: i64) {
         if c == n {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "ledger has {c} entries, want {n}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ledger has {c} entries, want {n}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }

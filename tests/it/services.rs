@@ -18,16 +18,27 @@ fn s3_settings() -> StorageSettings {
 async fn objects_round_trip_through_the_s3_server_and_bad_signatures_are_refused() {
     let settings = s3_settings();
     let storage = Storage::new(&settings);
-    storage
-        .ensure_bucket()
-        .await
-        .unwrap_or_else(|e| panic!("S3 unreachable at {} ({e:?}); scripts/services starts it", settings.endpoint));
+    storage.ensure_bucket().await.unwrap_or_else(|e| {
+        panic!(
+            "S3 unreachable at {} ({e:?}); scripts/services starts it",
+            settings.endpoint
+        )
+    });
     let key = format!("users/test/collections/c/{}.txt", uuid::Uuid::new_v4());
-    storage.put(&key, b"media bytes".to_vec(), "text/plain").await.unwrap();
+    storage
+        .put(&key, b"media bytes".to_vec(), "text/plain")
+        .await
+        .unwrap();
     assert_eq!(storage.get(&key).await.unwrap(), b"media bytes");
 
-    let forged = Storage::new(&StorageSettings { secret_access_key: "wrong".into(), ..settings });
-    assert!(forged.get(&key).await.is_err(), "the S3 server must check signatures");
+    let forged = Storage::new(&StorageSettings {
+        secret_access_key: "wrong".into(),
+        ..settings
+    });
+    assert!(
+        forged.get(&key).await.is_err(),
+        "the S3 server must check signatures"
+    );
 }
 
 #[tokio::test]

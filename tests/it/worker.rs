@@ -61,24 +61,40 @@ async fn a_panicking_job_does_not_take_the_worker_process_down() {
     let db = TestDb::new().await;
     let mut worker = start_worker(&db);
     let mut conn = db.conn().await;
-    slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Panic, 1).await.unwrap();
+    slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Panic, 1)
+        .await
+        .unwrap();
     let panicked = wait_status(&db, "panic", &["Killed", "Failed"]).await;
     assert_eq!(panicked, "Killed", "a panic is terminal, not retried");
 
     // The same process goes on taking jobs.
-    slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Ping, 1).await.unwrap();
+    slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Ping, 1)
+        .await
+        .unwrap();
     wait_status(&db, "ping", &["Done"]).await;
-    assert!(worker.0.try_wait().unwrap().is_none(), "the worker process died");
+    assert!(
+        worker.0.try_wait().unwrap().is_none(),
+        "the worker process died"
+    );
 
     // SIGTERM: a graceful stop with exit code 0.
     let pid = worker.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(40);
     let status = loop {
         if let Some(s) = worker.0.try_wait().unwrap() {
             break s;
         }
-        assert!(std::time::Instant::now() < deadline, "worker ignored SIGTERM");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker ignored SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(status.success(), "worker exited with {status}");

@@ -59,7 +59,9 @@ where
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "non-string panic".into());
             tracing::error!(panic = %message, "job panicked; killed");
-            Err(Box::new(apalis::prelude::AbortError::new(JobPanicked(message))))
+            Err(Box::new(apalis::prelude::AbortError::new(JobPanicked(
+                message,
+            ))))
         }
     }
 }
