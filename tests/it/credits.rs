@@ -41,9 +41,14 @@ pub async fn grant(
     out.bucket_id
 }
 
-pub async fn reserve(conn: &mut PgConnection, account: Uuid, amount: i64) -> (Uuid, Reservation) {
-    let generation = Uuid::now_v7();
-    let r = credits::reserve(
+/// Reserve with a one-hour hold, as the account's user.
+pub async fn try_reserve(
+    conn: &mut PgConnection,
+    account: Uuid,
+    generation: Uuid,
+    amount: i64,
+) -> Result<Reservation, slate_events::Error> {
+    credits::reserve(
         conn,
         account,
         generation,
@@ -55,7 +60,13 @@ pub async fn reserve(conn: &mut PgConnection, account: Uuid, amount: i64) -> (Uu
         }),
     )
     .await
-    .unwrap();
+}
+
+pub async fn reserve(conn: &mut PgConnection, account: Uuid, amount: i64) -> (Uuid, Reservation) {
+    let generation = Uuid::now_v7();
+    let r = try_reserve(conn, account, generation, amount)
+        .await
+        .unwrap();
     (generation, r)
 }
 
@@ -200,17 +211,7 @@ async fn a_second_capture_or_release_is_a_no_op_reporting_the_earlier_outcome() 
 
     // Reserving again under the same generation id is the same reservation.
     let (g2, _) = reserve(&mut conn, account, 2).await;
-    let dup = credits::reserve(
-        &mut conn,
-        account,
-        g2,
-        2,
-        Utc::now() + Duration::hours(1),
-        Utc::now(),
-        &Metadata::system(),
-    )
-    .await
-    .unwrap();
+    let dup = try_reserve(&mut conn, account, g2, 2).await.unwrap();
     assert_eq!(
         dup,
         Reservation::Duplicate {
@@ -218,17 +219,7 @@ async fn a_second_capture_or_release_is_a_no_op_reporting_the_earlier_outcome() 
             amount: 2
         }
     );
-    let other = credits::reserve(
-        &mut conn,
-        account,
-        g2,
-        3,
-        Utc::now() + Duration::hours(1),
-        Utc::now(),
-        &Metadata::system(),
-    )
-    .await
-    .unwrap_err();
+    let other = try_reserve(&mut conn, account, g2, 3).await.unwrap_err();
     assert!(matches!(other, slate_events::Error::KeyReused));
 }
 
@@ -519,17 +510,9 @@ async fn caller_mistakes_are_typed_errors() {
         matches!(e, slate_events::Error::UnknownAccount(id) if id == unknown),
         "{e:?}"
     );
-    let e = credits::reserve(
-        &mut conn,
-        account,
-        Uuid::now_v7(),
-        0,
-        Utc::now() + Duration::hours(1),
-        Utc::now(),
-        &Metadata::system(),
-    )
-    .await
-    .unwrap_err();
+    let e = try_reserve(&mut conn, account, Uuid::now_v7(), 0)
+        .await
+        .unwrap_err();
     assert!(
         matches!(e, slate_events::Error::InvalidArgument(_)),
         "{e:?}"
