@@ -52,6 +52,11 @@ pub enum Command {
         #[command(subcommand)]
         command: CreditsCommand,
     },
+    /// Stripe events: replay processing from the mirror.
+    Stripe {
+        #[command(subcommand)]
+        command: StripeCommand,
+    },
     /// Job queue diagnostics.
     Jobs {
         #[command(subcommand)]
@@ -129,6 +134,29 @@ pub enum CreditsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum StripeCommand {
+    /// Re-run processing of mirrored events (all of them unless filtered).
+    /// Safe to run any number of times: effects are keyed per Stripe object.
+    Replay {
+        /// One event, by Stripe id (evt_…).
+        #[arg(long)]
+        id: Option<String>,
+        /// Events of one type (e.g. invoice.paid).
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// Events Stripe created at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<DateTime<Utc>>,
+        /// Only events whose processing failed.
+        #[arg(long)]
+        failed: bool,
+        /// Only events not processed yet.
+        #[arg(long)]
+        pending: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum JobsCommand {
     /// Enqueue a diagnostic job for `slate work` to run.
     Ping {
@@ -180,7 +208,8 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 std::process::id(),
                 &Uuid::new_v4().simple().to_string()[..8]
             );
-            let settings = slate_workers::WorkerSettings::new(name);
+            let mut settings = slate_workers::WorkerSettings::new(name);
+            settings.stripe_catalog = config.stripe_catalog.clone();
             slate_workers::run(pool().await?, settings, crate::shutdown_signal()).await?;
         }
         Command::Projections { command } => match command {
@@ -265,6 +294,25 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 );
             }
         },
+        Command::Stripe { command } => match command {
+            StripeCommand::Replay {
+                id,
+                event_type,
+                since,
+                failed,
+                pending,
+            } => {
+                let pool = pool().await?;
+                let filter = slate_events::stripe::ReplayFilter {
+                    id,
+                    event_type,
+                    since,
+                    failed_only: failed,
+                    pending_only: pending,
+                };
+                return replay(&pool, &config, &filter).await;
+            }
+        },
         Command::Jobs { command } => match command {
             JobsCommand::Ping { panic } => {
                 let pool = pool().await?;
@@ -287,6 +335,34 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+async fn replay(
+    pool: &sqlx::PgPool,
+    config: &Config,
+    filter: &slate_events::stripe::ReplayFilter,
+) -> anyhow::Result<i32> {
+    let ids = slate_events::stripe::select_for_replay(pool, filter).await?;
+    let total = ids.len();
+    println!("replaying {total} event(s)");
+    let (mut ok, mut failed) = (0usize, 0usize);
+    for (i, id) in ids.iter().enumerate() {
+        match slate_events::stripe::process(pool, &config.stripe_catalog, id, true).await {
+            Ok(outcome) => {
+                ok += 1;
+                println!("{id}  {}", outcome.describe());
+            }
+            Err(e) => {
+                failed += 1;
+                println!("{id}  FAILED: {e}");
+            }
+        }
+        if total > 50 && (i + 1) % 50 == 0 {
+            eprintln!("[{:>5}/{total}] {:>3}%", i + 1, (i + 1) * 100 / total);
+        }
+    }
+    println!("{ok} processed, {failed} failed");
+    Ok(if failed > 0 { 1 } else { 0 })
 }
 
 fn schema(out: &std::path::Path, check: bool) -> anyhow::Result<i32> {

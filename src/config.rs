@@ -6,6 +6,7 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use anyhow::Context;
+use slate_events::stripe::StripeCatalog;
 use slate_workers::storage::StorageSettings;
 
 /// A secret whose `Debug` and `Display` print nothing.
@@ -51,6 +52,8 @@ pub struct Config {
     pub stripe_api_base: Option<String>,
     pub livemode: bool,
     pub log_format: LogFormat,
+    /// Credits per Stripe price, for one-off packs and subscription plans.
+    pub stripe_catalog: StripeCatalog,
 }
 
 /// The documented defaults (README, `scripts/services`).
@@ -68,6 +71,8 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("STRIPE_API_KEY", ""),
     ("STRIPE_API_BASE", ""),
     ("SLATE_LIVEMODE", "false"),
+    ("STRIPE_PACKS", ""),
+    ("STRIPE_PLANS", ""),
     ("SLATE_LOG_FORMAT", "auto"),
 ];
 
@@ -128,6 +133,12 @@ impl Config {
                 other => anyhow::bail!("SLATE_LIVEMODE: expected true or false, got {other:?}"),
             },
             log_format,
+            stripe_catalog: StripeCatalog {
+                packs: StripeCatalog::parse_prices(&get("STRIPE_PACKS"))
+                    .map_err(|e| anyhow::anyhow!("STRIPE_PACKS: {e}"))?,
+                plans: StripeCatalog::parse_prices(&get("STRIPE_PLANS"))
+                    .map_err(|e| anyhow::anyhow!("STRIPE_PLANS: {e}"))?,
+            },
         })
     }
 

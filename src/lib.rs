@@ -7,6 +7,7 @@ pub mod demo;
 pub mod http;
 pub mod migrate;
 pub mod server;
+pub mod stripe;
 pub mod telemetry;
 
 /// Resolves on SIGTERM or Ctrl-C.

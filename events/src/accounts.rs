@@ -6,7 +6,6 @@ use uuid::Uuid;
 
 use crate::Error;
 use crate::catalog::{AccountCreated, DomainEvent, Metadata};
-use crate::projections::inline;
 use crate::store::{self, ExpectedVersion, NewEvent};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
@@ -49,28 +48,15 @@ pub async fn create_account(
         metadata,
     );
     let mut tx = conn.begin().await?;
-    let appended = store::append(
+    match store::append_and_apply(
         &mut tx,
         &store::account_stream(account_id),
         ExpectedVersion::NoStream,
-        std::slice::from_ref(&event),
-    )
-    .await?;
-    let recorded_at: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("select recorded_at from events where global_position = $1")
-            .bind(appended.positions[0])
-            .fetch_one(&mut *tx)
-            .await?;
-    match inline::apply(
-        &mut tx,
-        "",
-        &event.event,
-        appended.positions[0],
-        recorded_at,
+        &event,
     )
     .await
     {
-        Ok(()) => {}
+        Ok(_) => {}
         Err(Error::Database(e))
             if e.as_database_error()
                 .is_some_and(|d| d.constraint() == Some("accounts_email_idx")) =>

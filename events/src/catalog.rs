@@ -42,6 +42,9 @@ pub struct Metadata {
     pub causation_id: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<Uuid>,
+    /// The Stripe event that caused this one, for Stripe effects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stripe_event_id: Option<String>,
 }
 
 impl Metadata {
@@ -56,6 +59,17 @@ impl Metadata {
             request_id: None,
             causation_id: None,
             correlation_id: None,
+            stripe_event_id: None,
+        }
+    }
+
+    /// An effect of processing a Stripe event: actor Stripe, caused by the
+    /// `StripeEventReceived` of that event.
+    pub fn stripe_effect(stripe_event_id: &str) -> Self {
+        Self {
+            causation_id: Some(stripe_received_event_id(stripe_event_id)),
+            stripe_event_id: Some(stripe_event_id.to_owned()),
+            ..Self::by(Actor::Stripe)
         }
     }
 
@@ -217,6 +231,93 @@ pub struct CreditsExpired {
 }
 event_type!(CreditsExpired, "CreditsExpired", 1);
 
+/// The log's id of the `StripeEventReceived` for a Stripe event: derived
+/// from Stripe's id, so receiving the same event twice appends it once.
+pub fn stripe_received_event_id(stripe_event_id: &str) -> Uuid {
+    const NAMESPACE: Uuid = Uuid::from_u128(0x6f1d_5c2e_8a4b_4c1e_9b7d_2f3a_4e5d_6c7b);
+    Uuid::new_v5(&NAMESPACE, stripe_event_id.as_bytes())
+}
+
+/// How a Stripe event reached Slate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StripeSource {
+    Webhook,
+    Reconcile,
+}
+
+impl StripeSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StripeSource::Webhook => "webhook",
+            StripeSource::Reconcile => "reconcile",
+        }
+    }
+}
+
+/// A verified Stripe event was stored in the mirror (first delivery only).
+/// The raw payload stays in the mirror, out of the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StripeEventReceived {
+    pub stripe_event_id: String,
+    pub stripe_event_type: String,
+    pub created: DateTime<Utc>,
+    pub livemode: bool,
+    pub source: StripeSource,
+    /// The typed parser could read it (false: mirrored as unparsed).
+    pub parsed: bool,
+}
+event_type!(StripeEventReceived, "StripeEventReceived", 1);
+
+/// A Stripe customer belongs to an account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StripeCustomerLinked {
+    pub account_id: Uuid,
+    pub customer_id: String,
+}
+event_type!(StripeCustomerLinked, "StripeCustomerLinked", 1);
+
+/// The state of a subscription as of `state_at` (the Stripe event's
+/// `created`). Only a state newer than the recorded one is applied, so the
+/// order of arrival does not matter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionStateChanged {
+    pub account_id: Uuid,
+    pub subscription_id: String,
+    pub customer_id: Option<String>,
+    pub status: String,
+    pub price_id: Option<String>,
+    pub current_period_start: Option<DateTime<Utc>>,
+    pub current_period_end: Option<DateTime<Utc>>,
+    pub cancel_at_period_end: bool,
+    pub canceled_at: Option<DateTime<Utc>>,
+    pub state_at: DateTime<Utc>,
+}
+event_type!(SubscriptionStateChanged, "SubscriptionStateChanged", 1);
+
+/// An invoice failed (`past_due`) or was paid (not past due), as of `state_at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BillingStatusChanged {
+    pub account_id: Uuid,
+    pub past_due: bool,
+    pub invoice_id: String,
+    pub state_at: DateTime<Utc>,
+}
+event_type!(BillingStatusChanged, "BillingStatusChanged", 1);
+
+/// A delayed checkout payment failed: nothing granted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutPaymentFailed {
+    pub account_id: Uuid,
+    pub checkout_session_id: String,
+}
+event_type!(CheckoutPaymentFailed, "CheckoutPaymentFailed", 1);
+
 /// Shapes that were written once and are upcast on read.
 pub mod legacy {
     use super::*;
@@ -241,6 +342,26 @@ pub mod legacy {
     }
 }
 
+/// Apply `$body` to the payload of whichever variant `$ev` is.
+macro_rules! each_event {
+    ($ev:expr, $e:ident => $body:expr) => {
+        match $ev {
+            DomainEvent::AccountCreated($e) => $body,
+            DomainEvent::CreditsGranted($e) => $body,
+            DomainEvent::CreditsReserved($e) => $body,
+            DomainEvent::CreditsCaptured($e) => $body,
+            DomainEvent::CreditsReleased($e) => $body,
+            DomainEvent::CreditsRevoked($e) => $body,
+            DomainEvent::CreditsExpired($e) => $body,
+            DomainEvent::StripeEventReceived($e) => $body,
+            DomainEvent::StripeCustomerLinked($e) => $body,
+            DomainEvent::SubscriptionStateChanged($e) => $body,
+            DomainEvent::BillingStatusChanged($e) => $body,
+            DomainEvent::CheckoutPaymentFailed($e) => $body,
+        }
+    };
+}
+
 /// Every event Slate writes, in its current shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DomainEvent {
@@ -251,6 +372,11 @@ pub enum DomainEvent {
     CreditsReleased(CreditsReleased),
     CreditsRevoked(CreditsRevoked),
     CreditsExpired(CreditsExpired),
+    StripeEventReceived(StripeEventReceived),
+    StripeCustomerLinked(StripeCustomerLinked),
+    SubscriptionStateChanged(SubscriptionStateChanged),
+    BillingStatusChanged(BillingStatusChanged),
+    CheckoutPaymentFailed(CheckoutPaymentFailed),
 }
 
 fn parse<T: DeserializeOwned>(event_type: &str, version: i16, payload: Value) -> Result<T, Error> {
@@ -278,6 +404,13 @@ impl DomainEvent {
             ("CreditsReleased", 1) => E::CreditsReleased(parse(event_type, v, p)?),
             ("CreditsRevoked", 1) => E::CreditsRevoked(parse(event_type, v, p)?),
             ("CreditsExpired", 1) => E::CreditsExpired(parse(event_type, v, p)?),
+            ("StripeEventReceived", 1) => E::StripeEventReceived(parse(event_type, v, p)?),
+            ("StripeCustomerLinked", 1) => E::StripeCustomerLinked(parse(event_type, v, p)?),
+            ("SubscriptionStateChanged", 1) => {
+                E::SubscriptionStateChanged(parse(event_type, v, p)?)
+            }
+            ("BillingStatusChanged", 1) => E::BillingStatusChanged(parse(event_type, v, p)?),
+            ("CheckoutPaymentFailed", 1) => E::CheckoutPaymentFailed(parse(event_type, v, p)?),
             _ => {
                 return Err(Error::Decode {
                     event_type: event_type.to_owned(),
@@ -289,55 +422,44 @@ impl DomainEvent {
     }
 
     pub fn event_type(&self) -> &'static str {
-        match self {
-            DomainEvent::AccountCreated(_) => AccountCreated::NAME,
-            DomainEvent::CreditsGranted(_) => CreditsGranted::NAME,
-            DomainEvent::CreditsReserved(_) => CreditsReserved::NAME,
-            DomainEvent::CreditsCaptured(_) => CreditsCaptured::NAME,
-            DomainEvent::CreditsReleased(_) => CreditsReleased::NAME,
-            DomainEvent::CreditsRevoked(_) => CreditsRevoked::NAME,
-            DomainEvent::CreditsExpired(_) => CreditsExpired::NAME,
-        }
+        each_event!(self, e => name_of(e))
     }
 
     /// The schema version written for this event today.
     pub fn schema_version(&self) -> i16 {
-        match self {
-            DomainEvent::AccountCreated(_) => AccountCreated::VERSION,
-            DomainEvent::CreditsGranted(_) => CreditsGranted::VERSION,
-            DomainEvent::CreditsReserved(_) => CreditsReserved::VERSION,
-            DomainEvent::CreditsCaptured(_) => CreditsCaptured::VERSION,
-            DomainEvent::CreditsReleased(_) => CreditsReleased::VERSION,
-            DomainEvent::CreditsRevoked(_) => CreditsRevoked::VERSION,
-            DomainEvent::CreditsExpired(_) => CreditsExpired::VERSION,
-        }
+        each_event!(self, e => version_of(e))
     }
 
     pub fn payload(&self) -> Value {
-        let v = match self {
-            DomainEvent::AccountCreated(e) => serde_json::to_value(e),
-            DomainEvent::CreditsGranted(e) => serde_json::to_value(e),
-            DomainEvent::CreditsReserved(e) => serde_json::to_value(e),
-            DomainEvent::CreditsCaptured(e) => serde_json::to_value(e),
-            DomainEvent::CreditsReleased(e) => serde_json::to_value(e),
-            DomainEvent::CreditsRevoked(e) => serde_json::to_value(e),
-            DomainEvent::CreditsExpired(e) => serde_json::to_value(e),
-        };
-        v.expect("catalog types serialize")
+        each_event!(self, e => serde_json::to_value(e).expect("catalog types serialize"))
     }
 
-    /// The account this event concerns.
-    pub fn account_id(&self) -> Uuid {
+    /// The account this event concerns, if any.
+    pub fn account_id(&self) -> Option<Uuid> {
+        use DomainEvent as E;
         match self {
-            DomainEvent::AccountCreated(e) => e.account_id,
-            DomainEvent::CreditsGranted(e) => e.account_id,
-            DomainEvent::CreditsReserved(e) => e.account_id,
-            DomainEvent::CreditsCaptured(e) => e.account_id,
-            DomainEvent::CreditsReleased(e) => e.account_id,
-            DomainEvent::CreditsRevoked(e) => e.account_id,
-            DomainEvent::CreditsExpired(e) => e.account_id,
+            E::AccountCreated(e) => Some(e.account_id),
+            E::CreditsGranted(e) => Some(e.account_id),
+            E::CreditsReserved(e) => Some(e.account_id),
+            E::CreditsCaptured(e) => Some(e.account_id),
+            E::CreditsReleased(e) => Some(e.account_id),
+            E::CreditsRevoked(e) => Some(e.account_id),
+            E::CreditsExpired(e) => Some(e.account_id),
+            E::StripeEventReceived(_) => None,
+            E::StripeCustomerLinked(e) => Some(e.account_id),
+            E::SubscriptionStateChanged(e) => Some(e.account_id),
+            E::BillingStatusChanged(e) => Some(e.account_id),
+            E::CheckoutPaymentFailed(e) => Some(e.account_id),
         }
     }
+}
+
+fn name_of<T: EventType>(_: &T) -> &'static str {
+    T::NAME
+}
+
+fn version_of<T: EventType>(_: &T) -> i16 {
+    T::VERSION
 }
 
 /// One exported schema file: `<name>.v<version>.schema.json`.
@@ -375,6 +497,11 @@ pub fn schema_files() -> Vec<SchemaFile> {
         schema_file::<CreditsReleased>(true),
         schema_file::<CreditsRevoked>(true),
         schema_file::<CreditsExpired>(true),
+        schema_file::<StripeEventReceived>(true),
+        schema_file::<StripeCustomerLinked>(true),
+        schema_file::<SubscriptionStateChanged>(true),
+        schema_file::<BillingStatusChanged>(true),
+        schema_file::<CheckoutPaymentFailed>(true),
     ];
     let mut meta =
         serde_json::to_string_pretty(&schemars::schema_for!(Metadata)).expect("schema serializes");

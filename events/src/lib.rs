@@ -14,6 +14,7 @@ pub mod db;
 pub mod error;
 pub mod projections;
 pub mod store;
+pub mod stripe;
 
 pub use catalog::{Actor, DomainEvent, Metadata};
 pub use error::Error;

@@ -212,3 +212,35 @@ pub async fn read_stream(
 pub fn account_stream(account_id: Uuid) -> String {
     format!("account-{account_id}")
 }
+
+/// Append one event and apply it to the inline projections that follow it,
+/// in one transaction (the caller's, when given one). A duplicate (same
+/// `event_id`) is a no-op.
+pub async fn append_and_apply(
+    conn: &mut PgConnection,
+    stream_id: &str,
+    expected: ExpectedVersion,
+    event: &NewEvent,
+) -> Result<Appended, Error> {
+    let mut tx = conn.begin().await?;
+    let appended = append(&mut tx, stream_id, expected, std::slice::from_ref(event)).await?;
+    if !appended.duplicate {
+        let recorded_at: DateTime<Utc> =
+            sqlx::query_scalar("select recorded_at from events where global_position = $1")
+                .bind(appended.positions[0])
+                .fetch_one(&mut *tx)
+                .await?;
+        crate::projections::apply_inline(&mut tx, &event.event, appended.positions[0], recorded_at)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(appended)
+}
+
+/// A deterministic event id for an event that must be appended at most once
+/// per `key` (for instance per Stripe object), whoever appends it and however
+/// often.
+pub fn deterministic_event_id(key: &str) -> Uuid {
+    const NAMESPACE: Uuid = Uuid::from_u128(0x2b8e_91c4_3d5f_4a60_8e1b_7c9d_0a2f_3e4d);
+    Uuid::new_v5(&NAMESPACE, key.as_bytes())
+}

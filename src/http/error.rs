@@ -11,8 +11,18 @@ use serde_json::json;
 pub enum ApiError {
     #[error("not found")]
     NotFound,
-    #[error("service unavailable")]
-    Unavailable,
+    #[error("{message}")]
+    BadRequest {
+        code: &'static str,
+        message: &'static str,
+    },
+    #[error("the request body is too large")]
+    PayloadTooLarge,
+    #[error("{message}")]
+    Unavailable {
+        code: &'static str,
+        message: &'static str,
+    },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -21,7 +31,9 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -30,7 +42,9 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::NotFound => "not_found",
-            ApiError::Unavailable => "unavailable",
+            ApiError::BadRequest { code, .. } => code,
+            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::Unavailable { code, .. } => code,
             ApiError::Internal(_) => "internal_error",
         }
     }

@@ -2,6 +2,7 @@
 
 mod error;
 mod health;
+mod stripe;
 
 use std::sync::Arc;
 
@@ -28,6 +29,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
+        .merge(stripe::router())
         .with_state(state)
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(

@@ -14,12 +14,21 @@ pub struct TestApp {
     pub client: reqwest::Client,
 }
 
-pub async fn spawn_app_with(redis: String) -> TestApp {
+/// An app on port 0 with its own database; `env` overrides configuration.
+pub async fn spawn_app_with(env: &[(&str, &str)]) -> TestApp {
     let db = TestDb::new().await;
+    let redis = env
+        .iter()
+        .find(|(k, _)| *k == "REDIS_URL")
+        .map(|(_, v)| v.to_string())
+        .unwrap_or_else(redis_url);
     let config = Config::from_lookup(|k| match k {
         "DATABASE_URL" => Some(db.url.clone()),
         "REDIS_URL" => Some(redis.clone()),
-        _ => None,
+        _ => env
+            .iter()
+            .find(|(key, _)| *key == k)
+            .map(|(_, v)| v.to_string()),
     })
     .unwrap();
     let state = AppState {
@@ -42,7 +51,7 @@ pub async fn spawn_app_with(redis: String) -> TestApp {
 }
 
 pub async fn spawn_app() -> TestApp {
-    spawn_app_with(redis_url()).await
+    spawn_app_with(&[]).await
 }
 
 impl TestApp {
@@ -79,7 +88,7 @@ async fn health_and_readiness_answer_when_postgres_and_redis_do() {
 #[tokio::test]
 async fn readiness_fails_with_503_when_redis_is_unreachable() {
     // Nothing listens on port 1.
-    let app = spawn_app_with("redis://127.0.0.1:1".into()).await;
+    let app = spawn_app_with(&[("REDIS_URL", "redis://127.0.0.1:1")]).await;
     let (status, body, _) = app.get("/readyz").await;
     assert_eq!(status, 503);
     assert_eq!(body["status"], "unavailable");

@@ -7,4 +7,5 @@ mod harness;
 mod http;
 mod projections;
 mod services;
+mod stripe;
 mod worker;

@@ -65,3 +65,19 @@ where
         }
     }
 }
+
+/// Push a failing job's next run into the future: apalis-postgres re-runs a
+/// failed job as soon as `run_at` has passed, so this is the backoff, and it
+/// survives a crash.
+pub async fn retry_later(
+    pool: &sqlx::PgPool,
+    task_id: &str,
+    delay: std::time::Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("update apalis.jobs set run_at = now() + make_interval(secs => $2) where id = $1")
+        .bind(task_id)
+        .bind(delay.as_secs_f64())
+        .execute(pool)
+        .await?;
+    Ok(())
+}

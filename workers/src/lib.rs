@@ -6,6 +6,7 @@ pub mod diagnostics;
 pub mod jobs;
 pub mod runtime;
 pub mod storage;
+pub mod stripe;
 pub mod sweeper;
 
 pub use runtime::{WorkerSettings, run};

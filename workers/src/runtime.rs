@@ -11,7 +11,9 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 
 use crate::diagnostics::{self, DiagnosticJob};
+use crate::stripe::{self, StripeJob, StripeWorker};
 use crate::sweeper;
+use slate_events::stripe::StripeCatalog;
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -25,6 +27,8 @@ pub struct WorkerSettings {
     pub sweep_interval: Duration,
     /// How long in-flight jobs get to finish on shutdown.
     pub shutdown_grace: Duration,
+    /// Credits per Stripe price.
+    pub stripe_catalog: StripeCatalog,
 }
 
 impl WorkerSettings {
@@ -35,6 +39,7 @@ impl WorkerSettings {
             missed_heartbeats: 3,
             sweep_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            stripe_catalog: StripeCatalog::default(),
         }
     }
 
@@ -71,13 +76,28 @@ where
     let diagnostics_storage = PostgresStorage::<DiagnosticJob>::new(&pool)
         .with_config(settings.queue_config(diagnostics::QUEUE))
         .with_pubsub();
+    let stripe_storage = PostgresStorage::<StripeJob>::new(&pool)
+        .with_config(settings.queue_config(stripe::QUEUE))
+        .with_pubsub();
+    let stripe_worker = StripeWorker {
+        pool: pool.clone(),
+        catalog: settings.stripe_catalog.clone(),
+    };
     let name = settings.worker_name.clone();
+    let stripe_name = settings.worker_name.clone();
     let monitor = Monitor::new()
         .register(move |_restarts| {
             WorkerBuilder::new(format!("{name}.diagnostics"))
                 .backend(diagnostics_storage.clone())
                 .catch_panic()
                 .build(diagnostics::handle)
+        })
+        .register(move |_restarts| {
+            WorkerBuilder::new(format!("{stripe_name}.stripe"))
+                .backend(stripe_storage.clone())
+                .data(stripe_worker.clone())
+                .catch_panic()
+                .build(stripe::handle)
         })
         .shutdown_timeout(settings.shutdown_grace);
 

@@ -272,6 +272,7 @@ pub async fn apply(
             .execute(&mut *conn)
             .await?;
         }
+        _ => {}
     }
     Ok(())
 }

@@ -53,7 +53,7 @@ pub async fn apply(
         }
         DomainEvent::CreditsRevoked(e) => (None, Some(e.bucket_id), -e.taken, 0, e.debt_added),
         DomainEvent::CreditsExpired(e) => (None, Some(e.bucket_id), -e.amount, 0, 0),
-        DomainEvent::AccountCreated(_) => return Ok(()),
+        _ => return Ok(()),
     };
     sqlx::query(trusted_sql!(
         "insert into {prefix}credit_ledger_entries (global_position, account_id, event_type,

@@ -9,6 +9,7 @@
 //! Every projection can be rebuilt from the log alone, and `verify` rebuilds
 //! into scratch tables and compares them with the live ones.
 
+pub mod billing;
 pub mod inline;
 pub mod ledger;
 mod projector;
@@ -35,17 +36,24 @@ pub struct Table {
 pub enum Projection {
     /// Inline: accounts and the credit ledger's balances.
     Credits,
+    /// Inline: Stripe customers, subscriptions, past-due status.
+    Billing,
     /// Asynchronous: one row per credit movement.
     CreditLedger,
 }
 
 impl Projection {
-    pub const ALL: &'static [Projection] = &[Projection::Credits, Projection::CreditLedger];
+    pub const ALL: &'static [Projection] = &[
+        Projection::Credits,
+        Projection::Billing,
+        Projection::CreditLedger,
+    ];
     pub const ASYNC: &'static [Projection] = &[Projection::CreditLedger];
 
     pub fn name(self) -> &'static str {
         match self {
             Projection::Credits => "credits",
+            Projection::Billing => "billing",
             Projection::CreditLedger => ledger::NAME,
         }
     }
@@ -55,12 +63,13 @@ impl Projection {
     }
 
     pub fn is_inline(self) -> bool {
-        matches!(self, Projection::Credits)
+        matches!(self, Projection::Credits | Projection::Billing)
     }
 
     pub fn tables(self) -> &'static [Table] {
         match self {
             Projection::Credits => inline::TABLES,
+            Projection::Billing => billing::TABLES,
             Projection::CreditLedger => ledger::TABLES,
         }
     }
@@ -68,6 +77,7 @@ impl Projection {
     pub fn event_types(self) -> &'static [&'static str] {
         match self {
             Projection::Credits => inline::EVENT_TYPES,
+            Projection::Billing => billing::EVENT_TYPES,
             Projection::CreditLedger => ledger::EVENT_TYPES,
         }
     }
@@ -82,6 +92,7 @@ impl Projection {
     ) -> Result<(), Error> {
         match self {
             Projection::Credits => inline::apply(conn, prefix, event, position, recorded_at).await,
+            Projection::Billing => billing::apply(conn, prefix, event, recorded_at).await,
             Projection::CreditLedger => {
                 ledger::apply(conn, prefix, event, position, recorded_at).await
             }
@@ -98,6 +109,23 @@ impl Projection {
         self.apply(conn, prefix, &event, e.global_position, e.recorded_at)
             .await
     }
+}
+
+/// Apply a just-appended event to the inline projections that follow it, in
+/// the appending transaction. (The ledger's stored functions update their own
+/// tables; this is for events appended from Rust.)
+pub async fn apply_inline(
+    conn: &mut PgConnection,
+    event: &DomainEvent,
+    position: i64,
+    recorded_at: DateTime<Utc>,
+) -> Result<(), Error> {
+    for &p in Projection::ALL {
+        if p.is_inline() && p.event_types().contains(&event.event_type()) {
+            p.apply(conn, "", event, position, recorded_at).await?;
+        }
+    }
+    Ok(())
 }
 
 const PAGE: i64 = 1000;
@@ -263,7 +291,7 @@ pub async fn verify(pool: &PgPool, projections: &[Projection]) -> Result<VerifyR
     for &p in projections {
         for t in p.tables() {
             sqlx::query(trusted_sql!(
-                "create temp table scratch_{0} (like {0} including defaults including constraints) on commit drop",
+                "create temp table scratch_{0} (like {0} including all) on commit drop",
                 t.name
             ))
             .execute(&mut *tx)

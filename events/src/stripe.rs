@@ -1,0 +1,958 @@
+//! Stripe: the mirror of verified events, and what each event means for the
+//! ledger and the billing projection.
+//!
+//! Processing is idempotent per event (the mirror row is locked and marked
+//! in the same transaction as the effects) and per Stripe object (every
+//! effect carries a key derived from the object, and states carry the time
+//! they describe), so any number of duplicates in any order converge.
+//! Payloads are read tolerantly, field by field: an event that async-stripe's
+//! typed parser could not read is still processed when the fields it needs
+//! are there.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::Error;
+use crate::catalog::{
+    BillingStatusChanged, CheckoutPaymentFailed, DomainEvent, GrantSource, Metadata,
+    StripeCustomerLinked, StripeEventReceived, StripeSource, SubscriptionStateChanged,
+    stripe_received_event_id,
+};
+use crate::credits::{self, Grant};
+use crate::store::{self, ExpectedVersion, NewEvent};
+
+/// A verified event as it arrived, ready for the mirror.
+#[derive(Debug, Clone)]
+pub struct IncomingEvent {
+    pub stripe_event_id: String,
+    pub event_type: String,
+    pub api_version: Option<String>,
+    pub livemode: bool,
+    pub created: DateTime<Utc>,
+    pub object_id: Option<String>,
+    /// `data.object.payment_intent`, for charges and disputes.
+    pub payment_intent: Option<String>,
+    /// The exact bytes received.
+    pub raw: String,
+    pub parse_error: Option<String>,
+}
+
+impl IncomingEvent {
+    /// Read the envelope fields of a Stripe event. `None` when the body is
+    /// not a Stripe event at all (no id, type, created or livemode).
+    pub fn from_raw(raw: &str, parse_error: Option<String>) -> Option<Self> {
+        let v: Value = serde_json::from_str(raw).ok()?;
+        let id = v.get("id")?.as_str()?;
+        if !id.starts_with("evt_") || v.get("object").and_then(Value::as_str) != Some("event") {
+            return None;
+        }
+        Some(Self {
+            stripe_event_id: id.to_owned(),
+            event_type: v.get("type")?.as_str()?.to_owned(),
+            api_version: v
+                .get("api_version")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            livemode: v.get("livemode")?.as_bool()?,
+            created: Utc.timestamp_opt(v.get("created")?.as_i64()?, 0).single()?,
+            object_id: v
+                .pointer("/data/object/id")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            payment_intent: v
+                .pointer("/data/object")
+                .and_then(|o| id_of(o, "/payment_intent"))
+                .map(str::to_owned),
+            raw: raw.to_owned(),
+            parse_error,
+        })
+    }
+}
+
+/// Store a verified event in the mirror. The first delivery appends
+/// `StripeEventReceived` and returns true (the caller enqueues processing in
+/// the same transaction); a duplicate only counts the delivery.
+pub async fn mirror(
+    conn: &mut PgConnection,
+    e: &IncomingEvent,
+    source: StripeSource,
+) -> Result<bool, Error> {
+    let inserted: bool = sqlx::query_scalar(
+        "insert into stripe_events (stripe_event_id, event_type, api_version, livemode, created,
+            object_id, raw, source, parsed, parse_error, payment_intent)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+         on conflict (stripe_event_id) do update
+            set delivery_count = stripe_events.delivery_count + 1, last_received_at = now()
+         returning (xmax = 0)",
+    )
+    .bind(&e.stripe_event_id)
+    .bind(&e.event_type)
+    .bind(&e.api_version)
+    .bind(e.livemode)
+    .bind(e.created)
+    .bind(&e.object_id)
+    .bind(&e.raw)
+    .bind(source.as_str())
+    .bind(e.parse_error.is_none())
+    .bind(&e.parse_error)
+    .bind(&e.payment_intent)
+    .fetch_one(&mut *conn)
+    .await?;
+    if inserted {
+        let event = NewEvent {
+            event_id: stripe_received_event_id(&e.stripe_event_id),
+            event: DomainEvent::StripeEventReceived(StripeEventReceived {
+                stripe_event_id: e.stripe_event_id.clone(),
+                stripe_event_type: e.event_type.clone(),
+                created: e.created,
+                livemode: e.livemode,
+                source,
+                parsed: e.parse_error.is_none(),
+            }),
+            metadata: Metadata::by(crate::Actor::Stripe),
+        };
+        store::append(
+            conn,
+            &format!("stripe-{}", e.stripe_event_id),
+            ExpectedVersion::Any,
+            std::slice::from_ref(&event),
+        )
+        .await?;
+    }
+    Ok(inserted)
+}
+
+/// Credits per Stripe price: one-off packs and subscription plans.
+#[derive(Debug, Clone, Default)]
+pub struct StripeCatalog {
+    pub packs: HashMap<String, i64>,
+    pub plans: HashMap<String, i64>,
+}
+
+impl StripeCatalog {
+    /// Parse `price_a=500,price_b=1200`.
+    pub fn parse_prices(s: &str) -> Result<HashMap<String, i64>, Error> {
+        let mut out = HashMap::new();
+        for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (price, credits) = pair.split_once('=').ok_or_else(|| {
+                Error::InvalidArgument(format!("expected price=credits, got {pair:?}"))
+            })?;
+            let credits: i64 = credits
+                .trim()
+                .parse()
+                .ok()
+                .filter(|c| *c > 0)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!("credits of {price} must be a positive integer"))
+                })?;
+            out.insert(price.trim().to_owned(), credits);
+        }
+        Ok(out)
+    }
+}
+
+/// What processing did with an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// It had an effect (or confirmed one already in place).
+    Processed(String),
+    /// Nothing for Slate to do with this type or object.
+    Ignored(String),
+    /// Already processed earlier; not run again (without `force`).
+    AlreadyDone(String),
+}
+
+impl Outcome {
+    pub fn describe(&self) -> &str {
+        match self {
+            Outcome::Processed(s) | Outcome::Ignored(s) | Outcome::AlreadyDone(s) => s,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// Worth retrying later (a customer not linked yet, a database hiccup).
+    #[error("retryable: {0}")]
+    Retryable(String),
+    /// The event cannot be processed as it is.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+impl From<Error> for ProcessError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Database(_) | Error::Conflict { .. } => ProcessError::Retryable(e.to_string()),
+            other => ProcessError::Permanent(other.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ProcessError {
+    fn from(e: sqlx::Error) -> Self {
+        Error::from(e).into()
+    }
+}
+
+/// Process one mirrored event: its effects and its new mirror status commit
+/// together. `force` re-runs an event already processed (replay); its
+/// effects are keyed, so that changes nothing that was already done.
+pub async fn process(
+    pool: &PgPool,
+    catalog: &StripeCatalog,
+    stripe_event_id: &str,
+    force: bool,
+) -> Result<Outcome, ProcessError> {
+    let result = process_in_tx(pool, catalog, stripe_event_id, force).await;
+    if let Err(e) = &result {
+        let message: String = e.to_string().chars().take(500).collect();
+        sqlx::query(
+            "update stripe_events set status = 'failed', attempts = attempts + 1, last_error = $2
+              where stripe_event_id = $1",
+        )
+        .bind(stripe_event_id)
+        .bind(message)
+        .execute(pool)
+        .await?;
+    }
+    result
+}
+
+async fn process_in_tx(
+    pool: &PgPool,
+    catalog: &StripeCatalog,
+    id: &str,
+    force: bool,
+) -> Result<Outcome, ProcessError> {
+    let mut tx = pool.begin().await?;
+    let row: Option<MirrorRow> = sqlx::query_as(
+        "select raw, event_type, status, object_id, created from stripe_events
+          where stripe_event_id = $1 for update",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(MirrorRow {
+        raw,
+        event_type,
+        status,
+        object_id,
+        created,
+    }) = row
+    else {
+        return Err(ProcessError::Permanent(format!(
+            "{id} is not in the mirror"
+        )));
+    };
+    if !force && (status == "processed" || status == "ignored") {
+        return Ok(Outcome::AlreadyDone(status));
+    }
+    // One event per Stripe object at a time.
+    if let Some(object) = &object_id {
+        sqlx::query("select pg_advisory_xact_lock(hashtext('stripe-object:' || $1))")
+            .bind(object)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let payload: Value = serde_json::from_str(&raw)
+        .map_err(|_| ProcessError::Permanent("mirrored body is not JSON".into()))?;
+    let object = payload
+        .pointer("/data/object")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let cx = Cx {
+        catalog,
+        event_id: id,
+        created,
+        meta: Metadata::stripe_effect(id),
+    };
+    let outcome = match event_type.as_str() {
+        "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
+            checkout_paid(&mut tx, &cx, &object).await?
+        }
+        "checkout.session.async_payment_failed" => checkout_failed(&mut tx, &cx, &object).await?,
+        "invoice.paid" => invoice_paid(&mut tx, &cx, &object).await?,
+        "invoice.payment_failed" => invoice_failed(&mut tx, &cx, &object).await?,
+        "customer.subscription.created"
+        | "customer.subscription.updated"
+        | "customer.subscription.deleted" => subscription_changed(&mut tx, &cx, &object).await?,
+        "charge.refunded" => charge_refunded(&mut tx, &cx, &object).await?,
+        "charge.dispute.created" | "charge.dispute.updated" | "charge.dispute.closed" => {
+            dispute_changed(&mut tx, &cx, &object).await?
+        }
+        other => Outcome::Ignored(format!("{other} is not handled")),
+    };
+    let status = match &outcome {
+        Outcome::Ignored(_) => "ignored",
+        _ => "processed",
+    };
+    sqlx::query(
+        "update stripe_events
+            set status = $2, outcome = $3, attempts = attempts + 1, last_error = null, processed_at = now()
+          where stripe_event_id = $1",
+    )
+    .bind(id)
+    .bind(status)
+    .bind(outcome.describe())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+#[derive(sqlx::FromRow)]
+struct MirrorRow {
+    raw: String,
+    event_type: String,
+    status: String,
+    object_id: Option<String>,
+    created: DateTime<Utc>,
+}
+
+struct Cx<'a> {
+    catalog: &'a StripeCatalog,
+    event_id: &'a str,
+    created: DateTime<Utc>,
+    meta: Metadata,
+}
+
+fn text<'v>(v: &'v Value, pointer: &str) -> Option<&'v str> {
+    v.pointer(pointer)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+/// An expandable field: an id string or an object with an id.
+fn id_of<'v>(v: &'v Value, pointer: &str) -> Option<&'v str> {
+    match v.pointer(pointer)? {
+        Value::String(s) if !s.is_empty() => Some(s),
+        Value::Object(o) => o.get("id").and_then(Value::as_str),
+        _ => None,
+    }
+}
+
+fn int(v: &Value, pointer: &str) -> Option<i64> {
+    match v.pointer(pointer)? {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn time(v: &Value, pointer: &str) -> Option<DateTime<Utc>> {
+    Utc.timestamp_opt(int(v, pointer)?, 0).single()
+}
+
+fn account_from_metadata(object: &Value) -> Option<Uuid> {
+    text(object, "/metadata/slate_account_id").and_then(|s| s.parse().ok())
+}
+
+async fn account_for_customer(
+    conn: &mut PgConnection,
+    customer: &str,
+) -> Result<Option<Uuid>, Error> {
+    Ok(
+        sqlx::query_scalar("select account_id from stripe_customers where customer_id = $1")
+            .bind(customer)
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
+async fn account_exists(conn: &mut PgConnection, account: Uuid) -> Result<bool, Error> {
+    Ok(
+        sqlx::query_scalar("select exists(select 1 from accounts where account_id = $1)")
+            .bind(account)
+            .fetch_one(conn)
+            .await?,
+    )
+}
+
+/// Link a customer to an account once (the first link stands).
+async fn link_customer(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    customer: &str,
+    account: Uuid,
+) -> Result<(), Error> {
+    let event = NewEvent {
+        event_id: store::deterministic_event_id(&format!("stripe-customer-linked:{customer}")),
+        event: DomainEvent::StripeCustomerLinked(StripeCustomerLinked {
+            account_id: account,
+            customer_id: customer.to_owned(),
+        }),
+        metadata: cx.meta.clone(),
+    };
+    store::append_and_apply(
+        conn,
+        &format!("stripe-customer-{customer}"),
+        ExpectedVersion::Any,
+        &event,
+    )
+    .await?;
+    Ok(())
+}
+
+/// The account an object belongs to: its metadata, else its customer's link.
+async fn resolve_account(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    candidates: &[Option<Uuid>],
+    customer: Option<&str>,
+) -> Result<Uuid, ProcessError> {
+    let from_object = candidates.iter().flatten().next().copied();
+    if let Some(account) = from_object {
+        if !account_exists(conn, account).await? {
+            return Err(ProcessError::Permanent(format!(
+                "account {account} does not exist"
+            )));
+        }
+        if let Some(customer) = customer {
+            link_customer(conn, cx, customer, account).await?;
+        }
+        return Ok(account);
+    }
+    if let Some(customer) = customer
+        && let Some(account) = account_for_customer(conn, customer).await?
+    {
+        return Ok(account);
+    }
+    Err(ProcessError::Retryable(
+        "no account for this customer yet (waiting for its checkout session)".into(),
+    ))
+}
+
+async fn checkout_paid(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    s: &Value,
+) -> Result<Outcome, ProcessError> {
+    let session =
+        text(s, "/id").ok_or_else(|| ProcessError::Permanent("session without id".into()))?;
+    let client_ref = text(s, "/client_reference_id").and_then(|r| r.parse().ok());
+    let account = resolve_account(
+        conn,
+        cx,
+        &[client_ref, account_from_metadata(s)],
+        id_of(s, "/customer"),
+    )
+    .await?;
+    if text(s, "/mode") == Some("subscription") {
+        return Ok(Outcome::Processed(
+            "subscription checkout: credits come with each paid invoice".into(),
+        ));
+    }
+    match text(s, "/payment_status") {
+        Some("paid") | Some("no_payment_required") => {}
+        _ => {
+            return Ok(Outcome::Processed(
+                "payment pending: waiting for async_payment_succeeded".into(),
+            ));
+        }
+    }
+    let credits = int(s, "/metadata/credits")
+        .or_else(|| text(s, "/metadata/price_id").and_then(|p| cx.catalog.packs.get(p).copied()))
+        .filter(|c| *c > 0)
+        .ok_or_else(|| {
+            ProcessError::Permanent("checkout session names no credits (metadata.credits)".into())
+        })?;
+    let stripe_object = id_of(s, "/payment_intent").unwrap_or(session).to_owned();
+    let settle = stripe_object.clone();
+    let out = credits::grant(
+        conn,
+        &Grant {
+            account_id: account,
+            amount: credits,
+            source: GrantSource::Purchase,
+            grant_key: format!("stripe:checkout:{session}"),
+            stripe_object: Some(stripe_object),
+            expires_at: None,
+            reason: text(s, "/metadata/pack").map(|p| format!("pack {p}")),
+        },
+        &cx.meta,
+    )
+    .await?;
+    settle_payment(conn, cx.catalog, &settle).await?;
+    Ok(Outcome::Processed(format!(
+        "{} {} credits for {session}",
+        out.outcome, out.amount
+    )))
+}
+
+async fn checkout_failed(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    s: &Value,
+) -> Result<Outcome, ProcessError> {
+    let session =
+        text(s, "/id").ok_or_else(|| ProcessError::Permanent("session without id".into()))?;
+    let client_ref = text(s, "/client_reference_id").and_then(|r| r.parse().ok());
+    let account = resolve_account(
+        conn,
+        cx,
+        &[client_ref, account_from_metadata(s)],
+        id_of(s, "/customer"),
+    )
+    .await?;
+    let event = NewEvent {
+        event_id: store::deterministic_event_id(&format!("checkout-payment-failed:{session}")),
+        event: DomainEvent::CheckoutPaymentFailed(CheckoutPaymentFailed {
+            account_id: account,
+            checkout_session_id: session.to_owned(),
+        }),
+        metadata: cx.meta.clone(),
+    };
+    store::append_and_apply(
+        conn,
+        &format!("stripe-checkout-{session}"),
+        ExpectedVersion::Any,
+        &event,
+    )
+    .await?;
+    Ok(Outcome::Processed(format!(
+        "payment failed for {session}; nothing granted"
+    )))
+}
+
+/// The subscription an invoice is for (current API: `parent.subscription_details`).
+fn invoice_subscription(inv: &Value) -> Option<&str> {
+    id_of(inv, "/parent/subscription_details/subscription").or_else(|| id_of(inv, "/subscription"))
+}
+
+fn invoice_account_hint(inv: &Value) -> Option<Uuid> {
+    inv.pointer("/parent/subscription_details/metadata")
+        .and_then(|m| m.get("slate_account_id"))
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok())
+}
+
+async fn invoice_paid(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    inv: &Value,
+) -> Result<Outcome, ProcessError> {
+    let invoice =
+        text(inv, "/id").ok_or_else(|| ProcessError::Permanent("invoice without id".into()))?;
+    let account = resolve_account(
+        conn,
+        cx,
+        &[invoice_account_hint(inv), account_from_metadata(inv)],
+        id_of(inv, "/customer"),
+    )
+    .await?;
+    record_billing(conn, cx, account, false, invoice).await?;
+
+    let mut credits = 0;
+    let mut unknown = Vec::new();
+    for line in inv
+        .pointer("/lines/data")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let price = id_of(line, "/pricing/price_details/price").or_else(|| id_of(line, "/price"));
+        let quantity = int(line, "/quantity").unwrap_or(1).max(1);
+        match price.and_then(|p| cx.catalog.plans.get(p)) {
+            Some(per) => credits += per * quantity,
+            None => unknown.extend(price.map(str::to_owned)),
+        }
+    }
+    if credits == 0 {
+        if invoice_subscription(inv).is_some() && !unknown.is_empty() {
+            return Err(ProcessError::Permanent(format!(
+                "no credits configured for plan prices {unknown:?} (STRIPE_PLANS)"
+            )));
+        }
+        return Ok(Outcome::Processed(format!(
+            "{invoice} paid; no plan credits on it"
+        )));
+    }
+    let payment_intent = inv
+        .pointer("/payments/data")
+        .and_then(Value::as_array)
+        .and_then(|p| p.iter().find_map(|p| id_of(p, "/payment/payment_intent")));
+    let out = credits::grant(
+        conn,
+        &Grant {
+            account_id: account,
+            amount: credits,
+            source: GrantSource::Subscription,
+            grant_key: format!("stripe:invoice:{invoice}"),
+            stripe_object: Some(payment_intent.unwrap_or(invoice).to_owned()),
+            expires_at: None,
+            reason: invoice_subscription(inv).map(|s| format!("subscription {s}")),
+        },
+        &cx.meta,
+    )
+    .await?;
+    if let Some(pi) = payment_intent {
+        settle_payment(conn, cx.catalog, pi).await?;
+    }
+    Ok(Outcome::Processed(format!(
+        "{} {} credits for {invoice}",
+        out.outcome, out.amount
+    )))
+}
+
+async fn invoice_failed(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    inv: &Value,
+) -> Result<Outcome, ProcessError> {
+    let invoice =
+        text(inv, "/id").ok_or_else(|| ProcessError::Permanent("invoice without id".into()))?;
+    let account = resolve_account(
+        conn,
+        cx,
+        &[invoice_account_hint(inv), account_from_metadata(inv)],
+        id_of(inv, "/customer"),
+    )
+    .await?;
+    record_billing(conn, cx, account, true, invoice).await?;
+    Ok(Outcome::Processed(format!(
+        "{invoice} failed; account past due"
+    )))
+}
+
+async fn record_billing(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    account: Uuid,
+    past_due: bool,
+    invoice: &str,
+) -> Result<(), Error> {
+    let event = NewEvent {
+        event_id: store::deterministic_event_id(&format!("billing:{}", cx.event_id)),
+        event: DomainEvent::BillingStatusChanged(BillingStatusChanged {
+            account_id: account,
+            past_due,
+            invoice_id: invoice.to_owned(),
+            state_at: cx.created,
+        }),
+        metadata: cx.meta.clone(),
+    };
+    store::append_and_apply(
+        conn,
+        &format!("billing-{account}"),
+        ExpectedVersion::Any,
+        &event,
+    )
+    .await?;
+    Ok(())
+}
+
+async fn subscription_changed(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    sub: &Value,
+) -> Result<Outcome, ProcessError> {
+    let id = text(sub, "/id")
+        .ok_or_else(|| ProcessError::Permanent("subscription without id".into()))?;
+    let status = text(sub, "/status")
+        .ok_or_else(|| ProcessError::Permanent("subscription without status".into()))?;
+    let customer = id_of(sub, "/customer");
+    let account = resolve_account(conn, cx, &[account_from_metadata(sub)], customer).await?;
+    // Current API versions keep the period on the items.
+    let item = sub.pointer("/items/data/0").cloned().unwrap_or(Value::Null);
+    let state = SubscriptionStateChanged {
+        account_id: account,
+        subscription_id: id.to_owned(),
+        customer_id: customer.map(str::to_owned),
+        status: status.to_owned(),
+        price_id: id_of(&item, "/price").map(str::to_owned),
+        current_period_start: time(&item, "/current_period_start")
+            .or_else(|| time(sub, "/current_period_start")),
+        current_period_end: time(&item, "/current_period_end")
+            .or_else(|| time(sub, "/current_period_end")),
+        cancel_at_period_end: sub
+            .pointer("/cancel_at_period_end")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        canceled_at: time(sub, "/canceled_at"),
+        state_at: cx.created,
+    };
+    let current: Option<(DateTime<Utc>, String)> = sqlx::query_as(
+        "select state_at, status from stripe_subscriptions where subscription_id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let newer = match &current {
+        None => true,
+        Some((at, old)) => {
+            state.state_at > *at
+                || (state.state_at == *at && status == "canceled" && old != "canceled")
+        }
+    };
+    if !newer {
+        return Ok(Outcome::Processed(format!(
+            "{id}: a newer state is already recorded"
+        )));
+    }
+    let event = NewEvent {
+        event_id: store::deterministic_event_id(&format!("subscription-state:{}", cx.event_id)),
+        event: DomainEvent::SubscriptionStateChanged(state),
+        metadata: cx.meta.clone(),
+    };
+    store::append_and_apply(
+        conn,
+        &format!("stripe-subscription-{id}"),
+        ExpectedVersion::Any,
+        &event,
+    )
+    .await?;
+    Ok(Outcome::Processed(format!("{id} is {status}")))
+}
+
+/// The grant a charge paid for, found by its payment intent (or the charge).
+async fn bucket_of_charge(
+    conn: &mut PgConnection,
+    charge: &Value,
+) -> Result<Option<(Uuid, Uuid, i64)>, Error> {
+    let keys: Vec<String> = [id_of(charge, "/payment_intent"), text(charge, "/id")]
+        .into_iter()
+        .flatten()
+        .map(str::to_owned)
+        .collect();
+    Ok(sqlx::query_as(
+        "select account_id, bucket_id, amount from credit_buckets
+          where stripe_object = any($1) and source in ('purchase', 'subscription')
+          order by granted_position limit 1",
+    )
+    .bind(&keys)
+    .fetch_optional(conn)
+    .await?)
+}
+
+async fn charge_refunded(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    ch: &Value,
+) -> Result<Outcome, ProcessError> {
+    let charge =
+        text(ch, "/id").ok_or_else(|| ProcessError::Permanent("charge without id".into()))?;
+    let Some((account, bucket, granted)) = bucket_of_charge(conn, ch).await? else {
+        return Ok(Outcome::Ignored(format!("{charge} paid for no credits")));
+    };
+    let amount = int(ch, "/amount")
+        .filter(|a| *a > 0)
+        .ok_or_else(|| ProcessError::Permanent("charge without amount".into()))?;
+    let refunded = int(ch, "/amount_refunded").unwrap_or(0).clamp(0, amount);
+    // Cumulative: the refunded share of the grant, minus what refunds of it
+    // already took — so partial refunds in any order end the same.
+    sqlx::query("select credit_lock_account($1)")
+        .bind(account)
+        .execute(&mut *conn)
+        .await?;
+    let already: i64 = sqlx::query_scalar(
+        "select coalesce(sum(amount), 0)::bigint from credit_revocations
+          where bucket_id = $1 and revoke_key like 'stripe:refund:%'",
+    )
+    .bind(bucket)
+    .fetch_one(&mut *conn)
+    .await?;
+    let target = (granted as i128 * refunded as i128 / amount as i128) as i64;
+    if target <= already {
+        return Ok(Outcome::Processed(format!(
+            "{charge}: refunded share already revoked"
+        )));
+    }
+    let out = credits::revoke(
+        conn,
+        account,
+        bucket,
+        target - already,
+        &format!("stripe:refund:{charge}:{refunded}"),
+        Some("refund"),
+        &cx.meta,
+    )
+    .await?;
+    Ok(Outcome::Processed(format!(
+        "{charge}: {} revoked ({} taken, {} debt)",
+        out.amount, out.taken, out.debt_added
+    )))
+}
+
+async fn dispute_changed(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    dp: &Value,
+) -> Result<Outcome, ProcessError> {
+    let dispute =
+        text(dp, "/id").ok_or_else(|| ProcessError::Permanent("dispute without id".into()))?;
+    // Converge on the dispute's latest known state, whatever order its
+    // events came in.
+    let latest: Option<String> = sqlx::query_scalar(
+        "select raw::jsonb #>> '{data,object,status}' from stripe_events
+          where object_id = $1 and event_type like 'charge.dispute.%'
+          order by created desc, (event_type = 'charge.dispute.closed') desc limit 1",
+    )
+    .bind(dispute)
+    .fetch_optional(&mut *conn)
+    .await?
+    .flatten();
+    let status = latest
+        .as_deref()
+        .or_else(|| text(dp, "/status"))
+        .unwrap_or("needs_response");
+    let charge_ref = serde_json::json!({
+        "id": id_of(dp, "/charge"),
+        "payment_intent": id_of(dp, "/payment_intent"),
+    });
+    let Some((account, bucket, _)) = bucket_of_charge(conn, &charge_ref).await? else {
+        return Ok(Outcome::Ignored(format!(
+            "{dispute}: the disputed charge paid for no credits"
+        )));
+    };
+    sqlx::query("select credit_lock_account($1)")
+        .bind(account)
+        .execute(&mut *conn)
+        .await?;
+    let revoke_key = format!("stripe:dispute:{dispute}");
+    let revoked: Option<i64> =
+        sqlx::query_scalar("select amount from credit_revocations where revoke_key = $1")
+            .bind(&revoke_key)
+            .fetch_optional(&mut *conn)
+            .await?;
+    match status {
+        "won" => {
+            let Some(amount) = revoked.filter(|a| *a > 0) else {
+                return Ok(Outcome::Processed(format!(
+                    "{dispute} won; nothing was frozen"
+                )));
+            };
+            let out = credits::grant(
+                conn,
+                &Grant {
+                    account_id: account,
+                    amount,
+                    source: GrantSource::Purchase,
+                    grant_key: format!("stripe:dispute-won:{dispute}"),
+                    stripe_object: Some(format!("{dispute}:restored")),
+                    expires_at: None,
+                    reason: Some("dispute won".into()),
+                },
+                &cx.meta,
+            )
+            .await?;
+            Ok(Outcome::Processed(format!(
+                "{dispute} won; {} {} credits restored",
+                out.outcome, out.amount
+            )))
+        }
+        "needs_response" | "under_review" | "lost" => {
+            let granted: i64 =
+                sqlx::query_scalar("select amount from credit_buckets where bucket_id = $1")
+                    .bind(bucket)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            let out = credits::revoke(
+                conn,
+                account,
+                bucket,
+                granted,
+                &revoke_key,
+                Some("dispute"),
+                &cx.meta,
+            )
+            .await?;
+            Ok(Outcome::Processed(format!(
+                "{dispute} {status}; {} {} credits frozen ({} debt)",
+                out.outcome, out.amount, out.debt_added
+            )))
+        }
+        other => Ok(Outcome::Ignored(format!(
+            "{dispute} is {other}; no credits affected"
+        ))),
+    }
+}
+
+/// A grant has just been made for `payment_intent`: refunds and disputes of
+/// it that arrived earlier (and found nothing to take back then) take effect
+/// now, each as an effect of its own Stripe event. This is what makes the
+/// order of arrival irrelevant.
+async fn settle_payment(
+    conn: &mut PgConnection,
+    catalog: &StripeCatalog,
+    payment_intent: &str,
+) -> Result<(), ProcessError> {
+    // Refunds are cumulative: the one with the most refunded decides, but
+    // applying each is harmless. Disputes: their latest state decides.
+    let related: Vec<(String, String, String, DateTime<Utc>)> = sqlx::query_as(
+        "select stripe_event_id, event_type, raw, created from stripe_events
+          where payment_intent = $1
+            and (event_type = 'charge.refunded' or event_type like 'charge.dispute.%')
+            and status in ('processed', 'ignored')
+          order by created, stripe_event_id",
+    )
+    .bind(payment_intent)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (id, event_type, raw, created) in related {
+        let payload: Value = serde_json::from_str(&raw)
+            .map_err(|_| ProcessError::Permanent("mirrored body is not JSON".into()))?;
+        let object = payload
+            .pointer("/data/object")
+            .cloned()
+            .unwrap_or(Value::Null);
+        let cx = Cx {
+            catalog,
+            event_id: &id,
+            created,
+            meta: Metadata::stripe_effect(&id),
+        };
+        let outcome = if event_type == "charge.refunded" {
+            charge_refunded(conn, &cx, &object).await?
+        } else {
+            dispute_changed(conn, &cx, &object).await?
+        };
+        let status = if matches!(outcome, Outcome::Ignored(_)) {
+            "ignored"
+        } else {
+            "processed"
+        };
+        sqlx::query(
+            "update stripe_events set status = $2, outcome = $3 where stripe_event_id = $1",
+        )
+        .bind(&id)
+        .bind(status)
+        .bind(outcome.describe())
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Mirrored events selected for replay.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayFilter {
+    pub id: Option<String>,
+    pub event_type: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub failed_only: bool,
+    pub pending_only: bool,
+}
+
+pub async fn select_for_replay(pool: &PgPool, f: &ReplayFilter) -> Result<Vec<String>, Error> {
+    Ok(sqlx::query_scalar(
+        "select stripe_event_id from stripe_events
+          where ($1::text is null or stripe_event_id = $1)
+            and ($2::text is null or event_type = $2)
+            and ($3::timestamptz is null or created >= $3)
+            and (not $4 or status = 'failed')
+            and (not $5 or status = 'pending')
+          order by created, stripe_event_id",
+    )
+    .bind(&f.id)
+    .bind(&f.event_type)
+    .bind(f.since)
+    .bind(f.failed_only)
+    .bind(f.pending_only)
+    .fetch_all(pool)
+    .await?)
+}

@@ -1,0 +1,67 @@
+//! `POST /webhooks/stripe`: verified deliveries are mirrored and queued
+//! before the 2xx; nothing else is done in the request.
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::HeaderMap;
+use axum::routing::post;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState};
+use crate::stripe::signature::SignatureError;
+use crate::stripe::webhook::{self, WebhookError};
+
+/// Stripe's events are far smaller; anything bigger is not from Stripe.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/webhooks/stripe", post(receive))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+}
+
+async fn receive(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body.map_err(|_| ApiError::PayloadTooLarge)?;
+    let signature = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok());
+    let now = chrono::Utc::now().timestamp();
+    let first = webhook::receive(&state.pool, &state.config, signature, &body, now)
+        .await
+        .map_err(to_api_error)?;
+    Ok(Json(json!({ "received": true, "duplicate": !first })))
+}
+
+fn to_api_error(e: WebhookError) -> ApiError {
+    let bad = |code, message| ApiError::BadRequest { code, message };
+    match e {
+        WebhookError::Signature(s) => bad(
+            s.code(),
+            match s {
+                SignatureError::Missing => "the Stripe-Signature header is missing",
+                SignatureError::Malformed => "the Stripe-Signature header is malformed",
+                SignatureError::NoMatch => "no signature matches the payload",
+                SignatureError::OutOfTolerance => {
+                    "the signature timestamp is outside the tolerance"
+                }
+            },
+        ),
+        WebhookError::Unparseable => bad("body_unparseable", "the body is not a Stripe event"),
+        WebhookError::LivemodeMismatch => bad(
+            "livemode_mismatch",
+            "the event's livemode does not match this deployment",
+        ),
+        WebhookError::NotConfigured => ApiError::Unavailable {
+            code: "webhooks_not_configured",
+            message: "no webhook secret is configured",
+        },
+        WebhookError::Store(e) => ApiError::Internal(e),
+    }
+}

@@ -1,0 +1,4 @@
+//! Stripe at the HTTP edge: webhook verification and the API client.
+
+pub mod signature;
+pub mod webhook;
