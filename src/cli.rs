@@ -96,7 +96,8 @@ pub enum EventsCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AccountsCommand {
-    /// Open an account; prints its id.
+    /// Open an account; prints its id, and its first API key alone on the
+    /// last line.
     Create {
         #[arg(long)]
         email: String,
@@ -251,7 +252,12 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 let id =
                     slate_events::accounts::create_account(&mut conn, &email, staff, operator())
                         .await?;
-                println!("{id}");
+                let key =
+                    slate_events::access::create_key(&mut conn, id, Some("first key"), operator())
+                        .await?;
+                println!("account {id}");
+                println!("API key (shown once; only its hash is stored):");
+                println!("{}", key.plaintext);
             }
         },
         Command::Credits { command } => match command {

@@ -54,6 +54,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Credits per Stripe price, for one-off packs and subscription plans.
     pub stripe_catalog: StripeCatalog,
+    /// Where users come back to after Checkout or the billing portal.
+    pub public_url: String,
 }
 
 /// The documented defaults (README, `scripts/services`).
@@ -73,6 +75,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("SLATE_LIVEMODE", "false"),
     ("STRIPE_PACKS", ""),
     ("STRIPE_PLANS", ""),
+    ("SLATE_PUBLIC_URL", "http://127.0.0.1:8080"),
     ("SLATE_LOG_FORMAT", "auto"),
 ];
 
@@ -139,6 +142,7 @@ impl Config {
                 plans: StripeCatalog::parse_prices(&get("STRIPE_PLANS"))
                     .map_err(|e| anyhow::anyhow!("STRIPE_PLANS: {e}"))?,
             },
+            public_url: get("SLATE_PUBLIC_URL").trim_end_matches('/').to_owned(),
         })
     }
 
@@ -157,7 +161,8 @@ impl Config {
         let Some(key) = &self.stripe_api_key else {
             return Ok(None);
         };
-        let mut builder = stripe::ClientBuilder::new(key.expose());
+        let mut builder =
+            stripe::ClientBuilder::new(key.expose()).timeout(std::time::Duration::from_secs(20));
         if let Some(base) = &self.stripe_api_base {
             builder = builder.url(base);
         }

@@ -17,9 +17,11 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
     .await
     .context("connecting to PostgreSQL")?;
     let redis = redis::Client::open(config.redis_url.expose()).context("REDIS_URL")?;
+    let stripe = config.stripe_client()?;
     Ok(AppState {
         pool,
         redis,
+        stripe,
         config: Arc::new(config),
     })
 }

@@ -318,6 +318,28 @@ pub struct CheckoutPaymentFailed {
 }
 event_type!(CheckoutPaymentFailed, "CheckoutPaymentFailed", 1);
 
+/// An API key was issued. `secret_hash` is the SHA-256 (hex) of the whole
+/// key; the key itself is never stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyCreated {
+    pub account_id: Uuid,
+    pub key_id: Uuid,
+    pub prefix: String,
+    pub secret_hash: String,
+    pub label: Option<String>,
+}
+event_type!(ApiKeyCreated, "ApiKeyCreated", 1);
+
+/// An API key stopped working.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyRevoked {
+    pub account_id: Uuid,
+    pub key_id: Uuid,
+}
+event_type!(ApiKeyRevoked, "ApiKeyRevoked", 1);
+
 /// Shapes that were written once and are upcast on read.
 pub mod legacy {
     use super::*;
@@ -358,6 +380,8 @@ macro_rules! each_event {
             DomainEvent::SubscriptionStateChanged($e) => $body,
             DomainEvent::BillingStatusChanged($e) => $body,
             DomainEvent::CheckoutPaymentFailed($e) => $body,
+            DomainEvent::ApiKeyCreated($e) => $body,
+            DomainEvent::ApiKeyRevoked($e) => $body,
         }
     };
 }
@@ -377,6 +401,8 @@ pub enum DomainEvent {
     SubscriptionStateChanged(SubscriptionStateChanged),
     BillingStatusChanged(BillingStatusChanged),
     CheckoutPaymentFailed(CheckoutPaymentFailed),
+    ApiKeyCreated(ApiKeyCreated),
+    ApiKeyRevoked(ApiKeyRevoked),
 }
 
 fn parse<T: DeserializeOwned>(event_type: &str, version: i16, payload: Value) -> Result<T, Error> {
@@ -411,6 +437,8 @@ impl DomainEvent {
             }
             ("BillingStatusChanged", 1) => E::BillingStatusChanged(parse(event_type, v, p)?),
             ("CheckoutPaymentFailed", 1) => E::CheckoutPaymentFailed(parse(event_type, v, p)?),
+            ("ApiKeyCreated", 1) => E::ApiKeyCreated(parse(event_type, v, p)?),
+            ("ApiKeyRevoked", 1) => E::ApiKeyRevoked(parse(event_type, v, p)?),
             _ => {
                 return Err(Error::Decode {
                     event_type: event_type.to_owned(),
@@ -450,6 +478,8 @@ impl DomainEvent {
             E::SubscriptionStateChanged(e) => Some(e.account_id),
             E::BillingStatusChanged(e) => Some(e.account_id),
             E::CheckoutPaymentFailed(e) => Some(e.account_id),
+            E::ApiKeyCreated(e) => Some(e.account_id),
+            E::ApiKeyRevoked(e) => Some(e.account_id),
         }
     }
 }
@@ -502,6 +532,8 @@ pub fn schema_files() -> Vec<SchemaFile> {
         schema_file::<SubscriptionStateChanged>(true),
         schema_file::<BillingStatusChanged>(true),
         schema_file::<CheckoutPaymentFailed>(true),
+        schema_file::<ApiKeyCreated>(true),
+        schema_file::<ApiKeyRevoked>(true),
     ];
     let mut meta =
         serde_json::to_string_pretty(&schemars::schema_for!(Metadata)).expect("schema serializes");

@@ -280,3 +280,40 @@ fn decode<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, Error> {
         reason: e.to_string(),
     })
 }
+
+/// One credit movement of an account (from the `credit_ledger` projection).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct LedgerEntry {
+    pub position: i64,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub generation_id: Option<Uuid>,
+    pub bucket_id: Option<Uuid>,
+    /// Change of the available balance.
+    pub available: i64,
+    pub reserved: i64,
+    pub debt: i64,
+    pub at: DateTime<Utc>,
+}
+
+/// The account's movements, newest first, before `cursor` (a position).
+pub async fn ledger_page(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+    cursor: Option<i64>,
+    limit: i64,
+) -> Result<Vec<LedgerEntry>, Error> {
+    Ok(sqlx::query_as(
+        "select global_position as position, event_type, generation_id, bucket_id,
+                delta_available as available, delta_reserved as reserved, delta_debt as debt,
+                recorded_at as at
+           from credit_ledger_entries
+          where account_id = $1 and ($2::bigint is null or global_position < $2)
+          order by global_position desc limit $3",
+    )
+    .bind(account_id)
+    .bind(cursor)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}

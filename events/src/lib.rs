@@ -7,6 +7,7 @@ macro_rules! trusted_sql {
     ($($t:tt)*) => { sqlx::AssertSqlSafe(format!($($t)*)) };
 }
 
+pub mod access;
 pub mod accounts;
 pub mod catalog;
 pub mod credits;

@@ -1,6 +1,9 @@
 //! The HTTP API: one `router()` per module, merged here.
 
+mod billing;
+mod credits;
 mod error;
+mod extract;
 mod health;
 mod stripe;
 
@@ -13,6 +16,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
+pub use extract::{Auth, Json};
 
 use crate::config::Config;
 
@@ -22,6 +26,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub redis: redis::Client,
     pub config: Arc<Config>,
+    /// The Stripe API client, when a key is configured.
+    pub stripe: Option<::stripe::Client>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -30,6 +36,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .merge(stripe::router())
+        .merge(billing::router())
+        .merge(credits::router())
         .with_state(state)
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
@@ -45,7 +53,13 @@ pub fn router(state: AppState) -> Router {
                     .get::<axum::extract::MatchedPath>()
                     .map(|p| p.as_str().to_owned())
                     .unwrap_or_else(|| "unmatched".into());
-                tracing::info_span!("request", method = %req.method(), route, request_id)
+                tracing::info_span!(
+                    "request",
+                    method = %req.method(),
+                    route,
+                    request_id,
+                    account_id = tracing::field::Empty
+                )
             }),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))

@@ -28,7 +28,7 @@ async fn receive(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let body = body.map_err(|_| ApiError::PayloadTooLarge)?;
+    let body = body.map_err(|_| ApiError::payload_too_large())?;
     let signature = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok());
@@ -40,7 +40,7 @@ async fn receive(
 }
 
 fn to_api_error(e: WebhookError) -> ApiError {
-    let bad = |code, message| ApiError::BadRequest { code, message };
+    let bad = ApiError::bad_request;
     match e {
         WebhookError::Signature(s) => bad(
             s.code(),

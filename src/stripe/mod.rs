@@ -1,4 +1,5 @@
 //! Stripe at the HTTP edge: webhook verification and the API client.
 
+pub mod billing;
 pub mod signature;
 pub mod webhook;

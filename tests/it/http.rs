@@ -34,6 +34,7 @@ pub async fn spawn_app_with(env: &[(&str, &str)]) -> TestApp {
     let state = AppState {
         pool: db.pool.clone(),
         redis: redis::Client::open(redis.as_str()).unwrap(),
+        stripe: config.stripe_client().unwrap(),
         config: Arc::new(config),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

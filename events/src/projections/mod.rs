@@ -9,6 +9,7 @@
 //! Every projection can be rebuilt from the log alone, and `verify` rebuilds
 //! into scratch tables and compares them with the live ones.
 
+pub mod access;
 pub mod billing;
 pub mod inline;
 pub mod ledger;
@@ -38,6 +39,8 @@ pub enum Projection {
     Credits,
     /// Inline: Stripe customers, subscriptions, past-due status.
     Billing,
+    /// Inline: API keys.
+    Access,
     /// Asynchronous: one row per credit movement.
     CreditLedger,
 }
@@ -46,6 +49,7 @@ impl Projection {
     pub const ALL: &'static [Projection] = &[
         Projection::Credits,
         Projection::Billing,
+        Projection::Access,
         Projection::CreditLedger,
     ];
     pub const ASYNC: &'static [Projection] = &[Projection::CreditLedger];
@@ -54,6 +58,7 @@ impl Projection {
         match self {
             Projection::Credits => "credits",
             Projection::Billing => "billing",
+            Projection::Access => "access",
             Projection::CreditLedger => ledger::NAME,
         }
     }
@@ -63,13 +68,17 @@ impl Projection {
     }
 
     pub fn is_inline(self) -> bool {
-        matches!(self, Projection::Credits | Projection::Billing)
+        matches!(
+            self,
+            Projection::Credits | Projection::Billing | Projection::Access
+        )
     }
 
     pub fn tables(self) -> &'static [Table] {
         match self {
             Projection::Credits => inline::TABLES,
             Projection::Billing => billing::TABLES,
+            Projection::Access => access::TABLES,
             Projection::CreditLedger => ledger::TABLES,
         }
     }
@@ -78,6 +87,7 @@ impl Projection {
         match self {
             Projection::Credits => inline::EVENT_TYPES,
             Projection::Billing => billing::EVENT_TYPES,
+            Projection::Access => access::EVENT_TYPES,
             Projection::CreditLedger => ledger::EVENT_TYPES,
         }
     }
@@ -93,6 +103,7 @@ impl Projection {
         match self {
             Projection::Credits => inline::apply(conn, prefix, event, position, recorded_at).await,
             Projection::Billing => billing::apply(conn, prefix, event, recorded_at).await,
+            Projection::Access => access::apply(conn, prefix, event, recorded_at).await,
             Projection::CreditLedger => {
                 ledger::apply(conn, prefix, event, position, recorded_at).await
             }

@@ -1,0 +1,57 @@
+//! Inline projection `access`: API keys.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use super::Table;
+use crate::Error;
+use crate::catalog::DomainEvent;
+
+pub const TABLES: &[Table] = &[Table {
+    name: "api_keys",
+    // last_used_at is operational and not rebuilt from the log.
+    columns: "key_id, account_id, prefix, secret_hash, label, created_at, revoked_at",
+}];
+
+pub const EVENT_TYPES: &[&str] = &["ApiKeyCreated", "ApiKeyRevoked"];
+
+pub async fn apply(
+    conn: &mut PgConnection,
+    prefix: &str,
+    event: &DomainEvent,
+    recorded_at: DateTime<Utc>,
+) -> Result<(), Error> {
+    let p = prefix;
+    match event {
+        DomainEvent::ApiKeyCreated(e) => {
+            let hash = hex::decode(&e.secret_hash).map_err(|_| Error::Decode {
+                event_type: "ApiKeyCreated".into(),
+                schema_version: 1,
+                reason: "secret_hash is not hex".into(),
+            })?;
+            sqlx::query(trusted_sql!(
+                "insert into {p}api_keys (key_id, account_id, prefix, secret_hash, label, created_at)
+                 values ($1, $2, $3, $4, $5, $6)"
+            ))
+            .bind(e.key_id)
+            .bind(e.account_id)
+            .bind(&e.prefix)
+            .bind(hash)
+            .bind(&e.label)
+            .bind(recorded_at)
+            .execute(conn)
+            .await?;
+        }
+        DomainEvent::ApiKeyRevoked(e) => {
+            sqlx::query(trusted_sql!(
+                "update {p}api_keys set revoked_at = $2 where key_id = $1 and revoked_at is null"
+            ))
+            .bind(e.key_id)
+            .bind(recorded_at)
+            .execute(conn)
+            .await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! `GET /v1/credits` and `GET /v1/credits/ledger`.
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState, Auth, Json};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/credits", get(balance))
+        .route("/v1/credits/ledger", get(ledger))
+}
+
+async fn balance(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let b = slate_events::credits::balance(&mut conn, auth.account_id).await?;
+    Ok(Json(
+        serde_json::to_value(b).map_err(|e| ApiError::Internal(e.into()))?,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct Page {
+    /// The position after which to continue (from `next_cursor`).
+    cursor: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// The account's credit movements, newest first, by keyset pagination.
+async fn ledger(
+    State(state): State<AppState>,
+    auth: Auth,
+    Query(page): Query<Page>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page.limit.unwrap_or(50).clamp(1, 200);
+    let mut conn = state.pool.acquire().await?;
+    let mut entries =
+        slate_events::credits::ledger_page(&mut conn, auth.account_id, page.cursor, limit + 1)
+            .await?;
+    let more = entries.len() as i64 > limit;
+    entries.truncate(limit as usize);
+    let next = if more {
+        entries.last().map(|e| e.position)
+    } else {
+        None
+    };
+    Ok(Json(json!({ "entries": entries, "next_cursor": next })))
+}

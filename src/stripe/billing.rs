@@ -1,0 +1,127 @@
+//! Buying credits: Stripe Checkout sessions for packs and plans, and the
+//! billing portal.
+
+use std::collections::HashMap;
+
+use slate_events::stripe::StripeCatalog;
+use stripe_billing::billing_portal_session::CreateBillingPortalSession;
+use stripe_checkout::CheckoutSessionMode;
+use stripe_checkout::checkout_session::{
+    CreateCheckoutSession, CreateCheckoutSessionCustomerCreation, CreateCheckoutSessionLineItems,
+    CreateCheckoutSessionSubscriptionData,
+};
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BillingError {
+    #[error("the price is neither a credit pack nor a plan")]
+    UnknownPrice,
+    #[error("the account has no Stripe customer yet")]
+    NoCustomer,
+    #[error("Stripe is not configured")]
+    NotConfigured,
+    #[error("the Stripe API failed")]
+    Stripe(#[source] stripe::StripeError),
+    #[error("Stripe answered without a URL")]
+    NoUrl,
+}
+
+pub struct CheckoutRequest<'a> {
+    pub account_id: Uuid,
+    pub price_id: &'a str,
+    pub quantity: u64,
+    /// The account's Stripe customer, when it has one.
+    pub customer: Option<&'a str>,
+    pub public_url: &'a str,
+}
+
+pub struct CheckoutCreated {
+    pub id: String,
+    pub url: String,
+    pub mode: &'static str,
+    pub credits: i64,
+}
+
+/// Create a Checkout session: packs are one-off payments whose session
+/// carries the credits in its metadata; plans are subscriptions.
+pub async fn create_checkout(
+    client: Option<&stripe::Client>,
+    catalog: &StripeCatalog,
+    r: &CheckoutRequest<'_>,
+) -> Result<CheckoutCreated, BillingError> {
+    let (mode, per_unit) = if let Some(c) = catalog.packs.get(r.price_id) {
+        (CheckoutSessionMode::Payment, *c)
+    } else if let Some(c) = catalog.plans.get(r.price_id) {
+        (CheckoutSessionMode::Subscription, *c)
+    } else {
+        return Err(BillingError::UnknownPrice);
+    };
+    let client = client.ok_or(BillingError::NotConfigured)?;
+    let account = r.account_id.to_string();
+    let credits = per_unit * r.quantity as i64;
+    let mut metadata = HashMap::from([
+        ("slate_account_id".to_owned(), account.clone()),
+        ("price_id".to_owned(), r.price_id.to_owned()),
+    ]);
+    let mut line = CreateCheckoutSessionLineItems::new();
+    line.price = Some(r.price_id.to_owned());
+    line.quantity = Some(r.quantity);
+    let mut req = CreateCheckoutSession::new()
+        .client_reference_id(account.clone())
+        .line_items(vec![line])
+        .success_url(format!(
+            "{}/billing/success?session_id={{CHECKOUT_SESSION_ID}}",
+            r.public_url
+        ))
+        .cancel_url(format!("{}/billing/canceled", r.public_url));
+    let mode_name = match mode {
+        CheckoutSessionMode::Payment => {
+            metadata.insert("credits".to_owned(), credits.to_string());
+            if r.customer.is_none() {
+                req = req.customer_creation(CreateCheckoutSessionCustomerCreation::Always);
+            }
+            "payment"
+        }
+        _ => {
+            let mut sub = CreateCheckoutSessionSubscriptionData::new();
+            sub.metadata = Some(HashMap::from([(
+                "slate_account_id".to_owned(),
+                account.clone(),
+            )]));
+            req = req.subscription_data(sub);
+            "subscription"
+        }
+    };
+    if let Some(customer) = r.customer {
+        req = req.customer(customer.to_owned());
+    }
+    let session = req
+        .mode(mode)
+        .metadata(metadata)
+        .send(client)
+        .await
+        .map_err(BillingError::Stripe)?;
+    Ok(CheckoutCreated {
+        id: session.id.as_str().to_owned(),
+        url: session.url.ok_or(BillingError::NoUrl)?,
+        mode: mode_name,
+        credits,
+    })
+}
+
+/// A billing-portal session for the account's Stripe customer.
+pub async fn create_portal(
+    client: Option<&stripe::Client>,
+    customer: Option<&str>,
+    public_url: &str,
+) -> Result<String, BillingError> {
+    let customer = customer.ok_or(BillingError::NoCustomer)?;
+    let client = client.ok_or(BillingError::NotConfigured)?;
+    let session = CreateBillingPortalSession::new()
+        .customer(customer.to_owned())
+        .return_url(format!("{public_url}/billing"))
+        .send(client)
+        .await
+        .map_err(BillingError::Stripe)?;
+    Ok(session.url)
+}
