@@ -155,6 +155,16 @@ pub enum StripeCommand {
         #[arg(long)]
         pending: bool,
     },
+    /// Ingest events from Stripe's Events API that the webhook never
+    /// delivered (Stripe keeps events for 30 days).
+    Reconcile {
+        /// RFC 3339 time: events Stripe created at or after it.
+        #[arg(long)]
+        since: DateTime<Utc>,
+        /// Only list what is missing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -317,6 +327,48 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                     pending_only: pending,
                 };
                 return replay(&pool, &config, &filter).await;
+            }
+            StripeCommand::Reconcile { since, dry_run } => {
+                let pool = pool().await?;
+                let client = config.stripe_client()?;
+                let now = Utc::now();
+                let s = crate::stripe::reconcile::reconcile(
+                    &pool,
+                    client.as_ref(),
+                    since,
+                    dry_run,
+                    now,
+                )
+                .await?;
+                if s.beyond_retention {
+                    println!(
+                        "note: Stripe keeps events for {} days; anything older than {} cannot be reconciled",
+                        crate::stripe::reconcile::RETENTION_DAYS,
+                        (now - chrono::Duration::days(crate::stripe::reconcile::RETENTION_DAYS))
+                            .format("%Y-%m-%d %H:%M UTC")
+                    );
+                }
+                println!(
+                    "listed {} event(s) since {}: {} already mirrored, {} missing{}",
+                    s.listed,
+                    since.to_rfc3339(),
+                    s.already_mirrored,
+                    s.missing_by_type.values().sum::<usize>(),
+                    if dry_run {
+                        " (dry run: nothing ingested)".to_owned()
+                    } else {
+                        format!(", {} ingested", s.ingested)
+                    }
+                );
+                for (t, n) in &s.missing_by_type {
+                    println!("  {n:>5}  {t}");
+                }
+                if s.unreadable > 0 {
+                    println!(
+                        "  {} listed item(s) were not Stripe events and were skipped",
+                        s.unreadable
+                    );
+                }
             }
         },
         Command::Jobs { command } => match command {

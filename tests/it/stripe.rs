@@ -566,3 +566,122 @@ async fn a_dispute_freezes_the_purchase_and_a_won_dispute_restores_it_in_either_
         .unwrap();
     assert_eq!(b.available, 500);
 }
+
+#[tokio::test]
+async fn reconcile_ingests_what_the_webhook_never_delivered_once() {
+    use wiremock::matchers::{method, path, query_param, query_param_is_missing};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let stripe_api = MockServer::start().await;
+    let app = spawn_app_with(&[
+        ("STRIPE_WEBHOOK_SECRETS", NEW_SECRET),
+        ("STRIPE_API_KEY", "sk_test_fake_0000"),
+        ("STRIPE_API_BASE", &format!("{}/", stripe_api.uri())),
+        ("STRIPE_PLANS", "price_pro_monthly=1000"),
+    ])
+    .await;
+    let account = new_account(&mut *app.db.conn().await).await;
+    let run = run_tag();
+    let event =
+        |name: &str| -> Value { serde_json::from_str(&fixture(name, account, &run)).unwrap() };
+    // The webhook delivered only the first event.
+    app.deliver(&fixture(HISTORY[0], account, &run)).await;
+
+    // The Events API lists newest first, 2 pages.
+    let newest: Vec<Value> = HISTORY[..7].iter().rev().map(|n| event(n)).collect();
+    let (page1, page2) = newest.split_at(4);
+    let last_of_page1 = page1.last().unwrap()["id"].as_str().unwrap().to_owned();
+    Mock::given(method("GET"))
+        .and(path("/v1/events"))
+        .and(query_param_is_missing("starting_after"))
+        .and(query_param("limit", "100"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "object": "list", "url": "/v1/events", "has_more": true, "data": page1,
+        })))
+        .mount(&stripe_api)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/events"))
+        .and(query_param("starting_after", last_of_page1.as_str()))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "object": "list", "url": "/v1/events", "has_more": false, "data": page2,
+        })))
+        .mount(&stripe_api)
+        .await;
+
+    let client = app_stripe_client(&stripe_api);
+    let since = chrono::Utc::now() - chrono::Duration::days(2);
+    let dry = slate::stripe::reconcile::reconcile(
+        &app.db.pool,
+        Some(&client),
+        since,
+        true,
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((dry.listed, dry.already_mirrored, dry.ingested), (7, 1, 0));
+    assert_eq!(app.mirrored().await, 1);
+
+    let first = slate::stripe::reconcile::reconcile(
+        &app.db.pool,
+        Some(&client),
+        since,
+        false,
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (first.listed, first.already_mirrored, first.ingested),
+        (7, 1, 6)
+    );
+    assert_eq!(first.missing_by_type.get("invoice.paid"), Some(&4));
+    let second = slate::stripe::reconcile::reconcile(
+        &app.db.pool,
+        Some(&client),
+        since,
+        false,
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((second.ingested, second.already_mirrored), (0, 7));
+
+    let sources: Vec<(String, i64)> = sqlx::query_as(
+        "select source, count(*) from stripe_events group by source order by source",
+    )
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        sources,
+        vec![("reconcile".into(), 6), ("webhook".into(), 1)]
+    );
+    // Reconciled events go through the same processing.
+    app.process_stripe().await;
+    let b = slate_events::credits::balance(&mut *app.db.conn().await, account)
+        .await
+        .unwrap();
+    assert_eq!(b.available, 500 + 4 * 1000);
+
+    // Asking for more than Stripe keeps says so.
+    let old = chrono::Utc::now() - chrono::Duration::days(45);
+    let s = slate::stripe::reconcile::reconcile(
+        &app.db.pool,
+        Some(&client),
+        old,
+        true,
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+    assert!(s.beyond_retention);
+}
+
+fn app_stripe_client(server: &wiremock::MockServer) -> ::stripe::Client {
+    ::stripe::ClientBuilder::new("sk_test_fake_0000")
+        .url(format!("{}/", server.uri()))
+        .build()
+        .unwrap()
+}

@@ -1,0 +1,140 @@
+//! `slate stripe reconcile`: list events from Stripe's Events API and ingest
+//! the ones the webhook never delivered, through the same path (mirror, log,
+//! job), marked as reconciled. Safe to run any number of times.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use chrono::{DateTime, Duration, Utc};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use slate_events::catalog::StripeSource;
+use slate_events::stripe::IncomingEvent;
+use sqlx::PgPool;
+use stripe_client_core::{CustomizedStripeRequest, StripeClient, StripeRequest};
+use stripe_core::event::ListEvent;
+
+/// Stripe keeps events for 30 days.
+pub const RETENTION_DAYS: i64 = 30;
+
+/// A client that keeps the raw bytes of the last response, so events are
+/// mirrored exactly as Stripe sent them.
+struct Capture<'a> {
+    inner: &'a stripe::Client,
+    last: Mutex<Option<Bytes>>,
+}
+
+impl StripeClient for Capture<'_> {
+    type Err = stripe::StripeError;
+
+    async fn execute(&self, req: CustomizedStripeRequest) -> Result<Bytes, Self::Err> {
+        let bytes = self.inner.execute(req).await?;
+        *self.last.lock().expect("not poisoned") = Some(bytes.clone());
+        Ok(bytes)
+    }
+}
+
+#[derive(Deserialize)]
+struct Page<'a> {
+    #[serde(borrow)]
+    data: Vec<&'a RawValue>,
+    has_more: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub listed: usize,
+    pub already_mirrored: usize,
+    pub ingested: usize,
+    /// Missing events by type (ingested, or that would be with --dry-run).
+    pub missing_by_type: BTreeMap<String, usize>,
+    pub unreadable: usize,
+    pub beyond_retention: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("Stripe is not configured (STRIPE_API_KEY)")]
+    NotConfigured,
+    #[error("the Stripe Events API failed: {0}")]
+    Stripe(String),
+    #[error("the Events API answered with something that is not a list of events")]
+    BadPage,
+    #[error(transparent)]
+    Store(#[from] anyhow::Error),
+}
+
+pub async fn reconcile(
+    pool: &PgPool,
+    client: Option<&stripe::Client>,
+    since: DateTime<Utc>,
+    dry_run: bool,
+    now: DateTime<Utc>,
+) -> Result<Summary, ReconcileError> {
+    let client = client.ok_or(ReconcileError::NotConfigured)?;
+    let mut summary = Summary {
+        beyond_retention: since < now - Duration::days(RETENTION_DAYS),
+        ..Default::default()
+    };
+    let capture = Capture {
+        inner: client,
+        last: Mutex::new(None),
+    };
+    let mut starting_after: Option<String> = None;
+    loop {
+        let mut list = ListEvent::new()
+            .created(stripe_types::RangeQueryTs::gte(since.timestamp()))
+            .limit(100);
+        if let Some(after) = &starting_after {
+            list = list.starting_after(after.clone());
+        }
+        list.build()
+            .customize::<miniserde::json::Value>()
+            .send(&capture)
+            .await
+            .map_err(|e| ReconcileError::Stripe(e.to_string()))?;
+        let bytes = capture
+            .last
+            .lock()
+            .expect("not poisoned")
+            .take()
+            .ok_or(ReconcileError::BadPage)?;
+        let text = std::str::from_utf8(&bytes).map_err(|_| ReconcileError::BadPage)?;
+        let page: Page<'_> = serde_json::from_str(text).map_err(|_| ReconcileError::BadPage)?;
+        for raw in &page.data {
+            summary.listed += 1;
+            let raw = raw.get();
+            let Some(event) = IncomingEvent::from_raw(raw, super::webhook::typed_parse_error(raw))
+            else {
+                summary.unreadable += 1;
+                continue;
+            };
+            starting_after = Some(event.stripe_event_id.clone());
+            let known: bool = sqlx::query_scalar(
+                "select exists(select 1 from stripe_events where stripe_event_id = $1)",
+            )
+            .bind(&event.stripe_event_id)
+            .fetch_one(pool)
+            .await
+            .map_err(|e| ReconcileError::Store(e.into()))?;
+            if known {
+                summary.already_mirrored += 1;
+                continue;
+            }
+            *summary
+                .missing_by_type
+                .entry(event.event_type.clone())
+                .or_default() += 1;
+            if !dry_run
+                && slate_workers::stripe::ingest(pool, &event, StripeSource::Reconcile).await?
+            {
+                summary.ingested += 1;
+            }
+        }
+        if !page.has_more || page.data.is_empty() {
+            break;
+        }
+    }
+    Ok(summary)
+}
