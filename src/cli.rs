@@ -221,6 +221,9 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             );
             let mut settings = slate_workers::WorkerSettings::new(name);
             settings.stripe_catalog = config.stripe_catalog.clone();
+            settings.heartbeat = config.worker_heartbeat;
+            settings.missed_heartbeats = config.worker_missed_heartbeats;
+            settings.fault_stripe_hold = config.fault_stripe_hold;
             slate_workers::run(pool().await?, settings, crate::shutdown_signal()).await?;
         }
         Command::Projections { command } => match command {

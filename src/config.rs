@@ -56,6 +56,13 @@ pub struct Config {
     pub stripe_catalog: StripeCatalog,
     /// Where users come back to after Checkout or the billing portal.
     pub public_url: String,
+    /// Worker liveness: a worker that misses `worker_missed_heartbeats`
+    /// beats is declared dead and its jobs go back to the queue.
+    pub worker_heartbeat: std::time::Duration,
+    pub worker_missed_heartbeats: usize,
+    /// Test-only fault injection: `slate work` holds each Stripe event's
+    /// transaction open this long before committing.
+    pub fault_stripe_hold: Option<std::time::Duration>,
 }
 
 /// The documented defaults (README, `scripts/services`).
@@ -76,6 +83,9 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("STRIPE_PACKS", ""),
     ("STRIPE_PLANS", ""),
     ("SLATE_PUBLIC_URL", "http://127.0.0.1:8080"),
+    ("SLATE_WORKER_HEARTBEAT_SECS", "5"),
+    ("SLATE_WORKER_MISSED_HEARTBEATS", "3"),
+    ("SLATE_FAULT_STRIPE_HOLD_MS", ""),
     ("SLATE_LOG_FORMAT", "auto"),
 ];
 
@@ -143,6 +153,22 @@ impl Config {
                     .map_err(|e| anyhow::anyhow!("STRIPE_PLANS: {e}"))?,
             },
             public_url: get("SLATE_PUBLIC_URL").trim_end_matches('/').to_owned(),
+            worker_heartbeat: std::time::Duration::from_secs(
+                get("SLATE_WORKER_HEARTBEAT_SECS")
+                    .parse()
+                    .ok()
+                    .filter(|s| *s > 0)
+                    .context("SLATE_WORKER_HEARTBEAT_SECS must be a positive number")?,
+            ),
+            worker_missed_heartbeats: get("SLATE_WORKER_MISSED_HEARTBEATS")
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .context("SLATE_WORKER_MISSED_HEARTBEATS must be a positive number")?,
+            fault_stripe_hold: non_empty("SLATE_FAULT_STRIPE_HOLD_MS")
+                .map(|v| v.parse().map(std::time::Duration::from_millis))
+                .transpose()
+                .context("SLATE_FAULT_STRIPE_HOLD_MS must be milliseconds")?,
         })
     }
 

@@ -208,7 +208,28 @@ pub async fn process(
     stripe_event_id: &str,
     force: bool,
 ) -> Result<Outcome, ProcessError> {
-    let result = process_in_tx(pool, catalog, stripe_event_id, force).await;
+    let options = ProcessOptions {
+        force,
+        ..Default::default()
+    };
+    process_with(pool, catalog, stripe_event_id, &options).await
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ProcessOptions {
+    pub force: bool,
+    /// Fault injection for crash tests: wait this long after the effects,
+    /// before the commit (`SLATE_FAULT_STRIPE_HOLD_MS` in `slate work`).
+    pub hold_before_commit: Option<std::time::Duration>,
+}
+
+pub async fn process_with(
+    pool: &PgPool,
+    catalog: &StripeCatalog,
+    stripe_event_id: &str,
+    options: &ProcessOptions,
+) -> Result<Outcome, ProcessError> {
+    let result = process_in_tx(pool, catalog, stripe_event_id, options).await;
     if let Err(e) = &result {
         let message: String = e.to_string().chars().take(500).collect();
         sqlx::query(
@@ -227,8 +248,9 @@ async fn process_in_tx(
     pool: &PgPool,
     catalog: &StripeCatalog,
     id: &str,
-    force: bool,
+    options: &ProcessOptions,
 ) -> Result<Outcome, ProcessError> {
+    let force = options.force;
     let mut tx = pool.begin().await?;
     let row: Option<MirrorRow> = sqlx::query_as(
         "select raw, event_type, status, object_id, created from stripe_events
@@ -301,6 +323,13 @@ async fn process_in_tx(
     .bind(outcome.describe())
     .execute(&mut *tx)
     .await?;
+    if let Some(hold) = options.hold_before_commit {
+        tracing::warn!(
+            hold_ms = hold.as_millis() as u64,
+            "fault injection: holding before commit"
+        );
+        tokio::time::sleep(hold).await;
+    }
     tx.commit().await?;
     Ok(outcome)
 }

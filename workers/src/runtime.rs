@@ -29,6 +29,8 @@ pub struct WorkerSettings {
     pub shutdown_grace: Duration,
     /// Credits per Stripe price.
     pub stripe_catalog: StripeCatalog,
+    /// Fault injection for crash tests (never set in production).
+    pub fault_stripe_hold: Option<Duration>,
 }
 
 impl WorkerSettings {
@@ -40,6 +42,7 @@ impl WorkerSettings {
             sweep_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
             stripe_catalog: StripeCatalog::default(),
+            fault_stripe_hold: None,
         }
     }
 
@@ -82,6 +85,10 @@ where
     let stripe_worker = StripeWorker {
         pool: pool.clone(),
         catalog: settings.stripe_catalog.clone(),
+        options: slate_events::stripe::ProcessOptions {
+            force: false,
+            hold_before_commit: settings.fault_stripe_hold,
+        },
     };
     let name = settings.worker_name.clone();
     let stripe_name = settings.worker_name.clone();

@@ -44,6 +44,7 @@ pub async fn ingest(
 pub struct StripeWorker {
     pub pool: PgPool,
     pub catalog: StripeCatalog,
+    pub options: stripe::ProcessOptions,
 }
 
 #[tracing::instrument(skip_all, fields(stripe_event_id = %job.stripe_event_id, attempt = attempt.current()))]
@@ -54,7 +55,7 @@ pub async fn handle(
     worker: Data<StripeWorker>,
 ) -> Result<(), BoxDynError> {
     jobs::contain(async move {
-        match stripe::process(&worker.pool, &worker.catalog, &job.stripe_event_id, false).await {
+        match stripe::process_with(&worker.pool, &worker.catalog, &job.stripe_event_id, &worker.options).await {
             Ok(outcome) => {
                 tracing::info!(outcome = outcome.describe(), "stripe event processed");
                 Ok(())
