@@ -64,6 +64,22 @@ pub enum Command {
     },
     /// Run the whole story end to end against the configured services.
     Demo,
+    /// Measure throughput and latency against the real services (build with
+    /// --release for figures worth quoting).
+    Bench {
+        /// Short runs (under a minute).
+        #[arg(long)]
+        quick: bool,
+        /// Seconds per throughput measurement.
+        #[arg(long)]
+        seconds: Option<f64>,
+        /// Webhook deliveries to send.
+        #[arg(long)]
+        webhooks: Option<usize>,
+        /// Concurrent webhook senders.
+        #[arg(long)]
+        senders: Option<usize>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -388,6 +404,23 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 println!("enqueued {job:?}");
             }
         },
+        Command::Bench {
+            quick,
+            seconds,
+            webhooks,
+            senders,
+        } => {
+            let mut opts = if quick {
+                crate::bench::BenchOptions::quick()
+            } else {
+                crate::bench::BenchOptions::default()
+            };
+            opts.seconds = seconds.unwrap_or(opts.seconds);
+            opts.webhooks = webhooks.unwrap_or(opts.webhooks);
+            opts.senders = senders.unwrap_or(opts.senders).max(1);
+            let report = crate::bench::run(&config, &opts).await?;
+            crate::bench::print(&report);
+        }
         Command::Demo => {
             crate::migrate::ensure_database(&db_url).await?;
             let pool = pool().await?;
