@@ -52,6 +52,11 @@ pub enum Command {
         #[command(subcommand)]
         command: CreditsCommand,
     },
+    /// The affiliate programme.
+    Affiliates {
+        #[command(subcommand)]
+        command: AffiliatesCommand,
+    },
     /// Stripe events: replay processing from the mirror.
     Stripe {
         #[command(subcommand)]
@@ -119,6 +124,9 @@ pub enum AccountsCommand {
         email: String,
         #[arg(long)]
         staff: bool,
+        /// An affiliate's referral code.
+        #[arg(long)]
+        referral_code: Option<String>,
     },
 }
 
@@ -148,6 +156,42 @@ pub enum CreditsCommand {
     },
     /// Release holds past their expiry and lapse expired buckets now.
     Sweep,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AffiliatesCommand {
+    /// Register an affiliate with a referral code and a commission rate.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        code: String,
+        /// Commission in basis points (1000 = 10 %).
+        #[arg(long)]
+        rate_bps: i32,
+    },
+    /// Attribute an account to the affiliate owning a referral code.
+    Refer {
+        #[arg(long)]
+        account: Uuid,
+        #[arg(long)]
+        code: String,
+    },
+    /// What is owed to each affiliate (earned − clawed back − paid).
+    Owed,
+    /// Record a payout made to an affiliate (idempotent per reference).
+    RecordPayout {
+        #[arg(long)]
+        affiliate: Uuid,
+        /// Minor units (cents).
+        #[arg(long)]
+        amount: i64,
+        #[arg(long, default_value = "usd")]
+        currency: String,
+        /// The transfer's reference (bank or payout id).
+        #[arg(long)]
+        reference: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -275,12 +319,19 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             EventsCommand::Schema { out, check } => return schema(&out, check),
         },
         Command::Accounts { command } => match command {
-            AccountsCommand::Create { email, staff } => {
+            AccountsCommand::Create {
+                email,
+                staff,
+                referral_code,
+            } => {
                 let pool = pool().await?;
                 let mut conn = pool.acquire().await?;
                 let id =
                     slate_events::accounts::create_account(&mut conn, &email, staff, operator())
                         .await?;
+                if let Some(code) = referral_code {
+                    slate_events::affiliates::refer(&mut conn, id, &code, operator()).await?;
+                }
                 let key =
                     slate_events::access::create_key(&mut conn, id, Some("first key"), operator())
                         .await?;
@@ -329,6 +380,71 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 );
             }
         },
+        Command::Affiliates { command } => {
+            let pool = pool().await?;
+            let mut conn = pool.acquire().await?;
+            match command {
+                AffiliatesCommand::Create {
+                    name,
+                    code,
+                    rate_bps,
+                } => {
+                    let id = slate_events::affiliates::create_affiliate(
+                        &mut conn,
+                        &name,
+                        &code,
+                        rate_bps,
+                        operator(),
+                    )
+                    .await?;
+                    println!("affiliate {id} ({name}, code {code}, {rate_bps} bps)");
+                }
+                AffiliatesCommand::Refer { account, code } => {
+                    let a = slate_events::affiliates::refer(&mut conn, account, &code, operator())
+                        .await?;
+                    println!("account {account} referred by affiliate {a}");
+                }
+                AffiliatesCommand::Owed => {
+                    let rows = slate_events::affiliates::owed(&mut conn).await?;
+                    println!(
+                        "{:<38} {:<20} {:<4} {:>10} {:>10} {:>10} {:>10}",
+                        "affiliate", "name", "cur", "earned", "clawback", "paid", "owed"
+                    );
+                    for o in rows {
+                        println!(
+                            "{:<38} {:<20} {:<4} {:>10} {:>10} {:>10} {:>10}",
+                            o.affiliate_id,
+                            o.name,
+                            o.currency,
+                            o.earned,
+                            o.clawed_back,
+                            o.paid,
+                            o.owed
+                        );
+                    }
+                }
+                AffiliatesCommand::RecordPayout {
+                    affiliate,
+                    amount,
+                    currency,
+                    reference,
+                } => {
+                    let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
+                    let left = slate_events::affiliates::record_payout(
+                        &mut tx,
+                        affiliate,
+                        &currency,
+                        amount,
+                        &reference,
+                        operator(),
+                    )
+                    .await?;
+                    tx.commit().await?;
+                    tracing::info!(%affiliate, amount, %currency, %reference, "affiliate payout recorded");
+                    println!("payout {reference} recorded; {left} {currency} still owed");
+                }
+            }
+        }
         Command::Stripe { command } => match command {
             StripeCommand::Replay {
                 id,

@@ -340,6 +340,66 @@ pub struct ApiKeyRevoked {
 }
 event_type!(ApiKeyRevoked, "ApiKeyRevoked", 1);
 
+/// An affiliate who refers customers for a commission.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AffiliateCreated {
+    pub affiliate_id: Uuid,
+    pub name: String,
+    pub referral_code: String,
+    /// Commission in basis points of what a referred account pays.
+    pub rate_bps: i32,
+}
+event_type!(AffiliateCreated, "AffiliateCreated", 1);
+
+/// An account came through an affiliate's referral code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccountReferred {
+    pub account_id: Uuid,
+    pub affiliate_id: Uuid,
+}
+event_type!(AccountReferred, "AccountReferred", 1);
+
+/// A referred account paid: the affiliate earned `amount` (minor units) of
+/// `basis` paid for `stripe_object`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommissionEarned {
+    pub affiliate_id: Uuid,
+    pub account_id: Uuid,
+    pub stripe_object: String,
+    pub currency: String,
+    pub basis: i64,
+    pub amount: i64,
+}
+event_type!(CommissionEarned, "CommissionEarned", 1);
+
+/// A refund or lost dispute took back part of a commission.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommissionClawedBack {
+    pub affiliate_id: Uuid,
+    pub account_id: Uuid,
+    pub stripe_object: String,
+    pub currency: String,
+    pub amount: i64,
+    pub reason: String,
+}
+event_type!(CommissionClawedBack, "CommissionClawedBack", 1);
+
+/// A payout to an affiliate, as recorded by an operator (the transfer
+/// itself happens outside Slate; `reference` names it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AffiliatePayoutRecorded {
+    pub affiliate_id: Uuid,
+    pub currency: String,
+    pub amount: i64,
+    pub reference: String,
+}
+event_type!(AffiliatePayoutRecorded, "AffiliatePayoutRecorded", 1);
+
 /// Shapes that were written once and are upcast on read.
 pub mod legacy {
     use super::*;
@@ -382,6 +442,11 @@ macro_rules! each_event {
             DomainEvent::CheckoutPaymentFailed($e) => $body,
             DomainEvent::ApiKeyCreated($e) => $body,
             DomainEvent::ApiKeyRevoked($e) => $body,
+            DomainEvent::AffiliateCreated($e) => $body,
+            DomainEvent::AccountReferred($e) => $body,
+            DomainEvent::CommissionEarned($e) => $body,
+            DomainEvent::CommissionClawedBack($e) => $body,
+            DomainEvent::AffiliatePayoutRecorded($e) => $body,
         }
     };
 }
@@ -403,6 +468,11 @@ pub enum DomainEvent {
     CheckoutPaymentFailed(CheckoutPaymentFailed),
     ApiKeyCreated(ApiKeyCreated),
     ApiKeyRevoked(ApiKeyRevoked),
+    AffiliateCreated(AffiliateCreated),
+    AccountReferred(AccountReferred),
+    CommissionEarned(CommissionEarned),
+    CommissionClawedBack(CommissionClawedBack),
+    AffiliatePayoutRecorded(AffiliatePayoutRecorded),
 }
 
 fn parse<T: DeserializeOwned>(event_type: &str, version: i16, payload: Value) -> Result<T, Error> {
@@ -439,6 +509,11 @@ impl DomainEvent {
             ("CheckoutPaymentFailed", 1) => E::CheckoutPaymentFailed(parse(event_type, v, p)?),
             ("ApiKeyCreated", 1) => E::ApiKeyCreated(parse(event_type, v, p)?),
             ("ApiKeyRevoked", 1) => E::ApiKeyRevoked(parse(event_type, v, p)?),
+            ("AffiliateCreated", 1) => E::AffiliateCreated(parse(event_type, v, p)?),
+            ("AccountReferred", 1) => E::AccountReferred(parse(event_type, v, p)?),
+            ("CommissionEarned", 1) => E::CommissionEarned(parse(event_type, v, p)?),
+            ("CommissionClawedBack", 1) => E::CommissionClawedBack(parse(event_type, v, p)?),
+            ("AffiliatePayoutRecorded", 1) => E::AffiliatePayoutRecorded(parse(event_type, v, p)?),
             _ => {
                 return Err(Error::Decode {
                     event_type: event_type.to_owned(),
@@ -480,6 +555,10 @@ impl DomainEvent {
             E::CheckoutPaymentFailed(e) => Some(e.account_id),
             E::ApiKeyCreated(e) => Some(e.account_id),
             E::ApiKeyRevoked(e) => Some(e.account_id),
+            E::AffiliateCreated(_) | E::AffiliatePayoutRecorded(_) => None,
+            E::AccountReferred(e) => Some(e.account_id),
+            E::CommissionEarned(e) => Some(e.account_id),
+            E::CommissionClawedBack(e) => Some(e.account_id),
         }
     }
 }
@@ -534,6 +613,11 @@ pub fn schema_files() -> Vec<SchemaFile> {
         schema_file::<CheckoutPaymentFailed>(true),
         schema_file::<ApiKeyCreated>(true),
         schema_file::<ApiKeyRevoked>(true),
+        schema_file::<AffiliateCreated>(true),
+        schema_file::<AccountReferred>(true),
+        schema_file::<CommissionEarned>(true),
+        schema_file::<CommissionClawedBack>(true),
+        schema_file::<AffiliatePayoutRecorded>(true),
     ];
     let mut meta =
         serde_json::to_string_pretty(&schemars::schema_for!(Metadata)).expect("schema serializes");

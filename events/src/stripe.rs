@@ -17,6 +17,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::Error;
+use crate::affiliates;
 use crate::catalog::{
     BillingStatusChanged, CheckoutPaymentFailed, DomainEvent, GrantSource, Metadata,
     StripeCustomerLinked, StripeEventReceived, StripeSource, SubscriptionStateChanged,
@@ -506,6 +507,10 @@ async fn checkout_paid(
         &cx.meta,
     )
     .await?;
+    let currency = text(s, "/currency").unwrap_or("usd");
+    if let Some(paid) = int(s, "/amount_total") {
+        affiliates::earn(conn, &cx.meta, account, &settle, currency, paid).await?;
+    }
     settle_payment(conn, cx.catalog, &settle).await?;
     Ok(Outcome::Processed(format!(
         "{} {} credits for {session}",
@@ -619,6 +624,11 @@ async fn invoice_paid(
         &cx.meta,
     )
     .await?;
+    let paid_for = payment_intent.unwrap_or(invoice);
+    if let Some(paid) = int(inv, "/amount_paid") {
+        let currency = text(inv, "/currency").unwrap_or("usd");
+        affiliates::earn(conn, &cx.meta, account, paid_for, currency, paid).await?;
+    }
     if let Some(pi) = payment_intent {
         settle_payment(conn, cx.catalog, pi).await?;
     }
@@ -765,13 +775,24 @@ async fn charge_refunded(
 ) -> Result<Outcome, ProcessError> {
     let charge =
         text(ch, "/id").ok_or_else(|| ProcessError::Permanent("charge without id".into()))?;
-    let Some((account, bucket, granted)) = bucket_of_charge(conn, ch).await? else {
-        return Ok(Outcome::Ignored(format!("{charge} paid for no credits")));
-    };
     let amount = int(ch, "/amount")
         .filter(|a| *a > 0)
         .ok_or_else(|| ProcessError::Permanent("charge without amount".into()))?;
     let refunded = int(ch, "/amount_refunded").unwrap_or(0).clamp(0, amount);
+    let paid_for = id_of(ch, "/payment_intent").unwrap_or(charge);
+    let clawed = affiliates::claw_back(
+        conn,
+        &cx.meta,
+        paid_for,
+        refunded,
+        amount,
+        &format!("refund:{charge}:{refunded}"),
+        "refund",
+    )
+    .await?;
+    let Some((account, bucket, granted)) = bucket_of_charge(conn, ch).await? else {
+        return Ok(Outcome::Ignored(format!("{charge} paid for no credits")));
+    };
     // Cumulative: the refunded share of the grant, minus what refunds of it
     // already took — so partial refunds in any order end the same.
     sqlx::query("select credit_lock_account($1)")
@@ -788,7 +809,7 @@ async fn charge_refunded(
     let target = (granted as i128 * refunded as i128 / amount as i128) as i64;
     if target <= already {
         return Ok(Outcome::Processed(format!(
-            "{charge}: refunded share already revoked"
+            "{charge}: refunded share already revoked (commission clawed back: {clawed})"
         )));
     }
     let out = credits::revoke(
@@ -802,7 +823,7 @@ async fn charge_refunded(
     )
     .await?;
     Ok(Outcome::Processed(format!(
-        "{charge}: {} revoked ({} taken, {} debt)",
+        "{charge}: {} revoked ({} taken, {} debt); commission clawed back: {clawed}",
         out.amount, out.taken, out.debt_added
     )))
 }
@@ -833,6 +854,19 @@ async fn dispute_changed(
         "id": id_of(dp, "/charge"),
         "payment_intent": id_of(dp, "/payment_intent"),
     });
+    let paid_for = id_of(dp, "/payment_intent")
+        .or_else(|| id_of(dp, "/charge"))
+        .unwrap_or(dispute);
+    match status {
+        "won" => {
+            affiliates::restore_after_dispute(conn, &cx.meta, paid_for, dispute).await?;
+        }
+        "needs_response" | "under_review" | "lost" => {
+            let key = format!("dispute:{dispute}");
+            affiliates::claw_back(conn, &cx.meta, paid_for, 1, 1, &key, "dispute").await?;
+        }
+        _ => {}
+    }
     let Some((account, bucket, _)) = bucket_of_charge(conn, &charge_ref).await? else {
         return Ok(Outcome::Ignored(format!(
             "{dispute}: the disputed charge paid for no credits"

@@ -387,9 +387,16 @@ async fn snapshot(app: &TestApp, account: Uuid) -> Value {
             .fetch_all(&mut *conn)
             .await
             .unwrap();
+    let owed: Vec<(i64, i64, i64, i64)> = slate_events::affiliates::owed(&mut conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| (o.earned, o.clawed_back, o.paid, o.owed))
+        .collect();
     serde_json::json!({
         "available": b.available, "reserved": b.reserved, "debt": b.debt,
         "buckets": buckets, "subscription": sub, "past_due": past_due, "mirror": statuses,
+        "affiliate": owed,
     })
 }
 
@@ -398,6 +405,7 @@ async fn a_customer_history_delivered_five_times_shuffled_ends_as_one_in_order_d
     // In order, once.
     let ordered = stripe_app().await;
     let a = new_account(&mut *ordered.db.conn().await).await;
+    referred_by_affiliate(&ordered, a).await;
     let run_a = run_tag();
     for name in HISTORY {
         let (status, resp) = ordered.deliver(&fixture(name, a, &run_a)).await;
@@ -411,10 +419,17 @@ async fn a_customer_history_delivered_five_times_shuffled_ends_as_one_in_order_d
     assert_eq!(expected["debt"], 0);
     assert_eq!(expected["subscription"][0], "canceled");
     assert_eq!(expected["past_due"], true);
+    // 10 %: 200 on the pack + 4 × 490 on invoices, less 100 (half the pack
+    // refunded) and 490 (the lost dispute).
+    assert_eq!(
+        expected["affiliate"],
+        serde_json::json!([[2160, 590, 0, 1570]])
+    );
 
     // Five times each, shuffled, processed in batches as they come.
     let shuffled = stripe_app().await;
     let b = new_account(&mut *shuffled.db.conn().await).await;
+    referred_by_affiliate(&shuffled, b).await;
     let run_b = run_tag();
     let seed = std::env::var("SLATE_TEST_SEED")
         .ok()
@@ -684,4 +699,84 @@ fn app_stripe_client(server: &wiremock::MockServer) -> ::stripe::Client {
         .url(format!("{}/", server.uri()))
         .build()
         .unwrap()
+}
+
+async fn referred_by_affiliate(app: &TestApp, account: Uuid) -> Uuid {
+    let mut conn = app.db.conn().await;
+    let code = format!("ref{}", &run_tag()[..6]);
+    let affiliate = slate_events::affiliates::create_affiliate(
+        &mut conn,
+        "Partner",
+        &code,
+        1000,
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    slate_events::affiliates::refer(&mut conn, account, &code, slate_events::Metadata::system())
+        .await
+        .unwrap();
+    affiliate
+}
+
+#[tokio::test]
+async fn affiliate_payouts_are_recorded_once_and_never_exceed_what_is_owed() {
+    let app = stripe_app().await;
+    let account = new_account(&mut *app.db.conn().await).await;
+    let affiliate = referred_by_affiliate(&app, account).await;
+    let run = run_tag();
+    for name in &HISTORY[..2] {
+        app.deliver(&fixture(name, account, &run)).await;
+    }
+    app.process_stripe().await;
+    let mut conn = app.db.conn().await;
+    let owed = slate_events::affiliates::owed(&mut conn).await.unwrap();
+    assert_eq!(owed[0].owed, 200);
+
+    let pay = |amount: i64, reference: &'static str| {
+        let pool = app.db.pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let r = slate_events::affiliates::record_payout(
+                &mut tx,
+                affiliate,
+                "usd",
+                amount,
+                reference,
+                slate_events::Metadata::system(),
+            )
+            .await;
+            tx.commit().await.unwrap();
+            r
+        }
+    };
+    assert_eq!(pay(150, "po_1").await.unwrap(), 50);
+    assert_eq!(
+        pay(150, "po_1").await.unwrap(),
+        50,
+        "same reference: recorded once"
+    );
+    assert!(matches!(
+        pay(60, "po_2").await,
+        Err(slate_events::Error::InvalidArgument(_))
+    ));
+    let owed = slate_events::affiliates::owed(&mut conn).await.unwrap();
+    assert_eq!((owed[0].paid, owed[0].owed), (150, 50));
+
+    // The asynchronous projection agrees with the log.
+    app.db.settle_projections().await;
+    let sum: i64 = sqlx::query_scalar(
+        "select sum(amount)::bigint from affiliate_commission_entries where affiliate_id = $1",
+    )
+    .bind(affiliate)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(sum, 50);
+    assert!(
+        projections::verify(&app.db.pool, Projection::ALL)
+            .await
+            .unwrap()
+            .is_clean()
+    );
 }

@@ -10,6 +10,7 @@
 //! into scratch tables and compares them with the live ones.
 
 pub mod access;
+pub mod affiliates;
 pub mod billing;
 pub mod inline;
 pub mod ledger;
@@ -41,8 +42,12 @@ pub enum Projection {
     Billing,
     /// Inline: API keys.
     Access,
+    /// Inline: affiliates and referrals.
+    Affiliates,
     /// Asynchronous: one row per credit movement.
     CreditLedger,
+    /// Asynchronous: one row per affiliate commission movement.
+    AffiliateCommissions,
 }
 
 impl Projection {
@@ -50,15 +55,20 @@ impl Projection {
         Projection::Credits,
         Projection::Billing,
         Projection::Access,
+        Projection::Affiliates,
         Projection::CreditLedger,
+        Projection::AffiliateCommissions,
     ];
-    pub const ASYNC: &'static [Projection] = &[Projection::CreditLedger];
+    pub const ASYNC: &'static [Projection] =
+        &[Projection::CreditLedger, Projection::AffiliateCommissions];
 
     pub fn name(self) -> &'static str {
         match self {
             Projection::Credits => "credits",
             Projection::Billing => "billing",
             Projection::Access => "access",
+            Projection::Affiliates => "affiliates",
+            Projection::AffiliateCommissions => affiliates::NAME,
             Projection::CreditLedger => ledger::NAME,
         }
     }
@@ -70,7 +80,7 @@ impl Projection {
     pub fn is_inline(self) -> bool {
         matches!(
             self,
-            Projection::Credits | Projection::Billing | Projection::Access
+            Projection::Credits | Projection::Billing | Projection::Access | Projection::Affiliates
         )
     }
 
@@ -79,6 +89,8 @@ impl Projection {
             Projection::Credits => inline::TABLES,
             Projection::Billing => billing::TABLES,
             Projection::Access => access::TABLES,
+            Projection::Affiliates => affiliates::INLINE_TABLES,
+            Projection::AffiliateCommissions => affiliates::ASYNC_TABLES,
             Projection::CreditLedger => ledger::TABLES,
         }
     }
@@ -88,6 +100,8 @@ impl Projection {
             Projection::Credits => inline::EVENT_TYPES,
             Projection::Billing => billing::EVENT_TYPES,
             Projection::Access => access::EVENT_TYPES,
+            Projection::Affiliates => affiliates::INLINE_EVENT_TYPES,
+            Projection::AffiliateCommissions => affiliates::ASYNC_EVENT_TYPES,
             Projection::CreditLedger => ledger::EVENT_TYPES,
         }
     }
@@ -104,6 +118,12 @@ impl Projection {
             Projection::Credits => inline::apply(conn, prefix, event, position, recorded_at).await,
             Projection::Billing => billing::apply(conn, prefix, event, recorded_at).await,
             Projection::Access => access::apply(conn, prefix, event, recorded_at).await,
+            Projection::Affiliates => {
+                affiliates::apply_inline(conn, prefix, event, recorded_at).await
+            }
+            Projection::AffiliateCommissions => {
+                affiliates::apply_async(conn, prefix, event, position, recorded_at).await
+            }
             Projection::CreditLedger => {
                 ledger::apply(conn, prefix, event, position, recorded_at).await
             }

@@ -1,0 +1,386 @@
+//! The affiliate programme: an account may come through an affiliate's
+//! referral code; what a referred account pays earns the affiliate a
+//! commission (integer minor units, rate in basis points), a refund or lost
+//! dispute claws it back, and payouts are recorded by operators. Every
+//! movement of an affiliate's money is on its stream `affiliate-<id>`, keyed
+//! so that replays and duplicates change nothing.
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::Error;
+use crate::catalog::{
+    AccountReferred, AffiliateCreated, AffiliatePayoutRecorded, CommissionClawedBack,
+    CommissionEarned, DomainEvent, Metadata,
+};
+use crate::store::{self, ExpectedVersion, NewEvent};
+
+fn stream(affiliate: Uuid) -> String {
+    format!("affiliate-{affiliate}")
+}
+
+pub async fn create_affiliate(
+    conn: &mut PgConnection,
+    name: &str,
+    referral_code: &str,
+    rate_bps: i32,
+    metadata: Metadata,
+) -> Result<Uuid, Error> {
+    let code = referral_code.trim();
+    if code.is_empty()
+        || code.len() > 64
+        || !code
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(Error::InvalidArgument(
+            "a referral code is 1-64 letters, digits, - or _".into(),
+        ));
+    }
+    if !(0..=10_000).contains(&rate_bps) {
+        return Err(Error::InvalidArgument(
+            "rate is 0 to 10000 basis points".into(),
+        ));
+    }
+    let taken: bool =
+        sqlx::query_scalar("select exists(select 1 from affiliates where referral_code = $1)")
+            .bind(code)
+            .fetch_one(&mut *conn)
+            .await?;
+    if taken {
+        return Err(Error::KeyReused);
+    }
+    let affiliate_id = Uuid::now_v7();
+    let event = NewEvent::new(
+        DomainEvent::AffiliateCreated(AffiliateCreated {
+            affiliate_id,
+            name: name.to_owned(),
+            referral_code: code.to_owned(),
+            rate_bps,
+        }),
+        metadata,
+    );
+    store::append_and_apply(
+        conn,
+        &stream(affiliate_id),
+        ExpectedVersion::NoStream,
+        &event,
+    )
+    .await?;
+    Ok(affiliate_id)
+}
+
+/// Attribute an account to the affiliate owning `referral_code` (the first
+/// attribution stands).
+pub async fn refer(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+    referral_code: &str,
+    metadata: Metadata,
+) -> Result<Uuid, Error> {
+    let affiliate: Option<Uuid> =
+        sqlx::query_scalar("select affiliate_id from affiliates where referral_code = $1")
+            .bind(referral_code.trim())
+            .fetch_optional(&mut *conn)
+            .await?;
+    let affiliate =
+        affiliate.ok_or_else(|| Error::InvalidArgument("unknown referral code".into()))?;
+    let event = NewEvent {
+        event_id: store::deterministic_event_id(&format!("referred:{account_id}")),
+        event: DomainEvent::AccountReferred(AccountReferred {
+            account_id,
+            affiliate_id: affiliate,
+        }),
+        metadata,
+    };
+    store::append_and_apply(
+        conn,
+        &format!("referral-{account_id}"),
+        ExpectedVersion::Any,
+        &event,
+    )
+    .await?;
+    Ok(affiliate)
+}
+
+async fn referrer(conn: &mut PgConnection, account_id: Uuid) -> Result<Option<(Uuid, i32)>, Error> {
+    Ok(sqlx::query_as(
+        "select a.affiliate_id, a.rate_bps from account_referrals r join affiliates a using (affiliate_id)
+          where r.account_id = $1",
+    )
+    .bind(account_id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+async fn append(
+    conn: &mut PgConnection,
+    affiliate: Uuid,
+    key: &str,
+    event: DomainEvent,
+    metadata: &Metadata,
+) -> Result<(), Error> {
+    let event = NewEvent {
+        event_id: store::deterministic_event_id(key),
+        event,
+        metadata: metadata.clone(),
+    };
+    store::append(
+        conn,
+        &stream(affiliate),
+        ExpectedVersion::Any,
+        std::slice::from_ref(&event),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A referred account paid `basis` for `stripe_object`: the affiliate earns
+/// its commission, once per object.
+pub async fn earn(
+    conn: &mut PgConnection,
+    metadata: &Metadata,
+    account_id: Uuid,
+    stripe_object: &str,
+    currency: &str,
+    basis: i64,
+) -> Result<i64, Error> {
+    let Some((affiliate, rate)) = referrer(conn, account_id).await? else {
+        return Ok(0);
+    };
+    let amount = basis.max(0) * i64::from(rate) / 10_000;
+    if amount == 0 {
+        return Ok(0);
+    }
+    append(
+        conn,
+        affiliate,
+        &format!("commission:{stripe_object}"),
+        DomainEvent::CommissionEarned(CommissionEarned {
+            affiliate_id: affiliate,
+            account_id,
+            stripe_object: stripe_object.to_owned(),
+            currency: currency.to_owned(),
+            basis,
+            amount,
+        }),
+        metadata,
+    )
+    .await?;
+    Ok(amount)
+}
+
+/// The commission earned on an object and what was already clawed back.
+async fn commission_of(
+    conn: &mut PgConnection,
+    stripe_object: &str,
+) -> Result<Option<(CommissionEarned, i64)>, Error> {
+    let rows: Vec<(String, Value)> = sqlx::query_as(
+        "select event_type, payload from events
+          where event_type in ('CommissionEarned', 'CommissionClawedBack')
+            and payload->>'stripe_object' = $1
+          order by global_position",
+    )
+    .bind(stripe_object)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut earned: Option<CommissionEarned> = None;
+    let mut clawed = 0;
+    for (t, payload) in rows {
+        match DomainEvent::decode(&t, 1, payload)? {
+            DomainEvent::CommissionEarned(e) => {
+                if let Some(first) = &mut earned {
+                    first.amount += e.amount;
+                } else {
+                    earned = Some(e);
+                }
+            }
+            DomainEvent::CommissionClawedBack(c) => clawed += c.amount,
+            _ => {}
+        }
+    }
+    Ok(earned.map(|e| (e, clawed)))
+}
+
+/// Claw back so that the total clawed back on `stripe_object` reaches
+/// `share_num / share_den` of what was earned on it (cumulative, so refunds
+/// in any order end the same). `key` makes each step idempotent.
+pub async fn claw_back(
+    conn: &mut PgConnection,
+    metadata: &Metadata,
+    stripe_object: &str,
+    share_num: i64,
+    share_den: i64,
+    key: &str,
+    reason: &str,
+) -> Result<i64, Error> {
+    let Some((earned, clawed)) = commission_of(conn, stripe_object).await? else {
+        return Ok(0);
+    };
+    if share_den <= 0 {
+        return Ok(0);
+    }
+    let target =
+        (earned.amount as i128 * share_num.clamp(0, share_den) as i128 / share_den as i128) as i64;
+    let delta = target - clawed;
+    if delta <= 0 {
+        return Ok(0);
+    }
+    append(
+        conn,
+        earned.affiliate_id,
+        &format!("clawback:{key}"),
+        DomainEvent::CommissionClawedBack(CommissionClawedBack {
+            affiliate_id: earned.affiliate_id,
+            account_id: earned.account_id,
+            stripe_object: stripe_object.to_owned(),
+            currency: earned.currency.clone(),
+            amount: delta,
+            reason: reason.to_owned(),
+        }),
+        metadata,
+    )
+    .await?;
+    Ok(delta)
+}
+
+/// A won dispute gives back what its loss had clawed back.
+pub async fn restore_after_dispute(
+    conn: &mut PgConnection,
+    metadata: &Metadata,
+    stripe_object: &str,
+    dispute: &str,
+) -> Result<i64, Error> {
+    let clawed: Option<(Value,)> = sqlx::query_as("select payload from events where event_id = $1")
+        .bind(store::deterministic_event_id(&format!(
+            "clawback:dispute:{dispute}"
+        )))
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some((payload,)) = clawed else {
+        return Ok(0);
+    };
+    let DomainEvent::CommissionClawedBack(c) =
+        DomainEvent::decode("CommissionClawedBack", 1, payload)?
+    else {
+        return Ok(0);
+    };
+    append(
+        conn,
+        c.affiliate_id,
+        &format!("commission:{stripe_object}:dispute-won:{dispute}"),
+        DomainEvent::CommissionEarned(CommissionEarned {
+            affiliate_id: c.affiliate_id,
+            account_id: c.account_id,
+            stripe_object: stripe_object.to_owned(),
+            currency: c.currency,
+            basis: 0,
+            amount: c.amount,
+        }),
+        metadata,
+    )
+    .await?;
+    Ok(c.amount)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Owed {
+    pub affiliate_id: Uuid,
+    pub name: String,
+    pub referral_code: String,
+    pub currency: String,
+    pub earned: i64,
+    pub clawed_back: i64,
+    pub paid: i64,
+    pub owed: i64,
+}
+
+/// What is owed per affiliate and currency, exact (from the log).
+pub async fn owed(conn: &mut PgConnection) -> Result<Vec<Owed>, Error> {
+    let rows: Vec<(Uuid, String, String, String, i64, i64, i64)> = sqlx::query_as(
+        "select a.affiliate_id, a.name, a.referral_code, e.payload->>'currency',
+                coalesce(sum((e.payload->>'amount')::bigint) filter (where e.event_type = 'CommissionEarned'), 0)::bigint,
+                coalesce(sum((e.payload->>'amount')::bigint) filter (where e.event_type = 'CommissionClawedBack'), 0)::bigint,
+                coalesce(sum((e.payload->>'amount')::bigint) filter (where e.event_type = 'AffiliatePayoutRecorded'), 0)::bigint
+           from affiliates a
+           join events e on e.stream_id = 'affiliate-' || a.affiliate_id
+          where e.event_type in ('CommissionEarned', 'CommissionClawedBack', 'AffiliatePayoutRecorded')
+          group by 1, 2, 3, 4
+          order by 2, 4",
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(affiliate_id, name, referral_code, currency, earned, clawed_back, paid)| Owed {
+                affiliate_id,
+                name,
+                referral_code,
+                currency,
+                earned,
+                clawed_back,
+                paid,
+                owed: earned - clawed_back - paid,
+            },
+        )
+        .collect())
+}
+
+/// Record a payout made outside Slate. The same `reference` twice records
+/// it once; more than is owed is refused.
+pub async fn record_payout(
+    conn: &mut PgConnection,
+    affiliate_id: Uuid,
+    currency: &str,
+    amount: i64,
+    reference: &str,
+    metadata: Metadata,
+) -> Result<i64, Error> {
+    if amount <= 0 || reference.trim().is_empty() {
+        return Err(Error::InvalidArgument(
+            "a payout needs a positive amount and a reference".into(),
+        ));
+    }
+    // Serialize payouts of one affiliate.
+    sqlx::query("select pg_advisory_xact_lock(hashtext('affiliate-payout:' || $1::text))")
+        .bind(affiliate_id)
+        .execute(&mut *conn)
+        .await?;
+    let key = format!("payout:{affiliate_id}:{reference}");
+    let exists: bool =
+        sqlx::query_scalar("select exists(select 1 from events where event_id = $1)")
+            .bind(store::deterministic_event_id(&key))
+            .fetch_one(&mut *conn)
+            .await?;
+    let owed_now = owed(conn)
+        .await?
+        .into_iter()
+        .find(|o| o.affiliate_id == affiliate_id && o.currency == currency)
+        .map(|o| o.owed)
+        .unwrap_or(0);
+    if exists {
+        return Ok(owed_now);
+    }
+    if amount > owed_now {
+        return Err(Error::InvalidArgument(format!(
+            "only {owed_now} {currency} is owed"
+        )));
+    }
+    append(
+        conn,
+        affiliate_id,
+        &key,
+        DomainEvent::AffiliatePayoutRecorded(AffiliatePayoutRecorded {
+            affiliate_id,
+            currency: currency.to_owned(),
+            amount,
+            reference: reference.to_owned(),
+        }),
+        &metadata,
+    )
+    .await?;
+    Ok(owed_now - amount)
+}
