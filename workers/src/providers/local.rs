@@ -11,8 +11,8 @@
 //! Parameters that steer it (others are ignored, so the same parameters as
 //! for a real provider work): `delay_ms` (sleep first, ≤ 60 000),
 //! `fail` (`"transient"`, `"permanent"` → `content_policy`, `"timeout"`),
-//! `pending_polls` (answer `Pending`, then `Running` that many polls, then
-//! `Done`; kept in memory, so a restarted process finds the handle
+//! `pending_polls` (answer `Pending`, then `Running` for that many polls,
+//! then `Done`; kept in memory, so a restarted process finds the handle
 //! unknown, `not_found`), `duration` (video seconds, 1–12).
 
 use std::collections::HashMap;
@@ -99,7 +99,7 @@ impl LocalProvider {
         self.jobs().insert(
             handle.clone(),
             PendingJob {
-                polls_left: polls - 1,
+                polls_left: polls,
                 output,
             },
         );

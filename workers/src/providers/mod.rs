@@ -588,7 +588,7 @@ impl Http {
         let detail = serde_json::from_slice::<Value>(&body)
             .map(|v| read(&v))
             .unwrap_or_default();
-        let err = detail.apply(classify(status));
+        let err = detail.apply(status, classify(status));
         tracing::warn!(
             provider = self.provider,
             op,
@@ -715,9 +715,20 @@ pub(crate) struct ErrorDetail {
 }
 
 impl ErrorDetail {
-    /// Refine a permanent classification; transient stays transient (a
-    /// content refusal never comes with a 5xx).
-    fn apply(&self, err: ProviderError) -> ProviderError {
+    /// Refine a permanent classification. Transient stays transient (a
+    /// content refusal never comes with a 5xx), except a 429 that says our
+    /// account is out of quota (OpenAI's `insufficient_quota`): waiting
+    /// does not fix that.
+    fn apply(&self, status: StatusCode, err: ProviderError) -> ProviderError {
+        let err = match err {
+            ProviderError::Transient(message)
+                if status == StatusCode::TOO_MANY_REQUESTS
+                    && self.refined == Some(codes::QUOTA_EXCEEDED) =>
+            {
+                ProviderError::permanent(codes::QUOTA_EXCEEDED, message)
+            }
+            other => other,
+        };
         match err {
             ProviderError::Permanent { code, message } => {
                 let code = self.refined.unwrap_or(code);
