@@ -1496,6 +1496,12 @@ async fn local_fails_and_waits_on_demand() {
         .unwrap_err();
     assert_eq!(err, ProviderError::Timeout);
 
+    let err = p
+        .start(&request(Kind::Script, "x", json!({"fail": true})))
+        .await
+        .unwrap_err();
+    assert_eq!(permanent_code(&err), codes::INVALID_PARAMETERS);
+
     let started = Instant::now();
     local_done(p, &request(Kind::Script, "x", json!({"delay_ms": 150}))).await;
     assert!(started.elapsed() >= Duration::from_millis(150));

@@ -8,10 +8,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::seedance::{bearer, read_error};
+use super::seedance::read_error;
 use super::{
-    ApiKey, EndpointSettings, Http, Output, ProviderError, ProviderRequest, SettingsError, codes,
-    parameters, required_prompt,
+    ApiKey, EndpointSettings, Http, KeyStyle, Output, ProviderError, ProviderRequest,
+    SettingsError, codes, parameters, required_prompt,
 };
 
 pub const NAME: &str = "ark";
@@ -58,7 +58,7 @@ impl ArkChatClient {
         settings: &EndpointSettings,
     ) -> Result<Self, SettingsError> {
         Ok(Self {
-            http: Http::new(NAME, client, settings, true)?,
+            http: Http::new(NAME, client, settings, KeyStyle::BEARER)?,
         })
     }
 
@@ -92,7 +92,7 @@ impl ArkChatClient {
             .http
             .client
             .post(self.http.url("api/v3/chat/completions"))
-            .headers(bearer(&self.http))
+            .headers(self.http.auth())
             .json(&Value::Object(body));
         let response = self.http.send("chat", request).await?;
         if !response.status().is_success() {

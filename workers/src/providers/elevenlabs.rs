@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::{
-    ApiKey, EndpointSettings, ErrorDetail, Http, Output, ProviderError, ProviderRequest,
+    ApiKey, EndpointSettings, ErrorDetail, Http, KeyStyle, Output, ProviderError, ProviderRequest,
     SettingsError, parameters, read_capped, refine_code, required_prompt, str_field, truncate,
 };
 
@@ -52,7 +52,16 @@ impl ElevenLabsClient {
         settings: &EndpointSettings,
     ) -> Result<Self, SettingsError> {
         Ok(Self {
-            http: Http::new(NAME, client, settings, true)?,
+            http: Http::new(
+                NAME,
+                client,
+                settings,
+                KeyStyle {
+                    header: "xi-api-key",
+                    prefix: "",
+                    required: true,
+                },
+            )?,
         })
     }
 
@@ -91,10 +100,12 @@ impl ElevenLabsClient {
         let mut url = self.http.url(&format!("v1/text-to-speech/{voice_id}"));
         url.query_pairs_mut()
             .append_pair("output_format", output_format);
-        let mut request = self.http.client.post(url).json(&body);
-        if let Some(key) = self.http.key_header("") {
-            request = request.header("xi-api-key", key);
-        }
+        let request = self
+            .http
+            .client
+            .post(url)
+            .headers(self.http.auth())
+            .json(&body);
         let response = self.http.send("text_to_speech", request).await?;
         if !response.status().is_success() {
             return Err(self

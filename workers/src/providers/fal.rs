@@ -17,8 +17,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    ApiKey, EndpointSettings, ErrorDetail, Http, Output, Polled, ProviderError, ProviderRequest,
-    SettingsError, Started, codes, is_token, refine_code, required_prompt, str_field, truncate,
+    ApiKey, EndpointSettings, ErrorDetail, Http, KeyStyle, Output, Polled, ProviderError,
+    ProviderRequest, SettingsError, Started, codes, is_token, refine_code, required_prompt,
+    str_field, truncate,
 };
 
 pub const NAME: &str = "fal";
@@ -59,7 +60,16 @@ impl FalClient {
         settings: &EndpointSettings,
     ) -> Result<Self, SettingsError> {
         Ok(Self {
-            http: Http::new(NAME, client, settings, true)?,
+            http: Http::new(
+                NAME,
+                client,
+                settings,
+                KeyStyle {
+                    header: "authorization",
+                    prefix: "Key ",
+                    required: true,
+                },
+            )?,
         })
     }
 
@@ -91,7 +101,7 @@ impl FalClient {
             .http
             .client
             .post(self.http.url(&model))
-            .headers(self.auth())
+            .headers(self.http.auth())
             .json(&input);
         let response = self.http.send("submit", request).await?;
         if !response.status().is_success() {
@@ -122,7 +132,7 @@ impl FalClient {
             .http
             .client
             .get(self.http.url(&format!("{path}/status")))
-            .headers(self.auth());
+            .headers(self.http.auth());
         let response = self.http.send("status", request).await?;
         if !response.status().is_success() {
             return Err(self.http.failure("status", response, read_error).await);
@@ -152,7 +162,7 @@ impl FalClient {
             .http
             .client
             .get(self.http.url(path))
-            .headers(self.auth());
+            .headers(self.http.auth());
         let response = self.http.send("result", request).await?;
         if !response.status().is_success() {
             return Err(self.http.failure("result", response, read_error).await);
@@ -182,21 +192,13 @@ impl FalClient {
             .http
             .client
             .put(self.http.url(&format!("{path}/cancel")))
-            .headers(self.auth());
+            .headers(self.http.auth());
         let response = self.http.send("cancel", request).await?;
         let status = response.status();
         if status.is_success() || matches!(status.as_u16(), 400 | 404 | 409 | 410) {
             return Ok(());
         }
         Err(self.http.failure("cancel", response, read_error).await)
-    }
-
-    fn auth(&self) -> reqwest::header::HeaderMap {
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(v) = self.http.key_header("Key ") {
-            headers.insert(reqwest::header::AUTHORIZATION, v);
-        }
-        headers
     }
 }
 

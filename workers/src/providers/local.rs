@@ -63,20 +63,20 @@ impl LocalProvider {
             })?;
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
-        match params.get("fail").and_then(Value::as_str) {
+        match params.get("fail").map(|v| v.as_str().ok_or(v)) {
             None => {}
-            Some("transient") => {
+            Some(Ok("transient")) => {
                 return Err(ProviderError::Transient(
                     "local: transient failure on demand".into(),
                 ));
             }
-            Some("permanent") => {
+            Some(Ok("permanent")) => {
                 return Err(ProviderError::permanent(
                     codes::CONTENT_POLICY,
                     "local: refusal on demand",
                 ));
             }
-            Some("timeout") => return Err(ProviderError::Timeout),
+            Some(Ok("timeout")) => return Err(ProviderError::Timeout),
             Some(_) => {
                 return Err(ProviderError::invalid(
                     "fail must be transient, permanent or timeout",

@@ -317,6 +317,8 @@ pub enum SettingsError {
     BaseUrl { provider: &'static str },
     #[error("{provider}: an API key is required")]
     MissingKey { provider: &'static str },
+    #[error("{provider}: the API key has characters a header cannot carry")]
+    BadKey { provider: &'static str },
     #[error("{provider}: the timeout must be more than zero")]
     Timeout { provider: &'static str },
     #[error("building the HTTP client: {0}")]
@@ -463,8 +465,25 @@ pub(crate) struct Http {
     pub(crate) provider: &'static str,
     pub(crate) client: reqwest::Client,
     pub(crate) base: Url,
-    pub(crate) key: Option<ApiKey>,
+    /// The key's header, ready to send (marked sensitive), if there is a key.
+    auth: reqwest::header::HeaderMap,
     pub(crate) timeout: Duration,
+}
+
+/// How a provider wants its key.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeyStyle {
+    pub(crate) header: &'static str,
+    pub(crate) prefix: &'static str,
+    pub(crate) required: bool,
+}
+
+impl KeyStyle {
+    pub(crate) const BEARER: KeyStyle = KeyStyle {
+        header: "authorization",
+        prefix: "Bearer ",
+        required: true,
+    };
 }
 
 impl fmt::Debug for Http {
@@ -472,7 +491,7 @@ impl fmt::Debug for Http {
         f.debug_struct("Http")
             .field("provider", &self.provider)
             .field("base", &self.base.as_str())
-            .field("key", &self.key)
+            .field("key", &(!self.auth.is_empty()).then_some("…"))
             .field("timeout", &self.timeout)
             .finish()
     }
@@ -488,7 +507,7 @@ impl Http {
         provider: &'static str,
         client: reqwest::Client,
         settings: &EndpointSettings,
-        key_required: bool,
+        key: KeyStyle,
     ) -> Result<Self, SettingsError> {
         let mut base = Url::parse(settings.base_url.trim())
             .ok()
@@ -498,12 +517,25 @@ impl Http {
         let path = format!("{}/", base.path().trim_end_matches('/'));
         base.set_path(&path);
         base.set_query(None);
-        let key = settings
+        let mut auth = reqwest::header::HeaderMap::new();
+        match settings
             .api_key
-            .clone()
-            .filter(|k| !k.expose().trim().is_empty());
-        if key_required && key.is_none() {
-            return Err(SettingsError::MissingKey { provider });
+            .as_ref()
+            .filter(|k| !k.expose().trim().is_empty())
+        {
+            Some(k) => {
+                let mut value = reqwest::header::HeaderValue::from_str(&format!(
+                    "{}{}",
+                    key.prefix,
+                    k.expose().trim()
+                ))
+                .map_err(|_| SettingsError::BadKey { provider })?;
+                // Sensitive: never shown in the request's Debug output.
+                value.set_sensitive(true);
+                auth.insert(key.header, value);
+            }
+            None if key.required => return Err(SettingsError::MissingKey { provider }),
+            None => {}
         }
         if settings.timeout.is_zero() {
             return Err(SettingsError::Timeout { provider });
@@ -512,7 +544,7 @@ impl Http {
             provider,
             client,
             base,
-            key,
+            auth,
             timeout: settings.timeout,
         })
     }
@@ -525,14 +557,9 @@ impl Http {
         url
     }
 
-    /// A header value for the key, marked sensitive so it never shows in
-    /// `Debug` output of the request.
-    pub(crate) fn key_header(&self, prefix: &str) -> Option<reqwest::header::HeaderValue> {
-        let key = self.key.as_ref()?;
-        let mut value =
-            reqwest::header::HeaderValue::from_str(&format!("{prefix}{}", key.expose())).ok()?;
-        value.set_sensitive(true);
-        Some(value)
+    /// The key header (none when there is no key).
+    pub(crate) fn auth(&self) -> reqwest::header::HeaderMap {
+        self.auth.clone()
     }
 
     /// Send with the per-call timeout; log provider, operation, status,
@@ -771,7 +798,7 @@ pub(crate) fn refine_code(code: &str) -> Option<&'static str> {
     let c = code.to_ascii_lowercase();
     if is_content_policy_code(&c) {
         Some(codes::CONTENT_POLICY)
-    } else if c.contains("quota") || c.contains("insufficient") || c.contains("overdue") {
+    } else if c.contains("quota") || c.contains("overdue") || c.contains("insufficient_balance") {
         Some(codes::QUOTA_EXCEEDED)
     } else if c.contains("api_key") || c.contains("authentication") || c.contains("unauthorized") {
         Some(codes::UNAUTHORIZED)
@@ -999,6 +1026,11 @@ mod tests {
         assert!(!format!("{out:?}").contains("someone"));
     }
 
+    const OPTIONAL: KeyStyle = KeyStyle {
+        required: false,
+        ..KeyStyle::BEARER
+    };
+
     #[test]
     fn base_url_joins_paths() {
         let client = reqwest::Client::new();
@@ -1009,16 +1041,16 @@ mod tests {
             "http://h:1/prefix/",
         ] {
             let s = EndpointSettings::new(base, None, Duration::from_secs(1));
-            let http = Http::new("t", client.clone(), &s, false).unwrap();
+            let http = Http::new("t", client.clone(), &s, OPTIONAL).unwrap();
             let url = http.url("/v1/x");
             assert!(url.as_str().ends_with("/v1/x"), "{url}");
             assert!(!url.as_str().contains("//v1"), "{url}");
         }
         let bad = EndpointSettings::new("ftp://h", None, Duration::from_secs(1));
-        assert!(Http::new("t", client.clone(), &bad, false).is_err());
+        assert!(Http::new("t", client.clone(), &bad, OPTIONAL).is_err());
         let keyless = EndpointSettings::new("http://h", None, Duration::from_secs(1));
         assert!(matches!(
-            Http::new("t", client, &keyless, true),
+            Http::new("t", client, &keyless, KeyStyle::BEARER),
             Err(SettingsError::MissingKey { .. })
         ));
     }

@@ -15,9 +15,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    ApiKey, EndpointSettings, ErrorDetail, Http, Output, Polled, ProviderError, ProviderRequest,
-    SettingsError, Started, codes, is_token, parameters, refine_code, required_prompt, str_field,
-    truncate,
+    ApiKey, EndpointSettings, ErrorDetail, Http, KeyStyle, Output, Polled, ProviderError,
+    ProviderRequest, SettingsError, Started, codes, is_token, parameters, refine_code,
+    required_prompt, str_field, truncate,
 };
 
 pub const NAME: &str = "seedance";
@@ -88,7 +88,7 @@ impl SeedanceClient {
         settings: &EndpointSettings,
     ) -> Result<Self, SettingsError> {
         Ok(Self {
-            http: Http::new(NAME, client, settings, true)?,
+            http: Http::new(NAME, client, settings, KeyStyle::BEARER)?,
         })
     }
 
@@ -134,7 +134,7 @@ impl SeedanceClient {
             .http
             .client
             .post(self.http.url(TASKS))
-            .headers(self.auth())
+            .headers(self.http.auth())
             .json(&body);
         let response = self.http.send("create_task", request).await?;
         if !response.status().is_success() {
@@ -159,7 +159,7 @@ impl SeedanceClient {
             .http
             .client
             .get(self.http.url(&format!("{TASKS}/{handle}")))
-            .headers(self.auth());
+            .headers(self.http.auth());
         let response = self.http.send("get_task", request).await?;
         if !response.status().is_success() {
             return Err(self.http.failure("get_task", response, read_error).await);
@@ -222,7 +222,7 @@ impl SeedanceClient {
             .http
             .client
             .delete(self.http.url(&format!("{TASKS}/{handle}")))
-            .headers(self.auth());
+            .headers(self.http.auth());
         let response = self.http.send("cancel_task", request).await?;
         let status = response.status();
         if status.is_success() || matches!(status.as_u16(), 400 | 404 | 409) {
@@ -230,18 +230,6 @@ impl SeedanceClient {
         }
         Err(self.http.failure("cancel_task", response, read_error).await)
     }
-
-    fn auth(&self) -> reqwest::header::HeaderMap {
-        bearer(&self.http)
-    }
-}
-
-pub(crate) fn bearer(http: &Http) -> reqwest::header::HeaderMap {
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(v) = http.key_header("Bearer ") {
-        headers.insert(reqwest::header::AUTHORIZATION, v);
-    }
-    headers
 }
 
 fn is_task_id(id: &str) -> bool {

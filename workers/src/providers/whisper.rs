@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    ApiKey, EndpointSettings, ErrorDetail, Http, Output, ProviderError, ProviderRequest,
+    ApiKey, EndpointSettings, ErrorDetail, Http, KeyStyle, Output, ProviderError, ProviderRequest,
     SettingsError, codes, parameters, read_capped, refine_code, str_field, truncate,
 };
 use crate::media;
@@ -52,7 +52,15 @@ impl WhisperClient {
         settings: &EndpointSettings,
     ) -> Result<Self, SettingsError> {
         Ok(Self {
-            http: Http::new(NAME, client, settings, false)?,
+            http: Http::new(
+                NAME,
+                client,
+                settings,
+                KeyStyle {
+                    required: false,
+                    ..KeyStyle::BEARER
+                },
+            )?,
         })
     }
 
@@ -98,14 +106,12 @@ impl WhisperClient {
             form = form.text("temperature", t.to_string());
         }
 
-        let mut request = self
+        let request = self
             .http
             .client
             .post(self.http.url("v1/audio/transcriptions"))
+            .headers(self.http.auth())
             .multipart(form);
-        if let Some(v) = self.http.key_header("Bearer ") {
-            request = request.header(reqwest::header::AUTHORIZATION, v);
-        }
         let response = self.http.send("transcribe", request).await?;
         if !response.status().is_success() {
             return Err(self.http.failure("transcribe", response, read_error).await);
