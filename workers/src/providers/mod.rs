@@ -639,25 +639,21 @@ impl Http {
                 format!(
                     "{}: unexpected answer ({})",
                     self.provider,
-                    e.classify_name()
+                    json_problem(&e)
                 ),
             )
         })
     }
 }
 
-trait ClassifyName {
-    fn classify_name(&self) -> &'static str;
-}
-
-impl ClassifyName for serde_json::Error {
-    fn classify_name(&self) -> &'static str {
-        match self.classify() {
-            serde_json::error::Category::Io => "io",
-            serde_json::error::Category::Syntax => "not JSON",
-            serde_json::error::Category::Data => "missing or mistyped fields",
-            serde_json::error::Category::Eof => "truncated JSON",
-        }
+/// What kind of JSON problem, without serde's message (which can quote
+/// values from the body).
+fn json_problem(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "io",
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Data => "missing or mistyped fields",
+        serde_json::error::Category::Eof => "truncated JSON",
     }
 }
 
