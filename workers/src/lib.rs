@@ -4,6 +4,8 @@
 
 pub mod diagnostics;
 pub mod jobs;
+pub mod media;
+pub mod providers;
 pub mod runtime;
 pub mod storage;
 pub mod stripe;
