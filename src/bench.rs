@@ -8,7 +8,6 @@
 //! 3. verified Stripe webhook ingest over HTTP at N concurrent senders:
 //!    req/s, p50, p99.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -232,12 +231,7 @@ async fn webhooks(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow
     let mut config = config.clone();
     config.stripe_webhook_secrets = vec![Secret::new(WEBHOOK_SECRET)];
     config.livemode = false;
-    let state = crate::http::AppState {
-        pool: pool.clone(),
-        redis: redis::Client::open(config.redis_url.expose())?,
-        stripe: None,
-        config: Arc::new(config),
-    };
+    let state = crate::http::AppState::new(config, pool.clone())?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/webhooks/stripe", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

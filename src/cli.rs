@@ -279,7 +279,13 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 std::process::id(),
                 &Uuid::new_v4().simple().to_string()[..8]
             );
-            let mut settings = slate_workers::WorkerSettings::new(name);
+            let mut settings = slate_workers::WorkerSettings::new(name, config.storage());
+            settings.providers = std::sync::Arc::new(
+                slate_workers::providers::Providers::new(&config.providers)
+                    .context("provider settings")?,
+            );
+            settings.generation_attempts = config.generation_attempts;
+            settings.poll_interval = config.provider_poll;
             settings.stripe_catalog = config.stripe_catalog.clone();
             settings.heartbeat = config.worker_heartbeat;
             settings.missed_heartbeats = config.worker_missed_heartbeats;

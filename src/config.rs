@@ -6,7 +6,11 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use anyhow::Context;
+use slate_events::moderation::DenyList;
 use slate_events::stripe::StripeCatalog;
+use slate_workers::providers::{
+    ApiKey, EndpointSettings, ProviderSettings, ark_chat, elevenlabs, fal, seedance, whisper,
+};
 use slate_workers::storage::StorageSettings;
 
 /// A secret whose `Debug` and `Display` print nothing.
@@ -63,6 +67,17 @@ pub struct Config {
     /// Test-only fault injection: `slate work` holds each Stripe event's
     /// transaction open this long before committing.
     pub fault_stripe_hold: Option<std::time::Duration>,
+    /// Submissions per minute per account and per client IP.
+    pub rate_limit_account: u32,
+    pub rate_limit_ip: u32,
+    /// The prompt deny-list (file at SLATE_DENYLIST_PATH, or the built-in one).
+    pub denylist: DenyList,
+    pub generation_attempts: usize,
+    /// How long a generation's credits stay reserved before the sweeper
+    /// releases them (its job must have finished by then).
+    pub generation_hold: std::time::Duration,
+    pub provider_poll: std::time::Duration,
+    pub providers: ProviderSettings,
 }
 
 /// The documented defaults (README, `scripts/services`).
@@ -86,8 +101,49 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("SLATE_WORKER_HEARTBEAT_SECS", "5"),
     ("SLATE_WORKER_MISSED_HEARTBEATS", "3"),
     ("SLATE_FAULT_STRIPE_HOLD_MS", ""),
+    ("SLATE_RATE_LIMIT_ACCOUNT_PER_MIN", "120"),
+    ("SLATE_RATE_LIMIT_IP_PER_MIN", "600"),
+    ("SLATE_DENYLIST_PATH", ""),
+    ("SLATE_GENERATION_ATTEMPTS", "5"),
+    ("SLATE_GENERATION_HOLD_SECS", "7200"),
+    ("SLATE_PROVIDER_POLL_MS", "2000"),
+    ("SLATE_LOCAL_PROVIDER", "true"),
+    ("FAL_KEY", ""),
+    ("FAL_BASE_URL", ""),
+    ("ELEVENLABS_API_KEY", ""),
+    ("ELEVENLABS_BASE_URL", ""),
+    ("ARK_API_KEY", ""),
+    ("ARK_BASE_URL", ""),
+    ("WHISPER_BASE_URL", ""),
+    ("WHISPER_API_KEY", ""),
     ("SLATE_LOG_FORMAT", "auto"),
 ];
+
+/// The deny-list used when SLATE_DENYLIST_PATH is not set.
+pub const BUILTIN_DENYLIST: &str = include_str!("../config/denylist.txt");
+
+fn positive(value: &str, name: &str) -> anyhow::Result<u32> {
+    value
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|v| *v > 0)
+        .with_context(|| format!("{name} must be a positive integer"))
+}
+
+/// A provider is enabled by its key; the base URL is overridable (tests
+/// point it at a local fake).
+fn endpoint(
+    non_empty: &impl Fn(&str) -> Option<String>,
+    key: &str,
+    base: &str,
+    default_base: &str,
+    timeout: std::time::Duration,
+) -> Option<EndpointSettings> {
+    let key = non_empty(key)?;
+    let base = non_empty(base).unwrap_or_else(|| default_base.to_owned());
+    Some(EndpointSettings::new(base, Some(ApiKey::new(key)), timeout))
+}
 
 impl Config {
     pub fn from_env() -> anyhow::Result<Self> {
@@ -165,6 +221,77 @@ impl Config {
                 .ok()
                 .filter(|n| *n > 0)
                 .context("SLATE_WORKER_MISSED_HEARTBEATS must be a positive number")?,
+            rate_limit_account: positive(
+                &get("SLATE_RATE_LIMIT_ACCOUNT_PER_MIN"),
+                "SLATE_RATE_LIMIT_ACCOUNT_PER_MIN",
+            )?,
+            rate_limit_ip: positive(
+                &get("SLATE_RATE_LIMIT_IP_PER_MIN"),
+                "SLATE_RATE_LIMIT_IP_PER_MIN",
+            )?,
+            denylist: match non_empty("SLATE_DENYLIST_PATH") {
+                Some(path) => DenyList::parse(
+                    &std::fs::read_to_string(&path)
+                        .with_context(|| format!("SLATE_DENYLIST_PATH {path}"))?,
+                )
+                .map_err(|e| anyhow::anyhow!("SLATE_DENYLIST_PATH: {e}"))?,
+                None => DenyList::parse(BUILTIN_DENYLIST).expect("the built-in deny-list parses"),
+            },
+            generation_attempts: positive(
+                &get("SLATE_GENERATION_ATTEMPTS"),
+                "SLATE_GENERATION_ATTEMPTS",
+            )? as usize,
+            generation_hold: std::time::Duration::from_secs(
+                positive(
+                    &get("SLATE_GENERATION_HOLD_SECS"),
+                    "SLATE_GENERATION_HOLD_SECS",
+                )?
+                .into(),
+            ),
+            provider_poll: std::time::Duration::from_millis(
+                positive(&get("SLATE_PROVIDER_POLL_MS"), "SLATE_PROVIDER_POLL_MS")?.into(),
+            ),
+            providers: ProviderSettings {
+                fal: endpoint(
+                    &non_empty,
+                    "FAL_KEY",
+                    "FAL_BASE_URL",
+                    fal::BASE_URL,
+                    fal::DEFAULT_TIMEOUT,
+                ),
+                elevenlabs: endpoint(
+                    &non_empty,
+                    "ELEVENLABS_API_KEY",
+                    "ELEVENLABS_BASE_URL",
+                    elevenlabs::BASE_URL,
+                    elevenlabs::DEFAULT_TIMEOUT,
+                ),
+                seedance: endpoint(
+                    &non_empty,
+                    "ARK_API_KEY",
+                    "ARK_BASE_URL",
+                    seedance::BASE_URL,
+                    seedance::DEFAULT_TIMEOUT,
+                ),
+                ark: endpoint(
+                    &non_empty,
+                    "ARK_API_KEY",
+                    "ARK_BASE_URL",
+                    ark_chat::BASE_URL,
+                    ark_chat::DEFAULT_TIMEOUT,
+                ),
+                // A whisper.cpp server needs no key: the base URL alone enables it.
+                whisper: non_empty("WHISPER_BASE_URL")
+                    .or_else(|| non_empty("WHISPER_API_KEY").map(|_| whisper::BASE_URL.to_owned()))
+                    .map(|base| {
+                        EndpointSettings::new(
+                            base,
+                            non_empty("WHISPER_API_KEY").map(ApiKey::new),
+                            whisper::DEFAULT_TIMEOUT,
+                        )
+                    }),
+                local: matches!(get("SLATE_LOCAL_PROVIDER").as_str(), "true" | "1"),
+            },
             fault_stripe_hold: non_empty("SLATE_FAULT_STRIPE_HOLD_MS")
                 .map(|v| v.parse().map(std::time::Duration::from_millis))
                 .transpose()

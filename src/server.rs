@@ -1,7 +1,6 @@
 //! `slate serve`.
 
 use std::future::Future;
-use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -16,14 +15,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
     )
     .await
     .context("connecting to PostgreSQL")?;
-    let redis = redis::Client::open(config.redis_url.expose()).context("REDIS_URL")?;
-    let stripe = config.stripe_client()?;
-    Ok(AppState {
-        pool,
-        redis,
-        stripe,
-        config: Arc::new(config),
-    })
+    AppState::new(config, pool)
 }
 
 /// Serve on `listener` until `shutdown` resolves, then drain.
@@ -34,8 +26,11 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("HTTP server")
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .context("HTTP server")
 }

@@ -400,6 +400,100 @@ pub struct AffiliatePayoutRecorded {
 }
 event_type!(AffiliatePayoutRecorded, "AffiliatePayoutRecorded", 1);
 
+/// A generation was accepted: its credits are reserved and its job queued
+/// in the same transaction. The prompt is not here (see generation_inputs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationRequested {
+    pub generation_id: Uuid,
+    pub account_id: Uuid,
+    pub kind: String,
+    pub provider: String,
+    pub operation: String,
+    pub units: i32,
+    pub cost: i64,
+    pub collection_id: String,
+    pub deadline: Option<DateTime<Utc>>,
+}
+event_type!(GenerationRequested, "GenerationRequested", 1);
+
+/// A worker started an attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationStarted {
+    pub generation_id: Uuid,
+    pub account_id: Uuid,
+    pub attempt: i32,
+}
+event_type!(GenerationStarted, "GenerationStarted", 1);
+
+/// The provider accepted the work under `provider_handle`; a restarted
+/// worker polls it instead of submitting again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationSubmitted {
+    pub generation_id: Uuid,
+    pub account_id: Uuid,
+    pub provider_handle: String,
+}
+event_type!(GenerationSubmitted, "GenerationSubmitted", 1);
+
+/// The output is stored; the reservation is captured with this event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationSucceeded {
+    pub generation_id: Uuid,
+    pub account_id: Uuid,
+    pub output_key: String,
+    pub content_type: String,
+    pub bytes: i64,
+    pub width: Option<i32>,
+    pub height: Option<i32>,
+    pub duration_ms: Option<i64>,
+}
+event_type!(GenerationSucceeded, "GenerationSucceeded", 1);
+
+/// A terminal failure; the reservation is released with this event (the
+/// compensating refund).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationFailed {
+    pub generation_id: Uuid,
+    pub account_id: Uuid,
+    pub reason_code: String,
+    pub attempts: i32,
+}
+event_type!(GenerationFailed, "GenerationFailed", 1);
+
+/// The user asked to stop a running generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationCancelRequested {
+    pub generation_id: Uuid,
+    pub account_id: Uuid,
+}
+event_type!(GenerationCancelRequested, "GenerationCancelRequested", 1);
+
+/// Canceled unbilled (by the user, or its deadline passed); released with this event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationCanceled {
+    pub generation_id: Uuid,
+    pub account_id: Uuid,
+    pub reason: String,
+}
+event_type!(GenerationCanceled, "GenerationCanceled", 1);
+
+/// A prompt matched the deny-list. Only its category and SHA-256 are kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PromptRejected {
+    pub account_id: Uuid,
+    pub category: String,
+    pub prompt_sha256: String,
+}
+event_type!(PromptRejected, "PromptRejected", 1);
+
 /// Shapes that were written once and are upcast on read.
 pub mod legacy {
     use super::*;
@@ -447,6 +541,14 @@ macro_rules! each_event {
             DomainEvent::CommissionEarned($e) => $body,
             DomainEvent::CommissionClawedBack($e) => $body,
             DomainEvent::AffiliatePayoutRecorded($e) => $body,
+            DomainEvent::GenerationRequested($e) => $body,
+            DomainEvent::GenerationStarted($e) => $body,
+            DomainEvent::GenerationSubmitted($e) => $body,
+            DomainEvent::GenerationSucceeded($e) => $body,
+            DomainEvent::GenerationFailed($e) => $body,
+            DomainEvent::GenerationCancelRequested($e) => $body,
+            DomainEvent::GenerationCanceled($e) => $body,
+            DomainEvent::PromptRejected($e) => $body,
         }
     };
 }
@@ -473,6 +575,14 @@ pub enum DomainEvent {
     CommissionEarned(CommissionEarned),
     CommissionClawedBack(CommissionClawedBack),
     AffiliatePayoutRecorded(AffiliatePayoutRecorded),
+    GenerationRequested(GenerationRequested),
+    GenerationStarted(GenerationStarted),
+    GenerationSubmitted(GenerationSubmitted),
+    GenerationSucceeded(GenerationSucceeded),
+    GenerationFailed(GenerationFailed),
+    GenerationCancelRequested(GenerationCancelRequested),
+    GenerationCanceled(GenerationCanceled),
+    PromptRejected(PromptRejected),
 }
 
 fn parse<T: DeserializeOwned>(event_type: &str, version: i16, payload: Value) -> Result<T, Error> {
@@ -514,6 +624,16 @@ impl DomainEvent {
             ("CommissionEarned", 1) => E::CommissionEarned(parse(event_type, v, p)?),
             ("CommissionClawedBack", 1) => E::CommissionClawedBack(parse(event_type, v, p)?),
             ("AffiliatePayoutRecorded", 1) => E::AffiliatePayoutRecorded(parse(event_type, v, p)?),
+            ("GenerationRequested", 1) => E::GenerationRequested(parse(event_type, v, p)?),
+            ("GenerationStarted", 1) => E::GenerationStarted(parse(event_type, v, p)?),
+            ("GenerationSubmitted", 1) => E::GenerationSubmitted(parse(event_type, v, p)?),
+            ("GenerationSucceeded", 1) => E::GenerationSucceeded(parse(event_type, v, p)?),
+            ("GenerationFailed", 1) => E::GenerationFailed(parse(event_type, v, p)?),
+            ("GenerationCancelRequested", 1) => {
+                E::GenerationCancelRequested(parse(event_type, v, p)?)
+            }
+            ("GenerationCanceled", 1) => E::GenerationCanceled(parse(event_type, v, p)?),
+            ("PromptRejected", 1) => E::PromptRejected(parse(event_type, v, p)?),
             _ => {
                 return Err(Error::Decode {
                     event_type: event_type.to_owned(),
@@ -559,6 +679,14 @@ impl DomainEvent {
             E::AccountReferred(e) => Some(e.account_id),
             E::CommissionEarned(e) => Some(e.account_id),
             E::CommissionClawedBack(e) => Some(e.account_id),
+            E::GenerationRequested(e) => Some(e.account_id),
+            E::GenerationStarted(e) => Some(e.account_id),
+            E::GenerationSubmitted(e) => Some(e.account_id),
+            E::GenerationSucceeded(e) => Some(e.account_id),
+            E::GenerationFailed(e) => Some(e.account_id),
+            E::GenerationCancelRequested(e) => Some(e.account_id),
+            E::GenerationCanceled(e) => Some(e.account_id),
+            E::PromptRejected(e) => Some(e.account_id),
         }
     }
 }
@@ -618,6 +746,14 @@ pub fn schema_files() -> Vec<SchemaFile> {
         schema_file::<CommissionEarned>(true),
         schema_file::<CommissionClawedBack>(true),
         schema_file::<AffiliatePayoutRecorded>(true),
+        schema_file::<GenerationRequested>(true),
+        schema_file::<GenerationStarted>(true),
+        schema_file::<GenerationSubmitted>(true),
+        schema_file::<GenerationSucceeded>(true),
+        schema_file::<GenerationFailed>(true),
+        schema_file::<GenerationCancelRequested>(true),
+        schema_file::<GenerationCanceled>(true),
+        schema_file::<PromptRejected>(true),
     ];
     let mut meta =
         serde_json::to_string_pretty(&schemars::schema_for!(Metadata)).expect("schema serializes");

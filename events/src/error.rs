@@ -21,6 +21,8 @@ pub enum Error {
     KeyReused,
     #[error("an account with this email already exists")]
     EmailTaken,
+    #[error("the operation has no approved price")]
+    OperationNotApproved,
     #[error("cannot decode event {event_type} v{schema_version}: {reason}")]
     Decode {
         event_type: String,
@@ -48,6 +50,7 @@ impl From<sqlx::Error> for Error {
                 Some("SL003") => return Error::InvalidArgument(message),
                 Some("SL004") => return Error::KeyReused,
                 Some("SL005") => return Error::UnknownReservation,
+                Some("SL006") => return Error::OperationNotApproved,
                 _ => {}
             }
         }

@@ -14,6 +14,8 @@ pub mod catalog;
 pub mod credits;
 pub mod db;
 pub mod error;
+pub mod generations;
+pub mod moderation;
 pub mod projections;
 pub mod store;
 pub mod stripe;

@@ -4,6 +4,7 @@ mod billing;
 mod credits;
 mod error;
 mod extract;
+mod generations;
 mod health;
 mod stripe;
 
@@ -16,7 +17,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
-pub use extract::{Auth, Json};
+pub use extract::{Auth, ClientIp, Json};
 
 use crate::config::Config;
 
@@ -28,6 +29,28 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The Stripe API client, when a key is configured.
     pub stripe: Option<::stripe::Client>,
+    pub storage: slate_workers::storage::Storage,
+    pub limiter: Arc<crate::ratelimit::RateLimiter>,
+    /// The providers offered to users.
+    pub provider_names: Arc<Vec<String>>,
+}
+
+impl AppState {
+    /// Build the state from configuration and a pool.
+    pub fn new(config: Config, pool: PgPool) -> anyhow::Result<Self> {
+        let redis = redis::Client::open(config.redis_url.expose())?;
+        let stripe = config.stripe_client()?;
+        let providers = slate_workers::providers::Providers::new(&config.providers)?;
+        Ok(Self {
+            storage: slate_workers::storage::Storage::new(&config.storage()),
+            limiter: Arc::new(crate::ratelimit::RateLimiter::new(redis.clone())),
+            provider_names: Arc::new(providers.names().map(str::to_owned).collect()),
+            pool,
+            redis,
+            stripe,
+            config: Arc::new(config),
+        })
+    }
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -38,6 +61,7 @@ pub fn router(state: AppState) -> Router {
         .merge(stripe::router())
         .merge(billing::router())
         .merge(credits::router())
+        .merge(generations::router())
         .with_state(state)
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(

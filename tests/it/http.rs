@@ -1,7 +1,5 @@
 //! The HTTP server on port 0 against real PostgreSQL and Redis.
 
-use std::sync::Arc;
-
 use serde_json::Value;
 use slate::config::Config;
 use slate::http::AppState;
@@ -31,12 +29,7 @@ pub async fn spawn_app_with(env: &[(&str, &str)]) -> TestApp {
             .map(|(_, v)| v.to_string()),
     })
     .unwrap();
-    let state = AppState {
-        pool: db.pool.clone(),
-        redis: redis::Client::open(redis.as_str()).unwrap(),
-        stripe: config.stripe_client().unwrap(),
-        config: Arc::new(config),
-    };
+    let state = AppState::new(config, db.pool.clone()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(slate::server::serve(

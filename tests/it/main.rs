@@ -4,6 +4,7 @@ mod billing;
 mod catalog;
 mod credits;
 mod event_store;
+mod generations;
 mod harness;
 mod http;
 mod projections;

@@ -3,6 +3,7 @@
 //! Knows no axum.
 
 pub mod diagnostics;
+pub mod generations;
 pub mod jobs;
 pub mod media;
 pub mod providers;

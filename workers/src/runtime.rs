@@ -11,9 +11,13 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 
 use crate::diagnostics::{self, DiagnosticJob};
+use crate::generations::{self, GenerationJob, GenerationWorker};
+use crate::providers::{ProviderSettings, Providers};
+use crate::storage::{Storage, StorageSettings};
 use crate::stripe::{self, StripeJob, StripeWorker};
 use crate::sweeper;
 use slate_events::stripe::StripeCatalog;
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -31,10 +35,16 @@ pub struct WorkerSettings {
     pub stripe_catalog: StripeCatalog,
     /// Fault injection for crash tests (never set in production).
     pub fault_stripe_hold: Option<Duration>,
+    /// Generation jobs.
+    pub providers: Arc<Providers>,
+    pub storage: StorageSettings,
+    pub generation_attempts: usize,
+    pub generation_concurrency: usize,
+    pub poll_interval: Duration,
 }
 
 impl WorkerSettings {
-    pub fn new(worker_name: String) -> Self {
+    pub fn new(worker_name: String, storage: StorageSettings) -> Self {
         Self {
             worker_name,
             heartbeat: Duration::from_secs(5),
@@ -43,6 +53,14 @@ impl WorkerSettings {
             shutdown_grace: Duration::from_secs(30),
             stripe_catalog: StripeCatalog::default(),
             fault_stripe_hold: None,
+            providers: Arc::new(
+                Providers::new(&ProviderSettings::default())
+                    .expect("the local provider needs no settings"),
+            ),
+            storage,
+            generation_attempts: 5,
+            generation_concurrency: 8,
+            poll_interval: Duration::from_secs(2),
         }
     }
 
@@ -90,8 +108,26 @@ where
             hold_before_commit: settings.fault_stripe_hold,
         },
     };
+    let generation_storage = PostgresStorage::<GenerationJob>::new(&pool)
+        .with_config(settings.queue_config(generations::QUEUE))
+        .with_pubsub();
+    let generation_worker = GenerationWorker {
+        pool: pool.clone(),
+        providers: settings.providers.clone(),
+        storage: Storage::new(&settings.storage),
+        max_attempts: settings.generation_attempts,
+        poll_interval: settings.poll_interval,
+        poll_timeout: Duration::from_secs(30 * 60),
+        download_limit: 512 << 20,
+        http: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::limited(3))
+            .timeout(Duration::from_secs(300))
+            .build()?,
+    };
+    let concurrency = settings.generation_concurrency.max(1);
     let name = settings.worker_name.clone();
     let stripe_name = settings.worker_name.clone();
+    let generation_name = settings.worker_name.clone();
     let monitor = Monitor::new()
         .register(move |_restarts| {
             WorkerBuilder::new(format!("{name}.diagnostics"))
@@ -105,6 +141,14 @@ where
                 .data(stripe_worker.clone())
                 .catch_panic()
                 .build(stripe::handle)
+        })
+        .register(move |_restarts| {
+            WorkerBuilder::new(format!("{generation_name}.generations"))
+                .backend(generation_storage.clone())
+                .data(generation_worker.clone())
+                .catch_panic()
+                .concurrency(concurrency)
+                .build(generations::handle)
         })
         .shutdown_timeout(settings.shutdown_grace);
 

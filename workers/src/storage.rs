@@ -88,3 +88,22 @@ impl Storage {
         Ok(out.body.collect().await?.into_bytes().to_vec())
     }
 }
+
+impl Storage {
+    /// A URL that serves the object for `ttl`, to whoever holds it.
+    pub async fn presign_get(&self, key: &str, ttl: std::time::Duration) -> anyhow::Result<String> {
+        let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(ttl)?;
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(config)
+            .await?;
+        Ok(req.uri().to_owned())
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+}

@@ -10,10 +10,12 @@ use sqlx::PgPool;
 pub struct SweepReport {
     pub holds_released: i32,
     pub buckets_expired: i32,
+    pub generations_past_deadline: usize,
 }
 
 /// One sweep at `now` (injected by tests).
 pub async fn sweep(pool: &PgPool, now: DateTime<Utc>) -> Result<SweepReport, slate_events::Error> {
+    let generations_past_deadline = crate::generations::cancel_overdue(pool, now).await?;
     let mut tx = pool.begin().await?;
     let holds_released = credits::release_stale_holds(&mut tx, now).await?;
     tx.commit().await?;
@@ -23,5 +25,6 @@ pub async fn sweep(pool: &PgPool, now: DateTime<Utc>) -> Result<SweepReport, sla
     Ok(SweepReport {
         holds_released,
         buckets_expired,
+        generations_past_deadline,
     })
 }

@@ -12,6 +12,7 @@
 pub mod access;
 pub mod affiliates;
 pub mod billing;
+pub mod generations;
 pub mod inline;
 pub mod ledger;
 mod projector;
@@ -44,6 +45,8 @@ pub enum Projection {
     Access,
     /// Inline: affiliates and referrals.
     Affiliates,
+    /// Inline: generations.
+    Generations,
     /// Asynchronous: one row per credit movement.
     CreditLedger,
     /// Asynchronous: one row per affiliate commission movement.
@@ -56,6 +59,7 @@ impl Projection {
         Projection::Billing,
         Projection::Access,
         Projection::Affiliates,
+        Projection::Generations,
         Projection::CreditLedger,
         Projection::AffiliateCommissions,
     ];
@@ -68,6 +72,7 @@ impl Projection {
             Projection::Billing => "billing",
             Projection::Access => "access",
             Projection::Affiliates => "affiliates",
+            Projection::Generations => "generations",
             Projection::AffiliateCommissions => affiliates::NAME,
             Projection::CreditLedger => ledger::NAME,
         }
@@ -78,10 +83,7 @@ impl Projection {
     }
 
     pub fn is_inline(self) -> bool {
-        matches!(
-            self,
-            Projection::Credits | Projection::Billing | Projection::Access | Projection::Affiliates
-        )
+        !Self::ASYNC.contains(&self)
     }
 
     pub fn tables(self) -> &'static [Table] {
@@ -90,6 +92,7 @@ impl Projection {
             Projection::Billing => billing::TABLES,
             Projection::Access => access::TABLES,
             Projection::Affiliates => affiliates::INLINE_TABLES,
+            Projection::Generations => generations::TABLES,
             Projection::AffiliateCommissions => affiliates::ASYNC_TABLES,
             Projection::CreditLedger => ledger::TABLES,
         }
@@ -101,6 +104,7 @@ impl Projection {
             Projection::Billing => billing::EVENT_TYPES,
             Projection::Access => access::EVENT_TYPES,
             Projection::Affiliates => affiliates::INLINE_EVENT_TYPES,
+            Projection::Generations => generations::EVENT_TYPES,
             Projection::AffiliateCommissions => affiliates::ASYNC_EVENT_TYPES,
             Projection::CreditLedger => ledger::EVENT_TYPES,
         }
@@ -121,6 +125,7 @@ impl Projection {
             Projection::Affiliates => {
                 affiliates::apply_inline(conn, prefix, event, recorded_at).await
             }
+            Projection::Generations => generations::apply(conn, prefix, event, recorded_at).await,
             Projection::AffiliateCommissions => {
                 affiliates::apply_async(conn, prefix, event, position, recorded_at).await
             }

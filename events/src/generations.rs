@@ -1,0 +1,430 @@
+//! Generations: submission (reserve + `GenerationRequested`, in the
+//! caller's transaction), attempts, and exactly one terminal outcome —
+//! success with capture, failure or cancellation with release — whatever
+//! retries, duplicates or crashes happen: every outcome event has the same
+//! deterministic id, so only the first one is ever stored.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::Error;
+use crate::catalog::{
+    DomainEvent, GenerationCancelRequested, GenerationCanceled, GenerationFailed,
+    GenerationRequested, GenerationStarted, GenerationSubmitted, GenerationSucceeded, Metadata,
+    PromptRejected,
+};
+use crate::credits;
+use crate::store::{self, ExpectedVersion, NewEvent};
+
+pub const KINDS: &[&str] = &["video", "voiceover", "transcription", "script"];
+
+fn stream(id: Uuid) -> String {
+    format!("generation-{id}")
+}
+
+fn outcome_event_id(id: Uuid) -> Uuid {
+    store::deterministic_event_id(&format!("generation-outcome:{id}"))
+}
+
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub generation_id: Uuid,
+    pub account_id: Uuid,
+    pub kind: String,
+    pub provider: String,
+    pub units: i32,
+    pub collection_id: String,
+    pub prompt: Option<String>,
+    pub input_key: Option<String>,
+    pub parameters: Value,
+    pub deadline: Option<DateTime<Utc>>,
+    /// When an unresolved reservation is released by the sweeper.
+    pub hold_until: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submitted {
+    Accepted { cost: i64 },
+    Insufficient { available: i64, shortfall: i64 },
+}
+
+/// Reserve the approved price and record the request. Runs in the caller's
+/// transaction, which must also enqueue the job; on `Insufficient` the
+/// caller rolls back (nothing was written).
+pub async fn submit(
+    conn: &mut PgConnection,
+    s: &Submission,
+    metadata: &Metadata,
+) -> Result<Submitted, Error> {
+    let operation = format!("{}:{}", s.kind, s.provider);
+    let v: Value =
+        sqlx::query_scalar("select credit_reserve_operation($1, $2, $3, $4, $5, now(), $6)")
+            .bind(s.account_id)
+            .bind(s.generation_id)
+            .bind(&operation)
+            .bind(s.units)
+            .bind(s.hold_until)
+            .bind(metadata.to_json())
+            .fetch_one(&mut *conn)
+            .await?;
+    let int = |k: &str| v.get(k).and_then(Value::as_i64).unwrap_or_default();
+    match v.get("outcome").and_then(Value::as_str) {
+        Some("reserved") | Some("duplicate") => {}
+        _ => {
+            return Ok(Submitted::Insufficient {
+                available: int("available"),
+                shortfall: int("shortfall"),
+            });
+        }
+    }
+    let cost = int("cost");
+    let event = NewEvent {
+        event_id: store::deterministic_event_id(&format!(
+            "generation-requested:{}",
+            s.generation_id
+        )),
+        event: DomainEvent::GenerationRequested(GenerationRequested {
+            generation_id: s.generation_id,
+            account_id: s.account_id,
+            kind: s.kind.clone(),
+            provider: s.provider.clone(),
+            operation,
+            units: s.units,
+            cost,
+            collection_id: s.collection_id.clone(),
+            deadline: s.deadline,
+        }),
+        metadata: metadata.clone(),
+    };
+    store::append_and_apply(conn, &stream(s.generation_id), ExpectedVersion::Any, &event).await?;
+    sqlx::query(
+        "insert into generation_inputs (generation_id, prompt, input_key, parameters) values ($1, $2, $3, $4)
+         on conflict (generation_id) do nothing",
+    )
+    .bind(s.generation_id)
+    .bind(&s.prompt)
+    .bind(&s.input_key)
+    .bind(&s.parameters)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Submitted::Accepted { cost })
+}
+
+/// A deny-listed prompt: recorded with its category and hash only.
+pub async fn record_prompt_rejection(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+    category: &str,
+    prompt_sha256: &str,
+    metadata: Metadata,
+) -> Result<(), Error> {
+    let event = NewEvent::new(
+        DomainEvent::PromptRejected(PromptRejected {
+            account_id,
+            category: category.to_owned(),
+            prompt_sha256: prompt_sha256.to_owned(),
+        }),
+        metadata,
+    );
+    store::append(
+        conn,
+        &format!("moderation-{account_id}"),
+        ExpectedVersion::Any,
+        &[event],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A generation as its owner sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Generation {
+    pub generation_id: Uuid,
+    pub account_id: Uuid,
+    pub kind: String,
+    pub provider: String,
+    pub units: i32,
+    pub cost: i64,
+    pub collection_id: String,
+    pub status: String,
+    pub attempts: i32,
+    pub provider_handle: Option<String>,
+    pub cancel_requested: bool,
+    pub deadline: Option<DateTime<Utc>>,
+    pub output_key: Option<String>,
+    pub output_content_type: Option<String>,
+    pub output_bytes: Option<i64>,
+    pub width: Option<i32>,
+    pub height: Option<i32>,
+    pub duration_ms: Option<i64>,
+    pub failure_code: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Generation {
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.status.as_str(), "succeeded" | "failed" | "canceled")
+    }
+}
+
+const COLUMNS: &str = "generation_id, account_id, kind, provider, units, cost, collection_id, status, \
+    attempts, provider_handle, cancel_requested, deadline, output_key, output_content_type, output_bytes, \
+    width, height, duration_ms, failure_code, created_at, updated_at";
+
+/// One generation of one account (`None` for another account's).
+pub async fn get(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+    id: Uuid,
+) -> Result<Option<Generation>, Error> {
+    Ok(sqlx::query_as(trusted_sql!(
+        "select {COLUMNS} from generations where generation_id = $1 and account_id = $2"
+    ))
+    .bind(id)
+    .bind(account_id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+pub async fn get_any(conn: &mut PgConnection, id: Uuid) -> Result<Option<Generation>, Error> {
+    Ok(sqlx::query_as(trusted_sql!(
+        "select {COLUMNS} from generations where generation_id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Newest first; `after` is the last item of the previous page.
+pub async fn list(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<Generation>, Error> {
+    let (at, id) = after.map_or((None, None), |(a, i)| (Some(a), Some(i)));
+    Ok(sqlx::query_as(trusted_sql!(
+        "select {COLUMNS} from generations
+          where account_id = $1 and ($2::timestamptz is null or (created_at, generation_id) < ($2, $3))
+          order by created_at desc, generation_id desc limit $4"
+    ))
+    .bind(account_id)
+    .bind(at)
+    .bind(id)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// The private inputs of a generation (for its worker only).
+pub async fn inputs(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<(Option<String>, Option<String>, Value), Error> {
+    let row: Option<(Option<String>, Option<String>, Value)> = sqlx::query_as(
+        "select prompt, input_key, parameters from generation_inputs where generation_id = $1",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.unwrap_or((None, None, Value::Null)))
+}
+
+async fn append(
+    conn: &mut PgConnection,
+    id: Uuid,
+    event_id: Uuid,
+    event: DomainEvent,
+    metadata: &Metadata,
+) -> Result<bool, Error> {
+    let event = NewEvent {
+        event_id,
+        event,
+        metadata: metadata.clone(),
+    };
+    let appended = store::append_and_apply(conn, &stream(id), ExpectedVersion::Any, &event).await?;
+    Ok(!appended.duplicate)
+}
+
+pub async fn record_started(
+    conn: &mut PgConnection,
+    g: &Generation,
+    attempt: i32,
+    metadata: &Metadata,
+) -> Result<(), Error> {
+    append(
+        conn,
+        g.generation_id,
+        store::deterministic_event_id(&format!("generation-started:{}:{attempt}", g.generation_id)),
+        DomainEvent::GenerationStarted(GenerationStarted {
+            generation_id: g.generation_id,
+            account_id: g.account_id,
+            attempt,
+        }),
+        metadata,
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn record_submitted(
+    conn: &mut PgConnection,
+    g: &Generation,
+    handle: &str,
+    metadata: &Metadata,
+) -> Result<(), Error> {
+    append(
+        conn,
+        g.generation_id,
+        store::deterministic_event_id(&format!("generation-submitted:{}", g.generation_id)),
+        DomainEvent::GenerationSubmitted(GenerationSubmitted {
+            generation_id: g.generation_id,
+            account_id: g.account_id,
+            provider_handle: handle.to_owned(),
+        }),
+        metadata,
+    )
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub key: String,
+    pub content_type: String,
+    pub bytes: i64,
+    pub width: Option<i32>,
+    pub height: Option<i32>,
+    pub duration_ms: Option<i64>,
+}
+
+/// Success and capture, in the caller's transaction. False when another
+/// outcome was recorded first (nothing changed).
+pub async fn succeed(
+    conn: &mut PgConnection,
+    g: &Generation,
+    out: &Output,
+    metadata: &Metadata,
+) -> Result<bool, Error> {
+    let first = append(
+        conn,
+        g.generation_id,
+        outcome_event_id(g.generation_id),
+        DomainEvent::GenerationSucceeded(GenerationSucceeded {
+            generation_id: g.generation_id,
+            account_id: g.account_id,
+            output_key: out.key.clone(),
+            content_type: out.content_type.clone(),
+            bytes: out.bytes,
+            width: out.width,
+            height: out.height,
+            duration_ms: out.duration_ms,
+        }),
+        metadata,
+    )
+    .await?;
+    if first {
+        credits::capture(conn, g.generation_id, metadata).await?;
+    }
+    Ok(first)
+}
+
+/// Terminal failure and release (the compensating refund), in the caller's
+/// transaction. False when another outcome was recorded first.
+pub async fn fail(
+    conn: &mut PgConnection,
+    g: &Generation,
+    reason_code: &str,
+    attempts: i32,
+    metadata: &Metadata,
+) -> Result<bool, Error> {
+    let first = append(
+        conn,
+        g.generation_id,
+        outcome_event_id(g.generation_id),
+        DomainEvent::GenerationFailed(GenerationFailed {
+            generation_id: g.generation_id,
+            account_id: g.account_id,
+            reason_code: reason_code.to_owned(),
+            attempts,
+        }),
+        metadata,
+    )
+    .await?;
+    if first {
+        credits::release(
+            conn,
+            g.generation_id,
+            &format!("generation_failed:{reason_code}"),
+            metadata,
+        )
+        .await?;
+    }
+    Ok(first)
+}
+
+/// Canceled unbilled and released, in the caller's transaction. False when
+/// another outcome was recorded first.
+pub async fn cancel_now(
+    conn: &mut PgConnection,
+    g: &Generation,
+    reason: &str,
+    metadata: &Metadata,
+) -> Result<bool, Error> {
+    let first = append(
+        conn,
+        g.generation_id,
+        outcome_event_id(g.generation_id),
+        DomainEvent::GenerationCanceled(GenerationCanceled {
+            generation_id: g.generation_id,
+            account_id: g.account_id,
+            reason: reason.to_owned(),
+        }),
+        metadata,
+    )
+    .await?;
+    if first {
+        credits::release(conn, g.generation_id, reason, metadata).await?;
+    }
+    Ok(first)
+}
+
+pub async fn request_cancel(
+    conn: &mut PgConnection,
+    g: &Generation,
+    metadata: &Metadata,
+) -> Result<(), Error> {
+    append(
+        conn,
+        g.generation_id,
+        store::deterministic_event_id(&format!("generation-cancel-requested:{}", g.generation_id)),
+        DomainEvent::GenerationCancelRequested(GenerationCancelRequested {
+            generation_id: g.generation_id,
+            account_id: g.account_id,
+        }),
+        metadata,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Generations past their deadline and not finished.
+pub async fn overdue(
+    conn: &mut PgConnection,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<Uuid>, Error> {
+    Ok(sqlx::query_scalar(
+        "select generation_id from generations
+          where status in ('queued', 'running') and deadline is not null and deadline <= $1
+          order by deadline limit $2",
+    )
+    .bind(now)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}

@@ -1,0 +1,372 @@
+//! Submitting and reading generations: the service behind the routes.
+//! Authenticate → rate limit → deny-list → (one transaction:) idempotency,
+//! price, reserve, `GenerationRequested`, job.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use slate_events::generations::{self, Generation, Submission, Submitted};
+use slate_events::{Actor, Metadata, moderation};
+use uuid::Uuid;
+
+use crate::http::{ApiError, AppState, Auth};
+use crate::ratelimit::Decision;
+
+const MAX_PROMPT_CHARS: usize = 4000;
+const OUTPUT_URL_TTL: Duration = Duration::from_secs(15 * 60);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    pub kind: String,
+    pub provider: String,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// An object of the account's own (`users/<account>/…`) as input, for
+    /// transcription.
+    #[serde(default)]
+    pub input_key: Option<String>,
+    #[serde(default)]
+    pub parameters: Value,
+    #[serde(default)]
+    pub collection_id: Option<String>,
+    /// Cancel unbilled if not finished within this many seconds.
+    #[serde(default)]
+    pub deadline_seconds: Option<u32>,
+}
+
+fn invalid(code: &'static str, message: &'static str) -> ApiError {
+    ApiError::unprocessable(code, message)
+}
+
+fn validate(state: &AppState, auth: &Auth, r: &SubmitRequest) -> Result<(String, i32), ApiError> {
+    if !generations::KINDS.contains(&r.kind.as_str()) {
+        return Err(invalid(
+            "invalid_kind",
+            "kind is one of video, voiceover, transcription, script",
+        ));
+    }
+    if state.provider_names.iter().all(|p| p != &r.provider) {
+        return Err(invalid(
+            "unknown_provider",
+            "this provider is not available",
+        ));
+    }
+    let collection = r
+        .collection_id
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+    if collection.is_empty()
+        || collection.len() > 64
+        || !collection
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(invalid(
+            "invalid_collection",
+            "collection_id is 1-64 letters, digits, - or _",
+        ));
+    }
+    match (&r.prompt, &r.input_key, r.kind.as_str()) {
+        (_, None, "transcription") => {
+            return Err(invalid("input_required", "a transcription needs input_key"));
+        }
+        (None, _, "video" | "voiceover" | "script") => {
+            return Err(invalid("prompt_required", "this kind needs a prompt"));
+        }
+        _ => {}
+    }
+    if let Some(p) = &r.prompt
+        && (p.trim().is_empty() || p.chars().count() > MAX_PROMPT_CHARS)
+    {
+        return Err(invalid(
+            "invalid_prompt",
+            "the prompt is empty or longer than 4000 characters",
+        ));
+    }
+    if let Some(key) = &r.input_key
+        && (!key.starts_with(&format!("users/{}/", auth.account_id)) || key.contains(".."))
+    {
+        return Err(invalid(
+            "invalid_input",
+            "input_key must name one of your own objects",
+        ));
+    }
+    if !(r.parameters.is_null() || r.parameters.is_object()) {
+        return Err(invalid(
+            "invalid_parameters",
+            "parameters must be an object",
+        ));
+    }
+    if r.deadline_seconds == Some(0) {
+        return Err(invalid(
+            "invalid_deadline",
+            "deadline_seconds must be positive",
+        ));
+    }
+    // Priced per second for video, per generation otherwise.
+    let units = if r.kind == "video" {
+        match r.parameters.get("duration") {
+            None => 5,
+            Some(d) => d
+                .as_i64()
+                .or_else(|| d.as_str().and_then(|s| s.parse().ok()))
+                .filter(|d| (1..=60).contains(d))
+                .ok_or_else(|| invalid("invalid_parameters", "duration is 1 to 60 seconds"))?
+                as i32,
+        }
+    } else {
+        1
+    };
+    Ok((collection, units))
+}
+
+async fn limit(state: &AppState, scope: &str, id: &str, per_minute: u32) -> Result<(), ApiError> {
+    match state.limiter.hit(scope, id, per_minute, 60).await {
+        Decision::Allowed => Ok(()),
+        Decision::Limited { retry_after } => Err(ApiError::client(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many submissions; try again after Retry-After seconds",
+        )
+        .with_retry_after(retry_after)),
+    }
+}
+
+#[tracing::instrument(skip_all, fields(account_id = %auth.account_id, kind = %req.kind, provider = %req.provider))]
+pub async fn submit(
+    state: &AppState,
+    auth: &Auth,
+    client_ip: Option<IpAddr>,
+    idempotency_key: Option<&str>,
+    req: SubmitRequest,
+) -> Result<(StatusCode, Value), ApiError> {
+    limit(
+        state,
+        "account",
+        &auth.account_id.to_string(),
+        state.config.rate_limit_account,
+    )
+    .await?;
+    if let Some(ip) = client_ip {
+        limit(state, "ip", &ip.to_string(), state.config.rate_limit_ip).await?;
+    }
+    if let Some(key) = idempotency_key
+        && (key.is_empty() || key.len() > 200)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            "Idempotency-Key is 1-200 characters",
+        ));
+    }
+    let (collection_id, units) = validate(state, auth, &req)?;
+    let metadata = Metadata::by(Actor::User {
+        account_id: auth.account_id,
+    });
+
+    if let Some(prompt) = &req.prompt
+        && let Some(category) = state.config.denylist.check(prompt)
+    {
+        let category = category.to_owned();
+        let mut conn = state.pool.acquire().await?;
+        generations::record_prompt_rejection(
+            &mut conn,
+            auth.account_id,
+            &category,
+            &moderation::prompt_sha256(prompt),
+            metadata,
+        )
+        .await?;
+        tracing::info!(%category, "prompt rejected by the deny-list");
+        return Err(invalid("prompt_rejected", "the prompt is not allowed")
+            .with_details(json!({ "category": category })));
+    }
+
+    let request_hash =
+        Sha256::digest(serde_json::to_vec(&req).map_err(|e| ApiError::Internal(e.into()))?)
+            .to_vec();
+    let mut tx = state.pool.begin().await?;
+    if let Some(key) = idempotency_key {
+        let inserted = sqlx::query(
+            "insert into idempotency_keys (account_id, key, request_hash) values ($1, $2, $3)
+             on conflict (account_id, key) do nothing",
+        )
+        .bind(auth.account_id)
+        .bind(key)
+        .bind(&request_hash)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !inserted {
+            let (hash, status, response): (Vec<u8>, Option<i32>, Option<Value>) = sqlx::query_as(
+                "select request_hash, status_code, response from idempotency_keys where account_id = $1 and key = $2",
+            )
+            .bind(auth.account_id)
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await?;
+            if hash != request_hash {
+                return Err(ApiError::conflict(
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used with a different request",
+                ));
+            }
+            if let (Some(status), Some(response)) = (status, response) {
+                let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK);
+                return Ok((status, response));
+            }
+        }
+    }
+
+    let generation_id = Uuid::now_v7();
+    let submission = Submission {
+        generation_id,
+        account_id: auth.account_id,
+        kind: req.kind.clone(),
+        provider: req.provider.clone(),
+        units,
+        collection_id,
+        prompt: req.prompt.clone(),
+        input_key: req.input_key.clone(),
+        parameters: if req.parameters.is_null() {
+            json!({})
+        } else {
+            req.parameters.clone()
+        },
+        deadline: req
+            .deadline_seconds
+            .map(|s| Utc::now() + chrono::Duration::seconds(s.into())),
+        hold_until: Utc::now()
+            + chrono::Duration::from_std(state.config.generation_hold)
+                .unwrap_or(chrono::Duration::hours(2)),
+    };
+    let outcome = slate_workers::generations::submit(
+        &mut tx,
+        &submission,
+        &metadata,
+        state.config.generation_attempts,
+    )
+    .await
+    .map_err(|e| match e.downcast_ref::<slate_events::Error>() {
+        Some(slate_events::Error::OperationNotApproved) => invalid(
+            "operation_not_priced",
+            "this kind of generation has no approved price with this provider",
+        ),
+        _ => ApiError::Internal(e),
+    })?;
+    match outcome {
+        Submitted::Insufficient {
+            available,
+            shortfall,
+        } => {
+            tx.rollback().await?;
+            Err(ApiError::client(
+                StatusCode::PAYMENT_REQUIRED,
+                "insufficient_credits",
+                "not enough credits for this generation",
+            )
+            .with_details(json!({ "available": available, "shortfall": shortfall })))
+        }
+        Submitted::Accepted { .. } => {
+            let g = generations::get(&mut tx, auth.account_id, generation_id)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::Internal(anyhow::anyhow!("generation not visible after insert"))
+                })?;
+            let body = view(state, &g).await;
+            if let Some(key) = idempotency_key {
+                sqlx::query(
+                    "update idempotency_keys set status_code = 202, response = $3 where account_id = $1 and key = $2",
+                )
+                .bind(auth.account_id)
+                .bind(key)
+                .bind(&body)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok((StatusCode::ACCEPTED, body))
+        }
+    }
+}
+
+/// A generation as its owner sees it, with a short-lived URL to its output.
+pub async fn view(state: &AppState, g: &Generation) -> Value {
+    let output = match (&g.output_key, g.status.as_str()) {
+        (Some(key), "succeeded") => {
+            let url = state.storage.presign_get(key, OUTPUT_URL_TTL).await.ok();
+            json!({
+                "url": url,
+                "expires_at": url.as_ref().map(|_| Utc::now() + chrono::Duration::from_std(OUTPUT_URL_TTL).unwrap_or_default()),
+                "content_type": g.output_content_type,
+                "bytes": g.output_bytes,
+                "width": g.width,
+                "height": g.height,
+                "duration_ms": g.duration_ms,
+            })
+        }
+        _ => Value::Null,
+    };
+    json!({
+        "id": g.generation_id,
+        "kind": g.kind,
+        "provider": g.provider,
+        "status": g.status,
+        "attempts": g.attempts,
+        "cost": g.cost,
+        "collection_id": g.collection_id,
+        "cancel_requested": g.cancel_requested,
+        "deadline": g.deadline,
+        "failure_code": g.failure_code,
+        "output": output,
+        "created_at": g.created_at,
+        "updated_at": g.updated_at,
+    })
+}
+
+/// Cancel: a queued generation ends canceled and released at once; a
+/// running one is asked to stop (its worker calls the provider's cancel).
+pub async fn cancel(
+    state: &AppState,
+    auth: &Auth,
+    id: Uuid,
+) -> Result<(StatusCode, Value), ApiError> {
+    let mut tx = state.pool.begin().await?;
+    sqlx::query("select pg_advisory_xact_lock(hashtext('generation:' || $1::text))")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    let g = generations::get(&mut tx, auth.account_id, id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    let metadata = Metadata::by(Actor::User {
+        account_id: auth.account_id,
+    });
+    let status = match g.status.as_str() {
+        "queued" => {
+            generations::cancel_now(&mut tx, &g, "canceled", &metadata).await?;
+            StatusCode::OK
+        }
+        "running" => {
+            generations::request_cancel(&mut tx, &g, &metadata).await?;
+            StatusCode::ACCEPTED
+        }
+        _ => {
+            return Err(ApiError::conflict(
+                "generation_finished",
+                "the generation has already finished",
+            ));
+        }
+    };
+    let g = generations::get(&mut tx, auth.account_id, id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    tx.commit().await?;
+    Ok((status, view(state, &g).await))
+}

@@ -1,0 +1,118 @@
+//! Fixed-window rate limits in Redis, shared by every web process. When
+//! Redis cannot be reached, each process falls back to a limiter of its own
+//! (same limits, per process) and says so in the log — never failing open
+//! silently, never failing the request for it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+
+const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allowed,
+    Limited { retry_after: u64 },
+}
+
+pub struct RateLimiter {
+    client: redis::Client,
+    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    local: Mutex<HashMap<String, (u64, u32)>>,
+    last_degraded_log: AtomicI64,
+    script: redis::Script,
+}
+
+impl RateLimiter {
+    pub fn new(client: redis::Client) -> Self {
+        Self {
+            client,
+            conn: tokio::sync::Mutex::new(None),
+            local: Mutex::new(HashMap::new()),
+            last_degraded_log: AtomicI64::new(0),
+            script: redis::Script::new(
+                "local n = redis.call('INCR', KEYS[1]) \
+                 if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end \
+                 return n",
+            ),
+        }
+    }
+
+    /// Count one hit of `scope`/`id` against `limit` per `window` seconds.
+    pub async fn hit(&self, scope: &str, id: &str, limit: u32, window: u64) -> Decision {
+        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        let slot = now / window;
+        let retry_after = (slot + 1) * window - now;
+        let key = format!("slate:rl:{scope}:{id}:{slot}");
+        let count = match self.redis_incr(&key, window).await {
+            Some(n) => n,
+            None => {
+                self.log_degraded();
+                self.local_incr(&key, slot)
+            }
+        };
+        if count > limit as u64 {
+            Decision::Limited { retry_after }
+        } else {
+            Decision::Allowed
+        }
+    }
+
+    async fn redis_incr(&self, key: &str, window: u64) -> Option<u64> {
+        let mut guard = self.conn.lock().await;
+        if guard.is_none() {
+            let c = tokio::time::timeout(
+                REDIS_TIMEOUT,
+                self.client.get_multiplexed_async_connection(),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            *guard = Some(c);
+        }
+        let mut conn = guard.as_ref()?.clone();
+        drop(guard);
+        let result = tokio::time::timeout(
+            REDIS_TIMEOUT,
+            self.script
+                .key(key)
+                .arg(window + 1)
+                .invoke_async::<u64>(&mut conn),
+        )
+        .await;
+        match result {
+            Ok(Ok(n)) => Some(n),
+            _ => {
+                // Reconnect next time.
+                *self.conn.lock().await = None;
+                None
+            }
+        }
+    }
+
+    fn local_incr(&self, key: &str, slot: u64) -> u64 {
+        let mut map = self.local.lock().expect("not poisoned");
+        if map.len() > 100_000 {
+            map.retain(|_, (s, _)| *s == slot);
+        }
+        let entry = map.entry(key.to_owned()).or_insert((slot, 0));
+        entry.1 += 1;
+        entry.1 as u64
+    }
+
+    fn log_degraded(&self) {
+        let now = chrono::Utc::now().timestamp();
+        let last = self.last_degraded_log.load(Ordering::Relaxed);
+        if now - last >= 60
+            && self
+                .last_degraded_log
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!("redis unreachable: rate limits enforced per process until it is back");
+        }
+    }
+}

@@ -1,0 +1,549 @@
+//! Queued generations end to end: submission over HTTP against real
+//! PostgreSQL, Redis and S3, the job run in place with the local provider.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use slate_workers::generations::GenerationWorker;
+use slate_workers::providers::{ProviderSettings, Providers};
+use slate_workers::storage::Storage;
+use uuid::Uuid;
+
+use crate::billing::key_for;
+use crate::http::{TestApp, spawn_app_with};
+
+pub fn storage() -> Storage {
+    let config = slate::config::Config::from_env().unwrap();
+    Storage::new(&config.storage())
+}
+
+pub fn worker(app: &TestApp) -> GenerationWorker {
+    GenerationWorker {
+        pool: app.db.pool.clone(),
+        providers: Arc::new(Providers::new(&ProviderSettings::default()).unwrap()),
+        storage: storage(),
+        max_attempts: 3,
+        poll_interval: Duration::from_millis(20),
+        poll_timeout: Duration::from_secs(30),
+        download_limit: 64 << 20,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl TestApp {
+    pub async fn submit(
+        &self,
+        key: &str,
+        idempotency: Option<&str>,
+        body: Value,
+    ) -> (u16, Value, reqwest::header::HeaderMap) {
+        let mut req = self
+            .client
+            .post(format!("{}/v1/generations", self.address))
+            .bearer_auth(key)
+            .json(&body);
+        if let Some(k) = idempotency {
+            req = req.header("Idempotency-Key", k);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        (status, r.json().await.unwrap_or(Value::Null), headers)
+    }
+
+    /// Run every unfinished generation's attempts in place, as the job
+    /// would (without waiting out the backoff).
+    pub async fn run_generations(&self) {
+        let w = worker(self);
+        for _ in 0..10 {
+            let open: Vec<(Uuid, i32)> = sqlx::query_as(
+                "select generation_id, attempts from generations where status in ('queued', 'running')",
+            )
+            .fetch_all(&self.db.pool)
+            .await
+            .unwrap();
+            if open.is_empty() {
+                return;
+            }
+            for (id, attempts) in open {
+                let _ = slate_workers::generations::attempt(&w, id, attempts + 1).await;
+            }
+        }
+        panic!("generations still unfinished after 10 rounds");
+    }
+
+    async fn balance(&self, key: &str) -> Value {
+        self.get_as("/v1/credits", Some(key)).await.1
+    }
+}
+
+async fn funded(app: &TestApp, credits: i64) -> (Uuid, String) {
+    let (account, key) = key_for(app).await;
+    if credits > 0 {
+        crate::credits::grant(
+            &mut *app.db.conn().await,
+            account,
+            credits,
+            slate_events::catalog::GrantSource::Purchase,
+            None,
+        )
+        .await;
+    }
+    (account, key)
+}
+
+fn video(prompt: &str) -> Value {
+    json!({"kind": "video", "provider": "local", "prompt": prompt, "parameters": {"duration": 2}, "collection_id": "trailers"})
+}
+
+#[tokio::test]
+async fn a_video_is_generated_stored_under_the_users_prefix_and_captured() {
+    let app = spawn_app_with(&[]).await;
+    let (account, key) = funded(&app, 100).await;
+    let (status, body, _) = app
+        .submit(&key, Some("k1"), video("a lighthouse at dawn"))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        (body["status"].as_str(), body["cost"].as_i64()),
+        (Some("queued"), Some(4))
+    );
+    let id = body["id"].as_str().unwrap().to_owned();
+    let jobs: i64 =
+        sqlx::query_scalar("select count(*) from apalis.jobs where job_type = 'slate.generations'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(jobs, 1, "the job was enqueued with the reservation");
+    // The prompt is nowhere in the job payload or the log.
+    let leaked: i64 = sqlx::query_scalar(
+        "select (select count(*) from apalis.jobs where convert_from(job, 'UTF8') like '%lighthouse%')
+              + (select count(*) from events where payload::text like '%lighthouse%')",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(leaked, 0);
+    let b = app.balance(&key).await;
+    assert_eq!(
+        (b["available"].as_i64(), b["reserved"].as_i64()),
+        (Some(96), Some(4))
+    );
+
+    app.run_generations().await;
+    let (status, g) = app
+        .get_as(&format!("/v1/generations/{id}"), Some(&key))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(g["status"], "succeeded", "{g}");
+    assert_eq!(g["output"]["content_type"], "image/gif");
+    assert_eq!(
+        (
+            g["output"]["width"].as_i64(),
+            g["output"]["height"].as_i64()
+        ),
+        (Some(64), Some(36))
+    );
+    assert!(g["output"]["duration_ms"].as_i64().unwrap() > 0);
+    let b = app.balance(&key).await;
+    assert_eq!(
+        (b["available"].as_i64(), b["reserved"].as_i64()),
+        (Some(96), Some(0))
+    );
+
+    // The object is under users/<user>/collections/<collection>/<generation>.<ext>
+    // and the presigned URL serves it.
+    let object: String =
+        sqlx::query_scalar("select output_key from generations where generation_id = $1")
+            .bind(Uuid::parse_str(&id).unwrap())
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        object,
+        format!("users/{account}/collections/trailers/{id}.gif")
+    );
+    let url = g["output"]["url"].as_str().unwrap();
+    let fetched = reqwest::get(url).await.unwrap();
+    assert_eq!(fetched.status().as_u16(), 200);
+    assert!(fetched.bytes().await.unwrap().starts_with(b"GIF89a"));
+
+    // An expired presigned URL does not serve it.
+    let short = storage()
+        .presign_get(&object, Duration::from_secs(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(reqwest::get(&short).await.unwrap().status().as_u16(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_concurrent_submissions_on_credits_for_thirty_accept_exactly_thirty() {
+    let app = spawn_app_with(&[]).await;
+    // A voice-over costs 2 credits.
+    let (_, key) = funded(&app, 60).await;
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let client = app.client.clone();
+        let url = format!("{}/v1/generations", app.address);
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .bearer_auth(key)
+                .json(&json!({"kind": "voiceover", "provider": "local", "prompt": format!("line {i}")}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }));
+    }
+    let mut accepted = 0;
+    let mut refused = 0;
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        match status {
+            202 => accepted += 1,
+            402 => {
+                assert_eq!(body["error"]["code"], "insufficient_credits");
+                assert_eq!(body["error"]["details"]["shortfall"], 2);
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!((accepted, refused), (30, 70));
+    let jobs: i64 =
+        sqlx::query_scalar("select count(*) from apalis.jobs where job_type = 'slate.generations'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(jobs, 30, "a job exists exactly when its reservation does");
+    app.run_generations().await;
+    let b = app.balance(&key).await;
+    let captured: i64 = sqlx::query_scalar("select total_captured from credit_accounts")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(b["available"].as_i64().unwrap() + captured, 60);
+    assert_eq!(captured, 60);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_replays_the_first_response_and_refuses_another_body() {
+    let app = spawn_app_with(&[]).await;
+    let (_, key) = funded(&app, 100).await;
+    let (s1, b1, _) = app.submit(&key, Some("same"), video("waves")).await;
+    let (s2, b2, _) = app.submit(&key, Some("same"), video("waves")).await;
+    assert_eq!((s1, s2), (202, 202));
+    assert_eq!(b1, b2);
+    let count: i64 = sqlx::query_scalar("select count(*) from generations")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+    let (s3, b3, _) = app.submit(&key, Some("same"), video("other waves")).await;
+    assert_eq!(
+        (s3, b3["error"]["code"].as_str()),
+        (409, Some("idempotency_key_reused"))
+    );
+    let b = app.balance(&key).await;
+    assert_eq!(b["reserved"], 4, "charged once");
+}
+
+#[tokio::test]
+async fn a_permanent_provider_failure_fails_the_generation_and_refunds_it() {
+    let app = spawn_app_with(&[]).await;
+    let (_, key) = funded(&app, 100).await;
+    let mut body = video("doomed");
+    body["parameters"]["fail"] = "permanent".into();
+    let (_, g, _) = app.submit(&key, None, body).await;
+    let mut flaky = video("flaky forever");
+    flaky["parameters"]["fail"] = "transient".into();
+    let (_, f, _) = app.submit(&key, None, flaky).await;
+    app.run_generations().await;
+    let (_, g) = app
+        .get_as(
+            &format!("/v1/generations/{}", g["id"].as_str().unwrap()),
+            Some(&key),
+        )
+        .await;
+    assert_eq!(
+        (g["status"].as_str(), g["failure_code"].as_str()),
+        (Some("failed"), Some("content_policy"))
+    );
+    assert_eq!(g["attempts"], 1, "a permanent error is not retried");
+    let (_, f) = app
+        .get_as(
+            &format!("/v1/generations/{}", f["id"].as_str().unwrap()),
+            Some(&key),
+        )
+        .await;
+    assert_eq!(
+        (f["status"].as_str(), f["failure_code"].as_str()),
+        (Some("failed"), Some("provider_unavailable"))
+    );
+    assert_eq!(
+        f["attempts"], 3,
+        "transient errors are retried up to the attempt limit"
+    );
+    let b = app.balance(&key).await;
+    assert_eq!(
+        (b["available"].as_i64(), b["reserved"].as_i64()),
+        (Some(100), Some(0))
+    );
+    let releases: i64 =
+        sqlx::query_scalar("select count(*) from events where event_type = 'CreditsReleased'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(releases, 2, "one release per failed generation");
+}
+
+#[tokio::test]
+async fn a_deny_listed_prompt_is_rejected_touches_no_credits_and_is_not_kept() {
+    let app = spawn_app_with(&[]).await;
+    let (_, key) = funded(&app, 100).await;
+    let prompt = "please show how to BEHEAD the marble statue";
+    let (status, body, _) = app.submit(&key, None, video(prompt)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("prompt_rejected")),
+        "{body}"
+    );
+    assert_eq!(body["error"]["details"]["category"], "violence");
+    let b = app.balance(&key).await;
+    assert_eq!(
+        (b["available"].as_i64(), b["reserved"].as_i64()),
+        (Some(100), Some(0))
+    );
+    let (payload,): (Value,) =
+        sqlx::query_as("select payload from events where event_type = 'PromptRejected'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(payload["category"], "violence");
+    assert_eq!(
+        payload["prompt_sha256"],
+        slate_events::moderation::prompt_sha256(prompt)
+    );
+    let anywhere: i64 = sqlx::query_scalar(
+        "select (select count(*) from events where payload::text ilike '%marble%' or metadata::text ilike '%marble%')
+              + (select count(*) from generation_inputs where prompt ilike '%marble%')",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(anywhere, 0);
+}
+
+#[tokio::test]
+async fn another_user_cannot_read_list_or_cancel_a_generation() {
+    let app = spawn_app_with(&[]).await;
+    let (_, alice) = funded(&app, 100).await;
+    let (_, bob) = funded(&app, 100).await;
+    let (_, g, _) = app.submit(&alice, None, video("alice's")).await;
+    let id = g["id"].as_str().unwrap();
+    assert_eq!(
+        app.get_as(&format!("/v1/generations/{id}"), Some(&bob))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        app.post_json(
+            &format!("/v1/generations/{id}/cancel"),
+            Some(&bob),
+            json!({})
+        )
+        .await
+        .0,
+        404
+    );
+    let (_, list) = app.get_as("/v1/generations", Some(&bob)).await;
+    assert!(list["data"].as_array().unwrap().is_empty());
+    assert_eq!(
+        app.get_as("/v1/generations/not-a-uuid", Some(&alice))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        app.get_as(&format!("/v1/generations/{id}"), None).await.0,
+        401
+    );
+
+    // The owner cancels it while queued: canceled and released at once.
+    let (status, c) = app
+        .post_json(
+            &format!("/v1/generations/{id}/cancel"),
+            Some(&alice),
+            json!({}),
+        )
+        .await;
+    assert_eq!((status, c["status"].as_str()), (200, Some("canceled")));
+    let b = app.balance(&alice).await;
+    assert_eq!(
+        (b["available"].as_i64(), b["reserved"].as_i64()),
+        (Some(100), Some(0))
+    );
+    let (status, c) = app
+        .post_json(
+            &format!("/v1/generations/{id}/cancel"),
+            Some(&alice),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, c["error"]["code"].as_str()),
+        (409, Some("generation_finished"))
+    );
+    app.run_generations().await;
+    let (_, g) = app
+        .get_as(&format!("/v1/generations/{id}"), Some(&alice))
+        .await;
+    assert_eq!(g["status"], "canceled", "a canceled job does not run");
+}
+
+#[tokio::test]
+async fn listing_pages_with_a_cursor() {
+    let app = spawn_app_with(&[]).await;
+    let (_, key) = funded(&app, 100).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let (_, g, _) = app
+            .submit(
+                &key,
+                None,
+                json!({"kind": "script", "provider": "local", "prompt": format!("idea {i}")}),
+            )
+            .await;
+        ids.push(g["id"].as_str().unwrap().to_owned());
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/generations?limit=2&cursor={c}"),
+            None => "/v1/generations?limit=2".to_owned(),
+        };
+        let (status, page) = app.get_as(&path, Some(&key)).await;
+        assert_eq!(status, 200, "{page}");
+        for g in page["data"].as_array().unwrap() {
+            seen.push(g["id"].as_str().unwrap().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "newest first, each once");
+}
+
+#[tokio::test]
+async fn bad_submissions_get_stable_codes_and_unpriced_operations_are_refused() {
+    let app = spawn_app_with(&[]).await;
+    let (_, key) = funded(&app, 100).await;
+    let cases = [
+        (
+            json!({"kind": "opera", "provider": "local", "prompt": "x"}),
+            "invalid_kind",
+        ),
+        (
+            json!({"kind": "video", "provider": "nowhere", "prompt": "x"}),
+            "unknown_provider",
+        ),
+        (
+            json!({"kind": "video", "provider": "local"}),
+            "prompt_required",
+        ),
+        (
+            json!({"kind": "transcription", "provider": "local"}),
+            "input_required",
+        ),
+        (
+            json!({"kind": "video", "provider": "local", "prompt": "x", "parameters": {"duration": 999}}),
+            "invalid_parameters",
+        ),
+        (
+            json!({"kind": "video", "provider": "local", "prompt": "x", "collection_id": "../etc"}),
+            "invalid_collection",
+        ),
+        (
+            json!({"kind": "transcription", "provider": "local", "input_key": "users/someone-else/a.wav"}),
+            "invalid_input",
+        ),
+        (
+            json!({"kind": "video", "provider": "local", "prompt": "x".repeat(5000)}),
+            "invalid_prompt",
+        ),
+        (
+            json!({"kind": "video", "provider": "local", "prompt": "x", "extra": 1}),
+            "invalid_body",
+        ),
+    ];
+    for (body, code) in cases {
+        let (status, resp, _) = app.submit(&key, None, body.clone()).await;
+        assert_eq!(
+            (status, resp["error"]["code"].as_str()),
+            (422, Some(code)),
+            "{body}"
+        );
+    }
+    // The database itself refuses an operation without an approved price.
+    sqlx::query("delete from approved_operations where operation = 'script:local'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let (status, resp, _) = app
+        .submit(
+            &key,
+            None,
+            json!({"kind": "script", "provider": "local", "prompt": "x"}),
+        )
+        .await;
+    assert_eq!(
+        (status, resp["error"]["code"].as_str()),
+        (422, Some("operation_not_priced"))
+    );
+    let b = app.balance(&key).await;
+    assert_eq!(b["reserved"], 0);
+}
+
+#[tokio::test]
+async fn submissions_are_rate_limited_per_account_even_when_redis_is_down() {
+    for redis in [
+        crate::harness::redis_url(),
+        "redis://127.0.0.1:1".to_owned(),
+    ] {
+        let app = spawn_app_with(&[
+            ("SLATE_RATE_LIMIT_ACCOUNT_PER_MIN", "3"),
+            ("REDIS_URL", &redis),
+        ])
+        .await;
+        let (_, key) = funded(&app, 100).await;
+        let mut statuses = Vec::new();
+        let mut retry_after = None;
+        for i in 0..5 {
+            let (status, _, headers) = app
+                .submit(
+                    &key,
+                    None,
+                    json!({"kind": "script", "provider": "local", "prompt": format!("p{i}")}),
+                )
+                .await;
+            statuses.push(status);
+            if status == 429 {
+                retry_after = headers
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+            }
+        }
+        assert_eq!(statuses, vec![202, 202, 202, 429, 429], "redis {redis}");
+        let secs: u64 = retry_after.unwrap().parse().unwrap();
+        assert!((1..=60).contains(&secs));
+    }
+}

@@ -1,0 +1,379 @@
+//! The generation job: call the selected provider, store the output in S3,
+//! and record exactly one outcome — success with capture, or failure with
+//! release. Transient errors are retried with backoff (the job's `run_at`
+//! moves forward, so the backoff survives a crash); a handle the provider
+//! gave is recorded, so a restarted worker polls instead of paying twice.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use apalis::prelude::{Attempt, BoxDynError, Data, TaskId};
+use futures::FutureExt;
+use serde::{Deserialize, Serialize};
+use slate_events::Metadata;
+use slate_events::generations::{self, Generation, Output as StoredOutput, Submission, Submitted};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::jobs;
+use crate::media;
+use crate::providers::{Kind, Output, Polled, ProviderError, ProviderRequest, Providers, Started};
+use crate::storage::Storage;
+
+pub const QUEUE: &str = "slate.generations";
+
+/// Ids only: the prompt stays in the database.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GenerationJob {
+    pub generation_id: Uuid,
+}
+
+/// Reserve, record and enqueue, in the caller's transaction: a job exists
+/// exactly when its reservation does.
+pub async fn submit(
+    conn: &mut PgConnection,
+    submission: &Submission,
+    metadata: &Metadata,
+    max_attempts: usize,
+) -> anyhow::Result<Submitted> {
+    let outcome = generations::submit(conn, submission, metadata).await?;
+    if let Submitted::Accepted { .. } = outcome {
+        let job = GenerationJob {
+            generation_id: submission.generation_id,
+        };
+        jobs::enqueue(conn, QUEUE, &job, max_attempts).await?;
+    }
+    Ok(outcome)
+}
+
+/// Where a generation's output lives.
+pub fn output_key(g: &Generation, content_type: &str) -> String {
+    format!(
+        "users/{}/collections/{}/{}.{}",
+        g.account_id,
+        g.collection_id,
+        g.generation_id,
+        media::extension_for(content_type)
+    )
+}
+
+#[derive(Clone)]
+pub struct GenerationWorker {
+    pub pool: PgPool,
+    pub providers: Arc<Providers>,
+    pub storage: Storage,
+    pub max_attempts: usize,
+    pub poll_interval: Duration,
+    /// Give up polling a provider after this long (the attempt fails
+    /// transiently and is retried).
+    pub poll_timeout: Duration,
+    pub download_limit: usize,
+    pub http: reqwest::Client,
+}
+
+enum Step {
+    /// Try again later (transient).
+    Retry(&'static str),
+    /// Fail for good with this reason code.
+    Fatal(String),
+}
+
+impl From<ProviderError> for Step {
+    fn from(e: ProviderError) -> Self {
+        match e {
+            ProviderError::Transient(_) => Step::Retry("provider_unavailable"),
+            ProviderError::Timeout => Step::Retry("provider_timeout"),
+            ProviderError::Permanent { code, .. } => Step::Fatal(code.to_owned()),
+        }
+    }
+}
+
+impl From<slate_events::Error> for Step {
+    fn from(e: slate_events::Error) -> Self {
+        tracing::warn!(error = %e, "database step failed");
+        Step::Retry("database_unavailable")
+    }
+}
+
+impl From<sqlx::Error> for Step {
+    fn from(e: sqlx::Error) -> Self {
+        slate_events::Error::from(e).into()
+    }
+}
+
+fn system() -> Metadata {
+    Metadata::system()
+}
+
+/// What one attempt ended in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// The generation is finished (succeeded, failed, canceled) or was already.
+    Finished,
+    /// A transient problem: run again after this delay.
+    RetryAfter(Duration, String),
+}
+
+/// One attempt of a generation, as the job runs it (tests call it directly
+/// to run queued work in place). Never panics: a panic inside fails the
+/// generation and releases its credits.
+pub async fn attempt(w: &GenerationWorker, id: Uuid, n: i32) -> AttemptOutcome {
+    let run = AssertUnwindSafe(run(w, id, n)).catch_unwind().await;
+    let code = match run {
+        Ok(Ok(())) => return AttemptOutcome::Finished,
+        Ok(Err(Step::Retry(code))) if (n as usize) < w.max_attempts => {
+            return AttemptOutcome::RetryAfter(jobs::backoff(n as usize), code.to_owned());
+        }
+        Ok(Err(Step::Retry(code))) => code.to_owned(),
+        Ok(Err(Step::Fatal(code))) => code,
+        Err(_) => {
+            tracing::error!("generation attempt panicked; failing the generation");
+            "internal_error".to_owned()
+        }
+    };
+    fail(w, id, &code, n).await;
+    AttemptOutcome::Finished
+}
+
+#[tracing::instrument(skip_all, fields(generation_id = %job.generation_id, attempt = attempt_no.current()))]
+pub async fn handle(
+    job: GenerationJob,
+    task_id: TaskId,
+    attempt_no: Attempt,
+    worker: Data<GenerationWorker>,
+) -> Result<(), BoxDynError> {
+    let n = attempt_no.current().max(1) as i32;
+    match attempt(&worker, job.generation_id, n).await {
+        AttemptOutcome::Finished => Ok(()),
+        AttemptOutcome::RetryAfter(delay, code) => {
+            tracing::warn!(reason = %code, retry_in_s = delay.as_secs(), "generation will be retried");
+            jobs::retry_later(&worker.pool, &task_id.to_string(), delay).await?;
+            Err(code.into())
+        }
+    }
+}
+
+/// Record the terminal failure and release the credits.
+async fn fail(worker: &GenerationWorker, id: Uuid, code: &str, attempts: i32) {
+    let result = async {
+        let mut tx = worker.pool.begin().await?;
+        if let Some(g) = generations::get_any(&mut tx, id).await? {
+            generations::fail(&mut tx, &g, code, attempts, &system()).await?;
+        }
+        tx.commit().await?;
+        Ok::<(), slate_events::Error>(())
+    }
+    .await;
+    match result {
+        Ok(()) => tracing::info!(reason = code, "generation failed; credits released"),
+        // The reservation's hold expiry still releases the credits.
+        Err(e) => tracing::error!(error = %e, "recording the failure failed"),
+    }
+}
+
+async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
+    let mut conn = w.pool.acquire().await?;
+    let Some(g) = generations::get_any(&mut conn, id).await? else {
+        return Ok(());
+    };
+    if g.is_terminal() {
+        return Ok(());
+    }
+    if g.deadline.is_some_and(|d| d <= chrono::Utc::now()) {
+        cancel(w, &g, "deadline_passed").await?;
+        return Ok(());
+    }
+    if g.cancel_requested && g.provider_handle.is_none() {
+        cancel(w, &g, "canceled").await?;
+        return Ok(());
+    }
+    generations::record_started(&mut conn, &g, attempt, &system()).await?;
+    let provider = w
+        .providers
+        .get(&g.provider)
+        .ok_or_else(|| Step::Fatal("provider_unavailable".into()))?;
+    let kind: Kind = serde_json::from_value(serde_json::Value::String(g.kind.clone()))
+        .map_err(|_| Step::Fatal("invalid_parameters".into()))?;
+
+    let output = match &g.provider_handle {
+        Some(handle) => poll(w, provider, &g, handle).await?,
+        None => {
+            let (prompt, input_key, parameters) = generations::inputs(&mut conn, id).await?;
+            let input_url = match input_key {
+                Some(key) => Some(
+                    w.storage
+                        .presign_get(&key, Duration::from_secs(3600))
+                        .await
+                        .map_err(|_| Step::Retry("storage_unavailable"))?,
+                ),
+                None => None,
+            };
+            let request = ProviderRequest {
+                kind,
+                prompt,
+                input_url,
+                parameters: if parameters.is_null() {
+                    serde_json::json!({})
+                } else {
+                    parameters
+                },
+            };
+            match provider.start(&request).await? {
+                Started::Done(output) => output,
+                Started::Pending { handle } => {
+                    generations::record_submitted(&mut conn, &g, &handle, &system()).await?;
+                    poll(w, provider, &g, &handle).await?
+                }
+            }
+        }
+    };
+    drop(conn);
+    let stored = store_output(w, &g, output).await?;
+    let mut tx = w.pool.begin().await?;
+    let first = generations::succeed(&mut tx, &g, &stored, &system()).await?;
+    tx.commit().await?;
+    if first {
+        tracing::info!(
+            bytes = stored.bytes,
+            "generation succeeded; credits captured"
+        );
+    }
+    Ok(())
+}
+
+async fn cancel(w: &GenerationWorker, g: &Generation, reason: &str) -> Result<(), Step> {
+    let mut tx = w.pool.begin().await?;
+    generations::cancel_now(&mut tx, g, reason, &system()).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn poll(
+    w: &GenerationWorker,
+    provider: &crate::providers::Provider,
+    g: &Generation,
+    handle: &str,
+) -> Result<Output, Step> {
+    let started = tokio::time::Instant::now();
+    loop {
+        if let Polled::Done(output) = provider.poll(handle).await? {
+            return Ok(output);
+        }
+        // Canceled meanwhile? Tell the provider; unless it already finished,
+        // the generation ends canceled and unbilled.
+        let mut conn = w.pool.acquire().await?;
+        let current = generations::get_any(&mut conn, g.generation_id).await?;
+        drop(conn);
+        if let Some(c) = current {
+            if c.is_terminal() {
+                let _ = provider.cancel(handle).await;
+                return Err(Step::Fatal(c.status));
+            }
+            if c.cancel_requested {
+                let _ = provider.cancel(handle).await;
+                if let Polled::Done(output) = provider.poll(handle).await? {
+                    return Ok(output);
+                }
+                cancel(w, g, "canceled").await?;
+                return Err(Step::Fatal("canceled".into()));
+            }
+        }
+        if started.elapsed() > w.poll_timeout {
+            return Err(Step::Retry("provider_timeout"));
+        }
+        tokio::time::sleep(w.poll_interval).await;
+    }
+}
+
+async fn store_output(
+    w: &GenerationWorker,
+    g: &Generation,
+    output: Output,
+) -> Result<StoredOutput, Step> {
+    let (bytes, content_type) = match output {
+        Output::MediaBytes {
+            bytes,
+            content_type,
+        } => (bytes, content_type),
+        Output::Text { text } => (text.into_bytes(), "text/plain; charset=utf-8".to_owned()),
+        Output::MediaUrl { url, content_type } => {
+            let bytes = download(w, &url).await?;
+            let content_type = content_type
+                .or_else(|| media::sniff_content_type(&bytes).map(str::to_owned))
+                .unwrap_or_else(|| "application/octet-stream".to_owned());
+            (bytes, content_type)
+        }
+    };
+    let base_type = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    let info = media::probe(&bytes, &base_type);
+    let key = output_key(g, &base_type);
+    let size = bytes.len() as i64;
+    w.storage
+        .put(&key, bytes, &content_type)
+        .await
+        .map_err(|_| Step::Retry("storage_unavailable"))?;
+    Ok(StoredOutput {
+        key,
+        content_type,
+        bytes: size,
+        width: info.width.map(|v| v as i32),
+        height: info.height.map(|v| v as i32),
+        duration_ms: info.duration_ms.map(|v| v as i64),
+    })
+}
+
+/// Fetch a provider's result, streamed with a size cap.
+async fn download(w: &GenerationWorker, url: &str) -> Result<Vec<u8>, Step> {
+    let mut response = w
+        .http
+        .get(url)
+        .send()
+        .await
+        .map_err(|_| Step::Retry("provider_unavailable"))?;
+    if !response.status().is_success() {
+        return Err(if response.status().is_server_error() {
+            Step::Retry("provider_unavailable")
+        } else {
+            Step::Fatal("output_unavailable".into())
+        });
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|_| Step::Retry("provider_unavailable"))?
+    {
+        if bytes.len() + chunk.len() > w.download_limit {
+            return Err(Step::Fatal("output_too_large".into()));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+/// Cancel generations past their deadline (run by the sweeper).
+pub async fn cancel_overdue(
+    pool: &PgPool,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<usize, slate_events::Error> {
+    let mut conn = pool.acquire().await?;
+    let ids = generations::overdue(&mut conn, now, 500).await?;
+    drop(conn);
+    let mut n = 0;
+    for id in ids {
+        let mut tx = pool.begin().await?;
+        if let Some(g) = generations::get_any(&mut tx, id).await?
+            && generations::cancel_now(&mut tx, &g, "deadline_passed", &system()).await?
+        {
+            n += 1;
+        }
+        tx.commit().await?;
+    }
+    Ok(n)
+}
