@@ -190,3 +190,166 @@ async fn a_worker_killed_while_processing_a_stripe_event_leaves_it_processed_exa
         .unwrap();
     assert_eq!(b.available, 500);
 }
+
+#[tokio::test]
+async fn a_worker_killed_mid_generation_is_recovered_and_billed_exactly_once() {
+    let db = TestDb::new().await;
+    let mut conn = db.conn().await;
+    let account = crate::credits::new_account(&mut conn).await;
+    crate::credits::grant(
+        &mut conn,
+        account,
+        50,
+        slate_events::catalog::GrantSource::Purchase,
+        None,
+    )
+    .await;
+    let generation_id = uuid::Uuid::now_v7();
+    let submission = slate_events::generations::Submission {
+        generation_id,
+        account_id: account,
+        kind: "video".into(),
+        provider: "local".into(),
+        units: 2,
+        collection_id: "default".into(),
+        prompt: Some("slow sunrise".into()),
+        input_key: None,
+        parameters: serde_json::json!({"duration": 2, "delay_ms": 2500}),
+        deadline: None,
+        hold_until: chrono::Utc::now() + chrono::Duration::hours(1),
+    };
+    let mut tx = sqlx::Acquire::begin(&mut *conn).await.unwrap();
+    slate_workers::generations::submit(&mut tx, &submission, &slate_events::Metadata::system(), 5)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    drop(conn);
+
+    let status = || async {
+        sqlx::query_scalar::<_, String>("select status from generations where generation_id = $1")
+            .bind(generation_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    let liveness = [
+        ("SLATE_WORKER_HEARTBEAT_SECS", "1"),
+        ("SLATE_WORKER_MISSED_HEARTBEATS", "2"),
+    ];
+    let mut doomed = start_worker_with(&db, &liveness);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while status().await != "running" {
+        assert!(tokio::time::Instant::now() < deadline, "never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    doomed.0.kill().unwrap(); // SIGKILL, mid-provider-call
+    doomed.0.wait().unwrap();
+
+    let _survivor = start_worker_with(&db, &liveness);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = status().await;
+        if s == "succeeded" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not recovered: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let effects: Vec<(String, i64)> = sqlx::query_as(
+        "select event_type, count(*) from events
+          where event_type in ('CreditsCaptured', 'CreditsReleased') and payload->>'generation_id' = $1
+          group by event_type",
+    )
+    .bind(generation_id.to_string())
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        effects,
+        vec![("CreditsCaptured".to_owned(), 1)],
+        "one capture, no release"
+    );
+    let b = slate_events::credits::balance(&mut *db.conn().await, account)
+        .await
+        .unwrap();
+    assert_eq!((b.available, b.reserved), (46, 0));
+}
+
+#[tokio::test]
+async fn prompts_never_reach_the_logs_even_at_debug_level() {
+    let db = TestDb::new().await;
+    let mut conn = db.conn().await;
+    let account = crate::credits::new_account(&mut conn).await;
+    crate::credits::grant(
+        &mut conn,
+        account,
+        50,
+        slate_events::catalog::GrantSource::Purchase,
+        None,
+    )
+    .await;
+    let key = slate_events::access::create_key(
+        &mut conn,
+        account,
+        None,
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap()
+    .plaintext;
+    drop(conn);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log_path = std::env::temp_dir().join(format!("slate-serve-{}.log", uuid::Uuid::new_v4()));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut serve = Worker(
+        Command::new(env!("CARGO_BIN_EXE_slate"))
+            .arg("serve")
+            .env("DATABASE_URL", &db.url)
+            .env("SLATE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while client.get(format!("{base}/healthz")).send().await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "serve did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let secret_words = ["zanzibarquokka", "BEHEAD the velvetmoose"];
+    for prompt in [
+        format!("a {} at noon", secret_words[0]),
+        format!("please {}", secret_words[1]),
+    ] {
+        let r = client
+            .post(format!("{base}/v1/generations"))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"kind": "script", "provider": "local", "prompt": prompt}))
+            .send()
+            .await
+            .unwrap();
+        assert!([202, 422].contains(&r.status().as_u16()));
+    }
+    let _ = serve.0.kill();
+    let _ = serve.0.wait();
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    assert!(
+        logged.contains("prompt rejected"),
+        "the rejection itself is logged"
+    );
+    for word in ["zanzibarquokka", "velvetmoose", &key] {
+        assert!(!logged.contains(word), "{word} appeared in the logs");
+    }
+}
