@@ -67,8 +67,12 @@ pub enum Command {
         #[command(subcommand)]
         command: JobsCommand,
     },
-    /// Run the whole story end to end against the configured services.
-    Demo,
+    /// Run the ledger's story against the configured services; `demo story`
+    /// runs the whole service's story against a running serve + work.
+    Demo {
+        #[command(subcommand)]
+        command: Option<DemoCommand>,
+    },
     /// Measure throughput and latency against the real services (build with
     /// --release for figures worth quoting).
     Bench {
@@ -84,6 +88,17 @@ pub enum Command {
         /// Concurrent webhook senders.
         #[arg(long)]
         senders: Option<usize>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DemoCommand {
+    /// Buy credits through a signed webhook and run three generations
+    /// through a running `slate serve` and `slate work`.
+    Story {
+        /// The running `slate serve`.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
     },
 }
 
@@ -543,11 +558,20 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             let report = crate::bench::run(&config, &opts).await?;
             crate::bench::print(&report);
         }
-        Command::Demo => {
+        Command::Demo { command } => {
             crate::migrate::ensure_database(&db_url).await?;
             let pool = pool().await?;
             crate::migrate::run(&pool).await?;
-            return crate::demo::run(&pool, &config).await;
+            return match command {
+                None => crate::demo::run(&pool, &config).await,
+                Some(DemoCommand::Story { url }) => {
+                    let secret = config
+                        .stripe_webhook_secrets
+                        .first()
+                        .context("the story signs a webhook: set STRIPE_WEBHOOK_SECRETS")?;
+                    crate::demo_story::run(&pool, url.trim_end_matches('/'), secret.expose()).await
+                }
+            };
         }
     }
     Ok(0)

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod demo_story;
 pub mod generations;
 pub mod http;
 pub mod migrate;
