@@ -94,7 +94,6 @@ pub async fn run(pool: &PgPool, base: &str, webhook_secret: &str) -> anyhow::Res
         Duration::from_secs(60),
         || {
             let (http, key) = (http.clone(), key.clone());
-            let credits = credits;
             async move {
                 let v = credits(http, key).await?;
                 Ok((v["available"].as_i64() == Some(500)).then_some(v))
