@@ -547,3 +547,135 @@ async fn submissions_are_rate_limited_per_account_even_when_redis_is_down() {
         assert!((1..=60).contains(&secs));
     }
 }
+
+/// A generation through a real provider adapter (Fal.ai's queue API, faked
+/// at the HTTP boundary): a transient failure is retried, the handle is
+/// polled, the result downloaded and stored; a content-policy refusal is
+/// refunded at once.
+#[tokio::test]
+async fn a_fal_generation_survives_a_transient_failure_and_a_refusal_is_refunded() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let fal = MockServer::start().await;
+    let app = spawn_app_with(&[("FAL_KEY", "fal_test_key"), ("FAL_BASE_URL", &fal.uri())]).await;
+    let (account, key) = funded(&app, 200).await;
+    let model = "fal-ai/kling-video/v2.1/master/text-to-video";
+    let base = format!("{}/fal-ai/kling-video/requests/req-1", fal.uri());
+    // First submission: the queue is overloaded; the retry gets in.
+    Mock::given(method("POST"))
+        .and(path(format!("/{model}")))
+        .respond_with(ResponseTemplate::new(503).set_body_json(json!({"detail": "overloaded"})))
+        .up_to_n_times(1)
+        .mount(&fal)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(format!("/{model}")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "status": "IN_QUEUE", "request_id": "req-1", "response_url": base,
+            "status_url": format!("{base}/status"), "cancel_url": format!("{base}/cancel"),
+        })))
+        .expect(1)
+        .mount(&fal)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/fal-ai/kling-video/requests/req-1/status"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"status": "COMPLETED", "request_id": "req-1"})),
+        )
+        .mount(&fal)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/fal-ai/kling-video/requests/req-1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "video": {"url": format!("{}/files/out.mp4", fal.uri()), "content_type": "video/mp4"}
+        })))
+        .mount(&fal)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/files/out.mp4"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_bytes(b"\x00\x00\x00\x18ftypmp42 fake video".to_vec()),
+        )
+        .mount(&fal)
+        .await;
+
+    let (status, g, _) = app
+        .submit(&key, None, json!({"kind": "video", "provider": "fal", "prompt": "a fox in snow", "parameters": {"model": model, "duration": "5"}}))
+        .await;
+    assert_eq!((status, g["cost"].as_i64()), (202, Some(50)), "{g}");
+    let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
+
+    let mut w = worker(&app);
+    w.providers = Arc::new(
+        Providers::new(&ProviderSettings {
+            fal: Some(slate_workers::providers::EndpointSettings::new(
+                fal.uri(),
+                Some(slate_workers::providers::ApiKey::new("fal_test_key")),
+                Duration::from_secs(5),
+            )),
+            ..ProviderSettings::default()
+        })
+        .unwrap(),
+    );
+    let first = slate_workers::generations::attempt(&w, id, 1).await;
+    assert!(
+        matches!(first, slate_workers::generations::AttemptOutcome::RetryAfter(_, ref c) if c == "provider_unavailable"),
+        "{first:?}"
+    );
+    let second = slate_workers::generations::attempt(&w, id, 2).await;
+    assert_eq!(second, slate_workers::generations::AttemptOutcome::Finished);
+    let (_, g) = app
+        .get_as(&format!("/v1/generations/{id}"), Some(&key))
+        .await;
+    assert_eq!(
+        (g["status"].as_str(), g["attempts"].as_i64()),
+        (Some("succeeded"), Some(2)),
+        "{g}"
+    );
+    assert_eq!(g["output"]["content_type"], "video/mp4");
+    let stored = storage()
+        .get(&format!("users/{account}/collections/default/{id}.mp4"))
+        .await
+        .unwrap();
+    assert!(stored.ends_with(b"fake video"));
+    // The provider saw the prompt and its parameters, nothing about the user.
+    for r in fal.received_requests().await.unwrap() {
+        let text = format!(
+            "{} {:?} {}",
+            r.url,
+            r.headers,
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(!text.contains(&account.to_string()) && !text.contains(&id.to_string()));
+    }
+
+    // A refusal by the provider's content policy: failed and refunded at once.
+    fal.reset().await;
+    Mock::given(method("POST"))
+        .and(path(format!("/{model}")))
+        .respond_with(ResponseTemplate::new(422).set_body_json(json!({
+            "detail": [{"loc": ["body", "prompt"], "msg": "The prompt was flagged by our content checker", "type": "content_policy_violation"}]
+        })))
+        .mount(&fal)
+        .await;
+    let (_, g, _) = app
+        .submit(&key, None, json!({"kind": "video", "provider": "fal", "prompt": "something flagged", "parameters": {"model": model, "duration": "5"}}))
+        .await;
+    let id2: Uuid = g["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        slate_workers::generations::attempt(&w, id2, 1).await,
+        slate_workers::generations::AttemptOutcome::Finished
+    );
+    let (_, g) = app
+        .get_as(&format!("/v1/generations/{id2}"), Some(&key))
+        .await;
+    assert_eq!(g["status"], "failed", "{g}");
+    let b = app.balance(&key).await;
+    assert_eq!(
+        (b["available"].as_i64(), b["reserved"].as_i64()),
+        (Some(150), Some(0))
+    );
+}
