@@ -29,6 +29,8 @@ pub struct BenchOptions {
     /// Webhook deliveries to send.
     pub webhooks: usize,
     pub senders: usize,
+    /// Jobs for the queue measurements.
+    pub jobs: usize,
 }
 
 impl BenchOptions {
@@ -37,6 +39,7 @@ impl BenchOptions {
             seconds: 2.0,
             webhooks: 2_000,
             senders: 32,
+            jobs: 300,
         }
     }
 }
@@ -47,6 +50,7 @@ impl Default for BenchOptions {
             seconds: 10.0,
             webhooks: 20_000,
             senders: 32,
+            jobs: 3_000,
         }
     }
 }
@@ -69,11 +73,19 @@ pub struct Latency {
 }
 
 #[derive(Debug, Serialize)]
+pub struct Jobs {
+    pub jobs: usize,
+    pub noop_per_second: f64,
+    pub generations_per_second: f64,
+}
+
+#[derive(Debug, Serialize)]
 pub struct Report {
     pub build: &'static str,
     pub insert_ceiling: Vec<Throughput>,
     pub event_appends: Vec<Throughput>,
     pub webhook_ingest: Latency,
+    pub jobs: Jobs,
     pub peak_rss_mib: f64,
 }
 
@@ -177,6 +189,17 @@ async fn run_in(
     }
 
     let webhook_ingest = webhooks(config, &pool, opts).await?;
+    let jobs = Jobs {
+        jobs: opts.jobs,
+        noop_per_second: slate_workers::bench::noop_jobs_per_second(&pool, opts.jobs).await?,
+        generations_per_second: slate_workers::bench::generations_per_second(
+            &pool,
+            &config.storage(),
+            opts.jobs,
+            8,
+        )
+        .await?,
+    };
     pool.close().await;
     Ok(Report {
         build: if cfg!(debug_assertions) {
@@ -187,6 +210,7 @@ async fn run_in(
         insert_ceiling,
         event_appends,
         webhook_ingest,
+        jobs,
         peak_rss_mib: peak_rss_mib(),
     })
 }
@@ -352,6 +376,14 @@ pub fn print(report: &Report) {
         w.p99_ms,
         w.max_ms,
         w.errors
+    );
+    let j = &report.jobs;
+    println!(
+        "4. {} jobs: bare apalis no-op {:.0} jobs/s; end-to-end generations (instant local provider, S3 upload, capture) {:.0}/s (ratio {:.2})",
+        j.jobs,
+        j.noop_per_second,
+        j.generations_per_second,
+        j.generations_per_second / j.noop_per_second
     );
     println!("peak RSS of this process: {:.0} MiB", report.peak_rss_mib);
     println!("{}", serde_json::to_string(report).unwrap_or_default());

@@ -88,6 +88,9 @@ pub enum Command {
         /// Concurrent webhook senders.
         #[arg(long)]
         senders: Option<usize>,
+        /// Jobs for the queue measurements.
+        #[arg(long)]
+        jobs: Option<usize>,
     },
 }
 
@@ -546,6 +549,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             seconds,
             webhooks,
             senders,
+            jobs,
         } => {
             let mut opts = if quick {
                 crate::bench::BenchOptions::quick()
@@ -555,6 +559,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             opts.seconds = seconds.unwrap_or(opts.seconds);
             opts.webhooks = webhooks.unwrap_or(opts.webhooks);
             opts.senders = senders.unwrap_or(opts.senders).max(1);
+            opts.jobs = jobs.unwrap_or(opts.jobs).max(1);
             let report = crate::bench::run(&config, &opts).await?;
             crate::bench::print(&report);
         }

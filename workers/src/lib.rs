@@ -2,6 +2,7 @@
 //! `slate work` (projectors, sweeper), provider clients and object storage.
 //! Knows no axum.
 
+pub mod bench;
 pub mod diagnostics;
 pub mod generations;
 pub mod jobs;

@@ -1,0 +1,177 @@
+//! Worker-side measurements for `slate bench`: bare apalis-postgres no-op
+//! jobs per second, and end-to-end generations per second with an instant
+//! provider (the local one making text), each job through the same worker
+//! set-up as `slate work`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use apalis::prelude::*;
+use apalis_postgres::{Config, PostgresStorage};
+use serde::{Deserialize, Serialize};
+use slate_events::Metadata;
+use slate_events::catalog::GrantSource;
+use slate_events::generations::Submission;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::generations::{self, GenerationJob, GenerationWorker};
+use crate::providers::{ProviderSettings, Providers};
+use crate::storage::{Storage, StorageSettings};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Noop {
+    i: usize,
+}
+
+async fn noop(_job: Noop) -> Result<(), BoxDynError> {
+    Ok(())
+}
+
+fn config(queue: &str) -> Config {
+    Config::default()
+        .queue(queue)
+        .batch_size(10)
+        .heartbeat_interval(Duration::from_secs(5))
+        .missed_heartbeats(3)
+}
+
+async fn done(pool: &PgPool, queue: &str) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "select count(*) from apalis.jobs where job_type = $1 and status = 'Done'",
+    )
+    .bind(queue)
+    .fetch_one(pool)
+    .await?)
+}
+
+async fn wait_done(pool: &PgPool, queue: &str, n: usize, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while done(pool, queue).await? < n as i64 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{queue}: not done within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Jobs per second of a handler that does nothing.
+pub async fn noop_jobs_per_second(pool: &PgPool, n: usize) -> anyhow::Result<f64> {
+    const QUEUE: &str = "bench.noop";
+    let mut conn = pool.acquire().await?;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let tasks = chunk
+            .iter()
+            .map(|i| {
+                TaskBuilder::new(serde_json::to_vec(&Noop { i: *i }).expect("serializes")).build()
+            })
+            .collect();
+        apalis_postgres::queries::push_tasks(&mut *conn, QUEUE, tasks).await?;
+    }
+    drop(conn);
+    let storage = PostgresStorage::<Noop>::new(pool)
+        .with_config(config(QUEUE))
+        .with_pubsub();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let start = Instant::now();
+    let monitor = Monitor::new().register(move |_| {
+        WorkerBuilder::new(format!("bench-noop-{}", Uuid::new_v4().simple()))
+            .backend(storage.clone())
+            .build(noop)
+    });
+    let running = tokio::spawn(monitor.run_with_signal(async move {
+        let _ = stopped.await;
+        Ok(())
+    }));
+    wait_done(pool, QUEUE, n, Duration::from_secs(600)).await?;
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    let _ = running.await;
+    Ok(rate)
+}
+
+/// Generations per second end to end: reserved, queued, run by the worker
+/// with the instant local provider, stored in S3, captured.
+pub async fn generations_per_second(
+    pool: &PgPool,
+    storage: &StorageSettings,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<f64> {
+    let mut conn = pool.acquire().await?;
+    let account = slate_events::accounts::create_account(
+        &mut conn,
+        &format!("bench-{}@example.com", Uuid::new_v4().simple()),
+        false,
+        Metadata::system(),
+    )
+    .await?;
+    slate_events::credits::grant(
+        &mut conn,
+        &slate_events::credits::Grant {
+            account_id: account,
+            amount: n as i64 * 10,
+            source: GrantSource::Promotion,
+            grant_key: format!("bench:{account}"),
+            stripe_object: None,
+            expires_at: None,
+            reason: Some("bench".into()),
+        },
+        &Metadata::system(),
+    )
+    .await?;
+    drop(conn);
+    let storage_client = Storage::new(storage);
+    storage_client.ensure_bucket().await?;
+    let worker = GenerationWorker {
+        pool: pool.clone(),
+        providers: Arc::new(Providers::new(&ProviderSettings::default())?),
+        storage: storage_client,
+        max_attempts: 3,
+        poll_interval: Duration::from_millis(50),
+        poll_timeout: Duration::from_secs(60),
+        download_limit: 1 << 20,
+        http: reqwest::Client::new(),
+    };
+    let backend = PostgresStorage::<GenerationJob>::new(pool)
+        .with_config(config(generations::QUEUE))
+        .with_pubsub();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let monitor = Monitor::new().register(move |_| {
+        WorkerBuilder::new(format!("bench-generations-{}", Uuid::new_v4().simple()))
+            .backend(backend.clone())
+            .data(worker.clone())
+            .concurrency(concurrency)
+            .build(generations::handle)
+    });
+    let running = tokio::spawn(monitor.run_with_signal(async move {
+        let _ = stopped.await;
+        Ok(())
+    }));
+    let start = Instant::now();
+    for i in 0..n {
+        let mut tx = pool.begin().await?;
+        let s = Submission {
+            generation_id: Uuid::now_v7(),
+            account_id: account,
+            kind: "script".into(),
+            provider: "local".into(),
+            units: 1,
+            collection_id: "bench".into(),
+            prompt: Some(format!("bench idea {i}")),
+            input_key: None,
+            parameters: serde_json::json!({}),
+            deadline: None,
+            hold_until: chrono::Utc::now() + chrono::Duration::hours(1),
+        };
+        generations::submit(&mut tx, &s, &Metadata::system(), 3).await?;
+        tx.commit().await?;
+    }
+    wait_done(pool, generations::QUEUE, n, Duration::from_secs(600)).await?;
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    let _ = running.await;
+    Ok(rate)
+}
