@@ -565,11 +565,12 @@ fn invoice_account_hint(inv: &Value) -> Option<Uuid> {
         .and_then(|s| s.parse().ok())
 }
 
-async fn invoice_paid(
+/// An invoice's id and the account it bills.
+async fn invoice_and_account<'v>(
     conn: &mut PgConnection,
     cx: &Cx<'_>,
-    inv: &Value,
-) -> Result<Outcome, ProcessError> {
+    inv: &'v Value,
+) -> Result<(&'v str, Uuid), ProcessError> {
     let invoice =
         text(inv, "/id").ok_or_else(|| ProcessError::Permanent("invoice without id".into()))?;
     let account = resolve_account(
@@ -579,6 +580,15 @@ async fn invoice_paid(
         id_of(inv, "/customer"),
     )
     .await?;
+    Ok((invoice, account))
+}
+
+async fn invoice_paid(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    inv: &Value,
+) -> Result<Outcome, ProcessError> {
+    let (invoice, account) = invoice_and_account(conn, cx, inv).await?;
     record_billing(conn, cx, account, false, invoice).await?;
 
     let mut credits = 0;
@@ -643,15 +653,7 @@ async fn invoice_failed(
     cx: &Cx<'_>,
     inv: &Value,
 ) -> Result<Outcome, ProcessError> {
-    let invoice =
-        text(inv, "/id").ok_or_else(|| ProcessError::Permanent("invoice without id".into()))?;
-    let account = resolve_account(
-        conn,
-        cx,
-        &[invoice_account_hint(inv), account_from_metadata(inv)],
-        id_of(inv, "/customer"),
-    )
-    .await?;
+    let (invoice, account) = invoice_and_account(conn, cx, inv).await?;
     record_billing(conn, cx, account, true, invoice).await?;
     Ok(Outcome::Processed(format!(
         "{invoice} failed; account past due"
