@@ -3,6 +3,7 @@
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -16,6 +17,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/generations", post(submit).get(list))
         .route("/v1/generations/{id}", get(read))
         .route("/v1/generations/{id}/cancel", post(cancel))
+        .route("/v1/generations/{id}/events", get(events))
 }
 
 async fn submit(
@@ -101,4 +103,105 @@ async fn cancel(
     let id = parse_id(&id)?;
     let (status, body) = generations::cancel(&state, &auth, id).await?;
     Ok((status, Json(body)))
+}
+
+/// `GET /v1/generations/{id}/events`: Server-Sent Events, one per status
+/// change, ids = the generation stream's versions, resumable with
+/// `Last-Event-ID`; ends after the terminal event.
+async fn events(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Sse<impl futures::Stream<Item = Result<SseEvent, std::convert::Infallible>>>, ApiError>
+{
+    let id = parse_id(&id)?;
+    let mut conn = state.pool.acquire().await?;
+    slate_events::generations::get(&mut conn, auth.account_id, id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    drop(conn);
+    let after: i32 = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let follow = Follow {
+        pool: state.pool.clone(),
+        wake: state.hub.subscribe(),
+        stream_id: format!("generation-{id}"),
+        after,
+        pending: std::collections::VecDeque::new(),
+        finished: false,
+        until: tokio::time::Instant::now() + STREAM_FOR,
+    };
+    let stream =
+        futures::stream::unfold(
+            follow,
+            |mut f| async move { f.next().await.map(|e| (Ok(e), f)) },
+        );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15))))
+}
+
+/// How long one stream stays open; clients resume with Last-Event-ID.
+const STREAM_FOR: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+struct Follow {
+    pool: sqlx::PgPool,
+    wake: tokio::sync::broadcast::Receiver<()>,
+    stream_id: String,
+    after: i32,
+    pending: std::collections::VecDeque<SseEvent>,
+    finished: bool,
+    until: tokio::time::Instant,
+}
+
+impl Follow {
+    async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Some(e);
+            }
+            if self.finished || tokio::time::Instant::now() > self.until {
+                return None;
+            }
+            let rows: Vec<(i32, String, Value, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+                "select stream_version, event_type, payload, recorded_at from events
+                  where stream_id = $1 and stream_version > $2 order by stream_version",
+            )
+            .bind(&self.stream_id)
+            .bind(self.after)
+            .fetch_all(&self.pool)
+            .await
+            .ok()?;
+            for (version, event_type, payload, at) in rows {
+                self.after = version;
+                let (status, terminal) = match event_type.as_str() {
+                    "GenerationRequested" => ("queued", false),
+                    "GenerationSucceeded" => ("succeeded", true),
+                    "GenerationFailed" => ("failed", true),
+                    "GenerationCanceled" => ("canceled", true),
+                    _ => ("running", false),
+                };
+                let mut data = json!({ "status": status, "event": event_type, "at": at });
+                for field in ["attempt", "reason_code", "reason", "content_type", "bytes"] {
+                    if let Some(v) = payload.get(field) {
+                        data[field] = v.clone();
+                    }
+                }
+                self.pending.push_back(
+                    SseEvent::default()
+                        .id(version.to_string())
+                        .event("status")
+                        .data(data.to_string()),
+                );
+                self.finished |= terminal;
+            }
+            if self.pending.is_empty() {
+                // Wait for a commit anywhere (or poll now and then).
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(5), self.wake.recv()).await;
+            }
+        }
+    }
 }

@@ -6,6 +6,7 @@ mod error;
 mod extract;
 mod generations;
 mod health;
+pub mod hub;
 mod stripe;
 
 use std::sync::Arc;
@@ -33,6 +34,8 @@ pub struct AppState {
     pub limiter: Arc<crate::ratelimit::RateLimiter>,
     /// The providers offered to users.
     pub provider_names: Arc<Vec<String>>,
+    /// Wakes event streams when events are committed.
+    pub hub: Arc<hub::EventsHub>,
 }
 
 impl AppState {
@@ -45,6 +48,7 @@ impl AppState {
             storage: slate_workers::storage::Storage::new(&config.storage()),
             limiter: Arc::new(crate::ratelimit::RateLimiter::new(redis.clone())),
             provider_names: Arc::new(providers.names().map(str::to_owned).collect()),
+            hub: hub::EventsHub::start(pool.clone()),
             pool,
             redis,
             stripe,

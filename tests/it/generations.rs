@@ -679,3 +679,90 @@ async fn a_fal_generation_survives_a_transient_failure_and_a_refusal_is_refunded
         (Some(150), Some(0))
     );
 }
+
+/// Read a whole SSE response: (id, data) of each event.
+async fn read_sse(
+    client: &reqwest::Client,
+    address: &str,
+    key: &str,
+    id: &str,
+    last_event_id: Option<&str>,
+) -> (u16, Vec<(String, Value)>) {
+    let mut req = client
+        .get(format!("{address}/v1/generations/{id}/events"))
+        .bearer_auth(key);
+    if let Some(l) = last_event_id {
+        req = req.header("Last-Event-ID", l);
+    }
+    let mut r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    if status != 200 {
+        return (status, Vec::new());
+    }
+    let mut text = String::new();
+    let read = async {
+        while let Some(chunk) = r.chunk().await.unwrap() {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the stream ends after the terminal event");
+    let mut events = Vec::new();
+    for block in text.split("\n\n") {
+        let mut id = None;
+        let mut data = None;
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("id:") {
+                id = Some(v.trim().to_owned());
+            }
+            if let Some(v) = line.strip_prefix("data:") {
+                data = serde_json::from_str::<Value>(v.trim()).ok();
+            }
+        }
+        if let (Some(i), Some(d)) = (id, data) {
+            events.push((i, d));
+        }
+    }
+    (status, events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_event_stream_delivers_every_status_change_in_order_and_resumes() {
+    let app = spawn_app_with(&[]).await;
+    let (_, key) = funded(&app, 100).await;
+    let (_, bob) = funded(&app, 0).await;
+    let (_, g, _) = app.submit(&key, None, video("streamed")).await;
+    let id = g["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        read_sse(&app.client, &app.address, &bob, &id, None).await.0,
+        404
+    );
+
+    // A client follows from the start while the worker runs it.
+    let follower = {
+        let (address, client, key, id) = (
+            app.address.clone(),
+            app.client.clone(),
+            key.clone(),
+            id.clone(),
+        );
+        tokio::spawn(async move { read_sse(&client, &address, &key, &id, None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.run_generations().await;
+    let (status, events) = follower.await.unwrap();
+    assert_eq!(status, 200);
+    let statuses: Vec<&str> = events
+        .iter()
+        .map(|(_, d)| d["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, vec!["queued", "running", "succeeded"]);
+    let ids: Vec<&str> = events.iter().map(|(i, _)| i.as_str()).collect();
+    assert_eq!(ids, vec!["1", "2", "3"]);
+
+    // Resuming after the first event delivers the rest, without loss.
+    let (_, resumed) = read_sse(&app.client, &app.address, &key, &id, Some("1")).await;
+    let ids: Vec<&str> = resumed.iter().map(|(i, _)| i.as_str()).collect();
+    assert_eq!(ids, vec!["2", "3"]);
+}
