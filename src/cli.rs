@@ -304,6 +304,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             );
             settings.generation_attempts = config.generation_attempts;
             settings.poll_interval = config.provider_poll;
+            settings.webhook_allow = config.webhook_allowlist.clone();
             settings.stripe_catalog = config.stripe_catalog.clone();
             settings.heartbeat = config.worker_heartbeat;
             settings.missed_heartbeats = config.worker_missed_heartbeats;

@@ -78,6 +78,9 @@ pub struct Config {
     pub generation_hold: std::time::Duration,
     pub provider_poll: std::time::Duration,
     pub providers: ProviderSettings,
+    /// Hosts (or host:port) completion webhooks may reach although they
+    /// resolve to private or loopback addresses (tests, internal receivers).
+    pub webhook_allowlist: Vec<String>,
 }
 
 /// The documented defaults (README, `scripts/services`).
@@ -108,6 +111,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("SLATE_GENERATION_HOLD_SECS", "7200"),
     ("SLATE_PROVIDER_POLL_MS", "2000"),
     ("SLATE_LOCAL_PROVIDER", "true"),
+    ("SLATE_WEBHOOK_ALLOWLIST", ""),
     ("FAL_KEY", ""),
     ("FAL_BASE_URL", ""),
     ("ELEVENLABS_API_KEY", ""),
@@ -292,6 +296,12 @@ impl Config {
                     }),
                 local: matches!(get("SLATE_LOCAL_PROVIDER").as_str(), "true" | "1"),
             },
+            webhook_allowlist: get("SLATE_WEBHOOK_ALLOWLIST")
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
             fault_stripe_hold: non_empty("SLATE_FAULT_STRIPE_HOLD_MS")
                 .map(|v| v.parse().map(std::time::Duration::from_millis))
                 .transpose()

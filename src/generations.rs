@@ -38,6 +38,9 @@ pub struct SubmitRequest {
     /// Cancel unbilled if not finished within this many seconds.
     #[serde(default)]
     pub deadline_seconds: Option<u32>,
+    /// Told the terminal status, signed the Standard Webhooks way.
+    #[serde(default)]
+    pub webhook_url: Option<String>,
 }
 
 fn invalid(code: &'static str, message: &'static str) -> ApiError {
@@ -165,6 +168,16 @@ pub async fn submit(
         ));
     }
     let (collection_id, units) = validate(state, auth, &req)?;
+    if let Some(url) = &req.webhook_url {
+        slate_workers::webhooks::check_url(url, &state.config.webhook_allowlist)
+            .await
+            .map_err(|_| {
+                invalid(
+                    "webhook_url_not_allowed",
+                    "webhook_url must be an http(s) URL resolving to a public address",
+                )
+            })?;
+    }
     let metadata = Metadata::by(Actor::User {
         account_id: auth.account_id,
     });
@@ -239,6 +252,7 @@ pub async fn submit(
         } else {
             req.parameters.clone()
         },
+        webhook_url: req.webhook_url.clone(),
         deadline: req
             .deadline_seconds
             .map(|s| Utc::now() + chrono::Duration::seconds(s.into())),
@@ -350,7 +364,11 @@ pub async fn cancel(
     });
     let status = match g.status.as_str() {
         "queued" => {
-            generations::cancel_now(&mut tx, &g, "canceled", &metadata).await?;
+            if generations::cancel_now(&mut tx, &g, "canceled", &metadata).await? {
+                slate_workers::webhooks::enqueue_for(&mut tx, id)
+                    .await
+                    .map_err(ApiError::Internal)?;
+            }
             StatusCode::OK
         }
         "running" => {

@@ -41,6 +41,8 @@ pub struct Submission {
     pub input_key: Option<String>,
     pub parameters: Value,
     pub deadline: Option<DateTime<Utc>>,
+    /// Told the terminal status (Standard Webhooks).
+    pub webhook_url: Option<String>,
     /// When an unresolved reservation is released by the sweeper.
     pub hold_until: DateTime<Utc>,
 }
@@ -101,13 +103,15 @@ pub async fn submit(
     };
     store::append_and_apply(conn, &stream(s.generation_id), ExpectedVersion::Any, &event).await?;
     sqlx::query(
-        "insert into generation_inputs (generation_id, prompt, input_key, parameters) values ($1, $2, $3, $4)
+        "insert into generation_inputs (generation_id, prompt, input_key, parameters, webhook_url)
+         values ($1, $2, $3, $4, $5)
          on conflict (generation_id) do nothing",
     )
     .bind(s.generation_id)
     .bind(&s.prompt)
     .bind(&s.input_key)
     .bind(&s.parameters)
+    .bind(&s.webhook_url)
     .execute(&mut *conn)
     .await?;
     Ok(Submitted::Accepted { cost })

@@ -18,6 +18,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/generations/{id}", get(read))
         .route("/v1/generations/{id}/cancel", post(cancel))
         .route("/v1/generations/{id}/events", get(events))
+        .route("/v1/webhooks/secret", get(webhook_secret))
 }
 
 async fn submit(
@@ -141,6 +142,19 @@ async fn events(
             |mut f| async move { f.next().await.map(|e| (Ok(e), f)) },
         );
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15))))
+}
+
+/// The account's signing secret for completion webhooks (made on first use).
+async fn webhook_secret(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<Value>, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let secret = slate_workers::webhooks::secret_for(&mut conn, auth.account_id).await?;
+    Ok(Json(json!({
+        "secret": secret,
+        "scheme": "Standard Webhooks: webhook-signature = v1,base64(HMAC-SHA256(base64-decoded secret, id.timestamp.body))",
+    })))
 }
 
 /// How long one stream stays open; clients resume with Last-Event-ID.

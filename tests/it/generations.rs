@@ -766,3 +766,107 @@ async fn the_event_stream_delivers_every_status_change_in_order_and_resumes() {
     let ids: Vec<&str> = resumed.iter().map(|(i, _)| i.as_str()).collect();
     assert_eq!(ids, vec!["2", "3"]);
 }
+
+/// The Standard Webhooks signature, computed here from the documented scheme.
+fn standard_webhooks_signature(secret: &str, id: &str, timestamp: &str, body: &str) -> String {
+    use base64::Engine;
+    use hmac::{Hmac, KeyInit, Mac};
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(secret.strip_prefix("whsec_").unwrap())
+        .unwrap();
+    let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    )
+}
+
+#[tokio::test]
+async fn a_completion_webhook_is_signed_retried_under_the_same_id_and_private_urls_are_refused() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let receiver = MockServer::start().await;
+    let port = receiver.address().port();
+    let allow = format!("127.0.0.1:{port}");
+    let app = spawn_app_with(&[("SLATE_WEBHOOK_ALLOWLIST", &allow)]).await;
+    let (_, key) = funded(&app, 100).await;
+
+    // Loopback without the allow-list entry: refused at submission.
+    let mut refused = video("hooked");
+    refused["webhook_url"] = "http://127.0.0.1:9/hook".into();
+    let (status, body, _) = app.submit(&key, None, refused).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("webhook_url_not_allowed")),
+        "{body}"
+    );
+    for url in [
+        "http://169.254.169.254/latest",
+        "http://10.0.0.8/x",
+        "ftp://example.com/x",
+        "http://[::1]:80/x",
+    ] {
+        let mut b = video("hooked");
+        b["webhook_url"] = url.into();
+        assert_eq!(app.submit(&key, None, b).await.0, 422, "{url}");
+    }
+
+    let mut body = video("hooked");
+    body["webhook_url"] = format!("http://127.0.0.1:{port}/hooks/slate").into();
+    let (status, g, _) = app.submit(&key, None, body).await;
+    assert_eq!(status, 202, "{g}");
+    let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
+
+    Mock::given(method("POST"))
+        .and(path("/hooks/slate"))
+        .respond_with(ResponseTemplate::new(500))
+        .up_to_n_times(1)
+        .mount(&receiver)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/hooks/slate"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&receiver)
+        .await;
+
+    app.run_generations().await;
+    let jobs: i64 =
+        sqlx::query_scalar("select count(*) from apalis.jobs where job_type = 'slate.webhooks'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(jobs, 1, "the webhook job was queued with the outcome");
+    let w = slate_workers::webhooks::WebhookWorker::new(app.db.pool.clone(), vec![allow.clone()])
+        .unwrap();
+    use slate_workers::webhooks::{Delivery, deliver};
+    assert!(matches!(deliver(&w, id).await.unwrap(), Delivery::Retry(ref r) if r == "HTTP 500"));
+    assert_eq!(deliver(&w, id).await.unwrap(), Delivery::Delivered);
+
+    let (_, secret) = app.get_as("/v1/webhooks/secret", Some(&key)).await;
+    let secret = secret["secret"].as_str().unwrap().to_owned();
+    let received = receiver.received_requests().await.unwrap();
+    assert_eq!(received.len(), 2);
+    let ids: Vec<&str> = received
+        .iter()
+        .map(|r| r.headers["webhook-id"].to_str().unwrap())
+        .collect();
+    assert_eq!(ids[0], ids[1], "a retry keeps the message id");
+    for r in &received {
+        let msg_id = r.headers["webhook-id"].to_str().unwrap();
+        let ts = r.headers["webhook-timestamp"].to_str().unwrap();
+        let body = String::from_utf8(r.body.clone()).unwrap();
+        assert_eq!(
+            r.headers["webhook-signature"].to_str().unwrap(),
+            standard_webhooks_signature(&secret, msg_id, ts, &body)
+        );
+        let payload: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(payload["type"], "generation.succeeded");
+        assert_eq!(
+            payload["data"]["id"].as_str(),
+            Some(id.to_string().as_str())
+        );
+        assert!(!body.contains("hooked"), "the prompt is not in the webhook");
+    }
+}

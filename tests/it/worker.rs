@@ -216,6 +216,7 @@ async fn a_worker_killed_mid_generation_is_recovered_and_billed_exactly_once() {
         input_key: None,
         parameters: serde_json::json!({"duration": 2, "delay_ms": 2500}),
         deadline: None,
+        webhook_url: None,
         hold_until: chrono::Utc::now() + chrono::Duration::hours(1),
     };
     let mut tx = sqlx::Acquire::begin(&mut *conn).await.unwrap();

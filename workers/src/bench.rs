@@ -164,6 +164,7 @@ pub async fn generations_per_second(
             input_key: None,
             parameters: serde_json::json!({}),
             deadline: None,
+            webhook_url: None,
             hold_until: chrono::Utc::now() + chrono::Duration::hours(1),
         };
         generations::submit(&mut tx, &s, &Metadata::system(), 3).await?;

@@ -158,11 +158,13 @@ pub async fn handle(
 async fn fail(worker: &GenerationWorker, id: Uuid, code: &str, attempts: i32) {
     let result = async {
         let mut tx = worker.pool.begin().await?;
-        if let Some(g) = generations::get_any(&mut tx, id).await? {
-            generations::fail(&mut tx, &g, code, attempts, &system()).await?;
+        if let Some(g) = generations::get_any(&mut tx, id).await?
+            && generations::fail(&mut tx, &g, code, attempts, &system()).await?
+        {
+            crate::webhooks::enqueue_for(&mut tx, id).await?;
         }
         tx.commit().await?;
-        Ok::<(), slate_events::Error>(())
+        Ok::<(), anyhow::Error>(())
     }
     .await;
     match result {
@@ -232,6 +234,11 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
     let stored = store_output(w, &g, output).await?;
     let mut tx = w.pool.begin().await?;
     let first = generations::succeed(&mut tx, &g, &stored, &system()).await?;
+    if first {
+        crate::webhooks::enqueue_for(&mut tx, g.generation_id)
+            .await
+            .map_err(|_| Step::Retry("database_unavailable"))?;
+    }
     tx.commit().await?;
     if first {
         tracing::info!(
@@ -244,7 +251,11 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
 
 async fn cancel(w: &GenerationWorker, g: &Generation, reason: &str) -> Result<(), Step> {
     let mut tx = w.pool.begin().await?;
-    generations::cancel_now(&mut tx, g, reason, &system()).await?;
+    if generations::cancel_now(&mut tx, g, reason, &system()).await? {
+        crate::webhooks::enqueue_for(&mut tx, g.generation_id)
+            .await
+            .map_err(|_| Step::Retry("database_unavailable"))?;
+    }
     tx.commit().await?;
     Ok(())
 }
@@ -361,7 +372,7 @@ async fn download(w: &GenerationWorker, url: &str) -> Result<Vec<u8>, Step> {
 pub async fn cancel_overdue(
     pool: &PgPool,
     now: chrono::DateTime<chrono::Utc>,
-) -> Result<usize, slate_events::Error> {
+) -> anyhow::Result<usize> {
     let mut conn = pool.acquire().await?;
     let ids = generations::overdue(&mut conn, now, 500).await?;
     drop(conn);
@@ -371,6 +382,7 @@ pub async fn cancel_overdue(
         if let Some(g) = generations::get_any(&mut tx, id).await?
             && generations::cancel_now(&mut tx, &g, "deadline_passed", &system()).await?
         {
+            crate::webhooks::enqueue_for(&mut tx, id).await?;
             n += 1;
         }
         tx.commit().await?;

@@ -12,5 +12,6 @@ pub mod runtime;
 pub mod storage;
 pub mod stripe;
 pub mod sweeper;
+pub mod webhooks;
 
 pub use runtime::{WorkerSettings, run};

@@ -16,6 +16,7 @@ use crate::providers::{ProviderSettings, Providers};
 use crate::storage::{Storage, StorageSettings};
 use crate::stripe::{self, StripeJob, StripeWorker};
 use crate::sweeper;
+use crate::webhooks::{self, WebhookJob, WebhookWorker};
 use slate_events::stripe::StripeCatalog;
 use std::sync::Arc;
 
@@ -41,6 +42,8 @@ pub struct WorkerSettings {
     pub generation_attempts: usize,
     pub generation_concurrency: usize,
     pub poll_interval: Duration,
+    /// Webhook hosts allowed even though they resolve to private addresses.
+    pub webhook_allow: Vec<String>,
 }
 
 impl WorkerSettings {
@@ -61,6 +64,7 @@ impl WorkerSettings {
             generation_attempts: 5,
             generation_concurrency: 8,
             poll_interval: Duration::from_secs(2),
+            webhook_allow: Vec::new(),
         }
     }
 
@@ -124,6 +128,11 @@ where
             .timeout(Duration::from_secs(300))
             .build()?,
     };
+    let webhook_storage = PostgresStorage::<WebhookJob>::new(&pool)
+        .with_config(settings.queue_config(webhooks::QUEUE))
+        .with_pubsub();
+    let webhook_worker = WebhookWorker::new(pool.clone(), settings.webhook_allow.clone())?;
+    let webhook_name = settings.worker_name.clone();
     let concurrency = settings.generation_concurrency.max(1);
     let name = settings.worker_name.clone();
     let stripe_name = settings.worker_name.clone();
@@ -149,6 +158,14 @@ where
                 .catch_panic()
                 .concurrency(concurrency)
                 .build(generations::handle)
+        })
+        .register(move |_restarts| {
+            WorkerBuilder::new(format!("{webhook_name}.webhooks"))
+                .backend(webhook_storage.clone())
+                .data(webhook_worker.clone())
+                .catch_panic()
+                .concurrency(8)
+                .build(webhooks::handle)
         })
         .shutdown_timeout(settings.shutdown_grace);
 

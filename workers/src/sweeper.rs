@@ -14,7 +14,7 @@ pub struct SweepReport {
 }
 
 /// One sweep at `now` (injected by tests).
-pub async fn sweep(pool: &PgPool, now: DateTime<Utc>) -> Result<SweepReport, slate_events::Error> {
+pub async fn sweep(pool: &PgPool, now: DateTime<Utc>) -> anyhow::Result<SweepReport> {
     let generations_past_deadline = crate::generations::cancel_overdue(pool, now).await?;
     let mut tx = pool.begin().await?;
     let holds_released = credits::release_stale_holds(&mut tx, now).await?;

@@ -1,0 +1,263 @@
+//! Completion webhooks, signed the Standard Webhooks way: `webhook-id`
+//! (stable across retries), `webhook-timestamp`, and `webhook-signature` =
+//! `v1,` + base64(HMAC-SHA256(secret, "{id}.{timestamp}.{body}")) with the
+//! account's `whsec_` secret. Delivered by the `slate.webhooks` job, retried
+//! with backoff under the same id. URLs resolving to private, loopback or
+//! link-local addresses are refused unless an allow-list names them.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use apalis::prelude::{Attempt, BoxDynError, Data, TaskId};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use hmac::{Hmac, KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::jobs;
+
+pub const QUEUE: &str = "slate.webhooks";
+pub const MAX_ATTEMPTS: usize = 8;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WebhookJob {
+    pub generation_id: Uuid,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UrlError {
+    #[error("the webhook URL is not an http(s) URL")]
+    Invalid,
+    #[error("the webhook URL's host does not resolve")]
+    Unresolvable,
+    #[error("the webhook URL resolves to a private, loopback or link-local address")]
+    NotAllowed,
+}
+
+fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (64..128).contains(&o[1])))
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+/// Check a webhook URL: http(s), resolving only to public addresses unless
+/// its host is on the allow-list.
+pub async fn check_url(url: &str, allow: &[String]) -> Result<(), UrlError> {
+    let parsed = reqwest::Url::parse(url).map_err(|_| UrlError::Invalid)?;
+    if !matches!(parsed.scheme(), "http" | "https") || url.len() > 2048 {
+        return Err(UrlError::Invalid);
+    }
+    let host = parsed.host_str().ok_or(UrlError::Invalid)?;
+    let port = parsed.port_or_known_default().ok_or(UrlError::Invalid)?;
+    if allow
+        .iter()
+        .any(|a| a == host || *a == format!("{host}:{port}"))
+    {
+        return Ok(());
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|_| UrlError::Unresolvable)?
+        .collect();
+    if addrs.is_empty() {
+        return Err(UrlError::Unresolvable);
+    }
+    if addrs.iter().all(|a| is_public(a.ip())) {
+        Ok(())
+    } else {
+        Err(UrlError::NotAllowed)
+    }
+}
+
+/// The account's signing secret, made on first use.
+pub async fn secret_for(conn: &mut PgConnection, account_id: Uuid) -> Result<String, sqlx::Error> {
+    let mut bytes = Vec::with_capacity(32);
+    bytes.extend_from_slice(Uuid::new_v4().as_bytes());
+    bytes.extend_from_slice(&Uuid::new_v4().as_bytes()[..8]);
+    let fresh = format!("whsec_{}", B64.encode(&bytes));
+    sqlx::query_scalar(
+        "with ins as (insert into webhook_secrets (account_id, secret) values ($1, $2)
+                      on conflict (account_id) do nothing returning secret)
+         select secret from ins union all select secret from webhook_secrets where account_id = $1 limit 1",
+    )
+    .bind(account_id)
+    .bind(fresh)
+    .fetch_one(conn)
+    .await
+}
+
+/// `v1,<base64 signature>` of a message.
+pub fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &str) -> Option<String> {
+    let key = B64
+        .decode(secret.strip_prefix("whsec_").unwrap_or(secret))
+        .ok()?;
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key).ok()?;
+    mac.update(format!("{msg_id}.{timestamp}.{body}").as_bytes());
+    Some(format!("v1,{}", B64.encode(mac.finalize().into_bytes())))
+}
+
+/// Enqueue the completion webhook of a generation that has one, in the
+/// transaction that recorded its outcome.
+pub async fn enqueue_for(
+    conn: &mut PgConnection,
+    generation_id: Uuid,
+) -> Result<(), anyhow::Error> {
+    let url: Option<String> =
+        sqlx::query_scalar("select webhook_url from generation_inputs where generation_id = $1")
+            .bind(generation_id)
+            .fetch_optional(&mut *conn)
+            .await?
+            .flatten();
+    if url.is_some() {
+        jobs::enqueue(conn, QUEUE, &WebhookJob { generation_id }, MAX_ATTEMPTS).await?;
+    }
+    Ok(())
+}
+
+#[derive(Clone)]
+pub struct WebhookWorker {
+    pub pool: PgPool,
+    pub http: reqwest::Client,
+    pub allow: Vec<String>,
+}
+
+impl WebhookWorker {
+    pub fn new(pool: PgPool, allow: Vec<String>) -> anyhow::Result<Self> {
+        Ok(Self {
+            pool,
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(Duration::from_secs(10))
+                .build()?,
+            allow,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    Delivered,
+    /// Nothing to deliver (no URL, or the generation is not finished).
+    Nothing,
+    /// Refused to send (the URL now resolves somewhere private).
+    Refused,
+    /// The receiver did not take it; retry under the same id.
+    Retry(String),
+}
+
+/// One delivery attempt (tests call it directly).
+pub async fn deliver(w: &WebhookWorker, generation_id: Uuid) -> anyhow::Result<Delivery> {
+    let mut conn = w.pool.acquire().await?;
+    let Some(g) = slate_events::generations::get_any(&mut conn, generation_id).await? else {
+        return Ok(Delivery::Nothing);
+    };
+    if !g.is_terminal() {
+        return Ok(Delivery::Nothing);
+    }
+    let url: Option<String> =
+        sqlx::query_scalar("select webhook_url from generation_inputs where generation_id = $1")
+            .bind(generation_id)
+            .fetch_optional(&mut *conn)
+            .await?
+            .flatten();
+    let Some(url) = url else {
+        return Ok(Delivery::Nothing);
+    };
+    let secret = secret_for(&mut conn, g.account_id).await?;
+    drop(conn);
+    if check_url(&url, &w.allow).await.is_err() {
+        tracing::warn!(%generation_id, "webhook not sent: its URL is not allowed");
+        return Ok(Delivery::Refused);
+    }
+    let body = json!({
+        "type": format!("generation.{}", g.status),
+        "timestamp": chrono::Utc::now(),
+        "data": {
+            "id": g.generation_id,
+            "kind": g.kind,
+            "provider": g.provider,
+            "status": g.status,
+            "cost": g.cost,
+            "collection_id": g.collection_id,
+            "failure_code": g.failure_code,
+            "output": if g.status == "succeeded" {
+                json!({
+                    "content_type": g.output_content_type, "bytes": g.output_bytes,
+                    "width": g.width, "height": g.height, "duration_ms": g.duration_ms,
+                })
+            } else {
+                Value::Null
+            },
+        },
+    })
+    .to_string();
+    let msg_id = format!("msg_{}", g.generation_id.simple());
+    let timestamp = chrono::Utc::now().timestamp();
+    let signature = sign(&secret, &msg_id, timestamp, &body)
+        .ok_or_else(|| anyhow::anyhow!("the account's webhook secret is malformed"))?;
+    let response = w
+        .http
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("webhook-id", &msg_id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", signature)
+        .body(body)
+        .send()
+        .await;
+    Ok(match response {
+        Ok(r) if r.status().is_success() => Delivery::Delivered,
+        Ok(r) => Delivery::Retry(format!("HTTP {}", r.status().as_u16())),
+        Err(e) if e.is_timeout() => Delivery::Retry("timeout".into()),
+        Err(_) => Delivery::Retry("connection failed".into()),
+    })
+}
+
+#[tracing::instrument(skip_all, fields(generation_id = %job.generation_id, attempt = attempt.current()))]
+pub async fn handle(
+    job: WebhookJob,
+    task_id: TaskId,
+    attempt: Attempt,
+    worker: Data<WebhookWorker>,
+) -> Result<(), BoxDynError> {
+    match deliver(&worker, job.generation_id).await? {
+        Delivery::Delivered => {
+            tracing::info!("completion webhook delivered");
+            Ok(())
+        }
+        Delivery::Nothing | Delivery::Refused => Ok(()),
+        Delivery::Retry(reason) => {
+            let delay = jobs::backoff(attempt.current());
+            tracing::warn!(%reason, retry_in_s = delay.as_secs(), "completion webhook will be retried");
+            jobs::retry_later(&worker.pool, &task_id.to_string(), delay).await?;
+            Err(reason.into())
+        }
+    }
+}
