@@ -870,3 +870,102 @@ async fn a_completion_webhook_is_signed_retried_under_the_same_id_and_private_ur
         assert!(!body.contains("hooked"), "the prompt is not in the webhook");
     }
 }
+
+#[tokio::test]
+async fn a_generation_past_its_deadline_is_canceled_unbilled() {
+    let app = spawn_app_with(&[]).await;
+    let (_, key) = funded(&app, 100).await;
+    let mut body = video("late");
+    body["deadline_seconds"] = 60.into();
+    let (_, g, _) = app.submit(&key, None, body).await;
+    let id = g["id"].as_str().unwrap().to_owned();
+    // Nothing happens before the deadline…
+    let early = slate_workers::sweeper::sweep(&app.db.pool, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(early.generations_past_deadline, 0);
+    // …and after it, the sweeper cancels it and the credits come back.
+    let late = slate_workers::sweeper::sweep(
+        &app.db.pool,
+        chrono::Utc::now() + chrono::Duration::seconds(61),
+    )
+    .await
+    .unwrap();
+    assert_eq!(late.generations_past_deadline, 1);
+    let (_, g) = app
+        .get_as(&format!("/v1/generations/{id}"), Some(&key))
+        .await;
+    assert_eq!(
+        (g["status"].as_str(), g["failure_code"].as_str()),
+        (Some("canceled"), Some("deadline_passed"))
+    );
+    let b = app.balance(&key).await;
+    assert_eq!(
+        (b["available"].as_i64(), b["reserved"].as_i64()),
+        (Some(100), Some(0))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn canceling_a_running_generation_calls_the_provider_and_releases_unless_it_finished() {
+    let app = spawn_app_with(&[]).await;
+    let (_, key) = funded(&app, 100).await;
+    let mut body = video("long render");
+    body["parameters"]["pending_polls"] = 1000.into();
+    let (_, g, _) = app.submit(&key, None, body).await;
+    let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
+    let w = worker(&app);
+    let running = tokio::spawn(async move { slate_workers::generations::attempt(&w, id, 1).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, g) = app
+            .get_as(&format!("/v1/generations/{id}"), Some(&key))
+            .await;
+        if g["status"] == "running" && g["attempts"] == 1 {
+            let handle: Option<String> = sqlx::query_scalar(
+                "select provider_handle from generations where generation_id = $1",
+            )
+            .bind(id)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+            if handle.is_some() {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never submitted to the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, c) = app
+        .post_json(
+            &format!("/v1/generations/{id}/cancel"),
+            Some(&key),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, c["cancel_requested"].as_bool()),
+        (202, Some(true)),
+        "{c}"
+    );
+    let outcome = tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        outcome,
+        slate_workers::generations::AttemptOutcome::Finished
+    );
+    let (_, g) = app
+        .get_as(&format!("/v1/generations/{id}"), Some(&key))
+        .await;
+    assert_eq!(g["status"], "canceled", "{g}");
+    let b = app.balance(&key).await;
+    assert_eq!(
+        (b["available"].as_i64(), b["reserved"].as_i64()),
+        (Some(100), Some(0))
+    );
+}

@@ -283,7 +283,8 @@ async fn poll(
             }
             if c.cancel_requested {
                 let _ = provider.cancel(handle).await;
-                if let Polled::Done(output) = provider.poll(handle).await? {
+                // Finished anyway? Then it is billed; otherwise released.
+                if let Ok(Polled::Done(output)) = provider.poll(handle).await {
                     return Ok(output);
                 }
                 cancel(w, g, "canceled").await?;

@@ -24,10 +24,12 @@ pub async fn enqueue<J: Serialize>(
     apalis_postgres::queries::push_tasks(conn, queue, vec![task]).await
 }
 
-/// Exponential backoff with a ceiling, for attempt `n` (1-based).
+/// Exponential backoff with a ceiling and up to 25 % jitter (so retries of
+/// many jobs that failed together spread out), for attempt `n` (1-based).
 pub fn backoff(attempt: usize) -> std::time::Duration {
-    let secs = 2u64.saturating_pow(attempt.min(10) as u32).min(600);
-    std::time::Duration::from_secs(secs)
+    let base_ms = 1000 * 2u64.saturating_pow(attempt.min(10) as u32).min(600);
+    let jitter = (uuid::Uuid::new_v4().as_u128() % 1000) as u64 * base_ms / 4000;
+    std::time::Duration::from_millis(base_ms + jitter)
 }
 
 /// The job queue's own migrations (schema `apalis`, recorded in
