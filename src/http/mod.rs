@@ -7,6 +7,7 @@ mod extract;
 mod generations;
 mod health;
 pub mod hub;
+mod metrics;
 mod stripe;
 
 use std::sync::Arc;
@@ -62,6 +63,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
+        .merge(metrics::router())
         .merge(stripe::router())
         .merge(billing::router())
         .merge(credits::router())

@@ -780,3 +780,40 @@ async fn affiliate_payouts_are_recorded_once_and_never_exceed_what_is_owed() {
             .is_clean()
     );
 }
+
+#[tokio::test]
+async fn metrics_count_mirrored_unparsed_events_and_outstanding_holds() {
+    let app = stripe_app().await;
+    let account = new_account(&mut *app.db.conn().await).await;
+    let run = run_tag();
+    app.deliver(&fixture("x_unparseable", account, &run)).await;
+    app.deliver(&fixture(
+        "01_checkout_session_completed_pack",
+        account,
+        &run,
+    ))
+    .await;
+    app.deliver(&fixture(
+        "01_checkout_session_completed_pack",
+        account,
+        &run,
+    ))
+    .await;
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("slate_stripe_events_unparsed 1"), "{text}");
+    assert!(text.contains("slate_stripe_deliveries_total 3"), "{text}");
+    assert!(
+        text.contains("slate_jobs{queue=\"slate.stripe\",status=\"Pending\"} 2"),
+        "{text}"
+    );
+    assert!(text.contains("slate_credit_reservations_outstanding 0"));
+    assert!(text.contains("slate_projection_lag_events{projection=\"credit_ledger\"}"));
+}

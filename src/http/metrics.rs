@@ -1,0 +1,126 @@
+//! `GET /metrics` in Prometheus text format: state read from the database
+//! at scrape time, so every process reports the same figures. (Request
+//! counters and latency histograms come with the metrics work.)
+
+use std::fmt::Write;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use slate_events::projections::Projection;
+
+use super::{ApiError, AppState};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/metrics", get(metrics))
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', " ")
+}
+
+async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let pool = &state.pool;
+    let mut out = String::new();
+
+    let stripe: Vec<(String, bool, i64)> = sqlx::query_as(
+        "select status, parsed, count(*) from stripe_events group by 1, 2 order by 1, 2",
+    )
+    .fetch_all(pool)
+    .await?;
+    out.push_str("# HELP slate_stripe_events Verified Stripe events in the mirror, by processing status and whether async-stripe could parse them.\n# TYPE slate_stripe_events gauge\n");
+    for (status, parsed, n) in &stripe {
+        let _ = writeln!(
+            out,
+            "slate_stripe_events{{status=\"{}\",parsed=\"{parsed}\"}} {n}",
+            label(status)
+        );
+    }
+    let unparsed: i64 = stripe
+        .iter()
+        .filter(|(_, p, _)| !p)
+        .map(|(_, _, n)| n)
+        .sum();
+    out.push_str("# HELP slate_stripe_events_unparsed Verified events the typed parser could not read (mirrored and processed tolerantly).\n# TYPE slate_stripe_events_unparsed gauge\n");
+    let _ = writeln!(out, "slate_stripe_events_unparsed {unparsed}");
+    let deliveries: Option<i64> =
+        sqlx::query_scalar("select sum(delivery_count)::bigint from stripe_events")
+            .fetch_one(pool)
+            .await?;
+    out.push_str("# HELP slate_stripe_deliveries_total Webhook deliveries received, duplicates included.\n# TYPE slate_stripe_deliveries_total counter\n");
+    let _ = writeln!(
+        out,
+        "slate_stripe_deliveries_total {}",
+        deliveries.unwrap_or(0)
+    );
+
+    let jobs: Vec<(String, String, i64)> = sqlx::query_as(
+        "select job_type, status, count(*) from apalis.jobs group by 1, 2 order by 1, 2",
+    )
+    .fetch_all(pool)
+    .await?;
+    out.push_str(
+        "# HELP slate_jobs Jobs in the queue, by queue and status.\n# TYPE slate_jobs gauge\n",
+    );
+    for (queue, status, n) in &jobs {
+        let _ = writeln!(
+            out,
+            "slate_jobs{{queue=\"{}\",status=\"{}\"}} {n}",
+            label(queue),
+            label(status)
+        );
+    }
+
+    let generations: Vec<(String, i64)> =
+        sqlx::query_as("select status, count(*) from generations group by 1 order by 1")
+            .fetch_all(pool)
+            .await?;
+    out.push_str(
+        "# HELP slate_generations Generations by status.\n# TYPE slate_generations gauge\n",
+    );
+    for (status, n) in &generations {
+        let _ = writeln!(out, "slate_generations{{status=\"{}\"}} {n}", label(status));
+    }
+
+    let (holds, held): (i64, Option<i64>) = sqlx::query_as(
+        "select count(*), sum(amount)::bigint from credit_reservations where status = 'reserved'",
+    )
+    .fetch_one(pool)
+    .await?;
+    out.push_str("# HELP slate_credit_reservations_outstanding Reservations neither captured nor released.\n# TYPE slate_credit_reservations_outstanding gauge\n");
+    let _ = writeln!(out, "slate_credit_reservations_outstanding {holds}");
+    out.push_str("# HELP slate_credits_reserved Credits held by outstanding reservations.\n# TYPE slate_credits_reserved gauge\n");
+    let _ = writeln!(out, "slate_credits_reserved {}", held.unwrap_or(0));
+
+    out.push_str("# HELP slate_projection_lag_events Events of an asynchronous projection's types not applied yet.\n# TYPE slate_projection_lag_events gauge\n");
+    out.push_str("# HELP slate_projection_lag_seconds Age of the oldest event not applied yet.\n# TYPE slate_projection_lag_seconds gauge\n");
+    for &p in Projection::ASYNC {
+        let (behind, oldest): (i64, Option<f64>) = sqlx::query_as(
+            "select count(*), extract(epoch from now() - min(e.recorded_at))::float8 from events e
+              where e.event_type = any($2)
+                and (e.transaction_id, e.global_position) >
+                    coalesce((select (last_transaction_id, last_position) from projection_checkpoints
+                               where projection = $1), ('0'::xid8, 0::bigint))",
+        )
+        .bind(p.name())
+        .bind(p.event_types())
+        .fetch_one(pool)
+        .await?;
+        let _ = writeln!(
+            out,
+            "slate_projection_lag_events{{projection=\"{}\"}} {behind}",
+            p.name()
+        );
+        let _ = writeln!(
+            out,
+            "slate_projection_lag_seconds{{projection=\"{}\"}} {:.3}",
+            p.name(),
+            oldest.unwrap_or(0.0)
+        );
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
+}
