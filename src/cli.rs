@@ -305,6 +305,9 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             settings.generation_attempts = config.generation_attempts;
             settings.poll_interval = config.provider_poll;
             settings.webhook_allow = config.webhook_allowlist.clone();
+            settings.stripe_refetch = config
+                .stripe_client()?
+                .map(crate::stripe::reconcile::refetcher);
             settings.stripe_catalog = config.stripe_catalog.clone();
             settings.heartbeat = config.worker_heartbeat;
             settings.missed_heartbeats = config.worker_missed_heartbeats;

@@ -216,9 +216,20 @@ pub async fn process(
     process_with(pool, catalog, stripe_event_id, &options).await
 }
 
-#[derive(Debug, Clone, Default)]
+/// Fetches the current state of a Stripe object (by id) from Stripe's API,
+/// as JSON. Processing asks when events alone cannot tell which state is
+/// newer (two states of one subscription in the same second).
+pub type Refetcher = std::sync::Arc<
+    dyn Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Value>> + Send>>
+        + Send
+        + Sync,
+>;
+
+#[derive(Clone, Default)]
 pub struct ProcessOptions {
     pub force: bool,
+    /// Ask Stripe when in doubt (None: a deterministic tie-break instead).
+    pub refetch: Option<Refetcher>,
     /// Fault injection for crash tests: wait this long after the effects,
     /// before the commit (`SLATE_FAULT_STRIPE_HOLD_MS` in `slate work`).
     pub hold_before_commit: Option<std::time::Duration>,
@@ -293,6 +304,7 @@ async fn process_in_tx(
         event_id: id,
         created,
         meta: Metadata::stripe_effect(id),
+        refetch: options.refetch.as_ref(),
     };
     let outcome = match event_type.as_str() {
         "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
@@ -349,6 +361,7 @@ struct Cx<'a> {
     event_id: &'a str,
     created: DateTime<Utc>,
     meta: Metadata,
+    refetch: Option<&'a Refetcher>,
 }
 
 fn text<'v>(v: &'v Value, pointer: &str) -> Option<&'v str> {
@@ -723,6 +736,52 @@ async fn subscription_changed(
     .bind(id)
     .fetch_optional(&mut *conn)
     .await?;
+    // Two different states stamped with the same second: the events cannot
+    // tell which came last, so ask Stripe for the object as it is now.
+    let tie = matches!(&current, Some((at, old)) if state.state_at == *at && old != status);
+    if tie
+        && let Some(refetch) = cx.refetch
+        && let Some(fresh) = refetch(id.to_owned()).await
+        && let Some(now_status) = text(&fresh, "/status")
+    {
+        let item = fresh
+            .pointer("/items/data/0")
+            .cloned()
+            .unwrap_or(Value::Null);
+        let state = SubscriptionStateChanged {
+            status: now_status.to_owned(),
+            price_id: id_of(&item, "/price").map(str::to_owned).or(state.price_id),
+            current_period_start: time(&item, "/current_period_start")
+                .or(state.current_period_start),
+            current_period_end: time(&item, "/current_period_end").or(state.current_period_end),
+            cancel_at_period_end: fresh
+                .pointer("/cancel_at_period_end")
+                .and_then(Value::as_bool)
+                .unwrap_or(state.cancel_at_period_end),
+            canceled_at: time(&fresh, "/canceled_at"),
+            // What Stripe says now is newer than the tied states.
+            state_at: Utc::now().max(state.state_at + chrono::Duration::milliseconds(1)),
+            ..state
+        };
+        let event = NewEvent {
+            event_id: store::deterministic_event_id(&format!(
+                "subscription-refetched:{}",
+                cx.event_id
+            )),
+            event: DomainEvent::SubscriptionStateChanged(state),
+            metadata: cx.meta.clone(),
+        };
+        store::append_and_apply(
+            conn,
+            &format!("stripe-subscription-{id}"),
+            ExpectedVersion::Any,
+            &event,
+        )
+        .await?;
+        return Ok(Outcome::Processed(format!(
+            "{id}: refetched from Stripe, {now_status}"
+        )));
+    }
     let newer = match &current {
         None => true,
         Some((at, old)) => {
@@ -970,6 +1029,7 @@ async fn settle_payment(
             event_id: &id,
             created,
             meta: Metadata::stripe_effect(&id),
+            refetch: None,
         };
         let outcome = if event_type == "charge.refunded" {
             charge_refunded(conn, &cx, &object).await?

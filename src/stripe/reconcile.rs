@@ -35,6 +35,39 @@ impl StripeClient for Capture<'_> {
     }
 }
 
+/// Fetch objects' current state from Stripe for processing that is in
+/// doubt (see `slate_events::stripe::Refetcher`). Subscriptions for now.
+pub fn refetcher(client: stripe::Client) -> slate_events::stripe::Refetcher {
+    let client = std::sync::Arc::new(client);
+    std::sync::Arc::new(move |id: String| {
+        let client = client.clone();
+        Box::pin(async move {
+            if !id.starts_with("sub_") {
+                return None;
+            }
+            let capture = Capture {
+                inner: &client,
+                last: Mutex::new(None),
+            };
+            let request =
+                stripe_billing::subscription::RetrieveSubscription::new(id.as_str()).build();
+            match request
+                .customize::<miniserde::json::Value>()
+                .send(&capture)
+                .await
+            {
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "refetching a subscription from Stripe failed");
+                    return None;
+                }
+            }
+            let bytes = capture.last.lock().expect("not poisoned").take()?;
+            serde_json::from_slice(&bytes).ok()
+        })
+    })
+}
+
 #[derive(Deserialize)]
 struct Page<'a> {
     #[serde(borrow)]

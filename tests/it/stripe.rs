@@ -817,3 +817,66 @@ async fn metrics_count_mirrored_unparsed_events_and_outstanding_holds() {
     assert!(text.contains("slate_credit_reservations_outstanding 0"));
     assert!(text.contains("slate_projection_lag_events{projection=\"credit_ledger\"}"));
 }
+
+#[tokio::test]
+async fn two_subscription_states_in_the_same_second_are_settled_by_asking_stripe() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let stripe_api = MockServer::start().await;
+    let app = stripe_app().await;
+    let account = new_account(&mut *app.db.conn().await).await;
+    let run = run_tag();
+    let mut active: Value = serde_json::from_str(&fixture(
+        "08_customer_subscription_updated_renewed",
+        account,
+        &run,
+    ))
+    .unwrap();
+    let mut past_due: Value = serde_json::from_str(&fixture(
+        "13_customer_subscription_updated_past_due",
+        account,
+        &run,
+    ))
+    .unwrap();
+    past_due["created"] = active["created"].clone();
+    active["id"] = format!("evt_{run}_tie_a").into();
+    past_due["id"] = format!("evt_{run}_tie_b").into();
+    Mock::given(method("GET"))
+        .and(path(format!("/v1/subscriptions/sub_{run}")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "id": format!("sub_{run}"), "object": "subscription", "status": "canceled",
+            "cancel_at_period_end": false, "canceled_at": 1795999999,
+            "items": {"object": "list", "data": [{"id": format!("si_{run}"), "price": {"id": "price_pro_monthly"},
+                      "current_period_start": 1795000000, "current_period_end": 1797592000}]}
+        })))
+        .expect(1)
+        .mount(&stripe_api)
+        .await;
+    let client = ::stripe::ClientBuilder::new("sk_test_fake_0000")
+        .url(format!("{}/", stripe_api.uri()))
+        .build()
+        .unwrap();
+    let options = slate_events::stripe::ProcessOptions {
+        refetch: Some(slate::stripe::reconcile::refetcher(client)),
+        ..Default::default()
+    };
+    for event in [&active, &past_due] {
+        assert_eq!(app.deliver(&event.to_string()).await.0, 200);
+        let id = event["id"].as_str().unwrap();
+        slate_events::stripe::process_with(&app.db.pool, &catalog(), id, &options)
+            .await
+            .unwrap();
+    }
+    let status: String = sqlx::query_scalar("select status from stripe_subscriptions")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "canceled", "Stripe's current state wins a tie");
+    assert!(
+        projections::verify(&app.db.pool, Projection::ALL)
+            .await
+            .unwrap()
+            .is_clean()
+    );
+}

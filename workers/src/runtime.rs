@@ -20,7 +20,7 @@ use crate::webhooks::{self, WebhookJob, WebhookWorker};
 use slate_events::stripe::StripeCatalog;
 use std::sync::Arc;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkerSettings {
     /// Unique per process: a restarted worker under an old name would find
     /// its jobs still marked as its own.
@@ -36,6 +36,8 @@ pub struct WorkerSettings {
     pub stripe_catalog: StripeCatalog,
     /// Fault injection for crash tests (never set in production).
     pub fault_stripe_hold: Option<Duration>,
+    /// Asks Stripe for an object's current state when events are in doubt.
+    pub stripe_refetch: Option<slate_events::stripe::Refetcher>,
     /// Generation jobs.
     pub providers: Arc<Providers>,
     pub storage: StorageSettings,
@@ -56,6 +58,7 @@ impl WorkerSettings {
             shutdown_grace: Duration::from_secs(30),
             stripe_catalog: StripeCatalog::default(),
             fault_stripe_hold: None,
+            stripe_refetch: None,
             providers: Arc::new(
                 Providers::new(&ProviderSettings::default())
                     .expect("the local provider needs no settings"),
@@ -109,6 +112,7 @@ where
         catalog: settings.stripe_catalog.clone(),
         options: slate_events::stripe::ProcessOptions {
             force: false,
+            refetch: settings.stripe_refetch.clone(),
             hold_before_commit: settings.fault_stripe_hold,
         },
     };
