@@ -50,9 +50,11 @@ pub async fn create_key(
 ) -> Result<IssuedKey, Error> {
     let key_id = Uuid::now_v7();
     let prefix = random_hex(6);
-    // 32 hex chars from each of two UUIDv4s: 244 random bits.
+    // 32 hex chars from each of two UUIDv4s: 244 random bits, then a
+    // checksum so a secret scanner can recognise a key offline.
     let secret = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
-    let plaintext = format!("{KEY_PREFIX}{prefix}_{secret}");
+    let body = format!("{KEY_PREFIX}{prefix}_{secret}");
+    let plaintext = format!("{body}{:08x}", crc32(body.as_bytes()));
     let event = NewEvent::new(
         DomainEvent::ApiKeyCreated(ApiKeyCreated {
             account_id,
@@ -127,7 +129,7 @@ pub async fn authenticate(
     let Some((prefix, secret)) = rest.split_once('_') else {
         return Ok(None);
     };
-    if prefix.len() != 12 || secret.is_empty() || secret.len() > 128 {
+    if prefix.len() != 12 || secret.len() != 72 || !has_valid_checksum(presented) {
         return Ok(None);
     }
     let row: Option<(Uuid, Uuid, Vec<u8>, bool)> = sqlx::query_as(
@@ -157,6 +159,139 @@ pub async fn authenticate(
         key_id,
         staff,
     }))
+}
+
+/// CRC-32 (IEEE), the checksum at the end of every key.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Does this look like a Slate key, checksum included? (No database needed:
+/// secret scanners can run this offline.)
+pub fn has_valid_checksum(key: &str) -> bool {
+    if !key.starts_with(KEY_PREFIX) || key.len() < KEY_PREFIX.len() + 8 || !key.is_ascii() {
+        return false;
+    }
+    let (body, sum) = key.split_at(key.len() - 8);
+    u32::from_str_radix(sum, 16).is_ok_and(|s| s == crc32(body.as_bytes()))
+}
+
+/// The public prefix of a presented credential, for logs and events (never
+/// the secret).
+pub fn public_prefix(presented: &str) -> Option<&str> {
+    let rest = presented.strip_prefix(KEY_PREFIX)?;
+    let (prefix, _) = rest.split_once('_')?;
+    (prefix.len() == 12 && prefix.chars().all(|c| c.is_ascii_hexdigit())).then_some(prefix)
+}
+
+/// An account's keys, newest first (prefix and label; never a secret).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct KeyInfo {
+    pub key_id: Uuid,
+    pub prefix: String,
+    pub label: Option<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub last_used_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+pub async fn list_keys(conn: &mut PgConnection, account_id: Uuid) -> Result<Vec<KeyInfo>, Error> {
+    Ok(sqlx::query_as(
+        "select key_id, prefix, label, created_at, last_used_at, revoked_at from api_keys
+          where account_id = $1 order by created_at desc",
+    )
+    .bind(account_id)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// A presented credential was refused (recorded without the secret).
+pub async fn record_auth_failure(
+    conn: &mut PgConnection,
+    reason: &str,
+    key_prefix: Option<&str>,
+    ip: Option<&str>,
+    route: &str,
+) -> Result<(), Error> {
+    let event = NewEvent::new(
+        DomainEvent::AuthenticationFailed(crate::catalog::AuthenticationFailed {
+            reason: reason.to_owned(),
+            key_prefix: key_prefix.map(str::to_owned),
+            ip: ip.map(str::to_owned),
+            route: route.to_owned(),
+        }),
+        Metadata::system(),
+    );
+    store::append(
+        conn,
+        &format!("auth-failure-{}", event.event_id),
+        ExpectedVersion::NoStream,
+        &[event],
+    )
+    .await?;
+    Ok(())
+}
+
+/// An authenticated account was refused a route (a non-staff account on a
+/// staff route).
+pub async fn record_access_denied(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+    route: &str,
+) -> Result<(), Error> {
+    let event = NewEvent::new(
+        DomainEvent::AccessDenied(crate::catalog::AccessDenied {
+            account_id,
+            route: route.to_owned(),
+        }),
+        Metadata::by(crate::Actor::User { account_id }),
+    );
+    store::append(
+        conn,
+        &format!("access-denied-{}", event.event_id),
+        ExpectedVersion::NoStream,
+        &[event],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A staff member read an account's data (staff reads are audited).
+pub async fn record_staff_read(
+    conn: &mut PgConnection,
+    staff_id: Uuid,
+    account_id: Uuid,
+    what: &str,
+) -> Result<(), Error> {
+    let event = NewEvent::new(
+        DomainEvent::StaffRead(crate::catalog::StaffRead {
+            staff_id,
+            account_id,
+            what: what.to_owned(),
+        }),
+        Metadata::by(crate::Actor::Staff {
+            account_id: staff_id,
+        }),
+    );
+    store::append(
+        conn,
+        &format!("staff-read-{}", event.event_id),
+        ExpectedVersion::NoStream,
+        &[event],
+    )
+    .await?;
+    Ok(())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

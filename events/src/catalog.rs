@@ -494,6 +494,36 @@ pub struct PromptRejected {
 }
 event_type!(PromptRejected, "PromptRejected", 1);
 
+/// A presented credential was refused. Never holds the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuthenticationFailed {
+    pub reason: String,
+    pub key_prefix: Option<String>,
+    pub ip: Option<String>,
+    pub route: String,
+}
+event_type!(AuthenticationFailed, "AuthenticationFailed", 1);
+
+/// An authenticated account was refused a route it may not use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccessDenied {
+    pub account_id: Uuid,
+    pub route: String,
+}
+event_type!(AccessDenied, "AccessDenied", 1);
+
+/// A staff member read an account's data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StaffRead {
+    pub staff_id: Uuid,
+    pub account_id: Uuid,
+    pub what: String,
+}
+event_type!(StaffRead, "StaffRead", 1);
+
 /// Shapes that were written once and are upcast on read.
 pub mod legacy {
     use super::*;
@@ -549,6 +579,9 @@ macro_rules! each_event {
             DomainEvent::GenerationCancelRequested($e) => $body,
             DomainEvent::GenerationCanceled($e) => $body,
             DomainEvent::PromptRejected($e) => $body,
+            DomainEvent::AuthenticationFailed($e) => $body,
+            DomainEvent::AccessDenied($e) => $body,
+            DomainEvent::StaffRead($e) => $body,
         }
     };
 }
@@ -583,6 +616,9 @@ pub enum DomainEvent {
     GenerationCancelRequested(GenerationCancelRequested),
     GenerationCanceled(GenerationCanceled),
     PromptRejected(PromptRejected),
+    AuthenticationFailed(AuthenticationFailed),
+    AccessDenied(AccessDenied),
+    StaffRead(StaffRead),
 }
 
 fn parse<T: DeserializeOwned>(event_type: &str, version: i16, payload: Value) -> Result<T, Error> {
@@ -634,6 +670,9 @@ impl DomainEvent {
             }
             ("GenerationCanceled", 1) => E::GenerationCanceled(parse(event_type, v, p)?),
             ("PromptRejected", 1) => E::PromptRejected(parse(event_type, v, p)?),
+            ("AuthenticationFailed", 1) => E::AuthenticationFailed(parse(event_type, v, p)?),
+            ("AccessDenied", 1) => E::AccessDenied(parse(event_type, v, p)?),
+            ("StaffRead", 1) => E::StaffRead(parse(event_type, v, p)?),
             _ => {
                 return Err(Error::Decode {
                     event_type: event_type.to_owned(),
@@ -687,6 +726,9 @@ impl DomainEvent {
             E::GenerationCancelRequested(e) => Some(e.account_id),
             E::GenerationCanceled(e) => Some(e.account_id),
             E::PromptRejected(e) => Some(e.account_id),
+            E::AuthenticationFailed(_) => None,
+            E::AccessDenied(e) => Some(e.account_id),
+            E::StaffRead(e) => Some(e.account_id),
         }
     }
 }
@@ -754,6 +796,9 @@ pub fn schema_files() -> Vec<SchemaFile> {
         schema_file::<GenerationCancelRequested>(true),
         schema_file::<GenerationCanceled>(true),
         schema_file::<PromptRejected>(true),
+        schema_file::<AuthenticationFailed>(true),
+        schema_file::<AccessDenied>(true),
+        schema_file::<StaffRead>(true),
     ];
     let mut meta =
         serde_json::to_string_pretty(&schemars::schema_for!(Metadata)).expect("schema serializes");

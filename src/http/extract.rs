@@ -56,12 +56,9 @@ impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let presented = parts
+        let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
             .ok_or_else(ApiError::unauthorized)?;
         let mut conn = state
             .pool
@@ -71,9 +68,53 @@ impl FromRequestParts<AppState> for Auth {
                 code: "database_unavailable",
                 message: "the database is unavailable; try again shortly",
             })?;
-        let owner = slate_events::access::authenticate(&mut conn, presented)
-            .await?
-            .ok_or_else(ApiError::unauthorized)?;
+        let presented = header
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or("");
+        let well_formed = slate_events::access::has_valid_checksum(presented);
+        let owner = if well_formed {
+            slate_events::access::authenticate(&mut conn, presented).await?
+        } else {
+            None
+        };
+        let Some(owner) = owner else {
+            // A credential was presented and refused: recorded, without it.
+            let reason = if well_formed {
+                "unknown_or_revoked_key"
+            } else {
+                "malformed_credential"
+            };
+            let route = parts
+                .extensions
+                .get::<axum::extract::MatchedPath>()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default();
+            let ip = parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.ip().to_string());
+            let prefix = slate_events::access::public_prefix(presented);
+            if let Err(e) = slate_events::access::record_auth_failure(
+                &mut conn,
+                reason,
+                prefix,
+                ip.as_deref(),
+                &route,
+            )
+            .await
+            {
+                tracing::warn!(error = %e, "could not record an authentication failure");
+            }
+            tracing::info!(
+                reason,
+                key_prefix = prefix.unwrap_or("-"),
+                "authentication failed"
+            );
+            return Err(ApiError::unauthorized());
+        };
         tracing::Span::current().record("account_id", tracing::field::display(owner.account_id));
         Ok(Auth {
             account_id: owner.account_id,
@@ -97,5 +138,32 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
                 .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
                 .map(|c| c.0.ip()),
         ))
+    }
+}
+
+/// An authenticated staff account. Anyone else gets 403 (recorded).
+#[derive(Debug, Clone, Copy)]
+pub struct Staff(pub Auth);
+
+impl FromRequestParts<AppState> for Staff {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let auth = Auth::from_request_parts(parts, state).await?;
+        if auth.staff {
+            return Ok(Staff(auth));
+        }
+        let route = parts
+            .extensions
+            .get::<axum::extract::MatchedPath>()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default();
+        let mut conn = state.pool.acquire().await?;
+        if let Err(e) =
+            slate_events::access::record_access_denied(&mut conn, auth.account_id, &route).await
+        {
+            tracing::warn!(error = %e, "could not record an access denial");
+        }
+        Err(ApiError::forbidden())
     }
 }

@@ -1,5 +1,6 @@
 //! The HTTP API: one `router()` per module, merged here.
 
+mod admin;
 mod billing;
 mod credits;
 mod error;
@@ -7,6 +8,7 @@ mod extract;
 mod generations;
 mod health;
 pub mod hub;
+mod keys;
 mod metrics;
 mod stripe;
 
@@ -19,7 +21,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
-pub use extract::{Auth, ClientIp, Json};
+pub use extract::{Auth, ClientIp, Json, Staff};
 
 use crate::config::Config;
 
@@ -68,6 +70,8 @@ pub fn router(state: AppState) -> Router {
         .merge(billing::router())
         .merge(credits::router())
         .merge(generations::router())
+        .merge(keys::router())
+        .merge(admin::router())
         .with_state(state)
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(

@@ -1,5 +1,6 @@
 //! Black-box and integration tests against real PostgreSQL, Redis and S3.
 
+mod access;
 mod billing;
 mod catalog;
 mod credits;

@@ -1,0 +1,89 @@
+//! `/v1/keys`: issue (the plaintext is shown once), list, revoke. Rotation
+//! is create + revoke; a revoked key stops working at once in every process
+//! (every request checks the database).
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use slate_events::{Actor, Metadata};
+use uuid::Uuid;
+
+use super::{ApiError, AppState, Auth, Json};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/keys", get(list).post(create))
+        .route("/v1/keys/{id}", delete(revoke))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    #[serde(default)]
+    label: Option<String>,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    auth: Auth,
+    Json(body): Json<CreateKey>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if body.label.as_ref().is_some_and(|l| l.chars().count() > 100) {
+        return Err(ApiError::unprocessable(
+            "invalid_label",
+            "a label is at most 100 characters",
+        ));
+    }
+    let mut conn = state.pool.acquire().await?;
+    let key = slate_events::access::create_key(
+        &mut conn,
+        auth.account_id,
+        body.label.as_deref(),
+        Metadata::by(Actor::User {
+            account_id: auth.account_id,
+        }),
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "id": key.key_id,
+            "prefix": key.prefix,
+            "label": body.label,
+            "key": key.plaintext,
+            "note": "shown once: only its hash is stored",
+        })),
+    ))
+}
+
+async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let keys = slate_events::access::list_keys(&mut conn, auth.account_id).await?;
+    Ok(Json(json!({ "data": keys })))
+}
+
+async fn revoke(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id: Uuid = id.parse().map_err(|_| ApiError::not_found())?;
+    let mut conn = state.pool.acquire().await?;
+    let revoked = slate_events::access::revoke_key(
+        &mut conn,
+        auth.account_id,
+        id,
+        Metadata::by(Actor::User {
+            account_id: auth.account_id,
+        }),
+    )
+    .await?;
+    if revoked {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found())
+    }
+}

@@ -1,0 +1,234 @@
+//! Who may use what: every route refuses missing, malformed and revoked
+//! credentials, hides other accounts' ids, and keeps staff routes to staff.
+
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::billing::key_for;
+use crate::http::{TestApp, spawn_app_with};
+
+async fn call(app: &TestApp, method: &str, path: &str, key: Option<&str>) -> (u16, Value) {
+    let url = format!("{}{path}", app.address);
+    let mut req = match method {
+        "GET" => app.client.get(url),
+        "POST" => app.client.post(url).json(&json!({})),
+        "DELETE" => app.client.delete(url),
+        other => panic!("{other}"),
+    };
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let r = req.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn every_route_refuses_missing_malformed_and_revoked_credentials_and_hides_other_accounts() {
+    let app = spawn_app_with(&[]).await;
+    let (alice, alice_key) = key_for(&app).await;
+    let (_bob, bob_key) = key_for(&app).await;
+    crate::credits::grant(
+        &mut *app.db.conn().await,
+        alice,
+        50,
+        slate_events::catalog::GrantSource::Purchase,
+        None,
+    )
+    .await;
+    let (_, g, _) = app
+        .submit(
+            &alice_key,
+            None,
+            json!({"kind": "script", "provider": "local", "prompt": "alice's idea"}),
+        )
+        .await;
+    let generation = g["id"].as_str().unwrap().to_owned();
+    let alice_key_id: Uuid =
+        sqlx::query_scalar("select key_id from api_keys where account_id = $1")
+            .bind(alice)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+
+    let routes = [
+        ("GET", "/v1/credits".to_owned()),
+        ("GET", "/v1/credits/ledger".to_owned()),
+        ("POST", "/v1/billing/checkout".to_owned()),
+        ("POST", "/v1/billing/portal".to_owned()),
+        ("POST", "/v1/generations".to_owned()),
+        ("GET", "/v1/generations".to_owned()),
+        ("GET", format!("/v1/generations/{generation}")),
+        ("POST", format!("/v1/generations/{generation}/cancel")),
+        ("GET", format!("/v1/generations/{generation}/events")),
+        ("GET", "/v1/webhooks/secret".to_owned()),
+        ("GET", "/v1/keys".to_owned()),
+        ("POST", "/v1/keys".to_owned()),
+        ("DELETE", format!("/v1/keys/{alice_key_id}")),
+        ("GET", format!("/admin/accounts/{alice}")),
+    ];
+    let malformed = "slate_live_0123456789ab_not-a-key";
+    let well_formed_unknown = {
+        // Right shape and checksum, never issued.
+        let mut conn = app.db.conn().await;
+        let throwaway = crate::credits::new_account(&mut conn).await;
+        let k = slate_events::access::create_key(
+            &mut conn,
+            throwaway,
+            None,
+            slate_events::Metadata::system(),
+        )
+        .await
+        .unwrap();
+        slate_events::access::revoke_key(
+            &mut conn,
+            throwaway,
+            k.key_id,
+            slate_events::Metadata::system(),
+        )
+        .await
+        .unwrap();
+        k.plaintext
+    };
+    for (method, path) in &routes {
+        for key in [
+            None,
+            Some(malformed),
+            Some(well_formed_unknown.as_str()),
+            Some("Basic abc"),
+        ] {
+            let (status, body) = call(&app, method, path, key).await;
+            assert_eq!(
+                (status, body["error"]["code"].as_str()),
+                (401, Some("unauthorized")),
+                "{method} {path} with {key:?}"
+            );
+        }
+    }
+    // Another account's ids answer 404; staff routes answer 403 to non-staff.
+    for (method, path) in &routes {
+        if !path.contains(&generation)
+            && !path.contains(&alice_key_id.to_string())
+            && !path.starts_with("/admin")
+        {
+            continue;
+        }
+        let (status, _) = call(&app, method, path, Some(&bob_key)).await;
+        let expected = if path.starts_with("/admin") { 403 } else { 404 };
+        assert_eq!(status, expected, "bob on {method} {path}");
+    }
+    // Unauthenticated by design.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_ne!(call(&app, "GET", path, None).await.0, 401, "{path}");
+    }
+    assert_ne!(call(&app, "POST", "/webhooks/stripe", None).await.0, 401);
+
+    // Failures are in the log, without the presented secret.
+    let failures: i64 =
+        sqlx::query_scalar("select count(*) from events where event_type = 'AuthenticationFailed'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert!(failures >= 3 * routes.len() as i64, "{failures}");
+    let denials: i64 =
+        sqlx::query_scalar("select count(*) from events where event_type = 'AccessDenied'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(denials, 1);
+    let log: String =
+        sqlx::query_scalar("select string_agg(payload::text || metadata::text, ' ') from events")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    for secret in [
+        &alice_key,
+        &bob_key,
+        &well_formed_unknown,
+        &malformed.to_owned(),
+    ] {
+        assert!(
+            !log.contains(secret.as_str()),
+            "a presented credential reached the log"
+        );
+    }
+}
+
+#[tokio::test]
+async fn keys_are_shown_once_listed_by_prefix_and_revoked_at_once() {
+    let app = spawn_app_with(&[]).await;
+    let (_, first) = key_for(&app).await;
+    let (_, other) = key_for(&app).await;
+    let (status, created) = app
+        .post_json("/v1/keys", Some(&first), json!({"label": "ci"}))
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let second = created["key"].as_str().unwrap().to_owned();
+    assert!(slate_events::access::has_valid_checksum(&second));
+    assert!(!slate_events::access::has_valid_checksum(&format!(
+        "{}0",
+        &second[..second.len() - 1]
+    )));
+    let (_, listed) = app.get_as("/v1/keys", Some(&second)).await;
+    let keys = listed["data"].as_array().unwrap();
+    assert_eq!(keys.len(), 2);
+    assert!(
+        !listed.to_string().contains(&second[20..]),
+        "no secret in the listing"
+    );
+    assert_eq!(keys[0]["label"], "ci");
+
+    // Rotation: the new key revokes the old one, which stops at once.
+    let old_id = keys[1]["key_id"].as_str().unwrap();
+    assert_eq!(app.get_as("/v1/credits", Some(&first)).await.0, 200);
+    let r = app
+        .client
+        .delete(format!("{}/v1/keys/{old_id}", app.address))
+        .bearer_auth(&second)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    assert_eq!(app.get_as("/v1/credits", Some(&first)).await.0, 401);
+    assert_eq!(app.get_as("/v1/credits", Some(&second)).await.0, 200);
+    // Someone else's key id is not found, and revoking twice is a 404 too.
+    let r = app
+        .client
+        .delete(format!("{}/v1/keys/{old_id}", app.address))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+
+    // Staff see an account, and the read is recorded.
+    let mut conn = app.db.conn().await;
+    let staff = slate_events::accounts::create_account(
+        &mut conn,
+        "staff@example.com",
+        true,
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    let staff_key =
+        slate_events::access::create_key(&mut conn, staff, None, slate_events::Metadata::system())
+            .await
+            .unwrap()
+            .plaintext;
+    let target: Uuid = sqlx::query_scalar("select account_id from api_keys where key_id = $1")
+        .bind(Uuid::parse_str(old_id).unwrap())
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    let (status, body) = app
+        .get_as(&format!("/admin/accounts/{target}"), Some(&staff_key))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["credits"]["available"], 0);
+    let reads: i64 = sqlx::query_scalar("select count(*) from events where event_type = 'StaffRead' and payload->>'account_id' = $1")
+        .bind(target.to_string())
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(reads, 1);
+}
