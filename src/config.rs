@@ -81,6 +81,12 @@ pub struct Config {
     /// Hosts (or host:port) completion webhooks may reach although they
     /// resolve to private or loopback addresses (tests, internal receivers).
     pub webhook_allowlist: Vec<String>,
+    /// Browser sign-in (OpenID Connect); None when no client id is set.
+    pub oidc: Option<crate::oidc::OidcSettings>,
+    pub session_idle: std::time::Duration,
+    pub session_absolute: std::time::Duration,
+    /// Mark cookies Secure (on unless explicitly off for plain-HTTP dev).
+    pub secure_cookies: bool,
 }
 
 /// The documented defaults (README, `scripts/services`).
@@ -112,6 +118,13 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("SLATE_PROVIDER_POLL_MS", "2000"),
     ("SLATE_LOCAL_PROVIDER", "true"),
     ("SLATE_WEBHOOK_ALLOWLIST", ""),
+    ("SLATE_OIDC_ISSUER", "https://accounts.google.com"),
+    ("SLATE_OIDC_CLIENT_ID", ""),
+    ("SLATE_OIDC_CLIENT_SECRET", ""),
+    ("SLATE_OIDC_REDIRECT_URL", ""),
+    ("SLATE_SESSION_IDLE_SECS", "1800"),
+    ("SLATE_SESSION_ABSOLUTE_SECS", "43200"),
+    ("SLATE_SECURE_COOKIES", "true"),
     ("FAL_KEY", ""),
     ("FAL_BASE_URL", ""),
     ("ELEVENLABS_API_KEY", ""),
@@ -302,6 +315,28 @@ impl Config {
                 .filter(|s| !s.is_empty())
                 .map(str::to_owned)
                 .collect(),
+            oidc: non_empty("SLATE_OIDC_CLIENT_ID").map(|client_id| crate::oidc::OidcSettings {
+                issuer: get("SLATE_OIDC_ISSUER").trim_end_matches('/').to_owned(),
+                client_id,
+                client_secret: Secret::new(get("SLATE_OIDC_CLIENT_SECRET")),
+                redirect_url: non_empty("SLATE_OIDC_REDIRECT_URL").unwrap_or_else(|| {
+                    format!(
+                        "{}/v1/auth/oidc/callback",
+                        get("SLATE_PUBLIC_URL").trim_end_matches('/')
+                    )
+                }),
+            }),
+            session_idle: std::time::Duration::from_secs(
+                positive(&get("SLATE_SESSION_IDLE_SECS"), "SLATE_SESSION_IDLE_SECS")?.into(),
+            ),
+            session_absolute: std::time::Duration::from_secs(
+                positive(
+                    &get("SLATE_SESSION_ABSOLUTE_SECS"),
+                    "SLATE_SESSION_ABSOLUTE_SECS",
+                )?
+                .into(),
+            ),
+            secure_cookies: !matches!(get("SLATE_SECURE_COOKIES").as_str(), "false" | "0"),
             fault_stripe_hold: non_empty("SLATE_FAULT_STRIPE_HOLD_MS")
                 .map(|v| v.parse().map(std::time::Duration::from_millis))
                 .transpose()

@@ -9,6 +9,7 @@ pub mod demo_story;
 pub mod generations;
 pub mod http;
 pub mod migrate;
+pub mod oidc;
 pub mod ratelimit;
 pub mod server;
 pub mod stripe;

@@ -524,6 +524,28 @@ pub struct StaffRead {
 }
 event_type!(StaffRead, "StaffRead", 1);
 
+/// A browser session began (its token's SHA-256 only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionStarted {
+    pub account_id: Uuid,
+    pub session_id: Uuid,
+    pub token_hash: String,
+    pub via: String,
+    pub expires_at: DateTime<Utc>,
+}
+event_type!(SessionStarted, "SessionStarted", 1);
+
+/// A session ended (sign-out, sign-out everywhere, idle timeout).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionEnded {
+    pub account_id: Uuid,
+    pub session_id: Uuid,
+    pub reason: String,
+}
+event_type!(SessionEnded, "SessionEnded", 1);
+
 /// Shapes that were written once and are upcast on read.
 pub mod legacy {
     use super::*;
@@ -582,6 +604,8 @@ macro_rules! each_event {
             DomainEvent::AuthenticationFailed($e) => $body,
             DomainEvent::AccessDenied($e) => $body,
             DomainEvent::StaffRead($e) => $body,
+            DomainEvent::SessionStarted($e) => $body,
+            DomainEvent::SessionEnded($e) => $body,
         }
     };
 }
@@ -619,6 +643,8 @@ pub enum DomainEvent {
     AuthenticationFailed(AuthenticationFailed),
     AccessDenied(AccessDenied),
     StaffRead(StaffRead),
+    SessionStarted(SessionStarted),
+    SessionEnded(SessionEnded),
 }
 
 fn parse<T: DeserializeOwned>(event_type: &str, version: i16, payload: Value) -> Result<T, Error> {
@@ -673,6 +699,8 @@ impl DomainEvent {
             ("AuthenticationFailed", 1) => E::AuthenticationFailed(parse(event_type, v, p)?),
             ("AccessDenied", 1) => E::AccessDenied(parse(event_type, v, p)?),
             ("StaffRead", 1) => E::StaffRead(parse(event_type, v, p)?),
+            ("SessionStarted", 1) => E::SessionStarted(parse(event_type, v, p)?),
+            ("SessionEnded", 1) => E::SessionEnded(parse(event_type, v, p)?),
             _ => {
                 return Err(Error::Decode {
                     event_type: event_type.to_owned(),
@@ -729,6 +757,8 @@ impl DomainEvent {
             E::AuthenticationFailed(_) => None,
             E::AccessDenied(e) => Some(e.account_id),
             E::StaffRead(e) => Some(e.account_id),
+            E::SessionStarted(e) => Some(e.account_id),
+            E::SessionEnded(e) => Some(e.account_id),
         }
     }
 }
@@ -799,6 +829,8 @@ pub fn schema_files() -> Vec<SchemaFile> {
         schema_file::<AuthenticationFailed>(true),
         schema_file::<AccessDenied>(true),
         schema_file::<StaffRead>(true),
+        schema_file::<SessionStarted>(true),
+        schema_file::<SessionEnded>(true),
     ];
     let mut meta =
         serde_json::to_string_pretty(&schemars::schema_for!(Metadata)).expect("schema serializes");

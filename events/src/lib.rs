@@ -17,6 +17,7 @@ pub mod error;
 pub mod generations;
 pub mod moderation;
 pub mod projections;
+pub mod sessions;
 pub mod store;
 pub mod stripe;
 

@@ -48,18 +48,73 @@ where
 #[derive(Debug, Clone, Copy)]
 pub struct Auth {
     pub account_id: Uuid,
-    pub key_id: Uuid,
+    /// The API key used, or the browser session.
+    pub key_id: Option<Uuid>,
+    pub session_id: Option<Uuid>,
     pub staff: bool,
+}
+
+/// A cookie's value from the request.
+pub fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Authenticate with a session cookie (browsers). Staff privileges need a
+/// session that passed the second factor.
+async fn from_session(parts: &Parts, state: &AppState) -> Result<Option<Auth>, ApiError> {
+    let Some(token) = cookie(&parts.headers, slate_events::sessions::COOKIE) else {
+        return Ok(None);
+    };
+    let mut conn = state.pool.acquire().await?;
+    let idle = chrono::Duration::from_std(state.config.session_idle)
+        .unwrap_or(chrono::Duration::minutes(30));
+    let owner =
+        slate_events::sessions::authenticate(&mut conn, token, idle, chrono::Utc::now()).await?;
+    match owner {
+        Some(o) => Ok(Some(Auth {
+            account_id: o.account_id,
+            key_id: None,
+            session_id: Some(o.session_id),
+            staff: o.staff && o.mfa_verified,
+        })),
+        None => {
+            let route = parts
+                .extensions
+                .get::<axum::extract::MatchedPath>()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default();
+            if let Err(e) = slate_events::access::record_auth_failure(
+                &mut conn,
+                "unknown_or_ended_session",
+                None,
+                None,
+                &route,
+            )
+            .await
+            {
+                tracing::warn!(error = %e, "could not record an authentication failure");
+            }
+            Err(ApiError::unauthorized())
+        }
+    }
 }
 
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(ApiError::unauthorized)?;
+        let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
+            return from_session(parts, state)
+                .await?
+                .ok_or_else(ApiError::unauthorized);
+        };
         let mut conn = state
             .pool
             .acquire()
@@ -118,7 +173,8 @@ impl FromRequestParts<AppState> for Auth {
         tracing::Span::current().record("account_id", tracing::field::display(owner.account_id));
         Ok(Auth {
             account_id: owner.account_id,
-            key_id: owner.key_id,
+            key_id: Some(owner.key_id),
+            session_id: None,
             staff: owner.staff,
         })
     }

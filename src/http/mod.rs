@@ -10,6 +10,7 @@ mod health;
 pub mod hub;
 mod keys;
 mod metrics;
+mod sessions;
 mod stripe;
 
 use std::sync::Arc;
@@ -71,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .merge(credits::router())
         .merge(generations::router())
         .merge(keys::router())
+        .merge(sessions::router())
         .merge(admin::router())
         .with_state(state)
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))

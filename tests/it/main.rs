@@ -10,5 +10,6 @@ mod harness;
 mod http;
 mod projections;
 mod services;
+mod sessions;
 mod stripe;
 mod worker;

@@ -7,13 +7,25 @@ use super::Table;
 use crate::Error;
 use crate::catalog::DomainEvent;
 
-pub const TABLES: &[Table] = &[Table {
-    name: "api_keys",
-    // last_used_at is operational and not rebuilt from the log.
-    columns: "key_id, account_id, prefix, secret_hash, label, created_at, revoked_at",
-}];
+pub const TABLES: &[Table] = &[
+    Table {
+        name: "api_keys",
+        // last_used_at is operational and not rebuilt from the log.
+        columns: "key_id, account_id, prefix, secret_hash, label, created_at, revoked_at",
+    },
+    Table {
+        name: "sessions",
+        // last_seen_at is operational too.
+        columns: "session_id, account_id, token_hash, via, mfa_verified, created_at, expires_at, ended_at, end_reason",
+    },
+];
 
-pub const EVENT_TYPES: &[&str] = &["ApiKeyCreated", "ApiKeyRevoked"];
+pub const EVENT_TYPES: &[&str] = &[
+    "ApiKeyCreated",
+    "ApiKeyRevoked",
+    "SessionStarted",
+    "SessionEnded",
+];
 
 pub async fn apply(
     conn: &mut PgConnection,
@@ -48,6 +60,35 @@ pub async fn apply(
             ))
             .bind(e.key_id)
             .bind(recorded_at)
+            .execute(conn)
+            .await?;
+        }
+        DomainEvent::SessionStarted(e) => {
+            let hash = hex::decode(&e.token_hash).map_err(|_| Error::Decode {
+                event_type: "SessionStarted".into(),
+                schema_version: 1,
+                reason: "token_hash is not hex".into(),
+            })?;
+            sqlx::query(trusted_sql!(
+                "insert into {p}sessions (session_id, account_id, token_hash, via, created_at, expires_at)
+                 values ($1, $2, $3, $4, $5, $6)"
+            ))
+            .bind(e.session_id)
+            .bind(e.account_id)
+            .bind(hash)
+            .bind(&e.via)
+            .bind(recorded_at)
+            .bind(e.expires_at)
+            .execute(conn)
+            .await?;
+        }
+        DomainEvent::SessionEnded(e) => {
+            sqlx::query(trusted_sql!(
+                "update {p}sessions set ended_at = $2, end_reason = $3 where session_id = $1 and ended_at is null"
+            ))
+            .bind(e.session_id)
+            .bind(recorded_at)
+            .bind(&e.reason)
             .execute(conn)
             .await?;
         }

@@ -1,0 +1,222 @@
+//! Browser sign-in and sessions: `/v1/auth/oidc/start|callback`,
+//! `/v1/sessions`.
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::Deserialize;
+use serde_json::json;
+use slate_events::{Actor, Metadata};
+use uuid::Uuid;
+
+use super::extract::cookie;
+use super::{ApiError, AppState, Auth, Json};
+use crate::oidc::{self, SignInError};
+
+const STATE_COOKIE: &str = "slate_oidc_state";
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/auth/oidc/start", get(start))
+        .route("/v1/auth/oidc/callback", get(callback))
+        .route("/v1/sessions", get(list))
+        .route("/v1/sessions/{id}", delete(end))
+        .route("/v1/sessions/revoke-all", post(revoke_all))
+}
+
+fn set_cookie(state: &AppState, name: &str, value: &str, max_age: i64) -> HeaderValue {
+    let secure = if state.config.secure_cookies {
+        "; Secure"
+    } else {
+        ""
+    };
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}"
+    ))
+    .expect("cookie values are ASCII")
+}
+
+fn to_api_error(e: SignInError) -> ApiError {
+    match e {
+        SignInError::NotConfigured => ApiError::Unavailable {
+            code: "sign_in_not_configured",
+            message: "browser sign-in is not configured",
+        },
+        SignInError::BadState => ApiError::client(
+            StatusCode::UNAUTHORIZED,
+            "sign_in_state_invalid",
+            "the sign-in attempt is unknown, already used or expired; start again",
+        ),
+        SignInError::BadToken => ApiError::client(
+            StatusCode::UNAUTHORIZED,
+            "id_token_invalid",
+            "the identity provider's token was refused",
+        ),
+        SignInError::EmailNotVerified => ApiError::client(
+            StatusCode::UNAUTHORIZED,
+            "email_not_verified",
+            "the identity provider has not verified this email",
+        ),
+        SignInError::Provider => ApiError::Unavailable {
+            code: "identity_provider_unavailable",
+            message: "the identity provider could not be reached",
+        },
+        SignInError::Store(e) => ApiError::Internal(e.into()),
+        SignInError::Db(e) => ApiError::Internal(e.into()),
+    }
+}
+
+async fn start(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let settings = state
+        .config
+        .oidc
+        .as_ref()
+        .ok_or(SignInError::NotConfigured)
+        .map_err(to_api_error)?;
+    let started = oidc::start(&state.pool, settings)
+        .await
+        .map_err(to_api_error)?;
+    let mut response = StatusCode::FOUND.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::LOCATION,
+        HeaderValue::from_str(&started.redirect_to).map_err(|e| ApiError::Internal(e.into()))?,
+    );
+    headers.insert(
+        header::SET_COOKIE,
+        set_cookie(&state, STATE_COOKIE, &started.state, 600),
+    );
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize)]
+struct Callback {
+    code: String,
+    state: String,
+}
+
+async fn callback(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<Callback>,
+) -> Result<Response, ApiError> {
+    let settings = state
+        .config
+        .oidc
+        .as_ref()
+        .ok_or(SignInError::NotConfigured)
+        .map_err(to_api_error)?;
+    let browser_state = cookie(&headers, STATE_COOKIE);
+    let signed_in = match oidc::finish(
+        &state.pool,
+        &state.config,
+        settings,
+        &q.state,
+        browser_state,
+        &q.code,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let mut conn = state.pool.acquire().await?;
+            let reason = match &e {
+                SignInError::BadState => "sign_in_state_invalid",
+                SignInError::BadToken => "id_token_invalid",
+                SignInError::EmailNotVerified => "email_not_verified",
+                _ => "sign_in_failed",
+            };
+            let _ = slate_events::access::record_auth_failure(
+                &mut conn,
+                reason,
+                None,
+                None,
+                "/v1/auth/oidc/callback",
+            )
+            .await;
+            return Err(to_api_error(e));
+        }
+    };
+    let max_age = (signed_in.session.expires_at - chrono::Utc::now())
+        .num_seconds()
+        .max(0);
+    let mut response = Json(json!({
+        "account_id": signed_in.account_id,
+        "session_id": signed_in.session.session_id,
+        "expires_at": signed_in.session.expires_at,
+    }))
+    .into_response();
+    let h = response.headers_mut();
+    h.append(
+        header::SET_COOKIE,
+        set_cookie(
+            &state,
+            slate_events::sessions::COOKIE,
+            &signed_in.session.token,
+            max_age,
+        ),
+    );
+    h.append(header::SET_COOKIE, set_cookie(&state, STATE_COOKIE, "", 0));
+    Ok(response)
+}
+
+async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let sessions = slate_events::sessions::list(&mut conn, auth.account_id).await?;
+    Ok(Json(
+        json!({ "data": sessions, "current": auth.session_id }),
+    ))
+}
+
+fn actor(auth: &Auth) -> Metadata {
+    Metadata::by(Actor::User {
+        account_id: auth.account_id,
+    })
+}
+
+async fn end(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id: Uuid = id.parse().map_err(|_| ApiError::not_found())?;
+    let mut conn = state.pool.acquire().await?;
+    if slate_events::sessions::end(&mut conn, auth.account_id, id, "signed_out", actor(&auth))
+        .await?
+    {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found())
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeAll {
+    #[serde(default)]
+    include_keys: bool,
+}
+
+/// Sign out everywhere: every session, and every API key when asked.
+async fn revoke_all(
+    State(state): State<AppState>,
+    auth: Auth,
+    Json(body): Json<RevokeAll>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let (sessions, keys) = slate_events::sessions::end_all(
+        &mut conn,
+        auth.account_id,
+        body.include_keys,
+        actor(&auth),
+    )
+    .await?;
+    Ok(Json(
+        json!({ "sessions_ended": sessions, "keys_revoked": keys }),
+    ))
+}

@@ -1,0 +1,380 @@
+//! Browser sign-in through OpenID Connect against a local issuer (wiremock
+//! with its own keys and JWKS), sessions, and sign-out everywhere.
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::http::{TestApp, spawn_app_with};
+
+const CLIENT_ID: &str = "slate-test-client";
+
+fn key(name: &str) -> EncodingKey {
+    let pem = std::fs::read(format!(
+        "{}/tests/fixtures/oidc/{name}.pem",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    EncodingKey::from_ec_pem(&pem).unwrap()
+}
+
+fn id_token(signer: &str, claims: Value) -> String {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("test-key-1".into());
+    jsonwebtoken::encode(&header, &claims, &key(signer)).unwrap()
+}
+
+async fn issuer() -> MockServer {
+    let server = MockServer::start().await;
+    let uri = server.uri();
+    Mock::given(method("GET"))
+        .and(path("/.well-known/openid-configuration"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "issuer": uri, "authorization_endpoint": format!("{uri}/authorize"),
+            "token_endpoint": format!("{uri}/token"), "jwks_uri": format!("{uri}/jwks"),
+            "id_token_signing_alg_values_supported": ["ES256"],
+        })))
+        .mount(&server)
+        .await;
+    let jwks: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/tests/fixtures/oidc/jwks.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    Mock::given(method("GET"))
+        .and(path("/jwks"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(jwks))
+        .mount(&server)
+        .await;
+    server
+}
+
+async fn app_for(issuer: &MockServer) -> TestApp {
+    spawn_app_with(&[
+        ("SLATE_OIDC_ISSUER", &issuer.uri()),
+        ("SLATE_OIDC_CLIENT_ID", CLIENT_ID),
+        ("SLATE_OIDC_CLIENT_SECRET", "test-client-secret"),
+    ])
+    .await
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// `start`: the state cookie and the (state, nonce) in the redirect.
+async fn begin(app: &TestApp) -> (String, String, String) {
+    let r = no_redirects()
+        .get(format!("{}/v1/auth/oidc/start", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 302);
+    let location = reqwest::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+    let q: std::collections::HashMap<_, _> = location.query_pairs().into_owned().collect();
+    assert_eq!(q["client_id"], CLIENT_ID);
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    (q["state"].clone(), q["nonce"].clone(), cookie)
+}
+
+fn claims(issuer: &MockServer, email: &str, nonce: &str) -> Value {
+    let now = chrono::Utc::now().timestamp();
+    json!({
+        "iss": issuer.uri(), "aud": CLIENT_ID, "sub": format!("sub-{email}"), "email": email,
+        "email_verified": true, "nonce": nonce, "iat": now, "exp": now + 600,
+    })
+}
+
+/// The issuer's token endpoint answers with this ID token (once).
+async fn token_endpoint_returns(issuer: &MockServer, id_token: String) {
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "access_token": "ya29.test", "token_type": "Bearer", "expires_in": 3599, "id_token": id_token,
+        })))
+        .up_to_n_times(1)
+        .mount(issuer)
+        .await;
+}
+
+async fn finish(app: &TestApp, state: &str, cookie: &str) -> (u16, Value, Option<String>) {
+    let r = no_redirects()
+        .get(format!(
+            "{}/v1/auth/oidc/callback?code=test-code&state={state}",
+            app.address
+        ))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let session = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|c| c.starts_with("slate_session="));
+    (status, r.json().await.unwrap_or(Value::Null), session)
+}
+
+async fn sign_in(app: &TestApp, issuer: &MockServer, email: &str) -> String {
+    let (state, nonce, cookie) = begin(app).await;
+    token_endpoint_returns(issuer, id_token("issuer", claims(issuer, email, &nonce))).await;
+    let (status, body, session) = finish(app, &state, &cookie).await;
+    assert_eq!(status, 200, "{body}");
+    let set = session.expect("a session cookie");
+    for flag in ["HttpOnly", "Secure", "SameSite=Lax"] {
+        assert!(set.contains(flag), "{set}");
+    }
+    set.split(';').next().unwrap().to_owned()
+}
+
+async fn credits_with_cookie(app: &TestApp, cookie: &str) -> u16 {
+    app.client
+        .get(format!("{}/v1/credits", app.address))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Makes a bad ID token for the issuer and the login's nonce.
+type Forgery = Box<dyn Fn(&MockServer, &str) -> String>;
+
+#[tokio::test]
+async fn a_valid_id_token_signs_in_and_forgeries_do_not() {
+    let issuer = issuer().await;
+    let app = app_for(&issuer).await;
+    let session = sign_in(&app, &issuer, "ada@example.com").await;
+    assert_eq!(credits_with_cookie(&app, &session).await, 200);
+    // A new session at every sign-in.
+    let second = sign_in(&app, &issuer, "ada@example.com").await;
+    assert_ne!(session, second);
+    let accounts: i64 =
+        sqlx::query_scalar("select count(*) from accounts where email = 'ada@example.com'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(accounts, 1);
+
+    let cases: Vec<(&str, Forgery)> = vec![
+        (
+            "bad signature",
+            Box::new(|i, n| id_token("attacker", claims(i, "eve@example.com", n))),
+        ),
+        (
+            "wrong audience",
+            Box::new(|i, n| {
+                let mut c = claims(i, "eve@example.com", n);
+                c["aud"] = "someone-else".into();
+                id_token("issuer", c)
+            }),
+        ),
+        (
+            "expired",
+            Box::new(|i, n| {
+                let mut c = claims(i, "eve@example.com", n);
+                c["exp"] = (chrono::Utc::now().timestamp() - 3600).into();
+                id_token("issuer", c)
+            }),
+        ),
+        (
+            "wrong issuer",
+            Box::new(|i, n| {
+                let mut c = claims(i, "eve@example.com", n);
+                c["iss"] = "https://evil.example.com".into();
+                id_token("issuer", c)
+            }),
+        ),
+        (
+            "another login's nonce",
+            Box::new(|i, _| id_token("issuer", claims(i, "eve@example.com", "not-this-nonce"))),
+        ),
+    ];
+    for (what, make) in cases {
+        let (state, nonce, cookie) = begin(&app).await;
+        token_endpoint_returns(&issuer, make(&issuer, &nonce)).await;
+        let (status, body, session) = finish(&app, &state, &cookie).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (401, Some("id_token_invalid")),
+            "{what}: {body}"
+        );
+        assert!(session.is_none(), "{what}");
+    }
+
+    // A replayed callback (same state and nonce again) does not sign in.
+    let (state, nonce, cookie) = begin(&app).await;
+    let token = id_token("issuer", claims(&issuer, "ada@example.com", &nonce));
+    token_endpoint_returns(&issuer, token.clone()).await;
+    assert_eq!(finish(&app, &state, &cookie).await.0, 200);
+    token_endpoint_returns(&issuer, token).await;
+    let (status, body, _) = finish(&app, &state, &cookie).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("sign_in_state_invalid"))
+    );
+    // A callback without the browser's state cookie is refused (CSRF).
+    let (state, _, _) = begin(&app).await;
+    assert_eq!(finish(&app, &state, "slate_oidc_state=other").await.0, 401);
+    let eve: i64 =
+        sqlx::query_scalar("select count(*) from accounts where email = 'eve@example.com'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(eve, 0);
+}
+
+#[tokio::test]
+async fn sign_out_everywhere_ends_every_session_and_key_at_once_in_another_process_too() {
+    let issuer = issuer().await;
+    let app = app_for(&issuer).await;
+    let laptop = sign_in(&app, &issuer, "grace@example.com").await;
+    let phone = sign_in(&app, &issuer, "grace@example.com").await;
+    let account: uuid::Uuid =
+        sqlx::query_scalar("select account_id from accounts where email = 'grace@example.com'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    let key = slate_events::access::create_key(
+        &mut *app.db.conn().await,
+        account,
+        None,
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap()
+    .plaintext;
+
+    // A second web process on the same database.
+    let config = slate::config::Config::from_lookup(|k| match k {
+        "DATABASE_URL" => Some(app.db.url.clone()),
+        "REDIS_URL" => Some(crate::harness::redis_url()),
+        _ => None,
+    })
+    .unwrap();
+    let state = slate::http::AppState::new(config, app.db.pool.clone()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(slate::server::serve(
+        listener,
+        state,
+        std::future::pending(),
+    ));
+    let get = |base: String, header: (&'static str, String)| async move {
+        reqwest::Client::new()
+            .get(format!("{base}/v1/credits"))
+            .header(header.0, header.1)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(get(other.clone(), ("cookie", phone.clone())).await, 200);
+    assert_eq!(
+        get(other.clone(), ("authorization", format!("Bearer {key}"))).await,
+        200
+    );
+
+    let (_, listed) = {
+        let r = app
+            .client
+            .get(format!("{}/v1/sessions", app.address))
+            .header("cookie", &laptop)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(listed["data"].as_array().unwrap().len(), 2);
+
+    let r = app
+        .client
+        .post(format!("{}/v1/sessions/revoke-all", app.address))
+        .header("cookie", &laptop)
+        .json(&json!({"include_keys": true}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            body["sessions_ended"].as_i64(),
+            body["keys_revoked"].as_i64()
+        ),
+        (Some(2), Some(1))
+    );
+    for base in [app.address.clone(), other.clone()] {
+        assert_eq!(get(base.clone(), ("cookie", laptop.clone())).await, 401);
+        assert_eq!(get(base.clone(), ("cookie", phone.clone())).await, 401);
+        assert_eq!(
+            get(base.clone(), ("authorization", format!("Bearer {key}"))).await,
+            401
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_idle_session_ends_and_an_unknown_cookie_is_refused() {
+    let issuer = issuer().await;
+    let app = app_for(&issuer).await;
+    let cookie = sign_in(&app, &issuer, "lin@example.com").await;
+    let token = cookie.split_once('=').unwrap().1.to_owned();
+    let mut conn = app.db.conn().await;
+    let idle = chrono::Duration::minutes(30);
+    let now = chrono::Utc::now();
+    assert!(
+        slate_events::sessions::authenticate(
+            &mut conn,
+            &token,
+            idle,
+            now + chrono::Duration::minutes(29)
+        )
+        .await
+        .unwrap()
+        .is_some()
+    );
+    // 31 idle minutes after that use: ended.
+    assert!(
+        slate_events::sessions::authenticate(
+            &mut conn,
+            &token,
+            idle,
+            now + chrono::Duration::minutes(61)
+        )
+        .await
+        .unwrap()
+        .is_none()
+    );
+    assert_eq!(credits_with_cookie(&app, &cookie).await, 401);
+    assert_eq!(credits_with_cookie(&app, "slate_session=0000").await, 401);
+    let stored: Vec<Vec<u8>> = sqlx::query_scalar("select token_hash from sessions")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    assert!(
+        stored.iter().all(|h| h.len() == 32),
+        "only hashes are stored"
+    );
+    let log: String = sqlx::query_scalar("select string_agg(payload::text, ' ') from events")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert!(!log.contains(&token), "the session token is not in the log");
+}
