@@ -135,6 +135,12 @@ pub enum EventsCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AccountsCommand {
+    /// Set up the second factor (TOTP) of a staff account; prints the
+    /// otpauth URI once (it carries the secret).
+    TotpEnroll {
+        #[arg(long)]
+        account: Uuid,
+    },
     /// Open an account; prints its id, and its first API key alone on the
     /// last line.
     Create {
@@ -347,6 +353,23 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             EventsCommand::Schema { out, check } => return schema(&out, check),
         },
         Command::Accounts { command } => match command {
+            AccountsCommand::TotpEnroll { account } => {
+                let pool = pool().await?;
+                let mut conn = pool.acquire().await?;
+                let a = slate_events::accounts::get_account(&mut conn, account)
+                    .await?
+                    .context("no such account")?;
+                let uri = slate_events::mfa::enroll(
+                    &mut conn,
+                    account,
+                    &a.email,
+                    &config.sealing_key,
+                    operator(),
+                )
+                .await?;
+                println!("scan this once into an authenticator app (it is not shown again):");
+                println!("{uri}");
+            }
             AccountsCommand::Create {
                 email,
                 staff,

@@ -87,6 +87,9 @@ pub struct Config {
     pub session_absolute: std::time::Duration,
     /// Mark cookies Secure (on unless explicitly off for plain-HTTP dev).
     pub secure_cookies: bool,
+    /// Seals stored secrets (TOTP). SLATE_SECRET_KEY: 64 hex characters;
+    /// the default is a fixed local-development key.
+    pub sealing_key: slate_events::mfa::SealingKey,
 }
 
 /// The documented defaults (README, `scripts/services`).
@@ -125,6 +128,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("SLATE_SESSION_IDLE_SECS", "1800"),
     ("SLATE_SESSION_ABSOLUTE_SECS", "43200"),
     ("SLATE_SECURE_COOKIES", "true"),
+    ("SLATE_SECRET_KEY", ""),
     ("FAL_KEY", ""),
     ("FAL_BASE_URL", ""),
     ("ELEVENLABS_API_KEY", ""),
@@ -337,6 +341,21 @@ impl Config {
                 .into(),
             ),
             secure_cookies: !matches!(get("SLATE_SECURE_COOKIES").as_str(), "false" | "0"),
+            sealing_key: match non_empty("SLATE_SECRET_KEY") {
+                Some(hex_key) => {
+                    let mut key = [0u8; 32];
+                    hex::decode_to_slice(hex_key.trim(), &mut key)
+                        .context("SLATE_SECRET_KEY must be 64 hex characters")?;
+                    slate_events::mfa::SealingKey::new(key)
+                }
+                None => {
+                    use sha2::Digest;
+                    let digest = sha2::Sha256::digest(b"slate local development sealing key");
+                    let mut key = [0u8; 32];
+                    key.copy_from_slice(&digest);
+                    slate_events::mfa::SealingKey::new(key)
+                }
+            },
             fault_stripe_hold: non_empty("SLATE_FAULT_STRIPE_HOLD_MS")
                 .map(|v| v.parse().map(std::time::Duration::from_millis))
                 .transpose()

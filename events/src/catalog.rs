@@ -546,6 +546,23 @@ pub struct SessionEnded {
 }
 event_type!(SessionEnded, "SessionEnded", 1);
 
+/// A second factor was set up for an account (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TotpEnrolled {
+    pub account_id: Uuid,
+}
+event_type!(TotpEnrolled, "TotpEnrolled", 1);
+
+/// A session passed the second factor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionMfaVerified {
+    pub account_id: Uuid,
+    pub session_id: Uuid,
+}
+event_type!(SessionMfaVerified, "SessionMfaVerified", 1);
+
 /// Shapes that were written once and are upcast on read.
 pub mod legacy {
     use super::*;
@@ -606,6 +623,8 @@ macro_rules! each_event {
             DomainEvent::StaffRead($e) => $body,
             DomainEvent::SessionStarted($e) => $body,
             DomainEvent::SessionEnded($e) => $body,
+            DomainEvent::TotpEnrolled($e) => $body,
+            DomainEvent::SessionMfaVerified($e) => $body,
         }
     };
 }
@@ -645,6 +664,8 @@ pub enum DomainEvent {
     StaffRead(StaffRead),
     SessionStarted(SessionStarted),
     SessionEnded(SessionEnded),
+    TotpEnrolled(TotpEnrolled),
+    SessionMfaVerified(SessionMfaVerified),
 }
 
 fn parse<T: DeserializeOwned>(event_type: &str, version: i16, payload: Value) -> Result<T, Error> {
@@ -701,6 +722,8 @@ impl DomainEvent {
             ("StaffRead", 1) => E::StaffRead(parse(event_type, v, p)?),
             ("SessionStarted", 1) => E::SessionStarted(parse(event_type, v, p)?),
             ("SessionEnded", 1) => E::SessionEnded(parse(event_type, v, p)?),
+            ("TotpEnrolled", 1) => E::TotpEnrolled(parse(event_type, v, p)?),
+            ("SessionMfaVerified", 1) => E::SessionMfaVerified(parse(event_type, v, p)?),
             _ => {
                 return Err(Error::Decode {
                     event_type: event_type.to_owned(),
@@ -759,6 +782,8 @@ impl DomainEvent {
             E::StaffRead(e) => Some(e.account_id),
             E::SessionStarted(e) => Some(e.account_id),
             E::SessionEnded(e) => Some(e.account_id),
+            E::TotpEnrolled(e) => Some(e.account_id),
+            E::SessionMfaVerified(e) => Some(e.account_id),
         }
     }
 }
@@ -831,6 +856,8 @@ pub fn schema_files() -> Vec<SchemaFile> {
         schema_file::<StaffRead>(true),
         schema_file::<SessionStarted>(true),
         schema_file::<SessionEnded>(true),
+        schema_file::<TotpEnrolled>(true),
+        schema_file::<SessionMfaVerified>(true),
     ];
     let mut meta =
         serde_json::to_string_pretty(&schemars::schema_for!(Metadata)).expect("schema serializes");

@@ -24,6 +24,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/sessions", get(list))
         .route("/v1/sessions/{id}", delete(end))
         .route("/v1/sessions/revoke-all", post(revoke_all))
+        .route("/v1/auth/totp", post(totp))
 }
 
 fn set_cookie(state: &AppState, name: &str, value: &str, max_age: i64) -> HeaderValue {
@@ -193,6 +194,55 @@ async fn end(
     } else {
         Err(ApiError::not_found())
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TotpCode {
+    code: String,
+}
+
+/// The second factor: a browser session that passes it gets the staff
+/// privileges of a staff account.
+async fn totp(
+    State(state): State<AppState>,
+    auth: Auth,
+    Json(body): Json<TotpCode>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let session = auth.session_id.ok_or_else(|| {
+        ApiError::bad_request(
+            "session_required",
+            "the second factor is checked for a browser session",
+        )
+    })?;
+    let mut tx = state.pool.begin().await?;
+    let ok = slate_events::mfa::verify_session(
+        &mut tx,
+        auth.account_id,
+        session,
+        &body.code,
+        &state.config.sealing_key,
+        chrono::Utc::now(),
+    )
+    .await?;
+    tx.commit().await?;
+    if !ok {
+        let mut conn = state.pool.acquire().await?;
+        let _ = slate_events::access::record_auth_failure(
+            &mut conn,
+            "totp_invalid",
+            None,
+            None,
+            "/v1/auth/totp",
+        )
+        .await;
+        return Err(ApiError::client(
+            StatusCode::UNAUTHORIZED,
+            "totp_invalid",
+            "the code is wrong, expired or already used",
+        ));
+    }
+    Ok(Json(json!({ "session_id": session, "mfa_verified": true })))
 }
 
 #[derive(Debug, Default, Deserialize)]

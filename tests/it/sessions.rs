@@ -378,3 +378,136 @@ async fn an_idle_session_ends_and_an_unknown_cookie_is_refused() {
         .unwrap();
     assert!(!log.contains(&token), "the session token is not in the log");
 }
+
+fn base32_decode(s: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let (mut buffer, mut bits) = (0u32, 0u32);
+    for c in s.chars() {
+        let v = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567".find(c).unwrap() as u32;
+        buffer = (buffer << 5) | v;
+        bits += 5;
+        if bits >= 8 {
+            out.push((buffer >> (bits - 8)) as u8);
+            bits -= 8;
+        }
+    }
+    out
+}
+
+/// RFC 6238, computed here.
+fn totp(secret: &[u8], at: i64) -> String {
+    use hmac::{Hmac, KeyInit, Mac};
+    let mut mac = <Hmac<sha1::Sha1> as KeyInit>::new_from_slice(secret).unwrap();
+    mac.update(&(at / 30).to_be_bytes());
+    let h = mac.finalize().into_bytes();
+    let o = (h[19] & 0x0f) as usize;
+    let n = ((h[o] as u32 & 0x7f) << 24)
+        | ((h[o + 1] as u32) << 16)
+        | ((h[o + 2] as u32) << 8)
+        | h[o + 3] as u32;
+    format!("{:06}", n % 1_000_000)
+}
+
+#[tokio::test]
+async fn staff_need_the_second_factor_in_the_browser_and_a_code_works_once() {
+    let issuer = issuer().await;
+    let app = app_for(&issuer).await;
+    let mut conn = app.db.conn().await;
+    let root = slate_events::accounts::create_account(
+        &mut conn,
+        "root@example.com",
+        true,
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    let key = slate::config::Config::from_lookup(|_| None)
+        .unwrap()
+        .sealing_key;
+    let uri = slate_events::mfa::enroll(
+        &mut conn,
+        root,
+        "root@example.com",
+        &key,
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    let secret_b32 = uri
+        .split("secret=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap()
+        .to_owned();
+    let secret = base32_decode(&secret_b32);
+    drop(conn);
+
+    let cookie = sign_in(&app, &issuer, "root@example.com").await;
+    let admin = |cookie: String| {
+        let (client, url) = (
+            app.client.clone(),
+            format!("{}/admin/accounts/{root}", app.address),
+        );
+        async move {
+            client
+                .get(url)
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(
+        admin(cookie.clone()).await,
+        403,
+        "no staff powers before the second factor"
+    );
+    let post_code = |code: String| {
+        let (client, url, cookie) = (
+            app.client.clone(),
+            format!("{}/v1/auth/totp", app.address),
+            cookie.clone(),
+        );
+        async move {
+            let r = client
+                .post(url)
+                .header("cookie", cookie)
+                .json(&json!({"code": code}))
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let now = chrono::Utc::now().timestamp();
+    let good = totp(&secret, now);
+    let wrong = format!("{:06}", (good.parse::<u32>().unwrap() + 1) % 1_000_000);
+    assert_eq!(post_code(wrong).await.0, 401);
+    let (status, body) = post_code(good.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(admin(cookie.clone()).await, 200);
+    let (status, body) = post_code(good).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("totp_invalid")),
+        "a code works once"
+    );
+
+    // The secret is stored sealed only, and never in the log.
+    let everything: String = sqlx::query_scalar(
+        "select coalesce((select string_agg(sealed, ' ') from totp_secrets), '')
+             || coalesce((select string_agg(payload::text || metadata::text, ' ') from events), '')",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(!everything.contains(&secret_b32));
+    assert!(!everything.contains(&hex::encode(&secret)));
+}

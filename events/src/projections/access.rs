@@ -25,6 +25,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "ApiKeyRevoked",
     "SessionStarted",
     "SessionEnded",
+    "SessionMfaVerified",
 ];
 
 pub async fn apply(
@@ -89,6 +90,14 @@ pub async fn apply(
             .bind(e.session_id)
             .bind(recorded_at)
             .bind(&e.reason)
+            .execute(conn)
+            .await?;
+        }
+        DomainEvent::SessionMfaVerified(e) => {
+            sqlx::query(trusted_sql!(
+                "update {p}sessions set mfa_verified = true where session_id = $1"
+            ))
+            .bind(e.session_id)
             .execute(conn)
             .await?;
         }
