@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use slate_events::generations::{self, Generation, Submission, Submitted};
-use slate_events::{Actor, Metadata, moderation};
+use slate_events::moderation;
 use uuid::Uuid;
 
 use crate::http::{ApiError, AppState, Auth};
@@ -178,9 +178,7 @@ pub async fn submit(
                 )
             })?;
     }
-    let metadata = Metadata::by(Actor::User {
-        account_id: auth.account_id,
-    });
+    let metadata = auth.metadata();
 
     if let Some(prompt) = &req.prompt
         && let Some(category) = state.config.denylist.check(prompt)
@@ -359,9 +357,7 @@ pub async fn cancel(
     let g = generations::get(&mut tx, auth.account_id, id)
         .await?
         .ok_or_else(ApiError::not_found)?;
-    let metadata = Metadata::by(Actor::User {
-        account_id: auth.account_id,
-    });
+    let metadata = auth.metadata();
     let status = match g.status.as_str() {
         "queued" => {
             if generations::cancel_now(&mut tx, &g, "canceled", &metadata).await? {

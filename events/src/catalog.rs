@@ -563,6 +563,41 @@ pub struct SessionMfaVerified {
 }
 event_type!(SessionMfaVerified, "SessionMfaVerified", 1);
 
+/// A staff member began acting as an account, for a stated reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImpersonationStarted {
+    pub impersonation_id: Uuid,
+    pub staff_id: Uuid,
+    pub account_id: Uuid,
+    pub reason: String,
+    pub expires_at: DateTime<Utc>,
+}
+event_type!(ImpersonationStarted, "ImpersonationStarted", 1);
+
+/// An impersonation ended (by the staff member, or it expired).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImpersonationEnded {
+    pub impersonation_id: Uuid,
+    pub staff_id: Uuid,
+    pub account_id: Uuid,
+    pub reason: String,
+}
+event_type!(ImpersonationEnded, "ImpersonationEnded", 1);
+
+/// A request made under an impersonation, attributed to both people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImpersonatedRequest {
+    pub impersonation_id: Uuid,
+    pub staff_id: Uuid,
+    pub account_id: Uuid,
+    pub method: String,
+    pub route: String,
+}
+event_type!(ImpersonatedRequest, "ImpersonatedRequest", 1);
+
 /// Shapes that were written once and are upcast on read.
 pub mod legacy {
     use super::*;
@@ -625,6 +660,9 @@ macro_rules! each_event {
             DomainEvent::SessionEnded($e) => $body,
             DomainEvent::TotpEnrolled($e) => $body,
             DomainEvent::SessionMfaVerified($e) => $body,
+            DomainEvent::ImpersonationStarted($e) => $body,
+            DomainEvent::ImpersonationEnded($e) => $body,
+            DomainEvent::ImpersonatedRequest($e) => $body,
         }
     };
 }
@@ -666,6 +704,9 @@ pub enum DomainEvent {
     SessionEnded(SessionEnded),
     TotpEnrolled(TotpEnrolled),
     SessionMfaVerified(SessionMfaVerified),
+    ImpersonationStarted(ImpersonationStarted),
+    ImpersonationEnded(ImpersonationEnded),
+    ImpersonatedRequest(ImpersonatedRequest),
 }
 
 fn parse<T: DeserializeOwned>(event_type: &str, version: i16, payload: Value) -> Result<T, Error> {
@@ -724,6 +765,9 @@ impl DomainEvent {
             ("SessionEnded", 1) => E::SessionEnded(parse(event_type, v, p)?),
             ("TotpEnrolled", 1) => E::TotpEnrolled(parse(event_type, v, p)?),
             ("SessionMfaVerified", 1) => E::SessionMfaVerified(parse(event_type, v, p)?),
+            ("ImpersonationStarted", 1) => E::ImpersonationStarted(parse(event_type, v, p)?),
+            ("ImpersonationEnded", 1) => E::ImpersonationEnded(parse(event_type, v, p)?),
+            ("ImpersonatedRequest", 1) => E::ImpersonatedRequest(parse(event_type, v, p)?),
             _ => {
                 return Err(Error::Decode {
                     event_type: event_type.to_owned(),
@@ -784,6 +828,9 @@ impl DomainEvent {
             E::SessionEnded(e) => Some(e.account_id),
             E::TotpEnrolled(e) => Some(e.account_id),
             E::SessionMfaVerified(e) => Some(e.account_id),
+            E::ImpersonationStarted(e) => Some(e.account_id),
+            E::ImpersonationEnded(e) => Some(e.account_id),
+            E::ImpersonatedRequest(e) => Some(e.account_id),
         }
     }
 }
@@ -858,6 +905,9 @@ pub fn schema_files() -> Vec<SchemaFile> {
         schema_file::<SessionEnded>(true),
         schema_file::<TotpEnrolled>(true),
         schema_file::<SessionMfaVerified>(true),
+        schema_file::<ImpersonationStarted>(true),
+        schema_file::<ImpersonationEnded>(true),
+        schema_file::<ImpersonatedRequest>(true),
     ];
     let mut meta =
         serde_json::to_string_pretty(&schemars::schema_for!(Metadata)).expect("schema serializes");

@@ -15,6 +15,7 @@ pub mod credits;
 pub mod db;
 pub mod error;
 pub mod generations;
+pub mod impersonation;
 pub mod mfa;
 pub mod moderation;
 pub mod projections;

@@ -10,7 +10,71 @@ use uuid::Uuid;
 use super::{ApiError, AppState, Json, Staff};
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/admin/accounts/{id}", get(account))
+    Router::new()
+        .route("/admin/accounts/{id}", get(account))
+        .route(
+            "/admin/impersonations",
+            axum::routing::post(start_impersonation),
+        )
+        .route(
+            "/admin/impersonations/{id}",
+            axum::routing::delete(end_impersonation),
+        )
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartImpersonation {
+    account_id: Uuid,
+    reason: String,
+    /// At most 60 (and never extended).
+    #[serde(default)]
+    minutes: Option<i64>,
+}
+
+/// Start acting as an account: at most 60 minutes, with a reason. Requests
+/// then carry `Slate-Impersonate: <id>` with the staff member's credentials.
+async fn start_impersonation(
+    State(state): State<AppState>,
+    Staff(staff): Staff,
+    Json(body): Json<StartImpersonation>,
+) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let i = slate_events::impersonation::start(
+        &mut conn,
+        staff.account_id,
+        body.account_id,
+        &body.reason,
+        body.minutes.unwrap_or(60),
+    )
+    .await
+    .map_err(|e| match e {
+        slate_events::Error::InvalidArgument(_) => ApiError::unprocessable(
+            "invalid_impersonation",
+            "a reason (3-500 characters) and another account are needed",
+        ),
+        slate_events::Error::UnknownAccount(_) => ApiError::not_found(),
+        other => other.into(),
+    })?;
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(serde_json::to_value(i).map_err(|e| ApiError::Internal(e.into()))?),
+    ))
+}
+
+async fn end_impersonation(
+    State(state): State<AppState>,
+    Staff(staff): Staff,
+    Path(id): Path<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let id: Uuid = id.parse().map_err(|_| ApiError::not_found())?;
+    let mut conn = state.pool.acquire().await?;
+    let i =
+        slate_events::impersonation::resolve(&mut conn, staff.account_id, id, chrono::Utc::now())
+            .await?
+            .ok_or_else(ApiError::not_found)?;
+    slate_events::impersonation::end(&mut conn, &i, "ended_by_staff").await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
 /// An account at a glance: profile, balance, generations by status.

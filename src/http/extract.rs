@@ -52,6 +52,80 @@ pub struct Auth {
     pub key_id: Option<Uuid>,
     pub session_id: Option<Uuid>,
     pub staff: bool,
+    /// The staff member acting as this account, under an impersonation.
+    pub impersonator: Option<Uuid>,
+}
+
+impl Auth {
+    /// Event metadata for what this caller does: the account, and the
+    /// impersonating staff member if any (attributed to both).
+    pub fn metadata(&self) -> slate_events::Metadata {
+        slate_events::Metadata {
+            impersonator: self.impersonator,
+            ..slate_events::Metadata::by(slate_events::Actor::User {
+                account_id: self.account_id,
+            })
+        }
+    }
+}
+
+/// Filled by the Auth extractor, read by the banner middleware: responses
+/// under an impersonation say so.
+#[derive(Clone, Default)]
+pub struct ImpersonationSlot(pub std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+pub const IMPERSONATE_HEADER: &str = "slate-impersonate";
+pub const BANNER_HEADER: &str = "slate-impersonation";
+
+/// Turn a staff caller into the impersonated account when the request asks.
+async fn impersonate(parts: &mut Parts, state: &AppState, auth: Auth) -> Result<Auth, ApiError> {
+    let Some(requested) = parts.headers.get(IMPERSONATE_HEADER) else {
+        return Ok(auth);
+    };
+    let refused = || {
+        ApiError::client(
+            axum::http::StatusCode::FORBIDDEN,
+            "impersonation_invalid",
+            "no live impersonation of yours has this id",
+        )
+    };
+    if !auth.staff {
+        return Err(refused());
+    }
+    let id: Uuid = requested
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(refused)?;
+    let mut conn = state.pool.acquire().await?;
+    let i =
+        slate_events::impersonation::resolve(&mut conn, auth.account_id, id, chrono::Utc::now())
+            .await?
+            .ok_or_else(refused)?;
+    let route = parts
+        .extensions
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    slate_events::impersonation::record_request(&mut conn, &i, parts.method.as_str(), &route)
+        .await?;
+    if let Some(slot) = parts.extensions.get::<ImpersonationSlot>()
+        && let Ok(mut s) = slot.0.lock()
+    {
+        *s = Some(format!(
+            "staff={}; account={}; until={}",
+            i.staff_id,
+            i.account_id,
+            i.expires_at.to_rfc3339()
+        ));
+    }
+    Ok(Auth {
+        account_id: i.account_id,
+        key_id: auth.key_id,
+        session_id: auth.session_id,
+        staff: false,
+        impersonator: Some(i.staff_id),
+    })
 }
 
 /// A cookie's value from the request.
@@ -83,6 +157,7 @@ async fn from_session(parts: &Parts, state: &AppState) -> Result<Option<Auth>, A
             key_id: None,
             session_id: Some(o.session_id),
             staff: o.staff && o.mfa_verified,
+            impersonator: None,
         })),
         None => {
             let route = parts
@@ -111,9 +186,10 @@ impl FromRequestParts<AppState> for Auth {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
-            return from_session(parts, state)
+            let auth = from_session(parts, state)
                 .await?
-                .ok_or_else(ApiError::unauthorized);
+                .ok_or_else(ApiError::unauthorized)?;
+            return impersonate(parts, state, auth).await;
         };
         let mut conn = state
             .pool
@@ -171,12 +247,14 @@ impl FromRequestParts<AppState> for Auth {
             return Err(ApiError::unauthorized());
         };
         tracing::Span::current().record("account_id", tracing::field::display(owner.account_id));
-        Ok(Auth {
+        let auth = Auth {
             account_id: owner.account_id,
             key_id: Some(owner.key_id),
             session_id: None,
             staff: owner.staff,
-        })
+            impersonator: None,
+        };
+        impersonate(parts, state, auth).await
     }
 }
 

@@ -8,7 +8,6 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use slate_events::{Actor, Metadata};
 use uuid::Uuid;
 
 use super::{ApiError, AppState, Auth, Json};
@@ -42,9 +41,7 @@ async fn create(
         &mut conn,
         auth.account_id,
         body.label.as_deref(),
-        Metadata::by(Actor::User {
-            account_id: auth.account_id,
-        }),
+        auth.metadata(),
     )
     .await?;
     Ok((
@@ -72,15 +69,8 @@ async fn revoke(
 ) -> Result<StatusCode, ApiError> {
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found())?;
     let mut conn = state.pool.acquire().await?;
-    let revoked = slate_events::access::revoke_key(
-        &mut conn,
-        auth.account_id,
-        id,
-        Metadata::by(Actor::User {
-            account_id: auth.account_id,
-        }),
-    )
-    .await?;
+    let revoked =
+        slate_events::access::revoke_key(&mut conn, auth.account_id, id, auth.metadata()).await?;
     if revoked {
         Ok(StatusCode::NO_CONTENT)
     } else {

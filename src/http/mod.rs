@@ -63,6 +63,26 @@ impl AppState {
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Every response under an impersonation carries a header the client shows
+/// as a banner (filled in by the Auth extractor).
+async fn impersonation_banner(
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let slot = extract::ImpersonationSlot::default();
+    req.extensions_mut().insert(slot.clone());
+    let mut response = next.run(req).await;
+    let banner = slot.0.lock().ok().and_then(|s| s.clone());
+    if let Some(banner) = banner
+        && let Ok(v) = axum::http::HeaderValue::from_str(&banner)
+    {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(extract::BANNER_HEADER), v);
+    }
+    response
+}
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
@@ -75,6 +95,7 @@ pub fn router(state: AppState) -> Router {
         .merge(sessions::router())
         .merge(admin::router())
         .with_state(state)
+        .layer(axum::middleware::from_fn(impersonation_banner))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
             // Spans carry method, route and request id — never bodies or headers.

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use serde_json::json;
-use slate_events::{Actor, Metadata};
+use slate_events::Metadata;
 use uuid::Uuid;
 
 use super::extract::cookie;
@@ -175,9 +175,7 @@ async fn list(
 }
 
 fn actor(auth: &Auth) -> Metadata {
-    Metadata::by(Actor::User {
-        account_id: auth.account_id,
-    })
+    auth.metadata()
 }
 
 async fn end(

@@ -232,3 +232,147 @@ async fn keys_are_shown_once_listed_by_prefix_and_revoked_at_once() {
         .unwrap();
     assert_eq!(reads, 1);
 }
+
+#[tokio::test]
+async fn impersonation_is_announced_attributed_to_both_and_expires_at_sixty_minutes() {
+    let app = spawn_app_with(&[]).await;
+    let (user, user_key) = key_for(&app).await;
+    crate::credits::grant(
+        &mut *app.db.conn().await,
+        user,
+        40,
+        slate_events::catalog::GrantSource::Purchase,
+        None,
+    )
+    .await;
+    let mut conn = app.db.conn().await;
+    let staff = slate_events::accounts::create_account(
+        &mut conn,
+        "support@example.com",
+        true,
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    let staff_key =
+        slate_events::access::create_key(&mut conn, staff, None, slate_events::Metadata::system())
+            .await
+            .unwrap()
+            .plaintext;
+    drop(conn);
+
+    // Asking for more than 60 minutes gets 60, never more.
+    let (status, i) = app
+        .post_json(
+            "/admin/impersonations",
+            Some(&staff_key),
+            json!({"account_id": user, "reason": "ticket 42: missing credits", "minutes": 600}),
+        )
+        .await;
+    assert_eq!(status, 201, "{i}");
+    let id = i["impersonation_id"].as_str().unwrap().to_owned();
+    let started = chrono::DateTime::parse_from_rfc3339(i["started_at"].as_str().unwrap()).unwrap();
+    let expires = chrono::DateTime::parse_from_rfc3339(i["expires_at"].as_str().unwrap()).unwrap();
+    assert!(expires - started <= chrono::Duration::minutes(60) + chrono::Duration::seconds(1));
+    // A non-staff account cannot start one or use one.
+    assert_eq!(
+        app.post_json(
+            "/admin/impersonations",
+            Some(&user_key),
+            json!({"account_id": staff, "reason": "nope nope"})
+        )
+        .await
+        .0,
+        403
+    );
+
+    let as_user = |path: &str| {
+        app.client
+            .get(format!("{}{path}", app.address))
+            .bearer_auth(&staff_key)
+            .header("Slate-Impersonate", &id)
+    };
+    let r = as_user("/v1/credits").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let banner = r
+        .headers()
+        .get("slate-impersonation")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        banner.contains(&format!("staff={staff}")) && banner.contains(&format!("account={user}")),
+        "{banner}"
+    );
+    assert_eq!(r.json::<Value>().await.unwrap()["available"], 40);
+    // Without the header there is no banner.
+    let plain = app
+        .client
+        .get(format!("{}/v1/credits", app.address))
+        .bearer_auth(&user_key)
+        .send()
+        .await
+        .unwrap();
+    assert!(plain.headers().get("slate-impersonation").is_none());
+
+    // An action under it is attributed to both people.
+    let r = app
+        .client
+        .post(format!("{}/v1/generations", app.address))
+        .bearer_auth(&staff_key)
+        .header("Slate-Impersonate", &id)
+        .json(&json!({"kind": "script", "provider": "local", "prompt": "on the user's behalf"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    assert!(r.headers().get("slate-impersonation").is_some());
+    let meta: Value =
+        sqlx::query_scalar("select metadata from events where event_type = 'GenerationRequested'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(meta["actor"]["account_id"], user.to_string());
+    assert_eq!(meta["impersonator"], staff.to_string());
+    let logged: i64 =
+        sqlx::query_scalar("select count(*) from events where event_type = 'ImpersonatedRequest'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(logged, 2, "every request under it is recorded");
+    // A user cannot use someone's impersonation id.
+    let r = app
+        .client
+        .get(format!("{}/v1/credits", app.address))
+        .bearer_auth(&user_key)
+        .header("Slate-Impersonate", &id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+
+    // Sixty minutes later (clock injected) it is over, and recorded so.
+    let mut conn = app.db.conn().await;
+    let at = chrono::Utc::now() + chrono::Duration::minutes(61);
+    let gone = slate_events::impersonation::resolve(&mut conn, staff, id.parse().unwrap(), at)
+        .await
+        .unwrap();
+    assert!(gone.is_none());
+    let ended: String = sqlx::query_scalar(
+        "select payload->>'reason' from events where event_type = 'ImpersonationEnded'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(ended, "expired");
+    assert_eq!(
+        as_user("/v1/credits")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        403
+    );
+}

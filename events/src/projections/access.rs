@@ -14,6 +14,10 @@ pub const TABLES: &[Table] = &[
         columns: "key_id, account_id, prefix, secret_hash, label, created_at, revoked_at",
     },
     Table {
+        name: "impersonations",
+        columns: "impersonation_id, staff_id, account_id, reason, started_at, expires_at, ended_at",
+    },
+    Table {
         name: "sessions",
         // last_seen_at is operational too.
         columns: "session_id, account_id, token_hash, via, mfa_verified, created_at, expires_at, ended_at, end_reason",
@@ -26,6 +30,8 @@ pub const EVENT_TYPES: &[&str] = &[
     "SessionStarted",
     "SessionEnded",
     "SessionMfaVerified",
+    "ImpersonationStarted",
+    "ImpersonationEnded",
 ];
 
 pub async fn apply(
@@ -98,6 +104,29 @@ pub async fn apply(
                 "update {p}sessions set mfa_verified = true where session_id = $1"
             ))
             .bind(e.session_id)
+            .execute(conn)
+            .await?;
+        }
+        DomainEvent::ImpersonationStarted(e) => {
+            sqlx::query(trusted_sql!(
+                "insert into {p}impersonations (impersonation_id, staff_id, account_id, reason, started_at, expires_at)
+                 values ($1, $2, $3, $4, $5, $6)"
+            ))
+            .bind(e.impersonation_id)
+            .bind(e.staff_id)
+            .bind(e.account_id)
+            .bind(&e.reason)
+            .bind(recorded_at)
+            .bind(e.expires_at)
+            .execute(conn)
+            .await?;
+        }
+        DomainEvent::ImpersonationEnded(e) => {
+            sqlx::query(trusted_sql!(
+                "update {p}impersonations set ended_at = $2 where impersonation_id = $1 and ended_at is null"
+            ))
+            .bind(e.impersonation_id)
+            .bind(recorded_at)
             .execute(conn)
             .await?;
         }

@@ -1,0 +1,179 @@
+//! Impersonation: a staff member acts as an account, with a reason, for at
+//! most 60 minutes (never extended). It is recorded at its start, on every
+//! request made under it, and at its end, attributed to both people.
+
+use chrono::{DateTime, Duration, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::Error;
+use crate::catalog::{
+    Actor, DomainEvent, ImpersonatedRequest, ImpersonationEnded, ImpersonationStarted, Metadata,
+};
+use crate::store::{self, ExpectedVersion, NewEvent};
+
+pub const MAX: Duration = Duration::minutes(60);
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct Impersonation {
+    pub impersonation_id: Uuid,
+    pub staff_id: Uuid,
+    pub account_id: Uuid,
+    pub reason: String,
+    pub started_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+fn staff(staff_id: Uuid) -> Metadata {
+    Metadata::by(Actor::Staff {
+        account_id: staff_id,
+    })
+}
+
+pub async fn start(
+    conn: &mut PgConnection,
+    staff_id: Uuid,
+    account_id: Uuid,
+    reason: &str,
+    minutes: i64,
+) -> Result<Impersonation, Error> {
+    let reason = reason.trim();
+    if reason.len() < 3 || reason.len() > 500 {
+        return Err(Error::InvalidArgument(
+            "a reason of 3 to 500 characters is required".into(),
+        ));
+    }
+    if staff_id == account_id {
+        return Err(Error::InvalidArgument(
+            "staff cannot impersonate themselves".into(),
+        ));
+    }
+    let exists: bool =
+        sqlx::query_scalar("select exists(select 1 from accounts where account_id = $1)")
+            .bind(account_id)
+            .fetch_one(&mut *conn)
+            .await?;
+    if !exists {
+        return Err(Error::UnknownAccount(account_id));
+    }
+    let impersonation_id = Uuid::now_v7();
+    let expires_at = Utc::now() + Duration::minutes(minutes.clamp(1, MAX.num_minutes()));
+    let event = NewEvent::new(
+        DomainEvent::ImpersonationStarted(ImpersonationStarted {
+            impersonation_id,
+            staff_id,
+            account_id,
+            reason: reason.to_owned(),
+            expires_at,
+        }),
+        Metadata {
+            impersonator: Some(staff_id),
+            ..staff(staff_id)
+        },
+    );
+    let appended = store::append_and_apply(
+        conn,
+        &format!("impersonation-{impersonation_id}"),
+        ExpectedVersion::NoStream,
+        &event,
+    )
+    .await?;
+    let started_at: DateTime<Utc> =
+        sqlx::query_scalar("select recorded_at from events where global_position = $1")
+            .bind(appended.positions[0])
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(Impersonation {
+        impersonation_id,
+        staff_id,
+        account_id,
+        reason: reason.to_owned(),
+        started_at,
+        expires_at,
+    })
+}
+
+/// The live impersonation `id` of this staff member at `now` (clock
+/// injected by tests). An expired one is ended on the spot.
+pub async fn resolve(
+    conn: &mut PgConnection,
+    staff_id: Uuid,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Option<Impersonation>, Error> {
+    let found: Option<Impersonation> = sqlx::query_as(
+        "select impersonation_id, staff_id, account_id, reason, started_at, expires_at from impersonations
+          where impersonation_id = $1 and staff_id = $2 and ended_at is null",
+    )
+    .bind(id)
+    .bind(staff_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match found {
+        Some(i) if now < i.expires_at => Ok(Some(i)),
+        Some(i) => {
+            end(conn, &i, "expired").await?;
+            Ok(None)
+        }
+        None => Ok(None),
+    }
+}
+
+pub async fn end(conn: &mut PgConnection, i: &Impersonation, reason: &str) -> Result<(), Error> {
+    let event = NewEvent {
+        event_id: store::deterministic_event_id(&format!(
+            "impersonation-ended:{}",
+            i.impersonation_id
+        )),
+        event: DomainEvent::ImpersonationEnded(ImpersonationEnded {
+            impersonation_id: i.impersonation_id,
+            staff_id: i.staff_id,
+            account_id: i.account_id,
+            reason: reason.to_owned(),
+        }),
+        metadata: Metadata {
+            impersonator: Some(i.staff_id),
+            ..staff(i.staff_id)
+        },
+    };
+    store::append_and_apply(
+        conn,
+        &format!("impersonation-{}", i.impersonation_id),
+        ExpectedVersion::Any,
+        &event,
+    )
+    .await?;
+    Ok(())
+}
+
+/// One request made under an impersonation.
+pub async fn record_request(
+    conn: &mut PgConnection,
+    i: &Impersonation,
+    method: &str,
+    route: &str,
+) -> Result<(), Error> {
+    let event = NewEvent::new(
+        DomainEvent::ImpersonatedRequest(ImpersonatedRequest {
+            impersonation_id: i.impersonation_id,
+            staff_id: i.staff_id,
+            account_id: i.account_id,
+            method: method.to_owned(),
+            route: route.to_owned(),
+        }),
+        Metadata {
+            impersonator: Some(i.staff_id),
+            ..Metadata::by(Actor::User {
+                account_id: i.account_id,
+            })
+        },
+    );
+    store::append(
+        conn,
+        &format!("impersonation-{}", i.impersonation_id),
+        ExpectedVersion::Any,
+        &[event],
+    )
+    .await?;
+    Ok(())
+}
