@@ -15,7 +15,7 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn balance(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = super::scoped::scoped(&state.pool, auth.account_id).await?;
     let b = slate_events::credits::balance(&mut conn, auth.account_id).await?;
     Ok(Json(
         serde_json::to_value(b).map_err(|e| ApiError::Internal(e.into()))?,
@@ -36,7 +36,7 @@ async fn ledger(
     Query(page): Query<Page>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = page.limit.unwrap_or(50).clamp(1, 200);
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = super::scoped::scoped(&state.pool, auth.account_id).await?;
     let mut entries =
         slate_events::credits::ledger_page(&mut conn, auth.account_id, page.cursor, limit + 1)
             .await?;

@@ -43,7 +43,7 @@ async fn read(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = super::scoped::scoped(&state.pool, auth.account_id).await?;
     let g = slate_events::generations::get(&mut conn, auth.account_id, id)
         .await?
         .ok_or_else(ApiError::not_found)?;
@@ -64,7 +64,7 @@ async fn list(
     Query(page): Query<Page>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = page.limit.unwrap_or(20).clamp(1, 100);
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = super::scoped::scoped(&state.pool, auth.account_id).await?;
     let after = match &page.cursor {
         None => None,
         Some(c) => {

@@ -57,7 +57,7 @@ async fn create(
 }
 
 async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = super::scoped::scoped(&state.pool, auth.account_id).await?;
     let keys = slate_events::access::list_keys(&mut conn, auth.account_id).await?;
     Ok(Json(json!({ "data": keys })))
 }

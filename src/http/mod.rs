@@ -10,6 +10,7 @@ mod health;
 pub mod hub;
 mod keys;
 mod metrics;
+pub mod scoped;
 mod sessions;
 mod stripe;
 

@@ -376,3 +376,84 @@ async fn impersonation_is_announced_attributed_to_both_and_expires_at_sixty_minu
         403
     );
 }
+
+#[tokio::test]
+async fn an_unscoped_query_under_an_accounts_setting_sees_only_that_accounts_rows() {
+    let app = spawn_app_with(&[]).await;
+    let (alice, alice_key) = key_for(&app).await;
+    let (bob, bob_key) = key_for(&app).await;
+    for (account, key) in [(alice, &alice_key), (bob, &bob_key)] {
+        crate::credits::grant(
+            &mut *app.db.conn().await,
+            account,
+            20,
+            slate_events::catalog::GrantSource::Purchase,
+            None,
+        )
+        .await;
+        for i in 0..2 {
+            let (status, _, _) = app
+                .submit(
+                    key,
+                    None,
+                    json!({"kind": "script", "provider": "local", "prompt": format!("p{i}")}),
+                )
+                .await;
+            assert_eq!(status, 202);
+        }
+    }
+    let count = |account: Option<Uuid>, table: &'static str| {
+        let pool = app.db.pool.clone();
+        async move {
+            let mut tx = match account {
+                Some(a) => slate::http::scoped::scoped(&pool, a).await.unwrap(),
+                None => {
+                    let mut tx = pool.begin().await.unwrap();
+                    sqlx::query("set local role slate_rls")
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    tx
+                }
+            };
+            // Deliberately no WHERE clause.
+            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+                "select count(*) from {table}"
+            )))
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap()
+        }
+    };
+    for table in [
+        "generations",
+        "credit_buckets",
+        "credit_reservations",
+        "api_keys",
+        "accounts",
+    ] {
+        let all: i64 =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("select count(*) from {table}")))
+                .fetch_one(&app.db.pool)
+                .await
+                .unwrap();
+        let mine = count(Some(alice), table).await;
+        assert!(mine > 0 && mine < all, "{table}: {mine} of {all}");
+        let theirs: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select count(*) from {table} where account_id = $1"
+        )))
+        .bind(alice)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(mine, theirs, "{table}");
+        assert_eq!(count(None, table).await, 0, "{table}: no setting, no rows");
+    }
+    // The API's reads go through it and still work.
+    let (_, list) = app.get_as("/v1/generations", Some(&alice_key)).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        app.get_as("/v1/credits", Some(&bob_key)).await.1["reserved"],
+        2
+    );
+}
