@@ -511,3 +511,154 @@ async fn staff_need_the_second_factor_in_the_browser_and_a_code_works_once() {
     assert!(!everything.contains(&secret_b32));
     assert!(!everything.contains(&hex::encode(&secret)));
 }
+
+/// The whole access story through a real `slate serve` process at trace
+/// level, then the database dumped: no API key, session token or TOTP
+/// secret appears in either, in plaintext.
+#[tokio::test]
+async fn no_plaintext_key_session_token_or_totp_secret_in_the_database_or_the_logs() {
+    use std::process::{Command, Stdio};
+
+    let issuer = issuer().await;
+    let db = crate::harness::TestDb::new().await;
+    let bin = env!("CARGO_BIN_EXE_slate");
+    let run = |args: &[&str]| {
+        let out = Command::new(bin)
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let created = run(&[
+        "accounts",
+        "create",
+        "--email",
+        "boss@example.com",
+        "--staff",
+    ]);
+    let first_key = created.lines().last().unwrap().trim().to_owned();
+    let account = created
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches("account ")
+        .trim()
+        .to_owned();
+    let enrolled = run(&["accounts", "totp-enroll", "--account", &account]);
+    let uri = enrolled.lines().last().unwrap().trim().to_owned();
+    let secret_b32 = uri
+        .split("secret=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap()
+        .to_owned();
+    let secret = base32_decode(&secret_b32);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log_path = std::env::temp_dir().join(format!("slate-access-{}.log", uuid::Uuid::new_v4()));
+    let mut serve = Command::new(bin)
+        .arg("serve")
+        .env("DATABASE_URL", &db.url)
+        .env("SLATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SLATE_OIDC_ISSUER", issuer.uri())
+        .env("SLATE_OIDC_CLIENT_ID", CLIENT_ID)
+        .env("SLATE_OIDC_CLIENT_SECRET", "test-client-secret")
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let app = TestApp {
+        address: format!("http://127.0.0.1:{port}"),
+        db,
+        client: reqwest::Client::new(),
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while app
+        .client
+        .get(format!("{}/healthz", app.address))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "serve did not start"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    let session_cookie = sign_in(&app, &issuer, "boss@example.com").await;
+    let session_token = session_cookie.split_once('=').unwrap().1.to_owned();
+    let code = totp(&secret, chrono::Utc::now().timestamp());
+    let r = app
+        .client
+        .post(format!("{}/v1/auth/totp", app.address))
+        .header("cookie", &session_cookie)
+        .json(&json!({"code": code}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let (status, created) = app
+        .post_json("/v1/keys", Some(&first_key), json!({"label": "second"}))
+        .await;
+    assert_eq!(status, 201);
+    let second_key = created["key"].as_str().unwrap().to_owned();
+    // A few refusals too (they are logged and recorded).
+    let _ = app
+        .get_as("/v1/credits", Some(&format!("{first_key}x")))
+        .await;
+    let _ = app
+        .client
+        .get(format!("{}/v1/credits", app.address))
+        .header("cookie", "slate_session=deadbeef")
+        .send()
+        .await;
+
+    let _ = serve.kill();
+    let _ = serve.wait();
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    let plain_url = app.db.url.split('?').next().unwrap().to_owned();
+    let dump = Command::new("pg_dump")
+        .arg("--data-only")
+        .arg(&plain_url)
+        .output()
+        .unwrap();
+    assert!(
+        dump.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
+    assert!(dump.contains("boss@example.com"), "the dump has the data");
+    let secrets = [
+        ("first API key", first_key.clone()),
+        ("first key's secret part", first_key[24..].to_owned()),
+        ("second API key", second_key.clone()),
+        ("session token", session_token),
+        ("TOTP secret (base32)", secret_b32),
+        ("TOTP secret (hex)", hex::encode(&secret)),
+    ];
+    for (what, secret) in &secrets {
+        assert!(!dump.contains(secret.as_str()), "{what} is in the database");
+        assert!(!logs.contains(secret.as_str()), "{what} is in the logs");
+    }
+    assert!(
+        logs.contains("authentication failed"),
+        "refusals are logged (without the secret)"
+    );
+}
