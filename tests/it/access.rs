@@ -65,7 +65,35 @@ async fn every_route_refuses_missing_malformed_and_revoked_credentials_and_hides
         ("POST", "/v1/keys".to_owned()),
         ("DELETE", format!("/v1/keys/{alice_key_id}")),
         ("GET", format!("/admin/accounts/{alice}")),
+        ("POST", "/admin/impersonations".to_owned()),
+        ("DELETE", format!("/admin/impersonations/{generation}")),
+        ("GET", "/v1/sessions".to_owned()),
+        ("POST", "/v1/sessions/revoke-all".to_owned()),
+        ("POST", "/v1/auth/totp".to_owned()),
     ];
+    // An ended browser session.
+    let ended_session = {
+        let mut conn = app.db.conn().await;
+        let s = slate_events::sessions::start(
+            &mut conn,
+            alice,
+            "test",
+            chrono::Duration::hours(1),
+            slate_events::Metadata::system(),
+        )
+        .await
+        .unwrap();
+        slate_events::sessions::end(
+            &mut conn,
+            alice,
+            s.session_id,
+            "signed_out",
+            slate_events::Metadata::system(),
+        )
+        .await
+        .unwrap();
+        s.token
+    };
     let malformed = "slate_live_0123456789ab_not-a-key";
     let well_formed_unknown = {
         // Right shape and checksum, never issued.
@@ -103,6 +131,22 @@ async fn every_route_refuses_missing_malformed_and_revoked_credentials_and_hides
                 "{method} {path} with {key:?}"
             );
         }
+        let url = format!("{}{path}", app.address);
+        let req = match *method {
+            "GET" => app.client.get(url),
+            "POST" => app.client.post(url).json(&json!({})),
+            _ => app.client.delete(url),
+        };
+        let r = req
+            .header("cookie", format!("slate_session={ended_session}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status().as_u16(),
+            401,
+            "{method} {path} with an ended session"
+        );
     }
     // Another account's ids answer 404; staff routes answer 403 to non-staff.
     for (method, path) in &routes {
@@ -134,7 +178,7 @@ async fn every_route_refuses_missing_malformed_and_revoked_credentials_and_hides
             .fetch_one(&app.db.pool)
             .await
             .unwrap();
-    assert_eq!(denials, 1);
+    assert_eq!(denials, 3, "one per staff route bob tried");
     let log: String =
         sqlx::query_scalar("select string_agg(payload::text || metadata::text, ' ') from events")
             .fetch_one(&app.db.pool)
