@@ -1,6 +1,7 @@
 //! The HTTP API: one `router()` per module, merged here.
 
 mod admin;
+mod audit;
 mod billing;
 mod credits;
 mod error;
@@ -95,6 +96,7 @@ pub fn router(state: AppState) -> Router {
         .merge(keys::router())
         .merge(sessions::router())
         .merge(admin::router())
+        .merge(audit::router())
         .with_state(state)
         .layer(axum::middleware::from_fn(impersonation_banner))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))

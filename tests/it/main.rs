@@ -1,6 +1,7 @@
 //! Black-box and integration tests against real PostgreSQL, Redis and S3.
 
 mod access;
+mod audit;
 mod billing;
 mod catalog;
 mod credits;

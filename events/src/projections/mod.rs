@@ -11,6 +11,7 @@
 
 pub mod access;
 pub mod affiliates;
+pub mod audit;
 pub mod billing;
 pub mod generations;
 pub mod inline;
@@ -51,6 +52,8 @@ pub enum Projection {
     CreditLedger,
     /// Asynchronous: one row per affiliate commission movement.
     AffiliateCommissions,
+    /// Asynchronous: the audit log, one entry per event.
+    AuditLog,
 }
 
 impl Projection {
@@ -62,9 +65,13 @@ impl Projection {
         Projection::Generations,
         Projection::CreditLedger,
         Projection::AffiliateCommissions,
+        Projection::AuditLog,
     ];
-    pub const ASYNC: &'static [Projection] =
-        &[Projection::CreditLedger, Projection::AffiliateCommissions];
+    pub const ASYNC: &'static [Projection] = &[
+        Projection::CreditLedger,
+        Projection::AffiliateCommissions,
+        Projection::AuditLog,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -74,6 +81,7 @@ impl Projection {
             Projection::Affiliates => "affiliates",
             Projection::Generations => "generations",
             Projection::AffiliateCommissions => affiliates::NAME,
+            Projection::AuditLog => audit::NAME,
             Projection::CreditLedger => ledger::NAME,
         }
     }
@@ -94,6 +102,7 @@ impl Projection {
             Projection::Affiliates => affiliates::INLINE_TABLES,
             Projection::Generations => generations::TABLES,
             Projection::AffiliateCommissions => affiliates::ASYNC_TABLES,
+            Projection::AuditLog => audit::TABLES,
             Projection::CreditLedger => ledger::TABLES,
         }
     }
@@ -106,6 +115,7 @@ impl Projection {
             Projection::Affiliates => affiliates::INLINE_EVENT_TYPES,
             Projection::Generations => generations::EVENT_TYPES,
             Projection::AffiliateCommissions => affiliates::ASYNC_EVENT_TYPES,
+            Projection::AuditLog => audit::EVENT_TYPES,
             Projection::CreditLedger => ledger::EVENT_TYPES,
         }
     }
@@ -129,6 +139,8 @@ impl Projection {
             Projection::AffiliateCommissions => {
                 affiliates::apply_async(conn, prefix, event, position, recorded_at).await
             }
+            // Needs the metadata: applied through apply_recorded.
+            Projection::AuditLog => Ok(()),
             Projection::CreditLedger => {
                 ledger::apply(conn, prefix, event, position, recorded_at).await
             }
@@ -142,6 +154,9 @@ impl Projection {
         e: &RecordedEvent,
     ) -> Result<(), Error> {
         let event = e.decode()?;
+        if self == Projection::AuditLog {
+            return audit::apply(conn, prefix, e, &event).await;
+        }
         self.apply(conn, prefix, &event, e.global_position, e.recorded_at)
             .await
     }

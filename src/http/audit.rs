@@ -1,0 +1,296 @@
+//! Staff audit-log investigation: `GET /admin/audit` (filters, stable
+//! cursor), `GET /admin/audit/{id}` (causing event, related entries),
+//! `GET /admin/audit/export` (JSON Lines or CSV). Every read is itself
+//! recorded, and so appears in the audit log.
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{ApiError, AppState, Json, Staff};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/admin/audit", get(search))
+        .route("/admin/audit/export", get(export))
+        .route("/admin/audit/{id}", get(detail))
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub position: i64,
+    pub event_id: Uuid,
+    pub at: DateTime<Utc>,
+    pub actor_kind: String,
+    pub actor_id: Option<String>,
+    pub impersonator: Option<Uuid>,
+    pub action: String,
+    pub account_id: Option<Uuid>,
+    pub targets: Value,
+    pub outcome: String,
+    pub request_id: Option<String>,
+    pub reason: Option<String>,
+}
+
+const COLUMNS: &str = "seq, position, event_id, at, actor_kind, actor_id, impersonator, action, account_id, \
+                       targets, outcome, request_id, reason";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    account: Option<Uuid>,
+    actor: Option<String>,
+    /// An action (`generation.failed`) or a family (`generation`).
+    action: Option<String>,
+    /// Any target value: a generation id, a Stripe event or object id, a key…
+    target: Option<String>,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    request_id: Option<String>,
+    outcome: Option<String>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// Newest first, after the cursor (a seq), matching every given filter.
+async fn query(
+    pool: &PgPool,
+    f: &Filter,
+    limit: i64,
+    ascending: bool,
+) -> Result<Vec<AuditEntry>, sqlx::Error> {
+    let order = if ascending { "asc" } else { "desc" };
+    let cursor_cmp = if ascending { ">" } else { "<" };
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLUMNS} from audit_entries
+          where ($1::uuid is null or account_id = $1)
+            and ($2::text is null or actor_id = $2)
+            and ($3::text is null or action = $3 or action like $3 || '.%')
+            and ($4::text is null or exists (select 1 from jsonb_each_text(targets) t where t.value = $4))
+            and ($5::timestamptz is null or at >= $5)
+            and ($6::timestamptz is null or at < $6)
+            and ($7::text is null or request_id = $7)
+            and ($8::text is null or outcome = $8)
+            and ($9::bigint is null or seq {cursor_cmp} $9)
+          order by seq {order} limit $10"
+    )))
+    .bind(f.account)
+    .bind(&f.actor)
+    .bind(&f.action)
+    .bind(&f.target)
+    .bind(f.from)
+    .bind(f.to)
+    .bind(&f.request_id)
+    .bind(&f.outcome)
+    .bind(f.cursor)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+async fn audited(
+    state: &AppState,
+    staff: Uuid,
+    account: Option<Uuid>,
+    what: &str,
+) -> Result<(), ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    slate_events::access::record_staff_read(&mut conn, staff, account.unwrap_or(staff), what)
+        .await?;
+    Ok(())
+}
+
+async fn search(
+    State(state): State<AppState>,
+    Staff(staff): Staff,
+    Query(f): Query<Filter>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = f.limit.unwrap_or(50).clamp(1, 200);
+    let mut rows = query(&state.pool, &f, limit + 1, false).await?;
+    audited(&state, staff.account_id, f.account, "audit:search").await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next = if more {
+        rows.last().map(|e| e.seq)
+    } else {
+        None
+    };
+    Ok(Json(json!({ "data": rows, "next_cursor": next })))
+}
+
+async fn detail(
+    State(state): State<AppState>,
+    Staff(staff): Staff,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let seq: i64 = id.parse().map_err(|_| ApiError::not_found())?;
+    let entry: AuditEntry = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLUMNS} from audit_entries where seq = $1"
+    )))
+    .bind(seq)
+    .fetch_optional(&state.pool)
+    .await?
+    .ok_or_else(ApiError::not_found)?;
+    audited(&state, staff.account_id, entry.account_id, "audit:entry").await?;
+    let cause: Option<Value> = sqlx::query_scalar(
+        "select jsonb_build_object('event_id', event_id, 'stream_id', stream_id,
+                'stream_version', stream_version, 'event_type', event_type,
+                'schema_version', schema_version, 'payload', payload, 'metadata', metadata,
+                'recorded_at', recorded_at)
+           from events where event_id = $1",
+    )
+    .bind(entry.event_id)
+    .fetch_optional(&state.pool)
+    .await?;
+    // Related: the same request, generation, Stripe event or Stripe object.
+    let keys: Vec<String> = [
+        "generation",
+        "stripe_event",
+        "stripe_object",
+        "stripe_subscription",
+        "impersonation",
+    ]
+    .iter()
+    .filter_map(|k| {
+        entry
+            .targets
+            .get(*k)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    })
+    .collect();
+    let related: Vec<AuditEntry> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLUMNS} from audit_entries
+          where seq <> $1
+            and (($2::text is not null and request_id = $2)
+                 or exists (select 1 from jsonb_each_text(targets) t where t.value = any($3)))
+          order by seq limit 100"
+    )))
+    .bind(seq)
+    .bind(&entry.request_id)
+    .bind(&keys)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(
+        json!({ "entry": entry, "cause": cause, "related": related }),
+    ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ExportQuery {
+    format: Option<String>,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    account: Option<Uuid>,
+}
+
+fn csv_field(v: &str) -> String {
+    if v.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", v.replace('"', "\"\""))
+    } else {
+        v.to_owned()
+    }
+}
+
+fn csv_line(e: &AuditEntry) -> String {
+    let fields = [
+        e.seq.to_string(),
+        e.at.to_rfc3339(),
+        e.actor_kind.clone(),
+        e.actor_id.clone().unwrap_or_default(),
+        e.impersonator.map(|i| i.to_string()).unwrap_or_default(),
+        e.action.clone(),
+        e.account_id.map(|a| a.to_string()).unwrap_or_default(),
+        e.targets.to_string(),
+        e.outcome.clone(),
+        e.request_id.clone().unwrap_or_default(),
+        e.reason.clone().unwrap_or_default(),
+        e.event_id.to_string(),
+    ];
+    let mut line = fields
+        .iter()
+        .map(|f| csv_field(f))
+        .collect::<Vec<_>>()
+        .join(",");
+    line.push('\n');
+    line
+}
+
+/// A range as JSON Lines (default) or CSV, oldest first, streamed page by page.
+async fn export(
+    State(state): State<AppState>,
+    Staff(staff): Staff,
+    Query(q): Query<ExportQuery>,
+) -> Result<Response, ApiError> {
+    let csv = match q.format.as_deref() {
+        None | Some("jsonl") => false,
+        Some("csv") => true,
+        Some(_) => {
+            return Err(ApiError::unprocessable(
+                "invalid_format",
+                "format is jsonl or csv",
+            ));
+        }
+    };
+    audited(&state, staff.account_id, q.account, "audit:export").await?;
+    let filter = Filter {
+        account: q.account,
+        from: q.from,
+        to: q.to,
+        ..Default::default()
+    };
+    let pool = state.pool.clone();
+    let header_line = csv.then(|| {
+        "seq,at,actor_kind,actor_id,impersonator,action,account_id,targets,outcome,request_id,reason,event_id\n".to_owned()
+    });
+    let stream =
+        futures::stream::unfold((filter, header_line, false), move |(mut f, head, done)| {
+            let pool = pool.clone();
+            async move {
+                if let Some(h) = head {
+                    return Some((Ok::<_, std::io::Error>(h), (f, None, done)));
+                }
+                if done {
+                    return None;
+                }
+                let page = match query(&pool, &f, 1000, true).await {
+                    Ok(p) => p,
+                    Err(e) => return Some((Err(std::io::Error::other(e)), (f, None, true))),
+                };
+                let last = page.last()?;
+                f.cursor = Some(last.seq);
+                let done = page.len() < 1000;
+                let chunk: String = page
+                    .iter()
+                    .map(|e| {
+                        if csv {
+                            csv_line(e)
+                        } else {
+                            format!("{}\n", serde_json::to_string(e).unwrap_or_default())
+                        }
+                    })
+                    .collect();
+                Some((Ok(chunk), (f, None, done)))
+            }
+        });
+    let content_type = if csv {
+        "text/csv; charset=utf-8"
+    } else {
+        "application/x-ndjson"
+    };
+    Ok((
+        [(header::CONTENT_TYPE, content_type)],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}

@@ -1,0 +1,280 @@
+//! Audit-log investigation by staff.
+
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::billing::key_for;
+use crate::http::{TestApp, spawn_app_with};
+
+async fn staff_key(app: &TestApp) -> String {
+    let mut conn = app.db.conn().await;
+    let email = format!("staff-{}@example.com", Uuid::new_v4().simple());
+    let staff = slate_events::accounts::create_account(
+        &mut conn,
+        &email,
+        true,
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    slate_events::access::create_key(&mut conn, staff, None, slate_events::Metadata::system())
+        .await
+        .unwrap()
+        .plaintext
+}
+
+/// Every entry of an account, oldest first, following the cursor.
+async fn trail(app: &TestApp, key: &str, account: Uuid) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor: Option<i64> = None;
+    loop {
+        let path = match cursor {
+            Some(c) => format!("/admin/audit?account={account}&limit=3&cursor={c}"),
+            None => format!("/admin/audit?account={account}&limit=3"),
+        };
+        let (status, page) = app.get_as(&path, Some(key)).await;
+        assert_eq!(status, 200, "{page}");
+        out.extend(page["data"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_i64() {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    out.reverse();
+    out
+}
+
+#[tokio::test]
+async fn a_failed_generations_trail_is_followed_from_the_account_id_alone() {
+    let app = spawn_app_with(&[]).await;
+    let (account, key) = key_for(&app).await;
+    crate::credits::grant(
+        &mut *app.db.conn().await,
+        account,
+        10,
+        slate_events::catalog::GrantSource::Purchase,
+        None,
+    )
+    .await;
+    let (_, g, _) = app
+        .submit(&key, None, json!({"kind": "script", "provider": "local", "prompt": "secret plot", "parameters": {"fail": "permanent"}}))
+        .await;
+    let generation = g["id"].as_str().unwrap().to_owned();
+    app.run_generations().await;
+    app.db.settle_projections().await;
+    let staff = staff_key(&app).await;
+    let entries = trail(&app, &staff, account).await;
+    let actions: Vec<&str> = entries
+        .iter()
+        .filter(|e| e["targets"]["generation"] == generation.as_str())
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            "credits.reserved",
+            "generation.requested",
+            "generation.started",
+            "generation.failed",
+            "credits.released"
+        ]
+    );
+    let failed = entries
+        .iter()
+        .find(|e| e["action"] == "generation.failed")
+        .unwrap();
+    assert_eq!(
+        (failed["outcome"].as_str(), failed["reason"].as_str()),
+        (Some("failed"), Some("content_policy"))
+    );
+    assert!(
+        !serde_json::to_string(&entries)
+            .unwrap()
+            .contains("secret plot"),
+        "never a prompt"
+    );
+
+    // Non-staff cannot search; staff searches are themselves audited.
+    assert_eq!(
+        app.get_as(&format!("/admin/audit?account={account}"), Some(&key))
+            .await
+            .0,
+        403
+    );
+    app.db.settle_projections().await;
+    let (_, reads) = app
+        .get_as("/admin/audit?action=staff.read", Some(&staff))
+        .await;
+    assert!(!reads["data"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_stripe_refunds_trail_leads_from_the_account_to_the_webhook_that_caused_it() {
+    let app = crate::stripe::stripe_app().await;
+    let account = crate::credits::new_account(&mut *app.db.conn().await).await;
+    let run = Uuid::new_v4().simple().to_string()[..10].to_owned();
+    for name in [
+        "01_checkout_session_completed_pack",
+        "09_charge_refunded_partial",
+    ] {
+        assert_eq!(
+            app.deliver(&crate::stripe::fixture(name, account, &run))
+                .await
+                .0,
+            200
+        );
+    }
+    app.process_stripe().await;
+    app.db.settle_projections().await;
+    let staff = staff_key(&app).await;
+    let entries = trail(&app, &staff, account).await;
+    let actions: Vec<&str> = entries
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    let granted = actions
+        .iter()
+        .position(|a| *a == "credits.granted")
+        .unwrap();
+    let revoked = actions
+        .iter()
+        .position(|a| *a == "credits.revoked")
+        .unwrap();
+    assert!(granted < revoked, "{actions:?}");
+    let revoke = &entries[revoked];
+    assert_eq!(revoke["actor_kind"], "stripe");
+    assert_eq!(revoke["targets"]["stripe_event"], format!("evt_{run}_09"));
+
+    // From the entry: its causing event and the webhook that caused it.
+    let (status, detail) = app
+        .get_as(&format!("/admin/audit/{}", revoke["seq"]), Some(&staff))
+        .await;
+    assert_eq!(status, 200, "{detail}");
+    assert_eq!(detail["cause"]["event_type"], "CreditsRevoked");
+    let related: Vec<&str> = detail["related"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(related.contains(&"stripe.event_received"), "{related:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pagination_while_appends_continue_returns_every_entry_exactly_once() {
+    let app = spawn_app_with(&[]).await;
+    let (account, _) = key_for(&app).await;
+    for _ in 0..25 {
+        crate::credits::grant(
+            &mut *app.db.conn().await,
+            account,
+            1,
+            slate_events::catalog::GrantSource::Promotion,
+            None,
+        )
+        .await;
+    }
+    app.db.settle_projections().await;
+    let staff = staff_key(&app).await;
+    let existing: Vec<i64> = sqlx::query_scalar("select seq from audit_entries order by seq")
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let writer = {
+        let pool = app.db.pool.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !*stop_rx.borrow_and_update() {
+                let mut conn = pool.acquire().await.unwrap();
+                crate::credits::grant(
+                    &mut conn,
+                    account,
+                    1,
+                    slate_events::catalog::GrantSource::Promotion,
+                    None,
+                )
+                .await;
+                drop(conn);
+                slate_events::projections::catch_up(
+                    &pool,
+                    slate_events::projections::Projection::AuditLog,
+                )
+                .await
+                .unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut seen = Vec::new();
+    let mut cursor: Option<i64> = None;
+    // Start below the newest entry that existed, then page down while the
+    // writer keeps appending above.
+    let top = *existing.last().unwrap() + 1;
+    loop {
+        let c = cursor.unwrap_or(top);
+        let (status, page) = app
+            .get_as(&format!("/admin/audit?limit=4&cursor={c}"), Some(&staff))
+            .await;
+        assert_eq!(status, 200);
+        seen.extend(
+            page["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["seq"].as_i64().unwrap()),
+        );
+        match page["next_cursor"].as_i64() {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    stop_tx.send(true).unwrap();
+    let appended = writer.await.unwrap();
+    assert!(appended > 0);
+    seen.sort_unstable();
+    let mut unique = seen.clone();
+    unique.dedup();
+    assert_eq!(unique.len(), seen.len(), "an entry came twice");
+    assert_eq!(seen, existing, "every entry that existed, exactly once");
+}
+
+#[tokio::test]
+async fn exports_stream_json_lines_or_csv() {
+    let app = spawn_app_with(&[]).await;
+    let (account, _) = key_for(&app).await;
+    for _ in 0..3 {
+        crate::credits::grant(
+            &mut *app.db.conn().await,
+            account,
+            1,
+            slate_events::catalog::GrantSource::Promotion,
+            None,
+        )
+        .await;
+    }
+    app.db.settle_projections().await;
+    let staff = staff_key(&app).await;
+    let get = |q: String| {
+        let (client, url, staff) = (
+            app.client.clone(),
+            format!("{}/admin/audit/export?{q}", app.address),
+            staff.clone(),
+        );
+        async move { client.get(url).bearer_auth(staff).send().await.unwrap() }
+    };
+    let r = get(format!("account={account}")).await;
+    assert_eq!(r.headers()["content-type"], "application/x-ndjson");
+    let text = r.text().await.unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() >= 5, "{text}"); // account, key, three grants
+    let r = get(format!("account={account}&format=csv")).await;
+    let csv = r.text().await.unwrap();
+    assert!(csv.starts_with("seq,at,actor_kind"));
+    assert_eq!(csv.lines().count(), lines.len() + 1);
+    assert_eq!(get("format=xml".into()).await.status().as_u16(), 422);
+}
