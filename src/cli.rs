@@ -52,6 +52,11 @@ pub enum Command {
         #[command(subcommand)]
         command: CreditsCommand,
     },
+    /// The audit log, for staff at the command line.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// The affiliate programme.
     Affiliates {
         #[command(subcommand)]
@@ -180,6 +185,48 @@ pub enum CreditsCommand {
     },
     /// Release holds past their expiry and lapse expired buckets now.
     Sweep,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Entries matching the filters, newest first.
+    Query {
+        #[arg(long)]
+        account: Option<Uuid>,
+        #[arg(long)]
+        actor: Option<String>,
+        /// An action (`generation.failed`) or a family (`generation`).
+        #[arg(long)]
+        action: Option<String>,
+        /// Any target value (generation, Stripe event or object, key…).
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long)]
+        request_id: Option<String>,
+        #[arg(long)]
+        outcome: Option<String>,
+        #[arg(long)]
+        from: Option<DateTime<Utc>>,
+        #[arg(long)]
+        to: Option<DateTime<Utc>>,
+        #[arg(long, default_value = "50")]
+        limit: i64,
+    },
+    /// A range as JSON Lines or CSV, oldest first.
+    Export {
+        #[arg(long)]
+        from: Option<DateTime<Utc>>,
+        #[arg(long)]
+        to: Option<DateTime<Utc>>,
+        #[arg(long)]
+        account: Option<Uuid>,
+        /// jsonl or csv.
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -431,6 +478,10 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 );
             }
         },
+        Command::Audit { command } => {
+            let pool = pool().await?;
+            return audit(&pool, command).await;
+        }
         Command::Affiliates { command } => {
             let pool = pool().await?;
             let mut conn = pool.acquire().await?;
@@ -604,6 +655,116 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                     crate::demo_story::run(&pool, url.trim_end_matches('/'), secret.expose()).await
                 }
             };
+        }
+    }
+    Ok(0)
+}
+
+async fn audit(pool: &sqlx::PgPool, command: AuditCommand) -> anyhow::Result<i32> {
+    use std::io::Write;
+    match command {
+        AuditCommand::Query {
+            account,
+            actor,
+            action,
+            target,
+            request_id,
+            outcome,
+            from,
+            to,
+            limit,
+        } => {
+            let f = crate::audit::Filter {
+                account,
+                actor,
+                action,
+                target,
+                from,
+                to,
+                request_id,
+                outcome,
+                ..Default::default()
+            };
+            let rows = crate::audit::query(pool, &f, limit.clamp(1, 10_000), false).await?;
+            for e in &rows {
+                println!(
+                    "{:>8}  {}  {:<8} {:<36}  {:<30} {:<8} {}{}",
+                    e.seq,
+                    e.at.format("%Y-%m-%d %H:%M:%S"),
+                    e.actor_kind,
+                    e.actor_id.as_deref().unwrap_or("-"),
+                    e.action,
+                    e.outcome,
+                    e.targets,
+                    e.reason
+                        .as_deref()
+                        .map(|r| format!("  ({r})"))
+                        .unwrap_or_default()
+                );
+            }
+            println!("{} entries", rows.len());
+        }
+        AuditCommand::Export {
+            from,
+            to,
+            account,
+            format,
+            out,
+        } => {
+            let csv = match format.as_str() {
+                "jsonl" => false,
+                "csv" => true,
+                other => anyhow::bail!("format is jsonl or csv, not {other}"),
+            };
+            let total: i64 = sqlx::query_scalar(
+                "select count(*) from audit_entries
+                  where ($1::timestamptz is null or at >= $1) and ($2::timestamptz is null or at < $2)
+                    and ($3::uuid is null or account_id = $3)",
+            )
+            .bind(from)
+            .bind(to)
+            .bind(account)
+            .fetch_one(pool)
+            .await?;
+            let mut file = std::io::BufWriter::new(std::fs::File::create(&out)?);
+            if csv {
+                file.write_all(crate::audit::CSV_HEADER.as_bytes())?;
+            }
+            let mut f = crate::audit::Filter {
+                account,
+                from,
+                to,
+                ..Default::default()
+            };
+            let mut written = 0i64;
+            loop {
+                let page = crate::audit::query(pool, &f, 1000, true).await?;
+                let Some(last) = page.last() else { break };
+                f.cursor = Some(last.seq);
+                for e in &page {
+                    if csv {
+                        file.write_all(crate::audit::csv_line(e).as_bytes())?;
+                    } else {
+                        serde_json::to_writer(&mut file, e)?;
+                        file.write_all(b"\n")?;
+                    }
+                }
+                written += page.len() as i64;
+                // A progress line on long exports.
+                if total > 1000 {
+                    let pct = written * 100 / total.max(1);
+                    let bar = "#".repeat((pct / 5) as usize);
+                    eprint!("\r[{bar:<20}] {pct:>3}%  {written}/{total}");
+                }
+                if page.len() < 1000 {
+                    break;
+                }
+            }
+            if total > 1000 {
+                eprintln!();
+            }
+            file.flush()?;
+            println!("{written} entries written to {}", out.display());
         }
     }
     Ok(0)

@@ -1,6 +1,7 @@
 //! Slate: the HTTP API, the CLI and the wiring. Domain logic lives in
 //! `slate-events`, side effects in `slate-workers`.
 
+pub mod audit;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -10,92 +10,18 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{ApiError, AppState, Json, Staff};
+use crate::audit::{AuditEntry, COLUMNS, CSV_HEADER, Filter, csv_line, query};
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/admin/audit", get(search))
         .route("/admin/audit/export", get(export))
         .route("/admin/audit/{id}", get(detail))
-}
-
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct AuditEntry {
-    pub seq: i64,
-    pub position: i64,
-    pub event_id: Uuid,
-    pub at: DateTime<Utc>,
-    pub actor_kind: String,
-    pub actor_id: Option<String>,
-    pub impersonator: Option<Uuid>,
-    pub action: String,
-    pub account_id: Option<Uuid>,
-    pub targets: Value,
-    pub outcome: String,
-    pub request_id: Option<String>,
-    pub reason: Option<String>,
-}
-
-const COLUMNS: &str = "seq, position, event_id, at, actor_kind, actor_id, impersonator, action, account_id, \
-                       targets, outcome, request_id, reason";
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Filter {
-    account: Option<Uuid>,
-    actor: Option<String>,
-    /// An action (`generation.failed`) or a family (`generation`).
-    action: Option<String>,
-    /// Any target value: a generation id, a Stripe event or object id, a key…
-    target: Option<String>,
-    from: Option<DateTime<Utc>>,
-    to: Option<DateTime<Utc>>,
-    request_id: Option<String>,
-    outcome: Option<String>,
-    /// `next_cursor` of the previous page.
-    cursor: Option<i64>,
-    limit: Option<i64>,
-}
-
-/// Newest first, after the cursor (a seq), matching every given filter.
-async fn query(
-    pool: &PgPool,
-    f: &Filter,
-    limit: i64,
-    ascending: bool,
-) -> Result<Vec<AuditEntry>, sqlx::Error> {
-    let order = if ascending { "asc" } else { "desc" };
-    let cursor_cmp = if ascending { ">" } else { "<" };
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {COLUMNS} from audit_entries
-          where ($1::uuid is null or account_id = $1)
-            and ($2::text is null or actor_id = $2)
-            and ($3::text is null or action = $3 or action like $3 || '.%')
-            and ($4::text is null or exists (select 1 from jsonb_each_text(targets) t where t.value = $4))
-            and ($5::timestamptz is null or at >= $5)
-            and ($6::timestamptz is null or at < $6)
-            and ($7::text is null or request_id = $7)
-            and ($8::text is null or outcome = $8)
-            and ($9::bigint is null or seq {cursor_cmp} $9)
-          order by seq {order} limit $10"
-    )))
-    .bind(f.account)
-    .bind(&f.actor)
-    .bind(&f.action)
-    .bind(&f.target)
-    .bind(f.from)
-    .bind(f.to)
-    .bind(&f.request_id)
-    .bind(&f.outcome)
-    .bind(f.cursor)
-    .bind(limit)
-    .fetch_all(pool)
-    .await
 }
 
 async fn audited(
@@ -194,38 +120,6 @@ struct ExportQuery {
     account: Option<Uuid>,
 }
 
-fn csv_field(v: &str) -> String {
-    if v.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", v.replace('"', "\"\""))
-    } else {
-        v.to_owned()
-    }
-}
-
-fn csv_line(e: &AuditEntry) -> String {
-    let fields = [
-        e.seq.to_string(),
-        e.at.to_rfc3339(),
-        e.actor_kind.clone(),
-        e.actor_id.clone().unwrap_or_default(),
-        e.impersonator.map(|i| i.to_string()).unwrap_or_default(),
-        e.action.clone(),
-        e.account_id.map(|a| a.to_string()).unwrap_or_default(),
-        e.targets.to_string(),
-        e.outcome.clone(),
-        e.request_id.clone().unwrap_or_default(),
-        e.reason.clone().unwrap_or_default(),
-        e.event_id.to_string(),
-    ];
-    let mut line = fields
-        .iter()
-        .map(|f| csv_field(f))
-        .collect::<Vec<_>>()
-        .join(",");
-    line.push('\n');
-    line
-}
-
 /// A range as JSON Lines (default) or CSV, oldest first, streamed page by page.
 async fn export(
     State(state): State<AppState>,
@@ -250,9 +144,7 @@ async fn export(
         ..Default::default()
     };
     let pool = state.pool.clone();
-    let header_line = csv.then(|| {
-        "seq,at,actor_kind,actor_id,impersonator,action,account_id,targets,outcome,request_id,reason,event_id\n".to_owned()
-    });
+    let header_line = csv.then(|| CSV_HEADER.to_owned());
     let stream =
         futures::stream::unfold((filter, header_line, false), move |(mut f, head, done)| {
             let pool = pool.clone();

@@ -11,6 +11,7 @@ pub struct SweepReport {
     pub holds_released: i32,
     pub buckets_expired: i32,
     pub generations_past_deadline: usize,
+    pub audit_entries_dropped: u64,
 }
 
 /// One sweep at `now` (injected by tests).
@@ -22,9 +23,14 @@ pub async fn sweep(pool: &PgPool, now: DateTime<Utc>) -> anyhow::Result<SweepRep
     let mut tx = pool.begin().await?;
     let buckets_expired = credits::expire(&mut tx, now).await?;
     tx.commit().await?;
+    let mut conn = pool.acquire().await?;
+    let audit_entries_dropped =
+        slate_events::projections::audit::apply_retention(&mut conn, now).await?;
+    drop(conn);
     Ok(SweepReport {
         holds_released,
         buckets_expired,
         generations_past_deadline,
+        audit_entries_dropped,
     })
 }

@@ -302,6 +302,14 @@ pub async fn apply(
     recorded: &RecordedEvent,
     event: &DomainEvent,
 ) -> Result<(), Error> {
+    // Past the retention cutoff: not kept (the event itself stays).
+    let expired: bool = sqlx::query_scalar("select $1 < cutoff from audit_retention")
+        .bind(recorded.recorded_at)
+        .fetch_one(&mut *conn)
+        .await?;
+    if expired {
+        return Ok(());
+    }
     let mut e = describe(event);
     let meta = &recorded.metadata;
     let actor = meta.get("actor").cloned().unwrap_or(Value::Null);
@@ -345,4 +353,26 @@ pub async fn apply(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// How long entries are kept.
+pub const RETENTION_MONTHS: i32 = 18;
+
+/// Drop entries older than 18 months before `now` (clock injected by
+/// tests). Returns how many went.
+pub async fn apply_retention(
+    conn: &mut PgConnection,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, Error> {
+    let cutoff = now - chrono::Months::new(RETENTION_MONTHS as u32);
+    sqlx::query("update audit_retention set cutoff = greatest(cutoff, $1)")
+        .bind(cutoff)
+        .execute(&mut *conn)
+        .await?;
+    let deleted =
+        sqlx::query("delete from audit_entries where at < (select cutoff from audit_retention)")
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+    Ok(deleted)
 }
