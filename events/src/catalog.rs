@@ -598,6 +598,16 @@ pub struct ImpersonatedRequest {
 }
 event_type!(ImpersonatedRequest, "ImpersonatedRequest", 1);
 
+/// A staff member re-ran the processing of one Stripe event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StripeEventReplayed {
+    pub stripe_event_id: String,
+    pub staff_id: Uuid,
+    pub outcome: String,
+}
+event_type!(StripeEventReplayed, "StripeEventReplayed", 1);
+
 /// Shapes that were written once and are upcast on read.
 pub mod legacy {
     use super::*;
@@ -663,6 +673,7 @@ macro_rules! each_event {
             DomainEvent::ImpersonationStarted($e) => $body,
             DomainEvent::ImpersonationEnded($e) => $body,
             DomainEvent::ImpersonatedRequest($e) => $body,
+            DomainEvent::StripeEventReplayed($e) => $body,
         }
     };
 }
@@ -707,6 +718,7 @@ pub enum DomainEvent {
     ImpersonationStarted(ImpersonationStarted),
     ImpersonationEnded(ImpersonationEnded),
     ImpersonatedRequest(ImpersonatedRequest),
+    StripeEventReplayed(StripeEventReplayed),
 }
 
 fn parse<T: DeserializeOwned>(event_type: &str, version: i16, payload: Value) -> Result<T, Error> {
@@ -768,6 +780,7 @@ impl DomainEvent {
             ("ImpersonationStarted", 1) => E::ImpersonationStarted(parse(event_type, v, p)?),
             ("ImpersonationEnded", 1) => E::ImpersonationEnded(parse(event_type, v, p)?),
             ("ImpersonatedRequest", 1) => E::ImpersonatedRequest(parse(event_type, v, p)?),
+            ("StripeEventReplayed", 1) => E::StripeEventReplayed(parse(event_type, v, p)?),
             _ => {
                 return Err(Error::Decode {
                     event_type: event_type.to_owned(),
@@ -831,6 +844,7 @@ impl DomainEvent {
             E::ImpersonationStarted(e) => Some(e.account_id),
             E::ImpersonationEnded(e) => Some(e.account_id),
             E::ImpersonatedRequest(e) => Some(e.account_id),
+            E::StripeEventReplayed(_) => None,
         }
     }
 }
@@ -908,6 +922,7 @@ pub fn schema_files() -> Vec<SchemaFile> {
         schema_file::<ImpersonationStarted>(true),
         schema_file::<ImpersonationEnded>(true),
         schema_file::<ImpersonatedRequest>(true),
+        schema_file::<StripeEventReplayed>(true),
     ];
     let mut meta =
         serde_json::to_string_pretty(&schemars::schema_for!(Metadata)).expect("schema serializes");

@@ -3,6 +3,7 @@
 mod admin;
 mod audit;
 mod billing;
+mod console;
 mod credits;
 mod error;
 mod extract;
@@ -97,6 +98,7 @@ pub fn router(state: AppState) -> Router {
         .merge(sessions::router())
         .merge(admin::router())
         .merge(audit::router())
+        .merge(console::router())
         .with_state(state)
         .layer(axum::middleware::from_fn(impersonation_banner))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))

@@ -376,3 +376,104 @@ async fn slate_audit_query_and_export_work_from_the_command_line() {
     assert!(csv.starts_with("seq,at,"));
     assert_eq!(csv.lines().count(), 4, "{csv}"); // header, account, key, grant
 }
+
+#[tokio::test]
+async fn the_staff_console_searches_follows_entries_and_replays_a_stripe_event() {
+    let app = crate::stripe::stripe_app().await;
+    let mut conn = app.db.conn().await;
+    let account = slate_events::accounts::create_account(
+        &mut conn,
+        "<b>mallory</b>@example.com",
+        false,
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let run = Uuid::new_v4().simple().to_string()[..10].to_owned();
+    app.deliver(&crate::stripe::fixture(
+        "01_checkout_session_completed_pack",
+        account,
+        &run,
+    ))
+    .await;
+    app.process_stripe().await;
+    app.db.settle_projections().await;
+    let staff = staff_key(&app).await;
+    let html = |path: String, key: Option<String>| {
+        let (client, url) = (app.client.clone(), format!("{}{path}", app.address));
+        async move {
+            let mut req = client.get(url);
+            if let Some(k) = key {
+                req = req.bearer_auth(k);
+            }
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    // Signed out: a sign-in page, not data.
+    let (status, body) = html("/admin".into(), None).await;
+    assert_eq!(status, 401);
+    assert!(body.contains("/v1/auth/oidc/start"));
+
+    let (status, body) = html("/admin?q=mallory".into(), Some(staff.clone())).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains(&format!("/admin/console/accounts/{account}")),
+        "{body}"
+    );
+    assert!(
+        body.contains("&lt;b&gt;mallory&lt;/b&gt;") && !body.contains("<b>mallory</b>"),
+        "escaped"
+    );
+
+    let (status, body) = html(
+        format!("/admin/console/accounts/{account}"),
+        Some(staff.clone()),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(body.contains("available <b>500</b>"), "{body}");
+    assert!(body.contains("CreditsGranted") && body.contains(&format!("evt_{run}_01")));
+
+    // Follow an entry to its causing event and related entries.
+    let seq: i64 =
+        sqlx::query_scalar("select seq from audit_entries where action = 'credits.granted'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    let (status, body) = html(format!("/admin/console/audit/{seq}"), Some(staff.clone())).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("Causing event") && body.contains("stripe.event_received"),
+        "{body}"
+    );
+
+    // Replay the Stripe event from there: audited, and changes nothing.
+    let r = app
+        .client
+        .post(format!(
+            "{}/admin/console/stripe/evt_{run}_01/replay",
+            app.address
+        ))
+        .bearer_auth(&staff)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let replays: i64 =
+        sqlx::query_scalar("select count(*) from events where event_type = 'StripeEventReplayed'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(replays, 1);
+    let b = slate_events::credits::balance(&mut *app.db.conn().await, account)
+        .await
+        .unwrap();
+    assert_eq!(b.available, 500);
+    // Non-staff get the sign-in page, never the data.
+    let (_, user_key) = key_for(&app).await;
+    let (status, body) = html(format!("/admin/console/accounts/{account}"), Some(user_key)).await;
+    assert_eq!(status, 401);
+    assert!(!body.contains("mallory"));
+}

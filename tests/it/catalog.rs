@@ -87,3 +87,19 @@ fn the_checked_in_json_schema_files_are_up_to_date() {
         assert!(expected.contains(&name), "unexpected schema file {name}");
     }
 }
+
+#[test]
+fn every_event_type_is_audited() {
+    for f in slate_events::catalog::schema_files() {
+        let Some(name) = f.file_name.split(".v").next() else {
+            continue;
+        };
+        if f.file_name == "Metadata.schema.json" || !f.contents.contains("\"x-current\": true") {
+            continue;
+        }
+        assert!(
+            slate_events::projections::audit::EVENT_TYPES.contains(&name),
+            "{name} is not in the audit log's event types"
+        );
+    }
+}

@@ -59,6 +59,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "ImpersonationStarted",
     "ImpersonationEnded",
     "ImpersonatedRequest",
+    "StripeEventReplayed",
 ];
 
 struct Entry {
@@ -286,6 +287,15 @@ fn describe(event: &DomainEvent) -> Entry {
                 json!({"impersonation": e.impersonation_id, "staff": e.staff_id}),
             );
             x.reason = Some(e.reason.clone());
+            x
+        }
+        E::StripeEventReplayed(e) => {
+            let mut x = entry(
+                "stripe.event_replayed",
+                None,
+                json!({"stripe_event": e.stripe_event_id, "staff": e.staff_id}),
+            );
+            x.reason = Some(e.outcome.clone());
             x
         }
         E::ImpersonatedRequest(e) => entry(
