@@ -3,6 +3,7 @@
 mod access;
 mod audit;
 mod billing;
+mod browser;
 mod catalog;
 mod credits;
 mod event_store;

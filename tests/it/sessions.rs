@@ -379,7 +379,7 @@ async fn an_idle_session_ends_and_an_unknown_cookie_is_refused() {
     assert!(!log.contains(&token), "the session token is not in the log");
 }
 
-fn base32_decode(s: &str) -> Vec<u8> {
+pub fn base32_decode(s: &str) -> Vec<u8> {
     let mut out = Vec::new();
     let (mut buffer, mut bits) = (0u32, 0u32);
     for c in s.chars() {
@@ -395,7 +395,7 @@ fn base32_decode(s: &str) -> Vec<u8> {
 }
 
 /// RFC 6238, computed here.
-fn totp(secret: &[u8], at: i64) -> String {
+pub fn totp(secret: &[u8], at: i64) -> String {
     use hmac::{Hmac, KeyInit, Mac};
     let mut mac = <Hmac<sha1::Sha1> as KeyInit>::new_from_slice(secret).unwrap();
     mac.update(&(at / 30).to_be_bytes());
