@@ -25,10 +25,13 @@ pub struct AuditEntry {
     pub outcome: String,
     pub request_id: Option<String>,
     pub reason: Option<String>,
+    pub api_key_id: Option<Uuid>,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
 }
 
 pub const COLUMNS: &str = "seq, position, event_id, at, actor_kind, actor_id, impersonator, action, account_id, \
-                       targets, outcome, request_id, reason";
+                       targets, outcome, request_id, reason, api_key_id, ip, user_agent";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

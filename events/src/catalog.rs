@@ -45,6 +45,14 @@ pub struct Metadata {
     /// The Stripe event that caused this one, for Stripe effects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stripe_event_id: Option<String>,
+    /// The API key the request came with (its id, never the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_id: Option<Uuid>,
+    /// The client's address and user agent, for requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
 }
 
 impl Metadata {
@@ -60,6 +68,9 @@ impl Metadata {
             causation_id: None,
             correlation_id: None,
             stripe_event_id: None,
+            api_key_id: None,
+            ip: None,
+            user_agent: None,
         }
     }
 

@@ -45,7 +45,7 @@ where
 }
 
 /// The account behind a valid `Authorization: Bearer slate_live_…` key.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Auth {
     pub account_id: Uuid,
     /// The API key used, or the browser session.
@@ -54,6 +54,36 @@ pub struct Auth {
     pub staff: bool,
     /// The staff member acting as this account, under an impersonation.
     pub impersonator: Option<Uuid>,
+    /// Where the request came from (for the audit trail).
+    pub origin: Origin,
+}
+
+/// The request's id, client address and user agent.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub request_id: Option<String>,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+impl Origin {
+    fn of(parts: &Parts) -> Self {
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.chars().take(200).collect::<String>())
+        };
+        Self {
+            request_id: header("x-request-id"),
+            ip: parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.ip().to_string()),
+            user_agent: header("user-agent"),
+        }
+    }
 }
 
 impl Auth {
@@ -62,6 +92,10 @@ impl Auth {
     pub fn metadata(&self) -> slate_events::Metadata {
         slate_events::Metadata {
             impersonator: self.impersonator,
+            request_id: self.origin.request_id.clone(),
+            api_key_id: self.key_id,
+            ip: self.origin.ip.clone(),
+            user_agent: self.origin.user_agent.clone(),
             ..slate_events::Metadata::by(slate_events::Actor::User {
                 account_id: self.account_id,
             })
@@ -125,6 +159,7 @@ async fn impersonate(parts: &mut Parts, state: &AppState, auth: Auth) -> Result<
         session_id: auth.session_id,
         staff: false,
         impersonator: Some(i.staff_id),
+        origin: auth.origin,
     })
 }
 
@@ -158,6 +193,7 @@ async fn from_session(parts: &Parts, state: &AppState) -> Result<Option<Auth>, A
             session_id: Some(o.session_id),
             staff: o.staff && o.mfa_verified,
             impersonator: None,
+            origin: Origin::of(parts),
         })),
         None => {
             let route = parts
@@ -253,6 +289,7 @@ impl FromRequestParts<AppState> for Auth {
             session_id: None,
             staff: owner.staff,
             impersonator: None,
+            origin: Origin::of(parts),
         };
         impersonate(parts, state, auth).await
     }
@@ -276,7 +313,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
 }
 
 /// An authenticated staff account. Anyone else gets 403 (recorded).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Staff(pub Auth);
 
 impl FromRequestParts<AppState> for Staff {

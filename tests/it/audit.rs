@@ -79,6 +79,20 @@ async fn a_failed_generations_trail_is_followed_from_the_account_id_alone() {
             "credits.released"
         ]
     );
+    // The submission's entry says where it came from.
+    let requested = entries
+        .iter()
+        .find(|e| e["action"] == "generation.requested")
+        .unwrap();
+    assert!(
+        requested["request_id"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{requested}"
+    );
+    assert_eq!(requested["ip"], "127.0.0.1");
+    assert!(requested["api_key_id"].as_str().is_some());
+    assert_eq!(requested["actor_kind"], "user");
     let failed = entries
         .iter()
         .find(|e| e["action"] == "generation.failed")

@@ -17,7 +17,7 @@ pub const TABLES: &[Table] = &[Table {
     name: "audit_entries",
     // seq is the apply order, not part of the log's content.
     columns: "position, event_id, at, actor_kind, actor_id, impersonator, action, account_id, targets, \
-              outcome, request_id, reason",
+              outcome, request_id, reason, api_key_id, ip, user_agent",
 }];
 
 /// Every event type is audited.
@@ -345,8 +345,8 @@ pub async fn apply(
     e.targets.retain(|_, v| !v.is_null());
     sqlx::query(trusted_sql!(
         "insert into {p}audit_entries (position, event_id, at, actor_kind, actor_id, impersonator, action,
-            account_id, targets, outcome, request_id, reason)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            account_id, targets, outcome, request_id, reason, api_key_id, ip, user_agent)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
     ))
     .bind(recorded.global_position)
     .bind(recorded.event_id)
@@ -360,6 +360,9 @@ pub async fn apply(
     .bind(e.outcome)
     .bind(meta.get("request_id").and_then(Value::as_str))
     .bind(e.reason)
+    .bind(meta.get("api_key_id").and_then(Value::as_str).and_then(|s| s.parse::<Uuid>().ok()))
+    .bind(meta.get("ip").and_then(Value::as_str))
+    .bind(meta.get("user_agent").and_then(Value::as_str))
     .execute(conn)
     .await?;
     Ok(())
