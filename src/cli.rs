@@ -364,6 +364,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             settings.stripe_catalog = config.stripe_catalog.clone();
             settings.heartbeat = config.worker_heartbeat;
             settings.missed_heartbeats = config.worker_missed_heartbeats;
+            settings.sweep_interval = config.sweep_interval;
             settings.fault_stripe_hold = config.fault_stripe_hold;
             slate_workers::run(pool().await?, settings, crate::shutdown_signal()).await?;
         }

@@ -64,6 +64,8 @@ pub struct Config {
     /// beats is declared dead and its jobs go back to the queue.
     pub worker_heartbeat: std::time::Duration,
     pub worker_missed_heartbeats: usize,
+    /// How often the scheduled maintenance sweep runs (one job per slot).
+    pub sweep_interval: std::time::Duration,
     /// Test-only fault injection: `slate work` holds each Stripe event's
     /// transaction open this long before committing.
     pub fault_stripe_hold: Option<std::time::Duration>,
@@ -112,6 +114,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("SLATE_PUBLIC_URL", "http://127.0.0.1:8080"),
     ("SLATE_WORKER_HEARTBEAT_SECS", "5"),
     ("SLATE_WORKER_MISSED_HEARTBEATS", "3"),
+    ("SLATE_SWEEP_INTERVAL_SECS", "30"),
     ("SLATE_FAULT_STRIPE_HOLD_MS", ""),
     ("SLATE_RATE_LIMIT_ACCOUNT_PER_MIN", "120"),
     ("SLATE_RATE_LIMIT_IP_PER_MIN", "600"),
@@ -236,6 +239,13 @@ impl Config {
                     .ok()
                     .filter(|s| *s > 0)
                     .context("SLATE_WORKER_HEARTBEAT_SECS must be a positive number")?,
+            ),
+            sweep_interval: std::time::Duration::from_secs(
+                positive(
+                    &get("SLATE_SWEEP_INTERVAL_SECS"),
+                    "SLATE_SWEEP_INTERVAL_SECS",
+                )?
+                .into(),
             ),
             worker_missed_heartbeats: get("SLATE_WORKER_MISSED_HEARTBEATS")
                 .parse()

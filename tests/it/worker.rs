@@ -354,3 +354,56 @@ async fn prompts_never_reach_the_logs_even_at_debug_level() {
         assert!(!logged.contains(word), "{word} appeared in the logs");
     }
 }
+
+#[tokio::test]
+async fn the_scheduled_maintenance_job_releases_a_stranded_hold() {
+    let db = TestDb::new().await;
+    let mut conn = db.conn().await;
+    let account = crate::credits::new_account(&mut conn).await;
+    crate::credits::grant(
+        &mut conn,
+        account,
+        10,
+        slate_events::catalog::GrantSource::Purchase,
+        None,
+    )
+    .await;
+    let generation = uuid::Uuid::now_v7();
+    slate_events::credits::reserve(
+        &mut conn,
+        account,
+        generation,
+        4,
+        chrono::Utc::now() + chrono::Duration::seconds(1),
+        chrono::Utc::now(),
+        &slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let _worker = start_worker_with(&db, &[("SLATE_SWEEP_INTERVAL_SECS", "1")]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status: String =
+            sqlx::query_scalar("select status from credit_reservations where generation_id = $1")
+                .bind(generation)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        if status == "released" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the hold was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let done: i64 = sqlx::query_scalar(
+        "select count(*) from apalis.jobs where job_type = 'slate.maintenance' and status = 'Done'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(done >= 1, "it ran as an apalis job");
+}

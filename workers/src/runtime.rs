@@ -137,6 +137,11 @@ where
         .with_pubsub();
     let webhook_worker = WebhookWorker::new(pool.clone(), settings.webhook_allow.clone())?;
     let webhook_name = settings.worker_name.clone();
+    let maintenance_storage = PostgresStorage::<sweeper::SweepJob>::new(&pool)
+        .with_config(settings.queue_config(sweeper::QUEUE))
+        .with_pubsub();
+    let maintenance_pool = pool.clone();
+    let maintenance_name = settings.worker_name.clone();
     let concurrency = settings.generation_concurrency.max(1);
     let name = settings.worker_name.clone();
     let stripe_name = settings.worker_name.clone();
@@ -162,6 +167,13 @@ where
                 .catch_panic()
                 .concurrency(concurrency)
                 .build(generations::handle)
+        })
+        .register(move |_restarts| {
+            WorkerBuilder::new(format!("{maintenance_name}.maintenance"))
+                .backend(maintenance_storage.clone())
+                .data(maintenance_pool.clone())
+                .catch_panic()
+                .build(sweeper::handle)
         })
         .register(move |_restarts| {
             WorkerBuilder::new(format!("{webhook_name}.webhooks"))
@@ -200,14 +212,9 @@ async fn sweep_loop(pool: PgPool, every: Duration, mut stop: watch::Receiver<boo
         if *stop.borrow() {
             return;
         }
-        match sweeper::sweep(&pool, chrono::Utc::now()).await {
-            Ok(r) if r.holds_released > 0 || r.buckets_expired > 0 => tracing::info!(
-                holds_released = r.holds_released,
-                buckets_expired = r.buckets_expired,
-                "credit sweep"
-            ),
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "credit sweep failed"),
+        let slot = chrono::Utc::now().timestamp() / every.as_secs().max(1) as i64;
+        if let Err(e) = sweeper::schedule(&pool, slot).await {
+            tracing::error!(error = %e, "scheduling the maintenance sweep failed");
         }
     }
 }

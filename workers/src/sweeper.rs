@@ -34,3 +34,58 @@ pub async fn sweep(pool: &PgPool, now: DateTime<Utc>) -> anyhow::Result<SweepRep
         audit_entries_dropped,
     })
 }
+
+/// The scheduled maintenance job (`slate.maintenance`): holds past their
+/// expiry, expired buckets, overdue generations, audit retention.
+pub const QUEUE: &str = "slate.maintenance";
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct SweepJob {
+    /// The schedule slot it was enqueued for (one job per slot).
+    pub slot: i64,
+}
+
+/// Enqueue this slot's sweep unless one is already queued or running: every
+/// worker process ticks, one job runs.
+pub async fn schedule(pool: &PgPool, slot: i64) -> anyhow::Result<bool> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("select pg_advisory_xact_lock(hashtext('slate.maintenance.schedule'))")
+        .execute(&mut *tx)
+        .await?;
+    let pending: bool = sqlx::query_scalar(
+        "select exists(select 1 from apalis.jobs where job_type = $1 and status in ('Pending', 'Queued', 'Running'))",
+    )
+    .bind(QUEUE)
+    .fetch_one(&mut *tx)
+    .await?;
+    if pending {
+        return Ok(false);
+    }
+    crate::jobs::enqueue(&mut tx, QUEUE, &SweepJob { slot }, 3).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+#[tracing::instrument(skip_all, fields(slot = job.slot))]
+pub async fn handle(
+    job: SweepJob,
+    pool: apalis::prelude::Data<PgPool>,
+) -> Result<(), apalis::prelude::BoxDynError> {
+    let _ = job;
+    crate::jobs::contain(async move {
+        let r = sweep(&pool, chrono::Utc::now())
+            .await
+            .map_err(|e| -> apalis::prelude::BoxDynError { e.into() })?;
+        if r != SweepReport::default() {
+            tracing::info!(
+                holds_released = r.holds_released,
+                buckets_expired = r.buckets_expired,
+                generations_past_deadline = r.generations_past_deadline,
+                audit_entries_dropped = r.audit_entries_dropped,
+                "maintenance sweep"
+            );
+        }
+        Ok(())
+    })
+    .await
+}
