@@ -118,3 +118,40 @@ pub fn csv_line(e: &AuditEntry) -> String {
     line.push('\n');
     line
 }
+
+/// One entry by its seq.
+pub async fn entry(pool: &PgPool, seq: i64) -> Result<Option<AuditEntry>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLUMNS} from audit_entries where seq = $1"
+    )))
+    .bind(seq)
+    .fetch_optional(pool)
+    .await
+}
+
+/// The entries related to one: the same request, generation, Stripe event
+/// or object, subscription or impersonation.
+pub async fn related(pool: &PgPool, e: &AuditEntry) -> Result<Vec<AuditEntry>, sqlx::Error> {
+    let keys: Vec<String> = [
+        "generation",
+        "stripe_event",
+        "stripe_object",
+        "stripe_subscription",
+        "impersonation",
+    ]
+    .iter()
+    .filter_map(|k| e.targets.get(*k).and_then(Value::as_str).map(str::to_owned))
+    .collect();
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLUMNS} from audit_entries
+          where seq <> $1
+            and (($2::text is not null and request_id = $2)
+                 or exists (select 1 from jsonb_each_text(targets) t where t.value = any($3)))
+          order by seq limit 100"
+    )))
+    .bind(e.seq)
+    .bind(&e.request_id)
+    .bind(&keys)
+    .fetch_all(pool)
+    .await
+}

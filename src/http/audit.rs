@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::{ApiError, AppState, Json, Staff};
-use crate::audit::{AuditEntry, COLUMNS, CSV_HEADER, Filter, csv_line, query};
+use crate::audit::{AuditEntry, CSV_HEADER, Filter, csv_line, query};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -60,13 +60,9 @@ async fn detail(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let seq: i64 = id.parse().map_err(|_| ApiError::not_found())?;
-    let entry: AuditEntry = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {COLUMNS} from audit_entries where seq = $1"
-    )))
-    .bind(seq)
-    .fetch_optional(&state.pool)
-    .await?
-    .ok_or_else(ApiError::not_found)?;
+    let entry: AuditEntry = crate::audit::entry(&state.pool, seq)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
     audited(&state, staff.account_id, entry.account_id, "audit:entry").await?;
     let cause: Option<Value> = sqlx::query_scalar(
         "select jsonb_build_object('event_id', event_id, 'stream_id', stream_id,
@@ -78,35 +74,7 @@ async fn detail(
     .bind(entry.event_id)
     .fetch_optional(&state.pool)
     .await?;
-    // Related: the same request, generation, Stripe event or Stripe object.
-    let keys: Vec<String> = [
-        "generation",
-        "stripe_event",
-        "stripe_object",
-        "stripe_subscription",
-        "impersonation",
-    ]
-    .iter()
-    .filter_map(|k| {
-        entry
-            .targets
-            .get(*k)
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-    })
-    .collect();
-    let related: Vec<AuditEntry> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {COLUMNS} from audit_entries
-          where seq <> $1
-            and (($2::text is not null and request_id = $2)
-                 or exists (select 1 from jsonb_each_text(targets) t where t.value = any($3)))
-          order by seq limit 100"
-    )))
-    .bind(seq)
-    .bind(&entry.request_id)
-    .bind(&keys)
-    .fetch_all(&state.pool)
-    .await?;
+    let related = crate::audit::related(&state.pool, &entry).await?;
     Ok(Json(
         json!({ "entry": entry, "cause": cause, "related": related }),
     ))

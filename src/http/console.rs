@@ -315,14 +315,9 @@ async fn entry(
         return Ok(sign_in_page());
     };
     let seq: i64 = seq.parse().map_err(|_| ApiError::not_found())?;
-    let rows: Vec<AuditEntry> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {} from audit_entries where seq = $1",
-        crate::audit::COLUMNS
-    )))
-    .bind(seq)
-    .fetch_all(&state.pool)
-    .await?;
-    let e = rows.into_iter().next().ok_or_else(ApiError::not_found)?;
+    let e = crate::audit::entry(&state.pool, seq)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
     let mut conn = state.pool.acquire().await?;
     slate_events::access::record_staff_read(
         &mut conn,
@@ -337,27 +332,7 @@ async fn entry(
     .bind(e.event_id)
     .fetch_optional(&mut *conn)
     .await?;
-    let keys: Vec<String> = [
-        "generation",
-        "stripe_event",
-        "stripe_object",
-        "stripe_subscription",
-        "impersonation",
-    ]
-    .iter()
-    .filter_map(|k| e.targets.get(*k).and_then(Value::as_str).map(str::to_owned))
-    .collect();
-    let related: Vec<AuditEntry> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {} from audit_entries where seq <> $1
-            and (($2::text is not null and request_id = $2) or exists (select 1 from jsonb_each_text(targets) t where t.value = any($3)))
-          order by seq limit 100",
-        crate::audit::COLUMNS
-    )))
-    .bind(seq)
-    .bind(&e.request_id)
-    .bind(&keys)
-    .fetch_all(&mut *conn)
-    .await?;
+    let related = crate::audit::related(&state.pool, &e).await?;
     let mut body = format!(
         "<h1>Entry {seq}: {}</h1>{}",
         esc(&e.action),

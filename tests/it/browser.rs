@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use uuid::Uuid;
 use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+use wiremock::{Mock, Request, Respond, ResponseTemplate};
 
 const CLIENT_ID: &str = "slate-console-test";
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -146,29 +146,8 @@ async fn staff_sign_in_search_an_account_and_follow_an_entry_in_headless_chromiu
         );
     }
     // The local issuer.
-    let issuer = MockServer::start().await;
+    let issuer = crate::sessions::issuer().await;
     let uri = issuer.uri();
-    Mock::given(method("GET"))
-        .and(path("/.well-known/openid-configuration"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "issuer": uri, "authorization_endpoint": format!("{uri}/authorize"),
-            "token_endpoint": format!("{uri}/token"), "jwks_uri": format!("{uri}/jwks"),
-        })))
-        .mount(&issuer)
-        .await;
-    let jwks: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!(
-            "{}/tests/fixtures/oidc/jwks.json",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap(),
-    )
-    .unwrap();
-    Mock::given(method("GET"))
-        .and(path("/jwks"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(jwks))
-        .mount(&issuer)
-        .await;
     let nonce = Arc::new(Mutex::new(None));
     Mock::given(method("GET"))
         .and(path("/authorize"))

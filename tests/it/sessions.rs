@@ -25,7 +25,7 @@ fn id_token(signer: &str, claims: Value) -> String {
     jsonwebtoken::encode(&header, &claims, &key(signer)).unwrap()
 }
 
-async fn issuer() -> MockServer {
+pub async fn issuer() -> MockServer {
     let server = MockServer::start().await;
     let uri = server.uri();
     Mock::given(method("GET"))
