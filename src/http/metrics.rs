@@ -122,5 +122,6 @@ async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, Api
             oldest.unwrap_or(0.0)
         );
     }
+    state.http_metrics.render(&mut out);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
 }

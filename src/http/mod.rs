@@ -15,6 +15,7 @@ mod metrics;
 pub mod scoped;
 mod sessions;
 mod stripe;
+pub mod telemetry;
 
 use std::sync::Arc;
 
@@ -43,6 +44,8 @@ pub struct AppState {
     pub provider_names: Arc<Vec<String>>,
     /// Wakes event streams when events are committed.
     pub hub: Arc<hub::EventsHub>,
+    /// Request counters and latency histograms of this process.
+    pub http_metrics: Arc<telemetry::HttpMetrics>,
 }
 
 impl AppState {
@@ -56,6 +59,7 @@ impl AppState {
             limiter: Arc::new(crate::ratelimit::RateLimiter::new(redis.clone())),
             provider_names: Arc::new(providers.names().map(str::to_owned).collect()),
             hub: hub::EventsHub::start(pool.clone()),
+            http_metrics: Arc::new(telemetry::HttpMetrics::default()),
             pool,
             redis,
             stripe,
@@ -99,6 +103,10 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::router())
         .merge(audit::router())
         .merge(console::router())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            telemetry::record,
+        ))
         .with_state(state)
         .layer(axum::middleware::from_fn(impersonation_banner))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))

@@ -816,6 +816,25 @@ async fn metrics_count_mirrored_unparsed_events_and_outstanding_holds() {
     );
     assert!(text.contains("slate_credit_reservations_outstanding 0"));
     assert!(text.contains("slate_projection_lag_events{projection=\"credit_ledger\"}"));
+    // Requests are counted and timed by route.
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(
+            "slate_http_requests_total{method=\"POST\",route=\"/webhooks/stripe\",status=\"200\"} 3"
+        ),
+        "{text}"
+    );
+    assert!(text.contains(
+        "slate_http_request_duration_seconds_count{method=\"POST\",route=\"/webhooks/stripe\"} 3"
+    ));
 }
 
 #[tokio::test]

@@ -1,0 +1,103 @@
+//! Per-process HTTP request counters and latency histograms for `/metrics`.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use super::AppState;
+
+/// Upper bounds (seconds) of the latency buckets.
+pub const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+#[derive(Default)]
+struct Series {
+    by_status: BTreeMap<u16, u64>,
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+#[derive(Default)]
+pub struct HttpMetrics {
+    routes: Mutex<BTreeMap<(String, String), Series>>,
+}
+
+impl HttpMetrics {
+    fn record(&self, method: &str, route: &str, status: u16, seconds: f64) {
+        let mut routes = self.routes.lock().expect("not poisoned");
+        let s = routes
+            .entry((method.to_owned(), route.to_owned()))
+            .or_default();
+        *s.by_status.entry(status).or_default() += 1;
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if seconds <= *le {
+                s.buckets[i] += 1;
+            }
+        }
+        s.count += 1;
+        s.sum += seconds;
+    }
+
+    /// Prometheus text for the counters and histograms.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let routes = self.routes.lock().expect("not poisoned");
+        out.push_str("# HELP slate_http_requests_total HTTP requests by route and status (this process).\n# TYPE slate_http_requests_total counter\n");
+        for ((method, route), s) in routes.iter() {
+            for (status, n) in &s.by_status {
+                let _ = writeln!(
+                    out,
+                    "slate_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}"
+                );
+            }
+        }
+        out.push_str("# HELP slate_http_request_duration_seconds Request latency by route (this process).\n# TYPE slate_http_request_duration_seconds histogram\n");
+        for ((method, route), s) in routes.iter() {
+            for (i, le) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "slate_http_request_duration_seconds_bucket{{method=\"{method}\",route=\"{route}\",le=\"{le}\"}} {}",
+                    s.buckets[i]
+                );
+            }
+            let _ = writeln!(
+                out,
+                "slate_http_request_duration_seconds_bucket{{method=\"{method}\",route=\"{route}\",le=\"+Inf\"}} {}",
+                s.count
+            );
+            let _ = writeln!(
+                out,
+                "slate_http_request_duration_seconds_sum{{method=\"{method}\",route=\"{route}\"}} {:.6}",
+                s.sum
+            );
+            let _ = writeln!(
+                out,
+                "slate_http_request_duration_seconds_count{{method=\"{method}\",route=\"{route}\"}} {}",
+                s.count
+            );
+        }
+    }
+}
+
+/// Route-level middleware: count and time every matched request.
+pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().as_str().to_owned();
+    let start = Instant::now();
+    let response = next.run(req).await;
+    state.http_metrics.record(
+        &method,
+        &route,
+        response.status().as_u16(),
+        start.elapsed().as_secs_f64(),
+    );
+    response
+}
