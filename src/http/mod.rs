@@ -1,5 +1,6 @@
 //! The HTTP API: one `router()` per module, merged here.
 
+mod account;
 mod admin;
 mod audit;
 mod billing;
@@ -99,6 +100,7 @@ pub fn router(state: AppState) -> Router {
         .merge(credits::router())
         .merge(generations::router())
         .merge(keys::router())
+        .merge(account::router())
         .merge(sessions::router())
         .merge(admin::router())
         .merge(audit::router())

@@ -501,3 +501,78 @@ async fn an_unscoped_query_under_an_accounts_setting_sees_only_that_accounts_row
         2
     );
 }
+
+#[tokio::test]
+async fn the_export_holds_every_event_of_the_account_and_nothing_of_another() {
+    let app = spawn_app_with(&[]).await;
+    let (alice, alice_key) = key_for(&app).await;
+    let (bob, bob_key) = key_for(&app).await;
+    for (account, key) in [(alice, &alice_key), (bob, &bob_key)] {
+        crate::credits::grant(
+            &mut *app.db.conn().await,
+            account,
+            20,
+            slate_events::catalog::GrantSource::Purchase,
+            None,
+        )
+        .await;
+        let (status, _, _) = app
+            .submit(
+                key,
+                None,
+                json!({"kind": "voiceover", "provider": "local", "prompt": "hello there"}),
+            )
+            .await;
+        assert_eq!(status, 202);
+    }
+    app.run_generations().await;
+    app.db.settle_projections().await;
+    let r = app
+        .client
+        .get(format!("{}/v1/account/export", app.address))
+        .bearer_auth(&alice_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let bundle: Value = r.json().await.unwrap();
+    let exported: std::collections::BTreeSet<String> = bundle["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    let expected: std::collections::BTreeSet<String> = sqlx::query_scalar::<_, Uuid>(
+        "select event_id from events where payload->>'account_id' = $1 or stream_id = 'account-' || $1",
+    )
+    .bind(alice.to_string())
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|u| u.to_string())
+    .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(exported, expected, "every event of the account");
+    let text = bundle.to_string();
+    assert!(
+        !text.contains(&bob.to_string()),
+        "nothing of another account"
+    );
+    assert_eq!(bundle["account"]["account_id"], alice.to_string());
+    assert_eq!(bundle["generations"].as_array().unwrap().len(), 1);
+    assert!(
+        bundle["generations"][0]["output_url"]
+            .as_str()
+            .unwrap()
+            .starts_with("http")
+    );
+    assert_eq!(
+        bundle["generations"][0]["prompt"], "hello there",
+        "the user's own prompts are theirs to export"
+    );
+    assert!(!bundle["keys"].as_array().unwrap().is_empty());
+    assert!(!text.contains(&alice_key), "keys by prefix only");
+    assert!(!bundle["ledger"].as_array().unwrap().is_empty());
+    assert!(!bundle["audit"].as_array().unwrap().is_empty());
+}

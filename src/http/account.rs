@@ -1,0 +1,155 @@
+//! `GET /v1/account/export`: everything about the account as one JSON
+//! bundle, streamed section by section and page by page (never built in
+//! memory): profile, its events, ledger, generations with fresh presigned
+//! URLs, subscription, sessions and keys (prefixes only), and the audit
+//! entries about it.
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{ApiError, AppState, Auth};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/account/export", get(export))
+}
+
+type Chunk = Result<String, std::io::Error>;
+
+/// The account's events: its own streams and every event naming it.
+async fn events_page(pool: &PgPool, account: Uuid, after: i64) -> Result<Vec<Value>, sqlx::Error> {
+    sqlx::query_scalar(
+        "select jsonb_build_object('position', global_position, 'event_id', event_id, 'stream_id', stream_id,
+                'version', stream_version, 'type', event_type, 'schema_version', schema_version,
+                'payload', payload, 'metadata', metadata, 'recorded_at', recorded_at)
+           from events
+          where global_position > $2
+            and (payload->>'account_id' = $1::text or stream_id = 'account-' || $1::text)
+          order by global_position limit 500",
+    )
+    .bind(account)
+    .bind(after)
+    .fetch_all(pool)
+    .await
+}
+
+async fn section(pool: &PgPool, sql: &'static str, account: Uuid) -> Result<Value, sqlx::Error> {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(account)
+        .fetch_one(pool)
+        .await
+}
+
+async fn export(State(state): State<AppState>, auth: Auth) -> Result<Response, ApiError> {
+    let account = auth.account_id;
+    let mut conn = state.pool.acquire().await?;
+    let profile = slate_events::accounts::get_account(&mut conn, account)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    drop(conn);
+    let pool = state.pool.clone();
+    let head = format!(
+        "{{\"exported_at\":{},\"account\":{},\"events\":[",
+        json!(chrono::Utc::now()),
+        serde_json::to_string(&profile).map_err(|e| ApiError::Internal(e.into()))?
+    );
+    // The events, page by page.
+    let events = futures::stream::unfold(
+        (pool.clone(), 0i64, true),
+        move |(pool, after, first)| async move {
+            match events_page(&pool, account, after).await {
+                Ok(page) if page.is_empty() => None,
+                Ok(page) => {
+                    let last = page
+                        .last()
+                        .and_then(|e| e["position"].as_i64())
+                        .unwrap_or(after);
+                    let mut chunk = String::new();
+                    for (i, e) in page.iter().enumerate() {
+                        if !(first && i == 0) {
+                            chunk.push(',');
+                        }
+                        chunk.push_str(&e.to_string());
+                    }
+                    Some((Ok::<_, std::io::Error>(chunk), (pool, last, false)))
+                }
+                Err(e) => Some((Err(std::io::Error::other(e)), (pool, i64::MAX, false))),
+            }
+        },
+    );
+    // The other sections, each small enough to read whole.
+    let storage = state.storage.clone();
+    let rest = futures::stream::once(async move {
+        let sections = async {
+            let ledger = section(&pool,
+                "select coalesce(jsonb_agg(to_jsonb(l) order by global_position), '[]') from credit_ledger_entries l where account_id = $1",
+                account).await?;
+            let balance = section(&pool,
+                "select coalesce(jsonb_agg(to_jsonb(c)), '[]') from credit_accounts c where account_id = $1", account).await?;
+            let subscription = section(&pool,
+                "select coalesce(jsonb_agg(to_jsonb(s)), '[]') from stripe_subscriptions s where account_id = $1", account).await?;
+            let sessions = section(&pool,
+                "select coalesce(jsonb_agg(jsonb_build_object('session_id', session_id, 'via', via, 'created_at', created_at,
+                        'expires_at', expires_at, 'ended_at', ended_at)), '[]') from sessions where account_id = $1", account).await?;
+            let keys = section(&pool,
+                "select coalesce(jsonb_agg(jsonb_build_object('key_id', key_id, 'prefix', prefix, 'label', label,
+                        'created_at', created_at, 'revoked_at', revoked_at)), '[]') from api_keys where account_id = $1", account).await?;
+            let audit = section(&pool,
+                "select coalesce(jsonb_agg(to_jsonb(a) - 'seq' order by seq), '[]') from audit_entries a where account_id = $1", account).await?;
+            let generations: Vec<(Value, Option<String>)> = sqlx::query_as(
+                "select (to_jsonb(g) - 'provider_handle')
+                        || jsonb_build_object('prompt', i.prompt, 'parameters', i.parameters, 'webhook_url', i.webhook_url),
+                        g.output_key
+                   from generations g left join generation_inputs i using (generation_id)
+                  where g.account_id = $1 order by g.created_at",
+            )
+            .bind(account)
+            .fetch_all(&pool)
+            .await?;
+            let mut with_urls = Vec::with_capacity(generations.len());
+            for (mut g, key) in generations {
+                if let Some(key) = key {
+                    g["output_url"] = storage
+                        .presign_get(&key, std::time::Duration::from_secs(3600))
+                        .await
+                        .ok()
+                        .into();
+                }
+                with_urls.push(g);
+            }
+            Ok::<_, sqlx::Error>(format!(
+                "],\"balance\":{},\"ledger\":{},\"generations\":{},\"subscription\":{},\"sessions\":{},\"keys\":{},\"audit\":{}}}",
+                balance,
+                ledger,
+                Value::Array(with_urls),
+                subscription,
+                sessions,
+                keys,
+                audit
+            ))
+        };
+        sections.await.map_err(std::io::Error::other)
+    });
+    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(head) })
+        .chain(events)
+        .chain(rest)
+        .map(|c: Chunk| c);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"slate-export.json\"",
+            ),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
