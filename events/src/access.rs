@@ -135,7 +135,7 @@ pub async fn authenticate(
     let row: Option<(Uuid, Uuid, Vec<u8>, bool)> = sqlx::query_as(
         "select k.key_id, k.account_id, k.secret_hash, a.staff
            from api_keys k join accounts a using (account_id)
-          where k.prefix = $1 and k.revoked_at is null",
+          where k.prefix = $1 and k.revoked_at is null and a.deleted_at is null",
     )
     .bind(prefix)
     .fetch_optional(&mut *conn)

@@ -80,3 +80,82 @@ pub async fn get_account(
     .fetch_optional(conn)
     .await?)
 }
+
+/// How long a deleted account can still be restored.
+pub const GRACE: chrono::Duration = chrono::Duration::days(30);
+
+/// Soft delete: access stops at once (every session and key ends), queued
+/// generations are canceled and released, running ones asked to stop; the
+/// account is restorable until `purge_after`. Runs in the caller's
+/// transaction.
+pub async fn request_deletion(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+    now: chrono::DateTime<chrono::Utc>,
+    metadata: Metadata,
+) -> Result<chrono::DateTime<chrono::Utc>, Error> {
+    let purge_after = now + GRACE;
+    let event = NewEvent::new(
+        DomainEvent::AccountDeletionRequested(crate::catalog::AccountDeletionRequested {
+            account_id,
+            purge_after,
+        }),
+        metadata.clone(),
+    );
+    store::append_and_apply(
+        conn,
+        &store::account_stream(account_id),
+        ExpectedVersion::Any,
+        &event,
+    )
+    .await?;
+    crate::sessions::end_all(conn, account_id, true, metadata.clone()).await?;
+    let open: Vec<Uuid> = sqlx::query_scalar(
+        "select generation_id from generations where account_id = $1 and status in ('queued', 'running')",
+    )
+    .bind(account_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    for id in open {
+        if let Some(g) = crate::generations::get_any(conn, id).await? {
+            if g.status == "queued" {
+                crate::generations::cancel_now(conn, &g, "account_deleted", &metadata).await?;
+            } else {
+                crate::generations::request_cancel(conn, &g, &metadata).await?;
+            }
+        }
+    }
+    Ok(purge_after)
+}
+
+/// Restore a soft-deleted account within its grace period (clock injected).
+/// Its old sessions and keys stay ended: the user signs in again.
+pub async fn restore(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+    now: chrono::DateTime<chrono::Utc>,
+    metadata: Metadata,
+) -> Result<bool, Error> {
+    let row: Option<(Option<chrono::DateTime<chrono::Utc>>,)> =
+        sqlx::query_as("select purge_after from accounts where account_id = $1 for update")
+            .bind(account_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    match row {
+        Some((Some(purge_after),)) if now < purge_after => {
+            let event = NewEvent::new(
+                DomainEvent::AccountRestored(crate::catalog::AccountRestored { account_id }),
+                metadata,
+            );
+            store::append_and_apply(
+                conn,
+                &store::account_stream(account_id),
+                ExpectedVersion::Any,
+                &event,
+            )
+            .await?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}

@@ -619,6 +619,23 @@ pub struct StripeEventReplayed {
 }
 event_type!(StripeEventReplayed, "StripeEventReplayed", 1);
 
+/// The account asked to be deleted: access stops now, the purge follows after `purge_after`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccountDeletionRequested {
+    pub account_id: Uuid,
+    pub purge_after: DateTime<Utc>,
+}
+event_type!(AccountDeletionRequested, "AccountDeletionRequested", 1);
+
+/// A soft-deleted account was restored within its grace period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccountRestored {
+    pub account_id: Uuid,
+}
+event_type!(AccountRestored, "AccountRestored", 1);
+
 /// Shapes that were written once and are upcast on read.
 pub mod legacy {
     use super::*;
@@ -685,6 +702,8 @@ macro_rules! each_event {
             DomainEvent::ImpersonationEnded($e) => $body,
             DomainEvent::ImpersonatedRequest($e) => $body,
             DomainEvent::StripeEventReplayed($e) => $body,
+            DomainEvent::AccountDeletionRequested($e) => $body,
+            DomainEvent::AccountRestored($e) => $body,
         }
     };
 }
@@ -730,6 +749,8 @@ pub enum DomainEvent {
     ImpersonationEnded(ImpersonationEnded),
     ImpersonatedRequest(ImpersonatedRequest),
     StripeEventReplayed(StripeEventReplayed),
+    AccountDeletionRequested(AccountDeletionRequested),
+    AccountRestored(AccountRestored),
 }
 
 fn parse<T: DeserializeOwned>(event_type: &str, version: i16, payload: Value) -> Result<T, Error> {
@@ -792,6 +813,10 @@ impl DomainEvent {
             ("ImpersonationEnded", 1) => E::ImpersonationEnded(parse(event_type, v, p)?),
             ("ImpersonatedRequest", 1) => E::ImpersonatedRequest(parse(event_type, v, p)?),
             ("StripeEventReplayed", 1) => E::StripeEventReplayed(parse(event_type, v, p)?),
+            ("AccountDeletionRequested", 1) => {
+                E::AccountDeletionRequested(parse(event_type, v, p)?)
+            }
+            ("AccountRestored", 1) => E::AccountRestored(parse(event_type, v, p)?),
             _ => {
                 return Err(Error::Decode {
                     event_type: event_type.to_owned(),
@@ -856,6 +881,8 @@ impl DomainEvent {
             E::ImpersonationEnded(e) => Some(e.account_id),
             E::ImpersonatedRequest(e) => Some(e.account_id),
             E::StripeEventReplayed(_) => None,
+            E::AccountDeletionRequested(e) => Some(e.account_id),
+            E::AccountRestored(e) => Some(e.account_id),
         }
     }
 }
@@ -934,6 +961,8 @@ pub fn schema_files() -> Vec<SchemaFile> {
         schema_file::<ImpersonationEnded>(true),
         schema_file::<ImpersonatedRequest>(true),
         schema_file::<StripeEventReplayed>(true),
+        schema_file::<AccountDeletionRequested>(true),
+        schema_file::<AccountRestored>(true),
     ];
     let mut meta =
         serde_json::to_string_pretty(&schemars::schema_for!(Metadata)).expect("schema serializes");

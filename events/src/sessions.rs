@@ -170,7 +170,7 @@ pub async fn authenticate(
     let row: Option<LiveSession> = sqlx::query_as(
         "select s.session_id, s.account_id, a.staff, s.mfa_verified, s.created_at, s.expires_at, s.last_seen_at
            from sessions s join accounts a using (account_id)
-          where s.token_hash = $1 and s.ended_at is null",
+          where s.token_hash = $1 and s.ended_at is null and a.deleted_at is null",
     )
     .bind(hash(token))
     .fetch_optional(&mut *conn)

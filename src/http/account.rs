@@ -18,10 +18,35 @@ use uuid::Uuid;
 use super::{ApiError, AppState, Auth};
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/account/export", get(export))
+    Router::new()
+        .route("/v1/account/export", get(export))
+        .route("/v1/account", axum::routing::delete(delete_account))
 }
 
 type Chunk = Result<String, std::io::Error>;
+
+/// Soft delete: access stops at once; restorable for 30 days; then purged.
+async fn delete_account(State(state): State<AppState>, auth: Auth) -> Result<Response, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let purge_after = slate_events::accounts::request_deletion(
+        &mut tx,
+        auth.account_id,
+        chrono::Utc::now(),
+        auth.metadata(),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        super::Json(json!({
+            "account_id": auth.account_id,
+            "deleted": true,
+            "purge_after": purge_after,
+            "note": "sessions and keys have ended; the account can be restored until purge_after",
+        })),
+    )
+        .into_response())
+}
 
 /// The account's events: its own streams and every event naming it.
 async fn events_page(pool: &PgPool, account: Uuid, after: i64) -> Result<Vec<Value>, sqlx::Error> {

@@ -13,6 +13,10 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/admin/accounts/{id}", get(account))
         .route(
+            "/admin/accounts/{id}/restore",
+            axum::routing::post(restore_account),
+        )
+        .route(
             "/admin/impersonations",
             axum::routing::post(start_impersonation),
         )
@@ -75,6 +79,36 @@ async fn end_impersonation(
             .ok_or_else(ApiError::not_found)?;
     slate_events::impersonation::end(&mut conn, &i, "ended_by_staff").await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// Undo a soft delete within its 30-day grace period. Old sessions and keys
+/// stay ended; the user signs in again.
+async fn restore_account(
+    State(state): State<AppState>,
+    Staff(staff): Staff,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id: Uuid = id.parse().map_err(|_| ApiError::not_found())?;
+    let metadata = slate_events::Metadata {
+        request_id: staff.origin.request_id.clone(),
+        ip: staff.origin.ip.clone(),
+        user_agent: staff.origin.user_agent.clone(),
+        api_key_id: staff.key_id,
+        ..slate_events::Metadata::by(slate_events::Actor::Staff {
+            account_id: staff.account_id,
+        })
+    };
+    let mut tx = state.pool.begin().await?;
+    let restored =
+        slate_events::accounts::restore(&mut tx, id, chrono::Utc::now(), metadata).await?;
+    if !restored {
+        return Err(ApiError::conflict(
+            "not_restorable",
+            "the account is not deleted, or its grace period has passed",
+        ));
+    }
+    tx.commit().await?;
+    Ok(Json(json!({ "account_id": id, "restored": true })))
 }
 
 /// An account at a glance: profile, balance, generations by status.

@@ -576,3 +576,141 @@ async fn the_export_holds_every_event_of_the_account_and_nothing_of_another() {
     assert!(!bundle["ledger"].as_array().unwrap().is_empty());
     assert!(!bundle["audit"].as_array().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn deleting_an_account_stops_access_at_once_and_staff_can_restore_it_within_thirty_days() {
+    let app = spawn_app_with(&[]).await;
+    let (account, key) = key_for(&app).await;
+    crate::credits::grant(
+        &mut *app.db.conn().await,
+        account,
+        20,
+        slate_events::catalog::GrantSource::Purchase,
+        None,
+    )
+    .await;
+    let (_, g, _) = app
+        .submit(
+            &key,
+            None,
+            json!({"kind": "script", "provider": "local", "prompt": "draft"}),
+        )
+        .await;
+    let generation = g["id"].as_str().unwrap().to_owned();
+
+    let r = app
+        .client
+        .delete(format!("{}/v1/account", app.address))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(
+        app.get_as("/v1/credits", Some(&key)).await.0,
+        401,
+        "access stops at once"
+    );
+    let (status, reason): (String, Option<String>) = sqlx::query_as(
+        "select status, failure_code from generations where generation_id = $1::uuid",
+    )
+    .bind(&generation)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("canceled", Some("account_deleted"))
+    );
+    let b = slate_events::credits::balance(&mut *app.db.conn().await, account)
+        .await
+        .unwrap();
+    assert_eq!(
+        (b.available, b.reserved),
+        (20, 0),
+        "the queued generation was released"
+    );
+
+    // Staff restore it within the grace period; a new key works.
+    let mut conn = app.db.conn().await;
+    let staff = slate_events::accounts::create_account(
+        &mut conn,
+        "care@example.com",
+        true,
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    let staff_key =
+        slate_events::access::create_key(&mut conn, staff, None, slate_events::Metadata::system())
+            .await
+            .unwrap()
+            .plaintext;
+    drop(conn);
+    let (status, body) = app
+        .post_json(
+            &format!("/admin/accounts/{account}/restore"),
+            Some(&staff_key),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        app.get_as("/v1/credits", Some(&key)).await.0,
+        401,
+        "old keys stay revoked"
+    );
+    let fresh = slate_events::access::create_key(
+        &mut *app.db.conn().await,
+        account,
+        None,
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap()
+    .plaintext;
+    let (status, credits) = app.get_as("/v1/credits", Some(&fresh)).await;
+    assert_eq!(
+        (status, credits["available"].as_i64()),
+        (200, Some(20)),
+        "everything is back"
+    );
+    let (status, _) = app
+        .post_json(
+            &format!("/admin/accounts/{account}/restore"),
+            Some(&staff_key),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 409, "not deleted any more");
+
+    // After 30 days (clock injected) it cannot be restored.
+    let mut tx = app.db.pool.begin().await.unwrap();
+    slate_events::accounts::request_deletion(
+        &mut tx,
+        account,
+        chrono::Utc::now(),
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let mut conn = app.db.conn().await;
+    let late = chrono::Utc::now() + chrono::Duration::days(31);
+    assert!(
+        !slate_events::accounts::restore(
+            &mut conn,
+            account,
+            late,
+            slate_events::Metadata::system()
+        )
+        .await
+        .unwrap()
+    );
+    assert!(
+        slate_events::projections::verify(&app.db.pool, slate_events::projections::Projection::ALL)
+            .await
+            .unwrap()
+            .is_clean()
+    );
+}

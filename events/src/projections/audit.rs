@@ -60,6 +60,8 @@ pub const EVENT_TYPES: &[&str] = &[
     "ImpersonationEnded",
     "ImpersonatedRequest",
     "StripeEventReplayed",
+    "AccountDeletionRequested",
+    "AccountRestored",
 ];
 
 struct Entry {
@@ -289,6 +291,12 @@ fn describe(event: &DomainEvent) -> Entry {
             x.reason = Some(e.reason.clone());
             x
         }
+        E::AccountDeletionRequested(e) => entry(
+            "account.deletion_requested",
+            Some(e.account_id),
+            json!({"purge_after": e.purge_after}),
+        ),
+        E::AccountRestored(e) => entry("account.restored", Some(e.account_id), json!({})),
         E::StripeEventReplayed(e) => {
             let mut x = entry(
                 "stripe.event_replayed",

@@ -15,7 +15,7 @@ use crate::catalog::DomainEvent;
 pub const TABLES: &[Table] = &[
     Table {
         name: "accounts",
-        columns: "account_id, email, staff, created_at",
+        columns: "account_id, email, staff, created_at, deleted_at, purge_after",
     },
     Table {
         name: "credit_accounts",
@@ -45,6 +45,8 @@ pub const TABLES: &[Table] = &[
 
 pub const EVENT_TYPES: &[&str] = &[
     "AccountCreated",
+    "AccountDeletionRequested",
+    "AccountRestored",
     "CreditsGranted",
     "CreditsReserved",
     "CreditsCaptured",
@@ -76,6 +78,24 @@ pub async fn apply(
             .await?;
             sqlx::query(trusted_sql!(
                 "insert into {p}credit_accounts (account_id) values ($1)"
+            ))
+            .bind(e.account_id)
+            .execute(&mut *conn)
+            .await?;
+        }
+        DomainEvent::AccountDeletionRequested(e) => {
+            sqlx::query(trusted_sql!(
+                "update {p}accounts set deleted_at = $2, purge_after = $3 where account_id = $1"
+            ))
+            .bind(e.account_id)
+            .bind(recorded_at)
+            .bind(e.purge_after)
+            .execute(&mut *conn)
+            .await?;
+        }
+        DomainEvent::AccountRestored(e) => {
+            sqlx::query(trusted_sql!(
+                "update {p}accounts set deleted_at = null, purge_after = null where account_id = $1"
             ))
             .bind(e.account_id)
             .execute(&mut *conn)
