@@ -128,6 +128,15 @@ pub async fn request_deletion(
     Ok(purge_after)
 }
 
+/// What [`restore`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restore {
+    Restored,
+    /// The account exists but is not deleted, or its grace period is over.
+    NotRestorable,
+    UnknownAccount,
+}
+
 /// Restore a soft-deleted account within its grace period (clock injected).
 /// Its old sessions and keys stay ended: the user signs in again.
 pub async fn restore(
@@ -135,7 +144,7 @@ pub async fn restore(
     account_id: Uuid,
     now: chrono::DateTime<chrono::Utc>,
     metadata: Metadata,
-) -> Result<bool, Error> {
+) -> Result<Restore, Error> {
     let row: Option<(Option<chrono::DateTime<chrono::Utc>>,)> =
         sqlx::query_as("select purge_after from accounts where account_id = $1 for update")
             .bind(account_id)
@@ -154,8 +163,9 @@ pub async fn restore(
                 &event,
             )
             .await?;
-            Ok(true)
+            Ok(Restore::Restored)
         }
-        _ => Ok(false),
+        Some(_) => Ok(Restore::NotRestorable),
+        None => Ok(Restore::UnknownAccount),
     }
 }

@@ -101,11 +101,15 @@ async fn restore_account(
     let mut tx = state.pool.begin().await?;
     let restored =
         slate_events::accounts::restore(&mut tx, id, chrono::Utc::now(), metadata).await?;
-    if !restored {
-        return Err(ApiError::conflict(
-            "not_restorable",
-            "the account is not deleted, or its grace period has passed",
-        ));
+    match restored {
+        slate_events::accounts::Restore::Restored => {}
+        slate_events::accounts::Restore::NotRestorable => {
+            return Err(ApiError::conflict(
+                "not_restorable",
+                "the account is not deleted, or its grace period has passed",
+            ));
+        }
+        slate_events::accounts::Restore::UnknownAccount => return Err(ApiError::not_found()),
     }
     tx.commit().await?;
     Ok(Json(json!({ "account_id": id, "restored": true })))

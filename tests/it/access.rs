@@ -683,6 +683,14 @@ async fn deleting_an_account_stops_access_at_once_and_staff_can_restore_it_withi
         )
         .await;
     assert_eq!(status, 409, "not deleted any more");
+    let (status, body) = app
+        .post_json(
+            &format!("/admin/accounts/{}/restore", Uuid::new_v4()),
+            Some(&staff_key),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 404, "unknown account: {body}");
 
     // After 30 days (clock injected) it cannot be restored.
     let mut tx = app.db.pool.begin().await.unwrap();
@@ -697,15 +705,11 @@ async fn deleting_an_account_stops_access_at_once_and_staff_can_restore_it_withi
     tx.commit().await.unwrap();
     let mut conn = app.db.conn().await;
     let late = chrono::Utc::now() + chrono::Duration::days(31);
-    assert!(
-        !slate_events::accounts::restore(
-            &mut conn,
-            account,
-            late,
-            slate_events::Metadata::system()
-        )
-        .await
-        .unwrap()
+    assert_eq!(
+        slate_events::accounts::restore(&mut conn, account, late, slate_events::Metadata::system())
+            .await
+            .unwrap(),
+        slate_events::accounts::Restore::NotRestorable
     );
     assert!(
         slate_events::projections::verify(&app.db.pool, slate_events::projections::Projection::ALL)
