@@ -470,11 +470,13 @@ async fn resolve_account(
     ))
 }
 
-async fn checkout_paid(
+/// A checkout session's id and the account it pays for (by
+/// `client_reference_id`, then metadata, then customer).
+async fn checkout_session_account<'s>(
     conn: &mut PgConnection,
     cx: &Cx<'_>,
-    s: &Value,
-) -> Result<Outcome, ProcessError> {
+    s: &'s Value,
+) -> Result<(&'s str, Uuid), ProcessError> {
     let session =
         text(s, "/id").ok_or_else(|| ProcessError::Permanent("session without id".into()))?;
     let client_ref = text(s, "/client_reference_id").and_then(|r| r.parse().ok());
@@ -485,6 +487,15 @@ async fn checkout_paid(
         id_of(s, "/customer"),
     )
     .await?;
+    Ok((session, account))
+}
+
+async fn checkout_paid(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    s: &Value,
+) -> Result<Outcome, ProcessError> {
+    let (session, account) = checkout_session_account(conn, cx, s).await?;
     if text(s, "/mode") == Some("subscription") {
         return Ok(Outcome::Processed(
             "subscription checkout: credits come with each paid invoice".into(),
@@ -536,16 +547,7 @@ async fn checkout_failed(
     cx: &Cx<'_>,
     s: &Value,
 ) -> Result<Outcome, ProcessError> {
-    let session =
-        text(s, "/id").ok_or_else(|| ProcessError::Permanent("session without id".into()))?;
-    let client_ref = text(s, "/client_reference_id").and_then(|r| r.parse().ok());
-    let account = resolve_account(
-        conn,
-        cx,
-        &[client_ref, account_from_metadata(s)],
-        id_of(s, "/customer"),
-    )
-    .await?;
+    let (session, account) = checkout_session_account(conn, cx, s).await?;
     let event = NewEvent {
         event_id: store::deterministic_event_id(&format!("checkout-payment-failed:{session}")),
         event: DomainEvent::CheckoutPaymentFailed(CheckoutPaymentFailed {

@@ -245,20 +245,8 @@ async fn keys_are_shown_once_listed_by_prefix_and_revoked_at_once() {
     assert_eq!(r.status().as_u16(), 404);
 
     // Staff see an account, and the read is recorded.
+    let (_, staff_key) = app.staff().await;
     let mut conn = app.db.conn().await;
-    let staff = slate_events::accounts::create_account(
-        &mut conn,
-        "staff@example.com",
-        true,
-        slate_events::Metadata::system(),
-    )
-    .await
-    .unwrap();
-    let staff_key =
-        slate_events::access::create_key(&mut conn, staff, None, slate_events::Metadata::system())
-            .await
-            .unwrap()
-            .plaintext;
     let target: Uuid = sqlx::query_scalar("select account_id from api_keys where key_id = $1")
         .bind(Uuid::parse_str(old_id).unwrap())
         .fetch_one(&mut *conn)
@@ -289,21 +277,7 @@ async fn impersonation_is_announced_attributed_to_both_and_expires_at_sixty_minu
         None,
     )
     .await;
-    let mut conn = app.db.conn().await;
-    let staff = slate_events::accounts::create_account(
-        &mut conn,
-        "support@example.com",
-        true,
-        slate_events::Metadata::system(),
-    )
-    .await
-    .unwrap();
-    let staff_key =
-        slate_events::access::create_key(&mut conn, staff, None, slate_events::Metadata::system())
-            .await
-            .unwrap()
-            .plaintext;
-    drop(conn);
+    let (staff, staff_key) = app.staff().await;
 
     // Asking for more than 60 minutes gets 60, never more.
     let (status, i) = app
@@ -632,21 +606,7 @@ async fn deleting_an_account_stops_access_at_once_and_staff_can_restore_it_withi
     );
 
     // Staff restore it within the grace period; a new key works.
-    let mut conn = app.db.conn().await;
-    let staff = slate_events::accounts::create_account(
-        &mut conn,
-        "care@example.com",
-        true,
-        slate_events::Metadata::system(),
-    )
-    .await
-    .unwrap();
-    let staff_key =
-        slate_events::access::create_key(&mut conn, staff, None, slate_events::Metadata::system())
-            .await
-            .unwrap()
-            .plaintext;
-    drop(conn);
+    let (_, staff_key) = app.staff().await;
     let (status, body) = app
         .post_json(
             &format!("/admin/accounts/{account}/restore"),

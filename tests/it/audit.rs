@@ -6,23 +6,6 @@ use uuid::Uuid;
 use crate::billing::key_for;
 use crate::http::{TestApp, spawn_app_with};
 
-async fn staff_key(app: &TestApp) -> String {
-    let mut conn = app.db.conn().await;
-    let email = format!("staff-{}@example.com", Uuid::new_v4().simple());
-    let staff = slate_events::accounts::create_account(
-        &mut conn,
-        &email,
-        true,
-        slate_events::Metadata::system(),
-    )
-    .await
-    .unwrap();
-    slate_events::access::create_key(&mut conn, staff, None, slate_events::Metadata::system())
-        .await
-        .unwrap()
-        .plaintext
-}
-
 /// Every entry of an account, oldest first, following the cursor.
 async fn trail(app: &TestApp, key: &str, account: Uuid) -> Vec<Value> {
     let mut out = Vec::new();
@@ -62,7 +45,7 @@ async fn a_failed_generations_trail_is_followed_from_the_account_id_alone() {
     let generation = g["id"].as_str().unwrap().to_owned();
     app.run_generations().await;
     app.db.settle_projections().await;
-    let staff = staff_key(&app).await;
+    let (_, staff) = app.staff().await;
     let entries = trail(&app, &staff, account).await;
     let actions: Vec<&str> = entries
         .iter()
@@ -140,7 +123,7 @@ async fn a_stripe_refunds_trail_leads_from_the_account_to_the_webhook_that_cause
     }
     app.process_stripe().await;
     app.db.settle_projections().await;
-    let staff = staff_key(&app).await;
+    let (_, staff) = app.staff().await;
     let entries = trail(&app, &staff, account).await;
     let actions: Vec<&str> = entries
         .iter()
@@ -189,7 +172,7 @@ async fn pagination_while_appends_continue_returns_every_entry_exactly_once() {
         .await;
     }
     app.db.settle_projections().await;
-    let staff = staff_key(&app).await;
+    let (_, staff) = app.staff().await;
     let existing: Vec<i64> = sqlx::query_scalar("select seq from audit_entries order by seq")
         .fetch_all(&app.db.pool)
         .await
@@ -269,7 +252,7 @@ async fn exports_stream_json_lines_or_csv() {
         .await;
     }
     app.db.settle_projections().await;
-    let staff = staff_key(&app).await;
+    let (_, staff) = app.staff().await;
     let get = |q: String| {
         let (client, url, staff) = (
             app.client.clone(),
@@ -413,7 +396,7 @@ async fn the_staff_console_searches_follows_entries_and_replays_a_stripe_event()
     .await;
     app.process_stripe().await;
     app.db.settle_projections().await;
-    let staff = staff_key(&app).await;
+    let (_, staff) = app.staff().await;
     let html = |path: String, key: Option<String>| {
         let (client, url) = (app.client.clone(), format!("{}{path}", app.address));
         async move {

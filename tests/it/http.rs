@@ -49,6 +49,30 @@ pub async fn spawn_app() -> TestApp {
 }
 
 impl TestApp {
+    /// A new staff account and an API key for it.
+    pub async fn staff(&self) -> (uuid::Uuid, String) {
+        let mut conn = self.db.conn().await;
+        let email = format!("staff-{}@example.com", uuid::Uuid::new_v4().simple());
+        let staff = slate_events::accounts::create_account(
+            &mut conn,
+            &email,
+            true,
+            slate_events::Metadata::system(),
+        )
+        .await
+        .unwrap();
+        let key = slate_events::access::create_key(
+            &mut conn,
+            staff,
+            None,
+            slate_events::Metadata::system(),
+        )
+        .await
+        .unwrap()
+        .plaintext;
+        (staff, key)
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value, reqwest::header::HeaderMap) {
         let r = self
             .client

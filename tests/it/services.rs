@@ -43,6 +43,6 @@ async fn objects_round_trip_through_the_s3_server_and_bad_signatures_are_refused
 
 #[tokio::test]
 #[should_panic(expected = "PostgreSQL unreachable")]
-async fn a_missing_postgres_fails_the_test_instead_of_skipping_it() {
+async fn a_missing_postgres_panics_the_test_with_a_clear_message() {
     crate::harness::admin_connection("postgres://postgres@127.0.0.1:1/postgres").await;
 }
