@@ -129,6 +129,32 @@ pub async fn entry(pool: &PgPool, seq: i64) -> Result<Option<AuditEntry>, sqlx::
     .await
 }
 
+/// The event an entry was made from, with its personal fields opened for
+/// staff (or shown as erased once the account is purged).
+pub async fn causing_event(
+    pool: &PgPool,
+    event_id: Uuid,
+) -> Result<Option<Value>, slate_events::Error> {
+    let mut conn = pool.acquire().await?;
+    let event: Option<Value> = sqlx::query_scalar(
+        "select jsonb_build_object('event_id', event_id, 'stream_id', stream_id,
+                'stream_version', stream_version, 'event_type', event_type,
+                'schema_version', schema_version, 'payload', payload, 'metadata', metadata,
+                'recorded_at', recorded_at)
+           from events where event_id = $1",
+    )
+    .bind(event_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(mut event) = event else {
+        return Ok(None);
+    };
+    slate_events::vault::Keyring::default()
+        .reveal(&mut conn, &mut event["payload"])
+        .await?;
+    Ok(Some(event))
+}
+
 /// The entries related to one: the same request, generation, Stripe event
 /// or object, subscription or impersonation.
 pub async fn related(pool: &PgPool, e: &AuditEntry) -> Result<Vec<AuditEntry>, sqlx::Error> {

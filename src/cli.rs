@@ -324,6 +324,8 @@ fn selected(name: &Option<String>) -> anyhow::Result<Vec<Projection>> {
 
 /// Run a command; returns the process exit code.
 pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
+    // Data keys of personal fields are wrapped with the server key.
+    slate_events::vault::install(config.sealing_key.clone());
     let db_url = config.database_url.expose().to_owned();
     let pool = || async {
         slate_events::db::connect(&db_url, config.database_max_connections)
@@ -361,6 +363,14 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             settings.stripe_refetch = config
                 .stripe_client()?
                 .map(crate::stripe::reconcile::refetcher);
+            settings.stripe_cancel = config
+                .stripe_client()?
+                .map(crate::stripe::billing::subscription_canceller);
+            settings.mailer = config
+                .email
+                .clone()
+                .map(slate_workers::email::Mailer::new)
+                .transpose()?;
             settings.stripe_catalog = config.stripe_catalog.clone();
             settings.heartbeat = config.worker_heartbeat;
             settings.missed_heartbeats = config.worker_missed_heartbeats;
@@ -410,7 +420,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 let uri = slate_events::mfa::enroll(
                     &mut conn,
                     account,
-                    &a.email,
+                    a.email.as_deref().context("the account is purged")?,
                     &config.sealing_key,
                     operator(),
                 )

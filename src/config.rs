@@ -92,6 +92,8 @@ pub struct Config {
     /// Seals stored secrets (TOTP). SLATE_SECRET_KEY: 64 hex characters;
     /// the default is a fixed local-development key.
     pub sealing_key: slate_events::mfa::SealingKey,
+    /// Transactional email (an API shaped like Resend's); None when no key is set.
+    pub email: Option<slate_workers::email::MailerSettings>,
 }
 
 /// The documented defaults (README, `scripts/services`).
@@ -132,6 +134,9 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("SLATE_SESSION_ABSOLUTE_SECS", "43200"),
     ("SLATE_SECURE_COOKIES", "true"),
     ("SLATE_SECRET_KEY", ""),
+    ("SLATE_EMAIL_API_KEY", ""),
+    ("SLATE_EMAIL_API_BASE", "https://api.resend.com"),
+    ("SLATE_EMAIL_FROM", "Slate <no-reply@slate.local>"),
     ("FAL_KEY", ""),
     ("FAL_BASE_URL", ""),
     ("ELEVENLABS_API_KEY", ""),
@@ -358,14 +363,15 @@ impl Config {
                         .context("SLATE_SECRET_KEY must be 64 hex characters")?;
                     slate_events::mfa::SealingKey::new(key)
                 }
-                None => {
-                    use sha2::Digest;
-                    let digest = sha2::Sha256::digest(b"slate local development sealing key");
-                    let mut key = [0u8; 32];
-                    key.copy_from_slice(&digest);
-                    slate_events::mfa::SealingKey::new(key)
-                }
+                None => slate_events::mfa::SealingKey::development(),
             },
+            email: non_empty("SLATE_EMAIL_API_KEY").map(|api_key| {
+                slate_workers::email::MailerSettings {
+                    api_base: get("SLATE_EMAIL_API_BASE"),
+                    api_key,
+                    from: get("SLATE_EMAIL_FROM"),
+                }
+            }),
             fault_stripe_hold: non_empty("SLATE_FAULT_STRIPE_HOLD_MS")
                 .map(|v| v.parse().map(std::time::Duration::from_millis))
                 .transpose()

@@ -36,6 +36,8 @@ pub enum SignInError {
     BadToken,
     #[error("the account's email is not verified by the identity provider")]
     EmailNotVerified,
+    #[error("the account is deleted and its grace period is over")]
+    AccountDeleted,
     #[error(transparent)]
     Store(#[from] slate_events::Error),
     #[error(transparent)]
@@ -226,13 +228,26 @@ pub async fn finish(
         .ok_or(SignInError::EmailNotVerified)?;
 
     let mut conn = pool.acquire().await?;
-    let existing: Option<Uuid> =
-        sqlx::query_scalar("select account_id from accounts where lower(email) = lower($1)")
-            .bind(&email)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let existing: Option<(Uuid, bool)> = sqlx::query_as(
+        "select account_id, deleted_at is not null from accounts where lower(email) = lower($1)",
+    )
+    .bind(&email)
+    .fetch_optional(&mut *conn)
+    .await?;
     let account_id = match existing {
-        Some(a) => a,
+        Some((a, false)) => a,
+        // Signing in within the grace period undoes the deletion.
+        Some((a, true)) => match slate_events::accounts::restore(
+            &mut conn,
+            a,
+            chrono::Utc::now(),
+            Metadata::by(Actor::User { account_id: a }),
+        )
+        .await?
+        {
+            slate_events::accounts::Restore::Restored => a,
+            _ => return Err(SignInError::AccountDeleted),
+        },
         None => {
             slate_events::accounts::create_account(
                 &mut conn,

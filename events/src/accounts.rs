@@ -11,7 +11,8 @@ use crate::store::{self, ExpectedVersion, NewEvent};
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct Account {
     pub account_id: Uuid,
-    pub email: String,
+    /// None once the account is purged.
+    pub email: Option<String>,
     pub staff: bool,
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
@@ -39,15 +40,17 @@ pub async fn create_account(
 
     let account_id = Uuid::now_v7();
     tracing::Span::current().record("account_id", tracing::field::display(account_id));
+    let mut tx = conn.begin().await?;
+    // The log keeps the email sealed with the account's own key (see vault).
+    let sealed = crate::vault::seal(&mut tx, account_id, email).await?;
     let event = NewEvent::new(
         DomainEvent::AccountCreated(AccountCreated {
             account_id,
-            email: email.to_owned(),
+            email: sealed,
             staff,
         }),
         metadata,
     );
-    let mut tx = conn.begin().await?;
     match store::append_and_apply(
         &mut tx,
         &store::account_stream(account_id),

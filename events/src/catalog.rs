@@ -109,6 +109,8 @@ macro_rules! event_type {
 #[serde(deny_unknown_fields)]
 pub struct AccountCreated {
     pub account_id: Uuid,
+    /// Sealed with the account's data key (`sealed:v1:…`, see `vault`);
+    /// unreadable once the account is purged. Older events hold it plain.
     pub email: String,
     pub staff: bool,
 }
@@ -636,6 +638,40 @@ pub struct AccountRestored {
 }
 event_type!(AccountRestored, "AccountRestored", 1);
 
+/// One step of a deleted account's purge is done (each step is idempotent;
+/// a re-run skips the recorded ones).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccountPurgeStepCompleted {
+    pub account_id: Uuid,
+    /// `stripe`, `storage` or `farewell_email`.
+    pub step: String,
+    /// What the step did, e.g. "canceled sub_…", "deleted 3 objects".
+    pub detail: String,
+}
+event_type!(AccountPurgeStepCompleted, "AccountPurgeStepCompleted", 1);
+
+/// The purge finished: the data key is erased (every sealed field is
+/// unreadable), personal rows are gone; credits and billing stay for the books.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccountPurged {
+    pub account_id: Uuid,
+}
+event_type!(AccountPurged, "AccountPurged", 1);
+
+/// A transactional email went out (the address is not kept here).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmailSent {
+    pub account_id: Uuid,
+    /// `deletion_scheduled` or `deletion_completed`.
+    pub template: String,
+    /// The email API's id for the message.
+    pub message_id: String,
+}
+event_type!(EmailSent, "EmailSent", 1);
+
 /// Shapes that were written once and are upcast on read.
 pub mod legacy {
     use super::*;
@@ -704,6 +740,9 @@ macro_rules! each_event {
             DomainEvent::StripeEventReplayed($e) => $body,
             DomainEvent::AccountDeletionRequested($e) => $body,
             DomainEvent::AccountRestored($e) => $body,
+            DomainEvent::AccountPurgeStepCompleted($e) => $body,
+            DomainEvent::AccountPurged($e) => $body,
+            DomainEvent::EmailSent($e) => $body,
         }
     };
 }
@@ -751,6 +790,9 @@ pub enum DomainEvent {
     StripeEventReplayed(StripeEventReplayed),
     AccountDeletionRequested(AccountDeletionRequested),
     AccountRestored(AccountRestored),
+    AccountPurgeStepCompleted(AccountPurgeStepCompleted),
+    AccountPurged(AccountPurged),
+    EmailSent(EmailSent),
 }
 
 fn parse<T: DeserializeOwned>(event_type: &str, version: i16, payload: Value) -> Result<T, Error> {
@@ -817,6 +859,11 @@ impl DomainEvent {
                 E::AccountDeletionRequested(parse(event_type, v, p)?)
             }
             ("AccountRestored", 1) => E::AccountRestored(parse(event_type, v, p)?),
+            ("AccountPurgeStepCompleted", 1) => {
+                E::AccountPurgeStepCompleted(parse(event_type, v, p)?)
+            }
+            ("AccountPurged", 1) => E::AccountPurged(parse(event_type, v, p)?),
+            ("EmailSent", 1) => E::EmailSent(parse(event_type, v, p)?),
             _ => {
                 return Err(Error::Decode {
                     event_type: event_type.to_owned(),
@@ -883,6 +930,9 @@ impl DomainEvent {
             E::StripeEventReplayed(_) => None,
             E::AccountDeletionRequested(e) => Some(e.account_id),
             E::AccountRestored(e) => Some(e.account_id),
+            E::AccountPurgeStepCompleted(e) => Some(e.account_id),
+            E::AccountPurged(e) => Some(e.account_id),
+            E::EmailSent(e) => Some(e.account_id),
         }
     }
 }
@@ -963,6 +1013,9 @@ pub fn schema_files() -> Vec<SchemaFile> {
         schema_file::<StripeEventReplayed>(true),
         schema_file::<AccountDeletionRequested>(true),
         schema_file::<AccountRestored>(true),
+        schema_file::<AccountPurgeStepCompleted>(true),
+        schema_file::<AccountPurged>(true),
+        schema_file::<EmailSent>(true),
     ];
     let mut meta =
         serde_json::to_string_pretty(&schemars::schema_for!(Metadata)).expect("schema serializes");

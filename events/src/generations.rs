@@ -102,13 +102,18 @@ pub async fn submit(
         metadata: metadata.clone(),
     };
     store::append_and_apply(conn, &stream(s.generation_id), ExpectedVersion::Any, &event).await?;
+    // Prompts are personal: sealed with the account's key (see vault).
+    let prompt = match &s.prompt {
+        Some(p) => Some(crate::vault::seal(conn, s.account_id, p).await?),
+        None => None,
+    };
     sqlx::query(
         "insert into generation_inputs (generation_id, prompt, input_key, parameters, webhook_url)
          values ($1, $2, $3, $4, $5)
          on conflict (generation_id) do nothing",
     )
     .bind(s.generation_id)
-    .bind(&s.prompt)
+    .bind(prompt)
     .bind(&s.input_key)
     .bind(&s.parameters)
     .bind(&s.webhook_url)
@@ -233,9 +238,16 @@ pub async fn inputs(
         "select prompt, input_key, parameters from generation_inputs where generation_id = $1",
     )
     .bind(id)
-    .fetch_optional(conn)
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(row.unwrap_or((None, None, Value::Null)))
+    let Some((prompt, input_key, parameters)) = row else {
+        return Ok((None, None, Value::Null));
+    };
+    let prompt = match prompt {
+        Some(p) => crate::vault::open(conn, &p).await?.into_option(),
+        None => None,
+    };
+    Ok((prompt, input_key, parameters))
 }
 
 async fn append(

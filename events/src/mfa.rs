@@ -29,19 +29,42 @@ impl SealingKey {
         LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &self.0).expect("a 32-byte key"))
     }
 
+    /// The fixed key of local development and tests (`SLATE_SECRET_KEY` unset).
+    pub fn development() -> Self {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(b"slate local development sealing key");
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&digest);
+        Self(key)
+    }
+
     pub fn seal(&self, plaintext: &[u8]) -> String {
+        self.seal_bound(plaintext, &[])
+    }
+
+    pub fn open(&self, sealed: &str) -> Option<Vec<u8>> {
+        self.open_bound(sealed, &[])
+    }
+
+    /// Seal, binding the ciphertext to `context` (authenticated, not stored):
+    /// it opens only with the same context.
+    pub fn seal_bound(&self, plaintext: &[u8], context: &[u8]) -> String {
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&Uuid::new_v4().as_bytes()[..NONCE_LEN]);
         let mut buf = plaintext.to_vec();
         self.key()
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut buf)
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(context),
+                &mut buf,
+            )
             .expect("sealing cannot fail");
         let mut out = nonce.to_vec();
         out.extend_from_slice(&buf);
         B64.encode(out)
     }
 
-    pub fn open(&self, sealed: &str) -> Option<Vec<u8>> {
+    pub fn open_bound(&self, sealed: &str, context: &[u8]) -> Option<Vec<u8>> {
         let raw = B64.decode(sealed).ok()?;
         if raw.len() < NONCE_LEN {
             return None;
@@ -51,7 +74,7 @@ impl SealingKey {
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         let plain = self
             .key()
-            .open_in_place(nonce, Aad::empty(), &mut buf)
+            .open_in_place(nonce, Aad::from(context), &mut buf)
             .ok()?;
         Some(plain.to_vec())
     }

@@ -35,6 +35,13 @@ async fn delete_account(State(state): State<AppState>, auth: Auth) -> Result<Res
         auth.metadata(),
     )
     .await?;
+    slate_workers::email::enqueue(
+        &mut tx,
+        auth.account_id,
+        slate_workers::email::Template::DeletionScheduled,
+    )
+    .await
+    .map_err(|e| ApiError::Internal(e.into()))?;
     tx.commit().await?;
     Ok((
         axum::http::StatusCode::ACCEPTED,
@@ -49,8 +56,12 @@ async fn delete_account(State(state): State<AppState>, auth: Auth) -> Result<Res
 }
 
 /// The account's events: its own streams and every event naming it.
-async fn events_page(pool: &PgPool, account: Uuid, after: i64) -> Result<Vec<Value>, sqlx::Error> {
-    sqlx::query_scalar(
+async fn events_page(
+    pool: &PgPool,
+    account: Uuid,
+    after: i64,
+) -> Result<Vec<Value>, slate_events::Error> {
+    let mut page: Vec<Value> = sqlx::query_scalar(
         "select jsonb_build_object('position', global_position, 'event_id', event_id, 'stream_id', stream_id,
                 'version', stream_version, 'type', event_type, 'schema_version', schema_version,
                 'payload', payload, 'metadata', metadata, 'recorded_at', recorded_at)
@@ -63,13 +74,25 @@ async fn events_page(pool: &PgPool, account: Uuid, after: i64) -> Result<Vec<Val
     .bind(after)
     .fetch_all(pool)
     .await
+    .map_err(slate_events::Error::from)?;
+    // Personal fields (the email in AccountCreated) are sealed in the log.
+    let mut conn = pool.acquire().await?;
+    let mut keys = slate_events::vault::Keyring::default();
+    for e in &mut page {
+        keys.reveal(&mut conn, e).await?;
+    }
+    Ok(page)
 }
 
-async fn section(pool: &PgPool, sql: &'static str, account: Uuid) -> Result<Value, sqlx::Error> {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+async fn section(
+    pool: &PgPool,
+    sql: &'static str,
+    account: Uuid,
+) -> Result<Value, slate_events::Error> {
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
         .bind(account)
         .fetch_one(pool)
-        .await
+        .await?)
 }
 
 async fn export(State(state): State<AppState>, auth: Auth) -> Result<Response, ApiError> {
@@ -139,7 +162,10 @@ async fn export(State(state): State<AppState>, auth: Auth) -> Result<Response, A
             .fetch_all(&pool)
             .await?;
             let mut with_urls = Vec::with_capacity(generations.len());
+            let mut conn = pool.acquire().await?;
+            let mut keyring = slate_events::vault::Keyring::default();
             for (mut g, key) in generations {
+                keyring.reveal(&mut conn, &mut g).await?;
                 if let Some(key) = key {
                     g["output_url"] = storage
                         .presign_get(&key, std::time::Duration::from_secs(3600))
@@ -149,7 +175,7 @@ async fn export(State(state): State<AppState>, auth: Auth) -> Result<Response, A
                 }
                 with_urls.push(g);
             }
-            Ok::<_, sqlx::Error>(format!(
+            Ok::<_, slate_events::Error>(format!(
                 "],\"balance\":{},\"ledger\":{},\"generations\":{},\"subscription\":{},\"sessions\":{},\"keys\":{},\"audit\":{}}}",
                 balance,
                 ledger,

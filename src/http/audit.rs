@@ -64,16 +64,7 @@ async fn detail(
         .await?
         .ok_or_else(ApiError::not_found)?;
     audited(&state, staff.account_id, entry.account_id, "audit:entry").await?;
-    let cause: Option<Value> = sqlx::query_scalar(
-        "select jsonb_build_object('event_id', event_id, 'stream_id', stream_id,
-                'stream_version', stream_version, 'event_type', event_type,
-                'schema_version', schema_version, 'payload', payload, 'metadata', metadata,
-                'recorded_at', recorded_at)
-           from events where event_id = $1",
-    )
-    .bind(entry.event_id)
-    .fetch_optional(&state.pool)
-    .await?;
+    let cause = crate::audit::causing_event(&state.pool, entry.event_id).await?;
     let related = crate::audit::related(&state.pool, &entry).await?;
     Ok(Json(
         json!({ "entry": entry, "cause": cause, "related": related }),

@@ -11,7 +11,6 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
-use serde_json::Value;
 use uuid::Uuid;
 
 use super::{ApiError, AppState, Auth, Staff};
@@ -245,7 +244,7 @@ async fn account(
     let mut body = format!(
         "<h1>{}</h1><p><code>{id}</code>{} · created {}</p>\
          <h2>Credits</h2><p>available <b>{}</b> · reserved {} · debt {}</p>",
-        esc(&a.email),
+        esc(a.email.as_deref().unwrap_or(slate_events::vault::ERASED)),
         if a.staff { " · staff" } else { "" },
         a.created_at.format("%Y-%m-%d"),
         b.available,
@@ -303,7 +302,11 @@ async fn account(
          <h2>Audit</h2>{}",
         entries_table(&query(&state.pool, &Filter { account: Some(id), ..Default::default() }, 30, false).await?)
     ));
-    Ok(page(&a.email, &body).into_response())
+    Ok(page(
+        a.email.as_deref().unwrap_or(slate_events::vault::ERASED),
+        &body,
+    )
+    .into_response())
 }
 
 async fn entry(
@@ -326,12 +329,8 @@ async fn entry(
         "console:audit_entry",
     )
     .await?;
-    let cause: Option<(String, String, Value, Value)> = sqlx::query_as(
-        "select event_type, stream_id, payload, metadata from events where event_id = $1",
-    )
-    .bind(e.event_id)
-    .fetch_optional(&mut *conn)
-    .await?;
+    drop(conn);
+    let cause = crate::audit::causing_event(&state.pool, e.event_id).await?;
     let related = crate::audit::related(&state.pool, &e).await?;
     let mut body = format!(
         "<h1>Entry {seq}: {}</h1>{}",
@@ -343,7 +342,14 @@ async fn entry(
             "<p><a href='/admin/console/accounts/{acc}'>Account {acc}</a></p>"
         ));
     }
-    if let Some((t, stream, payload, metadata)) = cause {
+    if let Some(cause) = cause {
+        let text = |k: &str| cause[k].as_str().unwrap_or_default().to_owned();
+        let (t, stream, payload, metadata) = (
+            text("event_type"),
+            text("stream_id"),
+            &cause["payload"],
+            &cause["metadata"],
+        );
         body.push_str(&format!(
             "<h2>Causing event</h2><p>{} in <code>{}</code></p><pre><code>{}</code></pre><pre><code>{}</code></pre>",
             esc(&t),

@@ -60,6 +60,11 @@ fn to_api_error(e: SignInError) -> ApiError {
             "email_not_verified",
             "the identity provider has not verified this email",
         ),
+        SignInError::AccountDeleted => ApiError::client(
+            StatusCode::FORBIDDEN,
+            "account_deleted",
+            "this account was deleted and can no longer be restored",
+        ),
         SignInError::Provider => ApiError::Unavailable {
             code: "identity_provider_unavailable",
             message: "the identity provider could not be reached",
@@ -127,6 +132,7 @@ async fn callback(
                 SignInError::BadState => "sign_in_state_invalid",
                 SignInError::BadToken => "id_token_invalid",
                 SignInError::EmailNotVerified => "email_not_verified",
+                SignInError::AccountDeleted => "account_deleted",
                 _ => "sign_in_failed",
             };
             let _ = slate_events::access::record_auth_failure(

@@ -125,3 +125,65 @@ pub async fn create_portal(
         .map_err(BillingError::Stripe)?;
     Ok(session.url)
 }
+
+/// Cancel a subscription at once for a purge: ask Stripe for its state
+/// first (a re-run after a crash finds it canceled and does nothing), then
+/// cancel with an idempotency key derived from its id.
+pub fn subscription_canceller(
+    client: stripe::Client,
+) -> slate_workers::purge::SubscriptionCanceller {
+    use slate_workers::purge::Cancel;
+    use stripe_billing::subscription::{CancelSubscription, RetrieveSubscription};
+    use stripe_client_core::{IdempotencyKey, RequestStrategy, StripeRequest};
+    let client = std::sync::Arc::new(client);
+    std::sync::Arc::new(move |id: String| {
+        let client = client.clone();
+        Box::pin(async move {
+            let status = |v: &miniserde::json::Value| match v {
+                miniserde::json::Value::Object(o) => match o.get("status") {
+                    Some(miniserde::json::Value::String(s)) => s.clone(),
+                    _ => String::new(),
+                },
+                _ => String::new(),
+            };
+            let current = RetrieveSubscription::new(id.as_str())
+                .build()
+                .customize::<miniserde::json::Value>()
+                .send(&*client)
+                .await;
+            match current {
+                Ok(v) if matches!(status(&v).as_str(), "canceled" | "incomplete_expired") => {
+                    return Ok(Cancel::AlreadyCanceled);
+                }
+                Ok(_) => {}
+                Err(stripe::StripeError::Stripe(_, 404)) => return Ok(Cancel::Missing),
+                Err(e) => return Err(describe(&e)),
+            }
+            let key = IdempotencyKey::new(format!("slate-purge-cancel-{id}"))
+                .map_err(|_| "the idempotency key is malformed".to_owned())?;
+            match CancelSubscription::new(id.as_str())
+                .prorate(false)
+                .invoice_now(false)
+                .build()
+                .customize::<miniserde::json::Value>()
+                .request_strategy(RequestStrategy::Idempotent(key))
+                .send(&*client)
+                .await
+            {
+                Ok(_) => Ok(Cancel::Canceled),
+                Err(stripe::StripeError::Stripe(_, 404)) => Ok(Cancel::Missing),
+                Err(e) => Err(describe(&e)),
+            }
+        })
+    })
+}
+
+/// A Stripe failure in words that carry no request or response body.
+fn describe(e: &stripe::StripeError) -> String {
+    match e {
+        stripe::StripeError::Stripe(_, status) => format!("Stripe answered HTTP {status}"),
+        stripe::StripeError::Timeout => "Stripe timed out".into(),
+        stripe::StripeError::ClientError(_) => "Stripe could not be reached".into(),
+        _ => "Stripe's answer was unreadable".into(),
+    }
+}

@@ -24,6 +24,48 @@ pub async fn enqueue<J: Serialize>(
     apalis_postgres::queries::push_tasks(conn, queue, vec![task]).await
 }
 
+/// Enqueue `job` unless one under the same `key` is waiting or running (a
+/// finished or dead one makes room). Returns whether it enqueued.
+pub async fn enqueue_once<J: Serialize>(
+    pool: &sqlx::PgPool,
+    queue: &str,
+    job: &J,
+    max_attempts: usize,
+    key: &str,
+) -> anyhow::Result<bool> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("select pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("{queue}/{key}"))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "delete from apalis.jobs where job_type = $1 and idempotency_key = $2
+            and (status in ('Done', 'Killed') or (status = 'Failed' and attempts >= max_attempts))",
+    )
+    .bind(queue)
+    .bind(key)
+    .execute(&mut *tx)
+    .await?;
+    let exists: bool = sqlx::query_scalar(
+        "select exists(select 1 from apalis.jobs where job_type = $1 and idempotency_key = $2)",
+    )
+    .bind(queue)
+    .bind(key)
+    .fetch_one(&mut *tx)
+    .await?;
+    if exists {
+        return Ok(false);
+    }
+    let bytes = serde_json::to_vec(job).expect("job payloads serialize");
+    let task = TaskBuilder::new(bytes)
+        .max_attempts(max_attempts)
+        .idempotency_key(key)
+        .build();
+    apalis_postgres::queries::push_tasks(&mut *tx, queue, vec![task]).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
 /// Exponential backoff with a ceiling and up to 25 % jitter (so retries of
 /// many jobs that failed together spread out), for attempt `n` (1-based).
 pub fn backoff(attempt: usize) -> std::time::Duration {

@@ -4,10 +4,12 @@
 
 pub mod bench;
 pub mod diagnostics;
+pub mod email;
 pub mod generations;
 pub mod jobs;
 pub mod media;
 pub mod providers;
+pub mod purge;
 pub mod runtime;
 pub mod storage;
 pub mod stripe;

@@ -11,8 +11,10 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 
 use crate::diagnostics::{self, DiagnosticJob};
+use crate::email::{self, EmailJob, EmailWorker, Mailer};
 use crate::generations::{self, GenerationJob, GenerationWorker};
 use crate::providers::{ProviderSettings, Providers};
+use crate::purge::{self, PurgeJob, Purger, SubscriptionCanceller};
 use crate::storage::{Storage, StorageSettings};
 use crate::stripe::{self, StripeJob, StripeWorker};
 use crate::sweeper;
@@ -46,6 +48,10 @@ pub struct WorkerSettings {
     pub poll_interval: Duration,
     /// Webhook hosts allowed even though they resolve to private addresses.
     pub webhook_allow: Vec<String>,
+    /// Transactional email (none: messages are skipped with a warning).
+    pub mailer: Option<Mailer>,
+    /// Cancels Stripe subscriptions when an account is purged.
+    pub stripe_cancel: Option<SubscriptionCanceller>,
 }
 
 impl WorkerSettings {
@@ -68,6 +74,8 @@ impl WorkerSettings {
             generation_concurrency: 8,
             poll_interval: Duration::from_secs(2),
             webhook_allow: Vec::new(),
+            mailer: None,
+            stripe_cancel: None,
         }
     }
 
@@ -141,6 +149,25 @@ where
         .with_config(settings.queue_config(sweeper::QUEUE))
         .with_pubsub();
     let maintenance_pool = pool.clone();
+    let email_storage = PostgresStorage::<EmailJob>::new(&pool)
+        .with_config(settings.queue_config(email::QUEUE))
+        .with_pubsub();
+    let email_worker = EmailWorker {
+        pool: pool.clone(),
+        mailer: settings.mailer.clone(),
+    };
+    let purge_storage = PostgresStorage::<PurgeJob>::new(&pool)
+        .with_config(settings.queue_config(purge::QUEUE))
+        .with_pubsub();
+    let purger = Purger {
+        pool: pool.clone(),
+        storage: Storage::new(&settings.storage),
+        mailer: settings.mailer.clone(),
+        stripe: settings.stripe_cancel.clone(),
+        crash_after: None,
+    };
+    let email_name = settings.worker_name.clone();
+    let purge_name = settings.worker_name.clone();
     let maintenance_name = settings.worker_name.clone();
     let concurrency = settings.generation_concurrency.max(1);
     let name = settings.worker_name.clone();
@@ -182,6 +209,20 @@ where
                 .catch_panic()
                 .concurrency(8)
                 .build(webhooks::handle)
+        })
+        .register(move |_restarts| {
+            WorkerBuilder::new(format!("{email_name}.email"))
+                .backend(email_storage.clone())
+                .data(email_worker.clone())
+                .catch_panic()
+                .build(email::handle)
+        })
+        .register(move |_restarts| {
+            WorkerBuilder::new(format!("{purge_name}.purge"))
+                .backend(purge_storage.clone())
+                .data(purger.clone())
+                .catch_panic()
+                .build(purge::handle)
         })
         .shutdown_timeout(settings.shutdown_grace);
 

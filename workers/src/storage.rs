@@ -103,6 +103,43 @@ impl Storage {
         Ok(req.uri().to_owned())
     }
 
+    /// The keys under `prefix`, every page of them.
+    pub async fn list_prefix(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page =
+                page.map_err(|e| anyhow::anyhow!("listing {prefix}: {}", e.into_service_error()))?;
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_owned)),
+            );
+        }
+        Ok(keys)
+    }
+
+    /// Delete every object under `prefix` (idempotent); how many there were.
+    pub async fn delete_prefix(&self, prefix: &str) -> anyhow::Result<usize> {
+        let keys = self.list_prefix(prefix).await?;
+        for key in &keys {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+                .map_err(|e| anyhow::anyhow!("deleting an object: {}", e.into_service_error()))?;
+        }
+        Ok(keys.len())
+    }
+
     pub fn bucket(&self) -> &str {
         &self.bucket
     }

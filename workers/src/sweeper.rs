@@ -12,6 +12,7 @@ pub struct SweepReport {
     pub buckets_expired: i32,
     pub generations_past_deadline: usize,
     pub audit_entries_dropped: u64,
+    pub purges_scheduled: usize,
 }
 
 /// One sweep at `now` (injected by tests).
@@ -27,7 +28,9 @@ pub async fn sweep(pool: &PgPool, now: DateTime<Utc>) -> anyhow::Result<SweepRep
     let audit_entries_dropped =
         slate_events::projections::audit::apply_retention(&mut conn, now).await?;
     drop(conn);
+    let purges_scheduled = crate::purge::schedule_due(pool, now).await?;
     Ok(SweepReport {
+        purges_scheduled,
         holds_released,
         buckets_expired,
         generations_past_deadline,
@@ -36,7 +39,7 @@ pub async fn sweep(pool: &PgPool, now: DateTime<Utc>) -> anyhow::Result<SweepRep
 }
 
 /// The scheduled maintenance job (`slate.maintenance`): holds past their
-/// expiry, expired buckets, overdue generations, audit retention.
+/// expiry, expired buckets, overdue generations, audit retention, purges due.
 pub const QUEUE: &str = "slate.maintenance";
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -82,6 +85,7 @@ pub async fn handle(
                 buckets_expired = r.buckets_expired,
                 generations_past_deadline = r.generations_past_deadline,
                 audit_entries_dropped = r.audit_entries_dropped,
+                purges_scheduled = r.purges_scheduled,
                 "maintenance sweep"
             );
         }

@@ -32,6 +32,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "SessionMfaVerified",
     "ImpersonationStarted",
     "ImpersonationEnded",
+    "AccountPurged",
 ];
 
 pub async fn apply(
@@ -42,6 +43,14 @@ pub async fn apply(
 ) -> Result<(), Error> {
     let p = prefix;
     match event {
+        DomainEvent::AccountPurged(e) => {
+            for table in ["api_keys", "sessions"] {
+                sqlx::query(trusted_sql!("delete from {p}{table} where account_id = $1"))
+                    .bind(e.account_id)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+        }
         DomainEvent::ApiKeyCreated(e) => {
             let hash = hex::decode(&e.secret_hash).map_err(|_| Error::Decode {
                 event_type: "ApiKeyCreated".into(),

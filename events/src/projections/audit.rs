@@ -62,6 +62,9 @@ pub const EVENT_TYPES: &[&str] = &[
     "StripeEventReplayed",
     "AccountDeletionRequested",
     "AccountRestored",
+    "AccountPurgeStepCompleted",
+    "AccountPurged",
+    "EmailSent",
 ];
 
 struct Entry {
@@ -297,6 +300,21 @@ fn describe(event: &DomainEvent) -> Entry {
             json!({"purge_after": e.purge_after}),
         ),
         E::AccountRestored(e) => entry("account.restored", Some(e.account_id), json!({})),
+        E::AccountPurgeStepCompleted(e) => {
+            let mut x = entry(
+                "account.purge_step",
+                Some(e.account_id),
+                json!({"step": e.step}),
+            );
+            x.reason = Some(e.detail.clone());
+            x
+        }
+        E::AccountPurged(e) => entry("account.purged", Some(e.account_id), json!({})),
+        E::EmailSent(e) => entry(
+            "email.sent",
+            Some(e.account_id),
+            json!({"template": e.template, "message": e.message_id}),
+        ),
         E::StripeEventReplayed(e) => {
             let mut x = entry(
                 "stripe.event_replayed",

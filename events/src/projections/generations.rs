@@ -23,6 +23,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "GenerationFailed",
     "GenerationCancelRequested",
     "GenerationCanceled",
+    "AccountPurged",
 ];
 
 pub async fn apply(
@@ -32,6 +33,14 @@ pub async fn apply(
     at: DateTime<Utc>,
 ) -> Result<(), Error> {
     match event {
+        DomainEvent::AccountPurged(e) => {
+            sqlx::query(trusted_sql!(
+                "delete from {p}generations where account_id = $1"
+            ))
+            .bind(e.account_id)
+            .execute(&mut *conn)
+            .await?;
+        }
         DomainEvent::GenerationRequested(e) => {
             sqlx::query(trusted_sql!(
                 "insert into {p}generations (generation_id, account_id, kind, provider, operation, units,

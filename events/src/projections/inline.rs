@@ -15,7 +15,7 @@ use crate::catalog::DomainEvent;
 pub const TABLES: &[Table] = &[
     Table {
         name: "accounts",
-        columns: "account_id, email, staff, created_at, deleted_at, purge_after",
+        columns: "account_id, email, staff, created_at, deleted_at, purge_after, purged_at",
     },
     Table {
         name: "credit_accounts",
@@ -47,6 +47,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "AccountCreated",
     "AccountDeletionRequested",
     "AccountRestored",
+    "AccountPurged",
     "CreditsGranted",
     "CreditsReserved",
     "CreditsCaptured",
@@ -67,11 +68,13 @@ pub async fn apply(
     let p = prefix;
     match event {
         DomainEvent::AccountCreated(e) => {
+            // Null once the account's key is erased (a rebuild after a purge).
+            let email = crate::vault::open(conn, &e.email).await?.into_option();
             sqlx::query(trusted_sql!(
                 "insert into {p}accounts (account_id, email, staff, created_at) values ($1, $2, $3, $4)"
             ))
             .bind(e.account_id)
-            .bind(&e.email)
+            .bind(email)
             .bind(e.staff)
             .bind(recorded_at)
             .execute(&mut *conn)
@@ -90,6 +93,15 @@ pub async fn apply(
             .bind(e.account_id)
             .bind(recorded_at)
             .bind(e.purge_after)
+            .execute(&mut *conn)
+            .await?;
+        }
+        DomainEvent::AccountPurged(e) => {
+            sqlx::query(trusted_sql!(
+                "update {p}accounts set email = null, purged_at = $2 where account_id = $1"
+            ))
+            .bind(e.account_id)
+            .bind(recorded_at)
             .execute(&mut *conn)
             .await?;
         }

@@ -1,0 +1,183 @@
+//! Personal fields (emails, prompts) sealed with a per-account data key, so
+//! that erasing one key makes every copy unreadable (crypto-shredding) while
+//! the log stays append-only.
+//!
+//! A sealed value is a string `sealed:v1:<account id>:<base64 nonce+ciphertext>`
+//! (AES-256-GCM, bound to the account id). The data keys live in
+//! `account_keys`, each wrapped with the server key (`SLATE_SECRET_KEY`), so
+//! a dump of the database alone opens nothing. Values written before sealing
+//! existed (plain strings) read as themselves.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::Error;
+use crate::mfa::SealingKey;
+
+const PREFIX: &str = "sealed:v1:";
+
+/// What staff tools and exports show where a purged account's field was.
+pub const ERASED: &str = "[erased]";
+
+static SERVER_KEY: OnceLock<SealingKey> = OnceLock::new();
+
+/// Use `key` to wrap data keys in this process (call once, at start-up,
+/// before anything is sealed). Without it the development key is used.
+pub fn install(key: SealingKey) {
+    let _ = SERVER_KEY.set(key);
+}
+
+fn server_key() -> &'static SealingKey {
+    SERVER_KEY.get_or_init(SealingKey::development)
+}
+
+/// A personal field, opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opened {
+    Plain(String),
+    /// The account's key was erased (or the value does not open with it).
+    Erased,
+}
+
+impl Opened {
+    pub fn into_option(self) -> Option<String> {
+        match self {
+            Opened::Plain(s) => Some(s),
+            Opened::Erased => None,
+        }
+    }
+
+    /// The plaintext, or [`ERASED`].
+    pub fn or_erased(self) -> String {
+        self.into_option().unwrap_or_else(|| ERASED.to_owned())
+    }
+}
+
+pub fn is_sealed(value: &str) -> bool {
+    value.starts_with(PREFIX)
+}
+
+/// Seal `plaintext` with the account's data key, creating the key on first
+/// use. Fails for an account whose key was erased.
+pub async fn seal(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+    plaintext: &str,
+) -> Result<String, Error> {
+    let wrapped = server_key().seal_bound(&random_key(), account_id.as_bytes());
+    sqlx::query(
+        "insert into account_keys (account_id, wrapped) values ($1, $2) on conflict (account_id) do nothing",
+    )
+    .bind(account_id)
+    .bind(&wrapped)
+    .execute(&mut *conn)
+    .await?;
+    let key = Keyring::default()
+        .key(conn, account_id)
+        .await?
+        .ok_or_else(|| Error::InvalidArgument(format!("account {account_id} is erased")))?;
+    Ok(format!(
+        "{PREFIX}{account_id}:{}",
+        key.seal_bound(plaintext.as_bytes(), account_id.as_bytes())
+    ))
+}
+
+/// Open one value (see [`Keyring`] to open many).
+pub async fn open(conn: &mut PgConnection, value: &str) -> Result<Opened, Error> {
+    Keyring::default().open(conn, value).await
+}
+
+/// Erase the account's data key: every value sealed with it stays in the
+/// log and in backups, unreadable. Idempotent.
+pub async fn erase(conn: &mut PgConnection, account_id: Uuid) -> Result<(), Error> {
+    sqlx::query(
+        "insert into account_keys (account_id, wrapped, erased_at) values ($1, null, now())
+         on conflict (account_id) do update
+            set wrapped = null, erased_at = coalesce(account_keys.erased_at, now())",
+    )
+    .bind(account_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Data keys fetched for one unit of work (a request, an export, a replay).
+#[derive(Default)]
+pub struct Keyring {
+    keys: HashMap<Uuid, Option<SealingKey>>,
+}
+
+impl Keyring {
+    async fn key(
+        &mut self,
+        conn: &mut PgConnection,
+        account_id: Uuid,
+    ) -> Result<Option<SealingKey>, Error> {
+        if let Some(k) = self.keys.get(&account_id) {
+            return Ok(k.clone());
+        }
+        let wrapped: Option<Option<String>> =
+            sqlx::query_scalar("select wrapped from account_keys where account_id = $1")
+                .bind(account_id)
+                .fetch_optional(conn)
+                .await?;
+        let key = wrapped
+            .flatten()
+            .and_then(|w| server_key().open_bound(&w, account_id.as_bytes()))
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+            .map(SealingKey::new);
+        self.keys.insert(account_id, key.clone());
+        Ok(key)
+    }
+
+    /// Open a value: sealed ones with their account's key, plain ones as
+    /// they are.
+    pub async fn open(&mut self, conn: &mut PgConnection, value: &str) -> Result<Opened, Error> {
+        let Some(rest) = value.strip_prefix(PREFIX) else {
+            return Ok(Opened::Plain(value.to_owned()));
+        };
+        let Some((account, body)) = rest.split_once(':') else {
+            return Ok(Opened::Erased);
+        };
+        let Ok(account_id) = account.parse::<Uuid>() else {
+            return Ok(Opened::Erased);
+        };
+        let Some(key) = self.key(conn, account_id).await? else {
+            return Ok(Opened::Erased);
+        };
+        Ok(key
+            .open_bound(body, account_id.as_bytes())
+            .and_then(|b| String::from_utf8(b).ok())
+            .map_or(Opened::Erased, Opened::Plain))
+    }
+
+    /// Replace every sealed string inside `value` (an event payload, say)
+    /// with its plaintext, or [`ERASED`].
+    pub async fn reveal(
+        &mut self,
+        conn: &mut PgConnection,
+        value: &mut serde_json::Value,
+    ) -> Result<(), Error> {
+        let mut stack = vec![value];
+        while let Some(v) = stack.pop() {
+            match v {
+                serde_json::Value::String(s) if is_sealed(s) => {
+                    *s = self.open(conn, s).await?.or_erased();
+                }
+                serde_json::Value::Array(items) => stack.extend(items.iter_mut()),
+                serde_json::Value::Object(map) => stack.extend(map.values_mut()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn random_key() -> [u8; 32] {
+    let mut key = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut key).expect("the system random source works");
+    key
+}

@@ -1,0 +1,394 @@
+//! The privacy promises after a deletion: the purge 30 days on (clock
+//! injected) against a fake Stripe API and a fake email API (Resend's
+//! shape), crash-and-resume, crypto-shredding of sealed fields, and the books
+//! of the whole system unchanged.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde_json::{Value, json};
+use slate_events::projections::{self, Projection};
+use slate_events::vault::{self, Opened};
+use slate_workers::email::{Mailer, MailerSettings};
+use slate_workers::purge::{self, Outcome, Purger};
+use uuid::Uuid;
+use wiremock::matchers::{header, method, path};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+use crate::http::TestApp;
+
+/// Stripe's subscription endpoints for one subscription, with state: it is
+/// active until a `DELETE` cancels it.
+struct FakeSubscription {
+    object: Value,
+    canceled: Arc<AtomicBool>,
+}
+
+impl Respond for FakeSubscription {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        if request.method.as_str() == "DELETE" {
+            self.canceled.store(true, Ordering::SeqCst);
+        }
+        let mut sub = self.object.clone();
+        if self.canceled.load(Ordering::SeqCst) {
+            sub["status"] = "canceled".into();
+            sub["canceled_at"] = chrono::Utc::now().timestamp().into();
+            sub["ended_at"] = chrono::Utc::now().timestamp().into();
+        }
+        ResponseTemplate::new(200).set_body_json(sub)
+    }
+}
+
+async fn fake_stripe(subscription: Value) -> MockServer {
+    let server = MockServer::start().await;
+    let id = subscription["id"].as_str().unwrap().to_owned();
+    Mock::given(path(format!("/v1/subscriptions/{id}")))
+        .and(header("authorization", "Bearer sk_test_purge"))
+        .respond_with(FakeSubscription {
+            object: subscription,
+            canceled: Arc::new(AtomicBool::new(false)),
+        })
+        .mount(&server)
+        .await;
+    server
+}
+
+async fn fake_email_api() -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/emails"))
+        .and(header("authorization", "Bearer re_test_key"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "4ef9a417-02e9-4d39-ad75-9611e0fcc33c"})),
+        )
+        .mount(&server)
+        .await;
+    server
+}
+
+fn mailer(server: &MockServer) -> Mailer {
+    Mailer::new(MailerSettings {
+        api_base: server.uri(),
+        api_key: "re_test_key".into(),
+        from: "Slate <no-reply@slate.test>".into(),
+    })
+    .unwrap()
+}
+
+fn purger(app: &TestApp, stripe: &MockServer, email: &MockServer) -> Purger {
+    let config = slate::config::Config::from_lookup(|k| match k {
+        "STRIPE_API_KEY" => Some("sk_test_purge".into()),
+        "STRIPE_API_BASE" => Some(stripe.uri()),
+        _ => None,
+    })
+    .unwrap();
+    Purger {
+        pool: app.db.pool.clone(),
+        storage: crate::generations::storage(),
+        mailer: Some(mailer(email)),
+        stripe: config
+            .stripe_client()
+            .unwrap()
+            .map(slate::stripe::billing::subscription_canceller),
+        crash_after: None,
+    }
+}
+
+/// Sums over every account: what a purge must not change.
+async fn books(app: &TestApp) -> Value {
+    sqlx::query_scalar(
+        "select jsonb_build_object(
+            'granted', (select sum(total_granted) from credit_accounts),
+            'captured', (select sum(total_captured) from credit_accounts),
+            'available', (select sum(available) from credit_accounts),
+            'reserved', (select sum(reserved) from credit_accounts),
+            'ledger', (select jsonb_build_array(count(*), sum(delta_available), sum(delta_reserved))
+                         from credit_ledger_entries),
+            'buckets', (select count(*) from credit_buckets),
+            'subscriptions', (select count(*) from stripe_subscriptions))",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap()
+}
+
+async fn count(app: &TestApp, sql: &'static str, account: Uuid) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(account)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn thirty_days_after_deletion_the_purge_erases_everything_personal_once_even_when_rerun() {
+    let app = crate::stripe::stripe_app().await;
+    let (alice, alice_key) = crate::billing::key_for(&app).await;
+    let (bob, bob_key) = crate::billing::key_for(&app).await;
+    let alice_email: String =
+        sqlx::query_scalar("select email from accounts where account_id = $1")
+            .bind(alice)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+
+    // Alice subscribes (Stripe events shaped like the real ones), has
+    // credits and makes something; so does Bob.
+    let run = Uuid::new_v4().simple().to_string()[..10].to_owned();
+    for name in [
+        "02_checkout_session_completed_subscription",
+        "03_customer_subscription_created",
+    ] {
+        let (status, _) = app
+            .deliver(&crate::stripe::fixture(name, alice, &run))
+            .await;
+        assert_eq!(status, 200);
+    }
+    app.process_stripe().await;
+    let subscription: Value = serde_json::from_str::<Value>(&crate::stripe::fixture(
+        "03_customer_subscription_created",
+        alice,
+        &run,
+    ))
+    .unwrap()["data"]["object"]
+        .clone();
+    let stripe = fake_stripe(subscription).await;
+    let email_api = fake_email_api().await;
+    for (account, key) in [(alice, &alice_key), (bob, &bob_key)] {
+        crate::credits::grant(
+            &mut *app.db.conn().await,
+            account,
+            20,
+            slate_events::catalog::GrantSource::Purchase,
+            None,
+        )
+        .await;
+        let (status, _, _) = app
+            .submit(
+                key,
+                None,
+                json!({"kind": "script", "provider": "local", "prompt": format!("a marble whale for {account}")}),
+            )
+            .await;
+        assert_eq!(status, 202);
+    }
+    app.run_generations().await;
+    let storage = crate::generations::storage();
+    assert!(
+        !storage
+            .list_prefix(&format!("users/{alice}/"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Alice deletes her account: the "scheduled" email is queued with it.
+    let r = app
+        .client
+        .delete(format!("{}/v1/account", app.address))
+        .bearer_auth(&alice_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let queued: Vec<Vec<u8>> =
+        sqlx::query_scalar("select job from apalis.jobs where job_type = 'slate.email'")
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(queued.len(), 1);
+    let job: slate_workers::email::EmailJob = serde_json::from_slice(&queued[0]).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&queued[0]).contains(&alice_email),
+        "jobs carry ids, not addresses"
+    );
+    let sent = slate_workers::email::deliver(
+        &app.db.pool,
+        Some(&mailer(&email_api)),
+        job.account_id,
+        job.template,
+        &job.key.to_string(),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(sent, slate_workers::email::Outcome::Sent(_)));
+    let scheduled = email_api.received_requests().await.unwrap();
+    assert_eq!(scheduled.len(), 1);
+    let body: Value = scheduled[0].body_json().unwrap();
+    assert_eq!(body["to"], json!([alice_email]));
+    assert!(body["subject"].as_str().unwrap().contains("scheduled"));
+    assert!(scheduled[0].headers.get("idempotency-key").is_some());
+
+    app.db.settle_projections().await;
+    let books_before = books(&app).await;
+    let p = purger(&app, &stripe, &email_api);
+    let now = chrono::Utc::now();
+    assert_eq!(
+        purge::purge(&p, alice, now).await.unwrap(),
+        Outcome::NotDue,
+        "nothing happens within the grace period"
+    );
+    assert_eq!(
+        slate_workers::sweeper::sweep(&app.db.pool, now)
+            .await
+            .unwrap()
+            .purges_scheduled,
+        0
+    );
+    let later = now + chrono::Duration::days(31);
+    let report = slate_workers::sweeper::sweep(&app.db.pool, later)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.purges_scheduled, 1,
+        "the maintenance sweep schedules it"
+    );
+    assert_eq!(
+        slate_workers::sweeper::sweep(&app.db.pool, later)
+            .await
+            .unwrap()
+            .purges_scheduled,
+        0,
+        "once"
+    );
+
+    // The first run dies right after Stripe canceled, before recording it.
+    let crashing = Purger {
+        crash_after: Some("stripe"),
+        ..p.clone()
+    };
+    assert!(purge::purge(&crashing, alice, later).await.is_err());
+    // The re-run finds the subscription canceled and finishes.
+    assert_eq!(
+        purge::purge(&p, alice, later).await.unwrap(),
+        Outcome::Purged
+    );
+    assert_eq!(
+        purge::purge(&p, alice, later).await.unwrap(),
+        Outcome::AlreadyPurged
+    );
+    let to_stripe = stripe.received_requests().await.unwrap();
+    let cancels: Vec<_> = to_stripe
+        .iter()
+        .filter(|r| r.method.as_str() == "DELETE")
+        .collect();
+    assert_eq!(cancels.len(), 1, "the subscription is canceled once");
+    assert_eq!(
+        cancels[0].headers.get("idempotency-key").unwrap(),
+        &format!("slate-purge-cancel-sub_{run}")
+    );
+
+    // Gone: media, prompts, sessions, keys, generations, the email.
+    assert!(
+        storage
+            .list_prefix(&format!("users/{alice}/"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        !storage
+            .list_prefix(&format!("users/{bob}/"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    for sql in [
+        "select count(*) from api_keys where account_id = $1",
+        "select count(*) from sessions where account_id = $1",
+        "select count(*) from generations where account_id = $1",
+        "select count(*) from accounts where account_id = $1 and email is not null",
+        "select count(*) from idempotency_keys where account_id = $1",
+    ] {
+        assert_eq!(count(&app, sql, alice).await, 0, "{sql}");
+    }
+    assert_eq!(
+        count(
+            &app,
+            "select count(*) from generations where account_id = $1",
+            bob
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from generation_inputs where prompt is not null"
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap(),
+        1,
+        "only Bob's prompt is left"
+    );
+    // The log still holds Alice's email, sealed, and it no longer opens.
+    let sealed: String = sqlx::query_scalar(
+        "select payload->>'email' from events where event_type = 'AccountCreated' and payload->>'account_id' = $1",
+    )
+    .bind(alice.to_string())
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(vault::is_sealed(&sealed) && !sealed.contains(&alice_email));
+    let mut conn = app.db.conn().await;
+    assert_eq!(
+        vault::open(&mut conn, &sealed).await.unwrap(),
+        Opened::Erased
+    );
+    drop(conn);
+
+    // The farewell went out once, and every step is on the record.
+    let emails = email_api.received_requests().await.unwrap();
+    assert_eq!(emails.len(), 2);
+    assert!(
+        emails[1].body_json::<Value>().unwrap()["subject"]
+            .as_str()
+            .unwrap()
+            .contains("deleted")
+    );
+    let steps: Vec<String> = sqlx::query_scalar(
+        "select event_type || coalesce(':' || (payload->>'step'), '') from events
+          where stream_id = 'account-' || $1 and event_type in ('AccountPurgeStepCompleted', 'AccountPurged', 'EmailSent')
+          order by global_position",
+    )
+    .bind(alice.to_string())
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        steps,
+        [
+            "EmailSent",
+            "AccountPurgeStepCompleted:stripe",
+            "AccountPurgeStepCompleted:storage",
+            "EmailSent",
+            "AccountPurgeStepCompleted:farewell_email",
+            "AccountPurged"
+        ]
+    );
+
+    // The books of the whole system are unchanged, and the projections
+    // rebuilt from the log agree with the live tables.
+    app.db.settle_projections().await;
+    assert_eq!(books(&app).await, books_before);
+    let report = projections::verify(&app.db.pool, Projection::ALL)
+        .await
+        .unwrap();
+    assert!(report.is_clean(), "{report:?}");
+
+    // Staff see "erased" where the email was.
+    let (_, staff_key) = app.staff().await;
+    let seq: i64 = sqlx::query_scalar(
+        "select seq from audit_entries where account_id = $1 and action = 'account.created'",
+    )
+    .bind(alice)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    let (status, entry) = app
+        .get_as(&format!("/admin/audit/{seq}"), Some(&staff_key))
+        .await;
+    assert_eq!(status, 200, "{entry}");
+    assert_eq!(entry["cause"]["payload"]["email"], vault::ERASED);
+}
