@@ -94,6 +94,9 @@ pub struct Config {
     pub sealing_key: slate_events::mfa::SealingKey,
     /// Transactional email (an API shaped like Resend's); None when no key is set.
     pub email: Option<slate_workers::email::MailerSettings>,
+    /// SLATE_DEBUG_BODIES: one route template whose JSON bodies are logged,
+    /// scrubbed, at debug level (for debugging only).
+    pub debug_bodies: Option<String>,
 }
 
 /// The documented defaults (README, `scripts/services`).
@@ -134,6 +137,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("SLATE_SESSION_ABSOLUTE_SECS", "43200"),
     ("SLATE_SECURE_COOKIES", "true"),
     ("SLATE_SECRET_KEY", ""),
+    ("SLATE_DEBUG_BODIES", ""),
     ("SLATE_EMAIL_API_KEY", ""),
     ("SLATE_EMAIL_API_BASE", "https://api.resend.com"),
     ("SLATE_EMAIL_FROM", "Slate <no-reply@slate.local>"),
@@ -365,6 +369,7 @@ impl Config {
                 }
                 None => slate_events::mfa::SealingKey::development(),
             },
+            debug_bodies: non_empty("SLATE_DEBUG_BODIES"),
             email: non_empty("SLATE_EMAIL_API_KEY").map(|api_key| {
                 slate_workers::email::MailerSettings {
                     api_base: get("SLATE_EMAIL_API_BASE"),

@@ -6,6 +6,7 @@ mod audit;
 mod billing;
 mod console;
 mod credits;
+mod debug_bodies;
 mod error;
 mod extract;
 mod generations;
@@ -105,6 +106,10 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::router())
         .merge(audit::router())
         .merge(console::router())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            debug_bodies::log_bodies,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             telemetry::record,

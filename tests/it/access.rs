@@ -534,6 +534,19 @@ async fn the_export_holds_every_event_of_the_account_and_nothing_of_another() {
         "nothing of another account"
     );
     assert_eq!(bundle["account"]["account_id"], alice.to_string());
+    let created = bundle["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "AccountCreated")
+        .unwrap();
+    assert_eq!(
+        created["payload"]["email"], bundle["account"]["email"],
+        "personal fields sealed in the log are opened for their owner"
+    );
+    assert!(!slate_events::vault::is_sealed(
+        created["payload"]["email"].as_str().unwrap()
+    ));
     assert_eq!(bundle["generations"].as_array().unwrap().len(), 1);
     assert!(
         bundle["generations"][0]["output_url"]

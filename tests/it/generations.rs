@@ -641,15 +641,33 @@ async fn a_fal_generation_survives_a_transient_failure_and_a_refusal_is_refunded
         .await
         .unwrap();
     assert!(stored.ends_with(b"fake video"));
-    // The provider saw the prompt and its parameters, nothing about the user.
-    for r in fal.received_requests().await.unwrap() {
+    // The provider saw the prompt and its parameters, nothing about the
+    // user: no account id, no email, not even the generation's id.
+    let email: String = sqlx::query_scalar("select email from accounts where account_id = $1")
+        .bind(account)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    let seen = fal.received_requests().await.unwrap();
+    assert!(!seen.is_empty());
+    for r in seen {
         let text = format!(
             "{} {:?} {}",
             r.url,
             r.headers,
             String::from_utf8_lossy(&r.body)
         );
-        assert!(!text.contains(&account.to_string()) && !text.contains(&id.to_string()));
+        for identifier in [
+            account.to_string(),
+            account.simple().to_string(),
+            email.clone(),
+            id.to_string(),
+        ] {
+            assert!(
+                !text.contains(&identifier),
+                "the provider received {identifier}"
+            );
+        }
     }
 
     // A refusal by the provider's content policy: failed and refunded at once.

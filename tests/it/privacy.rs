@@ -392,3 +392,185 @@ async fn thirty_days_after_deletion_the_purge_erases_everything_personal_once_ev
     assert_eq!(status, 200, "{entry}");
     assert_eq!(entry["cause"]["payload"]["email"], vault::ERASED);
 }
+
+/// `serve` and `work` as real processes at trace level, with the body
+/// debug switch on for the submission route, through a generation and a
+/// deletion (whose email goes to a fake email API); then a dump of the
+/// database. Neither the logs nor the dump outside `accounts` hold the
+/// prompt, the email address, the API key or the email API's key; the
+/// debugged route's bodies are logged, scrubbed.
+#[tokio::test]
+async fn trace_logs_of_serve_and_work_and_a_database_dump_hold_no_prompt_email_or_secret() {
+    use std::process::{Command, Stdio};
+
+    let db = crate::harness::TestDb::new().await;
+    let email_api = fake_email_api().await;
+    let bin = env!("CARGO_BIN_EXE_slate");
+    let email = format!("privacy-{}@example.com", Uuid::new_v4().simple());
+    let prompt = format!("a violet lighthouse {}", Uuid::new_v4().simple());
+    let email_api_key = "re_test_key";
+    let out = Command::new(bin)
+        .args(["accounts", "create", "--email", &email])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created = String::from_utf8(out.stdout).unwrap();
+    let key = created.lines().last().unwrap().trim().to_owned();
+    let account: Uuid = created
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches("account ")
+        .trim()
+        .parse()
+        .unwrap();
+    crate::credits::grant(
+        &mut *db.conn().await,
+        account,
+        50,
+        slate_events::catalog::GrantSource::Purchase,
+        None,
+    )
+    .await;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir();
+    let serve_log = dir.join(format!("slate-privacy-serve-{}.log", Uuid::new_v4()));
+    let work_log = dir.join(format!("slate-privacy-work-{}.log", Uuid::new_v4()));
+    let spawn = |args: &[&str], log: &std::path::Path| {
+        Command::new(bin)
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .env("SLATE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SLATE_DEBUG_BODIES", "/v1/generations")
+            .env("SLATE_EMAIL_API_KEY", email_api_key)
+            .env("SLATE_EMAIL_API_BASE", email_api.uri())
+            .env("SLATE_LOG_FORMAT", "json")
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut serve = spawn(&["serve"], &serve_log);
+    let mut work = spawn(&["work"], &work_log);
+    let client = reqwest::Client::new();
+    let address = format!("http://127.0.0.1:{port}");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while client
+        .get(format!("{address}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "serve did not start"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    let r = client
+        .post(format!("{address}/v1/generations"))
+        .bearer_auth(&key)
+        .json(&json!({"kind": "script", "provider": "local", "prompt": prompt}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let g: Value = client
+            .get(format!("{address}/v1/generations/{id}"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if g["status"] == "succeeded" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the generation did not finish: {g}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let r = client
+        .delete(format!("{address}/v1/account"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while email_api.received_requests().await.unwrap().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the email was not sent"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let sent: Value = email_api.received_requests().await.unwrap()[0]
+        .body_json()
+        .unwrap();
+    assert_eq!(
+        sent["to"],
+        json!([email]),
+        "the worker sent it to the account's address"
+    );
+
+    for child in [&mut serve, &mut work] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let logs =
+        std::fs::read_to_string(&serve_log).unwrap() + &std::fs::read_to_string(&work_log).unwrap();
+    let _ = std::fs::remove_file(&serve_log);
+    let _ = std::fs::remove_file(&work_log);
+    let plain_url = db.url.split('?').next().unwrap().to_owned();
+    let dump = Command::new("pg_dump")
+        .args(["--data-only", "--exclude-table=public.accounts"])
+        .arg(&plain_url)
+        .output()
+        .unwrap();
+    assert!(
+        dump.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
+    assert!(dump.contains(&id), "the dump has the data");
+
+    for (what, needle) in [
+        ("the prompt", prompt.as_str()),
+        ("the email address", email.as_str()),
+        ("the API key", key.as_str()),
+        ("the email API's key", email_api_key),
+    ] {
+        assert!(!logs.contains(needle), "{what} is in the logs");
+        assert!(
+            !dump.contains(needle),
+            "{what} is in the database outside accounts"
+        );
+    }
+    assert!(
+        logs.contains("request body") && logs.contains("[scrubbed]"),
+        "the debugged route's bodies are logged, scrubbed"
+    );
+}

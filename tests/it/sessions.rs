@@ -662,3 +662,68 @@ async fn no_plaintext_key_session_token_or_totp_secret_in_the_database_or_the_lo
         "refusals are logged (without the secret)"
     );
 }
+
+/// A deleted account comes back when its owner signs in within the grace
+/// period; after it, sign-in is refused with a stable code.
+#[tokio::test]
+async fn signing_in_within_thirty_days_of_deleting_restores_the_account() {
+    let issuer = issuer().await;
+    let app = app_for(&issuer).await;
+    let session = sign_in(&app, &issuer, "grace@example.com").await;
+    let r = app
+        .client
+        .delete(format!("{}/v1/account", app.address))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(credits_with_cookie(&app, &session).await, 401);
+
+    let again = sign_in(&app, &issuer, "grace@example.com").await;
+    assert_eq!(credits_with_cookie(&app, &again).await, 200, "restored");
+    let (account, deleted): (uuid::Uuid, bool) = sqlx::query_as(
+        "select account_id, deleted_at is not null from accounts where email = 'grace@example.com'",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(!deleted);
+    let restored_by: Value = sqlx::query_scalar(
+        "select metadata->'actor' from events where event_type = 'AccountRestored' and payload->>'account_id' = $1",
+    )
+    .bind(account.to_string())
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        restored_by["account_id"],
+        account.to_string(),
+        "{restored_by}"
+    );
+
+    // Deleted again, and the grace period is over (purge not yet run).
+    let mut tx = app.db.pool.begin().await.unwrap();
+    slate_events::accounts::request_deletion(
+        &mut tx,
+        account,
+        chrono::Utc::now() - chrono::Duration::days(31),
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let (state, nonce, cookie) = begin(&app).await;
+    token_endpoint_returns(
+        &issuer,
+        id_token("issuer", claims(&issuer, "grace@example.com", &nonce)),
+    )
+    .await;
+    let (status, body, session) = finish(&app, &state, &cookie).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("account_deleted")),
+        "{body}"
+    );
+    assert!(session.is_none());
+}
