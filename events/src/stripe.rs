@@ -200,6 +200,85 @@ impl From<sqlx::Error> for ProcessError {
     }
 }
 
+/// Fields of Stripe objects that describe a person, wherever they appear.
+const PERSONAL: &[&str] = &[
+    "email",
+    "name",
+    "phone",
+    "address",
+    "receipt_email",
+    "customer_email",
+    "customer_name",
+    "customer_phone",
+    "customer_address",
+    "shipping",
+    "shipping_details",
+    "billing_details",
+];
+
+fn redact(v: &mut Value, personal: bool) -> bool {
+    match v {
+        Value::String(s) if personal && s != "[redacted]" => {
+            *s = "[redacted]".into();
+            true
+        }
+        Value::Object(map) => {
+            let mut changed = false;
+            for (k, val) in map.iter_mut() {
+                changed |= redact(val, personal || PERSONAL.contains(&k.as_str()));
+            }
+            changed
+        }
+        Value::Array(items) => items.iter_mut().fold(false, |c, i| redact(i, personal) | c),
+        _ => false,
+    }
+}
+
+/// For a purge: in the mirrored Stripe events of the account (its
+/// customers', or naming it), replace names, emails, phones and addresses
+/// with "[redacted]" (strings stay strings, so the typed parser still reads
+/// them; ids, amounts and metadata stay, so a replay decides the same).
+/// Returns how many mirrored events changed.
+pub async fn redact_personal_details(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+) -> Result<u64, Error> {
+    let mut needles: Vec<String> = sqlx::query_scalar(
+        "select '%\"' || customer_id || '\"%' from stripe_customers where account_id = $1",
+    )
+    .bind(account_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    needles.push(format!("%{account_id}%"));
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "select stripe_event_id, raw from stripe_events where raw like any($1) for update",
+    )
+    .bind(&needles)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut changed = 0;
+    for (id, raw) in rows {
+        let Ok(mut v) = serde_json::from_str::<Value>(&raw) else {
+            // Unreadable JSON cannot be redacted field by field: drop it whole.
+            sqlx::query("update stripe_events set raw = '{}' where stripe_event_id = $1")
+                .bind(&id)
+                .execute(&mut *conn)
+                .await?;
+            changed += 1;
+            continue;
+        };
+        if redact(&mut v["data"], false) {
+            sqlx::query("update stripe_events set raw = $2 where stripe_event_id = $1")
+                .bind(&id)
+                .bind(v.to_string())
+                .execute(&mut *conn)
+                .await?;
+            changed += 1;
+        }
+    }
+    Ok(changed)
+}
+
 /// Process one mirrored event: its effects and its new mirror status commit
 /// together. `force` re-runs an event already processed (replay); its
 /// effects are keyed, so that changes nothing that was already done.

@@ -5,7 +5,8 @@
 //! 2. `storage`: delete every object under `users/<account>/`;
 //! 3. `farewell_email`: tell the user it is done (while the address exists);
 //! 4. in one transaction: delete the private rows (prompts, idempotency
-//!    records, second factor, webhook secret), erase the data key (every
+//!    records, second factor, webhook secret), redact names, emails and
+//!    addresses in the mirrored Stripe events, erase the data key (every
 //!    sealed field in the log becomes unreadable) and append `AccountPurged`,
 //!    whose projections drop sessions, keys and generations and the email.
 //!
@@ -151,6 +152,7 @@ async fn erase(conn: &mut PgConnection, account_id: Uuid) -> anyhow::Result<()> 
         .execute(&mut *conn)
         .await?;
     }
+    slate_events::stripe::redact_personal_details(conn, account_id).await?;
     slate_events::vault::erase(conn, account_id).await?;
     let event = NewEvent {
         event_id: store::deterministic_event_id(&format!("account-purged:{account_id}")),
