@@ -663,7 +663,13 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                         .stripe_webhook_secrets
                         .first()
                         .context("the story signs a webhook: set STRIPE_WEBHOOK_SECRETS")?;
-                    crate::demo_story::run(&pool, url.trim_end_matches('/'), secret.expose()).await
+                    crate::demo_story::run(
+                        &pool,
+                        &config,
+                        url.trim_end_matches('/'),
+                        secret.expose(),
+                    )
+                    .await
                 }
             };
         }

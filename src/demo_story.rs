@@ -32,7 +32,12 @@ where
     }
 }
 
-pub async fn run(pool: &PgPool, base: &str, webhook_secret: &str) -> anyhow::Result<i32> {
+pub async fn run(
+    pool: &PgPool,
+    config: &crate::config::Config,
+    base: &str,
+    webhook_secret: &str,
+) -> anyhow::Result<i32> {
     let http = reqwest::Client::new();
     println!("Slate demo — the service end to end at {base}\n");
 
@@ -226,5 +231,85 @@ pub async fn run(pool: &PgPool, base: &str, webhook_secret: &str) -> anyhow::Res
         let stream_kind = stream.split('-').next().unwrap_or("");
         println!("   #{pos:<6} {stream_kind:<11} {t:<22} {what}");
     }
+    privacy(pool, config, &http, base, &key, account).await?;
     Ok(0)
+}
+
+/// Export, delete, and the purge 31 days later (the clock moved forward).
+async fn privacy(
+    pool: &PgPool,
+    config: &crate::config::Config,
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    account: Uuid,
+) -> anyhow::Result<()> {
+    let bundle: Value = http
+        .get(format!("{base}/v1/account/export"))
+        .bearer_auth(key)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    println!(
+        "\n6. GET /v1/account/export: {} events, {} generations, {} ledger entries, email {}",
+        bundle["events"].as_array().map_or(0, Vec::len),
+        bundle["generations"].as_array().map_or(0, Vec::len),
+        bundle["ledger"].as_array().map_or(0, Vec::len),
+        bundle["account"]["email"]
+    );
+    let deleted = http
+        .delete(format!("{base}/v1/account"))
+        .bearer_auth(key)
+        .send()
+        .await?;
+    let refused = http
+        .get(format!("{base}/v1/credits"))
+        .bearer_auth(key)
+        .send()
+        .await?;
+    println!(
+        "7. DELETE /v1/account -> {}; the key now gets {}",
+        deleted.status().as_u16(),
+        refused.status().as_u16()
+    );
+    let storage = slate_workers::storage::Storage::new(&config.storage());
+    let prefix = format!("users/{account}/");
+    let objects = storage.list_prefix(&prefix).await?.len();
+    let purger = slate_workers::purge::Purger {
+        pool: pool.clone(),
+        storage: storage.clone(),
+        mailer: None,
+        stripe: None,
+        crash_after: None,
+    };
+    let later = chrono::Utc::now() + chrono::Duration::days(31);
+    let outcome = slate_workers::purge::purge(&purger, account, later).await?;
+    let sealed: String = sqlx::query_scalar(
+        "select payload->>'email' from events where event_type = 'AccountCreated' and payload->>'account_id' = $1",
+    )
+    .bind(account.to_string())
+    .fetch_one(pool)
+    .await?;
+    let mut conn = pool.acquire().await?;
+    let opened = slate_events::vault::open(&mut conn, &sealed)
+        .await?
+        .or_erased();
+    drop(conn);
+    println!(
+        "8. purge with the clock 31 days on: {outcome:?}; objects under {prefix}: {objects} -> {}; the email in the log now opens as {opened}",
+        storage.list_prefix(&prefix).await?.len()
+    );
+    let steps: Vec<(String, String)> = sqlx::query_as(
+        "select payload->>'step', payload->>'detail' from events
+          where stream_id = $1 and event_type = 'AccountPurgeStepCompleted' order by global_position",
+    )
+    .bind(format!("account-{account}"))
+    .fetch_all(pool)
+    .await?;
+    for (step, detail) in steps {
+        println!("   step {step:<15} {detail}");
+    }
+    Ok(())
 }
