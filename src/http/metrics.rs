@@ -1,6 +1,6 @@
 //! `GET /metrics` in Prometheus text format: state read from the database
-//! at scrape time, so every process reports the same figures. (Request
-//! counters and latency histograms come with the metrics work.)
+//! at scrape time, so every process reports the same figures; plus this
+//! process's HTTP request counters and latency histograms.
 
 use std::fmt::Write;
 
@@ -16,6 +16,9 @@ use super::{ApiError, AppState};
 pub fn router() -> Router<AppState> {
     Router::new().route("/metrics", get(metrics))
 }
+
+/// Upper bounds (seconds) of the job-duration and processing-lag buckets.
+const DURATION_BUCKETS: [f64; 10] = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0];
 
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -74,6 +77,79 @@ async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, Api
             label(status)
         );
     }
+
+    // Durations of finished jobs (pickup to done), cumulative per bucket.
+    let durations: Vec<(String, Vec<i64>, i64, f64)> = sqlx::query_as(
+        "with j as (select job_type, extract(epoch from done_at - lock_at)::float8 d
+                      from apalis.jobs
+                     where status = 'Done' and lock_at is not null and done_at is not null)
+         select job_type, array_agg(n order by le), max(total), max(total_sum)
+           from (select j.job_type, b.le, count(*) filter (where j.d <= b.le) n,
+                        count(*) total, sum(j.d) total_sum
+                   from j cross join unnest($1::float8[]) b(le) group by 1, 2) x
+          group by 1 order by 1",
+    )
+    .bind(DURATION_BUCKETS.to_vec())
+    .fetch_all(pool)
+    .await?;
+    out.push_str("# HELP slate_job_duration_seconds Finished jobs by queue, from pickup to done.\n# TYPE slate_job_duration_seconds histogram\n");
+    for (queue, buckets, count, sum) in &durations {
+        let q = label(queue);
+        for (le, n) in DURATION_BUCKETS.iter().zip(buckets) {
+            let _ = writeln!(
+                out,
+                "slate_job_duration_seconds_bucket{{queue=\"{q}\",le=\"{le}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "slate_job_duration_seconds_bucket{{queue=\"{q}\",le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "slate_job_duration_seconds_sum{{queue=\"{q}\"}} {sum:.6}"
+        );
+        let _ = writeln!(
+            out,
+            "slate_job_duration_seconds_count{{queue=\"{q}\"}} {count}"
+        );
+    }
+
+    // Webhook processing lag: received (first delivery) to processed, and
+    // the age of the oldest event still waiting.
+    let (lag_buckets, lag_count, lag_sum, waiting): (Vec<i64>, i64, f64, Option<f64>) =
+        sqlx::query_as(
+            "with p as (select extract(epoch from processed_at - received_at)::float8 d
+                          from stripe_events where processed_at is not null)
+             select coalesce((select array_agg(n order by le) from
+                        (select b.le, count(p.d) filter (where p.d <= b.le) n
+                           from unnest($1::float8[]) b(le) left join p on true group by 1) x), '{}'),
+                    (select count(*) from p), (select coalesce(sum(d), 0) from p),
+                    (select extract(epoch from now() - min(received_at))::float8
+                       from stripe_events where status = 'pending')",
+        )
+        .bind(DURATION_BUCKETS.to_vec())
+        .fetch_one(pool)
+        .await?;
+    out.push_str("# HELP slate_stripe_processing_lag_seconds Stripe events from receipt to processed.\n# TYPE slate_stripe_processing_lag_seconds histogram\n");
+    for (le, n) in DURATION_BUCKETS.iter().zip(&lag_buckets) {
+        let _ = writeln!(
+            out,
+            "slate_stripe_processing_lag_seconds_bucket{{le=\"{le}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "slate_stripe_processing_lag_seconds_bucket{{le=\"+Inf\"}} {lag_count}"
+    );
+    let _ = writeln!(out, "slate_stripe_processing_lag_seconds_sum {lag_sum:.6}");
+    let _ = writeln!(out, "slate_stripe_processing_lag_seconds_count {lag_count}");
+    out.push_str("# HELP slate_stripe_oldest_pending_seconds Age of the oldest Stripe event not processed yet (0: none).\n# TYPE slate_stripe_oldest_pending_seconds gauge\n");
+    let _ = writeln!(
+        out,
+        "slate_stripe_oldest_pending_seconds {:.3}",
+        waiting.unwrap_or(0.0)
+    );
 
     let generations: Vec<(String, i64)> =
         sqlx::query_as("select status, count(*) from generations group by 1 order by 1")

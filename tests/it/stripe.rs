@@ -835,6 +835,34 @@ async fn metrics_count_mirrored_unparsed_events_and_outstanding_holds() {
     assert!(text.contains(
         "slate_http_request_duration_seconds_count{method=\"POST\",route=\"/webhooks/stripe\"} 3"
     ));
+    assert!(text.contains("# TYPE slate_job_duration_seconds histogram"));
+    assert!(
+        text.contains("slate_stripe_processing_lag_seconds_count 0"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("slate_stripe_oldest_pending_seconds 0.000"),
+        "{text}"
+    );
+    // Once processed: the lag is measured and nothing waits.
+    app.process_stripe().await;
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("slate_stripe_processing_lag_seconds_count 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("slate_stripe_oldest_pending_seconds 0.000"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -18,8 +18,11 @@ pub enum DiagnosticJob {
     Fail,
 }
 
-#[tracing::instrument(skip_all, fields(kind = ?job))]
-pub async fn handle(job: DiagnosticJob) -> Result<(), BoxDynError> {
+#[tracing::instrument(skip_all, fields(job_id = %task_id, kind = ?job))]
+pub async fn handle(
+    job: DiagnosticJob,
+    task_id: apalis::prelude::TaskId,
+) -> Result<(), BoxDynError> {
     crate::jobs::contain(async move {
         match job {
             DiagnosticJob::Ping => {

@@ -69,9 +69,10 @@ pub async fn schedule(pool: &PgPool, slot: i64) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-#[tracing::instrument(skip_all, fields(slot = job.slot))]
+#[tracing::instrument(skip_all, fields(job_id = %task_id, slot = job.slot))]
 pub async fn handle(
     job: SweepJob,
+    task_id: apalis::prelude::TaskId,
     pool: apalis::prelude::Data<PgPool>,
 ) -> Result<(), apalis::prelude::BoxDynError> {
     let _ = job;

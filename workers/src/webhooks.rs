@@ -240,7 +240,7 @@ pub async fn deliver(w: &WebhookWorker, generation_id: Uuid) -> anyhow::Result<D
     })
 }
 
-#[tracing::instrument(skip_all, fields(generation_id = %job.generation_id, attempt = attempt.current()))]
+#[tracing::instrument(skip_all, fields(job_id = %task_id, generation_id = %job.generation_id, attempt = attempt.current()))]
 pub async fn handle(
     job: WebhookJob,
     task_id: TaskId,
