@@ -22,6 +22,7 @@ pub mod projections;
 pub mod sessions;
 pub mod store;
 pub mod stripe;
+pub mod tail;
 pub mod vault;
 
 pub use catalog::{Actor, DomainEvent, Metadata};

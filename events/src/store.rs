@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{Acquire, PgConnection};
+
 use uuid::Uuid;
 
 use crate::Error;
@@ -86,112 +87,115 @@ impl RecordedEvent {
 
 /// Append `events` to `stream_id` atomically.
 ///
-/// Runs inside the caller's transaction when given one (as a savepoint), or
-/// in its own. A version mismatch is [`Error::Conflict`] and writes nothing;
-/// appending events whose ids are all stored already is a no-op reported as
-/// `duplicate`.
+/// One round trip (`slate_append_events`) on its own; inside the caller's
+/// transaction, a savepoint around it. A version mismatch is
+/// [`Error::Conflict`] and writes nothing; appending events whose ids are
+/// all stored already is a no-op reported as `duplicate`.
 pub async fn append(
     conn: &mut PgConnection,
     stream_id: &str,
     expected: ExpectedVersion,
     events: &[NewEvent],
 ) -> Result<Appended, Error> {
+    Ok(append_at(conn, stream_id, expected, events).await?.0)
+}
+
+#[derive(sqlx::FromRow)]
+struct AppendRow {
+    status: String,
+    version: Option<i32>,
+    positions: Option<Vec<i64>>,
+    recorded_at: DateTime<Utc>,
+}
+
+/// [`append`], also returning the events' `recorded_at`.
+async fn append_at(
+    conn: &mut PgConnection,
+    stream_id: &str,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+) -> Result<(Appended, DateTime<Utc>), Error> {
     if events.is_empty() {
         return Err(Error::InvalidArgument("nothing to append".into()));
     }
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-
-    // Up to a few attempts for `Any`: another writer may take the next version.
-    for _ in 0..5 {
-        let mut tx = conn.begin().await?;
-
-        let stored: Vec<(Uuid, String, i32, i64)> = sqlx::query_as(
-            "select event_id, stream_id, stream_version, global_position
-               from events where event_id = any($1) order by global_position",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        if !stored.is_empty() {
-            let same_stream = stored.iter().all(|(_, s, _, _)| s == stream_id);
-            if stored.len() == events.len() && same_stream {
-                return Ok(Appended {
-                    positions: stored.iter().map(|r| r.3).collect(),
-                    version: stored.iter().map(|r| r.2).max().unwrap_or(0),
-                    duplicate: true,
-                });
-            }
-            return Err(Error::KeyReused);
-        }
-
-        let current: i32 = sqlx::query_scalar(
-            "select coalesce(max(stream_version), 0) from events where stream_id = $1",
+    let types: Vec<&str> = events.iter().map(|e| e.event.event_type()).collect();
+    let schema_versions: Vec<i16> = events.iter().map(|e| e.event.schema_version()).collect();
+    let payloads: Vec<Value> = events.iter().map(|e| e.event.payload()).collect();
+    let metadata: Vec<Value> = events.iter().map(|e| e.metadata.to_json()).collect();
+    let expected_arg: Option<i32> = match expected {
+        ExpectedVersion::Any => None,
+        ExpectedVersion::NoStream => Some(0),
+        ExpectedVersion::Exact(v) => Some(v),
+    };
+    let query = || {
+        sqlx::query_as::<_, AppendRow>(
+            "select status, version, positions, recorded_at
+               from slate_append_events($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(stream_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        let ok = match expected {
-            ExpectedVersion::Any => true,
-            ExpectedVersion::NoStream => current == 0,
-            ExpectedVersion::Exact(v) => current == v,
-        };
-        if !ok {
-            return Err(Error::Conflict {
-                stream_id: stream_id.to_owned(),
-                expected: expected.to_string(),
-                actual: current,
-            });
-        }
-
-        let n = events.len();
-        let versions: Vec<i32> = (1..=n as i32).map(|i| current + i).collect();
-        let types: Vec<&str> = events.iter().map(|e| e.event.event_type()).collect();
-        let schema_versions: Vec<i16> = events.iter().map(|e| e.event.schema_version()).collect();
-        let payloads: Vec<Value> = events.iter().map(|e| e.event.payload()).collect();
-        let metadata: Vec<Value> = events.iter().map(|e| e.metadata.to_json()).collect();
-
-        // ON CONFLICT DO NOTHING: a concurrent writer that took one of our
-        // versions (or ids) makes us write fewer rows instead of aborting the
-        // caller's transaction.
-        let positions: Vec<i64> = sqlx::query_scalar(
-            "insert into events (event_id, stream_id, stream_version, event_type, schema_version, payload, metadata)
-             select id, $2, v, t, sv, p, m
-               from unnest($1::uuid[], $3::int[], $4::text[], $5::smallint[], $6::jsonb[], $7::jsonb[])
-                    as x(id, v, t, sv, p, m)
-             order by v
-             on conflict do nothing
-             returning global_position",
-        )
+        .bind(expected_arg)
         .bind(&ids)
-        .bind(stream_id)
-        .bind(&versions)
         .bind(&types)
         .bind(&schema_versions)
         .bind(&payloads)
         .bind(&metadata)
-        .fetch_all(&mut *tx)
-        .await?;
-
-        if positions.len() == n {
-            tx.commit().await?;
-            let mut positions = positions;
-            positions.sort_unstable();
-            return Ok(Appended {
-                positions,
-                version: current + n as i32,
-                duplicate: false,
-            });
+    };
+    // SL010: a writer raced us to the stream's next version; nothing was
+    // written. Look again (a savepoint keeps the caller's transaction).
+    let raced = |e: &sqlx::Error| {
+        e.as_database_error()
+            .is_some_and(|d| d.code().as_deref() == Some("SL010"))
+    };
+    let in_transaction = sqlx::Connection::is_in_transaction(&*conn);
+    let mut row = None;
+    for _ in 0..5 {
+        let result = if in_transaction {
+            let mut savepoint = conn.begin().await?;
+            match query().fetch_one(&mut *savepoint).await {
+                Ok(r) => {
+                    savepoint.commit().await?;
+                    Ok(r)
+                }
+                Err(e) => {
+                    savepoint.rollback().await?;
+                    Err(e)
+                }
+            }
+        } else {
+            query().fetch_one(&mut *conn).await
+        };
+        match result {
+            Ok(r) => {
+                row = Some(r);
+                break;
+            }
+            Err(e) if raced(&e) => continue,
+            Err(e) => return Err(e.into()),
         }
-        // Someone else wrote first. Look again: either our events are there
-        // now (a concurrent retry of the same append: duplicate), or the
-        // version moved (conflict, unless `Any`).
-        tx.rollback().await?;
     }
-    Err(Error::Conflict {
-        stream_id: stream_id.to_owned(),
-        expected: expected.to_string(),
-        actual: -1,
-    })
+    let Some(row) = row else {
+        return Err(Error::Conflict {
+            stream_id: stream_id.to_owned(),
+            expected: expected.to_string(),
+            actual: -1,
+        });
+    };
+    let appended = |duplicate| Appended {
+        positions: row.positions.clone().unwrap_or_default(),
+        version: row.version.unwrap_or(0),
+        duplicate,
+    };
+    match row.status.as_str() {
+        "appended" => Ok((appended(false), row.recorded_at)),
+        "duplicate" => Ok((appended(true), row.recorded_at)),
+        "key_reused" => Err(Error::KeyReused),
+        _ => Err(Error::Conflict {
+            stream_id: stream_id.to_owned(),
+            expected: expected.to_string(),
+            actual: row.version.unwrap_or(0),
+        }),
+    }
 }
 
 /// Every event of one stream, in version order.
@@ -222,14 +226,13 @@ pub async fn append_and_apply(
     expected: ExpectedVersion,
     event: &NewEvent,
 ) -> Result<Appended, Error> {
+    if !crate::projections::has_inline(&event.event) {
+        return append(conn, stream_id, expected, std::slice::from_ref(event)).await;
+    }
     let mut tx = conn.begin().await?;
-    let appended = append(&mut tx, stream_id, expected, std::slice::from_ref(event)).await?;
+    let (appended, recorded_at) =
+        append_at(&mut tx, stream_id, expected, std::slice::from_ref(event)).await?;
     if !appended.duplicate {
-        let recorded_at: DateTime<Utc> =
-            sqlx::query_scalar("select recorded_at from events where global_position = $1")
-                .bind(appended.positions[0])
-                .fetch_one(&mut *tx)
-                .await?;
         crate::projections::apply_inline(&mut tx, &event.event, appended.positions[0], recorded_at)
             .await?;
     }

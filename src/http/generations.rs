@@ -212,9 +212,10 @@ impl Follow {
                 self.finished |= terminal;
             }
             if self.pending.is_empty() {
-                // Wait for a commit anywhere (or poll now and then).
+                // Wait for the log's tail to move (or look again after a
+                // second: a commit behind the tail does not move it).
                 let _ =
-                    tokio::time::timeout(std::time::Duration::from_secs(5), self.wake.recv()).await;
+                    tokio::time::timeout(std::time::Duration::from_secs(1), self.wake.recv()).await;
             }
         }
     }

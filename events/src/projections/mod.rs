@@ -162,6 +162,13 @@ impl Projection {
     }
 }
 
+/// Whether any inline projection follows this event's type.
+pub fn has_inline(event: &DomainEvent) -> bool {
+    Projection::ALL
+        .iter()
+        .any(|p| p.is_inline() && p.event_types().contains(&event.event_type()))
+}
+
 /// Apply a just-appended event to the inline projections that follow it, in
 /// the appending transaction. (The ledger's stored functions update their own
 /// tables; this is for events appended from Rust.)

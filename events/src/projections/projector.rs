@@ -9,7 +9,6 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::watch;
 
@@ -147,8 +146,7 @@ async fn lead(
         return Ok(false);
     }
     tracing::info!(projection = p.name(), "projector leading");
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen("slate_events").await?;
+    let mut tail = crate::tail::watch(pool.clone(), crate::tail::INTERVAL);
     let mut last_ping = tokio::time::Instant::now();
     loop {
         if *shutdown.borrow() {
@@ -164,10 +162,10 @@ async fn lead(
         if n > 0 {
             continue;
         }
-        // Nothing visible: wait for a commit, or poll (a transaction that
-        // held back the snapshot's xmin may have ended without notifying).
+        // Nothing visible: wait for the tail to move, or look again anyway
+        // (a transaction that committed behind the tail does not move it).
         tokio::select! {
-            r = listener.recv() => { r?; }
+            _ = tail.changed() => {}
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             _ = shutdown.changed() => {}
         }
