@@ -6,7 +6,11 @@
 //!    `events`, at 1, 8 and 32 connections;
 //! 2. event appends/s through the event store at the same concurrencies;
 //! 3. verified Stripe webhook ingest over HTTP at N concurrent senders:
-//!    req/s, p50, p99.
+//!    req/s, p50, p99;
+//! 4. bare apalis-postgres no-op jobs/s and end-to-end generations/s;
+//!
+//! and parts 5–9 (rebuild speed, append latency growth, RSS of `serve` and
+//! `work`, staff audit queries at size, pickup latency) in `bench_scale`.
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +35,7 @@ pub struct BenchOptions {
     pub senders: usize,
     /// Jobs for the queue measurements.
     pub jobs: usize,
+    pub scale: crate::bench_scale::ScaleOptions,
 }
 
 impl BenchOptions {
@@ -40,6 +45,7 @@ impl BenchOptions {
             webhooks: 2_000,
             senders: 32,
             jobs: 300,
+            scale: crate::bench_scale::ScaleOptions::quick(),
         }
     }
 }
@@ -51,6 +57,7 @@ impl Default for BenchOptions {
             webhooks: 20_000,
             senders: 32,
             jobs: 3_000,
+            scale: crate::bench_scale::ScaleOptions::default(),
         }
     }
 }
@@ -86,7 +93,25 @@ pub struct Report {
     pub event_appends: Vec<Throughput>,
     pub webhook_ingest: Latency,
     pub jobs: Jobs,
+    pub rebuild: crate::bench_scale::Rebuild,
+    pub append_growth: crate::bench_scale::AppendGrowth,
+    pub processes: Processes,
+    pub audit_entries: i64,
+    pub audit_queries: Vec<crate::bench_scale::AuditQuery>,
+    pub pickup_idle: crate::bench_scale::Percentiles,
+    pub pickup_loaded: crate::bench_scale::Percentiles,
+    pub pickup_backlog: usize,
     pub peak_rss_mib: f64,
+}
+
+/// Resident memory of `slate serve` and `slate work` (child processes), MiB.
+#[derive(Debug, Serialize)]
+pub struct Processes {
+    pub serve_idle_mib: f64,
+    pub work_idle_mib: f64,
+    pub serve_peak_mib: f64,
+    pub work_peak_mib: f64,
+    pub load: String,
 }
 
 const LEVELS: [usize; 3] = [1, 8, 32];
@@ -104,7 +129,9 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> anyhow::Result<Report>
     sqlx::query(sqlx::AssertSqlSafe(format!("create database {db}")))
         .execute(&mut admin)
         .await?;
-    let result = run_in(config, opts, base.clone().database(&db)).await;
+    let mut url = reqwest::Url::parse(config.database_url.expose())?;
+    url.set_path(&format!("/{db}"));
+    let result = run_in(config, opts, base.clone().database(&db), url.as_str()).await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "drop database if exists {db} with (force)"
     )))
@@ -118,7 +145,9 @@ async fn run_in(
     config: &Config,
     opts: &BenchOptions,
     options: PgConnectOptions,
+    database_url: &str,
 ) -> anyhow::Result<Report> {
+    use crate::bench_scale as scale;
     let options = options.disable_statement_logging();
     let pool = PgPoolOptions::new()
         .max_connections(40)
@@ -136,7 +165,11 @@ async fn run_in(
     )
     .execute(&pool)
     .await?;
+    eprintln!("bench: append latency on a small log");
+    let small_log_events = scale::log_size(&pool).await?;
+    let small = scale::append_latency(&pool, opts.scale.samples).await?;
 
+    eprintln!("bench: INSERT ceiling and appends");
     let duration = Duration::from_secs_f64(opts.seconds);
     let mut insert_ceiling = Vec::new();
     let mut event_appends = Vec::new();
@@ -188,7 +221,9 @@ async fn run_in(
         });
     }
 
+    eprintln!("bench: webhook ingest");
     let webhook_ingest = webhooks(config, &pool, opts).await?;
+    eprintln!("bench: jobs");
     let jobs = Jobs {
         jobs: opts.jobs,
         noop_per_second: slate_workers::bench::noop_jobs_per_second(&pool, opts.jobs).await?,
@@ -200,8 +235,38 @@ async fn run_in(
         )
         .await?,
     };
+    eprintln!("bench: serve and work as child processes, idle and under load");
+    let processes = processes(database_url, opts).await?;
+    eprintln!("bench: rebuild over {} more events", opts.scale.rebuild_events);
+    let rebuild = scale::rebuild_speed(&pool, opts.scale.rebuild_events).await?;
+    let have = scale::log_size(&pool).await?;
+    let more = (opts.scale.log_events as i64 - have).max(0) as usize;
+    eprintln!("bench: filling the log to {} events", opts.scale.log_events);
+    scale::fill_log(&pool, more, "bench-log").await?;
+    let big_log_events = scale::log_size(&pool).await?;
+    let big = scale::append_latency(&pool, opts.scale.samples).await?;
+    eprintln!("bench: {} audit entries", opts.scale.audit_entries);
+    let audit_entries = scale::fill_audit(&pool, opts.scale.audit_entries).await?;
+    let audit_queries = scale::audit_queries(&pool, opts.scale.samples).await?;
+    eprintln!("bench: pickup latency");
+    let (idle, loaded) =
+        slate_workers::bench::pickup_latency(&pool, opts.scale.samples.min(200), opts.jobs)
+            .await?;
     pool.close().await;
     Ok(Report {
+        rebuild,
+        append_growth: scale::AppendGrowth {
+            small_log_events,
+            small,
+            big_log_events,
+            big,
+        },
+        processes,
+        audit_entries,
+        audit_queries,
+        pickup_idle: scale::percentiles(idle),
+        pickup_loaded: scale::percentiles(loaded),
+        pickup_backlog: opts.jobs,
         build: if cfg!(debug_assertions) {
             "debug"
         } else {
@@ -262,6 +327,19 @@ async fn webhooks(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow
     let server = tokio::spawn(crate::server::serve(listener, state, async move {
         let _ = stop_rx.await;
     }));
+    let latency = send_webhooks(&url, opts.senders, opts.webhooks).await;
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    latency
+}
+
+/// `n` verified deliveries from `senders` concurrent clients.
+async fn send_webhooks(url: &str, senders: usize, n: usize) -> anyhow::Result<Latency> {
+    let opts = BenchOptions {
+        senders,
+        webhooks: n,
+        ..BenchOptions::quick()
+    };
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(opts.senders)
         .build()?;
@@ -271,7 +349,7 @@ async fn webhooks(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow
     let mut tasks = Vec::new();
     for s in 0..opts.senders {
         let client = client.clone();
-        let url = url.clone();
+        let url = url.to_owned();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(per_sender);
             let mut errors = 0usize;
@@ -310,8 +388,6 @@ async fn webhooks(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow
         errors += e;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let _ = stop_tx.send(());
-    let _ = server.await;
     all.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| all[((all.len() as f64 - 1.0) * p).round() as usize];
     Ok(Latency {
@@ -322,6 +398,71 @@ async fn webhooks(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow
         p99_ms: pct(0.99),
         max_ms: pct(1.0),
         errors,
+    })
+}
+
+/// Start `slate serve` and `slate work` on the bench database, read their
+/// memory idle, drive webhook deliveries through them, read their peaks.
+async fn processes(database_url: &str, opts: &BenchOptions) -> anyhow::Result<Processes> {
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let spawn = |cmd: &str| {
+        Command::new(&exe)
+            .arg(cmd)
+            .env("DATABASE_URL", database_url)
+            .env("SLATE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("STRIPE_WEBHOOK_SECRETS", WEBHOOK_SECRET)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+    };
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let serve = Kill(spawn("serve")?);
+    let work = Kill(spawn("work")?);
+    let base = format!("http://127.0.0.1:{port}");
+    crate::bench_scale::wait_for_http(&format!("{base}/healthz"), Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (serve_idle_mib, _) = crate::bench_scale::rss_mib(serve.0.id());
+    let (work_idle_mib, _) = crate::bench_scale::rss_mib(work.0.id());
+    let n = opts.webhooks / 2;
+    send_webhooks(&format!("{base}/webhooks/stripe"), opts.senders, n).await?;
+    // Let the worker drain what the deliveries queued.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(database_url)
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let pending: i64 = sqlx::query_scalar(
+            "select count(*) from stripe_events where status = 'pending'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pool.close().await;
+    let (_, serve_peak_mib) = crate::bench_scale::rss_mib(serve.0.id());
+    let (_, work_peak_mib) = crate::bench_scale::rss_mib(work.0.id());
+    Ok(Processes {
+        serve_idle_mib,
+        work_idle_mib,
+        serve_peak_mib,
+        work_peak_mib,
+        load: format!(
+            "{n} webhook deliveries from {} senders, processed by the worker",
+            opts.senders
+        ),
     })
 }
 
@@ -384,6 +525,45 @@ pub fn print(report: &Report) {
         j.noop_per_second,
         j.generations_per_second,
         j.generations_per_second / j.noop_per_second
+    );
+    let r = &report.rebuild;
+    println!(
+        "5. rebuild of {} over {} events: {:.1} s, {:.0} events/s",
+        r.projection, r.events, r.seconds, r.per_second
+    );
+    let g = &report.append_growth;
+    println!(
+        "6. append latency: p50 {:.2} ms, p99 {:.2} ms at {} events; p50 {:.2} ms, p99 {:.2} ms at {} events (p99 ratio {:.2})",
+        g.small.p50_ms,
+        g.small.p99_ms,
+        g.small_log_events,
+        g.big.p50_ms,
+        g.big.p99_ms,
+        g.big_log_events,
+        g.big.p99_ms / g.small.p99_ms.max(f64::EPSILON)
+    );
+    let p = &report.processes;
+    println!(
+        "7. RSS: serve {:.0} MiB idle, {:.0} MiB peak; work {:.0} MiB idle, {:.0} MiB peak ({})",
+        p.serve_idle_mib, p.serve_peak_mib, p.work_idle_mib, p.work_peak_mib, p.load
+    );
+    println!(
+        "8. staff audit queries over {} entries (50 per page), p50 / p99 ms:",
+        report.audit_entries
+    );
+    for q in &report.audit_queries {
+        println!(
+            "   {:<26} first page {:>7.2} / {:>7.2}   deep cursor {:>7.2} / {:>7.2}",
+            q.filter, q.first_page.p50_ms, q.first_page.p99_ms, q.deep_cursor.p50_ms, q.deep_cursor.p99_ms
+        );
+    }
+    println!(
+        "9. pickup latency (commit to handler start): idle p50 {:.1} ms, p99 {:.1} ms; behind {} queued jobs p50 {:.1} ms, p99 {:.1} ms",
+        report.pickup_idle.p50_ms,
+        report.pickup_idle.p99_ms,
+        report.pickup_backlog,
+        report.pickup_loaded.p50_ms,
+        report.pickup_loaded.p99_ms
     );
     println!("peak RSS of this process: {:.0} MiB", report.peak_rss_mib);
     println!("{}", serde_json::to_string(report).unwrap_or_default());

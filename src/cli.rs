@@ -93,9 +93,21 @@ pub enum Command {
         /// Concurrent webhook senders.
         #[arg(long)]
         senders: Option<usize>,
-        /// Jobs for the queue measurements.
+        /// Jobs for the queue measurements (and the pickup backlog).
         #[arg(long)]
         jobs: Option<usize>,
+        /// Events the rebuild measurement adds to the log.
+        #[arg(long)]
+        rebuild_events: Option<usize>,
+        /// Events in the log for the second append-latency measurement.
+        #[arg(long)]
+        log_events: Option<usize>,
+        /// Audit entries for the staff-query measurement.
+        #[arg(long)]
+        audit_entries: Option<usize>,
+        /// Samples per latency figure.
+        #[arg(long)]
+        samples: Option<usize>,
     },
 }
 
@@ -639,6 +651,10 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             webhooks,
             senders,
             jobs,
+            rebuild_events,
+            log_events,
+            audit_entries,
+            samples,
         } => {
             let mut opts = if quick {
                 crate::bench::BenchOptions::quick()
@@ -649,6 +665,11 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             opts.webhooks = webhooks.unwrap_or(opts.webhooks);
             opts.senders = senders.unwrap_or(opts.senders).max(1);
             opts.jobs = jobs.unwrap_or(opts.jobs).max(1);
+            let s = &mut opts.scale;
+            s.rebuild_events = rebuild_events.unwrap_or(s.rebuild_events);
+            s.log_events = log_events.unwrap_or(s.log_events);
+            s.audit_entries = audit_entries.unwrap_or(s.audit_entries);
+            s.samples = samples.unwrap_or(s.samples).max(1);
             let report = crate::bench::run(&config, &opts).await?;
             crate::bench::print(&report);
         }

@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod bench;
+pub mod bench_scale;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -176,3 +176,86 @@ pub async fn generations_per_second(
     let _ = running.await;
     Ok(rate)
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Pickup {
+    i: usize,
+    measured: bool,
+}
+
+type Started = Arc<tokio::sync::mpsc::UnboundedSender<(usize, Instant)>>;
+
+async fn picked_up(job: Pickup, started: Data<Started>) -> Result<(), BoxDynError> {
+    if job.measured {
+        let _ = started.send((job.i, Instant::now()));
+    }
+    Ok(())
+}
+
+/// Milliseconds from a job's commit to its handler starting, for `samples`
+/// jobs pushed one at a time on an idle queue, then for `samples` jobs
+/// pushed behind a backlog of `backlog` others.
+pub async fn pickup_latency(
+    pool: &PgPool,
+    samples: usize,
+    backlog: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    const QUEUE: &str = "bench.pickup";
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let started: Started = Arc::new(tx);
+    let storage = PostgresStorage::<Pickup>::new(pool)
+        .with_config(config(QUEUE))
+        .with_pubsub();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let monitor = Monitor::new().register(move |_| {
+        WorkerBuilder::new(format!("bench-pickup-{}", Uuid::new_v4().simple()))
+            .backend(storage.clone())
+            .data(started.clone())
+            .concurrency(8)
+            .build(picked_up)
+    });
+    let running = tokio::spawn(monitor.run_with_signal(async move {
+        let _ = stopped.await;
+        Ok(())
+    }));
+    // Let the worker register and start listening.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let push = |i: usize, measured: bool| {
+        TaskBuilder::new(serde_json::to_vec(&Pickup { i, measured }).expect("serializes")).build()
+    };
+    let mut idle = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let mut tx = pool.begin().await?;
+        apalis_postgres::queries::push_tasks(&mut *tx, QUEUE, vec![push(i, true)]).await?;
+        tx.commit().await?;
+        let committed = Instant::now();
+        let (_, at) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the pickup worker stopped"))?;
+        idle.push(at.saturating_duration_since(committed).as_secs_f64() * 1000.0);
+    }
+    let mut conn = pool.acquire().await?;
+    for chunk in (0..backlog).collect::<Vec<_>>().chunks(500) {
+        let tasks = chunk.iter().map(|i| push(*i, false)).collect();
+        apalis_postgres::queries::push_tasks(&mut *conn, QUEUE, tasks).await?;
+    }
+    let mut committed_at = std::collections::HashMap::new();
+    for i in 0..samples {
+        apalis_postgres::queries::push_tasks(&mut *conn, QUEUE, vec![push(i, true)]).await?;
+        committed_at.insert(i, Instant::now());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    drop(conn);
+    let mut loaded = Vec::with_capacity(samples);
+    while loaded.len() < samples {
+        let (i, at) = tokio::time::timeout(Duration::from_secs(120), rx.recv())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the pickup worker stopped"))?;
+        if let Some(c) = committed_at.get(&i) {
+            loaded.push(at.saturating_duration_since(*c).as_secs_f64() * 1000.0);
+        }
+    }
+    let _ = stop.send(());
+    let _ = running.await;
+    Ok((idle, loaded))
+}

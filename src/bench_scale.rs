@@ -1,0 +1,302 @@
+//! The parts of `slate bench` that need a big log or a big audit trail, and
+//! the child processes:
+//!
+//! 5. projection rebuild speed (the audit projection over N events);
+//! 6. append p50/p99 on an (almost) empty log and at N events;
+//! 7. peak RSS of `slate serve` and `slate work`, idle and under load;
+//! 8. staff audit queries over N entries, first page and deep cursor;
+//! 9. pickup latency from a submission's commit to its worker starting it.
+//!
+//! Big tables are filled with `generate_series` (shaped like the real rows),
+//! not through the API: the point is to measure reads and appends at size.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use slate_events::Metadata;
+use slate_events::catalog::{DomainEvent, StaffRead};
+use slate_events::projections::{self, Projection};
+use slate_events::store::{self, ExpectedVersion, NewEvent};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct ScaleOptions {
+    pub rebuild_events: usize,
+    pub log_events: usize,
+    pub audit_entries: usize,
+    /// Samples per latency figure.
+    pub samples: usize,
+}
+
+impl ScaleOptions {
+    pub fn quick() -> Self {
+        Self {
+            rebuild_events: 20_000,
+            log_events: 50_000,
+            audit_entries: 50_000,
+            samples: 100,
+        }
+    }
+}
+
+impl Default for ScaleOptions {
+    fn default() -> Self {
+        Self {
+            rebuild_events: 1_000_000,
+            log_events: 10_000_000,
+            audit_entries: 10_000_000,
+            samples: 500,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Percentiles {
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+pub fn percentiles(mut ms: Vec<f64>) -> Percentiles {
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        if ms.is_empty() {
+            0.0
+        } else {
+            ms[((ms.len() as f64 - 1.0) * p).round() as usize]
+        }
+    };
+    Percentiles {
+        samples: ms.len(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Rebuild {
+    pub projection: &'static str,
+    pub events: u64,
+    pub seconds: f64,
+    pub per_second: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AppendGrowth {
+    pub small_log_events: i64,
+    pub small: Percentiles,
+    pub big_log_events: i64,
+    pub big: Percentiles,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AuditQuery {
+    pub filter: &'static str,
+    pub first_page: Percentiles,
+    pub deep_cursor: Percentiles,
+}
+
+fn millis(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Sequential single-event appends, each to a new stream: latency.
+pub async fn append_latency(pool: &PgPool, samples: usize) -> anyhow::Result<Percentiles> {
+    let mut conn = pool.acquire().await?;
+    let mut ms = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let event = NewEvent::new(
+            DomainEvent::StaffRead(StaffRead {
+                staff_id: Uuid::nil(),
+                account_id: Uuid::now_v7(),
+                what: "bench".into(),
+            }),
+            Metadata::system(),
+        );
+        let t = Instant::now();
+        store::append(
+            &mut conn,
+            &format!("bench-latency-{}", event.event_id),
+            ExpectedVersion::NoStream,
+            &[event],
+        )
+        .await?;
+        ms.push(millis(t));
+    }
+    Ok(percentiles(ms))
+}
+
+pub async fn log_size(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("select coalesce(max(global_position), 0) from events")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// Add `n` `StaffRead` events (one stream each), in chunks.
+pub async fn fill_log(pool: &PgPool, n: usize, tag: &str) -> anyhow::Result<()> {
+    let metadata = Metadata::system().to_json();
+    let mut done = 0usize;
+    while done < n {
+        let chunk = (n - done).min(200_000);
+        sqlx::query(
+            "insert into events (event_id, stream_id, stream_version, event_type, schema_version, payload, metadata)
+             select gen_random_uuid(), $3 || '-' || ($1 + i), 1, 'StaffRead', 1,
+                    jsonb_build_object('staff_id', '00000000-0000-0000-0000-000000000000',
+                                       'account_id', lpad(to_hex(($1 + i) % 10000), 32, '0')::uuid,
+                                       'what', 'bench'),
+                    $4
+               from generate_series(1, $2) i",
+        )
+        .bind(done as i64)
+        .bind(chunk as i64)
+        .bind(tag)
+        .bind(&metadata)
+        .execute(pool)
+        .await?;
+        done += chunk;
+    }
+    sqlx::query("analyze events").execute(pool).await?;
+    Ok(())
+}
+
+/// Rebuild the audit projection (one entry per event) from the whole log.
+pub async fn rebuild_speed(pool: &PgPool, events: usize) -> anyhow::Result<Rebuild> {
+    fill_log(pool, events, "bench-rebuild").await?;
+    let t = Instant::now();
+    let n = projections::rebuild(pool, Projection::AuditLog).await?;
+    let seconds = t.elapsed().as_secs_f64();
+    Ok(Rebuild {
+        projection: Projection::AuditLog.name(),
+        events: n,
+        seconds,
+        per_second: n as f64 / seconds,
+    })
+}
+
+/// Fill `audit_entries` up to `n` rows shaped like real ones: 10,000
+/// accounts, 1,000 actors, a request id per three entries, 18 months of
+/// timestamps.
+pub async fn fill_audit(pool: &PgPool, n: usize) -> anyhow::Result<i64> {
+    let have: i64 = sqlx::query_scalar("select count(*) from audit_entries")
+        .fetch_one(pool)
+        .await?;
+    let base: i64 = sqlx::query_scalar("select coalesce(max(position), 0) from audit_entries")
+        .fetch_one(pool)
+        .await?;
+    let mut done = have.max(0) as usize;
+    let start = base + 1_000_000_000;
+    while done < n {
+        let chunk = (n - done).min(250_000);
+        sqlx::query(
+            "insert into audit_entries (position, event_id, at, actor_kind, actor_id, action,
+                                        account_id, targets, outcome, request_id)
+             select $1 + i, gen_random_uuid(),
+                    now() - make_interval(secs => (($3 - i) * 47304000.0 / $3)),
+                    'user', 'actor-' || (i % 1000), 'generation.requested',
+                    lpad(to_hex(i % 10000), 32, '0')::uuid,
+                    jsonb_build_object('generation', md5(i::text)),
+                    'ok', 'req-' || (i / 3)
+               from generate_series(1, $2) i",
+        )
+        .bind(start + done as i64)
+        .bind(chunk as i64)
+        .bind(n as i64)
+        .execute(pool)
+        .await?;
+        done += chunk;
+    }
+    sqlx::query("analyze audit_entries").execute(pool).await?;
+    Ok(sqlx::query_scalar("select count(*) from audit_entries")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// The staff queries the console and `/admin/audit` run, p50/p99, for the
+/// newest page and for a page deep in history.
+pub async fn audit_queries(pool: &PgPool, samples: usize) -> anyhow::Result<Vec<AuditQuery>> {
+    use crate::audit::{Filter, query};
+    let max_seq: i64 = sqlx::query_scalar("select coalesce(max(seq), 0) from audit_entries")
+        .fetch_one(pool)
+        .await?;
+    let deep = max_seq / 10;
+    let mut out = Vec::new();
+    type MakeFilter = fn(usize) -> Filter;
+    let filters: [(&'static str, MakeFilter); 4] = [
+        ("by account", |i| Filter {
+            account: Some(account_for(i % 10_000)),
+            ..Default::default()
+        }),
+        ("by actor", |i| Filter {
+            actor: Some(format!("actor-{}", i % 1000)),
+            ..Default::default()
+        }),
+        ("by request id", |i| Filter {
+            request_id: Some(format!("req-{}", (i * 7919) % 1_000_000)),
+            ..Default::default()
+        }),
+        ("by time range (one day)", |i| {
+            let end = chrono::Utc::now() - chrono::Duration::days((i % 500) as i64);
+            Filter {
+                from: Some(end - chrono::Duration::days(1)),
+                to: Some(end),
+                ..Default::default()
+            }
+        }),
+    ];
+    for (name, make) in filters {
+        let mut first = Vec::with_capacity(samples);
+        let mut deep_ms = Vec::with_capacity(samples);
+        for i in 0..samples {
+            let f = make(i);
+            let t = Instant::now();
+            query(pool, &f, 50, false).await?;
+            first.push(millis(t));
+            let f = Filter {
+                cursor: Some(deep),
+                ..make(i)
+            };
+            let t = Instant::now();
+            query(pool, &f, 50, false).await?;
+            deep_ms.push(millis(t));
+        }
+        out.push(AuditQuery {
+            filter: name,
+            first_page: percentiles(first),
+            deep_cursor: percentiles(deep_ms),
+        });
+    }
+    Ok(out)
+}
+
+/// The account id `fill_audit` gives entry `i % 10000`
+/// (`lpad(to_hex(n), 32, '0')::uuid`).
+fn account_for(i: usize) -> Uuid {
+    Uuid::from_u128(i as u128)
+}
+
+/// Resident set sizes of a child process (current, peak), MiB.
+pub fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+pub async fn wait_for_http(url: &str, limit: Duration) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + limit;
+    while client.get(url).send().await.is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "{url} did not answer");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
