@@ -92,7 +92,35 @@ pub fn document() -> Value {
     let mut doc = serde_json::to_value(&doc).expect("the OpenAPI document serializes");
     add_security_schemes(&mut doc);
     add_error_responses(&mut doc);
+    omit_null_parameters(&mut doc);
     doc
+}
+
+/// An optional query or header parameter is absent, never null: utoipa
+/// types `Option<T>` as `[T, "null"]`, so drop the `"null"`.
+fn omit_null_parameters(doc: &mut Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for item in paths.values_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for op in item.values_mut() {
+            let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) else {
+                continue;
+            };
+            for p in params {
+                let Some(types) = p["schema"]["type"].as_array() else {
+                    continue;
+                };
+                let kept: Vec<&Value> = types.iter().filter(|t| *t != "null").collect();
+                if let [t] = kept.as_slice() {
+                    p["schema"]["type"] = (*t).clone();
+                }
+            }
+        }
+    }
 }
 
 /// `docs/openapi.json`: pretty, with a trailing newline.
