@@ -42,6 +42,15 @@ pub enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Write the OpenAPI 3.1 document of the HTTP API (what `GET
+    /// /openapi.json` serves).
+    Openapi {
+        #[arg(long, default_value = "docs/openapi.json")]
+        out: PathBuf,
+        /// Only check that the file is up to date (exit 1 when stale).
+        #[arg(long)]
+        check: bool,
+    },
     /// Accounts.
     Accounts {
         #[command(subcommand)]
@@ -422,6 +431,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
         Command::Events { command } => match command {
             EventsCommand::Schema { out, check } => return schema(&out, check),
         },
+        Command::Openapi { out, check } => return openapi(&out, check),
         Command::Accounts { command } => match command {
             AccountsCommand::TotpEnroll { account } => {
                 let pool = pool().await?;
@@ -861,6 +871,28 @@ fn schema(out: &std::path::Path, check: bool) -> anyhow::Result<i32> {
         std::fs::write(out.join(&f.file_name), &f.contents)?;
     }
     println!("wrote {} schema files to {}", files.len(), out.display());
+    Ok(0)
+}
+
+fn openapi(out: &std::path::Path, check: bool) -> anyhow::Result<i32> {
+    let document = crate::http::openapi::pretty();
+    if check {
+        let current = std::fs::read_to_string(out).unwrap_or_default();
+        if current != document {
+            println!(
+                "stale {} (run `slate openapi` and commit it)",
+                out.display()
+            );
+            return Ok(1);
+        }
+        println!("{} up to date", out.display());
+        return Ok(0);
+    }
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, document)?;
+    println!("wrote {}", out.display());
     Ok(0)
 }
 

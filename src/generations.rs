@@ -20,19 +20,26 @@ use crate::ratelimit::Decision;
 const MAX_PROMPT_CHARS: usize = 4000;
 const OUTPUT_URL_TTL: Duration = Duration::from_secs(15 * 60);
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
+    /// video, voiceover, transcription or script.
     pub kind: String,
+    /// One of the providers this deployment offers.
     pub provider: String,
+    /// Needed for video, voiceover and script; at most 4000 characters.
     #[serde(default)]
     pub prompt: Option<String>,
     /// An object of the account's own (`users/<account>/…`) as input, for
     /// transcription.
     #[serde(default)]
     pub input_key: Option<String>,
+    /// Provider parameters (an object); a video's `duration` is 1 to 60
+    /// seconds (default 5) and priced per second.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub parameters: Value,
+    /// 1-64 letters, digits, - or _ (default `default`).
     #[serde(default)]
     pub collection_id: Option<String>,
     /// Cancel unbilled if not finished within this many seconds.

@@ -196,7 +196,7 @@ pub fn public_prefix(presented: &str) -> Option<&str> {
 }
 
 /// An account's keys, newest first (prefix and label; never a secret).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct KeyInfo {
     pub key_id: Uuid,
     pub prefix: String,

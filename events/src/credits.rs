@@ -205,7 +205,7 @@ pub async fn release_stale_holds(
         .await?)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Bucket {
     pub bucket_id: Uuid,
     pub source: String,
@@ -221,7 +221,7 @@ pub struct Bucket {
     pub granted_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Balance {
     pub account_id: Uuid,
     pub available: i64,
@@ -282,7 +282,7 @@ fn decode<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, Error> {
 }
 
 /// One credit movement of an account (from the `credit_ledger` projection).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct LedgerEntry {
     pub position: i64,
     #[serde(rename = "type")]

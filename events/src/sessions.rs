@@ -212,7 +212,7 @@ pub async fn authenticate(
     }))
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct SessionInfo {
     pub session_id: Uuid,
     pub via: String,

@@ -25,8 +25,22 @@ pub fn router() -> Router<AppState> {
 
 type Chunk = Result<String, std::io::Error>;
 
-/// Soft delete: access stops at once; restorable for 30 days; then purged.
-async fn delete_account(State(state): State<AppState>, auth: Auth) -> Result<Response, ApiError> {
+/// Delete the account.
+///
+/// A soft delete: access stops at once; restorable for 30 days by signing
+/// in again; then purged.
+#[utoipa::path(
+    delete,
+    path = "/v1/account",
+    tag = "account",
+    operation_id = "delete_account",
+    responses((status = 202, description = "Deleted: sessions and keys have ended; an email confirms", body = super::openapi::schemas::AccountDeletion)),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
+pub(super) async fn delete_account(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Response, ApiError> {
     let mut tx = state.pool.begin().await?;
     let purge_after = slate_events::accounts::request_deletion(
         &mut tx,
@@ -95,7 +109,25 @@ async fn section(
         .await?)
 }
 
-async fn export(State(state): State<AppState>, auth: Auth) -> Result<Response, ApiError> {
+/// Export the account.
+///
+/// Everything about the account as one JSON document, streamed.
+#[utoipa::path(
+    get,
+    path = "/v1/account/export",
+    tag = "account",
+    operation_id = "export_account",
+    responses((
+        status = 200,
+        description = "The export (`Content-Disposition: attachment`); a failure mid-stream ends the body early",
+        body = super::openapi::schemas::AccountExport,
+    )),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
+pub(super) async fn export(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Response, ApiError> {
     let account = auth.account_id;
     let mut conn = state.pool.acquire().await?;
     let profile = slate_events::accounts::get_account(&mut conn, account)

@@ -15,12 +15,14 @@ pub fn router() -> Router<AppState> {
         .route("/v1/billing/portal", post(portal))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CheckoutBody {
+pub(super) struct CheckoutBody {
     /// A configured credit pack or plan (STRIPE_PACKS / STRIPE_PLANS).
     price_id: String,
+    /// 1 to 100.
     #[serde(default = "one")]
+    #[schema(default = 1, minimum = 1, maximum = 100)]
     quantity: u64,
 }
 
@@ -37,8 +39,20 @@ async fn customer_of(state: &AppState, auth: &Auth) -> Result<Option<String>, Ap
     .await?)
 }
 
+/// Start a Stripe Checkout session.
+///
+/// For a credit pack (a payment) or a plan (a subscription).
+#[utoipa::path(
+    post,
+    path = "/v1/billing/checkout",
+    tag = "billing",
+    operation_id = "create_checkout_session",
+    request_body = CheckoutBody,
+    responses((status = 200, description = "Send the browser to `url`", body = super::openapi::schemas::CheckoutSession)),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
 #[tracing::instrument(skip_all)]
-async fn checkout(
+pub(super) async fn checkout(
     State(state): State<AppState>,
     auth: Auth,
     Json(body): Json<CheckoutBody>,
@@ -68,8 +82,22 @@ async fn checkout(
     })))
 }
 
+/// Open the Stripe billing portal.
+///
+/// A billing-portal session for the account's Stripe customer.
+#[utoipa::path(
+    post,
+    path = "/v1/billing/portal",
+    tag = "billing",
+    operation_id = "create_portal_session",
+    responses((status = 200, description = "Send the browser to `url`", body = super::openapi::schemas::PortalSession)),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
 #[tracing::instrument(skip_all)]
-async fn portal(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+pub(super) async fn portal(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<Value>, ApiError> {
     let customer = customer_of(&state, &auth).await?;
     let url = billing::create_portal(
         state.stripe.as_ref(),

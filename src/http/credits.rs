@@ -14,7 +14,21 @@ pub fn router() -> Router<AppState> {
         .route("/v1/credits/ledger", get(ledger))
 }
 
-async fn balance(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+/// The credit balance.
+///
+/// Available, reserved and debt, and every bucket with what is left in it.
+#[utoipa::path(
+    get,
+    path = "/v1/credits",
+    tag = "credits",
+    operation_id = "get_credits",
+    responses((status = 200, description = "The balance", body = slate_events::credits::Balance)),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
+pub(super) async fn balance(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<Value>, ApiError> {
     let mut conn = super::scoped::scoped(&state.pool, auth.account_id).await?;
     let b = slate_events::credits::balance(&mut conn, auth.account_id).await?;
     Ok(Json(
@@ -22,15 +36,28 @@ async fn balance(State(state): State<AppState>, auth: Auth) -> Result<Json<Value
     ))
 }
 
-#[derive(Debug, Deserialize)]
-struct Page {
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct Page {
     /// The position after which to continue (from `next_cursor`).
     cursor: Option<i64>,
+    /// 1 to 200 (default 50).
     limit: Option<i64>,
 }
 
+/// The credit ledger.
+///
 /// The account's credit movements, newest first, by keyset pagination.
-async fn ledger(
+#[utoipa::path(
+    get,
+    path = "/v1/credits/ledger",
+    tag = "credits",
+    operation_id = "list_ledger",
+    params(Page),
+    responses((status = 200, description = "A page of movements", body = super::openapi::schemas::LedgerPage)),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
+pub(super) async fn ledger(
     State(state): State<AppState>,
     auth: Auth,
     Query(page): Query<Page>,

@@ -21,7 +21,22 @@ pub fn router() -> Router<AppState> {
         .route("/v1/webhooks/secret", get(webhook_secret))
 }
 
-async fn submit(
+/// Submit a generation.
+///
+/// Rate limited, checked, priced and its credits held, then queued (202).
+/// With `Idempotency-Key`, a retry of the same request answers the first
+/// response again.
+#[utoipa::path(
+    post,
+    path = "/v1/generations",
+    tag = "generations",
+    operation_id = "submit_generation",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-200 characters; the same key with the same body answers the first response, with another body 409")),
+    request_body = SubmitRequest,
+    responses((status = 202, description = "Queued", body = super::openapi::schemas::Generation)),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
+pub(super) async fn submit(
     State(state): State<AppState>,
     auth: Auth,
     ClientIp(ip): ClientIp,
@@ -37,7 +52,20 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     id.parse().map_err(|_| ApiError::not_found())
 }
 
-async fn read(
+/// A generation.
+///
+/// Status, attempts, cost, and its output with a presigned URL valid for 15
+/// minutes.
+#[utoipa::path(
+    get,
+    path = "/v1/generations/{id}",
+    tag = "generations",
+    operation_id = "get_generation",
+    params(("id" = Uuid, Path, description = "The generation's id")),
+    responses((status = 200, description = "The generation", body = super::openapi::schemas::Generation)),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
+pub(super) async fn read(
     State(state): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
@@ -51,14 +79,28 @@ async fn read(
     Ok(Json(generations::view(&state, &g).await))
 }
 
-#[derive(Debug, Deserialize)]
-struct Page {
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct Page {
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// 1 to 100 (default 20).
     limit: Option<i64>,
 }
 
-async fn list(
+/// List generations.
+///
+/// The account's generations, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/generations",
+    tag = "generations",
+    operation_id = "list_generations",
+    params(Page),
+    responses((status = 200, description = "A page of generations", body = super::openapi::schemas::GenerationPage)),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
+pub(super) async fn list(
     State(state): State<AppState>,
     auth: Auth,
     Query(page): Query<Page>,
@@ -96,7 +138,23 @@ async fn list(
     Ok(Json(json!({ "data": data, "next_cursor": next })))
 }
 
-async fn cancel(
+/// Cancel a generation.
+///
+/// A queued generation ends canceled and its credits are released (200); a
+/// running one is asked to stop (202).
+#[utoipa::path(
+    post,
+    path = "/v1/generations/{id}/cancel",
+    tag = "generations",
+    operation_id = "cancel_generation",
+    params(("id" = Uuid, Path, description = "The generation's id")),
+    responses(
+        (status = 200, description = "Canceled", body = super::openapi::schemas::Generation),
+        (status = 202, description = "Cancel requested of the running generation", body = super::openapi::schemas::Generation),
+    ),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
+pub(super) async fn cancel(
     State(state): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
@@ -106,10 +164,28 @@ async fn cancel(
     Ok((status, Json(body)))
 }
 
-/// `GET /v1/generations/{id}/events`: Server-Sent Events, one per status
-/// change, ids = the generation stream's versions, resumable with
-/// `Last-Event-ID`; ends after the terminal event.
-async fn events(
+/// Follow a generation.
+///
+/// Server-Sent Events, one per status change, ids = the generation stream's
+/// versions, resumable with `Last-Event-ID`; ends after the terminal event.
+#[utoipa::path(
+    get,
+    path = "/v1/generations/{id}/events",
+    tag = "generations",
+    operation_id = "follow_generation",
+    params(
+        ("id" = Uuid, Path, description = "The generation's id"),
+        ("Last-Event-ID" = Option<i32>, Header, description = "Resume after this event id"),
+    ),
+    responses((
+        status = 200,
+        description = "Server-Sent Events named `status`, each `data` a JSON `GenerationStatusEvent`; the stream ends after the terminal event or 15 minutes (resume with `Last-Event-ID`)",
+        content_type = "text/event-stream",
+        body = super::openapi::schemas::GenerationStatusEvent,
+    )),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
+pub(super) async fn events(
     State(state): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
@@ -144,8 +220,19 @@ async fn events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15))))
 }
 
-/// The account's signing secret for completion webhooks (made on first use).
-async fn webhook_secret(
+/// The completion-webhook signing secret.
+///
+/// The account's `whsec_` secret (made on first use); completion webhooks
+/// are signed the Standard Webhooks way.
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks/secret",
+    tag = "generations",
+    operation_id = "get_webhook_secret",
+    responses((status = 200, description = "The secret", body = super::openapi::schemas::WebhookSecret)),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
+pub(super) async fn webhook_secret(
     State(state): State<AppState>,
     auth: Auth,
 ) -> Result<Json<Value>, ApiError> {

@@ -17,13 +17,36 @@ pub fn router() -> Router<AppState> {
         .route("/readyz", get(readyz))
 }
 
-async fn healthz() -> Json<Value> {
+/// Liveness.
+///
+/// The process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    operation_id = "healthz",
+    responses((status = 200, description = "The process answers", body = super::openapi::schemas::Health)),
+)]
+pub(super) async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+/// Readiness.
+///
+/// PostgreSQL and Redis answer within 2 seconds each.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    operation_id = "readyz",
+    responses(
+        (status = 200, description = "Ready", body = super::openapi::schemas::Readiness),
+        (status = 503, description = "A dependency is failing (not the error format: the checks say which)", body = super::openapi::schemas::Readiness),
+    ),
+)]
+pub(super) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let postgres =
         tokio::time::timeout(CHECK_TIMEOUT, sqlx::query("select 1").execute(&state.pool))
             .await

@@ -18,14 +18,27 @@ pub fn router() -> Router<AppState> {
         .route("/v1/keys/{id}", delete(revoke))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateKey {
+pub(super) struct CreateKey {
+    /// At most 100 characters.
     #[serde(default)]
     label: Option<String>,
 }
 
-async fn create(
+/// Issue an API key.
+///
+/// Its plaintext is in this response only.
+#[utoipa::path(
+    post,
+    path = "/v1/keys",
+    tag = "keys",
+    operation_id = "create_key",
+    request_body = CreateKey,
+    responses((status = 201, description = "Issued", body = super::openapi::schemas::CreatedKey)),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
+pub(super) async fn create(
     State(state): State<AppState>,
     auth: Auth,
     Json(body): Json<CreateKey>,
@@ -56,13 +69,39 @@ async fn create(
     ))
 }
 
-async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+/// List API keys.
+///
+/// Prefix, label, last use (never a secret).
+#[utoipa::path(
+    get,
+    path = "/v1/keys",
+    tag = "keys",
+    operation_id = "list_keys",
+    responses((status = 200, description = "The keys", body = super::openapi::schemas::KeyList)),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
+pub(super) async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<Value>, ApiError> {
     let mut conn = super::scoped::scoped(&state.pool, auth.account_id).await?;
     let keys = slate_events::access::list_keys(&mut conn, auth.account_id).await?;
     Ok(Json(json!({ "data": keys })))
 }
 
-async fn revoke(
+/// Revoke an API key.
+///
+/// It stops working at once, in every process.
+#[utoipa::path(
+    delete,
+    path = "/v1/keys/{id}",
+    tag = "keys",
+    operation_id = "revoke_key",
+    params(("id" = Uuid, Path, description = "The key's id")),
+    responses((status = 204, description = "Revoked")),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
+pub(super) async fn revoke(
     State(state): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,

@@ -26,7 +26,18 @@ fn label(v: &str) -> String {
         .replace('\n', " ")
 }
 
-async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+/// Prometheus metrics.
+///
+/// The Stripe mirror, jobs, generations, holds, projection lag, and this
+/// process's request counters and latencies.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    operation_id = "metrics",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4", content_type = "text/plain; version=0.0.4", body = String)),
+)]
+pub(super) async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let pool = &state.pool;
     let mut out = String::new();
 

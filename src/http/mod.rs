@@ -14,6 +14,7 @@ mod health;
 pub mod hub;
 mod keys;
 mod metrics;
+pub mod openapi;
 pub mod scoped;
 mod sessions;
 mod stripe;
@@ -96,6 +97,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .merge(metrics::router())
+        .merge(openapi::router())
         .merge(stripe::router())
         .merge(billing::router())
         .merge(credits::router())

@@ -74,7 +74,25 @@ fn to_api_error(e: SignInError) -> ApiError {
     }
 }
 
-async fn start(State(state): State<AppState>) -> Result<Response, ApiError> {
+/// Start browser sign-in.
+///
+/// Redirects to the identity provider (OpenID Connect) and sets the
+/// short-lived `slate_oidc_state` cookie.
+#[utoipa::path(
+    get,
+    path = "/v1/auth/oidc/start",
+    tag = "sessions",
+    operation_id = "start_sign_in",
+    responses((
+        status = 302,
+        description = "To the identity provider",
+        headers(
+            ("Location" = String, description = "The provider's authorization URL"),
+            ("Set-Cookie" = String, description = "`slate_oidc_state`, 10 minutes"),
+        ),
+    )),
+)]
+pub(super) async fn start(State(state): State<AppState>) -> Result<Response, ApiError> {
     let settings = state
         .config
         .oidc
@@ -97,13 +115,33 @@ async fn start(State(state): State<AppState>) -> Result<Response, ApiError> {
     Ok(response)
 }
 
-#[derive(Debug, Deserialize)]
-struct Callback {
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct Callback {
+    /// The identity provider's authorization code.
     code: String,
+    /// Must match the `slate_oidc_state` cookie.
     state: String,
 }
 
-async fn callback(
+/// Finish browser sign-in.
+///
+/// The identity provider redirects here; a session starts (an account is
+/// opened on first sign-in, restored within 30 days of a deletion).
+#[utoipa::path(
+    get,
+    path = "/v1/auth/oidc/callback",
+    tag = "sessions",
+    operation_id = "finish_sign_in",
+    params(Callback),
+    responses((
+        status = 200,
+        description = "Signed in",
+        body = super::openapi::schemas::SignedIn,
+        headers(("Set-Cookie" = String, description = "The `slate_session` cookie (HttpOnly), and `slate_oidc_state` cleared")),
+    )),
+)]
+pub(super) async fn callback(
     State(state): State<AppState>,
     headers: HeaderMap,
     Query(q): Query<Callback>,
@@ -169,7 +207,18 @@ async fn callback(
     Ok(response)
 }
 
-async fn list(
+/// List sessions.
+///
+/// The account's live browser sessions.
+#[utoipa::path(
+    get,
+    path = "/v1/sessions",
+    tag = "sessions",
+    operation_id = "list_sessions",
+    responses((status = 200, description = "The sessions", body = super::openapi::schemas::SessionList)),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
+pub(super) async fn list(
     State(state): State<AppState>,
     auth: Auth,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -184,7 +233,19 @@ fn actor(auth: &Auth) -> Metadata {
     auth.metadata()
 }
 
-async fn end(
+/// End a session.
+///
+/// Signs that session out.
+#[utoipa::path(
+    delete,
+    path = "/v1/sessions/{id}",
+    tag = "sessions",
+    operation_id = "end_session",
+    params(("id" = Uuid, Path, description = "The session's id")),
+    responses((status = 204, description = "Ended")),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
+pub(super) async fn end(
     State(state): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
@@ -200,15 +261,27 @@ async fn end(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TotpCode {
+pub(super) struct TotpCode {
+    /// The authenticator app's current code.
     code: String,
 }
 
-/// The second factor: a browser session that passes it gets the staff
-/// privileges of a staff account.
-async fn totp(
+/// Verify the second factor.
+///
+/// A browser session that passes it gets the staff privileges of a staff
+/// account.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/totp",
+    tag = "sessions",
+    operation_id = "verify_totp",
+    request_body = TotpCode,
+    responses((status = 200, description = "This session passed the second factor", body = super::openapi::schemas::TotpVerified)),
+    security(("session_cookie" = [])),
+)]
+pub(super) async fn totp(
     State(state): State<AppState>,
     auth: Auth,
     Json(body): Json<TotpCode>,
@@ -249,15 +322,27 @@ async fn totp(
     Ok(Json(json!({ "session_id": session, "mfa_verified": true })))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RevokeAll {
+pub(super) struct RevokeAll {
+    /// Revoke every API key too.
     #[serde(default)]
     include_keys: bool,
 }
 
-/// Sign out everywhere: every session, and every API key when asked.
-async fn revoke_all(
+/// Sign out everywhere.
+///
+/// Every session, and every API key when asked.
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/revoke-all",
+    tag = "sessions",
+    operation_id = "revoke_all_sessions",
+    request_body = RevokeAll,
+    responses((status = 200, description = "Signed out everywhere", body = super::openapi::schemas::SignedOutEverywhere)),
+    security(("api_key" = []), ("session_cookie" = [])),
+)]
+pub(super) async fn revoke_all(
     State(state): State<AppState>,
     auth: Auth,
     Json(body): Json<RevokeAll>,

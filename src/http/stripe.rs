@@ -23,7 +23,20 @@ pub fn router() -> Router<AppState> {
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
 }
 
-async fn receive(
+/// Receive a Stripe webhook delivery.
+///
+/// Verified against `Stripe-Signature`, mirrored, logged and queued before
+/// the 2xx; duplicates are acknowledged.
+#[utoipa::path(
+    post,
+    path = "/webhooks/stripe",
+    tag = "webhooks",
+    operation_id = "receive_stripe_webhook",
+    params(("Stripe-Signature" = String, Header, description = "Stripe's signature of the raw body")),
+    request_body(content = Object, content_type = "application/json", description = "A Stripe event, exactly as Stripe sent it (at most 1 MiB)"),
+    responses((status = 200, description = "Received (and queued when new)", body = super::openapi::schemas::WebhookReceipt)),
+)]
+pub(super) async fn receive(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,

@@ -10,6 +10,7 @@ mod event_store;
 mod generations;
 mod harness;
 mod http;
+mod openapi;
 mod privacy;
 mod projections;
 mod services;
