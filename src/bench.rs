@@ -237,7 +237,10 @@ async fn run_in(
     };
     eprintln!("bench: serve and work as child processes, idle and under load");
     let processes = processes(database_url, opts).await?;
-    eprintln!("bench: rebuild over {} more events", opts.scale.rebuild_events);
+    eprintln!(
+        "bench: rebuild over {} more events",
+        opts.scale.rebuild_events
+    );
     let rebuild = scale::rebuild_speed(&pool, opts.scale.rebuild_events).await?;
     let have = scale::log_size(&pool).await?;
     let more = (opts.scale.log_events as i64 - have).max(0) as usize;
@@ -250,8 +253,7 @@ async fn run_in(
     let audit_queries = scale::audit_queries(&pool, opts.scale.samples).await?;
     eprintln!("bench: pickup latency");
     let (idle, loaded) =
-        slate_workers::bench::pickup_latency(&pool, opts.scale.samples.min(200), opts.jobs)
-            .await?;
+        slate_workers::bench::pickup_latency(&pool, opts.scale.samples.min(200), opts.jobs).await?;
     pool.close().await;
     Ok(Report {
         rebuild,
@@ -406,7 +408,9 @@ async fn send_webhooks(url: &str, senders: usize, n: usize) -> anyhow::Result<La
 async fn processes(database_url: &str, opts: &BenchOptions) -> anyhow::Result<Processes> {
     use std::process::{Command, Stdio};
     let exe = std::env::current_exe()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let spawn = |cmd: &str| {
         Command::new(&exe)
             .arg(cmd)
@@ -441,11 +445,10 @@ async fn processes(database_url: &str, opts: &BenchOptions) -> anyhow::Result<Pr
         .await?;
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
-        let pending: i64 = sqlx::query_scalar(
-            "select count(*) from stripe_events where status = 'pending'",
-        )
-        .fetch_one(&pool)
-        .await?;
+        let pending: i64 =
+            sqlx::query_scalar("select count(*) from stripe_events where status = 'pending'")
+                .fetch_one(&pool)
+                .await?;
         if pending == 0 {
             break;
         }
@@ -554,7 +557,11 @@ pub fn print(report: &Report) {
     for q in &report.audit_queries {
         println!(
             "   {:<26} first page {:>7.2} / {:>7.2}   deep cursor {:>7.2} / {:>7.2}",
-            q.filter, q.first_page.p50_ms, q.first_page.p99_ms, q.deep_cursor.p50_ms, q.deep_cursor.p99_ms
+            q.filter,
+            q.first_page.p50_ms,
+            q.first_page.p99_ms,
+            q.deep_cursor.p50_ms,
+            q.deep_cursor.p99_ms
         );
     }
     println!(
