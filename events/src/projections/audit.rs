@@ -2,6 +2,7 @@
 //! when, who (and on whose behalf), what, to what, with what outcome — and
 //! never a prompt, a body or a secret (events hold none).
 
+use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -338,60 +339,113 @@ pub async fn apply(
     recorded: &RecordedEvent,
     event: &DomainEvent,
 ) -> Result<(), Error> {
-    // Past the retention cutoff: not kept (the event itself stays).
-    let expired: bool = sqlx::query_scalar("select $1 < cutoff from audit_retention")
-        .bind(recorded.recorded_at)
-        .fetch_one(&mut *conn)
-        .await?;
-    if expired {
+    apply_many(conn, p, &[(recorded, event.clone())]).await
+}
+
+/// One entry per event, in one INSERT (rebuilds and projector batches);
+/// events past the retention cutoff are skipped (the events themselves stay).
+pub async fn apply_many(
+    conn: &mut PgConnection,
+    p: &str,
+    events: &[(&RecordedEvent, DomainEvent)],
+) -> Result<(), Error> {
+    let mut rows = Rows::default();
+    for (recorded, event) in events {
+        rows.push(recorded, event);
+    }
+    if rows.position.is_empty() {
         return Ok(());
     }
-    let mut e = describe(event);
-    let meta = &recorded.metadata;
-    let actor = meta.get("actor").cloned().unwrap_or(Value::Null);
-    let actor_kind = actor
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or("system")
-        .to_owned();
-    let actor_id = actor
-        .get("account_id")
-        .or_else(|| actor.get("name"))
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let impersonator: Option<Uuid> = meta
-        .get("impersonator")
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse().ok());
-    if let Some(stripe_event) = meta.get("stripe_event_id").and_then(Value::as_str) {
-        e.targets
-            .entry("stripe_event")
-            .or_insert_with(|| Value::String(stripe_event.to_owned()));
-    }
-    e.targets.retain(|_, v| !v.is_null());
     sqlx::query(trusted_sql!(
         "insert into {p}audit_entries (position, event_id, at, actor_kind, actor_id, impersonator, action,
             account_id, targets, outcome, request_id, reason, api_key_id, ip, user_agent)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+         select * from unnest($1::bigint[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[],
+            $6::uuid[], $7::text[], $8::uuid[], $9::jsonb[], $10::text[], $11::text[], $12::text[],
+            $13::uuid[], $14::text[], $15::text[]) as x(position, event_id, at)
+         where x.at >= (select cutoff from audit_retention)"
     ))
-    .bind(recorded.global_position)
-    .bind(recorded.event_id)
-    .bind(recorded.recorded_at)
-    .bind(actor_kind)
-    .bind(actor_id)
-    .bind(impersonator)
-    .bind(e.action)
-    .bind(e.account)
-    .bind(Value::Object(e.targets))
-    .bind(e.outcome)
-    .bind(meta.get("request_id").and_then(Value::as_str))
-    .bind(e.reason)
-    .bind(meta.get("api_key_id").and_then(Value::as_str).and_then(|s| s.parse::<Uuid>().ok()))
-    .bind(meta.get("ip").and_then(Value::as_str))
-    .bind(meta.get("user_agent").and_then(Value::as_str))
+    .bind(rows.position)
+    .bind(rows.event_id)
+    .bind(rows.at)
+    .bind(rows.actor_kind)
+    .bind(rows.actor_id)
+    .bind(rows.impersonator)
+    .bind(rows.action)
+    .bind(rows.account)
+    .bind(rows.targets)
+    .bind(rows.outcome)
+    .bind(rows.request_id)
+    .bind(rows.reason)
+    .bind(rows.api_key_id)
+    .bind(rows.ip)
+    .bind(rows.user_agent)
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Entries as columns, for one `unnest` INSERT.
+#[derive(Default)]
+struct Rows {
+    position: Vec<i64>,
+    event_id: Vec<Uuid>,
+    at: Vec<DateTime<Utc>>,
+    actor_kind: Vec<String>,
+    actor_id: Vec<Option<String>>,
+    impersonator: Vec<Option<Uuid>>,
+    action: Vec<&'static str>,
+    account: Vec<Option<Uuid>>,
+    targets: Vec<Value>,
+    outcome: Vec<&'static str>,
+    request_id: Vec<Option<String>>,
+    reason: Vec<Option<String>>,
+    api_key_id: Vec<Option<Uuid>>,
+    ip: Vec<Option<String>>,
+    user_agent: Vec<Option<String>>,
+}
+
+impl Rows {
+    fn push(&mut self, recorded: &RecordedEvent, event: &DomainEvent) {
+        let mut e = describe(event);
+        let meta = &recorded.metadata;
+        let text = |k: &str| meta.get(k).and_then(Value::as_str).map(str::to_owned);
+        let actor = meta.get("actor").cloned().unwrap_or(Value::Null);
+        if let Some(stripe_event) = meta.get("stripe_event_id").and_then(Value::as_str) {
+            e.targets
+                .entry("stripe_event")
+                .or_insert_with(|| Value::String(stripe_event.to_owned()));
+        }
+        e.targets.retain(|_, v| !v.is_null());
+        self.position.push(recorded.global_position);
+        self.event_id.push(recorded.event_id);
+        self.at.push(recorded.recorded_at);
+        self.actor_kind.push(
+            actor
+                .get("kind")
+                .and_then(Value::as_str)
+                .unwrap_or("system")
+                .to_owned(),
+        );
+        self.actor_id.push(
+            actor
+                .get("account_id")
+                .or_else(|| actor.get("name"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        );
+        self.impersonator
+            .push(text("impersonator").and_then(|s| s.parse().ok()));
+        self.action.push(e.action);
+        self.account.push(e.account);
+        self.targets.push(Value::Object(e.targets));
+        self.outcome.push(e.outcome);
+        self.request_id.push(text("request_id"));
+        self.reason.push(e.reason);
+        self.api_key_id
+            .push(text("api_key_id").and_then(|s| s.parse().ok()));
+        self.ip.push(text("ip"));
+        self.user_agent.push(text("user_agent"));
+    }
 }
 
 /// How long entries are kept.

@@ -147,6 +147,27 @@ impl Projection {
         }
     }
 
+    /// Apply a page of recorded events in order: the audit projection in
+    /// one INSERT, the others event by event.
+    pub(crate) async fn apply_page(
+        self,
+        conn: &mut PgConnection,
+        prefix: &str,
+        events: &[&RecordedEvent],
+    ) -> Result<(), Error> {
+        if self == Projection::AuditLog {
+            let decoded = events
+                .iter()
+                .map(|e| Ok((*e, e.decode()?)))
+                .collect::<Result<Vec<_>, Error>>()?;
+            return audit::apply_many(conn, prefix, &decoded).await;
+        }
+        for e in events {
+            self.apply_recorded(conn, prefix, e).await?;
+        }
+        Ok(())
+    }
+
     async fn apply_recorded(
         self,
         conn: &mut PgConnection,
@@ -239,10 +260,9 @@ async fn replay(conn: &mut PgConnection, p: Projection, prefix: &str) -> Result<
                 .await?;
             let Some(tail) = page.last() else { break };
             after = (tail.txid.clone(), tail.event.global_position);
-            for e in &page {
-                p.apply_recorded(conn, prefix, &e.event).await?;
-                n += 1;
-            }
+            let events: Vec<&RecordedEvent> = page.iter().map(|e| &e.event).collect();
+            p.apply_page(conn, prefix, &events).await?;
+            n += page.len() as u64;
         }
     }
     Ok(n)
@@ -293,7 +313,7 @@ pub async fn rebuild(pool: &PgPool, p: Projection) -> Result<u64, Error> {
     .await?;
     let mut n = 0u64;
     loop {
-        let applied = projector::apply_batch(&mut tx, p, PAGE).await?;
+        let applied = projector::apply_batch(&mut tx, p, 5 * PAGE).await?;
         if applied == 0 {
             break;
         }

@@ -59,9 +59,8 @@ pub(crate) async fn apply_batch(
     let Some(last) = batch.last() else {
         return Ok(0);
     };
-    for e in &batch {
-        p.apply_recorded(conn, "", &e.event).await?;
-    }
+    let events: Vec<&crate::store::RecordedEvent> = batch.iter().map(|e| &e.event).collect();
+    p.apply_page(conn, "", &events).await?;
     sqlx::query(
         "update projection_checkpoints
             set last_transaction_id = $2::xid8, last_position = $3,
