@@ -240,6 +240,28 @@ pub async fn append_and_apply(
     Ok(appended)
 }
 
+/// Append a system event to an account's stream (applying it inline) at
+/// most once per `key`, however often this is called.
+pub async fn record_once(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+    key: &str,
+    event: DomainEvent,
+) -> Result<Appended, Error> {
+    let event = NewEvent {
+        event_id: deterministic_event_id(key),
+        event,
+        metadata: Metadata::system(),
+    };
+    append_and_apply(
+        conn,
+        &account_stream(account_id),
+        ExpectedVersion::Any,
+        &event,
+    )
+    .await
+}
+
 /// A deterministic event id for an event that must be appended at most once
 /// per `key` (for instance per Stripe object), whoever appends it and however
 /// often.

@@ -781,6 +781,19 @@ async fn affiliate_payouts_are_recorded_once_and_never_exceed_what_is_owed() {
     );
 }
 
+impl TestApp {
+    async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.address))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
 #[tokio::test]
 async fn metrics_count_mirrored_unparsed_events_and_outstanding_holds() {
     let app = stripe_app().await;
@@ -799,15 +812,7 @@ async fn metrics_count_mirrored_unparsed_events_and_outstanding_holds() {
         &run,
     ))
     .await;
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     assert!(text.contains("slate_stripe_events_unparsed 1"), "{text}");
     assert!(text.contains("slate_stripe_deliveries_total 3"), "{text}");
     assert!(
@@ -817,15 +822,7 @@ async fn metrics_count_mirrored_unparsed_events_and_outstanding_holds() {
     assert!(text.contains("slate_credit_reservations_outstanding 0"));
     assert!(text.contains("slate_projection_lag_events{projection=\"credit_ledger\"}"));
     // Requests are counted and timed by route.
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     assert!(
         text.contains(
             "slate_http_requests_total{method=\"POST\",route=\"/webhooks/stripe\",status=\"200\"} 3"
@@ -846,15 +843,7 @@ async fn metrics_count_mirrored_unparsed_events_and_outstanding_holds() {
     );
     // Once processed: the lag is measured and nothing waits.
     app.process_stripe().await;
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     assert!(
         text.contains("slate_stripe_processing_lag_seconds_count 2"),
         "{text}"

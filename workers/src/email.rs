@@ -9,8 +9,8 @@ use std::time::Duration;
 use apalis::prelude::{Attempt, BoxDynError, Data, TaskId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use slate_events::catalog::{DomainEvent, EmailSent, Metadata};
-use slate_events::store::{self, ExpectedVersion, NewEvent};
+use slate_events::catalog::{DomainEvent, EmailSent};
+use slate_events::store;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -196,20 +196,15 @@ pub async fn deliver(
     let (subject, text) = template.render(purge_after);
     let message_id = mailer.send(&to, &subject, &text, key).await?;
     let mut conn = pool.acquire().await?;
-    let event = NewEvent {
-        event_id: store::deterministic_event_id(&format!("email:{key}")),
-        event: DomainEvent::EmailSent(EmailSent {
+    store::record_once(
+        &mut conn,
+        account_id,
+        &format!("email:{key}"),
+        DomainEvent::EmailSent(EmailSent {
             account_id,
             template: template.as_str().into(),
             message_id: message_id.clone(),
         }),
-        metadata: Metadata::system(),
-    };
-    store::append_and_apply(
-        &mut conn,
-        &store::account_stream(account_id),
-        ExpectedVersion::Any,
-        &event,
     )
     .await?;
     tracing::info!(%account_id, template = template.as_str(), "email sent");

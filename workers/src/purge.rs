@@ -23,8 +23,8 @@ use apalis::prelude::{Attempt, BoxDynError, Data, TaskId};
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use slate_events::catalog::{AccountPurgeStepCompleted, AccountPurged, DomainEvent, Metadata};
-use slate_events::store::{self, ExpectedVersion, NewEvent};
+use slate_events::catalog::{AccountPurgeStepCompleted, AccountPurged, DomainEvent};
+use slate_events::store;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -154,16 +154,11 @@ async fn erase(conn: &mut PgConnection, account_id: Uuid) -> anyhow::Result<()> 
     }
     slate_events::stripe::redact_personal_details(conn, account_id).await?;
     slate_events::vault::erase(conn, account_id).await?;
-    let event = NewEvent {
-        event_id: store::deterministic_event_id(&format!("account-purged:{account_id}")),
-        event: DomainEvent::AccountPurged(AccountPurged { account_id }),
-        metadata: Metadata::system(),
-    };
-    store::append_and_apply(
+    store::record_once(
         conn,
-        &store::account_stream(account_id),
-        ExpectedVersion::Any,
-        &event,
+        account_id,
+        &format!("account-purged:{account_id}"),
+        DomainEvent::AccountPurged(AccountPurged { account_id }),
     )
     .await?;
     Ok(())
@@ -212,20 +207,15 @@ impl Purger {
 
     async fn step_done(&self, account_id: Uuid, step: &str, detail: String) -> anyhow::Result<()> {
         let mut conn = self.pool.acquire().await?;
-        let event = NewEvent {
-            event_id: store::deterministic_event_id(&format!("purge-step:{account_id}:{step}")),
-            event: DomainEvent::AccountPurgeStepCompleted(AccountPurgeStepCompleted {
+        store::record_once(
+            &mut conn,
+            account_id,
+            &format!("purge-step:{account_id}:{step}"),
+            DomainEvent::AccountPurgeStepCompleted(AccountPurgeStepCompleted {
                 account_id,
                 step: step.into(),
                 detail,
             }),
-            metadata: Metadata::system(),
-        };
-        store::append_and_apply(
-            &mut conn,
-            &store::account_stream(account_id),
-            ExpectedVersion::Any,
-            &event,
         )
         .await?;
         tracing::info!(step, "purge step done");
