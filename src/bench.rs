@@ -253,7 +253,7 @@ async fn run_in(
     let audit_queries = scale::audit_queries(&pool, opts.scale.samples).await?;
     eprintln!("bench: pickup latency");
     let (idle, loaded) =
-        slate_workers::bench::pickup_latency(&pool, opts.scale.samples.min(200), opts.jobs).await?;
+        slate_workers::bench::pickup_latency(&pool, opts.scale.pickup_samples, opts.jobs).await?;
     pool.close().await;
     Ok(Report {
         rebuild,
@@ -433,7 +433,7 @@ async fn processes(database_url: &str, opts: &BenchOptions) -> anyhow::Result<Pr
     let work = Kill(spawn("work")?);
     let base = format!("http://127.0.0.1:{port}");
     crate::bench_scale::wait_for_http(&format!("{base}/healthz"), Duration::from_secs(30)).await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let (serve_idle_mib, _) = crate::bench_scale::rss_mib(serve.0.id());
     let (work_idle_mib, _) = crate::bench_scale::rss_mib(work.0.id());
     let n = opts.webhooks / 2;

@@ -27,6 +27,8 @@ pub struct ScaleOptions {
     pub audit_entries: usize,
     /// Samples per latency figure.
     pub samples: usize,
+    /// Jobs timed one by one for the pickup latency (each waits for the last).
+    pub pickup_samples: usize,
 }
 
 impl ScaleOptions {
@@ -36,6 +38,7 @@ impl ScaleOptions {
             log_events: 50_000,
             audit_entries: 50_000,
             samples: 100,
+            pickup_samples: 30,
         }
     }
 }
@@ -47,6 +50,7 @@ impl Default for ScaleOptions {
             log_events: 10_000_000,
             audit_entries: 10_000_000,
             samples: 500,
+            pickup_samples: 200,
         }
     }
 }
