@@ -201,9 +201,23 @@ async fn after_a_randomized_workload_verify_finds_rebuilt_equal_to_live() {
     .fetch_all(&mut *conn)
     .await
     .unwrap();
+    let indexes = "select string_agg(indexdef, ';' order by indexname) from pg_indexes
+                    where schemaname = current_schema()";
+    let indexes_before: String = sqlx::query_scalar(indexes)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
     for &p in Projection::ALL {
         projections::rebuild(&db.pool, p).await.unwrap();
     }
+    let indexes_after: String = sqlx::query_scalar(indexes)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        indexes_before, indexes_after,
+        "a rebuild recreates the indexes it drops"
+    );
     let after: Vec<(Uuid, i64, i64, i64)> = sqlx::query_as(
         "select account_id, available, reserved, debt from credit_accounts order by account_id",
     )

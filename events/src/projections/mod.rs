@@ -303,6 +303,21 @@ pub async fn rebuild(pool: &PgPool, p: Projection) -> Result<u64, Error> {
     sqlx::query(trusted_sql!("truncate {}", tables.join(", ")))
         .execute(&mut *tx)
         .await?;
+    // Secondary indexes are built once at the end instead of maintained row
+    // by row (the tables are locked by the truncate until the commit).
+    let secondary: Vec<(String, String)> = sqlx::query_as(
+        "select i.indexname, i.indexdef from pg_indexes i
+          where i.schemaname = current_schema() and i.tablename = any($1)
+            and not exists (select 1 from pg_constraint c where c.conname = i.indexname)",
+    )
+    .bind(&tables)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (name, _) in &secondary {
+        sqlx::query(trusted_sql!("drop index \"{name}\""))
+            .execute(&mut *tx)
+            .await?;
+    }
     sqlx::query(
         "update projection_checkpoints
             set last_transaction_id = '0', last_position = 0, events_applied = 0, updated_at = now()
@@ -318,6 +333,11 @@ pub async fn rebuild(pool: &PgPool, p: Projection) -> Result<u64, Error> {
             break;
         }
         n += applied as u64;
+    }
+    for (_, definition) in &secondary {
+        sqlx::query(sqlx::AssertSqlSafe(definition.clone()))
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(n)
