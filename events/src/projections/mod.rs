@@ -242,10 +242,11 @@ async fn replay(conn: &mut PgConnection, p: Projection, prefix: &str) -> Result<
         loop {
             let sql = format!(
                 "select e.transaction_id::text as txid, {cols}
-                   from events e, projection_checkpoints c
-                  where c.projection = $1
-                    and (e.transaction_id, e.global_position) > ($2::xid8, $3)
-                    and (e.transaction_id, e.global_position) <= (c.last_transaction_id, c.last_position)
+                   from events e
+                  where (e.transaction_id, e.global_position) > ($2::xid8, $3)
+                    and (e.transaction_id, e.global_position) <=
+                        ((select last_transaction_id from projection_checkpoints where projection = $1),
+                         (select last_position from projection_checkpoints where projection = $1))
                     and e.event_type = any($4)
                   order by e.transaction_id, e.global_position limit $5",
                 cols = prefixed_columns("e")

@@ -40,10 +40,14 @@ pub(crate) async fn apply_batch(
     limit: i64,
 ) -> Result<usize, Error> {
     let sql = format!(
+        // The checkpoint as scalar subqueries, not a join: only then is the
+        // row comparison an index condition (a join filter would walk the
+        // log from its start at every batch).
         "select e.transaction_id::text as txid, {cols}
-           from events e, projection_checkpoints c
-          where c.projection = $1
-            and (e.transaction_id, e.global_position) > (c.last_transaction_id, c.last_position)
+           from events e
+          where (e.transaction_id, e.global_position) >
+                ((select last_transaction_id from projection_checkpoints where projection = $1),
+                 (select last_position from projection_checkpoints where projection = $1))
             and e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
             and e.event_type = any($2)
           order by e.transaction_id, e.global_position
