@@ -484,22 +484,12 @@ async fn the_export_holds_every_event_of_the_account_and_nothing_of_another() {
     let (alice, alice_key) = key_for(&app).await;
     let (bob, bob_key) = key_for(&app).await;
     for (account, key) in [(alice, &alice_key), (bob, &bob_key)] {
-        crate::credits::grant(
-            &mut *app.db.conn().await,
+        app.grant_and_submit(
             account,
-            20,
-            slate_events::catalog::GrantSource::Purchase,
-            None,
+            key,
+            json!({"kind": "voiceover", "provider": "local", "prompt": "hello there"}),
         )
         .await;
-        let (status, _, _) = app
-            .submit(
-                key,
-                None,
-                json!({"kind": "voiceover", "provider": "local", "prompt": "hello there"}),
-            )
-            .await;
-        assert_eq!(status, 202);
     }
     app.run_generations().await;
     app.db.settle_projections().await;

@@ -73,6 +73,20 @@ impl TestApp {
         panic!("generations still unfinished after 10 rounds");
     }
 
+    /// Grant the account 20 credits and submit `body` with its key (202).
+    pub async fn grant_and_submit(&self, account: Uuid, key: &str, body: Value) {
+        crate::credits::grant(
+            &mut *self.db.conn().await,
+            account,
+            20,
+            slate_events::catalog::GrantSource::Purchase,
+            None,
+        )
+        .await;
+        let (status, g, _) = self.submit(key, None, body).await;
+        assert_eq!(status, 202, "{g}");
+    }
+
     async fn balance(&self, key: &str) -> Value {
         self.get_as("/v1/credits", Some(key)).await.1
     }

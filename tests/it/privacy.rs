@@ -156,22 +156,12 @@ async fn thirty_days_after_deletion_the_purge_erases_everything_personal_once_ev
     let stripe = fake_stripe(subscription).await;
     let email_api = fake_email_api().await;
     for (account, key) in [(alice, &alice_key), (bob, &bob_key)] {
-        crate::credits::grant(
-            &mut *app.db.conn().await,
+        app.grant_and_submit(
             account,
-            20,
-            slate_events::catalog::GrantSource::Purchase,
-            None,
+            key,
+            json!({"kind": "script", "provider": "local", "prompt": format!("a marble whale for {account}")}),
         )
         .await;
-        let (status, _, _) = app
-            .submit(
-                key,
-                None,
-                json!({"kind": "script", "provider": "local", "prompt": format!("a marble whale for {account}")}),
-            )
-            .await;
-        assert_eq!(status, 202);
     }
     app.run_generations().await;
     let storage = crate::generations::storage();
