@@ -67,18 +67,24 @@ pub async fn seal(
     account_id: Uuid,
     plaintext: &str,
 ) -> Result<String, Error> {
-    let wrapped = server_key().seal_bound(&random_key(), account_id.as_bytes());
-    sqlx::query(
-        "insert into account_keys (account_id, wrapped) values ($1, $2) on conflict (account_id) do nothing",
+    // One round trip: the stored key, or this fresh one on first use.
+    let fresh = server_key().seal_bound(&random_key(), account_id.as_bytes());
+    let wrapped: Option<Option<String>> = sqlx::query_scalar(
+        "with ins as (insert into account_keys (account_id, wrapped) values ($1, $2)
+                      on conflict (account_id) do nothing returning wrapped)
+         select wrapped from ins union all
+         select wrapped from account_keys where account_id = $1 limit 1",
     )
     .bind(account_id)
-    .bind(&wrapped)
-    .execute(&mut *conn)
+    .bind(&fresh)
+    .fetch_optional(&mut *conn)
     .await?;
-    let key = Keyring::default()
-        .key(conn, account_id)
-        .await?
-        .ok_or_else(|| Error::InvalidArgument(format!("account {account_id} is erased")))?;
+    // No row: a concurrent first use inserted it after our snapshot; read it.
+    let key = match wrapped {
+        Some(w) => w.and_then(|w| unwrap_key(account_id, &w)),
+        None => Keyring::default().key(conn, account_id).await?,
+    }
+    .ok_or_else(|| Error::InvalidArgument(format!("account {account_id} is erased")))?;
     Ok(format!(
         "{PREFIX}{account_id}:{}",
         key.seal_bound(plaintext.as_bytes(), account_id.as_bytes())
@@ -124,11 +130,7 @@ impl Keyring {
                 .bind(account_id)
                 .fetch_optional(conn)
                 .await?;
-        let key = wrapped
-            .flatten()
-            .and_then(|w| server_key().open_bound(&w, account_id.as_bytes()))
-            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
-            .map(SealingKey::new);
+        let key = wrapped.flatten().and_then(|w| unwrap_key(account_id, &w));
         self.keys.insert(account_id, key.clone());
         Ok(key)
     }
@@ -174,6 +176,14 @@ impl Keyring {
         }
         Ok(())
     }
+}
+
+/// A data key from its wrapped form (None if it does not open).
+fn unwrap_key(account_id: Uuid, wrapped: &str) -> Option<SealingKey> {
+    server_key()
+        .open_bound(wrapped, account_id.as_bytes())
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .map(SealingKey::new)
 }
 
 fn random_key() -> [u8; 32] {
