@@ -70,11 +70,15 @@ pub(super) async fn delete_account(
 }
 
 /// The account's events: its own streams and every event naming it.
+/// One page of the account's events, personal fields opened (the email in
+/// `AccountCreated` is sealed in the log); the keyring lives across pages.
 async fn events_page(
     pool: &PgPool,
+    keyring: &mut slate_events::vault::Keyring,
     account: Uuid,
     after: i64,
 ) -> Result<Vec<Value>, slate_events::Error> {
+    let mut conn = pool.acquire().await?;
     let mut page: Vec<Value> = sqlx::query_scalar(
         "select jsonb_build_object('position', global_position, 'event_id', event_id, 'stream_id', stream_id,
                 'version', stream_version, 'type', event_type, 'schema_version', schema_version,
@@ -86,14 +90,10 @@ async fn events_page(
     )
     .bind(account)
     .bind(after)
-    .fetch_all(pool)
-    .await
-    .map_err(slate_events::Error::from)?;
-    // Personal fields (the email in AccountCreated) are sealed in the log.
-    let mut conn = pool.acquire().await?;
-    let mut keys = slate_events::vault::Keyring::default();
+    .fetch_all(&mut *conn)
+    .await?;
     for e in &mut page {
-        keys.reveal(&mut conn, e).await?;
+        keyring.reveal(&mut conn, e).await?;
     }
     Ok(page)
 }
@@ -142,9 +142,14 @@ pub(super) async fn export(
     );
     // The events, page by page.
     let events = futures::stream::unfold(
-        (pool.clone(), 0i64, true),
-        move |(pool, after, first)| async move {
-            match events_page(&pool, account, after).await {
+        (
+            pool.clone(),
+            slate_events::vault::Keyring::default(),
+            0i64,
+            true,
+        ),
+        move |(pool, mut keyring, after, first)| async move {
+            match events_page(&pool, &mut keyring, account, after).await {
                 Ok(page) if page.is_empty() => None,
                 Ok(page) => {
                     let last = page
@@ -158,9 +163,12 @@ pub(super) async fn export(
                         }
                         chunk.push_str(&e.to_string());
                     }
-                    Some((Ok::<_, std::io::Error>(chunk), (pool, last, false)))
+                    Some((Ok::<_, std::io::Error>(chunk), (pool, keyring, last, false)))
                 }
-                Err(e) => Some((Err(std::io::Error::other(e)), (pool, i64::MAX, false))),
+                Err(e) => Some((
+                    Err(std::io::Error::other(e)),
+                    (pool, keyring, i64::MAX, false),
+                )),
             }
         },
     );
