@@ -820,7 +820,7 @@ async fn subscription_changed(
     // Two different states stamped with the same second: the events cannot
     // tell which came last, so ask Stripe for the object as it is now.
     let tie = matches!(&current, Some((at, old)) if state.state_at == *at && old != status);
-    if tie
+    let (state, key, outcome) = if tie
         && let Some(refetch) = cx.refetch
         && let Some(fresh) = refetch(id.to_owned()).await
         && let Some(now_status) = text(&fresh, "/status")
@@ -829,7 +829,7 @@ async fn subscription_changed(
             .pointer("/items/data/0")
             .cloned()
             .unwrap_or(Value::Null);
-        let state = SubscriptionStateChanged {
+        let refetched = SubscriptionStateChanged {
             status: now_status.to_owned(),
             price_id: id_of(&item, "/price").map(str::to_owned).or(state.price_id),
             current_period_start: time(&item, "/current_period_start")
@@ -844,39 +844,32 @@ async fn subscription_changed(
             state_at: Utc::now().max(state.state_at + chrono::Duration::milliseconds(1)),
             ..state
         };
-        let event = NewEvent {
-            event_id: store::deterministic_event_id(&format!(
-                "subscription-refetched:{}",
-                cx.event_id
-            )),
-            event: DomainEvent::SubscriptionStateChanged(state),
-            metadata: cx.meta.clone(),
-        };
-        store::append_and_apply(
-            conn,
-            &format!("stripe-subscription-{id}"),
-            ExpectedVersion::Any,
-            &event,
+        (
+            refetched,
+            format!("subscription-refetched:{}", cx.event_id),
+            format!("{id}: refetched from Stripe, {now_status}"),
         )
-        .await?;
-        return Ok(Outcome::Processed(format!(
-            "{id}: refetched from Stripe, {now_status}"
-        )));
-    }
-    let newer = match &current {
-        None => true,
-        Some((at, old)) => {
-            state.state_at > *at
-                || (state.state_at == *at && status == "canceled" && old != "canceled")
+    } else {
+        let newer = match &current {
+            None => true,
+            Some((at, old)) => {
+                state.state_at > *at
+                    || (state.state_at == *at && status == "canceled" && old != "canceled")
+            }
+        };
+        if !newer {
+            return Ok(Outcome::Processed(format!(
+                "{id}: a newer state is already recorded"
+            )));
         }
+        (
+            state,
+            format!("subscription-state:{}", cx.event_id),
+            format!("{id} is {status}"),
+        )
     };
-    if !newer {
-        return Ok(Outcome::Processed(format!(
-            "{id}: a newer state is already recorded"
-        )));
-    }
     let event = NewEvent {
-        event_id: store::deterministic_event_id(&format!("subscription-state:{}", cx.event_id)),
+        event_id: store::deterministic_event_id(&key),
         event: DomainEvent::SubscriptionStateChanged(state),
         metadata: cx.meta.clone(),
     };
@@ -887,7 +880,7 @@ async fn subscription_changed(
         &event,
     )
     .await?;
-    Ok(Outcome::Processed(format!("{id} is {status}")))
+    Ok(Outcome::Processed(outcome))
 }
 
 /// The grant a charge paid for, found by its payment intent (or the charge).
