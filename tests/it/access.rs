@@ -27,18 +27,11 @@ async fn every_route_refuses_missing_malformed_and_revoked_credentials_and_hides
     let app = spawn_app_with(&[]).await;
     let (alice, alice_key) = key_for(&app).await;
     let (_bob, bob_key) = key_for(&app).await;
-    crate::credits::grant(
-        &mut *app.db.conn().await,
-        alice,
-        50,
-        slate_events::catalog::GrantSource::Purchase,
-        None,
-    )
-    .await;
-    let (_, g, _) = app
-        .submit(
+    let g = app
+        .grant_and_submit(
+            alice,
             &alice_key,
-            None,
+            50,
             json!({"kind": "script", "provider": "local", "prompt": "alice's idea"}),
         )
         .await;
@@ -487,6 +480,7 @@ async fn the_export_holds_every_event_of_the_account_and_nothing_of_another() {
         app.grant_and_submit(
             account,
             key,
+            20,
             json!({"kind": "voiceover", "provider": "local", "prompt": "hello there"}),
         )
         .await;
@@ -560,18 +554,11 @@ async fn the_export_holds_every_event_of_the_account_and_nothing_of_another() {
 async fn deleting_an_account_stops_access_at_once_and_staff_can_restore_it_within_thirty_days() {
     let app = spawn_app_with(&[]).await;
     let (account, key) = key_for(&app).await;
-    crate::credits::grant(
-        &mut *app.db.conn().await,
-        account,
-        20,
-        slate_events::catalog::GrantSource::Purchase,
-        None,
-    )
-    .await;
-    let (_, g, _) = app
-        .submit(
+    let g = app
+        .grant_and_submit(
+            account,
             &key,
-            None,
+            20,
             json!({"kind": "script", "provider": "local", "prompt": "draft"}),
         )
         .await;

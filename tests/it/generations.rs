@@ -73,18 +73,26 @@ impl TestApp {
         panic!("generations still unfinished after 10 rounds");
     }
 
-    /// Grant the account 20 credits and submit `body` with its key (202).
-    pub async fn grant_and_submit(&self, account: Uuid, key: &str, body: Value) {
+    /// Grant the account `credits` and submit `body` with its key (202);
+    /// the accepted generation.
+    pub async fn grant_and_submit(
+        &self,
+        account: Uuid,
+        key: &str,
+        credits: i64,
+        body: Value,
+    ) -> Value {
         crate::credits::grant(
             &mut *self.db.conn().await,
             account,
-            20,
+            credits,
             slate_events::catalog::GrantSource::Purchase,
             None,
         )
         .await;
         let (status, g, _) = self.submit(key, None, body).await;
         assert_eq!(status, 202, "{g}");
+        g
     }
 
     async fn balance(&self, key: &str) -> Value {

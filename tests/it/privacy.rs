@@ -159,6 +159,7 @@ async fn thirty_days_after_deletion_the_purge_erases_everything_personal_once_ev
         app.grant_and_submit(
             account,
             key,
+            20,
             json!({"kind": "script", "provider": "local", "prompt": format!("a marble whale for {account}")}),
         )
         .await;
