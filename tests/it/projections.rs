@@ -302,12 +302,14 @@ async fn only_one_projector_leads_and_another_takes_over_when_it_stops() {
     let a = tokio::spawn(projections::run_projector(
         db.pool.clone(),
         Projection::CreditLedger,
+        slate_events::tail::watch(db.pool.clone(), slate_events::tail::INTERVAL),
         rx_a,
     ));
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let b = tokio::spawn(projections::run_projector(
         db.pool.clone(),
         Projection::CreditLedger,
+        slate_events::tail::watch(db.pool.clone(), slate_events::tail::INTERVAL),
         rx_b,
     ));
 

@@ -96,10 +96,12 @@ where
 {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut background = Vec::new();
+    let tail = slate_events::tail::watch(pool.clone(), slate_events::tail::INTERVAL);
     for &p in Projection::ASYNC {
         background.push(tokio::spawn(projections::run_projector(
             pool.clone(),
             p,
+            tail.clone(),
             stop_rx.clone(),
         )));
     }

@@ -104,11 +104,17 @@ pub async fn catch_up(pool: &PgPool, p: Projection) -> Result<u64, Error> {
 
 /// Follow the log for one projection until `shutdown` turns true. Only the
 /// process holding the projection's advisory lock applies events; the others
-/// wait to take over.
-pub async fn run_projector(pool: PgPool, p: Projection, mut shutdown: watch::Receiver<bool>) {
+/// wait to take over. `tail` is the process's watch on the log's tail
+/// ([`crate::tail::watch`]), shared by its projectors.
+pub async fn run_projector(
+    pool: PgPool,
+    p: Projection,
+    mut tail: watch::Receiver<i64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let name = p.name();
     while !*shutdown.borrow() {
-        match lead(&pool, p, &mut shutdown).await {
+        match lead(&pool, p, &mut tail, &mut shutdown).await {
             Ok(true) => {}
             Ok(false) => {
                 // Someone else leads; try again in a while.
@@ -134,6 +140,7 @@ pub async fn run_projector(pool: PgPool, p: Projection, mut shutdown: watch::Rec
 async fn lead(
     pool: &PgPool,
     p: Projection,
+    tail: &mut watch::Receiver<i64>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<bool, Error> {
     // A dedicated session holds the lock: if this process dies, so does the
@@ -149,7 +156,6 @@ async fn lead(
         return Ok(false);
     }
     tracing::info!(projection = p.name(), "projector leading");
-    let mut tail = crate::tail::watch(pool.clone(), crate::tail::INTERVAL);
     let mut last_ping = tokio::time::Instant::now();
     loop {
         if *shutdown.borrow() {
