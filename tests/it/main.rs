@@ -13,6 +13,8 @@ mod http;
 mod openapi;
 mod privacy;
 mod projections;
+mod props;
+mod props_stripe;
 mod services;
 mod sessions;
 mod stripe;
