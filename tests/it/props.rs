@@ -102,21 +102,36 @@ enum Op {
         expires: Option<i64>,
     },
     /// An earlier grant key again (the same amount or another).
-    GrantAgain { pick: usize, other_amount: bool },
+    GrantAgain {
+        pick: usize,
+        other_amount: bool,
+    },
     /// A new reservation with a hold of `hold` minutes.
-    Reserve { amount: i64, hold: i64 },
+    Reserve {
+        amount: i64,
+        hold: i64,
+    },
     /// An earlier generation again (the same amount or another).
-    ReserveAgain { pick: usize, other_amount: bool },
+    ReserveAgain {
+        pick: usize,
+        other_amount: bool,
+    },
     /// Capture or release of an earlier generation (or of one never seen).
-    Capture { pick: usize },
-    Release { pick: usize },
+    Capture {
+        pick: usize,
+    },
+    Release {
+        pick: usize,
+    },
     /// Revoke from an earlier grant; `reuse` takes an earlier revoke's key.
     Revoke {
         pick: usize,
         ask: Ask,
         reuse: Option<usize>,
     },
-    Advance { minutes: i64 },
+    Advance {
+        minutes: i64,
+    },
     Expire,
     SweepHolds,
 }
@@ -614,8 +629,7 @@ impl LedgerCase<'_> {
             Op::Release { pick } => {
                 let g = self.generation(*pick);
                 let model = self.model.release(g);
-                let db = match credits::release(self.conn, g, "failed", &Metadata::system()).await
-                {
+                let db = match credits::release(self.conn, g, "failed", &Metadata::system()).await {
                     Ok(r) => Answer::Resolve(r),
                     Err(e) => Answer::Err(error_kind(&e)),
                 };
@@ -803,9 +817,10 @@ fn ledger_matches_the_model_under_arbitrary_interleavings() {
     // (once at the end: a rebuild replays the whole database).
     rt.block_on(async {
         db.settle_projections().await;
-        let report = projections::verify(&db.pool, &[Projection::Credits, Projection::CreditLedger])
-            .await
-            .unwrap();
+        let report =
+            projections::verify(&db.pool, &[Projection::Credits, Projection::CreditLedger])
+                .await
+                .unwrap();
         assert!(report.is_clean(), "{report:#?}");
     });
 }

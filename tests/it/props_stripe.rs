@@ -211,7 +211,13 @@ async fn observe(app: &TestApp, account: Uuid, run: &str) -> (Expected, Value) {
             o => o.to_owned(),
         };
         *net.entry(paid_by).or_insert(0) += k.amount - k.revoked;
-        buckets.push(serde_json::json!([object, k.source, k.amount, k.remaining, k.revoked]));
+        // Each grant once, whatever the order. (What each bucket gave back
+        // is compared as the net per payment: with a won dispute it is split
+        // between the grant and its restoration by the order of arrival — or,
+        // won before it was processed open, nothing froze.)
+        if !object.ends_with(":restored") {
+            buckets.push(serde_json::json!([object, k.source, k.amount]));
+        }
     }
     buckets.sort_by_key(|v| v.to_string());
     let sub: Option<(String, Option<String>, bool)> = sqlx::query_as(
@@ -274,10 +280,7 @@ fn deliveries() -> impl Strategy<Value = Vec<Delivery>> {
             let n = all.len();
             (
                 Just(all).prop_shuffle(),
-                prop::collection::vec(
-                    (any::<bool>(), prop::option::weighted(0.15, 0usize..64)),
-                    n,
-                ),
+                prop::collection::vec((any::<bool>(), prop::option::weighted(0.15, 0usize..64)), n),
             )
         })
         .prop_map(|(all, flags)| {
@@ -336,9 +339,19 @@ async fn run_stripe_case(app: &TestApp, plan: &[Delivery]) -> Result<(), TestCas
     let (want, want_detail) = observe(app, ordered, &run_a).await;
     let (got, got_detail) = observe(app, shuffled, &run_b).await;
     let labels: Vec<&str> = set.iter().map(|&k| KINDS[k]).collect();
-    prop_assert_eq!(&want, &predict(&set), "in order vs the model, for {:?}", labels);
+    prop_assert_eq!(
+        &want,
+        &predict(&set),
+        "in order vs the model, for {:?}",
+        labels
+    );
     prop_assert_eq!(&got, &want, "as planned vs in order, for {:?}", labels);
-    prop_assert_eq!(&got_detail, &want_detail, "as planned vs in order, for {:?}", labels);
+    prop_assert_eq!(
+        &got_detail,
+        &want_detail,
+        "as planned vs in order, for {:?}",
+        labels
+    );
 
     // Replaying all of it changes nothing.
     for id in &delivered {
@@ -360,12 +373,43 @@ fn stripe_history_in_any_order_with_duplicates_converges_on_the_model() {
         |plan| rt.block_on(run_stripe_case(&app, &plan)),
     );
     rt.block_on(async {
-        let report = projections::verify(
-            &app.db.pool,
-            &[Projection::Credits, Projection::Billing],
-        )
-        .await
-        .unwrap();
+        let report = projections::verify(&app.db.pool, &[Projection::Credits, Projection::Billing])
+            .await
+            .unwrap();
         assert!(report.is_clean(), "{report:#?}");
     });
+}
+
+/// Found by the property: a refund processed while its charge was disputed
+/// found the grant frozen and took nothing, and the won dispute then gave the
+/// whole grant back — the refund was lost (500 credits left instead of 250).
+/// Here with the refunds before, during and after the win.
+#[test]
+fn a_refund_arriving_while_its_charge_is_disputed_still_counts_once_the_dispute_is_won() {
+    let rt = runtime();
+    let app = rt.block_on(stripe_app());
+    let pack = "01_checkout_session_completed_pack";
+    let (open, won) = ("dispute_pack_opened", "x_charge_dispute_closed_won");
+    let (part, full) = ("09_charge_refunded_partial", "refund_pack_full");
+    for order in [
+        &[pack, open, part, won][..],
+        &[pack, open, won, part],
+        &[pack, part, open, won, full],
+        &[pack, open, part, won, full],
+        &[pack, open, won, full, part],
+        &[open, part, won, pack],
+        &[pack, open, full, won],
+    ] {
+        let plan: Vec<Delivery> = order
+            .iter()
+            .map(|l| Delivery {
+                kind: kind(l),
+                process_now: true,
+                replay: None,
+            })
+            .collect();
+        if let Err(e) = rt.block_on(run_stripe_case(&app, &plan)) {
+            panic!("{order:?}: {e}");
+        }
+    }
 }
