@@ -8,10 +8,11 @@
 //! * `stripe_*` (in `props_stripe.rs`): a customer's Stripe history, a subset
 //!   of it delivered with duplicates, in any order, with replays.
 //!
-//! Case counts: `PROPTEST_CASES` (default [`DEFAULT_CASES`]). A failing case
-//! is shrunk, printed, and its seed appended to
-//! `tests/it/props.proptest-regressions`; every later run replays the seeds in
-//! that file first, so commit it to keep a found case as a regression.
+//! Case counts: `PROPTEST_CASES` (else 96 for the ledger, 24 for Stripe:
+//! about 30–60 s each in a debug build on two cores). A failing case is
+//! shrunk, printed, and its seed appended to the property's
+//! `tests/it/<file>.proptest-regressions`; every later run replays the seeds
+//! in that file first, so commit it to keep a found case as a regression.
 
 use std::collections::HashMap;
 
@@ -28,20 +29,16 @@ use uuid::Uuid;
 use crate::credits::{assert_invariant, new_account};
 use crate::harness::TestDb;
 
-pub const DEFAULT_CASES: u32 = 32;
-
-/// The runner every property here uses: `PROPTEST_CASES` cases, failures
-/// persisted next to this file.
-pub fn runner() -> TestRunner {
+/// The runner of a property: `PROPTEST_CASES` cases (else `default_cases`),
+/// failures persisted in `persistence` (a path from the package root).
+pub fn runner(default_cases: u32, persistence: &'static str) -> TestRunner {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|c| c.parse().ok())
-        .unwrap_or(DEFAULT_CASES);
+        .unwrap_or(default_cases);
     TestRunner::new(Config {
         cases,
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
-            "tests/it/props.proptest-regressions",
-        ))),
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(persistence))),
         // Each case talks to PostgreSQL; shrinking is bounded by time, not
         // by the default 4096 iterations.
         max_shrink_time: 120_000,
@@ -60,12 +57,14 @@ pub fn runtime() -> tokio::runtime::Runtime {
 /// Run a property and turn a failure into a panic that says how to replay it.
 pub fn check<S: Strategy>(
     name: &str,
+    default_cases: u32,
+    persistence: &'static str,
     strategy: S,
     test: impl Fn(S::Value) -> Result<(), TestCaseError>,
 ) where
     S::Value: std::fmt::Debug,
 {
-    let mut runner = runner();
+    let mut runner = runner(default_cases, persistence);
     let cases = runner.config().cases;
     let started = std::time::Instant::now();
     let result = runner.run(&strategy, test);
@@ -75,8 +74,8 @@ pub fn check<S: Strategy>(
     );
     if let Err(e) = result {
         panic!(
-            "{name} failed: {e}\n(the seed was appended to tests/it/props.proptest-regressions; \
-             rerun this test to replay it first)"
+            "{name} failed: {e}\n(its seed was appended to {persistence}: rerunning the test \
+             replays it first; commit the file to keep the case)"
         );
     }
 }
@@ -810,6 +809,8 @@ fn ledger_matches_the_model_under_arbitrary_interleavings() {
     let db = rt.block_on(TestDb::with_pool_size(4));
     check(
         "ledger_matches_the_model_under_arbitrary_interleavings",
+        96,
+        "tests/it/props.proptest-regressions",
         prop::collection::vec(op(), 1..=30),
         |ops| rt.block_on(run_ledger_case(&db, &ops)),
     );

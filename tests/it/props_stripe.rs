@@ -369,6 +369,8 @@ fn stripe_history_in_any_order_with_duplicates_converges_on_the_model() {
     let app = rt.block_on(stripe_app());
     check(
         "stripe_history_in_any_order_with_duplicates_converges_on_the_model",
+        24,
+        "tests/it/props_stripe.proptest-regressions",
         deliveries(),
         |plan| rt.block_on(run_stripe_case(&app, &plan)),
     );
