@@ -944,33 +944,135 @@ async fn charge_refunded(
         .bind(account)
         .execute(&mut *conn)
         .await?;
-    let already: i64 = sqlx::query_scalar(
+    let restored = restorations_of(conn, bucket).await?;
+    let restored_ids: Vec<Uuid> = restored.iter().map(|r| r.bucket).collect();
+    let mut already: i64 = sqlx::query_scalar(
         "select coalesce(sum(amount), 0)::bigint from credit_revocations
-          where bucket_id = $1 and revoke_key like 'stripe:refund:%'",
+          where (bucket_id = $1 or bucket_id = any($2)) and revoke_key like 'stripe:refund:%'",
     )
     .bind(bucket)
+    .bind(&restored_ids)
     .fetch_one(&mut *conn)
     .await?;
+    // What a won dispute kept back of what it had frozen, for refunds that
+    // came while it was open, counts as refunded.
+    already += restored.iter().map(|r| r.absorbed).sum::<i64>();
     let target = (granted as i128 * refunded as i128 / amount as i128) as i64;
     if target <= already {
         return Ok(Outcome::Processed(format!(
             "{charge}: refunded share already revoked (commission clawed back: {clawed})"
         )));
     }
+    let key = format!("stripe:refund:{charge}:{refunded}");
     let out = credits::revoke(
         conn,
         account,
         bucket,
         target - already,
-        &format!("stripe:refund:{charge}:{refunded}"),
+        &key,
         Some("refund"),
         &cx.meta,
     )
     .await?;
+    // Less than asked: a dispute froze the rest of the grant. While it is
+    // open (or lost) the credits are gone already; once it was won, they
+    // come out of what the win restored.
+    let mut short = target - already - out.amount;
+    let mut from_restored = 0;
+    for r in &restored {
+        if short <= 0 {
+            break;
+        }
+        let more = credits::revoke(
+            conn,
+            account,
+            r.bucket,
+            short,
+            &format!("{key}:restored:{}", r.bucket),
+            Some("refund"),
+            &cx.meta,
+        )
+        .await?;
+        short -= more.amount;
+        from_restored += more.amount;
+    }
     Ok(Outcome::Processed(format!(
-        "{charge}: {} revoked ({} taken, {} debt); commission clawed back: {clawed}",
+        "{charge}: {} revoked ({} taken, {} debt; {from_restored} from a won dispute's restoration); \
+         commission clawed back: {clawed}",
         out.amount, out.taken, out.debt_added
     )))
+}
+
+/// A won dispute's restoration of a grant.
+struct Restoration {
+    bucket: Uuid,
+    /// What the dispute froze and the win did not give back (refunded
+    /// meanwhile).
+    absorbed: i64,
+}
+
+/// The restorations by won disputes of the grant in `bucket` (a dispute's
+/// freeze of a grant is keyed `stripe:dispute:<dispute>`, its restoration is
+/// the bucket of `<dispute>:restored`).
+async fn restorations_of(conn: &mut PgConnection, bucket: Uuid) -> Result<Vec<Restoration>, Error> {
+    let rows: Vec<(Uuid, i64, i64)> = sqlx::query_as(
+        "select b.bucket_id, b.amount, v.amount
+           from credit_revocations v
+           join credit_buckets b
+             on b.account_id = v.account_id
+            and b.stripe_object = substr(v.revoke_key, length('stripe:dispute:') + 1) || ':restored'
+          where v.bucket_id = $1 and v.revoke_key like 'stripe:dispute:%'
+          order by b.granted_position",
+    )
+    .bind(bucket)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(bucket, restored, frozen)| Restoration {
+            bucket,
+            absorbed: frozen - restored,
+        })
+        .collect())
+}
+
+/// Of the grant in `bucket`, the refunded share that refunds processed so
+/// far could not take back because a dispute had frozen it.
+async fn refunds_frozen_by_dispute(
+    conn: &mut PgConnection,
+    bucket: Uuid,
+    granted: i64,
+    payment_intent: Option<&str>,
+    charge: Option<&str>,
+) -> Result<i64, Error> {
+    let refunds: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(
+        "select (raw::jsonb #>> '{data,object,amount}')::bigint,
+                (raw::jsonb #>> '{data,object,amount_refunded}')::bigint
+           from stripe_events
+          where event_type = 'charge.refunded' and status in ('processed', 'ignored')
+            and (payment_intent = $1 or object_id = $2)",
+    )
+    .bind(payment_intent)
+    .bind(charge)
+    .fetch_all(&mut *conn)
+    .await?;
+    let target = refunds
+        .into_iter()
+        .filter_map(|(amount, refunded)| {
+            let amount = amount.filter(|a| *a > 0)?;
+            let refunded = refunded.unwrap_or(0).clamp(0, amount);
+            Some((granted as i128 * refunded as i128 / amount as i128) as i64)
+        })
+        .max()
+        .unwrap_or(0);
+    let revoked: i64 = sqlx::query_scalar(
+        "select coalesce(sum(amount), 0)::bigint from credit_revocations
+          where bucket_id = $1 and revoke_key like 'stripe:refund:%'",
+    )
+    .bind(bucket)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok((target - revoked).max(0))
 }
 
 async fn dispute_changed(
@@ -1029,11 +1131,45 @@ async fn dispute_changed(
             .await?;
     match status {
         "won" => {
-            let Some(amount) = revoked.filter(|a| *a > 0) else {
+            let Some(frozen) = revoked.filter(|a| *a > 0) else {
                 return Ok(Outcome::Processed(format!(
                     "{dispute} won; nothing was frozen"
                 )));
             };
+            let restored_object = format!("{dispute}:restored");
+            let done: Option<i64> = sqlx::query_scalar(
+                "select amount from credit_buckets where account_id = $1 and stripe_object = $2",
+            )
+            .bind(account)
+            .bind(&restored_object)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if let Some(amount) = done {
+                return Ok(Outcome::Processed(format!(
+                    "{dispute} won; {amount} credits restored earlier"
+                )));
+            }
+            // Refunds that came while the dispute was open found the credits
+            // frozen: their share is not given back.
+            let granted: i64 =
+                sqlx::query_scalar("select amount from credit_buckets where bucket_id = $1")
+                    .bind(bucket)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            let refunded = refunds_frozen_by_dispute(
+                conn,
+                bucket,
+                granted,
+                id_of(dp, "/payment_intent"),
+                id_of(dp, "/charge"),
+            )
+            .await?;
+            let amount = frozen - refunded.min(frozen);
+            if amount == 0 {
+                return Ok(Outcome::Processed(format!(
+                    "{dispute} won; refunds took all that was frozen"
+                )));
+            }
             let out = credits::grant(
                 conn,
                 &Grant {
@@ -1041,7 +1177,7 @@ async fn dispute_changed(
                     amount,
                     source: GrantSource::Purchase,
                     grant_key: format!("stripe:dispute-won:{dispute}"),
-                    stripe_object: Some(format!("{dispute}:restored")),
+                    stripe_object: Some(restored_object),
                     expires_at: None,
                     reason: Some("dispute won".into()),
                 },

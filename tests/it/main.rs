@@ -15,6 +15,8 @@ mod openapi;
 mod outage;
 mod privacy;
 mod projections;
+mod props;
+mod props_stripe;
 mod services;
 mod sessions;
 mod stripe;
