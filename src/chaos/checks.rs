@@ -707,6 +707,52 @@ async fn check_all(
         Err(e) => set.fail("slate projections verify exits 0", e.to_string()),
     }
 
+    // --- readiness said so while PostgreSQL was down ------------------------------------
+    let outage_503: u64 = ctx
+        .stats()
+        .outage_responses
+        .iter()
+        .filter(|((class, label), _)| *class == "readyz" && label.starts_with("503"))
+        .map(|(_, n)| n)
+        .sum();
+    set.expect(
+        "/readyz answered 503 during the PostgreSQL outages",
+        outage_503 as usize >= ctx.plan.pg_restarts.len(),
+        || {
+            format!(
+                "{outage_503} readiness 503s during {} outages",
+                ctx.plan.pg_restarts.len()
+            )
+        },
+    );
+
+    // --- idle processes are idle (no busy loop left behind by a fault) ----------------
+    let pids: Vec<(String, u32)> = {
+        let sup = ctx.supervisor.lock().expect("not poisoned");
+        let mut v = sup.running(super::procs::Kind::Work);
+        v.extend(sup.running(super::procs::Kind::Serve));
+        v
+    };
+    let cpu = |pid: u32| -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let after = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = after.split_whitespace().collect();
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    };
+    let first: Vec<Option<u64>> = pids.iter().map(|(_, p)| cpu(*p)).collect();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for ((name, pid), a) in pids.iter().zip(first) {
+        // Clock ticks (100 per second): more than half a core for 5 s.
+        if let (Some(a), Some(b)) = (a, cpu(*pid)) {
+            set.expect("idle processes stay idle (< 50 % CPU)", b - a < 250, || {
+                format!(
+                    "{name} (pid {pid}) used {} % of a core while idle",
+                    (b - a) / 5
+                )
+            });
+        }
+    }
+
     // --- processes ---------------------------------------------------------------------------------
     let exits = ctx.supervisor.lock().expect("not poisoned").exits.clone();
     for e in &exits {
@@ -743,7 +789,10 @@ pub fn summary(ctx: &Ctx, report: &Report, fake: &FakeStats, soak_secs: f64) {
         }
     );
     println!("\nfaults");
-    println!("  worker SIGKILLs            {:>6}", sup.kills);
+    println!(
+        "  worker SIGKILLs            {:>6}  (holding {} queued/running jobs between them)",
+        sup.kills, s.jobs_held_at_kill
+    );
     println!("  process starts             {:>6}", sup.starts());
     println!(
         "  exits nobody asked for     {:>6}{}",
@@ -781,6 +830,10 @@ pub fn summary(ctx: &Ctx, report: &Report, fake: &FakeStats, soak_secs: f64) {
     );
     println!("  S3 stops                   {:>6}", n(&ctx.plan.s3_stops));
     println!("  provider calls that hung   {:>6}", fake.hangs);
+    println!(
+        "  workers resuming by themselves after a PostgreSQL restart {:>3}",
+        s.workers_resumed
+    );
     for (what, secs) in &s.recoveries {
         println!("  ready again after {what:<10} {secs:>5.1} s");
     }

@@ -472,17 +472,46 @@ pub async fn kill_workers(ctx: Arc<Ctx>) {
     while !ctx.stop_load.load(Ordering::Relaxed) {
         let restart_in = rng.between_ms(500, 3000);
         let pick = rng.next_u64() as usize;
+        let target = ctx
+            .supervisor
+            .lock()
+            .expect("not poisoned")
+            .pick_worker(|n| pick % n);
+        let Some((i, pid)) = target else {
+            ctx.event("no worker running to kill".into());
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            continue;
+        };
+        // Jobs it holds right now (worker names carry the pid).
+        let holding: i64 = sqlx::query_scalar(
+            "select count(*) from apalis.jobs
+              where status in ('Queued', 'Running') and lock_by like '%-' || $1 || '-%'",
+        )
+        .bind(pid.to_string())
+        .fetch_one(&ctx.pool)
+        .await
+        .unwrap_or(-1);
         let killed = ctx
             .supervisor
             .lock()
             .expect("not poisoned")
-            .kill_worker(|n| pick % n, restart_in);
+            .kill(i, pid, restart_in);
         match killed {
-            Ok(Some(name)) => ctx.event(format!(
-                "SIGKILL {name}; restart in {:.1} s",
-                restart_in.as_secs_f64()
-            )),
-            Ok(None) => ctx.event("no worker running to kill".into()),
+            Ok(Some(name)) => {
+                if holding > 0 {
+                    ctx.stats().jobs_held_at_kill += holding as u64;
+                }
+                ctx.event(format!(
+                    "SIGKILL {name} holding {} jobs; restart in {:.1} s",
+                    if holding < 0 {
+                        "?".to_owned()
+                    } else {
+                        holding.to_string()
+                    },
+                    restart_in.as_secs_f64()
+                ))
+            }
+            Ok(None) => {}
             Err(e) => ctx.violation(format!("killing a worker: {e:#}")),
         }
         let jitter = rng.between_ms(0, 4000);
@@ -553,6 +582,11 @@ async fn pg_restart(ctx: &Ctx, down: Duration) {
         down.as_secs()
     ));
     ctx.pg_down.store(true, Ordering::Relaxed);
+    let before = ctx
+        .supervisor
+        .lock()
+        .expect("not poisoned")
+        .running(super::procs::Kind::Work);
     ctx.control("pg", "stop").await;
     // Readiness checks in flight when it stopped may still finish green.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -562,6 +596,54 @@ async fn pg_restart(ctx: &Ctx, down: Duration) {
     ctx.control("pg", "start").await;
     recovered(ctx, "PostgreSQL").await;
     ctx.pg_down.store(false, Ordering::Relaxed);
+    workers_resumed(ctx, &before).await;
+}
+
+/// Every worker process that lived through the outage takes jobs again by
+/// itself: its generation worker heartbeats within 30 s (worker names carry
+/// the pid). Processes killed meanwhile are not judged.
+async fn workers_resumed(ctx: &Ctx, before: &[(String, u32)]) {
+    let started = Instant::now();
+    let mut waiting: Vec<(String, u32)> = before.to_vec();
+    while !waiting.is_empty() {
+        let alive = ctx
+            .supervisor
+            .lock()
+            .expect("not poisoned")
+            .running(super::procs::Kind::Work);
+        waiting.retain(|w| alive.contains(w));
+        let mut still = Vec::new();
+        for (name, pid) in waiting {
+            let beating: bool = sqlx::query_scalar(
+                "select exists(select 1 from apalis.workers
+                  where worker_type = 'slate.generations' and id like '%-' || $1 || '-%'
+                    and last_seen > now() - interval '3 seconds')",
+            )
+            .bind(pid.to_string())
+            .fetch_one(&ctx.pool)
+            .await
+            .unwrap_or(false);
+            if !beating {
+                still.push((name, pid));
+            }
+        }
+        waiting = still;
+        if waiting.is_empty() {
+            ctx.event(format!(
+                "every surviving worker takes jobs again ({:.1} s after PostgreSQL was back)",
+                started.elapsed().as_secs_f64()
+            ));
+            ctx.stats().workers_resumed += before.len() as u64;
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            ctx.violation(format!(
+                "worker processes did not take jobs again within 30 s of the PostgreSQL restart: {waiting:?}"
+            ));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 async fn recovered(ctx: &Ctx, what: &str) {

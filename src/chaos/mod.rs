@@ -202,6 +202,10 @@ pub struct Stats {
     pub reads: u64,
     pub timeline: Vec<(f64, String)>,
     pub recoveries: Vec<(String, f64)>,
+    /// Jobs the killed workers held (queued or running) when killed.
+    pub jobs_held_at_kill: u64,
+    /// Worker processes seen resuming by themselves after a PostgreSQL restart.
+    pub workers_resumed: u64,
 }
 
 pub struct Ctx {
@@ -229,6 +233,8 @@ pub struct Ctx {
     pub violations: Mutex<Vec<String>>,
     pub supervisor: Mutex<Supervisor>,
     pub control: String,
+    /// The driver's own connections (fault bookkeeping, the checks).
+    pub pool: sqlx::PgPool,
 }
 
 impl Ctx {
@@ -383,6 +389,7 @@ pub async fn drive(config: &Config, opts: DriveOptions) -> anyhow::Result<i32> {
         violations: Mutex::default(),
         supervisor: Mutex::new(supervisor),
         control: opts.control.clone(),
+        pool: pool.clone(),
     });
 
     // The supervisor's loop runs until the very end.

@@ -125,21 +125,30 @@ impl Supervisor {
         Ok(())
     }
 
-    /// SIGKILL a running worker (`pick` chooses among them) and restart it
-    /// after `restart_in`. Returns its name.
-    pub fn kill_worker(
-        &mut self,
-        pick: impl FnOnce(usize) -> usize,
-        restart_in: Duration,
-    ) -> anyhow::Result<Option<String>> {
+    /// A running worker (`pick` chooses among them): its index and pid.
+    pub fn pick_worker(&self, pick: impl FnOnce(usize) -> usize) -> Option<(usize, u32)> {
         let running: Vec<usize> = (0..self.procs.len())
             .filter(|&i| self.procs[i].kind == Kind::Work && self.procs[i].child.is_some())
             .collect();
         if running.is_empty() {
-            return Ok(None);
+            return None;
         }
         let i = running[pick(running.len()) % running.len()];
+        self.procs[i].child.as_ref().map(|c| (i, c.id()))
+    }
+
+    /// SIGKILL process `i` if it is still the one with `pid`, and restart it
+    /// after `restart_in`. Returns its name.
+    pub fn kill(
+        &mut self,
+        i: usize,
+        pid: u32,
+        restart_in: Duration,
+    ) -> anyhow::Result<Option<String>> {
         let p = &mut self.procs[i];
+        if p.child.as_ref().map(Child::id) != Some(pid) {
+            return Ok(None);
+        }
         let Some(mut child) = p.child.take() else {
             return Ok(None);
         };
@@ -147,7 +156,16 @@ impl Supervisor {
         child.wait()?;
         p.restart_at = Some(Instant::now() + restart_in);
         self.kills += 1;
-        Ok(Some(format!("{} (pid {})", p.name, child.id())))
+        Ok(Some(format!("{} (pid {pid})", p.name)))
+    }
+
+    /// (name, pid) of every running process of `kind`.
+    pub fn running(&self, kind: Kind) -> Vec<(String, u32)> {
+        self.procs
+            .iter()
+            .filter(|p| p.kind == kind)
+            .filter_map(|p| p.child.as_ref().map(|c| (p.name.clone(), c.id())))
+            .collect()
     }
 
     /// Every process is running.
