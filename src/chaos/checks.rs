@@ -726,6 +726,30 @@ async fn check_all(
         },
     );
 
+    // --- every queue of every worker process is alive (heartbeating) ------------------
+    let workers = ctx
+        .supervisor
+        .lock()
+        .expect("not poisoned")
+        .running(super::procs::Kind::Work);
+    for (name, pid) in &workers {
+        let stale: Vec<String> = sqlx::query_scalar(
+            "select t.worker_type from (select distinct worker_type from apalis.workers) t
+              where not exists (select 1 from apalis.workers w
+                                 where w.worker_type = t.worker_type
+                                   and w.id like '%-' || $1 || '-%'
+                                   and w.last_seen > now() - interval '5 seconds')",
+        )
+        .bind(pid.to_string())
+        .fetch_all(pool)
+        .await?;
+        set.expect(
+            "every queue's worker in every work process heartbeating",
+            stale.is_empty(),
+            || format!("{name} (pid {pid}): no heartbeat for {stale:?}"),
+        );
+    }
+
     // --- idle processes are idle (no busy loop left behind by a fault) ----------------
     let pids: Vec<(String, u32)> = {
         let sup = ctx.supervisor.lock().expect("not poisoned");
@@ -863,6 +887,24 @@ pub fn summary(ctx: &Ctx, report: &Report, fake: &FakeStats, soak_secs: f64) {
         fake.cancels,
         fake.accepted_twice
     );
+    if !fake.twice.is_empty() {
+        // A generation the provider accepted twice was paid for twice (the
+        // user was billed once): the second attempt did not know the first
+        // one's handle.
+        let ids: Vec<String> = fake
+            .twice
+            .iter()
+            .take(10)
+            .map(|prompt| {
+                s.accepted
+                    .values()
+                    .find(|a| prompt.ends_with(&format!(" {}", a.key)))
+                    .map(|a| format!("{} ({})", a.id, a.scenario.name()))
+                    .unwrap_or_else(|| prompt.clone())
+            })
+            .collect();
+        println!("  accepted twice by the provider: {}", ids.join(", "));
+    }
     println!("\nanswers (class, status → count; * = while PostgreSQL was down)");
     for ((class, label), count) in &s.responses {
         let outage = s

@@ -118,6 +118,8 @@ pub struct FakeStats {
     /// Prompts (generations) that were accepted by the provider more than
     /// once: a restarted worker paid twice.
     pub accepted_twice: u64,
+    /// Their prompts (each carries its submission's key).
+    pub twice: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -257,10 +259,14 @@ async fn submit(fal: &FakeFal, owner: &str, app: &str, body: &[u8]) -> Response 
     };
     {
         let mut accepted = fal.accepted_by_prompt.lock().expect("not poisoned");
-        let n = accepted.entry(prompt).or_insert(0);
+        let n = accepted.entry(prompt.clone()).or_insert(0);
         *n += 1;
         if *n == 2 {
-            fal.count(|s| s.accepted_twice += 1);
+            let p = prompt.clone();
+            fal.count(|s| {
+                s.accepted_twice += 1;
+                s.twice.push(p);
+            });
         }
     }
     let url = format!("{}/{owner}/{app}/requests/{id}", fal.base);

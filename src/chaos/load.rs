@@ -203,6 +203,7 @@ async fn submit(ctx: &Ctx, rng: &mut Rng, account: usize, scenario: Scenario, ke
                             id,
                             Accepted {
                                 id,
+                                key: key.to_owned(),
                                 account,
                                 scenario,
                             },

@@ -179,6 +179,7 @@ pub struct Account {
 #[derive(Debug, Clone)]
 pub struct Accepted {
     pub id: Uuid,
+    pub key: String,
     pub account: usize,
     pub scenario: Scenario,
 }
