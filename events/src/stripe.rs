@@ -282,6 +282,16 @@ pub async fn redact_personal_details(
 /// Process one mirrored event: its effects and its new mirror status commit
 /// together. `force` re-runs an event already processed (replay); its
 /// effects are keyed, so that changes nothing that was already done.
+/// True when the mirror holds this Stripe event.
+pub async fn is_mirrored(conn: &mut PgConnection, stripe_event_id: &str) -> Result<bool, Error> {
+    Ok(
+        sqlx::query_scalar("select exists(select 1 from stripe_events where stripe_event_id = $1)")
+            .bind(stripe_event_id)
+            .fetch_one(conn)
+            .await?,
+    )
+}
+
 pub async fn process(
     pool: &PgPool,
     catalog: &StripeCatalog,

@@ -6,14 +6,14 @@
 //! with the keyboard.
 
 use axum::Router;
-use axum::extract::{Form, Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::{ApiError, AppState, Auth, Staff};
+use super::{ApiError, AppState, Auth, Form, Query, Staff};
 use crate::audit::{AuditEntry, Filter, query};
 
 pub fn router() -> Router<AppState> {
@@ -405,6 +405,16 @@ async fn replay(
     Staff(staff): Staff,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    // Only an event the mirror holds can be replayed (its id names the
+    // stream the replay is recorded in).
+    let plausible = id.starts_with("evt_")
+        && id.len() <= 255
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !plausible
+        || !slate_events::stripe::is_mirrored(&mut *state.pool.acquire().await?, &id).await?
+    {
+        return Err(ApiError::not_found());
+    }
     let outcome =
         match slate_events::stripe::process(&state.pool, &state.config.stripe_catalog, &id, true)
             .await

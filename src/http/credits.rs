@@ -1,12 +1,12 @@
 //! `GET /v1/credits` and `GET /v1/credits/ledger`.
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, AppState, Auth, Json};
+use super::{ApiError, AppState, Auth, Json, Query};
 
 pub fn router() -> Router<AppState> {
     Router::new()

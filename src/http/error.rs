@@ -109,9 +109,44 @@ impl ApiError {
     }
 }
 
+/// True when the error comes from PostgreSQL being out of reach (down,
+/// restarting, refusing connections, or the pool timing out waiting for one):
+/// the client may retry, so it is a 503, not a 500.
+pub fn is_database_unavailable(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(sqlx_unavailable)
+    })
+}
+
+fn sqlx_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // Connection exceptions (08…), and the server shutting down or not yet
+        // accepting connections (57P01–57P03).
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
+        _ => false,
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if let ApiError::Internal(e) = &self {
+            if is_database_unavailable(e) {
+                tracing::warn!(error = ?e, "database unavailable");
+                return ApiError::Unavailable {
+                    code: "database_unavailable",
+                    message: "the service is briefly unavailable; retry shortly",
+                }
+                .into_response();
+            }
             tracing::error!(error = ?e, "request failed");
         }
         let mut error = json!({ "code": self.code(), "message": self.to_string() });
@@ -128,6 +163,15 @@ impl IntoResponse for ApiError {
             retry = *retry_after;
         }
         let mut response = (self.status(), Json(json!({ "error": error }))).into_response();
+        if matches!(
+            self,
+            ApiError::Unavailable {
+                code: "database_unavailable",
+                ..
+            }
+        ) {
+            retry = Some(2);
+        }
         if let Some(secs) = retry
             && let Ok(v) = HeaderValue::from_str(&secs.to_string())
         {

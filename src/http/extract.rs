@@ -20,25 +20,127 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Json(v)),
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::client(
-                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "send the body as application/json",
-            )),
-            Err(JsonRejection::JsonSyntaxError(_)) => Err(ApiError::bad_request(
-                "invalid_json",
-                "the body is not valid JSON",
-            )),
-            Err(JsonRejection::JsonDataError(_)) => Err(ApiError::unprocessable(
+        // Parsed as a JSON value first, so that a NUL character anywhere (which
+        // neither PostgreSQL text nor jsonb can hold) is refused up front.
+        let value = match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(v)) => v,
+            Err(JsonRejection::MissingJsonContentType(_)) => {
+                return Err(ApiError::client(
+                    axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "send the body as application/json",
+                ));
+            }
+            Err(JsonRejection::JsonSyntaxError(_)) | Err(JsonRejection::JsonDataError(_)) => {
+                return Err(ApiError::bad_request(
+                    "invalid_json",
+                    "the body is not valid JSON",
+                ));
+            }
+            Err(JsonRejection::BytesRejection(_)) => return Err(ApiError::payload_too_large()),
+            Err(_) => {
+                return Err(ApiError::bad_request(
+                    "invalid_body",
+                    "the body could not be read",
+                ));
+            }
+        };
+        if has_nul(&value) {
+            return Err(ApiError::unprocessable(
                 "invalid_body",
                 "the body does not have the expected fields and types",
-            )),
-            Err(JsonRejection::BytesRejection(_)) => Err(ApiError::payload_too_large()),
-            Err(_) => Err(ApiError::bad_request(
+            ));
+        }
+        serde_json::from_value(value).map(Json).map_err(|_| {
+            ApiError::unprocessable(
                 "invalid_body",
-                "the body could not be read",
+                "the body does not have the expected fields and types",
+            )
+        })
+    }
+}
+
+/// True when a string (or a key) anywhere in `v` holds a NUL character.
+pub fn has_nul(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+/// True when the percent-encoded text decodes to a NUL character.
+fn encodes_nul(raw: &str) -> bool {
+    raw.as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0')
+}
+
+/// `axum::extract::Query`, but a malformed query string gets a stable code
+/// (`invalid_query`) in Slate's error format instead of axum's plain text.
+pub struct Query<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Query<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let refused = || {
+            ApiError::bad_request(
+                "invalid_query",
+                "the query string does not have the expected parameters and types",
+            )
+        };
+        if parts.uri.query().is_some_and(encodes_nul) {
+            return Err(refused());
+        }
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(_) => Err(refused()),
+        }
+    }
+}
+
+/// `axum::Form` (the staff console's forms), answering in Slate's error format.
+pub struct Form<T>(pub T);
+
+impl<T, S> FromRequest<S> for Form<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        use axum::extract::rejection::FormRejection;
+        let (parts, body) = req.into_parts();
+        let bytes = match axum::body::to_bytes(body, 64 * 1024).await {
+            Ok(b) => b,
+            Err(_) => return Err(ApiError::payload_too_large()),
+        };
+        if bytes.contains(&0) || encodes_nul(&String::from_utf8_lossy(&bytes)) {
+            return Err(ApiError::unprocessable(
+                "invalid_body",
+                "the form does not have the expected fields and types",
+            ));
+        }
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
+        match axum::Form::<T>::from_request(req, state).await {
+            Ok(axum::Form(v)) => Ok(Form(v)),
+            Err(FormRejection::InvalidFormContentType(_)) => Err(ApiError::client(
+                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the form as application/x-www-form-urlencoded",
+            )),
+            Err(FormRejection::BytesRejection(_)) => Err(ApiError::payload_too_large()),
+            Err(_) => Err(ApiError::unprocessable(
+                "invalid_body",
+                "the form does not have the expected fields and types",
             )),
         }
     }
@@ -231,10 +333,7 @@ impl FromRequestParts<AppState> for Auth {
             .pool
             .acquire()
             .await
-            .map_err(|_| ApiError::Unavailable {
-                code: "database_unavailable",
-                message: "the database is unavailable; try again shortly",
-            })?;
+            .map_err(|e| ApiError::Internal(e.into()))?;
         let presented = header
             .to_str()
             .ok()

@@ -10,6 +10,7 @@ mod debug_bodies;
 mod error;
 mod extract;
 mod generations;
+mod headers;
 mod health;
 pub mod hub;
 mod keys;
@@ -29,7 +30,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
-pub use extract::{Auth, ClientIp, Json, Staff};
+pub use extract::{Auth, ClientIp, Form, Json, Query, Staff};
 
 use crate::config::Config;
 
@@ -93,6 +94,19 @@ async fn impersonation_banner(
     response
 }
 
+/// Unknown paths answer in Slate's error format too.
+async fn unknown_route() -> ApiError {
+    ApiError::not_found()
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::client(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+}
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
@@ -108,6 +122,8 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::router())
         .merge(audit::router())
         .merge(console::router())
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             debug_bodies::log_bodies,
@@ -116,8 +132,12 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             telemetry::record,
         ))
-        .with_state(state)
+        .with_state(state.clone())
         .layer(axum::middleware::from_fn(impersonation_banner))
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            headers::security_headers,
+        ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
             // Spans carry method, route and request id — never bodies or headers.
@@ -142,4 +162,29 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(axum::middleware::from_fn(sanitize_request_id))
+}
+
+/// A client may name its request (`x-request-id`), and that id goes into
+/// every log line and audit entry of the request: only a short token of
+/// safe characters is kept, anything else is replaced by a fresh id, so a
+/// header cannot forge log fields or smuggle markup.
+async fn sanitize_request_id(
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let ok = |v: &axum::http::HeaderValue| {
+        let b = v.as_bytes();
+        !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+    };
+    let headers = req.headers_mut();
+    if headers.get_all(&REQUEST_ID).iter().count() > 1
+        || headers.get(&REQUEST_ID).is_some_and(|v| !ok(v))
+    {
+        headers.remove(&REQUEST_ID);
+    }
+    next.run(req).await
 }

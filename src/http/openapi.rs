@@ -148,6 +148,24 @@ fn add_security_schemes(doc: &mut Value) {
     });
 }
 
+/// The codes only the staff routes (`/admin/…`, not in the document) add to
+/// `CODES`.
+pub const STAFF_CODES: &[(&str, &str)] = &[
+    (
+        "forbidden",
+        "the caller is not staff (the attempt is recorded)",
+    ),
+    (
+        "invalid_impersonation",
+        "an impersonation needs another live account and a reason of 3–500 characters",
+    ),
+    (
+        "not_restorable",
+        "the account is not deleted, or its 30 days have passed",
+    ),
+    ("invalid_format", "the export format is `jsonl` or `csv`"),
+];
+
 /// Every stable error code, with what it means.
 pub const CODES: &[(&str, &str)] = &[
     // Authentication and request format, shared by many routes.
@@ -161,13 +179,21 @@ pub const CODES: &[(&str, &str)] = &[
     ),
     (
         "database_unavailable",
-        "the database could not be reached while checking the API key; retry shortly",
+        "the database could not be reached (down, restarting or saturated); nothing was done, retry after `Retry-After` seconds",
     ),
     (
         "internal_error",
         "an unexpected failure; the detail is in the server log under the request id (`x-request-id`)",
     ),
+    (
+        "method_not_allowed",
+        "the route exists but does not take that HTTP method (405, with `Allow`)",
+    ),
     ("invalid_json", "the body is not valid JSON"),
+    (
+        "invalid_query",
+        "a query parameter has the wrong type or a required one is missing",
+    ),
     (
         "invalid_body",
         "the body could not be read (400), or lacks the expected fields and types or has unknown ones (422)",
@@ -338,7 +364,7 @@ pub const ERRORS: &[(&str, Errors)] = &[
             ),
             (413, &["payload_too_large"]),
             (500, &["internal_error"]),
-            (503, &["webhooks_not_configured"]),
+            (503, &["webhooks_not_configured", "database_unavailable"]),
         ],
     ),
     (
@@ -448,6 +474,12 @@ const AUTH_ERRORS: Errors = &[
     (503, &["database_unavailable"]),
 ];
 
+/// Errors of every operation: another method on its path.
+const COMMON_ERRORS: Errors = &[(405, &["method_not_allowed"])];
+
+/// Errors of every operation with query parameters (the `Query` extractor).
+const QUERY_ERRORS: Errors = &[(400, &["invalid_query"])];
+
 /// Errors of every operation with a JSON body (the `Json` extractor).
 const BODY_ERRORS: Errors = &[
     (400, &["invalid_json", "invalid_body"]),
@@ -505,6 +537,7 @@ fn add_error_responses(doc: &mut Value) {
                     }
                 }
             };
+            add(COMMON_ERRORS);
             if op.get("security").is_some() {
                 add(AUTH_ERRORS);
                 let params = op["parameters"]
@@ -530,25 +563,18 @@ fn add_error_responses(doc: &mut Value) {
             {
                 add(BODY_ERRORS);
             }
-            add(own);
-            let has_query = op["parameters"]
+            if op["parameters"]
                 .as_array()
-                .is_some_and(|ps| ps.iter().any(|p| p["in"] == "query"));
+                .is_some_and(|ps| ps.iter().any(|p| p["in"] == "query"))
+            {
+                add(QUERY_ERRORS);
+            }
+            add(own);
             let responses = op["responses"]
                 .as_object_mut()
                 .expect("every operation has responses");
             for (status, codes) in &by_status {
                 responses.insert(status.to_string(), error_response(*status, codes));
-            }
-            if has_query {
-                let r = responses
-                    .entry("400")
-                    .or_insert_with(|| json!({ "description": "Bad Request." }));
-                let text = "A query parameter of the wrong type (or a required one missing) is refused by the \
-framework before the handler, in plain text rather than the JSON error format.";
-                let d = r["description"].as_str().unwrap_or_default().to_owned();
-                r["description"] = Value::String(format!("{d} {text}"));
-                r["content"]["text/plain"] = json!({ "schema": { "type": "string" } });
             }
         }
     }

@@ -21,7 +21,7 @@ async fn billing_app(stripe: &MockServer) -> TestApp {
 }
 
 /// A checkout session as the Stripe API returns it on creation.
-fn session_response(account: uuid::Uuid, mode: &str) -> Value {
+pub fn session_response(account: uuid::Uuid, mode: &str) -> Value {
     let event: Value = serde_json::from_str(&fixture(
         "01_checkout_session_completed_pack",
         account,

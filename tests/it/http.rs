@@ -127,3 +127,117 @@ async fn an_unknown_route_is_a_404() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 404);
 }
+
+#[tokio::test]
+async fn responses_are_never_cached_and_carry_the_security_headers_hsts_only_behind_tls() {
+    let app = spawn_app().await;
+    let (_, key) = crate::billing::key_for(&app).await;
+    let get = |path: &str, https: bool| {
+        let mut req = app
+            .client
+            .get(format!("{}{path}", app.address))
+            .bearer_auth(&key);
+        if https {
+            req = req.header("x-forwarded-proto", "https");
+        }
+        req.send()
+    };
+    let r = get("/v1/credits", false).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    assert_eq!(h["cache-control"], "no-store");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert_eq!(h["x-frame-options"], "DENY");
+    assert_eq!(h["referrer-policy"], "no-referrer");
+    assert!(!h.contains_key("strict-transport-security"), "plain HTTP");
+    assert!(
+        !h.contains_key("content-security-policy"),
+        "JSON, not a page"
+    );
+    let r = get("/v1/credits", true).await.unwrap();
+    assert_eq!(
+        r.headers()["strict-transport-security"],
+        "max-age=31536000; includeSubDomains"
+    );
+    // Errors too, and the console's pages get a strict CSP.
+    let r = app
+        .client
+        .get(format!("{}/admin", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let csp = r.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"));
+}
+
+#[tokio::test]
+async fn a_client_request_id_is_kept_only_when_it_is_a_plain_token() {
+    let app = spawn_app().await;
+    let echo = |id: &'static str| {
+        let app = &app;
+        async move {
+            let r = app
+                .client
+                .get(format!("{}/healthz", app.address))
+                .header("x-request-id", id)
+                .send()
+                .await
+                .unwrap();
+            r.headers()["x-request-id"].to_str().unwrap().to_owned()
+        }
+    };
+    assert_eq!(echo("req-2026.12_02:abc").await, "req-2026.12_02:abc");
+    for forged in [
+        "abc\" level=error msg=\"forged",
+        "a b",
+        "<script>",
+        "é",
+        "x;drop",
+    ] {
+        let got = echo(forged).await;
+        assert_ne!(got, forged);
+        assert!(
+            uuid::Uuid::parse_str(&got).is_ok(),
+            "{forged:?} was replaced by a fresh id, got {got:?}"
+        );
+    }
+    let long: &'static str = Box::leak("a".repeat(129).into_boxed_str());
+    assert_ne!(echo(long).await, long);
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_in_the_error_format() {
+    let app = spawn_app().await;
+    let r = app
+        .client
+        .get(format!("{}/v1/nope", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+    let r = app
+        .client
+        .put(format!("{}/v1/credits", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    // A query parameter of the wrong type is ours too, not axum's text.
+    let (_, key) = crate::billing::key_for(&app).await;
+    let r = app
+        .client
+        .get(format!("{}/v1/generations?limit=abc", app.address))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_query");
+}

@@ -399,13 +399,24 @@ async fn the_scheduled_maintenance_job_releases_a_stranded_hold() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let done: i64 = sqlx::query_scalar(
-        "select count(*) from apalis.jobs where job_type = 'slate.maintenance' and status = 'Done'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert!(done >= 1, "it ran as an apalis job");
+    // apalis marks the job done after its handler returns, so a moment
+    // after the release itself.
+    loop {
+        let done: i64 = sqlx::query_scalar(
+            "select count(*) from apalis.jobs where job_type = 'slate.maintenance' and status = 'Done'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if done >= 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the release did not run as an apalis job"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn pings_done(db: &TestDb) -> i64 {

@@ -1,0 +1,260 @@
+//! PostgreSQL going away under a running server: every request answers
+//! quickly with 503 `database_unavailable` (and `Retry-After`), never a 500
+//! and never a hang, and the server recovers by itself when the database is
+//! back. The outage is a TCP proxy in front of the real server that the test
+//! cuts (live connections reset, new ones refused) and restores, so other
+//! tests on the same PostgreSQL are untouched.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sqlx::ConnectOptions;
+use sqlx::postgres::PgConnectOptions;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use slate::config::Config;
+use slate::http::AppState;
+
+use crate::harness::{TestDb, redis_url};
+
+/// A proxy to PostgreSQL that can be cut and restored.
+struct Proxy {
+    addr: SocketAddr,
+    up: watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> Arc<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up, _) = watch::channel(true);
+        let proxy = Arc::new(Self { addr, up });
+        tokio::spawn(Self::serve(proxy.clone(), Some(listener), target));
+        proxy
+    }
+
+    async fn serve(self: Arc<Self>, mut listener: Option<TcpListener>, target: SocketAddr) {
+        let mut state = self.up.subscribe();
+        loop {
+            match listener.as_ref() {
+                // Down: nothing listens (connections are refused) until up.
+                None => {
+                    state.wait_for(|up| *up).await.unwrap();
+                    listener = Some(bind_again(self.addr).await);
+                }
+                Some(l) => tokio::select! {
+                    accepted = l.accept() => {
+                        let Ok((client, _)) = accepted else { continue };
+                        let mut cut = self.up.subscribe();
+                        tokio::spawn(async move {
+                            let Ok(server) = TcpStream::connect(target).await else { return };
+                            let (mut client, mut server) = (client, server);
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                                // Both ends are dropped: the connection ends, as
+                                // when the server dies.
+                                _ = cut.wait_for(|up| !*up) => {}
+                            }
+                        });
+                    }
+                    _ = state.wait_for(|up| !*up) => listener = None,
+                },
+            }
+        }
+    }
+
+    fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+async fn bind_again(addr: SocketAddr) -> TcpListener {
+    for _ in 0..100 {
+        if let Ok(l) = TcpListener::bind(addr).await {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("could not listen on {addr} again");
+}
+
+struct OutageApp {
+    address: String,
+    proxy: Arc<Proxy>,
+    key: String,
+    _db: TestDb,
+}
+
+async fn outage_app() -> OutageApp {
+    let db = TestDb::new().await;
+    let key = {
+        let mut conn = db.conn().await;
+        let account = crate::credits::new_account(&mut conn).await;
+        let key = slate_events::access::create_key(
+            &mut conn,
+            account,
+            None,
+            slate_events::Metadata::system(),
+        )
+        .await
+        .unwrap();
+        key.plaintext
+    };
+    let direct: PgConnectOptions = db.url.parse().unwrap();
+    let target: SocketAddr = tokio::net::lookup_host((direct.get_host(), direct.get_port()))
+        .await
+        .unwrap()
+        .find(SocketAddr::is_ipv4)
+        .expect("PostgreSQL on an IPv4 address");
+    let proxy = Proxy::start(target).await;
+    let options = direct.host("127.0.0.1").port(proxy.addr.port());
+    // As `slate serve` connects (slate_events::db::connect), through the proxy.
+    let url = options.to_url_lossy().to_string();
+    let pool = slate_events::db::connect(&url, 10).await.unwrap();
+    let config = Config::from_lookup(|k| match k {
+        "DATABASE_URL" => Some(url.clone()),
+        "REDIS_URL" => Some(redis_url()),
+        "STRIPE_WEBHOOK_SECRETS" => Some("whsec_outage".into()),
+        _ => None,
+    })
+    .unwrap();
+    let state = AppState::new(config, pool).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(slate::server::serve(
+        listener,
+        state,
+        std::future::pending(),
+    ));
+    OutageApp {
+        address,
+        proxy,
+        key,
+        _db: db,
+    }
+}
+
+/// What a request got: status, `Retry-After`, body, and how long it took.
+async fn call(
+    client: &reqwest::Client,
+    req: reqwest::RequestBuilder,
+) -> (u16, Option<String>, Value, Duration) {
+    let started = Instant::now();
+    let r = client
+        .execute(req.build().unwrap())
+        .await
+        .expect("an answer within the client's timeout (a hang fails here)");
+    let status = r.status().as_u16();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = r.json().await.unwrap_or(Value::Null);
+    (status, retry, body, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_postgres_is_down_every_request_gets_a_quick_503_and_service_resumes_by_itself() {
+    let app = outage_app().await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    let credits = || {
+        client
+            .get(format!("{}/v1/credits", app.address))
+            .bearer_auth(&app.key)
+    };
+    let (status, _, body, _) = call(&client, credits()).await;
+    assert_eq!(status, 200, "{body}");
+
+    app.proxy.cut();
+    let t = chrono::Utc::now().timestamp();
+    let event = crate::stripe::fixture(
+        "01_checkout_session_completed_pack",
+        uuid::Uuid::new_v4(),
+        "outage",
+    );
+    let requests = [
+        ("GET /v1/credits", credits()),
+        (
+            "POST /v1/generations",
+            client
+                .post(format!("{}/v1/generations", app.address))
+                .bearer_auth(&app.key)
+                .header("Idempotency-Key", "outage-1")
+                .json(&json!({"kind": "script", "provider": "local", "prompt": "a quiet harbour"})),
+        ),
+        (
+            "GET /v1/generations",
+            client
+                .get(format!("{}/v1/generations", app.address))
+                .bearer_auth(&app.key),
+        ),
+        (
+            "POST /webhooks/stripe",
+            client
+                .post(format!("{}/webhooks/stripe", app.address))
+                .header("content-type", "application/json")
+                .header(
+                    "Stripe-Signature",
+                    crate::stripe::signature("whsec_outage", t, &event),
+                )
+                .body(event.clone()),
+        ),
+    ];
+    for (what, req) in requests {
+        let (status, retry, body, took) = call(&client, req).await;
+        assert_eq!(status, 503, "{what}: {body}");
+        assert_eq!(body["error"]["code"], "database_unavailable", "{what}");
+        assert!(retry.is_some(), "{what}: a 503 says when to retry");
+        assert!(
+            took < Duration::from_secs(10),
+            "{what} took {took:?} to answer"
+        );
+        eprintln!("during the outage {what}: 503 in {took:?}");
+    }
+    let (status, _, body, _) = call(&client, client.get(format!("{}/readyz", app.address))).await;
+    assert_eq!(status, 503, "{body}");
+    assert_ne!(body["checks"]["postgres"], "ok", "{body}");
+    // Liveness is not readiness: the process itself is fine.
+    let (status, _, _, _) = call(&client, client.get(format!("{}/healthz", app.address))).await;
+    assert_eq!(status, 200);
+
+    app.proxy.restore();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _, body, _) = call(&client, credits()).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "still {status} 20 s after PostgreSQL came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The webhook refused during the outage is taken when Stripe retries.
+    let (status, _, body, _) = call(
+        &client,
+        client
+            .post(format!("{}/webhooks/stripe", app.address))
+            .header("content-type", "application/json")
+            .header(
+                "Stripe-Signature",
+                crate::stripe::signature("whsec_outage", t, &event),
+            )
+            .body(event),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
