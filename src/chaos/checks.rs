@@ -738,7 +738,7 @@ async fn check_all(
               where not exists (select 1 from apalis.workers w
                                  where w.worker_type = t.worker_type
                                    and w.id like '%-' || $1 || '-%'
-                                   and w.last_seen > now() - interval '5 seconds')",
+                                   and w.last_seen > now() - interval '30 seconds')",
         )
         .bind(pid.to_string())
         .fetch_all(pool)
@@ -785,7 +785,7 @@ async fn check_all(
         // is a crash.
         set.expect(
             "no process crashed",
-            e.during_pg_outage && e.uptime < Duration::from_secs(15),
+            e.watchdog || (e.during_pg_outage && e.uptime < Duration::from_secs(15)),
             || {
                 format!(
                     "{} exited ({}) after {:.1} s",
@@ -842,6 +842,10 @@ pub fn summary(ctx: &Ctx, report: &Report, fake: &FakeStats, soak_secs: f64) {
                     .join(", ")
             )
         }
+    );
+    println!(
+        "  restarts by the work watchdog {:>3}  (a job worker had gone silent)",
+        sup.exits.iter().filter(|e| e.watchdog).count()
     );
     let n = |k: &[(std::time::Duration, std::time::Duration)]| k.len();
     println!(

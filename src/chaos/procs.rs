@@ -31,6 +31,9 @@ pub struct Exit {
     pub uptime: Duration,
     /// PostgreSQL was down when it exited (a start that could not connect).
     pub during_pg_outage: bool,
+    /// `slate work`'s watchdog stopped it: one of its job workers had gone
+    /// silent (see workers/src/runtime.rs).
+    pub watchdog: bool,
 }
 
 pub struct Supervisor {
@@ -109,7 +112,13 @@ impl Supervisor {
             if let Some(child) = &mut p.child
                 && let Some(status) = child.try_wait()?
             {
+                let tail = std::fs::read(self.logs.join(format!("{}.log", p.name)))
+                    .map(|b| {
+                        String::from_utf8_lossy(&b[b.len().saturating_sub(8192)..]).into_owned()
+                    })
+                    .unwrap_or_default();
                 self.exits.push(Exit {
+                    watchdog: tail.contains("stopped heartbeating without an error"),
                     name: p.name.clone(),
                     status: status.to_string(),
                     uptime: p.started.elapsed(),

@@ -241,11 +241,26 @@ where
     let stop_tx = Arc::new(stop_tx);
     let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (stop_signal, requested_signal) = (stop_tx.clone(), requested.clone());
+    let stale_after = settings.heartbeat * (settings.missed_heartbeats.max(1) as u32) * 10;
+    let silent = watchdog(
+        pool.clone(),
+        settings.worker_name.clone(),
+        settings.heartbeat,
+        stale_after,
+    );
     let result = monitor
         .run_with_signal(async move {
-            shutdown.await;
-            tracing::info!("shutdown requested: finishing in-flight jobs");
-            requested_signal.store(true, std::sync::atomic::Ordering::SeqCst);
+            tokio::select! {
+                _ = shutdown => {
+                    tracing::info!("shutdown requested: finishing in-flight jobs");
+                    requested_signal.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                queue = silent => tracing::error!(
+                    queue,
+                    silent_for_s = stale_after.as_secs(),
+                    "a job worker stopped heartbeating without an error; stopping the process so that its supervisor starts it again"
+                ),
+            }
             let _ = stop_signal.send(true);
             Ok(())
         })
@@ -264,6 +279,50 @@ where
         "the job workers stopped without a shutdown request"
     );
     Ok(())
+}
+
+/// Every job queue a `slate work` process serves.
+const QUEUES: &[&str] = &[
+    diagnostics::QUEUE,
+    stripe::QUEUE,
+    generations::QUEUE,
+    sweeper::QUEUE,
+    webhooks::QUEUE,
+    email::QUEUE,
+    purge::QUEUE,
+];
+
+/// Resolves with a queue whose worker in this process has not heartbeated
+/// for `stale_after` while the database answers. An apalis worker was seen
+/// (in the chaos soak, docs/CHAOS.md) going silent without an error: no
+/// heartbeat, no fetch, for ever, so its queue lost this process's capacity
+/// until the process was restarted. Checked every `every`; a database that
+/// does not answer is not a silent worker (the outage path restarts those).
+async fn watchdog(pool: PgPool, process: String, every: Duration, stale_after: Duration) -> String {
+    let started = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if started.elapsed() < stale_after {
+            continue;
+        }
+        let silent: Result<Option<String>, sqlx::Error> = sqlx::query_scalar(
+            "select q from unnest($2::text[]) as t(q)
+              where not exists (select 1 from apalis.workers w
+                                 where w.worker_type = t.q and w.id like $1 || '.%'
+                                   and w.last_seen > now() - make_interval(secs => $3))
+              limit 1",
+        )
+        .bind(&process)
+        .bind(QUEUES)
+        .bind(stale_after.as_secs_f64())
+        .fetch_optional(&pool)
+        .await;
+        if let Ok(Some(queue)) = silent {
+            return queue;
+        }
+    }
 }
 
 /// The name of one queue's worker in this process, new at each restart: a
