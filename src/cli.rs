@@ -118,6 +118,39 @@ pub enum Command {
         #[arg(long)]
         samples: Option<usize>,
     },
+    /// The multi-process soak with faults (run through `scripts/chaos`).
+    #[command(hide = true)]
+    Chaos {
+        #[command(subcommand)]
+        command: ChaosCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ChaosCommand {
+    /// Start the serve and work processes against the configured services,
+    /// drive the load, inject the faults, check the invariants.
+    Drive {
+        #[arg(long, value_enum, default_value = "ci")]
+        mode: crate::chaos::Mode,
+        /// The soak's state directory (logs, pid files).
+        #[arg(long)]
+        state: PathBuf,
+        /// `account_id<TAB>api_key` lines.
+        #[arg(long)]
+        accounts: PathBuf,
+        /// A command taking `<pg|redis|s3> <start|stop>`.
+        #[arg(long)]
+        control: String,
+        /// Comma-separated ports of the serve processes.
+        #[arg(long, value_delimiter = ',', default_value = "58081,58082")]
+        serve_ports: Vec<u16>,
+        /// The fake provider's port.
+        #[arg(long, default_value = "58090")]
+        provider_port: u16,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -682,6 +715,29 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             s.samples = samples.unwrap_or(s.samples).max(1);
             let report = crate::bench::run(&config, &opts).await?;
             crate::bench::print(&report);
+        }
+        Command::Chaos {
+            command:
+                ChaosCommand::Drive {
+                    mode,
+                    state,
+                    accounts,
+                    control,
+                    serve_ports,
+                    provider_port,
+                    seed,
+                },
+        } => {
+            let opts = crate::chaos::DriveOptions {
+                mode,
+                state,
+                accounts,
+                control,
+                serve_ports,
+                provider_port,
+                seed,
+            };
+            return crate::chaos::drive(&config, opts).await;
         }
         Command::Demo { command } => {
             crate::migrate::ensure_database(&db_url).await?;

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod bench;
 pub mod bench_scale;
+pub mod chaos;
 pub mod cli;
 pub mod config;
 pub mod demo;

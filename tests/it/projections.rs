@@ -361,3 +361,23 @@ async fn wait_for_ledger(db: &TestDb, n: i64) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// A projector whose shutdown sender is gone (its process's job monitor
+/// ended) stops, instead of spinning on a `changed()` that answers at once
+/// for ever (seen in the chaos soak: thousands of loops a second).
+#[tokio::test]
+async fn a_projector_stops_when_its_shutdown_sender_is_dropped() {
+    let db = TestDb::new().await;
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(projections::run_projector(
+        db.pool.clone(),
+        Projection::CreditLedger,
+        slate_events::tail::watch(db.pool.clone(), slate_events::tail::INTERVAL),
+        rx,
+    ));
+    drop(stop);
+    tokio::time::timeout(std::time::Duration::from_secs(30), task)
+        .await
+        .expect("the projector stops once nobody can stop it any more")
+        .unwrap();
+}

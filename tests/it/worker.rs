@@ -418,3 +418,80 @@ async fn the_scheduled_maintenance_job_releases_a_stranded_hold() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+async fn pings_done(db: &TestDb) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from apalis.jobs where job_type = $1 and status = 'Done'
+            and convert_from(job, 'UTF8')::jsonb->>'kind' = 'ping'",
+    )
+    .bind(QUEUE)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap_or(0)
+}
+
+/// A database outage longer than the pool's acquire timeout ends every job
+/// worker of the process with an error (heartbeats and fetches fail). Found
+/// by the chaos soak: the workers stayed ended, the process idled with its
+/// projectors spinning, and no job ran again until it was killed. Now each
+/// failed worker is restarted and the process goes on taking jobs.
+#[tokio::test]
+async fn a_worker_takes_jobs_again_after_a_database_outage() {
+    let db = TestDb::new().await;
+    let mut worker = start_worker_with(
+        &db,
+        &[
+            ("SLATE_WORKER_HEARTBEAT_SECS", "1"),
+            ("SLATE_WORKER_MISSED_HEARTBEATS", "2"),
+        ],
+    );
+    let wait_pings = |n: i64| {
+        let db = &db;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while pings_done(db).await < n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{} of {n} pings done",
+                    pings_done(db).await
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let enqueue = || async {
+        let mut conn = db.conn().await;
+        slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Ping, 1)
+            .await
+            .unwrap();
+    };
+    enqueue().await;
+    wait_pings(1).await;
+
+    // The outage: this database refuses connections and loses the ones it
+    // had, for longer than the 5 s acquire timeout.
+    let name = db.pool.connect_options().get_database().unwrap().to_owned();
+    let mut admin = crate::harness::admin_connection(&crate::harness::server_url()).await;
+    let set = |allow: bool| format!("alter database {name} allow_connections {allow}");
+    sqlx::query(sqlx::AssertSqlSafe(set(false)))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query("select pg_terminate_backend(pid) from pg_stat_activity where datname = $1")
+        .bind(&name)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    sqlx::query(sqlx::AssertSqlSafe(set(true)))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+
+    enqueue().await;
+    wait_pings(2).await;
+    assert!(
+        worker.0.try_wait().unwrap().is_none(),
+        "the worker process exited"
+    );
+}

@@ -176,72 +176,165 @@ where
     let stripe_name = settings.worker_name.clone();
     let generation_name = settings.worker_name.clone();
     let monitor = Monitor::new()
-        .register(move |_restarts| {
-            WorkerBuilder::new(format!("{name}.diagnostics"))
+        .register(move |restarts| {
+            WorkerBuilder::new(instance(&name, "diagnostics", restarts))
                 .backend(diagnostics_storage.clone())
                 .catch_panic()
                 .build(diagnostics::handle)
         })
-        .register(move |_restarts| {
-            WorkerBuilder::new(format!("{stripe_name}.stripe"))
+        .register(move |restarts| {
+            WorkerBuilder::new(instance(&stripe_name, "stripe", restarts))
                 .backend(stripe_storage.clone())
                 .data(stripe_worker.clone())
                 .catch_panic()
                 .build(stripe::handle)
         })
-        .register(move |_restarts| {
-            WorkerBuilder::new(format!("{generation_name}.generations"))
+        .register(move |restarts| {
+            WorkerBuilder::new(instance(&generation_name, "generations", restarts))
                 .backend(generation_storage.clone())
                 .data(generation_worker.clone())
                 .catch_panic()
                 .concurrency(concurrency)
                 .build(generations::handle)
         })
-        .register(move |_restarts| {
-            WorkerBuilder::new(format!("{maintenance_name}.maintenance"))
+        .register(move |restarts| {
+            WorkerBuilder::new(instance(&maintenance_name, "maintenance", restarts))
                 .backend(maintenance_storage.clone())
                 .data(maintenance_pool.clone())
                 .catch_panic()
                 .build(sweeper::handle)
         })
-        .register(move |_restarts| {
-            WorkerBuilder::new(format!("{webhook_name}.webhooks"))
+        .register(move |restarts| {
+            WorkerBuilder::new(instance(&webhook_name, "webhooks", restarts))
                 .backend(webhook_storage.clone())
                 .data(webhook_worker.clone())
                 .catch_panic()
                 .concurrency(8)
                 .build(webhooks::handle)
         })
-        .register(move |_restarts| {
-            WorkerBuilder::new(format!("{email_name}.email"))
+        .register(move |restarts| {
+            WorkerBuilder::new(instance(&email_name, "email", restarts))
                 .backend(email_storage.clone())
                 .data(email_worker.clone())
                 .catch_panic()
                 .build(email::handle)
         })
-        .register(move |_restarts| {
-            WorkerBuilder::new(format!("{purge_name}.purge"))
+        .register(move |restarts| {
+            WorkerBuilder::new(instance(&purge_name, "purge", restarts))
                 .backend(purge_storage.clone())
                 .data(purger.clone())
                 .catch_panic()
                 .build(purge::handle)
         })
+        // A worker whose backend fails (PostgreSQL restarting: a heartbeat
+        // or a fetch errors) ends with an error; without a restart it stays
+        // ended, and once every queue's worker has, the monitor returns. So
+        // every failed worker is started again, under a new name (see
+        // `instance`).
+        .should_restart(|ctx, error| {
+            tracing::warn!(worker = ctx.name(), %error, "job worker failed; restarting it");
+            true
+        })
         .shutdown_timeout(settings.shutdown_grace);
 
     tracing::info!(worker = %settings.worker_name, "worker started");
+    let stop_tx = Arc::new(stop_tx);
+    let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop_signal, requested_signal) = (stop_tx.clone(), requested.clone());
+    let stale_after = settings.heartbeat * (settings.missed_heartbeats.max(1) as u32) * 10;
+    let silent = watchdog(
+        pool.clone(),
+        settings.worker_name.clone(),
+        settings.heartbeat,
+        stale_after,
+    );
     let result = monitor
         .run_with_signal(async move {
-            shutdown.await;
-            tracing::info!("shutdown requested: finishing in-flight jobs");
-            let _ = stop_tx.send(true);
+            tokio::select! {
+                _ = shutdown => {
+                    tracing::info!("shutdown requested: finishing in-flight jobs");
+                    requested_signal.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                queue = silent => tracing::error!(
+                    queue,
+                    silent_for_s = stale_after.as_secs(),
+                    "a job worker stopped heartbeating without an error; stopping the process so that its supervisor starts it again"
+                ),
+            }
+            let _ = stop_signal.send(true);
             Ok(())
         })
         .await;
+    // The monitor may also return on its own (every worker ended): stop the
+    // projectors and the sweeper either way, and say so, so that the process
+    // exits and its supervisor starts it again instead of it idling.
+    let _ = stop_tx.send(true);
     for h in background {
         let _ = h.await;
     }
     tracing::info!("worker stopped");
-    result.map_err(|e| anyhow::anyhow!("worker monitor: {e}"))
+    result.map_err(|e| anyhow::anyhow!("worker monitor: {e}"))?;
+    anyhow::ensure!(
+        requested.load(std::sync::atomic::Ordering::SeqCst),
+        "the job workers stopped without a shutdown request"
+    );
+    Ok(())
+}
+
+/// Every job queue a `slate work` process serves.
+const QUEUES: &[&str] = &[
+    diagnostics::QUEUE,
+    stripe::QUEUE,
+    generations::QUEUE,
+    sweeper::QUEUE,
+    webhooks::QUEUE,
+    email::QUEUE,
+    purge::QUEUE,
+];
+
+/// Resolves with a queue whose worker in this process has not heartbeated
+/// for `stale_after` while the database answers. An apalis worker was seen
+/// (in the chaos soak, docs/CHAOS.md) going silent without an error: no
+/// heartbeat, no fetch, for ever, so its queue lost this process's capacity
+/// until the process was restarted. Checked every `every`; a database that
+/// does not answer is not a silent worker (the outage path restarts those).
+async fn watchdog(pool: PgPool, process: String, every: Duration, stale_after: Duration) -> String {
+    let started = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if started.elapsed() < stale_after {
+            continue;
+        }
+        let silent: Result<Option<String>, sqlx::Error> = sqlx::query_scalar(
+            "select q from unnest($2::text[]) as t(q)
+              where not exists (select 1 from apalis.workers w
+                                 where w.worker_type = t.q and w.id like $1 || '.%'
+                                   and w.last_seen > now() - make_interval(secs => $3))
+              limit 1",
+        )
+        .bind(&process)
+        .bind(QUEUES)
+        .bind(stale_after.as_secs_f64())
+        .fetch_optional(&pool)
+        .await;
+        if let Ok(Some(queue)) = silent {
+            return queue;
+        }
+    }
+}
+
+/// The name of one queue's worker in this process, new at each restart: a
+/// restarted worker must not inherit the jobs its failed predecessor had
+/// locked (they return to the queue once that name stops heartbeating,
+/// like a dead process's).
+fn instance(process: &str, queue: &str, restarts: usize) -> String {
+    if restarts == 0 {
+        format!("{process}.{queue}")
+    } else {
+        format!("{process}.{queue}.r{restarts}")
+    }
 }
 
 async fn sweep_loop(pool: PgPool, every: Duration, mut stop: watch::Receiver<bool>) {
@@ -250,7 +343,7 @@ async fn sweep_loop(pool: PgPool, every: Duration, mut stop: watch::Receiver<boo
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stop.changed() => {}
+            changed = stop.changed() => if changed.is_err() { return },
         }
         if *stop.borrow() {
             return;

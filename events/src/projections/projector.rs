@@ -102,10 +102,11 @@ pub async fn catch_up(pool: &PgPool, p: Projection) -> Result<u64, Error> {
     }
 }
 
-/// Follow the log for one projection until `shutdown` turns true. Only the
-/// process holding the projection's advisory lock applies events; the others
-/// wait to take over. `tail` is the process's watch on the log's tail
-/// ([`crate::tail::watch`]), shared by its projectors.
+/// Follow the log for one projection until `shutdown` turns true (or its
+/// sender is dropped). Only the process holding the projection's advisory
+/// lock applies events; the others wait to take over. `tail` is the
+/// process's watch on the log's tail ([`crate::tail::watch`]), shared by its
+/// projectors.
 pub async fn run_projector(
     pool: PgPool,
     p: Projection,
@@ -113,26 +114,29 @@ pub async fn run_projector(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let name = p.name();
-    while !*shutdown.borrow() {
-        match lead(&pool, p, &mut tail, &mut shutdown).await {
-            Ok(true) => {}
-            Ok(false) => {
-                // Someone else leads; try again in a while.
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = shutdown.changed() => {}
-                }
-            }
+    while !stopping(&shutdown) {
+        let pause = match lead(&pool, p, &mut tail, &mut shutdown).await {
+            Ok(true) => continue,
+            // Someone else leads; try again in a while.
+            Ok(false) => Duration::from_secs(2),
             Err(e) => {
                 tracing::error!(projection = name, error = %e, "projector failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = shutdown.changed() => {}
-                }
+                Duration::from_secs(1)
             }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.changed() => {}
         }
     }
     tracing::info!(projection = name, "projector stopped");
+}
+
+/// Shutdown was asked for, or nobody can ask any more (the sender is gone:
+/// `changed()` would answer at once for ever, and a loop waiting on it
+/// would spin).
+fn stopping(shutdown: &watch::Receiver<bool>) -> bool {
+    *shutdown.borrow() || shutdown.has_changed().is_err()
 }
 
 /// Returns Ok(false) when another process holds the lock, Ok(true) after a
@@ -158,7 +162,7 @@ async fn lead(
     tracing::info!(projection = p.name(), "projector leading");
     let mut last_ping = tokio::time::Instant::now();
     loop {
-        if *shutdown.borrow() {
+        if stopping(shutdown) {
             lock_conn.close().await.ok();
             return Ok(true);
         }
@@ -173,8 +177,10 @@ async fn lead(
         }
         // Nothing visible: wait for the tail to move, or look again anyway
         // (a transaction that committed behind the tail does not move it).
+        // A closed tail (its watcher gone) is ready at once: only the timer
+        // paces the loop then.
         tokio::select! {
-            _ = tail.changed() => {}
+            Ok(()) = tail.changed() => {}
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             _ = shutdown.changed() => {}
         }
