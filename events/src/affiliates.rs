@@ -137,6 +137,11 @@ async fn append(
     Ok(())
 }
 
+/// The commission on a payment of `basis` at `rate_bps` basis points.
+pub fn commission(basis: i64, rate_bps: i32) -> i64 {
+    basis.max(0) * i64::from(rate_bps) / 10_000
+}
+
 /// A referred account paid `basis` for `stripe_object`: the affiliate earns
 /// its commission, once per object.
 pub async fn earn(
@@ -150,7 +155,7 @@ pub async fn earn(
     let Some((affiliate, rate)) = referrer(conn, account_id).await? else {
         return Ok(0);
     };
-    let amount = basis.max(0) * i64::from(rate) / 10_000;
+    let amount = commission(basis, rate);
     if amount == 0 {
         return Ok(0);
     }
