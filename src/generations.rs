@@ -54,14 +54,21 @@ fn invalid(code: &'static str, message: &'static str) -> ApiError {
     ApiError::unprocessable(code, message)
 }
 
-fn validate(state: &AppState, auth: &Auth, r: &SubmitRequest) -> Result<(String, i32), ApiError> {
+/// The checks of a submission that need no database: its collection and
+/// priced units, or the refusal. `providers` are the offered providers'
+/// names, `account_id` the submitter's.
+pub(crate) fn validate(
+    providers: &[String],
+    account_id: Uuid,
+    r: &SubmitRequest,
+) -> Result<(String, i32), ApiError> {
     if !generations::KINDS.contains(&r.kind.as_str()) {
         return Err(invalid(
             "invalid_kind",
             "kind is one of video, voiceover, transcription, script",
         ));
     }
-    if state.provider_names.iter().all(|p| p != &r.provider) {
+    if providers.iter().all(|p| p != &r.provider) {
         return Err(invalid(
             "unknown_provider",
             "this provider is not available",
@@ -100,7 +107,7 @@ fn validate(state: &AppState, auth: &Auth, r: &SubmitRequest) -> Result<(String,
         ));
     }
     if let Some(key) = &r.input_key
-        && (!key.starts_with(&format!("users/{}/", auth.account_id)) || key.contains(".."))
+        && (!key.starts_with(&format!("users/{account_id}/")) || key.contains(".."))
     {
         return Err(invalid(
             "invalid_input",
@@ -134,6 +141,12 @@ fn validate(state: &AppState, auth: &Auth, r: &SubmitRequest) -> Result<(String,
         1
     };
     Ok((collection, units))
+}
+
+/// What an `Idempotency-Key` retry is compared by: the submission's hash.
+pub(crate) fn request_hash(req: &SubmitRequest) -> Result<Vec<u8>, ApiError> {
+    let bytes = serde_json::to_vec(req).map_err(|e| ApiError::Internal(e.into()))?;
+    Ok(Sha256::digest(bytes).to_vec())
 }
 
 async fn limit(state: &AppState, scope: &str, id: &str, per_minute: u32) -> Result<(), ApiError> {
@@ -174,7 +187,7 @@ pub async fn submit(
             "Idempotency-Key is 1-200 characters",
         ));
     }
-    let (collection_id, units) = validate(state, auth, &req)?;
+    let (collection_id, units) = validate(&state.provider_names, auth.account_id, &req)?;
     if let Some(url) = &req.webhook_url {
         slate_workers::webhooks::check_url(url, &state.config.webhook_allowlist)
             .await
@@ -205,9 +218,7 @@ pub async fn submit(
             .with_details(json!({ "category": category })));
     }
 
-    let request_hash =
-        Sha256::digest(serde_json::to_vec(&req).map_err(|e| ApiError::Internal(e.into()))?)
-            .to_vec();
+    let request_hash = request_hash(&req)?;
     let mut tx = state.pool.begin().await?;
     if let Some(key) = idempotency_key {
         let inserted = sqlx::query(

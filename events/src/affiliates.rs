@@ -137,6 +137,23 @@ async fn append(
     Ok(())
 }
 
+/// The commission on a payment of `basis` at `rate_bps` basis points.
+pub fn commission(basis: i64, rate_bps: i32) -> i64 {
+    // In i128: a basis taken from a Stripe object may be any i64.
+    let c = i128::from(basis.max(0)) * i128::from(rate_bps.max(0)) / 10_000;
+    i64::try_from(c).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod commission_tests {
+    #[test]
+    fn a_commission_of_an_extreme_basis_does_not_overflow() {
+        assert_eq!(super::commission(10_000, 2_000), 2_000);
+        assert_eq!(super::commission(-5, 2_000), 0);
+        assert_eq!(super::commission(i64::MAX, 2_000), i64::MAX / 5);
+    }
+}
+
 /// A referred account paid `basis` for `stripe_object`: the affiliate earns
 /// its commission, once per object.
 pub async fn earn(
@@ -150,7 +167,7 @@ pub async fn earn(
     let Some((affiliate, rate)) = referrer(conn, account_id).await? else {
         return Ok(0);
     };
-    let amount = basis.max(0) * i64::from(rate) / 10_000;
+    let amount = commission(basis, rate);
     if amount == 0 {
         return Ok(0);
     }

@@ -127,6 +127,94 @@ pub async fn mirror(
     Ok(inserted)
 }
 
+/// What processing reads from a mirrored event before its first query: the
+/// JSON, `data.object`, and for each type the fields and sums it decides by,
+/// through the same functions as [`process`]. For the fuzz targets
+/// (fuzz/webhook_body, `scripts/fuzz`); an error is one processing would
+/// fail the event with.
+#[doc(hidden)]
+pub fn read_mirrored(
+    raw: &str,
+    event_type: &str,
+    catalog: &StripeCatalog,
+) -> Result<(), ProcessError> {
+    use std::hint::black_box;
+    let payload: Value = serde_json::from_str(raw)
+        .map_err(|_| ProcessError::Permanent("mirrored body is not JSON".into()))?;
+    let o = payload
+        .pointer("/data/object")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let o = &o;
+    match event_type {
+        "checkout.session.completed"
+        | "checkout.session.async_payment_succeeded"
+        | "checkout.session.async_payment_failed" => {
+            black_box((
+                text(o, "/id"),
+                text(o, "/client_reference_id").and_then(|r| r.parse::<Uuid>().ok()),
+                account_from_metadata(o),
+                id_of(o, "/customer"),
+                (text(o, "/mode"), text(o, "/payment_status")),
+                (id_of(o, "/payment_intent"), text(o, "/metadata/pack")),
+                checkout_credits(catalog, o),
+                text(o, "/currency"),
+                int(o, "/amount_total").map(|paid| affiliates::commission(paid, 10_000)),
+            ));
+        }
+        "invoice.paid" | "invoice.payment_failed" => {
+            black_box((
+                text(o, "/id"),
+                invoice_account_hint(o),
+                account_from_metadata(o),
+                id_of(o, "/customer"),
+                invoice_subscription(o),
+                invoice_plan_credits(catalog, o)?,
+                o.pointer("/payments/data")
+                    .and_then(Value::as_array)
+                    .and_then(|p| p.iter().find_map(|p| id_of(p, "/payment/payment_intent"))),
+                text(o, "/currency"),
+                int(o, "/amount_paid").map(|paid| affiliates::commission(paid, 10_000)),
+            ));
+        }
+        "customer.subscription.created"
+        | "customer.subscription.updated"
+        | "customer.subscription.deleted" => {
+            let item = o.pointer("/items/data/0").cloned().unwrap_or(Value::Null);
+            black_box((
+                (text(o, "/id"), text(o, "/status")),
+                (id_of(o, "/customer"), account_from_metadata(o)),
+                id_of(&item, "/price"),
+                time(&item, "/current_period_start").or_else(|| time(o, "/current_period_start")),
+                time(&item, "/current_period_end").or_else(|| time(o, "/current_period_end")),
+                o.pointer("/cancel_at_period_end").and_then(Value::as_bool),
+                time(o, "/canceled_at"),
+            ));
+        }
+        "charge.refunded" => {
+            let amount = int(o, "/amount").filter(|a| *a > 0);
+            let refunded = amount.map(|a| int(o, "/amount_refunded").unwrap_or(0).clamp(0, a));
+            black_box((
+                text(o, "/id"),
+                id_of(o, "/payment_intent"),
+                amount
+                    .zip(refunded)
+                    .map(|(a, r)| refund_share(i64::MAX, r, a)),
+            ));
+        }
+        "charge.dispute.created" | "charge.dispute.updated" | "charge.dispute.closed" => {
+            black_box((
+                text(o, "/id"),
+                text(o, "/status"),
+                id_of(o, "/charge"),
+                id_of(o, "/payment_intent"),
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// Credits per Stripe price: one-off packs and subscription plans.
 #[derive(Debug, Clone, Default)]
 pub struct StripeCatalog {
@@ -579,6 +667,38 @@ async fn checkout_session_account<'s>(
     Ok((session, account))
 }
 
+/// The credits a paid checkout session buys: its `metadata.credits`, else
+/// its pack's.
+fn checkout_credits(catalog: &StripeCatalog, s: &Value) -> Option<i64> {
+    int(s, "/metadata/credits")
+        .or_else(|| text(s, "/metadata/price_id").and_then(|p| catalog.packs.get(p).copied()))
+        .filter(|c| *c > 0)
+}
+
+#[cfg(test)]
+mod overflow_tests {
+    use super::*;
+
+    #[test]
+    fn an_invoice_whose_quantities_overflow_is_a_permanent_error_not_a_panic() {
+        let catalog = StripeCatalog {
+            packs: Default::default(),
+            plans: StripeCatalog::parse_prices("price_pro=1000").unwrap(),
+        };
+        let inv = serde_json::json!({"lines": {"data": [
+            {"price": {"id": "price_pro"}, "quantity": i64::MAX},
+        ]}});
+        assert!(matches!(
+            invoice_plan_credits(&catalog, &inv),
+            Err(ProcessError::Permanent(_))
+        ));
+        let inv = serde_json::json!({"lines": {"data": [
+            {"price": {"id": "price_pro"}, "quantity": 3},
+        ]}});
+        assert_eq!(invoice_plan_credits(&catalog, &inv).unwrap().0, 3000);
+    }
+}
+
 async fn checkout_paid(
     conn: &mut PgConnection,
     cx: &Cx<'_>,
@@ -598,12 +718,9 @@ async fn checkout_paid(
             ));
         }
     }
-    let credits = int(s, "/metadata/credits")
-        .or_else(|| text(s, "/metadata/price_id").and_then(|p| cx.catalog.packs.get(p).copied()))
-        .filter(|c| *c > 0)
-        .ok_or_else(|| {
-            ProcessError::Permanent("checkout session names no credits (metadata.credits)".into())
-        })?;
+    let credits = checkout_credits(cx.catalog, s).ok_or_else(|| {
+        ProcessError::Permanent("checkout session names no credits (metadata.credits)".into())
+    })?;
     let stripe_object = id_of(s, "/payment_intent").unwrap_or(session).to_owned();
     let settle = stripe_object.clone();
     let out = credits::grant(
@@ -687,15 +804,13 @@ async fn invoice_and_account<'v>(
     Ok((invoice, account))
 }
 
-async fn invoice_paid(
-    conn: &mut PgConnection,
-    cx: &Cx<'_>,
+/// The plan credits an invoice's lines pay for, and the prices on it that
+/// name no plan.
+fn invoice_plan_credits(
+    catalog: &StripeCatalog,
     inv: &Value,
-) -> Result<Outcome, ProcessError> {
-    let (invoice, account) = invoice_and_account(conn, cx, inv).await?;
-    record_billing(conn, cx, account, false, invoice).await?;
-
-    let mut credits = 0;
+) -> Result<(i64, Vec<String>), ProcessError> {
+    let mut credits: i64 = 0;
     let mut unknown = Vec::new();
     for line in inv
         .pointer("/lines/data")
@@ -705,11 +820,30 @@ async fn invoice_paid(
     {
         let price = id_of(line, "/pricing/price_details/price").or_else(|| id_of(line, "/price"));
         let quantity = int(line, "/quantity").unwrap_or(1).max(1);
-        match price.and_then(|p| cx.catalog.plans.get(p)) {
-            Some(per) => credits += per * quantity,
+        match price.and_then(|p| catalog.plans.get(p)) {
+            Some(per) => {
+                credits = per
+                    .checked_mul(quantity)
+                    .and_then(|c| credits.checked_add(c))
+                    .ok_or_else(|| {
+                        ProcessError::Permanent("invoice quantities overflow the credits".into())
+                    })?;
+            }
             None => unknown.extend(price.map(str::to_owned)),
         }
     }
+    Ok((credits, unknown))
+}
+
+async fn invoice_paid(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    inv: &Value,
+) -> Result<Outcome, ProcessError> {
+    let (invoice, account) = invoice_and_account(conn, cx, inv).await?;
+    record_billing(conn, cx, account, false, invoice).await?;
+
+    let (credits, unknown) = invoice_plan_credits(cx.catalog, inv)?;
     if credits == 0 {
         if invoice_subscription(inv).is_some() && !unknown.is_empty() {
             return Err(ProcessError::Permanent(format!(
@@ -913,6 +1047,12 @@ async fn bucket_of_charge(
     .await?)
 }
 
+/// The part of `granted` credits that `refunded` of a charge of `amount`
+/// takes back (`0 <= refunded <= amount`, `amount > 0`).
+fn refund_share(granted: i64, refunded: i64, amount: i64) -> i64 {
+    (granted as i128 * refunded as i128 / amount as i128) as i64
+}
+
 async fn charge_refunded(
     conn: &mut PgConnection,
     cx: &Cx<'_>,
@@ -957,7 +1097,7 @@ async fn charge_refunded(
     // What a won dispute kept back of what it had frozen, for refunds that
     // came while it was open, counts as refunded.
     already += restored.iter().map(|r| r.absorbed).sum::<i64>();
-    let target = (granted as i128 * refunded as i128 / amount as i128) as i64;
+    let target = refund_share(granted, refunded, amount);
     if target <= already {
         return Ok(Outcome::Processed(format!(
             "{charge}: refunded share already revoked (commission clawed back: {clawed})"

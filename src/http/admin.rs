@@ -28,7 +28,7 @@ pub fn router() -> Router<AppState> {
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct StartImpersonation {
+pub(super) struct StartImpersonation {
     account_id: Uuid,
     reason: String,
     /// At most 60 (and never extended).

@@ -30,6 +30,19 @@ fn one() -> u64 {
     1
 }
 
+impl CheckoutBody {
+    /// The checks made before Stripe is asked.
+    pub(super) fn check(&self) -> Result<(), ApiError> {
+        if self.quantity == 0 || self.quantity > 100 {
+            return Err(ApiError::unprocessable(
+                "invalid_quantity",
+                "quantity must be between 1 and 100",
+            ));
+        }
+        Ok(())
+    }
+}
+
 async fn customer_of(state: &AppState, auth: &Auth) -> Result<Option<String>, ApiError> {
     Ok(sqlx::query_scalar(
         "select customer_id from stripe_customers where account_id = $1 order by linked_at limit 1",
@@ -57,12 +70,7 @@ pub(super) async fn checkout(
     auth: Auth,
     Json(body): Json<CheckoutBody>,
 ) -> Result<Json<Value>, ApiError> {
-    if body.quantity == 0 || body.quantity > 100 {
-        return Err(ApiError::unprocessable(
-            "invalid_quantity",
-            "quantity must be between 1 and 100",
-        ));
-    }
+    body.check()?;
     let customer = customer_of(&state, &auth).await?;
     let created = billing::create_checkout(
         state.stripe.as_ref(),

@@ -26,6 +26,19 @@ pub(super) struct CreateKey {
     label: Option<String>,
 }
 
+impl CreateKey {
+    /// The checks made before the database is touched.
+    pub(super) fn check(&self) -> Result<(), ApiError> {
+        if self.label.as_ref().is_some_and(|l| l.chars().count() > 100) {
+            return Err(ApiError::unprocessable(
+                "invalid_label",
+                "a label is at most 100 characters",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Issue an API key.
 ///
 /// Its plaintext is in this response only.
@@ -43,12 +56,7 @@ pub(super) async fn create(
     auth: Auth,
     Json(body): Json<CreateKey>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    if body.label.as_ref().is_some_and(|l| l.chars().count() > 100) {
-        return Err(ApiError::unprocessable(
-            "invalid_label",
-            "a label is at most 100 characters",
-        ));
-    }
+    body.check()?;
     let mut conn = state.pool.acquire().await?;
     let key = slate_events::access::create_key(
         &mut conn,

@@ -9,6 +9,8 @@ mod credits;
 mod debug_bodies;
 mod error;
 mod extract;
+#[doc(hidden)]
+pub mod fuzzing;
 mod generations;
 mod headers;
 mod health;

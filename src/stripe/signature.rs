@@ -119,7 +119,9 @@ pub fn verify(
         }
     }
     let secret_index = matched.ok_or(SignatureError::NoMatch)?;
-    if (now - header.timestamp).abs() > TOLERANCE_SECS {
+    // abs_diff: `t` is whatever the header says (fuzzing found `now - t`
+    // overflowing for a signed header with an extreme timestamp).
+    if now.abs_diff(header.timestamp) > TOLERANCE_SECS.unsigned_abs() {
         return Err(SignatureError::OutOfTolerance);
     }
     Ok(Verified {
@@ -161,5 +163,32 @@ mod tests {
         }
         let h = format!("t={now},v0=abc,v1={good}");
         assert_eq!(verify(Some(&h), b"{}", &s, now).unwrap().secret_index, 0);
+    }
+
+    /// Found by fuzz/stripe_signature: a genuinely signed header whose
+    /// timestamp is far from now made `now - t` overflow (a panic in debug
+    /// builds) instead of answering out of tolerance.
+    #[test]
+    fn extreme_timestamps_are_out_of_tolerance_not_an_overflow() {
+        let s = [Secret::new("")];
+        for (t, now) in [
+            (
+                -8_070_450_463_527_337_984,
+                // The fuzzer's input: now = t + skew, wrapped.
+                (-8_070_450_463_527_337_984_i64).wrapping_add(-1_945_536_273_238_191_872),
+            ),
+            (i64::MIN, 1_800_000_000),
+            (i64::MAX, -1),
+            (i64::MIN, i64::MAX),
+        ] {
+            let h = format!("t={t},v1={}", sign("", t, ""));
+            assert_eq!(
+                verify(Some(&h), b"", &s, now),
+                Err(SignatureError::OutOfTolerance),
+                "{t} at {now}"
+            );
+        }
+        let h = format!("t={},v1={}", i64::MIN, sign("", i64::MIN, ""));
+        assert!(verify(Some(&h), b"", &s, i64::MIN + 300).is_ok());
     }
 }
