@@ -294,6 +294,20 @@ pub async fn record_staff_read(
     Ok(())
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Equality of secrets (key hashes, TOTP codes) in time that does not depend
+/// on where they differ (aws-lc's `CRYPTO_memcmp`).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    aws_lc_rs::constant_time::verify_slices_are_equal(a, b).is_ok()
+}
+
+#[cfg(test)]
+mod constant_time_tests {
+    #[test]
+    fn equal_and_unequal_secrets() {
+        use super::constant_time_eq as eq;
+        assert!(eq(b"slate", b"slate"));
+        assert!(!eq(b"slate", b"slatf"));
+        assert!(!eq(b"slate", b"slat"));
+        assert!(eq(b"", b""));
+    }
 }

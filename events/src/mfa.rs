@@ -180,7 +180,9 @@ pub async fn verify_session(
     let code = code.trim();
     let matched = (current - 1..=current + 1)
         .filter(|s| *s > last_step)
-        .find(|s| constant_time_eq(code_at(&secret, *s).as_bytes(), code.as_bytes()));
+        .find(|s| {
+            crate::access::constant_time_eq(code_at(&secret, *s).as_bytes(), code.as_bytes())
+        });
     let Some(step) = matched else {
         return Ok(false);
     };
@@ -204,10 +206,6 @@ pub async fn verify_session(
     )
     .await?;
     Ok(true)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

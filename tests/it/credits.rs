@@ -16,6 +16,14 @@ pub async fn new_account(conn: &mut PgConnection) -> Uuid {
         .unwrap()
 }
 
+/// A new API key of the account's; its plaintext.
+pub async fn new_key(conn: &mut PgConnection, account: Uuid) -> String {
+    slate_events::access::create_key(conn, account, None, Metadata::system())
+        .await
+        .unwrap()
+        .plaintext
+}
+
 pub async fn grant(
     conn: &mut PgConnection,
     account: Uuid,

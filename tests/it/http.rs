@@ -61,15 +61,7 @@ impl TestApp {
         )
         .await
         .unwrap();
-        let key = slate_events::access::create_key(
-            &mut conn,
-            staff,
-            None,
-            slate_events::Metadata::system(),
-        )
-        .await
-        .unwrap()
-        .plaintext;
+        let key = crate::credits::new_key(&mut conn, staff).await;
         (staff, key)
     }
 

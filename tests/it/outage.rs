@@ -97,15 +97,7 @@ async fn outage_app() -> OutageApp {
     let key = {
         let mut conn = db.conn().await;
         let account = crate::credits::new_account(&mut conn).await;
-        let key = slate_events::access::create_key(
-            &mut conn,
-            account,
-            None,
-            slate_events::Metadata::system(),
-        )
-        .await
-        .unwrap();
-        key.plaintext
+        crate::credits::new_key(&mut conn, account).await
     };
     let direct: PgConnectOptions = db.url.parse().unwrap();
     let target: SocketAddr = tokio::net::lookup_host((direct.get_host(), direct.get_port()))

@@ -220,19 +220,7 @@ async fn observe(app: &TestApp, account: Uuid, run: &str) -> (Expected, Value) {
         }
     }
     buckets.sort_by_key(|v| v.to_string());
-    let sub: Option<(String, Option<String>, bool)> = sqlx::query_as(
-        "select status, price_id, cancel_at_period_end from stripe_subscriptions where account_id = $1",
-    )
-    .bind(account)
-    .fetch_optional(&mut *conn)
-    .await
-    .unwrap();
-    let past_due: Option<bool> =
-        sqlx::query_scalar("select past_due from billing_accounts where account_id = $1")
-            .bind(account)
-            .fetch_optional(&mut *conn)
-            .await
-            .unwrap();
+    let (sub, past_due) = crate::stripe::billing_state(&mut conn, account).await;
     let mirror: Vec<(String, String)> = sqlx::query_as(
         "select replace(stripe_event_id, $1, ''), status from stripe_events
           where stripe_event_id like $2 order by 1",

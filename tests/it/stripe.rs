@@ -52,6 +52,27 @@ pub async fn stripe_app() -> TestApp {
     .await
 }
 
+/// The account's subscription (status, price, cancel at period end) and
+/// whether billing is past due.
+pub type BillingState = (Option<(String, Option<String>, bool)>, Option<bool>);
+
+pub async fn billing_state(conn: &mut sqlx::PgConnection, account: Uuid) -> BillingState {
+    let sub = sqlx::query_as(
+        "select status, price_id, cancel_at_period_end from stripe_subscriptions where account_id = $1",
+    )
+    .bind(account)
+    .fetch_optional(&mut *conn)
+    .await
+    .unwrap();
+    let past_due =
+        sqlx::query_scalar("select past_due from billing_accounts where account_id = $1")
+            .bind(account)
+            .fetch_optional(&mut *conn)
+            .await
+            .unwrap();
+    (sub, past_due)
+}
+
 /// A fixture with its placeholders filled in.
 pub fn fixture(name: &str, account: Uuid, run: &str) -> String {
     let path = format!(
@@ -369,19 +390,7 @@ async fn snapshot(app: &TestApp, account: Uuid) -> Value {
         })
         .collect();
     buckets.sort_by_key(|v| v.to_string());
-    let sub: Option<(String, Option<String>, bool)> = sqlx::query_as(
-        "select status, price_id, cancel_at_period_end from stripe_subscriptions where account_id = $1",
-    )
-    .bind(account)
-    .fetch_optional(&mut *conn)
-    .await
-    .unwrap();
-    let past_due: Option<bool> =
-        sqlx::query_scalar("select past_due from billing_accounts where account_id = $1")
-            .bind(account)
-            .fetch_optional(&mut *conn)
-            .await
-            .unwrap();
+    let (sub, past_due) = billing_state(&mut conn, account).await;
     let statuses: Vec<(String, String)> =
         sqlx::query_as("select event_type, status from stripe_events order by event_type, status")
             .fetch_all(&mut *conn)

@@ -290,15 +290,7 @@ async fn prompts_never_reach_the_logs_even_at_debug_level() {
         None,
     )
     .await;
-    let key = slate_events::access::create_key(
-        &mut conn,
-        account,
-        None,
-        slate_events::Metadata::system(),
-    )
-    .await
-    .unwrap()
-    .plaintext;
+    let key = crate::credits::new_key(&mut conn, account).await;
     drop(conn);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
