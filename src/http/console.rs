@@ -410,9 +410,7 @@ async fn replay(
     let plausible = id.starts_with("evt_")
         && id.len() <= 255
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if !plausible
-        || !slate_events::stripe::is_mirrored(&mut *state.pool.acquire().await?, &id).await?
-    {
+    if !plausible || !slate_events::stripe::is_mirrored(&state.pool, &id).await? {
         return Err(ApiError::not_found());
     }
     let outcome =

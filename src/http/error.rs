@@ -141,11 +141,15 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(e) = &self {
             if is_database_unavailable(e) {
                 tracing::warn!(error = ?e, "database unavailable");
-                return ApiError::Unavailable {
+                let mut response = ApiError::Unavailable {
                     code: "database_unavailable",
                     message: "the service is briefly unavailable; retry shortly",
                 }
                 .into_response();
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+                return response;
             }
             tracing::error!(error = ?e, "request failed");
         }
@@ -163,15 +167,6 @@ impl IntoResponse for ApiError {
             retry = *retry_after;
         }
         let mut response = (self.status(), Json(json!({ "error": error }))).into_response();
-        if matches!(
-            self,
-            ApiError::Unavailable {
-                code: "database_unavailable",
-                ..
-            }
-        ) {
-            retry = Some(2);
-        }
         if let Some(secs) = retry
             && let Ok(v) = HeaderValue::from_str(&secs.to_string())
         {

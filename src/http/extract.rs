@@ -45,23 +45,23 @@ where
                 ));
             }
         };
-        if has_nul(&value) {
-            return Err(ApiError::unprocessable(
-                "invalid_body",
-                "the body does not have the expected fields and types",
-            ));
-        }
-        serde_json::from_value(value).map(Json).map_err(|_| {
+        let mismatch = || {
             ApiError::unprocessable(
                 "invalid_body",
                 "the body does not have the expected fields and types",
             )
-        })
+        };
+        if has_nul(&value) {
+            return Err(mismatch());
+        }
+        serde_json::from_value(value)
+            .map(Json)
+            .map_err(|_| mismatch())
     }
 }
 
 /// True when a string (or a key) anywhere in `v` holds a NUL character.
-pub fn has_nul(v: &serde_json::Value) -> bool {
+fn has_nul(v: &serde_json::Value) -> bool {
     use serde_json::Value;
     match v {
         Value::String(s) => s.contains('\0'),
@@ -71,11 +71,9 @@ pub fn has_nul(v: &serde_json::Value) -> bool {
     }
 }
 
-/// True when the percent-encoded text decodes to a NUL character.
-fn encodes_nul(raw: &str) -> bool {
-    raw.as_bytes()
-        .windows(3)
-        .any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0')
+/// True when percent-encoded text holds a NUL character, raw or encoded.
+fn encodes_nul(raw: &[u8]) -> bool {
+    raw.contains(&0) || raw.windows(3).any(|w| w == b"%00")
 }
 
 /// `axum::extract::Query`, but a malformed query string gets a stable code
@@ -96,7 +94,7 @@ where
                 "the query string does not have the expected parameters and types",
             )
         };
-        if parts.uri.query().is_some_and(encodes_nul) {
+        if parts.uri.query().is_some_and(|q| encodes_nul(q.as_bytes())) {
             return Err(refused());
         }
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
@@ -123,7 +121,7 @@ where
             Ok(b) => b,
             Err(_) => return Err(ApiError::payload_too_large()),
         };
-        if bytes.contains(&0) || encodes_nul(&String::from_utf8_lossy(&bytes)) {
+        if encodes_nul(&bytes) {
             return Err(ApiError::unprocessable(
                 "invalid_body",
                 "the form does not have the expected fields and types",
@@ -137,7 +135,6 @@ where
                 "unsupported_media_type",
                 "send the form as application/x-www-form-urlencoded",
             )),
-            Err(FormRejection::BytesRejection(_)) => Err(ApiError::payload_too_large()),
             Err(_) => Err(ApiError::unprocessable(
                 "invalid_body",
                 "the form does not have the expected fields and types",

@@ -3,12 +3,10 @@
 //! moment), content types are not sniffed, pages are not framed, and behind
 //! TLS the browser is told to stay on HTTPS (HSTS).
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::Response;
-
-use super::AppState;
 
 const HSTS: HeaderValue = HeaderValue::from_static("max-age=31536000; includeSubDomains");
 /// The console is plain HTML with inline styles, forms and links: nothing else
@@ -20,19 +18,18 @@ const CONSOLE_CSP: HeaderValue = HeaderValue::from_static(
 
 /// True when the client reached us over TLS: our public URL is HTTPS (a
 /// TLS-terminating proxy in front), or the proxy says so.
-fn over_tls(public_url_https: bool, headers: &HeaderMap) -> bool {
-    public_url_https
+fn over_tls(public_https: bool, headers: &HeaderMap) -> bool {
+    public_https
         || headers
             .get("x-forwarded-proto")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"))
 }
 
-pub async fn security_headers(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let tls = over_tls(
-        state.config.public_url.starts_with("https://"),
-        req.headers(),
-    );
+/// `public_https`: `SLATE_PUBLIC_URL` is an `https://` URL (decided once,
+/// when the router is built).
+pub async fn security_headers(public_https: bool, req: Request, next: Next) -> Response {
+    let tls = over_tls(public_https, req.headers());
     let mut response = next.run(req).await;
     let h = response.headers_mut();
     // Authenticated answers (event streams included) must never sit in a

@@ -110,6 +110,7 @@ async fn method_not_allowed() -> ApiError {
 }
 
 pub fn router(state: AppState) -> Router {
+    let public_https = state.config.public_url.starts_with("https://");
     Router::new()
         .merge(health::router())
         .merge(metrics::router())
@@ -134,12 +135,11 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             telemetry::record,
         ))
-        .with_state(state.clone())
+        .with_state(state)
         .layer(axum::middleware::from_fn(impersonation_banner))
-        .layer(axum::middleware::from_fn_with_state(
-            state,
-            headers::security_headers,
-        ))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            headers::security_headers(public_https, req, next)
+        }))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
             // Spans carry method, route and request id — never bodies or headers.

@@ -144,13 +144,9 @@ pub async fn reconcile(
                 continue;
             };
             starting_after = Some(event.stripe_event_id.clone());
-            let known: bool = sqlx::query_scalar(
-                "select exists(select 1 from stripe_events where stripe_event_id = $1)",
-            )
-            .bind(&event.stripe_event_id)
-            .fetch_one(pool)
-            .await
-            .map_err(|e| ReconcileError::Store(e.into()))?;
+            let known = slate_events::stripe::is_mirrored(pool, &event.stripe_event_id)
+                .await
+                .map_err(|e| ReconcileError::Store(e.into()))?;
             if known {
                 summary.already_mirrored += 1;
                 continue;

@@ -15,21 +15,25 @@ pub struct TestApp {
 /// An app on port 0 with its own database; `env` overrides configuration.
 pub async fn spawn_app_with(env: &[(&str, &str)]) -> TestApp {
     let db = TestDb::new().await;
-    let redis = env
-        .iter()
-        .find(|(k, _)| *k == "REDIS_URL")
-        .map(|(_, v)| v.to_string())
-        .unwrap_or_else(redis_url);
-    let config = Config::from_lookup(|k| match k {
-        "DATABASE_URL" => Some(db.url.clone()),
-        "REDIS_URL" => Some(redis.clone()),
-        _ => env
-            .iter()
+    let pool = db.pool.clone();
+    serve_app(db, pool, env).await
+}
+
+/// Serve `db` through `pool` (which may reach it another way than the
+/// test's own pool) on port 0; `env` overrides configuration.
+pub async fn serve_app(db: TestDb, pool: sqlx::PgPool, env: &[(&str, &str)]) -> TestApp {
+    let config = Config::from_lookup(|k| {
+        env.iter()
             .find(|(key, _)| *key == k)
-            .map(|(_, v)| v.to_string()),
+            .map(|(_, v)| v.to_string())
+            .or_else(|| match k {
+                "DATABASE_URL" => Some(db.url.clone()),
+                "REDIS_URL" => Some(redis_url()),
+                _ => None,
+            })
     })
     .unwrap();
-    let state = AppState::new(config, db.pool.clone()).unwrap();
+    let state = AppState::new(config, pool).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(slate::server::serve(

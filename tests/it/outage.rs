@@ -15,10 +15,7 @@ use sqlx::postgres::PgConnectOptions;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use slate::config::Config;
-use slate::http::AppState;
-
-use crate::harness::{TestDb, redis_url};
+use crate::harness::TestDb;
 
 /// A proxy to PostgreSQL that can be cut and restored.
 struct Proxy {
@@ -86,10 +83,9 @@ async fn bind_again(addr: SocketAddr) -> TcpListener {
 }
 
 struct OutageApp {
-    address: String,
+    server: crate::http::TestApp,
     proxy: Arc<Proxy>,
     key: String,
-    _db: TestDb,
 }
 
 async fn outage_app() -> OutageApp {
@@ -110,27 +106,16 @@ async fn outage_app() -> OutageApp {
     // As `slate serve` connects (slate_events::db::connect), through the proxy.
     let url = options.to_url_lossy().to_string();
     let pool = slate_events::db::connect(&url, 10).await.unwrap();
-    let config = Config::from_lookup(|k| match k {
-        "DATABASE_URL" => Some(url.clone()),
-        "REDIS_URL" => Some(redis_url()),
-        "STRIPE_WEBHOOK_SECRETS" => Some("whsec_outage".into()),
-        _ => None,
-    })
-    .unwrap();
-    let state = AppState::new(config, pool).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(slate::server::serve(
-        listener,
-        state,
-        std::future::pending(),
-    ));
-    OutageApp {
-        address,
-        proxy,
-        key,
-        _db: db,
-    }
+    let server = crate::http::serve_app(
+        db,
+        pool,
+        &[
+            ("DATABASE_URL", &url),
+            ("STRIPE_WEBHOOK_SECRETS", "whsec_outage"),
+        ],
+    )
+    .await;
+    OutageApp { server, proxy, key }
 }
 
 /// What a request got: status, `Retry-After`, body, and how long it took.
@@ -162,7 +147,7 @@ async fn while_postgres_is_down_every_request_gets_a_quick_503_and_service_resum
         .unwrap();
     let credits = || {
         client
-            .get(format!("{}/v1/credits", app.address))
+            .get(format!("{}/v1/credits", app.server.address))
             .bearer_auth(&app.key)
     };
     let (status, _, body, _) = call(&client, credits()).await;
@@ -175,12 +160,22 @@ async fn while_postgres_is_down_every_request_gets_a_quick_503_and_service_resum
         uuid::Uuid::new_v4(),
         "outage",
     );
+    let webhook = || {
+        client
+            .post(format!("{}/webhooks/stripe", app.server.address))
+            .header("content-type", "application/json")
+            .header(
+                "Stripe-Signature",
+                crate::stripe::signature("whsec_outage", t, &event),
+            )
+            .body(event.clone())
+    };
     let requests = [
         ("GET /v1/credits", credits()),
         (
             "POST /v1/generations",
             client
-                .post(format!("{}/v1/generations", app.address))
+                .post(format!("{}/v1/generations", app.server.address))
                 .bearer_auth(&app.key)
                 .header("Idempotency-Key", "outage-1")
                 .json(&json!({"kind": "script", "provider": "local", "prompt": "a quiet harbour"})),
@@ -188,20 +183,10 @@ async fn while_postgres_is_down_every_request_gets_a_quick_503_and_service_resum
         (
             "GET /v1/generations",
             client
-                .get(format!("{}/v1/generations", app.address))
+                .get(format!("{}/v1/generations", app.server.address))
                 .bearer_auth(&app.key),
         ),
-        (
-            "POST /webhooks/stripe",
-            client
-                .post(format!("{}/webhooks/stripe", app.address))
-                .header("content-type", "application/json")
-                .header(
-                    "Stripe-Signature",
-                    crate::stripe::signature("whsec_outage", t, &event),
-                )
-                .body(event.clone()),
-        ),
+        ("POST /webhooks/stripe", webhook()),
     ];
     for (what, req) in requests {
         let (status, retry, body, took) = call(&client, req).await;
@@ -214,11 +199,19 @@ async fn while_postgres_is_down_every_request_gets_a_quick_503_and_service_resum
         );
         eprintln!("during the outage {what}: 503 in {took:?}");
     }
-    let (status, _, body, _) = call(&client, client.get(format!("{}/readyz", app.address))).await;
+    let (status, _, body, _) = call(
+        &client,
+        client.get(format!("{}/readyz", app.server.address)),
+    )
+    .await;
     assert_eq!(status, 503, "{body}");
     assert_ne!(body["checks"]["postgres"], "ok", "{body}");
     // Liveness is not readiness: the process itself is fine.
-    let (status, _, _, _) = call(&client, client.get(format!("{}/healthz", app.address))).await;
+    let (status, _, _, _) = call(
+        &client,
+        client.get(format!("{}/healthz", app.server.address)),
+    )
+    .await;
     assert_eq!(status, 200);
 
     app.proxy.restore();
@@ -236,17 +229,6 @@ async fn while_postgres_is_down_every_request_gets_a_quick_503_and_service_resum
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The webhook refused during the outage is taken when Stripe retries.
-    let (status, _, body, _) = call(
-        &client,
-        client
-            .post(format!("{}/webhooks/stripe", app.address))
-            .header("content-type", "application/json")
-            .header(
-                "Stripe-Signature",
-                crate::stripe::signature("whsec_outage", t, &event),
-            )
-            .body(event),
-    )
-    .await;
+    let (status, _, body, _) = call(&client, webhook()).await;
     assert_eq!(status, 200, "{body}");
 }
