@@ -82,6 +82,10 @@ pub struct Latency {
 #[derive(Debug, Serialize)]
 pub struct Jobs {
     pub jobs: usize,
+    /// Clients submitting generations (one account each).
+    pub submitters: usize,
+    /// The generation worker's concurrency.
+    pub concurrency: usize,
     pub noop_per_second: f64,
     pub generations_per_second: f64,
 }
@@ -91,6 +95,8 @@ pub struct Report {
     pub build: &'static str,
     pub insert_ceiling: Vec<Throughput>,
     pub event_appends: Vec<Throughput>,
+    /// The same appends through [`store::GroupCommit`].
+    pub group_commit_appends: Vec<Throughput>,
     pub webhook_ingest: Latency,
     pub jobs: Jobs,
     pub rebuild: crate::bench_scale::Rebuild,
@@ -115,6 +121,10 @@ pub struct Processes {
 }
 
 const LEVELS: [usize; 3] = [1, 8, 32];
+/// Concurrent clients submitting generations, each for its own account.
+const GENERATION_CLIENTS: usize = 16;
+/// The generation worker's concurrency (`slate work`'s default).
+const GENERATION_CONCURRENCY: usize = 8;
 
 pub async fn run(config: &Config, opts: &BenchOptions) -> anyhow::Result<Report> {
     let base: PgConnectOptions = config.database_url.expose().parse()?;
@@ -173,6 +183,8 @@ async fn run_in(
     let duration = Duration::from_secs_f64(opts.seconds);
     let mut insert_ceiling = Vec::new();
     let mut event_appends = Vec::new();
+    let mut group_commit_appends = Vec::new();
+    let group = store::GroupCommit::start(pool.clone(), Default::default());
     for &c in &LEVELS {
         let n = for_duration(&pool, c, duration, move |pool, worker, i| async move {
             sqlx::query(
@@ -193,14 +205,7 @@ async fn run_in(
         });
         let n = for_duration(&pool, c, duration, move |pool, worker, i| async move {
             let mut conn = pool.acquire().await?;
-            let event = NewEvent::new(
-                DomainEvent::AccountCreated(AccountCreated {
-                    account_id: Uuid::nil(),
-                    email: "bench@example.com".into(),
-                    staff: false,
-                }),
-                Metadata::system(),
-            );
+            let event = bench_event();
             store::append(
                 &mut conn,
                 &format!("bench-{c}-{worker}-{i}"),
@@ -219,19 +224,46 @@ async fn run_in(
             connections: c,
             per_second: n,
         });
+        let group = group.clone();
+        let n = for_duration(&pool, c, duration, move |_, worker, i| {
+            let group = group.clone();
+            async move {
+                group
+                    .append(
+                        &format!("bench-g{c}-{worker}-{i}"),
+                        ExpectedVersion::NoStream,
+                        vec![bench_event()],
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| match e {
+                        slate_events::Error::Database(e) => e,
+                        other => sqlx::Error::Protocol(other.to_string()),
+                    })
+            }
+        })
+        .await?;
+        group_commit_appends.push(Throughput {
+            connections: c,
+            per_second: n,
+        });
     }
+    drop(group);
 
     eprintln!("bench: webhook ingest");
     let webhook_ingest = webhooks(config, &pool, opts).await?;
     eprintln!("bench: jobs");
     let jobs = Jobs {
         jobs: opts.jobs,
+        submitters: GENERATION_CLIENTS,
+        concurrency: GENERATION_CONCURRENCY,
         noop_per_second: slate_workers::bench::noop_jobs_per_second(&pool, opts.jobs).await?,
         generations_per_second: slate_workers::bench::generations_per_second(
             &pool,
             &config.storage(),
             opts.jobs,
-            8,
+            GENERATION_CONCURRENCY,
+            GENERATION_CLIENTS,
         )
         .await?,
     };
@@ -246,6 +278,7 @@ async fn run_in(
     let more = (opts.scale.log_events as i64 - have).max(0) as usize;
     eprintln!("bench: filling the log to {} events", opts.scale.log_events);
     scale::fill_log(&pool, more, "bench-log").await?;
+    scale::settle(&pool).await?;
     let big_log_events = scale::log_size(&pool).await?;
     let big = scale::append_latency(&pool, opts.scale.samples).await?;
     eprintln!("bench: {} audit entries", opts.scale.audit_entries);
@@ -276,10 +309,23 @@ async fn run_in(
         },
         insert_ceiling,
         event_appends,
+        group_commit_appends,
         webhook_ingest,
         jobs,
         peak_rss_mib: peak_rss_mib(),
     })
+}
+
+/// The event every append measurement writes (a new stream each time).
+fn bench_event() -> NewEvent {
+    NewEvent::new(
+        DomainEvent::AccountCreated(AccountCreated {
+            account_id: Uuid::nil(),
+            email: "bench@example.com".into(),
+            staff: false,
+        }),
+        Metadata::system(),
+    )
 }
 
 /// Run `op` on `workers` concurrent tasks for `duration`; operations/s.
@@ -509,6 +555,20 @@ pub fn print(report: &Report) {
         "{:<44} {:>12} {:>12} {:>12}",
         "   ratio to the ceiling", ratio[0], ratio[1], ratio[2]
     );
+    row(
+        "2b. event appends/s, group commit",
+        &report.group_commit_appends,
+    );
+    let ratio: Vec<String> = report
+        .group_commit_appends
+        .iter()
+        .zip(&report.insert_ceiling)
+        .map(|(a, c)| format!("{:.2}", a.per_second / c.per_second))
+        .collect();
+    println!(
+        "{:<44} {:>12} {:>12} {:>12}",
+        "   ratio to the ceiling", ratio[0], ratio[1], ratio[2]
+    );
     let w = &report.webhook_ingest;
     println!(
         "3. webhook ingest, {} senders, {} requests: {:.0} req/s (ratio to ceiling at 32: {:.2}), p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} errors",
@@ -523,9 +583,11 @@ pub fn print(report: &Report) {
     );
     let j = &report.jobs;
     println!(
-        "4. {} jobs: bare apalis no-op {:.0} jobs/s; end-to-end generations (instant local provider, S3 upload, capture) {:.0}/s (ratio {:.2})",
+        "4. {} jobs: bare apalis no-op {:.0} jobs/s; end-to-end generations ({} clients with an account each, worker concurrency {}, instant local provider, S3 upload, capture) {:.0}/s (ratio {:.2})",
         j.jobs,
         j.noop_per_second,
+        j.submitters,
+        j.concurrency,
         j.generations_per_second,
         j.generations_per_second / j.noop_per_second
     );

@@ -166,6 +166,34 @@ pub async fn fill_log(pool: &PgPool, n: usize, tag: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// After a bulk fill, bring the database to the steady state of a log that
+/// grew over months: vacuumed (the visibility map set, so autovacuum's
+/// insert-triggered pass over millions of fresh rows is not running during
+/// the measurement), analyzed, and checkpointed (the fill's dirty pages
+/// written out). Without it the "big log" latency measured the fill's
+/// aftermath — autovacuum and the checkpointer on the same two cores — not
+/// the cost of appending to a big log.
+pub async fn settle(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query("vacuum (analyze) events").execute(pool).await?;
+    // CHECKPOINT needs superuser or pg_checkpoint; without it, vacuum alone.
+    let _ = sqlx::query("checkpoint").execute(pool).await;
+    // An autovacuum worker that started before ours finishes first.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline {
+        let busy: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity
+              where backend_type = 'autovacuum worker' and datname = current_database()",
+        )
+        .fetch_one(pool)
+        .await?;
+        if busy == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
 /// Rebuild the audit projection (one entry per event) from the whole log.
 pub async fn rebuild_speed(pool: &PgPool, events: usize) -> anyhow::Result<Rebuild> {
     fill_log(pool, events, "bench-rebuild").await?;

@@ -218,7 +218,7 @@ pub async fn list_keys(conn: &mut PgConnection, account_id: Uuid) -> Result<Vec<
 
 /// A presented credential was refused (recorded without the secret).
 pub async fn record_auth_failure(
-    conn: &mut PgConnection,
+    appends: &store::GroupCommit,
     reason: &str,
     key_prefix: Option<&str>,
     ip: Option<&str>,
@@ -233,20 +233,20 @@ pub async fn record_auth_failure(
         }),
         Metadata::system(),
     );
-    store::append(
-        conn,
-        &format!("auth-failure-{}", event.event_id),
-        ExpectedVersion::NoStream,
-        &[event],
-    )
-    .await?;
+    appends
+        .append(
+            &format!("auth-failure-{}", event.event_id),
+            ExpectedVersion::NoStream,
+            vec![event],
+        )
+        .await?;
     Ok(())
 }
 
 /// An authenticated account was refused a route (a non-staff account on a
 /// staff route).
 pub async fn record_access_denied(
-    conn: &mut PgConnection,
+    appends: &store::GroupCommit,
     account_id: Uuid,
     route: &str,
 ) -> Result<(), Error> {
@@ -257,19 +257,21 @@ pub async fn record_access_denied(
         }),
         Metadata::by(crate::Actor::User { account_id }),
     );
-    store::append(
-        conn,
-        &format!("access-denied-{}", event.event_id),
-        ExpectedVersion::NoStream,
-        &[event],
-    )
-    .await?;
+    appends
+        .append(
+            &format!("access-denied-{}", event.event_id),
+            ExpectedVersion::NoStream,
+            vec![event],
+        )
+        .await?;
     Ok(())
 }
 
 /// A staff member read an account's data (staff reads are audited).
+/// Standalone appends like these are committed in groups
+/// ([`store::GroupCommit`]): a flood of refused credentials shares commits.
 pub async fn record_staff_read(
-    conn: &mut PgConnection,
+    appends: &store::GroupCommit,
     staff_id: Uuid,
     account_id: Uuid,
     what: &str,
@@ -284,13 +286,13 @@ pub async fn record_staff_read(
             account_id: staff_id,
         }),
     );
-    store::append(
-        conn,
-        &format!("staff-read-{}", event.event_id),
-        ExpectedVersion::NoStream,
-        &[event],
-    )
-    .await?;
+    appends
+        .append(
+            &format!("staff-read-{}", event.event_id),
+            ExpectedVersion::NoStream,
+            vec![event],
+        )
+        .await?;
     Ok(())
 }
 

@@ -26,3 +26,22 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
         .connect_with(options)
         .await
 }
+
+/// True when the error comes from PostgreSQL being out of reach (down,
+/// restarting, refusing connections, or the pool timing out waiting for
+/// one): retrying later may succeed; retrying now will not.
+pub fn unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // Connection exceptions (08…), and the server shutting down or not yet
+        // accepting connections (57P01–57P03).
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
+        _ => false,
+    }
+}

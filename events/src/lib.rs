@@ -10,6 +10,7 @@ macro_rules! trusted_sql {
 pub mod access;
 pub mod accounts;
 pub mod affiliates;
+pub mod batch;
 pub mod catalog;
 pub mod credits;
 pub mod db;

@@ -269,3 +269,199 @@ pub fn deterministic_event_id(key: &str) -> Uuid {
     const NAMESPACE: Uuid = Uuid::from_u128(0x2b8e_91c4_3d5f_4a60_8e1b_7c9d_0a2f_3e4d);
     Uuid::new_v5(&NAMESPACE, key.as_bytes())
 }
+
+impl From<crate::batch::Closed> for Error {
+    fn from(_: crate::batch::Closed) -> Self {
+        Error::Database(sqlx::Error::PoolClosed)
+    }
+}
+
+/// One caller's append waiting for a group commit.
+#[derive(Debug, Clone)]
+pub struct PendingAppend {
+    pub stream_id: String,
+    pub expected: ExpectedVersion,
+    pub events: Vec<NewEvent>,
+}
+
+/// Appends from concurrent callers committed together
+/// (`slate_append_batch`): one transaction and one WAL flush carry many
+/// callers' events, and each caller is answered only after that commit,
+/// with the outcome it would have had alone ([`append`]'s). For appends that
+/// are a transaction of their own; an append inside a caller's transaction
+/// uses [`append`].
+#[derive(Clone)]
+pub struct GroupCommit {
+    batcher: crate::batch::Batcher<AppendWriter>,
+}
+
+impl GroupCommit {
+    /// Start the writers on the current tokio runtime.
+    pub fn start(pool: sqlx::PgPool, options: crate::batch::BatchOptions) -> Self {
+        Self {
+            batcher: crate::batch::Batcher::start(AppendWriter { pool }, options),
+        }
+    }
+
+    pub async fn append(
+        &self,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<Appended, Error> {
+        if events.is_empty() {
+            return Err(Error::InvalidArgument("nothing to append".into()));
+        }
+        self.batcher
+            .submit(PendingAppend {
+                stream_id: stream_id.to_owned(),
+                expected,
+                events,
+            })
+            .await
+    }
+}
+
+struct AppendWriter {
+    pool: sqlx::PgPool,
+}
+
+#[derive(sqlx::FromRow)]
+struct BatchRow {
+    status: String,
+    version: Option<i32>,
+    positions: Option<Vec<i64>>,
+}
+
+impl crate::batch::BatchWrite for AppendWriter {
+    type Item = PendingAppend;
+    type Output = Appended;
+    type Error = Error;
+
+    async fn write(&self, items: Vec<PendingAppend>) -> Vec<Result<Appended, Error>> {
+        let rows = match append_batch(&self.pool, &items).await {
+            Ok(rows) if rows.len() == items.len() => rows,
+            // The batch as a whole failed (connection lost, commit unknown):
+            // each item alone. Appends are idempotent on event ids, so an item
+            // that did commit reports `duplicate`.
+            Ok(_) | Err(_) => {
+                return futures::future::join_all(items.iter().map(|i| self.one(i))).await;
+            }
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (item, row) in items.iter().zip(rows) {
+            let appended = |duplicate| Appended {
+                positions: row.positions.clone().unwrap_or_default(),
+                version: row.version.unwrap_or(0),
+                duplicate,
+            };
+            out.push(match row.status.as_str() {
+                "appended" => Ok(appended(false)),
+                "duplicate" => Ok(appended(true)),
+                "key_reused" => Err(Error::KeyReused),
+                // A writer of the same stream won the version: alone, with
+                // append's own retries.
+                "raced" => self.one(item).await,
+                _ => Err(Error::Conflict {
+                    stream_id: item.stream_id.clone(),
+                    expected: item.expected.to_string(),
+                    actual: row.version.unwrap_or(0),
+                }),
+            });
+        }
+        out
+    }
+}
+
+impl AppendWriter {
+    async fn one(&self, item: &PendingAppend) -> Result<Appended, Error> {
+        let mut conn = self.pool.acquire().await?;
+        append(&mut conn, &item.stream_id, item.expected, &item.events).await
+    }
+}
+
+async fn append_batch(
+    pool: &sqlx::PgPool,
+    items: &[PendingAppend],
+) -> Result<Vec<BatchRow>, Error> {
+    let mut tx = pool.begin().await?;
+    let rows = batch_rows(&mut tx, items).await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+/// Append several independent items (each its own stream and expected
+/// version) in the caller's transaction with one statement. Any outcome but
+/// appended or duplicate is an error and the caller's transaction should be
+/// rolled back.
+pub async fn append_many(
+    conn: &mut PgConnection,
+    items: &[PendingAppend],
+) -> Result<Vec<Appended>, Error> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = batch_rows(conn, items).await?;
+    items
+        .iter()
+        .zip(rows)
+        .map(|(item, row)| match row.status.as_str() {
+            "appended" | "duplicate" => Ok(Appended {
+                positions: row.positions.unwrap_or_default(),
+                version: row.version.unwrap_or(0),
+                duplicate: row.status == "duplicate",
+            }),
+            "key_reused" => Err(Error::KeyReused),
+            _ => Err(Error::Conflict {
+                stream_id: item.stream_id.clone(),
+                expected: item.expected.to_string(),
+                actual: row.version.unwrap_or(-1),
+            }),
+        })
+        .collect()
+}
+
+async fn batch_rows(
+    conn: &mut PgConnection,
+    items: &[PendingAppend],
+) -> Result<Vec<BatchRow>, Error> {
+    let n: usize = items.iter().map(|i| i.events.len()).sum();
+    let mut streams = Vec::with_capacity(items.len());
+    let mut expected = Vec::with_capacity(items.len());
+    let mut counts = Vec::with_capacity(items.len());
+    let mut ids = Vec::with_capacity(n);
+    let mut types = Vec::with_capacity(n);
+    let mut schema_versions = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    let mut metadata = Vec::with_capacity(n);
+    for item in items {
+        streams.push(item.stream_id.as_str());
+        expected.push(match item.expected {
+            ExpectedVersion::Any => None,
+            ExpectedVersion::NoStream => Some(0),
+            ExpectedVersion::Exact(v) => Some(v),
+        });
+        counts.push(item.events.len() as i32);
+        for e in &item.events {
+            ids.push(e.event_id);
+            types.push(e.event.event_type());
+            schema_versions.push(e.event.schema_version());
+            payloads.push(e.event.payload());
+            metadata.push(e.metadata.to_json());
+        }
+    }
+    Ok(sqlx::query_as(
+        "select status, version, positions
+           from slate_append_batch($1, $2, $3, $4, $5, $6, $7, $8) order by item",
+    )
+    .bind(&streams)
+    .bind(&expected)
+    .bind(&counts)
+    .bind(&ids)
+    .bind(&types)
+    .bind(&schema_versions)
+    .bind(&payloads)
+    .bind(&metadata)
+    .fetch_all(&mut *conn)
+    .await?)
+}

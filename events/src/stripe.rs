@@ -82,49 +82,97 @@ pub async fn mirror(
     e: &IncomingEvent,
     source: StripeSource,
 ) -> Result<bool, Error> {
-    let inserted: bool = sqlx::query_scalar(
-        "insert into stripe_events (stripe_event_id, event_type, api_version, livemode, created,
-            object_id, raw, source, parsed, parse_error, payment_intent)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-         on conflict (stripe_event_id) do update
-            set delivery_count = stripe_events.delivery_count + 1, last_received_at = now()
-         returning (xmax = 0)",
-    )
-    .bind(&e.stripe_event_id)
-    .bind(&e.event_type)
-    .bind(&e.api_version)
-    .bind(e.livemode)
-    .bind(e.created)
-    .bind(&e.object_id)
-    .bind(&e.raw)
-    .bind(source.as_str())
-    .bind(e.parse_error.is_none())
-    .bind(&e.parse_error)
-    .bind(&e.payment_intent)
-    .fetch_one(&mut *conn)
-    .await?;
-    if inserted {
-        let event = NewEvent {
-            event_id: stripe_received_event_id(&e.stripe_event_id),
-            event: DomainEvent::StripeEventReceived(StripeEventReceived {
-                stripe_event_id: e.stripe_event_id.clone(),
-                stripe_event_type: e.event_type.clone(),
-                created: e.created,
-                livemode: e.livemode,
-                source,
-                parsed: e.parse_error.is_none(),
-            }),
-            metadata: Metadata::by(crate::Actor::Stripe),
-        };
-        store::append(
-            conn,
-            &format!("stripe-{}", e.stripe_event_id),
-            ExpectedVersion::Any,
-            std::slice::from_ref(&event),
-        )
-        .await?;
+    Ok(mirror_many(conn, &[(e, source)]).await?[0])
+}
+
+/// [`mirror`] for several deliveries at once (a group commit of webhook
+/// deliveries), in the caller's transaction: one INSERT for the mirror rows
+/// and one append for their `StripeEventReceived` events. Returns, per
+/// delivery, whether it was the first delivery of its event; when the same
+/// event is delivered more than once here, the first of them is.
+pub async fn mirror_many(
+    conn: &mut PgConnection,
+    deliveries: &[(&IncomingEvent, StripeSource)],
+) -> Result<Vec<bool>, Error> {
+    // One row per event, in id order (concurrent batches lock mirror rows in
+    // the same order), counting every delivery of it.
+    let mut unique: Vec<(usize, i32)> = Vec::new();
+    let mut by_id: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, (e, _)) in deliveries.iter().enumerate() {
+        match by_id.get(e.stripe_event_id.as_str()) {
+            Some(&u) => unique[u].1 += 1,
+            None => {
+                by_id.insert(&e.stripe_event_id, unique.len());
+                unique.push((i, 1));
+            }
+        }
     }
-    Ok(inserted)
+    unique.sort_by(|a, b| {
+        deliveries[a.0]
+            .0
+            .stripe_event_id
+            .cmp(&deliveries[b.0].0.stripe_event_id)
+    });
+    let rows = || unique.iter().map(|&(i, _)| deliveries[i]);
+    let ids: Vec<&str> = rows().map(|(e, _)| e.stripe_event_id.as_str()).collect();
+    let inserted: Vec<(String, bool)> = sqlx::query_as(
+        "insert into stripe_events (stripe_event_id, event_type, api_version, livemode, created,
+            object_id, raw, source, parsed, parse_error, payment_intent, delivery_count)
+         select * from unnest($1::text[], $2::text[], $3::text[], $4::boolean[], $5::timestamptz[],
+            $6::text[], $7::text[], $8::text[], $9::boolean[], $10::text[], $11::text[], $12::integer[])
+         on conflict (stripe_event_id) do update
+            set delivery_count = stripe_events.delivery_count + excluded.delivery_count,
+                last_received_at = now()
+         returning stripe_event_id, (xmax = 0)",
+    )
+    .bind(&ids)
+    .bind(rows().map(|(e, _)| e.event_type.as_str()).collect::<Vec<_>>())
+    .bind(rows().map(|(e, _)| e.api_version.as_deref()).collect::<Vec<_>>())
+    .bind(rows().map(|(e, _)| e.livemode).collect::<Vec<_>>())
+    .bind(rows().map(|(e, _)| e.created).collect::<Vec<_>>())
+    .bind(rows().map(|(e, _)| e.object_id.as_deref()).collect::<Vec<_>>())
+    .bind(rows().map(|(e, _)| e.raw.as_str()).collect::<Vec<_>>())
+    .bind(rows().map(|(_, s)| s.as_str()).collect::<Vec<_>>())
+    .bind(rows().map(|(e, _)| e.parse_error.is_none()).collect::<Vec<_>>())
+    .bind(rows().map(|(e, _)| e.parse_error.as_deref()).collect::<Vec<_>>())
+    .bind(rows().map(|(e, _)| e.payment_intent.as_deref()).collect::<Vec<_>>())
+    .bind(unique.iter().map(|&(_, n)| n).collect::<Vec<_>>())
+    .fetch_all(&mut *conn)
+    .await?;
+    let first_ids: std::collections::HashSet<&str> = inserted
+        .iter()
+        .filter(|(_, first)| *first)
+        .map(|(id, _)| id.as_str())
+        .collect();
+    let appends: Vec<store::PendingAppend> = rows()
+        .filter(|(e, _)| first_ids.contains(e.stripe_event_id.as_str()))
+        .map(|(e, source)| store::PendingAppend {
+            stream_id: format!("stripe-{}", e.stripe_event_id),
+            expected: ExpectedVersion::Any,
+            events: vec![NewEvent {
+                event_id: stripe_received_event_id(&e.stripe_event_id),
+                event: DomainEvent::StripeEventReceived(StripeEventReceived {
+                    stripe_event_id: e.stripe_event_id.clone(),
+                    stripe_event_type: e.event_type.clone(),
+                    created: e.created,
+                    livemode: e.livemode,
+                    source,
+                    parsed: e.parse_error.is_none(),
+                }),
+                metadata: Metadata::by(crate::Actor::Stripe),
+            }],
+        })
+        .collect();
+    store::append_many(conn, &appends).await?;
+    // The first delivery of each newly mirrored event is its first.
+    let mut seen = std::collections::HashSet::new();
+    Ok(deliveries
+        .iter()
+        .map(|(e, _)| {
+            first_ids.contains(e.stripe_event_id.as_str())
+                && seen.insert(e.stripe_event_id.as_str())
+        })
+        .collect())
 }
 
 /// The arithmetic processing does on a mirrored event's own numbers before

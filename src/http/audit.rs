@@ -30,8 +30,7 @@ async fn audited(
     account: Option<Uuid>,
     what: &str,
 ) -> Result<(), ApiError> {
-    let mut conn = state.pool.acquire().await?;
-    slate_events::access::record_staff_read(&mut conn, staff, account.unwrap_or(staff), what)
+    slate_events::access::record_staff_read(&state.appends, staff, account.unwrap_or(staff), what)
         .await?;
     Ok(())
 }

@@ -113,7 +113,7 @@ async fn home(
     if !q.is_empty() {
         let mut conn = state.pool.acquire().await?;
         slate_events::access::record_staff_read(
-            &mut conn,
+            &state.appends,
             staff.account_id,
             staff.account_id,
             "console:search",
@@ -221,8 +221,13 @@ async fn account(
     let a = slate_events::accounts::get_account(&mut conn, id)
         .await?
         .ok_or_else(ApiError::not_found)?;
-    slate_events::access::record_staff_read(&mut conn, staff.account_id, id, "console:account")
-        .await?;
+    slate_events::access::record_staff_read(
+        &state.appends,
+        staff.account_id,
+        id,
+        "console:account",
+    )
+    .await?;
     let b = slate_events::credits::balance(&mut conn, id).await?;
     let ledger = slate_events::credits::ledger_page(&mut conn, id, None, 20).await?;
     let generations = slate_events::generations::list(&mut conn, id, None, 20).await?;
@@ -321,15 +326,13 @@ async fn entry(
     let e = crate::audit::entry(&state.pool, seq)
         .await?
         .ok_or_else(ApiError::not_found)?;
-    let mut conn = state.pool.acquire().await?;
     slate_events::access::record_staff_read(
-        &mut conn,
+        &state.appends,
         staff.account_id,
         e.account_id.unwrap_or(staff.account_id),
         "console:audit_entry",
     )
     .await?;
-    drop(conn);
     let cause = crate::audit::causing_event(&state.pool, e.event_id).await?;
     let related = crate::audit::related(&state.pool, &e).await?;
     let mut body = format!(

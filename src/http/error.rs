@@ -116,24 +116,8 @@ pub fn is_database_unavailable(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         cause
             .downcast_ref::<sqlx::Error>()
-            .is_some_and(sqlx_unavailable)
+            .is_some_and(slate_events::db::unavailable)
     })
-}
-
-fn sqlx_unavailable(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::WorkerCrashed => true,
-        // Connection exceptions (08…), and the server shutting down or not yet
-        // accepting connections (57P01–57P03).
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
-        _ => false,
-    }
 }
 
 impl IntoResponse for ApiError {

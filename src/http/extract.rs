@@ -301,7 +301,7 @@ async fn from_session(parts: &Parts, state: &AppState) -> Result<Option<Auth>, A
                 .map(|p| p.as_str().to_owned())
                 .unwrap_or_default();
             if let Err(e) = slate_events::access::record_auth_failure(
-                &mut conn,
+                &state.appends,
                 "unknown_or_ended_session",
                 None,
                 None,
@@ -361,7 +361,7 @@ impl FromRequestParts<AppState> for Auth {
                 .map(|c| c.0.ip().to_string());
             let prefix = slate_events::access::public_prefix(presented);
             if let Err(e) = slate_events::access::record_auth_failure(
-                &mut conn,
+                &state.appends,
                 reason,
                 prefix,
                 ip.as_deref(),
@@ -425,9 +425,9 @@ impl FromRequestParts<AppState> for Staff {
             .get::<axum::extract::MatchedPath>()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_default();
-        let mut conn = state.pool.acquire().await?;
         if let Err(e) =
-            slate_events::access::record_access_denied(&mut conn, auth.account_id, &route).await
+            slate_events::access::record_access_denied(&state.appends, auth.account_id, &route)
+                .await
         {
             tracing::warn!(error = %e, "could not record an access denial");
         }

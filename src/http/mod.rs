@@ -52,6 +52,10 @@ pub struct AppState {
     pub hub: Arc<hub::EventsHub>,
     /// Request counters and latency histograms of this process.
     pub http_metrics: Arc<telemetry::HttpMetrics>,
+    /// Standalone appends (audit records of requests), committed in groups.
+    pub appends: slate_events::store::GroupCommit,
+    /// Verified Stripe deliveries, committed in groups.
+    pub stripe_ingest: slate_workers::stripe::IngestBatcher,
 }
 
 impl AppState {
@@ -66,6 +70,8 @@ impl AppState {
             provider_names: Arc::new(providers.names().map(str::to_owned).collect()),
             hub: hub::EventsHub::start(pool.clone()),
             http_metrics: Arc::new(telemetry::HttpMetrics::default()),
+            stripe_ingest: slate_workers::stripe::ingest_batcher(pool.clone()),
+            appends: slate_events::store::GroupCommit::start(pool.clone(), Default::default()),
             pool,
             redis,
             stripe,

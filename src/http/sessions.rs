@@ -165,7 +165,6 @@ pub(super) async fn callback(
     {
         Ok(s) => s,
         Err(e) => {
-            let mut conn = state.pool.acquire().await?;
             let reason = match &e {
                 SignInError::BadState => "sign_in_state_invalid",
                 SignInError::BadToken => "id_token_invalid",
@@ -174,7 +173,7 @@ pub(super) async fn callback(
                 _ => "sign_in_failed",
             };
             let _ = slate_events::access::record_auth_failure(
-                &mut conn,
+                &state.appends,
                 reason,
                 None,
                 None,
@@ -304,9 +303,8 @@ pub(super) async fn totp(
     .await?;
     tx.commit().await?;
     if !ok {
-        let mut conn = state.pool.acquire().await?;
         let _ = slate_events::access::record_auth_failure(
-            &mut conn,
+            &state.appends,
             "totp_invalid",
             None,
             None,

@@ -46,7 +46,7 @@ pub(super) async fn receive(
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok());
     let now = chrono::Utc::now().timestamp();
-    let first = webhook::receive(&state.pool, &state.config, signature, &body, now)
+    let first = webhook::receive(&state.stripe_ingest, &state.config, signature, &body, now)
         .await
         .map_err(to_api_error)?;
     Ok(Json(json!({ "received": true, "duplicate": !first })))

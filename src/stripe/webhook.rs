@@ -20,9 +20,11 @@ pub enum WebhookError {
     Store(#[source] anyhow::Error),
 }
 
-/// Verify and store one delivery. Returns whether it was the first delivery.
+/// Verify and store one delivery (committed together with the deliveries
+/// that arrive at the same time, [`slate_workers::stripe::IngestBatcher`]).
+/// Returns whether it was the first delivery.
 pub async fn receive(
-    pool: &sqlx::PgPool,
+    ingest: &slate_workers::stripe::IngestBatcher,
     config: &Config,
     signature_header: Option<&str>,
     body: &[u8],
@@ -48,7 +50,8 @@ pub async fn receive(
             "stripe event mirrored unparsed"
         );
     }
-    slate_workers::stripe::ingest(pool, &event, StripeSource::Webhook)
+    ingest
+        .submit((event, StripeSource::Webhook))
         .await
         .map_err(WebhookError::Store)
 }

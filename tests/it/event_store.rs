@@ -243,3 +243,126 @@ async fn update_delete_and_truncate_on_events_are_refused_by_the_database() {
         1
     );
 }
+
+/// Group commit: concurrent callers share transactions, yet each gets the
+/// outcome it would have had alone — appended, duplicate, conflict, key
+/// reused — and a race on one stream neither loses nor doubles an event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_commit_gives_each_caller_its_own_outcome() {
+    use slate_events::batch::BatchOptions;
+    let db = TestDb::new().await;
+    let group = store::GroupCommit::start(
+        db.pool.clone(),
+        BatchOptions {
+            writers: 2,
+            max_batch: 16,
+        },
+    );
+    // 64 new streams at once, plus 16 appends that all race to version 1 of
+    // one stream, plus one multi-event append.
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let group = group.clone();
+        tasks.push(tokio::spawn(async move {
+            group
+                .append(
+                    &format!("gc-{i}"),
+                    ExpectedVersion::NoStream,
+                    vec![account_event(Uuid::now_v7())],
+                )
+                .await
+        }));
+    }
+    let mut racers = Vec::new();
+    for _ in 0..16 {
+        let group = group.clone();
+        racers.push(tokio::spawn(async move {
+            group
+                .append(
+                    "gc-contended",
+                    ExpectedVersion::NoStream,
+                    vec![account_event(Uuid::now_v7())],
+                )
+                .await
+        }));
+    }
+    let multi = group
+        .append(
+            "gc-multi",
+            ExpectedVersion::Any,
+            vec![
+                account_event(Uuid::now_v7()),
+                account_event(Uuid::now_v7()),
+                account_event(Uuid::now_v7()),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(multi.version, 3);
+    assert_eq!(multi.positions.len(), 3);
+    for t in tasks {
+        let a = t.await.unwrap().unwrap();
+        assert_eq!(a.version, 1);
+        assert!(!a.duplicate);
+        assert_eq!(a.positions.len(), 1);
+    }
+    let (mut won, mut conflicts) = (0, 0);
+    for t in racers {
+        match t.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(Error::Conflict { actual, .. }) => {
+                assert_eq!(actual, 1);
+                conflicts += 1
+            }
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!((won, conflicts), (1, 15));
+
+    // Retrying a stored event is a duplicate; its id on another stream is a
+    // reused key; a stale expected version is a conflict.
+    let event = account_event(Uuid::now_v7());
+    let first = group
+        .append("gc-retry", ExpectedVersion::NoStream, vec![event.clone()])
+        .await
+        .unwrap();
+    let again = group
+        .append("gc-retry", ExpectedVersion::NoStream, vec![event.clone()])
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.positions, first.positions);
+    assert!(matches!(
+        group
+            .append("gc-elsewhere", ExpectedVersion::Any, vec![event])
+            .await,
+        Err(Error::KeyReused)
+    ));
+    assert!(matches!(
+        group
+            .append(
+                "gc-retry",
+                ExpectedVersion::Exact(5),
+                vec![account_event(Uuid::now_v7())]
+            )
+            .await,
+        Err(Error::Conflict { actual: 1, .. })
+    ));
+
+    let mut conn = db.conn().await;
+    let stored: i64 = sqlx::query_scalar("select count(*) from events where stream_id like 'gc-%'")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(stored, 64 + 1 + 3 + 1);
+    let batches: i64 = sqlx::query_scalar(
+        "select count(distinct transaction_id) from events where stream_id ~ '^gc-[0-9]+$'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert!(
+        batches < 64,
+        "64 concurrent appends took {batches} transactions"
+    );
+}

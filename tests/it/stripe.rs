@@ -2,6 +2,8 @@
 //! crate's helper), fixtures shaped like Stripe's own events, processing in
 //! any order with any number of duplicates.
 
+use std::sync::Arc;
+
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::Value;
 use sha2::Sha256;
@@ -335,6 +337,67 @@ async fn a_duplicate_delivery_answers_2xx_and_changes_only_the_delivery_count() 
             .unwrap()
             .starts_with("evt_")
     );
+}
+
+/// Deliveries that arrive together are committed together (group commit):
+/// 40 distinct events, each delivered three times at once, are answered 2xx
+/// with exactly one `duplicate: false` per event, and end as 40 mirror rows
+/// that count 3 deliveries each, 40 `StripeEventReceived` and 40 jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_deliveries_are_ingested_together_and_each_counted_once() {
+    let app = Arc::new(stripe_app().await);
+    let account = new_account(&mut *app.db.conn().await).await;
+    let bodies: Vec<String> = (0..40)
+        .map(|_| fixture("01_checkout_session_completed_pack", account, &run_tag()))
+        .collect();
+    let mut tasks = Vec::new();
+    for round in 0..3 {
+        for (i, body) in bodies.iter().enumerate() {
+            let app = app.clone();
+            let body = body.clone();
+            tasks.push(tokio::spawn(async move {
+                let (status, r) = app.deliver(&body).await;
+                (i, round, status, r["duplicate"].as_bool())
+            }));
+        }
+    }
+    let mut firsts = vec![0; bodies.len()];
+    for t in tasks {
+        let (i, _, status, duplicate) = t.await.unwrap();
+        assert_eq!(status, 200);
+        if duplicate == Some(false) {
+            firsts[i] += 1;
+        }
+    }
+    assert!(
+        firsts.iter().all(|n| *n == 1),
+        "first deliveries: {firsts:?}"
+    );
+    let counts: Vec<i32> = sqlx::query_scalar("select delivery_count from stripe_events")
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(counts.len(), 40);
+    assert!(
+        counts.iter().all(|c| *c == 3),
+        "delivery counts: {counts:?}"
+    );
+    let received: i64 =
+        sqlx::query_scalar("select count(*) from events where event_type = 'StripeEventReceived'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    let jobs: i64 =
+        sqlx::query_scalar("select count(*) from apalis.jobs where job_type = 'slate.stripe'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!((received, jobs), (40, 40));
+    app.process_stripe().await;
+    let b = slate_events::credits::balance(&mut *app.db.conn().await, account)
+        .await
+        .unwrap();
+    assert_eq!(b.available, 40 * 500);
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@ pub mod email;
 pub mod generations;
 pub mod jobs;
 pub mod media;
+pub mod poll;
 pub mod providers;
 pub mod purge;
 pub mod runtime;

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use apalis::prelude::*;
-use apalis_postgres::{Config, PostgresStorage};
+use apalis_postgres::Config;
 use slate_events::projections::{self, Projection};
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -111,12 +111,16 @@ where
         stop_rx.clone(),
     )));
 
-    let diagnostics_storage = PostgresStorage::<DiagnosticJob>::new(&pool)
-        .with_config(settings.queue_config(diagnostics::QUEUE))
-        .with_pubsub();
-    let stripe_storage = PostgresStorage::<StripeJob>::new(&pool)
-        .with_config(settings.queue_config(stripe::QUEUE))
-        .with_pubsub();
+    let diagnostics_storage = crate::poll::backend::<DiagnosticJob>(
+        &pool,
+        diagnostics::QUEUE,
+        settings.queue_config(diagnostics::QUEUE),
+    );
+    let stripe_storage = crate::poll::backend::<StripeJob>(
+        &pool,
+        stripe::QUEUE,
+        settings.queue_config(stripe::QUEUE),
+    );
     let stripe_worker = StripeWorker {
         pool: pool.clone(),
         catalog: settings.stripe_catalog.clone(),
@@ -126,9 +130,11 @@ where
             hold_before_commit: settings.fault_stripe_hold,
         },
     };
-    let generation_storage = PostgresStorage::<GenerationJob>::new(&pool)
-        .with_config(settings.queue_config(generations::QUEUE))
-        .with_pubsub();
+    let generation_storage = crate::poll::backend::<GenerationJob>(
+        &pool,
+        generations::QUEUE,
+        settings.queue_config(generations::QUEUE),
+    );
     let generation_worker = GenerationWorker {
         pool: pool.clone(),
         providers: settings.providers.clone(),
@@ -142,25 +148,27 @@ where
             .timeout(Duration::from_secs(300))
             .build()?,
     };
-    let webhook_storage = PostgresStorage::<WebhookJob>::new(&pool)
-        .with_config(settings.queue_config(webhooks::QUEUE))
-        .with_pubsub();
+    let webhook_storage = crate::poll::backend::<WebhookJob>(
+        &pool,
+        webhooks::QUEUE,
+        settings.queue_config(webhooks::QUEUE),
+    );
     let webhook_worker = WebhookWorker::new(pool.clone(), settings.webhook_allow.clone())?;
     let webhook_name = settings.worker_name.clone();
-    let maintenance_storage = PostgresStorage::<sweeper::SweepJob>::new(&pool)
-        .with_config(settings.queue_config(sweeper::QUEUE))
-        .with_pubsub();
+    let maintenance_storage = crate::poll::backend::<sweeper::SweepJob>(
+        &pool,
+        sweeper::QUEUE,
+        settings.queue_config(sweeper::QUEUE),
+    );
     let maintenance_pool = pool.clone();
-    let email_storage = PostgresStorage::<EmailJob>::new(&pool)
-        .with_config(settings.queue_config(email::QUEUE))
-        .with_pubsub();
+    let email_storage =
+        crate::poll::backend::<EmailJob>(&pool, email::QUEUE, settings.queue_config(email::QUEUE));
     let email_worker = EmailWorker {
         pool: pool.clone(),
         mailer: settings.mailer.clone(),
     };
-    let purge_storage = PostgresStorage::<PurgeJob>::new(&pool)
-        .with_config(settings.queue_config(purge::QUEUE))
-        .with_pubsub();
+    let purge_storage =
+        crate::poll::backend::<PurgeJob>(&pool, purge::QUEUE, settings.queue_config(purge::QUEUE));
     let purger = Purger {
         pool: pool.clone(),
         storage: Storage::new(&settings.storage),
@@ -195,6 +203,10 @@ where
                 .data(generation_worker.clone())
                 .catch_panic()
                 .concurrency(concurrency)
+                // Each generation on its own task: the handlers' CPU work
+                // (media probing, S3 signing) runs on every core instead of
+                // the worker's one task.
+                .parallelize(tokio::spawn)
                 .build(generations::handle)
         })
         .register(move |restarts| {

@@ -28,15 +28,88 @@ pub async fn ingest(
     source: StripeSource,
 ) -> anyhow::Result<bool> {
     let mut tx = pool.begin().await?;
-    let first = stripe::mirror(&mut tx, event, source).await?;
-    if first {
-        let job = StripeJob {
-            stripe_event_id: event.stripe_event_id.clone(),
-        };
-        jobs::enqueue(&mut tx, QUEUE, &job, MAX_ATTEMPTS).await?;
-    }
+    let first = ingest_in(&mut tx, &[(event, source)]).await?;
     tx.commit().await?;
+    Ok(first[0])
+}
+
+/// Mirror, log and enqueue several deliveries in the caller's transaction
+/// (one statement each for the mirror rows, their events and their jobs).
+async fn ingest_in(
+    conn: &mut sqlx::PgConnection,
+    deliveries: &[(&IncomingEvent, StripeSource)],
+) -> anyhow::Result<Vec<bool>> {
+    let first = stripe::mirror_many(conn, deliveries).await?;
+    let jobs: Vec<StripeJob> = deliveries
+        .iter()
+        .zip(&first)
+        .filter(|(_, first)| **first)
+        .map(|((e, _), _)| StripeJob {
+            stripe_event_id: e.stripe_event_id.clone(),
+        })
+        .collect();
+    jobs::enqueue_many(conn, QUEUE, &jobs, MAX_ATTEMPTS).await?;
     Ok(first)
+}
+
+/// Webhook deliveries that arrive together, ingested in one transaction
+/// (group commit, [`slate_events::batch`]): each is answered after that
+/// commit, with whether it was the first delivery of its event.
+pub type IngestBatcher = slate_events::batch::Batcher<IngestWriter>;
+
+pub fn ingest_batcher(pool: PgPool) -> IngestBatcher {
+    slate_events::batch::Batcher::start(
+        IngestWriter { pool },
+        slate_events::batch::BatchOptions::default(),
+    )
+}
+
+pub struct IngestWriter {
+    pool: PgPool,
+}
+
+impl slate_events::batch::BatchWrite for IngestWriter {
+    type Item = (IncomingEvent, StripeSource);
+    type Output = bool;
+    type Error = anyhow::Error;
+
+    async fn write(&self, items: Vec<Self::Item>) -> Vec<anyhow::Result<bool>> {
+        let deliveries: Vec<(&IncomingEvent, StripeSource)> =
+            items.iter().map(|(e, s)| (e, *s)).collect();
+        let together = async {
+            let mut tx = self.pool.begin().await?;
+            let first = ingest_in(&mut tx, &deliveries).await?;
+            tx.commit().await?;
+            anyhow::Ok(first)
+        }
+        .await;
+        let unavailable = |e: &anyhow::Error| {
+            e.chain().any(|c| {
+                c.downcast_ref::<sqlx::Error>()
+                    .is_some_and(slate_events::db::unavailable)
+            })
+        };
+        match together {
+            Ok(first) => first.into_iter().map(Ok).collect(),
+            // PostgreSQL is out of reach: every delivery is refused now (the
+            // webhook answers 503 and Stripe retries), none waits twice.
+            Err(e) if unavailable(&e) => items
+                .iter()
+                .map(|_| {
+                    Err(anyhow::Error::new(sqlx::Error::PoolTimedOut)
+                        .context("database unavailable"))
+                })
+                .collect(),
+            // One at a time, so that each delivery gets its own answer (a
+            // delivery that did commit is then a duplicate: the count is off
+            // by one, never the ingest).
+            Err(_) if items.len() > 1 => {
+                futures::future::join_all(items.iter().map(|(e, s)| ingest(&self.pool, e, *s)))
+                    .await
+            }
+            Err(e) => vec![Err(e)],
+        }
+    }
 }
 
 /// What the processing job needs.

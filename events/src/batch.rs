@@ -1,0 +1,174 @@
+//! Group commit: callers that arrive together share one transaction.
+//!
+//! A [`Batcher`] queues items from any number of concurrent callers; a few
+//! writer tasks each take what is waiting (up to `max_batch`, never waiting
+//! for more to arrive) and write it with one [`BatchWrite::write`], which
+//! commits before it answers. While one batch commits the next one gathers,
+//! so under load a commit (one WAL flush, one round of locks) carries many
+//! callers' writes, and alone a caller pays no added delay. Every caller
+//! gets its own outcome, only after the commit that made it durable.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+/// How a batch is written. `write` must return one outcome per item, in
+/// order, and must only report success for an item whose write committed.
+pub trait BatchWrite: Send + Sync + 'static {
+    type Item: Send + 'static;
+    type Output: Send + 'static;
+    type Error: From<Closed> + Send + 'static;
+
+    fn write(
+        &self,
+        items: Vec<Self::Item>,
+    ) -> impl Future<Output = Vec<Result<Self::Output, Self::Error>>> + Send;
+}
+
+/// The batcher's writers are gone (the runtime is shutting down) or a writer
+/// returned too few outcomes.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the group-commit writer is not running")]
+pub struct Closed;
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatchOptions {
+    /// Concurrent writer tasks (each holds one connection while it writes).
+    pub writers: usize,
+    /// Most items in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        Self {
+            writers: 4,
+            max_batch: 128,
+        }
+    }
+}
+
+type Request<W> = (
+    <W as BatchWrite>::Item,
+    oneshot::Sender<Result<<W as BatchWrite>::Output, <W as BatchWrite>::Error>>,
+);
+
+/// A handle to submit items; cheap to clone. The writer tasks end when the
+/// last handle is dropped.
+pub struct Batcher<W: BatchWrite> {
+    queue: mpsc::UnboundedSender<Request<W>>,
+}
+
+impl<W: BatchWrite> Clone for Batcher<W> {
+    fn clone(&self) -> Self {
+        Self {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+impl<W: BatchWrite> Batcher<W> {
+    /// Start the writer tasks on the current tokio runtime.
+    pub fn start(writer: W, options: BatchOptions) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel::<Request<W>>();
+        let rx = Arc::new(Mutex::new(rx));
+        let writer = Arc::new(writer);
+        for _ in 0..options.writers.max(1) {
+            let rx = rx.clone();
+            let writer = writer.clone();
+            let max = options.max_batch.max(1);
+            tokio::spawn(async move {
+                loop {
+                    let batch = {
+                        let mut rx = rx.lock().await;
+                        let Some(first) = rx.recv().await else {
+                            return;
+                        };
+                        let mut batch = vec![first];
+                        while batch.len() < max {
+                            match rx.try_recv() {
+                                Ok(r) => batch.push(r),
+                                Err(_) => break,
+                            }
+                        }
+                        batch
+                    };
+                    let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                    let mut outcomes = writer.write(items).await.into_iter();
+                    for reply in replies {
+                        // A caller that went away no longer needs its answer.
+                        let _ = reply.send(outcomes.next().unwrap_or(Err(Closed.into())));
+                    }
+                }
+            });
+        }
+        Self { queue }
+    }
+
+    /// Queue `item` and wait for its outcome (after its commit).
+    pub async fn submit(&self, item: W::Item) -> Result<W::Output, W::Error> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send((item, reply))
+            .map_err(|_| W::Error::from(Closed))?;
+        answer.await.map_err(|_| W::Error::from(Closed))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Sum {
+        batches: AtomicUsize,
+    }
+
+    #[derive(Debug)]
+    struct E;
+    impl From<Closed> for E {
+        fn from(_: Closed) -> Self {
+            E
+        }
+    }
+
+    impl BatchWrite for Sum {
+        type Item = u32;
+        type Output = u32;
+        type Error = E;
+        async fn write(&self, items: Vec<u32>) -> Vec<Result<u32, E>> {
+            self.batches.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            items
+                .into_iter()
+                .map(|i| if i == 7 { Err(E) } else { Ok(i * 2) })
+                .collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_share_batches_and_get_their_own_outcome() {
+        let batcher = Batcher::start(
+            Sum {
+                batches: AtomicUsize::new(0),
+            },
+            BatchOptions {
+                writers: 1,
+                max_batch: 64,
+            },
+        );
+        let mut tasks = Vec::new();
+        for i in 0..50u32 {
+            let b = batcher.clone();
+            tasks.push(tokio::spawn(async move { (i, b.submit(i).await) }));
+        }
+        for t in tasks {
+            let (i, r) = t.await.unwrap();
+            match r {
+                Ok(v) => assert_eq!(v, i * 2),
+                Err(E) => assert_eq!(i, 7),
+            }
+        }
+    }
+}
