@@ -384,10 +384,11 @@ async fn append_batch(
     pool: &sqlx::PgPool,
     items: &[PendingAppend],
 ) -> Result<Vec<BatchRow>, Error> {
-    let mut tx = pool.begin().await?;
-    let rows = batch_rows(&mut tx, items).await?;
-    tx.commit().await?;
-    Ok(rows)
+    // One statement is its own transaction: one round trip, and its rows
+    // arrive only after the commit (the server answers ReadyForQuery after
+    // committing, and the query ends there).
+    let mut conn = pool.acquire().await?;
+    batch_rows(&mut conn, items).await
 }
 
 /// Append several independent items (each its own stream and expected

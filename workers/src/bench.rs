@@ -142,8 +142,12 @@ pub async fn generations_per_second(
         download_limit: 1 << 20,
         http: reqwest::Client::new(),
     };
-    let backend =
-        crate::poll::backend::<GenerationJob>(pool, generations::QUEUE, config(generations::QUEUE));
+    let backend = crate::poll::backend::<GenerationJob>(
+        pool,
+        generations::QUEUE,
+        // As `slate work` runs it (runtime::limited_queue_config).
+        config(generations::QUEUE).batch_size(1),
+    );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let monitor = Monitor::new().register(move |_| {
         WorkerBuilder::new(format!("bench-generations-{}", Uuid::new_v4().simple()))

@@ -86,6 +86,18 @@ impl WorkerSettings {
             .missed_heartbeats(self.missed_heartbeats)
             .batch_size(10)
     }
+
+    /// The configuration of a queue whose worker has a concurrency limit:
+    /// one job per fetch. apalis-postgres sends no heartbeat while fetched
+    /// jobs wait in its buffer for a free slot, so with a batch of 10 and 8
+    /// slots busy with long generations, a worker would fall silent for as
+    /// long as those ran, and after 3 missed beats the others may take it for
+    /// dead and run its jobs again (apalis-core 1.0, persistence/mod.rs: no
+    /// heartbeat in the Buffered state). Fetching only when a slot is free
+    /// leaves nothing waiting in the buffer.
+    fn limited_queue_config(&self, queue: &str) -> Config {
+        self.queue_config(queue).batch_size(1)
+    }
 }
 
 /// Run until `shutdown` resolves, then stop taking jobs, let in-flight ones
@@ -133,7 +145,7 @@ where
     let generation_storage = crate::poll::backend::<GenerationJob>(
         &pool,
         generations::QUEUE,
-        settings.queue_config(generations::QUEUE),
+        settings.limited_queue_config(generations::QUEUE),
     );
     let generation_worker = GenerationWorker {
         pool: pool.clone(),
@@ -151,7 +163,7 @@ where
     let webhook_storage = crate::poll::backend::<WebhookJob>(
         &pool,
         webhooks::QUEUE,
-        settings.queue_config(webhooks::QUEUE),
+        settings.limited_queue_config(webhooks::QUEUE),
     );
     let webhook_worker = WebhookWorker::new(pool.clone(), settings.webhook_allow.clone())?;
     let webhook_name = settings.worker_name.clone();
