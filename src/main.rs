@@ -10,7 +10,11 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    slate::telemetry::init(config.log_format);
+    let level = match cli.command {
+        slate::cli::Command::Bench { .. } => "warn",
+        _ => "info",
+    };
+    slate::telemetry::init_with(config.log_format, level);
     slate::telemetry::log_panics();
     match slate::cli::run(cli, config).await {
         Ok(code) => std::process::ExitCode::from(code as u8),

@@ -8,8 +8,15 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,aws=warn,hyper=warn"));
+    init_with(format, "info")
+}
+
+/// [`init`] with another level than `info` when `RUST_LOG` is not set
+/// (`slate bench` defaults to `warn`: a line per job would be its own load).
+pub fn init_with(format: LogFormat, default_level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!("{default_level},sqlx=warn,aws=warn,hyper=warn"))
+    });
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,
