@@ -342,7 +342,7 @@ pub async fn apply(
     apply_many(conn, p, &[(recorded, event.clone())]).await
 }
 
-/// One entry per event, in one INSERT (rebuilds and projector batches);
+/// One entry per event, in one INSERT (projector batches and verify);
 /// events past the retention cutoff are skipped (the events themselves stay).
 pub async fn apply_many(
     conn: &mut PgConnection,
@@ -351,14 +351,19 @@ pub async fn apply_many(
 ) -> Result<(), Error> {
     let mut rows = Rows::default();
     for (recorded, event) in events {
-        rows.push(recorded, event);
+        rows.push(AuditRow::new(
+            recorded.global_position,
+            recorded.event_id,
+            recorded.recorded_at,
+            &recorded.metadata,
+            event,
+        ));
     }
     if rows.position.is_empty() {
         return Ok(());
     }
     sqlx::query(trusted_sql!(
-        "insert into {p}audit_entries (position, event_id, at, actor_kind, actor_id, impersonator, action,
-            account_id, targets, outcome, request_id, reason, api_key_id, ip, user_agent)
+        "insert into {p}audit_entries ({COLUMNS})
          select * from unnest($1::bigint[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[],
             $6::uuid[], $7::text[], $8::uuid[], $9::jsonb[], $10::text[], $11::text[], $12::text[],
             $13::uuid[], $14::text[], $15::text[]) as x(position, event_id, at)
@@ -384,67 +389,192 @@ pub async fn apply_many(
     Ok(())
 }
 
-/// Entries as columns, for one `unnest` INSERT.
-#[derive(Default)]
-struct Rows {
-    position: Vec<i64>,
-    event_id: Vec<Uuid>,
-    at: Vec<DateTime<Utc>>,
-    actor_kind: Vec<String>,
-    actor_id: Vec<Option<String>>,
-    impersonator: Vec<Option<Uuid>>,
-    action: Vec<&'static str>,
-    account: Vec<Option<Uuid>>,
-    targets: Vec<Value>,
-    outcome: Vec<&'static str>,
-    request_id: Vec<Option<String>>,
-    reason: Vec<Option<String>>,
-    api_key_id: Vec<Option<Uuid>>,
-    ip: Vec<Option<String>>,
-    user_agent: Vec<Option<String>>,
+/// The columns an entry is written with, in the order of [`AuditRow`]
+/// (`seq` is assigned by the table, in apply order).
+const COLUMNS: &str = "position, event_id, at, actor_kind, actor_id, impersonator, action, \
+     account_id, targets, outcome, request_id, reason, api_key_id, ip, user_agent";
+
+/// One audit entry, as written.
+pub(crate) struct AuditRow<'a> {
+    position: i64,
+    event_id: Uuid,
+    at: DateTime<Utc>,
+    actor_kind: &'a str,
+    actor_id: Option<&'a str>,
+    impersonator: Option<Uuid>,
+    action: &'static str,
+    account: Option<Uuid>,
+    targets: Value,
+    outcome: &'static str,
+    request_id: Option<&'a str>,
+    reason: Option<String>,
+    api_key_id: Option<Uuid>,
+    ip: Option<&'a str>,
+    user_agent: Option<&'a str>,
 }
 
-impl Rows {
-    fn push(&mut self, recorded: &RecordedEvent, event: &DomainEvent) {
+impl<'a> AuditRow<'a> {
+    /// The entry of an event, from its position, id, time and metadata.
+    pub(crate) fn new(
+        position: i64,
+        event_id: Uuid,
+        at: DateTime<Utc>,
+        meta: &'a Value,
+        event: &DomainEvent,
+    ) -> Self {
         let mut e = describe(event);
-        let meta = &recorded.metadata;
-        let text = |k: &str| meta.get(k).and_then(Value::as_str).map(str::to_owned);
-        let actor = meta.get("actor").cloned().unwrap_or(Value::Null);
-        if let Some(stripe_event) = meta.get("stripe_event_id").and_then(Value::as_str) {
+        let text = |k: &str| meta.get(k).and_then(Value::as_str);
+        let actor = meta.get("actor").unwrap_or(&Value::Null);
+        if let Some(stripe_event) = text("stripe_event_id") {
             e.targets
                 .entry("stripe_event")
                 .or_insert_with(|| Value::String(stripe_event.to_owned()));
         }
         e.targets.retain(|_, v| !v.is_null());
-        self.position.push(recorded.global_position);
-        self.event_id.push(recorded.event_id);
-        self.at.push(recorded.recorded_at);
-        self.actor_kind.push(
-            actor
+        AuditRow {
+            position,
+            event_id,
+            at,
+            actor_kind: actor
                 .get("kind")
                 .and_then(Value::as_str)
-                .unwrap_or("system")
-                .to_owned(),
-        );
-        self.actor_id.push(
-            actor
+                .unwrap_or("system"),
+            actor_id: actor
                 .get("account_id")
                 .or_else(|| actor.get("name"))
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-        );
-        self.impersonator
-            .push(text("impersonator").and_then(|s| s.parse().ok()));
-        self.action.push(e.action);
-        self.account.push(e.account);
-        self.targets.push(Value::Object(e.targets));
-        self.outcome.push(e.outcome);
-        self.request_id.push(text("request_id"));
-        self.reason.push(e.reason);
-        self.api_key_id
-            .push(text("api_key_id").and_then(|s| s.parse().ok()));
-        self.ip.push(text("ip"));
-        self.user_agent.push(text("user_agent"));
+                .and_then(Value::as_str),
+            impersonator: text("impersonator").and_then(|s| s.parse().ok()),
+            action: e.action,
+            account: e.account,
+            targets: Value::Object(e.targets),
+            outcome: e.outcome,
+            request_id: text("request_id"),
+            reason: e.reason,
+            api_key_id: text("api_key_id").and_then(|s| s.parse().ok()),
+            ip: text("ip"),
+            user_agent: text("user_agent"),
+        }
+    }
+
+    /// Append this row to a binary `COPY` body ([`COPY_HEADER`] first,
+    /// [`COPY_TRAILER`] last), fields in [`COLUMNS`] order.
+    pub(crate) fn encode_copy(&self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(&15i16.to_be_bytes());
+        copy::int8(buf, self.position);
+        copy::uuid(buf, Some(self.event_id));
+        copy::timestamptz(buf, self.at);
+        copy::text(buf, Some(self.actor_kind));
+        copy::text(buf, self.actor_id);
+        copy::uuid(buf, self.impersonator);
+        copy::text(buf, Some(self.action));
+        copy::uuid(buf, self.account);
+        copy::jsonb(buf, &self.targets);
+        copy::text(buf, Some(self.outcome));
+        copy::text(buf, self.request_id);
+        copy::text(buf, self.reason.as_deref());
+        copy::uuid(buf, self.api_key_id);
+        copy::text(buf, self.ip);
+        copy::text(buf, self.user_agent);
+    }
+}
+
+/// Entries as columns, for one `unnest` INSERT.
+#[derive(Default)]
+struct Rows<'a> {
+    position: Vec<i64>,
+    event_id: Vec<Uuid>,
+    at: Vec<DateTime<Utc>>,
+    actor_kind: Vec<&'a str>,
+    actor_id: Vec<Option<&'a str>>,
+    impersonator: Vec<Option<Uuid>>,
+    action: Vec<&'static str>,
+    account: Vec<Option<Uuid>>,
+    targets: Vec<Value>,
+    outcome: Vec<&'static str>,
+    request_id: Vec<Option<&'a str>>,
+    reason: Vec<Option<String>>,
+    api_key_id: Vec<Option<Uuid>>,
+    ip: Vec<Option<&'a str>>,
+    user_agent: Vec<Option<&'a str>>,
+}
+
+impl<'a> Rows<'a> {
+    fn push(&mut self, row: AuditRow<'a>) {
+        self.position.push(row.position);
+        self.event_id.push(row.event_id);
+        self.at.push(row.at);
+        self.actor_kind.push(row.actor_kind);
+        self.actor_id.push(row.actor_id);
+        self.impersonator.push(row.impersonator);
+        self.action.push(row.action);
+        self.account.push(row.account);
+        self.targets.push(row.targets);
+        self.outcome.push(row.outcome);
+        self.request_id.push(row.request_id);
+        self.reason.push(row.reason);
+        self.api_key_id.push(row.api_key_id);
+        self.ip.push(row.ip);
+        self.user_agent.push(row.user_agent);
+    }
+}
+
+/// The `COPY ... from stdin (format binary)` statement for the live table.
+pub(crate) fn copy_statement() -> String {
+    format!("copy audit_entries ({COLUMNS}) from stdin (format binary)")
+}
+
+pub(crate) const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+pub(crate) const COPY_TRAILER: &[u8] = &(-1i16).to_be_bytes();
+
+/// PostgreSQL's binary COPY encoding of the field types an entry uses.
+mod copy {
+    use chrono::{DateTime, Utc};
+    use serde_json::Value;
+    use uuid::Uuid;
+
+    /// 2000-01-01T00:00:00Z in Unix microseconds: PostgreSQL's epoch.
+    const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+    fn null(buf: &mut Vec<u8>) {
+        buf.extend_from_slice(&(-1i32).to_be_bytes());
+    }
+
+    pub fn int8(buf: &mut Vec<u8>, v: i64) {
+        buf.extend_from_slice(&8i32.to_be_bytes());
+        buf.extend_from_slice(&v.to_be_bytes());
+    }
+
+    pub fn uuid(buf: &mut Vec<u8>, v: Option<Uuid>) {
+        match v {
+            Some(v) => {
+                buf.extend_from_slice(&16i32.to_be_bytes());
+                buf.extend_from_slice(v.as_bytes());
+            }
+            None => null(buf),
+        }
+    }
+
+    pub fn timestamptz(buf: &mut Vec<u8>, v: DateTime<Utc>) {
+        int8(buf, v.timestamp_micros() - PG_EPOCH_MICROS);
+    }
+
+    pub fn text(buf: &mut Vec<u8>, v: Option<&str>) {
+        match v {
+            Some(v) => {
+                buf.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                buf.extend_from_slice(v.as_bytes());
+            }
+            None => null(buf),
+        }
+    }
+
+    /// jsonb: a version byte (1), then the JSON text.
+    pub fn jsonb(buf: &mut Vec<u8>, v: &Value) {
+        let at = buf.len();
+        buf.extend_from_slice(&[0, 0, 0, 0, 1]);
+        serde_json::to_writer(&mut *buf, v).expect("a JSON value serializes");
+        let len = (buf.len() - at - 4) as i32;
+        buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
     }
 }
 
@@ -468,4 +598,111 @@ pub async fn apply_retention(
             .await?
             .rows_affected();
     Ok(deleted)
+}
+
+/// Events a page of the bulk rebuild reads.
+const BULK_PAGE: i64 = 20_000;
+/// Bytes of encoded entries per message from the reader to the writer.
+const BULK_CHUNK: usize = 256 * 1024;
+
+/// The bulk part of a full rebuild: every event of a transaction older than
+/// every running one (the gap-safe horizon, fixed at the start) becomes an
+/// entry in the live table, in (transaction_id, global_position) order, in
+/// one binary COPY on `conn` (the rebuild's transaction, which holds the
+/// truncated table and the checkpoint). A second connection from `pool` reads
+/// the log and encodes entries meanwhile. Returns the position of the last
+/// event read (for the checkpoint) and how many were read.
+///
+/// Every transaction below the horizon has ended, so the reading connection
+/// (whose snapshot is taken later) sees all of their events, and no event
+/// can be added below it later.
+pub(crate) async fn copy_from_log(
+    pool: &sqlx::PgPool,
+    conn: &mut PgConnection,
+) -> Result<Option<(String, i64, u64)>, Error> {
+    let horizon: String =
+        sqlx::query_scalar("select pg_snapshot_xmin(pg_current_snapshot())::text")
+            .fetch_one(&mut *conn)
+            .await?;
+    // Entries older than the retention cutoff are not kept ('-infinity':
+    // none is older).
+    let cutoff: Option<DateTime<Utc>> =
+        sqlx::query_scalar("select nullif(cutoff, '-infinity') from audit_retention")
+            .fetch_one(&mut *conn)
+            .await?;
+    let mut reader = pool.acquire().await?;
+    let (chunks, mut received) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let read = async move {
+        let mut after: (String, i64) = ("0".into(), 0);
+        let mut count = 0u64;
+        let mut buf = Vec::with_capacity(BULK_CHUNK + 4096);
+        loop {
+            let mut page = sqlx::query(
+                "select e.transaction_id::text, e.global_position, e.event_id, e.event_type,
+                        e.schema_version, e.payload::text, e.metadata::text, e.recorded_at
+                   from events e
+                  where (e.transaction_id, e.global_position) > ($1::xid8, $2)
+                    and e.transaction_id < $3::xid8
+                    and e.event_type = any($4)
+                  order by e.transaction_id, e.global_position
+                  limit $5",
+            )
+            .bind(&after.0)
+            .bind(after.1)
+            .bind(&horizon)
+            .bind(EVENT_TYPES)
+            .bind(BULK_PAGE)
+            .fetch(&mut *reader);
+            let mut rows = 0i64;
+            let mut last: Option<(String, i64)> = None;
+            while let Some(row) = futures::TryStreamExt::try_next(&mut page).await? {
+                use sqlx::Row;
+                let position: i64 = row.try_get(1)?;
+                let at: DateTime<Utc> = row.try_get(7)?;
+                rows += 1;
+                if cutoff.is_none_or(|c| at >= c) {
+                    let event_type: &str = row.try_get(3)?;
+                    let event =
+                        DomainEvent::decode_text(event_type, row.try_get(4)?, row.try_get(5)?)?;
+                    let metadata: Value = serde_json::from_str(row.try_get(6)?)
+                        .map_err(|e| sqlx::Error::Decode(e.into()))?;
+                    AuditRow::new(position, row.try_get(2)?, at, &metadata, &event)
+                        .encode_copy(&mut buf);
+                    if buf.len() >= BULK_CHUNK {
+                        let full =
+                            std::mem::replace(&mut buf, Vec::with_capacity(BULK_CHUNK + 4096));
+                        if chunks.send(full).await.is_err() {
+                            // The writer failed; its error is the one to report.
+                            return Ok(None);
+                        }
+                    }
+                }
+                last = Some((row.try_get::<String, _>(0)?, position));
+            }
+            drop(page);
+            count += rows as u64;
+            if let Some(l) = last {
+                after = l;
+            }
+            if rows < BULK_PAGE {
+                break;
+            }
+        }
+        if !buf.is_empty() && chunks.send(buf).await.is_err() {
+            return Ok(None);
+        }
+        Ok::<_, Error>((count > 0).then_some((after.0, after.1, count)))
+    };
+    let write = async {
+        let mut copy = conn.copy_in_raw(&copy_statement()).await?;
+        copy.send(COPY_HEADER).await?;
+        while let Some(chunk) = received.recv().await {
+            copy.send(chunk).await?;
+        }
+        copy.send(COPY_TRAILER).await?;
+        copy.finish().await?;
+        Ok::<_, Error>(())
+    };
+    let (last, ()) = tokio::try_join!(read, write)?;
+    Ok(last)
 }
