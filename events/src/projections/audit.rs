@@ -80,7 +80,10 @@ fn entry(action: &'static str, account: Option<Uuid>, targets: Value) -> Entry {
     Entry {
         action,
         account,
-        targets: targets.as_object().cloned().unwrap_or_default(),
+        targets: match targets {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        },
         outcome: "ok",
         reason: None,
     }
@@ -355,7 +358,7 @@ pub async fn apply_many(
             recorded.global_position,
             recorded.event_id,
             recorded.recorded_at,
-            &recorded.metadata,
+            MetaFields::from_value(&recorded.metadata),
             event,
         ));
     }
@@ -419,13 +422,11 @@ impl<'a> AuditRow<'a> {
         position: i64,
         event_id: Uuid,
         at: DateTime<Utc>,
-        meta: &'a Value,
+        meta: MetaFields<'a>,
         event: &DomainEvent,
     ) -> Self {
         let mut e = describe(event);
-        let text = |k: &str| meta.get(k).and_then(Value::as_str);
-        let actor = meta.get("actor").unwrap_or(&Value::Null);
-        if let Some(stripe_event) = text("stripe_event_id") {
+        if let Some(stripe_event) = meta.stripe_event_id {
             e.targets
                 .entry("stripe_event")
                 .or_insert_with(|| Value::String(stripe_event.to_owned()));
@@ -435,24 +436,18 @@ impl<'a> AuditRow<'a> {
             position,
             event_id,
             at,
-            actor_kind: actor
-                .get("kind")
-                .and_then(Value::as_str)
-                .unwrap_or("system"),
-            actor_id: actor
-                .get("account_id")
-                .or_else(|| actor.get("name"))
-                .and_then(Value::as_str),
-            impersonator: text("impersonator").and_then(|s| s.parse().ok()),
+            actor_kind: meta.actor_kind.unwrap_or("system"),
+            actor_id: meta.actor_id,
+            impersonator: meta.impersonator.and_then(|s| s.parse().ok()),
             action: e.action,
             account: e.account,
             targets: Value::Object(e.targets),
             outcome: e.outcome,
-            request_id: text("request_id"),
+            request_id: meta.request_id,
             reason: e.reason,
-            api_key_id: text("api_key_id").and_then(|s| s.parse().ok()),
-            ip: text("ip"),
-            user_agent: text("user_agent"),
+            api_key_id: meta.api_key_id.and_then(|s| s.parse().ok()),
+            ip: meta.ip,
+            user_agent: meta.user_agent,
         }
     }
 
@@ -476,6 +471,253 @@ impl<'a> AuditRow<'a> {
         copy::text(buf, self.ip);
         copy::text(buf, self.user_agent);
     }
+}
+
+/// The metadata an entry uses. A field that is missing or not a string
+/// counts as absent; the actor's id is its `account_id` when that key is
+/// there at all, its `name` otherwise.
+#[derive(Default)]
+pub(crate) struct MetaFields<'a> {
+    actor_kind: Option<&'a str>,
+    actor_id: Option<&'a str>,
+    impersonator: Option<&'a str>,
+    request_id: Option<&'a str>,
+    stripe_event_id: Option<&'a str>,
+    api_key_id: Option<&'a str>,
+    ip: Option<&'a str>,
+    user_agent: Option<&'a str>,
+}
+
+impl<'a> MetaFields<'a> {
+    fn from_value(meta: &'a Value) -> Self {
+        let text = |k: &str| meta.get(k).and_then(Value::as_str);
+        let actor = meta.get("actor").unwrap_or(&Value::Null);
+        MetaFields {
+            actor_kind: actor.get("kind").and_then(Value::as_str),
+            actor_id: actor
+                .get("account_id")
+                .or_else(|| actor.get("name"))
+                .and_then(Value::as_str),
+            impersonator: text("impersonator"),
+            request_id: text("request_id"),
+            stripe_event_id: text("stripe_event_id"),
+            api_key_id: text("api_key_id"),
+            ip: text("ip"),
+            user_agent: text("user_agent"),
+        }
+    }
+
+    fn from_text(meta: &'a MetaText<'_>) -> Self {
+        let a = &meta.actor;
+        MetaFields {
+            actor_kind: a.kind.as_str(),
+            actor_id: match a.account_id {
+                Field::Absent => a.name.as_str(),
+                ref id => id.as_str(),
+            },
+            impersonator: meta.impersonator.as_str(),
+            request_id: meta.request_id.as_str(),
+            stripe_event_id: meta.stripe_event_id.as_str(),
+            api_key_id: meta.api_key_id.as_str(),
+            ip: meta.ip.as_str(),
+            user_agent: meta.user_agent.as_str(),
+        }
+    }
+}
+
+/// Metadata read straight from its JSON text, without building a value:
+/// only the fields [`MetaFields`] uses, with the same meaning (anything that
+/// is not an object has none of them; a repeated key keeps its last value).
+#[derive(Default)]
+pub(crate) struct MetaText<'a> {
+    actor: ActorText<'a>,
+    impersonator: Field<'a>,
+    request_id: Field<'a>,
+    stripe_event_id: Field<'a>,
+    api_key_id: Field<'a>,
+    ip: Field<'a>,
+    user_agent: Field<'a>,
+}
+
+#[derive(Default)]
+struct ActorText<'a> {
+    kind: Field<'a>,
+    account_id: Field<'a>,
+    name: Field<'a>,
+}
+
+/// One metadata field: missing, present but not a string, or a string.
+#[derive(Default)]
+enum Field<'a> {
+    #[default]
+    Absent,
+    Other,
+    Str(std::borrow::Cow<'a, str>),
+}
+
+impl Field<'_> {
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Field::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+mod meta_text {
+    use std::borrow::Cow;
+    use std::fmt;
+
+    use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    use super::{ActorText, Field, MetaText};
+
+    /// A key or string, borrowed when it has no escapes.
+    struct Text<'a>(Cow<'a, str>);
+
+    impl<'de> Deserialize<'de> for Text<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Text<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Text<'de>, E> {
+                    Ok(Text(Cow::Borrowed(s)))
+                }
+                fn visit_str<E>(self, s: &str) -> Result<Text<'de>, E> {
+                    Ok(Text(Cow::Owned(s.to_owned())))
+                }
+                fn visit_string<E>(self, s: String) -> Result<Text<'de>, E> {
+                    Ok(Text(Cow::Owned(s)))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+
+    /// Any JSON value: a string, or "something else".
+    struct AnyField;
+
+    impl<'de> Visitor<'de> for AnyField {
+        type Value = Field<'de>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Field<'de>, E> {
+            Ok(Field::Str(Cow::Borrowed(s)))
+        }
+        fn visit_str<E>(self, s: &str) -> Result<Field<'de>, E> {
+            Ok(Field::Str(Cow::Owned(s.to_owned())))
+        }
+        fn visit_string<E>(self, s: String) -> Result<Field<'de>, E> {
+            Ok(Field::Str(Cow::Owned(s)))
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Field<'de>, E> {
+            Ok(Field::Other)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Field<'de>, E> {
+            Ok(Field::Other)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Field<'de>, E> {
+            Ok(Field::Other)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Field<'de>, E> {
+            Ok(Field::Other)
+        }
+        fn visit_unit<E>(self) -> Result<Field<'de>, E> {
+            Ok(Field::Other)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Field<'de>, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(Field::Other)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field<'de>, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(Field::Other)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Field<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(AnyField)
+        }
+    }
+
+    /// An object's fields through `field`; anything else has none.
+    macro_rules! object_visitor {
+        ($name:ident, $ty:ident, |$out:ident, $key:ident, $map:ident| $body:block) => {
+            struct $name;
+            impl<'de> Visitor<'de> for $name {
+                type Value = $ty<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("any JSON value")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut $map: A) -> Result<$ty<'de>, A::Error> {
+                    let mut $out = $ty::default();
+                    while let Some(Text($key)) = $map.next_key::<Text<'de>>()? $body
+                    Ok($out)
+                }
+                fn visit_borrowed_str<E>(self, _: &'de str) -> Result<$ty<'de>, E> {
+                    Ok($ty::default())
+                }
+                fn visit_str<E>(self, _: &str) -> Result<$ty<'de>, E> {
+                    Ok($ty::default())
+                }
+                fn visit_bool<E>(self, _: bool) -> Result<$ty<'de>, E> {
+                    Ok($ty::default())
+                }
+                fn visit_i64<E>(self, _: i64) -> Result<$ty<'de>, E> {
+                    Ok($ty::default())
+                }
+                fn visit_u64<E>(self, _: u64) -> Result<$ty<'de>, E> {
+                    Ok($ty::default())
+                }
+                fn visit_f64<E>(self, _: f64) -> Result<$ty<'de>, E> {
+                    Ok($ty::default())
+                }
+                fn visit_unit<E>(self) -> Result<$ty<'de>, E> {
+                    Ok($ty::default())
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<$ty<'de>, A::Error> {
+                    while seq.next_element::<IgnoredAny>()?.is_some() {}
+                    Ok($ty::default())
+                }
+            }
+            impl<'de> Deserialize<'de> for $ty<'de> {
+                fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                    d.deserialize_any($name)
+                }
+            }
+        };
+    }
+
+    object_visitor!(ActorVisitor, ActorText, |out, key, map| {
+        match &*key {
+            "kind" => out.kind = map.next_value()?,
+            "account_id" => out.account_id = map.next_value()?,
+            "name" => out.name = map.next_value()?,
+            _ => {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+    });
+
+    object_visitor!(MetaVisitor, MetaText, |out, key, map| {
+        match &*key {
+            "actor" => out.actor = map.next_value()?,
+            "impersonator" => out.impersonator = map.next_value()?,
+            "request_id" => out.request_id = map.next_value()?,
+            "stripe_event_id" => out.stripe_event_id = map.next_value()?,
+            "api_key_id" => out.api_key_id = map.next_value()?,
+            "ip" => out.ip = map.next_value()?,
+            "user_agent" => out.user_agent = map.next_value()?,
+            _ => {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+    });
 }
 
 /// Entries as columns, for one `unnest` INSERT.
@@ -654,7 +896,7 @@ pub(crate) async fn copy_from_log(
             .bind(BULK_PAGE)
             .fetch(&mut *reader);
             let mut rows = 0i64;
-            let mut last: Option<(String, i64)> = None;
+            let (mut last_txid, mut last_position) = (String::new(), 0i64);
             while let Some(row) = futures::TryStreamExt::try_next(&mut page).await? {
                 use sqlx::Row;
                 let position: i64 = row.try_get(1)?;
@@ -664,10 +906,16 @@ pub(crate) async fn copy_from_log(
                     let event_type: &str = row.try_get(3)?;
                     let event =
                         DomainEvent::decode_text(event_type, row.try_get(4)?, row.try_get(5)?)?;
-                    let metadata: Value = serde_json::from_str(row.try_get(6)?)
+                    let metadata: MetaText = serde_json::from_str(row.try_get(6)?)
                         .map_err(|e| sqlx::Error::Decode(e.into()))?;
-                    AuditRow::new(position, row.try_get(2)?, at, &metadata, &event)
-                        .encode_copy(&mut buf);
+                    AuditRow::new(
+                        position,
+                        row.try_get(2)?,
+                        at,
+                        MetaFields::from_text(&metadata),
+                        &event,
+                    )
+                    .encode_copy(&mut buf);
                     if buf.len() >= BULK_CHUNK {
                         let full =
                             std::mem::replace(&mut buf, Vec::with_capacity(BULK_CHUNK + 4096));
@@ -677,12 +925,14 @@ pub(crate) async fn copy_from_log(
                         }
                     }
                 }
-                last = Some((row.try_get::<String, _>(0)?, position));
+                last_txid.clear();
+                last_txid.push_str(row.try_get(0)?);
+                last_position = position;
             }
             drop(page);
             count += rows as u64;
-            if let Some(l) = last {
-                after = l;
+            if rows > 0 {
+                after = (last_txid.clone(), last_position);
             }
             if rows < BULK_PAGE {
                 break;
@@ -705,4 +955,51 @@ pub(crate) async fn copy_from_log(
     };
     let (last, ()) = tokio::try_join!(read, write)?;
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bulk rebuild reads metadata from its text, the projector from a
+    /// parsed value: the same fields either way, whatever the shape.
+    #[test]
+    fn metadata_fields_read_from_text_match_those_read_from_a_value() {
+        let cases = [
+            r#"{"actor": {"kind": "user", "account_id": "0195d3a8-0000-7000-8000-000000000001"},
+                "impersonator": "0195d3a8-0000-7000-8000-000000000002", "request_id": "req-1",
+                "stripe_event_id": "evt_1", "api_key_id": "nope", "ip": "203.0.113.7",
+                "user_agent": "tab\there \"q\" \\ \u00fc \ud83d\ude00", "causation_id": null}"#,
+            r#"{"actor": {"kind": "operator", "name": "op\nname"}}"#,
+            r#"{"actor": {"kind": "staff", "account_id": null, "name": "shadowed"}}"#,
+            r#"{"actor": {"kind": 7, "account_id": 5, "name": "x"}, "request_id": 5, "ip": [1, {"a": 2}]}"#,
+            r#"{"actor": "system", "user_agent": {"nested": ["x"]}, "request_id": 1.5e3}"#,
+            r#"{"actor": [], "ip": true, "user_agent": false, "request_id": -3}"#,
+            r#"{"act\u006fr": {"k\u0069nd": "stripe"}, "request_id": "a", "request_id": "b"}"#,
+            r#"{}"#,
+            r#"[]"#,
+            r#""text""#,
+            r#"null"#,
+            r#"42"#,
+        ];
+        for case in cases {
+            let value: Value = serde_json::from_str(case).unwrap();
+            let text: MetaText = serde_json::from_str(case).unwrap();
+            let (a, b) = (MetaFields::from_value(&value), MetaFields::from_text(&text));
+            let fields = |m: &MetaFields| {
+                [
+                    m.actor_kind,
+                    m.actor_id,
+                    m.impersonator,
+                    m.request_id,
+                    m.stripe_event_id,
+                    m.api_key_id,
+                    m.ip,
+                    m.user_agent,
+                ]
+                .map(|f| f.map(str::to_owned))
+            };
+            assert_eq!(fields(&a), fields(&b), "{case}");
+        }
+    }
 }

@@ -379,6 +379,15 @@ pub async fn rebuild(pool: &PgPool, p: Projection) -> Result<u64, Error> {
         }
         n += applied as u64;
     }
+    // The index builds sort the whole table: give them room (never less
+    // than the server's setting; for this transaction only).
+    sqlx::query(
+        "select set_config('maintenance_work_mem',
+                greatest(pg_size_bytes(current_setting('maintenance_work_mem')) / 1024,
+                         256 * 1024)::text || 'kB', true)",
+    )
+    .execute(&mut *tx)
+    .await?;
     for (table, name, definition) in &constraints {
         sqlx::query(trusted_sql!(
             "alter table \"{table}\" add constraint \"{name}\" {definition}"
