@@ -851,8 +851,8 @@ const BULK_CHUNK: usize = 256 * 1024;
 /// every running one (the gap-safe horizon, fixed at the start) becomes an
 /// entry in the live table, in (transaction_id, global_position) order, in
 /// one binary COPY on `conn` (the rebuild's transaction, which holds the
-/// truncated table and the checkpoint). A second connection from `pool` reads
-/// the log and encodes entries meanwhile. Returns the position of the last
+/// truncated table and the checkpoint). A second connection (with `pool`'s
+/// options) reads the log and encodes entries meanwhile. Returns the position of the last
 /// event read (for the checkpoint) and how many were read.
 ///
 /// Every transaction below the horizon has ended, so the reading connection
@@ -872,7 +872,12 @@ pub(crate) async fn copy_from_log(
         sqlx::query_scalar("select nullif(cutoff, '-infinity') from audit_retention")
             .fetch_one(&mut *conn)
             .await?;
-    let mut reader = pool.acquire().await?;
+    // Its own connection, not one from the pool: the rebuild must not wait
+    // for (or deadlock on) a pool of one that its transaction already holds.
+    let mut reader = {
+        use sqlx::Connection;
+        PgConnection::connect_with(&pool.connect_options()).await?
+    };
     let (chunks, mut received) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let read = async move {
         let mut after: (String, i64) = ("0".into(), 0);
@@ -894,7 +899,7 @@ pub(crate) async fn copy_from_log(
             .bind(&horizon)
             .bind(EVENT_TYPES)
             .bind(BULK_PAGE)
-            .fetch(&mut *reader);
+            .fetch(&mut reader);
             let mut rows = 0i64;
             let (mut last_txid, mut last_position) = (String::new(), 0i64);
             while let Some(row) = futures::TryStreamExt::try_next(&mut page).await? {
@@ -941,6 +946,7 @@ pub(crate) async fn copy_from_log(
         if !buf.is_empty() && chunks.send(buf).await.is_err() {
             return Ok(None);
         }
+        sqlx::Connection::close(reader).await.ok();
         Ok::<_, Error>((count > 0).then_some((after.0, after.1, count)))
     };
     let write = async {
