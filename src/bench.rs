@@ -36,6 +36,8 @@ pub struct BenchOptions {
     /// Jobs for the queue measurements.
     pub jobs: usize,
     pub scale: crate::bench_scale::ScaleOptions,
+    /// Run only the projection rebuild (part 5).
+    pub only_rebuild: bool,
 }
 
 impl BenchOptions {
@@ -46,6 +48,7 @@ impl BenchOptions {
             senders: 32,
             jobs: 300,
             scale: crate::bench_scale::ScaleOptions::quick(),
+            only_rebuild: false,
         }
     }
 }
@@ -58,6 +61,7 @@ impl Default for BenchOptions {
             senders: 32,
             jobs: 3_000,
             scale: crate::bench_scale::ScaleOptions::default(),
+            only_rebuild: false,
         }
     }
 }
@@ -127,6 +131,34 @@ const GENERATION_CLIENTS: usize = 16;
 const GENERATION_CONCURRENCY: usize = 8;
 
 pub async fn run(config: &Config, opts: &BenchOptions) -> anyhow::Result<Report> {
+    in_scratch_database(config, |options, url| run_in(config, opts, options, url)).await
+}
+
+/// Part 5 alone (`slate bench --only rebuild`), in its own scratch database.
+pub async fn run_rebuild(
+    config: &Config,
+    opts: &BenchOptions,
+) -> anyhow::Result<crate::bench_scale::Rebuild> {
+    in_scratch_database(config, |options, _| async move {
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.disable_statement_logging())
+            .await?;
+        crate::migrate::run(&pool).await?;
+        eprintln!("bench: rebuild over {} events", opts.scale.rebuild_events);
+        let rebuild = crate::bench_scale::rebuild_speed(&pool, opts.scale.rebuild_events).await;
+        pool.close().await;
+        rebuild
+    })
+    .await
+}
+
+/// Run `body` against a scratch database (its options and URL), then drop it.
+async fn in_scratch_database<T, F, Fut>(config: &Config, body: F) -> anyhow::Result<T>
+where
+    F: FnOnce(PgConnectOptions, String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
     let base: PgConnectOptions = config.database_url.expose().parse()?;
     let db = format!("slate_bench_{}", Uuid::new_v4().simple());
     let mut admin = base
@@ -141,7 +173,7 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> anyhow::Result<Report>
         .await?;
     let mut url = reqwest::Url::parse(config.database_url.expose())?;
     url.set_path(&format!("/{db}"));
-    let result = run_in(config, opts, base.clone().database(&db), url.as_str()).await;
+    let result = body(base.clone().database(&db), url.as_str().to_owned()).await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "drop database if exists {db} with (force)"
     )))
@@ -155,8 +187,9 @@ async fn run_in(
     config: &Config,
     opts: &BenchOptions,
     options: PgConnectOptions,
-    database_url: &str,
+    database_url: String,
 ) -> anyhow::Result<Report> {
+    let database_url = database_url.as_str();
     use crate::bench_scale as scale;
     let options = options.disable_statement_logging();
     let pool = PgPoolOptions::new()
@@ -526,6 +559,14 @@ fn peak_rss_mib() -> f64 {
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
+}
+
+pub fn print_rebuild(r: &crate::bench_scale::Rebuild) {
+    println!(
+        "5. rebuild of {} over {} events: {:.1} s, {:.0} events/s",
+        r.projection, r.events, r.seconds, r.per_second
+    );
+    println!("{}", serde_json::to_string(r).unwrap_or_default());
 }
 
 pub fn print(report: &Report) {

@@ -117,6 +117,9 @@ pub enum Command {
         /// Samples per latency figure.
         #[arg(long)]
         samples: Option<usize>,
+        /// Run only this part ("rebuild": part 5, the projection rebuild).
+        #[arg(long, value_parser = ["rebuild"])]
+        only: Option<String>,
     },
     /// The multi-process soak with faults (run through `scripts/chaos`).
     #[command(hide = true)]
@@ -698,6 +701,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             log_events,
             audit_entries,
             samples,
+            only,
         } => {
             let mut opts = if quick {
                 crate::bench::BenchOptions::quick()
@@ -713,8 +717,13 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             s.log_events = log_events.unwrap_or(s.log_events);
             s.audit_entries = audit_entries.unwrap_or(s.audit_entries);
             s.samples = samples.unwrap_or(s.samples).max(1);
-            let report = crate::bench::run(&config, &opts).await?;
-            crate::bench::print(&report);
+            if only.as_deref() == Some("rebuild") {
+                let rebuild = crate::bench::run_rebuild(&config, &opts).await?;
+                crate::bench::print_rebuild(&rebuild);
+            } else {
+                let report = crate::bench::run(&config, &opts).await?;
+                crate::bench::print(&report);
+            }
         }
         Command::Chaos {
             command:

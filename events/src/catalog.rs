@@ -795,8 +795,30 @@ pub enum DomainEvent {
     EmailSent(EmailSent),
 }
 
-fn parse<T: DeserializeOwned>(event_type: &str, version: i16, payload: Value) -> Result<T, Error> {
-    serde_json::from_value(payload).map_err(|e| Error::Decode {
+/// A stored payload to decode: a parsed JSON value, or the raw JSON text
+/// (decoded straight into the event's type, without building a value first).
+trait Payload {
+    fn parse<T: DeserializeOwned>(self) -> serde_json::Result<T>;
+}
+
+impl Payload for Value {
+    fn parse<T: DeserializeOwned>(self) -> serde_json::Result<T> {
+        serde_json::from_value(self)
+    }
+}
+
+impl Payload for &str {
+    fn parse<T: DeserializeOwned>(self) -> serde_json::Result<T> {
+        serde_json::from_str(self)
+    }
+}
+
+fn parse<T: DeserializeOwned>(
+    event_type: &str,
+    version: i16,
+    payload: impl Payload,
+) -> Result<T, Error> {
+    payload.parse().map_err(|e| Error::Decode {
         event_type: event_type.to_owned(),
         schema_version: version,
         reason: e.to_string(),
@@ -806,6 +828,23 @@ fn parse<T: DeserializeOwned>(event_type: &str, version: i16, payload: Value) ->
 impl DomainEvent {
     /// Decode a stored payload, upcasting older schema versions.
     pub fn decode(event_type: &str, schema_version: i16, payload: Value) -> Result<Self, Error> {
+        Self::decode_payload(event_type, schema_version, payload)
+    }
+
+    /// [`DomainEvent::decode`] from the payload's JSON text.
+    pub fn decode_text(
+        event_type: &str,
+        schema_version: i16,
+        payload: &str,
+    ) -> Result<Self, Error> {
+        Self::decode_payload(event_type, schema_version, payload)
+    }
+
+    fn decode_payload(
+        event_type: &str,
+        schema_version: i16,
+        payload: impl Payload,
+    ) -> Result<Self, Error> {
         use DomainEvent as E;
         let p = payload;
         let v = schema_version;

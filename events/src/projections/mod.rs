@@ -319,6 +319,31 @@ pub async fn rebuild(pool: &PgPool, p: Projection) -> Result<u64, Error> {
             .execute(&mut *tx)
             .await?;
     }
+    // The audit projection's rebuild writes without ON CONFLICT: its
+    // primary key and unique constraints are built at the end too (and
+    // checked then: a violation fails the rebuild, which changes nothing).
+    let constraints: Vec<(String, String, String)> = if p == Projection::AuditLog {
+        sqlx::query_as(
+            "select t.relname::text, c.conname::text, pg_get_constraintdef(c.oid)
+               from pg_constraint c join pg_class t on t.oid = c.conrelid
+              where t.relnamespace = current_schema()::regnamespace and t.relname = any($1)
+                and c.contype in ('p', 'u')
+                and not exists (select 1 from pg_constraint f
+                                 where f.contype = 'f' and f.confrelid = c.conrelid)",
+        )
+        .bind(&tables)
+        .fetch_all(&mut *tx)
+        .await?
+    } else {
+        Vec::new()
+    };
+    for (table, name, _) in &constraints {
+        sqlx::query(trusted_sql!(
+            "alter table \"{table}\" drop constraint \"{name}\""
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
     sqlx::query(
         "update projection_checkpoints
             set last_transaction_id = '0', last_position = 0, events_applied = 0, updated_at = now()
@@ -328,12 +353,47 @@ pub async fn rebuild(pool: &PgPool, p: Projection) -> Result<u64, Error> {
     .execute(&mut *tx)
     .await?;
     let mut n = 0u64;
+    if p == Projection::AuditLog {
+        // In bulk up to the gap-safe horizon; the batches below take what
+        // became safe to read since.
+        if let Some((txid, position, count)) = audit::copy_from_log(pool, &mut tx).await? {
+            sqlx::query(
+                "update projection_checkpoints
+                    set last_transaction_id = $2::xid8, last_position = $3,
+                        events_applied = $4, updated_at = now()
+                  where projection = $1",
+            )
+            .bind(p.name())
+            .bind(txid)
+            .bind(position)
+            .bind(count as i64)
+            .execute(&mut *tx)
+            .await?;
+            n = count;
+        }
+    }
     loop {
         let applied = projector::apply_batch(&mut tx, p, 5 * PAGE).await?;
         if applied == 0 {
             break;
         }
         n += applied as u64;
+    }
+    // The index builds sort the whole table: give them room (never less
+    // than the server's setting; for this transaction only).
+    sqlx::query(
+        "select set_config('maintenance_work_mem',
+                greatest(pg_size_bytes(current_setting('maintenance_work_mem')) / 1024,
+                         256 * 1024)::text || 'kB', true)",
+    )
+    .execute(&mut *tx)
+    .await?;
+    for (table, name, definition) in &constraints {
+        sqlx::query(trusted_sql!(
+            "alter table \"{table}\" add constraint \"{name}\" {definition}"
+        ))
+        .execute(&mut *tx)
+        .await?;
     }
     for (_, definition) in &secondary {
         sqlx::query(sqlx::AssertSqlSafe(definition.clone()))
