@@ -247,10 +247,7 @@ async fn run_in(
             )
             .await
             .map(|_| ())
-            .map_err(|e| match e {
-                slate_events::Error::Database(e) => e,
-                other => sqlx::Error::Protocol(other.to_string()),
-            })
+            .map_err(as_sqlx)
         })
         .await?;
         event_appends.push(Throughput {
@@ -269,10 +266,7 @@ async fn run_in(
                     )
                     .await
                     .map(|_| ())
-                    .map_err(|e| match e {
-                        slate_events::Error::Database(e) => e,
-                        other => sqlx::Error::Protocol(other.to_string()),
-                    })
+                    .map_err(as_sqlx)
             }
         })
         .await?;
@@ -347,6 +341,14 @@ async fn run_in(
         jobs,
         peak_rss_mib: peak_rss_mib(),
     })
+}
+
+/// A store error as the measurement loop's error type.
+fn as_sqlx(e: slate_events::Error) -> sqlx::Error {
+    match e {
+        slate_events::Error::Database(e) => e,
+        other => sqlx::Error::Protocol(other.to_string()),
+    }
 }
 
 /// The event every append measurement writes (a new stream each time).

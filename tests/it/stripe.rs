@@ -307,16 +307,7 @@ async fn a_duplicate_delivery_answers_2xx_and_changes_only_the_delivery_count() 
             .await
             .unwrap();
     assert_eq!((count, status.as_str()), (2, "pending"));
-    let received: i64 =
-        sqlx::query_scalar("select count(*) from events where event_type = 'StripeEventReceived'")
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
-    let jobs: i64 =
-        sqlx::query_scalar("select count(*) from apalis.jobs where job_type = 'slate.stripe'")
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
+    let (received, jobs) = received_and_queued(&app).await;
     assert_eq!((received, jobs), (1, 1));
 
     app.process_stripe().await;
@@ -337,6 +328,21 @@ async fn a_duplicate_delivery_answers_2xx_and_changes_only_the_delivery_count() 
             .unwrap()
             .starts_with("evt_")
     );
+}
+
+/// `StripeEventReceived` events in the log and Stripe jobs queued.
+async fn received_and_queued(app: &TestApp) -> (i64, i64) {
+    let received: i64 =
+        sqlx::query_scalar("select count(*) from events where event_type = 'StripeEventReceived'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    let jobs: i64 =
+        sqlx::query_scalar("select count(*) from apalis.jobs where job_type = 'slate.stripe'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    (received, jobs)
 }
 
 /// Deliveries that arrive together are committed together (group commit):
@@ -382,16 +388,7 @@ async fn concurrent_deliveries_are_ingested_together_and_each_counted_once() {
         counts.iter().all(|c| *c == 3),
         "delivery counts: {counts:?}"
     );
-    let received: i64 =
-        sqlx::query_scalar("select count(*) from events where event_type = 'StripeEventReceived'")
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
-    let jobs: i64 =
-        sqlx::query_scalar("select count(*) from apalis.jobs where job_type = 'slate.stripe'")
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
+    let (received, jobs) = received_and_queued(&app).await;
     assert_eq!((received, jobs), (40, 40));
     app.process_stripe().await;
     let b = slate_events::credits::balance(&mut *app.db.conn().await, account)
