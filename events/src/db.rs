@@ -45,3 +45,15 @@ pub fn unavailable(e: &sqlx::Error) -> bool {
         _ => false,
     }
 }
+
+/// [`unavailable`] for an error or anything in its chain of sources.
+pub fn unavailable_in(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<sqlx::Error>().is_some_and(unavailable) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}

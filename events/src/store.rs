@@ -21,6 +21,18 @@ pub enum ExpectedVersion {
     Exact(i32),
 }
 
+impl ExpectedVersion {
+    /// As the append functions take it: null for any version, 0 for a
+    /// stream that must not exist yet.
+    fn as_db(self) -> Option<i32> {
+        match self {
+            ExpectedVersion::Any => None,
+            ExpectedVersion::NoStream => Some(0),
+            ExpectedVersion::Exact(v) => Some(v),
+        }
+    }
+}
+
 impl std::fmt::Display for ExpectedVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -123,11 +135,7 @@ async fn append_at(
     let schema_versions: Vec<i16> = events.iter().map(|e| e.event.schema_version()).collect();
     let payloads: Vec<Value> = events.iter().map(|e| e.event.payload()).collect();
     let metadata: Vec<Value> = events.iter().map(|e| e.metadata.to_json()).collect();
-    let expected_arg: Option<i32> = match expected {
-        ExpectedVersion::Any => None,
-        ExpectedVersion::NoStream => Some(0),
-        ExpectedVersion::Exact(v) => Some(v),
-    };
+    let expected_arg = expected.as_db();
     let query = || {
         sqlx::query_as::<_, AppendRow>(
             "select status, version, positions, recorded_at
@@ -181,19 +189,30 @@ async fn append_at(
             actual: -1,
         });
     };
-    let appended = |duplicate| Appended {
-        positions: row.positions.clone().unwrap_or_default(),
-        version: row.version.unwrap_or(0),
-        duplicate,
-    };
-    match row.status.as_str() {
-        "appended" => Ok((appended(false), row.recorded_at)),
-        "duplicate" => Ok((appended(true), row.recorded_at)),
+    let recorded_at = row.recorded_at;
+    outcome(&row.status, row.version, row.positions, stream_id, expected).map(|a| (a, recorded_at))
+}
+
+/// What an append function's status means for the caller: appended,
+/// duplicate (nothing written), a reused event id, or a version conflict.
+fn outcome(
+    status: &str,
+    version: Option<i32>,
+    positions: Option<Vec<i64>>,
+    stream_id: &str,
+    expected: ExpectedVersion,
+) -> Result<Appended, Error> {
+    match status {
+        "appended" | "duplicate" => Ok(Appended {
+            positions: positions.unwrap_or_default(),
+            version: version.unwrap_or(0),
+            duplicate: status == "duplicate",
+        }),
         "key_reused" => Err(Error::KeyReused),
         _ => Err(Error::Conflict {
             stream_id: stream_id.to_owned(),
             expected: expected.to_string(),
-            actual: row.version.unwrap_or(0),
+            actual: version.unwrap_or(0),
         }),
     }
 }
@@ -333,6 +352,20 @@ struct BatchRow {
     positions: Option<Vec<i64>>,
 }
 
+impl BatchRow {
+    /// The item's outcome ("raced" reads as a conflict: callers that can
+    /// retry check for it first).
+    fn outcome(self, item: &PendingAppend) -> Result<Appended, Error> {
+        outcome(
+            &self.status,
+            self.version,
+            self.positions,
+            &item.stream_id,
+            item.expected,
+        )
+    }
+}
+
 impl crate::batch::BatchWrite for AppendWriter {
     type Item = PendingAppend;
     type Output = Appended;
@@ -350,23 +383,12 @@ impl crate::batch::BatchWrite for AppendWriter {
         };
         let mut out = Vec::with_capacity(items.len());
         for (item, row) in items.iter().zip(rows) {
-            let appended = |duplicate| Appended {
-                positions: row.positions.clone().unwrap_or_default(),
-                version: row.version.unwrap_or(0),
-                duplicate,
-            };
-            out.push(match row.status.as_str() {
-                "appended" => Ok(appended(false)),
-                "duplicate" => Ok(appended(true)),
-                "key_reused" => Err(Error::KeyReused),
+            out.push(if row.status == "raced" {
                 // A writer of the same stream won the version: alone, with
                 // append's own retries.
-                "raced" => self.one(item).await,
-                _ => Err(Error::Conflict {
-                    stream_id: item.stream_id.clone(),
-                    expected: item.expected.to_string(),
-                    actual: row.version.unwrap_or(0),
-                }),
+                self.one(item).await
+            } else {
+                row.outcome(item)
             });
         }
         out
@@ -406,19 +428,7 @@ pub async fn append_many(
     items
         .iter()
         .zip(rows)
-        .map(|(item, row)| match row.status.as_str() {
-            "appended" | "duplicate" => Ok(Appended {
-                positions: row.positions.unwrap_or_default(),
-                version: row.version.unwrap_or(0),
-                duplicate: row.status == "duplicate",
-            }),
-            "key_reused" => Err(Error::KeyReused),
-            _ => Err(Error::Conflict {
-                stream_id: item.stream_id.clone(),
-                expected: item.expected.to_string(),
-                actual: row.version.unwrap_or(-1),
-            }),
-        })
+        .map(|(item, row)| row.outcome(item))
         .collect()
 }
 
@@ -437,11 +447,7 @@ async fn batch_rows(
     let mut metadata = Vec::with_capacity(n);
     for item in items {
         streams.push(item.stream_id.as_str());
-        expected.push(match item.expected {
-            ExpectedVersion::Any => None,
-            ExpectedVersion::NoStream => Some(0),
-            ExpectedVersion::Exact(v) => Some(v),
-        });
+        expected.push(item.expected.as_db());
         counts.push(item.events.len() as i32);
         for e in &item.events {
             ids.push(e.event_id);

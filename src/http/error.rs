@@ -113,11 +113,7 @@ impl ApiError {
 /// restarting, refusing connections, or the pool timing out waiting for one):
 /// the client may retry, so it is a 503, not a 500.
 pub fn is_database_unavailable(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        cause
-            .downcast_ref::<sqlx::Error>()
-            .is_some_and(slate_events::db::unavailable)
-    })
+    slate_events::db::unavailable_in(e.as_ref())
 }
 
 impl IntoResponse for ApiError {

@@ -83,17 +83,11 @@ impl slate_events::batch::BatchWrite for IngestWriter {
             anyhow::Ok(first)
         }
         .await;
-        let unavailable = |e: &anyhow::Error| {
-            e.chain().any(|c| {
-                c.downcast_ref::<sqlx::Error>()
-                    .is_some_and(slate_events::db::unavailable)
-            })
-        };
         match together {
             Ok(first) => first.into_iter().map(Ok).collect(),
             // PostgreSQL is out of reach: every delivery is refused now (the
             // webhook answers 503 and Stripe retries), none waits twice.
-            Err(e) if unavailable(&e) => items
+            Err(e) if slate_events::db::unavailable_in(e.as_ref()) => items
                 .iter()
                 .map(|_| {
                     Err(anyhow::Error::new(sqlx::Error::PoolTimedOut)
