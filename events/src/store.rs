@@ -149,8 +149,9 @@ async fn append_at(
         .bind(&payloads)
         .bind(&metadata)
     };
-    // SL010: a writer raced us to the stream's next version; nothing was
-    // written. Look again (a savepoint keeps the caller's transaction).
+    // A writer raced us to the stream's next version: status `raced` when
+    // nothing was written, SL010 when some of several events were (undone
+    // with the savepoint). Look again; the caller's transaction survives.
     let raced = |e: &sqlx::Error| {
         e.as_database_error()
             .is_some_and(|d| d.code().as_deref() == Some("SL010"))
@@ -174,6 +175,8 @@ async fn append_at(
             query().fetch_one(&mut *conn).await
         };
         match result {
+            // Nothing written: a writer took the stream's next version.
+            Ok(r) if r.status == "raced" => continue,
             Ok(r) => {
                 row = Some(r);
                 break;
