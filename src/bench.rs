@@ -36,8 +36,6 @@ pub struct BenchOptions {
     /// Jobs for the queue measurements.
     pub jobs: usize,
     pub scale: crate::bench_scale::ScaleOptions,
-    /// Run only the projection rebuild (part 5).
-    pub only_rebuild: bool,
 }
 
 impl BenchOptions {
@@ -48,7 +46,6 @@ impl BenchOptions {
             senders: 32,
             jobs: 300,
             scale: crate::bench_scale::ScaleOptions::quick(),
-            only_rebuild: false,
         }
     }
 }
@@ -61,7 +58,6 @@ impl Default for BenchOptions {
             senders: 32,
             jobs: 3_000,
             scale: crate::bench_scale::ScaleOptions::default(),
-            only_rebuild: false,
         }
     }
 }
@@ -92,6 +88,13 @@ pub struct Jobs {
     pub concurrency: usize,
     pub noop_per_second: f64,
     pub generations_per_second: f64,
+}
+
+/// `slate bench --only webhooks`.
+#[derive(Debug, Serialize)]
+pub struct WebhooksOnly {
+    pub insert_ceiling: Throughput,
+    pub webhook_ingest: Latency,
 }
 
 #[derive(Debug, Serialize)]
@@ -153,6 +156,98 @@ pub async fn run_rebuild(
     .await
 }
 
+/// The scratch table of the ceiling measurement, shaped like `events`.
+async fn create_ceiling_table(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query(
+        "create table bench_ceiling (
+            global_position bigint generated always as identity primary key,
+            event_id uuid not null unique, stream_id text not null, stream_version integer not null,
+            event_type text not null, schema_version smallint not null, payload jsonb not null,
+            metadata jsonb not null default '{}', recorded_at timestamptz not null default now(),
+            transaction_id xid8 not null default pg_current_xact_id(),
+            unique (stream_id, stream_version))",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Part 1 at `c` connections: single-row INSERT transactions per second.
+async fn ceiling(pool: &PgPool, c: usize, duration: Duration) -> anyhow::Result<Throughput> {
+    let n = for_duration(pool, c, duration, move |pool, worker, i| async move {
+        sqlx::query(
+            "insert into bench_ceiling (event_id, stream_id, stream_version, event_type, schema_version, payload)
+             values ($1, $2, 1, 'AccountCreated', 2, $3)",
+        )
+        .bind(Uuid::new_v4())
+        .bind(format!("bench-{c}-{worker}-{i}"))
+        .bind(json!({"account_id": Uuid::nil(), "email": "bench@example.com", "staff": false}))
+        .execute(&pool)
+        .await
+        .map(|_| ())
+    })
+    .await?;
+    Ok(Throughput {
+        connections: c,
+        per_second: n,
+    })
+}
+
+/// Parts 1 at 32 connections and 3 alone (`slate bench --only webhooks`).
+pub async fn run_webhooks(config: &Config, opts: &BenchOptions) -> anyhow::Result<WebhooksOnly> {
+    in_scratch_database(config, |options, _| async move {
+        let pool = PgPoolOptions::new()
+            .max_connections(40)
+            .connect_with(options.disable_statement_logging())
+            .await?;
+        crate::migrate::run(&pool).await?;
+        create_ceiling_table(&pool).await?;
+        eprintln!("bench: INSERT ceiling at 32 connections");
+        let insert_ceiling = ceiling(&pool, 32, Duration::from_secs_f64(opts.seconds)).await?;
+        eprintln!("bench: webhook ingest");
+        let webhook_ingest = webhooks(config, &pool, opts).await?;
+        pool.close().await;
+        Ok(WebhooksOnly {
+            insert_ceiling,
+            webhook_ingest,
+        })
+    })
+    .await
+}
+
+/// Part 4 alone (`slate bench --only jobs`).
+pub async fn run_jobs(config: &Config, opts: &BenchOptions) -> anyhow::Result<Jobs> {
+    in_scratch_database(config, |options, _| async move {
+        let pool = PgPoolOptions::new()
+            .max_connections(40)
+            .connect_with(options.disable_statement_logging())
+            .await?;
+        crate::migrate::run(&pool).await?;
+        eprintln!("bench: jobs");
+        let jobs = jobs(config, &pool, opts).await?;
+        pool.close().await;
+        Ok(jobs)
+    })
+    .await
+}
+
+async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Result<Jobs> {
+    Ok(Jobs {
+        jobs: opts.jobs,
+        submitters: GENERATION_CLIENTS,
+        concurrency: GENERATION_CONCURRENCY,
+        noop_per_second: slate_workers::bench::noop_jobs_per_second(pool, opts.jobs).await?,
+        generations_per_second: slate_workers::bench::generations_per_second(
+            pool,
+            &config.storage(),
+            opts.jobs,
+            GENERATION_CONCURRENCY,
+            GENERATION_CLIENTS,
+        )
+        .await?,
+    })
+}
+
 /// Run `body` against a scratch database (its options and URL), then drop it.
 async fn in_scratch_database<T, F, Fut>(config: &Config, body: F) -> anyhow::Result<T>
 where
@@ -197,17 +292,7 @@ async fn run_in(
         .connect_with(options.clone())
         .await?;
     crate::migrate::run(&pool).await?;
-    sqlx::query(
-        "create table bench_ceiling (
-            global_position bigint generated always as identity primary key,
-            event_id uuid not null unique, stream_id text not null, stream_version integer not null,
-            event_type text not null, schema_version smallint not null, payload jsonb not null,
-            metadata jsonb not null default '{}', recorded_at timestamptz not null default now(),
-            transaction_id xid8 not null default pg_current_xact_id(),
-            unique (stream_id, stream_version))",
-    )
-    .execute(&pool)
-    .await?;
+    create_ceiling_table(&pool).await?;
     eprintln!("bench: append latency on a small log");
     let small_log_events = scale::log_size(&pool).await?;
     let small = scale::append_latency(&pool, opts.scale.samples).await?;
@@ -219,23 +304,7 @@ async fn run_in(
     let mut group_commit_appends = Vec::new();
     let group = store::GroupCommit::start(pool.clone(), Default::default());
     for &c in &LEVELS {
-        let n = for_duration(&pool, c, duration, move |pool, worker, i| async move {
-            sqlx::query(
-                "insert into bench_ceiling (event_id, stream_id, stream_version, event_type, schema_version, payload)
-                 values ($1, $2, 1, 'AccountCreated', 2, $3)",
-            )
-            .bind(Uuid::new_v4())
-            .bind(format!("bench-{c}-{worker}-{i}"))
-            .bind(json!({"account_id": Uuid::nil(), "email": "bench@example.com", "staff": false}))
-            .execute(&pool)
-            .await
-            .map(|_| ())
-        })
-        .await?;
-        insert_ceiling.push(Throughput {
-            connections: c,
-            per_second: n,
-        });
+        insert_ceiling.push(ceiling(&pool, c, duration).await?);
         let n = for_duration(&pool, c, duration, move |pool, worker, i| async move {
             let mut conn = pool.acquire().await?;
             let event = bench_event();
@@ -280,20 +349,7 @@ async fn run_in(
     eprintln!("bench: webhook ingest");
     let webhook_ingest = webhooks(config, &pool, opts).await?;
     eprintln!("bench: jobs");
-    let jobs = Jobs {
-        jobs: opts.jobs,
-        submitters: GENERATION_CLIENTS,
-        concurrency: GENERATION_CONCURRENCY,
-        noop_per_second: slate_workers::bench::noop_jobs_per_second(&pool, opts.jobs).await?,
-        generations_per_second: slate_workers::bench::generations_per_second(
-            &pool,
-            &config.storage(),
-            opts.jobs,
-            GENERATION_CONCURRENCY,
-            GENERATION_CLIENTS,
-        )
-        .await?,
-    };
+    let jobs = jobs(config, &pool, opts).await?;
     eprintln!("bench: serve and work as child processes, idle and under load");
     let processes = processes(database_url, opts).await?;
     eprintln!(
@@ -571,6 +627,46 @@ pub fn print_rebuild(r: &crate::bench_scale::Rebuild) {
     println!("{}", serde_json::to_string(r).unwrap_or_default());
 }
 
+fn print_webhook_row(w: &Latency, ceiling_32: &Throughput) {
+    println!(
+        "3. webhook ingest, {} senders, {} requests: {:.0} req/s (ratio to ceiling at 32: {:.2}), p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} errors",
+        w.senders,
+        w.requests,
+        w.per_second,
+        w.per_second / ceiling_32.per_second,
+        w.p50_ms,
+        w.p99_ms,
+        w.max_ms,
+        w.errors
+    );
+}
+
+fn print_jobs_row(j: &Jobs) {
+    println!(
+        "4. {} jobs: bare apalis no-op {:.0} jobs/s; end-to-end generations ({} clients with an account each, worker concurrency {}, instant local provider, S3 upload, capture) {:.0}/s (ratio {:.2})",
+        j.jobs,
+        j.noop_per_second,
+        j.submitters,
+        j.concurrency,
+        j.generations_per_second,
+        j.generations_per_second / j.noop_per_second
+    );
+}
+
+pub fn print_webhooks(r: &WebhooksOnly) {
+    println!(
+        "1. raw INSERT transactions/s at 32 connections (ceiling): {:.0}",
+        r.insert_ceiling.per_second
+    );
+    print_webhook_row(&r.webhook_ingest, &r.insert_ceiling);
+    println!("{}", serde_json::to_string(r).unwrap_or_default());
+}
+
+pub fn print_jobs(j: &Jobs) {
+    print_jobs_row(j);
+    println!("{}", serde_json::to_string(j).unwrap_or_default());
+}
+
 pub fn print(report: &Report) {
     println!("slate bench ({} build)", report.build);
     println!(
@@ -612,28 +708,8 @@ pub fn print(report: &Report) {
         "{:<44} {:>12} {:>12} {:>12}",
         "   ratio to the ceiling", ratio[0], ratio[1], ratio[2]
     );
-    let w = &report.webhook_ingest;
-    println!(
-        "3. webhook ingest, {} senders, {} requests: {:.0} req/s (ratio to ceiling at 32: {:.2}), p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} errors",
-        w.senders,
-        w.requests,
-        w.per_second,
-        w.per_second / report.insert_ceiling[2].per_second,
-        w.p50_ms,
-        w.p99_ms,
-        w.max_ms,
-        w.errors
-    );
-    let j = &report.jobs;
-    println!(
-        "4. {} jobs: bare apalis no-op {:.0} jobs/s; end-to-end generations ({} clients with an account each, worker concurrency {}, instant local provider, S3 upload, capture) {:.0}/s (ratio {:.2})",
-        j.jobs,
-        j.noop_per_second,
-        j.submitters,
-        j.concurrency,
-        j.generations_per_second,
-        j.generations_per_second / j.noop_per_second
-    );
+    print_webhook_row(&report.webhook_ingest, &report.insert_ceiling[2]);
+    print_jobs_row(&report.jobs);
     let r = &report.rebuild;
     println!(
         "5. rebuild of {} over {} events: {:.1} s, {:.0} events/s",

@@ -117,8 +117,10 @@ pub enum Command {
         /// Samples per latency figure.
         #[arg(long)]
         samples: Option<usize>,
-        /// Run only this part ("rebuild": part 5, the projection rebuild).
-        #[arg(long, value_parser = ["rebuild"])]
+        /// Run only this part: "rebuild" (part 5, the projection rebuild),
+        /// "webhooks" (part 3, with the ceiling at 32 connections it is
+        /// compared with) or "jobs" (part 4).
+        #[arg(long, value_parser = ["rebuild", "webhooks", "jobs"])]
         only: Option<String>,
     },
     /// The multi-process soak with faults (run through `scripts/chaos`).
@@ -717,12 +719,17 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             s.log_events = log_events.unwrap_or(s.log_events);
             s.audit_entries = audit_entries.unwrap_or(s.audit_entries);
             s.samples = samples.unwrap_or(s.samples).max(1);
-            if only.as_deref() == Some("rebuild") {
-                let rebuild = crate::bench::run_rebuild(&config, &opts).await?;
-                crate::bench::print_rebuild(&rebuild);
-            } else {
-                let report = crate::bench::run(&config, &opts).await?;
-                crate::bench::print(&report);
+            match only.as_deref() {
+                Some("rebuild") => {
+                    crate::bench::print_rebuild(&crate::bench::run_rebuild(&config, &opts).await?)
+                }
+                Some("webhooks") => {
+                    crate::bench::print_webhooks(&crate::bench::run_webhooks(&config, &opts).await?)
+                }
+                Some("jobs") => {
+                    crate::bench::print_jobs(&crate::bench::run_jobs(&config, &opts).await?)
+                }
+                _ => crate::bench::print(&crate::bench::run(&config, &opts).await?),
             }
         }
         Command::Chaos {

@@ -74,30 +74,39 @@ impl IncomingEvent {
     }
 }
 
-/// Store a verified event in the mirror. The first delivery appends
-/// `StripeEventReceived` and returns true (the caller enqueues processing in
-/// the same transaction); a duplicate only counts the delivery.
-pub async fn mirror(
-    conn: &mut PgConnection,
-    e: &IncomingEvent,
-    source: StripeSource,
-) -> Result<bool, Error> {
-    Ok(mirror_many(conn, &[(e, source)]).await?[0])
+/// The job that processes a newly mirrored event, enqueued by
+/// [`ingest_many`] in the same statement (the queue's own format: apalis-postgres).
+pub struct ProcessingJobs<'a> {
+    pub queue: &'a str,
+    pub max_attempts: i32,
+    /// A fresh job id (a ULID, as apalis-postgres makes them).
+    pub new_id: &'a (dyn Fn() -> String + Sync),
+    /// The job's payload for an event.
+    pub payload: &'a (dyn Fn(&IncomingEvent) -> Vec<u8> + Sync),
 }
 
-/// [`mirror`] for several deliveries at once (a group commit of webhook
-/// deliveries), in the caller's transaction: one INSERT for the mirror rows
-/// and one append for their `StripeEventReceived` events. Returns, per
-/// delivery, whether it was the first delivery of its event; when the same
-/// event is delivered more than once here, the first of them is.
-pub async fn mirror_many(
-    conn: &mut PgConnection,
+/// Mirror verified deliveries, append `StripeEventReceived` for each event
+/// mirrored for the first time and enqueue its processing job, with one
+/// statement (`slate_stripe_ingest`): on a pool it commits on its own, on a
+/// connection inside a transaction it is part of it. Returns, per delivery,
+/// whether it was the first delivery of its event; when the same event is
+/// delivered more than once here, the first of them is, and the mirror counts
+/// every one. A duplicate only counts the delivery.
+pub async fn ingest_many<'c, E>(
+    conn: E,
     deliveries: &[(&IncomingEvent, StripeSource)],
-) -> Result<Vec<bool>, Error> {
+    jobs: &ProcessingJobs<'_>,
+) -> Result<Vec<bool>, Error>
+where
+    E: sqlx::PgExecutor<'c>,
+{
+    if deliveries.is_empty() {
+        return Ok(Vec::new());
+    }
     // One row per event, in id order (concurrent batches lock mirror rows in
     // the same order), counting every delivery of it.
     let mut unique: Vec<(usize, i32)> = Vec::new();
-    let mut by_id: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut by_id: HashMap<&str, usize> = HashMap::new();
     for (i, (e, _)) in deliveries.iter().enumerate() {
         match by_id.get(e.stripe_event_id.as_str()) {
             Some(&u) => unique[u].1 += 1,
@@ -114,56 +123,84 @@ pub async fn mirror_many(
             .cmp(&deliveries[b.0].0.stripe_event_id)
     });
     let rows = || unique.iter().map(|&(i, _)| deliveries[i]);
-    let ids: Vec<&str> = rows().map(|(e, _)| e.stripe_event_id.as_str()).collect();
-    let inserted: Vec<(String, bool)> = sqlx::query_as(
-        "insert into stripe_events (stripe_event_id, event_type, api_version, livemode, created,
-            object_id, raw, source, parsed, parse_error, payment_intent, delivery_count)
-         select * from unnest($1::text[], $2::text[], $3::text[], $4::boolean[], $5::timestamptz[],
-            $6::text[], $7::text[], $8::text[], $9::boolean[], $10::text[], $11::text[], $12::integer[])
-         on conflict (stripe_event_id) do update
-            set delivery_count = stripe_events.delivery_count + excluded.delivery_count,
-                last_received_at = now()
-         returning stripe_event_id, (xmax = 0)",
+    let received = |(e, source): (&IncomingEvent, StripeSource)| {
+        DomainEvent::StripeEventReceived(StripeEventReceived {
+            stripe_event_id: e.stripe_event_id.clone(),
+            stripe_event_type: e.event_type.clone(),
+            created: e.created,
+            livemode: e.livemode,
+            source,
+            parsed: e.parse_error.is_none(),
+        })
+    };
+    let template = received(deliveries[unique[0].0]);
+    let first: Vec<(String, bool)> = sqlx::query_as(
+        "select mirrored_id, is_first from slate_stripe_ingest($1, $2, $3, $4, $5, $6, $7, $8,
+            $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
     )
-    .bind(&ids)
-    .bind(rows().map(|(e, _)| e.event_type.as_str()).collect::<Vec<_>>())
-    .bind(rows().map(|(e, _)| e.api_version.as_deref()).collect::<Vec<_>>())
+    .bind(
+        rows()
+            .map(|(e, _)| e.stripe_event_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows()
+            .map(|(e, _)| e.event_type.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows()
+            .map(|(e, _)| e.api_version.as_deref())
+            .collect::<Vec<_>>(),
+    )
     .bind(rows().map(|(e, _)| e.livemode).collect::<Vec<_>>())
     .bind(rows().map(|(e, _)| e.created).collect::<Vec<_>>())
-    .bind(rows().map(|(e, _)| e.object_id.as_deref()).collect::<Vec<_>>())
+    .bind(
+        rows()
+            .map(|(e, _)| e.object_id.as_deref())
+            .collect::<Vec<_>>(),
+    )
     .bind(rows().map(|(e, _)| e.raw.as_str()).collect::<Vec<_>>())
     .bind(rows().map(|(_, s)| s.as_str()).collect::<Vec<_>>())
-    .bind(rows().map(|(e, _)| e.parse_error.is_none()).collect::<Vec<_>>())
-    .bind(rows().map(|(e, _)| e.parse_error.as_deref()).collect::<Vec<_>>())
-    .bind(rows().map(|(e, _)| e.payment_intent.as_deref()).collect::<Vec<_>>())
+    .bind(
+        rows()
+            .map(|(e, _)| e.parse_error.is_none())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows()
+            .map(|(e, _)| e.parse_error.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows()
+            .map(|(e, _)| e.payment_intent.as_deref())
+            .collect::<Vec<_>>(),
+    )
     .bind(unique.iter().map(|&(_, n)| n).collect::<Vec<_>>())
-    .fetch_all(&mut *conn)
+    .bind(
+        rows()
+            .map(|(e, _)| stripe_received_event_id(&e.stripe_event_id))
+            .collect::<Vec<_>>(),
+    )
+    .bind(template.event_type())
+    .bind(template.schema_version())
+    .bind(rows().map(|d| received(d).payload()).collect::<Vec<_>>())
+    .bind(vec![
+        Metadata::by(crate::Actor::Stripe).to_json();
+        unique.len()
+    ])
+    .bind(jobs.queue)
+    .bind(rows().map(|_| (jobs.new_id)()).collect::<Vec<_>>())
+    .bind(rows().map(|(e, _)| (jobs.payload)(e)).collect::<Vec<_>>())
+    .bind(jobs.max_attempts)
+    .fetch_all(conn)
     .await?;
-    let first_ids: std::collections::HashSet<&str> = inserted
+    let first_ids: std::collections::HashSet<&str> = first
         .iter()
         .filter(|(_, first)| *first)
         .map(|(id, _)| id.as_str())
         .collect();
-    let appends: Vec<store::PendingAppend> = rows()
-        .filter(|(e, _)| first_ids.contains(e.stripe_event_id.as_str()))
-        .map(|(e, source)| store::PendingAppend {
-            stream_id: format!("stripe-{}", e.stripe_event_id),
-            expected: ExpectedVersion::Any,
-            events: vec![NewEvent {
-                event_id: stripe_received_event_id(&e.stripe_event_id),
-                event: DomainEvent::StripeEventReceived(StripeEventReceived {
-                    stripe_event_id: e.stripe_event_id.clone(),
-                    stripe_event_type: e.event_type.clone(),
-                    created: e.created,
-                    livemode: e.livemode,
-                    source,
-                    parsed: e.parse_error.is_none(),
-                }),
-                metadata: Metadata::by(crate::Actor::Stripe),
-            }],
-        })
-        .collect();
-    store::append_many(conn, &appends).await?;
     // The first delivery of each newly mirrored event is its first.
     let mut seen = std::collections::HashSet::new();
     Ok(deliveries

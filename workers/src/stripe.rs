@@ -27,29 +27,29 @@ pub async fn ingest(
     event: &IncomingEvent,
     source: StripeSource,
 ) -> anyhow::Result<bool> {
-    let mut tx = pool.begin().await?;
-    let first = ingest_in(&mut tx, &[(event, source)]).await?;
-    tx.commit().await?;
-    Ok(first[0])
+    Ok(ingest_many(pool, &[(event, source)]).await?[0])
 }
 
-/// Mirror, log and enqueue several deliveries in the caller's transaction
-/// (one statement each for the mirror rows, their events and their jobs).
-async fn ingest_in(
-    conn: &mut sqlx::PgConnection,
+/// Mirror, log and enqueue several deliveries with one statement that
+/// commits on its own ([`stripe::ingest_many`]).
+async fn ingest_many(
+    pool: &PgPool,
     deliveries: &[(&IncomingEvent, StripeSource)],
-) -> anyhow::Result<Vec<bool>> {
-    let first = stripe::mirror_many(conn, deliveries).await?;
-    let jobs: Vec<StripeJob> = deliveries
-        .iter()
-        .zip(&first)
-        .filter(|(_, first)| **first)
-        .map(|((e, _), _)| StripeJob {
+) -> Result<Vec<bool>, slate_events::Error> {
+    let new_id = || ulid::Ulid::generate().to_string();
+    let payload = |e: &IncomingEvent| {
+        serde_json::to_vec(&StripeJob {
             stripe_event_id: e.stripe_event_id.clone(),
         })
-        .collect();
-    jobs::enqueue_many(conn, QUEUE, &jobs, MAX_ATTEMPTS).await?;
-    Ok(first)
+        .expect("job payloads serialize")
+    };
+    let jobs = stripe::ProcessingJobs {
+        queue: QUEUE,
+        max_attempts: MAX_ATTEMPTS as i32,
+        new_id: &new_id,
+        payload: &payload,
+    };
+    stripe::ingest_many(pool, deliveries, &jobs).await
 }
 
 /// Webhook deliveries that arrive together, ingested in one transaction
@@ -76,18 +76,12 @@ impl slate_events::batch::BatchWrite for IngestWriter {
     async fn write(&self, items: Vec<Self::Item>) -> Vec<anyhow::Result<bool>> {
         let deliveries: Vec<(&IncomingEvent, StripeSource)> =
             items.iter().map(|(e, s)| (e, *s)).collect();
-        let together = async {
-            let mut tx = self.pool.begin().await?;
-            let first = ingest_in(&mut tx, &deliveries).await?;
-            tx.commit().await?;
-            anyhow::Ok(first)
-        }
-        .await;
+        let together = ingest_many(&self.pool, &deliveries).await;
         match together {
             Ok(first) => first.into_iter().map(Ok).collect(),
             // PostgreSQL is out of reach: every delivery is refused now (the
             // webhook answers 503 and Stripe retries), none waits twice.
-            Err(e) if slate_events::db::unavailable_in(e.as_ref()) => items
+            Err(e) if slate_events::db::unavailable_in(&e) => items
                 .iter()
                 .map(|_| {
                     Err(anyhow::Error::new(sqlx::Error::PoolTimedOut)
@@ -101,7 +95,7 @@ impl slate_events::batch::BatchWrite for IngestWriter {
                 futures::future::join_all(items.iter().map(|(e, s)| ingest(&self.pool, e, *s)))
                     .await
             }
-            Err(e) => vec![Err(e)],
+            Err(e) => vec![Err(e.into())],
         }
     }
 }
