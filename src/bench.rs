@@ -20,7 +20,7 @@ use serde_json::json;
 use slate_events::Metadata;
 use slate_events::catalog::{AccountCreated, DomainEvent};
 use slate_events::store::{self, ExpectedVersion, NewEvent};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgPool};
 use uuid::Uuid;
 
@@ -143,7 +143,7 @@ pub async fn run_rebuild(
     opts: &BenchOptions,
 ) -> anyhow::Result<crate::bench_scale::Rebuild> {
     in_scratch_database(config, |options, _| async move {
-        let pool = PgPoolOptions::new()
+        let pool = slate_events::db::pool_options()
             .max_connections(4)
             .connect_with(options.disable_statement_logging())
             .await?;
@@ -196,7 +196,7 @@ async fn ceiling(pool: &PgPool, c: usize, duration: Duration) -> anyhow::Result<
 /// Parts 1 at 32 connections and 3 alone (`slate bench --only webhooks`).
 pub async fn run_webhooks(config: &Config, opts: &BenchOptions) -> anyhow::Result<WebhooksOnly> {
     in_scratch_database(config, |options, _| async move {
-        let pool = PgPoolOptions::new()
+        let pool = slate_events::db::pool_options()
             .max_connections(40)
             .connect_with(options.disable_statement_logging())
             .await?;
@@ -218,7 +218,7 @@ pub async fn run_webhooks(config: &Config, opts: &BenchOptions) -> anyhow::Resul
 /// Part 4 alone (`slate bench --only jobs`).
 pub async fn run_jobs(config: &Config, opts: &BenchOptions) -> anyhow::Result<Jobs> {
     in_scratch_database(config, |options, _| async move {
-        let pool = PgPoolOptions::new()
+        let pool = slate_events::db::pool_options()
             .max_connections(40)
             .connect_with(options.disable_statement_logging())
             .await?;
@@ -287,7 +287,7 @@ async fn run_in(
     let database_url = database_url.as_str();
     use crate::bench_scale as scale;
     let options = options.disable_statement_logging();
-    let pool = PgPoolOptions::new()
+    let pool = slate_events::db::pool_options()
         .max_connections(40)
         .connect_with(options.clone())
         .await?;
@@ -576,7 +576,7 @@ async fn processes(database_url: &str, opts: &BenchOptions) -> anyhow::Result<Pr
     let n = opts.webhooks / 2;
     send_webhooks(&format!("{base}/webhooks/stripe"), opts.senders, n).await?;
     // Let the worker drain what the deliveries queued.
-    let pool = PgPoolOptions::new()
+    let pool = slate_events::db::pool_options()
         .max_connections(1)
         .connect(database_url)
         .await?;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
 /// Slate's own migrations. They are recorded in `_slate_migrations`, apart
 /// from the job queue's, so each set can evolve on its own.
@@ -20,11 +20,112 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
     let options = options
         .application_name("slate")
         .disable_statement_logging();
-    PgPoolOptions::new()
+    pool_options()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await
+}
+
+/// Pool options every Slate pool starts from: each new connection gets
+/// [`disable_nagle`].
+pub fn pool_options() -> PgPoolOptions {
+    PgPoolOptions::new().after_connect(|conn, _| Box::pin(disable_nagle(conn)))
+}
+
+/// A connection of its own (outside any pool), with [`disable_nagle`].
+pub async fn connect_one(options: &PgConnectOptions) -> Result<PgConnection, sqlx::Error> {
+    let mut conn = PgConnection::connect_with(options).await?;
+    disable_nagle(&mut conn).await?;
+    Ok(conn)
+}
+
+/// Turn Nagle's algorithm off on a connection's TCP socket.
+///
+/// sqlx 0.9.0 stopped setting `TCP_NODELAY` (transact-rs/sqlx#4335; the fix,
+/// #4336, is not in a release yet). With Nagle on, the tail of a message
+/// longer than one segment (a batch of webhook bodies, a `COPY` chunk; a
+/// segment is 64 KiB on loopback) waits for the server's delayed ACK, 40 ms
+/// on Linux: `slate bench` showed webhook ingest at p50 49 ms from that alone.
+/// sqlx gives no access to its socket, so this finds it among the process's
+/// descriptors by the two ports PostgreSQL reports for the session. Does
+/// nothing over a Unix socket or where there is no `/proc/self/fd`.
+pub async fn disable_nagle(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    if with_tcp_socket(conn, |s| s.set_nodelay(true).is_ok())
+        .await?
+        .is_none()
+    {
+        tracing::debug!("no TCP socket found for the connection; TCP_NODELAY not set");
+    }
+    Ok(())
+}
+
+/// Whether Nagle's algorithm is off on a connection's TCP socket (`None`:
+/// not over TCP, or the socket was not found). For tests.
+#[doc(hidden)]
+pub async fn nodelay(conn: &mut PgConnection) -> Result<Option<bool>, sqlx::Error> {
+    with_tcp_socket(conn, |s| s.nodelay().unwrap_or(false)).await
+}
+
+/// Run `f` on the connection's TCP socket, found among the process's file
+/// descriptors by the client and server ports PostgreSQL reports for the
+/// session. `None` over a Unix socket or when it is not found.
+async fn with_tcp_socket<T>(
+    conn: &mut PgConnection,
+    f: impl FnOnce(&std::net::TcpStream) -> T,
+) -> Result<Option<T>, sqlx::Error> {
+    let (client, server): (Option<i32>, Option<i32>) =
+        sqlx::query_as("select inet_client_port(), inet_server_port()")
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(match (client, server) {
+        (Some(client), Some(server)) => on_socket_by_ports(client as u16, server as u16, f),
+        _ => None,
+    })
+}
+
+/// Run `f` on this process's TCP socket whose local port is `local` and
+/// whose peer's port is `peer`, if there is one.
+#[cfg(target_os = "linux")]
+fn on_socket_by_ports<T>(
+    local: u16,
+    peer: u16,
+    f: impl FnOnce(&std::net::TcpStream) -> T,
+) -> Option<T> {
+    use std::mem::ManuallyDrop;
+    use std::os::fd::{FromRawFd, RawFd};
+    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        if !std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))
+        {
+            continue;
+        }
+        // SAFETY: the descriptor is only borrowed: ManuallyDrop never closes
+        // it. The calls made on it only read a socket's addresses or read or
+        // set one option; on a descriptor that is not a TCP socket (or was
+        // closed and reused meanwhile) they fail or do not match, and
+        // nothing else happens.
+        let socket = ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+        let (Ok(l), Ok(p)) = (socket.local_addr(), socket.peer_addr()) else {
+            continue;
+        };
+        if l.port() == local && p.port() == peer {
+            return Some(f(&socket));
+        }
+    }
+    None
+}
+
+#[cfg(not(target_os = "linux"))]
+fn on_socket_by_ports<T>(_: u16, _: u16, _: impl FnOnce(&std::net::TcpStream) -> T) -> Option<T> {
+    None
 }
 
 /// True when the error comes from PostgreSQL being out of reach (down,

@@ -152,14 +152,16 @@ async fn append_at(
     // A writer raced us to the stream's next version: status `raced` when
     // nothing was written, SL010 when some of several events were (undone
     // with the savepoint). Look again; the caller's transaction survives.
+    // One event is never partly written, so it needs no savepoint (two round
+    // trips fewer for the common append inside a transaction).
     let raced = |e: &sqlx::Error| {
         e.as_database_error()
             .is_some_and(|d| d.code().as_deref() == Some("SL010"))
     };
-    let in_transaction = sqlx::Connection::is_in_transaction(&*conn);
+    let savepoint = events.len() > 1 && sqlx::Connection::is_in_transaction(&*conn);
     let mut row = None;
     for _ in 0..5 {
-        let result = if in_transaction {
+        let result = if savepoint {
             let mut savepoint = conn.begin().await?;
             match query().fetch_one(&mut *savepoint).await {
                 Ok(r) => {

@@ -147,7 +147,7 @@ impl TestDb {
         created.expect("test database created");
         admin.close().await.ok();
         let options = with_database(&url, &name);
-        let pool = sqlx::postgres::PgPoolOptions::new()
+        let pool = slate_events::db::pool_options()
             .max_connections(max)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.clone())

@@ -46,3 +46,19 @@ async fn objects_round_trip_through_the_s3_server_and_bad_signatures_are_refused
 async fn a_missing_postgres_panics_the_test_with_a_clear_message() {
     crate::harness::admin_connection("postgres://postgres@127.0.0.1:1/postgres").await;
 }
+
+/// sqlx 0.9.0 leaves Nagle's algorithm on, and a statement longer than one
+/// TCP segment then waits 40 ms for the server's delayed ACK; every Slate
+/// pool turns it off on each new connection (`slate_events::db::pool_options`).
+#[tokio::test]
+async fn pooled_connections_to_postgres_send_without_nagle_delay() {
+    let db = crate::harness::TestDb::new().await;
+    for _ in 0..3 {
+        let mut conn = db.conn().await;
+        assert_eq!(
+            slate_events::db::nodelay(&mut conn).await.unwrap(),
+            Some(true),
+            "a pooled TCP connection still has Nagle's algorithm on"
+        );
+    }
+}

@@ -874,10 +874,7 @@ pub(crate) async fn copy_from_log(
             .await?;
     // Its own connection, not one from the pool: the rebuild must not wait
     // for (or deadlock on) a pool of one that its transaction already holds.
-    let mut reader = {
-        use sqlx::Connection;
-        PgConnection::connect_with(&pool.connect_options()).await?
-    };
+    let mut reader = crate::db::connect_one(&pool.connect_options()).await?;
     let (chunks, mut received) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let read = async move {
         let mut after: (String, i64) = ("0".into(), 0);

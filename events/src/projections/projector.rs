@@ -149,7 +149,7 @@ async fn lead(
 ) -> Result<bool, Error> {
     // A dedicated session holds the lock: if this process dies, so does the
     // session, and the lock passes on.
-    let mut lock_conn = PgConnection::connect_with(&pool.connect_options()).await?;
+    let mut lock_conn = crate::db::connect_one(&pool.connect_options()).await?;
     let got: bool = sqlx::query_scalar("select pg_try_advisory_lock($1, hashtext($2))")
         .bind(LOCK_NAMESPACE)
         .bind(p.name())
