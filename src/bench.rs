@@ -143,17 +143,23 @@ pub async fn run_rebuild(
     opts: &BenchOptions,
 ) -> anyhow::Result<crate::bench_scale::Rebuild> {
     in_scratch_database(config, |options, _| async move {
-        let pool = slate_events::db::pool_options()
-            .max_connections(4)
-            .connect_with(options.disable_statement_logging())
-            .await?;
-        crate::migrate::run(&pool).await?;
+        let pool = scratch_pool(options, 4).await?;
         eprintln!("bench: rebuild over {} events", opts.scale.rebuild_events);
         let rebuild = crate::bench_scale::rebuild_speed(&pool, opts.scale.rebuild_events).await;
         pool.close().await;
         rebuild
     })
     .await
+}
+
+/// A pool of `max` connections to the scratch database, migrated.
+async fn scratch_pool(options: PgConnectOptions, max: u32) -> anyhow::Result<PgPool> {
+    let pool = slate_events::db::pool_options()
+        .max_connections(max)
+        .connect_with(options.disable_statement_logging())
+        .await?;
+    crate::migrate::run(&pool).await?;
+    Ok(pool)
 }
 
 /// The scratch table of the ceiling measurement, shaped like `events`.
@@ -196,11 +202,7 @@ async fn ceiling(pool: &PgPool, c: usize, duration: Duration) -> anyhow::Result<
 /// Parts 1 at 32 connections and 3 alone (`slate bench --only webhooks`).
 pub async fn run_webhooks(config: &Config, opts: &BenchOptions) -> anyhow::Result<WebhooksOnly> {
     in_scratch_database(config, |options, _| async move {
-        let pool = slate_events::db::pool_options()
-            .max_connections(40)
-            .connect_with(options.disable_statement_logging())
-            .await?;
-        crate::migrate::run(&pool).await?;
+        let pool = scratch_pool(options, 40).await?;
         create_ceiling_table(&pool).await?;
         eprintln!("bench: INSERT ceiling at 32 connections");
         let insert_ceiling = ceiling(&pool, 32, Duration::from_secs_f64(opts.seconds)).await?;
@@ -218,11 +220,7 @@ pub async fn run_webhooks(config: &Config, opts: &BenchOptions) -> anyhow::Resul
 /// Part 4 alone (`slate bench --only jobs`).
 pub async fn run_jobs(config: &Config, opts: &BenchOptions) -> anyhow::Result<Jobs> {
     in_scratch_database(config, |options, _| async move {
-        let pool = slate_events::db::pool_options()
-            .max_connections(40)
-            .connect_with(options.disable_statement_logging())
-            .await?;
-        crate::migrate::run(&pool).await?;
+        let pool = scratch_pool(options, 40).await?;
         eprintln!("bench: jobs");
         let jobs = jobs(config, &pool, opts).await?;
         pool.close().await;
@@ -286,12 +284,7 @@ async fn run_in(
 ) -> anyhow::Result<Report> {
     let database_url = database_url.as_str();
     use crate::bench_scale as scale;
-    let options = options.disable_statement_logging();
-    let pool = slate_events::db::pool_options()
-        .max_connections(40)
-        .connect_with(options.clone())
-        .await?;
-    crate::migrate::run(&pool).await?;
+    let pool = scratch_pool(options, 40).await?;
     create_ceiling_table(&pool).await?;
     eprintln!("bench: append latency on a small log");
     let small_log_events = scale::log_size(&pool).await?;

@@ -407,38 +407,11 @@ impl AppendWriter {
     }
 }
 
+/// One statement that is its own transaction: one round trip, and its rows
+/// arrive only after the commit (the server answers ReadyForQuery after
+/// committing, and the query ends there).
 async fn append_batch(
     pool: &sqlx::PgPool,
-    items: &[PendingAppend],
-) -> Result<Vec<BatchRow>, Error> {
-    // One statement is its own transaction: one round trip, and its rows
-    // arrive only after the commit (the server answers ReadyForQuery after
-    // committing, and the query ends there).
-    let mut conn = pool.acquire().await?;
-    batch_rows(&mut conn, items).await
-}
-
-/// Append several independent items (each its own stream and expected
-/// version) in the caller's transaction with one statement. Any outcome but
-/// appended or duplicate is an error and the caller's transaction should be
-/// rolled back.
-pub async fn append_many(
-    conn: &mut PgConnection,
-    items: &[PendingAppend],
-) -> Result<Vec<Appended>, Error> {
-    if items.is_empty() {
-        return Ok(Vec::new());
-    }
-    let rows = batch_rows(conn, items).await?;
-    items
-        .iter()
-        .zip(rows)
-        .map(|(item, row)| row.outcome(item))
-        .collect()
-}
-
-async fn batch_rows(
-    conn: &mut PgConnection,
     items: &[PendingAppend],
 ) -> Result<Vec<BatchRow>, Error> {
     let n: usize = items.iter().map(|i| i.events.len()).sum();
@@ -474,6 +447,6 @@ async fn batch_rows(
     .bind(&schema_versions)
     .bind(&payloads)
     .bind(&metadata)
-    .fetch_all(&mut *conn)
+    .fetch_all(pool)
     .await?)
 }

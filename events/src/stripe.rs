@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::Error;
 use crate::affiliates;
 use crate::catalog::{
-    BillingStatusChanged, CheckoutPaymentFailed, DomainEvent, GrantSource, Metadata,
+    BillingStatusChanged, CheckoutPaymentFailed, DomainEvent, EventType, GrantSource, Metadata,
     StripeCustomerLinked, StripeEventReceived, StripeSource, SubscriptionStateChanged,
     stripe_received_event_id,
 };
@@ -122,8 +122,37 @@ where
             .stripe_event_id
             .cmp(&deliveries[b.0].0.stripe_event_id)
     });
-    let rows = || unique.iter().map(|&(i, _)| deliveries[i]);
-    let received = |(e, source): (&IncomingEvent, StripeSource)| {
+    let rows: Vec<(&IncomingEvent, StripeSource)> =
+        unique.iter().map(|&(i, _)| deliveries[i]).collect();
+    // One array per column of `rows`.
+    fn column<'r, T>(
+        rows: &[(&'r IncomingEvent, StripeSource)],
+        f: impl Fn(&'r IncomingEvent, StripeSource) -> T,
+    ) -> Vec<T> {
+        rows.iter().map(|&(e, s)| f(e, s)).collect()
+    }
+    let first: Vec<(String, bool)> = sqlx::query_as(
+        "select mirrored_id, is_first from slate_stripe_ingest($1, $2, $3, $4, $5, $6, $7, $8,
+            $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
+    )
+    .bind(column(&rows, |e, _| e.stripe_event_id.as_str()))
+    .bind(column(&rows, |e, _| e.event_type.as_str()))
+    .bind(column(&rows, |e, _| e.api_version.as_deref()))
+    .bind(column(&rows, |e, _| e.livemode))
+    .bind(column(&rows, |e, _| e.created))
+    .bind(column(&rows, |e, _| e.object_id.as_deref()))
+    .bind(column(&rows, |e, _| e.raw.as_str()))
+    .bind(column(&rows, |_, s| s.as_str()))
+    .bind(column(&rows, |e, _| e.parse_error.is_none()))
+    .bind(column(&rows, |e, _| e.parse_error.as_deref()))
+    .bind(column(&rows, |e, _| e.payment_intent.as_deref()))
+    .bind(unique.iter().map(|&(_, n)| n).collect::<Vec<_>>())
+    .bind(column(&rows, |e, _| {
+        stripe_received_event_id(&e.stripe_event_id)
+    }))
+    .bind(StripeEventReceived::NAME)
+    .bind(StripeEventReceived::VERSION)
+    .bind(column(&rows, |e, source| {
         DomainEvent::StripeEventReceived(StripeEventReceived {
             stripe_event_id: e.stripe_event_id.clone(),
             stripe_event_type: e.event_type.clone(),
@@ -132,67 +161,15 @@ where
             source,
             parsed: e.parse_error.is_none(),
         })
-    };
-    let template = received(deliveries[unique[0].0]);
-    let first: Vec<(String, bool)> = sqlx::query_as(
-        "select mirrored_id, is_first from slate_stripe_ingest($1, $2, $3, $4, $5, $6, $7, $8,
-            $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
-    )
-    .bind(
-        rows()
-            .map(|(e, _)| e.stripe_event_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        rows()
-            .map(|(e, _)| e.event_type.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        rows()
-            .map(|(e, _)| e.api_version.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(rows().map(|(e, _)| e.livemode).collect::<Vec<_>>())
-    .bind(rows().map(|(e, _)| e.created).collect::<Vec<_>>())
-    .bind(
-        rows()
-            .map(|(e, _)| e.object_id.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(rows().map(|(e, _)| e.raw.as_str()).collect::<Vec<_>>())
-    .bind(rows().map(|(_, s)| s.as_str()).collect::<Vec<_>>())
-    .bind(
-        rows()
-            .map(|(e, _)| e.parse_error.is_none())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        rows()
-            .map(|(e, _)| e.parse_error.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        rows()
-            .map(|(e, _)| e.payment_intent.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(unique.iter().map(|&(_, n)| n).collect::<Vec<_>>())
-    .bind(
-        rows()
-            .map(|(e, _)| stripe_received_event_id(&e.stripe_event_id))
-            .collect::<Vec<_>>(),
-    )
-    .bind(template.event_type())
-    .bind(template.schema_version())
-    .bind(rows().map(|d| received(d).payload()).collect::<Vec<_>>())
+        .payload()
+    }))
     .bind(vec![
         Metadata::by(crate::Actor::Stripe).to_json();
-        unique.len()
+        rows.len()
     ])
     .bind(jobs.queue)
-    .bind(rows().map(|_| (jobs.new_id)()).collect::<Vec<_>>())
-    .bind(rows().map(|(e, _)| (jobs.payload)(e)).collect::<Vec<_>>())
+    .bind(column(&rows, |_, _| (jobs.new_id)()))
+    .bind(column(&rows, |e, _| (jobs.payload)(e)))
     .bind(jobs.max_attempts)
     .fetch_all(conn)
     .await?;

@@ -24,27 +24,6 @@ pub async fn enqueue<J: Serialize>(
     apalis_postgres::queries::push_tasks(conn, queue, vec![task]).await
 }
 
-/// Push several jobs onto `queue` with one statement, on the caller's
-/// connection.
-pub async fn enqueue_many<J: Serialize>(
-    conn: &mut PgConnection,
-    queue: &str,
-    jobs: &[J],
-    max_attempts: usize,
-) -> Result<(), apalis_postgres::Error> {
-    if jobs.is_empty() {
-        return Ok(());
-    }
-    let tasks = jobs
-        .iter()
-        .map(|job| {
-            let bytes = serde_json::to_vec(job).expect("job payloads serialize");
-            TaskBuilder::new(bytes).max_attempts(max_attempts).build()
-        })
-        .collect();
-    apalis_postgres::queries::push_tasks(conn, queue, tasks).await
-}
-
 /// Enqueue `job` unless one under the same `key` is waiting or running (a
 /// finished or dead one makes room). Returns whether it enqueued.
 pub async fn enqueue_once<J: Serialize>(
