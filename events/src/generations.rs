@@ -229,25 +229,60 @@ pub async fn list(
     .await?)
 }
 
-/// The private inputs of a generation (for its worker only).
-pub async fn inputs(
-    conn: &mut PgConnection,
-    id: Uuid,
-) -> Result<(Option<String>, Option<String>, Value), Error> {
-    let row: Option<(Option<String>, Option<String>, Value)> = sqlx::query_as(
-        "select prompt, input_key, parameters from generation_inputs where generation_id = $1",
-    )
+/// What a worker needs for an attempt: the generation, its private inputs
+/// (the prompt opened) and the completion webhook's address, if any.
+#[derive(Debug, Clone)]
+pub struct Work {
+    pub generation: Generation,
+    pub prompt: Option<String>,
+    pub input_key: Option<String>,
+    pub parameters: Value,
+    pub webhook_url: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct WorkRow {
+    #[sqlx(flatten)]
+    generation: Generation,
+    prompt: Option<String>,
+    input_key: Option<String>,
+    parameters: Option<Value>,
+    webhook_url: Option<String>,
+    wrapped_key: Option<String>,
+}
+
+/// [`Work`] for one generation, in one round trip (the generation, its
+/// inputs and its account's data key together).
+pub async fn work(conn: &mut PgConnection, id: Uuid) -> Result<Option<Work>, Error> {
+    let row: Option<WorkRow> = sqlx::query_as(trusted_sql!(
+        "select {COLUMNS}, i.prompt, i.input_key, i.parameters, i.webhook_url,
+                (select k.wrapped from account_keys k where k.account_id = g.account_id) as wrapped_key
+           from generations g left join generation_inputs i using (generation_id)
+          where generation_id = $1"
+    ))
     .bind(id)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((prompt, input_key, parameters)) = row else {
-        return Ok((None, None, Value::Null));
+    let Some(row) = row else {
+        return Ok(None);
     };
-    let prompt = match prompt {
-        Some(p) => crate::vault::open(conn, &p).await?.into_option(),
+    let prompt = match row.prompt {
+        Some(p) => {
+            let account = row.generation.account_id;
+            crate::vault::Keyring::with_wrapped(account, row.wrapped_key.as_deref())
+                .open(conn, &p)
+                .await?
+                .into_option()
+        }
         None => None,
     };
-    Ok((prompt, input_key, parameters))
+    Ok(Some(Work {
+        generation: row.generation,
+        prompt,
+        input_key: row.input_key,
+        parameters: row.parameters.unwrap_or(Value::Null),
+        webhook_url: row.webhook_url,
+    }))
 }
 
 async fn append(

@@ -244,6 +244,10 @@ pub fn account_stream(account_id: Uuid) -> String {
 /// Append one event and apply it to the inline projections that follow it,
 /// in one transaction (the caller's, when given one). A duplicate (same
 /// `event_id`) is a no-op.
+///
+/// Inside the caller's transaction no savepoint is taken: an error here
+/// leaves that transaction aborted, and every caller gives up on it (two
+/// round trips fewer per event in every domain transaction).
 pub async fn append_and_apply(
     conn: &mut PgConnection,
     stream_id: &str,
@@ -253,14 +257,27 @@ pub async fn append_and_apply(
     if !crate::projections::has_inline(&event.event) {
         return append(conn, stream_id, expected, std::slice::from_ref(event)).await;
     }
+    if sqlx::Connection::is_in_transaction(&*conn) {
+        return append_applied(conn, stream_id, expected, event).await;
+    }
     let mut tx = conn.begin().await?;
+    let appended = append_applied(&mut tx, stream_id, expected, event).await?;
+    tx.commit().await?;
+    Ok(appended)
+}
+
+async fn append_applied(
+    conn: &mut PgConnection,
+    stream_id: &str,
+    expected: ExpectedVersion,
+    event: &NewEvent,
+) -> Result<Appended, Error> {
     let (appended, recorded_at) =
-        append_at(&mut tx, stream_id, expected, std::slice::from_ref(event)).await?;
+        append_at(conn, stream_id, expected, std::slice::from_ref(event)).await?;
     if !appended.duplicate {
-        crate::projections::apply_inline(&mut tx, &event.event, appended.positions[0], recorded_at)
+        crate::projections::apply_inline(conn, &event.event, appended.positions[0], recorded_at)
             .await?;
     }
-    tx.commit().await?;
     Ok(appended)
 }
 

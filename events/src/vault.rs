@@ -117,6 +117,16 @@ pub struct Keyring {
 }
 
 impl Keyring {
+    /// A keyring that already holds one account's data key, in the wrapped
+    /// form `account_keys` stores (None: erased or never created), read
+    /// together with the values it opens.
+    pub fn with_wrapped(account_id: Uuid, wrapped: Option<&str>) -> Self {
+        let key = wrapped.and_then(|w| unwrap_key(account_id, w));
+        Self {
+            keys: HashMap::from([(account_id, key)]),
+        }
+    }
+
     async fn key(
         &mut self,
         conn: &mut PgConnection,

@@ -176,21 +176,22 @@ async fn fail(worker: &GenerationWorker, id: Uuid, code: &str, attempts: i32) {
 
 async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
     let mut conn = w.pool.acquire().await?;
-    let Some(g) = generations::get_any(&mut conn, id).await? else {
+    let Some(mut work) = generations::work(&mut conn, id).await? else {
         return Ok(());
     };
+    let g = &work.generation;
     if g.is_terminal() {
         return Ok(());
     }
     if g.deadline.is_some_and(|d| d <= chrono::Utc::now()) {
-        cancel(w, &g, "deadline_passed").await?;
+        cancel(w, g, "deadline_passed").await?;
         return Ok(());
     }
     if g.cancel_requested && g.provider_handle.is_none() {
-        cancel(w, &g, "canceled").await?;
+        cancel(w, g, "canceled").await?;
         return Ok(());
     }
-    generations::record_started(&mut conn, &g, attempt, &system()).await?;
+    generations::record_started(&mut conn, g, attempt, &system()).await?;
     let provider = w
         .providers
         .get(&g.provider)
@@ -199,13 +200,12 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
         .map_err(|_| Step::Fatal("invalid_parameters".into()))?;
 
     let output = match &g.provider_handle {
-        Some(handle) => poll(w, provider, &g, handle).await?,
+        Some(handle) => poll(w, provider, g, handle).await?,
         None => {
-            let (prompt, input_key, parameters) = generations::inputs(&mut conn, id).await?;
-            let input_url = match input_key {
+            let input_url = match &work.input_key {
                 Some(key) => Some(
                     w.storage
-                        .presign_get(&key, Duration::from_secs(3600))
+                        .presign_get(key, Duration::from_secs(3600))
                         .await
                         .map_err(|_| Step::Retry("storage_unavailable"))?,
                 ),
@@ -213,29 +213,28 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
             };
             let request = ProviderRequest {
                 kind,
-                prompt,
+                prompt: work.prompt.take(),
                 input_url,
-                parameters: if parameters.is_null() {
-                    serde_json::json!({})
-                } else {
-                    parameters
+                parameters: match work.parameters.take() {
+                    serde_json::Value::Null => serde_json::json!({}),
+                    parameters => parameters,
                 },
             };
             match provider.start(&request).await? {
                 Started::Done(output) => output,
                 Started::Pending { handle } => {
-                    generations::record_submitted(&mut conn, &g, &handle, &system()).await?;
-                    poll(w, provider, &g, &handle).await?
+                    generations::record_submitted(&mut conn, g, &handle, &system()).await?;
+                    poll(w, provider, g, &handle).await?
                 }
             }
         }
     };
     drop(conn);
-    let stored = store_output(w, &g, output).await?;
+    let stored = store_output(w, g, output).await?;
     let mut tx = w.pool.begin().await?;
-    let first = generations::succeed(&mut tx, &g, &stored, &system()).await?;
+    let first = generations::succeed(&mut tx, g, &stored, &system()).await?;
     if first {
-        crate::webhooks::enqueue_for(&mut tx, g.generation_id)
+        crate::webhooks::enqueue_if(&mut tx, g.generation_id, work.webhook_url.is_some())
             .await
             .map_err(|_| Step::Retry("database_unavailable"))?;
     }

@@ -135,7 +135,17 @@ pub async fn enqueue_for(
             .fetch_optional(&mut *conn)
             .await?
             .flatten();
-    if url.is_some() {
+    enqueue_if(conn, generation_id, url.is_some()).await
+}
+
+/// [`enqueue_for`] when the caller has read the generation's webhook
+/// address already (`wanted`: it has one).
+pub async fn enqueue_if(
+    conn: &mut PgConnection,
+    generation_id: Uuid,
+    wanted: bool,
+) -> Result<(), anyhow::Error> {
+    if wanted {
         jobs::enqueue(conn, QUEUE, &WebhookJob { generation_id }, MAX_ATTEMPTS).await?;
     }
     Ok(())
