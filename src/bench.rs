@@ -20,6 +20,7 @@ use serde_json::json;
 use slate_events::Metadata;
 use slate_events::catalog::{AccountCreated, DomainEvent};
 use slate_events::store::{self, ExpectedVersion, NewEvent};
+use slate_workers::bench::NoopSetup;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgPool};
 use uuid::Uuid;
@@ -87,6 +88,9 @@ pub struct Jobs {
     /// The generation worker's concurrency.
     pub concurrency: usize,
     pub noop_per_second: f64,
+    /// No-op jobs taken as the generation queue takes its jobs (one per
+    /// fetch, `concurrency` at once): apalis's own cost per job there.
+    pub noop_limited_per_second: f64,
     pub generations_per_second: f64,
 }
 
@@ -234,7 +238,18 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
         jobs: opts.jobs,
         submitters: GENERATION_CLIENTS,
         concurrency: GENERATION_CONCURRENCY,
-        noop_per_second: slate_workers::bench::noop_jobs_per_second(pool, opts.jobs).await?,
+        noop_per_second: slate_workers::bench::noop_jobs_per_second(
+            pool,
+            opts.jobs,
+            NoopSetup::Bare,
+        )
+        .await?,
+        noop_limited_per_second: slate_workers::bench::noop_jobs_per_second(
+            pool,
+            opts.jobs,
+            NoopSetup::Limited(GENERATION_CONCURRENCY),
+        )
+        .await?,
         generations_per_second: slate_workers::bench::generations_per_second(
             pool,
             &config.storage(),
@@ -636,13 +651,16 @@ fn print_webhook_row(w: &Latency, ceiling_32: &Throughput) {
 
 fn print_jobs_row(j: &Jobs) {
     println!(
-        "4. {} jobs: bare apalis no-op {:.0} jobs/s; end-to-end generations ({} clients with an account each, worker concurrency {}, instant local provider, S3 upload, capture) {:.0}/s (ratio {:.2})",
+        "4. {} jobs: bare apalis no-op {:.0} jobs/s (taken as the generation queue takes them, one per fetch, {} at once: {:.0} jobs/s); end-to-end generations ({} clients with an account each, worker concurrency {}, instant local provider, S3 upload, capture) {:.0}/s (ratio {:.2}; {:.2} of the no-op taken the same way)",
         j.jobs,
         j.noop_per_second,
+        j.concurrency,
+        j.noop_limited_per_second,
         j.submitters,
         j.concurrency,
         j.generations_per_second,
-        j.generations_per_second / j.noop_per_second
+        j.generations_per_second / j.noop_per_second,
+        j.generations_per_second / j.noop_limited_per_second
     );
 }
 

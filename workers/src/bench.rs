@@ -57,9 +57,27 @@ async fn wait_done(pool: &PgPool, queue: &str, n: usize, limit: Duration) -> any
     Ok(())
 }
 
+/// How the no-op worker takes its jobs.
+#[derive(Debug, Clone, Copy)]
+pub enum NoopSetup {
+    /// apalis-postgres's usual set-up: 10 jobs per fetch, no concurrency
+    /// limit (what `slate work` does for the unlimited queues).
+    Bare,
+    /// The generation queue's: one job per fetch, this many at once, each
+    /// on its own task.
+    Limited(usize),
+}
+
 /// Jobs per second of a handler that does nothing.
-pub async fn noop_jobs_per_second(pool: &PgPool, n: usize) -> anyhow::Result<f64> {
-    const QUEUE: &str = "bench.noop";
+pub async fn noop_jobs_per_second(
+    pool: &PgPool,
+    n: usize,
+    setup: NoopSetup,
+) -> anyhow::Result<f64> {
+    let queue = match setup {
+        NoopSetup::Bare => "bench.noop",
+        NoopSetup::Limited(_) => "bench.noop-limited",
+    };
     let mut conn = pool.acquire().await?;
     for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
         let tasks = chunk
@@ -68,22 +86,36 @@ pub async fn noop_jobs_per_second(pool: &PgPool, n: usize) -> anyhow::Result<f64
                 TaskBuilder::new(serde_json::to_vec(&Noop { i: *i }).expect("serializes")).build()
             })
             .collect();
-        apalis_postgres::queries::push_tasks(&mut *conn, QUEUE, tasks).await?;
+        apalis_postgres::queries::push_tasks(&mut *conn, queue, tasks).await?;
     }
     drop(conn);
-    let storage = crate::poll::backend::<Noop>(pool, QUEUE, config(QUEUE));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let start = Instant::now();
-    let monitor = Monitor::new().register(move |_| {
-        WorkerBuilder::new(format!("bench-noop-{}", Uuid::new_v4().simple()))
-            .backend(storage.clone())
-            .build(noop)
-    });
+    let monitor = match setup {
+        NoopSetup::Bare => {
+            let storage = crate::poll::backend::<Noop>(pool, queue, config(queue));
+            Monitor::new().register(move |_| {
+                WorkerBuilder::new(format!("bench-noop-{}", Uuid::new_v4().simple()))
+                    .backend(storage.clone())
+                    .build(noop)
+            })
+        }
+        NoopSetup::Limited(concurrency) => {
+            let storage = crate::poll::backend::<Noop>(pool, queue, config(queue).batch_size(1));
+            Monitor::new().register(move |_| {
+                WorkerBuilder::new(format!("bench-noop-{}", Uuid::new_v4().simple()))
+                    .backend(storage.clone())
+                    .concurrency(concurrency)
+                    .parallelize(tokio::spawn)
+                    .build(noop)
+            })
+        }
+    };
     let running = tokio::spawn(monitor.run_with_signal(async move {
         let _ = stopped.await;
         Ok(())
     }));
-    wait_done(pool, QUEUE, n, Duration::from_secs(600)).await?;
+    wait_done(pool, queue, n, Duration::from_secs(600)).await?;
     let rate = n as f64 / start.elapsed().as_secs_f64();
     let _ = stop.send(());
     let _ = running.await;
