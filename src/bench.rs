@@ -36,6 +36,8 @@ pub struct BenchOptions {
     pub senders: usize,
     /// Jobs for the queue measurements.
     pub jobs: usize,
+    /// Workers sharing the generation queue's concurrency.
+    pub generation_fetchers: usize,
     pub scale: crate::bench_scale::ScaleOptions,
 }
 
@@ -46,6 +48,7 @@ impl BenchOptions {
             webhooks: 2_000,
             senders: 32,
             jobs: 300,
+            generation_fetchers: slate_workers::runtime::GENERATION_FETCHERS,
             scale: crate::bench_scale::ScaleOptions::quick(),
         }
     }
@@ -58,6 +61,7 @@ impl Default for BenchOptions {
             webhooks: 20_000,
             senders: 32,
             jobs: 3_000,
+            generation_fetchers: slate_workers::runtime::GENERATION_FETCHERS,
             scale: crate::bench_scale::ScaleOptions::default(),
         }
     }
@@ -87,6 +91,8 @@ pub struct Jobs {
     pub submitters: usize,
     /// The generation worker's concurrency.
     pub concurrency: usize,
+    /// Workers (fetch loops) sharing it.
+    pub fetchers: usize,
     pub noop_per_second: f64,
     /// No-op jobs taken as the generation queue takes its jobs (one per
     /// fetch, `concurrency` at once): apalis's own cost per job there.
@@ -238,6 +244,7 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
         jobs: opts.jobs,
         submitters: GENERATION_CLIENTS,
         concurrency: GENERATION_CONCURRENCY,
+        fetchers: opts.generation_fetchers,
         noop_per_second: slate_workers::bench::noop_jobs_per_second(
             pool,
             opts.jobs,
@@ -247,7 +254,10 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
         noop_limited_per_second: slate_workers::bench::noop_jobs_per_second(
             pool,
             opts.jobs,
-            NoopSetup::Limited(GENERATION_CONCURRENCY),
+            NoopSetup::Limited {
+                concurrency: GENERATION_CONCURRENCY,
+                fetchers: opts.generation_fetchers,
+            },
         )
         .await?,
         generations_per_second: slate_workers::bench::generations_per_second(
@@ -255,6 +265,7 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
             &config.storage(),
             opts.jobs,
             GENERATION_CONCURRENCY,
+            opts.generation_fetchers,
             GENERATION_CLIENTS,
         )
         .await?,
@@ -651,13 +662,15 @@ fn print_webhook_row(w: &Latency, ceiling_32: &Throughput) {
 
 fn print_jobs_row(j: &Jobs) {
     println!(
-        "4. {} jobs: bare apalis no-op {:.0} jobs/s (taken as the generation queue takes them, one per fetch, {} at once: {:.0} jobs/s); end-to-end generations ({} clients with an account each, worker concurrency {}, instant local provider, S3 upload, capture) {:.0}/s (ratio {:.2}; {:.2} of the no-op taken the same way)",
+        "4. {} jobs: bare apalis no-op {:.0} jobs/s (taken as the generation queue takes them, one per fetch, {} at once across {} workers: {:.0} jobs/s); end-to-end generations ({} clients with an account each, worker concurrency {} across {} workers, instant local provider, S3 upload, capture) {:.0}/s (ratio {:.2}; {:.2} of the no-op taken the same way)",
         j.jobs,
         j.noop_per_second,
         j.concurrency,
+        j.fetchers,
         j.noop_limited_per_second,
         j.submitters,
         j.concurrency,
+        j.fetchers,
         j.generations_per_second,
         j.generations_per_second / j.noop_per_second,
         j.generations_per_second / j.noop_limited_per_second

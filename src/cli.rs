@@ -117,6 +117,10 @@ pub enum Command {
         /// Samples per latency figure.
         #[arg(long)]
         samples: Option<usize>,
+        /// Workers sharing the generation queue's concurrency of 8 in part 4
+        /// (`slate work`'s default: 4).
+        #[arg(long)]
+        generation_fetchers: Option<usize>,
         /// Run only this part: "rebuild" (part 5, the projection rebuild),
         /// "webhooks" (part 3, with the ceiling at 32 connections it is
         /// compared with) or "jobs" (part 4).
@@ -703,6 +707,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             log_events,
             audit_entries,
             samples,
+            generation_fetchers,
             only,
         } => {
             let mut opts = if quick {
@@ -714,6 +719,9 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             opts.webhooks = webhooks.unwrap_or(opts.webhooks);
             opts.senders = senders.unwrap_or(opts.senders).max(1);
             opts.jobs = jobs.unwrap_or(opts.jobs).max(1);
+            opts.generation_fetchers = generation_fetchers
+                .unwrap_or(opts.generation_fetchers)
+                .max(1);
             let s = &mut opts.scale;
             s.rebuild_events = rebuild_events.unwrap_or(s.rebuild_events);
             s.log_events = log_events.unwrap_or(s.log_events);

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use crate::generations::{self, GenerationJob, GenerationWorker};
 use crate::providers::{ProviderSettings, Providers};
+use crate::runtime::split_concurrency;
 use crate::storage::{Storage, StorageSettings};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,9 +64,9 @@ pub enum NoopSetup {
     /// apalis-postgres's usual set-up: 10 jobs per fetch, no concurrency
     /// limit (what `slate work` does for the unlimited queues).
     Bare,
-    /// The generation queue's: one job per fetch, this many at once, each
-    /// on its own task.
-    Limited(usize),
+    /// The generation queue's: one job per fetch, `concurrency` at once
+    /// across `fetchers` workers, each job on its own task.
+    Limited { concurrency: usize, fetchers: usize },
 }
 
 /// Jobs per second of a handler that does nothing.
@@ -76,7 +77,7 @@ pub async fn noop_jobs_per_second(
 ) -> anyhow::Result<f64> {
     let queue = match setup {
         NoopSetup::Bare => "bench.noop",
-        NoopSetup::Limited(_) => "bench.noop-limited",
+        NoopSetup::Limited { .. } => "bench.noop-limited",
     };
     let mut conn = pool.acquire().await?;
     for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
@@ -100,9 +101,13 @@ pub async fn noop_jobs_per_second(
                     .build(noop)
             })
         }
-        NoopSetup::Limited(concurrency) => {
+        NoopSetup::Limited {
+            concurrency,
+            fetchers,
+        } => {
             let storage = crate::poll::backend::<Noop>(pool, queue, config(queue).batch_size(1));
-            Monitor::new().register(move |_| {
+            let (workers, concurrency) = split_concurrency(concurrency, fetchers);
+            Monitor::new().register_n(workers, move |_, _| {
                 WorkerBuilder::new(format!("bench-noop-{}", Uuid::new_v4().simple()))
                     .backend(storage.clone())
                     .concurrency(concurrency)
@@ -132,6 +137,7 @@ pub async fn generations_per_second(
     storage: &StorageSettings,
     n: usize,
     concurrency: usize,
+    fetchers: usize,
     submitters: usize,
 ) -> anyhow::Result<f64> {
     let submitters = submitters.max(1);
@@ -181,7 +187,8 @@ pub async fn generations_per_second(
         config(generations::QUEUE).batch_size(1),
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let monitor = Monitor::new().register(move |_| {
+    let (workers, concurrency) = split_concurrency(concurrency, fetchers);
+    let monitor = Monitor::new().register_n(workers, move |_, _| {
         WorkerBuilder::new(format!("bench-generations-{}", Uuid::new_v4().simple()))
             .backend(backend.clone())
             .data(worker.clone())
