@@ -106,11 +106,11 @@ pub async fn noop_jobs_per_second(
             fetchers,
         } => {
             let storage = crate::poll::backend::<Noop>(pool, queue, config(queue).batch_size(1));
-            let (workers, concurrency) = split_concurrency(concurrency, fetchers);
-            Monitor::new().register_n(workers, move |_, _| {
+            let slots = split_concurrency(concurrency, fetchers);
+            Monitor::new().register_n(slots.len(), move |i, _| {
                 WorkerBuilder::new(format!("bench-noop-{}", Uuid::new_v4().simple()))
                     .backend(storage.clone())
-                    .concurrency(concurrency)
+                    .concurrency(slots[i])
                     .parallelize(tokio::spawn)
                     .build(noop)
             })
@@ -187,12 +187,12 @@ pub async fn generations_per_second(
         config(generations::QUEUE).batch_size(1),
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (workers, concurrency) = split_concurrency(concurrency, fetchers);
-    let monitor = Monitor::new().register_n(workers, move |_, _| {
+    let slots = split_concurrency(concurrency, fetchers);
+    let monitor = Monitor::new().register_n(slots.len(), move |i, _| {
         WorkerBuilder::new(format!("bench-generations-{}", Uuid::new_v4().simple()))
             .backend(backend.clone())
             .data(worker.clone())
-            .concurrency(concurrency)
+            .concurrency(slots[i])
             .parallelize(tokio::spawn)
             .build(generations::handle)
     });

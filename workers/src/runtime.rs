@@ -195,7 +195,7 @@ where
     let email_name = settings.worker_name.clone();
     let purge_name = settings.worker_name.clone();
     let maintenance_name = settings.worker_name.clone();
-    let (generation_workers, concurrency) = split_concurrency(
+    let generation_slots = split_concurrency(
         settings.generation_concurrency,
         settings.generation_fetchers,
     );
@@ -216,13 +216,13 @@ where
                 .catch_panic()
                 .build(stripe::handle)
         })
-        .register_n(generation_workers, move |index, restarts| {
+        .register_n(generation_slots.len(), move |index, restarts| {
             let queue = format!("generations.{index}");
             WorkerBuilder::new(instance(&generation_name, &queue, restarts))
                 .backend(generation_storage.clone())
                 .data(generation_worker.clone())
                 .catch_panic()
-                .concurrency(concurrency)
+                .concurrency(generation_slots[index])
                 // Each generation on its own task: the handlers' CPU work
                 // (media probing, S3 signing) runs on every core instead of
                 // the worker's one task.
@@ -357,15 +357,12 @@ async fn watchdog(pool: PgPool, process: String, every: Duration, stale_after: D
     }
 }
 
-/// The name of one queue's worker in this process, new at each restart: a
-/// restarted worker must not inherit the jobs its failed predecessor had
-/// locked (they return to the queue once that name stops heartbeating,
-/// like a dead process's).
 /// Workers for the generation queue by default.
 pub const GENERATION_FETCHERS: usize = 4;
 
-/// `concurrency` jobs at once across `fetchers` workers of one queue: how
-/// many workers, and how many jobs each runs at once.
+/// `concurrency` jobs at once across up to `fetchers` workers of one queue:
+/// how many jobs each worker runs at once (as even as can be, `concurrency`
+/// in all).
 ///
 /// A queue with a concurrency limit fetches one job at a time (see
 /// `limited_queue_config`), and apalis-core runs a worker's fetches, lock
@@ -373,12 +370,18 @@ pub const GENERATION_FETCHERS: usize = 4;
 /// committed transaction: one worker takes at most one job per two commits
 /// (on this machine kind 140–190 no-op jobs/s, whatever its concurrency).
 /// Several workers fetch side by side, each still one job at a time.
-pub fn split_concurrency(concurrency: usize, fetchers: usize) -> (usize, usize) {
+pub fn split_concurrency(concurrency: usize, fetchers: usize) -> Vec<usize> {
     let concurrency = concurrency.max(1);
     let workers = fetchers.clamp(1, concurrency);
-    (workers, concurrency.div_ceil(workers))
+    (0..workers)
+        .map(|i| concurrency / workers + usize::from(i < concurrency % workers))
+        .collect()
 }
 
+/// The name of one queue's worker in this process, new at each restart: a
+/// restarted worker must not inherit the jobs its failed predecessor had
+/// locked (they return to the queue once that name stops heartbeating,
+/// like a dead process's).
 fn instance(process: &str, queue: &str, restarts: usize) -> String {
     if restarts == 0 {
         format!("{process}.{queue}")
@@ -401,6 +404,26 @@ async fn sweep_loop(pool: PgPool, every: Duration, mut stop: watch::Receiver<boo
         let slot = chrono::Utc::now().timestamp() / every.as_secs().max(1) as i64;
         if let Err(e) = sweeper::schedule(&pool, slot).await {
             tracing::error!(error = %e, "scheduling the maintenance sweep failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_concurrency;
+
+    #[test]
+    fn the_split_keeps_the_total() {
+        assert_eq!(split_concurrency(8, 4), vec![2, 2, 2, 2]);
+        assert_eq!(split_concurrency(7, 4), vec![2, 2, 2, 1]);
+        assert_eq!(split_concurrency(2, 4), vec![1, 1]);
+        assert_eq!(split_concurrency(0, 0), vec![1]);
+        for c in 1..40 {
+            for f in 1..10 {
+                let s = split_concurrency(c, f);
+                assert_eq!(s.iter().sum::<usize>(), c);
+                assert!(s.iter().all(|&n| n >= 1));
+            }
         }
     }
 }
