@@ -152,10 +152,10 @@ pub enum ChaosCommand {
         #[arg(long)]
         control: String,
         /// Comma-separated ports of the serve processes.
-        #[arg(long, value_delimiter = ',', default_value = "58081,58082")]
+        #[arg(long, value_delimiter = ',', default_value = "28081,28082")]
         serve_ports: Vec<u16>,
         /// The fake provider's port.
-        #[arg(long, default_value = "58090")]
+        #[arg(long, default_value = "28090")]
         provider_port: u16,
         #[arg(long)]
         seed: Option<u64>,
