@@ -236,6 +236,7 @@ pub struct Work {
     pub generation: Generation,
     pub prompt: Option<String>,
     pub input_key: Option<String>,
+    /// The provider options as submitted (`{}` when there are none).
     pub parameters: Value,
     pub webhook_url: Option<String>,
 }
@@ -280,7 +281,10 @@ pub async fn work(conn: &mut PgConnection, id: Uuid) -> Result<Option<Work>, Err
         generation: row.generation,
         prompt,
         input_key: row.input_key,
-        parameters: row.parameters.unwrap_or(Value::Null),
+        parameters: row
+            .parameters
+            .filter(|p| !p.is_null())
+            .unwrap_or_else(|| Value::Object(Default::default())),
         webhook_url: row.webhook_url,
     }))
 }

@@ -215,10 +215,7 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
                 kind,
                 prompt: work.prompt.take(),
                 input_url,
-                parameters: match work.parameters.take() {
-                    serde_json::Value::Null => serde_json::json!({}),
-                    parameters => parameters,
-                },
+                parameters: std::mem::take(&mut work.parameters),
             };
             match provider.start(&request).await? {
                 Started::Done(output) => output,
