@@ -366,3 +366,144 @@ async fn group_commit_gives_each_caller_its_own_outcome() {
         "64 concurrent appends took {batches} transactions"
     );
 }
+
+/// The one-event path of `slate_append_events` (nearly every append) reads
+/// the stream's version and inserts, and probes the event id only when that
+/// did not write: each outcome, its precedence, and races between writers
+/// inside their own transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_event_appends_report_each_outcome_and_settle_races() {
+    // 24 writers hold a connection each at once.
+    let db = TestDb::with_pool_size(32).await;
+    let mut conn = db.conn().await;
+    let event = account_event(Uuid::now_v7());
+    let first = store::append(
+        &mut conn,
+        "one",
+        ExpectedVersion::NoStream,
+        std::slice::from_ref(&event),
+    )
+    .await
+    .unwrap();
+    assert_eq!((first.version, first.duplicate), (1, false));
+    // A stored id wins over a stale expected version: a retry is a duplicate
+    // with the first answer, whatever version it expects.
+    for expected in [
+        ExpectedVersion::NoStream,
+        ExpectedVersion::Exact(7),
+        ExpectedVersion::Any,
+    ] {
+        let again = store::append(&mut conn, "one", expected, std::slice::from_ref(&event))
+            .await
+            .unwrap();
+        assert!(again.duplicate);
+        assert_eq!((again.version, &again.positions), (1, &first.positions));
+    }
+    // The same id on another stream is a reused key, expected version or not.
+    for expected in [ExpectedVersion::Any, ExpectedVersion::Exact(3)] {
+        let err = store::append(&mut conn, "other", expected, std::slice::from_ref(&event))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::KeyReused), "{err:?}");
+    }
+    // A new event with a stale expected version: a conflict naming the
+    // stream's version.
+    let err = store::append(
+        &mut conn,
+        "one",
+        ExpectedVersion::Exact(0),
+        &[account_event(Uuid::now_v7())],
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Conflict { actual: 1, .. }), "{err:?}");
+    drop(conn);
+
+    // 16 writers, each in its own transaction, all expecting version 1:
+    // exactly one wins, the others get a conflict, nothing else is written.
+    let barrier = Arc::new(tokio::sync::Barrier::new(16));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (pool, barrier) = (db.pool.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = pool.acquire().await.unwrap();
+            let mut tx = sqlx::Acquire::begin(&mut *conn).await.unwrap();
+            barrier.wait().await;
+            let r = store::append(
+                &mut tx,
+                "one",
+                ExpectedVersion::Exact(1),
+                &[account_event(Uuid::now_v7())],
+            )
+            .await;
+            tx.commit().await.unwrap();
+            r
+        }));
+    }
+    let (mut won, mut conflicts) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(a) => {
+                assert_eq!(a.version, 2);
+                won += 1;
+            }
+            Err(Error::Conflict { .. }) => conflicts += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!((won, conflicts), (1, 15));
+
+    // 16 writers appending to one stream with any version, in transactions
+    // held open a moment: every one lands (a race is retried), the versions
+    // stay contiguous, and the same event sent by 8 of them is stored once.
+    let shared = account_event(Uuid::now_v7());
+    let barrier = Arc::new(tokio::sync::Barrier::new(24));
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let (pool, barrier, shared) = (db.pool.clone(), barrier.clone(), shared.clone());
+        tasks.push(tokio::spawn(async move {
+            let event = if i < 8 {
+                shared
+            } else {
+                account_event(Uuid::now_v7())
+            };
+            let mut conn = pool.acquire().await.unwrap();
+            barrier.wait().await;
+            for _ in 0..20 {
+                let mut tx = sqlx::Acquire::begin(&mut *conn).await.unwrap();
+                match store::append(
+                    &mut tx,
+                    "any",
+                    ExpectedVersion::Any,
+                    std::slice::from_ref(&event),
+                )
+                .await
+                {
+                    Ok(a) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                        tx.commit().await.unwrap();
+                        return a;
+                    }
+                    Err(e) if e.is_retryable() => continue,
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+            panic!("no progress");
+        }));
+    }
+    let mut fresh = 0;
+    for t in tasks {
+        if !t.await.unwrap().duplicate {
+            fresh += 1;
+        }
+    }
+    assert_eq!(fresh, 17);
+    let mut conn = db.conn().await;
+    let versions: Vec<i32> = store::read_stream(&mut conn, "any")
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.stream_version)
+        .collect();
+    assert_eq!(versions, (1..=17).collect::<Vec<_>>());
+}
