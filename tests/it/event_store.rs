@@ -18,6 +18,41 @@ fn account_event(account_id: Uuid) -> NewEvent {
     )
 }
 
+/// `writers` writers, each in its own transaction, append `events_each` new
+/// events to `stream` at the same moment, expecting `expected`; each commits
+/// if its append succeeded. Their results, in no particular order.
+async fn racing_appends(
+    db: &TestDb,
+    writers: usize,
+    stream: &'static str,
+    expected: ExpectedVersion,
+    events_each: usize,
+) -> Vec<Result<store::Appended, Error>> {
+    let barrier = Arc::new(tokio::sync::Barrier::new(writers));
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let (pool, barrier) = (db.pool.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = pool.acquire().await.unwrap();
+            let mut tx = sqlx::Acquire::begin(&mut *conn).await.unwrap();
+            barrier.wait().await;
+            let events: Vec<NewEvent> = (0..events_each)
+                .map(|_| account_event(Uuid::now_v7()))
+                .collect();
+            let r = store::append(&mut tx, stream, expected, &events).await;
+            if r.is_ok() {
+                tx.commit().await.unwrap();
+            }
+            r
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    results
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conflicting_appends_at_the_same_version_exactly_one_wins() {
     let db = TestDb::new().await;
@@ -34,32 +69,10 @@ async fn conflicting_appends_at_the_same_version_exactly_one_wins() {
     drop(conn);
 
     // 16 writers all believe the stream is at version 1.
-    let barrier = Arc::new(tokio::sync::Barrier::new(16));
-    let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let pool = db.pool.clone();
-        let barrier = barrier.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut conn = pool.acquire().await.unwrap();
-            let mut tx = sqlx::Acquire::begin(&mut *conn).await.unwrap();
-            barrier.wait().await;
-            let r = store::append(
-                &mut tx,
-                stream,
-                ExpectedVersion::Exact(1),
-                &[account_event(Uuid::now_v7()), account_event(Uuid::now_v7())],
-            )
-            .await;
-            if r.is_ok() {
-                tx.commit().await.unwrap();
-            }
-            r
-        }));
-    }
     let mut won = 0;
     let mut conflicts = 0;
-    for t in tasks {
-        match t.await.unwrap() {
+    for r in racing_appends(&db, 16, stream, ExpectedVersion::Exact(1), 2).await {
+        match r {
             Ok(a) => {
                 won += 1;
                 assert_eq!(a.version, 3);
@@ -421,28 +434,9 @@ async fn one_event_appends_report_each_outcome_and_settle_races() {
 
     // 16 writers, each in its own transaction, all expecting version 1:
     // exactly one wins, the others get a conflict, nothing else is written.
-    let barrier = Arc::new(tokio::sync::Barrier::new(16));
-    let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let (pool, barrier) = (db.pool.clone(), barrier.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut conn = pool.acquire().await.unwrap();
-            let mut tx = sqlx::Acquire::begin(&mut *conn).await.unwrap();
-            barrier.wait().await;
-            let r = store::append(
-                &mut tx,
-                "one",
-                ExpectedVersion::Exact(1),
-                &[account_event(Uuid::now_v7())],
-            )
-            .await;
-            tx.commit().await.unwrap();
-            r
-        }));
-    }
     let (mut won, mut conflicts) = (0, 0);
-    for t in tasks {
-        match t.await.unwrap() {
+    for r in racing_appends(&db, 16, "one", ExpectedVersion::Exact(1), 1).await {
+        match r {
             Ok(a) => {
                 assert_eq!(a.version, 2);
                 won += 1;
@@ -453,7 +447,7 @@ async fn one_event_appends_report_each_outcome_and_settle_races() {
     }
     assert_eq!((won, conflicts), (1, 15));
 
-    // 16 writers appending to one stream with any version, in transactions
+    // 24 writers appending to one stream with any version, in transactions
     // held open a moment: every one lands (a race is retried), the versions
     // stay contiguous, and the same event sent by 8 of them is stored once.
     let shared = account_event(Uuid::now_v7());
