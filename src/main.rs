@@ -1,5 +1,10 @@
 use clap::Parser;
 
+/// mimalloc instead of glibc's malloc: under webhook load, glibc's malloc
+/// and free were a third of this process's CPU (perf, docs/PERFORMANCE.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = slate::cli::Cli::parse();

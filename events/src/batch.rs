@@ -98,7 +98,10 @@ impl<W: BatchWrite> Batcher<W> {
                     let mut outcomes = writer.write(items).await.into_iter();
                     for reply in replies {
                         // A caller that went away no longer needs its answer.
-                        let _ = reply.send(outcomes.next().unwrap_or(Err(Closed.into())));
+                        // (`unwrap_or_else`: an error made eagerly for every
+                        // reply was an anyhow error with a captured backtrace
+                        // per webhook delivery under RUST_BACKTRACE=1.)
+                        let _ = reply.send(outcomes.next().unwrap_or_else(|| Err(Closed.into())));
                     }
                 }
             });

@@ -45,28 +45,62 @@ pub struct IncomingEvent {
 impl IncomingEvent {
     /// Read the envelope fields of a Stripe event. `None` when the body is
     /// not a Stripe event at all (no id, type, created or livemode).
+    ///
+    /// Only the envelope and `data.object`'s `id` and `payment_intent` are
+    /// read (borrowed where the text has no escapes); everything else is
+    /// skipped without building a tree of the body.
     pub fn from_raw(raw: &str, parse_error: Option<String>) -> Option<Self> {
-        let v: Value = serde_json::from_str(raw).ok()?;
-        let id = v.get("id")?.as_str()?;
-        if !id.starts_with("evt_") || v.get("object").and_then(Value::as_str) != Some("event") {
+        use std::borrow::Cow;
+        #[derive(serde::Deserialize)]
+        struct Envelope<'a> {
+            #[serde(borrow)]
+            id: Cow<'a, str>,
+            #[serde(borrow)]
+            object: Cow<'a, str>,
+            #[serde(rename = "type", borrow)]
+            event_type: Cow<'a, str>,
+            #[serde(default, borrow)]
+            api_version: Option<Cow<'a, str>>,
+            livemode: bool,
+            created: i64,
+            #[serde(default)]
+            data: Option<Data>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Data {
+            #[serde(default)]
+            object: Option<Object>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Object {
+            #[serde(default)]
+            id: Option<Value>,
+            #[serde(default)]
+            payment_intent: Option<Value>,
+        }
+        let e: Envelope = serde_json::from_str(raw).ok()?;
+        if !e.id.starts_with("evt_") || e.object != "event" {
             return None;
         }
+        let object = e.data.and_then(|d| d.object);
+        let object = object.as_ref();
         Some(Self {
-            stripe_event_id: id.to_owned(),
-            event_type: v.get("type")?.as_str()?.to_owned(),
-            api_version: v
-                .get("api_version")
+            stripe_event_id: e.id.into_owned(),
+            event_type: e.event_type.into_owned(),
+            api_version: e.api_version.map(Cow::into_owned),
+            livemode: e.livemode,
+            created: Utc.timestamp_opt(e.created, 0).single()?,
+            object_id: object
+                .and_then(|o| o.id.as_ref())
                 .and_then(Value::as_str)
                 .map(str::to_owned),
-            livemode: v.get("livemode")?.as_bool()?,
-            created: Utc.timestamp_opt(v.get("created")?.as_i64()?, 0).single()?,
-            object_id: v
-                .pointer("/data/object/id")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-            payment_intent: v
-                .pointer("/data/object")
-                .and_then(|o| id_of(o, "/payment_intent"))
+            payment_intent: object
+                .and_then(|o| o.payment_intent.as_ref())
+                .and_then(|p| match p {
+                    Value::String(s) if !s.is_empty() => Some(s.as_str()),
+                    Value::Object(o) => o.get("id").and_then(Value::as_str),
+                    _ => None,
+                })
                 .map(str::to_owned),
             raw: raw.to_owned(),
             parse_error,

@@ -21,17 +21,24 @@ struct Series {
     sum: f64,
 }
 
+/// Series by route, then by method: looked up by `&str`, so a request
+/// allocates nothing once its route has been seen.
 #[derive(Default)]
 pub struct HttpMetrics {
-    routes: Mutex<BTreeMap<(String, String), Series>>,
+    routes: Mutex<BTreeMap<String, BTreeMap<String, Series>>>,
 }
 
 impl HttpMetrics {
     fn record(&self, method: &str, route: &str, status: u16, seconds: f64) {
         let mut routes = self.routes.lock().expect("not poisoned");
-        let s = routes
-            .entry((method.to_owned(), route.to_owned()))
-            .or_default();
+        if !routes.contains_key(route) {
+            routes.insert(route.to_owned(), BTreeMap::new());
+        }
+        let methods = routes.get_mut(route).expect("inserted above");
+        if !methods.contains_key(method) {
+            methods.insert(method.to_owned(), Series::default());
+        }
+        let s = methods.get_mut(method).expect("inserted above");
         *s.by_status.entry(status).or_default() += 1;
         for (i, le) in BUCKETS.iter().enumerate() {
             if seconds <= *le {
@@ -47,7 +54,7 @@ impl HttpMetrics {
         use std::fmt::Write;
         let routes = self.routes.lock().expect("not poisoned");
         out.push_str("# HELP slate_http_requests_total HTTP requests by route and status (this process).\n# TYPE slate_http_requests_total counter\n");
-        for ((method, route), s) in routes.iter() {
+        for (route, method, s) in by_method(&routes) {
             for (status, n) in &s.by_status {
                 let _ = writeln!(
                     out,
@@ -56,7 +63,7 @@ impl HttpMetrics {
             }
         }
         out.push_str("# HELP slate_http_request_duration_seconds Request latency by route (this process).\n# TYPE slate_http_request_duration_seconds histogram\n");
-        for ((method, route), s) in routes.iter() {
+        for (route, method, s) in by_method(&routes) {
             for (i, le) in BUCKETS.iter().enumerate() {
                 let _ = writeln!(
                     out,
@@ -83,19 +90,26 @@ impl HttpMetrics {
     }
 }
 
+fn by_method(
+    routes: &BTreeMap<String, BTreeMap<String, Series>>,
+) -> impl Iterator<Item = (&str, &str, &Series)> {
+    routes.iter().flat_map(|(route, methods)| {
+        methods
+            .iter()
+            .map(move |(m, s)| (route.as_str(), m.as_str(), s))
+    })
+}
+
 /// Route-level middleware: count and time every matched request.
 pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().as_str().to_owned();
+    // Both are cheap clones (an `Arc<str>`, and a method held inline).
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let method = req.method().clone();
     let start = Instant::now();
     let response = next.run(req).await;
     state.http_metrics.record(
-        &method,
-        &route,
+        method.as_str(),
+        route.as_ref().map_or("unmatched", MatchedPath::as_str),
         response.status().as_u16(),
         start.elapsed().as_secs_f64(),
     );

@@ -397,6 +397,56 @@ async fn concurrent_deliveries_are_ingested_together_and_each_counted_once() {
     assert_eq!(b.available, 40 * 500);
 }
 
+/// Ingest writes a new event's `StripeEventReceived` as version 1 of its
+/// stream, for the whole batch at once; a stream something else wrote to
+/// first takes the general append path instead (after what is there), and
+/// the rest of the batch is not held up by it.
+#[tokio::test]
+async fn a_stripe_stream_written_before_its_first_delivery_takes_the_general_append() {
+    let app = stripe_app().await;
+    let account = new_account(&mut *app.db.conn().await).await;
+    let taken = fixture("01_checkout_session_completed_pack", account, &run_tag());
+    let fresh = fixture("01_checkout_session_completed_pack", account, &run_tag());
+    let taken_id = slate_events::stripe::IncomingEvent::from_raw(&taken, None)
+        .unwrap()
+        .stripe_event_id;
+    let stream = format!("stripe-{taken_id}");
+    sqlx::query(
+        "insert into events (event_id, stream_id, stream_version, event_type, schema_version, payload)
+         values (gen_random_uuid(), $1, 1, 'SomethingEarlier', 1, '{}')",
+    )
+    .bind(&stream)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+
+    let (a, b) = tokio::join!(app.deliver(&taken), app.deliver(&fresh));
+    assert_eq!((a.0, b.0), (200, 200));
+    assert_eq!(
+        (a.1["duplicate"].as_bool(), b.1["duplicate"].as_bool()),
+        (Some(false), Some(false))
+    );
+    let versions: Vec<(String, i32)> = sqlx::query_as(
+        "select event_type, stream_version from events where stream_id = $1 order by stream_version",
+    )
+    .bind(&stream)
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        versions,
+        vec![
+            ("SomethingEarlier".to_owned(), 1),
+            ("StripeEventReceived".to_owned(), 2)
+        ]
+    );
+    let (received, jobs) = received_and_queued(&app).await;
+    assert_eq!((received, jobs), (2, 2));
+    // A redelivery of either is a duplicate and appends nothing.
+    assert_eq!(app.deliver(&taken).await.1["duplicate"], true);
+    assert_eq!(received_and_queued(&app).await, (2, 2));
+}
+
 #[tokio::test]
 async fn unknown_and_unparseable_events_are_mirrored_and_acknowledged() {
     let app = stripe_app().await;
