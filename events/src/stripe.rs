@@ -96,11 +96,7 @@ impl IncomingEvent {
                 .map(str::to_owned),
             payment_intent: object
                 .and_then(|o| o.payment_intent.as_ref())
-                .and_then(|p| match p {
-                    Value::String(s) if !s.is_empty() => Some(s.as_str()),
-                    Value::Object(o) => o.get("id").and_then(Value::as_str),
-                    _ => None,
-                })
+                .and_then(|p| id_of(p, ""))
                 .map(str::to_owned),
             raw: raw.to_owned(),
             parse_error,

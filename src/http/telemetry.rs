@@ -31,14 +31,7 @@ pub struct HttpMetrics {
 impl HttpMetrics {
     fn record(&self, method: &str, route: &str, status: u16, seconds: f64) {
         let mut routes = self.routes.lock().expect("not poisoned");
-        if !routes.contains_key(route) {
-            routes.insert(route.to_owned(), BTreeMap::new());
-        }
-        let methods = routes.get_mut(route).expect("inserted above");
-        if !methods.contains_key(method) {
-            methods.insert(method.to_owned(), Series::default());
-        }
-        let s = methods.get_mut(method).expect("inserted above");
+        let s = slot(slot(&mut routes, route), method);
         *s.by_status.entry(status).or_default() += 1;
         for (i, le) in BUCKETS.iter().enumerate() {
             if seconds <= *le {
@@ -88,6 +81,14 @@ impl HttpMetrics {
             );
         }
     }
+}
+
+/// The entry for `key`, made (and its key allocated) only the first time.
+fn slot<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str) -> &'m mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_owned(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
 }
 
 fn by_method(
