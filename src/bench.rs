@@ -38,6 +38,8 @@ pub struct BenchOptions {
     pub jobs: usize,
     /// Workers sharing the generation queue's concurrency.
     pub generation_fetchers: usize,
+    /// The generation queue's concurrency (`slate work`'s default: 8).
+    pub generation_concurrency: usize,
     pub scale: crate::bench_scale::ScaleOptions,
 }
 
@@ -49,6 +51,7 @@ impl BenchOptions {
             senders: 32,
             jobs: 300,
             generation_fetchers: slate_workers::runtime::GENERATION_FETCHERS,
+            generation_concurrency: slate_workers::runtime::GENERATION_CONCURRENCY,
             scale: crate::bench_scale::ScaleOptions::quick(),
         }
     }
@@ -62,6 +65,7 @@ impl Default for BenchOptions {
             senders: 32,
             jobs: 3_000,
             generation_fetchers: slate_workers::runtime::GENERATION_FETCHERS,
+            generation_concurrency: slate_workers::runtime::GENERATION_CONCURRENCY,
             scale: crate::bench_scale::ScaleOptions::default(),
         }
     }
@@ -107,13 +111,20 @@ pub struct WebhooksOnly {
     pub webhook_ingest: Latency,
 }
 
+/// Parts 1, 2 and 2b.
 #[derive(Debug, Serialize)]
-pub struct Report {
-    pub build: &'static str,
+pub struct Appends {
     pub insert_ceiling: Vec<Throughput>,
     pub event_appends: Vec<Throughput>,
     /// The same appends through [`store::GroupCommit`].
     pub group_commit_appends: Vec<Throughput>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub build: &'static str,
+    #[serde(flatten)]
+    pub appends: Appends,
     pub webhook_ingest: Latency,
     pub jobs: Jobs,
     pub rebuild: crate::bench_scale::Rebuild,
@@ -140,8 +151,6 @@ pub struct Processes {
 const LEVELS: [usize; 3] = [1, 8, 32];
 /// Concurrent clients submitting generations, each for its own account.
 const GENERATION_CLIENTS: usize = 16;
-/// The generation worker's concurrency (`slate work`'s default).
-const GENERATION_CONCURRENCY: usize = 8;
 
 pub async fn run(config: &Config, opts: &BenchOptions) -> anyhow::Result<Report> {
     in_scratch_database(config, |options, url| run_in(config, opts, options, url)).await
@@ -243,7 +252,7 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
     Ok(Jobs {
         jobs: opts.jobs,
         submitters: GENERATION_CLIENTS,
-        concurrency: GENERATION_CONCURRENCY,
+        concurrency: opts.generation_concurrency,
         fetchers: opts.generation_fetchers,
         noop_per_second: slate_workers::bench::noop_jobs_per_second(
             pool,
@@ -255,7 +264,7 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
             pool,
             opts.jobs,
             NoopSetup::Limited {
-                concurrency: GENERATION_CONCURRENCY,
+                concurrency: opts.generation_concurrency,
                 fetchers: opts.generation_fetchers,
             },
         )
@@ -264,7 +273,7 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
             pool,
             &config.storage(),
             opts.jobs,
-            GENERATION_CONCURRENCY,
+            opts.generation_concurrency,
             opts.generation_fetchers,
             GENERATION_CLIENTS,
         )
@@ -317,53 +326,7 @@ async fn run_in(
     let small = scale::append_latency(&pool, opts.scale.samples).await?;
 
     eprintln!("bench: INSERT ceiling and appends");
-    let duration = Duration::from_secs_f64(opts.seconds);
-    let mut insert_ceiling = Vec::new();
-    let mut event_appends = Vec::new();
-    let mut group_commit_appends = Vec::new();
-    let group = store::GroupCommit::start(pool.clone(), Default::default());
-    for &c in &LEVELS {
-        insert_ceiling.push(ceiling(&pool, c, duration).await?);
-        let n = for_duration(&pool, c, duration, move |pool, worker, i| async move {
-            let mut conn = pool.acquire().await?;
-            let event = bench_event();
-            store::append(
-                &mut conn,
-                &format!("bench-{c}-{worker}-{i}"),
-                ExpectedVersion::NoStream,
-                &[event],
-            )
-            .await
-            .map(|_| ())
-            .map_err(as_sqlx)
-        })
-        .await?;
-        event_appends.push(Throughput {
-            connections: c,
-            per_second: n,
-        });
-        let group = group.clone();
-        let n = for_duration(&pool, c, duration, move |_, worker, i| {
-            let group = group.clone();
-            async move {
-                group
-                    .append(
-                        &format!("bench-g{c}-{worker}-{i}"),
-                        ExpectedVersion::NoStream,
-                        vec![bench_event()],
-                    )
-                    .await
-                    .map(|_| ())
-                    .map_err(as_sqlx)
-            }
-        })
-        .await?;
-        group_commit_appends.push(Throughput {
-            connections: c,
-            per_second: n,
-        });
-    }
-    drop(group);
+    let appends = appends(&pool, opts).await?;
 
     eprintln!("bench: webhook ingest");
     let webhook_ingest = webhooks(config, &pool, opts).await?;
@@ -409,13 +372,81 @@ async fn run_in(
         } else {
             "release"
         },
-        insert_ceiling,
-        event_appends,
-        group_commit_appends,
+        appends,
         webhook_ingest,
         jobs,
         peak_rss_mib: peak_rss_mib(),
     })
+}
+
+/// Parts 1, 2 and 2b: the ceiling, and appends one per transaction and
+/// through the group commit, at each of [`LEVELS`].
+async fn appends(pool: &PgPool, opts: &BenchOptions) -> anyhow::Result<Appends> {
+    let duration = Duration::from_secs_f64(opts.seconds);
+    let mut insert_ceiling = Vec::new();
+    let mut event_appends = Vec::new();
+    let mut group_commit_appends = Vec::new();
+    let group = store::GroupCommit::start(pool.clone(), Default::default());
+    for &c in &LEVELS {
+        insert_ceiling.push(ceiling(pool, c, duration).await?);
+        let n = for_duration(pool, c, duration, move |pool, worker, i| async move {
+            let mut conn = pool.acquire().await?;
+            let event = bench_event();
+            store::append(
+                &mut conn,
+                &format!("bench-{c}-{worker}-{i}"),
+                ExpectedVersion::NoStream,
+                &[event],
+            )
+            .await
+            .map(|_| ())
+            .map_err(as_sqlx)
+        })
+        .await?;
+        event_appends.push(Throughput {
+            connections: c,
+            per_second: n,
+        });
+        let group = group.clone();
+        let n = for_duration(pool, c, duration, move |_, worker, i| {
+            let group = group.clone();
+            async move {
+                group
+                    .append(
+                        &format!("bench-g{c}-{worker}-{i}"),
+                        ExpectedVersion::NoStream,
+                        vec![bench_event()],
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(as_sqlx)
+            }
+        })
+        .await?;
+        group_commit_appends.push(Throughput {
+            connections: c,
+            per_second: n,
+        });
+    }
+    drop(group);
+    Ok(Appends {
+        insert_ceiling,
+        event_appends,
+        group_commit_appends,
+    })
+}
+
+/// Parts 1, 2 and 2b alone (`slate bench --only appends`).
+pub async fn run_appends(config: &Config, opts: &BenchOptions) -> anyhow::Result<Appends> {
+    in_scratch_database(config, |options, _| async move {
+        let pool = scratch_pool(options, 40).await?;
+        create_ceiling_table(&pool).await?;
+        eprintln!("bench: INSERT ceiling and appends");
+        let appends = appends(&pool, opts).await?;
+        pool.close().await;
+        Ok(appends)
+    })
+    .await
 }
 
 /// A store error as the measurement loop's error type.
@@ -677,6 +708,40 @@ fn print_jobs_row(j: &Jobs) {
     );
 }
 
+fn print_appends_rows(a: &Appends) {
+    println!(
+        "{:<44} {:>12} {:>12} {:>12}",
+        "", "1 conn", "8 conns", "32 conns"
+    );
+    let row = |name: &str, v: &[Throughput]| {
+        println!(
+            "{:<44} {:>12.0} {:>12.0} {:>12.0}",
+            name, v[0].per_second, v[1].per_second, v[2].per_second
+        );
+    };
+    let ratios = |v: &[Throughput]| {
+        let ratio: Vec<String> = v
+            .iter()
+            .zip(&a.insert_ceiling)
+            .map(|(a, c)| format!("{:.2}", a.per_second / c.per_second))
+            .collect();
+        println!(
+            "{:<44} {:>12} {:>12} {:>12}",
+            "   ratio to the ceiling", ratio[0], ratio[1], ratio[2]
+        );
+    };
+    row("1. raw INSERT transactions/s (ceiling)", &a.insert_ceiling);
+    row("2. event appends/s", &a.event_appends);
+    ratios(&a.event_appends);
+    row("2b. event appends/s, group commit", &a.group_commit_appends);
+    ratios(&a.group_commit_appends);
+}
+
+pub fn print_appends(a: &Appends) {
+    print_appends_rows(a);
+    println!("{}", serde_json::to_string(a).unwrap_or_default());
+}
+
 pub fn print_webhooks(r: &WebhooksOnly) {
     println!(
         "1. raw INSERT transactions/s at 32 connections (ceiling): {:.0}",
@@ -693,46 +758,8 @@ pub fn print_jobs(j: &Jobs) {
 
 pub fn print(report: &Report) {
     println!("slate bench ({} build)", report.build);
-    println!(
-        "{:<44} {:>12} {:>12} {:>12}",
-        "", "1 conn", "8 conns", "32 conns"
-    );
-    let row = |name: &str, v: &[Throughput]| {
-        println!(
-            "{:<44} {:>12.0} {:>12.0} {:>12.0}",
-            name, v[0].per_second, v[1].per_second, v[2].per_second
-        );
-    };
-    row(
-        "1. raw INSERT transactions/s (ceiling)",
-        &report.insert_ceiling,
-    );
-    row("2. event appends/s", &report.event_appends);
-    let ratio: Vec<String> = report
-        .event_appends
-        .iter()
-        .zip(&report.insert_ceiling)
-        .map(|(a, c)| format!("{:.2}", a.per_second / c.per_second))
-        .collect();
-    println!(
-        "{:<44} {:>12} {:>12} {:>12}",
-        "   ratio to the ceiling", ratio[0], ratio[1], ratio[2]
-    );
-    row(
-        "2b. event appends/s, group commit",
-        &report.group_commit_appends,
-    );
-    let ratio: Vec<String> = report
-        .group_commit_appends
-        .iter()
-        .zip(&report.insert_ceiling)
-        .map(|(a, c)| format!("{:.2}", a.per_second / c.per_second))
-        .collect();
-    println!(
-        "{:<44} {:>12} {:>12} {:>12}",
-        "   ratio to the ceiling", ratio[0], ratio[1], ratio[2]
-    );
-    print_webhook_row(&report.webhook_ingest, &report.insert_ceiling[2]);
+    print_appends_rows(&report.appends);
+    print_webhook_row(&report.webhook_ingest, &report.appends.insert_ceiling[2]);
     print_jobs_row(&report.jobs);
     let r = &report.rebuild;
     println!(

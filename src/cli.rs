@@ -121,10 +121,15 @@ pub enum Command {
         /// (`slate work`'s default: 4).
         #[arg(long)]
         generation_fetchers: Option<usize>,
-        /// Run only this part: "rebuild" (part 5, the projection rebuild),
+        /// The generation queue's concurrency in part 4 (`slate work`'s
+        /// default: 8).
+        #[arg(long)]
+        generation_concurrency: Option<usize>,
+        /// Run only this part: "appends" (parts 1, 2 and 2b: the ceiling
+        /// and the appends), "rebuild" (part 5, the projection rebuild),
         /// "webhooks" (part 3, with the ceiling at 32 connections it is
         /// compared with) or "jobs" (part 4).
-        #[arg(long, value_parser = ["rebuild", "webhooks", "jobs"])]
+        #[arg(long, value_parser = ["appends", "rebuild", "webhooks", "jobs"])]
         only: Option<String>,
     },
     /// The multi-process soak with faults (run through `scripts/chaos`).
@@ -421,6 +426,8 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                     .context("provider settings")?,
             );
             settings.generation_attempts = config.generation_attempts;
+            settings.generation_concurrency = config.generation_concurrency;
+            settings.generation_fetchers = config.generation_fetchers;
             settings.poll_interval = config.provider_poll;
             settings.webhook_allow = config.webhook_allowlist.clone();
             settings.stripe_refetch = config
@@ -708,6 +715,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             audit_entries,
             samples,
             generation_fetchers,
+            generation_concurrency,
             only,
         } => {
             let mut opts = if quick {
@@ -722,12 +730,18 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             opts.generation_fetchers = generation_fetchers
                 .unwrap_or(opts.generation_fetchers)
                 .max(1);
+            opts.generation_concurrency = generation_concurrency
+                .unwrap_or(opts.generation_concurrency)
+                .max(1);
             let s = &mut opts.scale;
             s.rebuild_events = rebuild_events.unwrap_or(s.rebuild_events);
             s.log_events = log_events.unwrap_or(s.log_events);
             s.audit_entries = audit_entries.unwrap_or(s.audit_entries);
             s.samples = samples.unwrap_or(s.samples).max(1);
             match only.as_deref() {
+                Some("appends") => {
+                    crate::bench::print_appends(&crate::bench::run_appends(&config, &opts).await?)
+                }
                 Some("rebuild") => {
                     crate::bench::print_rebuild(&crate::bench::run_rebuild(&config, &opts).await?)
                 }

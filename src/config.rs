@@ -75,6 +75,10 @@ pub struct Config {
     /// The prompt deny-list (file at SLATE_DENYLIST_PATH, or the built-in one).
     pub denylist: DenyList,
     pub generation_attempts: usize,
+    /// Generations one `slate work` runs at once, and the workers (each
+    /// with its own fetch loop) that share them.
+    pub generation_concurrency: usize,
+    pub generation_fetchers: usize,
     /// How long a generation's credits stay reserved before the sweeper
     /// releases them (its job must have finished by then).
     pub generation_hold: std::time::Duration,
@@ -125,6 +129,8 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("SLATE_RATE_LIMIT_IP_PER_MIN", "600"),
     ("SLATE_DENYLIST_PATH", ""),
     ("SLATE_GENERATION_ATTEMPTS", "5"),
+    ("SLATE_GENERATION_CONCURRENCY", "8"),
+    ("SLATE_GENERATION_FETCHERS", "4"),
     ("SLATE_GENERATION_HOLD_SECS", "7200"),
     ("SLATE_PROVIDER_POLL_MS", "2000"),
     ("SLATE_LOCAL_PROVIDER", "true"),
@@ -280,6 +286,14 @@ impl Config {
             generation_attempts: positive(
                 &get("SLATE_GENERATION_ATTEMPTS"),
                 "SLATE_GENERATION_ATTEMPTS",
+            )? as usize,
+            generation_concurrency: positive(
+                &get("SLATE_GENERATION_CONCURRENCY"),
+                "SLATE_GENERATION_CONCURRENCY",
+            )? as usize,
+            generation_fetchers: positive(
+                &get("SLATE_GENERATION_FETCHERS"),
+                "SLATE_GENERATION_FETCHERS",
             )? as usize,
             generation_hold: std::time::Duration::from_secs(
                 positive(

@@ -720,6 +720,110 @@ async fn a_fal_generation_survives_a_transient_failure_and_a_refusal_is_refunded
     );
 }
 
+/// A generation holds no database connection while its provider works:
+/// three run at once through a worker whose pool has a single connection,
+/// each spending 300 ms in the provider's queue call. (Holding the
+/// connection across the call, a generation's own status poll would wait
+/// for it and the attempt would fail on the pool's timeout, however long.)
+#[tokio::test]
+async fn generations_waiting_on_their_provider_hold_no_database_connection() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let fal = MockServer::start().await;
+    let app = spawn_app_with(&[("FAL_KEY", "fal_test_key"), ("FAL_BASE_URL", &fal.uri())]).await;
+    let (_, key) = funded(&app, 500).await;
+    let model = "fal-ai/kling-video/v2.1/master/text-to-video";
+    let base = format!("{}/fal-ai/kling-video/requests/req-9", fal.uri());
+    Mock::given(method("POST"))
+        .and(path(format!("/{model}")))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({
+                    "status": "IN_QUEUE", "request_id": "req-9", "response_url": base,
+                    "status_url": format!("{base}/status"), "cancel_url": format!("{base}/cancel"),
+                }))
+                .set_delay(Duration::from_millis(300)),
+        )
+        .expect(3)
+        .mount(&fal)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/fal-ai/kling-video/requests/req-9/status"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"status": "IN_PROGRESS", "request_id": "req-9"})),
+        )
+        .up_to_n_times(3)
+        .mount(&fal)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/fal-ai/kling-video/requests/req-9/status"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"status": "COMPLETED", "request_id": "req-9"})),
+        )
+        .mount(&fal)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/fal-ai/kling-video/requests/req-9"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "video": {"url": format!("{}/files/out.mp4", fal.uri()), "content_type": "video/mp4"}
+        })))
+        .mount(&fal)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/files/out.mp4"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_bytes(b"\x00\x00\x00\x18ftypmp42 fake video".to_vec()),
+        )
+        .mount(&fal)
+        .await;
+
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (status, g, _) = app
+            .submit(&key, None, json!({"kind": "video", "provider": "fal", "prompt": format!("a fox in snow {i}"), "parameters": {"model": model, "duration": "5"}}))
+            .await;
+        assert_eq!(status, 202, "{g}");
+        ids.push(g["id"].as_str().unwrap().parse::<Uuid>().unwrap());
+    }
+    let mut w = worker(&app);
+    w.pool = slate_events::db::pool_options()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(20))
+        .connect(&app.db.url)
+        .await
+        .unwrap();
+    w.providers = Arc::new(
+        Providers::new(&ProviderSettings {
+            fal: Some(slate_workers::providers::EndpointSettings::new(
+                fal.uri(),
+                Some(slate_workers::providers::ApiKey::new("fal_test_key")),
+                Duration::from_secs(5),
+            )),
+            ..ProviderSettings::default()
+        })
+        .unwrap(),
+    );
+    let outcomes = futures::future::join_all(
+        ids.iter()
+            .map(|id| slate_workers::generations::attempt(&w, *id, 1)),
+    )
+    .await;
+    for (id, outcome) in ids.iter().zip(outcomes) {
+        assert_eq!(
+            outcome,
+            slate_workers::generations::AttemptOutcome::Finished
+        );
+        let (_, g) = app
+            .get_as(&format!("/v1/generations/{id}"), Some(&key))
+            .await;
+        assert_eq!(g["status"], "succeeded", "{g}");
+    }
+}
+
 /// Read a whole SSE response: (id, data) of each event.
 async fn read_sse(
     client: &reqwest::Client,

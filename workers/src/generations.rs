@@ -192,6 +192,9 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
         return Ok(());
     }
     generations::record_started(&mut conn, g, attempt, &system()).await?;
+    // No connection is held while the provider works (minutes, for video):
+    // the worker's concurrency is not bounded by its pool.
+    drop(conn);
     let provider = w
         .providers
         .get(&g.provider)
@@ -220,13 +223,14 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
             match provider.start(&request).await? {
                 Started::Done(output) => output,
                 Started::Pending { handle } => {
+                    let mut conn = w.pool.acquire().await?;
                     generations::record_submitted(&mut conn, g, &handle, &system()).await?;
+                    drop(conn);
                     poll(w, provider, g, &handle).await?
                 }
             }
         }
     };
-    drop(conn);
     let stored = store_output(w, g, output).await?;
     let mut tx = w.pool.begin().await?;
     let first = generations::succeed(&mut tx, g, &stored, &system()).await?;

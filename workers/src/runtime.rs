@@ -74,7 +74,7 @@ impl WorkerSettings {
             ),
             storage,
             generation_attempts: 5,
-            generation_concurrency: 8,
+            generation_concurrency: GENERATION_CONCURRENCY,
             generation_fetchers: GENERATION_FETCHERS,
             poll_interval: Duration::from_secs(2),
             webhook_allow: Vec::new(),
@@ -359,6 +359,10 @@ async fn watchdog(pool: PgPool, process: String, every: Duration, stale_after: D
 
 /// Workers for the generation queue by default.
 pub const GENERATION_FETCHERS: usize = 4;
+
+/// Generations one `slate work` runs at once by default
+/// (`SLATE_GENERATION_CONCURRENCY`).
+pub const GENERATION_CONCURRENCY: usize = 8;
 
 /// `concurrency` jobs at once across up to `fetchers` workers of one queue:
 /// how many jobs each worker runs at once (as even as can be, `concurrency`
