@@ -487,3 +487,22 @@ async fn a_worker_takes_jobs_again_after_a_database_outage() {
         "the worker process exited"
     );
 }
+
+/// The queues' bookkeeping pool commits without waiting for the WAL flush;
+/// the ordinary pool (every domain write and every enqueue) stays durable.
+#[tokio::test]
+async fn only_the_queue_bookkeeping_pool_commits_asynchronously() {
+    let db = TestDb::new().await;
+    let queue_pool = slate_workers::poll::queue_pool(&db.pool);
+    let setting = "select current_setting('synchronous_commit')";
+    let queue: String = sqlx::query_scalar(setting)
+        .fetch_one(&queue_pool)
+        .await
+        .unwrap();
+    let ordinary: String = sqlx::query_scalar(setting)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!((queue.as_str(), ordinary.as_str()), ("off", "on"));
+    queue_pool.close().await;
+}

@@ -10,6 +10,10 @@
 //! notifications and adds two wake-ups: one `RECHECK` after the last
 //! notification (so a swallowed one still leads to a fetch that sees its
 //! job), and a slow `SAFETY_NET` interval for a job that never notified.
+//!
+//! The queue's own bookkeeping (fetch, lock, completion, heartbeat) goes
+//! through [`queue_pool`], whose transactions commit without waiting for
+//! their WAL flush.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,13 +30,44 @@ pub const RECHECK: Duration = Duration::from_millis(10);
 /// A fetch at least this often, notified or not.
 pub const SAFETY_NET: Duration = Duration::from_secs(1);
 
+/// Connections for the queue's own bookkeeping: apalis-postgres's fetch
+/// (which claims jobs), its lock and completion updates, heartbeats and
+/// orphan recovery. They commit with `synchronous_commit = off`: a commit
+/// returns before its WAL record is flushed, so these transactions no
+/// longer wait for the disk (three of a generation's six commits, nearly all
+/// of a no-op job's).
+///
+/// What a server crash can lose is the last moments of those updates (at
+/// most three `wal_writer_delay`s, 600 ms by default), never a job: a lost
+/// claim or lock leaves the job to be fetched again (or recovered as an
+/// orphan), a lost completion runs it again. Every handler is at-least-once
+/// already (a worker can die between its effect and its completion), and a
+/// handler's own writes, like every domain write and every enqueue (in the
+/// caller's transaction), commit on the ordinary pool and are durable when
+/// they return; a durable commit also flushes every record before it.
+pub fn queue_pool(pool: &PgPool) -> PgPool {
+    let options = (*pool.connect_options())
+        .clone()
+        .options([("synchronous_commit", "off")]);
+    slate_events::db::pool_options()
+        .max_connections(QUEUE_POOL_SIZE)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options)
+}
+
+/// Connections of [`queue_pool`]: each worker's fetch loop holds one only
+/// for its statement (listeners take their own).
+pub const QUEUE_POOL_SIZE: u32 = 8;
+
 /// A queue's storage as every Slate worker polls it.
 pub type Backend<T> = PollWith<PostgresStorage<T>, Strategy>;
 
 /// The storage of `queue` with `config` (whose queue must be `queue`),
-/// woken by notifications, a re-check after them and the safety net.
-pub fn backend<T>(pool: &PgPool, queue: &str, config: Config) -> Backend<T> {
-    PostgresStorage::<T>::new(pool)
+/// woken by notifications, a re-check after them and the safety net. Its
+/// bookkeeping goes through `queue_pool` (see [`queue_pool`]); the listener
+/// holds a connection of `pool` (the notifications need no commit).
+pub fn backend<T>(pool: &PgPool, queue_pool: &PgPool, queue: &str, config: Config) -> Backend<T> {
+    PostgresStorage::<T>::new(queue_pool)
         .with_config(config)
         .poll_with_strategy(
             Strategy::new()

@@ -127,13 +127,17 @@ where
         stop_rx.clone(),
     )));
 
+    // The queues' own bookkeeping commits without waiting for the disk.
+    let queue_pool = crate::poll::queue_pool(&pool);
     let diagnostics_storage = crate::poll::backend::<DiagnosticJob>(
         &pool,
+        &queue_pool,
         diagnostics::QUEUE,
         settings.queue_config(diagnostics::QUEUE),
     );
     let stripe_storage = crate::poll::backend::<StripeJob>(
         &pool,
+        &queue_pool,
         stripe::QUEUE,
         settings.queue_config(stripe::QUEUE),
     );
@@ -148,6 +152,7 @@ where
     };
     let generation_storage = crate::poll::backend::<GenerationJob>(
         &pool,
+        &queue_pool,
         generations::QUEUE,
         settings.limited_queue_config(generations::QUEUE),
     );
@@ -166,6 +171,7 @@ where
     };
     let webhook_storage = crate::poll::backend::<WebhookJob>(
         &pool,
+        &queue_pool,
         webhooks::QUEUE,
         settings.limited_queue_config(webhooks::QUEUE),
     );
@@ -173,18 +179,27 @@ where
     let webhook_name = settings.worker_name.clone();
     let maintenance_storage = crate::poll::backend::<sweeper::SweepJob>(
         &pool,
+        &queue_pool,
         sweeper::QUEUE,
         settings.queue_config(sweeper::QUEUE),
     );
     let maintenance_pool = pool.clone();
-    let email_storage =
-        crate::poll::backend::<EmailJob>(&pool, email::QUEUE, settings.queue_config(email::QUEUE));
+    let email_storage = crate::poll::backend::<EmailJob>(
+        &pool,
+        &queue_pool,
+        email::QUEUE,
+        settings.queue_config(email::QUEUE),
+    );
     let email_worker = EmailWorker {
         pool: pool.clone(),
         mailer: settings.mailer.clone(),
     };
-    let purge_storage =
-        crate::poll::backend::<PurgeJob>(&pool, purge::QUEUE, settings.queue_config(purge::QUEUE));
+    let purge_storage = crate::poll::backend::<PurgeJob>(
+        &pool,
+        &queue_pool,
+        purge::QUEUE,
+        settings.queue_config(purge::QUEUE),
+    );
     let purger = Purger {
         pool: pool.clone(),
         storage: Storage::new(&settings.storage),
@@ -304,6 +319,7 @@ where
     for h in background {
         let _ = h.await;
     }
+    queue_pool.close().await;
     tracing::info!("worker stopped");
     result.map_err(|e| anyhow::anyhow!("worker monitor: {e}"))?;
     anyhow::ensure!(
