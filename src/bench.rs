@@ -388,6 +388,10 @@ async fn appends(pool: &PgPool, opts: &BenchOptions) -> anyhow::Result<Appends> 
     let mut group_commit_appends = Vec::new();
     let group = store::GroupCommit::start(pool.clone(), Default::default());
     for &c in &LEVELS {
+        let at = |per_second| Throughput {
+            connections: c,
+            per_second,
+        };
         insert_ceiling.push(ceiling(pool, c, duration).await?);
         let n = for_duration(pool, c, duration, move |pool, worker, i| async move {
             let mut conn = pool.acquire().await?;
@@ -403,10 +407,7 @@ async fn appends(pool: &PgPool, opts: &BenchOptions) -> anyhow::Result<Appends> 
             .map_err(as_sqlx)
         })
         .await?;
-        event_appends.push(Throughput {
-            connections: c,
-            per_second: n,
-        });
+        event_appends.push(at(n));
         let group = group.clone();
         let n = for_duration(pool, c, duration, move |_, worker, i| {
             let group = group.clone();
@@ -423,10 +424,7 @@ async fn appends(pool: &PgPool, opts: &BenchOptions) -> anyhow::Result<Appends> 
             }
         })
         .await?;
-        group_commit_appends.push(Throughput {
-            connections: c,
-            per_second: n,
-        });
+        group_commit_appends.push(at(n));
     }
     drop(group);
     Ok(Appends {

@@ -570,6 +570,64 @@ async fn submissions_are_rate_limited_per_account_even_when_redis_is_down() {
     }
 }
 
+/// A worker whose Fal.ai provider is the fake at `fal`.
+fn fal_worker(app: &TestApp, fal: &wiremock::MockServer) -> GenerationWorker {
+    GenerationWorker {
+        providers: Arc::new(
+            Providers::new(&ProviderSettings {
+                fal: Some(slate_workers::providers::EndpointSettings::new(
+                    fal.uri(),
+                    Some(slate_workers::providers::ApiKey::new("fal_test_key")),
+                    Duration::from_secs(5),
+                )),
+                ..ProviderSettings::default()
+            })
+            .unwrap(),
+        ),
+        ..worker(app)
+    }
+}
+
+/// Fal.ai's answer to a queue submission: request `id` is queued.
+fn fal_in_queue(fal: &wiremock::MockServer, id: &str) -> Value {
+    let base = format!("{}/fal-ai/kling-video/requests/{id}", fal.uri());
+    json!({
+        "status": "IN_QUEUE", "request_id": id, "response_url": base,
+        "status_url": format!("{base}/status"), "cancel_url": format!("{base}/cancel"),
+    })
+}
+
+/// Fal.ai's side of a finished request `id`: its status (COMPLETED, after
+/// any status mocks mounted before), its result and the video it points to.
+async fn mount_fal_result(fal: &wiremock::MockServer, id: &str) {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+    let base = format!("/fal-ai/kling-video/requests/{id}");
+    Mock::given(method("GET"))
+        .and(path(format!("{base}/status")))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"status": "COMPLETED", "request_id": id})),
+        )
+        .mount(fal)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(base))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "video": {"url": format!("{}/files/out.mp4", fal.uri()), "content_type": "video/mp4"}
+        })))
+        .mount(fal)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/files/out.mp4"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_bytes(b"\x00\x00\x00\x18ftypmp42 fake video".to_vec()),
+        )
+        .mount(fal)
+        .await;
+}
+
 /// A generation through a real provider adapter (Fal.ai's queue API, faked
 /// at the HTTP boundary): a transient failure is retried, the handle is
 /// polled, the result downloaded and stored; a content-policy refusal is
@@ -583,7 +641,6 @@ async fn a_fal_generation_survives_a_transient_failure_and_a_refusal_is_refunded
     let app = spawn_app_with(&[("FAL_KEY", "fal_test_key"), ("FAL_BASE_URL", &fal.uri())]).await;
     let (account, key) = funded(&app, 200).await;
     let model = "fal-ai/kling-video/v2.1/master/text-to-video";
-    let base = format!("{}/fal-ai/kling-video/requests/req-1", fal.uri());
     // First submission: the queue is overloaded; the retry gets in.
     Mock::given(method("POST"))
         .and(path(format!("/{model}")))
@@ -593,36 +650,11 @@ async fn a_fal_generation_survives_a_transient_failure_and_a_refusal_is_refunded
         .await;
     Mock::given(method("POST"))
         .and(path(format!("/{model}")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "status": "IN_QUEUE", "request_id": "req-1", "response_url": base,
-            "status_url": format!("{base}/status"), "cancel_url": format!("{base}/cancel"),
-        })))
+        .respond_with(ResponseTemplate::new(200).set_body_json(fal_in_queue(&fal, "req-1")))
         .expect(1)
         .mount(&fal)
         .await;
-    Mock::given(method("GET"))
-        .and(path("/fal-ai/kling-video/requests/req-1/status"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"status": "COMPLETED", "request_id": "req-1"})),
-        )
-        .mount(&fal)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/fal-ai/kling-video/requests/req-1"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "video": {"url": format!("{}/files/out.mp4", fal.uri()), "content_type": "video/mp4"}
-        })))
-        .mount(&fal)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/files/out.mp4"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_bytes(b"\x00\x00\x00\x18ftypmp42 fake video".to_vec()),
-        )
-        .mount(&fal)
-        .await;
+    mount_fal_result(&fal, "req-1").await;
 
     let (status, g, _) = app
         .submit(&key, None, json!({"kind": "video", "provider": "fal", "prompt": "a fox in snow", "parameters": {"model": model, "duration": "5"}}))
@@ -630,18 +662,7 @@ async fn a_fal_generation_survives_a_transient_failure_and_a_refusal_is_refunded
     assert_eq!((status, g["cost"].as_i64()), (202, Some(50)), "{g}");
     let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
 
-    let mut w = worker(&app);
-    w.providers = Arc::new(
-        Providers::new(&ProviderSettings {
-            fal: Some(slate_workers::providers::EndpointSettings::new(
-                fal.uri(),
-                Some(slate_workers::providers::ApiKey::new("fal_test_key")),
-                Duration::from_secs(5),
-            )),
-            ..ProviderSettings::default()
-        })
-        .unwrap(),
-    );
+    let w = fal_worker(&app, &fal);
     let first = slate_workers::generations::attempt(&w, id, 1).await;
     assert!(
         matches!(first, slate_workers::generations::AttemptOutcome::RetryAfter(_, ref c) if c == "provider_unavailable"),
@@ -734,15 +755,11 @@ async fn generations_waiting_on_their_provider_hold_no_database_connection() {
     let app = spawn_app_with(&[("FAL_KEY", "fal_test_key"), ("FAL_BASE_URL", &fal.uri())]).await;
     let (_, key) = funded(&app, 500).await;
     let model = "fal-ai/kling-video/v2.1/master/text-to-video";
-    let base = format!("{}/fal-ai/kling-video/requests/req-9", fal.uri());
     Mock::given(method("POST"))
         .and(path(format!("/{model}")))
         .respond_with(
             ResponseTemplate::new(200)
-                .set_body_json(json!({
-                    "status": "IN_QUEUE", "request_id": "req-9", "response_url": base,
-                    "status_url": format!("{base}/status"), "cancel_url": format!("{base}/cancel"),
-                }))
+                .set_body_json(fal_in_queue(&fal, "req-9"))
                 .set_delay(Duration::from_millis(300)),
         )
         .expect(3)
@@ -757,29 +774,7 @@ async fn generations_waiting_on_their_provider_hold_no_database_connection() {
         .up_to_n_times(3)
         .mount(&fal)
         .await;
-    Mock::given(method("GET"))
-        .and(path("/fal-ai/kling-video/requests/req-9/status"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"status": "COMPLETED", "request_id": "req-9"})),
-        )
-        .mount(&fal)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/fal-ai/kling-video/requests/req-9"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "video": {"url": format!("{}/files/out.mp4", fal.uri()), "content_type": "video/mp4"}
-        })))
-        .mount(&fal)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/files/out.mp4"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_bytes(b"\x00\x00\x00\x18ftypmp42 fake video".to_vec()),
-        )
-        .mount(&fal)
-        .await;
+    mount_fal_result(&fal, "req-9").await;
 
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -789,24 +784,13 @@ async fn generations_waiting_on_their_provider_hold_no_database_connection() {
         assert_eq!(status, 202, "{g}");
         ids.push(g["id"].as_str().unwrap().parse::<Uuid>().unwrap());
     }
-    let mut w = worker(&app);
+    let mut w = fal_worker(&app, &fal);
     w.pool = slate_events::db::pool_options()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(20))
         .connect(&app.db.url)
         .await
         .unwrap();
-    w.providers = Arc::new(
-        Providers::new(&ProviderSettings {
-            fal: Some(slate_workers::providers::EndpointSettings::new(
-                fal.uri(),
-                Some(slate_workers::providers::ApiKey::new("fal_test_key")),
-                Duration::from_secs(5),
-            )),
-            ..ProviderSettings::default()
-        })
-        .unwrap(),
-    );
     let outcomes = futures::future::join_all(
         ids.iter()
             .map(|id| slate_workers::generations::attempt(&w, *id, 1)),

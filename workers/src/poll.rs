@@ -57,7 +57,7 @@ pub fn queue_pool(pool: &PgPool) -> PgPool {
 
 /// Connections of [`queue_pool`]: each worker's fetch loop holds one only
 /// for its statement (listeners take their own).
-pub const QUEUE_POOL_SIZE: u32 = 8;
+const QUEUE_POOL_SIZE: u32 = 8;
 
 /// A queue's storage as every Slate worker polls it.
 pub type Backend<T> = PollWith<PostgresStorage<T>, Strategy>;
