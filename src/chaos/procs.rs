@@ -21,6 +21,8 @@ struct Proc {
     started: Instant,
     restart_at: Option<Instant>,
     starts: u32,
+    /// PostgreSQL was down when this run of it started.
+    started_in_pg_outage: bool,
 }
 
 /// An exit nobody asked for.
@@ -29,7 +31,9 @@ pub struct Exit {
     pub name: String,
     pub status: String,
     pub uptime: Duration,
-    /// PostgreSQL was down when it exited (a start that could not connect).
+    /// PostgreSQL was down when it started or when it exited (a start that
+    /// could not connect; PostgreSQL may be back, but still recovering,
+    /// by the time the start gives up).
     pub during_pg_outage: bool,
     /// `slate work`'s watchdog stopped it: one of its job workers had gone
     /// silent (see workers/src/runtime.rs).
@@ -71,12 +75,13 @@ impl Supervisor {
             started: Instant::now(),
             restart_at: None,
             starts: 0,
+            started_in_pg_outage: false,
         });
         let i = self.procs.len() - 1;
-        self.spawn(i)
+        self.spawn(i, false)
     }
 
-    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+    fn spawn(&mut self, i: usize, pg_down: bool) -> anyhow::Result<()> {
         let p = &mut self.procs[i];
         let log_path = self.logs.join(format!("{}.log", p.name));
         let log = OpenOptions::new()
@@ -101,6 +106,7 @@ impl Supervisor {
         p.started = Instant::now();
         p.restart_at = None;
         p.starts += 1;
+        p.started_in_pg_outage = pg_down;
         Ok(())
     }
 
@@ -122,13 +128,13 @@ impl Supervisor {
                     name: p.name.clone(),
                     status: status.to_string(),
                     uptime: p.started.elapsed(),
-                    during_pg_outage: pg_down,
+                    during_pg_outage: pg_down || p.started_in_pg_outage,
                 });
                 p.child = None;
                 p.restart_at = Some(now + Duration::from_secs(2));
             }
             if p.child.is_none() && p.restart_at.is_some_and(|t| t <= now) {
-                self.spawn(i)?;
+                self.spawn(i, pg_down)?;
             }
         }
         Ok(())
