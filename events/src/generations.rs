@@ -305,14 +305,33 @@ async fn append(
     Ok(!appended.duplicate)
 }
 
+/// `GenerationStarted` for this attempt, in a transaction of its own that
+/// commits without waiting for its WAL flush (`synchronous_commit = off`).
+///
+/// The event only marks progress. A server crash can lose it (the last
+/// moments of asynchronous commits), and then nothing that depends on it
+/// survives either: the attempt's next durable write (the provider's handle,
+/// the outcome, a refund) flushes every WAL record before its own, and a
+/// projector's durable checkpoint past it flushes it too. What a crash can
+/// do is show a generation as running and then as queued again, which it is
+/// (the queue runs the attempt again, and appending its start again is a
+/// no-op: the event id is derived from the attempt).
 pub async fn record_started(
     conn: &mut PgConnection,
     g: &Generation,
     attempt: i32,
     metadata: &Metadata,
 ) -> Result<(), Error> {
+    debug_assert!(
+        !sqlx::Connection::is_in_transaction(&*conn),
+        "record_started commits on its own"
+    );
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    sqlx::query("set local synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
     append(
-        conn,
+        &mut tx,
         g.generation_id,
         store::deterministic_event_id(&format!("generation-started:{}:{attempt}", g.generation_id)),
         DomainEvent::GenerationStarted(GenerationStarted {
@@ -323,6 +342,7 @@ pub async fn record_started(
         metadata,
     )
     .await?;
+    tx.commit().await?;
     Ok(())
 }
 
