@@ -98,10 +98,13 @@ pub struct Jobs {
     /// Workers (fetch loops) sharing it.
     pub fetchers: usize,
     pub noop_per_second: f64,
-    /// No-op jobs taken as the generation queue takes its jobs (one per
-    /// fetch, `concurrency` at once): apalis's own cost per job there.
+    /// No-op jobs taken as the generation queue takes its jobs (as many per
+    /// fetch as free slots, `concurrency` at once): the queue's own cost per
+    /// job there.
     pub noop_limited_per_second: f64,
     pub generations_per_second: f64,
+    /// How fast the clients' submissions went in during that run.
+    pub submissions_per_second: f64,
 }
 
 /// `slate bench --only webhooks`.
@@ -249,35 +252,35 @@ pub async fn run_jobs(config: &Config, opts: &BenchOptions) -> anyhow::Result<Jo
 }
 
 async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Result<Jobs> {
+    let noop_per_second =
+        slate_workers::bench::noop_jobs_per_second(pool, opts.jobs, NoopSetup::Bare).await?;
+    let noop_limited_per_second = slate_workers::bench::noop_jobs_per_second(
+        pool,
+        opts.jobs,
+        NoopSetup::Limited {
+            concurrency: opts.generation_concurrency,
+            fetchers: opts.generation_fetchers,
+        },
+    )
+    .await?;
+    let generations = slate_workers::bench::generations_per_second(
+        pool,
+        &config.storage(),
+        opts.jobs,
+        opts.generation_concurrency,
+        opts.generation_fetchers,
+        GENERATION_CLIENTS,
+    )
+    .await?;
     Ok(Jobs {
         jobs: opts.jobs,
         submitters: GENERATION_CLIENTS,
         concurrency: opts.generation_concurrency,
         fetchers: opts.generation_fetchers,
-        noop_per_second: slate_workers::bench::noop_jobs_per_second(
-            pool,
-            opts.jobs,
-            NoopSetup::Bare,
-        )
-        .await?,
-        noop_limited_per_second: slate_workers::bench::noop_jobs_per_second(
-            pool,
-            opts.jobs,
-            NoopSetup::Limited {
-                concurrency: opts.generation_concurrency,
-                fetchers: opts.generation_fetchers,
-            },
-        )
-        .await?,
-        generations_per_second: slate_workers::bench::generations_per_second(
-            pool,
-            &config.storage(),
-            opts.jobs,
-            opts.generation_concurrency,
-            opts.generation_fetchers,
-            GENERATION_CLIENTS,
-        )
-        .await?,
+        noop_per_second,
+        noop_limited_per_second,
+        generations_per_second: generations.end_to_end,
+        submissions_per_second: generations.submitted,
     })
 }
 
@@ -691,7 +694,7 @@ fn print_webhook_row(w: &Latency, ceiling_32: &Throughput) {
 
 fn print_jobs_row(j: &Jobs) {
     println!(
-        "4. {} jobs: bare apalis no-op {:.0} jobs/s (taken as the generation queue takes them, one per fetch, {} at once across {} workers: {:.0} jobs/s); end-to-end generations ({} clients with an account each, worker concurrency {} across {} workers, instant local provider, S3 upload, capture) {:.0}/s (ratio {:.2}; {:.2} of the no-op taken the same way)",
+        "4. {} jobs: bare apalis no-op {:.0} jobs/s (taken as the generation queue takes them, as many per fetch as free slots, {} at once across {} workers: {:.0} jobs/s); end-to-end generations ({} clients with an account each, worker concurrency {} across {} workers, instant local provider, S3 upload, capture) {:.0}/s (ratio {:.2}; {:.2} of the no-op taken the same way; submissions went in at {:.0}/s)",
         j.jobs,
         j.noop_per_second,
         j.concurrency,
@@ -702,7 +705,8 @@ fn print_jobs_row(j: &Jobs) {
         j.fetchers,
         j.generations_per_second,
         j.generations_per_second / j.noop_per_second,
-        j.generations_per_second / j.noop_limited_per_second
+        j.generations_per_second / j.noop_limited_per_second,
+        j.submissions_per_second
     );
 }
 

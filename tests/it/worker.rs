@@ -506,3 +506,145 @@ async fn only_the_queue_bookkeeping_pool_commits_asynchronously() {
     assert_eq!((queue.as_str(), ordinary.as_str()), ("off", "on"));
     queue_pool.close().await;
 }
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Held {
+    i: usize,
+}
+
+/// Lets the held jobs finish once opened; counts the ones that started.
+#[derive(Clone)]
+struct Gate {
+    started: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    open: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self {
+            started: Default::default(),
+            open: std::sync::Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
+}
+
+async fn held(
+    _job: Held,
+    gate: apalis::prelude::Data<Gate>,
+) -> Result<(), apalis::prelude::BoxDynError> {
+    gate.started
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    gate.open.acquire().await?.forget();
+    Ok(())
+}
+
+async fn worker_last_seen(db: &TestDb, queue: &str) -> chrono::DateTime<chrono::Utc> {
+    sqlx::query_scalar("select last_seen from apalis.workers where worker_type = $1")
+        .bind(queue)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// A worker with a concurrency limit claims as many jobs as it has free
+/// slots, in one fetch, and no more: the rest stay in the queue for other
+/// workers, and it keeps heartbeating while its slots are busy. (apalis-
+/// postgres's own storage either claims a fixed batch, whose waiting jobs
+/// silence the worker's heartbeat, or, with a batch of one, fetches once
+/// per job.)
+#[tokio::test]
+async fn a_limited_worker_claims_only_its_free_slots_and_keeps_its_heartbeat() {
+    use apalis::prelude::*;
+
+    const QUEUE: &str = "test.held";
+    let db = TestDb::new().await;
+    let tasks = (0..6)
+        .map(|i| TaskBuilder::new(serde_json::to_vec(&Held { i }).unwrap()).build())
+        .collect();
+    let mut conn = db.pool.acquire().await.unwrap();
+    apalis_postgres::queries::push_tasks(&mut *conn, QUEUE, tasks)
+        .await
+        .unwrap();
+    drop(conn);
+
+    let queue_pool = slate_workers::poll::queue_pool(&db.pool);
+    let config = apalis_postgres::Config::default()
+        .queue(QUEUE)
+        .batch_size(10)
+        // Whole seconds: apalis-postgres's orphan check truncates the
+        // missed-beats window (interval × missed) to seconds.
+        .heartbeat_interval(Duration::from_secs(1))
+        .missed_heartbeats(3);
+    let backend = slate_workers::poll::backend::<Held>(&db.pool, &queue_pool, QUEUE, config);
+    let gate = Gate::default();
+    let (limited, data) = (slate_workers::poll::limited(&backend, 2), gate.clone());
+    let monitor = Monitor::new().register(move |_| {
+        WorkerBuilder::new("test-held")
+            .backend(limited.clone())
+            .data(data.clone())
+            .concurrency(2)
+            .parallelize(tokio::spawn)
+            .build(held)
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(monitor.run_with_signal(async move {
+        let _ = stopped.await;
+        Ok(())
+    }));
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while gate.started.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "two jobs never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Both slots busy: the worker must keep beating (two beats at least).
+    let first = worker_last_seen(&db, QUEUE).await;
+    while worker_last_seen(&db, QUEUE).await < first + chrono::Duration::milliseconds(1500) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no heartbeat while the worker's slots were busy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (claimed, fetches, pending): (i64, i64, i64) = sqlx::query_as(
+        "select count(*) filter (where lock_by is not null), \
+                count(distinct lock_at) filter (where lock_by is not null), \
+                count(*) filter (where status = 'Pending') \
+         from apalis.jobs where job_type = $1",
+    )
+    .bind(QUEUE)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (claimed, fetches, pending),
+        (2, 1, 4),
+        "two jobs claimed in one fetch, four left in the queue"
+    );
+    assert_eq!(gate.started.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    gate.open.add_permits(6);
+    loop {
+        let done: i64 = sqlx::query_scalar(
+            "select count(*) from apalis.jobs where job_type = $1 and status = 'Done'",
+        )
+        .bind(QUEUE)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if done == 6 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{done} of 6 jobs done"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    queue_pool.close().await;
+}

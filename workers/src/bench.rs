@@ -80,8 +80,9 @@ pub enum NoopSetup {
     /// apalis-postgres's usual set-up: 10 jobs per fetch, no concurrency
     /// limit (what `slate work` does for the unlimited queues).
     Bare,
-    /// The generation queue's: one job per fetch, `concurrency` at once
-    /// across `fetchers` workers, each job on its own task.
+    /// The generation queue's: `concurrency` at once across `fetchers`
+    /// workers, each fetching as many as it has free slots, each job on its
+    /// own task.
     Limited { concurrency: usize, fetchers: usize },
 }
 
@@ -122,12 +123,11 @@ pub async fn noop_jobs_per_second(
             concurrency,
             fetchers,
         } => {
-            let storage =
-                crate::poll::backend::<Noop>(pool, &queue_pool, queue, config(queue).batch_size(1));
+            let storage = crate::poll::backend::<Noop>(pool, &queue_pool, queue, config(queue));
             let slots = split_concurrency(concurrency, fetchers);
             Monitor::new().register_n(slots.len(), move |i, _| {
                 WorkerBuilder::new(format!("bench-noop-{}", Uuid::new_v4().simple()))
-                    .backend(storage.clone())
+                    .backend(crate::poll::limited(&storage, slots[i]))
                     .concurrency(slots[i])
                     .parallelize(tokio::spawn)
                     .build(noop)
@@ -145,6 +145,16 @@ pub async fn noop_jobs_per_second(
     Ok(rate)
 }
 
+/// [`generations_per_second`]'s figures.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerationRates {
+    /// Generations from the first submission to the last completion.
+    pub end_to_end: f64,
+    /// Submissions (reserve, record, enqueue: one transaction each) from the
+    /// first to the last commit, while the worker ran.
+    pub submitted: f64,
+}
+
 /// Generations per second end to end: reserved, queued, run by the worker
 /// with the instant local provider, stored in S3, captured. `submitters`
 /// clients submit concurrently, each for its own account (an account's
@@ -157,7 +167,7 @@ pub async fn generations_per_second(
     concurrency: usize,
     fetchers: usize,
     submitters: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<GenerationRates> {
     let submitters = submitters.max(1);
     let mut accounts = Vec::with_capacity(submitters);
     let mut conn = pool.acquire().await?;
@@ -203,14 +213,14 @@ pub async fn generations_per_second(
         pool,
         &queue_pool,
         generations::QUEUE,
-        // As `slate work` runs it (runtime::limited_queue_config).
-        config(generations::QUEUE).batch_size(1),
+        config(generations::QUEUE),
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let slots = split_concurrency(concurrency, fetchers);
     let monitor = Monitor::new().register_n(slots.len(), move |i, _| {
         WorkerBuilder::new(format!("bench-generations-{}", Uuid::new_v4().simple()))
-            .backend(backend.clone())
+            // As `slate work` runs it.
+            .backend(crate::poll::limited(&backend, slots[i]))
             .data(worker.clone())
             .concurrency(slots[i])
             .parallelize(tokio::spawn)
@@ -251,11 +261,16 @@ pub async fn generations_per_second(
     for c in clients {
         c.await??;
     }
-    let rate = wait_done(pool, generations::QUEUE, n, start, Duration::from_secs(600)).await?;
+    let submitted = n as f64 / (db_now(pool).await? - start).as_seconds_f64().max(1e-3);
+    let end_to_end =
+        wait_done(pool, generations::QUEUE, n, start, Duration::from_secs(600)).await?;
     let _ = stop.send(());
     let _ = running.await;
     queue_pool.close().await;
-    Ok(rate)
+    Ok(GenerationRates {
+        end_to_end,
+        submitted,
+    })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -11,6 +11,7 @@ pub mod media;
 pub mod poll;
 pub mod providers;
 pub mod purge;
+pub mod queue;
 pub mod runtime;
 pub mod storage;
 pub mod stripe;

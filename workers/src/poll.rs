@@ -13,7 +13,7 @@
 //!
 //! The queue's own bookkeeping (fetch, lock, completion, heartbeat) goes
 //! through [`queue_pool`], whose transactions commit without waiting for
-//! their WAL flush.
+//! their WAL flush. How many jobs a fetch takes: see [`crate::queue`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,9 +21,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use apalis::prelude::{BackendExt, PollSnapshot, PollStrategy, PollWith, Strategy};
-use apalis_postgres::{Config, PostgresStorage, Pubsub};
+use apalis_postgres::{Config, Pubsub};
 use futures::StreamExt;
 use sqlx::PgPool;
+
+use crate::queue::QueueStorage;
 
 /// A fetch this long after the last notification.
 pub const RECHECK: Duration = Duration::from_millis(10);
@@ -60,20 +62,27 @@ pub fn queue_pool(pool: &PgPool) -> PgPool {
 const QUEUE_POOL_SIZE: u32 = 8;
 
 /// A queue's storage as every Slate worker polls it.
-pub type Backend<T> = PollWith<PostgresStorage<T>, Strategy>;
+pub type Backend<T> = PollWith<QueueStorage<T>, Strategy>;
 
 /// The storage of `queue` with `config` (whose queue must be `queue`),
 /// woken by notifications, a re-check after them and the safety net. Its
 /// bookkeeping goes through `queue_pool` (see [`queue_pool`]); the listener
 /// holds a connection of `pool` (the notifications need no commit).
 pub fn backend<T>(pool: &PgPool, queue_pool: &PgPool, queue: &str, config: Config) -> Backend<T> {
-    PostgresStorage::<T>::new(queue_pool)
-        .with_config(config)
-        .poll_with_strategy(
-            Strategy::new()
-                .apply(NotifyThenRecheck::new(pool, queue, RECHECK))
-                .interval(SAFETY_NET),
-        )
+    QueueStorage::<T>::new(queue_pool, config).poll_with_strategy(
+        Strategy::new()
+            .apply(NotifyThenRecheck::new(pool, queue, RECHECK))
+            .interval(SAFETY_NET),
+    )
+}
+
+/// `backend` for a worker that runs at most `slots` jobs at once (give it
+/// `.concurrency(slots)`): each fetch takes only as many jobs as it has
+/// free slots (see [`crate::queue`]). Shares `backend`'s listener.
+pub fn limited<T>(backend: &Backend<T>, slots: usize) -> Backend<T> {
+    let mut limited = backend.clone();
+    limited.limit(slots);
+    limited
 }
 
 /// Wakes the worker on every insert notification of its queue (all that are

@@ -90,18 +90,6 @@ impl WorkerSettings {
             .missed_heartbeats(self.missed_heartbeats)
             .batch_size(10)
     }
-
-    /// The configuration of a queue whose worker has a concurrency limit:
-    /// one job per fetch. apalis-postgres sends no heartbeat while fetched
-    /// jobs wait in its buffer for a free slot, so with a batch of 10 and 8
-    /// slots busy with long generations, a worker would fall silent for as
-    /// long as those ran, and after 3 missed beats the others may take it for
-    /// dead and run its jobs again (apalis-core 1.0, persistence/mod.rs: no
-    /// heartbeat in the Buffered state). Fetching only when a slot is free
-    /// leaves nothing waiting in the buffer.
-    fn limited_queue_config(&self, queue: &str) -> Config {
-        self.queue_config(queue).batch_size(1)
-    }
 }
 
 /// Run until `shutdown` resolves, then stop taking jobs, let in-flight ones
@@ -154,7 +142,7 @@ where
         &pool,
         &queue_pool,
         generations::QUEUE,
-        settings.limited_queue_config(generations::QUEUE),
+        settings.queue_config(generations::QUEUE),
     );
     let generation_worker = GenerationWorker {
         pool: pool.clone(),
@@ -173,7 +161,7 @@ where
         &pool,
         &queue_pool,
         webhooks::QUEUE,
-        settings.limited_queue_config(webhooks::QUEUE),
+        settings.queue_config(webhooks::QUEUE),
     );
     let webhook_worker = WebhookWorker::new(pool.clone(), settings.webhook_allow.clone())?;
     let webhook_name = settings.worker_name.clone();
@@ -234,7 +222,10 @@ where
         .register_n(generation_slots.len(), move |index, restarts| {
             let queue = format!("generations.{index}");
             WorkerBuilder::new(instance(&generation_name, &queue, restarts))
-                .backend(generation_storage.clone())
+                .backend(crate::poll::limited(
+                    &generation_storage,
+                    generation_slots[index],
+                ))
                 .data(generation_worker.clone())
                 .catch_panic()
                 .concurrency(generation_slots[index])
@@ -253,10 +244,10 @@ where
         })
         .register(move |restarts| {
             WorkerBuilder::new(instance(&webhook_name, "webhooks", restarts))
-                .backend(webhook_storage.clone())
+                .backend(crate::poll::limited(&webhook_storage, WEBHOOK_CONCURRENCY))
                 .data(webhook_worker.clone())
                 .catch_panic()
-                .concurrency(8)
+                .concurrency(WEBHOOK_CONCURRENCY)
                 .build(webhooks::handle)
         })
         .register(move |restarts| {
@@ -380,16 +371,17 @@ pub const GENERATION_FETCHERS: usize = 4;
 /// (`SLATE_GENERATION_CONCURRENCY`).
 pub const GENERATION_CONCURRENCY: usize = 8;
 
+/// Completion webhooks one `slate work` delivers at once.
+const WEBHOOK_CONCURRENCY: usize = 8;
+
 /// `concurrency` jobs at once across up to `fetchers` workers of one queue:
 /// how many jobs each worker runs at once (as even as can be, `concurrency`
 /// in all).
 ///
-/// A queue with a concurrency limit fetches one job at a time (see
-/// `limited_queue_config`), and apalis-core runs a worker's fetches, lock
-/// and completion updates and heartbeats one after another, each its own
-/// committed transaction: one worker takes at most one job per two commits
-/// (on this machine kind 140–190 no-op jobs/s, whatever its concurrency).
-/// Several workers fetch side by side, each still one job at a time.
+/// apalis-core runs a worker's fetches, lock and completion updates and
+/// heartbeats one after another, each its own transaction; several workers
+/// fetch side by side, each taking as many jobs as it has free slots (see
+/// [`crate::queue`]).
 pub fn split_concurrency(concurrency: usize, fetchers: usize) -> Vec<usize> {
     let concurrency = concurrency.max(1);
     let workers = fetchers.clamp(1, concurrency);
