@@ -1097,3 +1097,37 @@ async fn canceling_a_running_generation_calls_the_provider_and_releases_unless_i
         (Some(100), Some(0))
     );
 }
+
+/// An account's first webhook-secret requests at once all get its one
+/// secret. (The second of two first uses used to find no row: its insert
+/// waited for the first's and did nothing, and its read's snapshot predated
+/// the first's commit: a 500 the hostile run met.)
+#[tokio::test]
+async fn concurrent_first_requests_for_the_webhook_secret_all_get_the_same_one() {
+    let db = crate::harness::TestDb::new().await;
+    for round in 0..5 {
+        let mut conn = db.conn().await;
+        let account = slate_events::accounts::create_account(
+            &mut conn,
+            &format!("secret-{round}@example.com"),
+            false,
+            slate_events::Metadata::system(),
+        )
+        .await
+        .unwrap();
+        drop(conn);
+        let asks = (0..12).map(|_| {
+            let pool = db.pool.clone();
+            tokio::spawn(async move {
+                let mut conn = pool.acquire().await.unwrap();
+                slate_workers::webhooks::secret_for(&mut conn, account).await
+            })
+        });
+        let secrets: Vec<String> = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().expect("every first request gets the secret"))
+            .collect();
+        assert!(secrets.iter().all(|s| s == &secrets[0]), "{secrets:?}");
+    }
+}
