@@ -65,16 +65,12 @@ impl<Args> QueueStorage<Args> {
     pub fn limit(&mut self, slots: usize) {
         self.persistence.slots = Some(slots.max(1));
     }
-
-    pub fn config(&self) -> &Config {
-        &self.persistence.config
-    }
 }
 
 /// How many jobs one fetch claims: the configured batch, or, for a worker
 /// with `slots`, those not taken by the `running` ones (at least one: the
 /// worker asks only once a slot is free).
-pub fn fetch_size(batch: usize, slots: Option<usize>, running: usize) -> usize {
+fn fetch_size(batch: usize, slots: Option<usize>, running: usize) -> usize {
     match slots {
         None => batch.max(1),
         Some(slots) => slots.saturating_sub(running).max(1),
