@@ -546,6 +546,15 @@ async fn worker_last_seen(db: &TestDb, queue: &str) -> chrono::DateTime<chrono::
         .unwrap()
 }
 
+/// Polls `ready` until it holds; fails with `what` after 20 s.
+async fn until(what: &str, mut ready: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ready().await {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A worker with a concurrency limit claims as many jobs as it has free
 /// slots, in one fetch, and no more: the rest stay in the queue for other
 /// workers, and it keeps heartbeating while its slots are busy. (apalis-
@@ -592,23 +601,17 @@ async fn a_limited_worker_claims_only_its_free_slots_and_keeps_its_heartbeat() {
         Ok(())
     }));
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while gate.started.load(std::sync::atomic::Ordering::SeqCst) < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "two jobs never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("two jobs never started", async || {
+        gate.started.load(std::sync::atomic::Ordering::SeqCst) >= 2
+    })
+    .await;
     // Both slots busy: the worker must keep beating (two beats at least).
     let first = worker_last_seen(&db, QUEUE).await;
-    while worker_last_seen(&db, QUEUE).await < first + chrono::Duration::milliseconds(1500) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no heartbeat while the worker's slots were busy"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(
+        "no heartbeat while the worker's slots were busy",
+        async || worker_last_seen(&db, QUEUE).await >= first + chrono::Duration::milliseconds(1500),
+    )
+    .await;
     let (claimed, fetches, pending): (i64, i64, i64) = sqlx::query_as(
         "select count(*) filter (where lock_by is not null), \
                 count(distinct lock_at) filter (where lock_by is not null), \
@@ -627,7 +630,7 @@ async fn a_limited_worker_claims_only_its_free_slots_and_keeps_its_heartbeat() {
     assert_eq!(gate.started.load(std::sync::atomic::Ordering::SeqCst), 2);
 
     gate.open.add_permits(6);
-    loop {
+    until("not all 6 jobs done", async || {
         let done: i64 = sqlx::query_scalar(
             "select count(*) from apalis.jobs where job_type = $1 and status = 'Done'",
         )
@@ -635,15 +638,9 @@ async fn a_limited_worker_claims_only_its_free_slots_and_keeps_its_heartbeat() {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-        if done == 6 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{done} of 6 jobs done"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        done == 6
+    })
+    .await;
     let _ = stop.send(());
     running.await.unwrap().unwrap();
     queue_pool.close().await;

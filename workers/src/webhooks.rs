@@ -97,31 +97,31 @@ pub async fn check_url(url: &str, allow: &[String]) -> Result<(), UrlError> {
 }
 
 /// The account's signing secret, made on first use.
-///
-/// Two first uses at once: the second's insert waits for the first's commit
-/// and then does nothing, and its read, whose snapshot predates that commit,
-/// finds no row either. Asking again (a new statement, a new snapshot) finds
-/// the winner's secret.
 pub async fn secret_for(conn: &mut PgConnection, account_id: Uuid) -> Result<String, sqlx::Error> {
     let mut bytes = Vec::with_capacity(32);
     bytes.extend_from_slice(Uuid::new_v4().as_bytes());
     bytes.extend_from_slice(&Uuid::new_v4().as_bytes()[..8]);
     let fresh = format!("whsec_{}", B64.encode(&bytes));
-    for _ in 0..3 {
-        let secret: Option<String> = sqlx::query_scalar(
-            "with ins as (insert into webhook_secrets (account_id, secret) values ($1, $2)
-                          on conflict (account_id) do nothing returning secret)
-             select secret from ins union all select secret from webhook_secrets where account_id = $1 limit 1",
-        )
-        .bind(account_id)
-        .bind(&fresh)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some(secret) = secret {
-            return Ok(secret);
+    let secret: Option<String> = sqlx::query_scalar(
+        "with ins as (insert into webhook_secrets (account_id, secret) values ($1, $2)
+                      on conflict (account_id) do nothing returning secret)
+         select secret from ins union all select secret from webhook_secrets where account_id = $1 limit 1",
+    )
+    .bind(account_id)
+    .bind(fresh)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match secret {
+        Some(secret) => Ok(secret),
+        // A concurrent first use inserted it after our snapshot (our insert
+        // waited for its commit and did nothing): read it.
+        None => {
+            sqlx::query_scalar("select secret from webhook_secrets where account_id = $1")
+                .bind(account_id)
+                .fetch_one(conn)
+                .await
         }
     }
-    Err(sqlx::Error::RowNotFound)
 }
 
 /// `v1,<base64 signature>` of a message.
