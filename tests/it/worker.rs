@@ -488,22 +488,34 @@ async fn a_worker_takes_jobs_again_after_a_database_outage() {
     );
 }
 
-/// The queues' bookkeeping pool commits without waiting for the WAL flush;
-/// the ordinary pool (every domain write and every enqueue) stays durable.
+/// The queues' bookkeeping pool commits without waiting for the WAL flush
+/// and keeps generic plans; the ordinary pool (every domain write and every
+/// enqueue) stays durable, with PostgreSQL's default plan choice.
 #[tokio::test]
-async fn only_the_queue_bookkeeping_pool_commits_asynchronously() {
+async fn only_the_queue_bookkeeping_pool_commits_asynchronously_and_keeps_generic_plans() {
     let db = TestDb::new().await;
     let queue_pool = slate_workers::poll::queue_pool(&db.pool);
-    let setting = "select current_setting('synchronous_commit')";
-    let queue: String = sqlx::query_scalar(setting)
-        .fetch_one(&queue_pool)
-        .await
-        .unwrap();
-    let ordinary: String = sqlx::query_scalar(setting)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!((queue.as_str(), ordinary.as_str()), ("off", "on"));
+    for (setting, on_queue, ordinary) in [
+        ("synchronous_commit", "off", "on"),
+        ("plan_cache_mode", "force_generic_plan", "auto"),
+    ] {
+        let read = "select current_setting($1)";
+        let queue: String = sqlx::query_scalar(read)
+            .bind(setting)
+            .fetch_one(&queue_pool)
+            .await
+            .unwrap();
+        let plain: String = sqlx::query_scalar(read)
+            .bind(setting)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            (queue.as_str(), plain.as_str()),
+            (on_queue, ordinary),
+            "{setting}"
+        );
+    }
     queue_pool.close().await;
 }
 

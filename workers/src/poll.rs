@@ -47,10 +47,19 @@ pub const SAFETY_NET: Duration = Duration::from_secs(1);
 /// handler's own writes, like every domain write and every enqueue (in the
 /// caller's transaction), commit on the ordinary pool and are durable when
 /// they return; a durable commit also flushes every record before it.
+///
+/// They also keep one plan per statement (`plan_cache_mode =
+/// force_generic_plan`). The queue's statements take their jobs as arrays
+/// (`id = any($1)`), for which PostgreSQL's plan cache always finds a
+/// custom plan cheaper than the generic one, so it planned the lock and
+/// completion updates again on every call: 0.24 and 0.34 ms per call in
+/// `pg_stat_statements`, against a few µs to run them. Their generic plans
+/// are the same index lookups.
 pub fn queue_pool(pool: &PgPool) -> PgPool {
-    let options = (*pool.connect_options())
-        .clone()
-        .options([("synchronous_commit", "off")]);
+    let options = (*pool.connect_options()).clone().options([
+        ("synchronous_commit", "off"),
+        ("plan_cache_mode", "force_generic_plan"),
+    ]);
     slate_events::db::pool_options()
         .max_connections(QUEUE_POOL_SIZE)
         .acquire_timeout(Duration::from_secs(5))

@@ -22,9 +22,18 @@ use apalis_codec::json::JsonCodec;
 use apalis_core::backend::finalize::Durable;
 use apalis_core::backend::persistence::{Persisted, Persistence, TaskEvent, TaskPersistLayer};
 use apalis_core::backend::{BackendConfig, WireFormatBackend};
+use apalis_core::task::builder::TaskBuilder;
+use apalis_core::task::metadata::MetadataStore;
+use apalis_core::task::status::Status;
+use apalis_core::task::task_id::{TaskId, TaskIdError};
 use apalis_postgres::{Config, Error, PgTask, queries};
+use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::postgres::PgRow;
+use sqlx::postgres::types::PgHstore;
+use sqlx::{PgPool, Row};
+use std::collections::HashMap;
+use std::str::FromStr;
 use ulid::Ulid;
 
 /// One queue's jobs, as a worker takes them.
@@ -129,10 +138,13 @@ impl Persistence for Bookkeeping {
         // size only replaces the batch of a limited worker, which reads none.)
         self.config.batch_size =
             fetch_size(self.config.batch_size, self.slots, worker.task_count());
-        let mut tx = self.pool.begin().await?;
-        let tasks = queries::fetch_next(&mut *tx, &self.config, worker).await?;
-        tx.commit().await?;
-        Ok(tasks)
+        fetch(
+            &self.pool,
+            self.config.queue.as_ref(),
+            worker.name(),
+            self.config.batch_size,
+        )
+        .await
     }
 
     async fn handle_events(
@@ -159,13 +171,16 @@ impl Persistence for Bookkeeping {
         if done.is_empty() && locks.is_empty() {
             return Ok(());
         }
+        // One statement commits on its own (two round trips fewer).
+        if locks.is_empty() {
+            let mut conn = self.pool.acquire().await?;
+            return complete(&mut conn, &completed, &done, worker.name()).await;
+        }
         let mut tx = self.pool.begin().await?;
         if !done.is_empty() {
             complete(&mut tx, &completed, &done, worker.name()).await?;
         }
-        if !locks.is_empty() {
-            queries::lock_tasks(&mut *tx, &locks, worker.name()).await?;
-        }
+        queries::lock_tasks(&mut *tx, &locks, worker.name()).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -199,6 +214,80 @@ impl Persistence for Bookkeeping {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Claim up to `count` due jobs of `queue` for `worker`: apalis-postgres's
+/// `get_jobs` written out as one statement. `get_jobs` is an SQL function,
+/// and PostgreSQL plans the statements of an SQL function again on every
+/// call (0.4 ms of planning per fetch in `pg_stat_statements`); a prepared
+/// statement keeps its plan on the connection. It commits on its own.
+async fn fetch(
+    pool: &PgPool,
+    queue: &str,
+    worker: &str,
+    count: usize,
+) -> Result<Vec<PgTask>, Error> {
+    let rows = sqlx::query(
+        "with next as ( \
+           select id from apalis.jobs \
+            where (status = 'Pending' or (status = 'Failed' and attempts < max_attempts)) \
+              and run_at < now() and job_type = $2 \
+            order by priority desc, run_at asc \
+            limit $3 \
+            for update skip locked) \
+         update apalis.jobs as jobs set status = 'Queued', lock_by = $1, lock_at = now() \
+           from next where jobs.id = next.id \
+         returning jobs.job, jobs.id, jobs.job_type, jobs.status, jobs.attempts, \
+                   jobs.max_attempts, jobs.run_at, jobs.lock_at, jobs.lock_by, jobs.done_at, \
+                   jobs.priority, jobs.idempotency_key, jobs.metadata",
+    )
+    .bind(worker)
+    .bind(queue)
+    .bind(i32::try_from(count).unwrap_or(i32::MAX))
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(task_from_row).collect()
+}
+
+/// A claimed job row as apalis-postgres decodes it (its row type is private).
+fn task_from_row(row: &PgRow) -> Result<PgTask, Error> {
+    let seconds = |column: &str| -> Result<Option<u64>, Error> {
+        let at: Option<DateTime<Utc>> = row.try_get(column)?;
+        Ok(at.map(|t| u64::try_from(t.timestamp()).unwrap_or_default()))
+    };
+    let id: String = row.try_get("id")?;
+    let status: String = row.try_get("status")?;
+    let attempts: i32 = row.try_get("attempts")?;
+    let max_attempts: Option<i32> = row.try_get("max_attempts")?;
+    let priority: Option<i32> = row.try_get("priority")?;
+    let metadata: Option<PgHstore> = row.try_get("metadata")?;
+    let idempotency_key: Option<String> = row.try_get("idempotency_key")?;
+    let mut task = TaskBuilder::new(row.try_get::<Vec<u8>, _>("job")?)
+        .task_id(TaskId::from_ulid(Ulid::from_string(&id).map_err(|e| {
+            Error::TaskIdError(TaskIdError::Decode(e.to_string()))
+        })?))
+        .queue(row.try_get::<String, _>("job_type")?.into())
+        .status(Status::from_str(&status).map_err(Error::StatusError)?)
+        .attempt(attempts.max(0) as usize)
+        .max_attempts(max_attempts.map_or(25, |v| v.max(0) as usize))
+        .run_at_timestamp(seconds("run_at")?.unwrap_or_default())
+        .lock_at(seconds("lock_at")?)
+        .done_at(seconds("done_at")?)
+        .lock_by(row.try_get("lock_by")?)
+        .priority(priority.map_or(0, |v| v.max(0) as usize))
+        .with_metadata(MetadataStore::from_map(
+            metadata
+                .map(|m| {
+                    m.into_iter()
+                        .filter_map(|(k, v)| Some((k, v?)))
+                        .collect::<HashMap<_, _>>()
+                })
+                .unwrap_or_default(),
+        ));
+    if let Some(key) = idempotency_key {
+        task = task.idempotency_key(key);
+    }
+    Ok(task.build())
 }
 
 /// Record the results of `completed` jobs this worker holds: what
