@@ -40,6 +40,8 @@ pub struct BenchOptions {
     pub generation_fetchers: usize,
     /// The generation queue's concurrency (`slate work`'s default: 8).
     pub generation_concurrency: usize,
+    /// Clients submitting generations in part 4, each for its own account.
+    pub generation_clients: usize,
     pub scale: crate::bench_scale::ScaleOptions,
 }
 
@@ -52,6 +54,7 @@ impl BenchOptions {
             jobs: 300,
             generation_fetchers: slate_workers::runtime::GENERATION_FETCHERS,
             generation_concurrency: slate_workers::runtime::GENERATION_CONCURRENCY,
+            generation_clients: GENERATION_CLIENTS,
             scale: crate::bench_scale::ScaleOptions::quick(),
         }
     }
@@ -66,6 +69,7 @@ impl Default for BenchOptions {
             jobs: 3_000,
             generation_fetchers: slate_workers::runtime::GENERATION_FETCHERS,
             generation_concurrency: slate_workers::runtime::GENERATION_CONCURRENCY,
+            generation_clients: GENERATION_CLIENTS,
             scale: crate::bench_scale::ScaleOptions::default(),
         }
     }
@@ -105,6 +109,10 @@ pub struct Jobs {
     pub generations_per_second: f64,
     /// How fast the clients' submissions went in during that run.
     pub submissions_per_second: f64,
+    /// Generations finished per second while the submissions went in, and
+    /// after the last of them (the worker alone).
+    pub generations_while_submitting: f64,
+    pub generations_after_submissions: f64,
 }
 
 /// `slate bench --only webhooks`.
@@ -269,18 +277,20 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
         opts.jobs,
         opts.generation_concurrency,
         opts.generation_fetchers,
-        GENERATION_CLIENTS,
+        opts.generation_clients,
     )
     .await?;
     Ok(Jobs {
         jobs: opts.jobs,
-        submitters: GENERATION_CLIENTS,
+        submitters: opts.generation_clients,
         concurrency: opts.generation_concurrency,
         fetchers: opts.generation_fetchers,
         noop_per_second,
         noop_limited_per_second,
         generations_per_second: generations.end_to_end,
         submissions_per_second: generations.submitted,
+        generations_while_submitting: generations.while_submitting,
+        generations_after_submissions: generations.after_submissions,
     })
 }
 
@@ -694,7 +704,7 @@ fn print_webhook_row(w: &Latency, ceiling_32: &Throughput) {
 
 fn print_jobs_row(j: &Jobs) {
     println!(
-        "4. {} jobs: bare apalis no-op {:.0} jobs/s (taken as the generation queue takes them, as many per fetch as free slots, {} at once across {} workers: {:.0} jobs/s); end-to-end generations ({} clients with an account each, worker concurrency {} across {} workers, instant local provider, S3 upload, capture) {:.0}/s (ratio {:.2}; {:.2} of the no-op taken the same way; submissions went in at {:.0}/s)",
+        "4. {} jobs: bare apalis no-op {:.0} jobs/s (taken as the generation queue takes them, as many per fetch as free slots, {} at once across {} workers: {:.0} jobs/s); end-to-end generations ({} clients with an account each, worker concurrency {} across {} workers, instant local provider, S3 upload, capture) {:.0}/s (ratio {:.2}; {:.2} of the no-op taken the same way; submissions went in at {:.0}/s; generations finished at {:.0}/s while they did, {:.0}/s after)",
         j.jobs,
         j.noop_per_second,
         j.concurrency,
@@ -706,7 +716,9 @@ fn print_jobs_row(j: &Jobs) {
         j.generations_per_second,
         j.generations_per_second / j.noop_per_second,
         j.generations_per_second / j.noop_limited_per_second,
-        j.submissions_per_second
+        j.submissions_per_second,
+        j.generations_while_submitting,
+        j.generations_after_submissions
     );
 }
 

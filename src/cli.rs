@@ -125,6 +125,10 @@ pub enum Command {
         /// default: 8).
         #[arg(long)]
         generation_concurrency: Option<usize>,
+        /// Clients submitting generations in part 4, each for its own
+        /// account (default 16).
+        #[arg(long)]
+        generation_clients: Option<usize>,
         /// Run only this part: "appends" (parts 1, 2 and 2b: the ceiling
         /// and the appends), "rebuild" (part 5, the projection rebuild),
         /// "webhooks" (part 3, with the ceiling at 32 connections it is
@@ -716,6 +720,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             samples,
             generation_fetchers,
             generation_concurrency,
+            generation_clients,
             only,
         } => {
             let mut opts = if quick {
@@ -733,6 +738,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             opts.generation_concurrency = generation_concurrency
                 .unwrap_or(opts.generation_concurrency)
                 .max(1);
+            opts.generation_clients = generation_clients.unwrap_or(opts.generation_clients).max(1);
             let s = &mut opts.scale;
             s.rebuild_events = rebuild_events.unwrap_or(s.rebuild_events);
             s.log_events = log_events.unwrap_or(s.log_events);

@@ -61,6 +61,27 @@ pub async fn submit(
     s: &Submission,
     metadata: &Metadata,
 ) -> Result<Submitted, Error> {
+    // The inputs first: the reservation below locks the account's credit
+    // row until the caller commits, and the worker's capture of this
+    // account's previous generation waits for it, so as little as possible
+    // comes after it. Prompts are personal: sealed with the account's key
+    // (see vault).
+    let prompt = match &s.prompt {
+        Some(p) => Some(crate::vault::seal(conn, s.account_id, p).await?),
+        None => None,
+    };
+    sqlx::query(
+        "insert into generation_inputs (generation_id, prompt, input_key, parameters, webhook_url)
+         values ($1, $2, $3, $4, $5)
+         on conflict (generation_id) do nothing",
+    )
+    .bind(s.generation_id)
+    .bind(prompt)
+    .bind(&s.input_key)
+    .bind(&s.parameters)
+    .bind(&s.webhook_url)
+    .execute(&mut *conn)
+    .await?;
     let operation = format!("{}:{}", s.kind, s.provider);
     let v: Value =
         sqlx::query_scalar("select credit_reserve_operation($1, $2, $3, $4, $5, now(), $6)")
@@ -102,23 +123,6 @@ pub async fn submit(
         metadata: metadata.clone(),
     };
     store::append_and_apply(conn, &stream(s.generation_id), ExpectedVersion::Any, &event).await?;
-    // Prompts are personal: sealed with the account's key (see vault).
-    let prompt = match &s.prompt {
-        Some(p) => Some(crate::vault::seal(conn, s.account_id, p).await?),
-        None => None,
-    };
-    sqlx::query(
-        "insert into generation_inputs (generation_id, prompt, input_key, parameters, webhook_url)
-         values ($1, $2, $3, $4, $5)
-         on conflict (generation_id) do nothing",
-    )
-    .bind(s.generation_id)
-    .bind(prompt)
-    .bind(&s.input_key)
-    .bind(&s.parameters)
-    .bind(&s.webhook_url)
-    .execute(&mut *conn)
-    .await?;
     Ok(Submitted::Accepted { cost })
 }
 

@@ -153,6 +153,12 @@ pub struct GenerationRates {
     /// Submissions (reserve, record, enqueue: one transaction each) from the
     /// first to the last commit, while the worker ran.
     pub submitted: f64,
+    /// Generations finished while the submissions went in, per second of
+    /// that time.
+    pub while_submitting: f64,
+    /// Generations finished after the last submission, per second from it to
+    /// the last completion: the worker with the machine to itself.
+    pub after_submissions: f64,
 }
 
 /// Generations per second end to end: reserved, queued, run by the worker
@@ -261,15 +267,28 @@ pub async fn generations_per_second(
     for c in clients {
         c.await??;
     }
-    let submitted = n as f64 / (db_now(pool).await? - start).as_seconds_f64().max(1e-3);
+    let submissions_end = db_now(pool).await?;
+    let submitting = (submissions_end - start).as_seconds_f64().max(1e-3);
     let end_to_end =
         wait_done(pool, generations::QUEUE, n, start, Duration::from_secs(600)).await?;
+    let (done_while_submitting, last): (i64, Option<chrono::DateTime<chrono::Utc>>) =
+        sqlx::query_as(
+            "select count(*) filter (where done_at <= $2), max(done_at)
+               from apalis.jobs where job_type = $1 and status = 'Done'",
+        )
+        .bind(generations::QUEUE)
+        .bind(submissions_end)
+        .fetch_one(pool)
+        .await?;
+    let after = last.map_or(0.0, |l| (l - submissions_end).as_seconds_f64());
     let _ = stop.send(());
     let _ = running.await;
     queue_pool.close().await;
     Ok(GenerationRates {
         end_to_end,
-        submitted,
+        submitted: n as f64 / submitting,
+        while_submitting: done_while_submitting as f64 / submitting,
+        after_submissions: (n as f64 - done_while_submitting as f64) / after.max(1e-3),
     })
 }
 
