@@ -1,7 +1,9 @@
 //! The job queue's storage: apalis-postgres's tables and queries, driven
-//! by apalis-core's [`Persisted`] state machine, with one difference from
+//! by apalis-core's [`Persisted`] state machine. Where it differs from
 //! `apalis_postgres::PostgresStorage`: a worker with a concurrency limit
-//! fetches only as many jobs as it has free slots.
+//! fetches only as many jobs as it has free slots (below), and the fetch and
+//! the completion are statements of our own that keep their plans
+//! (`fetch`, `complete`).
 //!
 //! apalis-core 1.0 sends no heartbeat and flushes no lock or completion
 //! while fetched jobs wait in its buffer (`Persisted::poll_ready` does
