@@ -136,17 +136,8 @@ impl Persistence for Bookkeeping {
     }
 
     async fn fetch_next(&mut self, worker: &WorkerContext) -> Result<Vec<PgTask>, Error> {
-        // (`self` is the state machine's copy for this one fetch; and the
-        // size only replaces the batch of a limited worker, which reads none.)
-        self.config.batch_size =
-            fetch_size(self.config.batch_size, self.slots, worker.task_count());
-        fetch(
-            &self.pool,
-            self.config.queue.as_ref(),
-            worker.name(),
-            self.config.batch_size,
-        )
-        .await
+        let count = fetch_size(self.config.batch_size, self.slots, worker.task_count());
+        fetch(&self.pool, self.config.queue.as_ref(), worker.name(), count).await
     }
 
     async fn handle_events(
@@ -173,17 +164,15 @@ impl Persistence for Bookkeeping {
         if done.is_empty() && locks.is_empty() {
             return Ok(());
         }
-        // One statement commits on its own (two round trips fewer).
-        if locks.is_empty() {
-            let mut conn = self.pool.acquire().await?;
-            return complete(&mut conn, &completed, &done, worker.name()).await;
-        }
-        let mut tx = self.pool.begin().await?;
+        // Each statement commits on its own: they touch different jobs, and
+        // neither needs the other (no BEGIN/COMMIT round trips).
+        let mut conn = self.pool.acquire().await?;
         if !done.is_empty() {
-            complete(&mut tx, &completed, &done, worker.name()).await?;
+            complete(&mut conn, &completed, &done, worker.name()).await?;
         }
-        queries::lock_tasks(&mut *tx, &locks, worker.name()).await?;
-        tx.commit().await?;
+        if !locks.is_empty() {
+            queries::lock_tasks(&mut *conn, &locks, worker.name()).await?;
+        }
         Ok(())
     }
 
