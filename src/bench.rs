@@ -42,6 +42,8 @@ pub struct BenchOptions {
     pub generation_concurrency: usize,
     /// Clients submitting generations in part 4, each for its own account.
     pub generation_clients: usize,
+    /// Writer tasks of the group commit in part 2b (the server's: 4).
+    pub group_writers: usize,
     pub scale: crate::bench_scale::ScaleOptions,
 }
 
@@ -55,6 +57,7 @@ impl BenchOptions {
             generation_fetchers: slate_workers::runtime::GENERATION_FETCHERS,
             generation_concurrency: slate_workers::runtime::GENERATION_CONCURRENCY,
             generation_clients: GENERATION_CLIENTS,
+            group_writers: slate_events::batch::BatchOptions::default().writers,
             scale: crate::bench_scale::ScaleOptions::quick(),
         }
     }
@@ -70,6 +73,7 @@ impl Default for BenchOptions {
             generation_fetchers: slate_workers::runtime::GENERATION_FETCHERS,
             generation_concurrency: slate_workers::runtime::GENERATION_CONCURRENCY,
             generation_clients: GENERATION_CLIENTS,
+            group_writers: slate_events::batch::BatchOptions::default().writers,
             scale: crate::bench_scale::ScaleOptions::default(),
         }
     }
@@ -399,7 +403,13 @@ async fn appends(pool: &PgPool, opts: &BenchOptions) -> anyhow::Result<Appends> 
     let mut insert_ceiling = Vec::new();
     let mut event_appends = Vec::new();
     let mut group_commit_appends = Vec::new();
-    let group = store::GroupCommit::start(pool.clone(), Default::default());
+    let group = store::GroupCommit::start(
+        pool.clone(),
+        slate_events::batch::BatchOptions {
+            writers: opts.group_writers,
+            ..Default::default()
+        },
+    );
     for &c in &LEVELS {
         let at = |per_second| Throughput {
             connections: c,

@@ -129,6 +129,10 @@ pub enum Command {
         /// account (default 16).
         #[arg(long)]
         generation_clients: Option<usize>,
+        /// Writer tasks of the group commit in part 2b (the server's
+        /// default: 4).
+        #[arg(long)]
+        group_writers: Option<usize>,
         /// Run only this part: "appends" (parts 1, 2 and 2b: the ceiling
         /// and the appends), "rebuild" (part 5, the projection rebuild),
         /// "webhooks" (part 3, with the ceiling at 32 connections it is
@@ -721,6 +725,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             generation_fetchers,
             generation_concurrency,
             generation_clients,
+            group_writers,
             only,
         } => {
             let mut opts = if quick {
@@ -739,6 +744,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 .unwrap_or(opts.generation_concurrency)
                 .max(1);
             opts.generation_clients = generation_clients.unwrap_or(opts.generation_clients).max(1);
+            opts.group_writers = group_writers.unwrap_or(opts.group_writers).max(1);
             let s = &mut opts.scale;
             s.rebuild_events = rebuild_events.unwrap_or(s.rebuild_events);
             s.log_events = log_events.unwrap_or(s.log_events);

@@ -380,6 +380,136 @@ async fn group_commit_gives_each_caller_its_own_outcome() {
     );
 }
 
+/// One group-commit batch as `slate_append_batch` sees it, with what the
+/// set-based INSERT must leave to the one-by-one path: a stream's later
+/// item, an event id another item of the batch already took, several
+/// events in one item, a stale expected version, a retried event.
+#[tokio::test]
+async fn a_batch_gives_every_item_the_outcome_it_would_have_alone() {
+    #[derive(sqlx::FromRow, Debug)]
+    struct Row {
+        item: i32,
+        status: String,
+        version: Option<i32>,
+        positions: Option<Vec<i64>>,
+    }
+    async fn batch(
+        conn: &mut sqlx::PgConnection,
+        items: &[(&str, Option<i32>, Vec<NewEvent>)],
+    ) -> Vec<Row> {
+        let events: Vec<&NewEvent> = items.iter().flat_map(|(_, _, e)| e).collect();
+        sqlx::query_as(
+            "select item, status, version, positions
+               from slate_append_batch($1, $2, $3, $4, $5, $6, $7, $8) order by item",
+        )
+        .bind(items.iter().map(|(s, _, _)| *s).collect::<Vec<_>>())
+        .bind(items.iter().map(|(_, x, _)| *x).collect::<Vec<_>>())
+        .bind(
+            items
+                .iter()
+                .map(|(_, _, e)| e.len() as i32)
+                .collect::<Vec<_>>(),
+        )
+        .bind(events.iter().map(|e| e.event_id).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| e.event.event_type())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            events
+                .iter()
+                .map(|e| e.event.schema_version())
+                .collect::<Vec<_>>(),
+        )
+        .bind(events.iter().map(|e| e.event.payload()).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| e.metadata.to_json())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(conn)
+        .await
+        .unwrap()
+    }
+    let db = TestDb::new().await;
+    let mut conn = db.conn().await;
+    let first = account_event(Uuid::now_v7());
+    let rows = batch(
+        &mut conn,
+        &[
+            ("sb-a", Some(0), vec![first.clone()]),
+            ("sb-a", None, vec![account_event(Uuid::now_v7())]),
+            ("sb-b", None, vec![first.clone()]),
+            (
+                "sb-c",
+                Some(0),
+                (0..3).map(|_| account_event(Uuid::now_v7())).collect(),
+            ),
+            ("sb-d", Some(7), vec![account_event(Uuid::now_v7())]),
+            ("sb-e", Some(0), vec![account_event(Uuid::now_v7())]),
+        ],
+    )
+    .await;
+    fn outcome(r: &Row) -> (i32, &str, Option<i32>) {
+        (r.item, r.status.as_str(), r.version)
+    }
+    assert_eq!(
+        rows.iter().map(outcome).collect::<Vec<_>>(),
+        [
+            (1, "appended", Some(1)),
+            (2, "appended", Some(2)),
+            (3, "key_reused", None),
+            (4, "appended", Some(3)),
+            (5, "conflict", Some(0)),
+            (6, "appended", Some(1)),
+        ]
+    );
+    let positions = |i: usize| rows[i].positions.clone().unwrap_or_default();
+    assert_eq!(positions(0).len(), 1);
+    assert!(
+        positions(1)[0] > positions(0)[0],
+        "a stream's versions follow its positions"
+    );
+    assert_eq!(positions(3).len(), 3);
+    let stored: Vec<(String, i32)> = sqlx::query_as(
+        "select stream_id, stream_version from events where stream_id like 'sb-%'
+          order by global_position",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let mut by_stream = std::collections::BTreeMap::<String, Vec<i32>>::new();
+    for (s, v) in stored {
+        by_stream.entry(s).or_default().push(v);
+    }
+    assert_eq!(
+        by_stream.into_iter().collect::<Vec<_>>(),
+        [
+            ("sb-a".to_owned(), vec![1, 2]),
+            ("sb-c".to_owned(), vec![1, 2, 3]),
+            ("sb-e".to_owned(), vec![1]),
+        ]
+    );
+
+    // Retried: a duplicate with the first answer; a new stream beside it.
+    let rows_again = batch(
+        &mut conn,
+        &[
+            ("sb-a", Some(0), vec![first.clone()]),
+            ("sb-f", None, vec![account_event(Uuid::now_v7())]),
+        ],
+    )
+    .await;
+    assert_eq!(
+        rows_again.iter().map(outcome).collect::<Vec<_>>(),
+        [(1, "duplicate", Some(1)), (2, "appended", Some(1))]
+    );
+    assert_eq!(rows_again[0].positions, rows[0].positions);
+}
+
 /// The one-event path of `slate_append_events` (nearly every append) reads
 /// the stream's version and inserts, and probes the event id only when that
 /// did not write: each outcome, its precedence, and races between writers

@@ -11,7 +11,7 @@ use apalis_postgres::Config;
 use serde::{Deserialize, Serialize};
 use slate_events::Metadata;
 use slate_events::catalog::GrantSource;
-use slate_events::generations::Submission;
+use slate_events::generations::{Submission, Submitted};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -258,7 +258,14 @@ pub async fn generations_per_second(
                     webhook_url: None,
                     hold_until: chrono::Utc::now() + chrono::Duration::hours(1),
                 };
-                generations::submit(&mut tx, &s, &Metadata::system(), 3).await?;
+                // As the HTTP path: a refused reservation rolls back (the
+                // transaction is dropped), and the bench stops at once
+                // rather than wait for a job that was never queued.
+                if let Submitted::Insufficient { shortfall, .. } =
+                    generations::submit(&mut tx, &s, &Metadata::system(), 3).await?
+                {
+                    anyhow::bail!("a bench account ran out of credits (short by {shortfall})");
+                }
                 tx.commit().await?;
             }
             anyhow::Ok(())
