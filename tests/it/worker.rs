@@ -657,3 +657,58 @@ async fn a_limited_worker_claims_only_its_free_slots_and_keeps_its_heartbeat() {
     running.await.unwrap().unwrap();
     queue_pool.close().await;
 }
+
+/// A claimed job is decoded from its row as apalis-postgres decodes it
+/// (its row type is private, so `slate_workers::queue` decodes it itself):
+/// id, queue, payload, status, attempts, limit, priority, lock, idempotency
+/// key and metadata.
+#[tokio::test]
+async fn a_claimed_job_keeps_every_field_of_its_row() {
+    use apalis::prelude::Status;
+
+    const ID: &str = "01JDZ8X9Q6V7N2K3M4P5R6S7T8";
+    let db = TestDb::new().await;
+    sqlx::query(
+        "insert into apalis.workers (id, worker_type, storage_name)
+         values ('test-claimer', 'test.claim', 'PostgresStorage')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "insert into apalis.jobs (job, id, job_type, status, attempts, max_attempts, run_at,
+                                  priority, idempotency_key, metadata)
+         values ($1, $2, 'test.claim', 'Failed', 2, 5, now() - interval '1 minute', 3,
+                 'key-1', 'trace=>abc, origin=>test'::hstore)",
+    )
+    .bind(b"payload".as_slice())
+    .bind(ID)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let tasks = slate_workers::queue::fetch(&db.pool, "test.claim", "test-claimer", 10)
+        .await
+        .unwrap();
+    assert_eq!(tasks.len(), 1);
+    let task = &tasks[0];
+    assert_eq!(task.args, b"payload");
+    assert_eq!(task.task_id().map(|id| id.to_string()).as_deref(), Some(ID));
+    assert_eq!(task.queue().map(|q| q.as_ref()), Some("test.claim"));
+    assert_eq!(task.status(), Status::Queued);
+    assert_eq!(task.attempt(), 2);
+    assert_eq!(task.max_attempts(), Some(5));
+    assert_eq!(task.priority(), Some(3));
+    assert_eq!(task.lock_by(), Some("test-claimer"));
+    assert!(task.lock_at().is_some());
+    assert_eq!(task.done_at(), None);
+    assert_eq!(task.idempotency_key(), Some("key-1"));
+    assert_eq!(task.metadata().get("trace"), Some("abc"));
+    assert_eq!(task.metadata().get("origin"), Some("test"));
+
+    // Claimed once: a second fetch finds nothing.
+    let again = slate_workers::queue::fetch(&db.pool, "test.claim", "test-claimer", 10)
+        .await
+        .unwrap();
+    assert!(again.is_empty());
+}

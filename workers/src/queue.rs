@@ -212,7 +212,8 @@ impl Persistence for Bookkeeping {
 /// and PostgreSQL plans the statements of an SQL function again on every
 /// call (0.4 ms of planning per fetch in `pg_stat_statements`); a prepared
 /// statement keeps its plan on the connection. It commits on its own.
-async fn fetch(
+/// Public for the test that compares a claimed job with its row.
+pub async fn fetch(
     pool: &PgPool,
     queue: &str,
     worker: &str,
