@@ -42,7 +42,7 @@ pub struct BenchOptions {
     pub generation_concurrency: usize,
     /// Clients submitting generations in part 4, each for its own account.
     pub generation_clients: usize,
-    /// Writer tasks of the group commit in part 2b (the server's: 4).
+    /// Writer tasks of the group commit in part 2b (the server's: 2).
     pub group_writers: usize,
     pub scale: crate::bench_scale::ScaleOptions,
 }

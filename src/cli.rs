@@ -130,7 +130,7 @@ pub enum Command {
         #[arg(long)]
         generation_clients: Option<usize>,
         /// Writer tasks of the group commit in part 2b (the server's
-        /// default: 4).
+        /// default: 2).
         #[arg(long)]
         group_writers: Option<usize>,
         /// Run only this part: "appends" (parts 1, 2 and 2b: the ceiling
