@@ -52,9 +52,8 @@ async fn wait_done(
     pool: &PgPool,
     queue: &str,
     n: usize,
-    start: chrono::DateTime<chrono::Utc>,
     limit: Duration,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
     let deadline = Instant::now() + limit;
     loop {
         let (done, last): (i64, Option<chrono::DateTime<chrono::Utc>>) = sqlx::query_as(
@@ -64,7 +63,7 @@ async fn wait_done(
         .fetch_one(pool)
         .await?;
         if let Some(last) = last.filter(|_| done >= n as i64) {
-            return Ok(n as f64 / (last - start).as_seconds_f64().max(1e-3));
+            return Ok(last);
         }
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -72,6 +71,15 @@ async fn wait_done(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `n` per second from `from` to `to` (the database's clock).
+fn per_second(
+    n: f64,
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+) -> f64 {
+    n / (to - from).as_seconds_f64().max(1e-3)
 }
 
 /// How the no-op worker takes its jobs.
@@ -138,11 +146,11 @@ pub async fn noop_jobs_per_second(
         let _ = stopped.await;
         Ok(())
     }));
-    let rate = wait_done(pool, queue, n, start, Duration::from_secs(600)).await?;
+    let last = wait_done(pool, queue, n, Duration::from_secs(600)).await?;
     let _ = stop.send(());
     let _ = running.await;
     queue_pool.close().await;
-    Ok(rate)
+    Ok(per_second(n as f64, start, last))
 }
 
 /// [`generations_per_second`]'s figures.
@@ -275,27 +283,24 @@ pub async fn generations_per_second(
         c.await??;
     }
     let submissions_end = db_now(pool).await?;
-    let submitting = (submissions_end - start).as_seconds_f64().max(1e-3);
-    let end_to_end =
-        wait_done(pool, generations::QUEUE, n, start, Duration::from_secs(600)).await?;
-    let (done_while_submitting, last): (i64, Option<chrono::DateTime<chrono::Utc>>) =
-        sqlx::query_as(
-            "select count(*) filter (where done_at <= $2), max(done_at)
-               from apalis.jobs where job_type = $1 and status = 'Done'",
-        )
-        .bind(generations::QUEUE)
-        .bind(submissions_end)
-        .fetch_one(pool)
-        .await?;
-    let after = last.map_or(0.0, |l| (l - submissions_end).as_seconds_f64());
+    let last = wait_done(pool, generations::QUEUE, n, Duration::from_secs(600)).await?;
+    let done_while_submitting: i64 = sqlx::query_scalar(
+        "select count(*) from apalis.jobs
+          where job_type = $1 and status = 'Done' and done_at <= $2",
+    )
+    .bind(generations::QUEUE)
+    .bind(submissions_end)
+    .fetch_one(pool)
+    .await?;
     let _ = stop.send(());
     let _ = running.await;
     queue_pool.close().await;
+    let (n, while_submitting) = (n as f64, done_while_submitting as f64);
     Ok(GenerationRates {
-        end_to_end,
-        submitted: n as f64 / submitting,
-        while_submitting: done_while_submitting as f64 / submitting,
-        after_submissions: (n as f64 - done_while_submitting as f64) / after.max(1e-3),
+        end_to_end: per_second(n, start, last),
+        submitted: per_second(n, start, submissions_end),
+        while_submitting: per_second(while_submitting, start, submissions_end),
+        after_submissions: per_second(n - while_submitting, submissions_end, last),
     })
 }
 
