@@ -367,11 +367,13 @@ struct AppendWriter {
     pool: sqlx::PgPool,
 }
 
-#[derive(sqlx::FromRow)]
-struct BatchRow {
-    status: String,
-    version: Option<i32>,
-    positions: Option<Vec<i64>>,
+/// One item's row of `slate_append_batch`, in item order.
+#[derive(Debug, sqlx::FromRow)]
+pub struct BatchRow {
+    /// `appended`, `duplicate`, `key_reused`, `conflict` or `raced`.
+    pub status: String,
+    pub version: Option<i32>,
+    pub positions: Option<Vec<i64>>,
 }
 
 impl BatchRow {
@@ -426,8 +428,9 @@ impl AppendWriter {
 
 /// One statement that is its own transaction: one round trip, and its rows
 /// arrive only after the commit (the server answers ReadyForQuery after
-/// committing, and the query ends there).
-async fn append_batch(
+/// committing, and the query ends there). [`GroupCommit`]'s writers call it
+/// with what is waiting; public so that a test can compose a batch.
+pub async fn append_batch(
     pool: &sqlx::PgPool,
     items: &[PendingAppend],
 ) -> Result<Vec<BatchRow>, Error> {

@@ -386,85 +386,67 @@ async fn group_commit_gives_each_caller_its_own_outcome() {
 /// events in one item, a stale expected version, a retried event.
 #[tokio::test]
 async fn a_batch_gives_every_item_the_outcome_it_would_have_alone() {
-    #[derive(sqlx::FromRow, Debug)]
-    struct Row {
-        item: i32,
-        status: String,
-        version: Option<i32>,
-        positions: Option<Vec<i64>>,
-    }
     async fn batch(
-        conn: &mut sqlx::PgConnection,
-        items: &[(&str, Option<i32>, Vec<NewEvent>)],
-    ) -> Vec<Row> {
-        let events: Vec<&NewEvent> = items.iter().flat_map(|(_, _, e)| e).collect();
-        sqlx::query_as(
-            "select item, status, version, positions
-               from slate_append_batch($1, $2, $3, $4, $5, $6, $7, $8) order by item",
-        )
-        .bind(items.iter().map(|(s, _, _)| *s).collect::<Vec<_>>())
-        .bind(items.iter().map(|(_, x, _)| *x).collect::<Vec<_>>())
-        .bind(
-            items
-                .iter()
-                .map(|(_, _, e)| e.len() as i32)
-                .collect::<Vec<_>>(),
-        )
-        .bind(events.iter().map(|e| e.event_id).collect::<Vec<_>>())
-        .bind(
-            events
-                .iter()
-                .map(|e| e.event.event_type())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            events
-                .iter()
-                .map(|e| e.event.schema_version())
-                .collect::<Vec<_>>(),
-        )
-        .bind(events.iter().map(|e| e.event.payload()).collect::<Vec<_>>())
-        .bind(
-            events
-                .iter()
-                .map(|e| e.metadata.to_json())
-                .collect::<Vec<_>>(),
-        )
-        .fetch_all(conn)
-        .await
-        .unwrap()
+        db: &TestDb,
+        items: &[(&str, ExpectedVersion, Vec<NewEvent>)],
+    ) -> Vec<store::BatchRow> {
+        let items: Vec<store::PendingAppend> = items
+            .iter()
+            .map(|(stream_id, expected, events)| store::PendingAppend {
+                stream_id: (*stream_id).to_owned(),
+                expected: *expected,
+                events: events.clone(),
+            })
+            .collect();
+        store::append_batch(&db.pool, &items).await.unwrap()
     }
     let db = TestDb::new().await;
     let mut conn = db.conn().await;
     let first = account_event(Uuid::now_v7());
     let rows = batch(
-        &mut conn,
+        &db,
         &[
-            ("sb-a", Some(0), vec![first.clone()]),
-            ("sb-a", None, vec![account_event(Uuid::now_v7())]),
-            ("sb-b", None, vec![first.clone()]),
+            ("sb-a", ExpectedVersion::NoStream, vec![first.clone()]),
+            (
+                "sb-a",
+                ExpectedVersion::Any,
+                vec![account_event(Uuid::now_v7())],
+            ),
+            ("sb-b", ExpectedVersion::Any, vec![first.clone()]),
             (
                 "sb-c",
-                Some(0),
+                ExpectedVersion::NoStream,
                 (0..3).map(|_| account_event(Uuid::now_v7())).collect(),
             ),
-            ("sb-d", Some(7), vec![account_event(Uuid::now_v7())]),
-            ("sb-e", Some(0), vec![account_event(Uuid::now_v7())]),
+            (
+                "sb-d",
+                ExpectedVersion::Exact(7),
+                vec![account_event(Uuid::now_v7())],
+            ),
+            (
+                "sb-e",
+                ExpectedVersion::NoStream,
+                vec![account_event(Uuid::now_v7())],
+            ),
         ],
     )
     .await;
-    fn outcome(r: &Row) -> (i32, &str, Option<i32>) {
-        (r.item, r.status.as_str(), r.version)
-    }
+    // (item, status, version): rows come in item order, counted from 1.
+    let outcomes = |rows: &[store::BatchRow]| -> Vec<(i32, String, Option<i32>)> {
+        (1..)
+            .zip(rows)
+            .map(|(item, r)| (item, r.status.clone(), r.version))
+            .collect()
+    };
     assert_eq!(
-        rows.iter().map(outcome).collect::<Vec<_>>(),
+        outcomes(&rows),
         [
-            (1, "appended", Some(1)),
-            (2, "appended", Some(2)),
-            (3, "key_reused", None),
-            (4, "appended", Some(3)),
-            (5, "conflict", Some(0)),
-            (6, "appended", Some(1)),
+            (1, "appended".to_owned(), Some(1)),
+            (2, "appended".to_owned(), Some(2)),
+            (3, "key_reused".to_owned(), None),
+            (4, "appended".to_owned(), Some(3)),
+            (5, "conflict".to_owned(), Some(0)),
+            (6, "appended".to_owned(), Some(1)),
         ]
     );
     let positions = |i: usize| rows[i].positions.clone().unwrap_or_default();
@@ -496,16 +478,23 @@ async fn a_batch_gives_every_item_the_outcome_it_would_have_alone() {
 
     // Retried: a duplicate with the first answer; a new stream beside it.
     let rows_again = batch(
-        &mut conn,
+        &db,
         &[
-            ("sb-a", Some(0), vec![first.clone()]),
-            ("sb-f", None, vec![account_event(Uuid::now_v7())]),
+            ("sb-a", ExpectedVersion::NoStream, vec![first.clone()]),
+            (
+                "sb-f",
+                ExpectedVersion::Any,
+                vec![account_event(Uuid::now_v7())],
+            ),
         ],
     )
     .await;
     assert_eq!(
-        rows_again.iter().map(outcome).collect::<Vec<_>>(),
-        [(1, "duplicate", Some(1)), (2, "appended", Some(1))]
+        outcomes(&rows_again),
+        [
+            (1, "duplicate".to_owned(), Some(1)),
+            (2, "appended".to_owned(), Some(1))
+        ]
     );
     assert_eq!(rows_again[0].positions, rows[0].positions);
 }
