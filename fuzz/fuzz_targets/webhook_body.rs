@@ -30,10 +30,21 @@ fuzz_target!(|data: &[u8]| {
     assert!(event.stripe_event_id.starts_with("evt_"));
     assert_eq!(event.raw, raw, "the mirror keeps the exact bytes");
     assert_eq!(event.parse_error, parse_error);
-    let v: serde_json::Value = serde_json::from_str(raw).expect("from_raw parsed it");
-    assert_eq!(v["type"].as_str(), Some(event.event_type.as_str()));
-    assert_eq!(v["livemode"].as_bool(), Some(event.livemode));
-    assert_eq!(v["created"].as_i64(), Some(event.created.timestamp()));
+    // from_raw reads the envelope without a JSON tree and skips the rest, and
+    // skipping a number does not check that it fits an f64 (`1e999` in a
+    // field nobody reads). Such a body is still what it claims (its envelope
+    // fields were read); only the tree to compare them with cannot be built.
+    match serde_json::from_str::<serde_json::Value>(raw) {
+        Ok(v) => {
+            assert_eq!(v["type"].as_str(), Some(event.event_type.as_str()));
+            assert_eq!(v["livemode"].as_bool(), Some(event.livemode));
+            assert_eq!(v["created"].as_i64(), Some(event.created.timestamp()));
+        }
+        Err(e) => assert!(
+            e.to_string().starts_with("number out of range"),
+            "from_raw accepted a body serde_json refuses: {e}"
+        ),
+    }
     // Processing reads the mirrored body by its type; it may refuse it
     // (a permanent or retryable error), never panic.
     let _ = read_mirrored(&event.raw, &event.event_type, &CATALOG);
