@@ -163,6 +163,8 @@ pub struct Processes {
 }
 
 const LEVELS: [usize; 3] = [1, 8, 32];
+/// Interleaved slices per level in parts 1, 2 and 2b.
+const ROUNDS: usize = 5;
 /// Concurrent clients submitting generations, each for its own account.
 const GENERATION_CLIENTS: usize = 16;
 
@@ -206,9 +208,15 @@ async fn create_ceiling_table(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Part 1 at `c` connections: single-row INSERT transactions per second.
-async fn ceiling(pool: &PgPool, c: usize, duration: Duration) -> anyhow::Result<Throughput> {
-    let n = for_duration(pool, c, duration, move |pool, worker, i| async move {
+/// Part 1 at `c` connections: single-row INSERT transactions for
+/// `duration` (`round` keeps the stream ids of repeated slices apart).
+async fn ceiling(
+    pool: &PgPool,
+    c: usize,
+    duration: Duration,
+    round: usize,
+) -> anyhow::Result<Count> {
+    for_duration(pool, c, duration, move |pool, worker, i| async move {
         // The row an append of the same event writes: its id (time-ordered),
         // type, schema version, payload and metadata.
         let event = bench_event();
@@ -218,7 +226,7 @@ async fn ceiling(pool: &PgPool, c: usize, duration: Duration) -> anyhow::Result<
              values ($1, $2, 1, $3, $4, $5, $6)",
         )
         .bind(event.event_id)
-        .bind(format!("bench-{c}-{worker}-{i}"))
+        .bind(format!("bench-{c}-r{round}-{worker}-{i}"))
         .bind(event.event.event_type())
         .bind(event.event.schema_version())
         .bind(event.event.payload())
@@ -227,11 +235,7 @@ async fn ceiling(pool: &PgPool, c: usize, duration: Duration) -> anyhow::Result<
         .await
         .map(|_| ())
     })
-    .await?;
-    Ok(Throughput {
-        connections: c,
-        per_second: n,
-    })
+    .await
 }
 
 /// Parts 1 at 32 connections and 3 alone (`slate bench --only webhooks`).
@@ -240,7 +244,12 @@ pub async fn run_webhooks(config: &Config, opts: &BenchOptions) -> anyhow::Resul
         let pool = scratch_pool(options, 40).await?;
         create_ceiling_table(&pool).await?;
         eprintln!("bench: INSERT ceiling at 32 connections");
-        let insert_ceiling = ceiling(&pool, 32, Duration::from_secs_f64(opts.seconds)).await?;
+        let insert_ceiling = Throughput {
+            connections: 32,
+            per_second: ceiling(&pool, 32, Duration::from_secs_f64(opts.seconds), 0)
+                .await?
+                .per_second(),
+        };
         eprintln!("bench: webhook ingest");
         let webhook_ingest = webhooks(config, &pool, opts).await?;
         pool.close().await;
@@ -398,9 +407,12 @@ async fn run_in(
 }
 
 /// Parts 1, 2 and 2b: the ceiling, and appends one per transaction and
-/// through the group commit, at each of [`LEVELS`].
+/// through the group commit, at each of [`LEVELS`]. Each level's three
+/// figures are taken in [`ROUNDS`] interleaved slices (ceiling, appends,
+/// group commit, again), so that a ratio compares the same minutes of a
+/// machine whose speed drifts (noisy neighbours, the WAL flush).
 async fn appends(pool: &PgPool, opts: &BenchOptions) -> anyhow::Result<Appends> {
-    let duration = Duration::from_secs_f64(opts.seconds);
+    let slice = Duration::from_secs_f64(opts.seconds / ROUNDS as f64);
     let mut insert_ceiling = Vec::new();
     let mut event_appends = Vec::new();
     let mut group_commit_appends = Vec::new();
@@ -412,43 +424,50 @@ async fn appends(pool: &PgPool, opts: &BenchOptions) -> anyhow::Result<Appends> 
         },
     );
     for &c in &LEVELS {
-        let at = |per_second| Throughput {
-            connections: c,
-            per_second,
-        };
-        insert_ceiling.push(ceiling(pool, c, duration).await?);
-        let n = for_duration(pool, c, duration, move |pool, worker, i| async move {
-            let mut conn = pool.acquire().await?;
-            let event = bench_event();
-            store::append(
-                &mut conn,
-                &format!("bench-{c}-{worker}-{i}"),
-                ExpectedVersion::NoStream,
-                &[event],
-            )
-            .await
-            .map(|_| ())
-            .map_err(as_sqlx)
-        })
-        .await?;
-        event_appends.push(at(n));
-        let group = group.clone();
-        let n = for_duration(pool, c, duration, move |_, worker, i| {
-            let group = group.clone();
-            async move {
-                group
-                    .append(
-                        &format!("bench-g{c}-{worker}-{i}"),
+        let mut counts = [Count::default(); 3];
+        for round in 0..ROUNDS {
+            counts[0].add(ceiling(pool, c, slice, round).await?);
+            counts[1].add(
+                for_duration(pool, c, slice, move |pool, worker, i| async move {
+                    let mut conn = pool.acquire().await?;
+                    store::append(
+                        &mut conn,
+                        &format!("bench-{c}-r{round}-{worker}-{i}"),
                         ExpectedVersion::NoStream,
-                        vec![bench_event()],
+                        &[bench_event()],
                     )
                     .await
                     .map(|_| ())
                     .map_err(as_sqlx)
-            }
-        })
-        .await?;
-        group_commit_appends.push(at(n));
+                })
+                .await?,
+            );
+            let group = group.clone();
+            counts[2].add(
+                for_duration(pool, c, slice, move |_, worker, i| {
+                    let group = group.clone();
+                    async move {
+                        group
+                            .append(
+                                &format!("bench-g{c}-r{round}-{worker}-{i}"),
+                                ExpectedVersion::NoStream,
+                                vec![bench_event()],
+                            )
+                            .await
+                            .map(|_| ())
+                            .map_err(as_sqlx)
+                    }
+                })
+                .await?,
+            );
+        }
+        let at = |n: Count| Throughput {
+            connections: c,
+            per_second: n.per_second(),
+        };
+        insert_ceiling.push(at(counts[0]));
+        event_appends.push(at(counts[1]));
+        group_commit_appends.push(at(counts[2]));
     }
     drop(group);
     Ok(Appends {
@@ -491,13 +510,31 @@ fn bench_event() -> NewEvent {
     )
 }
 
-/// Run `op` on `workers` concurrent tasks for `duration`; operations/s.
+/// Operations done and the seconds they took.
+#[derive(Debug, Default, Clone, Copy)]
+struct Count {
+    ops: usize,
+    secs: f64,
+}
+
+impl Count {
+    fn add(&mut self, other: Count) {
+        self.ops += other.ops;
+        self.secs += other.secs;
+    }
+
+    fn per_second(self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+}
+
+/// Run `op` on `workers` concurrent tasks for `duration`.
 async fn for_duration<F, Fut>(
     pool: &PgPool,
     workers: usize,
     duration: Duration,
     op: F,
-) -> anyhow::Result<f64>
+) -> anyhow::Result<Count>
 where
     F: Fn(PgPool, usize, usize) -> Fut + Send + Sync + Clone + 'static,
     Fut: std::future::Future<Output = Result<(), sqlx::Error>> + Send,
@@ -520,7 +557,10 @@ where
     for t in tasks {
         total += t.await??;
     }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
+    Ok(Count {
+        ops: total,
+        secs: start.elapsed().as_secs_f64(),
+    })
 }
 
 const WEBHOOK_SECRET: &str = "whsec_bench_secret";
