@@ -86,6 +86,9 @@ pub struct Throughput {
 
 #[derive(Debug, Serialize)]
 pub struct Latency {
+    /// Single-row INSERT transactions/s at 32 connections (part 1's
+    /// ceiling), measured in slices between the rounds of deliveries.
+    pub ceiling_32: f64,
     pub senders: usize,
     pub requests: usize,
     pub per_second: f64,
@@ -116,13 +119,6 @@ pub struct Jobs {
     /// after the last of them (the worker alone).
     pub generations_while_submitting: f64,
     pub generations_after_submissions: f64,
-}
-
-/// `slate bench --only webhooks`.
-#[derive(Debug, Serialize)]
-pub struct WebhooksOnly {
-    pub insert_ceiling: Throughput,
-    pub webhook_ingest: Latency,
 }
 
 /// Parts 1, 2 and 2b.
@@ -169,7 +165,7 @@ const ROUNDS: usize = 5;
 const GENERATION_CLIENTS: usize = 16;
 
 pub async fn run(config: &Config, opts: &BenchOptions) -> anyhow::Result<Report> {
-    in_scratch_database(config, |options, url| run_in(config, opts, options, url)).await
+    in_scratch_database(config, |options, _| run_in(config, opts, options)).await
 }
 
 /// Part 5 alone (`slate bench --only rebuild`), in its own scratch database.
@@ -238,25 +234,16 @@ async fn ceiling(
     .await
 }
 
-/// Parts 1 at 32 connections and 3 alone (`slate bench --only webhooks`).
-pub async fn run_webhooks(config: &Config, opts: &BenchOptions) -> anyhow::Result<WebhooksOnly> {
+/// Part 3 alone, with the ceiling at 32 connections it is compared with
+/// (`slate bench --only webhooks`).
+pub async fn run_webhooks(config: &Config, opts: &BenchOptions) -> anyhow::Result<Latency> {
     in_scratch_database(config, |options, _| async move {
         let pool = scratch_pool(options, 40).await?;
         create_ceiling_table(&pool).await?;
-        eprintln!("bench: INSERT ceiling at 32 connections");
-        let insert_ceiling = Throughput {
-            connections: 32,
-            per_second: ceiling(&pool, 32, Duration::from_secs_f64(opts.seconds), 0)
-                .await?
-                .per_second(),
-        };
-        eprintln!("bench: webhook ingest");
+        eprintln!("bench: webhook ingest and the INSERT ceiling at 32 connections");
         let webhook_ingest = webhooks(config, &pool, opts).await?;
         pool.close().await;
-        Ok(WebhooksOnly {
-            insert_ceiling,
-            webhook_ingest,
-        })
+        Ok(webhook_ingest)
     })
     .await
 }
@@ -342,9 +329,7 @@ async fn run_in(
     config: &Config,
     opts: &BenchOptions,
     options: PgConnectOptions,
-    database_url: String,
 ) -> anyhow::Result<Report> {
-    let database_url = database_url.as_str();
     use crate::bench_scale as scale;
     let pool = scratch_pool(options, 40).await?;
     create_ceiling_table(&pool).await?;
@@ -360,7 +345,14 @@ async fn run_in(
     eprintln!("bench: jobs");
     let jobs = jobs(config, &pool, opts).await?;
     eprintln!("bench: serve and work as child processes, idle and under load");
-    let processes = processes(database_url, opts).await?;
+    // In a database of their own: this one holds the Stripe events part 3
+    // queued and nobody processed, which `work` would start on, so its
+    // "idle" figure would be taken while it worked through them.
+    let processes = in_scratch_database(config, |options, url| async move {
+        scratch_pool(options, 1).await?.close().await;
+        processes(&url, opts).await
+    })
+    .await?;
     eprintln!(
         "bench: rebuild over {} more events",
         opts.scale.rebuild_events
@@ -567,6 +559,9 @@ const WEBHOOK_SECRET: &str = "whsec_bench_secret";
 const EVENT_TEMPLATE: &str =
     include_str!("../tests/fixtures/stripe/01_checkout_session_completed_pack.json");
 
+/// Part 3: verified deliveries over HTTP to an in-process server, in
+/// [`ROUNDS`] rounds with a slice of the ceiling at 32 connections before
+/// each, so that the ratio compares the same minutes.
 async fn webhooks(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Result<Latency> {
     let mut config = config.clone();
     config.stripe_webhook_secrets = vec![Secret::new(WEBHOOK_SECRET)];
@@ -578,36 +573,97 @@ async fn webhooks(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow
     let server = tokio::spawn(crate::server::serve(listener, state, async move {
         let _ = stop_rx.await;
     }));
-    let latency = send_webhooks(&url, opts.senders, opts.webhooks).await;
+    let slice = Duration::from_secs_f64(opts.seconds / ROUNDS as f64);
+    let per_round = opts.webhooks.div_ceil(ROUNDS);
+    let mut ceiling_32 = Count::default();
+    let mut deliveries = Deliveries::default();
+    let mut outcome = Ok(());
+    for round in 0..ROUNDS {
+        // Rounds after part 1's, whose stream ids are in the same table.
+        match ceiling(pool, 32, slice, ROUNDS + round).await {
+            Ok(c) => ceiling_32.add(c),
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        }
+        let tag = format!("w{round}");
+        match send_webhooks(&url, opts.senders, per_round, &tag).await {
+            Ok(d) => deliveries.add(d),
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        }
+    }
     let _ = stop_tx.send(());
     let _ = server.await;
-    latency
+    outcome?;
+    Ok(deliveries.latency(opts.senders, ceiling_32.per_second()))
 }
 
-/// `n` verified deliveries from `senders` concurrent clients.
-async fn send_webhooks(url: &str, senders: usize, n: usize) -> anyhow::Result<Latency> {
-    let opts = BenchOptions {
-        senders,
-        webhooks: n,
-        ..BenchOptions::quick()
-    };
+/// Latencies (ms), failed requests and the seconds the deliveries took.
+#[derive(Default)]
+struct Deliveries {
+    latencies_ms: Vec<f64>,
+    errors: usize,
+    secs: f64,
+}
+
+impl Deliveries {
+    fn add(&mut self, other: Deliveries) {
+        self.latencies_ms.extend(other.latencies_ms);
+        self.errors += other.errors;
+        self.secs += other.secs;
+    }
+
+    fn latency(mut self, senders: usize, ceiling_32: f64) -> Latency {
+        let all = &mut self.latencies_ms;
+        all.sort_by(|a, b| a.total_cmp(b));
+        let pct = |p: f64| {
+            all.get(((all.len() as f64 - 1.0) * p).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        Latency {
+            ceiling_32,
+            senders,
+            requests: all.len(),
+            per_second: all.len() as f64 / self.secs,
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            max_ms: pct(1.0),
+            errors: self.errors,
+        }
+    }
+}
+
+/// `n` verified deliveries from `senders` concurrent clients. `tag` makes
+/// their Stripe ids unique in the database (`evt_<tag>s<sender>x<i>_01`).
+async fn send_webhooks(
+    url: &str,
+    senders: usize,
+    n: usize,
+    tag: &str,
+) -> anyhow::Result<Deliveries> {
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(opts.senders)
+        .pool_max_idle_per_host(senders)
         .build()?;
     let account = Uuid::now_v7();
-    let per_sender = opts.webhooks.div_ceil(opts.senders);
+    let per_sender = n.div_ceil(senders);
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for s in 0..opts.senders {
+    for s in 0..senders {
         let client = client.clone();
         let url = url.to_owned();
+        let tag = tag.to_owned();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(per_sender);
             let mut errors = 0usize;
             for i in 0..per_sender {
                 let body = EVENT_TEMPLATE
                     .replace("{{ACCOUNT_ID}}", &account.to_string())
-                    .replace("{{RUN}}", &format!("b{s}x{i}"));
+                    .replace("{{RUN}}", &format!("{tag}s{s}x{i}"));
                 let header = crate::stripe::signature::sign(
                     WEBHOOK_SECRET,
                     chrono::Utc::now().timestamp(),
@@ -631,25 +687,14 @@ async fn send_webhooks(url: &str, senders: usize, n: usize) -> anyhow::Result<La
             (latencies, errors)
         }));
     }
-    let mut all = Vec::new();
-    let mut errors = 0;
+    let mut out = Deliveries::default();
     for t in tasks {
         let (l, e) = t.await?;
-        all.extend(l);
-        errors += e;
+        out.latencies_ms.extend(l);
+        out.errors += e;
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    all.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| all[((all.len() as f64 - 1.0) * p).round() as usize];
-    Ok(Latency {
-        senders: opts.senders,
-        requests: all.len(),
-        per_second: all.len() as f64 / elapsed,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        max_ms: pct(1.0),
-        errors,
-    })
+    out.secs = start.elapsed().as_secs_f64();
+    Ok(out)
 }
 
 /// Start `slate serve` and `slate work` on the bench database, read their
@@ -686,7 +731,7 @@ async fn processes(database_url: &str, opts: &BenchOptions) -> anyhow::Result<Pr
     let (serve_idle_mib, _) = crate::bench_scale::rss_mib(serve.0.id());
     let (work_idle_mib, _) = crate::bench_scale::rss_mib(work.0.id());
     let n = opts.webhooks / 2;
-    send_webhooks(&format!("{base}/webhooks/stripe"), opts.senders, n).await?;
+    send_webhooks(&format!("{base}/webhooks/stripe"), opts.senders, n, "p").await?;
     // Let the worker drain what the deliveries queued.
     let pool = slate_events::db::pool_options()
         .max_connections(1)
@@ -739,13 +784,14 @@ pub fn print_rebuild(r: &crate::bench_scale::Rebuild) {
     println!("{}", serde_json::to_string(r).unwrap_or_default());
 }
 
-fn print_webhook_row(w: &Latency, ceiling_32: &Throughput) {
+fn print_webhook_row(w: &Latency) {
     println!(
-        "3. webhook ingest, {} senders, {} requests: {:.0} req/s (ratio to ceiling at 32: {:.2}), p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} errors",
+        "3. webhook ingest, {} senders, {} requests: {:.0} req/s (ratio to the ceiling at 32 measured alongside, {:.0}/s: {:.2}), p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} errors",
         w.senders,
         w.requests,
         w.per_second,
-        w.per_second / ceiling_32.per_second,
+        w.ceiling_32,
+        w.per_second / w.ceiling_32,
         w.p50_ms,
         w.p99_ms,
         w.max_ms,
@@ -807,13 +853,9 @@ pub fn print_appends(a: &Appends) {
     println!("{}", serde_json::to_string(a).unwrap_or_default());
 }
 
-pub fn print_webhooks(r: &WebhooksOnly) {
-    println!(
-        "1. raw INSERT transactions/s at 32 connections (ceiling): {:.0}",
-        r.insert_ceiling.per_second
-    );
-    print_webhook_row(&r.webhook_ingest, &r.insert_ceiling);
-    println!("{}", serde_json::to_string(r).unwrap_or_default());
+pub fn print_webhooks(w: &Latency) {
+    print_webhook_row(w);
+    println!("{}", serde_json::to_string(w).unwrap_or_default());
 }
 
 pub fn print_jobs(j: &Jobs) {
@@ -824,7 +866,7 @@ pub fn print_jobs(j: &Jobs) {
 pub fn print(report: &Report) {
     println!("slate bench ({} build)", report.build);
     print_appends_rows(&report.appends);
-    print_webhook_row(&report.webhook_ingest, &report.appends.insert_ceiling[2]);
+    print_webhook_row(&report.webhook_ingest);
     print_jobs_row(&report.jobs);
     let r = &report.rebuild;
     println!(
