@@ -159,7 +159,8 @@ pub struct Processes {
 }
 
 const LEVELS: [usize; 3] = [1, 8, 32];
-/// Interleaved slices per level in parts 1, 2 and 2b.
+/// Interleaved slices per level in parts 1, 2 and 2b, and rounds of
+/// deliveries (each after a slice of the ceiling at 32) in part 3.
 const ROUNDS: usize = 5;
 /// Concurrent clients submitting generations, each for its own account.
 const GENERATION_CLIENTS: usize = 16;
