@@ -17,7 +17,7 @@ use tokio::sync::watch;
 pub const INTERVAL: Duration = Duration::from_millis(20);
 
 /// Start polling the tail (needs a Tokio runtime); the task ends when every
-/// receiver is gone.
+/// receiver is gone or the pool is closed.
 pub fn watch(pool: PgPool, every: Duration) -> watch::Receiver<i64> {
     let (tx, rx) = watch::channel(0i64);
     tokio::spawn(async move {
@@ -41,6 +41,9 @@ pub fn watch(pool: PgPool, every: Duration) -> watch::Receiver<i64> {
                         moved
                     });
                 }
+                // The process closed its pool (it is shutting down): nothing
+                // is left to watch. Receivers see the watch close.
+                Err(sqlx::Error::PoolClosed) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "reading the log's tail failed");
                     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -514,3 +514,29 @@ async fn a_bulk_audit_rebuild_writes_what_the_projector_wrote() {
         .unwrap();
     assert!(more > after.len() as i64);
 }
+
+/// A process that closes its pool (shutting down) ends its tail watch: the
+/// receivers see it close, and nothing warns once a second about a closed
+/// pool.
+#[tokio::test]
+async fn the_tail_watch_ends_when_its_pool_is_closed() {
+    let db = TestDb::new().await;
+    let pool = slate_events::db::pool_options()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let mut tail = slate_events::tail::watch(pool.clone(), slate_events::tail::INTERVAL);
+    let mut conn = db.conn().await;
+    new_account(&mut conn).await;
+    tokio::time::timeout(std::time::Duration::from_secs(10), tail.changed())
+        .await
+        .expect("the watch sees the new event")
+        .expect("the watch is open while the pool is");
+    pool.close().await;
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while tail.changed().await.is_ok() {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the watch closes once its pool is closed");
+}
