@@ -576,31 +576,21 @@ async fn webhooks(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow
     }));
     let slice = Duration::from_secs_f64(opts.seconds / ROUNDS as f64);
     let per_round = opts.webhooks.div_ceil(ROUNDS);
-    let mut ceiling_32 = Count::default();
-    let mut deliveries = Deliveries::default();
-    let mut outcome = Ok(());
-    for round in 0..ROUNDS {
-        // Rounds after part 1's, whose stream ids are in the same table.
-        match ceiling(pool, 32, slice, ROUNDS + round).await {
-            Ok(c) => ceiling_32.add(c),
-            Err(e) => {
-                outcome = Err(e);
-                break;
-            }
+    let measured = async {
+        let mut ceiling_32 = Count::default();
+        let mut deliveries = Deliveries::default();
+        for round in 0..ROUNDS {
+            // Rounds after part 1's, whose stream ids are in the same table.
+            ceiling_32.add(ceiling(pool, 32, slice, ROUNDS + round).await?);
+            let tag = format!("w{round}");
+            deliveries.add(send_webhooks(&url, opts.senders, per_round, &tag).await?);
         }
-        let tag = format!("w{round}");
-        match send_webhooks(&url, opts.senders, per_round, &tag).await {
-            Ok(d) => deliveries.add(d),
-            Err(e) => {
-                outcome = Err(e);
-                break;
-            }
-        }
+        anyhow::Ok(deliveries.latency(opts.senders, ceiling_32.per_second()))
     }
+    .await;
     let _ = stop_tx.send(());
     let _ = server.await;
-    outcome?;
-    Ok(deliveries.latency(opts.senders, ceiling_32.per_second()))
+    measured
 }
 
 /// Latencies (ms), failed requests and the seconds the deliveries took.
@@ -698,8 +688,9 @@ async fn send_webhooks(
     Ok(out)
 }
 
-/// Start `slate serve` and `slate work` on the bench database, read their
-/// memory idle, drive webhook deliveries through them, read their peaks.
+/// Start `slate serve` and `slate work` on `database_url` (migrated, nothing
+/// queued), read their memory idle, drive webhook deliveries through them,
+/// read their peaks.
 async fn processes(database_url: &str, opts: &BenchOptions) -> anyhow::Result<Processes> {
     use std::process::{Command, Stdio};
     let exe = std::env::current_exe()?;
