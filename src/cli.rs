@@ -707,8 +707,11 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 } else {
                     slate_workers::diagnostics::DiagnosticJob::Ping
                 };
+                // Outside a transaction: committed when it returns.
                 slate_workers::jobs::enqueue(&mut conn, slate_workers::diagnostics::QUEUE, &job, 1)
-                    .await?;
+                    .await?
+                    .send(&pool)
+                    .await;
                 println!("enqueued {job:?}");
             }
         },

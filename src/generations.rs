@@ -276,7 +276,7 @@ pub async fn submit(
             + chrono::Duration::from_std(state.config.generation_hold)
                 .unwrap_or(chrono::Duration::hours(2)),
     };
-    let outcome = slate_workers::generations::submit(
+    let (outcome, wake) = slate_workers::generations::submit(
         &mut tx,
         &submission,
         &metadata,
@@ -321,6 +321,7 @@ pub async fn submit(
                 .await?;
             }
             tx.commit().await?;
+            wake.send(&state.pool).await;
             Ok((StatusCode::ACCEPTED, body))
         }
     }
@@ -376,10 +377,11 @@ pub async fn cancel(
         .await?
         .ok_or_else(ApiError::not_found)?;
     let metadata = auth.metadata();
+    let mut wake = slate_workers::jobs::Wake::none();
     let status = match g.status.as_str() {
         "queued" => {
             if generations::cancel_now(&mut tx, &g, "canceled", &metadata).await? {
-                slate_workers::webhooks::enqueue_for(&mut tx, id)
+                wake = slate_workers::webhooks::enqueue_for(&mut tx, id)
                     .await
                     .map_err(ApiError::Internal)?;
             }
@@ -400,5 +402,6 @@ pub async fn cancel(
         .await?
         .ok_or_else(ApiError::not_found)?;
     tx.commit().await?;
+    wake.send(&state.pool).await;
     Ok((status, view(state, &g).await))
 }

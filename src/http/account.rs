@@ -49,7 +49,7 @@ pub(super) async fn delete_account(
         auth.metadata(),
     )
     .await?;
-    slate_workers::email::enqueue(
+    let wake = slate_workers::email::enqueue(
         &mut tx,
         auth.account_id,
         slate_workers::email::Template::DeletionScheduled,
@@ -57,6 +57,7 @@ pub(super) async fn delete_account(
     .await
     .map_err(|e| ApiError::Internal(e.into()))?;
     tx.commit().await?;
+    wake.send(&state.pool).await;
     Ok((
         axum::http::StatusCode::ACCEPTED,
         super::Json(json!({

@@ -68,14 +68,18 @@ async fn a_panicking_job_does_not_take_the_worker_process_down() {
     let mut conn = db.conn().await;
     slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Panic, 1)
         .await
-        .unwrap();
+        .unwrap()
+        .send(&db.pool)
+        .await;
     let panicked = wait_status(&db, "panic", &["Killed", "Failed"]).await;
     assert_eq!(panicked, "Killed", "a panic is terminal, not retried");
 
     // The same process goes on taking jobs.
     slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Ping, 1)
         .await
-        .unwrap();
+        .unwrap()
+        .send(&db.pool)
+        .await;
     wait_status(&db, "ping", &["Done"]).await;
     assert!(
         worker.0.try_wait().unwrap().is_none(),
@@ -220,10 +224,16 @@ async fn a_worker_killed_mid_generation_is_recovered_and_billed_exactly_once() {
         hold_until: chrono::Utc::now() + chrono::Duration::hours(1),
     };
     let mut tx = sqlx::Acquire::begin(&mut *conn).await.unwrap();
-    slate_workers::generations::submit(&mut tx, &submission, &slate_events::Metadata::system(), 5)
-        .await
-        .unwrap();
+    let (_, wake) = slate_workers::generations::submit(
+        &mut tx,
+        &submission,
+        &slate_events::Metadata::system(),
+        5,
+    )
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
+    wake.send(&db.pool).await;
     drop(conn);
 
     let status = || async {
@@ -455,7 +465,9 @@ async fn a_worker_takes_jobs_again_after_a_database_outage() {
         let mut conn = db.conn().await;
         slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Ping, 1)
             .await
-            .unwrap();
+            .unwrap()
+            .send(&db.pool)
+            .await;
     };
     enqueue().await;
     wait_pings(1).await;
@@ -711,4 +723,47 @@ async fn a_claimed_job_keeps_every_field_of_its_row() {
         .await
         .unwrap();
     assert!(again.is_empty());
+}
+
+/// An enqueuing transaction notifies no one, so its commit does not queue
+/// behind other notifying commits' WAL flushes (migration
+/// `…20261204000101`); the enqueuer wakes the workers after the commit, in
+/// apalis-postgres's notification format.
+#[tokio::test]
+async fn enqueuing_notifies_the_workers_only_after_the_commit() {
+    let db = TestDb::new().await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .unwrap();
+    listener.listen("apalis::job::insert").await.unwrap();
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let wake = slate_workers::jobs::enqueue(&mut tx, QUEUE, &DiagnosticJob::Ping, 1)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let heard = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await;
+    assert!(
+        heard.is_err(),
+        "the enqueuing commit notified: {:?}",
+        heard.map(|n| n.map(|n| n.payload().to_owned()))
+    );
+
+    wake.send(&db.pool).await;
+    let heard = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("the wake-up arrives")
+        .unwrap();
+    let payload: serde_json::Value = serde_json::from_str(heard.payload()).unwrap();
+    let id: String = sqlx::query_scalar("select id from apalis.jobs where job_type = $1")
+        .bind(QUEUE)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(payload, serde_json::json!({ "job_type": QUEUE, "id": id }));
+
+    // Nothing enqueued, nothing sent.
+    slate_workers::jobs::Wake::none().send(&db.pool).await;
+    let heard = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await;
+    assert!(heard.is_err(), "an empty wake notified");
 }

@@ -269,12 +269,13 @@ pub async fn generations_per_second(
                 // As the HTTP path: a refused reservation rolls back (the
                 // transaction is dropped), and the bench stops at once
                 // rather than wait for a job that was never queued.
-                if let Submitted::Insufficient { shortfall, .. } =
-                    generations::submit(&mut tx, &s, &Metadata::system(), 3).await?
-                {
+                let (outcome, wake) =
+                    generations::submit(&mut tx, &s, &Metadata::system(), 3).await?;
+                if let Submitted::Insufficient { shortfall, .. } = outcome {
                     anyhow::bail!("a bench account ran out of credits (short by {shortfall})");
                 }
                 tx.commit().await?;
+                wake.send(&pool).await;
             }
             anyhow::Ok(())
         }));
@@ -355,6 +356,8 @@ pub async fn pickup_latency(
         apalis_postgres::queries::push_tasks(&mut *tx, QUEUE, vec![push(i, true)]).await?;
         tx.commit().await?;
         let committed = Instant::now();
+        // As every enqueuer does (jobs::Wake): counted in the latency.
+        crate::jobs::Wake::queue(QUEUE).send(pool).await;
         let (_, at) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
             .await?
             .ok_or_else(|| anyhow::anyhow!("the pickup worker stopped"))?;
@@ -369,6 +372,7 @@ pub async fn pickup_latency(
     for i in 0..samples {
         apalis_postgres::queries::push_tasks(&mut *conn, QUEUE, vec![push(i, true)]).await?;
         committed_at.insert(i, Instant::now());
+        crate::jobs::Wake::queue(QUEUE).send(pool).await;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     drop(conn);

@@ -152,12 +152,13 @@ pub struct EmailJob {
     pub key: Uuid,
 }
 
-/// Enqueue a message in the caller's transaction.
+/// Enqueue a message in the caller's transaction ([`jobs::Wake::send`] after
+/// it commits).
 pub async fn enqueue(
     conn: &mut PgConnection,
     account_id: Uuid,
     template: Template,
-) -> Result<(), apalis_postgres::Error> {
+) -> Result<jobs::Wake, apalis_postgres::Error> {
     let job = EmailJob {
         account_id,
         template,

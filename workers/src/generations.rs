@@ -30,21 +30,25 @@ pub struct GenerationJob {
 }
 
 /// Reserve, record and enqueue, in the caller's transaction: a job exists
-/// exactly when its reservation does.
+/// exactly when its reservation does. Send the wake-up once the caller has
+/// committed.
 pub async fn submit(
     conn: &mut PgConnection,
     submission: &Submission,
     metadata: &Metadata,
     max_attempts: usize,
-) -> anyhow::Result<Submitted> {
+) -> anyhow::Result<(Submitted, jobs::Wake)> {
     let outcome = generations::submit(conn, submission, metadata).await?;
-    if let Submitted::Accepted { .. } = outcome {
-        let job = GenerationJob {
-            generation_id: submission.generation_id,
-        };
-        jobs::enqueue(conn, QUEUE, &job, max_attempts).await?;
-    }
-    Ok(outcome)
+    let wake = match outcome {
+        Submitted::Accepted { .. } => {
+            let job = GenerationJob {
+                generation_id: submission.generation_id,
+            };
+            jobs::enqueue(conn, QUEUE, &job, max_attempts).await?
+        }
+        Submitted::Insufficient { .. } => jobs::Wake::none(),
+    };
+    Ok((outcome, wake))
 }
 
 /// Where a generation's output lives.
@@ -158,12 +162,14 @@ pub async fn handle(
 async fn fail(worker: &GenerationWorker, id: Uuid, code: &str, attempts: i32) {
     let result = async {
         let mut tx = worker.pool.begin().await?;
+        let mut wake = crate::jobs::Wake::none();
         if let Some(g) = generations::get_any(&mut tx, id).await?
             && generations::fail(&mut tx, &g, code, attempts, &system()).await?
         {
-            crate::webhooks::enqueue_for(&mut tx, id).await?;
+            wake = crate::webhooks::enqueue_for(&mut tx, id).await?;
         }
         tx.commit().await?;
+        wake.send(&worker.pool).await;
         Ok::<(), anyhow::Error>(())
     }
     .await;
@@ -234,12 +240,14 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
     let stored = store_output(w, g, output).await?;
     let mut tx = w.pool.begin().await?;
     let first = generations::succeed(&mut tx, g, &stored, &system()).await?;
+    let mut wake = crate::jobs::Wake::none();
     if first {
-        crate::webhooks::enqueue_if(&mut tx, g.generation_id, work.webhook_url.is_some())
+        wake = crate::webhooks::enqueue_if(&mut tx, g.generation_id, work.webhook_url.is_some())
             .await
             .map_err(|_| Step::Retry("database_unavailable"))?;
     }
     tx.commit().await?;
+    wake.send(&w.pool).await;
     if first {
         tracing::info!(
             bytes = stored.bytes,
@@ -251,12 +259,14 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
 
 async fn cancel(w: &GenerationWorker, g: &Generation, reason: &str) -> Result<(), Step> {
     let mut tx = w.pool.begin().await?;
+    let mut wake = crate::jobs::Wake::none();
     if generations::cancel_now(&mut tx, g, reason, &system()).await? {
-        crate::webhooks::enqueue_for(&mut tx, g.generation_id)
+        wake = crate::webhooks::enqueue_for(&mut tx, g.generation_id)
             .await
             .map_err(|_| Step::Retry("database_unavailable"))?;
     }
     tx.commit().await?;
+    wake.send(&w.pool).await;
     Ok(())
 }
 
@@ -380,13 +390,15 @@ pub async fn cancel_overdue(
     let mut n = 0;
     for id in ids {
         let mut tx = pool.begin().await?;
+        let mut wake = crate::jobs::Wake::none();
         if let Some(g) = generations::get_any(&mut tx, id).await?
             && generations::cancel_now(&mut tx, &g, "deadline_passed", &system()).await?
         {
-            crate::webhooks::enqueue_for(&mut tx, id).await?;
+            wake = crate::webhooks::enqueue_for(&mut tx, id).await?;
             n += 1;
         }
         tx.commit().await?;
+        wake.send(pool).await;
     }
     Ok(n)
 }

@@ -1,27 +1,111 @@
 //! Enqueueing jobs inside the caller's transaction: a job exists exactly when
-//! the write it follows committed.
+//! the write it follows committed. The queue's workers hear of it after that
+//! commit ([`Wake`]), never from inside it.
 
-use apalis::prelude::TaskBuilder;
+use apalis::prelude::{TaskBuilder, TaskId};
 use serde::Serialize;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 
 /// How many times the database may hand a job out before it stays failed.
 /// apalis-postgres re-runs a failed job as soon as its `run_at` has passed;
 /// handlers push `run_at` forward themselves for backoff (see [`backoff`]).
 pub const DEFAULT_MAX_ATTEMPTS: usize = 5;
 
+/// The notification channel apalis-postgres's listener (`Pubsub`) reads.
+const CHANNEL: &str = "apalis::job::insert";
+
+/// Jobs pushed in a transaction that has not committed yet: after the
+/// commit, [`send`](Wake::send) tells their queues' workers.
+///
+/// apalis-postgres notifies from a trigger on `apalis.jobs`, inside the
+/// enqueuing transaction. A notifying transaction takes a database-wide lock
+/// at its commit and holds it until the commit is on disk, so every
+/// enqueuing transaction waited in line for the WAL flushes of all the others
+/// (about 400 commits/s here, however many clients: each submission of a
+/// generation is one). Migration `…20261204000101` drops that trigger; the
+/// notification is sent after the commit, by a statement that writes nothing
+/// and so waits for no flush. A wake that is never sent (or fails) loses
+/// nothing: the workers poll every second anyway (`poll::SAFETY_NET`).
+#[must_use = "send it after the commit (Wake::send), or the workers find the job only on their next poll, up to a second later"]
+#[derive(Debug, Default)]
+pub struct Wake {
+    /// (queue, id of one job pushed onto it, or "" when it is not known).
+    jobs: Vec<(String, String)>,
+}
+
+impl Wake {
+    /// Nothing was enqueued.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// The job `id` was pushed onto `queue`.
+    pub fn job(queue: &str, id: impl ToString) -> Self {
+        Self {
+            jobs: vec![(queue.to_owned(), id.to_string())],
+        }
+    }
+
+    /// Jobs were pushed onto `queue`.
+    pub fn queue(queue: &str) -> Self {
+        Self::job(queue, "")
+    }
+
+    /// Both wakes, to send together after one commit.
+    pub fn and(mut self, other: Wake) -> Self {
+        for (queue, id) in other.jobs {
+            if !self.jobs.iter().any(|(q, _)| *q == queue) {
+                self.jobs.push((queue, id));
+            }
+        }
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Tell the queues' workers, after the commit that made the jobs
+    /// visible: one notification per queue (apalis-postgres's payload), one
+    /// round trip, nothing to flush. A failure is logged and otherwise
+    /// ignored (see [`Wake`]).
+    pub async fn send(self, pool: &PgPool) {
+        if self.jobs.is_empty() {
+            return;
+        }
+        let (queues, ids): (Vec<String>, Vec<String>) = self.jobs.into_iter().unzip();
+        let sent = sqlx::query(
+            "select pg_notify($1, json_build_object('job_type', q, 'id', i)::text)
+               from unnest($2::text[], $3::text[]) as w(q, i)",
+        )
+        .bind(CHANNEL)
+        .bind(&queues)
+        .bind(&ids)
+        .execute(pool)
+        .await;
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "waking the workers failed; they find the jobs on their next poll");
+        }
+    }
+}
+
 /// Push `job` onto `queue` on the caller's connection (use the transaction of
-/// the write the job follows). Payloads carry ids, never prompts or personal
-/// data.
+/// the write the job follows); [`Wake::send`] once it has committed.
+/// Payloads carry ids, never prompts or personal data.
 pub async fn enqueue<J: Serialize>(
     conn: &mut PgConnection,
     queue: &str,
     job: &J,
     max_attempts: usize,
-) -> Result<(), apalis_postgres::Error> {
+) -> Result<Wake, apalis_postgres::Error> {
     let bytes = serde_json::to_vec(job).expect("job payloads serialize");
-    let task = TaskBuilder::new(bytes).max_attempts(max_attempts).build();
-    apalis_postgres::queries::push_tasks(conn, queue, vec![task]).await
+    let id = TaskId::from_string(ulid::Ulid::generate().to_string());
+    let task = TaskBuilder::new(bytes)
+        .task_id(id.clone())
+        .max_attempts(max_attempts)
+        .build();
+    apalis_postgres::queries::push_tasks(conn, queue, vec![task]).await?;
+    Ok(Wake::job(queue, id))
 }
 
 /// Enqueue `job` unless one under the same `key` is waiting or running (a
@@ -57,12 +141,15 @@ pub async fn enqueue_once<J: Serialize>(
         return Ok(false);
     }
     let bytes = serde_json::to_vec(job).expect("job payloads serialize");
+    let id = TaskId::from_string(ulid::Ulid::generate().to_string());
     let task = TaskBuilder::new(bytes)
+        .task_id(id.clone())
         .max_attempts(max_attempts)
         .idempotency_key(key)
         .build();
     apalis_postgres::queries::push_tasks(&mut *tx, queue, vec![task]).await?;
     tx.commit().await?;
+    Wake::job(queue, id).send(pool).await;
     Ok(true)
 }
 

@@ -1,15 +1,15 @@
 //! When a worker looks for jobs.
 //!
-//! apalis-postgres's own `.with_pubsub()` wakes a worker on each insert
-//! notification, but a notification that arrives while a fetch is already
-//! in flight is consumed by that fetch's wake-up, and if the fetch's snapshot
-//! predates the job's commit the job waits for the next heartbeat (5 s): about
-//! 1 pickup in 100 on an idle queue. A job whose pushing transaction crossed
-//! a second boundary sends no notification at all (the trigger compares its
-//! whole-second `run_at` with the transaction's start). [`backend`] keeps the
-//! notifications and adds two wake-ups: one `RECHECK` after the last
-//! notification (so a swallowed one still leads to a fetch that sees its
-//! job), and a slow `SAFETY_NET` interval for a job that never notified.
+//! Enqueuers notify after their commit ([`crate::jobs::Wake`]; the
+//! notifying trigger of apalis-postgres is dropped). apalis-postgres's own
+//! `.with_pubsub()` wakes a worker on each notification, but a notification
+//! that arrives while a fetch is already in flight is consumed by that
+//! fetch's wake-up, and if the fetch's snapshot predates the job's commit the
+//! job waits for the next heartbeat (5 s): about 1 pickup in 100 on an idle
+//! queue. [`backend`] keeps the notifications and adds two wake-ups: one
+//! `RECHECK` after the last notification (so a swallowed one still leads to
+//! a fetch that sees its job), and a slow `SAFETY_NET` interval for a job
+//! whose wake-up was lost.
 //!
 //! The queue's own bookkeeping (fetch, lock, completion, heartbeat) goes
 //! through [`queue_pool`], whose transactions commit without waiting for

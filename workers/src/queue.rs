@@ -200,9 +200,15 @@ impl Persistence for Bookkeeping {
     }
 
     async fn push_tasks(&mut self, tasks: Vec<PgTask>) -> Result<(), Error> {
+        let queue = self.config.queue.as_ref();
+        let wake = match tasks.iter().find_map(|t| t.task_id()) {
+            Some(id) => crate::jobs::Wake::job(queue, id),
+            None => crate::jobs::Wake::queue(queue),
+        };
         let mut tx = self.pool.begin().await?;
-        queries::push_tasks(&mut *tx, self.config.queue.as_ref(), tasks).await?;
+        queries::push_tasks(&mut *tx, queue, tasks).await?;
         tx.commit().await?;
+        wake.send(&self.pool).await;
         Ok(())
     }
 }

@@ -31,7 +31,8 @@ pub async fn ingest(
 }
 
 /// Mirror, log and enqueue several deliveries with one statement that
-/// commits on its own ([`stripe::ingest_many`]).
+/// commits on its own ([`stripe::ingest_many`]), then wake the processing
+/// workers.
 async fn ingest_many(
     pool: &PgPool,
     deliveries: &[(&IncomingEvent, StripeSource)],
@@ -43,13 +44,19 @@ async fn ingest_many(
         })
         .expect("job payloads serialize")
     };
-    let jobs = stripe::ProcessingJobs {
+    let processing = stripe::ProcessingJobs {
         queue: QUEUE,
         max_attempts: MAX_ATTEMPTS as i32,
         new_id: &new_id,
         payload: &payload,
     };
-    stripe::ingest_many(pool, deliveries, &jobs).await
+    let first = stripe::ingest_many(pool, deliveries, &processing).await?;
+    // Committed (the statement commits on its own): a job was enqueued for
+    // each first delivery.
+    if first.contains(&true) {
+        jobs::Wake::queue(QUEUE).send(pool).await;
+    }
+    Ok(first)
 }
 
 /// Webhook deliveries that arrive together, ingested in one transaction

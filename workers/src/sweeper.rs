@@ -64,8 +64,9 @@ pub async fn schedule(pool: &PgPool, slot: i64) -> anyhow::Result<bool> {
     if pending {
         return Ok(false);
     }
-    crate::jobs::enqueue(&mut tx, QUEUE, &SweepJob { slot }, 3).await?;
+    let wake = crate::jobs::enqueue(&mut tx, QUEUE, &SweepJob { slot }, 3).await?;
     tx.commit().await?;
+    wake.send(pool).await;
     Ok(true)
 }
 

@@ -135,11 +135,11 @@ pub fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &str) -> Option<St
 }
 
 /// Enqueue the completion webhook of a generation that has one, in the
-/// transaction that recorded its outcome.
+/// transaction that recorded its outcome ([`jobs::Wake::send`] after it).
 pub async fn enqueue_for(
     conn: &mut PgConnection,
     generation_id: Uuid,
-) -> Result<(), anyhow::Error> {
+) -> Result<jobs::Wake, anyhow::Error> {
     let url: Option<String> =
         sqlx::query_scalar("select webhook_url from generation_inputs where generation_id = $1")
             .bind(generation_id)
@@ -155,11 +155,11 @@ pub async fn enqueue_if(
     conn: &mut PgConnection,
     generation_id: Uuid,
     wanted: bool,
-) -> Result<(), anyhow::Error> {
-    if wanted {
-        jobs::enqueue(conn, QUEUE, &WebhookJob { generation_id }, MAX_ATTEMPTS).await?;
+) -> Result<jobs::Wake, anyhow::Error> {
+    if !wanted {
+        return Ok(jobs::Wake::none());
     }
-    Ok(())
+    Ok(jobs::enqueue(conn, QUEUE, &WebhookJob { generation_id }, MAX_ATTEMPTS).await?)
 }
 
 #[derive(Clone)]
