@@ -52,9 +52,11 @@ async fn ingest_many(
     };
     let first = stripe::ingest_many(pool, deliveries, &processing).await?;
     // Committed (the statement commits on its own): a job was enqueued for
-    // each first delivery.
+    // each first delivery. The deliveries are answered without waiting for
+    // the wake-up (nor is the batch writer held up by it).
     if first.contains(&true) {
-        jobs::Wake::queue(QUEUE).send(pool).await;
+        let pool = pool.clone();
+        tokio::spawn(async move { jobs::Wake::queue(QUEUE).send(&pool).await });
     }
     Ok(first)
 }
