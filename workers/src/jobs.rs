@@ -29,8 +29,9 @@ const CHANNEL: &str = "apalis::job::insert";
 #[must_use = "send it after the commit (Wake::send), or the workers find the job only on their next poll, up to a second later"]
 #[derive(Debug, Default)]
 pub struct Wake {
-    /// (queue, id of one job pushed onto it, or "" when it is not known).
-    jobs: Vec<(String, String)>,
+    /// The queue, and the id of one job pushed onto it ("" when it is not
+    /// known); `None` when nothing was enqueued.
+    job: Option<(String, String)>,
 }
 
 impl Wake {
@@ -42,7 +43,7 @@ impl Wake {
     /// The job `id` was pushed onto `queue`.
     pub fn job(queue: &str, id: impl ToString) -> Self {
         Self {
-            jobs: vec![(queue.to_owned(), id.to_string())],
+            job: Some((queue.to_owned(), id.to_string())),
         }
     }
 
@@ -51,42 +52,37 @@ impl Wake {
         Self::job(queue, "")
     }
 
-    /// Both wakes, to send together after one commit.
-    pub fn and(mut self, other: Wake) -> Self {
-        for (queue, id) in other.jobs {
-            if !self.jobs.iter().any(|(q, _)| *q == queue) {
-                self.jobs.push((queue, id));
-            }
-        }
-        self
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty()
-    }
-
-    /// Tell the queues' workers, after the commit that made the jobs
-    /// visible: one notification per queue (apalis-postgres's payload), one
-    /// round trip, nothing to flush. A failure is logged and otherwise
-    /// ignored (see [`Wake`]).
+    /// Tell the queue's workers, after the commit that made the jobs
+    /// visible: one notification (apalis-postgres's payload), one round
+    /// trip, nothing to flush. A failure is logged and otherwise ignored
+    /// (see [`Wake`]).
     pub async fn send(self, pool: &PgPool) {
-        if self.jobs.is_empty() {
+        let Some((queue, id)) = self.job else {
             return;
-        }
-        let (queues, ids): (Vec<String>, Vec<String>) = self.jobs.into_iter().unzip();
+        };
         let sent = sqlx::query(
-            "select pg_notify($1, json_build_object('job_type', q, 'id', i)::text)
-               from unnest($2::text[], $3::text[]) as w(q, i)",
+            "select pg_notify($1, json_build_object('job_type', $2::text, 'id', $3::text)::text)",
         )
         .bind(CHANNEL)
-        .bind(&queues)
-        .bind(&ids)
+        .bind(&queue)
+        .bind(&id)
         .execute(pool)
         .await;
         if let Err(e) = sent {
             tracing::warn!(error = %e, "waking the workers failed; they find the jobs on their next poll");
         }
     }
+}
+
+/// `job`'s task, with an id of its own (a ULID, as apalis-postgres makes
+/// them) for its wake-up to name.
+fn task<J: Serialize>(job: &J, max_attempts: usize) -> (TaskBuilder<Vec<u8>>, TaskId) {
+    let bytes = serde_json::to_vec(job).expect("job payloads serialize");
+    let id = TaskId::from_string(ulid::Ulid::generate().to_string());
+    let task = TaskBuilder::new(bytes)
+        .task_id(id.clone())
+        .max_attempts(max_attempts);
+    (task, id)
 }
 
 /// Push `job` onto `queue` on the caller's connection (use the transaction of
@@ -98,13 +94,8 @@ pub async fn enqueue<J: Serialize>(
     job: &J,
     max_attempts: usize,
 ) -> Result<Wake, apalis_postgres::Error> {
-    let bytes = serde_json::to_vec(job).expect("job payloads serialize");
-    let id = TaskId::from_string(ulid::Ulid::generate().to_string());
-    let task = TaskBuilder::new(bytes)
-        .task_id(id.clone())
-        .max_attempts(max_attempts)
-        .build();
-    apalis_postgres::queries::push_tasks(conn, queue, vec![task]).await?;
+    let (task, id) = task(job, max_attempts);
+    apalis_postgres::queries::push_tasks(conn, queue, vec![task.build()]).await?;
     Ok(Wake::job(queue, id))
 }
 
@@ -140,13 +131,8 @@ pub async fn enqueue_once<J: Serialize>(
     if exists {
         return Ok(false);
     }
-    let bytes = serde_json::to_vec(job).expect("job payloads serialize");
-    let id = TaskId::from_string(ulid::Ulid::generate().to_string());
-    let task = TaskBuilder::new(bytes)
-        .task_id(id.clone())
-        .max_attempts(max_attempts)
-        .idempotency_key(key)
-        .build();
+    let (task, id) = task(job, max_attempts);
+    let task = task.idempotency_key(key).build();
     apalis_postgres::queries::push_tasks(&mut *tx, queue, vec![task]).await?;
     tx.commit().await?;
     Wake::job(queue, id).send(pool).await;
