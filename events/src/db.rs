@@ -28,10 +28,34 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
 }
 
 /// Pool options every Slate pool starts from: each new connection gets
-/// [`disable_nagle`].
+/// [`disable_nagle`], and an idle connection is checked for liveness before
+/// it is handed out only when it has been idle for [`PING_AFTER_IDLE`].
+///
+/// sqlx checks a connection when it goes back to the pool (a round trip
+/// that also flushes what a dropped future left behind) and, by default,
+/// again when it is taken out. Under load a connection is idle for a few
+/// milliseconds between the two, and the second check was one more round
+/// trip before every transaction and statement run on the pool. A
+/// connection that dies in that short time (the server restarted) fails its
+/// next statement instead, as an outage fails the one in flight, and is
+/// closed when it goes back (the check on release fails).
 pub fn pool_options() -> PgPoolOptions {
-    PgPoolOptions::new().after_connect(|conn, _| Box::pin(disable_nagle(conn)))
+    PgPoolOptions::new()
+        .after_connect(|conn, _| Box::pin(disable_nagle(conn)))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_AFTER_IDLE {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
 }
+
+/// How long a pooled connection may sit idle before it is checked again
+/// when it is taken out (see [`pool_options`]).
+pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 /// A connection of its own (outside any pool), with [`disable_nagle`].
 pub async fn connect_one(options: &PgConnectOptions) -> Result<PgConnection, sqlx::Error> {

@@ -330,10 +330,10 @@ pub async fn record_started(
         !sqlx::Connection::is_in_transaction(&*conn),
         "record_started commits on its own"
     );
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    sqlx::query("set local synchronous_commit = off")
-        .execute(&mut *tx)
-        .await?;
+    // One round trip: the setting is sent with the `begin`.
+    let mut tx =
+        sqlx::Connection::begin_with(&mut *conn, "begin; set local synchronous_commit = off")
+            .await?;
     append(
         &mut tx,
         g.generation_id,

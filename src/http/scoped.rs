@@ -9,13 +9,11 @@ pub async fn scoped(
     pool: &PgPool,
     account_id: Uuid,
 ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("set local role slate_rls")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("select set_config('slate.account_id', $1, true)")
-        .bind(account_id.to_string())
-        .execute(&mut *tx)
-        .await?;
-    Ok(tx)
+    // One round trip: the role and the account are set with the `begin`. A
+    // `Uuid` formats as hex digits and dashes only, so the statement is safe
+    // to build.
+    pool.begin_with(sqlx::AssertSqlSafe(format!(
+        "begin; set local role slate_rls; set local slate.account_id = '{account_id}'"
+    )))
+    .await
 }

@@ -62,3 +62,33 @@ async fn pooled_connections_to_postgres_send_without_nagle_delay() {
         );
     }
 }
+
+/// Every Slate pool skips sqlx's liveness check when a connection is taken
+/// out soon after it was put back (it was checked then), and keeps it for a
+/// connection idle for `PING_AFTER_IDLE` or longer: one that died meanwhile
+/// (here terminated by the server) is replaced, not handed out.
+#[tokio::test]
+async fn a_pooled_connection_that_died_while_idle_is_replaced_before_use() {
+    let db = crate::harness::TestDb::with_pool_size(1).await;
+    let pid = || async {
+        sqlx::query_scalar::<_, i32>("select pg_backend_pid()")
+            .fetch_one(&db.pool)
+            .await
+            .expect("the pool hands out a live connection")
+    };
+    let first = pid().await;
+    // Taken straight back out: the same connection, unchecked.
+    assert_eq!(pid().await, first);
+
+    let mut admin = crate::harness::admin_connection(&crate::harness::server_url()).await;
+    let terminated: bool = sqlx::query_scalar("select pg_terminate_backend($1)")
+        .bind(first)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert!(terminated);
+    tokio::time::sleep(slate_events::db::PING_AFTER_IDLE + std::time::Duration::from_millis(300))
+        .await;
+    let second = pid().await;
+    assert_ne!(second, first, "the dead connection was replaced");
+}
