@@ -61,8 +61,8 @@ pub async fn submit(
     s: &Submission,
     metadata: &Metadata,
 ) -> Result<Submitted, Error> {
-    // The inputs first: the reservation below locks the account's credit
-    // row until the caller commits, and the worker's capture of this
+    // The prompt is sealed first: the reservation below locks the account's
+    // credit row until the caller commits, and the worker's capture of this
     // account's previous generation waits for it, so as little as possible
     // comes after it. Prompts are personal: sealed with the account's key
     // (see vault).
@@ -70,29 +70,28 @@ pub async fn submit(
         Some(p) => Some(crate::vault::seal(conn, s.account_id, p).await?),
         None => None,
     };
-    sqlx::query(
-        "insert into generation_inputs (generation_id, prompt, input_key, parameters, webhook_url)
-         values ($1, $2, $3, $4, $5)
-         on conflict (generation_id) do nothing",
+    // The inputs and the reservation in one statement (one round trip). On
+    // `Insufficient` the caller rolls back, the inputs with it.
+    let operation = format!("{}:{}", s.kind, s.provider);
+    let v: Value = sqlx::query_scalar(
+        "with inputs as (
+             insert into generation_inputs (generation_id, prompt, input_key, parameters, webhook_url)
+             values ($2, $7, $8, $9, $10)
+             on conflict (generation_id) do nothing)
+         select credit_reserve_operation($1, $2, $3, $4, $5, now(), $6)",
     )
+    .bind(s.account_id)
     .bind(s.generation_id)
+    .bind(&operation)
+    .bind(s.units)
+    .bind(s.hold_until)
+    .bind(metadata.to_json())
     .bind(prompt)
     .bind(&s.input_key)
     .bind(&s.parameters)
     .bind(&s.webhook_url)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    let operation = format!("{}:{}", s.kind, s.provider);
-    let v: Value =
-        sqlx::query_scalar("select credit_reserve_operation($1, $2, $3, $4, $5, now(), $6)")
-            .bind(s.account_id)
-            .bind(s.generation_id)
-            .bind(&operation)
-            .bind(s.units)
-            .bind(s.hold_until)
-            .bind(metadata.to_json())
-            .fetch_one(&mut *conn)
-            .await?;
     let int = |k: &str| v.get(k).and_then(Value::as_i64).unwrap_or_default();
     match v.get("outcome").and_then(Value::as_str) {
         Some("reserved") | Some("duplicate") => {}
