@@ -24,6 +24,17 @@ pub trait BatchWrite: Send + Sync + 'static {
         &self,
         items: Vec<Self::Item>,
     ) -> impl Future<Output = Vec<Result<Self::Output, Self::Error>>> + Send;
+
+    /// When `outcome` (a write's first) says the store is out of reach, the
+    /// answer for one item that was already waiting when that write ended.
+    /// Under an outage a write takes the pool's whole acquire timeout to find
+    /// out; without this, an item queued behind busy writers would wait for
+    /// one of them and then for a write of its own, twice that long. With
+    /// it, no caller waits for more than one failed write. By default items
+    /// are never refused.
+    fn refusal(&self, _outcome: &Result<Self::Output, Self::Error>) -> Option<Self::Error> {
+        None
+    }
 }
 
 /// The batcher's writers are gone (the runtime is shutting down) or a writer
@@ -101,7 +112,23 @@ impl<W: BatchWrite> Batcher<W> {
                         batch
                     };
                     let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-                    let mut outcomes = writer.write(items).await.into_iter();
+                    let outcomes = writer.write(items).await;
+                    // What waits now waited through this write. The lock is
+                    // free unless another writer is gathering, and then that
+                    // writer takes what waits (nothing waited behind it).
+                    if let Some(first) = outcomes.first()
+                        && let Some(mut refusal) = writer.refusal(first)
+                        && let Ok(mut rx) = rx.try_lock()
+                    {
+                        while let Ok((_, reply)) = rx.try_recv() {
+                            let _ = reply.send(Err(refusal));
+                            let Some(next) = writer.refusal(first) else {
+                                break;
+                            };
+                            refusal = next;
+                        }
+                    }
+                    let mut outcomes = outcomes.into_iter();
                     for reply in replies {
                         // A caller that went away no longer needs its answer.
                         // (`unwrap_or_else`: an error made eagerly for every
@@ -179,5 +206,78 @@ mod tests {
                 Err(E) => assert_eq!(i, 7),
             }
         }
+    }
+
+    /// Every write finds the store out of reach, when the test lets it end.
+    struct Down(Arc<Gate>);
+
+    struct Gate {
+        writes: AtomicUsize,
+        open: tokio::sync::Semaphore,
+    }
+
+    impl BatchWrite for Down {
+        type Item = u32;
+        type Output = u32;
+        type Error = E;
+        async fn write(&self, items: Vec<u32>) -> Vec<Result<u32, E>> {
+            self.0.writes.fetch_add(1, Ordering::SeqCst);
+            self.0.open.acquire().await.unwrap().forget();
+            items.into_iter().map(|_| Err(E)).collect()
+        }
+
+        fn refusal(&self, outcome: &Result<u32, E>) -> Option<E> {
+            outcome.as_ref().err().map(|_| E)
+        }
+    }
+
+    async fn until(what: impl Fn() -> bool) {
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while !what() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("in time");
+    }
+
+    #[tokio::test]
+    async fn items_waiting_through_an_out_of_reach_write_are_refused_without_a_write() {
+        let gate = Arc::new(Gate {
+            writes: AtomicUsize::new(0),
+            open: tokio::sync::Semaphore::new(0),
+        });
+        let batcher = Batcher::start(
+            Down(gate.clone()),
+            BatchOptions {
+                writers: 2,
+                max_batch: 64,
+            },
+        );
+        let submit = |i: u32| {
+            let b = batcher.clone();
+            tokio::spawn(async move { b.submit(i).await })
+        };
+        // Both writers busy, two more callers waiting behind them.
+        let first = submit(1);
+        until(|| gate.writes.load(Ordering::SeqCst) == 1).await;
+        let second = submit(2);
+        until(|| gate.writes.load(Ordering::SeqCst) == 2).await;
+        let waiting = [submit(3), submit(4)];
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // The first write ends out of reach: the waiting callers get their
+        // answer with it, and no write of their own.
+        gate.open.add_permits(1);
+        assert!(first.await.unwrap().is_err());
+        for w in waiting {
+            assert!(w.await.unwrap().is_err());
+        }
+        assert_eq!(gate.writes.load(Ordering::SeqCst), 2);
+        assert!(!second.is_finished());
+        gate.open.add_permits(1);
+        assert!(second.await.unwrap().is_err());
+        assert_eq!(gate.writes.load(Ordering::SeqCst), 2);
     }
 }

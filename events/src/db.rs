@@ -173,9 +173,21 @@ pub fn unavailable(e: &sqlx::Error) -> bool {
 
 /// [`unavailable`] for an error or anything in its chain of sources.
 pub fn unavailable_in(e: &(dyn std::error::Error + 'static)) -> bool {
+    sqlx_error_in(e, unavailable)
+}
+
+/// True when the error or anything in its chain of sources is the pool
+/// giving up on a connection ([`sqlx::Error::PoolTimedOut`]): PostgreSQL was
+/// out of reach for the pool's whole acquire timeout, so whoever tries next
+/// right now will wait as long for the same answer.
+pub fn timed_out_in(e: &(dyn std::error::Error + 'static)) -> bool {
+    sqlx_error_in(e, |e| matches!(e, sqlx::Error::PoolTimedOut))
+}
+
+fn sqlx_error_in(e: &(dyn std::error::Error + 'static), is: impl Fn(&sqlx::Error) -> bool) -> bool {
     let mut cause = Some(e);
     while let Some(c) = cause {
-        if c.downcast_ref::<sqlx::Error>().is_some_and(unavailable) {
+        if c.downcast_ref::<sqlx::Error>().is_some_and(&is) {
             return true;
         }
         cause = c.source();

@@ -398,6 +398,11 @@ impl crate::batch::BatchWrite for AppendWriter {
     async fn write(&self, items: Vec<PendingAppend>) -> Vec<Result<Appended, Error>> {
         let rows = match append_batch(&self.pool, &items).await {
             Ok(rows) if rows.len() == items.len() => rows,
+            // No connection within the acquire timeout: alone, each would
+            // wait as long again for the same answer.
+            Err(e) if crate::db::timed_out_in(&e) => {
+                return items.iter().map(|_| Err(timed_out())).collect();
+            }
             // The batch as a whole failed (connection lost, commit unknown):
             // each item alone. Appends are idempotent on event ids, so an item
             // that did commit reports `duplicate`.
@@ -417,6 +422,17 @@ impl crate::batch::BatchWrite for AppendWriter {
         }
         out
     }
+
+    fn refusal(&self, outcome: &Result<Appended, Error>) -> Option<Error> {
+        match outcome {
+            Err(e) if crate::db::timed_out_in(e) => Some(timed_out()),
+            _ => None,
+        }
+    }
+}
+
+fn timed_out() -> Error {
+    Error::Database(sqlx::Error::PoolTimedOut)
 }
 
 impl AppendWriter {

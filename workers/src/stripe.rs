@@ -90,13 +90,10 @@ impl slate_events::batch::BatchWrite for IngestWriter {
             Ok(first) => first.into_iter().map(Ok).collect(),
             // PostgreSQL is out of reach: every delivery is refused now (the
             // webhook answers 503 and Stripe retries), none waits twice.
-            Err(e) if slate_events::db::unavailable_in(&e) => items
-                .iter()
-                .map(|_| {
-                    Err(anyhow::Error::new(sqlx::Error::PoolTimedOut)
-                        .context("database unavailable"))
-                })
-                .collect(),
+            Err(e) if slate_events::db::unavailable_in(&e) => {
+                let timed_out = slate_events::db::timed_out_in(&e);
+                items.iter().map(|_| Err(unavailable(timed_out))).collect()
+            }
             // One at a time, so that each delivery gets its own answer (a
             // delivery that did commit is then a duplicate: the count is off
             // by one, never the ingest).
@@ -107,6 +104,27 @@ impl slate_events::batch::BatchWrite for IngestWriter {
             Err(e) => vec![Err(e.into())],
         }
     }
+
+    /// After the pool gave up on a connection, deliveries that waited
+    /// meanwhile are refused at once (503; Stripe delivers them again).
+    fn refusal(&self, outcome: &anyhow::Result<bool>) -> Option<anyhow::Error> {
+        match outcome {
+            Err(e) if slate_events::db::timed_out_in(e.as_ref()) => Some(unavailable(true)),
+            _ => None,
+        }
+    }
+}
+
+/// The answer for each delivery of a batch that found PostgreSQL out of
+/// reach: the pool timed out waiting for a connection, or the connection
+/// failed (errors are not `Clone`; each delivery gets its own).
+fn unavailable(timed_out: bool) -> anyhow::Error {
+    let cause = if timed_out {
+        sqlx::Error::PoolTimedOut
+    } else {
+        sqlx::Error::Io(std::io::ErrorKind::ConnectionAborted.into())
+    };
+    anyhow::Error::new(cause).context("database unavailable")
 }
 
 /// What the processing job needs.
