@@ -119,6 +119,12 @@ pub struct Jobs {
     /// after the last of them (the worker alone).
     pub generations_while_submitting: f64,
     pub generations_after_submissions: f64,
+    /// CPU per job by process, and the machine's busy cores, over each of
+    /// the three runs (from the jobs' push or first submission to the last
+    /// completion).
+    pub cpu_per_noop: crate::bench_cpu::PerJob,
+    pub cpu_per_noop_limited: crate::bench_cpu::PerJob,
+    pub cpu_per_generation: crate::bench_cpu::PerJob,
 }
 
 /// Parts 1, 2 and 2b.
@@ -262,8 +268,10 @@ pub async fn run_jobs(config: &Config, opts: &BenchOptions) -> anyhow::Result<Jo
 }
 
 async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Result<Jobs> {
+    let cpu = crate::bench_cpu::sample();
     let noop_per_second =
         slate_workers::bench::noop_jobs_per_second(pool, opts.jobs, NoopSetup::Bare).await?;
+    let (cpu, cpu_per_noop) = per_job(cpu, opts.jobs);
     let noop_limited_per_second = slate_workers::bench::noop_jobs_per_second(
         pool,
         opts.jobs,
@@ -273,6 +281,7 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
         },
     )
     .await?;
+    let (cpu, cpu_per_noop_limited) = per_job(cpu, opts.jobs);
     let generations = slate_workers::bench::generations_per_second(
         pool,
         &config.storage(),
@@ -282,6 +291,7 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
         opts.generation_clients,
     )
     .await?;
+    let (_, cpu_per_generation) = per_job(cpu, opts.jobs);
     Ok(Jobs {
         jobs: opts.jobs,
         submitters: opts.generation_clients,
@@ -293,7 +303,19 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
         submissions_per_second: generations.submitted,
         generations_while_submitting: generations.while_submitting,
         generations_after_submissions: generations.after_submissions,
+        cpu_per_noop,
+        cpu_per_noop_limited,
+        cpu_per_generation,
     })
+}
+
+/// CPU per job of `jobs` jobs since `since`, and a new sample to go on from.
+fn per_job(
+    since: crate::bench_cpu::Sample,
+    jobs: usize,
+) -> (crate::bench_cpu::Sample, crate::bench_cpu::PerJob) {
+    let now = crate::bench_cpu::sample();
+    (now, now.per_job_since(&since, jobs))
 }
 
 /// Run `body` against a scratch database (its options and URL), then drop it.
@@ -809,6 +831,19 @@ fn print_jobs_row(j: &Jobs) {
         j.generations_while_submitting,
         j.generations_after_submissions
     );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu = |name: &str, c: &crate::bench_cpu::PerJob| {
+        println!(
+            "   CPU per {name}: {:.2} ms (PostgreSQL {:.2}, bench process {:.2}, S3 server {:.2}); machine {:.2} of {cores} cores busy",
+            c.total_ms, c.postgres_ms, c.bench_ms, c.s3_server_ms, c.machine_busy_cores
+        )
+    };
+    cpu("bare no-op job", &j.cpu_per_noop);
+    cpu(
+        "no-op job taken the generation queue's way",
+        &j.cpu_per_noop_limited,
+    );
+    cpu("generation, end to end", &j.cpu_per_generation);
 }
 
 fn print_appends_rows(a: &Appends) {
