@@ -292,6 +292,7 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
     )
     .await?;
     let (_, cpu_per_generation) = per_job(cpu, opts.jobs);
+    slate_workers::bench::remove_outputs(&config.storage(), &generations.accounts).await?;
     Ok(Jobs {
         jobs: opts.jobs,
         submitters: opts.generation_clients,

@@ -232,7 +232,10 @@ pub async fn run(pool: &PgPool, config: &Config) -> anyhow::Result<i32> {
     println!("\n11. object storage at {}", config.s3_endpoint);
     let storage = slate_workers::storage::Storage::new(&config.storage());
     storage.ensure_bucket().await?;
-    let key = format!("users/{account}/collections/demo/readme.txt");
+    let key = format!(
+        "{}collections/demo/readme.txt",
+        slate_workers::storage::account_prefix(account)
+    );
     storage
         .put(&key, b"hello from the slate demo".to_vec(), "text/plain")
         .await?;

@@ -275,7 +275,7 @@ async fn privacy(
         refused.status().as_u16()
     );
     let storage = slate_workers::storage::Storage::new(&config.storage());
-    let prefix = format!("users/{account}/");
+    let prefix = slate_workers::storage::account_prefix(account);
     let objects = storage.list_prefix(&prefix).await?.len();
     let purger = slate_workers::purge::Purger {
         pool: pool.clone(),

@@ -107,7 +107,8 @@ pub(crate) fn validate(
         ));
     }
     if let Some(key) = &r.input_key
-        && (!key.starts_with(&format!("users/{account_id}/")) || key.contains(".."))
+        && (!key.starts_with(&slate_workers::storage::account_prefix(account_id))
+            || key.contains(".."))
     {
         return Err(invalid(
             "invalid_input",

@@ -667,7 +667,10 @@ async fn check_all(
     let storage = slate_workers::storage::Storage::new(&config.storage());
     let mut stored = HashSet::new();
     for a in &account_ids {
-        for k in storage.list_prefix(&format!("users/{a}/")).await? {
+        for k in storage
+            .list_prefix(&slate_workers::storage::account_prefix(*a))
+            .await?
+        {
             stored.insert(k);
         }
     }

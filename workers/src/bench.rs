@@ -154,7 +154,7 @@ pub async fn noop_jobs_per_second(
 }
 
 /// [`generations_per_second`]'s figures.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct GenerationRates {
     /// Generations from the first submission to the last completion.
     pub end_to_end: f64,
@@ -167,6 +167,9 @@ pub struct GenerationRates {
     /// Generations finished after the last submission, per second from it to
     /// the last completion: the worker with the machine to itself.
     pub after_submissions: f64,
+    /// The bench accounts, whose outputs are left in the bucket until
+    /// [`remove_outputs`] deletes them.
+    pub accounts: Vec<Uuid>,
 }
 
 /// Generations per second end to end: reserved, queued, run by the worker
@@ -246,7 +249,7 @@ pub async fn generations_per_second(
     }));
     let start = db_now(pool).await?;
     let mut clients = Vec::new();
-    for (c, account) in accounts.into_iter().enumerate() {
+    for (c, &account) in accounts.iter().enumerate() {
         let pool = pool.clone();
         let mine = n / submitters + usize::from(c < n % submitters);
         clients.push(tokio::spawn(async move {
@@ -302,7 +305,24 @@ pub async fn generations_per_second(
         submitted: per_second(n, start, submissions_end),
         while_submitting: per_second(while_submitting, start, submissions_end),
         after_submissions: per_second(n - while_submitting, submissions_end, last),
+        accounts,
     })
+}
+
+/// Delete what [`generations_per_second`] stored in the bucket (each
+/// account's objects, the accounts side by side): the bench leaves no
+/// objects behind, as it leaves no database, and every run writes into a
+/// bucket of the same size.
+pub async fn remove_outputs(storage: &StorageSettings, accounts: &[Uuid]) -> anyhow::Result<usize> {
+    let storage = Storage::new(storage);
+    let storage = &storage;
+    let removed = futures::future::try_join_all(accounts.iter().map(|&a| async move {
+        storage
+            .delete_prefix(&crate::storage::account_prefix(a))
+            .await
+    }))
+    .await?;
+    Ok(removed.into_iter().sum())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

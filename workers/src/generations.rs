@@ -54,8 +54,8 @@ pub async fn submit(
 /// Where a generation's output lives.
 pub fn output_key(g: &Generation, content_type: &str) -> String {
     format!(
-        "users/{}/collections/{}/{}.{}",
-        g.account_id,
+        "{}collections/{}/{}.{}",
+        crate::storage::account_prefix(g.account_id),
         g.collection_id,
         g.generation_id,
         media::extension_for(content_type)

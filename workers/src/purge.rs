@@ -107,7 +107,7 @@ pub async fn purge(p: &Purger, account_id: Uuid, now: DateTime<Utc>) -> anyhow::
     if !done.iter().any(|s| s == "storage") {
         let deleted = p
             .storage
-            .delete_prefix(&format!("users/{account_id}/"))
+            .delete_prefix(&crate::storage::account_prefix(account_id))
             .await?;
         p.crash_point("storage")?;
         p.step_done(account_id, "storage", format!("deleted {deleted} objects"))

@@ -3,6 +3,13 @@
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
+use uuid::Uuid;
+
+/// Where everything of one account is stored: its uploads and its
+/// generations' outputs (deleted together when the account is purged).
+pub fn account_prefix(account_id: Uuid) -> String {
+    format!("users/{account_id}/")
+}
 
 #[derive(Debug, Clone)]
 pub struct StorageSettings {
