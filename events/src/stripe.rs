@@ -520,6 +520,18 @@ async fn process_in_tx(
         .pointer("/data/object")
         .cloned()
         .unwrap_or(Value::Null);
+    // And one event per payment at a time: a purchase and a refund or
+    // dispute of it are different objects, and each reads what the other
+    // writes (the refund looks for the grant; the grant, in
+    // `settle_payment`, for refunds and disputes that came first). Run side
+    // by side, each could miss the other and the refund would be lost. Taken
+    // before any account's lock, in every path (no lock-order cycle).
+    if let Some(payment) = payment_of(&event_type, &object) {
+        sqlx::query("select pg_advisory_xact_lock(hashtext('stripe-payment:' || $1))")
+            .bind(payment)
+            .execute(&mut *tx)
+            .await?;
+    }
     let cx = Cx {
         catalog,
         event_id: id,
@@ -592,6 +604,26 @@ fn text<'v>(v: &'v Value, pointer: &str) -> Option<&'v str> {
 }
 
 /// An expandable field: an id string or an object with an id.
+/// The payment intent an invoice was paid with (the newer API lists it
+/// under `payments`).
+fn invoice_payment_intent(inv: &Value) -> Option<&str> {
+    inv.pointer("/payments/data")
+        .and_then(Value::as_array)
+        .and_then(|p| p.iter().find_map(|p| id_of(p, "/payment/payment_intent")))
+}
+
+/// The payment an event's effects depend on, where a grant and the refunds
+/// and disputes of it meet (see `settle_payment`).
+fn payment_of<'v>(event_type: &str, object: &'v Value) -> Option<&'v str> {
+    match event_type {
+        "invoice.paid" | "invoice.payment_failed" => invoice_payment_intent(object),
+        t if t.starts_with("checkout.session.") || t.starts_with("charge.") => {
+            id_of(object, "/payment_intent")
+        }
+        _ => None,
+    }
+}
+
 fn id_of<'v>(v: &'v Value, pointer: &str) -> Option<&'v str> {
     match v.pointer(pointer)? {
         Value::String(s) if !s.is_empty() => Some(s),
@@ -898,10 +930,7 @@ async fn invoice_paid(
             "{invoice} paid; no plan credits on it"
         )));
     }
-    let payment_intent = inv
-        .pointer("/payments/data")
-        .and_then(Value::as_array)
-        .and_then(|p| p.iter().find_map(|p| id_of(p, "/payment/payment_intent")));
+    let payment_intent = invoice_payment_intent(inv);
     let out = credits::grant(
         conn,
         &Grant {

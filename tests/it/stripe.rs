@@ -642,6 +642,45 @@ async fn a_delayed_payment_grants_once_on_success_and_nothing_on_failure() {
     assert_eq!(b.available, 200);
 }
 
+/// A refund processed while its purchase is being processed (two Stripe
+/// objects, one payment) waits for the purchase and takes its share back.
+/// Without the payment's lock each could miss the other, the refund finding
+/// no grant and the grant no refund, and the refund was lost (chaos soak,
+/// 2026-12-04). Either order of commits ends at 250 here.
+#[tokio::test]
+async fn a_refund_processed_alongside_its_purchase_is_not_lost() {
+    let app = stripe_app().await;
+    let account = new_account(&mut *app.db.conn().await).await;
+    let run = run_tag();
+    for name in [
+        "01_checkout_session_completed_pack",
+        "09_charge_refunded_partial",
+    ] {
+        let (status, resp) = app.deliver(&fixture(name, account, &run)).await;
+        assert_eq!(status, 200, "{name}: {resp}");
+    }
+    let pool = app.db.pool.clone();
+    let purchase_event = format!("evt_{run}_01");
+    let purchase = tokio::spawn(async move {
+        // Holds its grant uncommitted for a while.
+        let options = slate_events::stripe::ProcessOptions {
+            hold_before_commit: Some(std::time::Duration::from_millis(600)),
+            ..Default::default()
+        };
+        slate_events::stripe::process_with(&pool, &catalog(), &purchase_event, &options).await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let refund =
+        slate_events::stripe::process(&app.db.pool, &catalog(), &format!("evt_{run}_09"), false)
+            .await
+            .unwrap();
+    purchase.await.unwrap().unwrap();
+    let b = slate_events::credits::balance(&mut *app.db.conn().await, account)
+        .await
+        .unwrap();
+    assert_eq!(b.available, 250, "the refund: {refund:?}");
+}
+
 #[tokio::test]
 async fn a_dispute_freezes_the_purchase_and_a_won_dispute_restores_it_in_either_order() {
     let app = stripe_app().await;
