@@ -112,6 +112,10 @@ pub struct Jobs {
     /// fetch as free slots, `concurrency` at once): the queue's own cost per
     /// job there.
     pub noop_limited_per_second: f64,
+    /// No-op jobs enqueued while the worker runs, one per transaction by
+    /// the generation clients, and taken the generation queue's way: a
+    /// generation without its own work.
+    pub noop_submitted_per_second: f64,
     pub generations_per_second: f64,
     /// How fast the clients' submissions went in during that run.
     pub submissions_per_second: f64,
@@ -124,6 +128,7 @@ pub struct Jobs {
     /// completion).
     pub cpu_per_noop: crate::bench_cpu::PerJob,
     pub cpu_per_noop_limited: crate::bench_cpu::PerJob,
+    pub cpu_per_noop_submitted: crate::bench_cpu::PerJob,
     pub cpu_per_generation: crate::bench_cpu::PerJob,
 }
 
@@ -282,6 +287,17 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
     )
     .await?;
     let (cpu, cpu_per_noop_limited) = per_job(cpu, opts.jobs);
+    let noop_submitted_per_second = slate_workers::bench::noop_jobs_per_second(
+        pool,
+        opts.jobs,
+        NoopSetup::Submitted {
+            concurrency: opts.generation_concurrency,
+            fetchers: opts.generation_fetchers,
+            clients: opts.generation_clients,
+        },
+    )
+    .await?;
+    let (cpu, cpu_per_noop_submitted) = per_job(cpu, opts.jobs);
     let generations = slate_workers::bench::generations_per_second(
         pool,
         &config.storage(),
@@ -300,12 +316,14 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
         fetchers: opts.generation_fetchers,
         noop_per_second,
         noop_limited_per_second,
+        noop_submitted_per_second,
         generations_per_second: generations.end_to_end,
         submissions_per_second: generations.submitted,
         generations_while_submitting: generations.while_submitting,
         generations_after_submissions: generations.after_submissions,
         cpu_per_noop,
         cpu_per_noop_limited,
+        cpu_per_noop_submitted,
         cpu_per_generation,
     })
 }
@@ -832,6 +850,12 @@ fn print_jobs_row(j: &Jobs) {
         j.generations_while_submitting,
         j.generations_after_submissions
     );
+    println!(
+        "   no-op jobs enqueued one per transaction by {} clients while the worker runs, taken the generation queue's way: {:.0} jobs/s (generations {:.2} of it)",
+        j.submitters,
+        j.noop_submitted_per_second,
+        j.generations_per_second / j.noop_submitted_per_second
+    );
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cpu = |name: &str, c: &crate::bench_cpu::PerJob| {
         println!(
@@ -843,6 +867,10 @@ fn print_jobs_row(j: &Jobs) {
     cpu(
         "no-op job taken the generation queue's way",
         &j.cpu_per_noop_limited,
+    );
+    cpu(
+        "no-op job submitted one per transaction, taken that way",
+        &j.cpu_per_noop_submitted,
     );
     cpu("generation, end to end", &j.cpu_per_generation);
 }

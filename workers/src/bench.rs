@@ -92,6 +92,15 @@ pub enum NoopSetup {
     /// workers, each fetching as many as it has free slots, each job on its
     /// own task.
     Limited { concurrency: usize, fetchers: usize },
+    /// As `Limited`, but nothing is queued beforehand: `clients` enqueue the
+    /// jobs while the worker runs, one per transaction followed by its wake,
+    /// as generations are submitted. The no-op counterpart of
+    /// [`generations_per_second`], enqueueing included.
+    Submitted {
+        concurrency: usize,
+        fetchers: usize,
+        clients: usize,
+    },
 }
 
 /// Jobs per second of a handler that does nothing.
@@ -103,9 +112,15 @@ pub async fn noop_jobs_per_second(
     let queue = match setup {
         NoopSetup::Bare => "bench.noop",
         NoopSetup::Limited { .. } => "bench.noop-limited",
+        NoopSetup::Submitted { .. } => "bench.noop-submitted",
+    };
+    let queued_beforehand = if matches!(setup, NoopSetup::Submitted { .. }) {
+        0
+    } else {
+        n
     };
     let mut conn = pool.acquire().await?;
-    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+    for chunk in (0..queued_beforehand).collect::<Vec<_>>().chunks(500) {
         let tasks = chunk
             .iter()
             .map(|i| {
@@ -130,6 +145,11 @@ pub async fn noop_jobs_per_second(
         NoopSetup::Limited {
             concurrency,
             fetchers,
+        }
+        | NoopSetup::Submitted {
+            concurrency,
+            fetchers,
+            ..
         } => {
             let storage = crate::poll::backend::<Noop>(pool, &queue_pool, queue, config(queue));
             let slots = split_concurrency(concurrency, fetchers);
@@ -146,11 +166,38 @@ pub async fn noop_jobs_per_second(
         let _ = stopped.await;
         Ok(())
     }));
+    if let NoopSetup::Submitted { clients, .. } = setup {
+        submit_noops(pool, queue, n, clients).await?;
+    }
     let last = wait_done(pool, queue, n, Duration::from_secs(600)).await?;
     let _ = stop.send(());
     let _ = running.await;
     queue_pool.close().await;
     Ok(per_second(n as f64, start, last))
+}
+
+/// `n` no-op jobs enqueued by `clients` concurrent clients, one per
+/// transaction, each followed by its wake.
+async fn submit_noops(pool: &PgPool, queue: &str, n: usize, clients: usize) -> anyhow::Result<()> {
+    let clients = clients.max(1);
+    let mut tasks = Vec::with_capacity(clients);
+    for c in 0..clients {
+        let (pool, queue) = (pool.clone(), queue.to_owned());
+        let mine = n / clients + usize::from(c < n % clients);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..mine {
+                let mut tx = pool.begin().await?;
+                let wake = crate::jobs::enqueue(&mut tx, &queue, &Noop { i }, 3).await?;
+                tx.commit().await?;
+                wake.send(&pool).await;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
 }
 
 /// [`generations_per_second`]'s figures.
