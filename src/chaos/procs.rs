@@ -23,6 +23,8 @@ struct Proc {
     starts: u32,
     /// PostgreSQL was down when this run of it started.
     started_in_pg_outage: bool,
+    /// Where this run's output starts in its log (runs append to one file).
+    log_start: u64,
 }
 
 /// An exit nobody asked for.
@@ -76,6 +78,7 @@ impl Supervisor {
             restart_at: None,
             starts: 0,
             started_in_pg_outage: false,
+            log_start: 0,
         });
         let i = self.procs.len() - 1;
         self.spawn(i, false)
@@ -88,6 +91,7 @@ impl Supervisor {
             .create(true)
             .append(true)
             .open(&log_path)?;
+        p.log_start = log.metadata()?.len();
         let child = Command::new(&self.bin)
             .arg(match p.kind {
                 Kind::Serve => "serve",
@@ -118,9 +122,13 @@ impl Supervisor {
             if let Some(child) = &mut p.child
                 && let Some(status) = child.try_wait()?
             {
+                // This run's whole output: a watchdog stop is followed by
+                // the shutdown's own lines (in-flight jobs finishing), more
+                // than 8 KiB of them in one soak.
                 let tail = std::fs::read(self.logs.join(format!("{}.log", p.name)))
                     .map(|b| {
-                        String::from_utf8_lossy(&b[b.len().saturating_sub(8192)..]).into_owned()
+                        let start = usize::try_from(p.log_start).unwrap_or(0).min(b.len());
+                        String::from_utf8_lossy(&b[start..]).into_owned()
                     })
                     .unwrap_or_default();
                 self.exits.push(Exit {
