@@ -273,31 +273,23 @@ pub async fn run_jobs(config: &Config, opts: &BenchOptions) -> anyhow::Result<Jo
 }
 
 async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Result<Jobs> {
+    let (concurrency, fetchers) = (opts.generation_concurrency, opts.generation_fetchers);
     let cpu = crate::bench_cpu::sample();
-    let noop_per_second =
-        slate_workers::bench::noop_jobs_per_second(pool, opts.jobs, NoopSetup::Bare).await?;
-    let (cpu, cpu_per_noop) = per_job(cpu, opts.jobs);
-    let noop_limited_per_second = slate_workers::bench::noop_jobs_per_second(
-        pool,
-        opts.jobs,
-        NoopSetup::Limited {
-            concurrency: opts.generation_concurrency,
-            fetchers: opts.generation_fetchers,
-        },
-    )
-    .await?;
-    let (cpu, cpu_per_noop_limited) = per_job(cpu, opts.jobs);
-    let noop_submitted_per_second = slate_workers::bench::noop_jobs_per_second(
-        pool,
-        opts.jobs,
-        NoopSetup::Submitted {
-            concurrency: opts.generation_concurrency,
-            fetchers: opts.generation_fetchers,
-            clients: opts.generation_clients,
-        },
-    )
-    .await?;
-    let (cpu, cpu_per_noop_submitted) = per_job(cpu, opts.jobs);
+    let (noop_per_second, cpu, cpu_per_noop) =
+        noop_run(pool, opts.jobs, NoopSetup::Bare, cpu).await?;
+    let limited = NoopSetup::Limited {
+        concurrency,
+        fetchers,
+    };
+    let (noop_limited_per_second, cpu, cpu_per_noop_limited) =
+        noop_run(pool, opts.jobs, limited, cpu).await?;
+    let submitted = NoopSetup::Submitted {
+        concurrency,
+        fetchers,
+        clients: opts.generation_clients,
+    };
+    let (noop_submitted_per_second, cpu, cpu_per_noop_submitted) =
+        noop_run(pool, opts.jobs, submitted, cpu).await?;
     let generations = slate_workers::bench::generations_per_second(
         pool,
         &config.storage(),
@@ -326,6 +318,19 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
         cpu_per_noop_submitted,
         cpu_per_generation,
     })
+}
+
+/// One no-op run: its jobs per second, a CPU sample to go on from, and its
+/// CPU per job since `since`.
+async fn noop_run(
+    pool: &PgPool,
+    jobs: usize,
+    setup: NoopSetup,
+    since: crate::bench_cpu::Sample,
+) -> anyhow::Result<(f64, crate::bench_cpu::Sample, crate::bench_cpu::PerJob)> {
+    let rate = slate_workers::bench::noop_jobs_per_second(pool, jobs, setup).await?;
+    let (now, cpu) = per_job(since, jobs);
+    Ok((rate, now, cpu))
 }
 
 /// CPU per job of `jobs` jobs since `since`, and a new sample to go on from.

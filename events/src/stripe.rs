@@ -603,7 +603,6 @@ fn text<'v>(v: &'v Value, pointer: &str) -> Option<&'v str> {
         .filter(|s| !s.is_empty())
 }
 
-/// An expandable field: an id string or an object with an id.
 /// The payment intent an invoice was paid with (the newer API lists it
 /// under `payments`).
 fn invoice_payment_intent(inv: &Value) -> Option<&str> {
@@ -624,6 +623,7 @@ fn payment_of<'v>(event_type: &str, object: &'v Value) -> Option<&'v str> {
     }
 }
 
+/// An expandable field: an id string or an object with an id.
 fn id_of<'v>(v: &'v Value, pointer: &str) -> Option<&'v str> {
     match v.pointer(pointer)? {
         Value::String(s) if !s.is_empty() => Some(s),

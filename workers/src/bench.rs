@@ -176,6 +176,11 @@ pub async fn noop_jobs_per_second(
     Ok(per_second(n as f64, start, last))
 }
 
+/// Client `c`'s part of `n` jobs shared by `clients` clients.
+fn share(n: usize, clients: usize, c: usize) -> usize {
+    n / clients + usize::from(c < n % clients)
+}
+
 /// `n` no-op jobs enqueued by `clients` concurrent clients, one per
 /// transaction, each followed by its wake.
 async fn submit_noops(pool: &PgPool, queue: &str, n: usize, clients: usize) -> anyhow::Result<()> {
@@ -183,7 +188,7 @@ async fn submit_noops(pool: &PgPool, queue: &str, n: usize, clients: usize) -> a
     let mut tasks = Vec::with_capacity(clients);
     for c in 0..clients {
         let (pool, queue) = (pool.clone(), queue.to_owned());
-        let mine = n / clients + usize::from(c < n % clients);
+        let mine = share(n, clients, c);
         tasks.push(tokio::spawn(async move {
             for i in 0..mine {
                 let mut tx = pool.begin().await?;
@@ -298,7 +303,7 @@ pub async fn generations_per_second(
     let mut clients = Vec::new();
     for (c, &account) in accounts.iter().enumerate() {
         let pool = pool.clone();
-        let mine = n / submitters + usize::from(c < n % submitters);
+        let mine = share(n, submitters, c);
         clients.push(tokio::spawn(async move {
             for i in 0..mine {
                 let mut tx = pool.begin().await?;
