@@ -864,8 +864,14 @@ fn print_jobs_row(j: &Jobs) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cpu = |name: &str, c: &crate::bench_cpu::PerJob| {
         println!(
-            "   CPU per {name}: {:.2} ms (PostgreSQL {:.2}, bench process {:.2}, S3 server {:.2}); machine {:.2} of {cores} cores busy",
-            c.total_ms, c.postgres_ms, c.bench_ms, c.s3_server_ms, c.machine_busy_cores
+            "   CPU per {name}: {:.2} ms (PostgreSQL {:.2}, bench process {:.2}, S3 server {:.2}); machine {:.2} of {cores} cores busy, {:.2} waiting for I/O, {:.2} stolen",
+            c.total_ms,
+            c.postgres_ms,
+            c.bench_ms,
+            c.s3_server_ms,
+            c.machine_busy_cores,
+            c.machine_iowait_cores,
+            c.machine_steal_cores
         )
     };
     cpu("bare no-op job", &j.cpu_per_noop);

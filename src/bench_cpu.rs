@@ -24,8 +24,17 @@ pub struct Sample {
     postgres: f64,
     this: f64,
     s3: f64,
-    /// The whole machine, busy (not idle, not waiting for I/O).
-    machine: f64,
+    /// The whole machine: busy (not idle, not waiting for I/O, not taken
+    /// by the hypervisor), waiting for I/O with nothing else to run, and
+    /// stolen by the hypervisor for other guests.
+    machine: Machine,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Machine {
+    busy: f64,
+    iowait: f64,
+    steal: f64,
 }
 
 /// Milliseconds of CPU per job between two samples, and the machine's busy
@@ -38,6 +47,11 @@ pub struct PerJob {
     pub s3_server_ms: f64,
     pub total_ms: f64,
     pub machine_busy_cores: f64,
+    /// Cores idle while something waited for the disk: a run that shows
+    /// many was bound by I/O (the WAL flush, a checkpoint), not by CPU.
+    pub machine_iowait_cores: f64,
+    /// Cores the hypervisor gave to other guests (noisy neighbours).
+    pub machine_steal_cores: f64,
 }
 
 /// Fields after the command name of `/proc/<pid>/stat`, from the state on.
@@ -92,20 +106,9 @@ pub fn sample() -> Sample {
     let this = std::fs::read_to_string("/proc/self/stat")
         .map(|s| ticks(&stat_fields(&s), 11, 12))
         .unwrap_or_default();
-    // The first line of /proc/stat: user nice system idle iowait irq softirq
-    // steal ..., in USER_HZ.
     let machine = std::fs::read_to_string("/proc/stat")
         .ok()
-        .and_then(|s| {
-            let line = s.lines().next()?.to_owned();
-            let v: Vec<f64> = line
-                .split_whitespace()
-                .skip(1)
-                .take(8)
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            (v.len() == 8).then(|| (v.iter().sum::<f64>() - v[3] - v[4]) / USER_HZ)
-        })
+        .and_then(|s| machine_times(&s))
         .unwrap_or_default();
     Sample {
         at: Instant::now(),
@@ -114,6 +117,24 @@ pub fn sample() -> Sample {
         s3,
         machine,
     }
+}
+
+/// The machine's times from the first line of /proc/stat: user nice system
+/// idle iowait irq softirq steal ..., in USER_HZ.
+fn machine_times(proc_stat: &str) -> Option<Machine> {
+    let v: Vec<f64> = proc_stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    (v.len() == 8).then(|| Machine {
+        busy: (v[0] + v[1] + v[2] + v[5] + v[6]) / USER_HZ,
+        iowait: v[4] / USER_HZ,
+        steal: v[7] / USER_HZ,
+    })
 }
 
 impl Sample {
@@ -127,12 +148,16 @@ impl Sample {
             ms(self.s3, earlier.s3),
         );
         let seconds = (self.at - earlier.at).as_secs_f64().max(1e-3);
+        let cores = |now: f64, then: f64| (now - then).max(0.0) / seconds;
+        let (m, e) = (self.machine, earlier.machine);
         PerJob {
             postgres_ms,
             bench_ms,
             s3_server_ms,
             total_ms: postgres_ms + bench_ms + s3_server_ms,
-            machine_busy_cores: (self.machine - earlier.machine).max(0.0) / seconds,
+            machine_busy_cores: cores(m.busy, e.busy),
+            machine_iowait_cores: cores(m.iowait, e.iowait),
+            machine_steal_cores: cores(m.steal, e.steal),
         }
     }
 }
@@ -149,6 +174,16 @@ mod tests {
         assert_eq!(f[1], "1");
         assert_eq!(ticks(&f, 11, 12), 3.0);
         assert_eq!(ticks(&f, 13, 14), 0.1);
+    }
+
+    #[test]
+    fn machine_times_split_busy_from_waiting_and_stolen() {
+        let stat = "cpu  100 20 30 5000 40 5 6 70 0 0\ncpu0 50 10 15 2500 20 2 3 35 0 0\n";
+        let m = machine_times(stat).unwrap();
+        assert_eq!(m.busy, 1.61);
+        assert_eq!(m.iowait, 0.4);
+        assert_eq!(m.steal, 0.7);
+        assert!(machine_times("cpu 1 2 3\n").is_none());
     }
 
     #[test]
