@@ -507,28 +507,27 @@ async fn process_in_tx(
     if !force && (status == "processed" || status == "ignored") {
         return Ok(Outcome::AlreadyDone(status));
     }
-    // One event per Stripe object at a time.
-    if let Some(object) = &object_id {
-        sqlx::query("select pg_advisory_xact_lock(hashtext('stripe-object:' || $1))")
-            .bind(object)
-            .execute(&mut *tx)
-            .await?;
-    }
     let payload: Value = serde_json::from_str(&raw)
         .map_err(|_| ProcessError::Permanent("mirrored body is not JSON".into()))?;
     let object = payload
         .pointer("/data/object")
         .cloned()
         .unwrap_or(Value::Null);
-    // And one event per payment at a time: a purchase and a refund or
-    // dispute of it are different objects, and each reads what the other
-    // writes (the refund looks for the grant; the grant, in
+    // One event per Stripe object at a time, and one per payment: a purchase
+    // and a refund or dispute of it are different objects, and each reads
+    // what the other writes (the refund looks for the grant; the grant, in
     // `settle_payment`, for refunds and disputes that came first). Run side
-    // by side, each could miss the other and the refund would be lost. Taken
-    // before any account's lock, in every path (no lock-order cycle).
-    if let Some(payment) = payment_of(&event_type, &object) {
-        sqlx::query("select pg_advisory_xact_lock(hashtext('stripe-payment:' || $1))")
-            .bind(payment)
+    // by side, each could miss the other and the refund would be lost. Both
+    // locks in one statement, the object's first (in array order), before
+    // any account's lock, in every path (no lock-order cycle).
+    let locks: Vec<String> = object_id
+        .iter()
+        .map(|o| format!("stripe-object:{o}"))
+        .chain(payment_of(&event_type, &object).map(|p| format!("stripe-payment:{p}")))
+        .collect();
+    if !locks.is_empty() {
+        sqlx::query("select pg_advisory_xact_lock(hashtext(k)) from unnest($1::text[]) as k")
+            .bind(&locks)
             .execute(&mut *tx)
             .await?;
     }
