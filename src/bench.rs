@@ -290,9 +290,10 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
     };
     let (noop_submitted_per_second, cpu, cpu_per_noop_submitted) =
         noop_run(pool, opts.jobs, submitted, cpu).await?;
+    let storage = config.storage();
     let generations = slate_workers::bench::generations_per_second(
         pool,
-        &config.storage(),
+        &storage,
         opts.jobs,
         opts.generation_concurrency,
         opts.generation_fetchers,
@@ -300,7 +301,7 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
     )
     .await?;
     let (_, cpu_per_generation) = per_job(cpu, opts.jobs);
-    slate_workers::bench::remove_outputs(&config.storage(), &generations.accounts).await?;
+    slate_workers::bench::remove_outputs(&storage, &generations.accounts).await?;
     Ok(Jobs {
         jobs: opts.jobs,
         submitters: opts.generation_clients,
