@@ -453,6 +453,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             settings.heartbeat = config.worker_heartbeat;
             settings.missed_heartbeats = config.worker_missed_heartbeats;
             settings.sweep_interval = config.sweep_interval;
+            settings.job_retention = config.job_retention;
             settings.fault_stripe_hold = config.fault_stripe_hold;
             slate_workers::run(pool().await?, settings, crate::shutdown_signal()).await?;
         }

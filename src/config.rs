@@ -66,6 +66,9 @@ pub struct Config {
     pub worker_missed_heartbeats: usize,
     /// How often the scheduled maintenance sweep runs (one job per slot).
     pub sweep_interval: std::time::Duration,
+    /// How long finished jobs stay in the queue's table (the sweep deletes
+    /// them hourly afterwards).
+    pub job_retention: slate_workers::jobs::Retention,
     /// Test-only fault injection: `slate work` holds each Stripe event's
     /// transaction open this long before committing.
     pub fault_stripe_hold: Option<std::time::Duration>,
@@ -124,6 +127,8 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("SLATE_WORKER_HEARTBEAT_SECS", "5"),
     ("SLATE_WORKER_MISSED_HEARTBEATS", "3"),
     ("SLATE_SWEEP_INTERVAL_SECS", "30"),
+    ("SLATE_JOB_RETENTION_DAYS", "7"),
+    ("SLATE_DEAD_JOB_RETENTION_DAYS", "30"),
     ("SLATE_FAULT_STRIPE_HOLD_MS", ""),
     ("SLATE_RATE_LIMIT_ACCOUNT_PER_MIN", "120"),
     ("SLATE_RATE_LIMIT_IP_PER_MIN", "600"),
@@ -160,6 +165,10 @@ pub const DEFAULTS: &[(&str, &str)] = &[
 
 /// The deny-list used when SLATE_DENYLIST_PATH is not set.
 pub const BUILTIN_DENYLIST: &str = include_str!("../config/denylist.txt");
+
+fn days(n: u32) -> std::time::Duration {
+    std::time::Duration::from_secs(u64::from(n) * 24 * 3600)
+}
 
 fn positive(value: &str, name: &str) -> anyhow::Result<u32> {
     value
@@ -262,6 +271,16 @@ impl Config {
                 )?
                 .into(),
             ),
+            job_retention: slate_workers::jobs::Retention {
+                done: days(positive(
+                    &get("SLATE_JOB_RETENTION_DAYS"),
+                    "SLATE_JOB_RETENTION_DAYS",
+                )?),
+                dead: days(positive(
+                    &get("SLATE_DEAD_JOB_RETENTION_DAYS"),
+                    "SLATE_DEAD_JOB_RETENTION_DAYS",
+                )?),
+            },
             worker_missed_heartbeats: get("SLATE_WORKER_MISSED_HEARTBEATS")
                 .parse()
                 .ok()

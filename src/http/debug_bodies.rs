@@ -32,16 +32,35 @@ const SENSITIVE: &[&str] = &[
     "authorization",
     "signature",
     "url",
+    // Personal data in Stripe's objects (customer details, billing details).
+    "name",
+    "phone",
+    "address",
 ];
+
+/// Field names scrubbed in request bodies only: a client's one-time code
+/// (`/v1/auth/totp`). In responses `code` is the error's stable code.
+const SENSITIVE_IN_REQUESTS: &[&str] = &["code"];
+
+/// Fields whose every string is scrubbed, whatever its name: a generation's
+/// provider parameters can hold free text under any name.
+const FREE_TEXT: &[&str] = &["parameters"];
 
 /// Value prefixes of secrets (ours and Stripe's), scrubbed under any name.
 const SECRET_PREFIXES: &[&str] = &["slate_live_", "sk_", "rk_", "whsec_", "re_", "sealed:"];
 
+/// Which way a body travels: a few field names are secret only one way.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Request,
+    Response,
+}
+
 /// The body as scrubbed JSON, or a note saying it was not logged.
-pub fn scrub(bytes: &[u8]) -> String {
+pub fn scrub(bytes: &[u8], direction: Direction) -> String {
     match serde_json::from_slice::<Value>(bytes) {
         Ok(mut v) => {
-            scrub_value(&mut v);
+            scrub_value(&mut v, direction);
             v.to_string()
         }
         Err(_) if bytes.is_empty() => "<empty>".into(),
@@ -49,22 +68,39 @@ pub fn scrub(bytes: &[u8]) -> String {
     }
 }
 
-fn scrub_value(v: &mut Value) {
+fn sensitive(key: &str, direction: Direction) -> bool {
+    let k = key.to_ascii_lowercase();
+    SENSITIVE.iter().any(|s| k.contains(s))
+        || (direction == Direction::Request && SENSITIVE_IN_REQUESTS.contains(&k.as_str()))
+}
+
+fn scrub_value(v: &mut Value, direction: Direction) {
     match v {
         Value::Object(map) => {
             for (k, val) in map.iter_mut() {
-                let k = k.to_ascii_lowercase();
-                if SENSITIVE.iter().any(|s| k.contains(s)) && !val.is_null() {
+                if sensitive(k, direction) && !val.is_null() {
                     *val = Value::String(SCRUBBED.into());
+                } else if FREE_TEXT.contains(&k.as_str()) {
+                    scrub_strings(val);
                 } else {
-                    scrub_value(val);
+                    scrub_value(val, direction);
                 }
             }
         }
-        Value::Array(items) => items.iter_mut().for_each(scrub_value),
+        Value::Array(items) => items.iter_mut().for_each(|v| scrub_value(v, direction)),
         Value::String(s) if SECRET_PREFIXES.iter().any(|p| s.starts_with(p)) => {
             *s = SCRUBBED.into();
         }
+        _ => {}
+    }
+}
+
+/// Every string inside `v`, at any depth; numbers, booleans and the shape stay.
+fn scrub_strings(v: &mut Value) {
+    match v {
+        Value::String(s) => *s = SCRUBBED.into(),
+        Value::Array(items) => items.iter_mut().for_each(scrub_strings),
+        Value::Object(map) => map.values_mut().for_each(scrub_strings),
         _ => {}
     }
 }
@@ -93,7 +129,7 @@ pub async fn log_bodies(State(state): State<AppState>, req: Request, next: Next)
         )
         .into_response();
     };
-    tracing::debug!(target: "slate::bodies", %route, body = %scrub(&bytes), "request body");
+    tracing::debug!(target: "slate::bodies", %route, body = %scrub(&bytes, Direction::Request), "request body");
     let response = next
         .run(Request::from_parts(parts, Body::from(bytes)))
         .await;
@@ -105,7 +141,7 @@ pub async fn log_bodies(State(state): State<AppState>, req: Request, next: Next)
     let Ok(bytes) = to_bytes(body, LIMIT).await else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    tracing::debug!(target: "slate::bodies", %route, status = parts.status.as_u16(), body = %scrub(&bytes), "response body");
+    tracing::debug!(target: "slate::bodies", %route, status = parts.status.as_u16(), body = %scrub(&bytes, Direction::Response), "response body");
     Response::from_parts(parts, Body::from(bytes))
 }
 
@@ -115,17 +151,53 @@ mod tests {
 
     #[test]
     fn personal_and_secret_fields_are_scrubbed_everywhere() {
-        let body = br#"{"kind":"video","prompt":"a violet lighthouse","parameters":{"seed":3,"negative_text":"x"},
+        let body = br#"{"kind":"video","prompt":"a violet lighthouse","parameters":{"seed":3,"negative_text":"x","style":"in the manner of a letter to Ann","loop":true,"shots":[{"caption":"Ann's house","seconds":4}]},
             "webhook_url":"https://example.com/h","items":[{"email":"a@b.c"},{"note":"whsec_abc"}],"key":null}"#;
-        let out: Value = serde_json::from_str(&scrub(body)).unwrap();
+        let out: Value = serde_json::from_str(&scrub(body, Direction::Request)).unwrap();
         assert_eq!(out["kind"], "video");
         assert_eq!(out["prompt"], SCRUBBED);
         assert_eq!(out["parameters"]["seed"], 3);
         assert_eq!(out["parameters"]["negative_text"], SCRUBBED);
+        // Free text under any name in the parameters; the shape and the
+        // numbers stay.
+        assert_eq!(out["parameters"]["style"], SCRUBBED);
+        assert_eq!(out["parameters"]["loop"], true);
+        assert_eq!(out["parameters"]["shots"][0]["caption"], SCRUBBED);
+        assert_eq!(out["parameters"]["shots"][0]["seconds"], 4);
         assert_eq!(out["webhook_url"], SCRUBBED);
         assert_eq!(out["items"][0]["email"], SCRUBBED);
         assert_eq!(out["items"][1]["note"], SCRUBBED);
         assert!(out["key"].is_null());
-        assert_eq!(scrub(b"not json"), "<8 bytes, not JSON, not logged>");
+        assert_eq!(
+            scrub(b"not json", Direction::Request),
+            "<8 bytes, not JSON, not logged>"
+        );
+    }
+
+    #[test]
+    fn a_one_time_code_is_scrubbed_in_requests_and_an_error_code_kept_in_responses() {
+        let out: Value =
+            serde_json::from_str(&scrub(br#"{"code":"492039"}"#, Direction::Request)).unwrap();
+        assert_eq!(out["code"], SCRUBBED);
+        let out: Value = serde_json::from_str(&scrub(
+            br#"{"code":"totp_invalid","message":"that code is not valid"}"#,
+            Direction::Response,
+        ))
+        .unwrap();
+        assert_eq!(out["code"], "totp_invalid");
+    }
+
+    #[test]
+    fn personal_data_in_stripe_objects_is_scrubbed() {
+        let body = br#"{"id":"evt_1","type":"checkout.session.completed","data":{"object":{"id":"cs_1","amount_total":2000,
+            "customer_details":{"email":"a@b.c","name":"Ann Example","phone":"+15555550100",
+            "address":{"line1":"1 Main St","city":"Springfield","postal_code":"12345","country":"US"}}}}}"#;
+        let out: Value = serde_json::from_str(&scrub(body, Direction::Request)).unwrap();
+        let details = &out["data"]["object"]["customer_details"];
+        for field in ["email", "name", "phone", "address"] {
+            assert_eq!(details[field], SCRUBBED, "{field}");
+        }
+        assert_eq!(out["data"]["object"]["amount_total"], 2000);
+        assert_eq!(out["type"], "checkout.session.completed");
     }
 }

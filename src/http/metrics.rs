@@ -17,8 +17,8 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/metrics", get(metrics))
 }
 
-/// Upper bounds (seconds) of the job-duration and processing-lag buckets.
-const DURATION_BUCKETS: [f64; 10] = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0];
+// Upper bounds (seconds) of the job-duration and processing-lag buckets.
+use slate_workers::jobs::DURATION_BUCKETS;
 
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -89,18 +89,31 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Result<impl IntoRe
         );
     }
 
-    // Durations of finished jobs (pickup to done), cumulative per bucket.
+    // Durations of finished jobs (pickup to done), cumulative per bucket:
+    // the jobs still in the queue's table plus those its retention deleted
+    // (added up in `job_durations_retired` as they went).
+    let mut bounds = DURATION_BUCKETS.to_vec();
+    bounds.push(f64::INFINITY);
     let durations: Vec<(String, Vec<i64>, i64, f64)> = sqlx::query_as(
         "with j as (select job_type, extract(epoch from done_at - lock_at)::float8 d
                       from apalis.jobs
-                     where status = 'Done' and lock_at is not null and done_at is not null)
-         select job_type, array_agg(n order by le), max(total), max(total_sum)
-           from (select j.job_type, b.le, count(*) filter (where j.d <= b.le) n,
-                        count(*) total, sum(j.d) total_sum
-                   from j cross join unnest($1::float8[]) b(le) group by 1, 2) x
-          group by 1 order by 1",
+                     where status = 'Done' and lock_at is not null and done_at is not null),
+              live as (select j.job_type, b.le, count(*) n, sum(j.d) s
+                         from j join unnest($1::float8[]) b(le) on j.d <= b.le group by 1, 2),
+              types as (select job_type from live union select job_type from job_durations_retired),
+              cells as (select t.job_type, b.le,
+                               coalesce(l.n, 0) + coalesce(r.jobs, 0) n,
+                               coalesce(l.s, 0) + coalesce(r.seconds, 0) s
+                          from types t cross join unnest($1::float8[]) b(le)
+                          left join live l on l.job_type = t.job_type and l.le = b.le
+                          left join job_durations_retired r on r.job_type = t.job_type and r.le = b.le)
+         select job_type,
+                array_agg(n::bigint order by le) filter (where le < 'Infinity'),
+                (max(n) filter (where le = 'Infinity'))::bigint,
+                (max(s) filter (where le = 'Infinity'))::float8
+           from cells group by 1 order by 1",
     )
-    .bind(DURATION_BUCKETS.to_vec())
+    .bind(bounds)
     .fetch_all(pool)
     .await?;
     out.push_str("# HELP slate_job_duration_seconds Finished jobs by queue, from pickup to done.\n# TYPE slate_job_duration_seconds histogram\n");

@@ -149,7 +149,9 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             debug_bodies::log_bodies,
         ))
-        .route_layer(axum::middleware::from_fn_with_state(
+        // A layer, not a route layer: unknown routes (404) and wrong methods
+        // (405) are counted too, as "unmatched" and on their route.
+        .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             telemetry::record,
         ))
@@ -159,30 +161,33 @@ pub fn router(state: AppState) -> Router {
             headers::security_headers(public_https, req, next)
         }))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(
-            // Spans carry method, route and request id — never bodies or headers.
-            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-                let request_id = req
-                    .headers()
-                    .get(&REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("-");
-                let route = req
-                    .extensions()
-                    .get::<axum::extract::MatchedPath>()
-                    .map(|p| p.as_str().to_owned())
-                    .unwrap_or_else(|| "unmatched".into());
-                tracing::info_span!(
-                    "request",
-                    method = %req.method(),
-                    route,
-                    request_id,
-                    account_id = tracing::field::Empty
-                )
-            }),
-        )
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(axum::middleware::from_fn(sanitize_request_id))
+}
+
+/// The span of one request: method, route and request id, never bodies or
+/// headers. It is made at ERROR level so that no `RUST_LOG` short of `off`
+/// filters it out: a span's level only decides whether it exists, and a
+/// warning logged inside a filtered-out span would lose its request id.
+pub fn request_span<B>(req: &Request<B>) -> tracing::Span {
+    let request_id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    tracing::error_span!(
+        "request",
+        method = %req.method(),
+        route,
+        request_id,
+        account_id = tracing::field::Empty
+    )
 }
 
 /// A client may name its request (`x-request-id`), and that id goes into

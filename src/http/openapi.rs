@@ -347,7 +347,10 @@ pub const ERRORS: &[(&str, Errors)] = &[
     ("openapi", &[]),
     ("healthz", &[]),
     ("readyz", &[]),
-    ("metrics", &[(500, &["internal_error"])]),
+    (
+        "metrics",
+        &[(500, &["internal_error"]), (503, &["database_unavailable"])],
+    ),
     (
         "receive_stripe_webhook",
         &[
@@ -362,7 +365,7 @@ pub const ERRORS: &[(&str, Errors)] = &[
                     "livemode_mismatch",
                 ],
             ),
-            (413, &["payload_too_large"]),
+            (413, &["payload_too_large", "body_too_large"]),
             (500, &["internal_error"]),
             (503, &["webhooks_not_configured", "database_unavailable"]),
         ],
@@ -434,7 +437,11 @@ pub const ERRORS: &[(&str, Errors)] = &[
             (500, &["internal_error"]),
             (
                 503,
-                &["sign_in_not_configured", "identity_provider_unavailable"],
+                &[
+                    "sign_in_not_configured",
+                    "identity_provider_unavailable",
+                    "database_unavailable",
+                ],
             ),
         ],
     ),
@@ -453,7 +460,11 @@ pub const ERRORS: &[(&str, Errors)] = &[
             (500, &["internal_error"]),
             (
                 503,
-                &["sign_in_not_configured", "identity_provider_unavailable"],
+                &[
+                    "sign_in_not_configured",
+                    "identity_provider_unavailable",
+                    "database_unavailable",
+                ],
             ),
         ],
     ),

@@ -203,6 +203,43 @@ async fn a_client_request_id_is_kept_only_when_it_is_a_plain_token() {
     assert_ne!(echo(long).await, long);
 }
 
+/// Requests no route took are counted too: an unknown path as "unmatched",
+/// a wrong method on its route, and a made-up method as "other" (a client
+/// cannot add series to `/metrics`).
+#[tokio::test]
+async fn metrics_count_unknown_routes_and_wrong_methods() {
+    let app = spawn_app().await;
+    let send = |method: &str, path: &str| {
+        app.client
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                format!("{}{path}", app.address),
+            )
+            .send()
+    };
+    assert_eq!(send("GET", "/v1/nope").await.unwrap().status(), 404);
+    assert_eq!(send("GET", "/v1/nope/either").await.unwrap().status(), 404);
+    assert_eq!(send("PUT", "/v1/credits").await.unwrap().status(), 405);
+    assert_eq!(send("BREW", "/v1/nope").await.unwrap().status(), 404);
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"slate_http_requests_total{method="GET",route="unmatched",status="404"} 2"#,
+        r#"slate_http_requests_total{method="other",route="unmatched",status="404"} 1"#,
+        r#"slate_http_requests_total{method="PUT",route="/v1/credits",status="405"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line} is missing:\n{text}");
+    }
+    assert!(!text.contains("BREW"), "{text}");
+}
+
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_in_the_error_format() {
     let app = spawn_app().await;
@@ -236,4 +273,117 @@ async fn unknown_routes_and_methods_answer_in_the_error_format() {
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_query");
+}
+
+/// Finished jobs leave the queue's table after their retention, checked at
+/// most hourly by the maintenance sweep; jobs that may still run stay
+/// whatever their age; and the job-duration histogram of `/metrics` keeps
+/// counting the deleted ones (a counter never goes down).
+#[tokio::test]
+async fn finished_jobs_are_deleted_after_their_retention_and_stay_counted_in_metrics() {
+    use slate_workers::diagnostics::{DiagnosticJob, QUEUE};
+    let app = spawn_app().await;
+    let pool = &app.db.pool;
+    let now = chrono::Utc::now();
+    // (status, finished this many days ago, attempts, max attempts)
+    let jobs = [
+        ("Done", 8, 1, 1),     // past the 7 days: deleted
+        ("Done", 8, 1, 1),     // deleted
+        ("Done", 1, 1, 1),     // kept
+        ("Killed", 8, 1, 1),   // dead, within 30 days: kept
+        ("Killed", 31, 1, 1),  // deleted
+        ("Failed", 31, 5, 5),  // no attempt left: deleted
+        ("Failed", 40, 1, 5),  // will be retried: kept
+        ("Pending", 40, 0, 5), // kept
+    ];
+    let mut ids = Vec::new();
+    for (status, days, attempts, max_attempts) in jobs {
+        let mut conn = pool.acquire().await.unwrap();
+        let _ = slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Ping, 1)
+            .await
+            .unwrap();
+        let id: String = sqlx::query_scalar(
+            "update apalis.jobs set status = $1, attempts = $2, max_attempts = $3,
+                    done_at = case when $1 = 'Pending' then null else $4 end,
+                    lock_at = case when $1 = 'Pending' then null else $4 - interval '2 seconds' end
+              where id = (select id from apalis.jobs where status = 'Pending' and attempts = 0
+                           and job_type = $5 limit 1)
+             returning id",
+        )
+        .bind(status)
+        .bind(attempts)
+        .bind(max_attempts)
+        .bind(now - chrono::Duration::days(days))
+        .bind(QUEUE)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    let histogram = |text: &str| {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("slate_job_duration_seconds") && l.contains(&format!("\"{QUEUE}\""))
+            })
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let metrics = || async {
+        app.client
+            .get(format!("{}/metrics", app.address))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let before = histogram(&metrics().await);
+    assert!(
+        before.contains(&format!(
+            "slate_job_duration_seconds_count{{queue=\"{QUEUE}\"}} 3"
+        )),
+        "{before:?}"
+    );
+    assert!(
+        before.contains(&format!(
+            "slate_job_duration_seconds_bucket{{queue=\"{QUEUE}\",le=\"5\"}} 3"
+        )),
+        "{before:?}"
+    );
+
+    let report = slate_workers::sweeper::sweep(pool, now).await.unwrap();
+    assert_eq!(report.jobs_deleted, 4);
+    let left: Vec<String> = sqlx::query_scalar("select id from apalis.jobs where job_type = $1")
+        .bind(QUEUE)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    let kept: Vec<String> = [2, 3, 6, 7].iter().map(|&i| ids[i].clone()).collect();
+    let mut left_sorted = left.clone();
+    left_sorted.sort();
+    let mut kept_sorted = kept.clone();
+    kept_sorted.sort();
+    assert_eq!(left_sorted, kept_sorted);
+    // The histogram is the same, to the line.
+    assert_eq!(histogram(&metrics().await), before);
+
+    // Within the hour the retention does not run again; after it, it does.
+    sqlx::query(
+        "update apalis.jobs set done_at = $1, lock_at = $1 - interval '2 seconds' where id = $2",
+    )
+    .bind(now - chrono::Duration::days(9))
+    .bind(&ids[2])
+    .execute(pool)
+    .await
+    .unwrap();
+    let soon = slate_workers::sweeper::sweep(pool, now + chrono::Duration::minutes(30))
+        .await
+        .unwrap();
+    assert_eq!(soon.jobs_deleted, 0);
+    let later = slate_workers::sweeper::sweep(pool, now + chrono::Duration::minutes(61))
+        .await
+        .unwrap();
+    assert_eq!(later.jobs_deleted, 1);
+    assert_eq!(histogram(&metrics().await), before);
 }

@@ -18,7 +18,7 @@ pub enum DiagnosticJob {
     Fail,
 }
 
-#[tracing::instrument(skip_all, fields(job_id = %task_id, kind = ?job))]
+#[tracing::instrument(level = "error", skip_all, fields(job_id = %task_id, kind = ?job))]
 pub async fn handle(
     job: DiagnosticJob,
     task_id: apalis::prelude::TaskId,

@@ -218,7 +218,7 @@ pub struct EmailWorker {
     pub mailer: Option<Mailer>,
 }
 
-#[tracing::instrument(skip_all, fields(job_id = %task_id, account_id = %job.account_id, template = job.template.as_str(), attempt = attempt.current()))]
+#[tracing::instrument(level = "error", skip_all, fields(job_id = %task_id, account_id = %job.account_id, template = job.template.as_str(), attempt = attempt.current()))]
 pub async fn handle(
     job: EmailJob,
     task_id: TaskId,

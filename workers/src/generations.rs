@@ -140,7 +140,7 @@ pub async fn attempt(w: &GenerationWorker, id: Uuid, n: i32) -> AttemptOutcome {
     AttemptOutcome::Finished
 }
 
-#[tracing::instrument(skip_all, fields(job_id = %task_id, generation_id = %job.generation_id, attempt = attempt_no.current()))]
+#[tracing::instrument(level = "error", skip_all, fields(job_id = %task_id, generation_id = %job.generation_id, attempt = attempt_no.current()))]
 pub async fn handle(
     job: GenerationJob,
     task_id: TaskId,

@@ -183,6 +183,92 @@ where
     }
 }
 
+/// Upper bounds (seconds) of the job-duration histogram of `/metrics`; the
+/// retention ([`apply_retention`]) adds deleted jobs to the same buckets.
+pub const DURATION_BUCKETS: [f64; 10] = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0];
+
+/// How long finished jobs stay in `apalis.jobs`. Nothing reads a finished
+/// job but `/metrics` and whoever investigates a queue: a generation's, a
+/// Stripe event's and an email's outcome are recorded where they belong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Jobs that succeeded (`Done`).
+    pub done: std::time::Duration,
+    /// Jobs that will not run again: killed, or failed with no attempt left.
+    pub dead: std::time::Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        const DAY: u64 = 24 * 3600;
+        Self {
+            done: std::time::Duration::from_secs(7 * DAY),
+            dead: std::time::Duration::from_secs(30 * DAY),
+        }
+    }
+}
+
+/// Rows one retention statement deletes (a short transaction each).
+const RETENTION_BATCH: i64 = 5_000;
+
+/// Delete the jobs that finished longer ago than `retention` allows, in
+/// batches; returns how many. Pending, running and retrying jobs are never
+/// touched. The durations of the Done jobs deleted are added to
+/// `job_durations_retired` in the same statement, so `/metrics`' histogram
+/// stays cumulative.
+pub async fn apply_retention(
+    pool: &PgPool,
+    now: chrono::DateTime<chrono::Utc>,
+    retention: Retention,
+) -> Result<u64, sqlx::Error> {
+    // A retention too long to subtract keeps everything since 1970.
+    let cutoff = |d: std::time::Duration| {
+        chrono::Duration::from_std(d)
+            .ok()
+            .and_then(|d| now.checked_sub_signed(d))
+            .unwrap_or(chrono::DateTime::UNIX_EPOCH)
+    };
+    let mut buckets = DURATION_BUCKETS.to_vec();
+    buckets.push(f64::INFINITY);
+    let mut deleted = 0;
+    loop {
+        let n: i64 = sqlx::query_scalar(
+            "with gone as (
+                 delete from apalis.jobs where id in (
+                     select id from apalis.jobs
+                      where (status = 'Done' and done_at < $1)
+                         or ((status = 'Killed' or (status = 'Failed' and attempts >= max_attempts))
+                             and done_at < $2)
+                      limit $3
+                        for update skip locked)
+                 returning job_type, status, extract(epoch from done_at - lock_at)::float8 as d
+             ),
+             retired as (
+                 insert into job_durations_retired (job_type, le, jobs, seconds)
+                 select g.job_type, b.le, count(*) filter (where g.d <= b.le),
+                        coalesce(sum(g.d) filter (where g.d <= b.le), 0)
+                   from gone g cross join unnest($4::float8[]) b(le)
+                  where g.status = 'Done' and g.d is not null
+                  group by 1, 2
+                 on conflict (job_type, le) do update
+                    set jobs = job_durations_retired.jobs + excluded.jobs,
+                        seconds = job_durations_retired.seconds + excluded.seconds
+             )
+             select count(*) from gone",
+        )
+        .bind(cutoff(retention.done))
+        .bind(cutoff(retention.dead))
+        .bind(RETENTION_BATCH)
+        .bind(&buckets)
+        .fetch_one(pool)
+        .await?;
+        deleted += n as u64;
+        if n < RETENTION_BATCH {
+            return Ok(deleted);
+        }
+    }
+}
+
 /// Push a failing job's next run into the future: apalis-postgres re-runs a
 /// failed job as soon as `run_at` has passed, so this is the backoff, and it
 /// survives a crash.

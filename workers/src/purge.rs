@@ -248,7 +248,7 @@ pub async fn schedule_due(pool: &PgPool, now: DateTime<Utc>) -> anyhow::Result<u
     Ok(enqueued)
 }
 
-#[tracing::instrument(skip_all, fields(job_id = %task_id, account_id = %job.account_id, attempt = attempt.current()))]
+#[tracing::instrument(level = "error", skip_all, fields(job_id = %task_id, account_id = %job.account_id, attempt = attempt.current()))]
 pub async fn handle(
     job: PurgeJob,
     task_id: TaskId,

@@ -32,6 +32,8 @@ pub struct WorkerSettings {
     pub heartbeat: Duration,
     pub missed_heartbeats: usize,
     pub sweep_interval: Duration,
+    /// How long finished jobs stay in the queue's table.
+    pub job_retention: crate::jobs::Retention,
     /// How long in-flight jobs get to finish on shutdown.
     pub shutdown_grace: Duration,
     /// Credits per Stripe price.
@@ -64,6 +66,7 @@ impl WorkerSettings {
             heartbeat: Duration::from_secs(5),
             missed_heartbeats: 3,
             sweep_interval: Duration::from_secs(30),
+            job_retention: crate::jobs::Retention::default(),
             shutdown_grace: Duration::from_secs(30),
             stripe_catalog: StripeCatalog::default(),
             fault_stripe_hold: None,
@@ -171,7 +174,10 @@ where
         sweeper::QUEUE,
         settings.queue_config(sweeper::QUEUE),
     );
-    let maintenance_pool = pool.clone();
+    let maintenance = sweeper::Maintenance {
+        pool: pool.clone(),
+        retention: settings.job_retention,
+    };
     let email_storage = crate::poll::backend::<EmailJob>(
         &pool,
         &queue_pool,
@@ -238,7 +244,7 @@ where
         .register(move |restarts| {
             WorkerBuilder::new(instance(&maintenance_name, "maintenance", restarts))
                 .backend(maintenance_storage.clone())
-                .data(maintenance_pool.clone())
+                .data(maintenance.clone())
                 .catch_panic()
                 .build(sweeper::handle)
         })

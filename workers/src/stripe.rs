@@ -135,7 +135,7 @@ pub struct StripeWorker {
     pub options: stripe::ProcessOptions,
 }
 
-#[tracing::instrument(skip_all, fields(job_id = %task_id, stripe_event_id = %job.stripe_event_id, attempt = attempt.current()))]
+#[tracing::instrument(level = "error", skip_all, fields(job_id = %task_id, stripe_event_id = %job.stripe_event_id, attempt = attempt.current()))]
 pub async fn handle(
     job: StripeJob,
     task_id: TaskId,

@@ -13,10 +13,46 @@ pub struct SweepReport {
     pub generations_past_deadline: usize,
     pub audit_entries_dropped: u64,
     pub purges_scheduled: usize,
+    pub jobs_deleted: u64,
 }
 
-/// One sweep at `now` (injected by tests).
+/// How often the job retention runs: it scans the queue's table, which has
+/// no index on when a job finished, so not at every sweep.
+const JOB_RETENTION_EVERY: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+
+/// Claim `task` if it last ran `every` or longer before `now` (or never):
+/// of the sweeps of all worker processes, one runs it.
+async fn claim(
+    pool: &PgPool,
+    task: &str,
+    now: DateTime<Utc>,
+    every: chrono::TimeDelta,
+) -> Result<bool, sqlx::Error> {
+    let claimed: Option<i32> = sqlx::query_scalar(
+        "insert into maintenance_runs (task, last_run) values ($1, $2)
+         on conflict (task) do update set last_run = excluded.last_run
+          where maintenance_runs.last_run <= excluded.last_run - $3
+         returning 1",
+    )
+    .bind(task)
+    .bind(now)
+    .bind(every)
+    .fetch_optional(pool)
+    .await?;
+    Ok(claimed.is_some())
+}
+
+/// One sweep at `now` (injected by tests), with the default job retention.
 pub async fn sweep(pool: &PgPool, now: DateTime<Utc>) -> anyhow::Result<SweepReport> {
+    sweep_with(pool, now, crate::jobs::Retention::default()).await
+}
+
+/// One sweep at `now`, keeping finished jobs as long as `retention` says.
+pub async fn sweep_with(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    retention: crate::jobs::Retention,
+) -> anyhow::Result<SweepReport> {
     let generations_past_deadline = crate::generations::cancel_overdue(pool, now).await?;
     let mut tx = pool.begin().await?;
     let holds_released = credits::release_stale_holds(&mut tx, now).await?;
@@ -29,7 +65,13 @@ pub async fn sweep(pool: &PgPool, now: DateTime<Utc>) -> anyhow::Result<SweepRep
         slate_events::projections::audit::apply_retention(&mut conn, now).await?;
     drop(conn);
     let purges_scheduled = crate::purge::schedule_due(pool, now).await?;
+    let jobs_deleted = if claim(pool, "job_retention", now, JOB_RETENTION_EVERY).await? {
+        crate::jobs::apply_retention(pool, now, retention).await?
+    } else {
+        0
+    };
     Ok(SweepReport {
+        jobs_deleted,
         purges_scheduled,
         holds_released,
         buckets_expired,
@@ -70,17 +112,28 @@ pub async fn schedule(pool: &PgPool, slot: i64) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-#[tracing::instrument(skip_all, fields(job_id = %task_id, slot = job.slot))]
+/// What the maintenance job works with.
+#[derive(Clone)]
+pub struct Maintenance {
+    pub pool: PgPool,
+    pub retention: crate::jobs::Retention,
+}
+
+#[tracing::instrument(level = "error", skip_all, fields(job_id = %task_id, slot = job.slot))]
 pub async fn handle(
     job: SweepJob,
     task_id: apalis::prelude::TaskId,
-    pool: apalis::prelude::Data<PgPool>,
+    m: apalis::prelude::Data<Maintenance>,
 ) -> Result<(), apalis::prelude::BoxDynError> {
     let _ = job;
     crate::jobs::contain(async move {
-        let r = sweep(&pool, chrono::Utc::now())
+        let r = sweep_with(&m.pool, chrono::Utc::now(), m.retention)
             .await
-            .map_err(|e| -> apalis::prelude::BoxDynError { e.into() })?;
+            .map_err(|e| -> apalis::prelude::BoxDynError {
+                // apalis records the error on the job but logs nothing.
+                tracing::warn!(error = %e, "maintenance sweep failed; the next slot runs it again");
+                e.into()
+            })?;
         if r != SweepReport::default() {
             tracing::info!(
                 holds_released = r.holds_released,
@@ -88,6 +141,7 @@ pub async fn handle(
                 generations_past_deadline = r.generations_past_deadline,
                 audit_entries_dropped = r.audit_entries_dropped,
                 purges_scheduled = r.purges_scheduled,
+                jobs_deleted = r.jobs_deleted,
                 "maintenance sweep"
             );
         }

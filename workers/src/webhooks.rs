@@ -261,14 +261,19 @@ pub async fn deliver(w: &WebhookWorker, generation_id: Uuid) -> anyhow::Result<D
     })
 }
 
-#[tracing::instrument(skip_all, fields(job_id = %task_id, generation_id = %job.generation_id, attempt = attempt.current()))]
+#[tracing::instrument(level = "error", skip_all, fields(job_id = %task_id, generation_id = %job.generation_id, attempt = attempt.current()))]
 pub async fn handle(
     job: WebhookJob,
     task_id: TaskId,
     attempt: Attempt,
     worker: Data<WebhookWorker>,
 ) -> Result<(), BoxDynError> {
-    match deliver(&worker, job.generation_id).await? {
+    let delivery = deliver(&worker, job.generation_id).await.map_err(|e| {
+        // apalis records the error on the job but logs nothing.
+        tracing::warn!(error = %e, "completion webhook not attempted; the job runs again");
+        e
+    })?;
+    match delivery {
         Delivery::Delivered => {
             tracing::info!("completion webhook delivered");
             Ok(())
