@@ -175,15 +175,19 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Result<impl IntoRe
         waiting.unwrap_or(0.0)
     );
 
-    let generations: Vec<(String, i64)> =
-        sqlx::query_as("select status, count(*) from generations group by 1 order by 1")
-            .fetch_all(pool)
-            .await?;
-    out.push_str(
-        "# HELP slate_generations Generations by status.\n# TYPE slate_generations gauge\n",
-    );
-    for (status, n) in &generations {
-        let _ = writeln!(out, "slate_generations{{status=\"{}\"}} {n}", label(status));
+    let generations: Vec<(String, String, i64)> = sqlx::query_as(
+        "select kind, status, count(*) from generations group by 1, 2 order by 1, 2",
+    )
+    .fetch_all(pool)
+    .await?;
+    out.push_str("# HELP slate_generations Generations by kind (video, voiceover, transcription, script) and status.\n# TYPE slate_generations gauge\n");
+    for (kind, status, n) in &generations {
+        let _ = writeln!(
+            out,
+            "slate_generations{{kind=\"{}\",status=\"{}\"}} {n}",
+            label(kind),
+            label(status)
+        );
     }
 
     let (holds, held): (i64, Option<i64>) = sqlx::query_as(
