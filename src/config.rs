@@ -104,6 +104,9 @@ pub struct Config {
     /// SLATE_DEBUG_BODIES: one route template whose JSON bodies are logged,
     /// scrubbed, at debug level (for debugging only).
     pub debug_bodies: Option<String>,
+    /// SLATE_METRICS_TOKEN: when set, `/metrics` answers only a scraper that
+    /// sends it as `Authorization: Bearer <token>`.
+    pub metrics_token: Option<Secret>,
 }
 
 /// The documented defaults (README, `scripts/services`).
@@ -149,6 +152,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("SLATE_SECURE_COOKIES", "true"),
     ("SLATE_SECRET_KEY", ""),
     ("SLATE_DEBUG_BODIES", ""),
+    ("SLATE_METRICS_TOKEN", ""),
     ("SLATE_EMAIL_API_KEY", ""),
     ("SLATE_EMAIL_API_BASE", "https://api.resend.com"),
     ("SLATE_EMAIL_FROM", "Slate <no-reply@slate.local>"),
@@ -403,6 +407,7 @@ impl Config {
                 None => slate_events::mfa::SealingKey::development(),
             },
             debug_bodies: non_empty("SLATE_DEBUG_BODIES"),
+            metrics_token: non_empty("SLATE_METRICS_TOKEN").map(Secret::new),
             email: non_empty("SLATE_EMAIL_API_KEY").map(|api_key| {
                 slate_workers::email::MailerSettings {
                     api_base: get("SLATE_EMAIL_API_BASE"),

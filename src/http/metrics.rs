@@ -6,9 +6,10 @@ use std::fmt::Write;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use sha2::{Digest, Sha256};
 use slate_events::projections::Projection;
 
 use super::{ApiError, AppState};
@@ -20,6 +21,17 @@ pub fn router() -> Router<AppState> {
 // Upper bounds (seconds) of the job-duration and processing-lag buckets.
 use slate_workers::jobs::DURATION_BUCKETS;
 
+/// Does the request carry `token` as its bearer credential? Digests are
+/// compared, so the time taken says nothing about how much of it matched.
+fn bearer_is(headers: &HeaderMap, token: &str) -> bool {
+    let sent = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    Sha256::digest(sent.as_bytes()) == Sha256::digest(token.as_bytes())
+}
+
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -29,7 +41,9 @@ fn label(v: &str) -> String {
 /// Prometheus metrics.
 ///
 /// The Stripe mirror, jobs, generations, holds, projection lag, and this
-/// process's request counters and latencies.
+/// process's request counters and latencies. When the server has a metrics
+/// token (`SLATE_METRICS_TOKEN`), only a scraper that sends it as
+/// `Authorization: Bearer <token>` is answered.
 #[utoipa::path(
     get,
     path = "/metrics",
@@ -37,7 +51,19 @@ fn label(v: &str) -> String {
     operation_id = "metrics",
     responses((status = 200, description = "Prometheus text exposition format 0.0.4", content_type = "text/plain; version=0.0.4", body = String)),
 )]
-pub(super) async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+pub(super) async fn metrics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    if let Some(token) = &state.config.metrics_token
+        && !bearer_is(&headers, token.expose())
+    {
+        return Err(ApiError::client(
+            StatusCode::UNAUTHORIZED,
+            "metrics_token_invalid",
+            "this server's metrics token is required (Authorization: Bearer …)",
+        ));
+    }
     let pool = &state.pool;
     let mut out = String::new();
 

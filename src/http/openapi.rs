@@ -168,6 +168,10 @@ pub const STAFF_CODES: &[(&str, &str)] = &[
 
 /// Every stable error code, with what it means.
 pub const CODES: &[(&str, &str)] = &[
+    (
+        "metrics_token_invalid",
+        "this server has a metrics token (`SLATE_METRICS_TOKEN`) and the request did not send it as `Authorization: Bearer <token>`",
+    ),
     // Authentication and request format, shared by many routes.
     (
         "unauthorized",
@@ -349,7 +353,11 @@ pub const ERRORS: &[(&str, Errors)] = &[
     ("readyz", &[]),
     (
         "metrics",
-        &[(500, &["internal_error"]), (503, &["database_unavailable"])],
+        &[
+            (401, &["metrics_token_invalid"]),
+            (500, &["internal_error"]),
+            (503, &["database_unavailable"]),
+        ],
     ),
     (
         "receive_stripe_webhook",

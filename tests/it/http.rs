@@ -387,3 +387,31 @@ async fn finished_jobs_are_deleted_after_their_retention_and_stay_counted_in_met
     assert_eq!(later.jobs_deleted, 1);
     assert_eq!(histogram(&metrics().await), before);
 }
+
+/// With a metrics token configured, `/metrics` answers only a scraper that
+/// sends it; without one it is open (as the demo and the tests use it).
+#[tokio::test]
+async fn metrics_need_the_token_when_one_is_configured() {
+    let app = spawn_app_with(&[("SLATE_METRICS_TOKEN", "scrape-7c1f")]).await;
+    let get = |auth: Option<&str>| {
+        let mut r = app.client.get(format!("{}/metrics", app.address));
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.send()
+    };
+    for auth in [
+        None,
+        Some("Bearer scrape-7c1"),
+        Some("Bearer scrape-7c1f0"),
+        Some("scrape-7c1f"),
+    ] {
+        let r = get(auth).await.unwrap();
+        assert_eq!(r.status(), 401, "{auth:?}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "metrics_token_invalid");
+    }
+    let r = get(Some("Bearer scrape-7c1f")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("slate_jobs"));
+}
