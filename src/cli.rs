@@ -562,7 +562,12 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&b)?);
             }
             CreditsCommand::Sweep => {
-                let r = slate_workers::sweeper::sweep(&pool().await?, Utc::now()).await?;
+                let r = slate_workers::sweeper::sweep_with(
+                    &pool().await?,
+                    Utc::now(),
+                    config.job_retention,
+                )
+                .await?;
                 println!(
                     "{} holds released, {} buckets expired",
                     r.holds_released, r.buckets_expired

@@ -143,6 +143,17 @@ where
     }
 }
 
+/// The credential of an `Authorization: Bearer …` header ("" when the
+/// header is of another scheme or not text).
+pub(super) fn bearer(header: &axum::http::HeaderValue) -> &str {
+    header
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("")
+}
+
 /// The account behind a valid `Authorization: Bearer slate_live_…` key.
 #[derive(Debug, Clone)]
 pub struct Auth {
@@ -331,12 +342,7 @@ impl FromRequestParts<AppState> for Auth {
             .acquire()
             .await
             .map_err(|e| ApiError::Internal(e.into()))?;
-        let presented = header
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .unwrap_or("");
+        let presented = bearer(header);
         let well_formed = slate_events::access::has_valid_checksum(presented);
         let owner = if well_formed {
             slate_events::access::authenticate(&mut conn, presented).await?

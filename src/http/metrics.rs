@@ -26,9 +26,7 @@ use slate_workers::jobs::DURATION_BUCKETS;
 fn bearer_is(headers: &HeaderMap, token: &str) -> bool {
     let sent = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+        .map_or("", super::extract::bearer);
     Sha256::digest(sent.as_bytes()) == Sha256::digest(token.as_bytes())
 }
 
@@ -118,8 +116,6 @@ pub(super) async fn metrics(
     // Durations of finished jobs (pickup to done), cumulative per bucket:
     // the jobs still in the queue's table plus those its retention deleted
     // (added up in `job_durations_retired` as they went).
-    let mut bounds = DURATION_BUCKETS.to_vec();
-    bounds.push(f64::INFINITY);
     let durations: Vec<(String, Vec<i64>, i64, f64)> = sqlx::query_as(
         "with j as (select job_type, extract(epoch from done_at - lock_at)::float8 d
                       from apalis.jobs
@@ -139,7 +135,7 @@ pub(super) async fn metrics(
                 (max(s) filter (where le = 'Infinity'))::float8
            from cells group by 1 order by 1",
     )
-    .bind(bounds)
+    .bind(slate_workers::jobs::duration_bounds())
     .fetch_all(pool)
     .await?;
     out.push_str("# HELP slate_job_duration_seconds Finished jobs by queue, from pickup to done.\n# TYPE slate_job_duration_seconds histogram\n");

@@ -173,15 +173,7 @@ async fn a_video_is_generated_stored_under_the_users_prefix_and_captured() {
         (b["available"].as_i64(), b["reserved"].as_i64()),
         (Some(96), Some(0))
     );
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains(r#"slate_generations{kind="video",status="succeeded"} 1"#),
         "{metrics}"

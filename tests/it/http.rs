@@ -80,6 +80,18 @@ impl TestApp {
         let headers = r.headers().clone();
         (status, r.json().await.unwrap_or(Value::Null), headers)
     }
+
+    /// `GET /metrics` as text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.address))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
 }
 
 #[tokio::test]
@@ -221,15 +233,7 @@ async fn metrics_count_unknown_routes_and_wrong_methods() {
     assert_eq!(send("GET", "/v1/nope/either").await.unwrap().status(), 404);
     assert_eq!(send("PUT", "/v1/credits").await.unwrap().status(), 405);
     assert_eq!(send("BREW", "/v1/nope").await.unwrap().status(), 404);
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     for line in [
         r#"slate_http_requests_total{method="GET",route="unmatched",status="404"} 2"#,
         r#"slate_http_requests_total{method="other",route="unmatched",status="404"} 1"#,
@@ -328,17 +332,7 @@ async fn finished_jobs_are_deleted_after_their_retention_and_stay_counted_in_met
             .map(str::to_owned)
             .collect::<Vec<_>>()
     };
-    let metrics = || async {
-        app.client
-            .get(format!("{}/metrics", app.address))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
-    let before = histogram(&metrics().await);
+    let before = histogram(&app.metrics().await);
     assert!(
         before.contains(&format!(
             "slate_job_duration_seconds_count{{queue=\"{QUEUE}\"}} 3"
@@ -354,19 +348,18 @@ async fn finished_jobs_are_deleted_after_their_retention_and_stay_counted_in_met
 
     let report = slate_workers::sweeper::sweep(pool, now).await.unwrap();
     assert_eq!(report.jobs_deleted, 4);
-    let left: Vec<String> = sqlx::query_scalar("select id from apalis.jobs where job_type = $1")
-        .bind(QUEUE)
-        .fetch_all(pool)
-        .await
-        .unwrap();
-    let kept: Vec<String> = [2, 3, 6, 7].iter().map(|&i| ids[i].clone()).collect();
-    let mut left_sorted = left.clone();
-    left_sorted.sort();
-    let mut kept_sorted = kept.clone();
-    kept_sorted.sort();
-    assert_eq!(left_sorted, kept_sorted);
+    let mut left: Vec<String> =
+        sqlx::query_scalar("select id from apalis.jobs where job_type = $1")
+            .bind(QUEUE)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    left.sort();
+    let mut kept: Vec<String> = [2, 3, 6, 7].iter().map(|&i| ids[i].clone()).collect();
+    kept.sort();
+    assert_eq!(left, kept);
     // The histogram is the same, to the line.
-    assert_eq!(histogram(&metrics().await), before);
+    assert_eq!(histogram(&app.metrics().await), before);
 
     // Within the hour the retention does not run again; after it, it does.
     sqlx::query(
@@ -385,7 +378,7 @@ async fn finished_jobs_are_deleted_after_their_retention_and_stay_counted_in_met
         .await
         .unwrap();
     assert_eq!(later.jobs_deleted, 1);
-    assert_eq!(histogram(&metrics().await), before);
+    assert_eq!(histogram(&app.metrics().await), before);
 }
 
 /// With a metrics token configured, `/metrics` answers only a scraper that

@@ -944,19 +944,6 @@ async fn affiliate_payouts_are_recorded_once_and_never_exceed_what_is_owed() {
     );
 }
 
-impl TestApp {
-    async fn metrics(&self) -> String {
-        self.client
-            .get(format!("{}/metrics", self.address))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-}
-
 #[tokio::test]
 async fn metrics_count_mirrored_unparsed_events_and_outstanding_holds() {
     let app = stripe_app().await;

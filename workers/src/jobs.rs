@@ -187,6 +187,14 @@ where
 /// retention ([`apply_retention`]) adds deleted jobs to the same buckets.
 pub const DURATION_BUCKETS: [f64; 10] = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0];
 
+/// [`DURATION_BUCKETS`] and +Inf (every job): the bounds under which
+/// `job_durations_retired` keeps its rows.
+pub fn duration_bounds() -> Vec<f64> {
+    let mut bounds = DURATION_BUCKETS.to_vec();
+    bounds.push(f64::INFINITY);
+    bounds
+}
+
 /// How long finished jobs stay in `apalis.jobs`. Nothing reads a finished
 /// job but `/metrics` and whoever investigates a queue: a generation's, a
 /// Stripe event's and an email's outcome are recorded where they belong.
@@ -228,8 +236,7 @@ pub async fn apply_retention(
             .and_then(|d| now.checked_sub_signed(d))
             .unwrap_or(chrono::DateTime::UNIX_EPOCH)
     };
-    let mut buckets = DURATION_BUCKETS.to_vec();
-    buckets.push(f64::INFINITY);
+    let bounds = duration_bounds();
     let mut deleted = 0;
     loop {
         let n: i64 = sqlx::query_scalar(
@@ -259,7 +266,7 @@ pub async fn apply_retention(
         .bind(cutoff(retention.done))
         .bind(cutoff(retention.dead))
         .bind(RETENTION_BATCH)
-        .bind(&buckets)
+        .bind(&bounds)
         .fetch_one(pool)
         .await?;
         deleted += n as u64;
