@@ -156,6 +156,7 @@ pub struct Report {
     pub pickup_idle: crate::bench_scale::Percentiles,
     pub pickup_loaded: crate::bench_scale::Percentiles,
     pub pickup_backlog: usize,
+    pub scrape: crate::bench_scale::Scrape,
     pub peak_rss_mib: f64,
 }
 
@@ -191,6 +192,24 @@ pub async fn run_rebuild(
         let rebuild = crate::bench_scale::rebuild_speed(&pool, opts.scale.rebuild_events).await;
         pool.close().await;
         rebuild
+    })
+    .await
+}
+
+/// Part 10 alone (`slate bench --only scrape`), in its own scratch database.
+pub async fn run_scrape(
+    config: &Config,
+    opts: &BenchOptions,
+) -> anyhow::Result<crate::bench_scale::Scrape> {
+    in_scratch_database(config, |options, _| async move {
+        let pool = scratch_pool(options, 4).await?;
+        eprintln!(
+            "bench: /metrics over {} processed Stripe events",
+            opts.scale.stripe_events
+        );
+        let scrape = crate::bench_scale::scrape(config, &pool, &opts.scale).await;
+        pool.close().await;
+        scrape
     })
     .await
 }
@@ -419,6 +438,11 @@ async fn run_in(
     eprintln!("bench: pickup latency");
     let (idle, loaded) =
         slate_workers::bench::pickup_latency(&pool, opts.scale.pickup_samples, opts.jobs).await?;
+    eprintln!(
+        "bench: /metrics over {} processed Stripe events",
+        opts.scale.stripe_events
+    );
+    let scrape = scale::scrape(config, &pool, &opts.scale).await?;
     pool.close().await;
     Ok(Report {
         rebuild,
@@ -434,6 +458,7 @@ async fn run_in(
         pickup_idle: scale::percentiles(idle),
         pickup_loaded: scale::percentiles(loaded),
         pickup_backlog: opts.jobs,
+        scrape,
         build: if cfg!(debug_assertions) {
             "debug"
         } else {
@@ -931,6 +956,18 @@ pub fn print_jobs(j: &Jobs) {
     println!("{}", serde_json::to_string(j).unwrap_or_default());
 }
 
+pub fn print_scrape(s: &crate::bench_scale::Scrape) {
+    println!(
+        "10. /metrics with {} processed Stripe events, p50 / p99 ms: {:.1} / {:.1} before the fold, {:.1} / {:.1} after it (the fold: {:.0} ms)",
+        s.stripe_events,
+        s.unfolded.p50_ms,
+        s.unfolded.p99_ms,
+        s.folded.p50_ms,
+        s.folded.p99_ms,
+        s.fold_ms
+    );
+}
+
 pub fn print(report: &Report) {
     println!("slate bench ({} build)", report.build);
     print_appends_rows(&report.appends);
@@ -979,6 +1016,7 @@ pub fn print(report: &Report) {
         report.pickup_loaded.p50_ms,
         report.pickup_loaded.p99_ms
     );
+    print_scrape(&report.scrape);
     println!("peak RSS of this process: {:.0} MiB", report.peak_rss_mib);
     println!("{}", serde_json::to_string(report).unwrap_or_default());
 }

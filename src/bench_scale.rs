@@ -5,7 +5,9 @@
 //! 6. append p50/p99 on an (almost) empty log and at N events;
 //! 7. peak RSS of `slate serve` and `slate work`, idle and under load;
 //! 8. staff audit queries over N entries, first page and deep cursor;
-//! 9. pickup latency from a submission's commit to its worker starting it.
+//! 9. pickup latency from a submission's commit to its worker starting it;
+//! 10. `/metrics` scrapes over a big Stripe mirror, before and after the
+//!     maintenance sweep folds its processed events.
 //!
 //! Big tables are filled with `generate_series` (shaped like the real rows),
 //! not through the API: the point is to measure reads and appends at size.
@@ -29,6 +31,10 @@ pub struct ScaleOptions {
     pub samples: usize,
     /// Jobs timed one by one for the pickup latency (each waits for the last).
     pub pickup_samples: usize,
+    /// Processed Stripe events in the mirror for the scrape measurement.
+    pub stripe_events: usize,
+    /// Scrapes timed before and after the fold (each reads the mirror).
+    pub scrape_samples: usize,
 }
 
 impl ScaleOptions {
@@ -39,6 +45,8 @@ impl ScaleOptions {
             audit_entries: 50_000,
             samples: 100,
             pickup_samples: 30,
+            stripe_events: 20_000,
+            scrape_samples: 10,
         }
     }
 }
@@ -51,6 +59,8 @@ impl Default for ScaleOptions {
             audit_entries: 10_000_000,
             samples: 500,
             pickup_samples: 200,
+            stripe_events: 1_000_000,
+            scrape_samples: 20,
         }
     }
 }
@@ -338,4 +348,110 @@ pub async fn wait_for_http(url: &str, limit: Duration) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
+}
+
+/// Part 10: `GET /metrics` over a Stripe mirror of `stripe_events`
+/// processed events.
+#[derive(Debug, Serialize)]
+pub struct Scrape {
+    pub stripe_events: i64,
+    /// Before the fold: the scrape reads every processed event.
+    pub unfolded: Percentiles,
+    /// The maintenance sweep's fold of them all (a first run on a big mirror).
+    pub fold_ms: f64,
+    /// After it: the scrape reads only the events processed since.
+    pub folded: Percentiles,
+}
+
+/// Add `n` processed events to the Stripe mirror, shaped like the real rows
+/// (a checkout's body, about 1.4 kB), received over the `n` seconds before
+/// an hour ago and processed within a second of it (past the fold's margin).
+pub async fn fill_stripe_mirror(pool: &PgPool, n: usize) -> anyhow::Result<i64> {
+    const BATCH: usize = 100_000;
+    let mut done = 0;
+    while done < n {
+        let k = BATCH.min(n - done);
+        sqlx::query(
+            "insert into stripe_events (stripe_event_id, event_type, api_version, livemode,
+                    created, object_id, payment_intent, raw, source, parsed, received_at,
+                    last_received_at, status, attempts, outcome, processed_at)
+             select 'evt_bench_' || g, 'checkout.session.completed', '2025-03-31.basil', false,
+                    r, 'cs_bench_' || g, 'pi_bench_' || g,
+                    '{\"id\":\"evt_bench_' || g || '\",\"object\":\"event\",\"data\":{\"object\":{\"id\":\"cs_bench_'
+                      || g || '\",\"amount_total\":1000,\"metadata\":{\"k\":\"' || repeat(md5(g::text), 40) || '\"}}}}',
+                    'webhook', true, r, r, 'processed', 1, 'granted',
+                    r + make_interval(secs => (g % 1000) / 1000.0)
+               from generate_series($1::bigint, $2::bigint) g,
+                    lateral (select now() - interval '1 hour' - make_interval(secs => $3 - g)) t(r)",
+        )
+        .bind(done as i64)
+        .bind((done + k - 1) as i64)
+        .bind(n as f64)
+        .execute(pool)
+        .await?;
+        done += k;
+    }
+    sqlx::query("vacuum analyze stripe_events")
+        .execute(pool)
+        .await?;
+    Ok(sqlx::query_scalar("select count(*) from stripe_events")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Part 10 on `pool`'s database: fill the mirror, time scrapes through a
+/// server of this build, fold, time them again.
+pub async fn scrape(
+    config: &crate::config::Config,
+    pool: &PgPool,
+    opts: &ScaleOptions,
+) -> anyhow::Result<Scrape> {
+    let stripe_events = fill_stripe_mirror(pool, opts.stripe_events).await?;
+    let state = crate::http::AppState::new(config.clone(), pool.clone())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/metrics", listener.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::server::serve(listener, state, async move {
+        let _ = stop_rx.await;
+    }));
+    let measured = async {
+        let client = reqwest::Client::new();
+        let mut token = None;
+        if let Some(t) = &config.metrics_token {
+            token = Some(format!("Bearer {}", t.expose()));
+        }
+        let time = |n: usize| {
+            let (client, url, token) = (&client, &url, &token);
+            async move {
+                let mut ms = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let mut req = client.get(url);
+                    if let Some(t) = token {
+                        req = req.header("authorization", t);
+                    }
+                    let t = Instant::now();
+                    let r = req.send().await?;
+                    anyhow::ensure!(r.status().is_success(), "GET /metrics: {}", r.status());
+                    r.bytes().await?;
+                    ms.push(millis(t));
+                }
+                anyhow::Ok(percentiles(ms))
+            }
+        };
+        let unfolded = time(opts.scrape_samples).await?;
+        let t = Instant::now();
+        slate_workers::stripe::fold_processing_lag(pool, chrono::Utc::now()).await?;
+        let fold_ms = millis(t);
+        let folded = time(opts.scrape_samples).await?;
+        anyhow::Ok(Scrape {
+            stripe_events,
+            unfolded,
+            fold_ms,
+            folded,
+        })
+    }
+    .await;
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    measured
 }

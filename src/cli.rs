@@ -117,6 +117,10 @@ pub enum Command {
         /// Samples per latency figure.
         #[arg(long)]
         samples: Option<usize>,
+        /// Processed Stripe events in the mirror for the scrape measurement
+        /// (part 10).
+        #[arg(long)]
+        stripe_events: Option<usize>,
         /// Workers sharing the generation queue's concurrency of 8 in part 4
         /// (`slate work`'s default: 4).
         #[arg(long)]
@@ -136,8 +140,8 @@ pub enum Command {
         /// Run only this part: "appends" (parts 1, 2 and 2b: the ceiling
         /// and the appends), "rebuild" (part 5, the projection rebuild),
         /// "webhooks" (part 3, with the ceiling at 32 connections it is
-        /// compared with) or "jobs" (part 4).
-        #[arg(long, value_parser = ["appends", "rebuild", "webhooks", "jobs"])]
+        /// compared with), "jobs" (part 4) or "scrape" (part 10).
+        #[arg(long, value_parser = ["appends", "rebuild", "webhooks", "jobs", "scrape"])]
         only: Option<String>,
     },
     /// The multi-process soak with faults (run through `scripts/chaos`).
@@ -731,6 +735,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             log_events,
             audit_entries,
             samples,
+            stripe_events,
             generation_fetchers,
             generation_concurrency,
             generation_clients,
@@ -759,6 +764,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             s.log_events = log_events.unwrap_or(s.log_events);
             s.audit_entries = audit_entries.unwrap_or(s.audit_entries);
             s.samples = samples.unwrap_or(s.samples).max(1);
+            s.stripe_events = stripe_events.unwrap_or(s.stripe_events);
             match only.as_deref() {
                 Some("appends") => {
                     crate::bench::print_appends(&crate::bench::run_appends(&config, &opts).await?)
@@ -771,6 +777,9 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 }
                 Some("jobs") => {
                     crate::bench::print_jobs(&crate::bench::run_jobs(&config, &opts).await?)
+                }
+                Some("scrape") => {
+                    crate::bench::print_scrape(&crate::bench::run_scrape(&config, &opts).await?)
                 }
                 _ => crate::bench::print(&crate::bench::run(&config, &opts).await?),
             }

@@ -65,12 +65,16 @@ pub(super) async fn metrics(
     let pool = &state.pool;
     let mut out = String::new();
 
+    // The mirror is kept for ever (for replay), so nothing here reads all of
+    // it: events that need attention by status, unparsed ones by their own
+    // index, and deliveries counted by this process as they arrive.
     let stripe: Vec<(String, bool, i64)> = sqlx::query_as(
-        "select status, parsed, count(*) from stripe_events group by 1, 2 order by 1, 2",
+        "select status, parsed, count(*) from stripe_events
+          where status in ('pending', 'failed') group by 1, 2 order by 1, 2",
     )
     .fetch_all(pool)
     .await?;
-    out.push_str("# HELP slate_stripe_events Verified Stripe events in the mirror, by processing status and whether async-stripe could parse them.\n# TYPE slate_stripe_events gauge\n");
+    out.push_str("# HELP slate_stripe_events Verified Stripe events not processed yet (pending) or whose processing failed, by whether async-stripe could parse them. Processed events are counted by slate_stripe_processing_lag_seconds_count.\n# TYPE slate_stripe_events gauge\n");
     for (status, parsed, n) in &stripe {
         let _ = writeln!(
             out,
@@ -78,23 +82,12 @@ pub(super) async fn metrics(
             label(status)
         );
     }
-    let unparsed: i64 = stripe
-        .iter()
-        .filter(|(_, p, _)| !p)
-        .map(|(_, _, n)| n)
-        .sum();
+    let unparsed: i64 = sqlx::query_scalar("select count(*) from stripe_events where not parsed")
+        .fetch_one(pool)
+        .await?;
     out.push_str("# HELP slate_stripe_events_unparsed Verified events the typed parser could not read (mirrored and processed tolerantly).\n# TYPE slate_stripe_events_unparsed gauge\n");
     let _ = writeln!(out, "slate_stripe_events_unparsed {unparsed}");
-    let deliveries: Option<i64> =
-        sqlx::query_scalar("select sum(delivery_count)::bigint from stripe_events")
-            .fetch_one(pool)
-            .await?;
-    out.push_str("# HELP slate_stripe_deliveries_total Webhook deliveries received, duplicates included.\n# TYPE slate_stripe_deliveries_total counter\n");
-    let _ = writeln!(
-        out,
-        "slate_stripe_deliveries_total {}",
-        deliveries.unwrap_or(0)
-    );
+    state.stripe_deliveries.render(&mut out);
 
     let jobs: Vec<(String, String, i64)> = sqlx::query_as(
         "select job_type, status, count(*) from apalis.jobs group by 1, 2 order by 1, 2",
@@ -161,20 +154,31 @@ pub(super) async fn metrics(
         );
     }
 
-    // Webhook processing lag: received (first delivery) to processed, and
-    // the age of the oldest event still waiting.
+    // Webhook processing lag: received (first delivery) to processed, for
+    // every processing: those before the watermark folded into totals by the
+    // maintenance sweep, those since read through their index. And the age
+    // of the oldest event still waiting.
+    let watermark: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("select upto from stripe_lag_watermark")
+            .fetch_one(pool)
+            .await?;
     let (lag_buckets, lag_count, lag_sum, waiting): (Vec<i64>, i64, f64, Option<f64>) =
         sqlx::query_as(
             "with p as (select extract(epoch from processed_at - received_at)::float8 d
-                          from stripe_events where processed_at is not null)
-             select coalesce((select array_agg(n order by le) from
-                        (select b.le, count(p.d) filter (where p.d <= b.le) n
-                           from unnest($1::float8[]) b(le) left join p on true group by 1) x), '{}'),
-                    (select count(*) from p), (select coalesce(sum(d), 0) from p),
+                          from stripe_events where processed_at >= $2),
+                  live as (select b.le, count(p.d) filter (where p.d <= b.le) n,
+                                  coalesce(sum(p.d) filter (where p.d <= b.le), 0) s
+                             from unnest($1::float8[]) b(le) left join p on true group by 1),
+                  cells as (select l.le, l.n + coalesce(r.events, 0) n, l.s + coalesce(r.seconds, 0) s
+                              from live l left join stripe_lag_retired r on r.le = l.le)
+             select (select array_agg(n order by le) from cells where le < 'Infinity'),
+                    (select n from cells where le = 'Infinity'),
+                    (select s from cells where le = 'Infinity'),
                     (select extract(epoch from now() - min(received_at))::float8
                        from stripe_events where status = 'pending')",
         )
-        .bind(DURATION_BUCKETS.to_vec())
+        .bind(slate_workers::jobs::duration_bounds())
+        .bind(watermark)
         .fetch_one(pool)
         .await?;
     out.push_str("# HELP slate_stripe_processing_lag_seconds Stripe events from receipt to processed.\n# TYPE slate_stripe_processing_lag_seconds histogram\n");

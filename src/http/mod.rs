@@ -64,6 +64,8 @@ pub struct Services {
     pub hub: Arc<hub::EventsHub>,
     /// Request counters and latency histograms of this process.
     pub http_metrics: Arc<telemetry::HttpMetrics>,
+    /// Verified Stripe deliveries this process stored.
+    pub stripe_deliveries: Arc<telemetry::StripeDeliveries>,
     /// Standalone appends (audit records of requests), committed in groups.
     pub appends: slate_events::store::GroupCommit,
     /// Verified Stripe deliveries, committed in groups.
@@ -82,6 +84,7 @@ impl AppState {
             provider_names: Arc::new(providers.names().map(str::to_owned).collect()),
             hub: hub::EventsHub::start(pool.clone()),
             http_metrics: Arc::new(telemetry::HttpMetrics::default()),
+            stripe_deliveries: Arc::default(),
             stripe_ingest: slate_workers::stripe::ingest_batcher(pool.clone()),
             appends: slate_events::store::GroupCommit::start(pool.clone(), Default::default()),
             pool,

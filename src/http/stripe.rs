@@ -49,6 +49,7 @@ pub(super) async fn receive(
     let first = webhook::receive(&state.stripe_ingest, &state.config, signature, &body, now)
         .await
         .map_err(to_api_error)?;
+    state.stripe_deliveries.record(first);
     Ok(Json(json!({ "received": true, "duplicate": !first })))
 }
 

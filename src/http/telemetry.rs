@@ -1,7 +1,9 @@
-//! Per-process HTTP request counters and latency histograms for `/metrics`.
+//! Per-process HTTP request counters and latency histograms for `/metrics`,
+//! and the count of verified Stripe deliveries.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -79,6 +81,34 @@ impl HttpMetrics {
                 out,
                 "slate_http_request_duration_seconds_count{{method=\"{method}\",route=\"{route}\"}} {}",
                 s.count
+            );
+        }
+    }
+}
+
+/// Verified Stripe webhook deliveries this process stored, by whether the
+/// event was new or already mirrored (Stripe retries and duplicates).
+#[derive(Default)]
+pub struct StripeDeliveries {
+    new: AtomicU64,
+    duplicate: AtomicU64,
+}
+
+impl StripeDeliveries {
+    pub fn record(&self, first: bool) {
+        let n = if first { &self.new } else { &self.duplicate };
+        n.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prometheus text for the counter.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        out.push_str("# HELP slate_stripe_deliveries_total Verified webhook deliveries stored by this process, by whether the event was already mirrored.\n# TYPE slate_stripe_deliveries_total counter\n");
+        for (duplicate, n) in [(false, &self.new), (true, &self.duplicate)] {
+            let _ = writeln!(
+                out,
+                "slate_stripe_deliveries_total{{duplicate=\"{duplicate}\"}} {}",
+                n.load(Ordering::Relaxed)
             );
         }
     }

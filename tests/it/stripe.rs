@@ -964,7 +964,18 @@ async fn metrics_count_mirrored_unparsed_events_and_outstanding_holds() {
     .await;
     let text = app.metrics().await;
     assert!(text.contains("slate_stripe_events_unparsed 1"), "{text}");
-    assert!(text.contains("slate_stripe_deliveries_total 3"), "{text}");
+    assert!(
+        text.contains("slate_stripe_deliveries_total{duplicate=\"false\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("slate_stripe_deliveries_total{duplicate=\"true\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("slate_stripe_events{status=\"pending\",parsed=\"false\"} 1"),
+        "{text}"
+    );
     assert!(
         text.contains("slate_jobs{queue=\"slate.stripe\",status=\"Pending\"} 2"),
         "{text}"
@@ -1002,6 +1013,82 @@ async fn metrics_count_mirrored_unparsed_events_and_outstanding_holds() {
         text.contains("slate_stripe_oldest_pending_seconds 0.000"),
         "{text}"
     );
+}
+
+/// The maintenance sweep folds processed events into the lag histogram's
+/// totals; the histogram reads the same to the line, a scrape no longer
+/// reads those rows, and later processings (a replay too) count on top.
+#[tokio::test]
+async fn the_processing_lag_histogram_is_the_same_after_the_fold() {
+    let app = stripe_app().await;
+    let pool = &app.db.pool;
+    let account = new_account(&mut *app.db.conn().await).await;
+    let run = run_tag();
+    app.deliver_accepted("01_checkout_session_completed_pack", account, &run)
+        .await;
+    app.deliver_accepted("x_unknown_type", account, &run).await;
+    app.process_stripe().await;
+    // Processed an hour ago (receipt moved with it): past the fold's margin.
+    sqlx::query(
+        "update stripe_events set received_at = received_at - interval '1 hour',
+                processed_at = processed_at - interval '1 hour'",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let lag = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("slate_stripe_processing_lag_seconds"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let before = lag(&app.metrics().await);
+    assert!(
+        before.contains(&"slate_stripe_processing_lag_seconds_count 2".to_owned()),
+        "{before:?}"
+    );
+    assert!(
+        before.contains(&"slate_stripe_processing_lag_seconds_bucket{le=\"300\"} 2".to_owned()),
+        "{before:?}"
+    );
+
+    let now = chrono::Utc::now();
+    let report = slate_workers::sweeper::sweep(pool, now).await.unwrap();
+    assert_eq!(report.stripe_events_folded, 2);
+    assert_eq!(lag(&app.metrics().await), before);
+    let unfolded: i64 = sqlx::query_scalar(
+        "select count(*) from stripe_events
+          where processed_at >= (select upto from stripe_lag_watermark)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(unfolded, 0, "a scrape reads no folded event");
+
+    // A processing after the fold counts on top, and so does a replay of a
+    // folded event (it is processed again).
+    app.deliver_accepted("x_checkout_session_completed_unpaid", account, &run)
+        .await;
+    app.process_stripe().await;
+    let replayed = format!("evt_{run}_01");
+    let replay = slate_events::stripe::process(pool, &catalog(), &replayed, true).await;
+    assert!(replay.is_ok(), "{replay:?}");
+    let after = lag(&app.metrics().await);
+    assert!(
+        after.contains(&"slate_stripe_processing_lag_seconds_count 4".to_owned()),
+        "{after:?}"
+    );
+    // Within its period the fold does not run again; after it, it folds
+    // only what is past the margin (nothing yet).
+    let soon = slate_workers::sweeper::sweep(pool, now + chrono::Duration::minutes(2))
+        .await
+        .unwrap();
+    assert_eq!(soon.stripe_events_folded, 0);
+    let later = slate_workers::sweeper::sweep(pool, now + chrono::Duration::minutes(6))
+        .await
+        .unwrap();
+    assert_eq!(later.stripe_events_folded, 0);
+    assert_eq!(lag(&app.metrics().await), after);
 }
 
 #[tokio::test]

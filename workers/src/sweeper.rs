@@ -14,11 +14,16 @@ pub struct SweepReport {
     pub audit_entries_dropped: u64,
     pub purges_scheduled: usize,
     pub jobs_deleted: u64,
+    pub stripe_events_folded: u64,
 }
 
 /// How often the job retention runs: it scans the queue's table, which has
 /// no index on when a job finished, so not at every sweep.
 const JOB_RETENTION_EVERY: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+
+/// How often the Stripe processing-lag fold runs (the events a scrape reads
+/// are those processed since the last fold, less its margin).
+const STRIPE_LAG_FOLD_EVERY: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
 /// Claim `task` if it last ran `every` or longer before `now` (or never):
 /// of the sweeps of all worker processes, one runs it.
@@ -70,8 +75,15 @@ pub async fn sweep_with(
     } else {
         0
     };
+    let stripe_events_folded = if claim(pool, "stripe_lag_fold", now, STRIPE_LAG_FOLD_EVERY).await?
+    {
+        crate::stripe::fold_processing_lag(pool, now).await?
+    } else {
+        0
+    };
     Ok(SweepReport {
         jobs_deleted,
+        stripe_events_folded,
         purges_scheduled,
         holds_released,
         buckets_expired,
@@ -81,7 +93,8 @@ pub async fn sweep_with(
 }
 
 /// The scheduled maintenance job (`slate.maintenance`): holds past their
-/// expiry, expired buckets, overdue generations, audit retention, purges due.
+/// expiry, expired buckets, overdue generations, audit retention, purges due,
+/// and (less often) job retention and the Stripe processing-lag fold.
 pub const QUEUE: &str = "slate.maintenance";
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -142,6 +155,7 @@ pub async fn handle(
                 audit_entries_dropped = r.audit_entries_dropped,
                 purges_scheduled = r.purges_scheduled,
                 jobs_deleted = r.jobs_deleted,
+                stripe_events_folded = r.stripe_events_folded,
                 "maintenance sweep"
             );
         }
