@@ -164,6 +164,14 @@ pub(super) async fn metrics(
         );
     }
 
+    // The histograms add rows still in their tables to totals folded out of
+    // them (the job retention, the Stripe lag fold): both read in one
+    // snapshot, or a fold committing in between would count its rows twice
+    // and the counters would go back down at the next scrape.
+    let mut snapshot = pool
+        .begin_with("begin isolation level repeatable read read only")
+        .await?;
+
     // Durations of finished jobs (pickup to done), cumulative per bucket:
     // the jobs still in the queue's table plus those its retention deleted
     // (added up in `job_durations_retired` as they went).
@@ -175,11 +183,11 @@ pub(super) async fn metrics(
               group by 1",
         bucket_aggregates_sql("d")
     )))
-    .fetch_all(pool)
+    .fetch_all(&mut *snapshot)
     .await?;
     let retired: Vec<(String, f64, i64, f64)> =
         sqlx::query_as("select job_type, le, jobs, seconds from job_durations_retired")
-            .fetch_all(pool)
+            .fetch_all(&mut *snapshot)
             .await?;
     let mut durations: BTreeMap<String, Cumulative> = BTreeMap::new();
     for (queue, counts, sums) in live {
@@ -203,7 +211,7 @@ pub(super) async fn metrics(
     // of the oldest event still waiting.
     let watermark: chrono::DateTime<chrono::Utc> =
         sqlx::query_scalar("select upto from stripe_lag_watermark")
-            .fetch_one(pool)
+            .fetch_one(&mut *snapshot)
             .await?;
     let (counts, sums, waiting): (Vec<i64>, Vec<f64>, Option<f64>) =
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -219,11 +227,11 @@ pub(super) async fn metrics(
         // events were past the watermark (before the first fold) stays a
         // scan of the mirror once few are (5 ms a scrape at 100,000 events).
         .persistent(false)
-        .fetch_one(pool)
+        .fetch_one(&mut *snapshot)
         .await?;
     let retired: Vec<(f64, i64, f64)> =
         sqlx::query_as("select le, events, seconds from stripe_lag_retired")
-            .fetch_all(pool)
+            .fetch_all(&mut *snapshot)
             .await?;
     let mut lag = Cumulative::default();
     lag.add_all(&counts, &sums);
@@ -232,6 +240,7 @@ pub(super) async fn metrics(
     }
     out.push_str("# HELP slate_stripe_processing_lag_seconds Stripe events from receipt to processed.\n# TYPE slate_stripe_processing_lag_seconds histogram\n");
     lag.render(&mut out, "slate_stripe_processing_lag_seconds", "");
+    snapshot.commit().await?;
     out.push_str("# HELP slate_stripe_oldest_pending_seconds Age of the oldest Stripe event not processed yet (0: none).\n# TYPE slate_stripe_oldest_pending_seconds gauge\n");
     let _ = writeln!(
         out,
