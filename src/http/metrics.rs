@@ -276,15 +276,27 @@ pub(super) async fn metrics(
     out.push_str("# HELP slate_projection_lag_events Events of an asynchronous projection's types not applied yet.\n# TYPE slate_projection_lag_events gauge\n");
     out.push_str("# HELP slate_projection_lag_seconds Age of the oldest event not applied yet.\n# TYPE slate_projection_lag_seconds gauge\n");
     for &p in Projection::ASYNC {
-        let (behind, oldest): (i64, Option<f64>) = sqlx::query_as(
-            "select count(*), extract(epoch from now() - min(e.recorded_at))::float8 from events e
-              where e.event_type = any($2)
-                and (e.transaction_id, e.global_position) >
-                    coalesce((select (last_transaction_id, last_position) from projection_checkpoints
-                               where projection = $1), ('0'::xid8, 0::bigint))",
+        // The checkpoint as values, and the count planned for them: against
+        // a subquery's result the row comparison is no index condition, and
+        // every scrape read the whole log (1.1 s at 11.5 M events, with
+        // every projection caught up).
+        let (txid, position): (String, i64) = sqlx::query_as(
+            "select last_transaction_id::text, last_position from projection_checkpoints
+              where projection = $1",
         )
         .bind(p.name())
+        .fetch_optional(pool)
+        .await?
+        .unwrap_or_else(|| ("0".to_owned(), 0));
+        let (behind, oldest): (i64, Option<f64>) = sqlx::query_as(
+            "select count(*), extract(epoch from now() - min(e.recorded_at))::float8 from events e
+              where e.event_type = any($1)
+                and (e.transaction_id, e.global_position) > ($2::xid8, $3::bigint)",
+        )
         .bind(p.event_types())
+        .bind(&txid)
+        .bind(position)
+        .persistent(false)
         .fetch_one(pool)
         .await?;
         let _ = writeln!(

@@ -1013,6 +1013,19 @@ async fn metrics_count_mirrored_unparsed_events_and_outstanding_holds() {
         text.contains("slate_stripe_oldest_pending_seconds 0.000"),
         "{text}"
     );
+    // The purchase's credit events wait for the credit ledger's projector
+    // (none runs here), then none do.
+    let behind = |text: &str| -> i64 {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("slate_projection_lag_events{projection=\"credit_ledger\"} ")
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{text}"))
+    };
+    assert!(behind(&text) > 0, "{text}");
+    app.db.settle_projections().await;
+    assert_eq!(behind(&app.metrics().await), 0);
 }
 
 /// The maintenance sweep folds processed events into the lag histogram's
