@@ -639,16 +639,10 @@ async fn webhooks(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow
     let mut config = config.clone();
     config.stripe_webhook_secrets = vec![Secret::new(WEBHOOK_SECRET)];
     config.livemode = false;
-    let state = crate::http::AppState::new(config, pool.clone())?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/webhooks/stripe", listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::server::serve(listener, state, async move {
-        let _ = stop_rx.await;
-    }));
     let slice = Duration::from_secs_f64(opts.seconds / ROUNDS as f64);
     let per_round = opts.webhooks.div_ceil(ROUNDS);
-    let measured = async {
+    serving(config, pool, |base| async move {
+        let url = format!("{base}/webhooks/stripe");
         let mut ceiling_32 = Count::default();
         let mut deliveries = Deliveries::default();
         for round in 0..ROUNDS {
@@ -658,8 +652,25 @@ async fn webhooks(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow
             deliveries.add(send_webhooks(&url, opts.senders, per_round, &tag).await?);
         }
         anyhow::Ok(deliveries.latency(opts.senders, ceiling_32.per_second()))
-    }
-    .await;
+    })
+    .await
+}
+
+/// Run `body` with a server of this build on `pool` (its base URL, on port
+/// 0 of 127.0.0.1), then stop the server.
+pub(crate) async fn serving<T, F, Fut>(config: Config, pool: &PgPool, body: F) -> anyhow::Result<T>
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let state = crate::http::AppState::new(config, pool.clone())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::server::serve(listener, state, async move {
+        let _ = stop_rx.await;
+    }));
+    let measured = body(base).await;
     let _ = stop_tx.send(());
     let _ = server.await;
     measured

@@ -394,9 +394,11 @@ pub async fn fill_stripe_mirror(pool: &PgPool, n: usize) -> anyhow::Result<i64> 
     sqlx::query("vacuum analyze stripe_events")
         .execute(pool)
         .await?;
-    Ok(sqlx::query_scalar("select count(*) from stripe_events")
-        .fetch_one(pool)
-        .await?)
+    Ok(
+        sqlx::query_scalar("select count(*) from stripe_events where processed_at is not null")
+            .fetch_one(pool)
+            .await?,
+    )
 }
 
 /// Part 10 on `pool`'s database: fill the mirror, time scrapes through a
@@ -407,19 +409,13 @@ pub async fn scrape(
     opts: &ScaleOptions,
 ) -> anyhow::Result<Scrape> {
     let stripe_events = fill_stripe_mirror(pool, opts.stripe_events).await?;
-    let state = crate::http::AppState::new(config.clone(), pool.clone())?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/metrics", listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::server::serve(listener, state, async move {
-        let _ = stop_rx.await;
-    }));
-    let measured = async {
+    let token = config
+        .metrics_token
+        .as_ref()
+        .map(|t| format!("Bearer {}", t.expose()));
+    crate::bench::serving(config.clone(), pool, |base| async move {
+        let url = format!("{base}/metrics");
         let client = reqwest::Client::new();
-        let mut token = None;
-        if let Some(t) = &config.metrics_token {
-            token = Some(format!("Bearer {}", t.expose()));
-        }
         let time = |n: usize| {
             let (client, url, token) = (&client, &url, &token);
             async move {
@@ -449,9 +445,6 @@ pub async fn scrape(
             fold_ms,
             folded,
         })
-    }
-    .await;
-    let _ = stop_tx.send(());
-    let _ = server.await;
-    measured
+    })
+    .await
 }

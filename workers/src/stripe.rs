@@ -229,7 +229,7 @@ pub async fn fold_processing_lag(
     .bind(from)
     .bind(to)
     .bind(jobs::duration_bounds())
-    // Planned for these bounds each time (see `/metrics`' lag query).
+    // Planned for this range each time (see `/metrics`' lag query).
     .persistent(false)
     .fetch_one(&mut *tx)
     .await?;
