@@ -16,6 +16,7 @@ pub mod credits;
 pub mod db;
 pub mod error;
 pub mod generations;
+pub mod histogram;
 pub mod impersonation;
 pub mod mfa;
 pub mod moderation;

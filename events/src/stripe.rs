@@ -486,7 +486,7 @@ async fn process_in_tx(
     let force = options.force;
     let mut tx = pool.begin().await?;
     let row: Option<MirrorRow> = sqlx::query_as(
-        "select raw, event_type, status, object_id, created from stripe_events
+        "select raw, event_type, status, object_id, created, processed_at from stripe_events
           where stripe_event_id = $1 for update",
     )
     .bind(id)
@@ -498,6 +498,7 @@ async fn process_in_tx(
         status,
         object_id,
         created,
+        processed_at,
     }) = row
     else {
         return Err(ProcessError::Permanent(format!(
@@ -558,9 +559,17 @@ async fn process_in_tx(
         Outcome::Ignored(_) => "ignored",
         _ => "processed",
     };
+    if processed_at.is_some() {
+        retire_earlier_processing(&mut tx, id).await?;
+    }
+    // Stamped when the work is done, not when the transaction began (after
+    // waiting on the locks above, say): the lag fold stays a margin behind
+    // the clock, and a stamp older than that when it commits would never be
+    // counted.
     sqlx::query(
         "update stripe_events
-            set status = $2, outcome = $3, attempts = attempts + 1, last_error = null, processed_at = now()
+            set status = $2, outcome = $3, attempts = attempts + 1, last_error = null,
+                processed_at = clock_timestamp()
           where stripe_event_id = $1",
     )
     .bind(id)
@@ -579,6 +588,32 @@ async fn process_in_tx(
     Ok(outcome)
 }
 
+/// A processing replaces the event's earlier one (its `processed_at`). One
+/// the lag fold has not taken yet (stamped at or after its watermark) is
+/// added to the folded totals here, or `/metrics`' lag histogram would lose
+/// it and a bucket could go down, which Prometheus reads as a reset. The
+/// watermark is held in share mode until the commit: a fold running beside
+/// this one either took the earlier stamp before (and this adds nothing) or
+/// sees the new one after.
+async fn retire_earlier_processing(conn: &mut PgConnection, id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "with w as (select upto from stripe_lag_watermark for share),
+              p as (select extract(epoch from e.processed_at - e.received_at)::float8 d
+                      from stripe_events e, w
+                     where e.stripe_event_id = $1 and e.processed_at >= w.upto)
+         insert into stripe_lag_retired (le, events, seconds)
+         select b.le, 1, p.d from p, unnest($2::float8[]) b(le) where p.d <= b.le
+         on conflict (le) do update
+            set events = stripe_lag_retired.events + excluded.events,
+                seconds = stripe_lag_retired.seconds + excluded.seconds",
+    )
+    .bind(id)
+    .bind(crate::histogram::duration_bounds())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 #[derive(sqlx::FromRow)]
 struct MirrorRow {
     raw: String,
@@ -586,6 +621,7 @@ struct MirrorRow {
     status: String,
     object_id: Option<String>,
     created: DateTime<Utc>,
+    processed_at: Option<DateTime<Utc>>,
 }
 
 struct Cx<'a> {

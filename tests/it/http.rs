@@ -408,3 +408,34 @@ async fn metrics_need_the_token_when_one_is_configured() {
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().contains("slate_jobs"));
 }
+
+/// A projection far behind is reported at the cap, not counted to the end
+/// (that read the whole backlog at every scrape), with the age of the next
+/// event it has to apply.
+#[tokio::test]
+async fn projection_lag_is_counted_up_to_its_cap() {
+    let app = spawn_app().await;
+    slate::bench_scale::fill_log(&app.db.pool, 100_050, "lag-cap")
+        .await
+        .unwrap();
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}{{projection=\"audit_log\"}} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: {text}"))
+    };
+    assert_eq!(value("slate_projection_lag_events"), 100_000.0);
+    // The log is append-only (its `recorded_at` cannot be moved back): the
+    // first event went in moments ago.
+    let age = value("slate_projection_lag_seconds");
+    assert!(age > 0.0 && age < 600.0, "{age}");
+}

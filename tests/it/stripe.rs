@@ -1102,6 +1102,62 @@ async fn the_processing_lag_histogram_is_the_same_after_the_fold() {
         .unwrap();
     assert_eq!(later.stripe_events_folded, 0);
     assert_eq!(lag(&app.metrics().await), after);
+
+    // A replay of an event whose processing is not folded yet replaces that
+    // processing's stamp: the earlier one still counts, so no bucket goes
+    // down. Both live events took 20 s (the two folded ones far less); the
+    // replay takes about 80.
+    sqlx::query(
+        "update stripe_events set received_at = processed_at - interval '80 seconds',
+                processed_at = processed_at - interval '60 seconds'
+          where processed_at >= (select upto from stripe_lag_watermark)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let live = lag(&app.metrics().await);
+    assert!(
+        live.contains(&"slate_stripe_processing_lag_seconds_bucket{le=\"30\"} 4".to_owned()),
+        "{live:?}"
+    );
+    let replay = slate_events::stripe::process(pool, &catalog(), &replayed, true).await;
+    assert!(replay.is_ok(), "{replay:?}");
+    let again = lag(&app.metrics().await);
+    assert!(
+        again.contains(&"slate_stripe_processing_lag_seconds_count 5".to_owned()),
+        "{again:?}"
+    );
+    let buckets = |lines: &[String]| -> Vec<(String, i64)> {
+        lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("slate_stripe_processing_lag_seconds_bucket"))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(le, n)| (le.to_owned(), n.parse().unwrap()))
+            .collect()
+    };
+    for ((le, was), (_, is)) in buckets(&live).into_iter().zip(buckets(&again)) {
+        assert!(is >= was, "bucket {le} went from {was} to {is}: {again:?}");
+    }
+    assert!(
+        again.contains(&"slate_stripe_processing_lag_seconds_bucket{le=\"30\"} 4".to_owned()),
+        "the replayed event's earlier 20 s still count: {again:?}"
+    );
+    // Folded once past the margin, each processing still counts once (the
+    // two live rows, and the watermark behind them, moved back half an
+    // hour: the fold stays 15 minutes behind the database's clock).
+    for moved in [
+        "update stripe_events set received_at = received_at - interval '30 minutes',
+                processed_at = processed_at - interval '30 minutes'
+          where processed_at >= (select upto from stripe_lag_watermark)",
+        "update stripe_lag_watermark set upto = upto - interval '30 minutes'",
+    ] {
+        sqlx::query(moved).execute(pool).await.unwrap();
+    }
+    let folded = slate_workers::sweeper::sweep(pool, now + chrono::Duration::minutes(40))
+        .await
+        .unwrap();
+    assert_eq!(folded.stripe_events_folded, 2);
+    assert_eq!(lag(&app.metrics().await), again);
 }
 
 #[tokio::test]

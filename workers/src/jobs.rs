@@ -183,17 +183,9 @@ where
     }
 }
 
-/// Upper bounds (seconds) of the job-duration histogram of `/metrics`; the
-/// retention ([`apply_retention`]) adds deleted jobs to the same buckets.
-pub const DURATION_BUCKETS: [f64; 10] = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0];
-
-/// [`DURATION_BUCKETS`] and +Inf (every job): the bounds under which
-/// `job_durations_retired` keeps its rows.
-pub fn duration_bounds() -> Vec<f64> {
-    let mut bounds = DURATION_BUCKETS.to_vec();
-    bounds.push(f64::INFINITY);
-    bounds
-}
+/// The job-duration histogram's bounds; the retention ([`apply_retention`])
+/// adds deleted jobs to the same buckets.
+pub use slate_events::histogram::{DURATION_BUCKETS, duration_bounds};
 
 /// SQL for two arrays aligned with [`duration_bounds`], aggregated over the
 /// rows of a query in one pass: `counts`, how many rows have `seconds` (an

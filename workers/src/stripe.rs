@@ -189,8 +189,9 @@ pub async fn process_pending(
 }
 
 /// How far behind the database's clock the processing-lag fold stays: a
-/// processing stamps `processed_at` when its transaction starts, so one still
-/// open at the fold (waiting on a lock, say) must land after the watermark.
+/// processing stamps `processed_at` as its last statement before the
+/// commit, so one committing after the fold (a slow commit, a fault
+/// injected before it) must still land after the watermark.
 pub const LAG_FOLD_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(15);
 
 /// Fold the Stripe events processed before `now` less [`LAG_FOLD_MARGIN`]
@@ -198,7 +199,9 @@ pub const LAG_FOLD_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(15);
 /// and move the watermark there; returns how many were folded. `/metrics`
 /// then reads only the events processed since, so a scrape stays cheap
 /// however large the mirror grows. Each processing is counted once: an event
-/// replayed later is stamped again, after the watermark, and counts again.
+/// replayed later is stamped again, after the watermark, and counts again;
+/// one replayed before its earlier processing was folded adds that one to
+/// the totals itself (`slate_events::stripe`, under this watermark's lock).
 pub async fn fold_processing_lag(
     pool: &PgPool,
     now: chrono::DateTime<chrono::Utc>,
