@@ -418,15 +418,7 @@ async fn projection_lag_is_counted_up_to_its_cap() {
     slate::bench_scale::fill_log(&app.db.pool, 100_050, "lag-cap")
         .await
         .unwrap();
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     let value = |name: &str| -> f64 {
         text.lines()
             .find_map(|l| l.strip_prefix(&format!("{name}{{projection=\"audit_log\"}} ")))
