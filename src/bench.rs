@@ -204,8 +204,8 @@ pub async fn run_scrape(
     in_scratch_database(config, |options, _| async move {
         let pool = scratch_pool(options, 4).await?;
         eprintln!(
-            "bench: /metrics over {} processed Stripe events",
-            opts.scale.stripe_events
+            "bench: /metrics over {} processed Stripe events and {} Done jobs",
+            opts.scale.stripe_events, opts.scale.finished_jobs
         );
         let scrape = crate::bench_scale::scrape(config, &pool, &opts.scale).await;
         pool.close().await;
@@ -439,8 +439,8 @@ async fn run_in(
     let (idle, loaded) =
         slate_workers::bench::pickup_latency(&pool, opts.scale.pickup_samples, opts.jobs).await?;
     eprintln!(
-        "bench: /metrics over {} processed Stripe events",
-        opts.scale.stripe_events
+        "bench: /metrics over {} processed Stripe events and {} Done jobs",
+        opts.scale.stripe_events, opts.scale.finished_jobs
     );
     let scrape = scale::scrape(config, &pool, &opts.scale).await?;
     pool.close().await;
@@ -969,13 +969,15 @@ pub fn print_jobs(j: &Jobs) {
 
 pub fn print_scrape(s: &crate::bench_scale::Scrape) {
     println!(
-        "10. /metrics with {} processed Stripe events, p50 / p99 ms: {:.1} / {:.1} before the fold, {:.1} / {:.1} after it (the fold: {:.0} ms)",
+        "10. /metrics with {} processed Stripe events and {} Done jobs, p50 / p99 ms: {:.1} / {:.1} before the folds, {:.1} / {:.1} after them (the folds: {:.0} ms Stripe lag, {:.0} ms job durations)",
         s.stripe_events,
+        s.finished_jobs,
         s.unfolded.p50_ms,
         s.unfolded.p99_ms,
         s.folded.p50_ms,
         s.folded.p99_ms,
-        s.fold_ms
+        s.fold_ms,
+        s.job_fold_ms
     );
 }
 

@@ -33,6 +33,9 @@ pub struct ScaleOptions {
     pub pickup_samples: usize,
     /// Processed Stripe events in the mirror for the scrape measurement.
     pub stripe_events: usize,
+    /// Done jobs in the queue's table for the scrape measurement (what the
+    /// retention keeps: finished over the last 7 days).
+    pub finished_jobs: usize,
     /// Scrapes timed before and after the fold (each reads the mirror).
     pub scrape_samples: usize,
 }
@@ -46,6 +49,7 @@ impl ScaleOptions {
             samples: 100,
             pickup_samples: 30,
             stripe_events: 20_000,
+            finished_jobs: 20_000,
             scrape_samples: 10,
         }
     }
@@ -60,6 +64,7 @@ impl Default for ScaleOptions {
             samples: 500,
             pickup_samples: 200,
             stripe_events: 1_000_000,
+            finished_jobs: 1_000_000,
             scrape_samples: 20,
         }
     }
@@ -351,16 +356,54 @@ pub async fn wait_for_http(url: &str, limit: Duration) -> anyhow::Result<()> {
 }
 
 /// Part 10: `GET /metrics` over a Stripe mirror of `stripe_events`
-/// processed events.
+/// processed events and a queue table holding `finished_jobs` Done jobs.
 #[derive(Debug, Serialize)]
 pub struct Scrape {
     pub stripe_events: i64,
-    /// Before the fold: the scrape reads every processed event.
+    /// Done jobs in the queue's table (the filled ones and the bench's own).
+    pub finished_jobs: i64,
+    /// Before the folds: the scrape reads every processed event and every
+    /// Done job.
     pub unfolded: Percentiles,
-    /// The maintenance sweep's fold of them all (a first run on a big mirror).
+    /// The maintenance sweep's fold of the processing lag (a first run on a
+    /// big mirror).
     pub fold_ms: f64,
-    /// After it: the scrape reads only the events processed since.
+    /// Its fold of the job durations (a first run on a full table).
+    pub job_fold_ms: f64,
+    /// After them: the scrape reads only the events processed and the jobs
+    /// finished since (within the folds' 15-minute margins).
     pub folded: Percentiles,
+}
+
+/// Add `n` Done jobs to the queue's table, finished at random over the last
+/// 7 days (what the retention keeps) after a run of 50 ms to 1 s; returns
+/// how many Done jobs the table holds.
+pub async fn fill_finished_jobs(pool: &PgPool, n: usize) -> anyhow::Result<i64> {
+    const BATCH: usize = 200_000;
+    let mut done = 0;
+    while done < n {
+        let chunk = (n - done).min(BATCH);
+        sqlx::query(
+            "insert into apalis.jobs (job, id, job_type, status, attempts, max_attempts, run_at, lock_at, done_at)
+             select '\\x7b7d'::bytea, 'bench-finished-' || ($1 + i), 'slate.bench.finished', 'Done', 1, 1,
+                    t - interval '1 second', t - make_interval(secs => 0.05 + random() * 0.95), t
+               from (select i, now() - random() * interval '7 days' as t
+                       from generate_series(1, $2) i) f",
+        )
+        .bind(done as i64)
+        .bind(chunk as i64)
+        .execute(pool)
+        .await?;
+        done += chunk;
+    }
+    sqlx::query("vacuum analyze apalis.jobs")
+        .execute(pool)
+        .await?;
+    Ok(
+        sqlx::query_scalar("select count(*) from apalis.jobs where status = 'Done'")
+            .fetch_one(pool)
+            .await?,
+    )
 }
 
 /// Add `n` processed events to the Stripe mirror, shaped like the real rows
@@ -401,14 +444,15 @@ pub async fn fill_stripe_mirror(pool: &PgPool, n: usize) -> anyhow::Result<i64> 
     )
 }
 
-/// Part 10 on `pool`'s database: fill the mirror, time scrapes through a
-/// server of this build, fold, time them again.
+/// Part 10 on `pool`'s database: fill the mirror and the queue's table, time
+/// scrapes through a server of this build, fold both, time them again.
 pub async fn scrape(
     config: &crate::config::Config,
     pool: &PgPool,
     opts: &ScaleOptions,
 ) -> anyhow::Result<Scrape> {
     let stripe_events = fill_stripe_mirror(pool, opts.stripe_events).await?;
+    let finished_jobs = fill_finished_jobs(pool, opts.finished_jobs).await?;
     let token = config
         .metrics_token
         .as_ref()
@@ -438,11 +482,16 @@ pub async fn scrape(
         let t = Instant::now();
         slate_workers::stripe::fold_processing_lag(pool, chrono::Utc::now()).await?;
         let fold_ms = millis(t);
+        let t = Instant::now();
+        slate_workers::jobs::fold_durations(pool, chrono::Utc::now()).await?;
+        let job_fold_ms = millis(t);
         let folded = time(opts.scrape_samples).await?;
         anyhow::Ok(Scrape {
             stripe_events,
+            finished_jobs,
             unfolded,
             fold_ms,
+            job_fold_ms,
             folded,
         })
     })

@@ -121,6 +121,10 @@ pub enum Command {
         /// (part 10).
         #[arg(long)]
         stripe_events: Option<usize>,
+        /// Done jobs in the queue's table for the scrape measurement
+        /// (part 10).
+        #[arg(long)]
+        finished_jobs: Option<usize>,
         /// Workers sharing the generation queue's concurrency of 8 in part 4
         /// (`slate work`'s default: 4).
         #[arg(long)]
@@ -736,6 +740,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             audit_entries,
             samples,
             stripe_events,
+            finished_jobs,
             generation_fetchers,
             generation_concurrency,
             generation_clients,
@@ -765,6 +770,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             s.audit_entries = audit_entries.unwrap_or(s.audit_entries);
             s.samples = samples.unwrap_or(s.samples).max(1);
             s.stripe_events = stripe_events.unwrap_or(s.stripe_events);
+            s.finished_jobs = finished_jobs.unwrap_or(s.finished_jobs);
             match only.as_deref() {
                 Some("appends") => {
                     crate::bench::print_appends(&crate::bench::run_appends(&config, &opts).await?)

@@ -23,21 +23,20 @@ pub fn router() -> Router<AppState> {
 /// Bounds of the job-duration and processing-lag buckets, +Inf included.
 const BOUNDS: usize = DURATION_BUCKETS.len() + 1;
 
-/// Jobs of one queue and status, and the durations of those finished
-/// (aligned with [`bucket_aggregates_sql`]'s bounds; zeros for the others).
+/// The durations of one queue's Done jobs not folded yet (aligned with
+/// [`bucket_aggregates_sql`]'s bounds).
 #[derive(sqlx::FromRow)]
-struct QueueStatus {
+struct QueueDurations {
     job_type: String,
-    status: String,
-    n: i64,
     counts: Vec<i64>,
     sums: Vec<f64>,
 }
 
 /// Where `slate_projection_lag_events` stops counting: a projection this far
-/// behind needs someone either way, and counting further costs a scrape time
-/// in proportion (about 0.1 s per million events).
-const LAG_COUNT_CAP: i64 = 100_000;
+/// behind needs someone either way, and each event counted is an index entry
+/// and a heap row read at every scrape (10 ms at this cap, 140–170 ms at
+/// 100,000, on a slow 2-core machine).
+const LAG_COUNT_CAP: i64 = 10_000;
 
 /// A cumulative histogram over [`duration_bounds`](slate_workers::jobs::duration_bounds): per bound, how many
 /// observations were at most it (the last, +Inf, counts them all), and the
@@ -157,46 +156,55 @@ pub(super) async fn metrics(
     state.stripe_deliveries.render(&mut out);
 
     // The histograms add rows still in their tables to totals folded out of
-    // them (the job retention, the Stripe lag fold): both read in one
+    // them (the job-duration fold, the Stripe lag fold): both read in one
     // snapshot, or a fold committing in between would count its rows twice
     // and the counters would go back down at the next scrape.
     let mut snapshot = pool
         .begin_with("begin isolation level repeatable read read only")
         .await?;
 
-    // Jobs by queue and status, and in the same pass the durations of the
-    // finished ones (pickup to done), cumulative per bucket: the jobs still
-    // in the queue's table plus those its retention deleted (added up in
-    // `job_durations_retired` as they went).
-    let jobs: Vec<QueueStatus> =
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "select job_type, status, count(*) as n, {}
-               from (select job_type, status,
-                            case when status = 'Done' then extract(epoch from done_at - lock_at)::float8 end d
-                       from apalis.jobs) j
-              group by 1, 2 order by 1, 2",
-            bucket_aggregates_sql("d")
-        )))
-        .fetch_all(&mut *snapshot)
-        .await?;
-    out.push_str(
-        "# HELP slate_jobs Jobs in the queue, by queue and status.\n# TYPE slate_jobs gauge\n",
-    );
-    for j in &jobs {
+    // Jobs that have not succeeded, by queue and status, through their own
+    // index; and the durations of the finished ones (pickup to done),
+    // cumulative per bucket: the Done jobs finished since the watermark,
+    // through their index, plus the totals folded before it. The Done jobs
+    // the retention keeps (7 days) are never read whole.
+    let jobs: Vec<(String, String, i64)> = sqlx::query_as(
+        "select job_type, status, count(*) from apalis.jobs
+          where status <> 'Done' group by 1, 2 order by 1, 2",
+    )
+    .fetch_all(&mut *snapshot)
+    .await?;
+    out.push_str("# HELP slate_jobs Jobs in the queue that have not succeeded, by queue and status (succeeded jobs are counted by slate_job_duration_seconds_count).\n# TYPE slate_jobs gauge\n");
+    for (queue, status, n) in &jobs {
         let _ = writeln!(
             out,
-            "slate_jobs{{queue=\"{}\",status=\"{}\"}} {}",
-            label(&j.job_type),
-            label(&j.status),
-            j.n
+            "slate_jobs{{queue=\"{}\",status=\"{}\"}} {n}",
+            label(queue),
+            label(status),
         );
     }
+    let watermark: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("select upto from job_duration_watermark")
+            .fetch_one(&mut *snapshot)
+            .await?;
+    let done: Vec<QueueDurations> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select job_type, {}
+           from (select job_type, extract(epoch from done_at - lock_at)::float8 d
+                   from apalis.jobs where status = 'Done' and done_at >= $1) j
+          group by 1",
+        bucket_aggregates_sql("d")
+    )))
+    .bind(watermark)
+    // Planned for this watermark each time (see the Stripe lag below).
+    .persistent(false)
+    .fetch_all(&mut *snapshot)
+    .await?;
     let retired: Vec<(String, f64, i64, f64)> =
         sqlx::query_as("select job_type, le, jobs, seconds from job_durations_retired")
             .fetch_all(&mut *snapshot)
             .await?;
     let mut durations: BTreeMap<String, Cumulative> = BTreeMap::new();
-    for j in jobs.into_iter().filter(|j| j.status == "Done") {
+    for j in done {
         durations
             .entry(j.job_type)
             .or_default()
@@ -305,11 +313,16 @@ pub(super) async fn metrics(
             .map_or(("0", 0), |(t, n)| (t.as_str(), *n));
         // Both bounded: a count stops at the cap, and the next event is the
         // first in log order (the oldest by `recorded_at` would read every
-        // event behind; 0.8 s a scrape with 8.5 M).
+        // event behind; 0.8 s a scrape with 8.5 M). The count walks the log
+        // in order from the checkpoint: unordered, a projection far behind
+        // got a sequential scan, which reads every event before the
+        // checkpoint (they come first in the table) before the first one it
+        // counts (1.2 M read and dropped, 0.4 s, in psql).
         let (behind, oldest): (i64, Option<f64>) = sqlx::query_as(
             "select (select count(*) from (select from events e
                                               where e.event_type = any($1)
                                                 and (e.transaction_id, e.global_position) > ($2::xid8, $3::bigint)
+                                              order by e.transaction_id, e.global_position
                                               limit $4) b),
                     (select extract(epoch from now() - e.recorded_at)::float8 from events e
                       where e.event_type = any($1)

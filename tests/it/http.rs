@@ -282,7 +282,9 @@ async fn unknown_routes_and_methods_answer_in_the_error_format() {
 /// Finished jobs leave the queue's table after their retention, checked at
 /// most hourly by the maintenance sweep; jobs that may still run stay
 /// whatever their age; and the job-duration histogram of `/metrics` keeps
-/// counting the deleted ones (a counter never goes down).
+/// counting the deleted ones (a counter never goes down): the sweep folds
+/// Done jobs' durations into totals before the retention may delete them,
+/// and a scrape reads only the jobs finished since.
 #[tokio::test]
 async fn finished_jobs_are_deleted_after_their_retention_and_stay_counted_in_metrics() {
     use slate_workers::diagnostics::{DiagnosticJob, QUEUE};
@@ -347,6 +349,9 @@ async fn finished_jobs_are_deleted_after_their_retention_and_stay_counted_in_met
     );
 
     let report = slate_workers::sweeper::sweep(pool, now).await.unwrap();
+    // The three Done jobs are folded into the totals first; only then may
+    // the retention delete them.
+    assert_eq!(report.job_durations_folded, 3);
     assert_eq!(report.jobs_deleted, 4);
     let mut left: Vec<String> =
         sqlx::query_scalar("select id from apalis.jobs where job_type = $1")
@@ -359,7 +364,54 @@ async fn finished_jobs_are_deleted_after_their_retention_and_stay_counted_in_met
     kept.sort();
     assert_eq!(left, kept);
     // The histogram is the same, to the line.
-    assert_eq!(histogram(&app.metrics().await), before);
+    let text = app.metrics().await;
+    assert_eq!(histogram(&text), before);
+    // The queue's gauge counts the jobs that have not succeeded; the Done
+    // ones are the histogram's count.
+    let gauge = |status: &str| format!("slate_jobs{{queue=\"{QUEUE}\",status=\"{status}\"}}");
+    assert!(text.contains(&format!("{} 1\n", gauge("Killed"))), "{text}");
+    assert!(
+        text.contains(&format!("{} 1\n", gauge("Pending"))),
+        "{text}"
+    );
+    assert!(!text.contains(&gauge("Done")), "{text}");
+
+    // A job finished since the watermark is read from the table, then folded
+    // by a later sweep, and counted once throughout.
+    let upto: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("select upto from job_duration_watermark")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let _ = slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Ping, 1)
+        .await
+        .unwrap();
+    sqlx::query(
+        "update apalis.jobs set status = 'Done', attempts = 1,
+                done_at = $1, lock_at = $1 - interval '300 milliseconds'
+          where job_type = $2 and status = 'Pending' and id <> $3",
+    )
+    .bind(upto + chrono::Duration::milliseconds(1))
+    .bind(QUEUE)
+    .bind(&ids[7])
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    drop(conn);
+    let live = histogram(&app.metrics().await);
+    assert!(
+        live.contains(&format!(
+            "slate_job_duration_seconds_count{{queue=\"{QUEUE}\"}} 4"
+        )),
+        "{live:?}"
+    );
+    assert!(
+        live.contains(&format!(
+            "slate_job_duration_seconds_bucket{{queue=\"{QUEUE}\",le=\"0.5\"}} 1"
+        )),
+        "{live:?}"
+    );
 
     // Within the hour the retention does not run again; after it, it does.
     sqlx::query(
@@ -374,11 +426,14 @@ async fn finished_jobs_are_deleted_after_their_retention_and_stay_counted_in_met
         .await
         .unwrap();
     assert_eq!(soon.jobs_deleted, 0);
+    assert_eq!(soon.job_durations_folded, 1);
+    assert_eq!(histogram(&app.metrics().await), live);
     let later = slate_workers::sweeper::sweep(pool, now + chrono::Duration::minutes(61))
         .await
         .unwrap();
     assert_eq!(later.jobs_deleted, 1);
-    assert_eq!(histogram(&app.metrics().await), before);
+    assert_eq!(later.job_durations_folded, 0);
+    assert_eq!(histogram(&app.metrics().await), live);
 }
 
 /// With a metrics token configured, `/metrics` answers only a scraper that
@@ -411,23 +466,42 @@ async fn metrics_need_the_token_when_one_is_configured() {
 
 /// A projection far behind is reported at the cap, not counted to the end
 /// (that read the whole backlog at every scrape), with the age of the next
-/// event it has to apply.
+/// event it has to apply; the events it has applied already, which come
+/// first in the log, are not counted.
 #[tokio::test]
 async fn projection_lag_is_counted_up_to_its_cap() {
     let app = spawn_app().await;
-    slate::bench_scale::fill_log(&app.db.pool, 100_050, "lag-cap")
+    slate::bench_scale::fill_log(&app.db.pool, 2_000, "applied")
         .await
         .unwrap();
-    let text = app.metrics().await;
-    let value = |name: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}{{projection=\"audit_log\"}} ")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name}: {text}"))
+    slate_events::projections::catch_up(
+        &app.db.pool,
+        slate_events::projections::Projection::AuditLog,
+    )
+    .await
+    .unwrap();
+    let lag = |text: String| {
+        let value = move |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}{{projection=\"audit_log\"}} ")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name}: {text}"))
+        };
+        (
+            value("slate_projection_lag_events"),
+            value("slate_projection_lag_seconds"),
+        )
     };
-    assert_eq!(value("slate_projection_lag_events"), 100_000.0);
+    slate::bench_scale::fill_log(&app.db.pool, 5_000, "behind")
+        .await
+        .unwrap();
+    assert_eq!(lag(app.metrics().await).0, 5_000.0);
+    slate::bench_scale::fill_log(&app.db.pool, 5_050, "lag-cap")
+        .await
+        .unwrap();
+    let (behind, age) = lag(app.metrics().await);
+    assert_eq!(behind, 10_000.0);
     // The log is append-only (its `recorded_at` cannot be moved back): the
     // first event went in moments ago.
-    let age = value("slate_projection_lag_seconds");
     assert!(age > 0.0 && age < 600.0, "{age}");
 }

@@ -183,8 +183,8 @@ where
     }
 }
 
-/// The job-duration histogram's bounds; the retention ([`apply_retention`])
-/// adds deleted jobs to the same buckets.
+/// The job-duration histogram's bounds; the fold ([`fold_durations`]) adds
+/// finished jobs to the same buckets.
 pub use slate_events::histogram::{DURATION_BUCKETS, duration_bounds};
 
 /// SQL for two arrays aligned with [`duration_bounds`], aggregated over the
@@ -236,9 +236,8 @@ const RETENTION_BATCH: i64 = 5_000;
 
 /// Delete the jobs that finished longer ago than `retention` allows, in
 /// batches; returns how many. Pending, running and retrying jobs are never
-/// touched. The durations of the Done jobs deleted are added to
-/// `job_durations_retired` in the same statement, so `/metrics`' histogram
-/// stays cumulative.
+/// touched, nor Done jobs not folded into `job_durations_retired` yet
+/// ([`fold_durations`]), so `/metrics`' histogram stays cumulative.
 pub async fn apply_retention(
     pool: &PgPool,
     now: chrono::DateTime<chrono::Utc>,
@@ -251,46 +250,85 @@ pub async fn apply_retention(
             .and_then(|d| now.checked_sub_signed(d))
             .unwrap_or(chrono::DateTime::UNIX_EPOCH)
     };
-    let bounds = duration_bounds();
     let mut deleted = 0;
     loop {
-        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "with gone as (
-                 delete from apalis.jobs where id in (
-                     select id from apalis.jobs
-                      where (status = 'Done' and done_at < $1)
-                         or ((status = 'Killed' or (status = 'Failed' and attempts >= max_attempts))
-                             and done_at < $2)
-                      limit $3
-                        for update skip locked)
-                 returning job_type, status, extract(epoch from done_at - lock_at)::float8 as d
-             ),
-             buckets as (
-                 select job_type, {}
-                   from gone where status = 'Done' and d is not null group by 1
-             ),
-             retired as (
-                 insert into job_durations_retired (job_type, le, jobs, seconds)
-                 select a.job_type, b.le, a.counts[b.i], a.sums[b.i]
-                   from buckets a cross join unnest($4::float8[]) with ordinality b(le, i)
-                 on conflict (job_type, le) do update
-                    set jobs = job_durations_retired.jobs + excluded.jobs,
-                        seconds = job_durations_retired.seconds + excluded.seconds
-             )
-             select count(*) from gone",
-            bucket_aggregates_sql("d")
-        )))
+        let n = sqlx::query(
+            "delete from apalis.jobs where id in (
+                 select id from apalis.jobs
+                  where (status = 'Done'
+                         and done_at < least($1, (select upto from job_duration_watermark)))
+                     or ((status = 'Killed' or (status = 'Failed' and attempts >= max_attempts))
+                         and done_at < $2)
+                  limit $3
+                    for update skip locked)",
+        )
         .bind(cutoff(retention.done))
         .bind(cutoff(retention.dead))
         .bind(RETENTION_BATCH)
-        .bind(&bounds)
-        .fetch_one(pool)
-        .await?;
-        deleted += n as u64;
-        if n < RETENTION_BATCH {
+        .execute(pool)
+        .await?
+        .rows_affected();
+        deleted += n;
+        if n < RETENTION_BATCH as u64 {
             return Ok(deleted);
         }
     }
+}
+
+/// How far behind the database's clock the job-duration fold stays: a
+/// completion stamps `done_at` at its statement's start and commits right
+/// after, so this is room for a commit held up far longer than that.
+pub const DURATION_FOLD_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(15);
+
+/// Fold the durations of the Done jobs finished before `now` less
+/// [`DURATION_FOLD_MARGIN`] (and before the database's own clock less it)
+/// into `job_durations_retired`, and move the watermark there; returns how
+/// many were folded. `/metrics` then reads only the jobs finished since, so
+/// a scrape stays cheap however many finished jobs the retention keeps.
+pub async fn fold_durations(
+    pool: &PgPool,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, sqlx::Error> {
+    type At = chrono::DateTime<chrono::Utc>;
+    let mut tx = pool.begin().await?;
+    let (from, to): (At, At) = sqlx::query_as(
+        "select upto, greatest(upto, least($1, now()) - $2) from job_duration_watermark for update",
+    )
+    .bind(now)
+    .bind(DURATION_FOLD_MARGIN)
+    .fetch_one(&mut *tx)
+    .await?;
+    let folded: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "with a as (select job_type, {}
+                      from (select job_type, extract(epoch from done_at - lock_at)::float8 d
+                              from apalis.jobs
+                             where status = 'Done' and done_at >= $1 and done_at < $2) j
+                     group by 1),
+              totals as (
+                 insert into job_durations_retired (job_type, le, jobs, seconds)
+                 select a.job_type, b.le, a.counts[b.i], a.sums[b.i]
+                   from a cross join unnest($3::float8[]) with ordinality b(le, i)
+                 on conflict (job_type, le) do update
+                    set jobs = job_durations_retired.jobs + excluded.jobs,
+                        seconds = job_durations_retired.seconds + excluded.seconds)
+         select sum(counts[cardinality(counts)])::int8 from a",
+        bucket_aggregates_sql("d")
+    )))
+    .bind(from)
+    .bind(to)
+    .bind(duration_bounds())
+    // Planned for this range each time: a plan cached while every job was
+    // past the watermark (before the first fold) would go on scanning the
+    // table after it.
+    .persistent(false)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query("update job_duration_watermark set upto = $1")
+        .bind(to)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(folded.unwrap_or(0) as u64)
 }
 
 /// Push a failing job's next run into the future: apalis-postgres re-runs a

@@ -14,12 +14,17 @@ pub struct SweepReport {
     pub audit_entries_dropped: u64,
     pub purges_scheduled: usize,
     pub jobs_deleted: u64,
+    pub job_durations_folded: u64,
     pub stripe_events_folded: u64,
 }
 
-/// How often the job retention runs: it scans the queue's table, which has
-/// no index on when a job finished, so not at every sweep.
+/// How often the job retention runs: it deletes what was finished days ago,
+/// and finding the dead jobs scans the queue's table, so not at every sweep.
 const JOB_RETENTION_EVERY: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+
+/// How often the job-duration fold runs (the Done jobs a scrape reads are
+/// those finished since the last fold, less its margin).
+const JOB_DURATION_FOLD_EVERY: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
 /// How often the Stripe processing-lag fold runs (the events a scrape reads
 /// are those processed since the last fold, less its margin).
@@ -70,6 +75,13 @@ pub async fn sweep_with(
         slate_events::projections::audit::apply_retention(&mut conn, now).await?;
     drop(conn);
     let purges_scheduled = crate::purge::schedule_due(pool, now).await?;
+    // Before the retention, which deletes only Done jobs already folded.
+    let job_durations_folded =
+        if claim(pool, "job_duration_fold", now, JOB_DURATION_FOLD_EVERY).await? {
+            crate::jobs::fold_durations(pool, now).await?
+        } else {
+            0
+        };
     let jobs_deleted = if claim(pool, "job_retention", now, JOB_RETENTION_EVERY).await? {
         crate::jobs::apply_retention(pool, now, retention).await?
     } else {
@@ -83,6 +95,7 @@ pub async fn sweep_with(
     };
     Ok(SweepReport {
         jobs_deleted,
+        job_durations_folded,
         stripe_events_folded,
         purges_scheduled,
         holds_released,
@@ -94,7 +107,8 @@ pub async fn sweep_with(
 
 /// The scheduled maintenance job (`slate.maintenance`): holds past their
 /// expiry, expired buckets, overdue generations, audit retention, purges due,
-/// and (less often) job retention and the Stripe processing-lag fold.
+/// and (less often) the job-duration fold, job retention and the Stripe
+/// processing-lag fold.
 pub const QUEUE: &str = "slate.maintenance";
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -155,6 +169,7 @@ pub async fn handle(
                 audit_entries_dropped = r.audit_entries_dropped,
                 purges_scheduled = r.purges_scheduled,
                 jobs_deleted = r.jobs_deleted,
+                job_durations_folded = r.job_durations_folded,
                 stripe_events_folded = r.stripe_events_folded,
                 "maintenance sweep"
             );
