@@ -190,7 +190,7 @@ pub(super) async fn metrics(
     let done: Vec<QueueDurations> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select job_type, {}
            from (select job_type, extract(epoch from done_at - lock_at)::float8 d
-                   from apalis.jobs where status = 'Done' and done_at >= $1) j
+                   from apalis.jobs where status = 'Done' and done_at >= $1 offset 0) j
           group by 1",
         bucket_aggregates_sql("d")
     )))
@@ -236,7 +236,7 @@ pub(super) async fn metrics(
                     (select extract(epoch from now() - min(received_at))::float8
                        from stripe_events where status = 'pending')
                from (select extract(epoch from processed_at - received_at)::float8 d
-                       from stripe_events where processed_at >= $1) p",
+                       from stripe_events where processed_at >= $1 offset 0) p",
             bucket_aggregates_sql("d")
         )))
         .bind(watermark)

@@ -191,7 +191,10 @@ pub use slate_events::histogram::{DURATION_BUCKETS, duration_bounds};
 /// rows of a query in one pass: `counts`, how many rows have `seconds` (an
 /// SQL expression) at most each bound, and `sums`, the sum of those
 /// `seconds`. Joining the rows with the bounds instead read every row once
-/// per bound (8.4 s against 1.3 s over 1 M Stripe events).
+/// per bound (8.4 s against 1.3 s over 1 M Stripe events). `seconds` is
+/// named 33 times: make it a column of a subquery ending in `offset 0`, or
+/// PostgreSQL inlines its expression and computes it (a numeric `extract`)
+/// at every mention (154 against 28 ms over 16,500 jobs in psql).
 pub fn bucket_aggregates_sql(seconds: &str) -> String {
     let mut counts = Vec::new();
     let mut sums = Vec::new();
@@ -302,7 +305,7 @@ pub async fn fold_durations(
         "with a as (select job_type, {}
                       from (select job_type, extract(epoch from done_at - lock_at)::float8 d
                               from apalis.jobs
-                             where status = 'Done' and done_at >= $1 and done_at < $2) j
+                             where status = 'Done' and done_at >= $1 and done_at < $2 offset 0) j
                      group by 1),
               totals as (
                  insert into job_durations_retired (job_type, le, jobs, seconds)

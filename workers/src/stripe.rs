@@ -218,7 +218,7 @@ pub async fn fold_processing_lag(
     let folded: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "with a as (select {}
                       from (select extract(epoch from processed_at - received_at)::float8 d
-                              from stripe_events where processed_at >= $1 and processed_at < $2) p),
+                              from stripe_events where processed_at >= $1 and processed_at < $2 offset 0) p),
               totals as (
                  insert into stripe_lag_retired (le, events, seconds)
                  select b.le, a.counts[b.i], a.sums[b.i]
