@@ -12,7 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use sha2::{Digest, Sha256};
 use slate_events::projections::Projection;
-use slate_workers::jobs::{DURATION_BUCKETS, bucket_aggregates_sql};
+use slate_workers::jobs::{DURATION_BUCKETS, bucket_aggregates_query};
 
 use super::{ApiError, AppState};
 
@@ -24,7 +24,7 @@ pub fn router() -> Router<AppState> {
 const BOUNDS: usize = DURATION_BUCKETS.len() + 1;
 
 /// The durations of one queue's Done jobs not folded yet (aligned with
-/// [`bucket_aggregates_sql`]'s bounds).
+/// [`bucket_aggregates_query`]'s bounds).
 #[derive(sqlx::FromRow)]
 struct QueueDurations {
     job_type: String,
@@ -49,7 +49,7 @@ struct Cumulative {
 
 impl Cumulative {
     /// Add arrays aligned with [`duration_bounds`](slate_workers::jobs::duration_bounds) (as
-    /// [`bucket_aggregates_sql`] gives them).
+    /// [`bucket_aggregates_query`] gives them).
     fn add_all(&mut self, counts: &[i64], sums: &[f64]) {
         for (total, n) in self.counts.iter_mut().zip(counts) {
             *total += n;
@@ -183,18 +183,19 @@ pub(super) async fn metrics(
             label(status),
         );
     }
-    let watermark: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("select upto from job_duration_watermark")
-            .fetch_one(&mut *snapshot)
-            .await?;
-    let done: Vec<QueueDurations> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select job_type, {}
-           from (select job_type, extract(epoch from done_at - lock_at)::float8 d
-                   from apalis.jobs where status = 'Done' and done_at >= $1 offset 0) j
-          group by 1",
-        bucket_aggregates_sql("d")
+    // Both folds' watermarks: rows before them are in the totals.
+    type At = chrono::DateTime<chrono::Utc>;
+    let (jobs_folded_upto, lag_folded_upto): (At, At) = sqlx::query_as(
+        "select j.upto, s.upto from job_duration_watermark j, stripe_lag_watermark s",
+    )
+    .fetch_one(&mut *snapshot)
+    .await?;
+    let done: Vec<QueueDurations> = sqlx::query_as(sqlx::AssertSqlSafe(bucket_aggregates_query(
+        Some("job_type"),
+        "select job_type, extract(epoch from done_at - lock_at)::float8 d
+               from apalis.jobs where status = 'Done' and done_at >= $1",
     )))
-    .bind(watermark)
+    .bind(jobs_folded_upto)
     // Planned for this watermark each time (see the Stripe lag below).
     .persistent(false)
     .fetch_all(&mut *snapshot)
@@ -226,20 +227,19 @@ pub(super) async fn metrics(
     // every processing: those before the watermark folded into totals by the
     // maintenance sweep, those since read through their index. And the age
     // of the oldest event still waiting.
-    let watermark: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("select upto from stripe_lag_watermark")
-            .fetch_one(&mut *snapshot)
-            .await?;
     let (counts, sums, waiting): (Vec<i64>, Vec<f64>, Option<f64>) =
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "select {},
+            "select a.counts, a.sums,
                     (select extract(epoch from now() - min(received_at))::float8
                        from stripe_events where status = 'pending')
-               from (select extract(epoch from processed_at - received_at)::float8 d
-                       from stripe_events where processed_at >= $1 offset 0) p",
-            bucket_aggregates_sql("d")
+               from ({}) a",
+            bucket_aggregates_query(
+                None,
+                "select extract(epoch from processed_at - received_at)::float8 d
+                   from stripe_events where processed_at >= $1"
+            )
         )))
-        .bind(watermark)
+        .bind(lag_folded_upto)
         // Planned for this watermark each time: a plan cached while many
         // events were past the watermark (before the first fold) stays a
         // scan of the mirror once few are (5 ms a scrape at 100,000 events).

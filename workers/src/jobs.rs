@@ -187,15 +187,23 @@ where
 /// finished jobs to the same buckets.
 pub use slate_events::histogram::{DURATION_BUCKETS, duration_bounds};
 
-/// SQL for two arrays aligned with [`duration_bounds`], aggregated over the
-/// rows of a query in one pass: `counts`, how many rows have `seconds` (an
-/// SQL expression) at most each bound, and `sums`, the sum of those
-/// `seconds`. Joining the rows with the bounds instead read every row once
-/// per bound (8.4 s against 1.3 s over 1 M Stripe events). `seconds` is
-/// named 33 times: make it a column of a subquery ending in `offset 0`, or
-/// PostgreSQL inlines its expression and computes it (a numeric `extract`)
-/// at every mention (154 against 28 ms over 16,500 jobs in psql).
-pub fn bucket_aggregates_sql(seconds: &str) -> String {
+/// A query over `rows` (SQL selecting a column `d` of seconds, and `key` if
+/// given) returning, per `key`, two arrays aligned with [`duration_bounds`]
+/// aggregated in one pass: `counts`, how many rows have `d` at most each
+/// bound, and `sums`, the sum of those `d`. Joining the rows with the bounds
+/// instead read every row once per bound (8.4 s against 1.3 s over 1 M
+/// Stripe events). `d` is named 33 times, so `rows` is fenced with `offset
+/// 0`: inlined, PostgreSQL computed its expression (a numeric `extract`) at
+/// every mention (154 against 28 ms over 16,500 jobs in psql).
+pub fn bucket_aggregates_query(key: Option<&str>, rows: &str) -> String {
+    let aggregates = bucket_aggregates_sql("d");
+    match key {
+        Some(k) => format!("select {k}, {aggregates} from ({rows} offset 0) r group by {k}"),
+        None => format!("select {aggregates} from ({rows} offset 0) r"),
+    }
+}
+
+fn bucket_aggregates_sql(seconds: &str) -> String {
     let mut counts = Vec::new();
     let mut sums = Vec::new();
     for le in DURATION_BUCKETS {
@@ -278,35 +286,65 @@ pub async fn apply_retention(
     }
 }
 
-/// How far behind the database's clock the job-duration fold stays: a
-/// completion stamps `done_at` at its statement's start and commits right
-/// after, so this is room for a commit held up far longer than that.
-pub const DURATION_FOLD_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(15);
+/// How far behind the database's clock a fold stays ([`fold_durations`],
+/// `stripe::fold_processing_lag`): a row is stamped by its last statement
+/// before the commit (a completion's `done_at`, a processing's
+/// `processed_at`), so one committing after the fold (a slow commit, a
+/// fault injected before it) must still land after the watermark.
+pub const FOLD_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(15);
+
+/// Move `watermark`'s `upto` (a one-row table) to `now` less [`FOLD_MARGIN`]
+/// (and no later than the database's own clock less it; never back), and
+/// run `fold` for the range passed over in the same transaction, which holds
+/// the watermark's row. `fold` takes the range as `$1` and `$2` and the
+/// bucket bounds as `$3`, adds the range's rows to its totals and returns
+/// how many it added (or null for none).
+pub(crate) async fn fold_before_watermark(
+    pool: &PgPool,
+    now: chrono::DateTime<chrono::Utc>,
+    watermark: &str,
+    fold: &str,
+) -> Result<u64, sqlx::Error> {
+    type At = chrono::DateTime<chrono::Utc>;
+    let mut tx = pool.begin().await?;
+    let (from, to): (At, At) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select upto, greatest(upto, least($1, now()) - $2) from {watermark} for update"
+    )))
+    .bind(now)
+    .bind(FOLD_MARGIN)
+    .fetch_one(&mut *tx)
+    .await?;
+    let folded: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(fold.to_owned()))
+        .bind(from)
+        .bind(to)
+        .bind(duration_bounds())
+        // Planned for this range each time: a plan cached while every row
+        // was past the watermark (before the first fold) would go on
+        // scanning the table after it.
+        .persistent(false)
+        .fetch_one(&mut *tx)
+        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "update {watermark} set upto = $1"
+    )))
+    .bind(to)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(folded.unwrap_or(0) as u64)
+}
 
 /// Fold the durations of the Done jobs finished before `now` less
-/// [`DURATION_FOLD_MARGIN`] (and before the database's own clock less it)
-/// into `job_durations_retired`, and move the watermark there; returns how
-/// many were folded. `/metrics` then reads only the jobs finished since, so
-/// a scrape stays cheap however many finished jobs the retention keeps.
+/// [`FOLD_MARGIN`] (and before the database's own clock less it) into
+/// `job_durations_retired`, and move the watermark there; returns how many
+/// were folded. `/metrics` then reads only the jobs finished since, so a
+/// scrape stays cheap however many finished jobs the retention keeps.
 pub async fn fold_durations(
     pool: &PgPool,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<u64, sqlx::Error> {
-    type At = chrono::DateTime<chrono::Utc>;
-    let mut tx = pool.begin().await?;
-    let (from, to): (At, At) = sqlx::query_as(
-        "select upto, greatest(upto, least($1, now()) - $2) from job_duration_watermark for update",
-    )
-    .bind(now)
-    .bind(DURATION_FOLD_MARGIN)
-    .fetch_one(&mut *tx)
-    .await?;
-    let folded: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "with a as (select job_type, {}
-                      from (select job_type, extract(epoch from done_at - lock_at)::float8 d
-                              from apalis.jobs
-                             where status = 'Done' and done_at >= $1 and done_at < $2 offset 0) j
-                     group by 1),
+    let fold = format!(
+        "with a as ({}),
               totals as (
                  insert into job_durations_retired (job_type, le, jobs, seconds)
                  select a.job_type, b.le, a.counts[b.i], a.sums[b.i]
@@ -315,23 +353,13 @@ pub async fn fold_durations(
                     set jobs = job_durations_retired.jobs + excluded.jobs,
                         seconds = job_durations_retired.seconds + excluded.seconds)
          select sum(counts[cardinality(counts)])::int8 from a",
-        bucket_aggregates_sql("d")
-    )))
-    .bind(from)
-    .bind(to)
-    .bind(duration_bounds())
-    // Planned for this range each time: a plan cached while every job was
-    // past the watermark (before the first fold) would go on scanning the
-    // table after it.
-    .persistent(false)
-    .fetch_one(&mut *tx)
-    .await?;
-    sqlx::query("update job_duration_watermark set upto = $1")
-        .bind(to)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(folded.unwrap_or(0) as u64)
+        bucket_aggregates_query(
+            Some("job_type"),
+            "select job_type, extract(epoch from done_at - lock_at)::float8 d
+               from apalis.jobs where status = 'Done' and done_at >= $1 and done_at < $2"
+        )
+    );
+    fold_before_watermark(pool, now, "job_duration_watermark", &fold).await
 }
 
 /// Push a failing job's next run into the future: apalis-postgres re-runs a

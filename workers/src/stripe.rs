@@ -188,37 +188,21 @@ pub async fn process_pending(
     Ok(out)
 }
 
-/// How far behind the database's clock the processing-lag fold stays: a
-/// processing stamps `processed_at` as its last statement before the
-/// commit, so one committing after the fold (a slow commit, a fault
-/// injected before it) must still land after the watermark.
-pub const LAG_FOLD_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(15);
-
-/// Fold the Stripe events processed before `now` less [`LAG_FOLD_MARGIN`]
-/// (and before the database's own clock less it) into `stripe_lag_retired`,
-/// and move the watermark there; returns how many were folded. `/metrics`
-/// then reads only the events processed since, so a scrape stays cheap
-/// however large the mirror grows. Each processing is counted once: an event
-/// replayed later is stamped again, after the watermark, and counts again;
-/// one replayed before its earlier processing was folded adds that one to
-/// the totals itself (`slate_events::stripe`, under this watermark's lock).
+/// Fold the Stripe events processed before `now` less
+/// [`jobs::FOLD_MARGIN`] (and before the database's own clock less it) into
+/// `stripe_lag_retired`, and move the watermark there; returns how many were
+/// folded. `/metrics` then reads only the events processed since, so a
+/// scrape stays cheap however large the mirror grows. Each processing is
+/// counted once: an event replayed later is stamped again, after the
+/// watermark, and counts again; one replayed before its earlier processing
+/// was folded adds that one to the totals itself (`slate_events::stripe`,
+/// under this watermark's lock).
 pub async fn fold_processing_lag(
     pool: &PgPool,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<u64, sqlx::Error> {
-    type At = chrono::DateTime<chrono::Utc>;
-    let mut tx = pool.begin().await?;
-    let (from, to): (At, At) = sqlx::query_as(
-        "select upto, greatest(upto, least($1, now()) - $2) from stripe_lag_watermark for update",
-    )
-    .bind(now)
-    .bind(LAG_FOLD_MARGIN)
-    .fetch_one(&mut *tx)
-    .await?;
-    let folded: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "with a as (select {}
-                      from (select extract(epoch from processed_at - received_at)::float8 d
-                              from stripe_events where processed_at >= $1 and processed_at < $2 offset 0) p),
+    let fold = format!(
+        "with a as ({}),
               totals as (
                  insert into stripe_lag_retired (le, events, seconds)
                  select b.le, a.counts[b.i], a.sums[b.i]
@@ -227,19 +211,11 @@ pub async fn fold_processing_lag(
                     set events = stripe_lag_retired.events + excluded.events,
                         seconds = stripe_lag_retired.seconds + excluded.seconds)
          select counts[cardinality(counts)] from a",
-        jobs::bucket_aggregates_sql("d")
-    )))
-    .bind(from)
-    .bind(to)
-    .bind(jobs::duration_bounds())
-    // Planned for this range each time (see `/metrics`' lag query).
-    .persistent(false)
-    .fetch_one(&mut *tx)
-    .await?;
-    sqlx::query("update stripe_lag_watermark set upto = $1")
-        .bind(to)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(folded as u64)
+        jobs::bucket_aggregates_query(
+            None,
+            "select extract(epoch from processed_at - received_at)::float8 d
+               from stripe_events where processed_at >= $1 and processed_at < $2"
+        )
+    );
+    jobs::fold_before_watermark(pool, now, "stripe_lag_watermark", &fold).await
 }
