@@ -150,6 +150,7 @@ pub struct Report {
     pub jobs: Jobs,
     pub rebuild: crate::bench_scale::Rebuild,
     pub append_growth: crate::bench_scale::AppendGrowth,
+    pub skip: crate::bench_scale::Skip,
     pub processes: Processes,
     pub audit_entries: i64,
     pub audit_queries: Vec<crate::bench_scale::AuditQuery>,
@@ -432,6 +433,8 @@ async fn run_in(
     scale::settle(&pool).await?;
     let big_log_events = scale::log_size(&pool).await?;
     let big = scale::append_latency(&pool, opts.scale.samples).await?;
+    eprintln!("bench: an idle projector's checkpoint over the log");
+    let skip = scale::skip_speed(&pool).await?;
     eprintln!("bench: {} audit entries", opts.scale.audit_entries);
     let audit_entries = scale::fill_audit(&pool, opts.scale.audit_entries).await?;
     let audit_queries = scale::audit_queries(&pool, opts.scale.samples).await?;
@@ -452,6 +455,7 @@ async fn run_in(
             big_log_events,
             big,
         },
+        skip,
         processes,
         audit_entries,
         audit_queries,
@@ -1001,6 +1005,11 @@ pub fn print(report: &Report) {
         g.big.p99_ms,
         g.big_log_events,
         g.big.p99_ms / g.small.p99_ms.max(f64::EPSILON)
+    );
+    let k = &report.skip;
+    println!(
+        "6b. {} checkpoint over other events: {} passed in {:.2} s ({:.0} events/s); an empty batch read {:.1} ms before, {:.1} ms after",
+        k.projection, k.events_passed, k.seconds, k.per_second, k.batch_before_ms, k.batch_after_ms
     );
     let p = &report.processes;
     println!(

@@ -436,6 +436,69 @@ async fn finished_jobs_are_deleted_after_their_retention_and_stay_counted_in_met
     assert_eq!(histogram(&app.metrics().await), live);
 }
 
+/// A fold goes in steps of at most so many jobs a transaction, each ending
+/// past every job stamped like its last (jobs sharing a stamp are folded
+/// together), and the histogram reads the same throughout.
+#[tokio::test]
+async fn a_fold_goes_in_steps_and_keeps_jobs_sharing_a_stamp_together() {
+    use slate_workers::diagnostics::{DiagnosticJob, QUEUE};
+    let app = spawn_app().await;
+    let pool = &app.db.pool;
+    let now = chrono::Utc::now();
+    let mut conn = pool.acquire().await.unwrap();
+    for _ in 0..5 {
+        let _ = slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Ping, 1)
+            .await
+            .unwrap();
+    }
+    // Finished an hour ago (three at the same instant), then 50 and 40
+    // minutes ago: all past the fold's margin.
+    sqlx::query(
+        "update apalis.jobs j set status = 'Done', attempts = 1,
+                done_at = $1 - make_interval(mins => s.m), lock_at = $1 - make_interval(mins => s.m, secs => 2)
+           from (select id, (array[60, 60, 60, 50, 40])[row_number() over (order by id)] m
+                   from apalis.jobs where job_type = $2) s
+          where j.id = s.id",
+    )
+    .bind(now)
+    .bind(QUEUE)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    drop(conn);
+    let histogram = |text: &str| {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("slate_job_duration_seconds") && l.contains(&format!("\"{QUEUE}\""))
+            })
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let before = histogram(&app.metrics().await);
+    let count = format!("slate_job_duration_seconds_count{{queue=\"{QUEUE}\"}} 5");
+    assert!(before.contains(&count), "{before:?}");
+
+    // Two a step: the first ends at the third job's stamp (nothing before
+    // it), the second takes the three sharing it, the last the other two.
+    let folded = slate_workers::jobs::fold_durations_by(pool, now, 2)
+        .await
+        .unwrap();
+    assert_eq!(folded, (5, 3));
+    assert_eq!(histogram(&app.metrics().await), before);
+    let unfolded: i64 = sqlx::query_scalar(
+        "select count(*) from apalis.jobs
+          where status = 'Done' and done_at >= (select upto from job_duration_watermark)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(unfolded, 0);
+    let again = slate_workers::jobs::fold_durations_by(pool, now, 2)
+        .await
+        .unwrap();
+    assert_eq!(again, (0, 1));
+}
+
 /// With a metrics token configured, `/metrics` answers only a scraper that
 /// sends it; without one it is open (as the demo and the tests use it).
 #[tokio::test]

@@ -540,3 +540,131 @@ async fn the_tail_watch_ends_when_its_pool_is_closed() {
     .await;
     assert!(closed.is_ok(), "the watch closes once its pool is closed");
 }
+
+/// Append `n` events no projection but the audit log reads, in one
+/// transaction; returns the last one's position.
+async fn append_others(conn: &mut sqlx::PgConnection, n: i64) -> i64 {
+    sqlx::query_scalar(
+        "with added as (
+           insert into events (event_id, stream_id, stream_version, event_type, schema_version,
+                               payload, metadata)
+           select gen_random_uuid(), 'others-' || gen_random_uuid(), 1, 'StaffRead', 1,
+                  jsonb_build_object('staff_id', gen_random_uuid(),
+                                     'account_id', gen_random_uuid(), 'what', 'x'),
+                  '{}'
+             from generate_series(1, $1)
+           returning global_position)
+         select max(global_position) from added",
+    )
+    .bind(n)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap()
+}
+
+async fn ledger_checkpoint(db: &TestDb) -> i64 {
+    sqlx::query_scalar(
+        "select coalesce((select last_position from projection_checkpoints
+                           where projection = 'credit_ledger'), 0)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// Skip until the ledger's checkpoint is at `target`. Other tests' open
+/// transactions on the server can hold back the horizon for a while, so it
+/// retries (bounded); no skip may pass more than one walk.
+async fn skip_to(db: &TestDb, target: i64) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ledger_checkpoint(db).await != target {
+        let passed = projections::skip_ahead(&db.pool, Projection::CreditLedger)
+            .await
+            .unwrap();
+        assert!(passed <= projections::SKIP_WALK, "{passed}");
+        if passed == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "checkpoint at {} after 30 s, not {target}",
+                ledger_checkpoint(db).await
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A projection whose types stop appearing keeps its checkpoint near the
+/// log's tail all the same: a skip moves it over other types' events, at
+/// most one walk at a time, and never over an event of its own types nor
+/// into a transaction still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_skip_moves_a_checkpoint_over_other_types_only() {
+    let db = TestDb::new().await;
+    let mut conn = db.conn().await;
+    let account = new_account(&mut conn).await;
+    grant(&mut conn, account, 5, GrantSource::Purchase, None).await;
+    db.settle_projections().await;
+    let start = ledger_checkpoint(&db).await;
+    assert!(start > 0);
+
+    // Too few to be worth a write.
+    let few = append_others(&mut conn, projections::SKIP_MIN / 2).await;
+    assert_eq!(
+        projections::skip_ahead(&db.pool, Projection::CreditLedger)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(ledger_checkpoint(&db).await, start);
+
+    // More than a walk: two skips (or more, while the horizon is held back).
+    let many = append_others(&mut conn, projections::SKIP_WALK + projections::SKIP_MIN).await;
+    assert!(many > few);
+    skip_to(&db, many).await;
+
+    // One of its own types ahead: no skip passes it; the projector applies
+    // it, and the skip carries on after it.
+    append_others(&mut conn, projections::SKIP_MIN).await;
+    let bucket = grant(&mut conn, account, 3, GrantSource::Purchase, None).await;
+    let own: i64 =
+        sqlx::query_scalar("select global_position from events where payload->>'bucket_id' = $1")
+            .bind(bucket.to_string())
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    let after_own = append_others(&mut conn, projections::SKIP_MIN).await;
+    for _ in 0..3 {
+        projections::skip_ahead(&db.pool, Projection::CreditLedger)
+            .await
+            .unwrap();
+        assert!(ledger_checkpoint(&db).await < own);
+    }
+    projections::catch_up(&db.pool, Projection::CreditLedger)
+        .await
+        .unwrap();
+    assert!(ledger_positions(&db).await.contains(&own));
+    skip_to(&db, after_own).await;
+
+    // An open transaction holds an event of its types: the skip stops
+    // before that transaction, however many events commit after it.
+    let before_open = append_others(&mut conn, projections::SKIP_MIN).await;
+    let mut open = db.pool.begin().await.unwrap();
+    grant(&mut open, account, 2, GrantSource::Purchase, None).await;
+    let after_open = append_others(&mut conn, projections::SKIP_MIN).await;
+    skip_to(&db, before_open).await;
+    for _ in 0..3 {
+        projections::skip_ahead(&db.pool, Projection::CreditLedger)
+            .await
+            .unwrap();
+        assert_eq!(ledger_checkpoint(&db).await, before_open);
+    }
+    open.commit().await.unwrap();
+    db.settle_projections().await;
+    skip_to(&db, after_open).await;
+    assert!(
+        projections::verify(&db.pool, &[Projection::CreditLedger])
+            .await
+            .unwrap()
+            .is_clean()
+    );
+}

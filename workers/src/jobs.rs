@@ -293,45 +293,86 @@ pub async fn apply_retention(
 /// fault injected before it) must still land after the watermark.
 pub const FOLD_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(15);
 
-/// Move `watermark`'s `upto` (a one-row table) to `now` less [`FOLD_MARGIN`]
-/// (and no later than the database's own clock less it; never back), and
-/// run `fold` for the range passed over in the same transaction, which holds
-/// the watermark's row. `fold` takes the range as `$1` and `$2` and the
-/// bucket bounds as `$3`, adds the range's rows to its totals and returns
-/// how many it added (or null for none).
+/// At most how many rows one transaction of a fold adds ([`fold_before_watermark`]).
+pub const FOLD_STEP: i64 = 100_000;
+
+/// A watermark fold: its one-row table, the statement that finds where a
+/// step ends, and the statement that adds a range's rows to the totals.
+pub(crate) struct Fold<'a> {
+    /// A one-row table whose `upto` says where folded rows end.
+    pub watermark: &'a str,
+    /// The stamp of the `$3`-th row (from 0) stamped in `[$1, $2)`, in
+    /// stamp order, through the stamp's index; no row when there are fewer.
+    pub step: &'a str,
+    /// Adds the rows stamped in `[$1, $2)` to its totals by the bucket
+    /// bounds `$3` and returns how many it added (or null for none).
+    pub fold: &'a str,
+}
+
+/// Move the fold's watermark to `now` less [`FOLD_MARGIN`] (and no later
+/// than the database's own clock less it; never back), folding the rows
+/// passed over on the way, at most `step` rows a transaction: each
+/// transaction holds the watermark's row, folds a range and moves the
+/// watermark to its end. A first fold over a table of millions of rows is
+/// so many short transactions, not one long one that a replay waiting on
+/// the watermark would wait for. Returns the rows folded and the
+/// transactions it took.
 pub(crate) async fn fold_before_watermark(
     pool: &PgPool,
     now: chrono::DateTime<chrono::Utc>,
-    watermark: &str,
-    fold: &str,
-) -> Result<u64, sqlx::Error> {
+    f: &Fold<'_>,
+    step: i64,
+) -> Result<(u64, u32), sqlx::Error> {
     type At = chrono::DateTime<chrono::Utc>;
-    let mut tx = pool.begin().await?;
-    let (from, to): (At, At) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select upto, greatest(upto, least($1, now()) - $2) from {watermark} for update"
-    )))
-    .bind(now)
-    .bind(FOLD_MARGIN)
-    .fetch_one(&mut *tx)
-    .await?;
-    let folded: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(fold.to_owned()))
-        .bind(from)
-        .bind(to)
-        .bind(duration_bounds())
-        // Planned for this range each time: a plan cached while every row
-        // was past the watermark (before the first fold) would go on
-        // scanning the table after it.
-        .persistent(false)
+    let (mut rows, mut steps) = (0u64, 0u32);
+    loop {
+        let mut tx = pool.begin().await?;
+        let (from, target): (At, At) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "select upto, greatest(upto, least($1, now()) - $2) from {} for update",
+            f.watermark
+        )))
+        .bind(now)
+        .bind(FOLD_MARGIN)
         .fetch_one(&mut *tx)
         .await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "update {watermark} set upto = $1"
-    )))
-    .bind(to)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(folded.unwrap_or(0) as u64)
+        // Planned for each range (`persistent(false)`): a plan cached while
+        // every row was past the watermark (before the first fold) would go
+        // on scanning the table after it.
+        let end: Option<At> = sqlx::query_scalar(sqlx::AssertSqlSafe(f.step.to_owned()))
+            .bind(from)
+            .bind(target)
+            .bind(step)
+            .persistent(false)
+            .fetch_optional(&mut *tx)
+            .await?;
+        // The step ends before the row that ends it; when that row shares
+        // `from`'s stamp, the step takes every row of that stamp instead
+        // (more than `step` then), so that each step moves on.
+        let to = end.map_or(target, |end| {
+            end.max(from + chrono::TimeDelta::microseconds(1))
+                .min(target)
+        });
+        let folded: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(f.fold.to_owned()))
+            .bind(from)
+            .bind(to)
+            .bind(duration_bounds())
+            .persistent(false)
+            .fetch_one(&mut *tx)
+            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "update {} set upto = $1",
+            f.watermark
+        )))
+        .bind(to)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows += folded.unwrap_or(0) as u64;
+        steps += 1;
+        if to >= target {
+            return Ok((rows, steps));
+        }
+    }
 }
 
 /// Fold the durations of the Done jobs finished before `now` less
@@ -343,6 +384,16 @@ pub async fn fold_durations(
     pool: &PgPool,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<u64, sqlx::Error> {
+    Ok(fold_durations_by(pool, now, FOLD_STEP).await?.0)
+}
+
+/// [`fold_durations`] at most `step` jobs a transaction; returns the jobs
+/// folded and the transactions it took.
+pub async fn fold_durations_by(
+    pool: &PgPool,
+    now: chrono::DateTime<chrono::Utc>,
+    step: i64,
+) -> Result<(u64, u32), sqlx::Error> {
     let fold = format!(
         "with a as ({}),
               totals as (
@@ -359,7 +410,14 @@ pub async fn fold_durations(
                from apalis.jobs where status = 'Done' and done_at >= $1 and done_at < $2"
         )
     );
-    fold_before_watermark(pool, now, "job_duration_watermark", &fold).await
+    let f = Fold {
+        watermark: "job_duration_watermark",
+        step: "select done_at from apalis.jobs
+                where status = 'Done' and done_at >= $1 and done_at < $2
+                order by done_at offset $3 limit 1",
+        fold: &fold,
+    };
+    fold_before_watermark(pool, now, &f, step).await
 }
 
 /// Push a failing job's next run into the future: apalis-postgres re-runs a

@@ -201,6 +201,16 @@ pub async fn fold_processing_lag(
     pool: &PgPool,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<u64, sqlx::Error> {
+    Ok(fold_processing_lag_by(pool, now, jobs::FOLD_STEP).await?.0)
+}
+
+/// [`fold_processing_lag`] at most `step` events a transaction; returns
+/// the events folded and the transactions it took.
+pub async fn fold_processing_lag_by(
+    pool: &PgPool,
+    now: chrono::DateTime<chrono::Utc>,
+    step: i64,
+) -> Result<(u64, u32), sqlx::Error> {
     let fold = format!(
         "with a as ({}),
               totals as (
@@ -217,5 +227,12 @@ pub async fn fold_processing_lag(
                from stripe_events where processed_at >= $1 and processed_at < $2"
         )
     );
-    jobs::fold_before_watermark(pool, now, "stripe_lag_watermark", &fold).await
+    let f = jobs::Fold {
+        watermark: "stripe_lag_watermark",
+        step: "select processed_at from stripe_events
+                where processed_at >= $1 and processed_at < $2
+                order by processed_at offset $3 limit 1",
+        fold: &fold,
+    };
+    jobs::fold_before_watermark(pool, now, &f, step).await
 }

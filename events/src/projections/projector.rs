@@ -15,6 +15,9 @@ use tokio::sync::watch;
 use super::{Projection, TxEvent, prefixed_columns};
 use crate::Error;
 
+/// How many events a live projector applies per transaction.
+const BATCH: i64 = 500;
+
 /// Advisory-lock namespace of projector leadership ("slat").
 const LOCK_NAMESPACE: i32 = 0x736c_6174;
 
@@ -80,6 +83,65 @@ pub(crate) async fn apply_batch(
     Ok(batch.len())
 }
 
+/// At most how many events one skip walks.
+pub const SKIP_WALK: i64 = 10_000;
+/// A skip writes the checkpoint only when it passes over at least this many
+/// events: an idle projection near the tail does not write at every poll.
+pub const SKIP_MIN: i64 = 1_000;
+
+/// Move the checkpoint over events of other types, up to the gap-safe
+/// horizon: walk at most `SKIP_WALK` events after the checkpoint in log
+/// order (all of them of transactions older than every running one), and
+/// when none of them is of the projection's types and there are at least
+/// `SKIP_MIN`, checkpoint the last. Returns how many events it passed over
+/// (0: the checkpoint did not move). The caller holds the checkpoint row
+/// lock, in a transaction.
+///
+/// A checkpoint moves otherwise only when the projector applies an event of
+/// its types, so a projection whose types stopped appearing keeps a
+/// checkpoint far behind the tail, and every read "after the checkpoint"
+/// (the batch, the lag gauges) may walk everything in between. The walk
+/// here names no type, so it is the log-order index from the checkpoint,
+/// bounded, whatever the planner thinks of the types.
+pub(crate) async fn skip_others(conn: &mut PgConnection, p: Projection) -> Result<i64, Error> {
+    let passed: Option<i64> = sqlx::query_scalar(
+        "with walk as materialized (
+             select e.transaction_id, e.global_position, e.event_type = any($2) as ours
+               from events e
+              where (e.transaction_id, e.global_position) >
+                    ((select last_transaction_id from projection_checkpoints where projection = $1),
+                     (select last_position from projection_checkpoints where projection = $1))
+                and e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+              order by e.transaction_id, e.global_position
+              limit $3),
+         tail as (
+             select transaction_id, global_position, (select count(*) from walk) as n
+               from walk order by transaction_id desc, global_position desc limit 1)
+         update projection_checkpoints c
+            set last_transaction_id = tail.transaction_id, last_position = tail.global_position,
+                updated_at = now()
+           from tail
+          where c.projection = $1 and tail.n >= $4 and not exists (select 1 from walk where ours)
+         returning tail.n",
+    )
+    .bind(p.name())
+    .bind(p.event_types())
+    .bind(SKIP_WALK)
+    .bind(SKIP_MIN)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(passed.unwrap_or(0))
+}
+
+/// One skip ([`skip_others`]) in its own transaction.
+pub async fn skip_ahead(pool: &PgPool, p: Projection) -> Result<i64, Error> {
+    let mut tx = pool.begin().await?;
+    lock_checkpoint(&mut tx, p).await?;
+    let passed = skip_others(&mut tx, p).await?;
+    tx.commit().await?;
+    Ok(passed)
+}
+
 /// One batch in its own transaction. Returns how many events it applied.
 pub async fn run_batch(pool: &PgPool, p: Projection, limit: i64) -> Result<usize, Error> {
     let mut tx = pool.begin().await?;
@@ -94,7 +156,7 @@ pub async fn run_batch(pool: &PgPool, p: Projection, limit: i64) -> Result<usize
 pub async fn catch_up(pool: &PgPool, p: Projection) -> Result<u64, Error> {
     let mut total = 0u64;
     loop {
-        let n = run_batch(pool, p, 500).await?;
+        let n = run_batch(pool, p, BATCH).await?;
         if n == 0 {
             return Ok(total);
         }
@@ -161,12 +223,16 @@ async fn lead(
     }
     tracing::info!(projection = p.name(), "projector leading");
     let mut last_ping = tokio::time::Instant::now();
+    // Skip at once on taking the lead, then every few seconds while idle,
+    // and again at once while each skip passes over a whole walk.
+    let mut skip_due = true;
+    let mut last_skip = tokio::time::Instant::now();
     loop {
         if stopping(shutdown) {
             lock_conn.close().await.ok();
             return Ok(true);
         }
-        let n = run_batch(pool, p, 500).await?;
+        let n = run_batch(pool, p, BATCH).await?;
         if last_ping.elapsed() > Duration::from_secs(5) {
             // Still holding the session (and so the lock)?
             sqlx::query("select 1").execute(&mut lock_conn).await?;
@@ -174,6 +240,31 @@ async fn lead(
         }
         if n > 0 {
             continue;
+        }
+        if skip_due || last_skip.elapsed() > Duration::from_secs(5) {
+            // Walk after walk while each passes a whole one, for at most a
+            // second before looking for new events again.
+            let started = tokio::time::Instant::now();
+            let mut passed = 0;
+            loop {
+                let step = skip_ahead(pool, p).await?;
+                passed += step;
+                skip_due = step >= SKIP_WALK;
+                if !skip_due || started.elapsed() > Duration::from_secs(1) {
+                    break;
+                }
+            }
+            last_skip = tokio::time::Instant::now();
+            if passed > 0 {
+                tracing::debug!(
+                    projection = p.name(),
+                    passed,
+                    "checkpoint moved over other events"
+                );
+            }
+            if skip_due {
+                continue;
+            }
         }
         // Nothing visible: wait for the tail to move, or look again anyway
         // (a transaction that committed behind the tail does not move it).
