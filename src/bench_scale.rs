@@ -3,6 +3,8 @@
 //!
 //! 5. projection rebuild speed (the audit projection over N events);
 //! 6. append p50/p99 on an (almost) empty log and at N events;
+//!    6b. an idle projector's checkpoint moved over that log's events of
+//!    other types, and an empty batch read before and after;
 //! 7. peak RSS of `slate serve` and `slate work`, idle and under load;
 //! 8. staff audit queries over N entries, first page and deep cursor;
 //! 9. pickup latency from a submission's commit to its worker starting it;
