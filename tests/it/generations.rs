@@ -1146,3 +1146,122 @@ async fn concurrent_first_requests_for_the_webhook_secret_all_get_the_same_one()
         assert!(secrets.iter().all(|s| s == &secrets[0]), "{secrets:?}");
     }
 }
+
+/// `/metrics`' generations by kind and status read like a count of the
+/// whole table (what a scrape did before the fold) through a fold in steps,
+/// an account's purge (its folded generations come off the totals), and a
+/// rebuild of the projection (the totals start again).
+#[tokio::test]
+async fn generation_counts_read_like_the_table_through_folds_purges_and_rebuilds() {
+    use slate_events::catalog::{AccountPurged, DomainEvent};
+    use slate_events::projections::{self, Projection};
+
+    let app = spawn_app_with(&[]).await;
+    let pool = &app.db.pool;
+    let (alice, alice_key) = funded(&app, 100).await;
+    let (_bob, bob_key) = funded(&app, 100).await;
+    for (key, n) in [(&alice_key, 2), (&bob_key, 1)] {
+        for i in 0..n {
+            let (status, body, _) = app
+                .submit(key, Some(&format!("c{i}")), video("a quiet harbour"))
+                .await;
+            assert_eq!(status, 202, "{body}");
+        }
+    }
+    app.run_generations().await;
+    // One more of Bob's stays queued.
+    let (status, body, _) = app
+        .submit(&bob_key, Some("c9"), video("a quiet harbour"))
+        .await;
+    assert_eq!(status, 202, "{body}");
+
+    let gauge = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("slate_generations{") && !l.ends_with(" 0"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let table = || async {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "select kind, status, count(*) from generations group by 1, 2 order by 1, 2",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        rows.into_iter()
+            .map(|(k, s, n)| format!("slate_generations{{kind=\"{k}\",status=\"{s}\"}} {n}"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        table().await,
+        [
+            r#"slate_generations{kind="video",status="queued"} 1"#,
+            r#"slate_generations{kind="video",status="succeeded"} 3"#
+        ]
+    );
+    assert_eq!(gauge(&app.metrics().await), table().await);
+
+    // Finished an hour ago (past the fold's margin), folded two a step.
+    let finished_an_hour_ago =
+        "update generations set finished_at = finished_at - interval '1 hour'
+                                 where finished_at is not null";
+    sqlx::query(finished_an_hour_ago)
+        .execute(pool)
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    let (folded, _) = slate_workers::generations::fold_counts_by(pool, now, 2)
+        .await
+        .unwrap();
+    assert_eq!(folded, 3);
+    let live: i64 = sqlx::query_scalar(
+        "select count(*) from generations
+          where finished_at >= (select upto from generation_count_watermark)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(live, 0, "a scrape reads no folded generation");
+    assert_eq!(gauge(&app.metrics().await), table().await);
+
+    // Alice's account is purged: her two folded generations come off.
+    let mut conn = app.db.conn().await;
+    slate_events::store::record_once(
+        &mut conn,
+        alice,
+        &format!("account-purged:{alice}"),
+        DomainEvent::AccountPurged(AccountPurged { account_id: alice }),
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let after_purge = gauge(&app.metrics().await);
+    assert_eq!(after_purge, table().await);
+    assert!(
+        after_purge.contains(&r#"slate_generations{kind="video",status="succeeded"} 1"#.to_owned()),
+        "{after_purge:?}"
+    );
+
+    // A rebuild stamps the generations from their events again (now, not
+    // an hour ago) and the totals start again: still the table's count,
+    // and a later fold takes Bob's finished one once.
+    projections::rebuild(pool, Projection::Generations)
+        .await
+        .unwrap();
+    assert!(
+        projections::verify(pool, &[Projection::Generations])
+            .await
+            .unwrap()
+            .is_clean()
+    );
+    assert_eq!(gauge(&app.metrics().await), after_purge);
+    sqlx::query(finished_an_hour_ago)
+        .execute(pool)
+        .await
+        .unwrap();
+    let (folded, _) = slate_workers::generations::fold_counts_by(pool, now, 2)
+        .await
+        .unwrap();
+    assert_eq!(folded, 1);
+    assert_eq!(gauge(&app.metrics().await), after_purge);
+}

@@ -279,6 +279,15 @@ async fn unknown_routes_and_methods_answer_in_the_error_format() {
     assert_eq!(body["error"]["code"], "invalid_query");
 }
 
+/// The lines of `/metrics`' job-duration histogram for `queue`.
+fn job_histogram(text: &str, queue: &str) -> Vec<String> {
+    let label = format!("\"{queue}\"");
+    text.lines()
+        .filter(|l| l.starts_with("slate_job_duration_seconds") && l.contains(&label))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Finished jobs leave the queue's table after their retention, checked at
 /// most hourly by the maintenance sweep; jobs that may still run stay
 /// whatever their age; and the job-duration histogram of `/metrics` keeps
@@ -326,14 +335,7 @@ async fn finished_jobs_are_deleted_after_their_retention_and_stay_counted_in_met
         .unwrap();
         ids.push(id);
     }
-    let histogram = |text: &str| {
-        text.lines()
-            .filter(|l| {
-                l.starts_with("slate_job_duration_seconds") && l.contains(&format!("\"{QUEUE}\""))
-            })
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
+    let histogram = |text: &str| job_histogram(text, QUEUE);
     let before = histogram(&app.metrics().await);
     assert!(
         before.contains(&format!(
@@ -466,14 +468,7 @@ async fn a_fold_goes_in_steps_and_keeps_jobs_sharing_a_stamp_together() {
     .await
     .unwrap();
     drop(conn);
-    let histogram = |text: &str| {
-        text.lines()
-            .filter(|l| {
-                l.starts_with("slate_job_duration_seconds") && l.contains(&format!("\"{QUEUE}\""))
-            })
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
+    let histogram = |text: &str| job_histogram(text, QUEUE);
     let before = histogram(&app.metrics().await);
     let count = format!("slate_job_duration_seconds_count{{queue=\"{QUEUE}\"}} 5");
     assert!(before.contains(&count), "{before:?}");

@@ -19,6 +19,15 @@ async fn ledger_positions(db: &TestDb) -> Vec<i64> {
         .unwrap()
 }
 
+/// The log position of the grant that made `bucket`.
+async fn grant_position(conn: &mut sqlx::PgConnection, bucket: Uuid) -> i64 {
+    sqlx::query_scalar("select global_position from events where payload->>'bucket_id' = $1")
+        .bind(bucket.to_string())
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_transactions_event_is_not_skipped_by_the_projector() {
     let db = TestDb::new().await;
@@ -31,22 +40,12 @@ async fn a_slow_transactions_event_is_not_skipped_by_the_projector() {
     // The slow transaction appends first (lower position) and stays open.
     let mut slow = db.pool.begin().await.unwrap();
     let slow_bucket = grant(&mut slow, slow_account, 5, GrantSource::Purchase, None).await;
-    let slow_pos: i64 =
-        sqlx::query_scalar("select global_position from events where payload->>'bucket_id' = $1")
-            .bind(slow_bucket.to_string())
-            .fetch_one(&mut *slow)
-            .await
-            .unwrap();
+    let slow_pos = grant_position(&mut slow, slow_bucket).await;
 
     // A later append commits while it is open.
     let mut conn = db.conn().await;
     let fast_bucket = grant(&mut conn, fast_account, 7, GrantSource::Purchase, None).await;
-    let fast_pos: i64 =
-        sqlx::query_scalar("select global_position from events where payload->>'bucket_id' = $1")
-            .bind(fast_bucket.to_string())
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
+    let fast_pos = grant_position(&mut conn, fast_bucket).await;
     assert!(fast_pos > slow_pos);
     // A reader checkpointing "the last position seen" would now see fast_pos
     // and move past slow_pos for good.
@@ -626,12 +625,7 @@ async fn a_skip_moves_a_checkpoint_over_other_types_only() {
     // it, and the skip carries on after it.
     append_others(&mut conn, projections::SKIP_MIN).await;
     let bucket = grant(&mut conn, account, 3, GrantSource::Purchase, None).await;
-    let own: i64 =
-        sqlx::query_scalar("select global_position from events where payload->>'bucket_id' = $1")
-            .bind(bucket.to_string())
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
+    let own = grant_position(&mut conn, bucket).await;
     let after_own = append_others(&mut conn, projections::SKIP_MIN).await;
     for _ in 0..3 {
         projections::skip_ahead(&db.pool, Projection::CreditLedger)

@@ -402,3 +402,47 @@ pub async fn cancel_overdue(
     }
     Ok(n)
 }
+
+/// Fold the generations finished before `now` less [`jobs::FOLD_MARGIN`]
+/// (and before the database's own clock less it) into
+/// `generations_finished_retired` by kind and status, and move the
+/// watermark there; returns how many were folded. `/metrics` then reads only
+/// the generations finished since (and the queued and running ones), so a
+/// scrape stays cheap however many generations the table keeps. A purge
+/// takes its folded generations off the totals
+/// (`slate_events::projections::generations`).
+pub async fn fold_counts(
+    pool: &PgPool,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, sqlx::Error> {
+    Ok(fold_counts_by(pool, now, jobs::FOLD_STEP).await?.0)
+}
+
+/// [`fold_counts`] at most `step` generations a transaction; returns the
+/// generations folded and the transactions it took.
+pub async fn fold_counts_by(
+    pool: &PgPool,
+    now: chrono::DateTime<chrono::Utc>,
+    step: i64,
+) -> Result<(u64, u32), sqlx::Error> {
+    let f = jobs::Fold {
+        // A purge deletes generations, then takes the watermark; a rebuild
+        // truncates them, then resets it: the same order here.
+        first: Some("lock table generations in access share mode"),
+        watermark: "generation_count_watermark",
+        step: "select finished_at from generations
+                where finished_at >= $1 and finished_at < $2
+                order by finished_at offset $3 limit 1",
+        fold: "with a as (
+                   select kind, status, count(*) as n from generations
+                    where finished_at >= $1 and finished_at < $2
+                    group by 1, 2),
+                    totals as (
+                   insert into generations_finished_retired (kind, status, generations)
+                   select kind, status, n from a
+                   on conflict (kind, status) do update
+                      set generations = generations_finished_retired.generations + excluded.generations)
+               select sum(n)::int8 from a",
+    };
+    jobs::fold_before_watermark(pool, now, &f, step).await
+}

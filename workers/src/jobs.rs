@@ -297,8 +297,12 @@ pub const FOLD_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(15);
 pub const FOLD_STEP: i64 = 100_000;
 
 /// A watermark fold: its one-row table, the statement that finds where a
-/// step ends, and the statement that adds a range's rows to the totals.
+/// step ends, and the statement that adds a range's rows to the totals
+/// (which may leave the bucket bounds `$3` unused).
 pub(crate) struct Fold<'a> {
+    /// Run first in each transaction, before the watermark is locked (a
+    /// table lock to take in the order other writers of the totals take it).
+    pub first: Option<&'a str>,
     /// A one-row table whose `upto` says where folded rows end.
     pub watermark: &'a str,
     /// The stamp of the `$3`-th row (from 0) stamped in `[$1, $2)`, in
@@ -327,6 +331,11 @@ pub(crate) async fn fold_before_watermark(
     let (mut rows, mut steps) = (0u64, 0u32);
     loop {
         let mut tx = pool.begin().await?;
+        if let Some(first) = f.first {
+            sqlx::query(sqlx::AssertSqlSafe(first.to_owned()))
+                .execute(&mut *tx)
+                .await?;
+        }
         let (from, target): (At, At) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "select upto, greatest(upto, least($1, now()) - $2) from {} for update",
             f.watermark
@@ -411,6 +420,7 @@ pub async fn fold_durations_by(
         )
     );
     let f = Fold {
+        first: None,
         watermark: "job_duration_watermark",
         step: "select done_at from apalis.jobs
                 where status = 'Done' and done_at >= $1 and done_at < $2

@@ -228,6 +228,7 @@ pub async fn fold_processing_lag_by(
         )
     );
     let f = jobs::Fold {
+        first: None,
         watermark: "stripe_lag_watermark",
         step: "select processed_at from stripe_events
                 where processed_at >= $1 and processed_at < $2

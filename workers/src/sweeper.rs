@@ -16,6 +16,7 @@ pub struct SweepReport {
     pub jobs_deleted: u64,
     pub job_durations_folded: u64,
     pub stripe_events_folded: u64,
+    pub generations_folded: u64,
 }
 
 /// How often the job retention runs: it deletes what was finished days ago,
@@ -29,6 +30,9 @@ const JOB_DURATION_FOLD_EVERY: chrono::TimeDelta = chrono::TimeDelta::minutes(5)
 /// How often the Stripe processing-lag fold runs (the events a scrape reads
 /// are those processed since the last fold, less its margin).
 const STRIPE_LAG_FOLD_EVERY: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+/// How often the generation-count fold runs (the finished generations a
+/// scrape reads are those finished since the last fold, less its margin).
+const GENERATION_COUNT_FOLD_EVERY: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
 /// Claim `task` if it last ran `every` or longer before `now` (or never):
 /// of the sweeps of all worker processes, one runs it.
@@ -93,10 +97,23 @@ pub async fn sweep_with(
     } else {
         0
     };
+    let generations_folded = if claim(
+        pool,
+        "generation_count_fold",
+        now,
+        GENERATION_COUNT_FOLD_EVERY,
+    )
+    .await?
+    {
+        crate::generations::fold_counts(pool, now).await?
+    } else {
+        0
+    };
     Ok(SweepReport {
         jobs_deleted,
         job_durations_folded,
         stripe_events_folded,
+        generations_folded,
         purges_scheduled,
         holds_released,
         buckets_expired,
@@ -107,7 +124,7 @@ pub async fn sweep_with(
 
 /// The scheduled maintenance job (`slate.maintenance`): holds past their
 /// expiry, expired buckets, overdue generations, audit retention, purges due,
-/// and (less often) the job-duration fold, job retention and the Stripe
+/// and (less often) the job-duration fold, job retention, the generation-count fold and the Stripe
 /// processing-lag fold.
 pub const QUEUE: &str = "slate.maintenance";
 
@@ -171,6 +188,7 @@ pub async fn handle(
                 jobs_deleted = r.jobs_deleted,
                 job_durations_folded = r.job_durations_folded,
                 stripe_events_folded = r.stripe_events_folded,
+                generations_folded = r.generations_folded,
                 "maintenance sweep"
             );
         }

@@ -296,6 +296,9 @@ pub async fn rebuild(pool: &PgPool, p: Projection) -> Result<u64, Error> {
         sqlx::query(trusted_sql!("truncate {}", tables.join(", ")))
             .execute(&mut *tx)
             .await?;
+        if p == Projection::Generations {
+            generations::reset_finished_fold(&mut tx).await?;
+        }
         let n = replay(&mut tx, p, "").await?;
         tx.commit().await?;
         return Ok(n);
