@@ -205,8 +205,8 @@ pub async fn run_scrape(
     in_scratch_database(config, |options, _| async move {
         let pool = scratch_pool(options, 4).await?;
         eprintln!(
-            "bench: /metrics over {} processed Stripe events and {} Done jobs",
-            opts.scale.stripe_events, opts.scale.finished_jobs
+            "bench: /metrics over {} processed Stripe events, {} Done jobs and {} finished generations",
+            opts.scale.stripe_events, opts.scale.finished_jobs, opts.scale.finished_generations
         );
         let scrape = crate::bench_scale::scrape(config, &pool, &opts.scale).await;
         pool.close().await;
@@ -442,8 +442,8 @@ async fn run_in(
     let (idle, loaded) =
         slate_workers::bench::pickup_latency(&pool, opts.scale.pickup_samples, opts.jobs).await?;
     eprintln!(
-        "bench: /metrics over {} processed Stripe events and {} Done jobs",
-        opts.scale.stripe_events, opts.scale.finished_jobs
+        "bench: /metrics over {} processed Stripe events, {} Done jobs and {} finished generations",
+        opts.scale.stripe_events, opts.scale.finished_jobs, opts.scale.finished_generations
     );
     let scrape = scale::scrape(config, &pool, &opts.scale).await?;
     pool.close().await;
@@ -973,15 +973,17 @@ pub fn print_jobs(j: &Jobs) {
 
 pub fn print_scrape(s: &crate::bench_scale::Scrape) {
     println!(
-        "10. /metrics with {} processed Stripe events and {} Done jobs, p50 / p99 ms: {:.1} / {:.1} before the folds, {:.1} / {:.1} after them (the folds: {:.0} ms Stripe lag, {:.0} ms job durations)",
+        "10. /metrics with {} processed Stripe events, {} Done jobs and {} generations, p50 / p99 ms: {:.1} / {:.1} before the folds, {:.1} / {:.1} after them (the folds: {:.0} ms Stripe lag, {:.0} ms job durations, {:.0} ms generation counts)",
         s.stripe_events,
         s.finished_jobs,
+        s.generations,
         s.unfolded.p50_ms,
         s.unfolded.p99_ms,
         s.folded.p50_ms,
         s.folded.p99_ms,
         s.fold_ms,
-        s.job_fold_ms
+        s.job_fold_ms,
+        s.generation_fold_ms
     );
 }
 

@@ -38,6 +38,9 @@ pub struct ScaleOptions {
     /// Done jobs in the queue's table for the scrape measurement (what the
     /// retention keeps: finished over the last 7 days).
     pub finished_jobs: usize,
+    /// Finished generations for the scrape measurement (kept for good:
+    /// finished over the last 30 days here).
+    pub finished_generations: usize,
     /// Scrapes timed before and after the fold (each reads the mirror).
     pub scrape_samples: usize,
 }
@@ -52,6 +55,7 @@ impl ScaleOptions {
             pickup_samples: 30,
             stripe_events: 20_000,
             finished_jobs: 20_000,
+            finished_generations: 20_000,
             scrape_samples: 10,
         }
     }
@@ -67,6 +71,7 @@ impl Default for ScaleOptions {
             pickup_samples: 200,
             stripe_events: 1_000_000,
             finished_jobs: 1_000_000,
+            finished_generations: 1_000_000,
             scrape_samples: 20,
         }
     }
@@ -402,12 +407,15 @@ pub async fn wait_for_http(url: &str, limit: Duration) -> anyhow::Result<()> {
 }
 
 /// Part 10: `GET /metrics` over a Stripe mirror of `stripe_events`
-/// processed events and a queue table holding `finished_jobs` Done jobs.
+/// processed events, a queue table holding `finished_jobs` Done jobs and
+/// `finished_generations` finished generations.
 #[derive(Debug, Serialize)]
 pub struct Scrape {
     pub stripe_events: i64,
     /// Done jobs in the queue's table (the filled ones and the bench's own).
     pub finished_jobs: i64,
+    /// Generations in their table (the filled ones and the bench's own).
+    pub generations: i64,
     /// Before the folds: the scrape reads every processed event and every
     /// Done job.
     pub unfolded: Percentiles,
@@ -416,6 +424,8 @@ pub struct Scrape {
     pub fold_ms: f64,
     /// Its fold of the job durations (a first run on a full table).
     pub job_fold_ms: f64,
+    /// Its fold of the finished generations' counts (a first run).
+    pub generation_fold_ms: f64,
     /// After them: the scrape reads only the events processed and the jobs
     /// finished since (within the folds' 15-minute margins).
     pub folded: Percentiles,
@@ -450,6 +460,40 @@ pub async fn fill_finished_jobs(pool: &PgPool, n: usize) -> anyhow::Result<i64> 
             .fetch_one(pool)
             .await?,
     )
+}
+
+/// Add `n` finished generations (the four kinds; mostly succeeded, some
+/// failed or canceled), finished at random over the last 30 days, for 1,000
+/// accounts; returns how many generations the table holds.
+pub async fn fill_generations(pool: &PgPool, n: usize) -> anyhow::Result<i64> {
+    const BATCH: usize = 200_000;
+    let mut done = 0;
+    while done < n {
+        let chunk = (n - done).min(BATCH);
+        sqlx::query(
+            "insert into generations (generation_id, account_id, kind, provider, operation, units,
+                                      cost, collection_id, status, attempts, created_at, updated_at,
+                                      finished_at)
+             select gen_random_uuid(), lpad(to_hex(($1 + i) % 1000), 32, '0')::uuid,
+                    (array['video', 'voiceover', 'transcription', 'script'])[1 + ($1 + i) % 4],
+                    'local', 'bench', 1, 4, 'bench',
+                    (array['succeeded', 'succeeded', 'succeeded', 'failed', 'canceled'])[1 + ($1 + i) % 5],
+                    1, t - interval '5 seconds', t, t
+               from (select i, now() - random() * interval '30 days' as t
+                       from generate_series(1, $2) i) f",
+        )
+        .bind(done as i64)
+        .bind(chunk as i64)
+        .execute(pool)
+        .await?;
+        done += chunk;
+    }
+    sqlx::query("vacuum analyze generations")
+        .execute(pool)
+        .await?;
+    Ok(sqlx::query_scalar("select count(*) from generations")
+        .fetch_one(pool)
+        .await?)
 }
 
 /// Add `n` processed events to the Stripe mirror, shaped like the real rows
@@ -499,6 +543,7 @@ pub async fn scrape(
 ) -> anyhow::Result<Scrape> {
     let stripe_events = fill_stripe_mirror(pool, opts.stripe_events).await?;
     let finished_jobs = fill_finished_jobs(pool, opts.finished_jobs).await?;
+    let generations = fill_generations(pool, opts.finished_generations).await?;
     let token = config
         .metrics_token
         .as_ref()
@@ -531,10 +576,15 @@ pub async fn scrape(
         let t = Instant::now();
         slate_workers::jobs::fold_durations(pool, chrono::Utc::now()).await?;
         let job_fold_ms = millis(t);
+        let t = Instant::now();
+        slate_workers::generations::fold_counts(pool, chrono::Utc::now()).await?;
+        let generation_fold_ms = millis(t);
         let folded = time(opts.scrape_samples).await?;
         anyhow::Ok(Scrape {
             stripe_events,
             finished_jobs,
+            generations,
+            generation_fold_ms,
             unfolded,
             fold_ms,
             job_fold_ms,

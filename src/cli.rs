@@ -125,6 +125,10 @@ pub enum Command {
         /// (part 10).
         #[arg(long)]
         finished_jobs: Option<usize>,
+        /// Finished generations in their table for the scrape measurement
+        /// (part 10).
+        #[arg(long)]
+        finished_generations: Option<usize>,
         /// Workers sharing the generation queue's concurrency of 8 in part 4
         /// (`slate work`'s default: 4).
         #[arg(long)]
@@ -741,6 +745,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             samples,
             stripe_events,
             finished_jobs,
+            finished_generations,
             generation_fetchers,
             generation_concurrency,
             generation_clients,
@@ -771,6 +776,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             s.samples = samples.unwrap_or(s.samples).max(1);
             s.stripe_events = stripe_events.unwrap_or(s.stripe_events);
             s.finished_jobs = finished_jobs.unwrap_or(s.finished_jobs);
+            s.finished_generations = finished_generations.unwrap_or(s.finished_generations);
             match only.as_deref() {
                 Some("appends") => {
                     crate::bench::print_appends(&crate::bench::run_appends(&config, &opts).await?)
