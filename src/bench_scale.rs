@@ -8,8 +8,9 @@
 //! 7. peak RSS of `slate serve` and `slate work`, idle and under load;
 //! 8. staff audit queries over N entries, first page and deep cursor;
 //! 9. pickup latency from a submission's commit to its worker starting it;
-//! 10. `/metrics` scrapes over a big Stripe mirror, before and after the
-//!     maintenance sweep folds its processed events.
+//! 10. `/metrics` scrapes over a big Stripe mirror, a full queue table and
+//!     many finished generations, before and after the maintenance sweep
+//!     folds them.
 //!
 //! Big tables are filled with `generate_series` (shaped like the real rows),
 //! not through the API: the point is to measure reads and appends at size.
