@@ -436,103 +436,98 @@ pub struct Scrape {
 /// 7 days (what the retention keeps) after a run of 50 ms to 1 s; returns
 /// how many Done jobs the table holds.
 pub async fn fill_finished_jobs(pool: &PgPool, n: usize) -> anyhow::Result<i64> {
-    const BATCH: usize = 200_000;
+    fill_in_batches(
+        pool,
+        n,
+        200_000,
+        "insert into apalis.jobs (job, id, job_type, status, attempts, max_attempts, run_at, lock_at, done_at)
+         select '\\x7b7d'::bytea, 'bench-finished-' || ($1 + i), 'slate.bench.finished', 'Done', 1, 1,
+                t - interval '1 second', t - make_interval(secs => 0.05 + random() * 0.95), t
+           from (select i, now() - random() * interval '7 days' as t
+                   from generate_series(1, $2) i) f",
+        "apalis.jobs",
+        "select count(*) from apalis.jobs where status = 'Done'",
+    )
+    .await
+}
+
+/// Insert `n` rows with `insert` in batches of at most `batch` (`$1`: the
+/// rows inserted so far, `$2`: how many to insert now, `$3`: `n` as a
+/// float), then vacuum and analyze `table` and return what `count` counts.
+async fn fill_in_batches(
+    pool: &PgPool,
+    n: usize,
+    batch: usize,
+    insert: &str,
+    table: &str,
+    count: &str,
+) -> anyhow::Result<i64> {
     let mut done = 0;
     while done < n {
-        let chunk = (n - done).min(BATCH);
-        sqlx::query(
-            "insert into apalis.jobs (job, id, job_type, status, attempts, max_attempts, run_at, lock_at, done_at)
-             select '\\x7b7d'::bytea, 'bench-finished-' || ($1 + i), 'slate.bench.finished', 'Done', 1, 1,
-                    t - interval '1 second', t - make_interval(secs => 0.05 + random() * 0.95), t
-               from (select i, now() - random() * interval '7 days' as t
-                       from generate_series(1, $2) i) f",
-        )
-        .bind(done as i64)
-        .bind(chunk as i64)
-        .execute(pool)
-        .await?;
+        let chunk = (n - done).min(batch);
+        sqlx::query(sqlx::AssertSqlSafe(insert.to_owned()))
+            .bind(done as i64)
+            .bind(chunk as i64)
+            .bind(n as f64)
+            .execute(pool)
+            .await?;
         done += chunk;
     }
-    sqlx::query("vacuum analyze apalis.jobs")
+    sqlx::query(sqlx::AssertSqlSafe(format!("vacuum analyze {table}")))
         .execute(pool)
         .await?;
-    Ok(
-        sqlx::query_scalar("select count(*) from apalis.jobs where status = 'Done'")
-            .fetch_one(pool)
-            .await?,
-    )
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(count.to_owned()))
+        .fetch_one(pool)
+        .await?)
 }
 
 /// Add `n` finished generations (the four kinds; mostly succeeded, some
 /// failed or canceled), finished at random over the last 30 days, for 1,000
 /// accounts; returns how many generations the table holds.
 pub async fn fill_generations(pool: &PgPool, n: usize) -> anyhow::Result<i64> {
-    const BATCH: usize = 200_000;
-    let mut done = 0;
-    while done < n {
-        let chunk = (n - done).min(BATCH);
-        sqlx::query(
-            "insert into generations (generation_id, account_id, kind, provider, operation, units,
-                                      cost, collection_id, status, attempts, created_at, updated_at,
-                                      finished_at)
-             select gen_random_uuid(), lpad(to_hex(($1 + i) % 1000), 32, '0')::uuid,
-                    (array['video', 'voiceover', 'transcription', 'script'])[1 + ($1 + i) % 4],
-                    'local', 'bench', 1, 4, 'bench',
-                    (array['succeeded', 'succeeded', 'succeeded', 'failed', 'canceled'])[1 + ($1 + i) % 5],
-                    1, t - interval '5 seconds', t, t
-               from (select i, now() - random() * interval '30 days' as t
-                       from generate_series(1, $2) i) f",
-        )
-        .bind(done as i64)
-        .bind(chunk as i64)
-        .execute(pool)
-        .await?;
-        done += chunk;
-    }
-    sqlx::query("vacuum analyze generations")
-        .execute(pool)
-        .await?;
-    Ok(sqlx::query_scalar("select count(*) from generations")
-        .fetch_one(pool)
-        .await?)
+    fill_in_batches(
+        pool,
+        n,
+        200_000,
+        "insert into generations (generation_id, account_id, kind, provider, operation, units,
+                                  cost, collection_id, status, attempts, created_at, updated_at,
+                                  finished_at)
+         select gen_random_uuid(), lpad(to_hex(($1 + i) % 1000), 32, '0')::uuid,
+                (array['video', 'voiceover', 'transcription', 'script'])[1 + ($1 + i) % 4],
+                'local', 'bench', 1, 4, 'bench',
+                (array['succeeded', 'succeeded', 'succeeded', 'failed', 'canceled'])[1 + ($1 + i) % 5],
+                1, t - interval '5 seconds', t, t
+           from (select i, now() - random() * interval '30 days' as t
+                   from generate_series(1, $2) i) f",
+        "generations",
+        "select count(*) from generations",
+    )
+    .await
 }
 
 /// Add `n` processed events to the Stripe mirror, shaped like the real rows
 /// (a checkout's body, about 1.4 kB), received over the `n` seconds before
 /// an hour ago and processed within a second of it (past the fold's margin).
 pub async fn fill_stripe_mirror(pool: &PgPool, n: usize) -> anyhow::Result<i64> {
-    const BATCH: usize = 100_000;
-    let mut done = 0;
-    while done < n {
-        let k = BATCH.min(n - done);
-        sqlx::query(
-            "insert into stripe_events (stripe_event_id, event_type, api_version, livemode,
-                    created, object_id, payment_intent, raw, source, parsed, received_at,
-                    last_received_at, status, attempts, outcome, processed_at)
-             select 'evt_bench_' || g, 'checkout.session.completed', '2025-03-31.basil', false,
-                    r, 'cs_bench_' || g, 'pi_bench_' || g,
-                    '{\"id\":\"evt_bench_' || g || '\",\"object\":\"event\",\"data\":{\"object\":{\"id\":\"cs_bench_'
-                      || g || '\",\"amount_total\":1000,\"metadata\":{\"k\":\"' || repeat(md5(g::text), 40) || '\"}}}}',
-                    'webhook', true, r, r, 'processed', 1, 'granted',
-                    r + make_interval(secs => (g % 1000) / 1000.0)
-               from generate_series($1::bigint, $2::bigint) g,
-                    lateral (select now() - interval '1 hour' - make_interval(secs => $3 - g)) t(r)",
-        )
-        .bind(done as i64)
-        .bind((done + k - 1) as i64)
-        .bind(n as f64)
-        .execute(pool)
-        .await?;
-        done += k;
-    }
-    sqlx::query("vacuum analyze stripe_events")
-        .execute(pool)
-        .await?;
-    Ok(
-        sqlx::query_scalar("select count(*) from stripe_events where processed_at is not null")
-            .fetch_one(pool)
-            .await?,
+    fill_in_batches(
+        pool,
+        n,
+        100_000,
+        "insert into stripe_events (stripe_event_id, event_type, api_version, livemode,
+                created, object_id, payment_intent, raw, source, parsed, received_at,
+                last_received_at, status, attempts, outcome, processed_at)
+         select 'evt_bench_' || g, 'checkout.session.completed', '2025-03-31.basil', false,
+                r, 'cs_bench_' || g, 'pi_bench_' || g,
+                '{\"id\":\"evt_bench_' || g || '\",\"object\":\"event\",\"data\":{\"object\":{\"id\":\"cs_bench_'
+                  || g || '\",\"amount_total\":1000,\"metadata\":{\"k\":\"' || repeat(md5(g::text), 40) || '\"}}}}',
+                'webhook', true, r, r, 'processed', 1, 'granted',
+                r + make_interval(secs => (g % 1000) / 1000.0)
+           from generate_series($1::bigint, $1 + $2 - 1) g,
+                lateral (select now() - interval '1 hour' - make_interval(secs => $3 - g)) t(r)",
+        "stripe_events",
+        "select count(*) from stripe_events where processed_at is not null",
     )
+    .await
 }
 
 /// Part 10 on `pool`'s database: fill the mirror and the queue's table, time
