@@ -430,9 +430,9 @@ pub async fn fold_counts_by(
         // truncates them, then resets it: the same order here.
         first: Some("lock table generations in access share mode"),
         watermark: "generation_count_watermark",
-        step: "select finished_at from generations
-                where finished_at >= $1 and finished_at < $2
-                order by finished_at offset $3 limit 1",
+        table: "generations",
+        filter: "true",
+        stamp: "finished_at",
         fold: "with a as (
                    select kind, status, count(*) as n from generations
                     where finished_at >= $1 and finished_at < $2

@@ -296,18 +296,20 @@ pub const FOLD_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(15);
 /// At most how many rows one transaction of a fold adds ([`fold_before_watermark`]).
 pub const FOLD_STEP: i64 = 100_000;
 
-/// A watermark fold: its one-row table, the statement that finds where a
-/// step ends, and the statement that adds a range's rows to the totals
-/// (which may leave the bucket bounds `$3` unused).
+/// A watermark fold: its one-row table, the rows it folds and their stamp,
+/// and the statement that adds a range's rows to the totals (which may
+/// leave the bucket bounds `$3` unused).
 pub(crate) struct Fold<'a> {
     /// Run first in each transaction, before the watermark is locked (a
     /// table lock to take in the order other writers of the totals take it).
     pub first: Option<&'a str>,
     /// A one-row table whose `upto` says where folded rows end.
     pub watermark: &'a str,
-    /// The stamp of the `$3`-th row (from 0) stamped in `[$1, $2)`, in
-    /// stamp order, through the stamp's index; no row when there are fewer.
-    pub step: &'a str,
+    /// The rows folded: a table and a condition (`true` for all of them).
+    pub table: &'a str,
+    pub filter: &'a str,
+    /// Their stamp, indexed for the rows of `filter`.
+    pub stamp: &'a str,
     /// Adds the rows stamped in `[$1, $2)` to its totals by the bucket
     /// bounds `$3` and returns how many it added (or null for none).
     pub fold: &'a str,
@@ -347,13 +349,20 @@ pub(crate) async fn fold_before_watermark(
         // Planned for each range (`persistent(false)`): a plan cached while
         // every row was past the watermark (before the first fold) would go
         // on scanning the table after it.
-        let end: Option<At> = sqlx::query_scalar(sqlx::AssertSqlSafe(f.step.to_owned()))
-            .bind(from)
-            .bind(target)
-            .bind(step)
-            .persistent(false)
-            .fetch_optional(&mut *tx)
-            .await?;
+        // Where a step of `step` rows ends: the stamp of the row after them.
+        let end: Option<At> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select {stamp} from {} where {} and {stamp} >= $1 and {stamp} < $2
+              order by {stamp} offset $3 limit 1",
+            f.table,
+            f.filter,
+            stamp = f.stamp
+        )))
+        .bind(from)
+        .bind(target)
+        .bind(step)
+        .persistent(false)
+        .fetch_optional(&mut *tx)
+        .await?;
         // The step ends before the row that ends it; when that row shares
         // `from`'s stamp, the step takes every row of that stamp instead
         // (more than `step` then), so that each step moves on.
@@ -422,9 +431,9 @@ pub async fn fold_durations_by(
     let f = Fold {
         first: None,
         watermark: "job_duration_watermark",
-        step: "select done_at from apalis.jobs
-                where status = 'Done' and done_at >= $1 and done_at < $2
-                order by done_at offset $3 limit 1",
+        table: "apalis.jobs",
+        filter: "status = 'Done'",
+        stamp: "done_at",
         fold: &fold,
     };
     fold_before_watermark(pool, now, &f, step).await

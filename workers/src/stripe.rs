@@ -230,9 +230,9 @@ pub async fn fold_processing_lag_by(
     let f = jobs::Fold {
         first: None,
         watermark: "stripe_lag_watermark",
-        step: "select processed_at from stripe_events
-                where processed_at >= $1 and processed_at < $2
-                order by processed_at offset $3 limit 1",
+        table: "stripe_events",
+        filter: "true",
+        stamp: "processed_at",
         fold: &fold,
     };
     jobs::fold_before_watermark(pool, now, &f, step).await

@@ -93,9 +93,9 @@ pub const SKIP_MIN: i64 = 1_000;
 /// horizon: walk at most `SKIP_WALK` events after the checkpoint in log
 /// order (all of them of transactions older than every running one), and
 /// when none of them is of the projection's types and there are at least
-/// `SKIP_MIN`, checkpoint the last. Returns how many events it passed over
-/// (0: the checkpoint did not move). The caller holds the checkpoint row
-/// lock, in a transaction.
+/// `SKIP_MIN`, checkpoint the last; in its own transaction, holding the
+/// checkpoint row. Returns how many events it passed over (0: the
+/// checkpoint did not move).
 ///
 /// A checkpoint moves otherwise only when the projector applies an event of
 /// its types, so a projection whose types stopped appearing keeps a
@@ -103,7 +103,9 @@ pub const SKIP_MIN: i64 = 1_000;
 /// (the batch, the lag gauges) may walk everything in between. The walk
 /// here names no type, so it is the log-order index from the checkpoint,
 /// bounded, whatever the planner thinks of the types.
-pub(crate) async fn skip_others(conn: &mut PgConnection, p: Projection) -> Result<i64, Error> {
+pub async fn skip_ahead(pool: &PgPool, p: Projection) -> Result<i64, Error> {
+    let mut tx = pool.begin().await?;
+    lock_checkpoint(&mut tx, p).await?;
     let passed: Option<i64> = sqlx::query_scalar(
         "with walk as materialized (
              select e.transaction_id, e.global_position, e.event_type = any($2) as ours
@@ -128,18 +130,10 @@ pub(crate) async fn skip_others(conn: &mut PgConnection, p: Projection) -> Resul
     .bind(p.event_types())
     .bind(SKIP_WALK)
     .bind(SKIP_MIN)
-    .fetch_optional(&mut *conn)
+    .fetch_optional(&mut *tx)
     .await?;
-    Ok(passed.unwrap_or(0))
-}
-
-/// One skip ([`skip_others`]) in its own transaction.
-pub async fn skip_ahead(pool: &PgPool, p: Projection) -> Result<i64, Error> {
-    let mut tx = pool.begin().await?;
-    lock_checkpoint(&mut tx, p).await?;
-    let passed = skip_others(&mut tx, p).await?;
     tx.commit().await?;
-    Ok(passed)
+    Ok(passed.unwrap_or(0))
 }
 
 /// One batch in its own transaction. Returns how many events it applied.
