@@ -1010,8 +1010,16 @@ pub fn print(report: &Report) {
     );
     let k = &report.skip;
     println!(
-        "6b. {} checkpoint over other events: {} passed in {:.2} s ({:.0} events/s); an empty batch read {:.1} ms before, {:.1} ms after",
-        k.projection, k.events_passed, k.seconds, k.per_second, k.batch_before_ms, k.batch_after_ms
+        "6b. {} checkpoint over other events: {} passed in {:.2} s ({:.0} events/s); an empty batch, p50 of {} (its read alone) {:.2} ms ({:.2}) before, {:.2} ms ({:.2}) after",
+        k.projection,
+        k.events_passed,
+        k.seconds,
+        k.per_second,
+        k.batch_before.samples,
+        k.batch_before.p50_ms,
+        k.read_before.p50_ms,
+        k.batch_after.p50_ms,
+        k.read_after.p50_ms
     );
     let p = &report.processes;
     println!(

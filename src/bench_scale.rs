@@ -244,22 +244,26 @@ pub async fn rebuild_speed(pool: &PgPool, events: usize) -> anyhow::Result<Rebui
 #[derive(Debug, Serialize)]
 pub struct Skip {
     pub projection: &'static str,
-    /// One empty batch read from the checkpoint left where its last event
-    /// of its own types was.
-    pub batch_before_ms: f64,
+    /// Empty batches from the checkpoint left where its last event of its
+    /// own types was: a poll's whole transaction (checkpoint lock, read,
+    /// commit), and its read alone.
+    pub batch_before: Percentiles,
+    pub read_before: Percentiles,
     pub events_passed: i64,
     pub seconds: f64,
     pub per_second: f64,
-    /// The same empty batch read after the skip.
-    pub batch_after_ms: f64,
+    /// The same after the skip.
+    pub batch_after: Percentiles,
+    pub read_after: Percentiles,
 }
+
+/// Empty batches sampled per figure of [`Skip`].
+const EMPTY_BATCH_SAMPLES: usize = 21;
 
 pub async fn skip_speed(pool: &PgPool) -> anyhow::Result<Skip> {
     let p = Projection::CreditLedger;
     projections::catch_up(pool, p).await?;
-    let t = Instant::now();
-    projections::run_batch(pool, p, 500).await?;
-    let batch_before_ms = millis(t);
+    let (batch_before, read_before) = empty_batches(pool, p).await?;
     let t = Instant::now();
     let mut events_passed = 0;
     loop {
@@ -270,16 +274,39 @@ pub async fn skip_speed(pool: &PgPool) -> anyhow::Result<Skip> {
         }
     }
     let seconds = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    projections::run_batch(pool, p, 500).await?;
+    let (batch_after, read_after) = empty_batches(pool, p).await?;
     Ok(Skip {
         projection: p.name(),
-        batch_before_ms,
+        batch_before,
+        read_before,
         events_passed,
         seconds,
         per_second: events_passed as f64 / seconds.max(f64::EPSILON),
-        batch_after_ms: millis(t),
+        batch_after,
+        read_after,
     })
+}
+
+/// A caught-up projection's empty batch, timed as a poll runs it and as
+/// its read alone ([`projections::batch_statement`]).
+async fn empty_batches(pool: &PgPool, p: Projection) -> anyhow::Result<(Percentiles, Percentiles)> {
+    let (mut polls, mut reads) = (Vec::new(), Vec::new());
+    let mut conn = pool.acquire().await?;
+    for _ in 0..EMPTY_BATCH_SAMPLES {
+        let t = Instant::now();
+        anyhow::ensure!(projections::run_batch(pool, p, 500).await? == 0);
+        polls.push(millis(t));
+        let t = Instant::now();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(projections::batch_statement()))
+            .bind(p.name())
+            .bind(p.event_types())
+            .bind(500i64)
+            .fetch_all(&mut *conn)
+            .await?;
+        anyhow::ensure!(rows.is_empty());
+        reads.push(millis(t));
+    }
+    Ok((percentiles(polls), percentiles(reads)))
 }
 
 /// Fill `audit_entries` up to `n` rows shaped like real ones: 10,000

@@ -543,11 +543,17 @@ async fn the_tail_watch_ends_when_its_pool_is_closed() {
 /// Append `n` events no projection but the audit log reads, in one
 /// transaction; returns the last one's position.
 async fn append_others(conn: &mut sqlx::PgConnection, n: i64) -> i64 {
+    append_of_type(conn, "StaffRead", n).await
+}
+
+/// `n` events of `event_type` (a staff read's payload), one transaction;
+/// the last one's position.
+async fn append_of_type(conn: &mut sqlx::PgConnection, event_type: &str, n: i64) -> i64 {
     sqlx::query_scalar(
         "with added as (
            insert into events (event_id, stream_id, stream_version, event_type, schema_version,
                                payload, metadata)
-           select gen_random_uuid(), 'others-' || gen_random_uuid(), 1, 'StaffRead', 1,
+           select gen_random_uuid(), 'others-' || gen_random_uuid(), 1, $2, 1,
                   jsonb_build_object('staff_id', gen_random_uuid(),
                                      'account_id', gen_random_uuid(), 'what', 'x'),
                   '{}'
@@ -556,6 +562,7 @@ async fn append_others(conn: &mut sqlx::PgConnection, n: i64) -> i64 {
          select max(global_position) from added",
     )
     .bind(n)
+    .bind(event_type)
     .fetch_one(&mut *conn)
     .await
     .unwrap()
@@ -660,5 +667,84 @@ async fn a_skip_moves_a_checkpoint_over_other_types_only() {
             .await
             .unwrap()
             .is_clean()
+    );
+}
+
+/// When PostgreSQL reads a projector's batch through an index of event
+/// types rather than the log-order one (it prefers that for rare types), the
+/// checkpoint is an index condition there too: a projection whose types
+/// are all behind its checkpoint reads none of them to find its batch
+/// empty. (Through `events_type_idx`, whose second column is the position,
+/// it read every event of its types ever written, at every poll.)
+#[tokio::test]
+async fn an_empty_batch_reads_no_event_of_its_types_behind_the_checkpoint() {
+    let db = TestDb::new().await;
+    let mut conn = db.conn().await;
+    let p = Projection::CreditLedger;
+    let last = append_of_type(&mut conn, p.event_types()[0], 2_000).await;
+    sqlx::query(
+        "insert into projection_checkpoints (projection, last_transaction_id, last_position)
+         select $1, transaction_id, global_position from events where global_position = $2
+         on conflict (projection) do update
+            set last_transaction_id = excluded.last_transaction_id,
+                last_position = excluded.last_position",
+    )
+    .bind(p.name())
+    .bind(last)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("analyze events")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let valid: bool = sqlx::query_scalar(
+        "select indisvalid from pg_index where indexrelid = 'events_type_transaction_idx'::regclass",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert!(valid);
+
+    // Without the log-order index (this test's database only, rolled back),
+    // the planner has only the type indexes to choose from.
+    let mut tx = db.pool.begin().await.unwrap();
+    for s in [
+        "drop index events_transaction_position_idx",
+        "set local enable_seqscan = off",
+        "set local enable_bitmapscan = off",
+    ] {
+        sqlx::query(s).execute(&mut *tx).await.unwrap();
+    }
+    let plan: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "explain (analyze, format json) {}",
+        projections::batch_statement()
+    )))
+    .bind(p.name())
+    .bind(p.event_types())
+    .bind(500i64)
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+
+    let mut scans = Vec::new();
+    let mut todo = vec![&plan[0]["Plan"]];
+    while let Some(node) = todo.pop() {
+        if node["Relation Name"] == "events" {
+            scans.push(node);
+        }
+        if let Some(children) = node["Plans"].as_array() {
+            todo.extend(children);
+        }
+    }
+    assert_eq!(scans.len(), 1, "{plan}");
+    let scan = scans[0];
+    assert_eq!(scan["Index Name"], "events_type_transaction_idx", "{plan}");
+    assert_eq!(scan["Actual Rows"], 0, "{plan}");
+    assert_eq!(
+        scan["Rows Removed by Filter"].as_i64().unwrap_or(0),
+        0,
+        "{plan}"
     );
 }

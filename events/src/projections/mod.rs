@@ -26,7 +26,9 @@ use crate::Error;
 use crate::catalog::DomainEvent;
 use crate::store::{RECORDED_COLUMNS, RecordedEvent};
 
-pub use projector::{SKIP_MIN, SKIP_WALK, catch_up, run_batch, run_projector, skip_ahead};
+pub use projector::{
+    SKIP_MIN, SKIP_WALK, batch_statement, catch_up, run_batch, run_projector, skip_ahead,
+};
 
 /// A table of a projection and the columns that must match on verify.
 #[derive(Debug, Clone, Copy)]

@@ -35,17 +35,18 @@ pub(crate) async fn lock_checkpoint(conn: &mut PgConnection, p: Projection) -> R
     Ok(())
 }
 
-/// Apply the next batch after the checkpoint and move it. The caller holds
-/// the checkpoint row lock, in a transaction.
-pub(crate) async fn apply_batch(
-    conn: &mut PgConnection,
-    p: Projection,
-    limit: i64,
-) -> Result<usize, Error> {
-    let sql = format!(
+/// The statement of a projector's batch: the next events of its types
+/// (`$2`) after the checkpoint of projection `$1`, below the gap-safe
+/// horizon, in log order, at most `$3`. Public so that a test can check
+/// its plan.
+pub fn batch_statement() -> String {
+    format!(
         // The checkpoint as scalar subqueries, not a join: only then is the
         // row comparison an index condition (a join filter would walk the
-        // log from its start at every batch).
+        // log from its start at every batch). It is one in both plans
+        // PostgreSQL chooses from: the log-order index, and
+        // `events_type_transaction_idx` (types, then the checkpoint's
+        // columns), where an empty batch reads nothing.
         "select e.transaction_id::text as txid, {cols}
            from events e
           where (e.transaction_id, e.global_position) >
@@ -56,8 +57,17 @@ pub(crate) async fn apply_batch(
           order by e.transaction_id, e.global_position
           limit $3",
         cols = prefixed_columns("e")
-    );
-    let batch: Vec<TxEvent> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+    )
+}
+
+/// Apply the next batch after the checkpoint and move it. The caller holds
+/// the checkpoint row lock, in a transaction.
+pub(crate) async fn apply_batch(
+    conn: &mut PgConnection,
+    p: Projection,
+    limit: i64,
+) -> Result<usize, Error> {
+    let batch: Vec<TxEvent> = sqlx::query_as(sqlx::AssertSqlSafe(batch_statement()))
         .bind(p.name())
         .bind(p.event_types())
         .bind(limit)

@@ -1,0 +1,28 @@
+-- no-transaction
+--
+-- An asynchronous projector's batch reads the next events of its types
+-- after its checkpoint, in (transaction_id, global_position) order, below
+-- the gap-safe horizon. PostgreSQL plans it one of two ways: a walk of
+-- events_transaction_position_idx from the checkpoint, which reads every
+-- event until it has its batch (bounded since 20261205: an idle projector's
+-- checkpoint is moved over other types' events, projections::skip_ahead),
+-- or events_type_idx, whose second column is global_position, so the
+-- checkpoint is only a filter there: that plan reads every event of the
+-- projection's types ever written, at every poll, to find none (3-7 ms for
+-- 27,000 in slate bench, growing with the log; the planner prefers it
+-- while a projection's types are rare). With the checkpoint's columns in
+-- the index it is an index condition, and an empty batch reads nothing.
+--
+-- Built CONCURRENTLY so that appends go on while it builds on a large log
+-- (one statement alone in this file: sqlx runs a `-- no-transaction`
+-- migration as one query, and PostgreSQL refuses CONCURRENTLY inside an
+-- implicit transaction of several statements). Run one `slate migrate` at
+-- a time: a second one waiting for the migrator's advisory lock holds a
+-- snapshot the build waits for, and PostgreSQL ends one of the two with
+-- "deadlock detected" (checked in psql). A build that fails leaves an
+-- invalid index of this name behind, which the planner does not use and
+-- appends still maintain; running the migration again then fails on the
+-- name (no `if not exists`, which would keep it quietly): drop it with
+-- `drop index concurrently events_type_transaction_idx` first.
+create index concurrently events_type_transaction_idx
+    on events (event_type, transaction_id, global_position);
