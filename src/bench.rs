@@ -1010,17 +1010,20 @@ pub fn print(report: &Report) {
     );
     let k = &report.skip;
     println!(
-        "6b. {} checkpoint over other events: {} passed in {:.2} s ({:.0} events/s); an empty batch, p50 of {} (its read alone) {:.2} ms ({:.2}) before, {:.2} ms ({:.2}) after",
-        k.projection,
-        k.events_passed,
-        k.seconds,
-        k.per_second,
-        k.batch_before.samples,
-        k.batch_before.p50_ms,
-        k.read_before.p50_ms,
-        k.batch_after.p50_ms,
-        k.read_after.p50_ms
+        "6b. {} checkpoint over other events: {} passed in {:.2} s ({:.0} events/s)",
+        k.projection, k.events_passed, k.seconds, k.per_second,
     );
+    for (when, e) in [("before", &k.before), ("after", &k.after)] {
+        println!(
+            "    {when} the skip, p50 of {}: an empty batch {:.2} ms (its read alone {:.2}), {:.0} WAL bytes each; an empty poll (look first) {:.2} ms, {:.0} WAL bytes each",
+            e.batch.samples,
+            e.batch.p50_ms,
+            e.read.p50_ms,
+            e.batch_wal_bytes,
+            e.poll.p50_ms,
+            e.poll_wal_bytes
+        );
+    }
     let p = &report.processes;
     println!(
         "7. RSS: serve {:.0} MiB idle, {:.0} MiB peak; work {:.0} MiB idle, {:.0} MiB peak ({})",

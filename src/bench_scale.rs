@@ -244,17 +244,31 @@ pub async fn rebuild_speed(pool: &PgPool, events: usize) -> anyhow::Result<Rebui
 #[derive(Debug, Serialize)]
 pub struct Skip {
     pub projection: &'static str,
-    /// Empty batches from the checkpoint left where its last event of its
-    /// own types was: a poll's whole transaction (checkpoint lock, read,
-    /// commit), and its read alone.
-    pub batch_before: Percentiles,
-    pub read_before: Percentiles,
+    /// Empty polls from the checkpoint left where its last event of its own
+    /// types was.
+    pub before: EmptyPolls,
     pub events_passed: i64,
     pub seconds: f64,
     pub per_second: f64,
     /// The same after the skip.
-    pub batch_after: Percentiles,
-    pub read_after: Percentiles,
+    pub after: EmptyPolls,
+}
+
+/// A caught-up projection's empty polls, [`EMPTY_BATCH_SAMPLES`] of each.
+#[derive(Debug, Serialize)]
+pub struct EmptyPolls {
+    /// A batch as a poll ran it until the eighteenth session: its whole
+    /// transaction (checkpoint lock, read, commit).
+    pub batch: Percentiles,
+    /// Its read alone ([`projections::batch_statement`]).
+    pub read: Percentiles,
+    /// A poll as the leader runs it now: the look first
+    /// ([`projections::poll`]), which finds nothing.
+    pub poll: Percentiles,
+    /// WAL written per empty batch and per empty poll (the server's insert
+    /// position before and after the samples, nothing else running).
+    pub batch_wal_bytes: f64,
+    pub poll_wal_bytes: f64,
 }
 
 /// Empty batches sampled per figure of [`Skip`].
@@ -263,7 +277,7 @@ const EMPTY_BATCH_SAMPLES: usize = 21;
 pub async fn skip_speed(pool: &PgPool) -> anyhow::Result<Skip> {
     let p = Projection::CreditLedger;
     projections::catch_up(pool, p).await?;
-    let (batch_before, read_before) = empty_batches(pool, p).await?;
+    let before = empty_polls(pool, p).await?;
     let t = Instant::now();
     let mut events_passed = 0;
     loop {
@@ -274,28 +288,35 @@ pub async fn skip_speed(pool: &PgPool) -> anyhow::Result<Skip> {
         }
     }
     let seconds = t.elapsed().as_secs_f64();
-    let (batch_after, read_after) = empty_batches(pool, p).await?;
+    let after = empty_polls(pool, p).await?;
     Ok(Skip {
         projection: p.name(),
-        batch_before,
-        read_before,
+        before,
         events_passed,
         seconds,
         per_second: events_passed as f64 / seconds.max(f64::EPSILON),
-        batch_after,
-        read_after,
+        after,
     })
 }
 
-/// A caught-up projection's empty batch, timed as a poll runs it and as
-/// its read alone ([`projections::batch_statement`]).
-async fn empty_batches(pool: &PgPool, p: Projection) -> anyhow::Result<(Percentiles, Percentiles)> {
-    let (mut polls, mut reads) = (Vec::new(), Vec::new());
+async fn empty_polls(pool: &PgPool, p: Projection) -> anyhow::Result<EmptyPolls> {
     let mut conn = pool.acquire().await?;
+    let wal = "select pg_current_wal_insert_lsn()::text";
+    let (mut batches, mut reads, mut polls) = (Vec::new(), Vec::new(), Vec::new());
+    let start: String = sqlx::query_scalar(wal).fetch_one(&mut *conn).await?;
     for _ in 0..EMPTY_BATCH_SAMPLES {
         let t = Instant::now();
         anyhow::ensure!(projections::run_batch(pool, p, 500).await? == 0);
+        batches.push(millis(t));
+    }
+    let middle: String = sqlx::query_scalar(wal).fetch_one(&mut *conn).await?;
+    for _ in 0..EMPTY_BATCH_SAMPLES {
+        let t = Instant::now();
+        anyhow::ensure!(projections::poll(pool, p, 500).await? == 0);
         polls.push(millis(t));
+    }
+    let end: String = sqlx::query_scalar(wal).fetch_one(&mut *conn).await?;
+    for _ in 0..EMPTY_BATCH_SAMPLES {
         let t = Instant::now();
         let rows = sqlx::query(sqlx::AssertSqlSafe(projections::batch_statement()))
             .bind(p.name())
@@ -306,7 +327,23 @@ async fn empty_batches(pool: &PgPool, p: Projection) -> anyhow::Result<(Percenti
         anyhow::ensure!(rows.is_empty());
         reads.push(millis(t));
     }
-    Ok((percentiles(polls), percentiles(reads)))
+    let (batch_wal, poll_wal): (f64, f64) = sqlx::query_as(
+        "select pg_wal_lsn_diff($2::pg_lsn, $1::pg_lsn)::float8,
+                pg_wal_lsn_diff($3::pg_lsn, $2::pg_lsn)::float8",
+    )
+    .bind(&start)
+    .bind(&middle)
+    .bind(&end)
+    .fetch_one(&mut *conn)
+    .await?;
+    let n = EMPTY_BATCH_SAMPLES as f64;
+    Ok(EmptyPolls {
+        batch: percentiles(batches),
+        read: percentiles(reads),
+        poll: percentiles(polls),
+        batch_wal_bytes: batch_wal / n,
+        poll_wal_bytes: poll_wal / n,
+    })
 }
 
 /// Fill `audit_entries` up to `n` rows shaped like real ones: 10,000

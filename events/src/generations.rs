@@ -177,6 +177,9 @@ pub struct Generation {
     pub updated_at: DateTime<Utc>,
 }
 
+/// The statuses the `generations` table allows (its check).
+pub const STATUSES: &[&str] = &["queued", "running", "succeeded", "failed", "canceled"];
+
 impl Generation {
     pub fn is_terminal(&self) -> bool {
         matches!(self.status.as_str(), "succeeded" | "failed" | "canceled")

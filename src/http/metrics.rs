@@ -269,8 +269,14 @@ pub(super) async fn metrics(
     // finished since, through theirs. The table, which keeps every
     // generation, is never read whole.
     let generations: Vec<(String, String, i64)> = sqlx::query_as(
+        // Every kind and status, 0 where there are none: a series that
+        // appears only with its first generation (or vanishes) leaves
+        // rates and alerts on it without a start.
         "select kind, status, sum(n)::int8 from (
-             select kind, status, count(*) as n from generations
+             select k.kind, s.status, 0::int8 as n
+               from unnest($2::text[]) k (kind) cross join unnest($3::text[]) s (status)
+             union all
+             select kind, status, count(*) from generations
               where status in ('queued', 'running') group by 1, 2
              union all
              select kind, status, generations from generations_finished_retired
@@ -280,6 +286,8 @@ pub(super) async fn metrics(
           group by 1, 2 order by 1, 2",
     )
     .bind(generations_folded_upto)
+    .bind(slate_events::generations::KINDS)
+    .bind(slate_events::generations::STATUSES)
     // Planned for this watermark each time (see the Stripe lag above): a
     // plan that does not know it scans the table (84 ms at 1 M rows).
     .persistent(false)

@@ -178,6 +178,16 @@ async fn a_video_is_generated_stored_under_the_users_prefix_and_captured() {
         metrics.contains(r#"slate_generations{kind="video",status="succeeded"} 1"#),
         "{metrics}"
     );
+    // Every kind and status has its series from the start, 0 where none.
+    let series = metrics
+        .lines()
+        .filter(|l| l.starts_with("slate_generations{"))
+        .count();
+    assert_eq!(series, 4 * 5, "{metrics}");
+    assert!(
+        metrics.contains(r#"slate_generations{kind="script",status="canceled"} 0"#),
+        "{metrics}"
+    );
 
     // The object is under users/<user>/collections/<collection>/<generation>.<ext>
     // and the presigned URL serves it.

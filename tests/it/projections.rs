@@ -748,3 +748,73 @@ async fn an_empty_batch_reads_no_event_of_its_types_behind_the_checkpoint() {
         "{plan}"
     );
 }
+
+/// A leader looks before it takes the checkpoint row: an empty poll is one
+/// read outside any transaction, so it neither waits for the row nor takes
+/// it (taking it gave each empty poll a transaction id, a WAL record and a
+/// commit to flush). With events to apply, the poll takes the row and
+/// applies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_empty_poll_neither_waits_for_nor_takes_the_checkpoint_row() {
+    let db = TestDb::new().await;
+    let mut conn = db.conn().await;
+    let p = Projection::CreditLedger;
+    let account = new_account(&mut conn).await;
+    grant(&mut conn, account, 5, GrantSource::Purchase, None).await;
+    db.settle_projections().await;
+    let start = ledger_checkpoint(&db).await;
+    assert!(!projections::has_batch(&db.pool, p).await.unwrap());
+
+    // Holding the checkpoints' table rather than the row: a row lock would
+    // give the holder a transaction id, and hold back the gap-safe horizon
+    // under the events below.
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("lock table projection_checkpoints in exclusive mode")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let wait = std::time::Duration::from_secs(5);
+    let polled = tokio::time::timeout(wait, projections::poll(&db.pool, p, 500)).await;
+    assert_eq!(
+        polled.expect("an empty poll waited for the row").unwrap(),
+        0
+    );
+    // A batch taken without looking first waits for the row. (On a pool of
+    // its own: the abandoned statement keeps its connection busy until the
+    // holder lets go.)
+    let short = std::time::Duration::from_millis(300);
+    let aside = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with((*db.pool.connect_options()).clone())
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(short, projections::run_batch(&aside, p, 500))
+            .await
+            .is_err()
+    );
+
+    // Something to apply: the poll takes the row (so waits for it) and
+    // applies it once the holder lets go.
+    let bucket = grant(&mut conn, account, 3, GrantSource::Purchase, None).await;
+    let own = grant_position(&mut conn, bucket).await;
+    // Other tests' open transactions can hold back the horizon a while.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !projections::has_batch(&db.pool, p).await.unwrap() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the grant stayed behind the horizon"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let pool = db.pool.clone();
+    let pending = tokio::spawn(async move { projections::poll(&pool, p, 500).await });
+    tokio::time::sleep(short).await;
+    assert!(!pending.is_finished());
+    holder.rollback().await.unwrap();
+    assert!(pending.await.unwrap().unwrap() > 0);
+    aside.close().await;
+    assert!(ledger_checkpoint(&db).await > start);
+    assert!(ledger_positions(&db).await.contains(&own));
+    assert!(!projections::has_batch(&db.pool, p).await.unwrap());
+}

@@ -27,7 +27,8 @@ use crate::catalog::DomainEvent;
 use crate::store::{RECORDED_COLUMNS, RecordedEvent};
 
 pub use projector::{
-    SKIP_MIN, SKIP_WALK, batch_statement, catch_up, run_batch, run_projector, skip_ahead,
+    SKIP_MIN, SKIP_WALK, batch_statement, catch_up, has_batch, poll, run_batch, run_projector,
+    skip_ahead,
 };
 
 /// A table of a projection and the columns that must match on verify.
