@@ -156,12 +156,20 @@ pub async fn skip_ahead(pool: &PgPool, p: Projection) -> Result<i64, Error> {
 /// checkpoint forward (a rebuild resets it, holding its row), so a stale
 /// "yes" costs a batch that finds nothing, and a stale "no" a look again at
 /// the next tick, as after an empty batch.
+///
+/// Planned at each look (`persistent(false)`): a prepared look went over to
+/// PostgreSQL's generic plan after five executions, which walks the log
+/// from the checkpoint testing each event's type. In psql, with a
+/// checkpoint 2 M events of other types behind the tail, that was 370 ms a
+/// look against 0.02 ms through `events_type_transaction_idx`; planning
+/// costs about 0.1 ms.
 pub async fn has_batch(pool: &PgPool, p: Projection) -> Result<bool, Error> {
     let sql = format!("select exists ({})", batch_statement());
     Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
         .bind(p.name())
         .bind(p.event_types())
         .bind(1i64)
+        .persistent(false)
         .fetch_one(pool)
         .await?)
 }
