@@ -7,6 +7,7 @@
 //! one (`transaction_id < pg_snapshot_xmin(pg_current_snapshot())`), in
 //! (transaction_id, global_position) order, and checkpoints that pair.
 
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use sqlx::{Connection, PgConnection, PgPool};
@@ -38,16 +39,17 @@ pub(crate) async fn lock_checkpoint(conn: &mut PgConnection, p: Projection) -> R
 /// The statement of a projector's batch: the next events of its types
 /// (`$2`) after the checkpoint of projection `$1`, below the gap-safe
 /// horizon, in log order, at most `$3`. Public so that a test can check
-/// its plan.
-pub fn batch_statement() -> String {
-    format!(
-        // The checkpoint as scalar subqueries, not a join: only then is the
-        // row comparison an index condition (a join filter would walk the
-        // log from its start at every batch). It is one in both plans
-        // PostgreSQL chooses from: the log-order index, and
-        // `events_type_transaction_idx` (types, then the checkpoint's
-        // columns), where an empty batch reads nothing.
-        "select e.transaction_id::text as txid, {cols}
+/// its plan. Built once.
+pub fn batch_statement() -> Arc<str> {
+    static STATEMENT: LazyLock<Arc<str>> = LazyLock::new(|| {
+        format!(
+            // The checkpoint as scalar subqueries, not a join: only then is the
+            // row comparison an index condition (a join filter would walk the
+            // log from its start at every batch). It is one in both plans
+            // PostgreSQL chooses from: the log-order index, and
+            // `events_type_transaction_idx` (types, then the checkpoint's
+            // columns), where an empty batch reads nothing.
+            "select e.transaction_id::text as txid, {cols}
            from events e
           where (e.transaction_id, e.global_position) >
                 ((select last_transaction_id from projection_checkpoints where projection = $1),
@@ -56,8 +58,11 @@ pub fn batch_statement() -> String {
             and e.event_type = any($2)
           order by e.transaction_id, e.global_position
           limit $3",
-        cols = prefixed_columns("e")
-    )
+            cols = prefixed_columns("e")
+        )
+        .into()
+    });
+    STATEMENT.clone()
 }
 
 /// Apply the next batch after the checkpoint and move it. The caller holds
@@ -164,8 +169,9 @@ pub async fn skip_ahead(pool: &PgPool, p: Projection) -> Result<i64, Error> {
 /// look against 0.02 ms through `events_type_transaction_idx`; planning
 /// costs about 0.1 ms.
 pub async fn has_batch(pool: &PgPool, p: Projection) -> Result<bool, Error> {
-    let sql = format!("select exists ({})", batch_statement());
-    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+    static LOOK: LazyLock<Arc<str>> =
+        LazyLock::new(|| format!("select exists ({})", batch_statement()).into());
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(LOOK.clone()))
         .bind(p.name())
         .bind(p.event_types())
         .bind(1i64)
