@@ -833,6 +833,101 @@ async fn generations_waiting_on_their_provider_hold_no_database_connection() {
     }
 }
 
+/// Fal.ai takes no idempotency key: the recorded handle is what keeps a
+/// second attempt from submitting (and paying) again. PostgreSQL goes out of
+/// reach just as the handle comes back (the connections reset, new ones
+/// refused, for longer than the worker pool's acquire timeout): the attempt
+/// waits for the database, records the handle and finishes, with one
+/// submission. (Dropping the handle, it ended in a retry that submitted
+/// again.)
+#[tokio::test]
+async fn a_provider_handle_is_recorded_through_a_short_database_outage() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let fal = MockServer::start().await;
+    let app = spawn_app_with(&[("FAL_KEY", "fal_test_key"), ("FAL_BASE_URL", &fal.uri())]).await;
+    let (_, key) = funded(&app, 100).await;
+    let model = "fal-ai/kling-video/v2.1/master/text-to-video";
+    Mock::given(method("POST"))
+        .and(path(format!("/{model}")))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(fal_in_queue(&fal, "req-7"))
+                .set_delay(Duration::from_millis(500)),
+        )
+        .mount(&fal)
+        .await;
+    mount_fal_result(&fal, "req-7").await;
+    let (status, g, _) = app
+        .submit(&key, None, json!({"kind": "video", "provider": "fal", "prompt": "a fox in snow", "parameters": {"model": model, "duration": "5"}}))
+        .await;
+    assert_eq!(status, 202, "{g}");
+    let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
+
+    let (proxy, url) = crate::outage::Proxy::in_front_of(&app.db.url).await;
+    let mut w = fal_worker(&app, &fal);
+    w.pool = slate_events::db::pool_options()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(&url)
+        .await
+        .unwrap();
+    let submissions = || async {
+        fal.received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| r.method == wiremock::http::Method::POST)
+            .count()
+    };
+    let running = {
+        let w = w.clone();
+        tokio::spawn(async move { slate_workers::generations::attempt(&w, id, 1).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while submissions().await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no submission");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The handle arrives about 0.5 s into the outage, which outlasts two
+    // acquire timeouts.
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    proxy.restore();
+
+    let outcome = tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the attempt ends once the database is back")
+        .unwrap();
+    assert_eq!(
+        outcome,
+        slate_workers::generations::AttemptOutcome::Finished
+    );
+    assert_eq!(
+        submissions().await,
+        1,
+        "the provider was submitted to again"
+    );
+    let handle: Option<String> = sqlx::query_scalar(
+        "select payload->>'provider_handle' from events
+          where stream_id = $1 and event_type = 'GenerationSubmitted'",
+    )
+    .bind(format!("generation-{id}"))
+    .fetch_optional(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(handle.as_deref(), Some("fal-ai/kling-video/requests/req-7"));
+    let (_, g) = app
+        .get_as(&format!("/v1/generations/{id}"), Some(&key))
+        .await;
+    assert_eq!(
+        (g["status"].as_str(), g["attempts"].as_i64()),
+        (Some("succeeded"), Some(1)),
+        "{g}"
+    );
+}
+
 /// Read a whole SSE response: (id, data) of each event.
 async fn read_sse(
     client: &reqwest::Client,

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use crate::harness::TestDb;
 
 /// A proxy to PostgreSQL that can be cut and restored.
-struct Proxy {
+pub struct Proxy {
     addr: SocketAddr,
     up: watch::Sender<bool>,
 }
@@ -63,11 +63,27 @@ impl Proxy {
         }
     }
 
-    fn cut(&self) {
+    /// A proxy in front of the server of database URL `url`, and the URL
+    /// of the same database through it.
+    pub async fn in_front_of(url: &str) -> (Arc<Self>, String) {
+        let direct: PgConnectOptions = url.parse().unwrap();
+        let target: SocketAddr = tokio::net::lookup_host((direct.get_host(), direct.get_port()))
+            .await
+            .unwrap()
+            .find(SocketAddr::is_ipv4)
+            .expect("PostgreSQL on an IPv4 address");
+        let proxy = Self::start(target).await;
+        let options = direct.host("127.0.0.1").port(proxy.addr.port());
+        (proxy, options.to_url_lossy().to_string())
+    }
+
+    /// Live connections are reset and new ones refused, as when the server
+    /// dies.
+    pub fn cut(&self) {
         self.up.send_replace(false);
     }
 
-    fn restore(&self) {
+    pub fn restore(&self) {
         self.up.send_replace(true);
     }
 }
@@ -95,16 +111,8 @@ async fn outage_app() -> OutageApp {
         let account = crate::credits::new_account(&mut conn).await;
         crate::credits::new_key(&mut conn, account).await
     };
-    let direct: PgConnectOptions = db.url.parse().unwrap();
-    let target: SocketAddr = tokio::net::lookup_host((direct.get_host(), direct.get_port()))
-        .await
-        .unwrap()
-        .find(SocketAddr::is_ipv4)
-        .expect("PostgreSQL on an IPv4 address");
-    let proxy = Proxy::start(target).await;
-    let options = direct.host("127.0.0.1").port(proxy.addr.port());
+    let (proxy, url) = Proxy::in_front_of(&db.url).await;
     // As `slate serve` connects (slate_events::db::connect), through the proxy.
-    let url = options.to_url_lossy().to_string();
     let pool = slate_events::db::connect(&url, 10).await.unwrap();
     let server = crate::http::serve_app(
         db,

@@ -229,24 +229,38 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
             match provider.start(&request).await? {
                 Started::Done(output) => output,
                 Started::Pending { handle } => {
-                    let mut conn = w.pool.acquire().await?;
-                    generations::record_submitted(&mut conn, g, &handle, &system()).await?;
-                    drop(conn);
-                    poll(w, provider, g, &handle).await?
+                    // The recorded handle is what keeps a later attempt from
+                    // submitting (and paying) again: wait out a short
+                    // outage rather than drop it.
+                    let handle = &handle;
+                    patiently("record_submitted", || async move {
+                        let mut conn = w.pool.acquire().await?;
+                        generations::record_submitted(&mut conn, g, handle, &system()).await?;
+                        Ok(())
+                    })
+                    .await?;
+                    poll(w, provider, g, handle).await?
                 }
             }
         }
     };
     let stored = store_output(w, g, output).await?;
-    let mut tx = w.pool.begin().await?;
-    let first = generations::succeed(&mut tx, g, &stored, &system()).await?;
-    let mut wake = crate::jobs::Wake::none();
-    if first {
-        wake = crate::webhooks::enqueue_if(&mut tx, g.generation_id, work.webhook_url.is_some())
-            .await
-            .map_err(|_| Step::Retry("database_unavailable"))?;
-    }
-    tx.commit().await?;
+    // The output is paid for and stored: an attempt that gave up here would
+    // run the provider again (a synchronous one would be paid again), so a
+    // short outage is waited out. Recording it twice is harmless (its event
+    // id is the generation's outcome id; the second finds it recorded).
+    let (stored, notify) = (&stored, work.webhook_url.is_some());
+    let (first, wake) = patiently("record_outcome", || async move {
+        let mut tx = w.pool.begin().await?;
+        let first = generations::succeed(&mut tx, g, stored, &system()).await?;
+        let mut wake = crate::jobs::Wake::none();
+        if first {
+            wake = crate::webhooks::enqueue_if(&mut tx, g.generation_id, notify).await?;
+        }
+        tx.commit().await?;
+        Ok((first, wake))
+    })
+    .await?;
     wake.send(&w.pool).await;
     if first {
         tracing::info!(
@@ -255,6 +269,49 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
         );
     }
     Ok(())
+}
+
+/// How long an attempt waits for PostgreSQL to come back when what it is
+/// about to record cannot be had again for free (a provider's handle, a
+/// paid output). Beyond it the attempt is retried later, as for any other
+/// database failure.
+pub const DB_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Run `step` again while it fails because PostgreSQL is out of reach
+/// ([`slate_events::db::unavailable_in`]: down, restarting, refusing
+/// connections, the pool timing out), pausing 0.25 s, then twice as long
+/// each time up to 5 s, for at most [`DB_PATIENCE`]. Any other error, a
+/// closed pool (the process is stopping) or running out of patience is the
+/// usual transient `database_unavailable`. `step` must be safe to run again
+/// after a failure, including a commit whose answer was lost.
+async fn patiently<T, F: Future<Output = anyhow::Result<T>>>(
+    what: &'static str,
+    mut step: impl FnMut() -> F,
+) -> Result<T, Step> {
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(250);
+    loop {
+        let e = match step().await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let closed = e
+            .chain()
+            .any(|c| matches!(c.downcast_ref(), Some(sqlx::Error::PoolClosed)));
+        let unavailable = slate_events::db::unavailable_in(e.as_ref());
+        if !unavailable || closed || started.elapsed() + pause > DB_PATIENCE {
+            tracing::warn!(step = what, error = %e, "database step failed");
+            return Err(Step::Retry("database_unavailable"));
+        }
+        tracing::warn!(
+            step = what,
+            error = %e,
+            retry_in_ms = pause.as_millis() as u64,
+            "database out of reach; trying again"
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
 }
 
 async fn cancel(w: &GenerationWorker, g: &Generation, reason: &str) -> Result<(), Step> {
