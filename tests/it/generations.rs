@@ -833,6 +833,87 @@ async fn generations_waiting_on_their_provider_hold_no_database_connection() {
     }
 }
 
+/// A Fal.ai worker whose database is reached through a proxy the test can
+/// cut, with a 1 s acquire timeout.
+async fn fal_worker_behind_proxy(
+    app: &TestApp,
+    fal: &wiremock::MockServer,
+) -> (Arc<crate::outage::Proxy>, GenerationWorker) {
+    let (proxy, url) = crate::outage::Proxy::in_front_of(&app.db.url).await;
+    let mut w = fal_worker(app, fal);
+    w.pool = slate_events::db::pool_options()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(&url)
+        .await
+        .unwrap();
+    (proxy, w)
+}
+
+/// How many requests the fake received with `method` to a path ending in
+/// `suffix`.
+async fn fal_calls(fal: &wiremock::MockServer, method: &str, suffix: &str) -> usize {
+    fal.received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.method.as_str() == method && r.url.path().ends_with(suffix))
+        .count()
+}
+
+/// Wait (at most 20 s) until the fake has received such a request.
+async fn until_fal_called(fal: &wiremock::MockServer, method: &str, suffix: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while fal_calls(fal, method, suffix).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {method} …{suffix}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Run attempt 1 of generation `id` on a task of its own.
+fn spawn_attempt(
+    w: &GenerationWorker,
+    id: Uuid,
+) -> tokio::task::JoinHandle<slate_workers::generations::AttemptOutcome> {
+    let w = w.clone();
+    tokio::spawn(async move { slate_workers::generations::attempt(&w, id, 1).await })
+}
+
+/// The attempt ended within 30 s, finished; the generation succeeded in
+/// that one attempt, with one submission to the provider.
+async fn finished_in_one_attempt(
+    app: &TestApp,
+    fal: &wiremock::MockServer,
+    key: &str,
+    id: Uuid,
+    running: tokio::task::JoinHandle<slate_workers::generations::AttemptOutcome>,
+) {
+    let outcome = tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the attempt ends once the database is back")
+        .unwrap();
+    assert_eq!(
+        outcome,
+        slate_workers::generations::AttemptOutcome::Finished
+    );
+    assert_eq!(
+        fal_calls(fal, "POST", "text-to-video").await,
+        1,
+        "the provider was submitted to again"
+    );
+    let (_, g) = app
+        .get_as(&format!("/v1/generations/{id}"), Some(key))
+        .await;
+    assert_eq!(
+        (g["status"].as_str(), g["attempts"].as_i64()),
+        (Some("succeeded"), Some(1)),
+        "{g}"
+    );
+}
+
 /// Fal.ai takes no idempotency key: the recorded handle is what keeps a
 /// second attempt from submitting (and paying) again. PostgreSQL goes out of
 /// reach just as the handle comes back (the connections reset, new ones
@@ -865,50 +946,16 @@ async fn a_provider_handle_is_recorded_through_a_short_database_outage() {
     assert_eq!(status, 202, "{g}");
     let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
 
-    let (proxy, url) = crate::outage::Proxy::in_front_of(&app.db.url).await;
-    let mut w = fal_worker(&app, &fal);
-    w.pool = slate_events::db::pool_options()
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(1))
-        .connect(&url)
-        .await
-        .unwrap();
-    let submissions = || async {
-        fal.received_requests()
-            .await
-            .unwrap()
-            .iter()
-            .filter(|r| r.method == wiremock::http::Method::POST)
-            .count()
-    };
-    let running = {
-        let w = w.clone();
-        tokio::spawn(async move { slate_workers::generations::attempt(&w, id, 1).await })
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while submissions().await == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "no submission");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (proxy, w) = fal_worker_behind_proxy(&app, &fal).await;
+    let running = spawn_attempt(&w, id);
+    until_fal_called(&fal, "POST", "text-to-video").await;
     // The handle arrives about 0.5 s into the outage, which outlasts two
     // acquire timeouts.
     proxy.cut();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     proxy.restore();
 
-    let outcome = tokio::time::timeout(Duration::from_secs(30), running)
-        .await
-        .expect("the attempt ends once the database is back")
-        .unwrap();
-    assert_eq!(
-        outcome,
-        slate_workers::generations::AttemptOutcome::Finished
-    );
-    assert_eq!(
-        submissions().await,
-        1,
-        "the provider was submitted to again"
-    );
+    finished_in_one_attempt(&app, &fal, &key, id, running).await;
     let handle: Option<String> = sqlx::query_scalar(
         "select payload->>'provider_handle' from events
           where stream_id = $1 and event_type = 'GenerationSubmitted'",
@@ -918,13 +965,73 @@ async fn a_provider_handle_is_recorded_through_a_short_database_outage() {
     .await
     .unwrap();
     assert_eq!(handle.as_deref(), Some("fal-ai/kling-video/requests/req-7"));
-    let (_, g) = app
-        .get_as(&format!("/v1/generations/{id}"), Some(&key))
+}
+
+/// PostgreSQL goes out of reach while the provider works and is still out
+/// when the provider finishes: the cancellation checks between polls are
+/// skipped rather than ending the attempt (which would spend one of the
+/// generation's retries), and the outcome, once the output is stored,
+/// waits for the database. One attempt, one submission, captured once.
+#[tokio::test]
+async fn a_database_outage_while_the_provider_works_costs_no_attempt() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+    /// IN_PROGRESS until the flag is set, then COMPLETED.
+    struct Status(Arc<AtomicBool>);
+    impl Respond for Status {
+        fn respond(&self, _: &Request) -> ResponseTemplate {
+            let status = if self.0.load(Ordering::SeqCst) {
+                "COMPLETED"
+            } else {
+                "IN_PROGRESS"
+            };
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"status": status, "request_id": "req-8"}))
+        }
+    }
+
+    let fal = MockServer::start().await;
+    let app = spawn_app_with(&[("FAL_KEY", "fal_test_key"), ("FAL_BASE_URL", &fal.uri())]).await;
+    let (_, key) = funded(&app, 100).await;
+    let model = "fal-ai/kling-video/v2.1/master/text-to-video";
+    Mock::given(method("POST"))
+        .and(path(format!("/{model}")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(fal_in_queue(&fal, "req-8")))
+        .mount(&fal)
         .await;
+    let done = Arc::new(AtomicBool::new(false));
+    Mock::given(method("GET"))
+        .and(path("/fal-ai/kling-video/requests/req-8/status"))
+        .respond_with(Status(done.clone()))
+        .mount(&fal)
+        .await;
+    mount_fal_result(&fal, "req-8").await;
+    let (status, g, _) = app
+        .submit(&key, None, json!({"kind": "video", "provider": "fal", "prompt": "a fox in snow", "parameters": {"model": model, "duration": "5"}}))
+        .await;
+    assert_eq!(status, 202, "{g}");
+    let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
+
+    let (proxy, w) = fal_worker_behind_proxy(&app, &fal).await;
+    let running = spawn_attempt(&w, id);
+    until_fal_called(&fal, "GET", "/status").await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let polled = fal_calls(&fal, "GET", "/status").await;
+    // Finished, with the outage to last more than two acquire timeouts yet.
+    done.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    proxy.restore();
+
+    finished_in_one_attempt(&app, &fal, &key, id, running).await;
+    assert!(polled >= 2, "the provider was polled {polled} times");
+    let b = app.balance(&key).await;
     assert_eq!(
-        (g["status"].as_str(), g["attempts"].as_i64()),
-        (Some("succeeded"), Some(1)),
-        "{g}"
+        (b["available"].as_i64(), b["reserved"].as_i64()),
+        (Some(50), Some(0)),
+        "{b}"
     );
 }
 

@@ -339,10 +339,18 @@ async fn poll(
             return Ok(output);
         }
         // Canceled meanwhile? Tell the provider; unless it already finished,
-        // the generation ends canceled and unbilled.
-        let mut conn = w.pool.acquire().await?;
-        let current = generations::get_any(&mut conn, g.generation_id).await?;
-        drop(conn);
+        // the generation ends canceled and unbilled. With PostgreSQL out of
+        // reach the check waits for the next poll: ending the attempt over
+        // it would spend one of the generation's retries while the provider
+        // works on.
+        let current = match status_now(w, g.generation_id).await {
+            Ok(current) => current,
+            Err(e) if slate_events::db::unavailable_in(&e) => {
+                tracing::warn!(error = %e, "cancellation check skipped; database out of reach");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
         if let Some(c) = current {
             if c.is_terminal() {
                 let _ = provider.cancel(handle).await;
@@ -363,6 +371,15 @@ async fn poll(
         }
         tokio::time::sleep(w.poll_interval).await;
     }
+}
+
+/// The generation as it is now (its status and whether a cancel was asked).
+async fn status_now(
+    w: &GenerationWorker,
+    id: Uuid,
+) -> Result<Option<Generation>, slate_events::Error> {
+    let mut conn = w.pool.acquire().await?;
+    generations::get_any(&mut conn, id).await
 }
 
 async fn store_output(
