@@ -833,6 +833,27 @@ async fn generations_waiting_on_their_provider_hold_no_database_connection() {
     }
 }
 
+/// A fake Fal.ai, an app that uses it, and the key of an account holding
+/// 100 credits.
+async fn fal_app() -> (wiremock::MockServer, TestApp, String) {
+    let fal = wiremock::MockServer::start().await;
+    let app = spawn_app_with(&[("FAL_KEY", "fal_test_key"), ("FAL_BASE_URL", &fal.uri())]).await;
+    let (_, key) = funded(&app, 100).await;
+    (fal, app, key)
+}
+
+/// Fal.ai's Kling text-to-video model, as the tests submit it.
+const KLING: &str = "fal-ai/kling-video/v2.1/master/text-to-video";
+
+/// Submit a 5 s Kling video (50 credits); its generation's id.
+async fn submit_kling_video(app: &TestApp, key: &str) -> Uuid {
+    let (status, g, _) = app
+        .submit(key, None, json!({"kind": "video", "provider": "fal", "prompt": "a fox in snow", "parameters": {"model": KLING, "duration": "5"}}))
+        .await;
+    assert_eq!(status, 202, "{g}");
+    g["id"].as_str().unwrap().parse().unwrap()
+}
+
 /// A Fal.ai worker whose database is reached through a proxy the test can
 /// cut, with a 1 s acquire timeout.
 async fn fal_worker_behind_proxy(
@@ -924,14 +945,11 @@ async fn finished_in_one_attempt(
 #[tokio::test]
 async fn a_provider_handle_is_recorded_through_a_short_database_outage() {
     use wiremock::matchers::{method, path};
-    use wiremock::{Mock, MockServer, ResponseTemplate};
+    use wiremock::{Mock, ResponseTemplate};
 
-    let fal = MockServer::start().await;
-    let app = spawn_app_with(&[("FAL_KEY", "fal_test_key"), ("FAL_BASE_URL", &fal.uri())]).await;
-    let (_, key) = funded(&app, 100).await;
-    let model = "fal-ai/kling-video/v2.1/master/text-to-video";
+    let (fal, app, key) = fal_app().await;
     Mock::given(method("POST"))
-        .and(path(format!("/{model}")))
+        .and(path(format!("/{KLING}")))
         .respond_with(
             ResponseTemplate::new(200)
                 .set_body_json(fal_in_queue(&fal, "req-7"))
@@ -940,12 +958,7 @@ async fn a_provider_handle_is_recorded_through_a_short_database_outage() {
         .mount(&fal)
         .await;
     mount_fal_result(&fal, "req-7").await;
-    let (status, g, _) = app
-        .submit(&key, None, json!({"kind": "video", "provider": "fal", "prompt": "a fox in snow", "parameters": {"model": model, "duration": "5"}}))
-        .await;
-    assert_eq!(status, 202, "{g}");
-    let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
-
+    let id = submit_kling_video(&app, &key).await;
     let (proxy, w) = fal_worker_behind_proxy(&app, &fal).await;
     let running = spawn_attempt(&w, id);
     until_fal_called(&fal, "POST", "text-to-video").await;
@@ -976,7 +989,7 @@ async fn a_provider_handle_is_recorded_through_a_short_database_outage() {
 async fn a_database_outage_while_the_provider_works_costs_no_attempt() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use wiremock::matchers::{method, path};
-    use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+    use wiremock::{Mock, Request, Respond, ResponseTemplate};
 
     /// IN_PROGRESS until the flag is set, then COMPLETED.
     struct Status(Arc<AtomicBool>);
@@ -992,12 +1005,9 @@ async fn a_database_outage_while_the_provider_works_costs_no_attempt() {
         }
     }
 
-    let fal = MockServer::start().await;
-    let app = spawn_app_with(&[("FAL_KEY", "fal_test_key"), ("FAL_BASE_URL", &fal.uri())]).await;
-    let (_, key) = funded(&app, 100).await;
-    let model = "fal-ai/kling-video/v2.1/master/text-to-video";
+    let (fal, app, key) = fal_app().await;
     Mock::given(method("POST"))
-        .and(path(format!("/{model}")))
+        .and(path(format!("/{KLING}")))
         .respond_with(ResponseTemplate::new(200).set_body_json(fal_in_queue(&fal, "req-8")))
         .mount(&fal)
         .await;
@@ -1008,12 +1018,7 @@ async fn a_database_outage_while_the_provider_works_costs_no_attempt() {
         .mount(&fal)
         .await;
     mount_fal_result(&fal, "req-8").await;
-    let (status, g, _) = app
-        .submit(&key, None, json!({"kind": "video", "provider": "fal", "prompt": "a fox in snow", "parameters": {"model": model, "duration": "5"}}))
-        .await;
-    assert_eq!(status, 202, "{g}");
-    let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
-
+    let id = submit_kling_video(&app, &key).await;
     let (proxy, w) = fal_worker_behind_proxy(&app, &fal).await;
     let running = spawn_attempt(&w, id);
     until_fal_called(&fal, "GET", "/status").await;

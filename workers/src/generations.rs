@@ -277,13 +277,21 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
 /// database failure.
 pub const DB_PATIENCE: Duration = Duration::from_secs(60);
 
+/// PostgreSQL is out of reach for now ([`slate_events::db::unavailable_in`]:
+/// down, restarting, refusing connections, the pool timing out), and the
+/// pool is not closed (which means the process is stopping).
+fn out_of_reach(e: &(dyn std::error::Error + 'static)) -> bool {
+    let closed = std::iter::successors(Some(e), |c| c.source())
+        .any(|c| matches!(c.downcast_ref(), Some(sqlx::Error::PoolClosed)));
+    slate_events::db::unavailable_in(e) && !closed
+}
+
 /// Run `step` again while it fails because PostgreSQL is out of reach
-/// ([`slate_events::db::unavailable_in`]: down, restarting, refusing
-/// connections, the pool timing out), pausing 0.25 s, then twice as long
-/// each time up to 5 s, for at most [`DB_PATIENCE`]. Any other error, a
-/// closed pool (the process is stopping) or running out of patience is the
-/// usual transient `database_unavailable`. `step` must be safe to run again
-/// after a failure, including a commit whose answer was lost.
+/// ([`out_of_reach`]), pausing 0.25 s, then twice as long each time up to
+/// 5 s, for at most [`DB_PATIENCE`]. Any other error, or running out of
+/// patience, is the usual transient `database_unavailable`. `step` must be
+/// safe to run again after a failure, including a commit whose answer was
+/// lost.
 async fn patiently<T, F: Future<Output = anyhow::Result<T>>>(
     what: &'static str,
     mut step: impl FnMut() -> F,
@@ -295,11 +303,7 @@ async fn patiently<T, F: Future<Output = anyhow::Result<T>>>(
             Ok(v) => return Ok(v),
             Err(e) => e,
         };
-        let closed = e
-            .chain()
-            .any(|c| matches!(c.downcast_ref(), Some(sqlx::Error::PoolClosed)));
-        let unavailable = slate_events::db::unavailable_in(e.as_ref());
-        if !unavailable || closed || started.elapsed() + pause > DB_PATIENCE {
+        if !out_of_reach(e.as_ref()) || started.elapsed() + pause > DB_PATIENCE {
             tracing::warn!(step = what, error = %e, "database step failed");
             return Err(Step::Retry("database_unavailable"));
         }
@@ -345,7 +349,7 @@ async fn poll(
         // works on.
         let current = match status_now(w, g.generation_id).await {
             Ok(current) => current,
-            Err(e) if slate_events::db::unavailable_in(&e) => {
+            Err(e) if out_of_reach(&e) => {
                 tracing::warn!(error = %e, "cancellation check skipped; database out of reach");
                 None
             }
