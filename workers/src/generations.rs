@@ -304,12 +304,12 @@ async fn patiently<T, F: Future<Output = anyhow::Result<T>>>(
             Err(e) => e,
         };
         if !out_of_reach(e.as_ref()) || started.elapsed() + pause > DB_PATIENCE {
-            tracing::warn!(step = what, error = %e, "database step failed");
+            tracing::warn!(step = what, error = %format_args!("{e:#}"), "database step failed");
             return Err(Step::Retry("database_unavailable"));
         }
         tracing::warn!(
             step = what,
-            error = %e,
+            error = %format_args!("{e:#}"),
             retry_in_ms = pause.as_millis() as u64,
             "database out of reach; trying again"
         );
@@ -350,7 +350,8 @@ async fn poll(
         let current = match status_now(w, g.generation_id).await {
             Ok(current) => current,
             Err(e) if out_of_reach(&e) => {
-                tracing::warn!(error = %e, "cancellation check skipped; database out of reach");
+                let e = anyhow::Error::from(e);
+                tracing::warn!(error = %format_args!("{e:#}"), "cancellation check skipped; database out of reach");
                 None
             }
             Err(e) => return Err(e.into()),
