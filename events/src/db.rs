@@ -184,6 +184,13 @@ pub fn timed_out_in(e: &(dyn std::error::Error + 'static)) -> bool {
     sqlx_error_in(e, |e| matches!(e, sqlx::Error::PoolTimedOut))
 }
 
+/// True when the error or anything in its chain of sources is the pool
+/// being closed ([`sqlx::Error::PoolClosed`]): the process is stopping, so
+/// waiting for the database to come back is pointless.
+pub fn closed_in(e: &(dyn std::error::Error + 'static)) -> bool {
+    sqlx_error_in(e, |e| matches!(e, sqlx::Error::PoolClosed))
+}
+
 fn sqlx_error_in(e: &(dyn std::error::Error + 'static), is: impl Fn(&sqlx::Error) -> bool) -> bool {
     let mut cause = Some(e);
     while let Some(c) = cause {

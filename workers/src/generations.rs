@@ -281,9 +281,7 @@ pub const DB_PATIENCE: Duration = Duration::from_secs(60);
 /// down, restarting, refusing connections, the pool timing out), and the
 /// pool is not closed (which means the process is stopping).
 fn out_of_reach(e: &(dyn std::error::Error + 'static)) -> bool {
-    let closed = std::iter::successors(Some(e), |c| c.source())
-        .any(|c| matches!(c.downcast_ref(), Some(sqlx::Error::PoolClosed)));
-    slate_events::db::unavailable_in(e) && !closed
+    slate_events::db::unavailable_in(e) && !slate_events::db::closed_in(e)
 }
 
 /// Run `step` again while it fails because PostgreSQL is out of reach
