@@ -195,9 +195,12 @@ async fn a_worker_killed_while_processing_a_stripe_event_leaves_it_processed_exa
     assert_eq!(b.available, 500);
 }
 
-#[tokio::test]
-async fn a_worker_killed_mid_generation_is_recovered_and_billed_exactly_once() {
-    let db = TestDb::new().await;
+/// An account with 50 credits, and a video generation of it on the local
+/// provider with `parameters`, queued: (account, generation).
+async fn submit_local_video(
+    db: &TestDb,
+    parameters: serde_json::Value,
+) -> (uuid::Uuid, uuid::Uuid) {
     let mut conn = db.conn().await;
     let account = crate::credits::new_account(&mut conn).await;
     crate::credits::grant(
@@ -218,7 +221,7 @@ async fn a_worker_killed_mid_generation_is_recovered_and_billed_exactly_once() {
         collection_id: "default".into(),
         prompt: Some("slow sunrise".into()),
         input_key: None,
-        parameters: serde_json::json!({"duration": 2, "delay_ms": 2500}),
+        parameters,
         deadline: None,
         webhook_url: None,
         hold_until: chrono::Utc::now() + chrono::Duration::hours(1),
@@ -234,15 +237,53 @@ async fn a_worker_killed_mid_generation_is_recovered_and_billed_exactly_once() {
     .unwrap();
     tx.commit().await.unwrap();
     wake.send(&db.pool).await;
-    drop(conn);
+    (account, generation_id)
+}
 
-    let status = || async {
-        sqlx::query_scalar::<_, String>("select status from generations where generation_id = $1")
-            .bind(generation_id)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap()
-    };
+async fn generation_status(db: &TestDb, generation_id: uuid::Uuid) -> String {
+    sqlx::query_scalar("select status from generations where generation_id = $1")
+        .bind(generation_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// How many events of each of `types` the generation has.
+async fn generation_events(
+    db: &TestDb,
+    generation_id: uuid::Uuid,
+    types: &[&str],
+) -> Vec<(String, i64)> {
+    sqlx::query_as(
+        "select event_type, count(*) from events
+          where event_type = any($2) and payload->>'generation_id' = $1
+          group by event_type order by event_type",
+    )
+    .bind(generation_id.to_string())
+    .bind(types)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+async fn generation_job_status(db: &TestDb, generation_id: uuid::Uuid) -> Option<String> {
+    sqlx::query_scalar(
+        "select status from apalis.jobs
+          where job_type = $1 and convert_from(job, 'UTF8')::jsonb->>'generation_id' = $2",
+    )
+    .bind(slate_workers::generations::QUEUE)
+    .bind(generation_id.to_string())
+    .fetch_optional(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_generation_is_recovered_and_billed_exactly_once() {
+    let db = TestDb::new().await;
+    let (account, generation_id) =
+        submit_local_video(&db, serde_json::json!({"duration": 2, "delay_ms": 2500})).await;
+    let status = || generation_status(&db, generation_id);
     let liveness = [
         ("SLATE_WORKER_HEARTBEAT_SECS", "1"),
         ("SLATE_WORKER_MISSED_HEARTBEATS", "2"),
@@ -267,17 +308,8 @@ async fn a_worker_killed_mid_generation_is_recovered_and_billed_exactly_once() {
         assert!(tokio::time::Instant::now() < deadline, "not recovered: {s}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let effects: Vec<(String, i64)> = sqlx::query_as(
-        "select event_type, count(*) from events
-          where event_type in ('CreditsCaptured', 'CreditsReleased') and payload->>'generation_id' = $1
-          group by event_type",
-    )
-    .bind(generation_id.to_string())
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
     assert_eq!(
-        effects,
+        generation_events(&db, generation_id, &["CreditsCaptured", "CreditsReleased"]).await,
         vec![("CreditsCaptured".to_owned(), 1)],
         "one capture, no release"
     );
@@ -472,8 +504,157 @@ async fn a_worker_takes_jobs_again_after_a_database_outage() {
     enqueue().await;
     wait_pings(1).await;
 
-    // The outage: this database refuses connections and loses the ones it
-    // had, for longer than the 5 s acquire timeout.
+    // The outage, longer than the 5 s acquire timeout.
+    outage(&db, Duration::from_secs(8)).await;
+
+    enqueue().await;
+    wait_pings(2).await;
+    assert!(
+        worker.0.try_wait().unwrap().is_none(),
+        "the worker process exited"
+    );
+}
+
+/// PostgreSQL goes away while a generation waits for its provider. The
+/// worker that took it fails (its heartbeat cannot reach the database) and
+/// is started again under a new name, while the generation runs on. Found
+/// by the long chaos soak: once the database was back, the job's row named
+/// a worker that no longer heartbeated, so it was taken for an orphan and
+/// run a second time beside the first, which submits to the provider again
+/// (and pays again, where the provider has no idempotency key and the first
+/// run had not recorded its handle). Now the process keeps the old name
+/// alive while its job runs.
+#[tokio::test]
+async fn a_generation_outlives_its_failed_worker_and_runs_once() {
+    let db = TestDb::new().await;
+    let (account, generation_id) =
+        submit_local_video(&db, serde_json::json!({"duration": 2, "delay_ms": 14000})).await;
+    // Silent for 2 s is dead.
+    let _worker = start_worker_with(
+        &db,
+        &[
+            ("SLATE_WORKER_HEARTBEAT_SECS", "1"),
+            ("SLATE_WORKER_MISSED_HEARTBEATS", "2"),
+        ],
+    );
+    until("the generation never started", async || {
+        generation_status(&db, generation_id).await == "running"
+    })
+    .await;
+    let before = generation_workers(&db).await;
+
+    // Longer than the 5 s acquire timeout, and than 2 s of silence.
+    outage(&db, Duration::from_secs(7)).await;
+    until("no generation worker was started again", async || {
+        generation_workers(&db).await.len() > before.len()
+    })
+    .await;
+    // Three beats later; the provider still works on the first run (14 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    still_in_its_first_run(&db, generation_id).await;
+    ran_once_and_finished(&db, account, generation_id).await;
+}
+
+/// The same outage seen by two `slate work` processes, where the one
+/// running the generation comes back 2.5 s after the other. The first one
+/// back must not take the other's running job for an orphan: a worker
+/// judges others dead only once it has itself been up for as long as they
+/// may be silent (here 5 s), which gives the other time to come back and
+/// stamp its old name. Without that wait the first heartbeat back (1 s)
+/// re-enqueued the job and ran it a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_process_back_from_an_outage_leaves_the_others_running_jobs_alone() {
+    let db = TestDb::new().await;
+    let (account, generation_id) =
+        submit_local_video(&db, serde_json::json!({"duration": 2, "delay_ms": 22000})).await;
+    // Silent for 5 s is dead.
+    let liveness = [
+        ("SLATE_WORKER_HEARTBEAT_SECS", "1"),
+        ("SLATE_WORKER_MISSED_HEARTBEATS", "5"),
+    ];
+    let (proxy, behind) = crate::outage::Proxy::in_front_of(&db.url).await;
+    let mut through_proxy = liveness.to_vec();
+    through_proxy.push(("DATABASE_URL", &behind));
+    let _runs_it = start_worker_with(&db, &through_proxy);
+    until("the generation never started", async || {
+        generation_status(&db, generation_id).await == "running"
+    })
+    .await;
+    let one = generation_workers(&db).await.len();
+    let _other = start_worker_with(&db, &liveness);
+    until("the other process never registered", async || {
+        generation_workers(&db).await.len() == 2 * one
+    })
+    .await;
+
+    proxy.cut();
+    outage(&db, Duration::from_secs(7)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    proxy.restore();
+    // The other process has been back for 6.5 s, this one for 4 s.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    still_in_its_first_run(&db, generation_id).await;
+    ran_once_and_finished(&db, account, generation_id).await;
+}
+
+/// The generation's queue's workers, every process's, live or not.
+async fn generation_workers(db: &TestDb) -> Vec<String> {
+    sqlx::query_scalar("select id from apalis.workers where worker_type = $1 order by id")
+        .bind(slate_workers::generations::QUEUE)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+async fn still_in_its_first_run(db: &TestDb, generation_id: uuid::Uuid) {
+    assert_eq!(
+        generation_status(db, generation_id).await,
+        "running",
+        "the provider finished sooner than the test needs"
+    );
+    assert_eq!(
+        generation_events(db, generation_id, &["GenerationStarted"]).await,
+        vec![("GenerationStarted".to_owned(), 1)],
+        "a second run started while the first still runs"
+    );
+}
+
+/// The generation's job ends (its row left by a failed worker is re-run
+/// and finds the work done), and the generation ran once and was billed
+/// once.
+async fn ran_once_and_finished(db: &TestDb, account: uuid::Uuid, generation_id: uuid::Uuid) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while generation_job_status(db, generation_id).await.as_deref() != Some("Done") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job never finished: {:?}, generation {}",
+            generation_job_status(db, generation_id).await,
+            generation_status(db, generation_id).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(generation_status(db, generation_id).await, "succeeded");
+    assert_eq!(
+        generation_events(
+            db,
+            generation_id,
+            &["CreditsCaptured", "CreditsReleased", "GenerationStarted"]
+        )
+        .await,
+        vec![
+            ("CreditsCaptured".to_owned(), 1),
+            ("GenerationStarted".to_owned(), 1)
+        ],
+        "one run, one capture, no release"
+    );
+    let b = slate_events::credits::balance(&mut *db.conn().await, account)
+        .await
+        .unwrap();
+    assert_eq!((b.available, b.reserved), (46, 0));
+}
+
+/// `db` refuses connections and loses the ones it had, for `lasting`.
+async fn outage(db: &TestDb, lasting: Duration) {
     let name = db.pool.connect_options().get_database().unwrap().to_owned();
     let mut admin = crate::harness::admin_connection(&crate::harness::server_url()).await;
     let set = |allow: bool| format!("alter database {name} allow_connections {allow}");
@@ -486,18 +667,11 @@ async fn a_worker_takes_jobs_again_after_a_database_outage() {
         .execute(&mut admin)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    tokio::time::sleep(lasting).await;
     sqlx::query(sqlx::AssertSqlSafe(set(true)))
         .execute(&mut admin)
         .await
         .unwrap();
-
-    enqueue().await;
-    wait_pings(2).await;
-    assert!(
-        worker.0.try_wait().unwrap().is_none(),
-        "the worker process exited"
-    );
 }
 
 /// The queues' bookkeeping pool commits without waiting for the WAL flush

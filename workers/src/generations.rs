@@ -95,7 +95,8 @@ impl From<ProviderError> for Step {
 
 impl From<slate_events::Error> for Step {
     fn from(e: slate_events::Error) -> Self {
-        tracing::warn!(error = %e, "database step failed");
+        let e = anyhow::Error::from(e);
+        tracing::warn!(error = %format_args!("{e:#}"), "database step failed");
         Step::Retry("database_unavailable")
     }
 }

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod diagnostics;
 pub mod email;
 pub mod generations;
+pub mod in_flight;
 pub mod jobs;
 pub mod media;
 pub mod poll;

@@ -36,7 +36,10 @@ use sqlx::postgres::types::PgHstore;
 use sqlx::{PgPool, Row};
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::time::Duration;
 use ulid::Ulid;
+
+use crate::in_flight::InFlight;
 
 /// One queue's jobs, as a worker takes them.
 pub struct QueueStorage<Args> {
@@ -64,6 +67,7 @@ impl<Args> QueueStorage<Args> {
                 pool: pool.clone(),
                 config,
                 slots: None,
+                in_flight: None,
             }),
             codec: JsonCodec::default(),
             _args: PhantomData,
@@ -74,6 +78,14 @@ impl<Args> QueueStorage<Args> {
     /// fetch only as many as are free.
     pub fn limit(&mut self, slots: usize) {
         self.persistence.slots = Some(slots.max(1));
+    }
+
+    /// Keep alive the names of this process's failed workers of this queue
+    /// while `in_flight` counts jobs of theirs still running (see
+    /// [`crate::in_flight`]). The workers must count their jobs with
+    /// `in_flight.layer()`.
+    pub fn keep_alive(&mut self, in_flight: &InFlight) {
+        self.persistence.in_flight = Some(in_flight.clone());
     }
 }
 
@@ -87,11 +99,37 @@ fn fetch_size(batch: usize, slots: Option<usize>, running: usize) -> usize {
     }
 }
 
+/// How long a worker whose registration failed waits before it fails.
+const REGISTER_PAUSE: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 struct Bookkeeping {
     pool: PgPool,
     config: Config,
     slots: Option<usize>,
+    in_flight: Option<InFlight>,
+}
+
+impl Bookkeeping {
+    /// Stamp the names of this process's failed workers of this queue whose
+    /// jobs still run here as seen now (see [`crate::in_flight`]).
+    async fn stamp_retired<'c>(&self, conn: impl sqlx::PgExecutor<'c>) -> Result<(), Error> {
+        let Some(names) = self.in_flight.as_ref().map(InFlight::retired) else {
+            return Ok(());
+        };
+        if names.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "update apalis.workers set last_seen = now() \
+              where worker_type = $1 and id = any($2)",
+        )
+        .bind(self.config.queue.as_ref())
+        .bind(&names)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
 }
 
 impl Persistence for Bookkeeping {
@@ -101,27 +139,40 @@ impl Persistence for Bookkeeping {
 
     async fn register(&mut self, worker: &WorkerContext) -> Result<(), Error> {
         let queue = self.config.queue.as_ref();
-        let mut tx = self.pool.begin().await?;
-        let dead_for = self.config.orphaned_duration().as_secs();
-        queries::reenqueue_orphaned(&mut *tx, queue, dead_for).await?;
         // apalis-postgres's registration (queries/worker/register.sql),
-        // stamped with the database's clock.
+        // stamped with the database's clock, and with when it started
+        // (`started_at`, which apalis leaves empty). Unlike it, no orphans
+        // are looked for here (see `heartbeat`).
         let registered = sqlx::query(
-            "insert into apalis.workers (id, worker_type, storage_name, layers, last_seen) \
-             values ($1, $2, 'PgStorage', $3, now()) \
+            "insert into apalis.workers (id, worker_type, storage_name, layers, last_seen, started_at) \
+             values ($1, $2, 'PgStorage', $3, now(), now()) \
              on conflict (id) do update set worker_type = excluded.worker_type, \
-               storage_name = excluded.storage_name, layers = excluded.layers, last_seen = now() \
+               storage_name = excluded.storage_name, layers = excluded.layers, last_seen = now(), \
+               started_at = now() \
              where pg_try_advisory_lock(hashtext(workers.id))",
         )
         .bind(worker.name())
         .bind(queue)
         .bind(worker.get_service())
-        .execute(&mut *tx)
-        .await?;
+        .execute(&self.pool)
+        .await;
+        let registered = match registered {
+            Ok(r) => r,
+            Err(e) => {
+                // The worker fails and the monitor starts it again at once
+                // (`runtime`). While PostgreSQL refuses connections, which
+                // it does without a wait, that was about 45 restarts a
+                // second per worker (3,523 in a 7 s outage, each with its
+                // warning); now about one.
+                tokio::time::sleep(REGISTER_PAUSE).await;
+                return Err(e.into());
+            }
+        };
         if registered.rows_affected() == 0 {
             return Err(Error::WorkerAlreadyExists(worker.name().to_owned()));
         }
-        tx.commit().await?;
+        // Back after an outage: at once, not a heartbeat later.
+        self.stamp_retired(&self.pool).await?;
         Ok(())
     }
 
@@ -129,8 +180,15 @@ impl Persistence for Bookkeeping {
         let queue = self.config.queue.as_ref();
         let mut tx = self.pool.begin().await?;
         queries::keep_alive(&mut *tx, queue, worker).await?;
-        let dead_for = self.config.orphaned_duration().as_secs();
-        queries::reenqueue_orphaned(&mut *tx, queue, dead_for).await?;
+        // Before anything is judged orphaned.
+        self.stamp_retired(&mut *tx).await?;
+        reenqueue_orphaned(
+            &mut tx,
+            queue,
+            worker.name(),
+            self.config.orphaned_duration(),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -245,6 +303,52 @@ pub async fn fetch(
     .fetch_all(pool)
     .await?;
     rows.iter().map(task_from_row).collect()
+}
+
+/// Put back in `queue` the jobs held by workers silent for `dead_for`:
+/// apalis-postgres's `reenqueue_orphaned` (queries/backend/
+/// reenqueue_orphaned.sql), asked by worker `me`, which judges others dead
+/// only once it has itself been up for `dead_for`. After PostgreSQL was out
+/// of reach every worker's last beat is old, and each surviving process
+/// needs that long to beat again (and to stamp its retired names, see
+/// [`crate::in_flight`]); the first worker back would otherwise take their
+/// running jobs for orphans and run them a second time beside the first.
+async fn reenqueue_orphaned(
+    conn: &mut sqlx::PgConnection,
+    queue: &str,
+    me: &str,
+    dead_for: Duration,
+) -> Result<u64, Error> {
+    let requeued = sqlx::query(
+        "with stale as ( \
+           select jobs.id from apalis.jobs \
+             join apalis.workers on jobs.lock_by = workers.id \
+            where (jobs.status = 'Running' or jobs.status = 'Queued') \
+              and now() - workers.last_seen >= make_interval(secs => $1) \
+              and workers.worker_type = $2 \
+              and exists (select 1 from apalis.workers me \
+                           where me.id = $3 \
+                             and me.started_at <= now() - make_interval(secs => $1)) \
+              for update of jobs skip locked) \
+         update apalis.jobs set status = 'Pending', done_at = null, lock_by = null, \
+                lock_at = null, attempts = attempts + 1, \
+                last_result = '{\"Err\": \"Re-enqueued due to worker heartbeat timeout.\"}' \
+           from stale where apalis.jobs.id = stale.id",
+    )
+    .bind(dead_for.as_secs_f64())
+    .bind(queue)
+    .bind(me)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    if requeued > 0 {
+        tracing::info!(
+            queue,
+            jobs = requeued,
+            "re-enqueued jobs held by workers that stopped heartbeating"
+        );
+    }
+    Ok(requeued)
 }
 
 /// A claimed job row as apalis-postgres decodes it (its row type is private).

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::diagnostics::{self, DiagnosticJob};
 use crate::email::{self, EmailJob, EmailWorker, Mailer};
 use crate::generations::{self, GenerationJob, GenerationWorker};
+use crate::in_flight::{InFlight, InFlightLayer};
 use crate::providers::{ProviderSettings, Providers};
 use crate::purge::{self, PurgeJob, Purger, SubscriptionCanceller};
 use crate::storage::{Storage, StorageSettings};
@@ -120,18 +121,22 @@ where
 
     // The queues' own bookkeeping commits without waiting for the disk.
     let queue_pool = crate::poll::queue_pool(&pool);
-    let diagnostics_storage = crate::poll::backend::<DiagnosticJob>(
+    // Every worker counts its running jobs, so that a failed worker's name
+    // stays alive while they run on (see `crate::in_flight`).
+    let in_flight = InFlight::new();
+    let workers = Instances {
+        process: settings.worker_name.clone(),
+        in_flight: in_flight.clone(),
+    };
+    let diagnostics_storage = storage::<DiagnosticJob>(
         &pool,
         &queue_pool,
+        &settings,
+        &in_flight,
         diagnostics::QUEUE,
-        settings.queue_config(diagnostics::QUEUE),
     );
-    let stripe_storage = crate::poll::backend::<StripeJob>(
-        &pool,
-        &queue_pool,
-        stripe::QUEUE,
-        settings.queue_config(stripe::QUEUE),
-    );
+    let stripe_storage =
+        storage::<StripeJob>(&pool, &queue_pool, &settings, &in_flight, stripe::QUEUE);
     let stripe_worker = StripeWorker {
         pool: pool.clone(),
         catalog: settings.stripe_catalog.clone(),
@@ -141,11 +146,12 @@ where
             hold_before_commit: settings.fault_stripe_hold,
         },
     };
-    let generation_storage = crate::poll::backend::<GenerationJob>(
+    let generation_storage = storage::<GenerationJob>(
         &pool,
         &queue_pool,
+        &settings,
+        &in_flight,
         generations::QUEUE,
-        settings.queue_config(generations::QUEUE),
     );
     let generation_worker = GenerationWorker {
         pool: pool.clone(),
@@ -160,40 +166,24 @@ where
             .timeout(Duration::from_secs(300))
             .build()?,
     };
-    let webhook_storage = crate::poll::backend::<WebhookJob>(
-        &pool,
-        &queue_pool,
-        webhooks::QUEUE,
-        settings.queue_config(webhooks::QUEUE),
-    );
+    let webhook_storage =
+        storage::<WebhookJob>(&pool, &queue_pool, &settings, &in_flight, webhooks::QUEUE);
     let webhook_worker = WebhookWorker::new(pool.clone(), settings.webhook_allow.clone())?;
-    let webhook_name = settings.worker_name.clone();
-    let maintenance_storage = crate::poll::backend::<sweeper::SweepJob>(
-        &pool,
-        &queue_pool,
-        sweeper::QUEUE,
-        settings.queue_config(sweeper::QUEUE),
-    );
+    let webhook_name = workers.clone();
+    let maintenance_storage =
+        storage::<sweeper::SweepJob>(&pool, &queue_pool, &settings, &in_flight, sweeper::QUEUE);
     let maintenance = sweeper::Maintenance {
         pool: pool.clone(),
         retention: settings.job_retention,
     };
-    let email_storage = crate::poll::backend::<EmailJob>(
-        &pool,
-        &queue_pool,
-        email::QUEUE,
-        settings.queue_config(email::QUEUE),
-    );
+    let email_storage =
+        storage::<EmailJob>(&pool, &queue_pool, &settings, &in_flight, email::QUEUE);
     let email_worker = EmailWorker {
         pool: pool.clone(),
         mailer: settings.mailer.clone(),
     };
-    let purge_storage = crate::poll::backend::<PurgeJob>(
-        &pool,
-        &queue_pool,
-        purge::QUEUE,
-        settings.queue_config(purge::QUEUE),
-    );
+    let purge_storage =
+        storage::<PurgeJob>(&pool, &queue_pool, &settings, &in_flight, purge::QUEUE);
     let purger = Purger {
         pool: pool.clone(),
         storage: Storage::new(&settings.storage),
@@ -201,33 +191,36 @@ where
         stripe: settings.stripe_cancel.clone(),
         crash_after: None,
     };
-    let email_name = settings.worker_name.clone();
-    let purge_name = settings.worker_name.clone();
-    let maintenance_name = settings.worker_name.clone();
+    let email_name = workers.clone();
+    let purge_name = workers.clone();
+    let maintenance_name = workers.clone();
     let generation_slots = split_concurrency(
         settings.generation_concurrency,
         settings.generation_fetchers,
     );
-    let name = settings.worker_name.clone();
-    let stripe_name = settings.worker_name.clone();
-    let generation_name = settings.worker_name.clone();
+    let name = workers.clone();
+    let retired = in_flight.clone();
+    let stripe_name = workers.clone();
+    let generation_name = workers.clone();
     let monitor = Monitor::new()
         .register(move |restarts| {
-            WorkerBuilder::new(instance(&name, "diagnostics", restarts))
+            WorkerBuilder::new(name.name("diagnostics", restarts))
                 .backend(diagnostics_storage.clone())
                 .catch_panic()
+                .layer(name.counted())
                 .build(diagnostics::handle)
         })
         .register(move |restarts| {
-            WorkerBuilder::new(instance(&stripe_name, "stripe", restarts))
+            WorkerBuilder::new(stripe_name.name("stripe", restarts))
                 .backend(stripe_storage.clone())
                 .data(stripe_worker.clone())
                 .catch_panic()
+                .layer(stripe_name.counted())
                 .build(stripe::handle)
         })
         .register_n(generation_slots.len(), move |index, restarts| {
             let queue = format!("generations.{index}");
-            WorkerBuilder::new(instance(&generation_name, &queue, restarts))
+            WorkerBuilder::new(generation_name.name(&queue, restarts))
                 .backend(crate::poll::limited(
                     &generation_storage,
                     generation_slots[index],
@@ -239,44 +232,51 @@ where
                 // (media probing, S3 signing) runs on every core instead of
                 // the worker's one task.
                 .parallelize(tokio::spawn)
+                .layer(generation_name.counted())
                 .build(generations::handle)
         })
         .register(move |restarts| {
-            WorkerBuilder::new(instance(&maintenance_name, "maintenance", restarts))
+            WorkerBuilder::new(maintenance_name.name("maintenance", restarts))
                 .backend(maintenance_storage.clone())
                 .data(maintenance.clone())
                 .catch_panic()
+                .layer(maintenance_name.counted())
                 .build(sweeper::handle)
         })
         .register(move |restarts| {
-            WorkerBuilder::new(instance(&webhook_name, "webhooks", restarts))
+            WorkerBuilder::new(webhook_name.name("webhooks", restarts))
                 .backend(crate::poll::limited(&webhook_storage, WEBHOOK_CONCURRENCY))
                 .data(webhook_worker.clone())
                 .catch_panic()
                 .concurrency(WEBHOOK_CONCURRENCY)
+                .layer(webhook_name.counted())
                 .build(webhooks::handle)
         })
         .register(move |restarts| {
-            WorkerBuilder::new(instance(&email_name, "email", restarts))
+            WorkerBuilder::new(email_name.name("email", restarts))
                 .backend(email_storage.clone())
                 .data(email_worker.clone())
                 .catch_panic()
+                .layer(email_name.counted())
                 .build(email::handle)
         })
         .register(move |restarts| {
-            WorkerBuilder::new(instance(&purge_name, "purge", restarts))
+            WorkerBuilder::new(purge_name.name("purge", restarts))
                 .backend(purge_storage.clone())
                 .data(purger.clone())
                 .catch_panic()
+                .layer(purge_name.counted())
                 .build(purge::handle)
         })
         // A worker whose backend fails (PostgreSQL restarting: a heartbeat
         // or a fetch errors) ends with an error; without a restart it stays
         // ended, and once every queue's worker has, the monitor returns. So
         // every failed worker is started again, under a new name (see
-        // `instance`).
-        .should_restart(|ctx, error| {
+        // `Instances::name`), while jobs it had started may run on: its old name
+        // is kept alive until they end.
+        .should_restart(move |ctx, error| {
             tracing::warn!(worker = ctx.name(), %error, "job worker failed; restarting it");
+            retired.retire(ctx.name());
             true
         })
         .shutdown_timeout(settings.shutdown_grace);
@@ -396,16 +396,45 @@ pub fn split_concurrency(concurrency: usize, fetchers: usize) -> Vec<usize> {
         .collect()
 }
 
-/// The name of one queue's worker in this process, new at each restart: a
-/// restarted worker must not inherit the jobs its failed predecessor had
-/// locked (they return to the queue once that name stops heartbeating,
-/// like a dead process's).
-fn instance(process: &str, queue: &str, restarts: usize) -> String {
-    if restarts == 0 {
-        format!("{process}.{queue}")
-    } else {
-        format!("{process}.{queue}.r{restarts}")
+/// What each queue's worker factory needs of the process.
+#[derive(Clone)]
+struct Instances {
+    process: String,
+    in_flight: InFlight,
+}
+
+impl Instances {
+    /// The name of one queue's worker in this process, new at each
+    /// restart: a restarted worker must not inherit the jobs its failed
+    /// predecessor had locked (they return to the queue once that name
+    /// stops heartbeating, like a dead process's, which it does once the
+    /// last of them that still runs here has ended: `crate::in_flight`).
+    fn name(&self, queue: &str, restarts: usize) -> String {
+        if restarts == 0 {
+            format!("{}.{queue}", self.process)
+        } else {
+            format!("{}.{queue}.r{restarts}", self.process)
+        }
     }
+
+    /// Counts a worker's running jobs by its name.
+    fn counted(&self) -> InFlightLayer {
+        self.in_flight.layer()
+    }
+}
+
+/// The storage of `queue` as this process's workers take it.
+fn storage<T>(
+    pool: &PgPool,
+    queue_pool: &PgPool,
+    settings: &WorkerSettings,
+    in_flight: &InFlight,
+    queue: &str,
+) -> crate::poll::Backend<T> {
+    let mut storage =
+        crate::poll::backend::<T>(pool, queue_pool, queue, settings.queue_config(queue));
+    storage.keep_alive(in_flight);
+    storage
 }
 
 async fn sweep_loop(pool: PgPool, every: Duration, mut stop: watch::Receiver<bool>) {
