@@ -289,6 +289,7 @@ where
     let silent = watchdog(
         pool.clone(),
         settings.worker_name.clone(),
+        in_flight,
         settings.heartbeat,
         stale_after,
     );
@@ -343,7 +344,15 @@ const QUEUES: &[&str] = &[
 /// heartbeat, no fetch, for ever, so its queue lost this process's capacity
 /// until the process was restarted. Checked every `every`; a database that
 /// does not answer is not a silent worker (the outage path restarts those).
-async fn watchdog(pool: PgPool, process: String, every: Duration, stale_after: Duration) -> String {
+/// The names of failed workers kept alive for their running jobs
+/// (`crate::in_flight`) do not count as the queue's worker.
+async fn watchdog(
+    pool: PgPool,
+    process: String,
+    in_flight: InFlight,
+    every: Duration,
+    stale_after: Duration,
+) -> String {
     let started = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -356,12 +365,14 @@ async fn watchdog(pool: PgPool, process: String, every: Duration, stale_after: D
             "select q from unnest($2::text[]) as t(q)
               where not exists (select 1 from apalis.workers w
                                  where w.worker_type = t.q and w.id like $1 || '.%'
+                                   and w.id <> all($4)
                                    and w.last_seen > now() - make_interval(secs => $3))
               limit 1",
         )
         .bind(&process)
         .bind(QUEUES)
         .bind(stale_after.as_secs_f64())
+        .bind(in_flight.retired())
         .fetch_optional(&pool)
         .await;
         if let Ok(Some(queue)) = silent {
