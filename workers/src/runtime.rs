@@ -29,7 +29,8 @@ pub struct WorkerSettings {
     /// its jobs still marked as its own.
     pub worker_name: String,
     /// A worker that misses `missed_heartbeats` beats is declared dead and
-    /// its jobs go back to the queue.
+    /// its jobs go back to the queue (by a worker that has itself been up
+    /// that long, `crate::queue`).
     pub heartbeat: Duration,
     pub missed_heartbeats: usize,
     pub sweep_interval: Duration,
@@ -169,7 +170,7 @@ where
     let webhook_storage =
         storage::<WebhookJob>(&pool, &queue_pool, &settings, &in_flight, webhooks::QUEUE);
     let webhook_worker = WebhookWorker::new(pool.clone(), settings.webhook_allow.clone())?;
-    let webhook_name = workers.clone();
+    let webhook_workers = workers.clone();
     let maintenance_storage =
         storage::<sweeper::SweepJob>(&pool, &queue_pool, &settings, &in_flight, sweeper::QUEUE);
     let maintenance = sweeper::Maintenance {
@@ -191,36 +192,36 @@ where
         stripe: settings.stripe_cancel.clone(),
         crash_after: None,
     };
-    let email_name = workers.clone();
-    let purge_name = workers.clone();
-    let maintenance_name = workers.clone();
+    let email_workers = workers.clone();
+    let purge_workers = workers.clone();
+    let maintenance_workers = workers.clone();
     let generation_slots = split_concurrency(
         settings.generation_concurrency,
         settings.generation_fetchers,
     );
-    let name = workers.clone();
+    let diagnostics_workers = workers.clone();
     let retired = in_flight.clone();
-    let stripe_name = workers.clone();
-    let generation_name = workers.clone();
+    let stripe_workers = workers.clone();
+    let generation_workers = workers.clone();
     let monitor = Monitor::new()
         .register(move |restarts| {
-            WorkerBuilder::new(name.name("diagnostics", restarts))
+            WorkerBuilder::new(diagnostics_workers.name("diagnostics", restarts))
                 .backend(diagnostics_storage.clone())
                 .catch_panic()
-                .layer(name.counted())
+                .layer(diagnostics_workers.counted())
                 .build(diagnostics::handle)
         })
         .register(move |restarts| {
-            WorkerBuilder::new(stripe_name.name("stripe", restarts))
+            WorkerBuilder::new(stripe_workers.name("stripe", restarts))
                 .backend(stripe_storage.clone())
                 .data(stripe_worker.clone())
                 .catch_panic()
-                .layer(stripe_name.counted())
+                .layer(stripe_workers.counted())
                 .build(stripe::handle)
         })
         .register_n(generation_slots.len(), move |index, restarts| {
             let queue = format!("generations.{index}");
-            WorkerBuilder::new(generation_name.name(&queue, restarts))
+            WorkerBuilder::new(generation_workers.name(&queue, restarts))
                 .backend(crate::poll::limited(
                     &generation_storage,
                     generation_slots[index],
@@ -232,40 +233,40 @@ where
                 // (media probing, S3 signing) runs on every core instead of
                 // the worker's one task.
                 .parallelize(tokio::spawn)
-                .layer(generation_name.counted())
+                .layer(generation_workers.counted())
                 .build(generations::handle)
         })
         .register(move |restarts| {
-            WorkerBuilder::new(maintenance_name.name("maintenance", restarts))
+            WorkerBuilder::new(maintenance_workers.name("maintenance", restarts))
                 .backend(maintenance_storage.clone())
                 .data(maintenance.clone())
                 .catch_panic()
-                .layer(maintenance_name.counted())
+                .layer(maintenance_workers.counted())
                 .build(sweeper::handle)
         })
         .register(move |restarts| {
-            WorkerBuilder::new(webhook_name.name("webhooks", restarts))
+            WorkerBuilder::new(webhook_workers.name("webhooks", restarts))
                 .backend(crate::poll::limited(&webhook_storage, WEBHOOK_CONCURRENCY))
                 .data(webhook_worker.clone())
                 .catch_panic()
                 .concurrency(WEBHOOK_CONCURRENCY)
-                .layer(webhook_name.counted())
+                .layer(webhook_workers.counted())
                 .build(webhooks::handle)
         })
         .register(move |restarts| {
-            WorkerBuilder::new(email_name.name("email", restarts))
+            WorkerBuilder::new(email_workers.name("email", restarts))
                 .backend(email_storage.clone())
                 .data(email_worker.clone())
                 .catch_panic()
-                .layer(email_name.counted())
+                .layer(email_workers.counted())
                 .build(email::handle)
         })
         .register(move |restarts| {
-            WorkerBuilder::new(purge_name.name("purge", restarts))
+            WorkerBuilder::new(purge_workers.name("purge", restarts))
                 .backend(purge_storage.clone())
                 .data(purger.clone())
                 .catch_panic()
-                .layer(purge_name.counted())
+                .layer(purge_workers.counted())
                 .build(purge::handle)
         })
         // A worker whose backend fails (PostgreSQL restarting: a heartbeat
