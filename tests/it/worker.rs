@@ -941,3 +941,49 @@ async fn enqueuing_notifies_the_workers_only_after_the_commit() {
     let heard = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await;
     assert!(heard.is_err(), "an empty wake notified");
 }
+
+/// The maintenance sweep's hourly retention also deletes the rows of
+/// workers that stopped heartbeating a day ago and that no job names any
+/// more (a job's `lock_by` references its worker's row). Nothing else did:
+/// every process start and every restart of a failed worker adds rows.
+#[tokio::test]
+async fn the_rows_of_workers_long_dead_go_once_no_job_names_them() {
+    let db = TestDb::new().await;
+    let day_and_a_bit = chrono::Utc::now() - chrono::Duration::hours(25);
+    for (id, last_seen) in [
+        ("gone.diagnostics", day_and_a_bit),
+        ("gone-but-named.diagnostics", day_and_a_bit),
+        ("live.diagnostics", chrono::Utc::now()),
+    ] {
+        sqlx::query(
+            "insert into apalis.workers (id, worker_type, storage_name, layers, last_seen, started_at)
+             values ($1, $2, 'PgStorage', '', $3, $3)",
+        )
+        .bind(id)
+        .bind(QUEUE)
+        .bind(last_seen)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let mut conn = db.conn().await;
+    let _ = slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Ping, 1)
+        .await
+        .unwrap();
+    sqlx::query("update apalis.jobs set status = 'Done', lock_by = $1, done_at = now()")
+        .bind("gone-but-named.diagnostics")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn);
+
+    let report = slate_workers::sweeper::sweep(&db.pool, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(report.workers_forgotten, 1);
+    let left: Vec<String> = sqlx::query_scalar("select id from apalis.workers order by id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, ["gone-but-named.diagnostics", "live.diagnostics"]);
+}

@@ -286,6 +286,35 @@ pub async fn apply_retention(
     }
 }
 
+/// How long the row of a worker that stopped heartbeating stays once no job
+/// names it.
+pub const DEAD_WORKER_RETENTION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Delete the rows of workers that have not heartbeated for
+/// [`DEAD_WORKER_RETENTION`] and that no job names (a job keeps the worker
+/// that last took it in `lock_by`, which references the row, until the job
+/// retention deletes it); returns how many. Nothing else deletes them, and
+/// every `slate work` start adds one per queue, every restart of a failed
+/// worker one more (`runtime::Instances::name`).
+pub async fn forget_dead_workers(
+    pool: &PgPool,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, sqlx::Error> {
+    let cutoff = chrono::Duration::from_std(DEAD_WORKER_RETENTION)
+        .ok()
+        .and_then(|d| now.checked_sub_signed(d))
+        .unwrap_or(chrono::DateTime::UNIX_EPOCH);
+    Ok(sqlx::query(
+        "delete from apalis.workers w
+          where w.last_seen < $1
+            and not exists (select 1 from apalis.jobs j where j.lock_by = w.id)",
+    )
+    .bind(cutoff)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// How far behind the database's clock a fold stays ([`fold_durations`],
 /// `stripe::fold_processing_lag`): a row is stamped by its last statement
 /// before the commit (a completion's `done_at`, a processing's

@@ -14,6 +14,7 @@ pub struct SweepReport {
     pub audit_entries_dropped: u64,
     pub purges_scheduled: usize,
     pub jobs_deleted: u64,
+    pub workers_forgotten: u64,
     pub job_durations_folded: u64,
     pub stripe_events_folded: u64,
     pub generations_folded: u64,
@@ -86,11 +87,14 @@ pub async fn sweep_with(
         } else {
             0
         };
-    let jobs_deleted = if claim(pool, "job_retention", now, JOB_RETENTION_EVERY).await? {
-        crate::jobs::apply_retention(pool, now, retention).await?
-    } else {
-        0
-    };
+    let (jobs_deleted, workers_forgotten) =
+        if claim(pool, "job_retention", now, JOB_RETENTION_EVERY).await? {
+            let jobs = crate::jobs::apply_retention(pool, now, retention).await?;
+            // After the jobs, which may have been the last to name a worker.
+            (jobs, crate::jobs::forget_dead_workers(pool, now).await?)
+        } else {
+            (0, 0)
+        };
     let stripe_events_folded = if claim(pool, "stripe_lag_fold", now, STRIPE_LAG_FOLD_EVERY).await?
     {
         crate::stripe::fold_processing_lag(pool, now).await?
@@ -111,6 +115,7 @@ pub async fn sweep_with(
     };
     Ok(SweepReport {
         jobs_deleted,
+        workers_forgotten,
         job_durations_folded,
         stripe_events_folded,
         generations_folded,
@@ -124,7 +129,8 @@ pub async fn sweep_with(
 
 /// The scheduled maintenance job (`slate.maintenance`): holds past their
 /// expiry, expired buckets, overdue generations, audit retention, purges due,
-/// and (less often) the job-duration fold, job retention, the generation-count fold and the Stripe
+/// and (less often) the job-duration fold, job retention (and the rows of
+/// workers long dead), the generation-count fold and the Stripe
 /// processing-lag fold.
 pub const QUEUE: &str = "slate.maintenance";
 
@@ -186,6 +192,7 @@ pub async fn handle(
                 audit_entries_dropped = r.audit_entries_dropped,
                 purges_scheduled = r.purges_scheduled,
                 jobs_deleted = r.jobs_deleted,
+                workers_forgotten = r.workers_forgotten,
                 job_durations_folded = r.job_durations_folded,
                 stripe_events_folded = r.stripe_events_folded,
                 generations_folded = r.generations_folded,
