@@ -846,9 +846,26 @@ pub fn summary(ctx: &Ctx, report: &Report, fake: &FakeStats, soak_secs: f64) {
             )
         }
     );
+    let stopped: Vec<String> = sup
+        .exits
+        .iter()
+        .filter_map(|e| {
+            let queue = e.silent_queue.as_deref()?;
+            Some(format!(
+                "{} after {:.1} s: {queue}",
+                e.name,
+                e.uptime.as_secs_f64()
+            ))
+        })
+        .collect();
     println!(
-        "  restarts by the work watchdog {:>3}  (a job worker had gone silent)",
-        sup.exits.iter().filter(|e| e.watchdog).count()
+        "  restarts by the work watchdog {:>3}  (a job worker had gone silent{})",
+        stopped.len(),
+        if stopped.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", stopped.join(", "))
+        }
     );
     let n = |k: &[(std::time::Duration, std::time::Duration)]| k.len();
     println!(

@@ -40,7 +40,22 @@ pub struct Exit {
     /// `slate work`'s watchdog stopped it: one of its job workers had gone
     /// silent (see workers/src/runtime.rs).
     pub watchdog: bool,
+    /// The queue whose worker went silent, as the watchdog's line names it.
+    pub silent_queue: Option<String>,
 }
+
+/// The queue named by the watchdog's line in a run's output, if it stopped
+/// the process.
+fn silent_queue(output: &str) -> Option<String> {
+    let line = output.lines().find(|l| l.contains(WATCHDOG_LINE))?;
+    let queue = serde_json::from_str::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v.get("queue").and_then(|q| q.as_str()).map(str::to_owned));
+    Some(queue.unwrap_or_else(|| "?".to_owned()))
+}
+
+/// What `slate work` logs when its watchdog stops it.
+const WATCHDOG_LINE: &str = "stopped heartbeating without an error";
 
 pub struct Supervisor {
     bin: PathBuf,
@@ -131,8 +146,10 @@ impl Supervisor {
                         String::from_utf8_lossy(&b[start..]).into_owned()
                     })
                     .unwrap_or_default();
+                let silent_queue = silent_queue(&tail);
                 self.exits.push(Exit {
-                    watchdog: tail.contains("stopped heartbeating without an error"),
+                    watchdog: silent_queue.is_some(),
+                    silent_queue,
                     name: p.name.clone(),
                     status: status.to_string(),
                     uptime: p.started.elapsed(),
@@ -250,5 +267,24 @@ impl Drop for Supervisor {
                 let _ = c.wait();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_watchdog_line_names_the_silent_queue() {
+        let output = r#"{"level":"INFO","message":"worker started"}
+{"level":"ERROR","message":"a job worker stopped heartbeating without an error; stopping the process so that its supervisor starts it again","queue":"slate.maintenance","silent_for_s":30}
+{"level":"INFO","message":"worker stopped"}"#;
+        assert_eq!(
+            super::silent_queue(output).as_deref(),
+            Some("slate.maintenance")
+        );
+        assert_eq!(super::silent_queue("worker stopped"), None);
+        assert_eq!(
+            super::silent_queue("ERROR stopped heartbeating without an error").as_deref(),
+            Some("?")
+        );
     }
 }
