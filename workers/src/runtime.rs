@@ -346,7 +346,8 @@ const QUEUES: &[&str] = &[
 /// until the process was restarted. Checked every `every`; a database that
 /// does not answer is not a silent worker (the outage path restarts those).
 /// The names of failed workers kept alive for their running jobs
-/// (`crate::in_flight`) do not count as the queue's worker.
+/// (`crate::in_flight`) do not count as the queue's worker, and nothing is
+/// judged until the database has answered for a while.
 async fn watchdog(
     pool: PgPool,
     process: String,
@@ -357,6 +358,16 @@ async fn watchdog(
     let started = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Since when the database has answered every look. After an outage
+    // every worker's last beat is old (older than `stale_after` when the
+    // outage was longer), and the failed workers register again only a
+    // moment after the database is back (a failed registration waits 1 s,
+    // `crate::queue`): a look in that moment would take them for silent
+    // and stop the process. (The likely cause of the watchdog stops seen
+    // just after PostgreSQL restarts in the twentieth session's soaks, one
+    // after a 55 s restart; not shown.)
+    let settle = (stale_after / 10).max(Duration::from_secs(10));
+    let mut answering: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
         if started.elapsed() < stale_after {
@@ -376,8 +387,16 @@ async fn watchdog(
         .bind(in_flight.retired())
         .fetch_optional(&pool)
         .await;
-        if let Ok(Some(queue)) = silent {
-            return queue;
+        match silent {
+            Err(_) => answering = None,
+            Ok(queue) => {
+                let since = *answering.get_or_insert_with(tokio::time::Instant::now);
+                if let Some(queue) = queue
+                    && since.elapsed() >= settle
+                {
+                    return queue;
+                }
+            }
         }
     }
 }
