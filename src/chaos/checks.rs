@@ -788,7 +788,7 @@ async fn check_all(
         // is a crash.
         set.expect(
             "no process crashed",
-            e.watchdog || (e.during_pg_outage && e.uptime < Duration::from_secs(15)),
+            e.watchdog() || (e.during_pg_outage && e.uptime < Duration::from_secs(15)),
             || {
                 format!(
                     "{} exited ({}) after {:.1} s",

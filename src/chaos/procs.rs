@@ -37,11 +37,17 @@ pub struct Exit {
     /// could not connect; PostgreSQL may be back, but still recovering,
     /// by the time the start gives up).
     pub during_pg_outage: bool,
-    /// `slate work`'s watchdog stopped it: one of its job workers had gone
-    /// silent (see workers/src/runtime.rs).
-    pub watchdog: bool,
-    /// The queue whose worker went silent, as the watchdog's line names it.
+    /// `slate work`'s watchdog stopped it because one of its job workers
+    /// had gone silent (see workers/src/runtime.rs): that worker's queue,
+    /// as the watchdog's line names it.
     pub silent_queue: Option<String>,
+}
+
+impl Exit {
+    /// `slate work`'s watchdog stopped it.
+    pub fn watchdog(&self) -> bool {
+        self.silent_queue.is_some()
+    }
 }
 
 /// The queue named by the watchdog's line in a run's output, if it stopped
@@ -146,10 +152,8 @@ impl Supervisor {
                         String::from_utf8_lossy(&b[start..]).into_owned()
                     })
                     .unwrap_or_default();
-                let silent_queue = silent_queue(&tail);
                 self.exits.push(Exit {
-                    watchdog: silent_queue.is_some(),
-                    silent_queue,
+                    silent_queue: silent_queue(&tail),
                     name: p.name.clone(),
                     status: status.to_string(),
                     uptime: p.started.elapsed(),

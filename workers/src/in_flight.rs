@@ -2,7 +2,7 @@
 //!
 //! When PostgreSQL goes away, a queue's worker in a surviving `slate work`
 //! fails (its heartbeat or fetch errors) and is started again under a new
-//! name (`runtime::instance`). The jobs it had started do not stop: a
+//! name (`runtime::Instances::name`). The jobs it had started do not stop: a
 //! generation runs on its own task (`.parallelize`), and goes on waiting for
 //! its provider. Its job row still names the old worker, which no longer
 //! heartbeats, so once PostgreSQL is back the row looked orphaned after
@@ -80,7 +80,8 @@ impl InFlight {
     }
 
     /// How many jobs run under `name`.
-    pub fn running(&self, name: &str) -> usize {
+    #[cfg(test)]
+    fn running(&self, name: &str) -> usize {
         self.lock().get(name).map_or(0, |n| n.running)
     }
 

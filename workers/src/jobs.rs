@@ -254,13 +254,7 @@ pub async fn apply_retention(
     now: chrono::DateTime<chrono::Utc>,
     retention: Retention,
 ) -> Result<u64, sqlx::Error> {
-    // A retention too long to subtract keeps everything since 1970.
-    let cutoff = |d: std::time::Duration| {
-        chrono::Duration::from_std(d)
-            .ok()
-            .and_then(|d| now.checked_sub_signed(d))
-            .unwrap_or(chrono::DateTime::UNIX_EPOCH)
-    };
+    let cutoff = |d| retention_cutoff(now, d);
     let mut deleted = 0;
     loop {
         let n = sqlx::query(
@@ -286,6 +280,18 @@ pub async fn apply_retention(
     }
 }
 
+/// `now` less `retention`; a retention too long to subtract keeps
+/// everything since 1970.
+fn retention_cutoff(
+    now: chrono::DateTime<chrono::Utc>,
+    retention: std::time::Duration,
+) -> chrono::DateTime<chrono::Utc> {
+    chrono::Duration::from_std(retention)
+        .ok()
+        .and_then(|d| now.checked_sub_signed(d))
+        .unwrap_or(chrono::DateTime::UNIX_EPOCH)
+}
+
 /// How long the row of a worker that stopped heartbeating stays once no job
 /// names it.
 pub const DEAD_WORKER_RETENTION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
@@ -300,10 +306,7 @@ pub async fn forget_dead_workers(
     pool: &PgPool,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<u64, sqlx::Error> {
-    let cutoff = chrono::Duration::from_std(DEAD_WORKER_RETENTION)
-        .ok()
-        .and_then(|d| now.checked_sub_signed(d))
-        .unwrap_or(chrono::DateTime::UNIX_EPOCH);
+    let cutoff = retention_cutoff(now, DEAD_WORKER_RETENTION);
     Ok(sqlx::query(
         "delete from apalis.workers w
           where w.last_seen < $1
