@@ -47,6 +47,10 @@ pub enum Mode {
     Ci,
     /// 45 minutes, more than 100 kills, the service faults three times.
     Long,
+    /// 16 minutes of PostgreSQL restarts, ten of them, 5 to 55 s long,
+    /// with the kills and the load of `Ci` and no other service fault:
+    /// what a surviving process does when its database comes back.
+    Outages,
 }
 
 #[derive(Debug, Clone)]
@@ -132,6 +136,19 @@ impl Plan {
                     scenarios,
                 }
             }
+            Mode::Outages => Plan {
+                soak: s(16 * 60),
+                pg_restarts: [5, 12, 30, 55, 8, 12, 20, 6, 40, 12]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &down)| (s(40 + 90 * i as u64), s(down)))
+                    .collect(),
+                redis_restarts: Vec::new(),
+                s3_stops: Vec::new(),
+                packs_per_account: 6,
+                drain_limit: s(360),
+                ..Plan::for_mode(Mode::Ci)
+            },
         }
     }
 }

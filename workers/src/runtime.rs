@@ -203,6 +203,9 @@ where
     let retired = in_flight.clone();
     let stripe_workers = workers.clone();
     let generation_workers = workers.clone();
+    // Set once the process stops taking jobs (a shutdown or the watchdog).
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let exits = stopping.clone();
     let monitor = Monitor::new()
         .register(move |restarts| {
             WorkerBuilder::new(diagnostics_workers.name("diagnostics", restarts))
@@ -280,7 +283,22 @@ where
             retired.retire(ctx.name());
             true
         })
-        .shutdown_timeout(settings.shutdown_grace);
+        .shutdown_timeout(settings.shutdown_grace)
+        // A worker that ends without an error is not restarted: its queue
+        // has lost this process's worker until the watchdog notices. apalis
+        // ends a worker that way when its service says it can no longer
+        // take jobs (`CallAll`: an error from `poll_ready` is not a backend
+        // error); say so when it happens.
+        .on_event(move |ctx, event| {
+            if matches!(event, apalis::prelude::Event::Exit)
+                && !exits.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                tracing::warn!(
+                    worker = ctx.name(),
+                    "a job worker ended without an error while the process runs; it is not restarted"
+                );
+            }
+        });
 
     tracing::info!(worker = %settings.worker_name, "worker started");
     let stop_tx = Arc::new(stop_tx);
@@ -301,12 +319,14 @@ where
                     tracing::info!("shutdown requested: finishing in-flight jobs");
                     requested_signal.store(true, std::sync::atomic::Ordering::SeqCst);
                 }
-                queue = silent => tracing::error!(
+                (queue, workers) = silent => tracing::error!(
                     queue,
+                    workers,
                     silent_for_s = stale_after.as_secs(),
                     "a job worker stopped heartbeating without an error; stopping the process so that its supervisor starts it again"
                 ),
             }
+            stopping.store(true, std::sync::atomic::Ordering::SeqCst);
             let _ = stop_signal.send(true);
             Ok(())
         })
@@ -347,14 +367,15 @@ const QUEUES: &[&str] = &[
 /// does not answer is not a silent worker (the outage path restarts those).
 /// The names of failed workers kept alive for their running jobs
 /// (`crate::in_flight`) do not count as the queue's worker, and nothing is
-/// judged until the database has answered for a while.
+/// judged until the database has answered for a while. Also resolves
+/// with what the queue's rows of this process say (see [`queue_workers`]).
 async fn watchdog(
     pool: PgPool,
     process: String,
     in_flight: InFlight,
     every: Duration,
     stale_after: Duration,
-) -> String {
+) -> (String, String) {
     let started = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -394,10 +415,50 @@ async fn watchdog(
                 if let Some(queue) = queue
                     && since.elapsed() >= settle
                 {
-                    return queue;
+                    let workers = queue_workers(&pool, &process, &queue, &in_flight).await;
+                    return (queue, workers);
                 }
             }
         }
+    }
+}
+
+/// This process's rows of `queue` in `apalis.workers`, newest beat first:
+/// each name, how long ago it last beat and registered, and whether it is a
+/// failed worker's name kept alive for its jobs. For the watchdog's line,
+/// so that a silent worker says which one it was.
+async fn queue_workers(pool: &PgPool, process: &str, queue: &str, in_flight: &InFlight) -> String {
+    let retired = in_flight.retired();
+    let rows: Result<Vec<(String, f64, Option<f64>)>, sqlx::Error> = sqlx::query_as(
+        "select id, extract(epoch from now() - last_seen)::float8,
+                extract(epoch from now() - started_at)::float8
+           from apalis.workers
+          where worker_type = $1 and id like $2 || '.%'
+          order by last_seen desc
+          limit 12",
+    )
+    .bind(queue)
+    .bind(process)
+    .fetch_all(pool)
+    .await;
+    match rows {
+        Err(e) => format!("(not read: {e})"),
+        Ok(rows) if rows.is_empty() => "(none registered)".to_owned(),
+        Ok(rows) => rows
+            .iter()
+            .map(|(id, seen, started)| {
+                format!(
+                    "{id}: beat {seen:.1} s ago, registered {} ago{}",
+                    started.map_or("?".to_owned(), |s| format!("{s:.1} s")),
+                    if retired.contains(id) {
+                        ", retired"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
     }
 }
 
