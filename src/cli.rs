@@ -467,7 +467,21 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             settings.sweep_interval = config.sweep_interval;
             settings.job_retention = config.job_retention;
             settings.fault_stripe_hold = config.fault_stripe_hold;
-            slate_workers::run(pool().await?, settings, crate::shutdown_signal()).await?;
+            // Started during an outage: wait for PostgreSQL rather than
+            // exit (a stop request while waiting ends it cleanly).
+            let shutdown = futures::FutureExt::shared(Box::pin(crate::shutdown_signal()));
+            let Some(pool) = slate_events::db::connect_waiting(
+                &db_url,
+                config.database_max_connections,
+                shutdown.clone(),
+            )
+            .await
+            .context("connecting to PostgreSQL")?
+            else {
+                tracing::info!("stop requested while waiting for PostgreSQL");
+                return Ok(0);
+            };
+            slate_workers::run(pool, settings, shutdown).await?;
         }
         Command::Projections { command } => match command {
             ProjectionsCommand::Rebuild { projection } => {

@@ -8,13 +8,27 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::http::{AppState, router};
 
+///
+/// While PostgreSQL is out of reach the server starts anyway, as it runs on
+/// through an outage: `/healthz` answers, `/readyz` and anything that needs
+/// the database answer 503 until it is back. Any other connection error (a
+/// wrong password, a missing database) stops it.
 pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
-    let pool = slate_events::db::connect(
+    let (url, max) = (
         config.database_url.expose(),
         config.database_max_connections,
-    )
-    .await
-    .context("connecting to PostgreSQL")?;
+    );
+    let pool = match slate_events::db::connect(url, max).await {
+        Ok(pool) => pool,
+        Err(e) if slate_events::db::unavailable(&e) => {
+            tracing::warn!(
+                error = %e,
+                "PostgreSQL is out of reach; serving anyway, not ready until it answers"
+            );
+            slate_events::db::connect_lazy(url, max).context("the PostgreSQL settings")?
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("connecting to PostgreSQL")),
+    };
     AppState::new(config, pool)
 }
 

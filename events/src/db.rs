@@ -16,16 +16,86 @@ pub fn migrator() -> Migrator {
 
 /// Connect a pool with sane timeouts; statements are never logged.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    let (pool, options) = pool_for(url, max_connections)?;
+    pool.connect_with(options).await
+}
+
+/// [`connect`]'s pool without connecting: the first connection is opened
+/// when the pool is first used. For a server that must start (and say it
+/// is not ready) while PostgreSQL is out of reach.
+pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    let (pool, options) = pool_for(url, max_connections)?;
+    Ok(pool.connect_lazy_with(options))
+}
+
+fn pool_for(
+    url: &str,
+    max_connections: u32,
+) -> Result<(PgPoolOptions, PgConnectOptions), sqlx::Error> {
     let options: PgConnectOptions = url.parse()?;
     let options = options
         .application_name("slate")
         .disable_statement_logging();
-    pool_options()
+    let pool = pool_options()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options)
-        .await
+        .acquire_timeout(Duration::from_secs(5));
+    Ok((pool, options))
 }
+
+/// [`connect`], waiting for PostgreSQL while it is out of reach
+/// ([`unavailable`]: down, restarting, refusing connections): tries again
+/// after 1 s, doubling to [`START_PATIENCE_STEP`], with a warning each time,
+/// until it connects or `give_up` resolves (then `None`). Any other error
+/// (a wrong password, a missing database, a malformed URL) is returned at
+/// once: waiting would not mend it.
+///
+/// A process started during an outage used to exit after the pool's 5 s
+/// acquire timeout; its supervisor restarted it, and a supervisor with a
+/// growing restart delay (systemd's, Kubernetes' crash-loop back-off) could
+/// keep it down for minutes after PostgreSQL was back.
+pub async fn connect_waiting(
+    url: &str,
+    max_connections: u32,
+    give_up: impl std::future::Future<Output = ()>,
+) -> Result<Option<PgPool>, sqlx::Error> {
+    tokio::pin!(give_up);
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_secs(1);
+    let mut waited = false;
+    loop {
+        let error = tokio::select! {
+            _ = &mut give_up => return Ok(None),
+            connected = connect(url, max_connections) => match connected {
+                Ok(pool) => {
+                    if waited {
+                        tracing::info!(
+                            waited_s = started.elapsed().as_secs(),
+                            "PostgreSQL answers; starting"
+                        );
+                    }
+                    return Ok(Some(pool));
+                }
+                Err(e) if unavailable(&e) => e,
+                Err(e) => return Err(e),
+            },
+        };
+        tracing::warn!(
+            error = %error,
+            waited_s = started.elapsed().as_secs(),
+            retry_in_s = pause.as_secs(),
+            "PostgreSQL is out of reach; waiting for it before starting"
+        );
+        waited = true;
+        tokio::select! {
+            _ = &mut give_up => return Ok(None),
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(START_PATIENCE_STEP);
+    }
+}
+
+/// The longest pause between two of [`connect_waiting`]'s attempts.
+pub const START_PATIENCE_STEP: Duration = Duration::from_secs(10);
 
 /// Pool options every Slate pool starts from: each new connection gets
 /// [`disable_nagle`], and an idle connection is checked for liveness before

@@ -783,21 +783,16 @@ async fn check_all(
     // --- processes ---------------------------------------------------------------------------------
     let exits = ctx.supervisor.lock().expect("not poisoned").exits.clone();
     for e in &exits {
-        // A process started while PostgreSQL is down exits at once (it
-        // cannot connect) and the supervisor starts it again; anything else
-        // is a crash.
-        set.expect(
-            "no process crashed",
-            e.watchdog() || (e.during_pg_outage && e.uptime < Duration::from_secs(15)),
-            || {
-                format!(
-                    "{} exited ({}) after {:.1} s",
-                    e.name,
-                    e.status,
-                    e.uptime.as_secs_f64()
-                )
-            },
-        );
+        // Only the watchdog stops a process on its own. (A process started
+        // while PostgreSQL is down waits for it: `db::connect_waiting`.)
+        set.expect("no process crashed", e.watchdog(), || {
+            format!(
+                "{} exited ({}) after {:.1} s",
+                e.name,
+                e.status,
+                e.uptime.as_secs_f64()
+            )
+        });
     }
     set.pass("no process crashed");
     Ok(())

@@ -265,3 +265,88 @@ async fn while_postgres_is_down_every_request_gets_a_quick_503_and_service_resum
     let (status, _, body, _) = call(&client, webhook()).await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// `slate serve` started while PostgreSQL refuses connections starts
+/// anyway, as it runs on through an outage: alive, not ready, and ready by
+/// itself once the database is back. (It used to exit, which left a
+/// deployment with no server until its supervisor's next restart.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_started_while_postgres_is_down_starts_unready_and_gets_ready() {
+    let db = TestDb::new().await;
+    let key = {
+        let mut conn = db.conn().await;
+        let account = crate::credits::new_account(&mut conn).await;
+        crate::credits::new_key(&mut conn, account).await
+    };
+    let (proxy, url) = Proxy::in_front_of(&db.url).await;
+    proxy.cut();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let serve = std::process::Command::new(env!("CARGO_BIN_EXE_slate"))
+        .arg("serve")
+        .env("DATABASE_URL", &url)
+        .env("SLATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start slate serve");
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut serve = Killed(serve);
+    let address = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .get(format!("{address}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(
+            serve.0.try_wait().unwrap().is_none(),
+            "serve exited while PostgreSQL was down"
+        );
+        assert!(Instant::now() < deadline, "serve did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _, body, _) = call(&client, client.get(format!("{address}/readyz"))).await;
+    assert_eq!(status, 503, "{body}");
+    let credits = || {
+        client
+            .get(format!("{address}/v1/credits"))
+            .bearer_auth(&key)
+    };
+    let (status, _, body, _) = call(&client, credits()).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "database_unavailable", "{body}");
+
+    proxy.restore();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _, body, _) = call(&client, client.get(format!("{address}/readyz"))).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "not ready 20 s after PostgreSQL came back: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, _, body, _) = call(&client, credits()).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(serve.0.try_wait().unwrap().is_none(), "serve exited");
+}

@@ -87,25 +87,8 @@ async fn a_panicking_job_does_not_take_the_worker_process_down() {
     );
 
     // SIGTERM: a graceful stop with exit code 0.
-    let pid = worker.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
-    let status = loop {
-        if let Some(s) = worker.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "worker ignored SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    terminate(&worker);
+    let status = exit_within(&mut worker, Duration::from_secs(40)).await;
     assert!(status.success(), "worker exited with {status}");
 }
 
@@ -513,6 +496,69 @@ async fn a_worker_takes_jobs_again_after_a_database_outage() {
         worker.0.try_wait().unwrap().is_none(),
         "the worker process exited"
     );
+}
+
+/// A `slate work` started while PostgreSQL refuses connections waits for
+/// it, and takes jobs once it answers. It used to exit after the pool's 5 s
+/// acquire timeout (the chaos soak counted dozens of such exits); a
+/// supervisor with a growing restart delay could then keep it down long
+/// after the database was back. A stop request while it waits ends it
+/// cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_while_the_database_is_down_waits_for_it() {
+    let db = TestDb::new().await;
+    let (proxy, behind) = crate::outage::Proxy::in_front_of(&db.url).await;
+    proxy.cut();
+
+    // Asked to stop while it waits: a clean exit.
+    let mut stopped = start_worker_with(&db, &[("DATABASE_URL", &behind)]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(stopped.0.try_wait().unwrap().is_none(), "exited at once");
+    terminate(&stopped);
+    let status = exit_within(&mut stopped, Duration::from_secs(10)).await;
+    assert!(status.success(), "stopped while waiting: {status}");
+
+    // Longer than the acquire timeout, then the database is back.
+    let mut worker = start_worker_with(&db, &[("DATABASE_URL", &behind)]);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        worker.0.try_wait().unwrap().is_none(),
+        "the worker exited while the database was down"
+    );
+    proxy.restore();
+    let mut conn = db.conn().await;
+    slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Ping, 1)
+        .await
+        .unwrap()
+        .send(&db.pool)
+        .await;
+    wait_status(&db, "ping", &["Done"]).await;
+    assert!(worker.0.try_wait().unwrap().is_none(), "the worker exited");
+}
+
+fn terminate(worker: &Worker) {
+    let pid = worker.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+async fn exit_within(worker: &mut Worker, limit: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(s) = worker.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker did not exit within {limit:?} of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// PostgreSQL goes away while a generation waits for its provider. The
