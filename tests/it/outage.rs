@@ -104,13 +104,18 @@ struct OutageApp {
     key: String,
 }
 
-async fn outage_app() -> OutageApp {
+/// A test database with an account and its API key.
+async fn db_with_a_key() -> (TestDb, String) {
     let db = TestDb::new().await;
-    let key = {
-        let mut conn = db.conn().await;
-        let account = crate::credits::new_account(&mut conn).await;
-        crate::credits::new_key(&mut conn, account).await
-    };
+    let mut conn = db.conn().await;
+    let account = crate::credits::new_account(&mut conn).await;
+    let key = crate::credits::new_key(&mut conn, account).await;
+    drop(conn);
+    (db, key)
+}
+
+async fn outage_app() -> OutageApp {
+    let (db, key) = db_with_a_key().await;
     let (proxy, url) = Proxy::in_front_of(&db.url).await;
     // As `slate serve` connects (slate_events::db::connect), through the proxy.
     let pool = slate_events::db::connect(&url, 10).await.unwrap();
@@ -144,6 +149,24 @@ async fn call(
         .map(str::to_owned);
     let body = r.json().await.unwrap_or(Value::Null);
     (status, retry, body, started.elapsed())
+}
+
+/// Repeat `req` until it answers 200 (up to 20 s after PostgreSQL came
+/// back); meanwhile only 503 is allowed.
+async fn until_200(client: &reqwest::Client, req: impl Fn() -> reqwest::RequestBuilder) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _, body, _) = call(client, req()).await;
+        if status == 200 {
+            return;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "still {status} 20 s after PostgreSQL came back: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,19 +271,7 @@ async fn while_postgres_is_down_every_request_gets_a_quick_503_and_service_resum
     assert_eq!(status, 200);
 
     app.proxy.restore();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, _, body, _) = call(&client, credits()).await;
-        if status == 200 {
-            break;
-        }
-        assert_eq!(status, 503, "{body}");
-        assert!(
-            Instant::now() < deadline,
-            "still {status} 20 s after PostgreSQL came back"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_200(&client, credits).await;
     // The webhook refused during the outage is taken when Stripe retries.
     let (status, _, body, _) = call(&client, webhook()).await;
     assert_eq!(status, 200, "{body}");
@@ -272,12 +283,7 @@ async fn while_postgres_is_down_every_request_gets_a_quick_503_and_service_resum
 /// deployment with no server until its supervisor's next restart.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_started_while_postgres_is_down_starts_unready_and_gets_ready() {
-    let db = TestDb::new().await;
-    let key = {
-        let mut conn = db.conn().await;
-        let account = crate::credits::new_account(&mut conn).await;
-        crate::credits::new_key(&mut conn, account).await
-    };
+    let (db, key) = db_with_a_key().await;
     let (proxy, url) = Proxy::in_front_of(&db.url).await;
     proxy.cut();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -307,20 +313,7 @@ async fn a_server_started_while_postgres_is_down_starts_unready_and_gets_ready()
         .timeout(Duration::from_secs(15))
         .build()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client
-        .get(format!("{address}/healthz"))
-        .send()
-        .await
-        .is_err()
-    {
-        assert!(
-            serve.0.try_wait().unwrap().is_none(),
-            "serve exited while PostgreSQL was down"
-        );
-        assert!(Instant::now() < deadline, "serve did not start");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::harness::until_serving(&address, || serve.0.try_wait().unwrap().is_none()).await;
     let (status, _, body, _) = call(&client, client.get(format!("{address}/readyz"))).await;
     assert_eq!(status, 503, "{body}");
     let credits = || {
@@ -333,19 +326,7 @@ async fn a_server_started_while_postgres_is_down_starts_unready_and_gets_ready()
     assert_eq!(body["error"]["code"], "database_unavailable", "{body}");
 
     proxy.restore();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, _, body, _) = call(&client, client.get(format!("{address}/readyz"))).await;
-        if status == 200 {
-            break;
-        }
-        assert_eq!(status, 503, "{body}");
-        assert!(
-            Instant::now() < deadline,
-            "not ready 20 s after PostgreSQL came back: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_200(&client, || client.get(format!("{address}/readyz"))).await;
     let (status, _, body, _) = call(&client, credits()).await;
     assert_eq!(status, 200, "{body}");
     assert!(serve.0.try_wait().unwrap().is_none(), "serve exited");

@@ -475,19 +475,7 @@ async fn trace_logs_of_serve_and_work_and_a_database_dump_hold_no_prompt_email_o
     let mut work = spawn(&["work"], &work_log);
     let client = reqwest::Client::new();
     let address = format!("http://127.0.0.1:{port}");
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    while client
-        .get(format!("{address}/healthz"))
-        .send()
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "serve did not start"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    crate::harness::until_serving(&address, || serve.try_wait().unwrap().is_none()).await;
 
     let r = client
         .post(format!("{address}/v1/generations"))

@@ -585,20 +585,7 @@ async fn no_plaintext_key_session_token_or_totp_secret_in_the_database_or_the_lo
         db,
         client: reqwest::Client::new(),
     };
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    while app
-        .client
-        .get(format!("{}/healthz", app.address))
-        .send()
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "serve did not start"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    crate::harness::until_serving(&app.address, || serve.try_wait().unwrap().is_none()).await;
 
     let session_cookie = sign_in(&app, &issuer, "boss@example.com").await;
     let session_token = session_cookie.split_once('=').unwrap().1.to_owned();

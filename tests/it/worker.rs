@@ -33,6 +33,16 @@ fn start_worker_with(db: &TestDb, env: &[(&str, &str)]) -> Worker {
     Worker(child)
 }
 
+/// Enqueue a diagnostic job (and wake the workers).
+async fn enqueue(db: &TestDb, job: &DiagnosticJob) {
+    let mut conn = db.conn().await;
+    slate_workers::jobs::enqueue(&mut conn, QUEUE, job, 1)
+        .await
+        .unwrap()
+        .send(&db.pool)
+        .await;
+}
+
 async fn job_status(db: &TestDb, kind: &str) -> Option<String> {
     sqlx::query_scalar(
         "select status from apalis.jobs where job_type = $1 and convert_from(job, 'UTF8')::jsonb->>'kind' = $2",
@@ -65,21 +75,12 @@ async fn wait_status(db: &TestDb, kind: &str, want: &[&str]) -> String {
 async fn a_panicking_job_does_not_take_the_worker_process_down() {
     let db = TestDb::new().await;
     let mut worker = start_worker(&db);
-    let mut conn = db.conn().await;
-    slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Panic, 1)
-        .await
-        .unwrap()
-        .send(&db.pool)
-        .await;
+    enqueue(&db, &DiagnosticJob::Panic).await;
     let panicked = wait_status(&db, "panic", &["Killed", "Failed"]).await;
     assert_eq!(panicked, "Killed", "a panic is terminal, not retried");
 
     // The same process goes on taking jobs.
-    slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Ping, 1)
-        .await
-        .unwrap()
-        .send(&db.pool)
-        .await;
+    enqueue(&db, &DiagnosticJob::Ping).await;
     wait_status(&db, "ping", &["Done"]).await;
     assert!(
         worker.0.try_wait().unwrap().is_none(),
@@ -337,14 +338,7 @@ async fn prompts_never_reach_the_logs_even_at_debug_level() {
     );
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while client.get(format!("{base}/healthz")).send().await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "serve did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::harness::until_serving(&base, || serve.0.try_wait().unwrap().is_none()).await;
     let secret_words = ["zanzibarquokka", "BEHEAD the velvetmoose"];
     for prompt in [
         format!("a {} at noon", secret_words[0]),
@@ -476,21 +470,13 @@ async fn a_worker_takes_jobs_again_after_a_database_outage() {
             }
         }
     };
-    let enqueue = || async {
-        let mut conn = db.conn().await;
-        slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Ping, 1)
-            .await
-            .unwrap()
-            .send(&db.pool)
-            .await;
-    };
-    enqueue().await;
+    enqueue(&db, &DiagnosticJob::Ping).await;
     wait_pings(1).await;
 
     // The outage, longer than the 5 s acquire timeout.
     outage(&db, Duration::from_secs(8)).await;
 
-    enqueue().await;
+    enqueue(&db, &DiagnosticJob::Ping).await;
     wait_pings(2).await;
     assert!(
         worker.0.try_wait().unwrap().is_none(),
@@ -526,12 +512,7 @@ async fn a_worker_started_while_the_database_is_down_waits_for_it() {
         "the worker exited while the database was down"
     );
     proxy.restore();
-    let mut conn = db.conn().await;
-    slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Ping, 1)
-        .await
-        .unwrap()
-        .send(&db.pool)
-        .await;
+    enqueue(&db, &DiagnosticJob::Ping).await;
     wait_status(&db, "ping", &["Done"]).await;
     assert!(worker.0.try_wait().unwrap().is_none(), "the worker exited");
 }
@@ -559,6 +540,62 @@ async fn exit_within(worker: &mut Worker, limit: Duration) -> std::process::Exit
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A `slate work` process hears of new jobs through one `LISTEN`
+/// connection for all its queues, read on a task of its own, and listens
+/// again after an outage. Each worker used to hold its own listener from
+/// the process's pool (ten of its 20 connections), read only while the
+/// worker looked for jobs: a worker with every slot busy left its
+/// listener's connection attempt half-way through the handshake, and the
+/// PostgreSQL backend at the other end waiting for it (seen holding up an
+/// immediate shutdown of the server for up to 60 s in the chaos soak).
+#[tokio::test]
+async fn a_worker_process_listens_for_every_queue_on_one_connection() {
+    let db = TestDb::new().await;
+    let mut worker = start_worker(&db);
+    until("the worker never registered its seven queues", async || {
+        sqlx::query_scalar::<_, i64>("select count(distinct worker_type) from apalis.workers")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+            == 7
+    })
+    .await;
+    until("the worker never listened", async || {
+        listeners(&db).await >= 1
+    })
+    .await;
+    assert_eq!(listeners(&db).await, 1, "one listener for the seven queues");
+    enqueue(&db, &DiagnosticJob::Ping).await;
+    wait_status(&db, "ping", &["Done"]).await;
+
+    outage(&db, Duration::from_secs(3)).await;
+    until(
+        "the worker did not listen again after the outage",
+        async || listeners(&db).await == 1,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(listeners(&db).await, 1);
+    assert!(worker.0.try_wait().unwrap().is_none(), "the worker exited");
+    terminate(&worker);
+    assert!(
+        exit_within(&mut worker, Duration::from_secs(40))
+            .await
+            .success()
+    );
+}
+
+/// Connections of the test's database whose last statement was a LISTEN.
+async fn listeners(db: &TestDb) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from pg_stat_activity
+          where datname = current_database() and query like 'LISTEN %'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
 }
 
 /// PostgreSQL goes away while a generation waits for its provider. The
@@ -821,6 +858,7 @@ async fn a_limited_worker_claims_only_its_free_slots_and_keeps_its_heartbeat() {
     drop(conn);
 
     let queue_pool = slate_workers::poll::queue_pool(&db.pool);
+    let wakeups = slate_workers::poll::Wakeups::start(db.pool.clone());
     let config = apalis_postgres::Config::default()
         .queue(QUEUE)
         .batch_size(10)
@@ -828,7 +866,7 @@ async fn a_limited_worker_claims_only_its_free_slots_and_keeps_its_heartbeat() {
         // missed-beats window (interval × missed) to seconds.
         .heartbeat_interval(Duration::from_secs(1))
         .missed_heartbeats(3);
-    let backend = slate_workers::poll::backend::<Held>(&db.pool, &queue_pool, QUEUE, config);
+    let backend = slate_workers::poll::backend::<Held>(&wakeups, &queue_pool, QUEUE, config);
     let gate = Gate::default();
     let (limited, data) = (slate_workers::poll::limited(&backend, 2), gate.clone());
     let monitor = Monitor::new().register(move |_| {

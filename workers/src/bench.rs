@@ -131,11 +131,12 @@ pub async fn noop_jobs_per_second(
     }
     drop(conn);
     let queue_pool = crate::poll::queue_pool(pool);
+    let wakeups = crate::poll::Wakeups::start(pool.clone());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let start = db_now(pool).await?;
     let monitor = match setup {
         NoopSetup::Bare => {
-            let storage = crate::poll::backend::<Noop>(pool, &queue_pool, queue, config(queue));
+            let storage = crate::poll::backend::<Noop>(&wakeups, &queue_pool, queue, config(queue));
             Monitor::new().register(move |_| {
                 WorkerBuilder::new(format!("bench-noop-{}", Uuid::new_v4().simple()))
                     .backend(storage.clone())
@@ -151,7 +152,7 @@ pub async fn noop_jobs_per_second(
             fetchers,
             ..
         } => {
-            let storage = crate::poll::backend::<Noop>(pool, &queue_pool, queue, config(queue));
+            let storage = crate::poll::backend::<Noop>(&wakeups, &queue_pool, queue, config(queue));
             let slots = split_concurrency(concurrency, fetchers);
             Monitor::new().register_n(slots.len(), move |i, _| {
                 WorkerBuilder::new(format!("bench-noop-{}", Uuid::new_v4().simple()))
@@ -279,7 +280,7 @@ pub async fn generations_per_second(
     };
     let queue_pool = crate::poll::queue_pool(pool);
     let backend = crate::poll::backend::<GenerationJob>(
-        pool,
+        &crate::poll::Wakeups::start(pool.clone()),
         &queue_pool,
         generations::QUEUE,
         config(generations::QUEUE),
@@ -404,7 +405,12 @@ pub async fn pickup_latency(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let started: Started = Arc::new(tx);
     let queue_pool = crate::poll::queue_pool(pool);
-    let storage = crate::poll::backend::<Pickup>(pool, &queue_pool, QUEUE, config(QUEUE));
+    let storage = crate::poll::backend::<Pickup>(
+        &crate::poll::Wakeups::start(pool.clone()),
+        &queue_pool,
+        QUEUE,
+        config(QUEUE),
+    );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let monitor = Monitor::new().register(move |_| {
         WorkerBuilder::new(format!("bench-pickup-{}", Uuid::new_v4().simple()))

@@ -11,8 +11,9 @@ use sqlx::{PgConnection, PgPool};
 /// handlers push `run_at` forward themselves for backoff (see [`backoff`]).
 pub const DEFAULT_MAX_ATTEMPTS: usize = 5;
 
-/// The notification channel apalis-postgres's listener (`Pubsub`) reads.
-const CHANNEL: &str = "apalis::job::insert";
+/// The notification channel the workers listen on (apalis-postgres's:
+/// its payload is `{"job_type": queue, "id": job}`; see [`crate::poll::Wakeups`]).
+pub(crate) const CHANNEL: &str = "apalis::job::insert";
 
 /// Jobs pushed in a transaction that has not committed yet: after the
 /// commit, [`send`](Wake::send) tells their queues' workers.

@@ -11,6 +11,15 @@
 //! a fetch that sees its job), and a slow `SAFETY_NET` interval for a job
 //! whose wake-up was lost.
 //!
+//! The notifications come through one `LISTEN` connection per process
+//! ([`Wakeups`]), on a task of its own. Until the twenty-first session each
+//! worker had its own listener (apalis-postgres's `Pubsub`), polled only
+//! when the worker looked for jobs: ten `LISTEN` connections held from the
+//! process's pool of 20, and a worker whose slots were all busy left its
+//! listener's connection attempt unread half-way through the handshake,
+//! which kept a PostgreSQL backend waiting for it (up to
+//! `authentication_timeout`, 60 s, through a restart of the server).
+//!
 //! The queue's own bookkeeping (fetch, lock, completion, heartbeat) goes
 //! through [`queue_pool`], whose transactions commit without waiting for
 //! their WAL flush. How many jobs a fetch takes: see [`crate::queue`].
@@ -20,10 +29,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
 use apalis::prelude::{BackendExt, PollSnapshot, PollStrategy, PollWith, Strategy};
-use apalis_postgres::{Config, Pubsub};
-use futures::StreamExt;
+use apalis_postgres::Config;
 use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::mpsc;
 
 use crate::queue::QueueStorage;
 
@@ -74,39 +87,176 @@ const QUEUE_POOL_SIZE: u32 = 8;
 pub type Backend<T> = PollWith<QueueStorage<T>, Strategy>;
 
 /// The storage of `queue` with `config` (whose queue must be `queue`),
-/// woken by notifications, a re-check after them and the safety net. Its
-/// bookkeeping goes through `queue_pool` (see [`queue_pool`]); the listener
-/// holds a connection of `pool` (the notifications need no commit).
-pub fn backend<T>(pool: &PgPool, queue_pool: &PgPool, queue: &str, config: Config) -> Backend<T> {
+/// woken by `wakeups`' notifications of `queue`, a re-check after them and
+/// the safety net. Its bookkeeping goes through `queue_pool` (see
+/// [`queue_pool`]).
+pub fn backend<T>(
+    wakeups: &Wakeups,
+    queue_pool: &PgPool,
+    queue: &str,
+    config: Config,
+) -> Backend<T> {
     QueueStorage::<T>::new(queue_pool, config).poll_with_strategy(
         Strategy::new()
-            .apply(NotifyThenRecheck::new(pool, queue, RECHECK))
+            .apply(NotifyThenRecheck::new(wakeups, queue, RECHECK))
             .interval(SAFETY_NET),
     )
 }
 
 /// `backend` for a worker that runs at most `slots` jobs at once (give it
 /// `.concurrency(slots)`): each fetch takes only as many jobs as it has
-/// free slots (see [`crate::queue`]). Shares `backend`'s listener.
+/// free slots (see [`crate::queue`]).
 pub fn limited<T>(backend: &Backend<T>, slots: usize) -> Backend<T> {
     let mut limited = backend.clone();
     limited.limit(slots);
     limited
 }
 
-/// Wakes the worker on every insert notification of its queue (all that are
+/// The process's one `LISTEN` connection for job notifications, read by a
+/// task of its own whatever the workers are doing, and handed to each
+/// queue's subscribers. Cheap to clone; the task (and its connection) ends
+/// when the last clone is dropped.
+///
+/// When the connection is lost (PostgreSQL restarting) the task connects
+/// again, 0.25 s after a failure, doubling to 5 s, and then wakes every
+/// subscriber: notifications sent meanwhile were lost.
+#[derive(Clone)]
+pub struct Wakeups {
+    subscribers: Arc<Mutex<Subscribers>>,
+    _listening: Arc<Listening>,
+}
+
+type Subscribers = HashMap<String, Vec<mpsc::Sender<()>>>;
+
+/// Stops the listening task when dropped.
+struct Listening(tokio::task::AbortHandle);
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Wakeups {
+    /// Listen on `pool` (the listener holds one of its connections).
+    pub fn start(pool: PgPool) -> Self {
+        let subscribers = Arc::new(Mutex::new(Subscribers::new()));
+        let task = tokio::spawn(listen(pool, Arc::downgrade(&subscribers)));
+        Self {
+            subscribers,
+            _listening: Arc::new(Listening(task.abort_handle())),
+        }
+    }
+
+    /// A receiver woken (at most one wake-up waiting) by every notification
+    /// of `queue` and by every reconnection.
+    pub fn subscribe(&self, queue: &str) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel(1);
+        lock(&self.subscribers)
+            .entry(queue.to_owned())
+            .or_default()
+            .push(tx);
+        rx
+    }
+}
+
+fn lock(subscribers: &Mutex<Subscribers>) -> std::sync::MutexGuard<'_, Subscribers> {
+    subscribers.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Wake the subscribers of `queue` (of every queue when `None`); forget
+/// those whose receiver is gone. False once nobody holds the `Wakeups`.
+fn wake(subscribers: &Weak<Mutex<Subscribers>>, queue: Option<&str>) -> bool {
+    let Some(subscribers) = subscribers.upgrade() else {
+        return false;
+    };
+    let mut subscribers = lock(&subscribers);
+    for (name, senders) in subscribers.iter_mut() {
+        if queue.is_some_and(|q| q != name) {
+            continue;
+        }
+        // A full channel already holds a wake-up.
+        senders.retain(|tx| !matches!(tx.try_send(()), Err(mpsc::error::TrySendError::Closed(()))));
+    }
+    true
+}
+
+/// The listening task: connect, `LISTEN`, hand each notification to its
+/// queue's subscribers; after a lost connection, connect again and wake
+/// everyone.
+async fn listen(pool: PgPool, subscribers: Weak<Mutex<Subscribers>>) {
+    #[derive(serde::Deserialize)]
+    struct Inserted {
+        job_type: String,
+    }
+    let mut pause = Duration::from_millis(250);
+    let mut failures = 0u32;
+    loop {
+        let connected = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(crate::jobs::CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        }
+        .await;
+        match connected {
+            Ok(mut listener) => {
+                if failures > 0 {
+                    tracing::info!(failures, "listening for job notifications again");
+                }
+                (pause, failures) = (Duration::from_millis(250), 0);
+                // Anything enqueued while nobody listened was not heard.
+                if !wake(&subscribers, None) {
+                    return;
+                }
+                loop {
+                    let alive = match listener.try_recv().await {
+                        Ok(Some(n)) => match serde_json::from_str::<Inserted>(n.payload()) {
+                            Ok(i) => wake(&subscribers, Some(&i.job_type)),
+                            Err(_) => true,
+                        },
+                        // The connection was lost; the next call reconnects.
+                        Ok(None) => wake(&subscribers, None),
+                        Err(_) => break,
+                    };
+                    if !alive {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                // Once per outage, not at every attempt.
+                if failures == 1 {
+                    tracing::warn!(error = %e, "cannot listen for job notifications; trying again (workers still poll every second)");
+                }
+            }
+        }
+        if subscribers.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Wakes the worker on every notification of its queue (all that are
 /// waiting count as one) and once more `recheck` after the last of them.
-/// Costs nothing while the queue is idle.
+/// Costs nothing while the queue is idle. Subscribes at its first poll, so
+/// that each clone (each worker) has its own wake-ups.
 pub struct NotifyThenRecheck {
-    pubsub: Pubsub,
+    wakeups: Wakeups,
+    queue: String,
+    notified: Option<mpsc::Receiver<()>>,
     recheck: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl NotifyThenRecheck {
-    pub fn new(pool: &PgPool, queue: &str, recheck: Duration) -> Self {
+    pub fn new(wakeups: &Wakeups, queue: &str, recheck: Duration) -> Self {
         Self {
-            pubsub: Pubsub::new(pool.clone(), queue.to_owned()),
+            wakeups: wakeups.clone(),
+            queue: queue.to_owned(),
+            notified: None,
             recheck,
             timer: None,
         }
@@ -115,25 +265,20 @@ impl NotifyThenRecheck {
 
 impl Clone for NotifyThenRecheck {
     fn clone(&self) -> Self {
-        Self {
-            pubsub: self.pubsub.clone(),
-            recheck: self.recheck,
-            timer: None,
-        }
+        Self::new(&self.wakeups, &self.queue, self.recheck)
     }
 }
 
 impl PollStrategy for NotifyThenRecheck {
     fn poll_drive(&mut self, cx: &mut Context<'_>, _: &PollSnapshot) -> Poll<Option<()>> {
+        let notified = self
+            .notified
+            .get_or_insert_with(|| self.wakeups.subscribe(&self.queue));
+        // Take the waiting wake-up; ends on Pending, so the receiver stays
+        // registered to wake this task.
         let mut wake = false;
-        // Take every waiting notification; ends on Pending, so the listener
-        // stays registered to wake this task (bounded, in case a broken
-        // listener keeps answering with errors).
-        for _ in 0..1024 {
-            match self.pubsub.poll_next_unpin(cx) {
-                Poll::Ready(Some(_)) => wake = true,
-                _ => break,
-            }
+        while let Poll::Ready(Some(())) = notified.poll_recv(cx) {
+            wake = true;
         }
         if wake {
             self.timer = Some(Box::pin(tokio::time::sleep(self.recheck)));

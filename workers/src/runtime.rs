@@ -122,6 +122,8 @@ where
 
     // The queues' own bookkeeping commits without waiting for the disk.
     let queue_pool = crate::poll::queue_pool(&pool);
+    // One LISTEN connection wakes every queue's workers.
+    let wakeups = crate::poll::Wakeups::start(pool.clone());
     // Every worker counts its running jobs, so that a failed worker's name
     // stays alive while they run on (see `crate::in_flight`).
     let in_flight = InFlight::new();
@@ -130,14 +132,14 @@ where
         in_flight: in_flight.clone(),
     };
     let diagnostics_storage = storage::<DiagnosticJob>(
-        &pool,
+        &wakeups,
         &queue_pool,
         &settings,
         &in_flight,
         diagnostics::QUEUE,
     );
     let stripe_storage =
-        storage::<StripeJob>(&pool, &queue_pool, &settings, &in_flight, stripe::QUEUE);
+        storage::<StripeJob>(&wakeups, &queue_pool, &settings, &in_flight, stripe::QUEUE);
     let stripe_worker = StripeWorker {
         pool: pool.clone(),
         catalog: settings.stripe_catalog.clone(),
@@ -148,7 +150,7 @@ where
         },
     };
     let generation_storage = storage::<GenerationJob>(
-        &pool,
+        &wakeups,
         &queue_pool,
         &settings,
         &in_flight,
@@ -167,24 +169,29 @@ where
             .timeout(Duration::from_secs(300))
             .build()?,
     };
-    let webhook_storage =
-        storage::<WebhookJob>(&pool, &queue_pool, &settings, &in_flight, webhooks::QUEUE);
+    let webhook_storage = storage::<WebhookJob>(
+        &wakeups,
+        &queue_pool,
+        &settings,
+        &in_flight,
+        webhooks::QUEUE,
+    );
     let webhook_worker = WebhookWorker::new(pool.clone(), settings.webhook_allow.clone())?;
     let webhook_workers = workers.clone();
     let maintenance_storage =
-        storage::<sweeper::SweepJob>(&pool, &queue_pool, &settings, &in_flight, sweeper::QUEUE);
+        storage::<sweeper::SweepJob>(&wakeups, &queue_pool, &settings, &in_flight, sweeper::QUEUE);
     let maintenance = sweeper::Maintenance {
         pool: pool.clone(),
         retention: settings.job_retention,
     };
     let email_storage =
-        storage::<EmailJob>(&pool, &queue_pool, &settings, &in_flight, email::QUEUE);
+        storage::<EmailJob>(&wakeups, &queue_pool, &settings, &in_flight, email::QUEUE);
     let email_worker = EmailWorker {
         pool: pool.clone(),
         mailer: settings.mailer.clone(),
     };
     let purge_storage =
-        storage::<PurgeJob>(&pool, &queue_pool, &settings, &in_flight, purge::QUEUE);
+        storage::<PurgeJob>(&wakeups, &queue_pool, &settings, &in_flight, purge::QUEUE);
     let purger = Purger {
         pool: pool.clone(),
         storage: Storage::new(&settings.storage),
@@ -517,14 +524,14 @@ impl Instances {
 
 /// The storage of `queue` as this process's workers take it.
 fn storage<T>(
-    pool: &PgPool,
+    wakeups: &crate::poll::Wakeups,
     queue_pool: &PgPool,
     settings: &WorkerSettings,
     in_flight: &InFlight,
     queue: &str,
 ) -> crate::poll::Backend<T> {
     let mut storage =
-        crate::poll::backend::<T>(pool, queue_pool, queue, settings.queue_config(queue));
+        crate::poll::backend::<T>(wakeups, queue_pool, queue, settings.queue_config(queue));
     storage.keep_alive(in_flight);
     storage
 }
