@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::http::{AppState, router};
 
+/// The server's state, with its pool of PostgreSQL connections.
 ///
 /// While PostgreSQL is out of reach the server starts anyway, as it runs on
 /// through an outage: `/healthz` answers, `/readyz` and anything that needs
