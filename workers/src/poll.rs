@@ -296,3 +296,49 @@ impl PollStrategy for NotifyThenRecheck {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::sync::mpsc;
+
+    use super::{Subscribers, wake};
+
+    fn subscribe(subs: &Arc<Mutex<Subscribers>>, queue: &str) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel(1);
+        subs.lock()
+            .unwrap()
+            .entry(queue.into())
+            .or_default()
+            .push(tx);
+        rx
+    }
+
+    #[test]
+    fn a_notification_wakes_its_queue_once_and_forgets_the_gone() {
+        let subs = Arc::new(Mutex::new(Subscribers::new()));
+        let (mut a1, a2, mut b) = (
+            subscribe(&subs, "a"),
+            subscribe(&subs, "a"),
+            subscribe(&subs, "b"),
+        );
+        drop(a2);
+        let weak = Arc::downgrade(&subs);
+        assert!(wake(&weak, Some("a")));
+        assert!(wake(&weak, Some("a")), "a full channel is no error");
+        assert_eq!(a1.try_recv(), Ok(()));
+        assert!(a1.try_recv().is_err(), "one wake-up waits, not two");
+        assert!(b.try_recv().is_err(), "another queue's notification");
+        assert_eq!(
+            subs.lock().unwrap()["a"].len(),
+            1,
+            "the dropped one is forgotten"
+        );
+        // A reconnection wakes every queue.
+        assert!(wake(&weak, None));
+        assert_eq!((a1.try_recv(), b.try_recv()), (Ok(()), Ok(())));
+        drop(subs);
+        assert!(!wake(&weak, None), "nobody holds the wake-ups any more");
+    }
+}
