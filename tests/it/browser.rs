@@ -3,7 +3,7 @@
 //! issuer and the second factor, search an account, open an audit entry,
 //! see its related events. A screenshot is kept as a test artefact.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,13 +15,7 @@ use wiremock::{Mock, Request, Respond, ResponseTemplate};
 const CLIENT_ID: &str = "slate-console-test";
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::harness::Process as Kill;
 
 /// The issuer's authorize endpoint: remembers the nonce, sends the browser
 /// back with a code.

@@ -20,6 +20,17 @@ pub fn server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// A child process (`slate serve`, `slate work`, a driver) that is killed
+/// when the test ends, passed or failed.
+pub struct Process(pub std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Wait (up to 30 s) until a `slate serve` process spawned at `address`
 /// answers `/healthz`; fails the test if it exits first (`alive` says
 /// whether it still runs) or never answers.

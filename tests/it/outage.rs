@@ -300,14 +300,7 @@ async fn a_server_started_while_postgres_is_down_starts_unready_and_gets_ready()
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start slate serve");
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut serve = Killed(serve);
+    let mut serve = crate::harness::Process(serve);
     let address = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(15))

@@ -1,20 +1,12 @@
 //! `slate work` as a process: contained panics, graceful shutdown.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use slate_workers::diagnostics::{DiagnosticJob, QUEUE};
 
+use crate::harness::Process as Worker;
 use crate::harness::TestDb;
-
-struct Worker(Child);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn start_worker(db: &TestDb) -> Worker {
     start_worker_with(db, &[])

@@ -14,8 +14,8 @@
 //! The notifications come through one `LISTEN` connection per process
 //! ([`Wakeups`]), on a task of its own. Until the twenty-first session each
 //! worker had its own listener (apalis-postgres's `Pubsub`), polled only
-//! when the worker looked for jobs: ten `LISTEN` connections held from the
-//! process's pool of 20, and a worker whose slots were all busy left its
+//! when the worker looked for jobs: seven to ten `LISTEN` connections held
+//! from the process's pool of 20 (seven in an idle process), and a worker whose slots were all busy left its
 //! listener's connection attempt unread half-way through the handshake,
 //! which kept a PostgreSQL backend waiting for it (up to
 //! `authentication_timeout`, 60 s, through a restart of the server).
@@ -24,13 +24,12 @@
 //! through [`queue_pool`], whose transactions commit without waiting for
 //! their WAL flush. How many jobs a fetch takes: see [`crate::queue`].
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
-
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
 
 use apalis::prelude::{BackendExt, PollSnapshot, PollStrategy, PollWith, Strategy};
 use apalis_postgres::Config;
@@ -151,13 +150,17 @@ impl Wakeups {
     /// A receiver woken (at most one wake-up waiting) by every notification
     /// of `queue` and by every reconnection.
     pub fn subscribe(&self, queue: &str) -> mpsc::Receiver<()> {
-        let (tx, rx) = mpsc::channel(1);
-        lock(&self.subscribers)
-            .entry(queue.to_owned())
-            .or_default()
-            .push(tx);
-        rx
+        subscribe_to(&self.subscribers, queue)
     }
+}
+
+fn subscribe_to(subscribers: &Mutex<Subscribers>, queue: &str) -> mpsc::Receiver<()> {
+    let (tx, rx) = mpsc::channel(1);
+    lock(subscribers)
+        .entry(queue.to_owned())
+        .or_default()
+        .push(tx);
+    rx
 }
 
 fn lock(subscribers: &Mutex<Subscribers>) -> std::sync::MutexGuard<'_, Subscribers> {
@@ -301,19 +304,7 @@ impl PollStrategy for NotifyThenRecheck {
 mod tests {
     use std::sync::{Arc, Mutex};
 
-    use tokio::sync::mpsc;
-
-    use super::{Subscribers, wake};
-
-    fn subscribe(subs: &Arc<Mutex<Subscribers>>, queue: &str) -> mpsc::Receiver<()> {
-        let (tx, rx) = mpsc::channel(1);
-        subs.lock()
-            .unwrap()
-            .entry(queue.into())
-            .or_default()
-            .push(tx);
-        rx
-    }
+    use super::{Subscribers, subscribe_to as subscribe, wake};
 
     #[test]
     fn a_notification_wakes_its_queue_once_and_forgets_the_gone() {
