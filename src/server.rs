@@ -24,6 +24,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         Err(e) if slate_events::db::unavailable(&e) => {
             tracing::warn!(
                 error = %e,
+                target = %slate_events::db::target(url),
                 "PostgreSQL is out of reach; serving anyway, not ready until it answers"
             );
             slate_events::db::connect_lazy(url, max).context("the PostgreSQL settings")?

@@ -81,6 +81,7 @@ pub async fn connect_waiting(
         };
         tracing::warn!(
             error = %error,
+            target = %target(url),
             waited_s = started.elapsed().as_secs(),
             retry_in_s = pause.as_secs(),
             "PostgreSQL is out of reach; waiting for it before starting"
@@ -91,6 +92,20 @@ pub async fn connect_waiting(
             _ = tokio::time::sleep(pause) => {}
         }
         pause = (pause * 2).min(START_PATIENCE_STEP);
+    }
+}
+
+/// Where `url` points, for a log line that must let an operator spot a
+/// wrong host or port: `host:port/database`, or the socket's directory and
+/// the database. Never the user name or the password.
+pub fn target(url: &str) -> String {
+    let Ok(options) = url.parse::<PgConnectOptions>() else {
+        return "(an unparsable URL)".into();
+    };
+    let database = options.get_database().unwrap_or("");
+    match options.get_socket() {
+        Some(socket) => format!("{}/{database}", socket.display()),
+        None => format!("{}:{}/{database}", options.get_host(), options.get_port()),
     }
 }
 
@@ -270,4 +285,18 @@ fn sqlx_error_in(e: &(dyn std::error::Error + 'static), is: impl Fn(&sqlx::Error
         cause = c.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::target;
+
+    #[test]
+    fn a_target_names_host_port_and_database_but_no_credentials() {
+        let t = target("postgres://slate:s3cret@db.internal:6432/slate_prod?sslmode=disable");
+        assert_eq!(t, "db.internal:6432/slate_prod");
+        assert!(!t.contains("s3cret") && !t.contains("slate:"));
+        assert_eq!(target("postgres://u@localhost/x"), "localhost:5432/x");
+        assert_eq!(target("not a url"), "(an unparsable URL)");
+    }
 }
