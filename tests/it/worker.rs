@@ -694,9 +694,9 @@ async fn still_in_its_first_run(db: &TestDb, generation_id: uuid::Uuid) {
     );
 }
 
-/// The generation's job ends (its row left by a failed worker is re-run
-/// and finds the work done), and the generation ran once and was billed
-/// once.
+/// The generation's job ends, completed by the run that outlived its
+/// failed worker (not run again as an orphan once that worker's name was
+/// let go), and the generation ran once and was billed once.
 async fn ran_once_and_finished(db: &TestDb, account: uuid::Uuid, generation_id: uuid::Uuid) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while generation_job_status(db, generation_id).await.as_deref() != Some("Done") {
@@ -709,6 +709,19 @@ async fn ran_once_and_finished(db: &TestDb, account: uuid::Uuid, generation_id: 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(generation_status(db, generation_id).await, "succeeded");
+    let (attempts, lock_by): (i32, String) = sqlx::query_as(
+        "select attempts, lock_by from apalis.jobs
+          where job_type = $1 and convert_from(job, 'UTF8')::jsonb->>'generation_id' = $2",
+    )
+    .bind(slate_workers::generations::QUEUE)
+    .bind(generation_id.to_string())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        attempts, 1,
+        "the job ran again after its first run finished (lock_by {lock_by})"
+    );
     assert_eq!(
         generation_events(
             db,

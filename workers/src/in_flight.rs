@@ -15,9 +15,16 @@
 //! took them, [`InFlight::retire`] marks a failed worker's name, and every
 //! heartbeat of the same queue ([`crate::queue`]) stamps the retired names
 //! that still have jobs running, in the transaction that then looks for
-//! orphans. When their last job ends, the name is let go; a row it leaves
-//! behind (its completion went to the failed worker) is an orphan like a
-//! dead process's, and its re-run finds the job's work done.
+//! orphans. When their last job ends, the name is let go.
+//!
+//! A job's completion normally reaches its row through its worker (apalis's
+//! persistence layer hands it to the worker's state machine, which runs
+//! [`crate::queue`]'s `handle_events`). A failed worker's is gone, so a job
+//! that finishes under a retired name records its own completion, from the
+//! job's task, before the name is let go ([`InFlight::recording_to`]).
+//! Until the twenty-second session the row stayed behind, was taken for an
+//! orphan once the name was let go, and was run again (a generation's
+//! re-run found its work done and ended at once, one attempt more).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,14 +33,19 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use apalis::prelude::WorkerContext;
+use apalis_core::backend::TaskResult;
 use apalis_core::layers::{Layer, Service};
-use apalis_core::task::Task;
+use apalis_core::task::{ExecutionContext, Task};
+use serde::Serialize;
+use sqlx::PgPool;
 
 /// The running jobs of one process's workers, by worker name. Cheap to
 /// clone; clones share the count.
 #[derive(Clone, Debug, Default)]
 pub struct InFlight {
     names: Arc<Mutex<HashMap<String, Name>>>,
+    /// Where a job that outlived its worker records its completion.
+    pool: Option<PgPool>,
 }
 
 #[derive(Debug, Default)]
@@ -46,6 +58,16 @@ struct Name {
 impl InFlight {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// [`new`](Self::new), and a job that finishes under a retired name
+    /// records its completion in `pool`'s queue table itself: its worker,
+    /// which would have, is gone.
+    pub fn recording_to(pool: PgPool) -> Self {
+        Self {
+            pool: Some(pool),
+            ..Self::default()
+        }
     }
 
     /// Counts the jobs a worker runs. Give it to the worker's builder as
@@ -79,6 +101,58 @@ impl InFlight {
             .collect()
     }
 
+    fn is_retired(&self, name: &str) -> bool {
+        self.lock().get(name).is_some_and(|n| n.retired)
+    }
+
+    /// Record the outcome of a job that finished under `name` after its
+    /// worker had failed: what that worker's `handle_events` would have
+    /// written ([`crate::queue::complete_one`], which changes the row only
+    /// while it is still locked by `name`). PostgreSQL may be out of reach
+    /// (an outage is what fails workers): tried again, 0.25 s doubling to
+    /// 5 s, for up to a minute; the name is kept alive meanwhile. If that
+    /// fails too, or fails otherwise, the row is left for the orphan check,
+    /// as it was before.
+    async fn record_for_gone_worker(&self, name: &str, result: TaskResult<serde_json::Value>) {
+        let Some(pool) = &self.pool else { return };
+        let started = tokio::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(250);
+        loop {
+            match crate::queue::complete_one(pool, &result, name).await {
+                Ok(recorded) => {
+                    tracing::info!(
+                        worker = name,
+                        job = %result.task_id,
+                        status = ?result.status,
+                        recorded,
+                        "a job of an ended worker finished; its completion recorded by the job itself"
+                    );
+                    return;
+                }
+                Err(e) if out_of_reach(&e) && started.elapsed() + pause <= JOB_RECORD_PATIENCE => {
+                    tracing::warn!(
+                        worker = name,
+                        job = %result.task_id,
+                        error = %e,
+                        retry_in_ms = pause.as_millis() as u64,
+                        "could not record a job of an ended worker; trying again"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        worker = name,
+                        job = %result.task_id,
+                        error = %e,
+                        "could not record a job of an ended worker; its row is left for the orphan check"
+                    );
+                    return;
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_secs(5));
+        }
+    }
+
     /// How many jobs run under `name`.
     #[cfg(test)]
     fn running(&self, name: &str) -> usize {
@@ -98,6 +172,18 @@ impl InFlight {
         self.names.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
+
+/// PostgreSQL is out of reach for now and the process is not stopping.
+/// apalis-postgres's error wraps sqlx's transparently (its source is sqlx's
+/// source), so it is looked at directly.
+fn out_of_reach(e: &apalis_postgres::Error) -> bool {
+    matches!(e, apalis_postgres::Error::Database(e)
+        if slate_events::db::unavailable(e) && !matches!(e, sqlx::Error::PoolClosed))
+}
+
+/// How long a job that outlived its worker keeps trying to record its
+/// completion while PostgreSQL is out of reach.
+const JOB_RECORD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One running job; counted out when dropped (finished, failed, panicked or
 /// dropped with its worker).
@@ -149,6 +235,8 @@ impl<S, Args> Service<Task<Args>> for Counted<S>
 where
     S: Service<Task<Args>>,
     S::Future: Send + 'static,
+    S::Response: Serialize + Send,
+    S::Error: std::fmt::Display + Send,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -165,12 +253,42 @@ where
             .data()
             .get::<WorkerContext>()
             .map(|worker| self.in_flight.enter(worker.name()));
+        let ctx = task.ctx().clone();
         let job = self.inner.call(task);
+        let in_flight = self.in_flight.clone();
         Box::pin(async move {
-            let _running = running;
-            job.await
+            let outcome = job.await;
+            if let Some(running) = &running
+                && in_flight.is_retired(&running.name)
+                && let Some(result) = task_result(&ctx, &outcome)
+            {
+                in_flight
+                    .record_for_gone_worker(&running.name, result)
+                    .await;
+            }
+            drop(running);
+            outcome
         })
     }
+}
+
+/// What apalis's persistence layer sends its worker when a job ends: the
+/// status its lifecycle set (done, failed, killed, or pending for a retry
+/// later), the attempt, and the encoded response or the error's message.
+fn task_result<R: Serialize, E: std::fmt::Display>(
+    ctx: &ExecutionContext,
+    outcome: &Result<R, E>,
+) -> Option<TaskResult<serde_json::Value>> {
+    let result = match outcome {
+        Ok(response) => serde_json::to_value(response).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    Some(TaskResult {
+        task_id: ctx.task_id()?.clone(),
+        attempt: ctx.attempt(),
+        status: ctx.status(),
+        result,
+    })
 }
 
 #[cfg(test)]

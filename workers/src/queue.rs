@@ -399,14 +399,27 @@ fn task_from_row(row: &PgRow) -> Result<PgTask, Error> {
 /// the worker had ever held (they keep their `lock_by`), or with statistics
 /// the whole table, twice: 6-9 ms per completion at 20,000 jobs, growing
 /// with the table. Here the jobs are found by their `ids` first.
+/// [`complete`] for one job that finished under `worker` after that worker
+/// had failed (see [`crate::in_flight`]); whether its row was still the
+/// worker's to complete.
+pub(crate) async fn complete_one(
+    pool: &PgPool,
+    result: &queries::ResultPayload,
+    worker: &str,
+) -> Result<bool, Error> {
+    let mut conn = pool.acquire().await?;
+    let ids = [result.task_id().to_string()];
+    Ok(complete(&mut conn, &[result], &ids, worker).await? == 1)
+}
+
 async fn complete(
     conn: &mut sqlx::PgConnection,
     completed: &[&queries::ResultPayload],
     ids: &[String],
     worker: &str,
-) -> Result<(), Error> {
+) -> Result<u64, Error> {
     let payload = serde_json::to_value(completed).map_err(Error::JsonError)?;
-    sqlx::query(
+    let done = sqlx::query(
         "with r as ( \
            select value ->> 'task_id' as id, (value ->> 'attempt')::integer as attempt, \
                   value -> 'result' as result, value ->> 'status' as status \
@@ -421,7 +434,7 @@ async fn complete(
     .bind(ids)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(done.rows_affected())
 }
 
 impl<Args> Backend for QueueStorage<Args> {

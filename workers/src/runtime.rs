@@ -126,7 +126,7 @@ where
     let wakeups = crate::poll::Wakeups::start(pool.clone());
     // Every worker counts its running jobs, so that a failed worker's name
     // stays alive while they run on (see `crate::in_flight`).
-    let in_flight = InFlight::new();
+    let in_flight = InFlight::recording_to(queue_pool.clone());
     let workers = Instances {
         process: settings.worker_name.clone(),
         in_flight: in_flight.clone(),
