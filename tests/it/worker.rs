@@ -243,8 +243,18 @@ async fn generation_events(
 }
 
 async fn generation_job_status(db: &TestDb, generation_id: uuid::Uuid) -> Option<String> {
-    sqlx::query_scalar(
-        "select status from apalis.jobs
+    generation_job(db, generation_id)
+        .await
+        .map(|(status, _, _)| status)
+}
+
+/// The generation's job row: status, attempts and the worker it names.
+async fn generation_job(
+    db: &TestDb,
+    generation_id: uuid::Uuid,
+) -> Option<(String, i32, Option<String>)> {
+    sqlx::query_as(
+        "select status, attempts, lock_by from apalis.jobs
           where job_type = $1 and convert_from(job, 'UTF8')::jsonb->>'generation_id' = $2",
     )
     .bind(slate_workers::generations::QUEUE)
@@ -709,18 +719,10 @@ async fn ran_once_and_finished(db: &TestDb, account: uuid::Uuid, generation_id: 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(generation_status(db, generation_id).await, "succeeded");
-    let (attempts, lock_by): (i32, String) = sqlx::query_as(
-        "select attempts, lock_by from apalis.jobs
-          where job_type = $1 and convert_from(job, 'UTF8')::jsonb->>'generation_id' = $2",
-    )
-    .bind(slate_workers::generations::QUEUE)
-    .bind(generation_id.to_string())
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let (_, attempts, lock_by) = generation_job(db, generation_id).await.unwrap();
     assert_eq!(
         attempts, 1,
-        "the job ran again after its first run finished (lock_by {lock_by})"
+        "the job ran again after its first run finished (lock_by {lock_by:?})"
     );
     assert_eq!(
         generation_events(

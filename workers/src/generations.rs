@@ -287,14 +287,14 @@ fn out_of_reach(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Run `step` again while it fails because PostgreSQL is out of reach
 /// ([`out_of_reach`]), pausing 0.25 s, then twice as long each time up to
-/// 5 s, for at most [`DB_PATIENCE`]. Any other error, or running out of
-/// patience, is the usual transient `database_unavailable`. `step` must be
-/// safe to run again after a failure, including a commit whose answer was
-/// lost.
-async fn patiently<T, F: Future<Output = anyhow::Result<T>>>(
+/// 5 s, for at most [`DB_PATIENCE`]; the last error otherwise. `step` must
+/// be safe to run again after a failure, including a commit whose answer
+/// was lost. Also what a job that outlived its worker records its
+/// completion with (`crate::in_flight`).
+pub(crate) async fn while_out_of_reach<T, F: Future<Output = anyhow::Result<T>>>(
     what: &'static str,
     mut step: impl FnMut() -> F,
-) -> Result<T, Step> {
+) -> anyhow::Result<T> {
     let started = tokio::time::Instant::now();
     let mut pause = Duration::from_millis(250);
     loop {
@@ -303,8 +303,7 @@ async fn patiently<T, F: Future<Output = anyhow::Result<T>>>(
             Err(e) => e,
         };
         if !out_of_reach(e.as_ref()) || started.elapsed() + pause > DB_PATIENCE {
-            tracing::warn!(step = what, error = %format_args!("{e:#}"), "database step failed");
-            return Err(Step::Retry("database_unavailable"));
+            return Err(e);
         }
         tracing::warn!(
             step = what,
@@ -315,6 +314,18 @@ async fn patiently<T, F: Future<Output = anyhow::Result<T>>>(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(5));
     }
+}
+
+/// [`while_out_of_reach`]; any other error, or running out of patience, is
+/// the usual transient `database_unavailable`.
+async fn patiently<T, F: Future<Output = anyhow::Result<T>>>(
+    what: &'static str,
+    step: impl FnMut() -> F,
+) -> Result<T, Step> {
+    while_out_of_reach(what, step).await.map_err(|e| {
+        tracing::warn!(step = what, error = %format_args!("{e:#}"), "database step failed");
+        Step::Retry("database_unavailable")
+    })
 }
 
 async fn cancel(w: &GenerationWorker, g: &Generation, reason: &str) -> Result<(), Step> {

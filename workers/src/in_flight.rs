@@ -109,47 +109,30 @@ impl InFlight {
     /// worker had failed: what that worker's `handle_events` would have
     /// written ([`crate::queue::complete_one`], which changes the row only
     /// while it is still locked by `name`). PostgreSQL may be out of reach
-    /// (an outage is what fails workers): tried again, 0.25 s doubling to
-    /// 5 s, for up to a minute; the name is kept alive meanwhile. If that
-    /// fails too, or fails otherwise, the row is left for the orphan check,
-    /// as it was before.
+    /// (an outage is what fails workers): tried again as a generation's
+    /// records are (`generations::while_out_of_reach`, up to a minute), the
+    /// name kept alive meanwhile. If that fails too, or fails otherwise, the
+    /// row is left for the orphan check, as it was before.
     async fn record_for_gone_worker(&self, name: &str, result: TaskResult<serde_json::Value>) {
         let Some(pool) = &self.pool else { return };
-        let started = tokio::time::Instant::now();
-        let mut pause = std::time::Duration::from_millis(250);
-        loop {
-            match crate::queue::complete_one(pool, &result, name).await {
-                Ok(recorded) => {
-                    tracing::info!(
-                        worker = name,
-                        job = %result.task_id,
-                        status = ?result.status,
-                        recorded,
-                        "a job of an ended worker finished; its completion recorded by the job itself"
-                    );
-                    return;
-                }
-                Err(e) if out_of_reach(&e) && started.elapsed() + pause <= JOB_RECORD_PATIENCE => {
-                    tracing::warn!(
-                        worker = name,
-                        job = %result.task_id,
-                        error = %e,
-                        retry_in_ms = pause.as_millis() as u64,
-                        "could not record a job of an ended worker; trying again"
-                    );
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        worker = name,
-                        job = %result.task_id,
-                        error = %e,
-                        "could not record a job of an ended worker; its row is left for the orphan check"
-                    );
-                    return;
-                }
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(std::time::Duration::from_secs(5));
+        let recorded = crate::generations::while_out_of_reach("record_for_gone_worker", || {
+            crate::queue::complete_one(pool, &result, name)
+        })
+        .await;
+        match recorded {
+            Ok(recorded) => tracing::info!(
+                worker = name,
+                job = %result.task_id,
+                status = ?result.status,
+                recorded,
+                "a job of an ended worker finished; its completion recorded by the job itself"
+            ),
+            Err(e) => tracing::warn!(
+                worker = name,
+                job = %result.task_id,
+                error = %format_args!("{e:#}"),
+                "could not record a job of an ended worker; its row is left for the orphan check"
+            ),
         }
     }
 
@@ -172,18 +155,6 @@ impl InFlight {
         self.names.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
-
-/// PostgreSQL is out of reach for now and the process is not stopping.
-/// apalis-postgres's error wraps sqlx's transparently (its source is sqlx's
-/// source), so it is looked at directly.
-fn out_of_reach(e: &apalis_postgres::Error) -> bool {
-    matches!(e, apalis_postgres::Error::Database(e)
-        if slate_events::db::unavailable(e) && !matches!(e, sqlx::Error::PoolClosed))
-}
-
-/// How long a job that outlived its worker keeps trying to record its
-/// completion while PostgreSQL is out of reach.
-const JOB_RECORD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One running job; counted out when dropped (finished, failed, panicked or
 /// dropped with its worker).

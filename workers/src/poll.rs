@@ -15,8 +15,9 @@
 //! ([`Wakeups`]), on a task of its own. Until the twenty-first session each
 //! worker had its own listener (apalis-postgres's `Pubsub`), polled only
 //! when the worker looked for jobs: seven to ten `LISTEN` connections held
-//! from the process's pool of 20 (seven in an idle process), and a worker whose slots were all busy left its
-//! listener's connection attempt unread half-way through the handshake,
+//! from the process's pool of 20 (seven in an idle process), and a worker
+//! whose slots were all busy left its listener's connection attempt unread
+//! half-way through the handshake,
 //! which kept a PostgreSQL backend waiting for it (up to
 //! `authentication_timeout`, 60 s, through a restart of the server).
 //!

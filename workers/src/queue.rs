@@ -392,6 +392,28 @@ fn task_from_row(row: &PgRow) -> Result<PgTask, Error> {
     Ok(task.build())
 }
 
+/// [`complete`] for one job that finished under `worker` after that worker
+/// had failed (see [`crate::in_flight`]); whether its row was still the
+/// worker's to complete. A database error comes back as sqlx's own:
+/// apalis-postgres wraps it transparently (its `source()` is sqlx's source),
+/// which would hide it from `slate_events::db::unavailable_in`.
+pub(crate) async fn complete_one(
+    pool: &PgPool,
+    result: &queries::ResultPayload,
+    worker: &str,
+) -> anyhow::Result<bool> {
+    let ids = [result.task_id().to_string()];
+    let completed = async {
+        let mut conn = pool.acquire().await?;
+        complete(&mut conn, &[result], &ids, worker).await
+    };
+    match completed.await {
+        Ok(rows) => Ok(rows == 1),
+        Err(Error::Database(e)) => Err(e.into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Record the results of `completed` jobs this worker holds: what
 /// apalis-postgres's `handle_results` does, with a plan that stays an index
 /// lookup. Its statement joins the jobs with the decoded results, which the
@@ -399,19 +421,6 @@ fn task_from_row(row: &PgRow) -> Result<PgTask, Error> {
 /// the worker had ever held (they keep their `lock_by`), or with statistics
 /// the whole table, twice: 6-9 ms per completion at 20,000 jobs, growing
 /// with the table. Here the jobs are found by their `ids` first.
-/// [`complete`] for one job that finished under `worker` after that worker
-/// had failed (see [`crate::in_flight`]); whether its row was still the
-/// worker's to complete.
-pub(crate) async fn complete_one(
-    pool: &PgPool,
-    result: &queries::ResultPayload,
-    worker: &str,
-) -> Result<bool, Error> {
-    let mut conn = pool.acquire().await?;
-    let ids = [result.task_id().to_string()];
-    Ok(complete(&mut conn, &[result], &ids, worker).await? == 1)
-}
-
 async fn complete(
     conn: &mut sqlx::PgConnection,
     completed: &[&queries::ResultPayload],
