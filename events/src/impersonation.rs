@@ -48,13 +48,21 @@ pub async fn start(
             "staff cannot impersonate themselves".into(),
         ));
     }
-    let exists: bool =
-        sqlx::query_scalar("select exists(select 1 from accounts where account_id = $1)")
+    let deleted: Option<bool> =
+        sqlx::query_scalar("select deleted_at is not null from accounts where account_id = $1")
             .bind(account_id)
-            .fetch_one(&mut *conn)
+            .fetch_optional(&mut *conn)
             .await?;
-    if !exists {
-        return Err(Error::UnknownAccount(account_id));
+    match deleted {
+        None => return Err(Error::UnknownAccount(account_id)),
+        // A deleted account acts no more (its keys and sessions ended), and
+        // not through staff either.
+        Some(true) => {
+            return Err(Error::InvalidArgument(
+                "a deleted account cannot be impersonated".into(),
+            ));
+        }
+        Some(false) => {}
     }
     let impersonation_id = Uuid::now_v7();
     let expires_at = Utc::now() + Duration::minutes(minutes.clamp(1, MAX.num_minutes()));
@@ -94,25 +102,38 @@ pub async fn start(
 }
 
 /// The live impersonation `id` of this staff member at `now` (clock
-/// injected by tests). An expired one is ended on the spot.
+/// injected by tests). An expired one, or one of an account deleted since
+/// it began, is ended on the spot.
 pub async fn resolve(
     conn: &mut PgConnection,
     staff_id: Uuid,
     id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<Option<Impersonation>, Error> {
-    let found: Option<Impersonation> = sqlx::query_as(
-        "select impersonation_id, staff_id, account_id, reason, started_at, expires_at from impersonations
-          where impersonation_id = $1 and staff_id = $2 and ended_at is null",
+    #[derive(sqlx::FromRow)]
+    struct Found {
+        #[sqlx(flatten)]
+        impersonation: Impersonation,
+        account_deleted: bool,
+    }
+    let found: Option<Found> = sqlx::query_as(
+        "select i.impersonation_id, i.staff_id, i.account_id, i.reason, i.started_at, i.expires_at,
+                a.deleted_at is not null as account_deleted
+           from impersonations i join accounts a using (account_id)
+          where i.impersonation_id = $1 and i.staff_id = $2 and i.ended_at is null",
     )
     .bind(id)
     .bind(staff_id)
     .fetch_optional(&mut *conn)
     .await?;
     match found {
-        Some(i) if now < i.expires_at => Ok(Some(i)),
-        Some(i) => {
-            end(conn, &i, "expired").await?;
+        Some(f) if f.account_deleted => {
+            end(conn, &f.impersonation, "account_deleted").await?;
+            Ok(None)
+        }
+        Some(f) if now < f.impersonation.expires_at => Ok(Some(f.impersonation)),
+        Some(f) => {
+            end(conn, &f.impersonation, "expired").await?;
             Ok(None)
         }
         None => Ok(None),

@@ -41,6 +41,7 @@ pub(super) async fn delete_account(
     State(state): State<AppState>,
     auth: Auth,
 ) -> Result<Response, ApiError> {
+    auth.not_impersonated()?;
     let mut tx = state.pool.begin().await?;
     let purge_after = slate_events::accounts::request_deletion(
         &mut tx,

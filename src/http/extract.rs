@@ -162,6 +162,10 @@ pub struct Auth {
     pub key_id: Option<Uuid>,
     pub session_id: Option<Uuid>,
     pub staff: bool,
+    /// A staff account's browser session that has not passed the second
+    /// factor yet: it acts as an ordinary account, and may not issue keys
+    /// (a key carries the account's staff rights without a second factor).
+    pub second_factor_pending: bool,
     /// The staff member acting as this account, under an impersonation.
     pub impersonator: Option<Uuid>,
     /// Where the request came from (for the audit trail).
@@ -197,6 +201,34 @@ impl Origin {
 }
 
 impl Auth {
+    /// Refuse what must not be done as someone else: issuing a credential
+    /// (it would outlive the impersonation, and carry the account's staff
+    /// rights if it has any), reading the account's signing secret, deleting
+    /// the account.
+    pub fn not_impersonated(&self) -> Result<(), ApiError> {
+        match self.impersonator {
+            Some(_) => Err(ApiError::client(
+                axum::http::StatusCode::FORBIDDEN,
+                "impersonation_forbidden",
+                "not available under an impersonation",
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuse a staff account's session that has not passed the second
+    /// factor.
+    pub fn second_factor_passed(&self) -> Result<(), ApiError> {
+        if self.second_factor_pending {
+            return Err(ApiError::client(
+                axum::http::StatusCode::FORBIDDEN,
+                "second_factor_required",
+                "pass the second factor (POST /v1/auth/totp) first",
+            ));
+        }
+        Ok(())
+    }
+
     /// Event metadata for what this caller does: the account, and the
     /// impersonating staff member if any (attributed to both).
     pub fn metadata(&self) -> slate_events::Metadata {
@@ -268,6 +300,7 @@ async fn impersonate(parts: &mut Parts, state: &AppState, auth: Auth) -> Result<
         key_id: auth.key_id,
         session_id: auth.session_id,
         staff: false,
+        second_factor_pending: false,
         impersonator: Some(i.staff_id),
         origin: auth.origin,
     })
@@ -302,6 +335,7 @@ async fn from_session(parts: &Parts, state: &AppState) -> Result<Option<Auth>, A
             key_id: None,
             session_id: Some(o.session_id),
             staff: o.staff && o.mfa_verified,
+            second_factor_pending: o.staff && !o.mfa_verified,
             impersonator: None,
             origin: Origin::of(parts),
         })),
@@ -390,6 +424,7 @@ impl FromRequestParts<AppState> for Auth {
             key_id: Some(owner.key_id),
             session_id: None,
             staff: owner.staff,
+            second_factor_pending: false,
             impersonator: None,
             origin: Origin::of(parts),
         };

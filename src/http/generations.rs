@@ -236,6 +236,7 @@ pub(super) async fn webhook_secret(
     State(state): State<AppState>,
     auth: Auth,
 ) -> Result<Json<Value>, ApiError> {
+    auth.not_impersonated()?;
     let mut conn = state.pool.acquire().await?;
     let secret = slate_workers::webhooks::secret_for(&mut conn, auth.account_id).await?;
     Ok(Json(json!({

@@ -56,6 +56,8 @@ pub(super) async fn create(
     auth: Auth,
     Json(body): Json<CreateKey>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    auth.not_impersonated()?;
+    auth.second_factor_passed()?;
     body.check()?;
     let mut conn = state.pool.acquire().await?;
     let key = slate_events::access::create_key(

@@ -182,6 +182,14 @@ pub const CODES: &[(&str, &str)] = &[
         "`Slate-Impersonate` names no live impersonation of the staff caller (or the caller is not staff)",
     ),
     (
+        "impersonation_forbidden",
+        "not done as someone else: under an impersonation staff cannot issue API keys, read the webhook signing secret or delete the account",
+    ),
+    (
+        "second_factor_required",
+        "a staff account's browser session must pass the second factor (`POST /v1/auth/totp`) before it can issue API keys",
+    ),
+    (
         "database_unavailable",
         "the database could not be reached (down, restarting or saturated); nothing was done, retry after `Retry-After` seconds",
     ),
@@ -433,12 +441,18 @@ pub const ERRORS: &[(&str, Errors)] = &[
         &[(404, &["not_found"]), (409, &["generation_finished"])],
     ),
     ("follow_generation", &[(404, &["not_found"])]),
-    ("get_webhook_secret", &[]),
-    ("create_key", &[(422, &["invalid_label"])]),
+    ("get_webhook_secret", &[(403, &["impersonation_forbidden"])]),
+    (
+        "create_key",
+        &[
+            (403, &["impersonation_forbidden", "second_factor_required"]),
+            (422, &["invalid_label"]),
+        ],
+    ),
     ("list_keys", &[]),
     ("revoke_key", &[(404, &["not_found"])]),
     ("export_account", &[(404, &["not_found"])]),
-    ("delete_account", &[]),
+    ("delete_account", &[(403, &["impersonation_forbidden"])]),
     (
         "start_sign_in",
         &[

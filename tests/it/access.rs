@@ -390,6 +390,106 @@ async fn impersonation_is_announced_attributed_to_both_and_expires_at_sixty_minu
     );
 }
 
+/// What would outlive an impersonation, or act as someone else for good,
+/// is refused under it; an account deleted meanwhile ends it, and a deleted
+/// account cannot be impersonated.
+#[tokio::test]
+async fn an_impersonation_issues_no_credentials_and_ends_with_its_accounts_deletion() {
+    let app = spawn_app_with(&[]).await;
+    let (user, user_key) = key_for(&app).await;
+    let (_, staff_key) = app.staff().await;
+    let (status, i) = app
+        .post_json(
+            "/admin/impersonations",
+            Some(&staff_key),
+            json!({"account_id": user, "reason": "ticket 43: a lost key"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{i}");
+    let id = i["impersonation_id"].as_str().unwrap().to_owned();
+    let as_user = |method: reqwest::Method, path: &str| {
+        app.client
+            .request(method, format!("{}{path}", app.address))
+            .bearer_auth(&staff_key)
+            .header("Slate-Impersonate", &id)
+    };
+    let code = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        (status, body["error"]["code"].as_str().map(str::to_owned))
+    };
+    let forbidden = (403, Some("impersonation_forbidden".to_owned()));
+    let r = as_user(reqwest::Method::POST, "/v1/keys")
+        .json(&json!({"label": "mine now"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(code(r).await, forbidden, "no key for the account");
+    let r = as_user(reqwest::Method::GET, "/v1/webhooks/secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(code(r).await, forbidden, "no signing secret");
+    let r = as_user(reqwest::Method::DELETE, "/v1/account")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(code(r).await, forbidden, "no deletion");
+    let (keys, deleted): (i64, bool) = sqlx::query_as(
+        "select (select count(*) from api_keys where account_id = $1),
+                (select deleted_at is not null from accounts where account_id = $1)",
+    )
+    .bind(user)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((keys, deleted), (1, false), "nothing was written");
+    // Reads go on as before.
+    let r = as_user(reqwest::Method::GET, "/v1/credits")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
+    // The user deletes the account: the impersonation ends with it.
+    let r = app
+        .client
+        .delete(format!("{}/v1/account", app.address))
+        .bearer_auth(&user_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let r = as_user(reqwest::Method::GET, "/v1/credits")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        code(r).await,
+        (403, Some("impersonation_invalid".to_owned()))
+    );
+    let ended: String = sqlx::query_scalar(
+        "select payload->>'reason' from events where event_type = 'ImpersonationEnded'",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(ended, "account_deleted");
+    // Nor can a new one begin.
+    let (status, body) = app
+        .post_json(
+            "/admin/impersonations",
+            Some(&staff_key),
+            json!({"account_id": user, "reason": "ticket 44: after the deletion"}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("invalid_impersonation")),
+        "{body}"
+    );
+}
+
 #[tokio::test]
 async fn an_unscoped_query_under_an_accounts_setting_sees_only_that_accounts_rows() {
     let app = spawn_app_with(&[]).await;

@@ -466,6 +466,35 @@ async fn staff_need_the_second_factor_in_the_browser_and_a_code_works_once() {
         403,
         "no staff powers before the second factor"
     );
+    // Nor a key, which would carry them without it.
+    let issue_key = |cookie: String| {
+        let (client, url) = (app.client.clone(), format!("{}/v1/keys", app.address));
+        async move {
+            let r = client
+                .post(url)
+                .header("cookie", cookie)
+                .json(&json!({"label": "ci"}))
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (status, body) = issue_key(cookie.clone()).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("second_factor_required")),
+        "{body}"
+    );
+    let keys: i64 = sqlx::query_scalar("select count(*) from api_keys where account_id = $1")
+        .bind(root)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(keys, 0, "nothing issued");
     let post_code = |code: String| {
         let (client, url, cookie) = (
             app.client.clone(),
@@ -493,6 +522,8 @@ async fn staff_need_the_second_factor_in_the_browser_and_a_code_works_once() {
     let (status, body) = post_code(good.clone()).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(admin(cookie.clone()).await, 200);
+    let (status, body) = issue_key(cookie.clone()).await;
+    assert_eq!(status, 201, "after the second factor: {body}");
     let (status, body) = post_code(good).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
