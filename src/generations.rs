@@ -289,6 +289,12 @@ pub async fn submit(
             "operation_not_priced",
             "this kind of generation has no approved price with this provider",
         ),
+        // The price's own bounds (`approved_operations.max_units`): a video
+        // longer than this provider makes.
+        Some(slate_events::Error::InvalidArgument(m)) if m.starts_with("units of ") => invalid(
+            "invalid_parameters",
+            "more units than this provider makes (a video longer than its longest)",
+        ),
         _ => ApiError::Internal(e),
     })?;
     match outcome {

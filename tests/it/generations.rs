@@ -545,6 +545,24 @@ async fn bad_submissions_get_stable_codes_and_unpriced_operations_are_refused() 
         (status, resp["error"]["code"].as_str()),
         (422, Some("operation_not_priced"))
     );
+    // And more units than the price allows (Fal.ai makes at most 20 s, for
+    // one): a client's mistake, not a 500.
+    sqlx::query("update approved_operations set max_units = 20 where operation = 'video:local'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let (status, resp, _) = app
+        .submit(
+            &key,
+            None,
+            json!({"kind": "video", "provider": "local", "prompt": "x", "parameters": {"duration": 30}}),
+        )
+        .await;
+    assert_eq!(
+        (status, resp["error"]["code"].as_str()),
+        (422, Some("invalid_parameters")),
+        "{resp}"
+    );
     let b = app.balance(&key).await;
     assert_eq!(b["reserved"], 0);
 }
@@ -978,6 +996,54 @@ async fn a_provider_handle_is_recorded_through_a_short_database_outage() {
     .await
     .unwrap();
     assert_eq!(handle.as_deref(), Some("fal-ai/kling-video/requests/req-7"));
+}
+
+/// The provider refuses the submission for good just as PostgreSQL goes
+/// out of reach: the failure, the attempt's last word, waits for the
+/// database and is recorded, and the credits come back. (Recorded once,
+/// without waiting, it was lost: the job ended Done and the generation
+/// stayed running, with nothing left to finish it.)
+#[tokio::test]
+async fn a_terminal_failure_is_recorded_through_a_short_database_outage() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+
+    let (fal, app, key) = fal_app().await;
+    Mock::given(method("POST"))
+        .and(path(format!("/{KLING}")))
+        .respond_with(
+            ResponseTemplate::new(422)
+                .set_body_json(json!({"detail": [{"loc": ["body", "duration"], "msg": "unexpected value", "type": "value_error"}]}))
+                .set_delay(Duration::from_millis(500)),
+        )
+        .mount(&fal)
+        .await;
+    let id = submit_kling_video(&app, &key).await;
+    let (proxy, w) = fal_worker_behind_proxy(&app, &fal).await;
+    let running = spawn_attempt(&w, id);
+    until_fal_called(&fal, "POST", "text-to-video").await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    proxy.restore();
+
+    let outcome = tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the attempt ends once the database is back")
+        .unwrap();
+    assert_eq!(
+        outcome,
+        slate_workers::generations::AttemptOutcome::Finished
+    );
+    let (_, g) = app
+        .get_as(&format!("/v1/generations/{id}"), Some(&key))
+        .await;
+    assert_eq!(g["status"].as_str(), Some("failed"), "{g}");
+    let b = app.balance(&key).await;
+    assert_eq!(
+        (b["available"].as_i64(), b["reserved"].as_i64()),
+        (Some(100), Some(0)),
+        "{b}"
+    );
 }
 
 /// PostgreSQL goes out of reach while the provider works and is still out

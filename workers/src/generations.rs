@@ -159,9 +159,13 @@ pub async fn handle(
     }
 }
 
-/// Record the terminal failure and release the credits.
+/// Record the terminal failure and release the credits. No attempt follows
+/// this one, so a short outage is waited out (the commonest last-attempt
+/// failure is PostgreSQL out of reach, and it may still be): given up, the
+/// generation would stay running with no job left to finish it. Recording
+/// it twice is harmless (the outcome's event id is the generation's).
 async fn fail(worker: &GenerationWorker, id: Uuid, code: &str, attempts: i32) {
-    let result = async {
+    let result = while_out_of_reach("record_failure", || async {
         let mut tx = worker.pool.begin().await?;
         let mut wake = crate::jobs::Wake::none();
         if let Some(g) = generations::get_any(&mut tx, id).await?
@@ -172,7 +176,7 @@ async fn fail(worker: &GenerationWorker, id: Uuid, code: &str, attempts: i32) {
         tx.commit().await?;
         wake.send(&worker.pool).await;
         Ok::<(), anyhow::Error>(())
-    }
+    })
     .await;
     match result {
         Ok(()) => tracing::info!(reason = code, "generation failed; credits released"),
