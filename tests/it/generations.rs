@@ -1297,6 +1297,73 @@ async fn a_completion_webhook_is_signed_retried_under_the_same_id_and_private_ur
     }
 }
 
+/// A reservation's hold is the net for a generation whose job vanished,
+/// not a limit on a slow one: past its hold, a generation whose job is
+/// still waiting (a backlog) or has attempts to go keeps its credits
+/// reserved and is billed when it succeeds; once its job is stopped for
+/// good, the hold is released. (Before, the sweeper released both, and the
+/// slow one then succeeded unbilled.)
+#[tokio::test]
+async fn an_expired_hold_is_released_only_once_its_generations_job_is_gone() {
+    let app = spawn_app_with(&[]).await;
+    let (_, key) = funded(&app, 100).await;
+    let (_, slow, _) = app.submit(&key, None, video("behind a backlog")).await;
+    let (_, lost, _) = app.submit(&key, None, video("its job is lost")).await;
+    let slow: Uuid = slow["id"].as_str().unwrap().parse().unwrap();
+    let lost: Uuid = lost["id"].as_str().unwrap().parse().unwrap();
+    let after_the_hold = chrono::Utc::now() + chrono::Duration::hours(3);
+    let report = slate_workers::sweeper::sweep(&app.db.pool, after_the_hold)
+        .await
+        .unwrap();
+    assert_eq!(report.holds_released, 0, "both jobs are waiting");
+
+    // One job fails for good without recording an outcome (as a killed or
+    // deleted job would): its hold goes. The other one's job failed once
+    // and has attempts to go: its hold stays.
+    for (id, status, attempts) in [(lost, "Killed", 1), (slow, "Failed", 1)] {
+        sqlx::query(
+            "update apalis.jobs set status = $2, attempts = $3
+              where job_type = 'slate.generations'
+                and convert_from(job, 'UTF8')::jsonb ->> 'generation_id' = $1::text",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(attempts)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    }
+    let report = slate_workers::sweeper::sweep(&app.db.pool, after_the_hold)
+        .await
+        .unwrap();
+    assert_eq!(report.holds_released, 1);
+    let reservations: Vec<(Uuid, String)> = sqlx::query_as(
+        "select generation_id, status from credit_reservations order by generation_id = $1",
+    )
+    .bind(slow)
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        reservations,
+        [(lost, "released".to_owned()), (slow, "reserved".to_owned())]
+    );
+
+    // The slow one runs at last, and is billed.
+    let w = worker(&app);
+    slate_workers::generations::attempt(&w, slow, 2).await;
+    let (_, g) = app
+        .get_as(&format!("/v1/generations/{slow}"), Some(&key))
+        .await;
+    assert_eq!(g["status"].as_str(), Some("succeeded"), "{g}");
+    let b = app.balance(&key).await;
+    assert_eq!(
+        (b["available"].as_i64(), b["reserved"].as_i64()),
+        (Some(96), Some(0)),
+        "{b}"
+    );
+}
+
 #[tokio::test]
 async fn a_generation_past_its_deadline_is_canceled_unbilled() {
     let app = spawn_app_with(&[]).await;
