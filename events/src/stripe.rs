@@ -667,6 +667,10 @@ fn id_of<'v>(v: &'v Value, pointer: &str) -> Option<&'v str> {
     }
 }
 
+fn bool_at(v: &Value, pointer: &str) -> Option<bool> {
+    v.pointer(pointer).and_then(Value::as_bool)
+}
+
 fn int(v: &Value, pointer: &str) -> Option<i64> {
     match v.pointer(pointer)? {
         Value::Number(n) => n.as_i64(),
@@ -930,7 +934,18 @@ fn invoice_plan_credits(
         .flatten()
     {
         let price = id_of(line, "/pricing/price_details/price").or_else(|| id_of(line, "/price"));
-        let quantity = int(line, "/quantity").unwrap_or(1).max(1);
+        // A plan change's proration lines (credit for the unused time on the
+        // old plan, a charge for the rest of the period on the new one) pay
+        // for no period of their own: the new plan's credits come with its
+        // next regular line. Counted, each change granted a whole period of
+        // both plans, again at every change back and forth.
+        let proration = bool_at(line, "/parent/subscription_item_details/proration")
+            .or_else(|| bool_at(line, "/proration"))
+            .unwrap_or(false);
+        let quantity = int(line, "/quantity").unwrap_or(1);
+        if proration || quantity < 1 {
+            continue;
+        }
         match price.and_then(|p| catalog.plans.get(p)) {
             Some(per) => {
                 credits = per

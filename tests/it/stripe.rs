@@ -646,6 +646,42 @@ async fn a_delayed_payment_grants_once_on_success_and_nothing_on_failure() {
     assert_eq!(b.available, 200);
 }
 
+/// A plan change's proration lines (credit for the unused time, a charge
+/// for the rest of the period) grant nothing; the plan's credits come with
+/// its regular line, once per seat. A line of no seats grants nothing.
+/// (Counted, an upgrade invoice granted a whole period of the old and the
+/// new plan, and again at every change back and forth.)
+#[tokio::test]
+async fn proration_lines_grant_no_credits() {
+    let app = stripe_app().await;
+    let account = new_account(&mut *app.db.conn().await).await;
+    let run = run_tag();
+    let mut event: Value =
+        serde_json::from_str(&fixture("04_invoice_paid_1", account, &run)).unwrap();
+    let regular = event["data"]["object"]["lines"]["data"][0].clone();
+    let line = |id: &str, amount: i64, quantity: i64, proration: bool| {
+        let mut l = regular.clone();
+        l["id"] = format!("il_{run}_{id}").into();
+        l["amount"] = amount.into();
+        l["quantity"] = quantity.into();
+        l["parent"]["subscription_item_details"]["proration"] = proration.into();
+        l
+    };
+    event["data"]["object"]["lines"]["data"] = serde_json::json!([
+        line("unused", -2450, 1, true),
+        line("remaining", 4900, 2, true),
+        line("seats", 9800, 2, false),
+        line("none", 0, 0, false),
+    ]);
+    let (status, resp) = app.deliver(&event.to_string()).await;
+    assert_eq!(status, 200, "{resp}");
+    app.process_stripe().await;
+    let b = slate_events::credits::balance(&mut *app.db.conn().await, account)
+        .await
+        .unwrap();
+    assert_eq!(b.available, 2000, "two seats of the plan, nothing else");
+}
+
 /// A refund processed while its purchase is being processed (two Stripe
 /// objects, one payment) waits for the purchase and takes its share back.
 /// Without the payment's lock each could miss the other, the refund finding
