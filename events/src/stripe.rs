@@ -638,12 +638,21 @@ fn text<'v>(v: &'v Value, pointer: &str) -> Option<&'v str> {
         .filter(|s| !s.is_empty())
 }
 
-/// The payment intent an invoice was paid with (the newer API lists it
-/// under `payments`).
+/// The payment intent an invoice was paid with: the newer API lists it
+/// under `payments` (a paid one first, where several are listed), API
+/// versions before 2025-03-31 name it at the top (`payment_intent`).
 fn invoice_payment_intent(inv: &Value) -> Option<&str> {
-    inv.pointer("/payments/data")
-        .and_then(Value::as_array)
-        .and_then(|p| p.iter().find_map(|p| id_of(p, "/payment/payment_intent")))
+    let payments = inv.pointer("/payments/data").and_then(Value::as_array);
+    let listed = |paid_only: bool| {
+        payments
+            .into_iter()
+            .flatten()
+            .filter(|p| !paid_only || text(p, "/status") == Some("paid"))
+            .find_map(|p| id_of(p, "/payment/payment_intent"))
+    };
+    listed(true)
+        .or_else(|| listed(false))
+        .or_else(|| id_of(inv, "/payment_intent"))
 }
 
 /// The payment an event's effects depend on, where a grant and the refunds

@@ -682,6 +682,41 @@ async fn proration_lines_grant_no_credits() {
     assert_eq!(b.available, 2000, "two seats of the plan, nothing else");
 }
 
+/// An invoice from an API version before 2025-03-31 names its payment
+/// intent at the top, not under `payments`: a dispute of that payment
+/// still finds the plan's grant. (Read only from `payments`, the grant was
+/// filed under the invoice's id and the dispute took nothing back.)
+#[tokio::test]
+async fn a_dispute_finds_the_grant_of_an_invoice_naming_its_payment_intent_at_the_top() {
+    let app = stripe_app().await;
+    let account = new_account(&mut *app.db.conn().await).await;
+    let run = run_tag();
+    let mut invoice: Value =
+        serde_json::from_str(&fixture("04_invoice_paid_1", account, &run)).unwrap();
+    let object = invoice["data"]["object"].as_object_mut().unwrap();
+    object.remove("payments");
+    object.insert("payment_intent".into(), format!("pi_{run}_in1").into());
+    let (status, resp) = app.deliver(&invoice.to_string()).await;
+    assert_eq!(status, 200, "{resp}");
+    app.process_stripe().await;
+    let b = slate_events::credits::balance(&mut *app.db.conn().await, account)
+        .await
+        .unwrap();
+    assert_eq!(b.available, 1000);
+
+    let mut dispute: Value =
+        serde_json::from_str(&fixture("10_charge_dispute_created", account, &run)).unwrap();
+    dispute["data"]["object"]["charge"] = format!("ch_{run}_in1").into();
+    dispute["data"]["object"]["payment_intent"] = format!("pi_{run}_in1").into();
+    let (status, resp) = app.deliver(&dispute.to_string()).await;
+    assert_eq!(status, 200, "{resp}");
+    app.process_stripe().await;
+    let b = slate_events::credits::balance(&mut *app.db.conn().await, account)
+        .await
+        .unwrap();
+    assert_eq!(b.available, 0, "frozen while disputed");
+}
+
 /// A refund processed while its purchase is being processed (two Stripe
 /// objects, one payment) waits for the purchase and takes its share back.
 /// Without the payment's lock each could miss the other, the refund finding
