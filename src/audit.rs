@@ -42,13 +42,30 @@ pub struct Filter {
     pub action: Option<String>,
     /// Any target value: a generation id, a Stripe event or object id, a key…
     pub target: Option<String>,
+    #[serde(default, deserialize_with = "bounded_time")]
     pub from: Option<DateTime<Utc>>,
+    #[serde(default, deserialize_with = "bounded_time")]
     pub to: Option<DateTime<Utc>>,
     pub request_id: Option<String>,
     pub outcome: Option<String>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<i64>,
     pub limit: Option<i64>,
+}
+
+/// A time of years 1 to 9999, or none. chrono reads years far beyond what
+/// PostgreSQL holds, which then refused the query (a 500, or an export cut
+/// short); as a filter's bound it is the client's mistake (`invalid_query`).
+pub fn bounded_time<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<DateTime<Utc>>, D::Error> {
+    use chrono::Datelike;
+    match Option::<DateTime<Utc>>::deserialize(d)? {
+        Some(t) if !(1..=9999).contains(&t.year()) => Err(serde::de::Error::custom(
+            "a time between the years 1 and 9999",
+        )),
+        t => Ok(t),
+    }
 }
 
 /// Newest first (or oldest first), after the cursor (a seq), matching every

@@ -2,12 +2,12 @@
 //! itself recorded in the log.
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::get;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{ApiError, AppState, Json, Staff};
+use super::{ApiError, AppState, Json, Path, Staff};
 
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -5,7 +5,7 @@
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{ApiError, AppState, Json, Query, Staff};
+use super::{ApiError, AppState, Json, Path, Query, Staff};
 use crate::audit::{AuditEntry, CSV_HEADER, Filter, csv_line, query};
 
 pub fn router() -> Router<AppState> {
@@ -73,7 +73,9 @@ async fn detail(
 #[derive(Debug, Default, Deserialize)]
 struct ExportQuery {
     format: Option<String>,
+    #[serde(default, deserialize_with = "crate::audit::bounded_time")]
     from: Option<DateTime<Utc>>,
+    #[serde(default, deserialize_with = "crate::audit::bounded_time")]
     to: Option<DateTime<Utc>>,
     account: Option<Uuid>,
 }

@@ -6,14 +6,14 @@
 //! with the keyboard.
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::{ApiError, AppState, Auth, Form, Query, Staff};
+use super::{ApiError, AppState, Auth, Form, Path, Query, Staff};
 use crate::audit::{AuditEntry, Filter, query};
 
 pub fn router() -> Router<AppState> {

@@ -76,6 +76,26 @@ fn encodes_nul(raw: &[u8]) -> bool {
     raw.contains(&0) || raw.windows(3).any(|w| w == b"%00")
 }
 
+/// `axum::extract::Path`, but a segment that cannot be decoded (percent-
+/// escapes that are not UTF-8, say) is `not_found` in Slate's error format
+/// instead of axum's plain-text 400: such an id names nothing.
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Path(v)),
+            Err(_) => Err(ApiError::not_found()),
+        }
+    }
+}
+
 /// `axum::extract::Query`, but a malformed query string gets a stable code
 /// (`invalid_query`) in Slate's error format instead of axum's plain text.
 pub struct Query<T>(pub T);

@@ -1,7 +1,7 @@
 //! `/v1/generations`: submit, read, list, cancel.
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::routing::{get, post};
@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{ApiError, AppState, Auth, ClientIp, Json, Query};
+use super::{ApiError, AppState, Auth, ClientIp, Json, Path, Query};
 use crate::generations::{self, SubmitRequest};
 
 pub fn router() -> Router<AppState> {

@@ -3,14 +3,14 @@
 //! (every request checks the database).
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{ApiError, AppState, Auth, Json};
+use super::{ApiError, AppState, Auth, Json, Path};
 
 pub fn router() -> Router<AppState> {
     Router::new()

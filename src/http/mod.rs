@@ -32,7 +32,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
-pub use extract::{Auth, ClientIp, Form, Json, Query, Staff};
+pub use extract::{Auth, ClientIp, Form, Json, Path, Query, Staff};
 
 use crate::config::Config;
 

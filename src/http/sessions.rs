@@ -2,7 +2,7 @@
 //! `/v1/sessions`.
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -12,7 +12,7 @@ use slate_events::Metadata;
 use uuid::Uuid;
 
 use super::extract::cookie;
-use super::{ApiError, AppState, Auth, Json, Query};
+use super::{ApiError, AppState, Auth, Json, Path, Query};
 use crate::oidc::{self, SignInError};
 
 const STATE_COOKIE: &str = "slate_oidc_state";

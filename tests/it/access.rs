@@ -770,3 +770,62 @@ async fn deleting_an_account_stops_access_at_once_and_staff_can_restore_it_withi
             .is_clean()
     );
 }
+
+/// A path id that does not decode (percent-escapes that are not UTF-8) names
+/// nothing: 404 `not_found` in the error format, never axum's plain-text
+/// 400; and an audit bound beyond the years PostgreSQL holds is the
+/// client's `invalid_query`, not a 500 or an export cut short.
+#[tokio::test]
+async fn undecodable_ids_and_out_of_range_times_get_stable_codes() {
+    let app = spawn_app_with(&[]).await;
+    let (_, key) = key_for(&app).await;
+    let (_, staff_key) = app.staff().await;
+    let send = |method: reqwest::Method, path: &str, key: &str| {
+        app.client
+            .request(method, format!("{}{path}", app.address))
+            .bearer_auth(key)
+            .send()
+    };
+    let cases = [
+        (reqwest::Method::GET, "/v1/generations/%FF", &key),
+        (reqwest::Method::POST, "/v1/generations/%FF/cancel", &key),
+        (reqwest::Method::GET, "/v1/generations/%FF%FE/events", &key),
+        (reqwest::Method::DELETE, "/v1/keys/%C3%28", &key),
+        (reqwest::Method::DELETE, "/v1/sessions/%FF", &key),
+        (reqwest::Method::GET, "/admin/accounts/%FF", &staff_key),
+        (reqwest::Method::GET, "/admin/audit/%FF", &staff_key),
+    ];
+    for (method, path, key) in cases {
+        let r = send(method.clone(), path, key).await.unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (404, Some("not_found")),
+            "{method} {path}: {body}"
+        );
+    }
+    for path in [
+        "/admin/audit?from=-5000-01-01T00:00:00Z",
+        "/admin/audit?to=%2B200000-01-01T00:00:00Z",
+        "/admin/audit/export?from=-0001-12-31T00:00:00Z",
+    ] {
+        let r = send(reqwest::Method::GET, path, &staff_key).await.unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("invalid_query")),
+            "{path}: {body}"
+        );
+    }
+    // The years PostgreSQL holds still work.
+    let r = send(
+        reqwest::Method::GET,
+        "/admin/audit?from=0001-01-01T00:00:00Z&to=9999-12-31T00:00:00Z",
+        &staff_key,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
