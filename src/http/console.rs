@@ -187,6 +187,7 @@ async fn totp(
     let Some(session) = auth.session_id else {
         return Ok(sign_in_page());
     };
+    super::sessions::totp_attempt_allowed(&state, auth.account_id).await?;
     let mut tx = state.pool.begin().await?;
     let ok = slate_events::mfa::verify_session(
         &mut tx,

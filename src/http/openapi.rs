@@ -226,7 +226,7 @@ pub const CODES: &[(&str, &str)] = &[
     // Generations.
     (
         "rate_limited",
-        "too many submissions from this account or address; retry after `Retry-After` seconds",
+        "too many generation submissions from this account or address, or second-factor attempts for this account; retry after `Retry-After` seconds",
     ),
     (
         "invalid_idempotency_key",
@@ -492,7 +492,11 @@ pub const ERRORS: &[(&str, Errors)] = &[
     ),
     (
         "verify_totp",
-        &[(400, &["session_required"]), (401, &["totp_invalid"])],
+        &[
+            (400, &["session_required"]),
+            (401, &["totp_invalid"]),
+            (429, &["rate_limited"]),
+        ],
     ),
     ("list_sessions", &[]),
     ("end_session", &[(404, &["not_found"])]),

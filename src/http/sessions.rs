@@ -291,6 +291,7 @@ pub(super) async fn totp(
             "the second factor is checked for a browser session",
         )
     })?;
+    totp_attempt_allowed(&state, auth.account_id).await?;
     let mut tx = state.pool.begin().await?;
     let ok = slate_events::mfa::verify_session(
         &mut tx,
@@ -318,6 +319,37 @@ pub(super) async fn totp(
         ));
     }
     Ok(Json(json!({ "session_id": session, "mfa_verified": true })))
+}
+
+/// Second-factor attempts an account gets per window, across its sessions
+/// and every web process. Three codes of a million pass at any moment (the
+/// current one and its neighbours), so without a limit a stolen first
+/// factor could try them all in a few hours; at five attempts in five
+/// minutes that takes years.
+pub(super) const TOTP_ATTEMPTS: u32 = 5;
+pub(super) const TOTP_WINDOW_SECS: u64 = 300;
+
+/// Count one second-factor attempt of `account` (the API's and the
+/// console's): 429 `rate_limited` past [`TOTP_ATTEMPTS`] in the window.
+pub(super) async fn totp_attempt_allowed(state: &AppState, account: Uuid) -> Result<(), ApiError> {
+    match state
+        .limiter
+        .hit(
+            "totp",
+            &account.to_string(),
+            TOTP_ATTEMPTS,
+            TOTP_WINDOW_SECS,
+        )
+        .await
+    {
+        crate::ratelimit::Decision::Allowed => Ok(()),
+        crate::ratelimit::Decision::Limited { retry_after } => Err(ApiError::client(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many second-factor attempts; try again after Retry-After seconds",
+        )
+        .with_retry_after(retry_after)),
+    }
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]

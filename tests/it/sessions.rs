@@ -543,6 +543,79 @@ async fn staff_need_the_second_factor_in_the_browser_and_a_code_works_once() {
     assert!(!everything.contains(&hex::encode(&secret)));
 }
 
+/// A stolen first factor cannot try second-factor codes at speed: five
+/// attempts an account per five minutes, then 429 `rate_limited` with
+/// `Retry-After`, even for the right code.
+#[tokio::test]
+async fn second_factor_attempts_are_limited_per_account() {
+    let issuer = issuer().await;
+    let app = app_for(&issuer).await;
+    let mut conn = app.db.conn().await;
+    let root = slate_events::accounts::create_account(
+        &mut conn,
+        "guarded@example.com",
+        true,
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    let key = slate::config::Config::from_lookup(|_| None)
+        .unwrap()
+        .sealing_key;
+    let uri = slate_events::mfa::enroll(
+        &mut conn,
+        root,
+        "guarded@example.com",
+        &key,
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    let secret = base32_decode(
+        uri.split("secret=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap(),
+    );
+    drop(conn);
+    let cookie = sign_in(&app, &issuer, "guarded@example.com").await;
+    let post_code = |code: String| {
+        let (client, url, cookie) = (
+            app.client.clone(),
+            format!("{}/v1/auth/totp", app.address),
+            cookie.clone(),
+        );
+        async move {
+            let r = client
+                .post(url)
+                .header("cookie", cookie)
+                .json(&json!({"code": code}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let retry_after = r.headers().get("retry-after").is_some();
+            let body = r.json::<Value>().await.unwrap_or(Value::Null);
+            let code = body["error"]["code"].as_str().map(str::to_owned);
+            (status, code, retry_after)
+        }
+    };
+    let good = totp(&secret, chrono::Utc::now().timestamp());
+    let wrong = format!(
+        "{:06}",
+        (good.parse::<u32>().unwrap() + 500_000) % 1_000_000
+    );
+    for _ in 0..5 {
+        let (status, code, _) = post_code(wrong.clone()).await;
+        assert_eq!((status, code.as_deref()), (401, Some("totp_invalid")));
+    }
+    let (status, code, retry_after) = post_code(good).await;
+    assert_eq!((status, code.as_deref()), (429, Some("rate_limited")));
+    assert!(retry_after, "429 says when to try again");
+}
+
 /// The whole access story through a real `slate serve` process at trace
 /// level, then the database dumped: no API key, session token or TOTP
 /// secret appears in either, in plaintext.
