@@ -1096,9 +1096,21 @@ async fn subscription_changed(
     // Two different states stamped with the same second: the events cannot
     // tell which came last, so ask Stripe for the object as it is now.
     let tie = matches!(&current, Some((at, old)) if state.state_at == *at && old != status);
-    let (state, key, outcome) = if tie
-        && let Some(refetch) = cx.refetch
-        && let Some(fresh) = refetch(id.to_owned()).await
+    // Where Stripe can be asked and does not answer, the event is tried
+    // again later: the tie-break below would keep whichever state was
+    // processed first, for as long as the subscription does not change.
+    let fresh = match cx.refetch {
+        Some(refetch) if tie => match refetch(id.to_owned()).await {
+            Some(fresh) if text(&fresh, "/status").is_some() => Some(fresh),
+            _ => {
+                return Err(ProcessError::Retryable(format!(
+                    "{id}: two states in the same second, and Stripe could not be asked which is current"
+                )));
+            }
+        },
+        _ => None,
+    };
+    let (state, key, outcome) = if let Some(fresh) = fresh
         && let Some(now_status) = text(&fresh, "/status")
     {
         let item = fresh
