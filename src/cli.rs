@@ -694,6 +694,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 let s = crate::stripe::reconcile::reconcile(
                     &pool,
                     client.as_ref(),
+                    config.livemode,
                     since,
                     dry_run,
                     now,
@@ -726,6 +727,14 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                     println!(
                         "  {} listed item(s) were not Stripe events and were skipped",
                         s.unreadable
+                    );
+                }
+                if s.other_mode > 0 {
+                    println!(
+                        "  {} event(s) of {} mode were skipped: is STRIPE_API_KEY of this deployment's mode (SLATE_LIVEMODE={})?",
+                        s.other_mode,
+                        if config.livemode { "test" } else { "live" },
+                        config.livemode
                     );
                 }
             }

@@ -83,6 +83,10 @@ pub struct Summary {
     /// Missing events by type (ingested, or that would be with --dry-run).
     pub missing_by_type: BTreeMap<String, usize>,
     pub unreadable: usize,
+    /// Events of the other mode (test against live): the API key is not of
+    /// this deployment's mode (`SLATE_LIVEMODE`). Skipped, as the webhook
+    /// refuses them.
+    pub other_mode: usize,
     pub beyond_retention: bool,
 }
 
@@ -101,6 +105,7 @@ pub enum ReconcileError {
 pub async fn reconcile(
     pool: &PgPool,
     client: Option<&stripe::Client>,
+    livemode: bool,
     since: DateTime<Utc>,
     dry_run: bool,
     now: DateTime<Utc>,
@@ -144,6 +149,10 @@ pub async fn reconcile(
                 continue;
             };
             starting_after = Some(event.stripe_event_id.clone());
+            if event.livemode != livemode {
+                summary.other_mode += 1;
+                continue;
+            }
             let known = slate_events::stripe::is_mirrored(pool, &event.stripe_event_id)
                 .await
                 .map_err(|e| ReconcileError::Store(e.into()))?;
