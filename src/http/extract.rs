@@ -338,12 +338,42 @@ pub fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a 
         .map(|(_, v)| v)
 }
 
+/// A browser's request that changes something, sent from another site
+/// (another origin): `Sec-Fetch-Site` says so where the browser sends it,
+/// `Origin` otherwise. The session cookie is `SameSite=Lax`, which still
+/// lets a sibling subdomain (the same site) send it with a form's POST.
+/// Requests without either header (not from a browser's page) pass.
+fn cross_site(parts: &Parts, public_url: &str) -> bool {
+    use axum::http::Method;
+    if matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return false;
+    }
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = header("sec-fetch-site") {
+        return !matches!(site, "same-origin" | "none");
+    }
+    match header("origin") {
+        Some(origin) => !public_url
+            .strip_prefix(origin)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+        None => false,
+    }
+}
+
 /// Authenticate with a session cookie (browsers). Staff privileges need a
-/// session that passed the second factor.
+/// session that passed the second factor. A request that changes something
+/// must come from this service's own pages ([`cross_site`]).
 async fn from_session(parts: &Parts, state: &AppState) -> Result<Option<Auth>, ApiError> {
     let Some(token) = cookie(&parts.headers, slate_events::sessions::COOKIE) else {
         return Ok(None);
     };
+    if cross_site(parts, &state.config.public_url) {
+        return Err(ApiError::client(
+            axum::http::StatusCode::FORBIDDEN,
+            "cross_site_request",
+            "a browser request from another site cannot use this session",
+        ));
+    }
     let mut conn = state.pool.acquire().await?;
     let idle = chrono::Duration::from_std(state.config.session_idle)
         .unwrap_or(chrono::Duration::minutes(30));

@@ -182,6 +182,10 @@ pub const CODES: &[(&str, &str)] = &[
         "`Slate-Impersonate` names no live impersonation of the staff caller (or the caller is not staff)",
     ),
     (
+        "cross_site_request",
+        "a request that changes something came with the session cookie from another site's page (`Sec-Fetch-Site`, or `Origin` against `SLATE_PUBLIC_URL`)",
+    ),
+    (
         "impersonation_forbidden",
         "not done as someone else: under an impersonation staff cannot issue API keys, read the webhook signing secret or delete the account",
     ),
@@ -506,7 +510,7 @@ pub const ERRORS: &[(&str, Errors)] = &[
 /// Errors of every authenticated operation.
 const AUTH_ERRORS: Errors = &[
     (401, &["unauthorized"]),
-    (403, &["impersonation_invalid"]),
+    (403, &["impersonation_invalid", "cross_site_request"]),
     (500, &["internal_error"]),
     (503, &["database_unavailable"]),
 ];

@@ -616,6 +616,62 @@ async fn second_factor_attempts_are_limited_per_account() {
     assert!(retry_after, "429 says when to try again");
 }
 
+/// A request that changes something, made with the session cookie from
+/// another site's page (a sibling subdomain gets the `SameSite=Lax` cookie
+/// sent with a form's POST), is refused: `Sec-Fetch-Site` where the browser
+/// sends it, `Origin` against `SLATE_PUBLIC_URL` otherwise. Reads, this
+/// service's own pages and clients that are not browsers go on.
+#[tokio::test]
+async fn a_cross_site_request_cannot_use_the_session_to_change_anything() {
+    let issuer = issuer().await;
+    let app = app_for(&issuer).await;
+    let cookie = sign_in(&app, &issuer, "browser@example.com").await;
+    let issue = |headers: &'static [(&'static str, &'static str)]| {
+        let mut req = app
+            .client
+            .post(format!("{}/v1/keys", app.address))
+            .header("cookie", cookie.clone())
+            .json(&json!({"label": "from a page"}));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            let body = r.json::<Value>().await.unwrap_or(Value::Null);
+            (status, body["error"]["code"].as_str().map(str::to_owned))
+        }
+    };
+    let refused = (403, Some("cross_site_request".to_owned()));
+    assert_eq!(issue(&[("sec-fetch-site", "cross-site")]).await, refused);
+    assert_eq!(issue(&[("sec-fetch-site", "same-site")]).await, refused);
+    assert_eq!(issue(&[("origin", "https://evil.example")]).await, refused);
+    assert_eq!(
+        issue(&[("origin", "http://127.0.0.1:8080.evil.example")]).await,
+        refused
+    );
+    let keys: i64 = sqlx::query_scalar("select count(*) from api_keys")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(keys, 0, "nothing was issued");
+    // This service's own pages (the default public URL), and a client
+    // that is not a browser's page.
+    assert_eq!(issue(&[("sec-fetch-site", "same-origin")]).await.0, 201);
+    assert_eq!(issue(&[("origin", "http://127.0.0.1:8080")]).await.0, 201);
+    assert_eq!(issue(&[]).await.0, 201);
+    // A read from anywhere is only a read.
+    let r = app
+        .client
+        .get(format!("{}/v1/keys", app.address))
+        .header("cookie", cookie.clone())
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
+
 /// The whole access story through a real `slate serve` process at trace
 /// level, then the database dumped: no API key, session token or TOTP
 /// secret appears in either, in plaintext.
