@@ -510,10 +510,34 @@ async fn process_in_tx(
     }
     let payload: Value = serde_json::from_str(&raw)
         .map_err(|_| ProcessError::Permanent("mirrored body is not JSON".into()))?;
-    let object = payload
+    let mut object = payload
         .pointer("/data/object")
         .cloned()
         .unwrap_or(Value::Null);
+    // An invoice's payment intent is where a refund or a dispute of its
+    // payment finds the grant. Stripe's events of API versions since
+    // 2025-03-31 do not carry its payments (an includable field): where
+    // Stripe can be asked, the invoice is read with them, and the event is
+    // tried again later when that fails. (Where it cannot, the grant is
+    // filed under the invoice's id, and a refund of it finds nothing.)
+    if matches!(
+        event_type.as_str(),
+        "invoice.paid" | "invoice.payment_failed"
+    ) && invoice_payment_intent(&object).is_none()
+        && let Some(refetch) = options.refetch.as_ref()
+        && let Some(invoice) = text(&object, "/id").map(str::to_owned)
+    {
+        match refetch(invoice.clone()).await {
+            Some(fresh) if fresh.pointer("/payments/data").is_some() => {
+                object["payments"] = fresh["payments"].clone();
+            }
+            _ => {
+                return Err(ProcessError::Retryable(format!(
+                    "{invoice}: its payments could not be read from Stripe"
+                )));
+            }
+        }
+    }
     // One event per Stripe object at a time, and one per payment: a purchase
     // and a refund or dispute of it are different objects, and each reads
     // what the other writes (the refund looks for the grant; the grant, in

@@ -36,21 +36,40 @@ impl StripeClient for Capture<'_> {
 }
 
 /// Fetch objects' current state from Stripe for processing that is in
-/// doubt (see `slate_events::stripe::Refetcher`). Subscriptions for now.
+/// doubt (see `slate_events::stripe::Refetcher`): a subscription, or an
+/// invoice with its payments (`payments` is includable: Stripe's events of
+/// API versions since 2025-03-31 do not carry it, and it is where the
+/// payment intent a refund or dispute names is).
 pub fn refetcher(client: stripe::Client) -> slate_events::stripe::Refetcher {
     let client = std::sync::Arc::new(client);
     std::sync::Arc::new(move |id: String| {
         let client = client.clone();
         Box::pin(async move {
-            if !id.starts_with("sub_") {
+            // Ids go into the request's path.
+            if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
                 return None;
             }
+            let request = if id.starts_with("sub_") {
+                stripe_billing::subscription::RetrieveSubscription::new(id.as_str()).build()
+            } else if id.starts_with("in_") {
+                #[derive(serde::Serialize)]
+                struct Expand {
+                    expand: [&'static str; 1],
+                }
+                stripe_client_core::RequestBuilder::new(
+                    stripe_client_core::StripeMethod::Get,
+                    format!("/invoices/{id}"),
+                )
+                .query(&Expand {
+                    expand: ["payments"],
+                })
+            } else {
+                return None;
+            };
             let capture = Capture {
                 inner: &client,
                 last: Mutex::new(None),
             };
-            let request =
-                stripe_billing::subscription::RetrieveSubscription::new(id.as_str()).build();
             match request
                 .customize::<miniserde::json::Value>()
                 .send(&capture)
@@ -58,7 +77,7 @@ pub fn refetcher(client: stripe::Client) -> slate_events::stripe::Refetcher {
             {
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "refetching a subscription from Stripe failed");
+                    tracing::warn!(error = %e, "refetching an object from Stripe failed");
                     return None;
                 }
             }

@@ -717,6 +717,88 @@ async fn a_dispute_finds_the_grant_of_an_invoice_naming_its_payment_intent_at_th
     assert_eq!(b.available, 0, "frozen while disputed");
 }
 
+/// Stripe's events of the current API version do not carry an invoice's
+/// payments (`payments` is includable). Where Stripe can be asked, the
+/// invoice is read with them, so a dispute of the payment finds the plan's
+/// grant; when Stripe does not answer, the event is tried again later.
+#[tokio::test]
+async fn an_invoice_event_without_its_payments_reads_them_from_stripe() {
+    use wiremock::matchers::{method, path, query_param};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let stripe_api = MockServer::start().await;
+    let app = stripe_app().await;
+    let account = new_account(&mut *app.db.conn().await).await;
+    let run = run_tag();
+    let mut invoice: Value =
+        serde_json::from_str(&fixture("04_invoice_paid_1", account, &run)).unwrap();
+    let payments = invoice["data"]["object"]["payments"].clone();
+    assert_eq!(
+        payments["data"][0]["payment"]["payment_intent"].as_str(),
+        Some(format!("pi_{run}_in1").as_str())
+    );
+    invoice["data"]["object"]
+        .as_object_mut()
+        .unwrap()
+        .remove("payments");
+    let mut fresh = invoice["data"]["object"].clone();
+    fresh["payments"] = payments;
+    let invoice_path = format!("/v1/invoices/in_{run}_1");
+    Mock::given(method("GET"))
+        .and(path(invoice_path.as_str()))
+        .respond_with(ResponseTemplate::new(500).set_body_json(serde_json::json!({
+            "error": {"type": "api_error", "message": "An unknown error occurred"}
+        })))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&stripe_api)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(invoice_path.as_str()))
+        .and(query_param("expand[0]", "payments"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(fresh))
+        .expect(1)
+        .mount(&stripe_api)
+        .await;
+    let options = slate_events::stripe::ProcessOptions {
+        refetch: Some(slate::stripe::reconcile::refetcher(app_stripe_client(
+            &stripe_api,
+        ))),
+        ..Default::default()
+    };
+    let (status, resp) = app.deliver(&invoice.to_string()).await;
+    assert_eq!(status, 200, "{resp}");
+    let event = invoice["id"].as_str().unwrap();
+    let unanswered =
+        slate_events::stripe::process_with(&app.db.pool, &catalog(), event, &options).await;
+    assert!(
+        matches!(
+            unanswered,
+            Err(slate_events::stripe::ProcessError::Retryable(_))
+        ),
+        "{unanswered:?}"
+    );
+    slate_events::stripe::process_with(&app.db.pool, &catalog(), event, &options)
+        .await
+        .unwrap();
+    let b = slate_events::credits::balance(&mut *app.db.conn().await, account)
+        .await
+        .unwrap();
+    assert_eq!(b.available, 1000);
+
+    let mut dispute: Value =
+        serde_json::from_str(&fixture("10_charge_dispute_created", account, &run)).unwrap();
+    dispute["data"]["object"]["charge"] = format!("ch_{run}_in1").into();
+    dispute["data"]["object"]["payment_intent"] = format!("pi_{run}_in1").into();
+    let (status, resp) = app.deliver(&dispute.to_string()).await;
+    assert_eq!(status, 200, "{resp}");
+    app.process_stripe().await;
+    let b = slate_events::credits::balance(&mut *app.db.conn().await, account)
+        .await
+        .unwrap();
+    assert_eq!(b.available, 0, "frozen while disputed");
+}
+
 /// A refund processed while its purchase is being processed (two Stripe
 /// objects, one payment) waits for the purchase and takes its share back.
 /// Without the payment's lock each could miss the other, the refund finding
