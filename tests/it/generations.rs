@@ -953,6 +953,37 @@ async fn finished_in_one_attempt(
     );
 }
 
+/// Submit a Kling video and start its attempt on a worker behind a proxy;
+/// Fal.ai answers the submission with `answer` 0.5 s into a PostgreSQL
+/// outage of 2.5 s, which outlasts two acquire timeouts. The generation's
+/// id and its running attempt, once the database is back.
+async fn submission_answered_in_an_outage(
+    app: &TestApp,
+    fal: &wiremock::MockServer,
+    key: &str,
+    answer: wiremock::ResponseTemplate,
+) -> (
+    Uuid,
+    tokio::task::JoinHandle<slate_workers::generations::AttemptOutcome>,
+) {
+    use wiremock::Mock;
+    use wiremock::matchers::{method, path};
+
+    Mock::given(method("POST"))
+        .and(path(format!("/{KLING}")))
+        .respond_with(answer.set_delay(Duration::from_millis(500)))
+        .mount(fal)
+        .await;
+    let id = submit_kling_video(app, key).await;
+    let (proxy, w) = fal_worker_behind_proxy(app, fal).await;
+    let running = spawn_attempt(&w, id);
+    until_fal_called(fal, "POST", "text-to-video").await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    proxy.restore();
+    (id, running)
+}
+
 /// Fal.ai takes no idempotency key: the recorded handle is what keeps a
 /// second attempt from submitting (and paying) again. PostgreSQL goes out of
 /// reach just as the handle comes back (the connections reset, new ones
@@ -962,29 +993,12 @@ async fn finished_in_one_attempt(
 /// again.)
 #[tokio::test]
 async fn a_provider_handle_is_recorded_through_a_short_database_outage() {
-    use wiremock::matchers::{method, path};
-    use wiremock::{Mock, ResponseTemplate};
+    use wiremock::ResponseTemplate;
 
     let (fal, app, key) = fal_app().await;
-    Mock::given(method("POST"))
-        .and(path(format!("/{KLING}")))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(fal_in_queue(&fal, "req-7"))
-                .set_delay(Duration::from_millis(500)),
-        )
-        .mount(&fal)
-        .await;
+    let answer = ResponseTemplate::new(200).set_body_json(fal_in_queue(&fal, "req-7"));
     mount_fal_result(&fal, "req-7").await;
-    let id = submit_kling_video(&app, &key).await;
-    let (proxy, w) = fal_worker_behind_proxy(&app, &fal).await;
-    let running = spawn_attempt(&w, id);
-    until_fal_called(&fal, "POST", "text-to-video").await;
-    // The handle arrives about 0.5 s into the outage, which outlasts two
-    // acquire timeouts.
-    proxy.cut();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    proxy.restore();
+    let (id, running) = submission_answered_in_an_outage(&app, &fal, &key, answer).await;
 
     finished_in_one_attempt(&app, &fal, &key, id, running).await;
     let handle: Option<String> = sqlx::query_scalar(
@@ -1005,26 +1019,11 @@ async fn a_provider_handle_is_recorded_through_a_short_database_outage() {
 /// stayed running, with nothing left to finish it.)
 #[tokio::test]
 async fn a_terminal_failure_is_recorded_through_a_short_database_outage() {
-    use wiremock::matchers::{method, path};
-    use wiremock::{Mock, ResponseTemplate};
+    use wiremock::ResponseTemplate;
 
     let (fal, app, key) = fal_app().await;
-    Mock::given(method("POST"))
-        .and(path(format!("/{KLING}")))
-        .respond_with(
-            ResponseTemplate::new(422)
-                .set_body_json(json!({"detail": [{"loc": ["body", "duration"], "msg": "unexpected value", "type": "value_error"}]}))
-                .set_delay(Duration::from_millis(500)),
-        )
-        .mount(&fal)
-        .await;
-    let id = submit_kling_video(&app, &key).await;
-    let (proxy, w) = fal_worker_behind_proxy(&app, &fal).await;
-    let running = spawn_attempt(&w, id);
-    until_fal_called(&fal, "POST", "text-to-video").await;
-    proxy.cut();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    proxy.restore();
+    let refusal = ResponseTemplate::new(422).set_body_json(json!({"detail": [{"loc": ["body", "duration"], "msg": "unexpected value", "type": "value_error"}]}));
+    let (id, running) = submission_answered_in_an_outage(&app, &fal, &key, refusal).await;
 
     let outcome = tokio::time::timeout(Duration::from_secs(30), running)
         .await

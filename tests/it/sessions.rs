@@ -408,14 +408,29 @@ pub fn totp(secret: &[u8], at: i64) -> String {
     format!("{:06}", n % 1_000_000)
 }
 
-#[tokio::test]
-async fn staff_need_the_second_factor_in_the_browser_and_a_code_works_once() {
-    let issuer = issuer().await;
-    let app = app_for(&issuer).await;
+/// `POST /v1/auth/totp` with the session `cookie`: the status, the body and
+/// whether a `Retry-After` came with it.
+async fn post_totp(app: &TestApp, cookie: &str, code: &str) -> (u16, Value, bool) {
+    let r = app
+        .client
+        .post(format!("{}/v1/auth/totp", app.address))
+        .header("cookie", cookie)
+        .json(&json!({"code": code}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let retry_after = r.headers().get("retry-after").is_some();
+    (status, r.json().await.unwrap_or(Value::Null), retry_after)
+}
+
+/// A staff account with the second factor enrolled: its id and the TOTP
+/// secret (base32), as the otpauth URI gives it.
+async fn enrolled_staff(app: &TestApp, email: &str) -> (uuid::Uuid, String) {
     let mut conn = app.db.conn().await;
-    let root = slate_events::accounts::create_account(
+    let account = slate_events::accounts::create_account(
         &mut conn,
-        "root@example.com",
+        email,
         true,
         slate_events::Metadata::system(),
     )
@@ -426,23 +441,29 @@ async fn staff_need_the_second_factor_in_the_browser_and_a_code_works_once() {
         .sealing_key;
     let uri = slate_events::mfa::enroll(
         &mut conn,
-        root,
-        "root@example.com",
+        account,
+        email,
         &key,
         slate_events::Metadata::system(),
     )
     .await
     .unwrap();
-    let secret_b32 = uri
+    let secret = uri
         .split("secret=")
         .nth(1)
         .unwrap()
         .split('&')
         .next()
-        .unwrap()
-        .to_owned();
+        .unwrap();
+    (account, secret.to_owned())
+}
+
+#[tokio::test]
+async fn staff_need_the_second_factor_in_the_browser_and_a_code_works_once() {
+    let issuer = issuer().await;
+    let app = app_for(&issuer).await;
+    let (root, secret_b32) = enrolled_staff(&app, "root@example.com").await;
     let secret = base32_decode(&secret_b32);
-    drop(conn);
 
     let cookie = sign_in(&app, &issuer, "root@example.com").await;
     let admin = |cookie: String| {
@@ -495,25 +516,10 @@ async fn staff_need_the_second_factor_in_the_browser_and_a_code_works_once() {
         .await
         .unwrap();
     assert_eq!(keys, 0, "nothing issued");
-    let post_code = |code: String| {
-        let (client, url, cookie) = (
-            app.client.clone(),
-            format!("{}/v1/auth/totp", app.address),
-            cookie.clone(),
-        );
-        async move {
-            let r = client
-                .post(url)
-                .header("cookie", cookie)
-                .json(&json!({"code": code}))
-                .send()
-                .await
-                .unwrap();
-            (
-                r.status().as_u16(),
-                r.json::<Value>().await.unwrap_or(Value::Null),
-            )
-        }
+    let (app_ref, cookie_ref) = (&app, &cookie);
+    let post_code = move |code: String| async move {
+        let (status, body, _) = post_totp(app_ref, cookie_ref, &code).await;
+        (status, body)
     };
     let now = chrono::Utc::now().timestamp();
     let good = totp(&secret, now);
@@ -550,57 +556,14 @@ async fn staff_need_the_second_factor_in_the_browser_and_a_code_works_once() {
 async fn second_factor_attempts_are_limited_per_account() {
     let issuer = issuer().await;
     let app = app_for(&issuer).await;
-    let mut conn = app.db.conn().await;
-    let root = slate_events::accounts::create_account(
-        &mut conn,
-        "guarded@example.com",
-        true,
-        slate_events::Metadata::system(),
-    )
-    .await
-    .unwrap();
-    let key = slate::config::Config::from_lookup(|_| None)
-        .unwrap()
-        .sealing_key;
-    let uri = slate_events::mfa::enroll(
-        &mut conn,
-        root,
-        "guarded@example.com",
-        &key,
-        slate_events::Metadata::system(),
-    )
-    .await
-    .unwrap();
-    let secret = base32_decode(
-        uri.split("secret=")
-            .nth(1)
-            .unwrap()
-            .split('&')
-            .next()
-            .unwrap(),
-    );
-    drop(conn);
+    let (_, secret_b32) = enrolled_staff(&app, "guarded@example.com").await;
+    let secret = base32_decode(&secret_b32);
     let cookie = sign_in(&app, &issuer, "guarded@example.com").await;
-    let post_code = |code: String| {
-        let (client, url, cookie) = (
-            app.client.clone(),
-            format!("{}/v1/auth/totp", app.address),
-            cookie.clone(),
-        );
-        async move {
-            let r = client
-                .post(url)
-                .header("cookie", cookie)
-                .json(&json!({"code": code}))
-                .send()
-                .await
-                .unwrap();
-            let status = r.status().as_u16();
-            let retry_after = r.headers().get("retry-after").is_some();
-            let body = r.json::<Value>().await.unwrap_or(Value::Null);
-            let code = body["error"]["code"].as_str().map(str::to_owned);
-            (status, code, retry_after)
-        }
+    let (app_ref, cookie_ref) = (&app, &cookie);
+    let post_code = move |code: String| async move {
+        let (status, body, retry_after) = post_totp(app_ref, cookie_ref, &code).await;
+        let code = body["error"]["code"].as_str().map(str::to_owned);
+        (status, code, retry_after)
     };
     let good = totp(&secret, chrono::Utc::now().timestamp());
     let wrong = format!(

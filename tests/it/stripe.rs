@@ -682,6 +682,63 @@ async fn proration_lines_grant_no_credits() {
     assert_eq!(b.available, 2000, "two seats of the plan, nothing else");
 }
 
+/// Stripe's API answers the first GET of `path` with a 500 (its error
+/// body), and the mocks mounted for it after that.
+async fn stripe_fails_once(stripe_api: &wiremock::MockServer, path: &str) {
+    use wiremock::{Mock, ResponseTemplate, matchers};
+
+    Mock::given(matchers::method("GET"))
+        .and(matchers::path(path))
+        .respond_with(ResponseTemplate::new(500).set_body_json(serde_json::json!({
+            "error": {"type": "api_error", "message": "An unknown error occurred"}
+        })))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(stripe_api)
+        .await;
+}
+
+/// Process `event` asking Stripe through `options`, whose fake fails the
+/// first request: left to be tried again (retryable), then processed.
+async fn retried_until_stripe_answers(
+    app: &TestApp,
+    event: &str,
+    options: &slate_events::stripe::ProcessOptions,
+) {
+    let unanswered =
+        slate_events::stripe::process_with(&app.db.pool, &catalog(), event, options).await;
+    assert!(
+        matches!(
+            unanswered,
+            Err(slate_events::stripe::ProcessError::Retryable(_))
+        ),
+        "{unanswered:?}"
+    );
+    slate_events::stripe::process_with(&app.db.pool, &catalog(), event, options)
+        .await
+        .unwrap();
+}
+
+/// The first invoice's plan grant (1,000) is there; a dispute of its
+/// payment (`pi_<run>_in1`) freezes it.
+async fn disputing_the_first_invoice_freezes_its_grant(app: &TestApp, account: Uuid, run: &str) {
+    let available = || async {
+        slate_events::credits::balance(&mut *app.db.conn().await, account)
+            .await
+            .unwrap()
+            .available
+    };
+    assert_eq!(available().await, 1000);
+    let mut dispute: Value =
+        serde_json::from_str(&fixture("10_charge_dispute_created", account, run)).unwrap();
+    dispute["data"]["object"]["charge"] = format!("ch_{run}_in1").into();
+    dispute["data"]["object"]["payment_intent"] = format!("pi_{run}_in1").into();
+    let (status, resp) = app.deliver(&dispute.to_string()).await;
+    assert_eq!(status, 200, "{resp}");
+    app.process_stripe().await;
+    assert_eq!(available().await, 0, "frozen while disputed");
+}
+
 /// An invoice from an API version before 2025-03-31 names its payment
 /// intent at the top, not under `payments`: a dispute of that payment
 /// still finds the plan's grant. (Read only from `payments`, the grant was
@@ -699,22 +756,7 @@ async fn a_dispute_finds_the_grant_of_an_invoice_naming_its_payment_intent_at_th
     let (status, resp) = app.deliver(&invoice.to_string()).await;
     assert_eq!(status, 200, "{resp}");
     app.process_stripe().await;
-    let b = slate_events::credits::balance(&mut *app.db.conn().await, account)
-        .await
-        .unwrap();
-    assert_eq!(b.available, 1000);
-
-    let mut dispute: Value =
-        serde_json::from_str(&fixture("10_charge_dispute_created", account, &run)).unwrap();
-    dispute["data"]["object"]["charge"] = format!("ch_{run}_in1").into();
-    dispute["data"]["object"]["payment_intent"] = format!("pi_{run}_in1").into();
-    let (status, resp) = app.deliver(&dispute.to_string()).await;
-    assert_eq!(status, 200, "{resp}");
-    app.process_stripe().await;
-    let b = slate_events::credits::balance(&mut *app.db.conn().await, account)
-        .await
-        .unwrap();
-    assert_eq!(b.available, 0, "frozen while disputed");
+    disputing_the_first_invoice_freezes_its_grant(&app, account, &run).await;
 }
 
 /// Stripe's events of the current API version do not carry an invoice's
@@ -744,15 +786,7 @@ async fn an_invoice_event_without_its_payments_reads_them_from_stripe() {
     let mut fresh = invoice["data"]["object"].clone();
     fresh["payments"] = payments;
     let invoice_path = format!("/v1/invoices/in_{run}_1");
-    Mock::given(method("GET"))
-        .and(path(invoice_path.as_str()))
-        .respond_with(ResponseTemplate::new(500).set_body_json(serde_json::json!({
-            "error": {"type": "api_error", "message": "An unknown error occurred"}
-        })))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&stripe_api)
-        .await;
+    stripe_fails_once(&stripe_api, &invoice_path).await;
     Mock::given(method("GET"))
         .and(path(invoice_path.as_str()))
         .and(query_param("expand[0]", "payments"))
@@ -768,35 +802,8 @@ async fn an_invoice_event_without_its_payments_reads_them_from_stripe() {
     };
     let (status, resp) = app.deliver(&invoice.to_string()).await;
     assert_eq!(status, 200, "{resp}");
-    let event = invoice["id"].as_str().unwrap();
-    let unanswered =
-        slate_events::stripe::process_with(&app.db.pool, &catalog(), event, &options).await;
-    assert!(
-        matches!(
-            unanswered,
-            Err(slate_events::stripe::ProcessError::Retryable(_))
-        ),
-        "{unanswered:?}"
-    );
-    slate_events::stripe::process_with(&app.db.pool, &catalog(), event, &options)
-        .await
-        .unwrap();
-    let b = slate_events::credits::balance(&mut *app.db.conn().await, account)
-        .await
-        .unwrap();
-    assert_eq!(b.available, 1000);
-
-    let mut dispute: Value =
-        serde_json::from_str(&fixture("10_charge_dispute_created", account, &run)).unwrap();
-    dispute["data"]["object"]["charge"] = format!("ch_{run}_in1").into();
-    dispute["data"]["object"]["payment_intent"] = format!("pi_{run}_in1").into();
-    let (status, resp) = app.deliver(&dispute.to_string()).await;
-    assert_eq!(status, 200, "{resp}");
-    app.process_stripe().await;
-    let b = slate_events::credits::balance(&mut *app.db.conn().await, account)
-        .await
-        .unwrap();
-    assert_eq!(b.available, 0, "frozen while disputed");
+    retried_until_stripe_answers(&app, invoice["id"].as_str().unwrap(), &options).await;
+    disputing_the_first_invoice_freezes_its_grant(&app, account, &run).await;
 }
 
 /// A refund processed while its purchase is being processed (two Stripe
@@ -1362,15 +1369,7 @@ async fn two_subscription_states_in_the_same_second_are_settled_by_asking_stripe
     past_due["id"] = format!("evt_{run}_tie_b").into();
     // Stripe does not answer at first: the tied event is left to be tried
     // again, not settled by which one came first.
-    Mock::given(method("GET"))
-        .and(path(format!("/v1/subscriptions/sub_{run}")))
-        .respond_with(ResponseTemplate::new(500).set_body_json(serde_json::json!({
-            "error": {"type": "api_error", "message": "An unknown error occurred"}
-        })))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&stripe_api)
-        .await;
+    stripe_fails_once(&stripe_api, &format!("/v1/subscriptions/sub_{run}")).await;
     Mock::given(method("GET"))
         .and(path(format!("/v1/subscriptions/sub_{run}")))
         .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
@@ -1396,19 +1395,7 @@ async fn two_subscription_states_in_the_same_second_are_settled_by_asking_stripe
         .await
         .unwrap();
     assert_eq!(app.deliver(&past_due.to_string()).await.0, 200);
-    let second = past_due["id"].as_str().unwrap();
-    let unanswered =
-        slate_events::stripe::process_with(&app.db.pool, &catalog(), second, &options).await;
-    assert!(
-        matches!(
-            unanswered,
-            Err(slate_events::stripe::ProcessError::Retryable(_))
-        ),
-        "{unanswered:?}"
-    );
-    slate_events::stripe::process_with(&app.db.pool, &catalog(), second, &options)
-        .await
-        .unwrap();
+    retried_until_stripe_answers(&app, past_due["id"].as_str().unwrap(), &options).await;
     let status: String = sqlx::query_scalar("select status from stripe_subscriptions")
         .fetch_one(&app.db.pool)
         .await
