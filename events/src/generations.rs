@@ -322,20 +322,31 @@ async fn append(
 /// do is show a generation as running and then as queued again, which it is
 /// (the queue runs the attempt again, and appending its start again is a
 /// no-op: the event id is derived from the attempt).
+///
+/// Returns whether the generation is running now: false when it was
+/// finished meanwhile (a cancellation of the queued generation that
+/// committed after the worker read it), and the attempt must not go to the
+/// provider. Its transaction holds the generation's lock, which a
+/// cancellation takes too: one that comes later finds it running and asks
+/// the attempt to stop instead.
 pub async fn record_started(
     conn: &mut PgConnection,
     g: &Generation,
     attempt: i32,
     metadata: &Metadata,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     debug_assert!(
         !sqlx::Connection::is_in_transaction(&*conn),
         "record_started commits on its own"
     );
-    // One round trip: the setting is sent with the `begin`.
-    let mut tx =
-        sqlx::Connection::begin_with(&mut *conn, "begin; set local synchronous_commit = off")
-            .await?;
+    // One round trip: the setting and the lock are sent with the `begin`
+    // (a uuid's text needs no quoting).
+    let begin = format!(
+        "begin; set local synchronous_commit = off;
+         select pg_advisory_xact_lock(hashtext('generation:{}'))",
+        g.generation_id
+    );
+    let mut tx = sqlx::Connection::begin_with(&mut *conn, sqlx::AssertSqlSafe(begin)).await?;
     append(
         &mut tx,
         g.generation_id,
@@ -348,8 +359,13 @@ pub async fn record_started(
         metadata,
     )
     .await?;
+    let status: Option<String> =
+        sqlx::query_scalar("select status from generations where generation_id = $1")
+            .bind(g.generation_id)
+            .fetch_optional(&mut *tx)
+            .await?;
     tx.commit().await?;
-    Ok(())
+    Ok(status.as_deref() == Some("running"))
 }
 
 pub async fn record_submitted(

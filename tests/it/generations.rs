@@ -1363,6 +1363,69 @@ async fn an_expired_hold_is_released_only_once_its_generations_job_is_gone() {
     );
 }
 
+/// A worker reads a queued generation; its cancellation commits before the
+/// worker records the start. The start then reports the generation
+/// finished, so the attempt goes no further (no provider call, which would
+/// be paid for a canceled generation); it stays canceled and released.
+#[tokio::test]
+async fn a_generation_canceled_after_its_worker_read_it_is_not_started() {
+    let app = spawn_app_with(&[]).await;
+    let (_, key) = funded(&app, 100).await;
+    let (_, g, _) = app.submit(&key, None, video("canceled at once")).await;
+    let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
+    let mut conn = app.db.conn().await;
+    let read = slate_events::generations::work(&mut conn, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.generation.status, "queued");
+    let (status, body) = app
+        .post_json(
+            &format!("/v1/generations/{id}/cancel"),
+            Some(&key),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let started = slate_events::generations::record_started(
+        &mut conn,
+        &read.generation,
+        1,
+        &slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    assert!(!started, "the attempt must not go on");
+    drop(conn);
+    let (_, g) = app
+        .get_as(&format!("/v1/generations/{id}"), Some(&key))
+        .await;
+    assert_eq!(g["status"].as_str(), Some("canceled"), "{g}");
+    let b = app.balance(&key).await;
+    assert_eq!(
+        (b["available"].as_i64(), b["reserved"].as_i64()),
+        (Some(100), Some(0))
+    );
+    // And a generation still queued starts.
+    let (_, g, _) = app.submit(&key, None, video("started")).await;
+    let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
+    let mut conn = app.db.conn().await;
+    let read = slate_events::generations::work(&mut conn, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        slate_events::generations::record_started(
+            &mut conn,
+            &read.generation,
+            1,
+            &slate_events::Metadata::system(),
+        )
+        .await
+        .unwrap()
+    );
+}
+
 #[tokio::test]
 async fn a_generation_past_its_deadline_is_canceled_unbilled() {
     let app = spawn_app_with(&[]).await;

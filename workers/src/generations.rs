@@ -202,7 +202,10 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
         cancel(w, g, "canceled").await?;
         return Ok(());
     }
-    generations::record_started(&mut conn, g, attempt, &system()).await?;
+    if !generations::record_started(&mut conn, g, attempt, &system()).await? {
+        // Canceled after it was read: no provider call.
+        return Ok(());
+    }
     // No connection is held while the provider works (minutes, for video):
     // the worker's concurrency is not bounded by its pool.
     drop(conn);
