@@ -96,13 +96,25 @@ struct Search {
     q: Option<String>,
 }
 
+/// The staff caller, or the sign-in page for anyone else. A database out of
+/// reach (or another failure) is that error, 503 `database_unavailable`,
+/// not a sign-in page: the session may be fine.
+fn staff_or_sign_in(staff: Result<Staff, ApiError>) -> Result<Result<Auth, Response>, ApiError> {
+    match staff {
+        Ok(Staff(staff)) => Ok(Ok(staff)),
+        Err(e @ (ApiError::Unavailable { .. } | ApiError::Internal(_))) => Err(e),
+        Err(_) => Ok(Err(sign_in_page())),
+    }
+}
+
 async fn home(
     State(state): State<AppState>,
     staff: Result<Staff, ApiError>,
     Query(s): Query<Search>,
 ) -> Result<Response, ApiError> {
-    let Ok(Staff(staff)) = staff else {
-        return Ok(sign_in_page());
+    let staff = match staff_or_sign_in(staff)? {
+        Ok(staff) => staff,
+        Err(page) => return Ok(page),
     };
     let q = s.q.unwrap_or_default().trim().to_owned();
     let mut body = format!(
@@ -214,8 +226,9 @@ async fn account(
     staff: Result<Staff, ApiError>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let Ok(Staff(staff)) = staff else {
-        return Ok(sign_in_page());
+    let staff = match staff_or_sign_in(staff)? {
+        Ok(staff) => staff,
+        Err(page) => return Ok(page),
     };
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found())?;
     let mut conn = state.pool.acquire().await?;
@@ -320,8 +333,9 @@ async fn entry(
     staff: Result<Staff, ApiError>,
     Path(seq): Path<String>,
 ) -> Result<Response, ApiError> {
-    let Ok(Staff(staff)) = staff else {
-        return Ok(sign_in_page());
+    let staff = match staff_or_sign_in(staff)? {
+        Ok(staff) => staff,
+        Err(page) => return Ok(page),
     };
     let seq: i64 = seq.parse().map_err(|_| ApiError::not_found())?;
     let e = crate::audit::entry(&state.pool, seq)

@@ -516,9 +516,11 @@ impl FromRequestParts<AppState> for Staff {
             .get::<axum::extract::MatchedPath>()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_default();
+        // Under an impersonation the caller is its staff member, refused
+        // because staff rights do not go with it: recorded against them.
+        let caller = auth.impersonator.unwrap_or(auth.account_id);
         if let Err(e) =
-            slate_events::access::record_access_denied(&state.appends, auth.account_id, &route)
-                .await
+            slate_events::access::record_access_denied(&state.appends, caller, &route).await
         {
             tracing::warn!(error = %e, "could not record an access denial");
         }

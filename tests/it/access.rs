@@ -397,7 +397,7 @@ async fn impersonation_is_announced_attributed_to_both_and_expires_at_sixty_minu
 async fn an_impersonation_issues_no_credentials_and_ends_with_its_accounts_deletion() {
     let app = spawn_app_with(&[]).await;
     let (user, user_key) = key_for(&app).await;
-    let (_, staff_key) = app.staff().await;
+    let (staff, staff_key) = app.staff().await;
     let (status, i) = app
         .post_json(
             "/admin/impersonations",
@@ -435,6 +435,20 @@ async fn an_impersonation_issues_no_credentials_and_ends_with_its_accounts_delet
         .await
         .unwrap();
     assert_eq!(code(r).await, forbidden, "no deletion");
+    // Staff routes are not reached through it; the refusal is recorded
+    // against the staff member who asked.
+    let r = as_user(reqwest::Method::GET, &format!("/admin/accounts/{user}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(code(r).await, (403, Some("forbidden".to_owned())));
+    let denied: Vec<String> = sqlx::query_scalar(
+        "select payload->>'account_id' from events where event_type = 'AccessDenied'",
+    )
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(denied, [staff.to_string()]);
     let (keys, deleted): (i64, bool) = sqlx::query_as(
         "select (select count(*) from api_keys where account_id = $1),
                 (select deleted_at is not null from accounts where account_id = $1)",

@@ -218,6 +218,13 @@ async fn while_postgres_is_down_every_request_gets_a_quick_503_and_service_resum
                 .bearer_auth(&app.key),
         ),
         ("POST /webhooks/stripe", webhook()),
+        // The staff console: not its sign-in page (the session may be fine).
+        (
+            "GET /admin",
+            client
+                .get(format!("{}/admin?q=someone", app.server.address))
+                .bearer_auth(&app.key),
+        ),
     ];
     for (what, req) in requests {
         let (status, retry, body, took) = call(&client, req).await;
