@@ -376,10 +376,7 @@ pub async fn cancel(
     id: Uuid,
 ) -> Result<(StatusCode, Value), ApiError> {
     let mut tx = state.pool.begin().await?;
-    sqlx::query("select pg_advisory_xact_lock(hashtext('generation:' || $1::text))")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+    generations::lock(&mut tx, id).await?;
     let g = generations::get(&mut tx, auth.account_id, id)
         .await?
         .ok_or_else(ApiError::not_found)?;

@@ -311,6 +311,18 @@ async fn append(
     Ok(!appended.duplicate)
 }
 
+/// Take the generation's lock for the rest of the caller's transaction:
+/// a cancellation (a user's, or its deadline's) and an attempt's start
+/// ([`record_started`]) take turns, so the start sees a cancellation that
+/// came first, and a cancellation sees the generation running.
+pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<(), Error> {
+    sqlx::query("select pg_advisory_xact_lock(hashtext('generation:' || $1::text))")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// `GenerationStarted` for this attempt, in a transaction of its own that
 /// commits without waiting for its WAL flush (`synchronous_commit = off`).
 ///
@@ -339,8 +351,8 @@ pub async fn record_started(
         !sqlx::Connection::is_in_transaction(&*conn),
         "record_started commits on its own"
     );
-    // One round trip: the setting and the lock are sent with the `begin`
-    // (a uuid's text needs no quoting).
+    // One round trip: the setting and the lock ([`lock`]'s) are sent with
+    // the `begin` (a uuid's text needs no quoting).
     let begin = format!(
         "begin; set local synchronous_commit = off;
          select pg_advisory_xact_lock(hashtext('generation:{}'))",

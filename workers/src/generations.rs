@@ -486,6 +486,7 @@ pub async fn cancel_overdue(
     let mut n = 0;
     for id in ids {
         let mut tx = pool.begin().await?;
+        generations::lock(&mut tx, id).await?;
         let mut wake = crate::jobs::Wake::none();
         if let Some(g) = generations::get_any(&mut tx, id).await?
             && generations::cancel_now(&mut tx, &g, "deadline_passed", &system()).await?
