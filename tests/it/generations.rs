@@ -1299,9 +1299,10 @@ async fn a_completion_webhook_is_signed_retried_under_the_same_id_and_private_ur
 /// A reservation's hold is the net for a generation whose job vanished,
 /// not a limit on a slow one: past its hold, a generation whose job is
 /// still waiting (a backlog) or has attempts to go keeps its credits
-/// reserved and is billed when it succeeds; once its job is stopped for
-/// good, the hold is released. (Before, the sweeper released both, and the
-/// slow one then succeeded unbilled.)
+/// reserved and is billed when it succeeds. (Before, the sweeper released
+/// both, and the slow one then succeeded unbilled.) One whose job is
+/// stopped for good, unfinished and unchanged for ten minutes, is failed
+/// (`job_lost`), which releases its credits; it stayed running for good.
 #[tokio::test]
 async fn an_expired_hold_is_released_only_once_its_generations_job_is_gone() {
     let app = spawn_app_with(&[]).await;
@@ -1335,7 +1336,12 @@ async fn an_expired_hold_is_released_only_once_its_generations_job_is_gone() {
     let report = slate_workers::sweeper::sweep(&app.db.pool, after_the_hold)
         .await
         .unwrap();
-    assert_eq!(report.holds_released, 1);
+    // The generation whose job is gone is failed (`job_lost`), which
+    // releases its credits; the other one keeps its hold.
+    assert_eq!(
+        (report.generations_abandoned, report.holds_released),
+        (1, 0)
+    );
     let reservations: Vec<(Uuid, String)> = sqlx::query_as(
         "select generation_id, status from credit_reservations order by generation_id = $1",
     )
@@ -1346,6 +1352,14 @@ async fn an_expired_hold_is_released_only_once_its_generations_job_is_gone() {
     assert_eq!(
         reservations,
         [(lost, "released".to_owned()), (slow, "reserved".to_owned())]
+    );
+    let (_, g) = app
+        .get_as(&format!("/v1/generations/{lost}"), Some(&key))
+        .await;
+    assert_eq!(
+        (g["status"].as_str(), g["failure_code"].as_str()),
+        (Some("failed"), Some("job_lost")),
+        "{g}"
     );
 
     // The slow one runs at last, and is billed.

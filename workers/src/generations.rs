@@ -500,6 +500,67 @@ pub async fn cancel_overdue(
     Ok(n)
 }
 
+/// How long a generation may stay unfinished with no job left to finish it
+/// before the sweep fails it: longer than a job's own bookkeeping between
+/// recording an outcome and being marked done.
+pub const ABANDONED_AFTER: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+
+/// Fail the generations still queued or running, unchanged for
+/// [`ABANDONED_AFTER`], whose job is gone: none of theirs is waiting,
+/// running, or failed with attempts to go. That happens when an attempt's
+/// last word could not be recorded (PostgreSQL out of reach for longer than
+/// the attempt waits for it) or the job was killed or deleted; such a
+/// generation stayed `running` for good, its hold released at its expiry
+/// but its status, stream and completion webhook never settled. The failure
+/// (`job_lost`) releases what is still reserved, as any failure does.
+/// Returns how many were failed.
+pub async fn fail_abandoned(
+    pool: &PgPool,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<usize> {
+    // The live jobs' generations are read once (the queue's unfinished
+    // jobs, through their partial index), not once per generation.
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "with live as (
+             select (convert_from(j.job, 'UTF8')::jsonb ->> 'generation_id')::uuid as generation_id
+               from apalis.jobs j
+              where j.job_type = $1 and j.status <> 'Done'
+                and (j.status in ('Pending', 'Queued', 'Running')
+                     or (j.status = 'Failed' and j.attempts < j.max_attempts)))
+         select g.generation_id from generations g
+          where g.status in ('queued', 'running') and g.updated_at < $2
+            and not exists (select 1 from live where live.generation_id = g.generation_id)
+          order by g.updated_at
+          limit 500",
+    )
+    .bind(QUEUE)
+    .bind(now - ABANDONED_AFTER)
+    .fetch_all(pool)
+    .await?;
+    let mut n = 0;
+    for id in ids {
+        let mut tx = pool.begin().await?;
+        generations::lock(&mut tx, id).await?;
+        let mut wake = crate::jobs::Wake::none();
+        if let Some(g) = generations::get_any(&mut tx, id).await?
+            && !g.is_terminal()
+            && generations::fail(&mut tx, &g, "job_lost", g.attempts, &system()).await?
+        {
+            wake = crate::webhooks::enqueue_for(&mut tx, id).await?;
+            n += 1;
+        }
+        tx.commit().await?;
+        wake.send(pool).await;
+    }
+    if n > 0 {
+        tracing::warn!(
+            generations = n,
+            "generations whose job was gone failed (job_lost)"
+        );
+    }
+    Ok(n)
+}
+
 /// Fold the generations finished before `now` less [`jobs::FOLD_MARGIN`]
 /// (and before the database's own clock less it) into
 /// `generations_finished_retired` by kind and status, and move the

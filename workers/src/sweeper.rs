@@ -11,6 +11,7 @@ pub struct SweepReport {
     pub holds_released: i32,
     pub buckets_expired: i32,
     pub generations_past_deadline: usize,
+    pub generations_abandoned: usize,
     pub audit_entries_dropped: u64,
     pub purges_scheduled: usize,
     pub jobs_deleted: u64,
@@ -69,6 +70,7 @@ pub async fn sweep_with(
     retention: crate::jobs::Retention,
 ) -> anyhow::Result<SweepReport> {
     let generations_past_deadline = crate::generations::cancel_overdue(pool, now).await?;
+    let generations_abandoned = crate::generations::fail_abandoned(pool, now).await?;
     let mut tx = pool.begin().await?;
     let holds_released = credits::release_stale_holds(&mut tx, now).await?;
     tx.commit().await?;
@@ -123,6 +125,7 @@ pub async fn sweep_with(
         holds_released,
         buckets_expired,
         generations_past_deadline,
+        generations_abandoned,
         audit_entries_dropped,
     })
 }
@@ -189,6 +192,7 @@ pub async fn handle(
                 holds_released = r.holds_released,
                 buckets_expired = r.buckets_expired,
                 generations_past_deadline = r.generations_past_deadline,
+                generations_abandoned = r.generations_abandoned,
                 audit_entries_dropped = r.audit_entries_dropped,
                 purges_scheduled = r.purges_scheduled,
                 jobs_deleted = r.jobs_deleted,
