@@ -529,40 +529,30 @@ async fn bad_submissions_get_stable_codes_and_unpriced_operations_are_refused() 
             "{body}"
         );
     }
-    // The database itself refuses an operation without an approved price.
-    sqlx::query("delete from approved_operations where operation = 'script:local'")
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
-    let (status, resp, _) = app
-        .submit(
-            &key,
-            None,
+    // The database itself refuses an operation without an approved price,
+    // and more units than the price allows (Fal.ai makes at most 20 s, for
+    // one): a client's mistake either way, not a 500.
+    let refused_by_the_database = [
+        (
+            "delete from approved_operations where operation = 'script:local'",
             json!({"kind": "script", "provider": "local", "prompt": "x"}),
-        )
-        .await;
-    assert_eq!(
-        (status, resp["error"]["code"].as_str()),
-        (422, Some("operation_not_priced"))
-    );
-    // And more units than the price allows (Fal.ai makes at most 20 s, for
-    // one): a client's mistake, not a 500.
-    sqlx::query("update approved_operations set max_units = 20 where operation = 'video:local'")
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
-    let (status, resp, _) = app
-        .submit(
-            &key,
-            None,
+            "operation_not_priced",
+        ),
+        (
+            "update approved_operations set max_units = 20 where operation = 'video:local'",
             json!({"kind": "video", "provider": "local", "prompt": "x", "parameters": {"duration": 30}}),
-        )
-        .await;
-    assert_eq!(
-        (status, resp["error"]["code"].as_str()),
-        (422, Some("invalid_parameters")),
-        "{resp}"
-    );
+            "invalid_parameters",
+        ),
+    ];
+    for (change, body, code) in refused_by_the_database {
+        sqlx::query(change).execute(&app.db.pool).await.unwrap();
+        let (status, resp, _) = app.submit(&key, None, body).await;
+        assert_eq!(
+            (status, resp["error"]["code"].as_str()),
+            (422, Some(code)),
+            "{resp}"
+        );
+    }
     let b = app.balance(&key).await;
     assert_eq!(b["reserved"], 0);
 }
@@ -860,6 +850,20 @@ async fn fal_app() -> (wiremock::MockServer, TestApp, String) {
     (fal, app, key)
 }
 
+/// Generation `id`'s status, and its account's available and reserved
+/// credits.
+async fn settled(app: &TestApp, key: &str, id: Uuid) -> (String, i64, i64) {
+    let (_, g) = app
+        .get_as(&format!("/v1/generations/{id}"), Some(key))
+        .await;
+    let b = app.balance(key).await;
+    (
+        g["status"].as_str().unwrap_or_default().to_owned(),
+        b["available"].as_i64().unwrap_or(-1),
+        b["reserved"].as_i64().unwrap_or(-1),
+    )
+}
+
 /// Fal.ai's Kling text-to-video model, as the tests submit it.
 const KLING: &str = "fal-ai/kling-video/v2.1/master/text-to-video";
 
@@ -1033,16 +1037,7 @@ async fn a_terminal_failure_is_recorded_through_a_short_database_outage() {
         outcome,
         slate_workers::generations::AttemptOutcome::Finished
     );
-    let (_, g) = app
-        .get_as(&format!("/v1/generations/{id}"), Some(&key))
-        .await;
-    assert_eq!(g["status"].as_str(), Some("failed"), "{g}");
-    let b = app.balance(&key).await;
-    assert_eq!(
-        (b["available"].as_i64(), b["reserved"].as_i64()),
-        (Some(100), Some(0)),
-        "{b}"
-    );
+    assert_eq!(settled(&app, &key, id).await, ("failed".into(), 100, 0));
 }
 
 /// PostgreSQL goes out of reach while the provider works and is still out
@@ -1365,16 +1360,7 @@ async fn an_expired_hold_is_released_only_once_its_generations_job_is_gone() {
     // The slow one runs at last, and is billed.
     let w = worker(&app);
     slate_workers::generations::attempt(&w, slow, 2).await;
-    let (_, g) = app
-        .get_as(&format!("/v1/generations/{slow}"), Some(&key))
-        .await;
-    assert_eq!(g["status"].as_str(), Some("succeeded"), "{g}");
-    let b = app.balance(&key).await;
-    assert_eq!(
-        (b["available"].as_i64(), b["reserved"].as_i64()),
-        (Some(96), Some(0)),
-        "{b}"
-    );
+    assert_eq!(settled(&app, &key, slow).await, ("succeeded".into(), 96, 0));
 }
 
 /// A worker reads a queued generation; its cancellation commits before the
@@ -1411,15 +1397,7 @@ async fn a_generation_canceled_after_its_worker_read_it_is_not_started() {
     .unwrap();
     assert!(!started, "the attempt must not go on");
     drop(conn);
-    let (_, g) = app
-        .get_as(&format!("/v1/generations/{id}"), Some(&key))
-        .await;
-    assert_eq!(g["status"].as_str(), Some("canceled"), "{g}");
-    let b = app.balance(&key).await;
-    assert_eq!(
-        (b["available"].as_i64(), b["reserved"].as_i64()),
-        (Some(100), Some(0))
-    );
+    assert_eq!(settled(&app, &key, id).await, ("canceled".into(), 100, 0));
     // And a generation still queued starts.
     let (_, g, _) = app.submit(&key, None, video("started")).await;
     let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();

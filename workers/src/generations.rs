@@ -485,19 +485,44 @@ pub async fn cancel_overdue(
     drop(conn);
     let mut n = 0;
     for id in ids {
-        let mut tx = pool.begin().await?;
-        generations::lock(&mut tx, id).await?;
-        let mut wake = crate::jobs::Wake::none();
-        if let Some(g) = generations::get_any(&mut tx, id).await?
-            && generations::cancel_now(&mut tx, &g, "deadline_passed", &system()).await?
-        {
-            wake = crate::webhooks::enqueue_for(&mut tx, id).await?;
-            n += 1;
-        }
-        tx.commit().await?;
-        wake.send(pool).await;
+        n += usize::from(end_unfinished(pool, id, Ending::DeadlinePassed).await?);
     }
     Ok(n)
+}
+
+/// How the sweep ends an unfinished generation.
+enum Ending {
+    /// Canceled, unbilled (`deadline_passed`).
+    DeadlinePassed,
+    /// Failed, its credits released (`job_lost`).
+    JobLost,
+}
+
+/// End generation `id` if it is still unfinished, under its lock, with its
+/// completion webhook; whether this ended it.
+async fn end_unfinished(pool: &PgPool, id: Uuid, ending: Ending) -> anyhow::Result<bool> {
+    let mut tx = pool.begin().await?;
+    generations::lock(&mut tx, id).await?;
+    let mut wake = crate::jobs::Wake::none();
+    let mut ended = false;
+    if let Some(g) = generations::get_any(&mut tx, id).await?
+        && !g.is_terminal()
+    {
+        ended = match ending {
+            Ending::DeadlinePassed => {
+                generations::cancel_now(&mut tx, &g, "deadline_passed", &system()).await?
+            }
+            Ending::JobLost => {
+                generations::fail(&mut tx, &g, "job_lost", g.attempts, &system()).await?
+            }
+        };
+        if ended {
+            wake = crate::webhooks::enqueue_for(&mut tx, id).await?;
+        }
+    }
+    tx.commit().await?;
+    wake.send(pool).await;
+    Ok(ended)
 }
 
 /// How long a generation may stay unfinished with no job left to finish it
@@ -539,18 +564,7 @@ pub async fn fail_abandoned(
     .await?;
     let mut n = 0;
     for id in ids {
-        let mut tx = pool.begin().await?;
-        generations::lock(&mut tx, id).await?;
-        let mut wake = crate::jobs::Wake::none();
-        if let Some(g) = generations::get_any(&mut tx, id).await?
-            && !g.is_terminal()
-            && generations::fail(&mut tx, &g, "job_lost", g.attempts, &system()).await?
-        {
-            wake = crate::webhooks::enqueue_for(&mut tx, id).await?;
-            n += 1;
-        }
-        tx.commit().await?;
-        wake.send(pool).await;
+        n += usize::from(end_unfinished(pool, id, Ending::JobLost).await?);
     }
     if n > 0 {
         tracing::warn!(
