@@ -925,13 +925,8 @@ fn spawn_attempt(
     tokio::spawn(async move { slate_workers::generations::attempt(&w, id, 1).await })
 }
 
-/// The attempt ended within 30 s, finished; the generation succeeded in
-/// that one attempt, with one submission to the provider.
-async fn finished_in_one_attempt(
-    app: &TestApp,
-    fal: &wiremock::MockServer,
-    key: &str,
-    id: Uuid,
+/// The attempt ended within 30 s, finished (not to be retried).
+async fn attempt_finished(
     running: tokio::task::JoinHandle<slate_workers::generations::AttemptOutcome>,
 ) {
     let outcome = tokio::time::timeout(Duration::from_secs(30), running)
@@ -942,6 +937,18 @@ async fn finished_in_one_attempt(
         outcome,
         slate_workers::generations::AttemptOutcome::Finished
     );
+}
+
+/// The attempt ended within 30 s, finished; the generation succeeded in
+/// that one attempt, with one submission to the provider.
+async fn finished_in_one_attempt(
+    app: &TestApp,
+    fal: &wiremock::MockServer,
+    key: &str,
+    id: Uuid,
+    running: tokio::task::JoinHandle<slate_workers::generations::AttemptOutcome>,
+) {
+    attempt_finished(running).await;
     assert_eq!(
         fal_calls(fal, "POST", "text-to-video").await,
         1,
@@ -1029,14 +1036,7 @@ async fn a_terminal_failure_is_recorded_through_a_short_database_outage() {
     let refusal = ResponseTemplate::new(422).set_body_json(json!({"detail": [{"loc": ["body", "duration"], "msg": "unexpected value", "type": "value_error"}]}));
     let (id, running) = submission_answered_in_an_outage(&app, &fal, &key, refusal).await;
 
-    let outcome = tokio::time::timeout(Duration::from_secs(30), running)
-        .await
-        .expect("the attempt ends once the database is back")
-        .unwrap();
-    assert_eq!(
-        outcome,
-        slate_workers::generations::AttemptOutcome::Finished
-    );
+    attempt_finished(running).await;
     assert_eq!(settled(&app, &key, id).await, ("failed".into(), 100, 0));
 }
 
