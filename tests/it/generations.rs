@@ -1371,14 +1371,32 @@ async fn an_expired_hold_is_released_only_once_its_generations_job_is_gone() {
 async fn a_generation_canceled_after_its_worker_read_it_is_not_started() {
     let app = spawn_app_with(&[]).await;
     let (_, key) = funded(&app, 100).await;
-    let (_, g, _) = app.submit(&key, None, video("canceled at once")).await;
-    let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
-    let mut conn = app.db.conn().await;
-    let read = slate_events::generations::work(&mut conn, id)
+    // A queued generation, as its worker reads it, and that worker's start.
+    let read = |prompt: &'static str| {
+        let (app, key) = (&app, &key);
+        async move {
+            let (_, g, _) = app.submit(key, None, video(prompt)).await;
+            let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
+            let work = slate_events::generations::work(&mut *app.db.conn().await, id)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(work.generation.status, "queued");
+            (id, work.generation)
+        }
+    };
+    let app_ref = &app;
+    let start = move |g: slate_events::generations::Generation| async move {
+        slate_events::generations::record_started(
+            &mut *app_ref.db.conn().await,
+            &g,
+            1,
+            &slate_events::Metadata::system(),
+        )
         .await
         .unwrap()
-        .unwrap();
-    assert_eq!(read.generation.status, "queued");
+    };
+    let (id, g) = read("canceled at once").await;
     let (status, body) = app
         .post_json(
             &format!("/v1/generations/{id}/cancel"),
@@ -1387,35 +1405,11 @@ async fn a_generation_canceled_after_its_worker_read_it_is_not_started() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    let started = slate_events::generations::record_started(
-        &mut conn,
-        &read.generation,
-        1,
-        &slate_events::Metadata::system(),
-    )
-    .await
-    .unwrap();
-    assert!(!started, "the attempt must not go on");
-    drop(conn);
+    assert!(!start(g).await, "the attempt must not go on");
     assert_eq!(settled(&app, &key, id).await, ("canceled".into(), 100, 0));
     // And a generation still queued starts.
-    let (_, g, _) = app.submit(&key, None, video("started")).await;
-    let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
-    let mut conn = app.db.conn().await;
-    let read = slate_events::generations::work(&mut conn, id)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        slate_events::generations::record_started(
-            &mut conn,
-            &read.generation,
-            1,
-            &slate_events::Metadata::system(),
-        )
-        .await
-        .unwrap()
-    );
+    let (_, g) = read("started").await;
+    assert!(start(g).await);
 }
 
 #[tokio::test]
