@@ -15,7 +15,6 @@ use slate_events::moderation;
 use uuid::Uuid;
 
 use crate::http::{ApiError, AppState, Auth};
-use crate::ratelimit::Decision;
 
 const MAX_PROMPT_CHARS: usize = 4000;
 const OUTPUT_URL_TTL: Duration = Duration::from_secs(15 * 60);
@@ -151,15 +150,11 @@ pub(crate) fn request_hash(req: &SubmitRequest) -> Result<Vec<u8>, ApiError> {
 }
 
 async fn limit(state: &AppState, scope: &str, id: &str, per_minute: u32) -> Result<(), ApiError> {
-    match state.limiter.hit(scope, id, per_minute, 60).await {
-        Decision::Allowed => Ok(()),
-        Decision::Limited { retry_after } => Err(ApiError::client(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many submissions; try again after Retry-After seconds",
-        )
-        .with_retry_after(retry_after)),
-    }
+    state
+        .limiter
+        .hit(scope, id, per_minute, 60)
+        .await
+        .allowed("too many submissions; try again after Retry-After seconds")
 }
 
 #[tracing::instrument(skip_all, fields(account_id = %auth.account_id, kind = %req.kind, provider = %req.provider))]

@@ -18,6 +18,22 @@ pub enum Decision {
     Limited { retry_after: u64 },
 }
 
+impl Decision {
+    /// `Allowed`, or the client's 429 `rate_limited` with `Retry-After` and
+    /// `message`.
+    pub fn allowed(self, message: &'static str) -> Result<(), crate::http::ApiError> {
+        match self {
+            Decision::Allowed => Ok(()),
+            Decision::Limited { retry_after } => Err(crate::http::ApiError::client(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                message,
+            )
+            .with_retry_after(retry_after)),
+        }
+    }
+}
+
 pub struct RateLimiter {
     client: redis::Client,
     conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,

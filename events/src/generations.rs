@@ -316,11 +316,16 @@ async fn append(
 /// ([`record_started`]) take turns, so the start sees a cancellation that
 /// came first, and a cancellation sees the generation running.
 pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<(), Error> {
-    sqlx::query("select pg_advisory_xact_lock(hashtext('generation:' || $1::text))")
-        .bind(id)
+    sqlx::query("select pg_advisory_xact_lock(hashtext($1))")
+        .bind(lock_key(id))
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// The advisory lock's key of generation `id` ([`lock`]).
+fn lock_key(id: Uuid) -> String {
+    format!("generation:{id}")
 }
 
 /// `GenerationStarted` for this attempt, in a transaction of its own that
@@ -355,8 +360,8 @@ pub async fn record_started(
     // the `begin` (a uuid's text needs no quoting).
     let begin = format!(
         "begin; set local synchronous_commit = off;
-         select pg_advisory_xact_lock(hashtext('generation:{}'))",
-        g.generation_id
+         select pg_advisory_xact_lock(hashtext('{}'))",
+        lock_key(g.generation_id)
     );
     let mut tx = sqlx::Connection::begin_with(&mut *conn, sqlx::AssertSqlSafe(begin)).await?;
     append(

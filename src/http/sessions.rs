@@ -332,7 +332,7 @@ pub(super) const TOTP_WINDOW_SECS: u64 = 300;
 /// Count one second-factor attempt of `account` (the API's and the
 /// console's): 429 `rate_limited` past [`TOTP_ATTEMPTS`] in the window.
 pub(super) async fn totp_attempt_allowed(state: &AppState, account: Uuid) -> Result<(), ApiError> {
-    match state
+    state
         .limiter
         .hit(
             "totp",
@@ -341,15 +341,7 @@ pub(super) async fn totp_attempt_allowed(state: &AppState, account: Uuid) -> Res
             TOTP_WINDOW_SECS,
         )
         .await
-    {
-        crate::ratelimit::Decision::Allowed => Ok(()),
-        crate::ratelimit::Decision::Limited { retry_after } => Err(ApiError::client(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many second-factor attempts; try again after Retry-After seconds",
-        )
-        .with_retry_after(retry_after)),
-    }
+        .allowed("too many second-factor attempts; try again after Retry-After seconds")
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
