@@ -574,6 +574,7 @@ async fn process_in_tx(
         | "customer.subscription.updated"
         | "customer.subscription.deleted" => subscription_changed(&mut tx, &cx, &object).await?,
         "charge.refunded" => charge_refunded(&mut tx, &cx, &object).await?,
+        t if REFUND_EVENTS.contains(&t) => refund_changed(&mut tx, &cx, &object).await?,
         "charge.dispute.created" | "charge.dispute.updated" | "charge.dispute.closed" => {
             dispute_changed(&mut tx, &cx, &object).await?
         }
@@ -684,6 +685,12 @@ fn invoice_payment_intent(inv: &Value) -> Option<&str> {
 fn payment_of<'v>(event_type: &str, object: &'v Value) -> Option<&'v str> {
     match event_type {
         "invoice.paid" | "invoice.payment_failed" => invoice_payment_intent(object),
+        // A refund and its charge meet at the charge when there is no
+        // payment intent (the Charges API's charges).
+        "charge.refunded" => id_of(object, "/payment_intent").or_else(|| text(object, "/id")),
+        t if REFUND_EVENTS.contains(&t) => {
+            id_of(object, "/payment_intent").or_else(|| id_of(object, "/charge"))
+        }
         t if t.starts_with("checkout.session.") || t.starts_with("charge.") => {
             id_of(object, "/payment_intent")
         }
@@ -871,7 +878,7 @@ async fn checkout_paid(
     })?;
     let stripe_object = id_of(s, "/payment_intent").unwrap_or(session).to_owned();
     let settle = stripe_object.clone();
-    let out = credits::grant(
+    let out = grant_once(
         conn,
         &Grant {
             account_id: account,
@@ -889,7 +896,7 @@ async fn checkout_paid(
     if let Some(paid) = int(s, "/amount_total") {
         affiliates::earn(conn, &cx.meta, account, &settle, currency, paid).await?;
     }
-    settle_payment(conn, cx.catalog, &settle).await?;
+    settle_payment(conn, cx, &settle).await?;
     Ok(Outcome::Processed(format!(
         "{} {} credits for {session}",
         out.outcome, out.amount
@@ -1014,7 +1021,7 @@ async fn invoice_paid(
         )));
     }
     let payment_intent = invoice_payment_intent(inv);
-    let out = credits::grant(
+    let out = grant_once(
         conn,
         &Grant {
             account_id: account,
@@ -1034,7 +1041,7 @@ async fn invoice_paid(
         affiliates::earn(conn, &cx.meta, account, paid_for, currency, paid).await?;
     }
     if let Some(pi) = payment_intent {
-        settle_payment(conn, cx.catalog, pi).await?;
+        settle_payment(conn, cx, pi).await?;
     }
     Ok(Outcome::Processed(format!(
         "{} {} credits for {invoice}",
@@ -1195,6 +1202,34 @@ async fn subscription_changed(
     Ok(Outcome::Processed(outcome))
 }
 
+/// A purchase's or an invoice's grant, made once. One made earlier under
+/// the same key stands as it was, even where the catalog now prices it
+/// otherwise (a replay after `STRIPE_PACKS` or `STRIPE_PLANS` changed): a
+/// later configuration does not re-decide what a payment bought.
+async fn grant_once(
+    conn: &mut PgConnection,
+    grant: &Grant,
+    metadata: &Metadata,
+) -> Result<credits::GrantOutcome, Error> {
+    let earlier: Option<(Uuid, i64, i64)> = sqlx::query_as(
+        "select bucket_id, amount, debt_settled from credit_buckets
+          where grant_key = $1 and account_id = $2",
+    )
+    .bind(&grant.grant_key)
+    .bind(grant.account_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match earlier {
+        Some((bucket_id, amount, debt_settled)) => Ok(credits::GrantOutcome {
+            outcome: "duplicate".into(),
+            bucket_id,
+            amount,
+            debt_settled,
+        }),
+        None => credits::grant(conn, grant, metadata).await,
+    }
+}
+
 /// The grant a charge paid for, found by its payment intent (or the charge).
 async fn bucket_of_charge(
     conn: &mut PgConnection,
@@ -1232,7 +1267,184 @@ async fn charge_refunded(
         .filter(|a| *a > 0)
         .ok_or_else(|| ProcessError::Permanent("charge without amount".into()))?;
     let refunded = int(ch, "/amount_refunded").unwrap_or(0).clamp(0, amount);
-    let paid_for = id_of(ch, "/payment_intent").unwrap_or(charge);
+    let payment_intent = id_of(ch, "/payment_intent");
+    let seen = ChargeRefunds {
+        amount,
+        refunded,
+        standing: false,
+    };
+    let now = refunds_of_charge(conn, cx, charge, payment_intent, Some(seen))
+        .await?
+        .unwrap_or(seen);
+    settle_refunds(conn, cx, charge, payment_intent, now).await
+}
+
+/// Refund events whose object is the refund (`charge.refund.updated` is the
+/// older name of `refund.updated`).
+const REFUND_EVENTS: [&str; 3] = ["charge.refund.updated", "refund.updated", "refund.failed"];
+
+/// A refund that failed gave nothing back (its money returned to the
+/// merchant's balance), nor did one that was canceled.
+fn refund_undone(status: Option<&str>) -> bool {
+    matches!(status, Some("failed" | "canceled"))
+}
+
+/// A refund changed. Credits are taken back by the charge's
+/// `charge.refunded`; a refund that failed or was canceled gives back what it
+/// took (the charge's refunded share is worked out again without it).
+async fn refund_changed(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    rf: &Value,
+) -> Result<Outcome, ProcessError> {
+    let refund =
+        text(rf, "/id").ok_or_else(|| ProcessError::Permanent("refund without id".into()))?;
+    let status = text(rf, "/status");
+    if !refund_undone(status) {
+        return Ok(Outcome::Ignored(format!(
+            "{refund} is {}; its charge's charge.refunded takes the credits back",
+            status.unwrap_or("without a status")
+        )));
+    }
+    let charge = id_of(rf, "/charge")
+        .ok_or_else(|| ProcessError::Permanent(format!("{refund} names no charge")))?;
+    let payment_intent = id_of(rf, "/payment_intent");
+    let Some(now) = refunds_of_charge(conn, cx, charge, payment_intent, None).await? else {
+        return Ok(Outcome::Processed(format!(
+            "{refund} {}; nothing was taken back for {charge} yet",
+            status.unwrap_or_default()
+        )));
+    };
+    settle_refunds(conn, cx, charge, payment_intent, now).await
+}
+
+/// A charge's amount and how much of it is refunded.
+#[derive(Debug, Clone, Copy)]
+struct ChargeRefunds {
+    amount: i64,
+    refunded: i64,
+    /// `refunded` is what stands now, with refunds that failed or were
+    /// canceled left out: credits taken back beyond its share are given back.
+    /// Otherwise it is one `charge.refunded`'s running total, which only
+    /// ever adds to what was taken (events come in any order).
+    standing: bool,
+}
+
+/// How much of a charge stands refunded once refunds of it that failed or
+/// were canceled are counted out. None while no such refund is mirrored
+/// (`seen`, the `charge.refunded` being processed, then speaks for itself),
+/// or, for a refund's event, while nothing tells the charge's amount yet.
+///
+/// Where Stripe can be asked, the charge is read with its refunds: the sum of
+/// those still standing is the truth, however `amount_refunded` counts failed
+/// ones. Where it cannot, the largest `amount_refunded` seen, less every
+/// undone refund: never more than stands, as each `amount_refunded` sums a
+/// subset of the charge's refunds.
+async fn refunds_of_charge(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    charge: &str,
+    payment_intent: Option<&str>,
+    seen: Option<ChargeRefunds>,
+) -> Result<Option<ChargeRefunds>, ProcessError> {
+    // The amount of each refund of the charge that failed or was canceled
+    // (by the payment's index where there is a payment intent).
+    macro_rules! undone {
+        ($payment:literal) => {
+            concat!(
+                "select distinct on (object_id) (raw::jsonb #>> '{data,object,amount}')::bigint
+                   from stripe_events
+                  where event_type = any($2)
+                    and coalesce(raw::jsonb #>> '{data,object,charge,id}',
+                                 raw::jsonb #>> '{data,object,charge}') = $1
+                    and raw::jsonb #>> '{data,object,status}' in ('failed', 'canceled')",
+                $payment,
+                " order by object_id"
+            )
+        };
+    }
+    let undone: Vec<Option<i64>> = match payment_intent {
+        Some(pi) => sqlx::query_scalar(undone!(" and payment_intent = $3"))
+            .bind(charge)
+            .bind(&REFUND_EVENTS[..])
+            .bind(pi),
+        None => sqlx::query_scalar(undone!(""))
+            .bind(charge)
+            .bind(&REFUND_EVENTS[..]),
+    }
+    .fetch_all(&mut *conn)
+    .await?;
+    if undone.is_empty() {
+        return Ok(None);
+    }
+    if let Some(refetch) = cx.refetch {
+        let fresh = refetch(charge.to_owned()).await.ok_or_else(|| {
+            ProcessError::Retryable(format!(
+                "{charge}: its refunds could not be read from Stripe"
+            ))
+        })?;
+        let amount = int(&fresh, "/amount").filter(|a| *a > 0).ok_or_else(|| {
+            ProcessError::Retryable(format!("{charge}: Stripe's answer has no amount"))
+        })?;
+        let listed = fresh
+            .pointer("/refunds/data")
+            .and_then(Value::as_array)
+            .filter(|_| bool_at(&fresh, "/refunds/has_more") == Some(false));
+        let refunded: i128 = match listed {
+            Some(refunds) => refunds
+                .iter()
+                .filter(|r| !refund_undone(text(r, "/status")))
+                .map(|r| int(r, "/amount").unwrap_or(0).max(0) as i128)
+                .sum(),
+            None => int(&fresh, "/amount_refunded").unwrap_or(0) as i128,
+        };
+        return Ok(Some(ChargeRefunds {
+            amount,
+            refunded: refunded.clamp(0, amount as i128) as i64,
+            standing: true,
+        }));
+    }
+    let totals: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(
+        "select (raw::jsonb #>> '{data,object,amount}')::bigint,
+                (raw::jsonb #>> '{data,object,amount_refunded}')::bigint
+           from stripe_events
+          where object_id = $1 and event_type = 'charge.refunded'",
+    )
+    .bind(charge)
+    .fetch_all(&mut *conn)
+    .await?;
+    let Some((amount, most)) = totals
+        .into_iter()
+        .filter_map(|(amount, refunded)| Some((amount.filter(|a| *a > 0)?, refunded.unwrap_or(0))))
+        .chain(seen.map(|s| (s.amount, s.refunded)))
+        .max_by_key(|(_, refunded)| *refunded)
+    else {
+        return Ok(None);
+    };
+    let undone: i128 = undone
+        .into_iter()
+        .map(|a| a.unwrap_or(0).max(0) as i128)
+        .sum();
+    Ok(Some(ChargeRefunds {
+        amount,
+        refunded: (most as i128 - undone).clamp(0, amount as i128) as i64,
+        standing: true,
+    }))
+}
+
+/// Bring what refunds took of a charge's grant to the refunded share:
+/// cumulative, so refunds in any order, and replays, end the same.
+async fn settle_refunds(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    charge: &str,
+    payment_intent: Option<&str>,
+    now: ChargeRefunds,
+) -> Result<Outcome, ProcessError> {
+    let ChargeRefunds {
+        amount, refunded, ..
+    } = now;
+    let paid_for = payment_intent.unwrap_or(charge);
     let clawed = affiliates::claw_back(
         conn,
         &cx.meta,
@@ -1243,29 +1455,60 @@ async fn charge_refunded(
         "refund",
     )
     .await?;
-    let Some((account, bucket, granted)) = bucket_of_charge(conn, ch).await? else {
+    let charge_ref = serde_json::json!({ "id": charge, "payment_intent": payment_intent });
+    let Some((account, bucket, granted)) = bucket_of_charge(conn, &charge_ref).await? else {
         return Ok(Outcome::Ignored(format!("{charge} paid for no credits")));
     };
-    // Cumulative: the refunded share of the grant, minus what refunds of it
-    // already took — so partial refunds in any order end the same.
+    // The refunded share of the grant, minus what refunds of it already
+    // took (less what failed refunds gave back).
     sqlx::query("select credit_lock_account($1)")
         .bind(account)
         .execute(&mut *conn)
         .await?;
     let restored = restorations_of(conn, bucket).await?;
+    let returns = refund_returns_of(conn, bucket).await?;
+    let returned: i64 = returns.iter().map(|(_, amount)| amount).sum();
     let mut buckets = vec![bucket];
     buckets.extend(restored.iter().map(|r| r.bucket));
-    let mut already = revoked_by_refunds(conn, &buckets).await?;
+    buckets.extend(returns.iter().map(|(b, _)| *b));
+    let mut already = revoked_by_refunds(conn, &buckets).await? - returned;
     // What a won dispute kept back of what it had frozen, for refunds that
     // came while it was open, counts as refunded.
     already += restored.iter().map(|r| r.absorbed).sum::<i64>();
     let target = refund_share(granted, refunded, amount);
+    if target < already && now.standing {
+        // A refund failed or was canceled: what it took comes back, as a
+        // grant of its own that later refunds of the charge take from too.
+        let out = credits::grant(
+            conn,
+            &Grant {
+                account_id: account,
+                amount: already - target,
+                source: GrantSource::Purchase,
+                grant_key: format!("stripe:refund-returned:{bucket}:{returned}"),
+                stripe_object: Some(format!("{bucket}:refund-returned")),
+                expires_at: None,
+                reason: Some("refund failed".into()),
+            },
+            &cx.meta,
+        )
+        .await?;
+        return Ok(Outcome::Processed(format!(
+            "{charge}: {} refunded now; {} {} credits given back ({} debt settled)",
+            refunded, out.outcome, out.amount, out.debt_settled
+        )));
+    }
     if target <= already {
         return Ok(Outcome::Processed(format!(
             "{charge}: refunded share already revoked (commission clawed back: {clawed})"
         )));
     }
-    let key = format!("stripe:refund:{charge}:{refunded}");
+    // A refund's key names the running total it brings the grant to; after
+    // a failed refund gave credits back, the same total can come again.
+    let key = match returned {
+        0 => format!("stripe:refund:{charge}:{refunded}"),
+        returned => format!("stripe:refund:{charge}:{refunded}:after-return:{returned}"),
+    };
     let out = credits::revoke(
         conn,
         account,
@@ -1276,21 +1519,22 @@ async fn charge_refunded(
         &cx.meta,
     )
     .await?;
-    // Less than asked: a dispute froze the rest of the grant. While it is
-    // open (or lost) the credits are gone already; once it was won, they
-    // come out of what the win restored.
+    // Less than asked: a dispute froze the rest of the grant, or a failed
+    // refund's return holds it. While a dispute is open (or lost) the credits
+    // are gone already; once it was won, they come out of what the win
+    // restored, as they come out of what a failed refund gave back.
     let mut short = target - already - out.amount;
     let mut from_restored = 0;
-    for r in &restored {
+    for extra in buckets.iter().skip(1) {
         if short <= 0 {
             break;
         }
         let more = credits::revoke(
             conn,
             account,
-            r.bucket,
+            *extra,
             short,
-            &format!("{key}:restored:{}", r.bucket),
+            &format!("{key}:restored:{extra}"),
             Some("refund"),
             &cx.meta,
         )
@@ -1299,10 +1543,25 @@ async fn charge_refunded(
         from_restored += more.amount;
     }
     Ok(Outcome::Processed(format!(
-        "{charge}: {} revoked ({} taken, {} debt; {from_restored} from a won dispute's restoration); \
-         commission clawed back: {clawed}",
+        "{charge}: {} revoked ({} taken, {} debt; {from_restored} from a won dispute's restoration \
+         or a failed refund's return); commission clawed back: {clawed}",
         out.amount, out.taken, out.debt_added
     )))
+}
+
+/// The grants that gave back what failed refunds of the grant in `bucket`
+/// had taken: (bucket, amount), oldest first.
+async fn refund_returns_of(
+    conn: &mut PgConnection,
+    bucket: Uuid,
+) -> Result<Vec<(Uuid, i64)>, Error> {
+    Ok(sqlx::query_as(
+        "select bucket_id, amount from credit_buckets
+          where stripe_object = $1 order by granted_position",
+    )
+    .bind(format!("{bucket}:refund-returned"))
+    .fetch_all(&mut *conn)
+    .await?)
 }
 
 /// A won dispute's restoration of a grant.
@@ -1529,7 +1788,7 @@ async fn dispute_changed(
 /// order of arrival irrelevant.
 async fn settle_payment(
     conn: &mut PgConnection,
-    catalog: &StripeCatalog,
+    grant: &Cx<'_>,
     payment_intent: &str,
 ) -> Result<(), ProcessError> {
     // Refunds are cumulative: the one with the most refunded decides, but
@@ -1537,11 +1796,13 @@ async fn settle_payment(
     let related: Vec<(String, String, String, DateTime<Utc>)> = sqlx::query_as(
         "select stripe_event_id, event_type, raw, created from stripe_events
           where payment_intent = $1
-            and (event_type = 'charge.refunded' or event_type like 'charge.dispute.%')
+            and (event_type = 'charge.refunded' or event_type like 'charge.dispute.%'
+                 or event_type = any($2))
             and status in ('processed', 'ignored')
           order by created, stripe_event_id",
     )
     .bind(payment_intent)
+    .bind(&REFUND_EVENTS[..])
     .fetch_all(&mut *conn)
     .await?;
     for (id, event_type, raw, created) in related {
@@ -1552,14 +1813,16 @@ async fn settle_payment(
             .cloned()
             .unwrap_or(Value::Null);
         let cx = Cx {
-            catalog,
+            catalog: grant.catalog,
             event_id: &id,
             created,
             meta: Metadata::stripe_effect(&id),
-            refetch: None,
+            refetch: grant.refetch,
         };
         let outcome = if event_type == "charge.refunded" {
             charge_refunded(conn, &cx, &object).await?
+        } else if REFUND_EVENTS.contains(&event_type.as_str()) {
+            refund_changed(conn, &cx, &object).await?
         } else {
             dispute_changed(conn, &cx, &object).await?
         };

@@ -36,10 +36,11 @@ impl StripeClient for Capture<'_> {
 }
 
 /// Fetch objects' current state from Stripe for processing that is in
-/// doubt (see `slate_events::stripe::Refetcher`): a subscription, or an
+/// doubt (see `slate_events::stripe::Refetcher`): a subscription, an
 /// invoice with its payments (`payments` is includable: Stripe's events of
 /// API versions since 2025-03-31 do not carry it, and it is where the
-/// payment intent a refund or dispute names is).
+/// payment intent a refund or dispute names is), or a charge with its
+/// refunds (includable too), when one of them failed.
 pub fn refetcher(client: stripe::Client) -> slate_events::stripe::Refetcher {
     let client = std::sync::Arc::new(client);
     std::sync::Arc::new(move |id: String| {
@@ -51,20 +52,20 @@ pub fn refetcher(client: stripe::Client) -> slate_events::stripe::Refetcher {
             }
             let request = if id.starts_with("sub_") {
                 stripe_billing::subscription::RetrieveSubscription::new(id.as_str()).build()
-            } else if id.starts_with("in_") {
+            } else {
                 #[derive(serde::Serialize)]
                 struct Expand {
                     expand: [&'static str; 1],
                 }
-                stripe_client_core::RequestBuilder::new(
-                    stripe_client_core::StripeMethod::Get,
-                    format!("/invoices/{id}"),
-                )
-                .query(&Expand {
-                    expand: ["payments"],
-                })
-            } else {
-                return None;
+                let (path, expand) = if id.starts_with("in_") {
+                    (format!("/invoices/{id}"), "payments")
+                } else if id.starts_with("ch_") || id.starts_with("py_") {
+                    (format!("/charges/{id}"), "refunds")
+                } else {
+                    return None;
+                };
+                stripe_client_core::RequestBuilder::new(stripe_client_core::StripeMethod::Get, path)
+                    .query(&Expand { expand: [expand] })
             };
             let capture = Capture {
                 inner: &client,

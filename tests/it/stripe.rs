@@ -844,6 +844,226 @@ async fn a_refund_processed_alongside_its_purchase_is_not_lost() {
     assert_eq!(b.available, 250, "the refund: {refund:?}");
 }
 
+async fn available(app: &TestApp, account: Uuid) -> i64 {
+    slate_events::credits::balance(&mut *app.db.conn().await, account)
+        .await
+        .unwrap()
+        .available
+}
+
+/// A refund that failed gives back what it took: the pack's 500 credits,
+/// 250 taken by refunding half, are all there again. However its events
+/// come (the failure before the refund, the refund before the purchase, a
+/// replay, the failure again as `refund.failed`), none is taken twice or
+/// given back twice.
+#[tokio::test]
+async fn a_failed_refund_gives_back_what_it_took_in_any_order() {
+    let app = stripe_app().await;
+    let refund_failed = |account, run: &str| {
+        let mut e: Value =
+            serde_json::from_str(&fixture("15_charge_refund_updated_failed", account, run))
+                .unwrap();
+        e["id"] = format!("evt_{run}_15b").into();
+        e["type"] = "refund.failed".into();
+        e.to_string()
+    };
+    // In Stripe's order.
+    let account = new_account(&mut *app.db.conn().await).await;
+    let run = run_tag();
+    for name in [
+        "01_checkout_session_completed_pack",
+        "09_charge_refunded_partial",
+    ] {
+        app.deliver_accepted(name, account, &run).await;
+        app.process_stripe().await;
+    }
+    assert_eq!(available(&app, account).await, 250);
+    app.deliver_accepted("15_charge_refund_updated_failed", account, &run)
+        .await;
+    app.process_stripe().await;
+    assert_eq!(available(&app, account).await, 500, "given back");
+    app.deliver(&refund_failed(account, &run)).await;
+    app.process_stripe().await;
+    let replay =
+        slate_events::stripe::process(&app.db.pool, &catalog(), &format!("evt_{run}_09"), true)
+            .await
+            .unwrap();
+    assert_eq!(available(&app, account).await, 500, "replayed: {replay:?}");
+    let outcome: String =
+        sqlx::query_scalar("select outcome from stripe_events where stripe_event_id = $1")
+            .bind(format!("evt_{run}_15"))
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert!(outcome.contains("250 credits given back"), "{outcome}");
+
+    // The failure first, then the refund, then the purchase; and the
+    // failure before the refund with the purchase first.
+    for order in [
+        [
+            "15_charge_refund_updated_failed",
+            "09_charge_refunded_partial",
+            "01_checkout_session_completed_pack",
+        ],
+        [
+            "01_checkout_session_completed_pack",
+            "15_charge_refund_updated_failed",
+            "09_charge_refunded_partial",
+        ],
+    ] {
+        let account = new_account(&mut *app.db.conn().await).await;
+        let run = run_tag();
+        for name in order {
+            app.deliver_accepted(name, account, &run).await;
+            app.process_stripe().await;
+        }
+        assert_eq!(available(&app, account).await, 500, "{order:?}");
+        let statuses: Vec<String> = sqlx::query_scalar(
+            "select status from stripe_events where stripe_event_id like $1 order by 1",
+        )
+        .bind(format!("evt_{run}_%"))
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(statuses, ["processed"; 3], "{order:?}");
+    }
+}
+
+/// Where Stripe can be asked, the charge is read with its refunds once one
+/// failed, and those still standing decide: after the failed refund of half
+/// gave its 250 back, a refund of the whole charge takes all 500, from the
+/// grant and from what the failure gave back.
+#[tokio::test]
+async fn a_charge_refunded_again_after_a_failed_refund_reads_its_refunds_from_stripe() {
+    use wiremock::matchers::{method, path, query_param};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let stripe_api = MockServer::start().await;
+    let app = stripe_app().await;
+    let account = new_account(&mut *app.db.conn().await).await;
+    let run = run_tag();
+    let options = slate_events::stripe::ProcessOptions {
+        refetch: Some(slate::stripe::reconcile::refetcher(app_stripe_client(
+            &stripe_api,
+        ))),
+        ..Default::default()
+    };
+    let process = |event: String| {
+        let (pool, options) = (app.db.pool.clone(), options.clone());
+        async move {
+            slate_events::stripe::process_with(&pool, &catalog(), &event, &options)
+                .await
+                .unwrap()
+        }
+    };
+    let partial: Value =
+        serde_json::from_str(&fixture("09_charge_refunded_partial", account, &run)).unwrap();
+    let failed: Value =
+        serde_json::from_str(&fixture("15_charge_refund_updated_failed", account, &run)).unwrap();
+    let mut second_refund = failed["data"]["object"].clone();
+    second_refund["id"] = format!("re_{run}_2").into();
+    second_refund["amount"] = 2000.into();
+    second_refund["status"] = "succeeded".into();
+    second_refund["failure_reason"] = Value::Null;
+    second_refund["failure_balance_transaction"] = Value::Null;
+    let charge_with = |refunds: Vec<Value>, refunded: i64| {
+        let mut charge = partial["data"]["object"].clone();
+        charge["amount_refunded"] = refunded.into();
+        charge["refunded"] = (refunded == 2000).into();
+        charge["refunds"] = serde_json::json!({
+            "object": "list",
+            "data": refunds,
+            "has_more": false,
+            "total_count": refunds.len(),
+            "url": format!("/v1/charges/ch_{run}_pack/refunds"),
+        });
+        charge
+    };
+    let charge_path = format!("/v1/charges/ch_{run}_pack");
+    // First the failure alone, then the full refund beside it.
+    Mock::given(method("GET"))
+        .and(path(charge_path.as_str()))
+        .and(query_param("expand[0]", "refunds"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(charge_with(vec![failed["data"]["object"].clone()], 0)),
+        )
+        .up_to_n_times(1)
+        .with_priority(1)
+        .expect(1)
+        .mount(&stripe_api)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(charge_path.as_str()))
+        .and(query_param("expand[0]", "refunds"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(charge_with(
+            vec![second_refund, failed["data"]["object"].clone()],
+            2000,
+        )))
+        .expect(1)
+        .mount(&stripe_api)
+        .await;
+
+    app.deliver_accepted("01_checkout_session_completed_pack", account, &run)
+        .await;
+    process(format!("evt_{run}_01")).await;
+    app.deliver(&partial.to_string()).await;
+    process(format!("evt_{run}_09")).await;
+    assert_eq!(available(&app, account).await, 250);
+    app.deliver(&failed.to_string()).await;
+    process(format!("evt_{run}_15")).await;
+    assert_eq!(available(&app, account).await, 500, "given back");
+
+    let mut full = partial.clone();
+    full["id"] = format!("evt_{run}_16").into();
+    full["created"] = (partial["created"].as_i64().unwrap() + 200_000).into();
+    full["data"]["object"]["amount_refunded"] = 2000.into();
+    full["data"]["object"]["refunded"] = true.into();
+    app.deliver(&full.to_string()).await;
+    let outcome = process(format!("evt_{run}_16")).await;
+    assert_eq!(available(&app, account).await, 0, "{outcome:?}");
+    let b = slate_events::credits::balance(&mut *app.db.conn().await, account)
+        .await
+        .unwrap();
+    assert_eq!(b.debt, 0);
+}
+
+/// A replay after the plans were repriced keeps what the invoice bought:
+/// its grant of 1,000 stands when `STRIPE_PLANS` now says 3,000, and the
+/// replayed event is processed, not failed ("grant key already used with
+/// other arguments").
+#[tokio::test]
+async fn a_replay_after_the_plans_were_repriced_keeps_the_earlier_grant() {
+    let app = stripe_app().await;
+    let account = new_account(&mut *app.db.conn().await).await;
+    let run = run_tag();
+    for name in &HISTORY[1..4] {
+        app.deliver_accepted(name, account, &run).await;
+    }
+    app.process_stripe().await;
+    assert_eq!(available(&app, account).await, 1000);
+    let repriced = StripeCatalog {
+        plans: StripeCatalog::parse_prices("price_pro_monthly=3000").unwrap(),
+        ..catalog()
+    };
+    let event = format!("evt_{run}_04");
+    let replay = slate_events::stripe::process(&app.db.pool, &repriced, &event, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        replay,
+        slate_events::stripe::Outcome::Processed(format!("duplicate 1000 credits for in_{run}_1"))
+    );
+    assert_eq!(available(&app, account).await, 1000);
+    let status: String =
+        sqlx::query_scalar("select status from stripe_events where stripe_event_id = $1")
+            .bind(&event)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "processed");
+}
+
 #[tokio::test]
 async fn a_dispute_freezes_the_purchase_and_a_won_dispute_restores_it_in_either_order() {
     let app = stripe_app().await;
