@@ -139,6 +139,18 @@ async fn home(
         .bind(&q)
         .fetch_all(&mut *conn)
         .await?;
+        // Each account shown was read: its own trail says so. (The query
+        // itself is not kept: an email typed here would outlive its
+        // account's erasure.)
+        futures::future::try_join_all(accounts.iter().map(|(id, _, _)| {
+            slate_events::access::record_staff_read(
+                &state.appends,
+                staff.account_id,
+                *id,
+                "console:search",
+            )
+        }))
+        .await?;
         body.push_str("<h2>Accounts</h2>");
         if accounts.is_empty() {
             body.push_str("<p class=muted>No account matches.</p>");

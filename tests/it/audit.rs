@@ -423,6 +423,18 @@ async fn the_staff_console_searches_follows_entries_and_replays_a_stripe_event()
         body.contains("&lt;b&gt;mallory&lt;/b&gt;") && !body.contains("<b>mallory</b>"),
         "escaped"
     );
+    // The account shown was read, and its own trail says by whom.
+    let read_by: Vec<String> = sqlx::query_scalar(
+        "select payload->>'staff_id' from events
+          where event_type = 'StaffRead' and payload->>'what' = 'console:search'
+            and payload->>'account_id' = $1",
+    )
+    .bind(account.to_string())
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(read_by.len(), 1, "{read_by:?}");
+    assert_ne!(read_by[0], account.to_string());
 
     let (status, body) = html(
         format!("/admin/console/accounts/{account}"),
