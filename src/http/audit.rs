@@ -105,19 +105,43 @@ async fn export(
     };
     let pool = state.pool.clone();
     let header_line = csv.then(|| CSV_HEADER.to_owned());
-    let stream =
-        futures::stream::unfold((filter, header_line, false), move |(mut f, head, done)| {
-            let pool = pool.clone();
+    let authorised_at = tokio::time::Instant::now();
+    let stream = futures::stream::unfold(
+        (filter, header_line, false, authorised_at),
+        move |(mut f, head, done, mut authorised_at)| {
+            let (pool, staff) = (pool.clone(), staff.clone());
             async move {
                 if let Some(h) = head {
-                    return Some((Ok::<_, std::io::Error>(h), (f, None, done)));
+                    return Some((Ok::<_, std::io::Error>(h), (f, None, done, authorised_at)));
                 }
                 if done {
                     return None;
                 }
+                // A long export stops, cut short, once the staff member's
+                // access is withdrawn.
+                if authorised_at.elapsed() >= super::REAUTHORISE_EVERY {
+                    match staff.still_valid(&pool).await {
+                        Ok(true) => authorised_at = tokio::time::Instant::now(),
+                        Ok(false) => {
+                            let e = std::io::Error::other("access withdrawn during the export");
+                            return Some((Err(e), (f, None, true, authorised_at)));
+                        }
+                        Err(e) => {
+                            return Some((
+                                Err(std::io::Error::other(e)),
+                                (f, None, true, authorised_at),
+                            ));
+                        }
+                    }
+                }
                 let page = match query(&pool, &f, 1000, true).await {
                     Ok(p) => p,
-                    Err(e) => return Some((Err(std::io::Error::other(e)), (f, None, true))),
+                    Err(e) => {
+                        return Some((
+                            Err(std::io::Error::other(e)),
+                            (f, None, true, authorised_at),
+                        ));
+                    }
                 };
                 let last = page.last()?;
                 f.cursor = Some(last.seq);
@@ -132,9 +156,10 @@ async fn export(
                         }
                     })
                     .collect();
-                Some((Ok(chunk), (f, None, done)))
+                Some((Ok(chunk), (f, None, done, authorised_at)))
             }
-        });
+        },
+    );
     let content_type = if csv {
         "text/csv; charset=utf-8"
     } else {

@@ -188,6 +188,8 @@ pub struct Auth {
     pub second_factor_pending: bool,
     /// The staff member acting as this account, under an impersonation.
     pub impersonator: Option<Uuid>,
+    /// That impersonation.
+    pub impersonation_id: Option<Uuid>,
     /// Where the request came from (for the audit trail).
     pub origin: Origin,
 }
@@ -247,6 +249,35 @@ impl Auth {
             ));
         }
         Ok(())
+    }
+
+    /// Whether what authenticated this caller still holds: the key not
+    /// revoked, the session neither ended nor past its absolute timeout, the
+    /// impersonation neither ended nor expired, the account not deleted, and
+    /// a staff caller still staff. A response that goes on for long (a
+    /// generation's event stream, an audit export) asks again as it goes:
+    /// what was allowed at its start may have been withdrawn since.
+    pub async fn still_valid(&self, pool: &sqlx::PgPool) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(
+            "select ($1::uuid is null or exists (
+                        select 1 from api_keys where key_id = $1 and revoked_at is null))
+                and ($2::uuid is null or exists (
+                        select 1 from sessions
+                         where session_id = $2 and ended_at is null and expires_at > now()))
+                and ($3::uuid is null or exists (
+                        select 1 from impersonations
+                         where impersonation_id = $3 and ended_at is null and expires_at > now()))
+                and exists (
+                        select 1 from accounts
+                         where account_id = $4 and deleted_at is null and (staff or not $5))",
+        )
+        .bind(self.key_id)
+        .bind(self.session_id)
+        .bind(self.impersonation_id)
+        .bind(self.account_id)
+        .bind(self.staff)
+        .fetch_one(pool)
+        .await
     }
 
     /// Event metadata for what this caller does: the account, and the
@@ -322,6 +353,7 @@ async fn impersonate(parts: &mut Parts, state: &AppState, auth: Auth) -> Result<
         staff: false,
         second_factor_pending: false,
         impersonator: Some(i.staff_id),
+        impersonation_id: Some(i.impersonation_id),
         origin: auth.origin,
     })
 }
@@ -387,6 +419,7 @@ async fn from_session(parts: &Parts, state: &AppState) -> Result<Option<Auth>, A
             staff: o.staff && o.mfa_verified,
             second_factor_pending: o.staff && !o.mfa_verified,
             impersonator: None,
+            impersonation_id: None,
             origin: Origin::of(parts),
         })),
         None => {
@@ -476,6 +509,7 @@ impl FromRequestParts<AppState> for Auth {
             staff: owner.staff,
             second_factor_pending: false,
             impersonator: None,
+            impersonation_id: None,
             origin: Origin::of(parts),
         };
         impersonate(parts, state, auth).await

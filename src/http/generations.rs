@@ -179,7 +179,7 @@ pub(super) async fn cancel(
     ),
     responses((
         status = 200,
-        description = "Server-Sent Events named `status`, each `data` a JSON `GenerationStatusEvent`; the stream ends after the terminal event or 15 minutes (resume with `Last-Event-ID`)",
+        description = "Server-Sent Events named `status`, each `data` a JSON `GenerationStatusEvent`; the stream ends after the terminal event or 15 minutes (resume with `Last-Event-ID`), and within seconds of the key, session or impersonation that opened it being revoked or ended",
         content_type = "text/event-stream",
         body = super::openapi::schemas::GenerationStatusEvent,
     )),
@@ -211,6 +211,8 @@ pub(super) async fn events(
         pending: std::collections::VecDeque::new(),
         finished: false,
         until: tokio::time::Instant::now() + STREAM_FOR,
+        auth,
+        authorised_at: tokio::time::Instant::now(),
     };
     let stream =
         futures::stream::unfold(
@@ -256,6 +258,10 @@ struct Follow {
     pending: std::collections::VecDeque<SseEvent>,
     finished: bool,
     until: tokio::time::Instant,
+    /// Asked again every [`super::REAUTHORISE_EVERY`]: a revoked key, an
+    /// ended session or impersonation, or a deleted account ends the stream.
+    auth: Auth,
+    authorised_at: tokio::time::Instant,
 }
 
 impl Follow {
@@ -266,6 +272,12 @@ impl Follow {
             }
             if self.finished || tokio::time::Instant::now() > self.until {
                 return None;
+            }
+            if self.authorised_at.elapsed() >= super::REAUTHORISE_EVERY {
+                if !self.auth.still_valid(&self.pool).await.ok()? {
+                    return None;
+                }
+                self.authorised_at = tokio::time::Instant::now();
             }
             let rows: Vec<(i32, String, Value, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
                 "select stream_version, event_type, payload, recorded_at from events

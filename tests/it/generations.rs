@@ -1187,6 +1187,47 @@ async fn the_event_stream_delivers_every_status_change_in_order_and_resumes() {
     assert_eq!(ids, vec!["2", "3"]);
 }
 
+/// A stream is not authorised once for its quarter of an hour: revoking
+/// the key that opened it ends it, though its generation is still queued.
+#[tokio::test]
+async fn the_event_stream_ends_once_its_key_is_revoked() {
+    let app = spawn_app_with(&[]).await;
+    let (account, key) = funded(&app, 100).await;
+    let (_, g, _) = app.submit(&key, None, video("revoked midway")).await;
+    let id = g["id"].as_str().unwrap().to_owned();
+    let follower = {
+        let (address, client, key, id) = (
+            app.address.clone(),
+            app.client.clone(),
+            key.clone(),
+            id.clone(),
+        );
+        tokio::spawn(async move { read_sse(&client, &address, &key, &id, None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!follower.is_finished(), "open while the key holds");
+    let mut conn = app.db.conn().await;
+    let key_id: Uuid = sqlx::query_scalar("select key_id from api_keys where account_id = $1")
+        .bind(account)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    slate_events::access::revoke_key(&mut conn, account, key_id, slate_events::Metadata::system())
+        .await
+        .unwrap();
+    let (status, events) = follower.await.unwrap();
+    assert_eq!(status, 200);
+    let statuses: Vec<&str> = events
+        .iter()
+        .map(|(_, d)| d["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["queued"], "ended without a terminal event");
+    assert_eq!(
+        read_sse(&app.client, &app.address, &key, &id, None).await.0,
+        401
+    );
+}
+
 /// The Standard Webhooks signature, computed here from the documented scheme.
 fn standard_webhooks_signature(secret: &str, id: &str, timestamp: &str, body: &str) -> String {
     use base64::Engine;
