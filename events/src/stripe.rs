@@ -1479,6 +1479,15 @@ async fn settle_refunds(
     if target < already && now.standing {
         // A refund failed or was canceled: what it took comes back, as a
         // grant of its own that later refunds of the charge take from too.
+        // Not while a dispute of the charge stands, though (Stripe fails a
+        // pending refund once its charge is disputed): the dispute decides,
+        // and a won one gives it back (`dispute_changed`).
+        if let Some(dispute) = standing_dispute(conn, charge, payment_intent).await? {
+            return Ok(Outcome::Processed(format!(
+                "{charge}: {refunded} refunded now; what failed refunds took stays \
+                 taken while {dispute} stands"
+            )));
+        }
         let out = credits::grant(
             conn,
             &Grant {
@@ -1650,15 +1659,7 @@ async fn dispute_changed(
         text(dp, "/id").ok_or_else(|| ProcessError::Permanent("dispute without id".into()))?;
     // Converge on the dispute's latest known state, whatever order its
     // events came in.
-    let latest: Option<String> = sqlx::query_scalar(
-        "select raw::jsonb #>> '{data,object,status}' from stripe_events
-          where object_id = $1 and event_type like 'charge.dispute.%'
-          order by created desc, (event_type = 'charge.dispute.closed') desc limit 1",
-    )
-    .bind(dispute)
-    .fetch_optional(&mut *conn)
-    .await?
-    .flatten();
+    let latest = latest_dispute_status(conn, dispute).await?;
     let status = latest
         .as_deref()
         .or_else(|| text(dp, "/status"))
@@ -1697,62 +1698,22 @@ async fn dispute_changed(
             .await?;
     match status {
         "won" => {
-            let Some(frozen) = revoked.filter(|a| *a > 0) else {
-                return Ok(Outcome::Processed(format!(
-                    "{dispute} won; nothing was frozen"
-                )));
+            let restored = dispute_won(conn, cx, dp, dispute, account, bucket, revoked).await?;
+            // Refunds of the charge that failed meanwhile (Stripe fails a
+            // pending refund once its charge is disputed) gave nothing back
+            // while the dispute stood; they do now.
+            let Some(charge) = id_of(dp, "/charge") else {
+                return Ok(restored);
             };
-            let restored_object = format!("{dispute}:restored");
-            let done: Option<i64> = sqlx::query_scalar(
-                "select amount from credit_buckets where account_id = $1 and stripe_object = $2",
-            )
-            .bind(account)
-            .bind(&restored_object)
-            .fetch_optional(&mut *conn)
-            .await?;
-            if let Some(amount) = done {
-                return Ok(Outcome::Processed(format!(
-                    "{dispute} won; {amount} credits restored earlier"
-                )));
-            }
-            // Refunds that came while the dispute was open found the credits
-            // frozen: their share is not given back.
-            let granted: i64 =
-                sqlx::query_scalar("select amount from credit_buckets where bucket_id = $1")
-                    .bind(bucket)
-                    .fetch_one(&mut *conn)
-                    .await?;
-            let refunded = refunds_frozen_by_dispute(
-                conn,
-                bucket,
-                granted,
-                id_of(dp, "/payment_intent"),
-                id_of(dp, "/charge"),
-            )
-            .await?;
-            let amount = frozen - refunded.min(frozen);
-            if amount == 0 {
-                return Ok(Outcome::Processed(format!(
-                    "{dispute} won; refunds took all that was frozen"
-                )));
-            }
-            let out = credits::grant(
-                conn,
-                &Grant {
-                    account_id: account,
-                    amount,
-                    source: GrantSource::Purchase,
-                    grant_key: format!("stripe:dispute-won:{dispute}"),
-                    stripe_object: Some(restored_object),
-                    expires_at: None,
-                    reason: Some("dispute won".into()),
-                },
-                &cx.meta,
-            )
-            .await?;
+            let payment_intent = id_of(dp, "/payment_intent");
+            let Some(now) = refunds_of_charge(conn, cx, charge, payment_intent, None).await? else {
+                return Ok(restored);
+            };
+            let refunds = settle_refunds(conn, cx, charge, payment_intent, now).await?;
             Ok(Outcome::Processed(format!(
-                "{dispute} won; {} {} credits restored",
-                out.outcome, out.amount
+                "{}; {}",
+                restored.describe(),
+                refunds.describe()
             )))
         }
         "needs_response" | "under_review" | "lost" => {
@@ -1780,6 +1741,123 @@ async fn dispute_changed(
             "{dispute} is {other}; no credits affected"
         ))),
     }
+}
+
+/// The latest known state of a dispute, whatever order its events came in.
+async fn latest_dispute_status(
+    conn: &mut PgConnection,
+    dispute: &str,
+) -> Result<Option<String>, Error> {
+    Ok(sqlx::query_scalar(
+        "select raw::jsonb #>> '{data,object,status}' from stripe_events
+          where object_id = $1 and event_type like 'charge.dispute.%'
+          order by created desc, (event_type = 'charge.dispute.closed') desc limit 1",
+    )
+    .bind(dispute)
+    .fetch_optional(&mut *conn)
+    .await?
+    .flatten())
+}
+
+/// A dispute of the charge that stands (open, or lost): it froze the grant,
+/// and what a failed refund of the charge took stays taken while it does.
+async fn standing_dispute(
+    conn: &mut PgConnection,
+    charge: &str,
+    payment_intent: Option<&str>,
+) -> Result<Option<String>, Error> {
+    let disputes: Vec<String> = sqlx::query_scalar(
+        "select distinct object_id from stripe_events
+          where event_type in ('charge.dispute.created', 'charge.dispute.updated',
+                               'charge.dispute.closed')
+            and object_id is not null
+            and (payment_intent = $2
+                 or coalesce(raw::jsonb #>> '{data,object,charge,id}',
+                             raw::jsonb #>> '{data,object,charge}') = $1)",
+    )
+    .bind(charge)
+    .bind(payment_intent)
+    .fetch_all(&mut *conn)
+    .await?;
+    for dispute in disputes {
+        let status = latest_dispute_status(conn, &dispute).await?;
+        if matches!(
+            status.as_deref(),
+            Some("needs_response" | "under_review" | "lost")
+        ) {
+            return Ok(Some(dispute));
+        }
+    }
+    Ok(None)
+}
+
+/// A won dispute gives back what it froze, less what refunds that came
+/// while it was open took.
+async fn dispute_won(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    dp: &Value,
+    dispute: &str,
+    account: Uuid,
+    bucket: Uuid,
+    revoked: Option<i64>,
+) -> Result<Outcome, ProcessError> {
+    let Some(frozen) = revoked.filter(|a| *a > 0) else {
+        return Ok(Outcome::Processed(format!(
+            "{dispute} won; nothing was frozen"
+        )));
+    };
+    let restored_object = format!("{dispute}:restored");
+    let done: Option<i64> = sqlx::query_scalar(
+        "select amount from credit_buckets where account_id = $1 and stripe_object = $2",
+    )
+    .bind(account)
+    .bind(&restored_object)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(amount) = done {
+        return Ok(Outcome::Processed(format!(
+            "{dispute} won; {amount} credits restored earlier"
+        )));
+    }
+    // Refunds that came while the dispute was open found the credits
+    // frozen: their share is not given back.
+    let granted: i64 = sqlx::query_scalar("select amount from credit_buckets where bucket_id = $1")
+        .bind(bucket)
+        .fetch_one(&mut *conn)
+        .await?;
+    let refunded = refunds_frozen_by_dispute(
+        conn,
+        bucket,
+        granted,
+        id_of(dp, "/payment_intent"),
+        id_of(dp, "/charge"),
+    )
+    .await?;
+    let amount = frozen - refunded.min(frozen);
+    if amount == 0 {
+        return Ok(Outcome::Processed(format!(
+            "{dispute} won; refunds took all that was frozen"
+        )));
+    }
+    let out = credits::grant(
+        conn,
+        &Grant {
+            account_id: account,
+            amount,
+            source: GrantSource::Purchase,
+            grant_key: format!("stripe:dispute-won:{dispute}"),
+            stripe_object: Some(restored_object),
+            expires_at: None,
+            reason: Some("dispute won".into()),
+        },
+        &cx.meta,
+    )
+    .await?;
+    Ok(Outcome::Processed(format!(
+        "{dispute} won; {} {} credits restored",
+        out.outcome, out.amount
+    )))
 }
 
 /// A grant has just been made for `payment_intent`: refunds and disputes of

@@ -1125,6 +1125,51 @@ async fn a_dispute_freezes_the_purchase_and_a_won_dispute_restores_it_in_either_
     assert_eq!(b.available, 500);
 }
 
+/// Stripe fails a pending refund once its charge is disputed
+/// (`charge_for_pending_refund_disputed`): the dispute decides. What the
+/// refund took stays taken while the dispute is open; a won dispute gives
+/// the whole pack back, a lost one nothing.
+#[tokio::test]
+async fn a_refund_failed_by_a_dispute_gives_back_only_if_the_dispute_is_won() {
+    let app = stripe_app().await;
+    for outcome in ["won", "lost"] {
+        let account = new_account(&mut *app.db.conn().await).await;
+        let run = run_tag();
+        let event =
+            |name: &str| -> Value { serde_json::from_str(&fixture(name, account, &run)).unwrap() };
+        let mut refund = event("09_charge_refunded_partial");
+        refund["data"]["object"]["amount_refunded"] = 2000.into();
+        refund["data"]["object"]["refunded"] = true.into();
+        let mut closed = event("x_charge_dispute_closed_won");
+        closed["data"]["object"]["status"] = outcome.into();
+        let mut opened = event("10_charge_dispute_created");
+        opened["id"] = format!("evt_{run}_dp_open").into();
+        opened["created"] = (closed["created"].as_i64().unwrap() - 3600).into();
+        for field in ["id", "charge", "payment_intent"] {
+            opened["data"]["object"][field] = closed["data"]["object"][field].clone();
+        }
+        let mut failed = event("15_charge_refund_updated_failed");
+        failed["data"]["object"]["amount"] = 2000.into();
+        failed["data"]["object"]["failure_reason"] = "charge_for_pending_refund_disputed".into();
+
+        app.deliver_accepted("01_checkout_session_completed_pack", account, &run)
+            .await;
+        for (step, e, left) in [
+            ("refunded", &refund, 0),
+            ("disputed", &opened, 0),
+            ("the refund failed", &failed, 0),
+        ] {
+            app.deliver(&e.to_string()).await;
+            app.process_stripe().await;
+            assert_eq!(available(&app, account).await, left, "{outcome}: {step}");
+        }
+        app.deliver(&closed.to_string()).await;
+        app.process_stripe().await;
+        let expected = if outcome == "won" { 500 } else { 0 };
+        assert_eq!(available(&app, account).await, expected, "{outcome}");
+    }
+}
+
 #[tokio::test]
 async fn reconcile_ingests_what_the_webhook_never_delivered_once() {
     use wiremock::matchers::{method, path, query_param, query_param_is_missing};
