@@ -142,15 +142,22 @@ pub(super) async fn export(
         json!(chrono::Utc::now()),
         serde_json::to_string(&profile).map_err(|e| ApiError::Internal(e.into()))?
     );
-    // The events, page by page.
+    // The events, page by page, while the caller's access holds.
     let events = futures::stream::unfold(
         (
             pool.clone(),
             slate_events::vault::Keyring::default(),
             0i64,
             true,
+            super::extract::Reauthorise::new(auth, false),
         ),
-        move |(pool, mut keyring, after, first)| async move {
+        move |(pool, mut keyring, after, first, mut access)| async move {
+            if let Err(e) = access.check(&pool).await {
+                return Some((
+                    Err(std::io::Error::other(e)),
+                    (pool, keyring, i64::MAX, false, access),
+                ));
+            }
             match events_page(&pool, &mut keyring, account, after).await {
                 Ok(page) if page.is_empty() => None,
                 Ok(page) => {
@@ -165,11 +172,14 @@ pub(super) async fn export(
                         }
                         chunk.push_str(&e.to_string());
                     }
-                    Some((Ok::<_, std::io::Error>(chunk), (pool, keyring, last, false)))
+                    Some((
+                        Ok::<_, std::io::Error>(chunk),
+                        (pool, keyring, last, false, access),
+                    ))
                 }
                 Err(e) => Some((
                     Err(std::io::Error::other(e)),
-                    (pool, keyring, i64::MAX, false),
+                    (pool, keyring, i64::MAX, false, access),
                 )),
             }
         },

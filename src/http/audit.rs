@@ -105,42 +105,27 @@ async fn export(
     };
     let pool = state.pool.clone();
     let header_line = csv.then(|| CSV_HEADER.to_owned());
-    let authorised_at = tokio::time::Instant::now();
+    let access = super::extract::Reauthorise::new(staff, true);
     let stream = futures::stream::unfold(
-        (filter, header_line, false, authorised_at),
-        move |(mut f, head, done, mut authorised_at)| {
-            let (pool, staff) = (pool.clone(), staff.clone());
+        (filter, header_line, false, access),
+        move |(mut f, head, done, mut access)| {
+            let pool = pool.clone();
             async move {
                 if let Some(h) = head {
-                    return Some((Ok::<_, std::io::Error>(h), (f, None, done, authorised_at)));
+                    return Some((Ok::<_, std::io::Error>(h), (f, None, done, access)));
                 }
                 if done {
                     return None;
                 }
                 // A long export stops, cut short, once the staff member's
                 // access is withdrawn.
-                if authorised_at.elapsed() >= super::REAUTHORISE_EVERY {
-                    match staff.still_valid(&pool).await {
-                        Ok(true) => authorised_at = tokio::time::Instant::now(),
-                        Ok(false) => {
-                            let e = std::io::Error::other("access withdrawn during the export");
-                            return Some((Err(e), (f, None, true, authorised_at)));
-                        }
-                        Err(e) => {
-                            return Some((
-                                Err(std::io::Error::other(e)),
-                                (f, None, true, authorised_at),
-                            ));
-                        }
-                    }
+                if let Err(e) = access.check(&pool).await {
+                    return Some((Err(std::io::Error::other(e)), (f, None, true, access)));
                 }
                 let page = match query(&pool, &f, 1000, true).await {
                     Ok(p) => p,
                     Err(e) => {
-                        return Some((
-                            Err(std::io::Error::other(e)),
-                            (f, None, true, authorised_at),
-                        ));
+                        return Some((Err(std::io::Error::other(e)), (f, None, true, access)));
                     }
                 };
                 let last = page.last()?;
@@ -156,7 +141,7 @@ async fn export(
                         }
                     })
                     .collect();
-                Some((Ok(chunk), (f, None, done, authorised_at)))
+                Some((Ok(chunk), (f, None, done, access)))
             }
         },
     );

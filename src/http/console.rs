@@ -131,7 +131,7 @@ async fn home(
             "console:search",
         )
         .await?;
-        let accounts: Vec<(Uuid, String, bool)> = sqlx::query_as(
+        let accounts: Vec<(Uuid, Option<String>, bool)> = sqlx::query_as(
             "select account_id, email, staff from accounts
               where account_id::text = $1 or lower(email) like '%' || lower($1) || '%'
               order by created_at desc limit 20",
@@ -159,7 +159,8 @@ async fn home(
             for (id, email, is_staff) in &accounts {
                 body.push_str(&format!(
                     "<li><a href='/admin/console/accounts/{id}'>{}</a> <code>{id}</code>{}</li>",
-                    esc(email),
+                    // A purged account's email is erased.
+                    esc(email.as_deref().unwrap_or(slate_events::vault::ERASED)),
                     if *is_staff { " (staff)" } else { "" }
                 ));
             }

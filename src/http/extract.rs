@@ -253,20 +253,25 @@ impl Auth {
 
     /// Whether what authenticated this caller still holds: the key not
     /// revoked, the session neither ended nor past its absolute timeout, the
-    /// impersonation neither ended nor expired, the account not deleted, and
-    /// a staff caller still staff. A response that goes on for long (a
-    /// generation's event stream, an audit export) asks again as it goes:
-    /// what was allowed at its start may have been withdrawn since.
-    pub async fn still_valid(&self, pool: &sqlx::PgPool) -> Result<bool, sqlx::Error> {
+    /// impersonation neither ended nor expired (and its staff member still
+    /// staff), the account not deleted, and, with `staff`, the caller still
+    /// staff. A session asked about is in use: its idle clock restarts, as a
+    /// request's would. See [`Reauthorise`].
+    pub async fn still_valid(&self, pool: &sqlx::PgPool, staff: bool) -> Result<bool, sqlx::Error> {
         sqlx::query_scalar(
-            "select ($1::uuid is null or exists (
+            "with in_use as (
+                update sessions set last_seen_at = now()
+                 where session_id = $2 and ended_at is null and expires_at > now()
+                   and (last_seen_at is null or last_seen_at < now() - interval '30 seconds'))
+             select ($1::uuid is null or exists (
                         select 1 from api_keys where key_id = $1 and revoked_at is null))
                 and ($2::uuid is null or exists (
                         select 1 from sessions
                          where session_id = $2 and ended_at is null and expires_at > now()))
                 and ($3::uuid is null or exists (
-                        select 1 from impersonations
-                         where impersonation_id = $3 and ended_at is null and expires_at > now()))
+                        select 1 from impersonations i join accounts s on s.account_id = i.staff_id
+                         where i.impersonation_id = $3 and i.ended_at is null
+                           and i.expires_at > now() and s.staff and s.deleted_at is null))
                 and exists (
                         select 1 from accounts
                          where account_id = $4 and deleted_at is null and (staff or not $5))",
@@ -275,7 +280,7 @@ impl Auth {
         .bind(self.session_id)
         .bind(self.impersonation_id)
         .bind(self.account_id)
-        .bind(self.staff)
+        .bind(staff)
         .fetch_one(pool)
         .await
     }
@@ -292,6 +297,66 @@ impl Auth {
             ..slate_events::Metadata::by(slate_events::Actor::User {
                 account_id: self.account_id,
             })
+        }
+    }
+}
+
+/// A long response (a generation's event stream, an export) asks again, as
+/// it goes, whether its caller's access still holds: what was allowed at its
+/// start may have been withdrawn since (a revoked key, an ended session or
+/// impersonation, a deleted account).
+pub struct Reauthorise {
+    auth: Auth,
+    staff: bool,
+    /// The last time access was found to hold.
+    held_at: tokio::time::Instant,
+}
+
+/// Why a long response stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Withdrawn {
+    #[error("access was withdrawn")]
+    Access,
+    #[error("access could not be checked for {0:?}")]
+    Unchecked(std::time::Duration),
+}
+
+impl Reauthorise {
+    /// How often access is asked about.
+    pub const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+    /// How long PostgreSQL may fail to answer (a saturated pool, an outage)
+    /// before the response stops anyway.
+    pub const GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+    /// `staff`: the response is for staff, who must still be staff.
+    pub fn new(auth: Auth, staff: bool) -> Self {
+        Self {
+            auth,
+            staff,
+            held_at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Ok while access holds, or has held within [`Self::GRACE`] and cannot
+    /// be checked just now; asks PostgreSQL at most every [`Self::EVERY`].
+    pub async fn check(&mut self, pool: &sqlx::PgPool) -> Result<(), Withdrawn> {
+        if self.held_at.elapsed() < Self::EVERY {
+            return Ok(());
+        }
+        match self.auth.still_valid(pool, self.staff).await {
+            Ok(true) => {
+                self.held_at = tokio::time::Instant::now();
+                Ok(())
+            }
+            Ok(false) => Err(Withdrawn::Access),
+            Err(e) if self.held_at.elapsed() < Self::GRACE => {
+                tracing::warn!(error = %e, "could not check a long response's access; asking again");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check a long response's access; stopping it");
+                Err(Withdrawn::Unchecked(self.held_at.elapsed()))
+            }
         }
     }
 }

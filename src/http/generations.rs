@@ -211,8 +211,7 @@ pub(super) async fn events(
         pending: std::collections::VecDeque::new(),
         finished: false,
         until: tokio::time::Instant::now() + STREAM_FOR,
-        auth,
-        authorised_at: tokio::time::Instant::now(),
+        access: super::extract::Reauthorise::new(auth, false),
     };
     let stream =
         futures::stream::unfold(
@@ -258,10 +257,9 @@ struct Follow {
     pending: std::collections::VecDeque<SseEvent>,
     finished: bool,
     until: tokio::time::Instant,
-    /// Asked again every [`super::REAUTHORISE_EVERY`]: a revoked key, an
-    /// ended session or impersonation, or a deleted account ends the stream.
-    auth: Auth,
-    authorised_at: tokio::time::Instant,
+    /// A revoked key, an ended session or impersonation, or a deleted
+    /// account ends the stream.
+    access: super::extract::Reauthorise,
 }
 
 impl Follow {
@@ -273,12 +271,7 @@ impl Follow {
             if self.finished || tokio::time::Instant::now() > self.until {
                 return None;
             }
-            if self.authorised_at.elapsed() >= super::REAUTHORISE_EVERY {
-                if !self.auth.still_valid(&self.pool).await.ok()? {
-                    return None;
-                }
-                self.authorised_at = tokio::time::Instant::now();
-            }
+            self.access.check(&self.pool).await.ok()?;
             let rows: Vec<(i32, String, Value, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
                 "select stream_version, event_type, payload, recorded_at from events
                   where stream_id = $1 and stream_version > $2 order by stream_version",

@@ -97,10 +97,6 @@ impl AppState {
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// How often a long response (a generation's event stream, an audit
-/// export) asks again whether its caller's access still holds.
-const REAUTHORISE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// Every response under an impersonation carries a header the client shows
 /// as a banner (filled in by the Auth extractor).
 async fn impersonation_banner(

@@ -313,6 +313,23 @@ async fn thirty_days_after_deletion_the_purge_erases_everything_personal_once_ev
         1,
         "only Bob's prompt is left"
     );
+    // Staff can still find the purged account by its id (the console's
+    // search read its erased email as text, and answered 500).
+    let (_, staff_key) = app.staff().await;
+    let r = app
+        .client
+        .get(format!("{}/admin?q={alice}", app.address))
+        .bearer_auth(&staff_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains(&format!("/admin/console/accounts/{alice}")) && page.contains("[erased]"),
+        "{page}"
+    );
+
     // The log still holds Alice's email, sealed, and it no longer opens.
     let sealed: String = sqlx::query_scalar(
         "select payload->>'email' from events where event_type = 'AccountCreated' and payload->>'account_id' = $1",
