@@ -983,11 +983,20 @@ async fn replay(
     filter: &slate_events::stripe::ReplayFilter,
 ) -> anyhow::Result<i32> {
     let ids = slate_events::stripe::select_for_replay(pool, filter).await?;
+    // As the worker processes them: asking Stripe where processing is in
+    // doubt (a failed refund's charge, an invoice without its payments).
+    let options = slate_events::stripe::ProcessOptions {
+        force: true,
+        refetch: config
+            .stripe_client()?
+            .map(crate::stripe::reconcile::refetcher),
+        ..Default::default()
+    };
     let total = ids.len();
     println!("replaying {total} event(s)");
     let (mut ok, mut failed) = (0usize, 0usize);
     for (i, id) in ids.iter().enumerate() {
-        match slate_events::stripe::process(pool, &config.stripe_catalog, id, true).await {
+        match slate_events::stripe::process_with(pool, &config.stripe_catalog, id, &options).await {
             Ok(outcome) => {
                 ok += 1;
                 println!("{id}  {}", outcome.describe());

@@ -685,10 +685,10 @@ fn invoice_payment_intent(inv: &Value) -> Option<&str> {
 fn payment_of<'v>(event_type: &str, object: &'v Value) -> Option<&'v str> {
     match event_type {
         "invoice.paid" | "invoice.payment_failed" => invoice_payment_intent(object),
-        // A refund and its charge meet at the charge when there is no
-        // payment intent (the Charges API's charges).
+        // A refund or dispute and its charge meet at the charge when there
+        // is no payment intent (the Charges API's charges).
         "charge.refunded" => id_of(object, "/payment_intent").or_else(|| text(object, "/id")),
-        t if REFUND_EVENTS.contains(&t) => {
+        t if REFUND_EVENTS.contains(&t) || t.starts_with("charge.dispute.") => {
             id_of(object, "/payment_intent").or_else(|| id_of(object, "/charge"))
         }
         t if t.starts_with("checkout.session.") || t.starts_with("charge.") => {
@@ -873,25 +873,33 @@ async fn checkout_paid(
             ));
         }
     }
-    let credits = checkout_credits(cx.catalog, s).ok_or_else(|| {
-        ProcessError::Permanent("checkout session names no credits (metadata.credits)".into())
-    })?;
     let stripe_object = id_of(s, "/payment_intent").unwrap_or(session).to_owned();
     let settle = stripe_object.clone();
-    let out = grant_once(
-        conn,
-        &Grant {
-            account_id: account,
-            amount: credits,
-            source: GrantSource::Purchase,
-            grant_key: format!("stripe:checkout:{session}"),
-            stripe_object: Some(stripe_object),
-            expires_at: None,
-            reason: text(s, "/metadata/pack").map(|p| format!("pack {p}")),
-        },
-        &cx.meta,
-    )
-    .await?;
+    let grant_key = format!("stripe:checkout:{session}");
+    let out = match earlier_grant(conn, &grant_key, account).await? {
+        Some(out) => out,
+        None => {
+            let credits = checkout_credits(cx.catalog, s).ok_or_else(|| {
+                ProcessError::Permanent(
+                    "checkout session names no credits (metadata.credits)".into(),
+                )
+            })?;
+            credits::grant(
+                conn,
+                &Grant {
+                    account_id: account,
+                    amount: credits,
+                    source: GrantSource::Purchase,
+                    grant_key,
+                    stripe_object: Some(stripe_object),
+                    expires_at: None,
+                    reason: text(s, "/metadata/pack").map(|p| format!("pack {p}")),
+                },
+                &cx.meta,
+            )
+            .await?
+        }
+    };
     let currency = text(s, "/currency").unwrap_or("usd");
     if let Some(paid) = int(s, "/amount_total") {
         affiliates::earn(conn, &cx.meta, account, &settle, currency, paid).await?;
@@ -1009,32 +1017,38 @@ async fn invoice_paid(
     let (invoice, account) = invoice_and_account(conn, cx, inv).await?;
     record_billing(conn, cx, account, false, invoice).await?;
 
-    let (credits, unknown) = invoice_plan_credits(cx.catalog, inv)?;
-    if credits == 0 {
-        if invoice_subscription(inv).is_some() && !unknown.is_empty() {
-            return Err(ProcessError::Permanent(format!(
-                "no credits configured for plan prices {unknown:?} (STRIPE_PLANS)"
-            )));
-        }
-        return Ok(Outcome::Processed(format!(
-            "{invoice} paid; no plan credits on it"
-        )));
-    }
     let payment_intent = invoice_payment_intent(inv);
-    let out = grant_once(
-        conn,
-        &Grant {
-            account_id: account,
-            amount: credits,
-            source: GrantSource::Subscription,
-            grant_key: format!("stripe:invoice:{invoice}"),
-            stripe_object: Some(payment_intent.unwrap_or(invoice).to_owned()),
-            expires_at: None,
-            reason: invoice_subscription(inv).map(|s| format!("subscription {s}")),
-        },
-        &cx.meta,
-    )
-    .await?;
+    let grant_key = format!("stripe:invoice:{invoice}");
+    let out = match earlier_grant(conn, &grant_key, account).await? {
+        Some(out) => out,
+        None => {
+            let (credits, unknown) = invoice_plan_credits(cx.catalog, inv)?;
+            if credits == 0 {
+                if invoice_subscription(inv).is_some() && !unknown.is_empty() {
+                    return Err(ProcessError::Permanent(format!(
+                        "no credits configured for plan prices {unknown:?} (STRIPE_PLANS)"
+                    )));
+                }
+                return Ok(Outcome::Processed(format!(
+                    "{invoice} paid; no plan credits on it"
+                )));
+            }
+            credits::grant(
+                conn,
+                &Grant {
+                    account_id: account,
+                    amount: credits,
+                    source: GrantSource::Subscription,
+                    grant_key,
+                    stripe_object: Some(payment_intent.unwrap_or(invoice).to_owned()),
+                    expires_at: None,
+                    reason: invoice_subscription(inv).map(|s| format!("subscription {s}")),
+                },
+                &cx.meta,
+            )
+            .await?
+        }
+    };
     let paid_for = payment_intent.unwrap_or(invoice);
     if let Some(paid) = int(inv, "/amount_paid") {
         let currency = text(inv, "/currency").unwrap_or("usd");
@@ -1202,32 +1216,31 @@ async fn subscription_changed(
     Ok(Outcome::Processed(outcome))
 }
 
-/// A purchase's or an invoice's grant, made once. One made earlier under
-/// the same key stands as it was, even where the catalog now prices it
-/// otherwise (a replay after `STRIPE_PACKS` or `STRIPE_PLANS` changed): a
-/// later configuration does not re-decide what a payment bought.
-async fn grant_once(
+/// The grant a purchase or an invoice made earlier, under its key. It
+/// stands as it was, even where the catalog now prices it otherwise or no
+/// longer at all (a replay after `STRIPE_PACKS` or `STRIPE_PLANS` changed):
+/// a later configuration does not re-decide what a payment bought.
+async fn earlier_grant(
     conn: &mut PgConnection,
-    grant: &Grant,
-    metadata: &Metadata,
-) -> Result<credits::GrantOutcome, Error> {
+    grant_key: &str,
+    account: Uuid,
+) -> Result<Option<credits::GrantOutcome>, Error> {
     let earlier: Option<(Uuid, i64, i64)> = sqlx::query_as(
         "select bucket_id, amount, debt_settled from credit_buckets
           where grant_key = $1 and account_id = $2",
     )
-    .bind(&grant.grant_key)
-    .bind(grant.account_id)
+    .bind(grant_key)
+    .bind(account)
     .fetch_optional(&mut *conn)
     .await?;
-    match earlier {
-        Some((bucket_id, amount, debt_settled)) => Ok(credits::GrantOutcome {
+    Ok(
+        earlier.map(|(bucket_id, amount, debt_settled)| credits::GrantOutcome {
             outcome: "duplicate".into(),
             bucket_id,
             amount,
             debt_settled,
         }),
-        None => credits::grant(conn, grant, metadata).await,
-    }
+    )
 }
 
 /// The grant a charge paid for, found by its payment intent (or the charge).
@@ -1336,10 +1349,11 @@ struct ChargeRefunds {
 /// or, for a refund's event, while nothing tells the charge's amount yet.
 ///
 /// Where Stripe can be asked, the charge is read with its refunds: the sum of
-/// those still standing is the truth, however `amount_refunded` counts failed
-/// ones. Where it cannot, the largest `amount_refunded` seen, less every
-/// undone refund: never more than stands, as each `amount_refunded` sums a
-/// subset of the charge's refunds.
+/// those still standing is the truth. Where it cannot, the newest
+/// `charge.refunded` speaks: Stripe lowers a charge's `amount_refunded` when
+/// a refund of it fails, so its figure already leaves out refunds that had
+/// failed by then, and counts those made by then that failed only later,
+/// which are taken off. (A refund made after it is not in it, failed or not.)
 async fn refunds_of_charge(
     conn: &mut PgConnection,
     cx: &Cx<'_>,
@@ -1347,28 +1361,32 @@ async fn refunds_of_charge(
     payment_intent: Option<&str>,
     seen: Option<ChargeRefunds>,
 ) -> Result<Option<ChargeRefunds>, ProcessError> {
-    // The amount of each refund of the charge that failed or was canceled
-    // (by the payment's index where there is a payment intent).
+    // Each refund of the charge that failed or was canceled: its amount,
+    // when it was made, and when it failed (its first such event), by the
+    // payment's index where there is a payment intent.
     macro_rules! undone {
         ($payment:literal) => {
             concat!(
-                "select distinct on (object_id) (raw::jsonb #>> '{data,object,amount}')::bigint
+                "select distinct on (object_id)
+                        (raw::jsonb #>> '{data,object,amount}')::bigint,
+                        (raw::jsonb #>> '{data,object,created}')::bigint,
+                        created
                    from stripe_events
                   where event_type = any($2)
                     and coalesce(raw::jsonb #>> '{data,object,charge,id}',
                                  raw::jsonb #>> '{data,object,charge}') = $1
                     and raw::jsonb #>> '{data,object,status}' in ('failed', 'canceled')",
                 $payment,
-                " order by object_id"
+                " order by object_id, created"
             )
         };
     }
-    let undone: Vec<Option<i64>> = match payment_intent {
-        Some(pi) => sqlx::query_scalar(undone!(" and payment_intent = $3"))
+    let undone: Vec<(Option<i64>, Option<i64>, DateTime<Utc>)> = match payment_intent {
+        Some(pi) => sqlx::query_as(undone!(" and payment_intent = $3"))
             .bind(charge)
             .bind(&REFUND_EVENTS[..])
             .bind(pi),
-        None => sqlx::query_scalar(undone!(""))
+        None => sqlx::query_as(undone!(""))
             .bind(charge)
             .bind(&REFUND_EVENTS[..]),
     }
@@ -1404,30 +1422,39 @@ async fn refunds_of_charge(
             standing: true,
         }));
     }
-    let totals: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(
+    let snapshots: Vec<(Option<i64>, Option<i64>, DateTime<Utc>)> = sqlx::query_as(
         "select (raw::jsonb #>> '{data,object,amount}')::bigint,
-                (raw::jsonb #>> '{data,object,amount_refunded}')::bigint
+                (raw::jsonb #>> '{data,object,amount_refunded}')::bigint,
+                created
            from stripe_events
           where object_id = $1 and event_type = 'charge.refunded'",
     )
     .bind(charge)
     .fetch_all(&mut *conn)
     .await?;
-    let Some((amount, most)) = totals
+    // The newest (of one second, the most refunded: refunds only add to it).
+    let Some((amount, newest, at)) = snapshots
         .into_iter()
-        .filter_map(|(amount, refunded)| Some((amount.filter(|a| *a > 0)?, refunded.unwrap_or(0))))
-        .chain(seen.map(|s| (s.amount, s.refunded)))
-        .max_by_key(|(_, refunded)| *refunded)
+        .filter_map(|(amount, refunded, at)| {
+            Some((amount.filter(|a| *a > 0)?, refunded.unwrap_or(0), at))
+        })
+        .chain(seen.map(|s| (s.amount, s.refunded, cx.created)))
+        .max_by_key(|(_, refunded, at)| (*at, *refunded))
     else {
         return Ok(None);
     };
-    let undone: i128 = undone
+    let failed_since: i128 = undone
         .into_iter()
-        .map(|a| a.unwrap_or(0).max(0) as i128)
+        .filter(|(_, made, failed_at)| {
+            made.and_then(|m| Utc.timestamp_opt(m, 0).single())
+                .is_none_or(|m| m <= at)
+                && *failed_at > at
+        })
+        .map(|(a, _, _)| a.unwrap_or(0).max(0) as i128)
         .sum();
     Ok(Some(ChargeRefunds {
         amount,
-        refunded: (most as i128 - undone).clamp(0, amount as i128) as i64,
+        refunded: (newest as i128 - failed_since).clamp(0, amount as i128) as i64,
         standing: true,
     }))
 }
@@ -1465,9 +1492,12 @@ async fn settle_refunds(
         .bind(account)
         .execute(&mut *conn)
         .await?;
-    let restored = restorations_of(conn, bucket).await?;
     let returns = refund_returns_of(conn, bucket).await?;
     let returned: i64 = returns.iter().map(|(_, amount)| amount).sum();
+    let family: Vec<Uuid> = std::iter::once(bucket)
+        .chain(returns.iter().map(|(b, _)| *b))
+        .collect();
+    let restored = restorations_of(conn, &family).await?;
     let mut buckets = vec![bucket];
     buckets.extend(restored.iter().map(|r| r.bucket));
     buckets.extend(returns.iter().map(|(b, _)| *b));
@@ -1581,20 +1611,28 @@ struct Restoration {
     absorbed: i64,
 }
 
-/// The restorations by won disputes of the grant in `bucket` (a dispute's
-/// freeze of a grant is keyed `stripe:dispute:<dispute>`, its restoration is
-/// the bucket of `<dispute>:restored`).
-async fn restorations_of(conn: &mut PgConnection, bucket: Uuid) -> Result<Vec<Restoration>, Error> {
+/// The restorations by won disputes of a grant, given its bucket and those
+/// of what failed refunds of it gave back (a dispute's freeze of a grant is
+/// keyed `stripe:dispute:<dispute>`, its restoration is the bucket of
+/// `<dispute>:restored`).
+async fn restorations_of(
+    conn: &mut PgConnection,
+    buckets: &[Uuid],
+) -> Result<Vec<Restoration>, Error> {
+    // A dispute's freeze of what a failed refund gave back is keyed
+    // `stripe:dispute:<dispute>:<bucket>`: one dispute, one restoration.
     let rows: Vec<(Uuid, i64, i64)> = sqlx::query_as(
-        "select b.bucket_id, b.amount, v.amount
+        "select b.bucket_id, b.amount, sum(v.amount)::bigint
            from credit_revocations v
            join credit_buckets b
              on b.account_id = v.account_id
-            and b.stripe_object = substr(v.revoke_key, length('stripe:dispute:') + 1) || ':restored'
-          where v.bucket_id = $1 and v.revoke_key like 'stripe:dispute:%'
+            and b.stripe_object =
+                split_part(substr(v.revoke_key, length('stripe:dispute:') + 1), ':', 1) || ':restored'
+          where v.bucket_id = any($1) and v.revoke_key like 'stripe:dispute:%'
+          group by b.bucket_id, b.amount, b.granted_position
           order by b.granted_position",
     )
-    .bind(bucket)
+    .bind(buckets)
     .fetch_all(&mut *conn)
     .await?;
     Ok(rows
@@ -1691,11 +1729,15 @@ async fn dispute_changed(
         .execute(&mut *conn)
         .await?;
     let revoke_key = format!("stripe:dispute:{dispute}");
-    let revoked: Option<i64> =
-        sqlx::query_scalar("select amount from credit_revocations where revoke_key = $1")
-            .bind(&revoke_key)
-            .fetch_optional(&mut *conn)
-            .await?;
+    // What it froze: of the grant (`revoke_key`), and of what failed
+    // refunds of it had given back (`revoke_key:<bucket>`).
+    let revoked: Option<i64> = sqlx::query_scalar(
+        "select sum(amount)::bigint from credit_revocations
+          where revoke_key = $1 or starts_with(revoke_key, $1 || ':')",
+    )
+    .bind(&revoke_key)
+    .fetch_one(&mut *conn)
+    .await?;
     match status {
         "won" => {
             let restored = dispute_won(conn, cx, dp, dispute, account, bucket, revoked).await?;
@@ -1732,8 +1774,24 @@ async fn dispute_changed(
                 &cx.meta,
             )
             .await?;
+            // What failed refunds of the charge gave back is the grant's too.
+            let mut returns_frozen = 0;
+            for (returned, amount) in refund_returns_of(conn, bucket).await? {
+                let more = credits::revoke(
+                    conn,
+                    account,
+                    returned,
+                    amount,
+                    &format!("{revoke_key}:{returned}"),
+                    Some("dispute"),
+                    &cx.meta,
+                )
+                .await?;
+                returns_frozen += more.amount;
+            }
             Ok(Outcome::Processed(format!(
-                "{dispute} {status}; {} {} credits frozen ({} debt)",
+                "{dispute} {status}; {} {} credits frozen ({} debt; {returns_frozen} of what \
+                 failed refunds gave back)",
                 out.outcome, out.amount, out.debt_added
             )))
         }

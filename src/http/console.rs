@@ -444,13 +444,27 @@ async fn replay(
     if !plausible || !slate_events::stripe::is_mirrored(&state.pool, &id).await? {
         return Err(ApiError::not_found());
     }
-    let outcome =
-        match slate_events::stripe::process(&state.pool, &state.config.stripe_catalog, &id, true)
-            .await
-        {
-            Ok(o) => o.describe().to_owned(),
-            Err(e) => format!("failed: {e}"),
-        };
+    // As the worker processes it: asking Stripe where processing is in
+    // doubt (a failed refund's charge, an invoice without its payments).
+    let options = slate_events::stripe::ProcessOptions {
+        force: true,
+        refetch: state
+            .stripe
+            .clone()
+            .map(crate::stripe::reconcile::refetcher),
+        ..Default::default()
+    };
+    let outcome = match slate_events::stripe::process_with(
+        &state.pool,
+        &state.config.stripe_catalog,
+        &id,
+        &options,
+    )
+    .await
+    {
+        Ok(o) => o.describe().to_owned(),
+        Err(e) => format!("failed: {e}"),
+    };
     let mut conn = state.pool.acquire().await?;
     let event = slate_events::NewEvent::new(
         slate_events::DomainEvent::StripeEventReplayed(

@@ -896,6 +896,18 @@ async fn a_failed_refund_gives_back_what_it_took_in_any_order() {
             .await
             .unwrap();
     assert!(outcome.contains("250 credits given back"), "{outcome}");
+    // Refunded again, in full, after the failure: Stripe's figure (2,000)
+    // no longer counts the failed refund, and all 500 are taken, from the
+    // grant and from what the failure gave back.
+    let mut full: Value =
+        serde_json::from_str(&fixture("09_charge_refunded_partial", account, &run)).unwrap();
+    full["id"] = format!("evt_{run}_16").into();
+    full["created"] = 1805627320.into();
+    full["data"]["object"]["amount_refunded"] = 2000.into();
+    full["data"]["object"]["refunded"] = true.into();
+    app.deliver(&full.to_string()).await;
+    app.process_stripe().await;
+    assert_eq!(available(&app, account).await, 0, "refunded again in full");
 
     // The failure first, then the refund, then the purchase; and the
     // failure before the refund with the purchase first.
@@ -939,7 +951,13 @@ async fn a_charge_refunded_again_after_a_failed_refund_reads_its_refunds_from_st
     use wiremock::{Mock, MockServer, ResponseTemplate};
 
     let stripe_api = MockServer::start().await;
-    let app = stripe_app().await;
+    let app = spawn_app_with(&[
+        ("STRIPE_WEBHOOK_SECRETS", NEW_SECRET),
+        ("STRIPE_PACKS", "price_starter=500"),
+        ("STRIPE_API_KEY", "sk_test_fake_0000"),
+        ("STRIPE_API_BASE", &format!("{}/", stripe_api.uri())),
+    ])
+    .await;
     let account = new_account(&mut *app.db.conn().await).await;
     let run = run_tag();
     let options = slate_events::stripe::ProcessOptions {
@@ -1000,7 +1018,7 @@ async fn a_charge_refunded_again_after_a_failed_refund_reads_its_refunds_from_st
             vec![second_refund, failed["data"]["object"].clone()],
             2000,
         )))
-        .expect(1)
+        .expect(2)
         .mount(&stripe_api)
         .await;
 
@@ -1026,6 +1044,22 @@ async fn a_charge_refunded_again_after_a_failed_refund_reads_its_refunds_from_st
         .await
         .unwrap();
     assert_eq!(b.debt, 0);
+
+    // Staff replaying the first refund asks Stripe as the worker does, and
+    // nothing comes back (without asking, its figure would say otherwise).
+    let (_, staff) = app.staff().await;
+    let r = app
+        .client
+        .post(format!(
+            "{}/admin/console/stripe/evt_{run}_09/replay",
+            app.address
+        ))
+        .bearer_auth(&staff)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(available(&app, account).await, 0);
 }
 
 /// A replay after the plans were repriced keeps what the invoice bought:
@@ -1048,6 +1082,19 @@ async fn a_replay_after_the_plans_were_repriced_keeps_the_earlier_grant() {
     };
     let event = format!("evt_{run}_04");
     let replay = slate_events::stripe::process(&app.db.pool, &repriced, &event, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        replay,
+        slate_events::stripe::Outcome::Processed(format!("duplicate 1000 credits for in_{run}_1"))
+    );
+    assert_eq!(available(&app, account).await, 1000);
+    // And after the plan was taken off the catalog altogether.
+    let unpriced = StripeCatalog {
+        plans: Default::default(),
+        ..catalog()
+    };
+    let replay = slate_events::stripe::process(&app.db.pool, &unpriced, &event, true)
         .await
         .unwrap();
     assert_eq!(
@@ -1167,6 +1214,46 @@ async fn a_refund_failed_by_a_dispute_gives_back_only_if_the_dispute_is_won() {
         app.process_stripe().await;
         let expected = if outcome == "won" { 500 } else { 0 };
         assert_eq!(available(&app, account).await, expected, "{outcome}");
+    }
+
+    // Disputed after the failed refund gave its share back: that share is
+    // frozen with the rest, and comes back only with a won dispute.
+    for outcome in ["won", "lost"] {
+        let account = new_account(&mut *app.db.conn().await).await;
+        let run = run_tag();
+        let event =
+            |name: &str| -> Value { serde_json::from_str(&fixture(name, account, &run)).unwrap() };
+        let mut closed = event("x_charge_dispute_closed_won");
+        closed["data"]["object"]["status"] = outcome.into();
+        closed["created"] = 1805713720.into();
+        let mut opened = event("10_charge_dispute_created");
+        opened["id"] = format!("evt_{run}_dp_open").into();
+        opened["created"] = 1805627320.into();
+        for field in ["id", "charge", "payment_intent"] {
+            opened["data"]["object"][field] = closed["data"]["object"][field].clone();
+        }
+        for (step, e, left) in [
+            ("bought", event("01_checkout_session_completed_pack"), 500),
+            ("refunded", event("09_charge_refunded_partial"), 250),
+            (
+                "the refund failed",
+                event("15_charge_refund_updated_failed"),
+                500,
+            ),
+            ("disputed", opened, 0),
+        ] {
+            app.deliver(&e.to_string()).await;
+            app.process_stripe().await;
+            assert_eq!(available(&app, account).await, left, "{outcome}: {step}");
+        }
+        app.deliver(&closed.to_string()).await;
+        app.process_stripe().await;
+        let expected = if outcome == "won" { 500 } else { 0 };
+        assert_eq!(
+            available(&app, account).await,
+            expected,
+            "after the failure, {outcome}"
+        );
     }
 }
 
