@@ -459,17 +459,10 @@ async fn the_staff_console_searches_follows_entries_and_replays_a_stripe_event()
     );
 
     // Replay the Stripe event from there: audited, and changes nothing.
-    let r = app
-        .client
-        .post(format!(
-            "{}/admin/console/stripe/evt_{run}_01/replay",
-            app.address
-        ))
-        .bearer_auth(&staff)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        crate::stripe::console_replay(&app, &staff, &format!("evt_{run}_01")).await,
+        200
+    );
     let replays: i64 =
         sqlx::query_scalar("select count(*) from events where event_type = 'StripeEventReplayed'")
             .fetch_one(&app.db.pool)

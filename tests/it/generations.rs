@@ -1100,6 +1100,21 @@ async fn a_database_outage_while_the_provider_works_costs_no_attempt() {
     );
 }
 
+/// Follow a generation's event stream to its end, in the background.
+fn follow(
+    app: &TestApp,
+    key: &str,
+    id: &str,
+) -> tokio::task::JoinHandle<(u16, Vec<(String, Value)>)> {
+    let (address, client, key, id) = (
+        app.address.clone(),
+        app.client.clone(),
+        key.to_owned(),
+        id.to_owned(),
+    );
+    tokio::spawn(async move { read_sse(&client, &address, &key, &id, None).await })
+}
+
 /// Read a whole SSE response: (id, data) of each event.
 async fn read_sse(
     client: &reqwest::Client,
@@ -1160,15 +1175,7 @@ async fn the_event_stream_delivers_every_status_change_in_order_and_resumes() {
     );
 
     // A client follows from the start while the worker runs it.
-    let follower = {
-        let (address, client, key, id) = (
-            app.address.clone(),
-            app.client.clone(),
-            key.clone(),
-            id.clone(),
-        );
-        tokio::spawn(async move { read_sse(&client, &address, &key, &id, None).await })
-    };
+    let follower = follow(&app, &key, &id);
     tokio::time::sleep(Duration::from_millis(300)).await;
     app.run_generations().await;
     let (status, events) = follower.await.unwrap();
@@ -1195,15 +1202,7 @@ async fn the_event_stream_ends_once_its_key_is_revoked() {
     let (account, key) = funded(&app, 100).await;
     let (_, g, _) = app.submit(&key, None, video("revoked midway")).await;
     let id = g["id"].as_str().unwrap().to_owned();
-    let follower = {
-        let (address, client, key, id) = (
-            app.address.clone(),
-            app.client.clone(),
-            key.clone(),
-            id.clone(),
-        );
-        tokio::spawn(async move { read_sse(&client, &address, &key, &id, None).await })
-    };
+    let follower = follow(&app, &key, &id);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!follower.is_finished(), "open while the key holds");
     let mut conn = app.db.conn().await;

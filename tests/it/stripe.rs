@@ -75,6 +75,33 @@ pub async fn billing_state(conn: &mut sqlx::PgConnection, account: Uuid) -> Bill
     (sub, past_due)
 }
 
+/// An app whose Stripe API is `stripe_api` (a key is configured), with
+/// the catalog setting given.
+async fn app_with_stripe_api(stripe_api: &wiremock::MockServer, catalog: (&str, &str)) -> TestApp {
+    spawn_app_with(&[
+        ("STRIPE_WEBHOOK_SECRETS", NEW_SECRET),
+        ("STRIPE_API_KEY", "sk_test_fake_0000"),
+        ("STRIPE_API_BASE", &format!("{}/", stripe_api.uri())),
+        catalog,
+    ])
+    .await
+}
+
+/// A staff member replays a mirrored event from the console; its status.
+pub async fn console_replay(app: &TestApp, staff_key: &str, event: &str) -> u16 {
+    app.client
+        .post(format!(
+            "{}/admin/console/stripe/{event}/replay",
+            app.address
+        ))
+        .bearer_auth(staff_key)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 /// A fixture with its placeholders filled in.
 pub fn fixture(name: &str, account: Uuid, run: &str) -> String {
     let path = format!(
@@ -951,13 +978,7 @@ async fn a_charge_refunded_again_after_a_failed_refund_reads_its_refunds_from_st
     use wiremock::{Mock, MockServer, ResponseTemplate};
 
     let stripe_api = MockServer::start().await;
-    let app = spawn_app_with(&[
-        ("STRIPE_WEBHOOK_SECRETS", NEW_SECRET),
-        ("STRIPE_PACKS", "price_starter=500"),
-        ("STRIPE_API_KEY", "sk_test_fake_0000"),
-        ("STRIPE_API_BASE", &format!("{}/", stripe_api.uri())),
-    ])
-    .await;
+    let app = app_with_stripe_api(&stripe_api, ("STRIPE_PACKS", "price_starter=500")).await;
     let account = new_account(&mut *app.db.conn().await).await;
     let run = run_tag();
     let options = slate_events::stripe::ProcessOptions {
@@ -1048,17 +1069,10 @@ async fn a_charge_refunded_again_after_a_failed_refund_reads_its_refunds_from_st
     // Staff replaying the first refund asks Stripe as the worker does, and
     // nothing comes back (without asking, its figure would say otherwise).
     let (_, staff) = app.staff().await;
-    let r = app
-        .client
-        .post(format!(
-            "{}/admin/console/stripe/evt_{run}_09/replay",
-            app.address
-        ))
-        .bearer_auth(&staff)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        console_replay(&app, &staff, &format!("evt_{run}_09")).await,
+        200
+    );
     assert_eq!(available(&app, account).await, 0);
 }
 
@@ -1263,13 +1277,7 @@ async fn reconcile_ingests_what_the_webhook_never_delivered_once() {
     use wiremock::{Mock, MockServer, ResponseTemplate};
 
     let stripe_api = MockServer::start().await;
-    let app = spawn_app_with(&[
-        ("STRIPE_WEBHOOK_SECRETS", NEW_SECRET),
-        ("STRIPE_API_KEY", "sk_test_fake_0000"),
-        ("STRIPE_API_BASE", &format!("{}/", stripe_api.uri())),
-        ("STRIPE_PLANS", "price_pro_monthly=1000"),
-    ])
-    .await;
+    let app = app_with_stripe_api(&stripe_api, ("STRIPE_PLANS", "price_pro_monthly=1000")).await;
     let account = new_account(&mut *app.db.conn().await).await;
     let run = run_tag();
     let event =
