@@ -1,7 +1,9 @@
 //! The affiliate programme: an account may come through an affiliate's
 //! referral code; what a referred account pays earns the affiliate a
-//! commission (integer minor units, rate in basis points), a refund or lost
-//! dispute claws it back, and payouts are recorded by operators. Every
+//! commission (integer minor units, rate in basis points), which follows
+//! the payment's state ([`settle`]: a refund claws back its share, a refund
+//! that failed gives it back, a dispute takes it all while it stands and a
+//! won one gives it back), and payouts are recorded by operators. Every
 //! movement of an affiliate's money is on its stream `affiliate-<id>`, keyed
 //! so that replays and duplicates change nothing.
 
@@ -189,11 +191,19 @@ pub async fn earn(
     Ok(amount)
 }
 
-/// The commission earned on an object and what was already clawed back.
+/// The commission on a payment as its events have it: what was earned on
+/// it first, what stands now (all earned on it, less all clawed back), and
+/// how many times it was adjusted since.
+struct Standing {
+    first: CommissionEarned,
+    now: i64,
+    adjustments: usize,
+}
+
 async fn commission_of(
     conn: &mut PgConnection,
     stripe_object: &str,
-) -> Result<Option<(CommissionEarned, i64)>, Error> {
+) -> Result<Option<Standing>, Error> {
     let rows: Vec<(String, Value)> = sqlx::query_as(
         "select event_type, payload from events
           where event_type in ('CommissionEarned', 'CommissionClawedBack')
@@ -203,103 +213,91 @@ async fn commission_of(
     .bind(stripe_object)
     .fetch_all(&mut *conn)
     .await?;
-    let mut earned: Option<CommissionEarned> = None;
-    let mut clawed = 0;
+    let mut first: Option<CommissionEarned> = None;
+    let (mut now, mut adjustments) = (0i64, 0usize);
     for (t, payload) in rows {
         match DomainEvent::decode(&t, 1, payload)? {
             DomainEvent::CommissionEarned(e) => {
-                if let Some(first) = &mut earned {
-                    first.amount += e.amount;
+                now += e.amount;
+                if first.is_none() {
+                    first = Some(e);
                 } else {
-                    earned = Some(e);
+                    adjustments += 1;
                 }
             }
-            DomainEvent::CommissionClawedBack(c) => clawed += c.amount,
+            DomainEvent::CommissionClawedBack(c) => {
+                now -= c.amount;
+                adjustments += 1;
+            }
             _ => {}
         }
     }
-    Ok(earned.map(|e| (e, clawed)))
+    Ok(first.map(|first| Standing {
+        first,
+        now,
+        adjustments,
+    }))
 }
 
-/// Claw back so that the total clawed back on `stripe_object` reaches
-/// `share_num / share_den` of what was earned on it (cumulative, so refunds
-/// in any order end the same). `key` makes each step idempotent.
-pub async fn claw_back(
+/// Bring the commission on the payment `stripe_object` to `due` of what was
+/// earned on it (a function of that; clamped to 0 ..= earned): claw back, or
+/// give back, the difference. What is due follows from the payment's state
+/// alone (the refunded share, a dispute that stands), so refunds, failed
+/// refunds and disputes in any order, and replays, end the same. Each step
+/// is keyed by the steps before it: a replay in the same state appends
+/// nothing, and the same figure coming round again is a step of its own.
+/// Returns the change (negative: clawed back).
+pub async fn settle(
     conn: &mut PgConnection,
     metadata: &Metadata,
     stripe_object: &str,
-    share_num: i64,
-    share_den: i64,
-    key: &str,
+    due: impl FnOnce(i64) -> i64,
     reason: &str,
 ) -> Result<i64, Error> {
-    let Some((earned, clawed)) = commission_of(conn, stripe_object).await? else {
-        return Ok(0);
-    };
-    if share_den <= 0 {
-        return Ok(0);
-    }
-    let target =
-        (earned.amount as i128 * share_num.clamp(0, share_den) as i128 / share_den as i128) as i64;
-    let delta = target - clawed;
-    if delta <= 0 {
-        return Ok(0);
-    }
-    append(
-        conn,
-        earned.affiliate_id,
-        &format!("clawback:{key}"),
-        DomainEvent::CommissionClawedBack(CommissionClawedBack {
-            affiliate_id: earned.affiliate_id,
-            account_id: earned.account_id,
-            stripe_object: stripe_object.to_owned(),
-            currency: earned.currency.clone(),
-            amount: delta,
-            reason: reason.to_owned(),
-        }),
-        metadata,
-    )
-    .await?;
-    Ok(delta)
-}
-
-/// A won dispute gives back what its loss had clawed back.
-pub async fn restore_after_dispute(
-    conn: &mut PgConnection,
-    metadata: &Metadata,
-    stripe_object: &str,
-    dispute: &str,
-) -> Result<i64, Error> {
-    let clawed: Option<(Value,)> = sqlx::query_as("select payload from events where event_id = $1")
-        .bind(store::deterministic_event_id(&format!(
-            "clawback:dispute:{dispute}"
-        )))
-        .fetch_optional(&mut *conn)
-        .await?;
-    let Some((payload,)) = clawed else {
-        return Ok(0);
-    };
-    let DomainEvent::CommissionClawedBack(c) =
-        DomainEvent::decode("CommissionClawedBack", 1, payload)?
+    let Some(Standing {
+        first,
+        now,
+        adjustments,
+    }) = commission_of(conn, stripe_object).await?
     else {
         return Ok(0);
     };
-    append(
-        conn,
-        c.affiliate_id,
-        &format!("commission:{stripe_object}:dispute-won:{dispute}"),
-        DomainEvent::CommissionEarned(CommissionEarned {
-            affiliate_id: c.affiliate_id,
-            account_id: c.account_id,
-            stripe_object: stripe_object.to_owned(),
-            currency: c.currency,
-            basis: 0,
-            amount: c.amount,
-        }),
-        metadata,
-    )
-    .await?;
-    Ok(c.amount)
+    let due = due(first.amount).clamp(0, first.amount);
+    let key = format!("commission-step:{stripe_object}:{adjustments}");
+    if due < now {
+        append(
+            conn,
+            first.affiliate_id,
+            &key,
+            DomainEvent::CommissionClawedBack(CommissionClawedBack {
+                affiliate_id: first.affiliate_id,
+                account_id: first.account_id,
+                stripe_object: stripe_object.to_owned(),
+                currency: first.currency.clone(),
+                amount: now - due,
+                reason: reason.to_owned(),
+            }),
+            metadata,
+        )
+        .await?;
+    } else if due > now {
+        append(
+            conn,
+            first.affiliate_id,
+            &key,
+            DomainEvent::CommissionEarned(CommissionEarned {
+                affiliate_id: first.affiliate_id,
+                account_id: first.account_id,
+                stripe_object: stripe_object.to_owned(),
+                currency: first.currency.clone(),
+                basis: 0,
+                amount: due - now,
+            }),
+            metadata,
+        )
+        .await?;
+    }
+    Ok(due - now)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

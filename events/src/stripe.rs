@@ -1471,17 +1471,7 @@ async fn settle_refunds(
     let ChargeRefunds {
         amount, refunded, ..
     } = now;
-    let paid_for = payment_intent.unwrap_or(charge);
-    let clawed = affiliates::claw_back(
-        conn,
-        &cx.meta,
-        paid_for,
-        refunded,
-        amount,
-        &format!("refund:{charge}:{refunded}"),
-        "refund",
-    )
-    .await?;
+    let clawed = -settle_commission(conn, cx, charge, payment_intent, Some(now)).await?;
     let charge_ref = serde_json::json!({ "id": charge, "payment_intent": payment_intent });
     let Some((account, bucket, granted)) = bucket_of_charge(conn, &charge_ref).await? else {
         return Ok(Outcome::Ignored(format!("{charge} paid for no credits")));
@@ -1706,18 +1696,8 @@ async fn dispute_changed(
         "id": id_of(dp, "/charge"),
         "payment_intent": id_of(dp, "/payment_intent"),
     });
-    let paid_for = id_of(dp, "/payment_intent")
-        .or_else(|| id_of(dp, "/charge"))
-        .unwrap_or(dispute);
-    match status {
-        "won" => {
-            affiliates::restore_after_dispute(conn, &cx.meta, paid_for, dispute).await?;
-        }
-        "needs_response" | "under_review" | "lost" => {
-            let key = format!("dispute:{dispute}");
-            affiliates::claw_back(conn, &cx.meta, paid_for, 1, 1, &key, "dispute").await?;
-        }
-        _ => {}
+    if let Some(charge) = id_of(dp, "/charge") {
+        settle_commission(conn, cx, charge, id_of(dp, "/payment_intent"), None).await?;
     }
     let Some((account, bucket, _)) = bucket_of_charge(conn, &charge_ref).await? else {
         return Ok(Outcome::Ignored(format!(
@@ -1817,6 +1797,69 @@ async fn latest_dispute_status(
     .flatten())
 }
 
+/// What an affiliate keeps of the commission on a charge's payment: none of
+/// it while a dispute of the charge stands, else what was earned less the
+/// refunded share (as `refunds` has it where it stands, else the most any
+/// `charge.refunded` said: refunds only add to it). Returns the change.
+async fn settle_commission(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    charge: &str,
+    payment_intent: Option<&str>,
+    refunds: Option<ChargeRefunds>,
+) -> Result<i64, ProcessError> {
+    let paid_for = payment_intent.unwrap_or(charge);
+    if standing_dispute(conn, charge, payment_intent)
+        .await?
+        .is_some()
+    {
+        return Ok(affiliates::settle(conn, &cx.meta, paid_for, |_| 0, "dispute").await?);
+    }
+    let refunds = match refunds {
+        Some(r) if r.standing => Some(r),
+        seen => most_refunded(conn, charge, seen).await?,
+    };
+    let (refunded, amount) = refunds.map_or((0, 1), |r| (r.refunded, r.amount));
+    Ok(affiliates::settle(
+        conn,
+        &cx.meta,
+        paid_for,
+        |earned| earned - refund_share(earned, refunded, amount),
+        "refund",
+    )
+    .await?)
+}
+
+/// The most of a charge any mirrored `charge.refunded` (or `seen`) says is
+/// refunded.
+async fn most_refunded(
+    conn: &mut PgConnection,
+    charge: &str,
+    seen: Option<ChargeRefunds>,
+) -> Result<Option<ChargeRefunds>, Error> {
+    let snapshots: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(
+        "select (raw::jsonb #>> '{data,object,amount}')::bigint,
+                (raw::jsonb #>> '{data,object,amount_refunded}')::bigint
+           from stripe_events
+          where object_id = $1 and event_type = 'charge.refunded'",
+    )
+    .bind(charge)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(snapshots
+        .into_iter()
+        .filter_map(|(amount, refunded)| {
+            let amount = amount.filter(|a| *a > 0)?;
+            Some(ChargeRefunds {
+                amount,
+                refunded: refunded.unwrap_or(0).clamp(0, amount),
+                standing: false,
+            })
+        })
+        .chain(seen)
+        .max_by_key(|r| r.refunded))
+}
+
 /// A dispute of the charge that stands (open, or lost): it froze the grant,
 /// and what a failed refund of the charge took stays taken while it does.
 async fn standing_dispute(
@@ -1824,17 +1867,25 @@ async fn standing_dispute(
     charge: &str,
     payment_intent: Option<&str>,
 ) -> Result<Option<String>, Error> {
-    let disputes: Vec<String> = sqlx::query_scalar(
-        "select distinct object_id from stripe_events
-          where event_type in ('charge.dispute.created', 'charge.dispute.updated',
-                               'charge.dispute.closed')
-            and object_id is not null
-            and (payment_intent = $2
-                 or coalesce(raw::jsonb #>> '{data,object,charge,id}',
-                             raw::jsonb #>> '{data,object,charge}') = $1)",
-    )
-    .bind(charge)
-    .bind(payment_intent)
+    // A dispute names the charge's payment intent where it has one (by
+    // the payment's index), else the charge.
+    let disputes: Vec<String> = match payment_intent {
+        Some(pi) => sqlx::query_scalar(
+            "select distinct object_id from stripe_events
+              where payment_intent = $1 and event_type like 'charge.dispute.%'
+                and object_id is not null",
+        )
+        .bind(pi),
+        None => sqlx::query_scalar(
+            "select distinct object_id from stripe_events
+              where event_type in ('charge.dispute.created', 'charge.dispute.updated',
+                                   'charge.dispute.closed')
+                and object_id is not null
+                and coalesce(raw::jsonb #>> '{data,object,charge,id}',
+                             raw::jsonb #>> '{data,object,charge}') = $1",
+        )
+        .bind(charge),
+    }
     .fetch_all(&mut *conn)
     .await?;
     for dispute in disputes {

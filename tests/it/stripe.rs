@@ -1418,6 +1418,60 @@ async fn referred_by_affiliate(app: &TestApp, account: Uuid) -> Uuid {
     affiliate
 }
 
+/// The commission follows the payment's state, whatever came before: half
+/// refunded claws back half, that refund's failure gives it back, a
+/// dispute takes it all while it stands and a won one gives it back, and a
+/// refund after the won dispute claws back its share of what was earned.
+/// (A refund after a won dispute used to claw back nothing, the restoration
+/// counting as earnings; a failed refund's share stayed clawed back.)
+#[tokio::test]
+async fn an_affiliates_commission_follows_refunds_their_failure_and_disputes() {
+    async fn owed(app: &TestApp) -> i64 {
+        slate_events::affiliates::owed(&mut *app.db.conn().await)
+            .await
+            .unwrap()[0]
+            .owed
+    }
+    let app = stripe_app().await;
+    let account = new_account(&mut *app.db.conn().await).await;
+    referred_by_affiliate(&app, account).await;
+    let run = run_tag();
+    let event =
+        |name: &str| -> Value { serde_json::from_str(&fixture(name, account, &run)).unwrap() };
+    let mut closed = event("x_charge_dispute_closed_won");
+    closed["created"] = 1805713720.into();
+    let mut opened = event("10_charge_dispute_created");
+    opened["id"] = format!("evt_{run}_dp_open").into();
+    opened["created"] = 1805627320.into();
+    for field in ["id", "charge", "payment_intent"] {
+        opened["data"]["object"][field] = closed["data"]["object"][field].clone();
+    }
+    let mut refunded_again = event("09_charge_refunded_partial");
+    refunded_again["id"] = format!("evt_{run}_16").into();
+    refunded_again["created"] = 1805800120.into();
+    refunded_again["data"]["object"]["amount_refunded"] = 600.into();
+    for (step, e, commission) in [
+        (
+            "bought for 2,000 at 10 %",
+            event("01_checkout_session_completed_pack"),
+            200,
+        ),
+        ("half refunded", event("09_charge_refunded_partial"), 100),
+        (
+            "the refund failed",
+            event("15_charge_refund_updated_failed"),
+            200,
+        ),
+        ("disputed", opened, 0),
+        ("the dispute won", closed, 200),
+        ("600 refunded", refunded_again, 140),
+    ] {
+        app.deliver(&e.to_string()).await;
+        app.process_stripe().await;
+        assert_eq!(owed(&app).await, commission, "{step}");
+    }
+}
+
 #[tokio::test]
 async fn affiliate_payouts_are_recorded_once_and_never_exceed_what_is_owed() {
     let app = stripe_app().await;
