@@ -1422,22 +1422,10 @@ async fn refunds_of_charge(
             standing: true,
         }));
     }
-    let snapshots: Vec<(Option<i64>, Option<i64>, DateTime<Utc>)> = sqlx::query_as(
-        "select (raw::jsonb #>> '{data,object,amount}')::bigint,
-                (raw::jsonb #>> '{data,object,amount_refunded}')::bigint,
-                created
-           from stripe_events
-          where object_id = $1 and event_type = 'charge.refunded'",
-    )
-    .bind(charge)
-    .fetch_all(&mut *conn)
-    .await?;
+    let snapshots = refunded_snapshots(conn, charge).await?;
     // The newest (of one second, the most refunded: refunds only add to it).
     let Some((amount, newest, at)) = snapshots
         .into_iter()
-        .filter_map(|(amount, refunded, at)| {
-            Some((amount.filter(|a| *a > 0)?, refunded.unwrap_or(0), at))
-        })
         .chain(seen.map(|s| (s.amount, s.refunded, cx.created)))
         .max_by_key(|(_, refunded, at)| (*at, *refunded))
     else {
@@ -1837,27 +1825,41 @@ async fn most_refunded(
     charge: &str,
     seen: Option<ChargeRefunds>,
 ) -> Result<Option<ChargeRefunds>, Error> {
-    let snapshots: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(
+    Ok(refunded_snapshots(conn, charge)
+        .await?
+        .into_iter()
+        .map(|(amount, refunded, _)| ChargeRefunds {
+            amount,
+            refunded,
+            standing: false,
+        })
+        .chain(seen)
+        .max_by_key(|r| r.refunded))
+}
+
+/// What each mirrored `charge.refunded` of a charge says: the charge's
+/// amount, how much of it was refunded then, and when.
+async fn refunded_snapshots(
+    conn: &mut PgConnection,
+    charge: &str,
+) -> Result<Vec<(i64, i64, DateTime<Utc>)>, Error> {
+    let rows: Vec<(Option<i64>, Option<i64>, DateTime<Utc>)> = sqlx::query_as(
         "select (raw::jsonb #>> '{data,object,amount}')::bigint,
-                (raw::jsonb #>> '{data,object,amount_refunded}')::bigint
+                (raw::jsonb #>> '{data,object,amount_refunded}')::bigint,
+                created
            from stripe_events
           where object_id = $1 and event_type = 'charge.refunded'",
     )
     .bind(charge)
     .fetch_all(&mut *conn)
     .await?;
-    Ok(snapshots
+    Ok(rows
         .into_iter()
-        .filter_map(|(amount, refunded)| {
+        .filter_map(|(amount, refunded, at)| {
             let amount = amount.filter(|a| *a > 0)?;
-            Some(ChargeRefunds {
-                amount,
-                refunded: refunded.unwrap_or(0).clamp(0, amount),
-                standing: false,
-            })
+            Some((amount, refunded.unwrap_or(0).clamp(0, amount), at))
         })
-        .chain(seen)
-        .max_by_key(|r| r.refunded))
+        .collect())
 }
 
 /// A dispute of the charge that stands (open, or lost): it froze the grant,
