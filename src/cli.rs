@@ -983,15 +983,7 @@ async fn replay(
     filter: &slate_events::stripe::ReplayFilter,
 ) -> anyhow::Result<i32> {
     let ids = slate_events::stripe::select_for_replay(pool, filter).await?;
-    // As the worker processes them: asking Stripe where processing is in
-    // doubt (a failed refund's charge, an invoice without its payments).
-    let options = slate_events::stripe::ProcessOptions {
-        force: true,
-        refetch: config
-            .stripe_client()?
-            .map(crate::stripe::reconcile::refetcher),
-        ..Default::default()
-    };
+    let options = crate::stripe::reconcile::replay_options(config.stripe_client()?);
     let total = ids.len();
     println!("replaying {total} event(s)");
     let (mut ok, mut failed) = (0usize, 0usize);

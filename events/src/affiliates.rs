@@ -239,20 +239,20 @@ async fn commission_of(
     }))
 }
 
-/// Bring the commission on the payment `stripe_object` to `due` of what was
-/// earned on it (a function of that; clamped to 0 ..= earned): claw back, or
-/// give back, the difference. What is due follows from the payment's state
-/// alone (the refunded share, a dispute that stands), so refunds, failed
-/// refunds and disputes in any order, and replays, end the same. Each step
-/// is keyed by the steps before it: a replay in the same state appends
-/// nothing, and the same figure coming round again is a step of its own.
-/// Returns the change (negative: clawed back).
+/// Bring the commission on the payment `stripe_object` to what is due of
+/// what was earned on it: `due` says how much (clamped to 0 ..= earned) and
+/// why, from that amount and the payment's state (the refunded share, a
+/// dispute that stands), and is asked only where there is a commission.
+/// Claws back, or gives back, the difference: refunds, failed refunds and
+/// disputes in any order, and replays, end the same. Each step is keyed by
+/// the steps before it: a replay in the same state appends nothing, and the
+/// same figure coming round again is a step of its own. Returns the change
+/// (negative: clawed back).
 pub async fn settle(
     conn: &mut PgConnection,
     metadata: &Metadata,
     stripe_object: &str,
-    due: impl FnOnce(i64) -> i64,
-    reason: &str,
+    due: impl AsyncFnOnce(&mut PgConnection, i64) -> Result<(i64, &'static str), Error>,
 ) -> Result<i64, Error> {
     let Some(Standing {
         first,
@@ -262,7 +262,8 @@ pub async fn settle(
     else {
         return Ok(0);
     };
-    let due = due(first.amount).clamp(0, first.amount);
+    let (due, reason) = due(&mut *conn, first.amount).await?;
+    let due = due.clamp(0, first.amount);
     let key = format!("commission-step:{stripe_object}:{adjustments}");
     if due < now {
         append(

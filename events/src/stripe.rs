@@ -1246,13 +1246,10 @@ async fn earlier_grant(
 /// The grant a charge paid for, found by its payment intent (or the charge).
 async fn bucket_of_charge(
     conn: &mut PgConnection,
-    charge: &Value,
+    charge: Option<&str>,
+    payment_intent: Option<&str>,
 ) -> Result<Option<(Uuid, Uuid, i64)>, Error> {
-    let keys: Vec<String> = [id_of(charge, "/payment_intent"), text(charge, "/id")]
-        .into_iter()
-        .flatten()
-        .map(str::to_owned)
-        .collect();
+    let keys: Vec<&str> = [payment_intent, charge].into_iter().flatten().collect();
     Ok(sqlx::query_as(
         "select account_id, bucket_id, amount from credit_buckets
           where stripe_object = any($1) and source in ('purchase', 'subscription')
@@ -1460,8 +1457,9 @@ async fn settle_refunds(
         amount, refunded, ..
     } = now;
     let clawed = -settle_commission(conn, cx, charge, payment_intent, Some(now)).await?;
-    let charge_ref = serde_json::json!({ "id": charge, "payment_intent": payment_intent });
-    let Some((account, bucket, granted)) = bucket_of_charge(conn, &charge_ref).await? else {
+    let Some((account, bucket, granted)) =
+        bucket_of_charge(conn, Some(charge), payment_intent).await?
+    else {
         return Ok(Outcome::Ignored(format!("{charge} paid for no credits")));
     };
     // The refunded share of the grant, minus what refunds of it already
@@ -1680,14 +1678,12 @@ async fn dispute_changed(
         .as_deref()
         .or_else(|| text(dp, "/status"))
         .unwrap_or("needs_response");
-    let charge_ref = serde_json::json!({
-        "id": id_of(dp, "/charge"),
-        "payment_intent": id_of(dp, "/payment_intent"),
-    });
     if let Some(charge) = id_of(dp, "/charge") {
         settle_commission(conn, cx, charge, id_of(dp, "/payment_intent"), None).await?;
     }
-    let Some((account, bucket, _)) = bucket_of_charge(conn, &charge_ref).await? else {
+    let Some((account, bucket, _)) =
+        bucket_of_charge(conn, id_of(dp, "/charge"), id_of(dp, "/payment_intent")).await?
+    else {
         return Ok(Outcome::Ignored(format!(
             "{dispute}: the disputed charge paid for no credits"
         )));
@@ -1788,7 +1784,8 @@ async fn latest_dispute_status(
 /// What an affiliate keeps of the commission on a charge's payment: none of
 /// it while a dispute of the charge stands, else what was earned less the
 /// refunded share (as `refunds` has it where it stands, else the most any
-/// `charge.refunded` said: refunds only add to it). Returns the change.
+/// `charge.refunded` said: refunds only add to it). Returns the change. The
+/// payment's state is read only where there is a commission.
 async fn settle_commission(
     conn: &mut PgConnection,
     cx: &Cx<'_>,
@@ -1796,26 +1793,22 @@ async fn settle_commission(
     payment_intent: Option<&str>,
     refunds: Option<ChargeRefunds>,
 ) -> Result<i64, ProcessError> {
-    let paid_for = payment_intent.unwrap_or(charge);
-    if standing_dispute(conn, charge, payment_intent)
-        .await?
-        .is_some()
-    {
-        return Ok(affiliates::settle(conn, &cx.meta, paid_for, |_| 0, "dispute").await?);
-    }
-    let refunds = match refunds {
-        Some(r) if r.standing => Some(r),
-        seen => most_refunded(conn, charge, seen).await?,
+    let due = async |conn: &mut PgConnection, earned: i64| {
+        if standing_dispute(conn, charge, payment_intent)
+            .await?
+            .is_some()
+        {
+            return Ok((0, "dispute"));
+        }
+        let refunds = match refunds {
+            Some(r) if r.standing => Some(r),
+            seen => most_refunded(conn, charge, seen).await?,
+        };
+        let (refunded, amount) = refunds.map_or((0, 1), |r| (r.refunded, r.amount));
+        Ok((earned - refund_share(earned, refunded, amount), "refund"))
     };
-    let (refunded, amount) = refunds.map_or((0, 1), |r| (r.refunded, r.amount));
-    Ok(affiliates::settle(
-        conn,
-        &cx.meta,
-        paid_for,
-        |earned| earned - refund_share(earned, refunded, amount),
-        "refund",
-    )
-    .await?)
+    let paid_for = payment_intent.unwrap_or(charge);
+    Ok(affiliates::settle(conn, &cx.meta, paid_for, due).await?)
 }
 
 /// The most of a charge any mirrored `charge.refunded` (or `seen`) says is

@@ -444,16 +444,7 @@ async fn replay(
     if !plausible || !slate_events::stripe::is_mirrored(&state.pool, &id).await? {
         return Err(ApiError::not_found());
     }
-    // As the worker processes it: asking Stripe where processing is in
-    // doubt (a failed refund's charge, an invoice without its payments).
-    let options = slate_events::stripe::ProcessOptions {
-        force: true,
-        refetch: state
-            .stripe
-            .clone()
-            .map(crate::stripe::reconcile::refetcher),
-        ..Default::default()
-    };
+    let options = crate::stripe::reconcile::replay_options(state.stripe.clone());
     let outcome = match slate_events::stripe::process_with(
         &state.pool,
         &state.config.stripe_catalog,

@@ -35,6 +35,17 @@ impl StripeClient for Capture<'_> {
     }
 }
 
+/// How a staff member or an operator replays an event: forced, and asking
+/// Stripe where processing is in doubt (a failed refund's charge, an invoice
+/// without its payments), as the worker does.
+pub fn replay_options(client: Option<stripe::Client>) -> slate_events::stripe::ProcessOptions {
+    slate_events::stripe::ProcessOptions {
+        force: true,
+        refetch: client.map(refetcher),
+        ..Default::default()
+    }
+}
+
 /// Fetch objects' current state from Stripe for processing that is in
 /// doubt (see `slate_events::stripe::Refetcher`): a subscription, an
 /// invoice with its payments (`payments` is includable: Stripe's events of
