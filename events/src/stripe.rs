@@ -241,7 +241,7 @@ pub fn read_mirrored(
         }
         "invoice.paid" => {
             std::hint::black_box((
-                invoice_plan_credits(catalog, o)?,
+                invoice_plan_credits(catalog, carried_lines(o))?,
                 commission("/amount_paid"),
             ));
         }
@@ -437,11 +437,26 @@ pub async fn process(
     process_with(pool, catalog, stripe_event_id, &options).await
 }
 
-/// Fetches the current state of a Stripe object (by id) from Stripe's API,
-/// as JSON. Processing asks when events alone cannot tell which state is
-/// newer (two states of one subscription in the same second).
+/// What processing asks Stripe's API for, where an event alone cannot
+/// tell: two states of one subscription in the same second, an invoice's
+/// payments or the lines its event did not carry, a charge's refunds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refetch {
+    /// An object by id, as it is now: a subscription; an invoice with its
+    /// payments; a charge with its refunds.
+    Object(String),
+    /// A page of an invoice's lines (`GET /v1/invoices/{id}/lines`, 100 at
+    /// most), after the line `starting_after`.
+    InvoiceLines {
+        invoice: String,
+        starting_after: Option<String>,
+    },
+}
+
+/// Asks Stripe's API (see [`Refetch`]); the answer as JSON, `None` when
+/// Stripe did not answer with one.
 pub type Refetcher = std::sync::Arc<
-    dyn Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Value>> + Send>>
+    dyn Fn(Refetch) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Value>> + Send>>
         + Send
         + Sync,
 >;
@@ -527,7 +542,7 @@ async fn process_in_tx(
         && let Some(refetch) = options.refetch.as_ref()
         && let Some(invoice) = text(&object, "/id").map(str::to_owned)
     {
-        match refetch(invoice.clone()).await {
+        match refetch(Refetch::Object(invoice.clone())).await {
             Some(fresh) if fresh.pointer("/payments/data").is_some() => {
                 object["payments"] = fresh["payments"].clone();
             }
@@ -840,17 +855,13 @@ mod overflow_tests {
             packs: Default::default(),
             plans: StripeCatalog::parse_prices("price_pro=1000").unwrap(),
         };
-        let inv = serde_json::json!({"lines": {"data": [
-            {"price": {"id": "price_pro"}, "quantity": i64::MAX},
-        ]}});
+        let lines = [serde_json::json!({"price": {"id": "price_pro"}, "quantity": i64::MAX})];
         assert!(matches!(
-            invoice_plan_credits(&catalog, &inv),
+            invoice_plan_credits(&catalog, &lines),
             Err(ProcessError::Permanent(_))
         ));
-        let inv = serde_json::json!({"lines": {"data": [
-            {"price": {"id": "price_pro"}, "quantity": 3},
-        ]}});
-        assert_eq!(invoice_plan_credits(&catalog, &inv).unwrap().0, 3000);
+        let lines = [serde_json::json!({"price": {"id": "price_pro"}, "quantity": 3})];
+        assert_eq!(invoice_plan_credits(&catalog, &lines).unwrap().0, 3000);
     }
 }
 
@@ -967,20 +978,81 @@ async fn invoice_and_account<'v>(
     Ok((invoice, account))
 }
 
-/// The plan credits an invoice's lines pay for, and the prices on it that
+/// Pages of an invoice's lines read from Stripe at most: 10,000 lines,
+/// far beyond what Stripe lets an invoice have.
+const INVOICE_LINE_PAGES: usize = 100;
+
+/// An invoice's lines. An invoice in an event carries its first lines only
+/// (`lines.has_more`); the rest are read from Stripe, 100 at a time. Where
+/// Stripe cannot be asked (no `STRIPE_API_KEY`), such an invoice fails for
+/// good, to be replayed once it can: credits counted from the first lines
+/// alone would be short, and a replay keeps a grant once made.
+async fn invoice_lines<'v>(
+    cx: &Cx<'_>,
+    inv: &'v Value,
+    invoice: &str,
+) -> Result<std::borrow::Cow<'v, [Value]>, ProcessError> {
+    use std::borrow::Cow;
+    if bool_at(inv, "/lines/has_more") != Some(true) {
+        return Ok(Cow::Borrowed(carried_lines(inv)));
+    }
+    let Some(refetch) = cx.refetch else {
+        return Err(ProcessError::Permanent(format!(
+            "{invoice} has more lines than its event carries, and Stripe cannot be asked for them \
+             (STRIPE_API_KEY): replay it once it can"
+        )));
+    };
+    let unread = || {
+        ProcessError::Retryable(format!(
+            "{invoice}: its lines could not be read from Stripe"
+        ))
+    };
+    let mut lines: Vec<Value> = Vec::new();
+    let mut after: Option<String> = None;
+    for _ in 0..INVOICE_LINE_PAGES {
+        let page = refetch(Refetch::InvoiceLines {
+            invoice: invoice.to_owned(),
+            starting_after: after.clone(),
+        })
+        .await
+        .ok_or_else(unread)?;
+        let data = page
+            .pointer("/data")
+            .and_then(Value::as_array)
+            .ok_or_else(unread)?;
+        lines.extend(data.iter().cloned());
+        let last = data.last().and_then(|l| text(l, "/id"));
+        match (bool_at(&page, "/has_more"), last) {
+            (Some(false), _) => return Ok(Cow::Owned(lines)),
+            // A list that goes on names where it goes on from.
+            (Some(true), Some(last)) if Some(last) != after.as_deref() => {
+                after = Some(last.to_owned());
+            }
+            _ => return Err(unread()),
+        }
+    }
+    Err(ProcessError::Permanent(format!(
+        "{invoice} has more than {} lines",
+        INVOICE_LINE_PAGES * 100
+    )))
+}
+
+/// The lines an invoice in an event carries (its first ones).
+fn carried_lines(inv: &Value) -> &[Value] {
+    inv.pointer("/lines/data")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice)
+}
+
+/// The plan credits an invoice's lines pay for, and the prices on them that
 /// name no plan.
 fn invoice_plan_credits(
     catalog: &StripeCatalog,
-    inv: &Value,
+    lines: &[Value],
 ) -> Result<(i64, Vec<String>), ProcessError> {
     let mut credits: i64 = 0;
     let mut unknown = Vec::new();
-    for line in inv
-        .pointer("/lines/data")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for line in lines {
         let price = id_of(line, "/pricing/price_details/price").or_else(|| id_of(line, "/price"));
         // A plan change's proration lines (credit for the unused time on the
         // old plan, a charge for the rest of the period on the new one) pay
@@ -1022,7 +1094,8 @@ async fn invoice_paid(
     let out = match earlier_grant(conn, &grant_key, account).await? {
         Some(out) => out,
         None => {
-            let (credits, unknown) = invoice_plan_credits(cx.catalog, inv)?;
+            let lines = invoice_lines(cx, inv, invoice).await?;
+            let (credits, unknown) = invoice_plan_credits(cx.catalog, &lines)?;
             if credits == 0 {
                 if invoice_subscription(inv).is_some() && !unknown.is_empty() {
                     return Err(ProcessError::Permanent(format!(
@@ -1145,7 +1218,7 @@ async fn subscription_changed(
     // again later: the tie-break below would keep whichever state was
     // processed first, for as long as the subscription does not change.
     let fresh = match cx.refetch {
-        Some(refetch) if tie => match refetch(id.to_owned()).await {
+        Some(refetch) if tie => match refetch(Refetch::Object(id.to_owned())).await {
             Some(fresh) if text(&fresh, "/status").is_some() => Some(fresh),
             _ => {
                 return Err(ProcessError::Retryable(format!(
@@ -1393,11 +1466,13 @@ async fn refunds_of_charge(
         return Ok(None);
     }
     if let Some(refetch) = cx.refetch {
-        let fresh = refetch(charge.to_owned()).await.ok_or_else(|| {
-            ProcessError::Retryable(format!(
-                "{charge}: its refunds could not be read from Stripe"
-            ))
-        })?;
+        let fresh = refetch(Refetch::Object(charge.to_owned()))
+            .await
+            .ok_or_else(|| {
+                ProcessError::Retryable(format!(
+                    "{charge}: its refunds could not be read from Stripe"
+                ))
+            })?;
         let amount = int(&fresh, "/amount").filter(|a| *a > 0).ok_or_else(|| {
             ProcessError::Retryable(format!("{charge}: Stripe's answer has no amount"))
         })?;

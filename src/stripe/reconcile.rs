@@ -46,37 +46,62 @@ pub fn replay_options(client: Option<stripe::Client>) -> slate_events::stripe::P
     }
 }
 
-/// Fetch objects' current state from Stripe for processing that is in
-/// doubt (see `slate_events::stripe::Refetcher`): a subscription, an
-/// invoice with its payments (`payments` is includable: Stripe's events of
-/// API versions since 2025-03-31 do not carry it, and it is where the
-/// payment intent a refund or dispute names is), or a charge with its
-/// refunds (includable too), when one of them failed.
+/// Ask Stripe's API what processing is in doubt about (see
+/// `slate_events::stripe::Refetch`): a subscription, an invoice with its
+/// payments (`payments` is includable: Stripe's events of API versions
+/// since 2025-03-31 do not carry it, and it is where the payment intent a
+/// refund or dispute names is), a charge with its refunds (includable too),
+/// when one of them failed, or a page of an invoice's lines.
 pub fn refetcher(client: stripe::Client) -> slate_events::stripe::Refetcher {
+    use slate_events::stripe::Refetch;
+    use stripe_client_core::{RequestBuilder, StripeMethod};
+
+    #[derive(serde::Serialize)]
+    struct Expand {
+        expand: [&'static str; 1],
+    }
+    #[derive(serde::Serialize)]
+    struct LinesPage<'a> {
+        limit: u8,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        starting_after: Option<&'a str>,
+    }
+    // Ids go into the request's path and query.
+    fn is_id(id: &str) -> bool {
+        !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    }
     let client = std::sync::Arc::new(client);
-    std::sync::Arc::new(move |id: String| {
+    std::sync::Arc::new(move |what: Refetch| {
         let client = client.clone();
         Box::pin(async move {
-            // Ids go into the request's path.
-            if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                return None;
-            }
-            let request = if id.starts_with("sub_") {
-                stripe_billing::subscription::RetrieveSubscription::new(id.as_str()).build()
-            } else {
-                #[derive(serde::Serialize)]
-                struct Expand {
-                    expand: [&'static str; 1],
+            let request = match &what {
+                Refetch::Object(id) if !is_id(id) => return None,
+                Refetch::Object(id) if id.starts_with("sub_") => {
+                    stripe_billing::subscription::RetrieveSubscription::new(id.as_str()).build()
                 }
-                let (path, expand) = if id.starts_with("in_") {
-                    (format!("/invoices/{id}"), "payments")
-                } else if id.starts_with("ch_") || id.starts_with("py_") {
-                    (format!("/charges/{id}"), "refunds")
-                } else {
-                    return None;
-                };
-                stripe_client_core::RequestBuilder::new(stripe_client_core::StripeMethod::Get, path)
-                    .query(&Expand { expand: [expand] })
+                Refetch::Object(id) => {
+                    let (path, expand) = if id.starts_with("in_") {
+                        (format!("/invoices/{id}"), "payments")
+                    } else if id.starts_with("ch_") || id.starts_with("py_") {
+                        (format!("/charges/{id}"), "refunds")
+                    } else {
+                        return None;
+                    };
+                    RequestBuilder::new(StripeMethod::Get, path).query(&Expand { expand: [expand] })
+                }
+                Refetch::InvoiceLines {
+                    invoice,
+                    starting_after,
+                } => {
+                    if !is_id(invoice) || !starting_after.as_deref().is_none_or(is_id) {
+                        return None;
+                    }
+                    RequestBuilder::new(StripeMethod::Get, format!("/invoices/{invoice}/lines"))
+                        .query(&LinesPage {
+                            limit: 100,
+                            starting_after: starting_after.as_deref(),
+                        })
+                }
             };
             let capture = Capture {
                 inner: &client,

@@ -709,6 +709,95 @@ async fn proration_lines_grant_no_credits() {
     assert_eq!(b.available, 2000, "two seats of the plan, nothing else");
 }
 
+/// An invoice whose event carries only its first lines (`lines.has_more`)
+/// is paid for by all of them: where Stripe can be asked, the rest are read
+/// from its invoice lines API, page by page (tried again later when Stripe
+/// does not answer); where it cannot, the event fails with its reason and
+/// grants nothing, and a replay once Stripe can be asked grants it all.
+/// (Counted from the lines carried, the grant was short for good: a replay
+/// keeps an earlier grant.)
+#[tokio::test]
+async fn an_invoice_with_more_lines_than_its_event_carries_is_paid_for_by_all_of_them() {
+    use wiremock::matchers::{method, path, query_param, query_param_is_missing};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let stripe_api = MockServer::start().await;
+    let app = stripe_app().await;
+    let account = new_account(&mut *app.db.conn().await).await;
+    let run = run_tag();
+    let mut event: Value =
+        serde_json::from_str(&fixture("04_invoice_paid_1", account, &run)).unwrap();
+    let regular = event["data"]["object"]["lines"]["data"][0].clone();
+    let line = |n: usize, quantity: i64| {
+        let mut l = regular.clone();
+        l["id"] = format!("il_{run}_{n}").into();
+        l["amount"] = (4900 * quantity).into();
+        l["quantity"] = quantity.into();
+        l
+    };
+    event["data"]["object"]["lines"]["has_more"] = true.into();
+    let event_id = event["id"].as_str().unwrap().to_owned();
+    let (status, resp) = app.deliver(&event.to_string()).await;
+    assert_eq!(status, 200, "{resp}");
+
+    // Stripe cannot be asked: failed for good, with its reason; nothing granted.
+    let failed = slate_events::stripe::process(&app.db.pool, &catalog(), &event_id, false).await;
+    assert!(
+        matches!(&failed, Err(slate_events::stripe::ProcessError::Permanent(m)) if m.contains("more lines")),
+        "{failed:?}"
+    );
+    let (status, error): (String, Option<String>) =
+        sqlx::query_as("select status, last_error from stripe_events where stripe_event_id = $1")
+            .bind(&event_id)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "failed");
+    assert!(error.unwrap().contains("STRIPE_API_KEY"));
+    assert_eq!(available(&app, account).await, 0);
+
+    // Two pages of 100 lines of one seat, then a line of two seats.
+    let lines_path = format!("/v1/invoices/in_{run}_1/lines");
+    let page = |lines: Vec<Value>, has_more: bool| {
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "object": "list",
+            "data": lines,
+            "has_more": has_more,
+            "url": lines_path,
+        }))
+    };
+    stripe_fails_once(&stripe_api, &lines_path).await;
+    Mock::given(method("GET"))
+        .and(path(lines_path.as_str()))
+        .and(query_param("limit", "100"))
+        .and(query_param_is_missing("starting_after"))
+        .respond_with(page((0..100).map(|n| line(n, 1)).collect(), true))
+        .expect(1)
+        .mount(&stripe_api)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(lines_path.as_str()))
+        .and(query_param("starting_after", format!("il_{run}_99")))
+        .respond_with(page((100..200).map(|n| line(n, 1)).collect(), true))
+        .expect(1)
+        .mount(&stripe_api)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(lines_path.as_str()))
+        .and(query_param("starting_after", format!("il_{run}_199")))
+        .respond_with(page(vec![line(200, 2)], false))
+        .expect(1)
+        .mount(&stripe_api)
+        .await;
+    let options = slate::stripe::reconcile::replay_options(Some(app_stripe_client(&stripe_api)));
+    retried_until_stripe_answers(&app, &event_id, &options).await;
+    assert_eq!(
+        available(&app, account).await,
+        202_000,
+        "every line's seats"
+    );
+}
+
 /// Stripe's API answers the first GET of `path` with a 500 (its error
 /// body), and the mocks mounted for it after that.
 async fn stripe_fails_once(stripe_api: &wiremock::MockServer, path: &str) {
