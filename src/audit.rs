@@ -139,11 +139,21 @@ pub async fn query(
     q.bind(limit).fetch_all(pool).await
 }
 
+/// A CSV cell. A value a spreadsheet would read as a formula (it starts
+/// with `=`, `+`, `-`, `@`, a tab or a carriage return) is prefixed with
+/// `'`, as OWASP advises: reasons, replay outcomes and operator names are
+/// free text, and a formula planted in one would run when the export is
+/// opened. Quoting alone does not stop that.
 fn csv_field(v: &str) -> String {
+    let v = if v.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        std::borrow::Cow::Owned(format!("'{v}"))
+    } else {
+        std::borrow::Cow::Borrowed(v)
+    };
     if v.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", v.replace('"', "\"\""))
     } else {
-        v.to_owned()
+        v.into_owned()
     }
 }
 
@@ -232,4 +242,26 @@ pub async fn related(pool: &PgPool, e: &AuditEntry) -> Result<Vec<AuditEntry>, s
     .bind(&keys)
     .fetch_all(pool)
     .await
+}
+
+#[cfg(test)]
+mod csv_tests {
+    use super::csv_field;
+
+    #[test]
+    fn formulas_are_neutralised_and_specials_quoted() {
+        assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+        assert_eq!(csv_field("+1"), "'+1");
+        assert_eq!(csv_field("-2"), "'-2");
+        assert_eq!(csv_field("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(csv_field("\tx"), "'\tx");
+        assert_eq!(csv_field("\r=1"), "\"'\r=1\"");
+        assert_eq!(
+            csv_field("2026-12-06T00:00:00+00:00"),
+            "2026-12-06T00:00:00+00:00"
+        );
+    }
 }

@@ -139,18 +139,6 @@ async fn home(
         .bind(&q)
         .fetch_all(&mut *conn)
         .await?;
-        // Each account shown was read: its own trail says so. (The query
-        // itself is not kept: an email typed here would outlive its
-        // account's erasure.)
-        futures::future::try_join_all(accounts.iter().map(|(id, _, _)| {
-            slate_events::access::record_staff_read(
-                &state.appends,
-                staff.account_id,
-                *id,
-                "console:search",
-            )
-        }))
-        .await?;
         body.push_str("<h2>Accounts</h2>");
         if accounts.is_empty() {
             body.push_str("<p class=muted>No account matches.</p>");
@@ -189,6 +177,19 @@ async fn home(
         let mut rows: Vec<AuditEntry> = by_request.into_iter().chain(by_target).collect();
         rows.sort_by_key(|e| std::cmp::Reverse(e.seq));
         rows.dedup_by_key(|e| e.seq);
+        // Each account shown, and each whose entries are shown, was read:
+        // its own trail says so. (The query itself is not kept: an email
+        // typed here would outlive its account's erasure.)
+        if !accounts.is_empty() || rows.iter().any(|e| e.account_id.is_some()) {
+            super::audit::record_reads(
+                &state.appends,
+                staff.account_id,
+                accounts.iter().map(|(id, _, _)| *id),
+                &rows,
+                "console:search",
+            )
+            .await?;
+        }
         body.push_str("<h2>Audit entries</h2>");
         body.push_str(&if rows.is_empty() {
             "<p class=muted>No entry names it.</p>".to_owned()
@@ -354,15 +355,16 @@ async fn entry(
     let e = crate::audit::entry(&state.pool, seq)
         .await?
         .ok_or_else(ApiError::not_found)?;
-    slate_events::access::record_staff_read(
+    let cause = crate::audit::causing_event(&state.pool, e.event_id).await?;
+    let related = crate::audit::related(&state.pool, &e).await?;
+    super::audit::record_reads(
         &state.appends,
         staff.account_id,
-        e.account_id.unwrap_or(staff.account_id),
+        e.account_id,
+        &related,
         "console:audit_entry",
     )
     .await?;
-    let cause = crate::audit::causing_event(&state.pool, e.event_id).await?;
-    let related = crate::audit::related(&state.pool, &e).await?;
     let mut body = format!(
         "<h1>Entry {seq}: {}</h1>{}",
         esc(&e.action),

@@ -237,6 +237,80 @@ async fn pagination_while_appends_continue_returns_every_entry_exactly_once() {
     assert_eq!(seen, existing, "every entry that existed, exactly once");
 }
 
+/// Who read an account's entries, by what: its `StaffRead` events.
+async fn reads_of(app: &TestApp, account: Uuid) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "select payload->>'staff_id', payload->>'what' from events
+          where event_type = 'StaffRead' and payload->>'account_id' = $1
+          order by global_position",
+    )
+    .bind(account.to_string())
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap()
+}
+
+/// A staff read is recorded on the trail of every account whose entries it
+/// shows, not only of the account it asked for: an unfiltered search, an
+/// entry's related entries, and an export of the whole log each leave a
+/// `StaffRead` on both accounts here. (Recorded against the staff member
+/// alone, they left no mark on those accounts' trails.) An export with a
+/// filter it does not know is refused, not answered with the whole log.
+#[tokio::test]
+async fn every_account_whose_entries_staff_see_has_the_read_on_its_trail() {
+    let app = spawn_app_with(&[]).await;
+    let (alice, _) = key_for(&app).await;
+    let (bob, _) = key_for(&app).await;
+    app.db.settle_projections().await;
+    let (staff_id, staff) = app.staff().await;
+    let staff_id = staff_id.to_string();
+
+    let (status, page) = app.get_as("/admin/audit?limit=200", Some(&staff)).await;
+    assert_eq!(status, 200, "{page}");
+    for account in [alice, bob] {
+        assert!(
+            page["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["account_id"] == account.to_string()),
+            "{page}"
+        );
+        assert_eq!(
+            reads_of(&app, account).await,
+            vec![(staff_id.clone(), "audit:search".to_owned())]
+        );
+    }
+
+    let export = app
+        .client
+        .get(format!("{}/admin/audit/export?format=csv", app.address))
+        .bearer_auth(&staff)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(export.status(), 200);
+    let csv = export.text().await.unwrap();
+    for account in [alice, bob] {
+        assert!(csv.contains(&account.to_string()));
+        assert_eq!(
+            reads_of(&app, account).await.last(),
+            Some(&(staff_id.clone(), "audit:export".to_owned()))
+        );
+    }
+
+    let refused = app
+        .client
+        .get(format!("{}/admin/audit/export?actor={alice}", app.address))
+        .bearer_auth(&staff)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_query", "{body}");
+}
+
 #[tokio::test]
 async fn exports_stream_json_lines_or_csv() {
     let app = spawn_app_with(&[]).await;
