@@ -450,6 +450,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             settings.generation_fetchers = config.generation_fetchers;
             settings.poll_interval = config.provider_poll;
             settings.webhook_allow = config.webhook_allowlist.clone();
+            settings.media_allow = config.media_allowlist.clone();
             settings.stripe_refetch = config
                 .stripe_client()?
                 .map(crate::stripe::reconcile::refetcher);

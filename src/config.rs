@@ -90,6 +90,10 @@ pub struct Config {
     /// Hosts (or host:port) completion webhooks may reach although they
     /// resolve to private or loopback addresses (tests, internal receivers).
     pub webhook_allowlist: Vec<String>,
+    /// Hosts (or host:port) providers' results may be fetched from although
+    /// they resolve to private or loopback addresses or serve plain http (a
+    /// local model server, tests).
+    pub media_allowlist: Vec<String>,
     /// Browser sign-in (OpenID Connect); None when no client id is set.
     pub oidc: Option<crate::oidc::OidcSettings>,
     pub session_idle: std::time::Duration,
@@ -143,6 +147,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("SLATE_PROVIDER_POLL_MS", "2000"),
     ("SLATE_LOCAL_PROVIDER", "true"),
     ("SLATE_WEBHOOK_ALLOWLIST", ""),
+    ("SLATE_MEDIA_ALLOWLIST", ""),
     ("SLATE_OIDC_ISSUER", "https://accounts.google.com"),
     ("SLATE_OIDC_CLIENT_ID", ""),
     ("SLATE_OIDC_CLIENT_SECRET", ""),
@@ -158,6 +163,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("SLATE_EMAIL_FROM", "Slate <no-reply@slate.local>"),
     ("FAL_KEY", ""),
     ("FAL_BASE_URL", ""),
+    ("FAL_MODELS", ""),
     ("ELEVENLABS_API_KEY", ""),
     ("ELEVENLABS_BASE_URL", ""),
     ("ARK_API_KEY", ""),
@@ -169,6 +175,16 @@ pub const DEFAULTS: &[(&str, &str)] = &[
 
 /// The deny-list used when SLATE_DENYLIST_PATH is not set.
 pub const BUILTIN_DENYLIST: &str = include_str!("../config/denylist.txt");
+
+/// A comma-separated setting's items.
+fn list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
 
 fn days(n: u32) -> std::time::Duration {
     std::time::Duration::from_secs(u64::from(n) * 24 * 3600)
@@ -335,7 +351,8 @@ impl Config {
                     "FAL_BASE_URL",
                     fal::BASE_URL,
                     fal::DEFAULT_TIMEOUT,
-                ),
+                )
+                .map(|e| e.with_models(list(&get("FAL_MODELS")))),
                 elevenlabs: endpoint(
                     &non_empty,
                     "ELEVENLABS_API_KEY",
@@ -369,12 +386,8 @@ impl Config {
                     }),
                 local: matches!(get("SLATE_LOCAL_PROVIDER").as_str(), "true" | "1"),
             },
-            webhook_allowlist: get("SLATE_WEBHOOK_ALLOWLIST")
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect(),
+            webhook_allowlist: list(&get("SLATE_WEBHOOK_ALLOWLIST")),
+            media_allowlist: list(&get("SLATE_MEDIA_ALLOWLIST")),
             oidc: non_empty("SLATE_OIDC_CLIENT_ID").map(|client_id| crate::oidc::OidcSettings {
                 issuer: get("SLATE_OIDC_ISSUER").trim_end_matches('/').to_owned(),
                 client_id,

@@ -184,6 +184,16 @@ pub async fn submit(
         ));
     }
     let (collection_id, units) = validate(&state.provider_names, auth.account_id, &req)?;
+    if state
+        .providers
+        .get(&req.provider)
+        .is_some_and(|p| !p.offers_model(&req.parameters))
+    {
+        return Err(invalid(
+            "model_not_offered",
+            "this provider does not offer that model here",
+        ));
+    }
     if let Some(url) = &req.webhook_url {
         slate_workers::webhooks::check_url(url, &state.config.webhook_allowlist)
             .await

@@ -355,6 +355,7 @@ pub async fn drive(config: &Config, opts: DriveOptions) -> anyhow::Result<i32> {
     let common: Vec<(String, String)> = [
         ("FAL_KEY", "chaos-fake-key"),
         ("FAL_BASE_URL", provider_base.as_str()),
+        ("SLATE_MEDIA_ALLOWLIST", "127.0.0.1"),
         ("SLATE_LOCAL_PROVIDER", "true"),
         ("SLATE_WORKER_HEARTBEAT_SECS", "1"),
         ("SLATE_WORKER_MISSED_HEARTBEATS", "3"),

@@ -58,7 +58,8 @@ pub struct Services {
     pub stripe: Option<::stripe::Client>,
     pub storage: slate_workers::storage::Storage,
     pub limiter: Arc<crate::ratelimit::RateLimiter>,
-    /// The providers offered to users.
+    /// The providers offered to users, and their names.
+    pub providers: Arc<slate_workers::providers::Providers>,
     pub provider_names: Arc<Vec<String>>,
     /// Wakes event streams when events are committed.
     pub hub: Arc<hub::EventsHub>,
@@ -82,6 +83,7 @@ impl AppState {
             storage: slate_workers::storage::Storage::new(&config.storage()),
             limiter: Arc::new(crate::ratelimit::RateLimiter::new(redis.clone())),
             provider_names: Arc::new(providers.names().map(str::to_owned).collect()),
+            providers: Arc::new(providers),
             hub: hub::EventsHub::start(pool.clone()),
             http_metrics: Arc::new(telemetry::HttpMetrics::default()),
             stripe_deliveries: Arc::default(),

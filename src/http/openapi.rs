@@ -265,6 +265,10 @@ pub const CODES: &[(&str, &str)] = &[
     ),
     ("invalid_deadline", "deadline_seconds must be positive"),
     (
+        "model_not_offered",
+        "this provider does not offer that model here (the operator's list: `FAL_MODELS`)",
+    ),
+    (
         "webhook_url_not_allowed",
         "webhook_url must be an http(s) URL resolving to a public address",
     ),
@@ -430,6 +434,7 @@ pub const ERRORS: &[(&str, Errors)] = &[
                     "invalid_input",
                     "invalid_parameters",
                     "invalid_deadline",
+                    "model_not_offered",
                     "webhook_url_not_allowed",
                     "prompt_rejected",
                     "operation_not_priced",

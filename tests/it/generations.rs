@@ -27,7 +27,8 @@ pub fn worker(app: &TestApp) -> GenerationWorker {
         poll_interval: Duration::from_millis(20),
         poll_timeout: Duration::from_secs(30),
         download_limit: 64 << 20,
-        http: reqwest::Client::new(),
+        http: slate_workers::generations::media_client().unwrap(),
+        media_allow: vec!["127.0.0.1".into()],
     }
 }
 
@@ -839,6 +840,176 @@ async fn generations_waiting_on_their_provider_hold_no_database_connection() {
             .await;
         assert_eq!(g["status"], "succeeded", "{g}");
     }
+}
+
+/// A Fal model the operator did not list (`FAL_MODELS`) is refused at
+/// submission with 422 `model_not_offered`, and nothing is reserved; a
+/// listed one is accepted. (Any model id went through: another account's
+/// app on Fal, at its own price, answering with any result address.)
+#[tokio::test]
+async fn a_fal_model_not_offered_is_refused_at_submission() {
+    let fal = wiremock::MockServer::start().await;
+    let app = spawn_app_with(&[
+        ("FAL_KEY", "fal_test_key"),
+        ("FAL_BASE_URL", &fal.uri()),
+        ("FAL_MODELS", &format!("fal-ai/minimax/video-01, {KLING}")),
+    ])
+    .await;
+    let (_, key) = funded(&app, 100).await;
+    for model in ["someone/pricey-app", "fal-ai/veo3"] {
+        let (status, body, _) = app
+            .submit(&key, None, json!({"kind": "video", "provider": "fal", "prompt": "a fox in snow", "parameters": {"model": model, "duration": "5"}}))
+            .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (422, Some("model_not_offered")),
+            "{body}"
+        );
+    }
+    let b = app.balance(&key).await;
+    assert_eq!(
+        (b["available"].as_i64(), b["reserved"].as_i64()),
+        (Some(100), Some(0))
+    );
+    submit_kling_video(&app, &key).await;
+    let (status, body, _) = app
+        .submit(&key, None, json!({"kind": "video", "provider": "fal", "prompt": "a fox", "parameters": {"duration": "5"}}))
+        .await;
+    assert_eq!(status, 202, "the first listed is the default: {body}");
+    assert!(fal.received_requests().await.unwrap().is_empty());
+}
+
+/// A provider that does not answer a status request (a 503, a 429) is
+/// asked again at the next poll, within the same attempt: the generation
+/// succeeds on its first attempt. (Each such answer ended the attempt, and
+/// five of them, seconds apart, failed the generation while the provider
+/// worked on and billed for it.)
+#[tokio::test]
+async fn a_provider_status_blip_is_polled_through_within_the_attempt() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+
+    let (fal, app, key) = fal_app().await;
+    Mock::given(method("POST"))
+        .and(path(format!("/{KLING}")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(fal_in_queue(&fal, "req-1")))
+        .expect(1)
+        .mount(&fal)
+        .await;
+    let status = "/fal-ai/kling-video/requests/req-1/status";
+    for answer in [
+        ResponseTemplate::new(503).set_body_json(json!({"detail": "overloaded"})),
+        ResponseTemplate::new(429).set_body_json(json!({"detail": "rate limited"})),
+    ] {
+        Mock::given(method("GET"))
+            .and(path(status))
+            .respond_with(answer)
+            .up_to_n_times(3)
+            .with_priority(1)
+            .mount(&fal)
+            .await;
+    }
+    mount_fal_result(&fal, "req-1").await;
+    let id = submit_kling_video(&app, &key).await;
+    let w = fal_worker(&app, &fal);
+    let outcome = slate_workers::generations::attempt(&w, id, 1).await;
+    assert_eq!(
+        outcome,
+        slate_workers::generations::AttemptOutcome::Finished
+    );
+    let (_, g) = app
+        .get_as(&format!("/v1/generations/{id}"), Some(&key))
+        .await;
+    assert_eq!(
+        (g["status"].as_str(), g["attempts"].as_i64()),
+        (Some("succeeded"), Some(1)),
+        "{g}"
+    );
+    assert_eq!(fal_calls(&fal, "GET", "/status").await, 7);
+}
+
+/// A provider's result address is checked before the worker fetches it,
+/// and so is each redirect it takes: plain http to a host not on the
+/// allow-list, https to a private address, or a redirect from an allowed
+/// host to a name resolving to loopback, fail the generation with
+/// `output_refused` and release its credits, and the internal address is
+/// never asked. (Fetched as given, a model's answer could have the worker
+/// read an internal service and store the answer for the user.)
+#[tokio::test]
+async fn a_result_pointing_at_an_internal_address_is_refused_and_released() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+
+    let (fal, app, key) = fal_app().await;
+    let port = fal.address().port();
+    Mock::given(method("GET"))
+        .and(path("/files/hop.mp4"))
+        .respond_with(ResponseTemplate::new(302).insert_header(
+            "location",
+            format!("http://localhost:{port}/files/secret").as_str(),
+        ))
+        .mount(&fal)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/files/secret"))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(b"internal".to_vec()))
+        .mount(&fal)
+        .await;
+    let w = fal_worker(&app, &fal);
+    for (n, url) in [
+        format!("http://localhost:{port}/files/secret"),
+        "https://10.0.0.1/files/out.mp4".to_owned(),
+        format!("{}/files/hop.mp4", fal.uri()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let request = format!("req-{n}");
+        let base = format!("/fal-ai/kling-video/requests/{request}");
+        Mock::given(method("POST"))
+            .and(path(format!("/{KLING}")))
+            .respond_with(ResponseTemplate::new(200).set_body_json(fal_in_queue(&fal, &request)))
+            .up_to_n_times(1)
+            .mount(&fal)
+            .await;
+        Mock::given(method("GET"))
+            .and(path(format!("{base}/status")))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({"status": "COMPLETED", "request_id": request})),
+            )
+            .mount(&fal)
+            .await;
+        Mock::given(method("GET"))
+            .and(path(base))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "video": {"url": url, "content_type": "video/mp4"}
+            })))
+            .mount(&fal)
+            .await;
+        let id = submit_kling_video(&app, &key).await;
+        let outcome = slate_workers::generations::attempt(&w, id, 1).await;
+        assert_eq!(
+            outcome,
+            slate_workers::generations::AttemptOutcome::Finished,
+            "{url}"
+        );
+        let (_, g) = app
+            .get_as(&format!("/v1/generations/{id}"), Some(&key))
+            .await;
+        assert_eq!(
+            (g["status"].as_str(), g["failure_code"].as_str()),
+            (Some("failed"), Some("output_refused")),
+            "{url}: {g}"
+        );
+        assert_eq!(
+            settled(&app, &key, id).await,
+            ("failed".to_owned(), 100, 0),
+            "{url}"
+        );
+    }
+    assert_eq!(fal_calls(&fal, "GET", "/files/hop.mp4").await, 1);
+    assert_eq!(fal_calls(&fal, "GET", "/secret").await, 0, "never asked");
 }
 
 /// A fake Fal.ai, an app that uses it, and the key of an account holding

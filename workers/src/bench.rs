@@ -276,7 +276,8 @@ pub async fn generations_per_second(
         poll_interval: Duration::from_millis(50),
         poll_timeout: Duration::from_secs(60),
         download_limit: 1 << 20,
-        http: reqwest::Client::new(),
+        http: generations::media_client()?,
+        media_allow: Vec::new(),
     };
     let queue_pool = crate::poll::queue_pool(pool);
     let backend = crate::poll::backend::<GenerationJob>(

@@ -73,8 +73,26 @@ pub struct GenerationWorker {
     /// transiently and is retried).
     pub poll_timeout: Duration,
     pub download_limit: usize,
+    /// Fetches results from the addresses providers answer with; build it
+    /// with [`media_client`] (redirects are followed by [`download`], each
+    /// checked).
     pub http: reqwest::Client,
+    /// Result hosts (or host:port) allowed although they resolve to private
+    /// or loopback addresses, or serve plain http (tests, a local provider).
+    pub media_allow: Vec<String>,
 }
+
+/// The client a [`GenerationWorker`] fetches results with: it follows no
+/// redirect by itself, so that each one is checked before it is taken.
+pub fn media_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(300))
+        .build()
+}
+
+/// Redirects a result's download follows at most.
+const MEDIA_REDIRECTS: usize = 3;
 
 enum Step {
     /// Try again later (transient).
@@ -355,9 +373,27 @@ async fn poll(
     handle: &str,
 ) -> Result<Output, Step> {
     let started = tokio::time::Instant::now();
+    let mut unanswered = 0u32;
     loop {
-        if let Polled::Done(output) = provider.poll(handle).await? {
-            return Ok(output);
+        match provider.poll(handle).await {
+            Ok(Polled::Done(output)) => return Ok(output),
+            Ok(Polled::Running) => unanswered = 0,
+            // A status the provider could not give this time (a 5xx, a 429,
+            // a timeout) is asked for again at the next poll, for as long as
+            // the attempt polls. Ending the attempt over it spent one of the
+            // generation's few retries, seconds apart, on a blip while the
+            // provider worked on: a short incident failed the generation
+            // and threw away the video the provider went on to bill for.
+            Err(ProviderError::Transient(_) | ProviderError::Timeout) => {
+                unanswered += 1;
+                if unanswered == 1 || unanswered.is_power_of_two() {
+                    tracing::warn!(
+                        unanswered,
+                        "the provider did not answer a status request; asking again"
+                    );
+                }
+            }
+            Err(e) => return Err(e.into()),
         }
         // Canceled meanwhile? Tell the provider; unless it already finished,
         // the generation ends canceled and unbilled. With PostgreSQL out of
@@ -446,14 +482,36 @@ async fn store_output(
     })
 }
 
-/// Fetch a provider's result, streamed with a size cap.
+/// Fetch a provider's result, streamed with a size cap. Its address comes
+/// from the provider's answer, so it is checked before it is fetched, as is
+/// every redirect it takes (at most [`MEDIA_REDIRECTS`]): https, resolving
+/// only to public addresses, unless its host is on the allow-list. A result
+/// cannot point the worker at an internal service and have the answer
+/// stored for the user (`output_refused`). An empty body is no result.
 async fn download(w: &GenerationWorker, url: &str) -> Result<Vec<u8>, Step> {
-    let mut response = w
-        .http
-        .get(url)
-        .send()
-        .await
-        .map_err(|_| Step::Retry("provider_unavailable"))?;
+    let refused = || Step::Fatal("output_refused".into());
+    let mut url = reqwest::Url::parse(url).map_err(|_| refused())?;
+    let mut redirects = 0;
+    let mut response = loop {
+        check_media_url(&url, &w.media_allow).await?;
+        let response = w
+            .http
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|_| Step::Retry("provider_unavailable"))?;
+        if !response.status().is_redirection() {
+            break response;
+        }
+        redirects += 1;
+        url = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| url.join(l).ok())
+            .filter(|_| redirects <= MEDIA_REDIRECTS)
+            .ok_or_else(refused)?;
+    };
     if !response.status().is_success() {
         return Err(if response.status().is_server_error() {
             Step::Retry("provider_unavailable")
@@ -472,7 +530,25 @@ async fn download(w: &GenerationWorker, url: &str) -> Result<Vec<u8>, Step> {
         }
         bytes.extend_from_slice(&chunk);
     }
+    if bytes.is_empty() {
+        return Err(Step::Fatal("output_unavailable".into()));
+    }
     Ok(bytes)
+}
+
+/// A result's address (see [`download`]). A name that does not resolve now
+/// may later: tried again.
+async fn check_media_url(url: &reqwest::Url, allow: &[String]) -> Result<(), Step> {
+    use crate::webhooks::{UrlError, check_host, on_allow_list};
+    let refused = || Step::Fatal("output_refused".into());
+    if url.scheme() != "https" && !on_allow_list(url, allow) {
+        return Err(refused());
+    }
+    match check_host(url, allow).await {
+        Ok(()) => Ok(()),
+        Err(UrlError::Unresolvable) => Err(Step::Retry("provider_unavailable")),
+        Err(_) => Err(refused()),
+    }
 }
 
 /// Cancel generations past their deadline (run by the sweeper).

@@ -55,6 +55,9 @@ pub struct WorkerSettings {
     pub poll_interval: Duration,
     /// Webhook hosts allowed even though they resolve to private addresses.
     pub webhook_allow: Vec<String>,
+    /// Hosts providers' results may be fetched from although they resolve
+    /// to private addresses or serve plain http.
+    pub media_allow: Vec<String>,
     /// Transactional email (none: messages are skipped with a warning).
     pub mailer: Option<Mailer>,
     /// Cancels Stripe subscriptions when an account is purged.
@@ -83,6 +86,7 @@ impl WorkerSettings {
             generation_fetchers: GENERATION_FETCHERS,
             poll_interval: Duration::from_secs(2),
             webhook_allow: Vec::new(),
+            media_allow: Vec::new(),
             mailer: None,
             stripe_cancel: None,
         }
@@ -164,10 +168,8 @@ where
         poll_interval: settings.poll_interval,
         poll_timeout: Duration::from_secs(30 * 60),
         download_limit: 512 << 20,
-        http: reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::limited(3))
-            .timeout(Duration::from_secs(300))
-            .build()?,
+        http: generations::media_client()?,
+        media_allow: settings.media_allow.clone(),
     };
     let webhook_storage = storage::<WebhookJob>(
         &wakeups,

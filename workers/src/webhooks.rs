@@ -73,12 +73,25 @@ pub async fn check_url(url: &str, allow: &[String]) -> Result<(), UrlError> {
     if !matches!(parsed.scheme(), "http" | "https") || url.len() > 2048 {
         return Err(UrlError::Invalid);
     }
-    let host = parsed.host_str().ok_or(UrlError::Invalid)?;
-    let port = parsed.port_or_known_default().ok_or(UrlError::Invalid)?;
-    if allow
+    check_host(&parsed, allow).await
+}
+
+/// Whether `url`'s host (or host:port) is on the allow-list.
+pub fn on_allow_list(url: &reqwest::Url, allow: &[String]) -> bool {
+    let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+        return false;
+    };
+    allow
         .iter()
         .any(|a| a == host || *a == format!("{host}:{port}"))
-    {
+}
+
+/// An outbound URL's host resolves only to public addresses, or is on the
+/// allow-list (webhooks; providers' result addresses).
+pub async fn check_host(url: &reqwest::Url, allow: &[String]) -> Result<(), UrlError> {
+    let host = url.host_str().ok_or(UrlError::Invalid)?;
+    let port = url.port_or_known_default().ok_or(UrlError::Invalid)?;
+    if on_allow_list(url, allow) {
         return Ok(());
     }
     let host = host.trim_start_matches('[').trim_end_matches(']');

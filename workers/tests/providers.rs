@@ -354,6 +354,36 @@ async fn fal_permanent_failures() {
     assert_eq!(permanent_code(&err), codes::UNAUTHORIZED);
 }
 
+/// Only the operator's Fal models run (`FAL_MODELS`, the first the
+/// default); with none listed, only the built-in default. A model id names
+/// any app on Fal, at its own price, answering with any result address.
+#[test]
+fn fal_offers_only_the_operators_models() {
+    let server_uri = "http://127.0.0.1:9";
+    let build = |models: Vec<String>| {
+        Providers::new(&ProviderSettings {
+            fal: Some(
+                EndpointSettings::new(server_uri, Some(ApiKey::new(KEY)), Duration::from_secs(5))
+                    .with_models(models),
+            ),
+            ..ProviderSettings::default()
+        })
+        .unwrap()
+    };
+    let offers =
+        |providers: &Providers, params: Value| providers.get("fal").unwrap().offers_model(&params);
+    let builtin = build(Vec::new());
+    assert!(offers(&builtin, json!({})));
+    assert!(offers(&builtin, json!({"model": FAL_MODEL})));
+    assert!(!offers(&builtin, json!({"model": "fal-ai/veo3"})));
+    let listed = build(vec!["fal-ai/minimax/video-01".into(), FAL_MODEL.into()]);
+    assert!(offers(&listed, json!({})));
+    assert!(offers(&listed, json!({"model": FAL_MODEL})));
+    assert!(offers(&listed, json!({"model": "fal-ai/minimax/video-01"})));
+    assert!(!offers(&listed, json!({"model": "someone/pricey-app"})));
+    assert!(!offers(&listed, json!({"model": 7})));
+}
+
 #[tokio::test]
 async fn fal_refuses_bad_input_without_calling() {
     let server = MockServer::start().await;
@@ -362,6 +392,8 @@ async fn fal_refuses_bad_input_without_calling() {
     for (prompt, params) in [
         ("a cat", json!({"model": "../../admin"})),
         ("a cat", json!({"model": 7})),
+        // Well formed, but not offered: another account's app on Fal.
+        ("a cat", json!({"model": "someone/pricey-app"})),
         ("a cat", json!({"prompt": "another"})),
         ("a cat", json!(["not", "an", "object"])),
         ("   ", Value::Null),
@@ -809,7 +841,7 @@ async fn seedance_timeout_and_cancel() {
         .and(path(format!("{TASKS}/{TASK_ID}")))
         .respond_with(
             ResponseTemplate::new(200)
-                .set_body_json(task("running"))
+                .set_body_json(task("queued"))
                 .set_delay(Duration::from_secs(3)),
         )
         .mount(&server)
@@ -818,14 +850,57 @@ async fn seedance_timeout_and_cancel() {
         .and(path(format!("{TASKS}/{TASK_ID}")))
         .and(header("authorization", format!("Bearer {KEY}").as_str()))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
-        .expect(1)
         .mount(&server)
         .await;
     let providers = seedance(&server, Duration::from_millis(300));
     let sd = providers.get("seedance").unwrap();
     assert_eq!(sd.poll(TASK_ID).await.unwrap_err(), ProviderError::Timeout);
-    sd.cancel(TASK_ID).await.unwrap();
+    // A task whose status cannot be read is not deleted: it may be done.
+    assert_eq!(
+        sd.cancel(TASK_ID).await.unwrap_err(),
+        ProviderError::Timeout
+    );
+    let deletes = |requests: Vec<wiremock::Request>| {
+        requests
+            .iter()
+            .filter(|r| r.method.as_str() == "DELETE")
+            .count()
+    };
+    assert_eq!(deletes(server.received_requests().await.unwrap()), 0);
     assert_nothing_identifying(&server, None).await;
+}
+
+/// Ark's `DELETE` cancels a queued task but deletes a finished one's
+/// record, and its video with it: a cancel sends it only for a task it has
+/// just read as queued. (Sent blind, a cancel that raced the task's success
+/// lost the video the provider billed for, and the user's generation ended
+/// canceled.)
+#[tokio::test]
+async fn seedance_cancel_deletes_only_a_queued_task() {
+    for (status, deleted) in [
+        ("queued", 1),
+        ("running", 0),
+        ("succeeded", 0),
+        ("failed", 0),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path(format!("{TASKS}/{TASK_ID}")))
+            .respond_with(ResponseTemplate::new(200).set_body_json(task(status)))
+            .mount(&server)
+            .await;
+        Mock::given(method("DELETE"))
+            .and(path(format!("{TASKS}/{TASK_ID}")))
+            .and(header("authorization", format!("Bearer {KEY}").as_str()))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+            .expect(deleted)
+            .mount(&server)
+            .await;
+        let providers = seedance(&server, Duration::from_secs(5));
+        let sd = providers.get("seedance").unwrap();
+        sd.cancel(TASK_ID).await.unwrap();
+        server.verify().await;
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -31,6 +31,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct FalClient {
     http: Http,
+    /// The models offered (`FAL_MODELS`), the first the default; empty:
+    /// [`DEFAULT_MODEL`] alone.
+    models: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -70,7 +73,36 @@ impl FalClient {
                     required: true,
                 },
             )?,
+            models: settings.models.clone(),
         })
+    }
+
+    /// The model `parameters` ask for (`model`; the default when absent),
+    /// if it is well formed and offered. Only the operator's models are:
+    /// a model id names any app on Fal, another account's included, whose
+    /// price is not this service's, and whose answer says where the result
+    /// is fetched from.
+    pub(crate) fn model(&self, parameters: &Value) -> Result<String, ProviderError> {
+        let default = self.models.first().map_or(DEFAULT_MODEL, String::as_str);
+        let model = match parameters.get("model") {
+            None | Some(Value::Null) => default,
+            Some(Value::String(m)) => m.as_str(),
+            Some(_) => return Err(ProviderError::invalid("model must be a string")),
+        };
+        if app_id(model).is_none() {
+            return Err(ProviderError::invalid(
+                "model must look like owner/app[/path]",
+            ));
+        }
+        let offered = if self.models.is_empty() {
+            model == DEFAULT_MODEL
+        } else {
+            self.models.iter().any(|m| m == model)
+        };
+        if !offered {
+            return Err(ProviderError::invalid("this model is not offered"));
+        }
+        Ok(model.to_owned())
     }
 
     /// Submit to the queue. `parameters.model` picks the model; every other
@@ -83,11 +115,8 @@ impl FalClient {
             Value::Object(m) => m.clone(),
             _ => return Err(ProviderError::invalid("parameters must be a JSON object")),
         };
-        let model = match input.remove("model") {
-            None | Some(Value::Null) => DEFAULT_MODEL.to_owned(),
-            Some(Value::String(m)) => m,
-            Some(_) => return Err(ProviderError::invalid("model must be a string")),
-        };
+        let model = self.model(&req.parameters)?;
+        input.remove("model");
         let app = app_id(&model)
             .ok_or_else(|| ProviderError::invalid("model must look like owner/app[/path]"))?;
         if input.contains_key("prompt") {

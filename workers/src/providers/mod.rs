@@ -269,6 +269,9 @@ pub struct EndpointSettings {
     pub api_key: Option<ApiKey>,
     /// Per HTTP call, connect to last body byte.
     pub timeout: Duration,
+    /// The models users may ask for (Fal: `FAL_MODELS`), the first being
+    /// the default; empty: only the provider's built-in default.
+    pub models: Vec<String>,
 }
 
 impl EndpointSettings {
@@ -277,7 +280,14 @@ impl EndpointSettings {
             base_url: base_url.into(),
             api_key,
             timeout,
+            models: Vec::new(),
         }
+    }
+
+    /// The same, offering these models (see [`EndpointSettings::models`]).
+    pub fn with_models(mut self, models: Vec<String>) -> Self {
+        self.models = models;
+        self
     }
 }
 
@@ -356,6 +366,17 @@ impl Provider {
             Provider::Whisper(_) => kind == Kind::Transcription,
             Provider::ArkChat(_) => kind == Kind::Script,
             Provider::Local(_) => true,
+        }
+    }
+
+    /// Whether the provider offers the model `parameters` ask for (where
+    /// the model is the operator's choice to make: Fal's names any app on
+    /// Fal, at any price, answering with any address). Checked at
+    /// submission, and again when the job starts.
+    pub fn offers_model(&self, parameters: &Value) -> bool {
+        match self {
+            Provider::Fal(c) => c.model(parameters).is_ok(),
+            _ => true,
         }
     }
 

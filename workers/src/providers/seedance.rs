@@ -3,7 +3,9 @@
 //! `{"model", "content": [{"type": "text", "text": "<prompt> --ratio 16:9 --duration 5"}]}`
 //! → `{"id": "cgt-…"}`; `GET …/tasks/{id}` → `{"status": queued|running|
 //! succeeded|failed|cancelled|expired, "content": {"video_url"}, "error":
-//! {"code", "message"}}`; `DELETE …/tasks/{id}` cancels a queued task.
+//! {"code", "message"}}`; `DELETE …/tasks/{id}` cancels a queued task, and
+//! deletes a finished one's record, its video with it (so a cancel asks
+//! first).
 //!
 //! Output options travel as text commands after the prompt, so a prompt
 //! that carries its own commands is refused (it could buy a longer video
@@ -151,7 +153,7 @@ impl SeedanceClient {
         Ok(Started::Pending { handle: created.id })
     }
 
-    pub async fn poll(&self, handle: &str) -> Result<Polled, ProviderError> {
+    async fn task(&self, handle: &str) -> Result<Task, ProviderError> {
         if !is_task_id(handle) {
             return Err(bad_handle());
         }
@@ -164,7 +166,11 @@ impl SeedanceClient {
         if !response.status().is_success() {
             return Err(self.http.failure("get_task", response, read_error).await);
         }
-        let task: Task = self.http.json(response).await?;
+        self.http.json(response).await
+    }
+
+    pub async fn poll(&self, handle: &str) -> Result<Polled, ProviderError> {
+        let task = self.task(handle).await?;
         match task.status.as_str() {
             "queued" | "running" => Ok(Polled::Running),
             "succeeded" => {
@@ -213,10 +219,18 @@ impl SeedanceClient {
     }
 
     /// Only a queued task can be cancelled; a running or finished one, or
-    /// an unknown id, leaves nothing to do: `Ok(())`.
+    /// an unknown id, leaves nothing to do: `Ok(())`. The task is read
+    /// first: the same `DELETE` deletes a finished task's record, and with
+    /// it a video that may have just been made (and will be billed). When
+    /// the task cannot be read, nothing is sent.
     pub async fn cancel(&self, handle: &str) -> Result<(), ProviderError> {
-        if !is_task_id(handle) {
-            return Err(bad_handle());
+        match self.task(handle).await {
+            Ok(task) if task.status == "queued" => {}
+            Ok(_) => return Ok(()),
+            Err(ProviderError::Permanent { code, .. }) if code == codes::NOT_FOUND => {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         }
         let request = self
             .http
