@@ -834,9 +834,11 @@ async fn worker_last_seen(db: &TestDb, queue: &str) -> chrono::DateTime<chrono::
         .unwrap()
 }
 
-/// Polls `ready` until it holds; fails with `what` after 20 s.
+/// Polls `ready` until it holds; fails with `what` after 60 s. (A bound
+/// on a failing run, not a timing: starting a `slate work` process took
+/// more than 20 s on a loaded 2-core machine.)
 async fn until(what: &str, mut ready: impl AsyncFnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !ready().await {
         assert!(std::time::Instant::now() < deadline, "{what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
