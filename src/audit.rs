@@ -40,7 +40,7 @@ pub struct Filter {
     pub actor: Option<String>,
     /// An action (`generation.failed`) or a family (`generation`).
     pub action: Option<String>,
-    /// Any target value: a generation id, a Stripe event or object id, a key…
+    /// Any target id: a generation, a Stripe event or object, a key…
     pub target: Option<String>,
     #[serde(default, deserialize_with = "bounded_time")]
     pub from: Option<DateTime<Utc>>,
@@ -83,37 +83,35 @@ pub async fn query(
     let mut next = |sql: &mut String, condition: &str| {
         n += 1;
         sql.push_str(" and ");
-        sql.push_str(&condition.replace('$', &format!("${n}")));
+        sql.push_str(&condition.replace("{}", &format!("${n}")));
     };
     if f.account.is_some() {
-        next(&mut sql, "account_id = $");
+        next(&mut sql, "account_id = {}");
     }
     if f.actor.is_some() {
-        next(&mut sql, "actor_id = $");
+        next(&mut sql, "actor_id = {}");
     }
     if f.action.is_some() {
-        next(&mut sql, "(action = $ or action like $ || '.%')");
+        next(&mut sql, "(action = {} or action like {} || '.%')");
     }
     if f.target.is_some() {
-        next(
-            &mut sql,
-            "exists (select 1 from jsonb_each_text(targets) t where t.value = $)",
-        );
+        // Through `audit_entries_target_values_idx` (the same expression).
+        next(&mut sql, "jsonb_path_query_array(targets, '$.*') ? {}");
     }
     if f.from.is_some() {
-        next(&mut sql, "at >= $");
+        next(&mut sql, "at >= {}");
     }
     if f.to.is_some() {
-        next(&mut sql, "at < $");
+        next(&mut sql, "at < {}");
     }
     if f.request_id.is_some() {
-        next(&mut sql, "request_id = $");
+        next(&mut sql, "request_id = {}");
     }
     if f.outcome.is_some() {
-        next(&mut sql, "outcome = $");
+        next(&mut sql, "outcome = {}");
     }
     if f.cursor.is_some() {
-        next(&mut sql, if ascending { "seq > $" } else { "seq < $" });
+        next(&mut sql, if ascending { "seq > {}" } else { "seq < {}" });
     }
     n += 1;
     sql.push_str(&format!(
@@ -234,7 +232,7 @@ pub async fn related(pool: &PgPool, e: &AuditEntry) -> Result<Vec<AuditEntry>, s
         "select {COLUMNS} from audit_entries
           where seq <> $1
             and (($2::text is not null and request_id = $2)
-                 or exists (select 1 from jsonb_each_text(targets) t where t.value = any($3)))
+                 or jsonb_path_query_array(targets, '$.*') ?| $3)
           order by seq limit 100"
     )))
     .bind(e.seq)

@@ -394,7 +394,7 @@ pub async fn audit_queries(pool: &PgPool, samples: usize) -> anyhow::Result<Vec<
     let deep = max_seq / 10;
     let mut out = Vec::new();
     type MakeFilter = fn(usize) -> Filter;
-    let filters: [(&'static str, MakeFilter); 4] = [
+    let filters: [(&'static str, MakeFilter); 5] = [
         ("by account", |i| Filter {
             account: Some(account_for(i % 10_000)),
             ..Default::default()
@@ -405,6 +405,13 @@ pub async fn audit_queries(pool: &PgPool, samples: usize) -> anyhow::Result<Vec<
         }),
         ("by request id", |i| Filter {
             request_id: Some(format!("req-{}", (i * 7919) % 1_000_000)),
+            ..Default::default()
+        }),
+        // What the console's search asks for every query: an id, under
+        // any key of an entry's targets; here one found nowhere, the case
+        // that reads furthest without an index.
+        ("by target (an id found nowhere)", |i| Filter {
+            target: Some(format!("gen-missing-{i}")),
             ..Default::default()
         }),
         ("by time range (one day)", |i| {

@@ -311,6 +311,56 @@ async fn every_account_whose_entries_staff_see_has_the_read_on_its_trail() {
     assert_eq!(body["error"]["code"], "invalid_query", "{body}");
 }
 
+/// A search by target (`/admin/audit?target=`, what the console's search
+/// asks for every query) finds its entries through
+/// `audit_entries_target_values_idx`, whatever the target's key. (It read
+/// the table newest first, all of it for an id found nowhere: 5.8 s at 2 M
+/// entries on the 2026-12-06 machine, 0.07 ms with the index.)
+#[tokio::test]
+async fn a_search_by_target_finds_its_entries_through_the_index() {
+    let app = spawn_app_with(&[]).await;
+    sqlx::query(
+        "insert into audit_entries (position, event_id, at, actor_kind, action, targets, outcome)
+         select 1000000000 + i, gen_random_uuid(), now(), 'user', 'generation.requested',
+                jsonb_build_object('generation', 'gen-' || i, 'amount', 5), 'ok'
+           from generate_series(1, 20000) i",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    sqlx::query("analyze audit_entries")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let scans = || async {
+        sqlx::query_scalar::<_, i64>(
+            "select idx_scan from pg_stat_user_indexes
+              where indexrelname = 'audit_entries_target_values_idx'",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+    };
+    let before = scans().await;
+    let (_, staff) = app.staff().await;
+    for (target, found) in [("gen-17", 1), ("gen-nowhere", 0)] {
+        let (status, page) = app
+            .get_as(&format!("/admin/audit?target={target}"), Some(&staff))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["data"].as_array().unwrap().len(), found, "{page}");
+    }
+    // PostgreSQL reports a backend's index use within a second or so.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while scans().await < before + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the index was not used"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn exports_stream_json_lines_or_csv() {
     let app = spawn_app_with(&[]).await;
