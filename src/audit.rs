@@ -72,52 +72,76 @@ pub fn bounded_time<'de, D: serde::Deserializer<'de>>(
 /// given filter. Only the given filters are in the SQL, so the planner can use
 /// the index that fits (a catch-all `$1 is null or …` statement gets a
 /// generic plan that cannot).
+///
+/// An actor that is an account id also matches what that account did as
+/// someone else (an impersonating staff member's entries name the account
+/// acted for as their actor, and the staff member as `impersonator`): two
+/// branches, each through its own index, merged in seq order.
 pub async fn query(
     pool: &PgPool,
     f: &Filter,
     limit: i64,
     ascending: bool,
 ) -> Result<Vec<AuditEntry>, sqlx::Error> {
-    let mut sql = format!("select {COLUMNS} from audit_entries where true");
     let mut n = 0;
-    let mut next = |sql: &mut String, condition: &str| {
+    let mut param = || {
         n += 1;
-        sql.push_str(" and ");
-        sql.push_str(&condition.replace("{}", &format!("${n}")));
+        format!("${n}")
     };
+    let mut conditions = vec!["true".to_owned()];
     if f.account.is_some() {
-        next(&mut sql, "account_id = {}");
+        conditions.push(format!("account_id = {}", param()));
     }
-    if f.actor.is_some() {
-        next(&mut sql, "actor_id = {}");
-    }
+    let actor = f
+        .actor
+        .as_ref()
+        .map(|a| (param(), a.parse::<Uuid>().is_ok()));
     if f.action.is_some() {
-        next(&mut sql, "(action = {} or action like {} || '.%')");
+        let p = param();
+        conditions.push(format!("(action = {p} or action like {p} || '.%')"));
     }
     if f.target.is_some() {
         // Through `audit_entries_target_values_idx` (the same expression).
-        next(&mut sql, "jsonb_path_query_array(targets, '$.*') ? {}");
+        conditions.push(format!(
+            "jsonb_path_query_array(targets, '$.*') ? {}",
+            param()
+        ));
     }
     if f.from.is_some() {
-        next(&mut sql, "at >= {}");
+        conditions.push(format!("at >= {}", param()));
     }
     if f.to.is_some() {
-        next(&mut sql, "at < {}");
+        conditions.push(format!("at < {}", param()));
     }
     if f.request_id.is_some() {
-        next(&mut sql, "request_id = {}");
+        conditions.push(format!("request_id = {}", param()));
     }
     if f.outcome.is_some() {
-        next(&mut sql, "outcome = {}");
+        conditions.push(format!("outcome = {}", param()));
     }
     if f.cursor.is_some() {
-        next(&mut sql, if ascending { "seq > {}" } else { "seq < {}" });
+        let p = param();
+        conditions.push(format!("seq {} {p}", if ascending { ">" } else { "<" }));
     }
-    n += 1;
-    sql.push_str(&format!(
-        " order by seq {} limit ${n}",
-        if ascending { "asc" } else { "desc" }
-    ));
+    let order = format!(
+        "order by seq {} limit {}",
+        if ascending { "asc" } else { "desc" },
+        param()
+    );
+    let rest = conditions.join(" and ");
+    let sql = match actor {
+        None => format!("select {COLUMNS} from audit_entries where {rest} {order}"),
+        Some((a, false)) => {
+            format!("select {COLUMNS} from audit_entries where actor_id = {a} and {rest} {order}")
+        }
+        Some((a, true)) => format!(
+            "select {COLUMNS} from (
+                (select {COLUMNS} from audit_entries where actor_id = {a} and {rest} {order})
+                union all
+                (select {COLUMNS} from audit_entries where impersonator = {a}::uuid and {rest} {order})
+             ) u {order}"
+        ),
+    };
     let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
     if let Some(v) = f.account {
         q = q.bind(v);

@@ -52,18 +52,25 @@ async fn start_impersonation(
         body.minutes.unwrap_or(60),
     )
     .await
-    .map_err(|e| match e {
+    .map_err(impersonation_refused)?;
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(serde_json::to_value(i).map_err(|e| ApiError::Internal(e.into()))?),
+    ))
+}
+
+/// Why an impersonation did not start, as the API and the console say it:
+/// the request's mistake (422), an unknown account (404), or the service's
+/// trouble (a database out of reach is 503, not the caller's mistake).
+pub(crate) fn impersonation_refused(e: slate_events::Error) -> ApiError {
+    match e {
         slate_events::Error::InvalidArgument(_) => ApiError::unprocessable(
             "invalid_impersonation",
             "a reason (3-500 characters) and another account are needed",
         ),
         slate_events::Error::UnknownAccount(_) => ApiError::not_found(),
         other => other.into(),
-    })?;
-    Ok((
-        axum::http::StatusCode::CREATED,
-        Json(serde_json::to_value(i).map_err(|e| ApiError::Internal(e.into()))?),
-    ))
+    }
 }
 
 async fn end_impersonation(

@@ -415,12 +415,7 @@ async fn impersonate(
     let mut conn = state.pool.acquire().await?;
     let i = slate_events::impersonation::start(&mut conn, staff.account_id, id, &f.reason, 60)
         .await
-        .map_err(|_| {
-            ApiError::unprocessable(
-                "invalid_impersonation",
-                "a reason (3-500 characters) and another account are needed",
-            )
-        })?;
+        .map_err(super::admin::impersonation_refused)?;
     Ok(page(
         "Impersonation started",
         &format!(

@@ -348,6 +348,28 @@ async fn impersonation_is_announced_attributed_to_both_and_expires_at_sixty_minu
             .unwrap();
     assert_eq!(meta["actor"]["account_id"], user.to_string());
     assert_eq!(meta["impersonator"], staff.to_string());
+    // A search by the staff member as actor finds what they did as the user.
+    // (It looked at the actor alone, the user, and found nothing of it.)
+    app.db.settle_projections().await;
+    let (status, page) = app
+        .get_as(
+            &format!("/admin/audit?actor={staff}&action=generation.requested"),
+            Some(&staff_key),
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let found = page["data"].as_array().unwrap();
+    assert_eq!(found.len(), 1, "{page}");
+    assert_eq!(
+        (
+            found[0]["actor_id"].as_str(),
+            found[0]["impersonator"].as_str()
+        ),
+        (
+            Some(user.to_string().as_str()),
+            Some(staff.to_string().as_str())
+        )
+    );
     let logged: i64 =
         sqlx::query_scalar("select count(*) from events where event_type = 'ImpersonatedRequest'")
             .fetch_one(&app.db.pool)
