@@ -928,6 +928,94 @@ async fn a_provider_status_blip_is_polled_through_within_the_attempt() {
     assert_eq!(fal_calls(&fal, "GET", "/status").await, 7);
 }
 
+/// A generation whose last attempt gives up on a provider job still
+/// running (here: it never finished within the polling time) fails, its
+/// credits released, and the provider is asked to stop that job: nobody
+/// will fetch its result, and it would go on being billed. (It was left
+/// running.)
+#[tokio::test]
+async fn a_generation_failed_for_good_asks_the_provider_to_stop_its_job() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+
+    let (fal, app, key) = fal_app().await;
+    Mock::given(method("POST"))
+        .and(path(format!("/{KLING}")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(fal_in_queue(&fal, "req-5")))
+        .expect(1)
+        .mount(&fal)
+        .await;
+    let base = "/fal-ai/kling-video/requests/req-5";
+    Mock::given(method("GET"))
+        .and(path(format!("{base}/status")))
+        .respond_with(
+            ResponseTemplate::new(202)
+                .set_body_json(json!({"status": "IN_PROGRESS", "request_id": "req-5"})),
+        )
+        .mount(&fal)
+        .await;
+    Mock::given(method("PUT"))
+        .and(path(format!("{base}/cancel")))
+        .respond_with(
+            ResponseTemplate::new(202).set_body_json(json!({"status": "CANCELLATION_REQUESTED"})),
+        )
+        .expect(1)
+        .mount(&fal)
+        .await;
+    let id = submit_kling_video(&app, &key).await;
+    let w = GenerationWorker {
+        max_attempts: 1,
+        poll_timeout: Duration::from_millis(300),
+        ..fal_worker(&app, &fal)
+    };
+    let outcome = slate_workers::generations::attempt(&w, id, 1).await;
+    assert_eq!(
+        outcome,
+        slate_workers::generations::AttemptOutcome::Finished
+    );
+    assert_eq!(settled(&app, &key, id).await, ("failed".to_owned(), 100, 0));
+    fal.verify().await;
+}
+
+/// A result host that answers 429 (or 408) is asked again by the next
+/// attempt, which finds the provider's job done and fetches the result: the
+/// generation succeeds. (Any 4xx failed it for good, throwing away a result
+/// already paid for.)
+#[tokio::test]
+async fn a_rate_limited_result_download_is_tried_again() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+
+    let (fal, app, key) = fal_app().await;
+    Mock::given(method("POST"))
+        .and(path(format!("/{KLING}")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(fal_in_queue(&fal, "req-1")))
+        .expect(1)
+        .mount(&fal)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/files/out.mp4"))
+        .respond_with(ResponseTemplate::new(429))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&fal)
+        .await;
+    mount_fal_result(&fal, "req-1").await;
+    let id = submit_kling_video(&app, &key).await;
+    let w = fal_worker(&app, &fal);
+    let first = slate_workers::generations::attempt(&w, id, 1).await;
+    assert!(
+        matches!(first, slate_workers::generations::AttemptOutcome::RetryAfter(_, ref c) if c == "provider_unavailable"),
+        "{first:?}"
+    );
+    let second = slate_workers::generations::attempt(&w, id, 2).await;
+    assert_eq!(second, slate_workers::generations::AttemptOutcome::Finished);
+    assert_eq!(
+        settled(&app, &key, id).await,
+        ("succeeded".to_owned(), 50, 0)
+    );
+}
+
 /// A provider's result address is checked before the worker fetches it,
 /// and so is each redirect it takes: plain http to a host not on the
 /// allow-list, https to a private address, or a redirect from an allowed

@@ -182,22 +182,39 @@ pub async fn handle(
 /// failure is PostgreSQL out of reach, and it may still be): given up, the
 /// generation would stay running with no job left to finish it. Recording
 /// it twice is harmless (the outcome's event id is the generation's).
+///
+/// A provider job the generation had submitted is then asked to stop (best
+/// effort; one that finished is left as it is): after the last attempt
+/// gave up on it, nobody would fetch its result, and it would go on being
+/// billed.
 async fn fail(worker: &GenerationWorker, id: Uuid, code: &str, attempts: i32) {
     let result = while_out_of_reach("record_failure", || async {
         let mut tx = worker.pool.begin().await?;
         let mut wake = crate::jobs::Wake::none();
+        let mut submitted = None;
         if let Some(g) = generations::get_any(&mut tx, id).await?
             && generations::fail(&mut tx, &g, code, attempts, &system()).await?
         {
             wake = crate::webhooks::enqueue_for(&mut tx, id).await?;
+            submitted = g.provider_handle.map(|h| (g.provider, h));
         }
         tx.commit().await?;
         wake.send(&worker.pool).await;
-        Ok::<(), anyhow::Error>(())
+        Ok::<_, anyhow::Error>(submitted)
     })
     .await;
     match result {
-        Ok(()) => tracing::info!(reason = code, "generation failed; credits released"),
+        Ok(submitted) => {
+            tracing::info!(reason = code, "generation failed; credits released");
+            if let Some((provider, handle)) = submitted
+                && let Some(provider) = worker.providers.get(&provider)
+                && provider.cancel(&handle).await.is_err()
+            {
+                tracing::warn!(
+                    "the provider could not be asked to stop the failed generation's job"
+                );
+            }
+        }
         // The reservation's hold expiry still releases the credits.
         Err(e) => tracing::error!(error = %e, "recording the failure failed"),
     }
@@ -468,10 +485,21 @@ async fn store_output(
     let info = media::probe(&bytes, &base_type);
     let key = output_key(g, &base_type);
     let size = bytes.len() as i64;
-    w.storage
-        .put(&key, bytes, &content_type)
-        .await
-        .map_err(|_| Step::Retry("storage_unavailable"))?;
+    // The output is paid for: a storage outage is waited out, as
+    // PostgreSQL's is for the outcome's record, rather than end the attempt,
+    // whose retry would call the provider again (and pay a synchronous one
+    // again).
+    let body = bytes::Bytes::from(bytes);
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(250);
+    while let Err(e) = w.storage.put(&key, body.clone(), &content_type).await {
+        if started.elapsed() + pause > DB_PATIENCE {
+            return Err(Step::Retry("storage_unavailable"));
+        }
+        tracing::warn!(error = %format_args!("{e:#}"), "storing the output failed; trying again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
     Ok(StoredOutput {
         key,
         content_type,
@@ -512,12 +540,17 @@ async fn download(w: &GenerationWorker, url: &str) -> Result<Vec<u8>, Step> {
             .filter(|_| redirects <= MEDIA_REDIRECTS)
             .ok_or_else(refused)?;
     };
-    if !response.status().is_success() {
-        return Err(if response.status().is_server_error() {
-            Step::Retry("provider_unavailable")
-        } else {
-            Step::Fatal("output_unavailable".into())
-        });
+    let status = response.status();
+    if !status.is_success() {
+        // A result host that is busy (5xx, 429) or timed out waiting for the
+        // request (408) may serve it later; any other answer will not.
+        return Err(
+            if status.is_server_error() || matches!(status.as_u16(), 408 | 429) {
+                Step::Retry("provider_unavailable")
+            } else {
+                Step::Fatal("output_unavailable".into())
+            },
+        );
     }
     let mut bytes = Vec::new();
     while let Some(chunk) = response

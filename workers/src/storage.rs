@@ -72,13 +72,18 @@ impl Storage {
         Ok(())
     }
 
-    pub async fn put(&self, key: &str, body: Vec<u8>, content_type: &str) -> anyhow::Result<()> {
+    pub async fn put(
+        &self,
+        key: &str,
+        body: impl Into<bytes::Bytes>,
+        content_type: &str,
+    ) -> anyhow::Result<()> {
         self.client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
             .content_type(content_type)
-            .body(ByteStream::from(body))
+            .body(ByteStream::from(body.into()))
             .send()
             .await?;
         Ok(())

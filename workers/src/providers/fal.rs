@@ -117,6 +117,10 @@ impl FalClient {
         };
         let model = self.model(&req.parameters)?;
         input.remove("model");
+        // The result comes through the queue, from Fal's CDN: `sync_mode`
+        // would put it in the answer as a data URI instead, which is
+        // refused after Fal has billed for it.
+        input.remove("sync_mode");
         let app = app_id(&model)
             .ok_or_else(|| ProviderError::invalid("model must look like owner/app[/path]"))?;
         if input.contains_key("prompt") {
