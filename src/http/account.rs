@@ -74,6 +74,9 @@ pub(super) async fn delete_account(
 /// The account's events: its own streams and every event naming it.
 /// One page of the account's events, personal fields opened (the email in
 /// `AccountCreated` is sealed in the log); the keyring lives across pages.
+/// What staff or an operator did (a read, an impersonated request, a
+/// restore) comes without their address, user agent and key id: those are
+/// the staff member's, not the account's, to receive.
 async fn events_page(
     pool: &PgPool,
     keyring: &mut slate_events::vault::Keyring,
@@ -84,7 +87,12 @@ async fn events_page(
     let mut page: Vec<Value> = sqlx::query_scalar(
         "select jsonb_build_object('position', global_position, 'event_id', event_id, 'stream_id', stream_id,
                 'version', stream_version, 'type', event_type, 'schema_version', schema_version,
-                'payload', payload, 'metadata', metadata, 'recorded_at', recorded_at)
+                'payload', payload,
+                'metadata', case when metadata ? 'impersonator'
+                                   or metadata->'actor'->>'kind' in ('staff', 'operator')
+                                 then metadata - 'ip' - 'user_agent' - 'api_key_id'
+                                 else metadata end,
+                'recorded_at', recorded_at)
            from events
           where global_position > $2
             and (payload->>'account_id' = $1::text or stream_id = 'account-' || $1::text)
@@ -202,7 +210,11 @@ pub(super) async fn export(
                 "select coalesce(jsonb_agg(jsonb_build_object('key_id', key_id, 'prefix', prefix, 'label', label,
                         'created_at', created_at, 'revoked_at', revoked_at)), '[]') from api_keys where account_id = $1", account).await?;
             let audit = section(&pool,
-                "select coalesce(jsonb_agg(to_jsonb(a) - 'seq' order by seq), '[]') from audit_entries a where account_id = $1", account).await?;
+                "select coalesce(jsonb_agg(case when a.impersonator is not null or a.actor_kind in ('staff', 'operator')
+                                                then to_jsonb(a) - 'seq' - 'ip' - 'user_agent' - 'api_key_id'
+                                                else to_jsonb(a) - 'seq' end
+                                           order by seq), '[]')
+                   from audit_entries a where account_id = $1", account).await?;
             let generations: Vec<(Value, Option<String>)> = sqlx::query_as(
                 "select (to_jsonb(g) - 'provider_handle')
                         || jsonb_build_object('prompt', i.prompt, 'parameters', i.parameters, 'webhook_url', i.webhook_url),

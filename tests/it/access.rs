@@ -370,6 +370,37 @@ async fn impersonation_is_announced_attributed_to_both_and_expires_at_sixty_minu
             Some(staff.to_string().as_str())
         )
     );
+    // The user's own export says staff acted, not from where: no address,
+    // user agent or key id of the staff member's, in the events or the
+    // audit entries. (It handed the staff member's over.)
+    let export: Value = app
+        .client
+        .get(format!("{}/v1/account/export", app.address))
+        .bearer_auth(&user_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let by_staff: Vec<&Value> = export["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["metadata"])
+        .chain(export["audit"].as_array().unwrap().iter())
+        .filter(|m| {
+            m["impersonator"] == staff.to_string()
+                || m["actor"]["kind"] == "staff"
+                || m["actor_kind"] == "staff"
+        })
+        .collect();
+    assert!(by_staff.len() >= 3, "{export}");
+    for m in by_staff {
+        for field in ["ip", "user_agent", "api_key_id"] {
+            assert!(m.get(field).is_none_or(Value::is_null), "{field} in {m}");
+        }
+    }
     let logged: i64 =
         sqlx::query_scalar("select count(*) from events where event_type = 'ImpersonatedRequest'")
             .fetch_one(&app.db.pool)
