@@ -15,7 +15,7 @@ use uuid::Uuid;
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
-use crate::http::TestApp;
+use crate::http::{TestApp, spawn_app_with};
 
 /// Stripe's subscription endpoints for one subscription, with state: it is
 /// active until a `DELETE` cancels it.
@@ -426,6 +426,70 @@ async fn thirty_days_after_deletion_the_purge_erases_everything_personal_once_ev
 /// database. Neither the logs nor the dump outside `accounts` hold the
 /// prompt, the email address, the API key or the email API's key; the
 /// debugged route's bodies are logged, scrubbed.
+/// An email API that refuses the farewell (here 422: an address it will
+/// not send to) does not stop the purge: everything personal is erased and
+/// the step says why no farewell went out. (The refusal ended every run
+/// before the erase, for good.) A transient failure still retries it.
+#[tokio::test]
+async fn a_refused_farewell_email_does_not_stop_the_purge() {
+    let app = spawn_app_with(&[]).await;
+    let (alice, alice_key) = crate::billing::key_for(&app).await;
+    let r = app
+        .client
+        .delete(format!("{}/v1/account", app.address))
+        .bearer_auth(&alice_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let email_api = MockServer::start().await;
+    let stripe = MockServer::start().await;
+    let p = purger(&app, &stripe, &email_api);
+    let later = chrono::Utc::now() + chrono::Duration::days(31);
+
+    Mock::given(method("POST"))
+        .and(path("/emails"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&email_api)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/emails"))
+        .respond_with(ResponseTemplate::new(422).set_body_json(json!({
+            "statusCode": 422, "name": "validation_error", "message": "Invalid `to` field."
+        })))
+        .mount(&email_api)
+        .await;
+    assert!(
+        purge::purge(&p, alice, later).await.is_err(),
+        "a transient failure retries"
+    );
+    assert_eq!(
+        purge::purge(&p, alice, later).await.unwrap(),
+        Outcome::Purged
+    );
+    assert_eq!(
+        count(
+            &app,
+            "select count(*) from accounts where account_id = $1 and email is not null",
+            alice
+        )
+        .await,
+        0
+    );
+    let detail: String = sqlx::query_scalar(
+        "select payload->>'detail' from events
+          where stream_id = 'account-' || $1 and event_type = 'AccountPurgeStepCompleted'
+            and payload->>'step' = 'farewell_email'",
+    )
+    .bind(alice.to_string())
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(detail, "not sent: refused by the email API (HTTP 422)");
+}
+
 #[tokio::test]
 async fn trace_logs_of_serve_and_work_and_a_database_dump_hold_no_prompt_email_or_secret() {
     use std::process::{Command, Stdio};

@@ -121,10 +121,22 @@ pub async fn purge(p: &Purger, account_id: Uuid, now: DateTime<Utc>) -> anyhow::
             Template::DeletionCompleted,
             &format!("purge-{account_id}"),
         )
-        .await?;
+        .await;
+        // A message the email API refuses (an address it will not send to,
+        // a key or domain it does not accept) will not be sent by trying
+        // again: the purge goes on without it. Stopped there, it never
+        // erased anything, however often it was rescheduled. A failure
+        // worth another try (network, 429, 5xx) retries the purge.
         let detail = match outcome {
-            email::Outcome::Sent(_) => "sent".to_owned(),
-            email::Outcome::Skipped(why) => format!("not sent: {why}"),
+            Ok(email::Outcome::Sent(_)) => "sent".to_owned(),
+            Ok(email::Outcome::Skipped(why)) => format!("not sent: {why}"),
+            Err(e) => match e.downcast_ref::<email::SendError>() {
+                Some(&email::SendError::Refused(status)) => {
+                    tracing::warn!(status, "the farewell email was refused; purging without it");
+                    format!("not sent: refused by the email API (HTTP {status})")
+                }
+                _ => return Err(e),
+            },
         };
         p.step_done(account_id, "farewell_email", detail).await?;
     }
