@@ -92,10 +92,12 @@ pub async fn query(
     if f.account.is_some() {
         conditions.push(format!("account_id = {}", param()));
     }
+    // An account id as the log writes them (hyphenated): the uuid crate
+    // also reads forms PostgreSQL's uuid does not (`urn:uuid:…`).
     let actor = f
         .actor
         .as_ref()
-        .map(|a| (param(), a.parse::<Uuid>().is_ok()));
+        .map(|a| (param(), a.len() == 36 && a.parse::<Uuid>().is_ok()));
     if f.action.is_some() {
         let p = param();
         conditions.push(format!("(action = {p} or action like {p} || '.%')"));

@@ -96,6 +96,9 @@ async fn events_page(
            from events
           where global_position > $2
             and (payload->>'account_id' = $1::text or stream_id = 'account-' || $1::text)
+            -- An affiliate's commission on this account's payments is the
+            -- affiliate's business (its rate shows in it), not the account's.
+            and event_type not in ('CommissionEarned', 'CommissionClawedBack')
           order by global_position limit 500",
     )
     .bind(account)
@@ -214,7 +217,10 @@ pub(super) async fn export(
                                                 then to_jsonb(a) - 'seq' - 'ip' - 'user_agent' - 'api_key_id'
                                                 else to_jsonb(a) - 'seq' end
                                            order by seq), '[]')
-                   from audit_entries a where account_id = $1", account).await?;
+                   from audit_entries a
+                  where account_id = $1
+                    and action not in ('affiliate.commission_earned', 'affiliate.commission_clawed_back')",
+                account).await?;
             let generations: Vec<(Value, Option<String>)> = sqlx::query_as(
                 "select (to_jsonb(g) - 'provider_handle')
                         || jsonb_build_object('prompt', i.prompt, 'parameters', i.parameters, 'webhook_url', i.webhook_url),

@@ -3,6 +3,8 @@
 //! `GET /admin/audit/export` (JSON Lines or CSV). Every read is itself
 //! recorded, and so appears in the audit log.
 
+use std::collections::BTreeSet;
+
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
@@ -29,7 +31,10 @@ pub fn router() -> Router<AppState> {
 /// the account asked for; a read that names no account is recorded against
 /// the staff member. (Recorded against the account asked for alone, a
 /// search by request id, actor or target, or an unfiltered one, left no
-/// mark on the trails of the accounts it showed.)
+/// mark on the trails of the accounts it showed.) Entries that are
+/// themselves records of staff reads do not count: reading them shows who
+/// read what, not the account's data, and counted, every look at them
+/// made more of them.
 pub(crate) async fn record_reads(
     appends: &slate_events::store::GroupCommit,
     staff: Uuid,
@@ -37,12 +42,29 @@ pub(crate) async fn record_reads(
     shown: &[AuditEntry],
     what: &str,
 ) -> Result<(), slate_events::Error> {
-    let mut accounts: std::collections::BTreeSet<Uuid> =
-        shown.iter().filter_map(|e| e.account_id).collect();
+    let mut accounts = accounts_shown(shown);
     accounts.extend(asked);
     if accounts.is_empty() {
         accounts.insert(staff);
     }
+    record_reads_of(appends, staff, accounts, what).await
+}
+
+/// The accounts whose data `shown` shows (see [`record_reads`]).
+fn accounts_shown(shown: &[AuditEntry]) -> BTreeSet<Uuid> {
+    shown
+        .iter()
+        .filter(|e| e.action != slate_events::projections::audit::STAFF_READ)
+        .filter_map(|e| e.account_id)
+        .collect()
+}
+
+async fn record_reads_of(
+    appends: &slate_events::store::GroupCommit,
+    staff: Uuid,
+    accounts: BTreeSet<Uuid>,
+    what: &str,
+) -> Result<(), slate_events::Error> {
     futures::future::try_join_all(
         accounts
             .into_iter()
@@ -147,39 +169,52 @@ async fn export(
     let (staff_id, whole_log) = (staff.account_id, q.account.is_none());
     let header_line = csv.then(|| CSV_HEADER.to_owned());
     let access = super::extract::Reauthorise::new(staff, true);
+    // The state carries the accounts this export has recorded a read of:
+    // each is recorded once, before its first entries are sent.
     let stream = futures::stream::unfold(
-        (filter, header_line, false, access),
-        move |(mut f, head, done, mut access)| {
+        (filter, header_line, false, access, BTreeSet::new()),
+        move |(mut f, head, done, mut access, mut recorded)| {
             let (pool, appends) = (pool.clone(), appends.clone());
             async move {
                 if let Some(h) = head {
-                    return Some((Ok::<_, std::io::Error>(h), (f, None, done, access)));
+                    return Some((
+                        Ok::<_, std::io::Error>(h),
+                        (f, None, done, access, recorded),
+                    ));
                 }
                 if done {
                     return None;
                 }
+                let fail = |e: std::io::Error, f, access, recorded| {
+                    Some((Err(e), (f, None, true, access, recorded)))
+                };
                 // A long export stops, cut short, once the staff member's
                 // access is withdrawn.
                 if let Err(e) = access.check(&pool).await {
-                    return Some((Err(std::io::Error::other(e)), (f, None, true, access)));
+                    return fail(std::io::Error::other(e), f, access, recorded);
                 }
                 let page = match query(&pool, &f, 1000, true).await {
                     Ok(p) => p,
-                    Err(e) => {
-                        return Some((Err(std::io::Error::other(e)), (f, None, true, access)));
-                    }
+                    Err(e) => return fail(std::io::Error::other(e), f, access, recorded),
                 };
                 let last = page.last()?;
                 f.cursor = Some(last.seq);
                 let done = page.len() < 1000;
                 // Read beyond the account asked for: each account shown is
                 // recorded before its entries are sent.
-                if whole_log
-                    && page.iter().any(|e| e.account_id.is_some())
-                    && let Err(e) =
-                        record_reads(&appends, staff_id, None, &page, "audit:export").await
-                {
-                    return Some((Err(std::io::Error::other(e)), (f, None, true, access)));
+                if whole_log {
+                    let new: BTreeSet<Uuid> = accounts_shown(&page)
+                        .difference(&recorded)
+                        .copied()
+                        .collect();
+                    if !new.is_empty() {
+                        if let Err(e) =
+                            record_reads_of(&appends, staff_id, new.clone(), "audit:export").await
+                        {
+                            return fail(std::io::Error::other(e), f, access, recorded);
+                        }
+                        recorded.extend(new);
+                    }
                 }
                 let chunk: String = page
                     .iter()
@@ -191,7 +226,7 @@ async fn export(
                         }
                     })
                     .collect();
-                Some((Ok(chunk), (f, None, done, access)))
+                Some((Ok(chunk), (f, None, done, access, recorded)))
             }
         },
     );

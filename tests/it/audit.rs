@@ -298,6 +298,31 @@ async fn every_account_whose_entries_staff_see_has_the_read_on_its_trail() {
             Some(&(staff_id.clone(), "audit:export".to_owned()))
         );
     }
+    // Records of staff reads, shown again, are not the accounts' data: a
+    // search showing only them records no read of those accounts (each
+    // look at them made more of them, and an export walking the log met
+    // the records it had just made).
+    app.db.settle_projections().await;
+    let (status, page) = app
+        .get_as("/admin/audit?action=staff.read&limit=200", Some(&staff))
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["account_id"] == alice.to_string()),
+        "{page}"
+    );
+    for account in [alice, bob] {
+        let whats: Vec<String> = reads_of(&app, account)
+            .await
+            .into_iter()
+            .map(|(_, what)| what)
+            .collect();
+        assert_eq!(whats, ["audit:search", "audit:export"]);
+    }
 
     let refused = app
         .client

@@ -1044,10 +1044,21 @@ async fn a_result_pointing_at_an_internal_address_is_refused_and_released() {
         .mount(&fal)
         .await;
     let w = fal_worker(&app, &fal);
+    Mock::given(method("GET"))
+        .and(path("/files/hop-https.mp4"))
+        .respond_with(ResponseTemplate::new(302).insert_header(
+            "location",
+            format!("https://localhost:{port}/files/secret").as_str(),
+        ))
+        .mount(&fal)
+        .await;
     for (n, url) in [
         format!("http://localhost:{port}/files/secret"),
         "https://10.0.0.1/files/out.mp4".to_owned(),
+        // https, but the name resolves to loopback.
+        format!("https://localhost:{port}/files/secret"),
         format!("{}/files/hop.mp4", fal.uri()),
+        format!("{}/files/hop-https.mp4", fal.uri()),
     ]
     .into_iter()
     .enumerate()
@@ -1097,6 +1108,7 @@ async fn a_result_pointing_at_an_internal_address_is_refused_and_released() {
         );
     }
     assert_eq!(fal_calls(&fal, "GET", "/files/hop.mp4").await, 1);
+    assert_eq!(fal_calls(&fal, "GET", "/files/hop-https.mp4").await, 1);
     assert_eq!(fal_calls(&fal, "GET", "/secret").await, 0, "never asked");
 }
 

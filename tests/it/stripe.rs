@@ -1559,6 +1559,32 @@ async fn an_affiliates_commission_follows_refunds_their_failure_and_disputes() {
         app.process_stripe().await;
         assert_eq!(owed(&app).await, commission, "{step}");
     }
+    // The buyer's own export shows the referral, not the affiliate's
+    // commission on their payments (its rate shows in it).
+    let key = slate_events::access::create_key(
+        &mut *app.db.conn().await,
+        account,
+        Some("export"),
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap()
+    .plaintext;
+    app.db.settle_projections().await;
+    let export = app
+        .client
+        .get(format!("{}/v1/account/export", app.address))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(export.contains("AccountReferred"), "{export}");
+    for commission in ["Commission", "commission_"] {
+        assert!(!export.contains(commission), "{commission} in {export}");
+    }
 }
 
 #[tokio::test]

@@ -85,10 +85,13 @@ pub struct GenerationWorker {
 /// The client a [`GenerationWorker`] fetches results with: it follows no
 /// redirect by itself, so that each one is checked before it is taken.
 pub fn media_client() -> reqwest::Result<reqwest::Client> {
+    media_client_builder().build()
+}
+
+fn media_client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(300))
-        .build()
 }
 
 /// Redirects a result's download follows at most.
@@ -521,9 +524,17 @@ async fn download(w: &GenerationWorker, url: &str) -> Result<Vec<u8>, Step> {
     let mut url = reqwest::Url::parse(url).map_err(|_| refused())?;
     let mut redirects = 0;
     let mut response = loop {
-        check_media_url(&url, &w.media_allow).await?;
-        let response = w
-            .http
+        let resolved = check_media_url(&url, &w.media_allow).await?;
+        // Connected to the addresses checked, not to what the name answers
+        // when asked again (a short-lived answer could change in between).
+        let client = match url.host_str() {
+            Some(host) if !resolved.is_empty() => media_client_builder()
+                .resolve_to_addrs(host, &resolved)
+                .build()
+                .map_err(|_| Step::Retry("provider_unavailable"))?,
+            _ => w.http.clone(),
+        };
+        let response = client
             .get(url.clone())
             .send()
             .await
@@ -569,16 +580,20 @@ async fn download(w: &GenerationWorker, url: &str) -> Result<Vec<u8>, Step> {
     Ok(bytes)
 }
 
-/// A result's address (see [`download`]). A name that does not resolve now
-/// may later: tried again.
-async fn check_media_url(url: &reqwest::Url, allow: &[String]) -> Result<(), Step> {
+/// A result's address (see [`download`]), and the addresses it resolved to
+/// (none on the allow-list). A name that does not resolve now may later:
+/// tried again.
+async fn check_media_url(
+    url: &reqwest::Url,
+    allow: &[String],
+) -> Result<Vec<std::net::SocketAddr>, Step> {
     use crate::webhooks::{UrlError, check_host, on_allow_list};
     let refused = || Step::Fatal("output_refused".into());
     if url.scheme() != "https" && !on_allow_list(url, allow) {
         return Err(refused());
     }
     match check_host(url, allow).await {
-        Ok(()) => Ok(()),
+        Ok(resolved) => Ok(resolved),
         Err(UrlError::Unresolvable) => Err(Step::Retry("provider_unavailable")),
         Err(_) => Err(refused()),
     }

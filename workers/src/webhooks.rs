@@ -50,13 +50,34 @@ fn is_public(ip: IpAddr) -> bool {
                 || v4.is_multicast()
                 || v4.is_documentation()
                 || o[0] == 0
-                || (o[0] == 100 && (64..128).contains(&o[1])))
+                // Shared address space (carrier NAT), 100.64.0.0/10.
+                || (o[0] == 100 && (64..128).contains(&o[1]))
+                // IETF protocol assignments, 192.0.0.0/24.
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                // Benchmarking, 198.18.0.0/15.
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)
+                // Reserved, 240.0.0.0/4.
+                || o[0] >= 240)
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public(IpAddr::V4(v4));
-            }
+            // An IPv4 address inside an IPv6 one is judged as IPv4:
+            // mapped (::ffff:a.b.c.d), compatible (::a.b.c.d), NAT64
+            // (64:ff9b::/96) and 6to4 (2002::/16) reach it.
             let s = v6.segments();
+            let v4 = |hi: u16, lo: u16| {
+                let ([a, b], [c, d]) = (hi.to_be_bytes(), lo.to_be_bytes());
+                std::net::Ipv4Addr::new(a, b, c, d)
+            };
+            let embedded = if s[0] == 0x2002 {
+                Some(v4(s[1], s[2]))
+            } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                Some(v4(s[6], s[7]))
+            } else {
+                v6.to_ipv4()
+            };
+            if let Some(inner) = embedded.filter(|_| !v6.is_loopback() && !v6.is_unspecified()) {
+                return is_public(IpAddr::V4(inner));
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
@@ -69,6 +90,15 @@ fn is_public(ip: IpAddr) -> bool {
 /// Check a webhook URL: http(s), resolving only to public addresses unless
 /// its host is on the allow-list.
 pub async fn check_url(url: &str, allow: &[String]) -> Result<(), UrlError> {
+    check_url_resolved(url, allow).await.map(drop)
+}
+
+/// [`check_url`], and the addresses its host resolved to (none on the
+/// allow-list).
+async fn check_url_resolved(
+    url: &str,
+    allow: &[String],
+) -> Result<Vec<std::net::SocketAddr>, UrlError> {
     let parsed = reqwest::Url::parse(url).map_err(|_| UrlError::Invalid)?;
     if !matches!(parsed.scheme(), "http" | "https") || url.len() > 2048 {
         return Err(UrlError::Invalid);
@@ -87,12 +117,17 @@ pub fn on_allow_list(url: &reqwest::Url, allow: &[String]) -> bool {
 }
 
 /// An outbound URL's host resolves only to public addresses, or is on the
-/// allow-list (webhooks; providers' result addresses).
-pub async fn check_host(url: &reqwest::Url, allow: &[String]) -> Result<(), UrlError> {
+/// allow-list (webhooks; providers' result addresses). The addresses it
+/// resolved to (none for a host on the allow-list), for the request to
+/// connect to: a name asked again could answer otherwise.
+pub async fn check_host(
+    url: &reqwest::Url,
+    allow: &[String],
+) -> Result<Vec<std::net::SocketAddr>, UrlError> {
     let host = url.host_str().ok_or(UrlError::Invalid)?;
     let port = url.port_or_known_default().ok_or(UrlError::Invalid)?;
     if on_allow_list(url, allow) {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let addrs: Vec<_> = tokio::net::lookup_host((host, port))
@@ -103,7 +138,7 @@ pub async fn check_host(url: &reqwest::Url, allow: &[String]) -> Result<(), UrlE
         return Err(UrlError::Unresolvable);
     }
     if addrs.iter().all(|a| is_public(a.ip())) {
-        Ok(())
+        Ok(addrs)
     } else {
         Err(UrlError::NotAllowed)
     }
@@ -186,13 +221,16 @@ impl WebhookWorker {
     pub fn new(pool: PgPool, allow: Vec<String>) -> anyhow::Result<Self> {
         Ok(Self {
             pool,
-            http: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .timeout(Duration::from_secs(10))
-                .build()?,
+            http: webhook_client().build()?,
             allow,
         })
     }
+}
+
+fn webhook_client() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,10 +264,21 @@ pub async fn deliver(w: &WebhookWorker, generation_id: Uuid) -> anyhow::Result<D
     };
     let secret = secret_for(&mut conn, g.account_id).await?;
     drop(conn);
-    if check_url(&url, &w.allow).await.is_err() {
+    let Ok(resolved) = check_url_resolved(&url, &w.allow).await else {
         tracing::warn!(%generation_id, "webhook not sent: its URL is not allowed");
         return Ok(Delivery::Refused);
-    }
+    };
+    // Sent to the addresses checked, not to what the name answers when
+    // asked again (a short-lived answer could change in between).
+    let http = match reqwest::Url::parse(&url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+    {
+        Some(host) if !resolved.is_empty() => webhook_client()
+            .resolve_to_addrs(&host, &resolved)
+            .build()?,
+        _ => w.http.clone(),
+    };
     let body = json!({
         "type": format!("generation.{}", g.status),
         "timestamp": chrono::Utc::now(),
@@ -256,8 +305,7 @@ pub async fn deliver(w: &WebhookWorker, generation_id: Uuid) -> anyhow::Result<D
     let timestamp = chrono::Utc::now().timestamp();
     let signature = sign(&secret, &msg_id, timestamp, &body)
         .ok_or_else(|| anyhow::anyhow!("the account's webhook secret is malformed"))?;
-    let response = w
-        .http
+    let response = http
         .post(&url)
         .header("content-type", "application/json")
         .header("webhook-id", &msg_id)
@@ -297,6 +345,46 @@ pub async fn handle(
             tracing::warn!(%reason, retry_in_s = delay.as_secs(), "completion webhook will be retried");
             jobs::retry_later(&worker.pool, &task_id.to_string(), delay).await?;
             Err(reason.into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod address_tests {
+    use super::is_public;
+
+    #[test]
+    fn private_and_reserved_addresses_are_not_public_however_written() {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "169.254.169.254",
+            "100.64.0.1",
+            "192.0.0.8",
+            "198.18.0.1",
+            "240.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "2002:7f00:1::",
+        ] {
+            assert!(!is_public(private.parse().unwrap()), "{private}");
+        }
+        for public in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "2606:4700::1111",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+        ] {
+            assert!(is_public(public.parse().unwrap()), "{public}");
         }
     }
 }

@@ -12,6 +12,9 @@ use crate::Error;
 use crate::catalog::DomainEvent;
 use crate::store::RecordedEvent;
 
+/// The action of a staff member's read of an account's data.
+pub const STAFF_READ: &str = "staff.read";
+
 pub const NAME: &str = "audit_log";
 
 pub const TABLES: &[Table] = &[Table {
@@ -256,7 +259,7 @@ fn describe(event: &DomainEvent) -> Entry {
             x
         }
         E::StaffRead(e) => entry(
-            "staff.read",
+            STAFF_READ,
             Some(e.account_id),
             json!({"staff": e.staff_id, "what": e.what}),
         ),
