@@ -141,20 +141,24 @@ pub enum Restore {
 }
 
 /// Restore a soft-deleted account within its grace period (clock injected).
-/// Its old sessions and keys stay ended: the user signs in again.
+/// Its old sessions and keys stay ended: the user signs in again. A purged
+/// account is not restorable, whatever the clock says: the purge runs on
+/// another machine's clock, and a restore at the boundary would bring back
+/// an account with no address and no data key.
 pub async fn restore(
     conn: &mut PgConnection,
     account_id: Uuid,
     now: chrono::DateTime<chrono::Utc>,
     metadata: Metadata,
 ) -> Result<Restore, Error> {
-    let row: Option<(Option<chrono::DateTime<chrono::Utc>>,)> =
-        sqlx::query_as("select purge_after from accounts where account_id = $1 for update")
-            .bind(account_id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let row: Option<(Option<chrono::DateTime<chrono::Utc>>, bool)> = sqlx::query_as(
+        "select purge_after, purged_at is not null from accounts where account_id = $1 for update",
+    )
+    .bind(account_id)
+    .fetch_optional(&mut *conn)
+    .await?;
     match row {
-        Some((Some(purge_after),)) if now < purge_after => {
+        Some((Some(purge_after), false)) if now < purge_after => {
             let event = NewEvent::new(
                 DomainEvent::AccountRestored(crate::catalog::AccountRestored { account_id }),
                 metadata,

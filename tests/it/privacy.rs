@@ -488,6 +488,18 @@ async fn a_refused_farewell_email_does_not_stop_the_purge() {
     .await
     .unwrap();
     assert_eq!(detail, "not sent: refused by the email API (HTTP 422)");
+    // Purged is purged, whatever the clock of the one restoring says (the
+    // purge ran here on a clock 31 days ahead). It brought back an account
+    // with no address and no data key.
+    let restored = slate_events::accounts::restore(
+        &mut *app.db.conn().await,
+        alice,
+        chrono::Utc::now(),
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(restored, slate_events::accounts::Restore::NotRestorable);
 }
 
 #[tokio::test]
