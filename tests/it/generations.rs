@@ -631,6 +631,18 @@ fn fal_in_queue(fal: &wiremock::MockServer, id: &str) -> Value {
     })
 }
 
+/// Fal.ai accepts one Kling submission into its queue as request `id`.
+async fn fal_accepts(fal: &wiremock::MockServer, id: &str) {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+    Mock::given(method("POST"))
+        .and(path(format!("/{KLING}")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(fal_in_queue(fal, id)))
+        .expect(1)
+        .mount(fal)
+        .await;
+}
+
 /// Fal.ai's side of a finished request `id`: its status (COMPLETED, after
 /// any status mocks mounted before), its result and the video it points to.
 async fn mount_fal_result(fal: &wiremock::MockServer, id: &str) {
@@ -890,12 +902,7 @@ async fn a_provider_status_blip_is_polled_through_within_the_attempt() {
     use wiremock::{Mock, ResponseTemplate};
 
     let (fal, app, key) = fal_app().await;
-    Mock::given(method("POST"))
-        .and(path(format!("/{KLING}")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(fal_in_queue(&fal, "req-1")))
-        .expect(1)
-        .mount(&fal)
-        .await;
+    fal_accepts(&fal, "req-1").await;
     let status = "/fal-ai/kling-video/requests/req-1/status";
     for answer in [
         ResponseTemplate::new(503).set_body_json(json!({"detail": "overloaded"})),
@@ -939,12 +946,7 @@ async fn a_generation_failed_for_good_asks_the_provider_to_stop_its_job() {
     use wiremock::{Mock, ResponseTemplate};
 
     let (fal, app, key) = fal_app().await;
-    Mock::given(method("POST"))
-        .and(path(format!("/{KLING}")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(fal_in_queue(&fal, "req-5")))
-        .expect(1)
-        .mount(&fal)
-        .await;
+    fal_accepts(&fal, "req-5").await;
     let base = "/fal-ai/kling-video/requests/req-5";
     Mock::given(method("GET"))
         .and(path(format!("{base}/status")))
@@ -987,12 +989,7 @@ async fn a_rate_limited_result_download_is_tried_again() {
     use wiremock::{Mock, ResponseTemplate};
 
     let (fal, app, key) = fal_app().await;
-    Mock::given(method("POST"))
-        .and(path(format!("/{KLING}")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(fal_in_queue(&fal, "req-1")))
-        .expect(1)
-        .mount(&fal)
-        .await;
+    fal_accepts(&fal, "req-1").await;
     Mock::given(method("GET"))
         .and(path("/files/out.mp4"))
         .respond_with(ResponseTemplate::new(429))
