@@ -665,7 +665,14 @@ async fn the_first_process_back_from_an_outage_leaves_the_others_running_jobs_al
         generation_status(&db, generation_id).await == "running"
     })
     .await;
-    let one = generation_workers(&db).await.len();
+    // Every one of the first process's generation workers registered (a
+    // count read while they still came up made the wait below wait for a
+    // total it never reached: twice on the 2026-12-06 machine).
+    let one = slate_workers::runtime::GENERATION_FETCHERS;
+    until("the first process never registered", async || {
+        generation_workers(&db).await.len() == one
+    })
+    .await;
     let _other = start_worker_with(&db, &liveness);
     until("the other process never registered", async || {
         generation_workers(&db).await.len() == 2 * one
