@@ -1,6 +1,7 @@
 //! Object storage (S3-compatible) for generated media.
 
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
 use uuid::Uuid;
@@ -29,8 +30,17 @@ pub struct Storage {
 impl Storage {
     pub fn new(s: &StorageSettings) -> Self {
         let creds = Credentials::new(&s.access_key_id, &s.secret_access_key, None, None, "slate");
+        // Every call is bounded: a storage server that accepts a
+        // connection and then says nothing would otherwise hold a
+        // generation's attempt (and what it was paid for) for ever.
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .operation_attempt_timeout(std::time::Duration::from_secs(120))
+            .operation_timeout(std::time::Duration::from_secs(300))
+            .build();
         let config = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
+            .timeout_config(timeouts)
             .region(Region::new(s.region.clone()))
             .endpoint_url(&s.endpoint)
             .credentials_provider(creds)
