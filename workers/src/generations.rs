@@ -338,6 +338,17 @@ fn out_of_reach(e: &(dyn std::error::Error + 'static)) -> bool {
 /// completion with (`crate::in_flight`).
 pub(crate) async fn while_out_of_reach<T, F: Future<Output = anyhow::Result<T>>>(
     what: &'static str,
+    step: impl FnMut() -> F,
+) -> anyhow::Result<T> {
+    retry_while(what, |e| out_of_reach(e.as_ref()), step).await
+}
+
+/// Run `step` again while its error is `worth_retrying`, pausing 0.25 s,
+/// then twice as long each time up to 5 s, for at most [`DB_PATIENCE`];
+/// the last error otherwise.
+async fn retry_while<T, F: Future<Output = anyhow::Result<T>>>(
+    what: &'static str,
+    worth_retrying: impl Fn(&anyhow::Error) -> bool,
     mut step: impl FnMut() -> F,
 ) -> anyhow::Result<T> {
     let started = tokio::time::Instant::now();
@@ -347,14 +358,14 @@ pub(crate) async fn while_out_of_reach<T, F: Future<Output = anyhow::Result<T>>>
             Ok(v) => return Ok(v),
             Err(e) => e,
         };
-        if !out_of_reach(e.as_ref()) || started.elapsed() + pause > DB_PATIENCE {
+        if !worth_retrying(&e) || started.elapsed() + pause > DB_PATIENCE {
             return Err(e);
         }
         tracing::warn!(
             step = what,
             error = %format_args!("{e:#}"),
             retry_in_ms = pause.as_millis() as u64,
-            "database out of reach; trying again"
+            "out of reach; trying again"
         );
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(5));
@@ -493,16 +504,13 @@ async fn store_output(
     // whose retry would call the provider again (and pay a synchronous one
     // again).
     let body = bytes::Bytes::from(bytes);
-    let started = tokio::time::Instant::now();
-    let mut pause = Duration::from_millis(250);
-    while let Err(e) = w.storage.put(&key, body.clone(), &content_type).await {
-        if started.elapsed() + pause > DB_PATIENCE {
-            return Err(Step::Retry("storage_unavailable"));
-        }
-        tracing::warn!(error = %format_args!("{e:#}"), "storing the output failed; trying again");
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(5));
-    }
+    retry_while(
+        "store_output",
+        |_| true,
+        || w.storage.put(&key, body.clone(), &content_type),
+    )
+    .await
+    .map_err(|_| Step::Retry("storage_unavailable"))?;
     Ok(StoredOutput {
         key,
         content_type,
@@ -525,15 +533,8 @@ async fn download(w: &GenerationWorker, url: &str) -> Result<Vec<u8>, Step> {
     let mut redirects = 0;
     let mut response = loop {
         let resolved = check_media_url(&url, &w.media_allow).await?;
-        // Connected to the addresses checked, not to what the name answers
-        // when asked again (a short-lived answer could change in between).
-        let client = match url.host_str() {
-            Some(host) if !resolved.is_empty() => media_client_builder()
-                .resolve_to_addrs(host, &resolved)
-                .build()
-                .map_err(|_| Step::Retry("provider_unavailable"))?,
-            _ => w.http.clone(),
-        };
+        let client = crate::webhooks::pinned(&w.http, media_client_builder, &url, &resolved)
+            .map_err(|_| Step::Retry("provider_unavailable"))?;
         let response = client
             .get(url.clone())
             .send()

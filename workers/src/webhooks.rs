@@ -106,6 +106,22 @@ async fn check_url_resolved(
     check_host(&parsed, allow).await
 }
 
+/// The client a request to `url` goes out with: one that connects to the
+/// addresses [`check_host`] checked (`resolved`), not to what the name
+/// answers when asked again (a short-lived answer could change in
+/// between); `shared` for a host on the allow-list (nothing resolved).
+pub fn pinned(
+    shared: &reqwest::Client,
+    builder: fn() -> reqwest::ClientBuilder,
+    url: &reqwest::Url,
+    resolved: &[std::net::SocketAddr],
+) -> reqwest::Result<reqwest::Client> {
+    match url.host_str() {
+        Some(host) if !resolved.is_empty() => builder().resolve_to_addrs(host, resolved).build(),
+        _ => Ok(shared.clone()),
+    }
+}
+
 /// Whether `url`'s host (or host:port) is on the allow-list.
 pub fn on_allow_list(url: &reqwest::Url, allow: &[String]) -> bool {
     let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
@@ -268,16 +284,9 @@ pub async fn deliver(w: &WebhookWorker, generation_id: Uuid) -> anyhow::Result<D
         tracing::warn!(%generation_id, "webhook not sent: its URL is not allowed");
         return Ok(Delivery::Refused);
     };
-    // Sent to the addresses checked, not to what the name answers when
-    // asked again (a short-lived answer could change in between).
-    let http = match reqwest::Url::parse(&url)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_owned))
-    {
-        Some(host) if !resolved.is_empty() => webhook_client()
-            .resolve_to_addrs(&host, &resolved)
-            .build()?,
-        _ => w.http.clone(),
+    let http = match reqwest::Url::parse(&url) {
+        Ok(parsed) => pinned(&w.http, webhook_client, &parsed, &resolved)?,
+        Err(_) => return Ok(Delivery::Refused),
     };
     let body = json!({
         "type": format!("generation.{}", g.status),
