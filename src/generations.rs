@@ -315,6 +315,12 @@ pub async fn submit(
             )
             .with_details(json!({ "available": available, "shortfall": shortfall })))
         }
+        // Deleted after this request was authenticated: as if the key or
+        // session had ended a moment sooner.
+        Submitted::AccountDeleted => {
+            tx.rollback().await?;
+            Err(ApiError::unauthorized())
+        }
         Submitted::Accepted { .. } => {
             let g = generations::get(&mut tx, auth.account_id, generation_id)
                 .await?

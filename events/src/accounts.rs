@@ -97,6 +97,13 @@ pub async fn request_deletion(
     now: chrono::DateTime<chrono::Utc>,
     metadata: Metadata,
 ) -> Result<chrono::DateTime<chrono::Utc>, Error> {
+    // Before anything else: a submission in flight holds the row key-share
+    // locked until it commits, and is waited for here (see
+    // `generations::submit`), so the open generations read below include it.
+    sqlx::query("select 1 from accounts where account_id = $1 for update")
+        .bind(account_id)
+        .execute(&mut *conn)
+        .await?;
     let purge_after = now + GRACE;
     let event = NewEvent::new(
         DomainEvent::AccountDeletionRequested(crate::catalog::AccountDeletionRequested {

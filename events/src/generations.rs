@@ -49,8 +49,16 @@ pub struct Submission {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Submitted {
-    Accepted { cost: i64 },
-    Insufficient { available: i64, shortfall: i64 },
+    Accepted {
+        cost: i64,
+    },
+    Insufficient {
+        available: i64,
+        shortfall: i64,
+    },
+    /// The account was deleted after the request was authenticated (the
+    /// caller rolls back, as for `Insufficient`).
+    AccountDeleted,
 }
 
 /// Reserve the approved price and record the request. Runs in the caller's
@@ -72,13 +80,24 @@ pub async fn submit(
     };
     // The inputs and the reservation in one statement (one round trip). On
     // `Insufficient` the caller rolls back, the inputs with it.
+    //
+    // The account row is key-share locked until the caller commits, and a
+    // deletion locks it for update first (`accounts::request_deletion`): a
+    // submission authenticated before a deletion either commits before the
+    // deletion looks for open generations (which then cancels this one), or
+    // waits for the deletion's commit and is refused here. Without it, a
+    // submission committing just after the deletion ran for a deleted
+    // account, its credits reserved and its provider paid.
     let operation = format!("{}:{}", s.kind, s.provider);
     let v: Value = sqlx::query_scalar(
         "with inputs as (
              insert into generation_inputs (generation_id, prompt, input_key, parameters, webhook_url)
              values ($2, $7, $8, $9, $10)
-             on conflict (generation_id) do nothing)
-         select credit_reserve_operation($1, $2, $3, $4, $5, now(), $6)",
+             on conflict (generation_id) do nothing),
+         live as (select deleted_at is null as live from accounts where account_id = $1 for key share)
+         select case when coalesce((select live from live), false)
+                     then credit_reserve_operation($1, $2, $3, $4, $5, now(), $6)
+                     else jsonb_build_object('outcome', 'account_deleted') end",
     )
     .bind(s.account_id)
     .bind(s.generation_id)
@@ -95,6 +114,7 @@ pub async fn submit(
     let int = |k: &str| v.get(k).and_then(Value::as_i64).unwrap_or_default();
     match v.get("outcome").and_then(Value::as_str) {
         Some("reserved") | Some("duplicate") => {}
+        Some("account_deleted") => return Ok(Submitted::AccountDeleted),
         _ => {
             return Ok(Submitted::Insufficient {
                 available: int("available"),

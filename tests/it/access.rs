@@ -896,3 +896,130 @@ async fn undecodable_ids_and_out_of_range_times_get_stable_codes() {
     .unwrap();
     assert_eq!(r.status().as_u16(), 200);
 }
+
+/// A script of the local provider: what an authenticated submission asks
+/// for.
+fn video_for(account: Uuid) -> slate_events::generations::Submission {
+    slate_events::generations::Submission {
+        generation_id: Uuid::now_v7(),
+        account_id: account,
+        kind: "script".into(),
+        provider: "local".into(),
+        units: 1,
+        collection_id: "default".into(),
+        prompt: Some("a lighthouse at dusk".into()),
+        input_key: None,
+        parameters: json!({}),
+        deadline: None,
+        webhook_url: None,
+        hold_until: chrono::Utc::now() + chrono::Duration::hours(1),
+    }
+}
+
+#[tokio::test]
+async fn a_submission_authenticated_before_a_deletion_never_runs_for_the_deleted_account() {
+    use slate_events::generations::Submitted;
+    let db = crate::harness::TestDb::new().await;
+    let mut conn = db.conn().await;
+    let meta = slate_events::Metadata::system();
+    let delete = |account: Uuid| {
+        let pool = db.pool.clone();
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            slate_events::accounts::request_deletion(
+                &mut tx,
+                account,
+                chrono::Utc::now(),
+                slate_events::Metadata::system(),
+            )
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+        })
+    };
+    let released = async |account: Uuid| {
+        let b = slate_events::credits::balance(&mut *db.conn().await, account)
+            .await
+            .unwrap();
+        (b.available, b.reserved)
+    };
+
+    // In flight: the submission has reserved and recorded, not committed,
+    // when the deletion starts. The deletion waits for it, then cancels it.
+    let alice = crate::credits::new_account(&mut conn).await;
+    crate::credits::grant(
+        &mut conn,
+        alice,
+        50,
+        slate_events::catalog::GrantSource::Purchase,
+        None,
+    )
+    .await;
+    let submission = video_for(alice);
+    let mut tx = db.pool.begin().await.unwrap();
+    let (outcome, _wake) = slate_workers::generations::submit(&mut tx, &submission, &meta, 5)
+        .await
+        .unwrap();
+    assert!(matches!(outcome, Submitted::Accepted { .. }));
+    let deletion = delete(alice);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "select exists(select 1 from pg_stat_activity
+                            where datname = current_database() and wait_event_type = 'Lock')",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if waiting || deletion.is_finished() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deletion never ran"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tx.commit().await.unwrap();
+    deletion.await.unwrap();
+    let (status, reason): (String, Option<String>) =
+        sqlx::query_as("select status, failure_code from generations where generation_id = $1")
+            .bind(submission.generation_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("canceled", Some("account_deleted")),
+        "the deletion saw the submission that committed while it waited"
+    );
+    assert_eq!(released(alice).await, (50, 0));
+
+    // After: the deletion committed first; the submission is refused and
+    // writes nothing.
+    let bob = crate::credits::new_account(&mut conn).await;
+    crate::credits::grant(
+        &mut conn,
+        bob,
+        50,
+        slate_events::catalog::GrantSource::Purchase,
+        None,
+    )
+    .await;
+    delete(bob).await.unwrap();
+    let submission = video_for(bob);
+    let mut tx = db.pool.begin().await.unwrap();
+    let (outcome, wake) = slate_workers::generations::submit(&mut tx, &submission, &meta, 5)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Submitted::AccountDeleted);
+    drop(wake);
+    tx.rollback().await.unwrap();
+    let rows: i64 = sqlx::query_scalar("select count(*) from generations where account_id = $1")
+        .bind(bob)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    assert_eq!(released(bob).await, (50, 0));
+}

@@ -328,8 +328,12 @@ pub async fn generations_per_second(
                 // rather than wait for a job that was never queued.
                 let (outcome, wake) =
                     generations::submit(&mut tx, &s, &Metadata::system(), 3).await?;
-                if let Submitted::Insufficient { shortfall, .. } = outcome {
-                    anyhow::bail!("a bench account ran out of credits (short by {shortfall})");
+                match outcome {
+                    Submitted::Accepted { .. } => {}
+                    Submitted::Insufficient { shortfall, .. } => {
+                        anyhow::bail!("a bench account ran out of credits (short by {shortfall})")
+                    }
+                    Submitted::AccountDeleted => anyhow::bail!("a bench account was deleted"),
                 }
                 tx.commit().await?;
                 wake.send(&pool).await;

@@ -46,7 +46,7 @@ pub async fn submit(
             };
             jobs::enqueue(conn, QUEUE, &job, max_attempts).await?
         }
-        Submitted::Insufficient { .. } => jobs::Wake::none(),
+        Submitted::Insufficient { .. } | Submitted::AccountDeleted => jobs::Wake::none(),
     };
     Ok((outcome, wake))
 }
