@@ -457,6 +457,9 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             settings.stripe_cancel = config
                 .stripe_client()?
                 .map(crate::stripe::billing::subscription_canceller);
+            settings.stripe_renewal = config
+                .stripe_client()?
+                .map(crate::stripe::billing::subscription_renewal);
             settings.mailer = config
                 .email
                 .clone()

@@ -42,6 +42,8 @@ pub enum SignInError {
     Store(#[from] slate_events::Error),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+    #[error("enqueueing a job: {0}")]
+    Queue(anyhow::Error),
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,18 +238,28 @@ pub async fn finish(
     .await?;
     let account_id = match existing {
         Some((a, false)) => a,
-        // Signing in within the grace period undoes the deletion.
-        Some((a, true)) => match slate_events::accounts::restore(
-            &mut conn,
-            a,
-            chrono::Utc::now(),
-            Metadata::by(Actor::User { account_id: a }),
-        )
-        .await?
-        {
-            slate_events::accounts::Restore::Restored => a,
-            _ => return Err(SignInError::AccountDeleted),
-        },
+        // Signing in within the grace period undoes the deletion, and
+        // the subscriptions it stopped renew again.
+        Some((a, true)) => {
+            let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
+            match slate_events::accounts::restore(
+                &mut tx,
+                a,
+                chrono::Utc::now(),
+                Metadata::by(Actor::User { account_id: a }),
+            )
+            .await?
+            {
+                slate_events::accounts::Restore::Restored => {}
+                _ => return Err(SignInError::AccountDeleted),
+            }
+            let renewal = slate_workers::renewal::enqueue(&mut tx, a)
+                .await
+                .map_err(|e| SignInError::Queue(e.into()))?;
+            tx.commit().await?;
+            renewal.send(pool).await;
+            a
+        }
         None => {
             slate_events::accounts::create_account(
                 &mut conn,

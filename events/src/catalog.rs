@@ -672,6 +672,22 @@ pub struct EmailSent {
 }
 event_type!(EmailSent, "EmailSent", 1);
 
+/// A live Stripe subscription of a deleted account was set to end at its
+/// period's end (`renews: false`), so that no renewal is charged during the
+/// grace period, or set to renew again when the account was restored
+/// (`renews: true`). Recorded whatever Stripe needed: `detail` says what was
+/// done, e.g. "set to end at the period's end", "already set to end by its
+/// owner".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionRenewalChanged {
+    pub account_id: Uuid,
+    pub subscription_id: String,
+    pub renews: bool,
+    pub detail: String,
+}
+event_type!(SubscriptionRenewalChanged, "SubscriptionRenewalChanged", 1);
+
 /// Shapes that were written once and are upcast on read.
 pub mod legacy {
     use super::*;
@@ -743,6 +759,7 @@ macro_rules! each_event {
             DomainEvent::AccountPurgeStepCompleted($e) => $body,
             DomainEvent::AccountPurged($e) => $body,
             DomainEvent::EmailSent($e) => $body,
+            DomainEvent::SubscriptionRenewalChanged($e) => $body,
         }
     };
 }
@@ -793,6 +810,7 @@ pub enum DomainEvent {
     AccountPurgeStepCompleted(AccountPurgeStepCompleted),
     AccountPurged(AccountPurged),
     EmailSent(EmailSent),
+    SubscriptionRenewalChanged(SubscriptionRenewalChanged),
 }
 
 /// A stored payload to decode: a parsed JSON value, or the raw JSON text
@@ -903,6 +921,9 @@ impl DomainEvent {
             }
             ("AccountPurged", 1) => E::AccountPurged(parse(event_type, v, p)?),
             ("EmailSent", 1) => E::EmailSent(parse(event_type, v, p)?),
+            ("SubscriptionRenewalChanged", 1) => {
+                E::SubscriptionRenewalChanged(parse(event_type, v, p)?)
+            }
             _ => {
                 return Err(Error::Decode {
                     event_type: event_type.to_owned(),
@@ -972,6 +993,7 @@ impl DomainEvent {
             E::AccountPurgeStepCompleted(e) => Some(e.account_id),
             E::AccountPurged(e) => Some(e.account_id),
             E::EmailSent(e) => Some(e.account_id),
+            E::SubscriptionRenewalChanged(e) => Some(e.account_id),
         }
     }
 }
@@ -1055,6 +1077,7 @@ pub fn schema_files() -> Vec<SchemaFile> {
         schema_file::<AccountPurgeStepCompleted>(true),
         schema_file::<AccountPurged>(true),
         schema_file::<EmailSent>(true),
+        schema_file::<SubscriptionRenewalChanged>(true),
     ];
     let mut meta =
         serde_json::to_string_pretty(&schemars::schema_for!(Metadata)).expect("schema serializes");

@@ -57,15 +57,19 @@ pub(super) async fn delete_account(
     )
     .await
     .map_err(|e| ApiError::Internal(e.into()))?;
+    let renewal = slate_workers::renewal::enqueue(&mut tx, auth.account_id)
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
     tx.commit().await?;
     wake.send(&state.pool).await;
+    renewal.send(&state.pool).await;
     Ok((
         axum::http::StatusCode::ACCEPTED,
         super::Json(json!({
             "account_id": auth.account_id,
             "deleted": true,
             "purge_after": purge_after,
-            "note": "sessions and keys have ended; the account can be restored until purge_after",
+            "note": "sessions and keys have ended, and subscriptions will not renew; the account can be restored until purge_after",
         })),
     )
         .into_response())

@@ -118,7 +118,11 @@ async fn restore_account(
         }
         slate_events::accounts::Restore::UnknownAccount => return Err(ApiError::not_found()),
     }
+    let renewal = slate_workers::renewal::enqueue(&mut tx, id)
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
     tx.commit().await?;
+    renewal.send(&state.pool).await;
     Ok(Json(json!({ "account_id": id, "restored": true })))
 }
 

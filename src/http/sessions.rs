@@ -71,6 +71,7 @@ fn to_api_error(e: SignInError) -> ApiError {
         },
         SignInError::Store(e) => ApiError::Internal(e.into()),
         SignInError::Db(e) => ApiError::Internal(e.into()),
+        SignInError::Queue(e) => ApiError::Internal(e),
     }
 }
 

@@ -178,6 +178,91 @@ pub fn subscription_canceller(
     })
 }
 
+/// Set a subscription's renewal for its account's deletion or restore (see
+/// `slate_workers::renewal`): read it first, then change only what needs
+/// changing, with `key` as the idempotency key. A subscription its owner had
+/// set to end is left alone both ways; one the deletion set to end is marked
+/// so in its metadata, and only that is undone by a restore.
+pub fn subscription_renewal(client: stripe::Client) -> slate_workers::renewal::RenewalSetter {
+    use miniserde::json::Value;
+    use slate_workers::renewal::{Changed, MARK_KEY, MARK_VALUE, Want};
+    use stripe_billing::subscription::{RetrieveSubscription, UpdateSubscription};
+    use stripe_client_core::{IdempotencyKey, RequestStrategy, StripeRequest};
+    let client = std::sync::Arc::new(client);
+    std::sync::Arc::new(move |id: String, want: Want, key: String| {
+        let client = client.clone();
+        Box::pin(async move {
+            let current = match RetrieveSubscription::new(id.as_str())
+                .build()
+                .customize::<Value>()
+                .send(&*client)
+                .await
+            {
+                Ok(v) => v,
+                Err(stripe::StripeError::Stripe(_, 404)) => {
+                    return Ok(Changed::Unchanged("unknown to Stripe"));
+                }
+                Err(e) => return Err(describe(&e)),
+            };
+            let Value::Object(sub) = &current else {
+                return Err("Stripe's answer was unreadable".into());
+            };
+            let status = match sub.get("status") {
+                Some(Value::String(s)) => s.as_str(),
+                _ => "",
+            };
+            let ends = matches!(sub.get("cancel_at_period_end"), Some(Value::Bool(true)))
+                || matches!(sub.get("cancel_at"), Some(Value::Number(_)));
+            let marked = match sub.get("metadata") {
+                Some(Value::Object(m)) => {
+                    matches!(m.get(MARK_KEY), Some(Value::String(v)) if v == MARK_VALUE)
+                }
+                _ => false,
+            };
+            if matches!(status, "canceled" | "incomplete_expired") {
+                return Ok(Changed::Unchanged("already ended"));
+            }
+            let mark = match (want, ends, marked) {
+                (Want::Stop, false, _) => MARK_VALUE,
+                (Want::Stop, true, true) => {
+                    return Ok(Changed::Unchanged("already set to end by the deletion"));
+                }
+                (Want::Stop, true, false) => {
+                    return Ok(Changed::Unchanged("already set to end by its owner"));
+                }
+                // Stripe unsets a metadata key given an empty value.
+                (Want::Resume, true, true) => "",
+                (Want::Resume, true, false) => {
+                    return Ok(Changed::Unchanged(
+                        "set to end by its owner, not the deletion",
+                    ));
+                }
+                (Want::Resume, false, _) => return Ok(Changed::Unchanged("renews already")),
+            };
+            let key = IdempotencyKey::new(key)
+                .map_err(|_| "the idempotency key is malformed".to_owned())?;
+            match UpdateSubscription::new(id.as_str())
+                .cancel_at_period_end(want == Want::Stop)
+                .metadata(std::collections::HashMap::from([(
+                    MARK_KEY.to_owned(),
+                    mark.to_owned(),
+                )]))
+                .build()
+                .customize::<Value>()
+                .request_strategy(RequestStrategy::Idempotent(key))
+                .send(&*client)
+                .await
+            {
+                Ok(_) => Ok(Changed::Done),
+                Err(stripe::StripeError::Stripe(_, 404)) => {
+                    Ok(Changed::Unchanged("unknown to Stripe"))
+                }
+                Err(e) => Err(describe(&e)),
+            }
+        })
+    })
+}
+
 /// A Stripe failure in words that carry no request or response body.
 fn describe(e: &stripe::StripeError) -> String {
     match e {

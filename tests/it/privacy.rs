@@ -12,7 +12,7 @@ use slate_events::vault::{self, Opened};
 use slate_workers::email::{Mailer, MailerSettings};
 use slate_workers::purge::{self, Outcome, Purger};
 use uuid::Uuid;
-use wiremock::matchers::{header, method, path};
+use wiremock::matchers::{header, method, path, path_regex};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 use crate::http::{TestApp, spawn_app_with};
@@ -664,4 +664,283 @@ async fn trace_logs_of_serve_and_work_and_a_database_dump_hold_no_prompt_email_o
         logs.contains("request body") && logs.contains("[scrubbed]"),
         "the debugged route's bodies are logged, scrubbed"
     );
+}
+
+/// Stripe's subscription endpoints for subscriptions with state: a GET
+/// reads one, a POST updates its `cancel_at_period_end` and metadata from
+/// the form, as Stripe does (an empty metadata value unsets the key).
+struct RenewableSubscriptions(Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>>);
+
+impl Respond for RenewableSubscriptions {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let id = request.url.path().rsplit('/').next().unwrap().to_owned();
+        let mut subs = self.0.lock().unwrap();
+        let Some(sub) = subs.get_mut(&id) else {
+            return ResponseTemplate::new(404).set_body_json(json!({"error": {
+                "type": "invalid_request_error", "code": "resource_missing",
+                "message": format!("No such subscription: '{id}'"), "param": "id"}}));
+        };
+        if request.method.as_str() == "POST" {
+            for pair in String::from_utf8_lossy(&request.body).split('&') {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                let k = k.replace("%5B", "[").replace("%5D", "]");
+                if k == "cancel_at_period_end" {
+                    sub["cancel_at_period_end"] = (v == "true").into();
+                } else if let Some(name) = k
+                    .strip_prefix("metadata[")
+                    .and_then(|n| n.strip_suffix(']'))
+                {
+                    let metadata = sub["metadata"].as_object_mut().unwrap();
+                    if v.is_empty() {
+                        metadata.remove(name);
+                    } else {
+                        metadata.insert(name.to_owned(), v.into());
+                    }
+                }
+            }
+        }
+        ResponseTemplate::new(200).set_body_json(sub.clone())
+    }
+}
+
+/// Run every queued renewal job once, oldest first (or newest first),
+/// as the worker would, and take it off the queue.
+async fn run_renewal_jobs(
+    app: &TestApp,
+    renewals: &slate_workers::renewal::Renewals,
+    newest_first: bool,
+) -> usize {
+    let jobs: Vec<(String, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select id, job from apalis.jobs where job_type = 'slate.renewal' order by id {}",
+        if newest_first { "desc" } else { "asc" }
+    )))
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    for (id, job) in &jobs {
+        let job: slate_workers::renewal::RenewalJob = serde_json::from_slice(job).unwrap();
+        slate_workers::renewal::reconcile(renewals, job.account_id, id)
+            .await
+            .unwrap();
+        sqlx::query("delete from apalis.jobs where id = $1")
+            .bind(id)
+            .execute(&app.db.pool)
+            .await
+            .unwrap();
+    }
+    jobs.len()
+}
+
+/// A deleted account's subscriptions stop renewing at once, so no renewal
+/// is charged during the 30 days before the purge cancels them; a restore
+/// makes them renew again. One its owner had set to end stays so both ways.
+/// A job run twice changes nothing twice, and jobs run out of order leave
+/// what the account is now. (Before, a renewal in the grace period charged
+/// the card and credited an account its owner could not reach.)
+#[tokio::test]
+async fn a_deleted_accounts_subscriptions_stop_renewing_until_it_is_restored() {
+    use slate_workers::renewal::{Changed, MARK_KEY, MARK_VALUE, Renewals};
+    let app = crate::stripe::stripe_app().await;
+    let (_, staff_key) = app.staff().await;
+    let stripe = MockServer::start().await;
+    let state = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    Mock::given(path_regex("^/v1/subscriptions/sub_[a-z0-9]+$"))
+        .and(header("authorization", "Bearer sk_test_purge"))
+        .respond_with(RenewableSubscriptions(state.clone()))
+        .mount(&stripe)
+        .await;
+    let config = slate::config::Config::from_lookup(|k| match k {
+        "STRIPE_API_KEY" => Some("sk_test_purge".into()),
+        "STRIPE_API_BASE" => Some(stripe.uri()),
+        _ => None,
+    })
+    .unwrap();
+    let renewals = Renewals {
+        pool: app.db.pool.clone(),
+        stripe: config
+            .stripe_client()
+            .unwrap()
+            .map(slate::stripe::billing::subscription_renewal),
+    };
+
+    // Alice's subscription renews; Bob had set his to end (the portal's
+    // cancel). Both are mirrored from Stripe's events.
+    let mut people = Vec::new();
+    for owner_ends_it in [false, true] {
+        let (account, key) = crate::billing::key_for(&app).await;
+        let run = Uuid::new_v4().simple().to_string()[..10].to_owned();
+        for name in [
+            "02_checkout_session_completed_subscription",
+            "03_customer_subscription_created",
+        ] {
+            let (status, _) = app
+                .deliver(&crate::stripe::fixture(name, account, &run))
+                .await;
+            assert_eq!(status, 200);
+        }
+        let mut sub: Value = serde_json::from_str::<Value>(&crate::stripe::fixture(
+            "03_customer_subscription_created",
+            account,
+            &run,
+        ))
+        .unwrap()["data"]["object"]
+            .clone();
+        sub["cancel_at_period_end"] = owner_ends_it.into();
+        state.lock().unwrap().insert(format!("sub_{run}"), sub);
+        people.push((account, key, format!("sub_{run}")));
+    }
+    app.process_stripe().await;
+    let [(alice, alice_key, alice_sub), (bob, bob_key, bob_sub)] = people.try_into().unwrap();
+    let sub = |id: &str| state.lock().unwrap()[id].clone();
+    let posts = async || {
+        stripe
+            .received_requests()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.method.as_str() == "POST")
+            .collect::<Vec<_>>()
+    };
+    let recorded = async |account: Uuid| -> Vec<(bool, String)> {
+        sqlx::query_as(
+            "select (payload->>'renews')::bool, payload->>'detail' from events
+              where stream_id = 'account-' || $1 and event_type = 'SubscriptionRenewalChanged'
+              order by global_position",
+        )
+        .bind(account.to_string())
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap()
+    };
+
+    for key in [&alice_key, &bob_key] {
+        let r = app
+            .client
+            .delete(format!("{}/v1/account", app.address))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+    }
+    assert_eq!(
+        run_renewal_jobs(&app, &renewals, false).await,
+        2,
+        "one job per deletion"
+    );
+    assert_eq!(sub(&alice_sub)["cancel_at_period_end"], true);
+    assert_eq!(sub(&alice_sub)["metadata"][MARK_KEY], MARK_VALUE);
+    assert_eq!(sub(&bob_sub)["cancel_at_period_end"], true);
+    assert!(
+        sub(&bob_sub)["metadata"].get(MARK_KEY).is_none(),
+        "Bob's own, left alone"
+    );
+    let sent = posts().await;
+    assert_eq!(sent.len(), 1, "only Alice's was changed");
+    assert!(sent[0].headers.get("idempotency-key").is_some());
+    assert_eq!(
+        recorded(alice).await,
+        vec![(false, "set to end at the period's end".to_owned())]
+    );
+    assert_eq!(
+        recorded(bob).await,
+        vec![(false, "already set to end by its owner".to_owned())]
+    );
+    // Another run (as after a crash before the job's end) reads the state
+    // first and changes nothing.
+    let again = renewals.clone();
+    assert_eq!(
+        slate_workers::renewal::reconcile(&again, alice, "a-rerun")
+            .await
+            .unwrap(),
+        vec![(
+            alice_sub.clone(),
+            Changed::Unchanged("already set to end by the deletion")
+        )]
+    );
+    assert_eq!(posts().await.len(), 1);
+    app.db.settle_projections().await;
+    let actions: Vec<String> = sqlx::query_scalar(
+        "select action from audit_entries where account_id = $1 and action like 'subscription.renewal%'",
+    )
+    .bind(alice)
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        actions,
+        [
+            "subscription.renewal_stopped",
+            "subscription.renewal_stopped"
+        ]
+    );
+
+    // Staff restore both: Alice's renews again, Bob's stays as he set it.
+    for account in [alice, bob] {
+        let (status, body) = app
+            .post_json(
+                &format!("/admin/accounts/{account}/restore"),
+                Some(&staff_key),
+                json!({}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(
+        run_renewal_jobs(&app, &renewals, false).await,
+        2,
+        "one job per restore"
+    );
+    assert_eq!(sub(&alice_sub)["cancel_at_period_end"], false);
+    assert!(
+        sub(&alice_sub)["metadata"].get(MARK_KEY).is_none(),
+        "the mark is gone"
+    );
+    assert_eq!(
+        sub(&alice_sub)["metadata"]["plan"],
+        "pro",
+        "the rest of it stays"
+    );
+    assert_eq!(sub(&bob_sub)["cancel_at_period_end"], true);
+    assert_eq!(posts().await.len(), 2);
+    assert_eq!(
+        recorded(alice).await.last().unwrap(),
+        &(true, "set to renew again".to_owned())
+    );
+    assert_eq!(
+        recorded(bob).await.last().unwrap(),
+        &(true, "set to end by its owner, not the deletion".to_owned())
+    );
+
+    // Deleted and restored again before the jobs ran, which then run newest
+    // first: each does what the account is when it runs (restored), so
+    // Stripe is not asked to change anything.
+    let fresh = slate_events::access::create_key(
+        &mut *app.db.conn().await,
+        alice,
+        None,
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap()
+    .plaintext;
+    let r = app
+        .client
+        .delete(format!("{}/v1/account", app.address))
+        .bearer_auth(&fresh)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let (status, _) = app
+        .post_json(
+            &format!("/admin/accounts/{alice}/restore"),
+            Some(&staff_key),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(run_renewal_jobs(&app, &renewals, true).await, 2);
+    assert_eq!(sub(&alice_sub)["cancel_at_period_end"], false);
+    assert_eq!(posts().await.len(), 2);
 }

@@ -556,12 +556,12 @@ async fn exit_within(worker: &mut Worker, limit: Duration) -> std::process::Exit
 async fn a_worker_process_listens_for_every_queue_on_one_connection() {
     let db = TestDb::new().await;
     let mut worker = start_worker(&db);
-    until("the worker never registered its seven queues", async || {
+    until("the worker never registered its eight queues", async || {
         sqlx::query_scalar::<_, i64>("select count(distinct worker_type) from apalis.workers")
             .fetch_one(&db.pool)
             .await
             .unwrap()
-            == 7
+            == 8
     })
     .await;
     until("the worker never listened", async || {

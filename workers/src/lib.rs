@@ -13,6 +13,7 @@ pub mod poll;
 pub mod providers;
 pub mod purge;
 pub mod queue;
+pub mod renewal;
 pub mod runtime;
 pub mod storage;
 pub mod stripe;

@@ -16,6 +16,7 @@ use crate::generations::{self, GenerationJob, GenerationWorker};
 use crate::in_flight::{InFlight, InFlightLayer};
 use crate::providers::{ProviderSettings, Providers};
 use crate::purge::{self, PurgeJob, Purger, SubscriptionCanceller};
+use crate::renewal::{self, RenewalJob, RenewalSetter, Renewals};
 use crate::storage::{Storage, StorageSettings};
 use crate::stripe::{self, StripeJob, StripeWorker};
 use crate::sweeper;
@@ -62,6 +63,9 @@ pub struct WorkerSettings {
     pub mailer: Option<Mailer>,
     /// Cancels Stripe subscriptions when an account is purged.
     pub stripe_cancel: Option<SubscriptionCanceller>,
+    /// Stops and resumes subscriptions' renewal when an account is deleted
+    /// or restored.
+    pub stripe_renewal: Option<RenewalSetter>,
 }
 
 impl WorkerSettings {
@@ -89,6 +93,7 @@ impl WorkerSettings {
             media_allow: Vec::new(),
             mailer: None,
             stripe_cancel: None,
+            stripe_renewal: None,
         }
     }
 
@@ -201,8 +206,15 @@ where
         stripe: settings.stripe_cancel.clone(),
         crash_after: None,
     };
+    let renewal_storage =
+        storage::<RenewalJob>(&wakeups, &queue_pool, &settings, &in_flight, renewal::QUEUE);
+    let renewals = Renewals {
+        pool: pool.clone(),
+        stripe: settings.stripe_renewal.clone(),
+    };
     let email_workers = workers.clone();
     let purge_workers = workers.clone();
+    let renewal_workers = workers.clone();
     let maintenance_workers = workers.clone();
     let generation_slots = split_concurrency(
         settings.generation_concurrency,
@@ -280,6 +292,14 @@ where
                 .catch_panic()
                 .layer(purge_workers.counted())
                 .build(purge::handle)
+        })
+        .register(move |restarts| {
+            WorkerBuilder::new(renewal_workers.name("renewal", restarts))
+                .backend(renewal_storage.clone())
+                .data(renewals.clone())
+                .catch_panic()
+                .layer(renewal_workers.counted())
+                .build(renewal::handle)
         })
         // A worker whose backend fails (PostgreSQL restarting: a heartbeat
         // or a fetch errors) ends with an error; without a restart it stays
@@ -366,6 +386,7 @@ const QUEUES: &[&str] = &[
     webhooks::QUEUE,
     email::QUEUE,
     purge::QUEUE,
+    renewal::QUEUE,
 ];
 
 /// Resolves with a queue whose worker in this process has not heartbeated

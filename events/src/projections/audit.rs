@@ -69,6 +69,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "AccountPurgeStepCompleted",
     "AccountPurged",
     "EmailSent",
+    "SubscriptionRenewalChanged",
 ];
 
 struct Entry {
@@ -317,6 +318,19 @@ fn describe(event: &DomainEvent) -> Entry {
             x
         }
         E::AccountPurged(e) => entry("account.purged", Some(e.account_id), json!({})),
+        E::SubscriptionRenewalChanged(e) => {
+            let mut x = entry(
+                if e.renews {
+                    "subscription.renewal_resumed"
+                } else {
+                    "subscription.renewal_stopped"
+                },
+                Some(e.account_id),
+                json!({"subscription": e.subscription_id}),
+            );
+            x.reason = Some(e.detail.clone());
+            x
+        }
         E::EmailSent(e) => entry(
             "email.sent",
             Some(e.account_id),

@@ -1,0 +1,185 @@
+//! A deleted account's Stripe subscriptions stop renewing, and a restored
+//! account's start again (`slate.renewal`).
+//!
+//! The purge cancels them 30 days after the deletion; until then a renewal
+//! would charge the card and credit an account its owner can no longer
+//! reach. So a deletion enqueues a job, in its own transaction, that sets
+//! each live subscription to end at its period's end, marking it as set by
+//! the deletion (`metadata.slate_renewal`); a restore enqueues one that
+//! undoes exactly that. A subscription its owner had already set to end is
+//! left as it was, and stays so after a restore.
+//!
+//! The job reads what the account is when it runs, not what it was when it
+//! was enqueued, one job of an account at a time: deleted, restored and
+//! deleted again in a minute ends set to end, whatever order the jobs were
+//! picked up in. Each subscription's outcome is recorded
+//! (`SubscriptionRenewalChanged`), and Stripe is asked for a subscription's
+//! state before it is changed (the change carries an idempotency key), so a
+//! job run again after a crash changes nothing twice.
+
+use std::sync::Arc;
+
+use apalis::prelude::{Attempt, BoxDynError, Data, TaskId};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use slate_events::catalog::{DomainEvent, SubscriptionRenewalChanged};
+use slate_events::store;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::jobs;
+
+pub const QUEUE: &str = "slate.renewal";
+pub const MAX_ATTEMPTS: usize = 12;
+
+/// The metadata key, and its value, that mark a subscription as set to end
+/// by its account's deletion.
+pub const MARK_KEY: &str = "slate_renewal";
+pub const MARK_VALUE: &str = "stopped_for_account_deletion";
+
+/// What the account's subscriptions should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// End at the period's end (the account is deleted).
+    Stop,
+    /// Renew again, if the deletion stopped it (the account is restored).
+    Resume,
+}
+
+/// What became of one subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    /// Stripe changed it.
+    Done,
+    /// Nothing to change, and why.
+    Unchanged(&'static str),
+}
+
+/// Sets one subscription's renewal as wanted, reading its state first (the
+/// binary implements it over async-stripe). The last argument is the
+/// idempotency key for the change.
+pub type RenewalSetter =
+    Arc<dyn Fn(String, Want, String) -> BoxFuture<'static, Result<Changed, String>> + Send + Sync>;
+
+#[derive(Clone)]
+pub struct Renewals {
+    pub pool: PgPool,
+    pub stripe: Option<RenewalSetter>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RenewalJob {
+    pub account_id: Uuid,
+}
+
+/// Enqueue the account's renewal job in the caller's transaction (the one
+/// that deletes or restores it); [`jobs::Wake::send`] after the commit.
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+) -> Result<jobs::Wake, apalis_postgres::Error> {
+    jobs::enqueue(conn, QUEUE, &RenewalJob { account_id }, MAX_ATTEMPTS).await
+}
+
+/// Stripe is not configured and the account has live subscriptions: trying
+/// again would not help.
+#[derive(Debug, thiserror::Error)]
+#[error("the account has live Stripe subscriptions and Stripe is not configured")]
+pub struct NotConfigured;
+
+/// Bring the account's live subscriptions in line with what the account is
+/// now. `key` names this run (the job's id): a re-run of the same job
+/// records nothing twice. Returns what became of each subscription.
+#[tracing::instrument(skip_all, fields(%account_id))]
+pub async fn reconcile(
+    r: &Renewals,
+    account_id: Uuid,
+    key: &str,
+) -> anyhow::Result<Vec<(String, Changed)>> {
+    // Held until every subscription is done: one run per account at a time,
+    // each reading the account's state after the previous run finished.
+    let mut lock = r.pool.begin().await?;
+    sqlx::query("select pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("{QUEUE}/{account_id}"))
+        .execute(&mut *lock)
+        .await?;
+    let state: Option<(bool, bool)> = sqlx::query_as(
+        "select deleted_at is not null, purged_at is not null from accounts where account_id = $1",
+    )
+    .bind(account_id)
+    .fetch_optional(&mut *lock)
+    .await?;
+    let want = match state {
+        // Unknown, or purged (the purge canceled them).
+        None | Some((_, true)) => return Ok(Vec::new()),
+        Some((true, false)) => Want::Stop,
+        Some((false, false)) => Want::Resume,
+    };
+    let live: Vec<String> = sqlx::query_scalar(
+        "select subscription_id from stripe_subscriptions
+          where account_id = $1 and status not in ('canceled', 'incomplete_expired')
+          order by subscription_id",
+    )
+    .bind(account_id)
+    .fetch_all(&mut *lock)
+    .await?;
+    if live.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(stripe) = &r.stripe else {
+        return Err(NotConfigured.into());
+    };
+    let mut outcomes = Vec::new();
+    for id in live {
+        let changed = stripe(id.clone(), want, format!("slate-renewal-{key}-{id}"))
+            .await
+            .map_err(|e| anyhow::anyhow!("setting a subscription's renewal: {e}"))?;
+        let detail = match (&changed, want) {
+            (Changed::Done, Want::Stop) => "set to end at the period's end",
+            (Changed::Done, Want::Resume) => "set to renew again",
+            (Changed::Unchanged(why), _) => why,
+        };
+        let mut conn = r.pool.acquire().await?;
+        store::record_once(
+            &mut conn,
+            account_id,
+            &format!("renewal:{key}:{id}"),
+            DomainEvent::SubscriptionRenewalChanged(SubscriptionRenewalChanged {
+                account_id,
+                subscription_id: id.clone(),
+                renews: want == Want::Resume,
+                detail: detail.to_owned(),
+            }),
+        )
+        .await?;
+        tracing::info!(subscription = %id, detail, "subscription renewal reconciled");
+        outcomes.push((id, changed));
+    }
+    lock.commit().await?;
+    Ok(outcomes)
+}
+
+#[tracing::instrument(level = "error", skip_all, fields(job_id = %task_id, account_id = %job.account_id, attempt = attempt.current()))]
+pub async fn handle(
+    job: RenewalJob,
+    task_id: TaskId,
+    attempt: Attempt,
+    renewals: Data<Renewals>,
+) -> Result<(), BoxDynError> {
+    jobs::contain(async move {
+        match reconcile(&renewals, job.account_id, &task_id.to_string()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is::<NotConfigured>() => {
+                tracing::error!(error = %e, "subscriptions left renewing; the purge cancels them");
+                Err(Box::new(apalis::prelude::AbortError::new(NotConfigured)) as BoxDynError)
+            }
+            Err(e) => {
+                let delay = jobs::backoff(attempt.current());
+                tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "renewal will be retried");
+                jobs::retry_later(&renewals.pool, &task_id.to_string(), delay).await?;
+                Err(e.into())
+            }
+        }
+    })
+    .await
+}
