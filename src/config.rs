@@ -166,10 +166,14 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("FAL_MODELS", ""),
     ("ELEVENLABS_API_KEY", ""),
     ("ELEVENLABS_BASE_URL", ""),
+    ("ELEVENLABS_MODELS", ""),
     ("ARK_API_KEY", ""),
     ("ARK_BASE_URL", ""),
+    ("SEEDANCE_MODELS", ""),
+    ("ARK_CHAT_MODELS", ""),
     ("WHISPER_BASE_URL", ""),
     ("WHISPER_API_KEY", ""),
+    ("WHISPER_MODELS", ""),
     ("SLATE_LOG_FORMAT", "auto"),
 ];
 
@@ -359,21 +363,24 @@ impl Config {
                     "ELEVENLABS_BASE_URL",
                     elevenlabs::BASE_URL,
                     elevenlabs::DEFAULT_TIMEOUT,
-                ),
+                )
+                .map(|e| e.with_models(list(&get("ELEVENLABS_MODELS")))),
                 seedance: endpoint(
                     &non_empty,
                     "ARK_API_KEY",
                     "ARK_BASE_URL",
                     seedance::BASE_URL,
                     seedance::DEFAULT_TIMEOUT,
-                ),
+                )
+                .map(|e| e.with_models(list(&get("SEEDANCE_MODELS")))),
                 ark: endpoint(
                     &non_empty,
                     "ARK_API_KEY",
                     "ARK_BASE_URL",
                     ark_chat::BASE_URL,
                     ark_chat::DEFAULT_TIMEOUT,
-                ),
+                )
+                .map(|e| e.with_models(list(&get("ARK_CHAT_MODELS")))),
                 // A whisper.cpp server needs no key: the base URL alone enables it.
                 whisper: non_empty("WHISPER_BASE_URL")
                     .or_else(|| non_empty("WHISPER_API_KEY").map(|_| whisper::BASE_URL.to_owned()))
@@ -383,6 +390,7 @@ impl Config {
                             non_empty("WHISPER_API_KEY").map(ApiKey::new),
                             whisper::DEFAULT_TIMEOUT,
                         )
+                        .with_models(list(&get("WHISPER_MODELS")))
                     }),
                 local: matches!(get("SLATE_LOCAL_PROVIDER").as_str(), "true" | "1"),
             },

@@ -891,6 +891,59 @@ async fn a_fal_model_not_offered_is_refused_at_submission() {
     assert!(fal.received_requests().await.unwrap().is_empty());
 }
 
+/// The other providers run only the operator's models too
+/// (`ELEVENLABS_MODELS`, `SEEDANCE_MODELS`, `ARK_CHAT_MODELS`,
+/// `WHISPER_MODELS`): with no list, the built-in default alone; with one,
+/// what it names. (Any model went through at the kind's one price: a
+/// pricier voice, video or chat model was paid for by the service.)
+#[tokio::test]
+async fn every_provider_runs_only_the_operators_models() {
+    let fake = wiremock::MockServer::start().await;
+    let app = spawn_app_with(&[
+        ("ELEVENLABS_API_KEY", "xi_test_key"),
+        ("ELEVENLABS_BASE_URL", &fake.uri()),
+        (
+            "ELEVENLABS_MODELS",
+            "eleven_flash_v2_5, eleven_multilingual_v2",
+        ),
+        ("ARK_API_KEY", "ark_test_key"),
+        ("ARK_BASE_URL", &fake.uri()),
+    ])
+    .await;
+    let (_, key) = funded(&app, 500).await;
+    let refused = [
+        json!({"kind": "voiceover", "provider": "elevenlabs", "prompt": "hello", "parameters": {"model_id": "eleven_v3"}}),
+        json!({"kind": "voiceover", "provider": "elevenlabs", "prompt": "hello", "parameters": {"model": "eleven_v3"}}),
+        json!({"kind": "video", "provider": "seedance", "prompt": "a fox", "parameters": {"model": "seedance-1-0-pro-fast-251015"}}),
+        json!({"kind": "script", "provider": "ark", "prompt": "a story", "parameters": {"model": "deepseek-v3-1-250821"}}),
+        json!({"kind": "script", "provider": "ark", "prompt": "a story", "parameters": {"model": 7}}),
+    ];
+    for request in refused {
+        let (status, body, _) = app.submit(&key, None, request.clone()).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (422, Some("model_not_offered")),
+            "{request}: {body}"
+        );
+    }
+    let b = app.balance(&key).await;
+    assert_eq!(
+        (b["available"].as_i64(), b["reserved"].as_i64()),
+        (Some(500), Some(0)),
+        "nothing was reserved"
+    );
+    let accepted = [
+        json!({"kind": "voiceover", "provider": "elevenlabs", "prompt": "hello", "parameters": {"model_id": "eleven_multilingual_v2"}}),
+        json!({"kind": "voiceover", "provider": "elevenlabs", "prompt": "hello"}),
+        json!({"kind": "video", "provider": "seedance", "prompt": "a fox", "parameters": {"model": slate_workers::providers::seedance::DEFAULT_MODEL}}),
+        json!({"kind": "script", "provider": "ark", "prompt": "a story"}),
+    ];
+    for request in accepted {
+        let (status, body, _) = app.submit(&key, None, request.clone()).await;
+        assert_eq!(status, 202, "{request}: {body}");
+    }
+}
+
 /// A provider that does not answer a status request (a 503, a 429) is
 /// asked again at the next poll, within the same attempt: the generation
 /// succeeds on its first attempt. (Each such answer ended the attempt, and

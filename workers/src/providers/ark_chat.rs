@@ -27,6 +27,8 @@ const ALLOWED: &[&str] = &["model", "system", "max_tokens", "temperature", "top_
 #[derive(Debug, Clone)]
 pub struct ArkChatClient {
     http: Http,
+    /// The models offered (see `super::offered_model`).
+    models: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -59,7 +61,14 @@ impl ArkChatClient {
     ) -> Result<Self, SettingsError> {
         Ok(Self {
             http: Http::new(NAME, client, settings, KeyStyle::BEARER)?,
+            models: settings.models.clone(),
         })
+    }
+
+    /// The model `parameters` ask for, if it is offered (see
+    /// `super::offered_model`).
+    pub(crate) fn model(&self, parameters: &Value) -> Result<String, ProviderError> {
+        super::offered_model(parameters, &["model"], &self.models, DEFAULT_MODEL)
     }
 
     /// Parameters: `model`, `system` (replaces the default system prompt),
@@ -67,7 +76,7 @@ impl ArkChatClient {
     pub async fn start(&self, req: &ProviderRequest) -> Result<Output, ProviderError> {
         let prompt = required_prompt(req, "prompt")?;
         let p = parameters(req, ALLOWED)?;
-        let model = p.token("model", "-_.", 100)?.unwrap_or(DEFAULT_MODEL);
+        let model = self.model(&req.parameters)?;
         let system = p.string("system")?.unwrap_or(DEFAULT_SYSTEM_PROMPT);
         let mut body = Map::new();
         body.insert("model".into(), json!(model));

@@ -39,6 +39,8 @@ const ALLOWED: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct ElevenLabsClient {
     http: Http,
+    /// The models offered (see `super::offered_model`).
+    models: Vec<String>,
 }
 
 impl ElevenLabsClient {
@@ -62,7 +64,19 @@ impl ElevenLabsClient {
                     required: true,
                 },
             )?,
+            models: settings.models.clone(),
         })
+    }
+
+    /// The model `parameters` ask for, if it is offered (see
+    /// `super::offered_model`).
+    pub(crate) fn model(&self, parameters: &Value) -> Result<String, ProviderError> {
+        super::offered_model(
+            parameters,
+            &["model_id", "model"],
+            &self.models,
+            DEFAULT_MODEL_ID,
+        )
     }
 
     /// Parameters: `voice_id`, `model_id` (or `model`), `output_format`,
@@ -72,17 +86,14 @@ impl ElevenLabsClient {
         let text = required_prompt(req, "text to speak")?;
         let p = parameters(req, ALLOWED)?;
         let voice_id = p.token("voice_id", "", 64)?.unwrap_or(DEFAULT_VOICE_ID);
-        let model_id = match p.token("model_id", "_-.", 64)? {
-            Some(m) => m,
-            None => p.token("model", "_-.", 64)?.unwrap_or(DEFAULT_MODEL_ID),
-        };
+        let model_id = self.model(&req.parameters)?;
         let output_format = p
             .token("output_format", "_", 32)?
             .unwrap_or(DEFAULT_OUTPUT_FORMAT);
 
         let mut body = Map::new();
         body.insert("text".into(), Value::String(text.to_owned()));
-        body.insert("model_id".into(), Value::String(model_id.to_owned()));
+        body.insert("model_id".into(), Value::String(model_id));
         if let Some(settings) = p.get("voice_settings") {
             body.insert("voice_settings".into(), voice_settings(settings)?);
         }

@@ -83,26 +83,13 @@ impl FalClient {
     /// price is not this service's, and whose answer says where the result
     /// is fetched from.
     pub(crate) fn model(&self, parameters: &Value) -> Result<String, ProviderError> {
-        let default = self.models.first().map_or(DEFAULT_MODEL, String::as_str);
-        let model = match parameters.get("model") {
-            None | Some(Value::Null) => default,
-            Some(Value::String(m)) => m.as_str(),
-            Some(_) => return Err(ProviderError::invalid("model must be a string")),
-        };
-        if app_id(model).is_none() {
+        let model = super::offered_model(parameters, &["model"], &self.models, DEFAULT_MODEL)?;
+        if app_id(&model).is_none() {
             return Err(ProviderError::invalid(
                 "model must look like owner/app[/path]",
             ));
         }
-        let offered = if self.models.is_empty() {
-            model == DEFAULT_MODEL
-        } else {
-            self.models.iter().any(|m| m == model)
-        };
-        if !offered {
-            return Err(ProviderError::invalid("this model is not offered"));
-        }
-        Ok(model.to_owned())
+        Ok(model)
     }
 
     /// Submit to the queue. `parameters.model` picks the model; every other

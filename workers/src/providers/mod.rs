@@ -269,8 +269,9 @@ pub struct EndpointSettings {
     pub api_key: Option<ApiKey>,
     /// Per HTTP call, connect to last body byte.
     pub timeout: Duration,
-    /// The models users may ask for (Fal: `FAL_MODELS`), the first being
-    /// the default; empty: only the provider's built-in default.
+    /// The models users may ask for (`FAL_MODELS`, `ELEVENLABS_MODELS`, …),
+    /// the first being the default; empty: only the provider's built-in
+    /// default (see [`offered_model`]).
     pub models: Vec<String>,
 }
 
@@ -289,6 +290,37 @@ impl EndpointSettings {
         self.models = models;
         self
     }
+}
+
+/// The model `parameters` ask for under the first of `keys` present (the
+/// default when none is), if it is offered: with no `models` listed, only
+/// `default` is; with a list, any on it, its first being the default. Which
+/// models run is the operator's choice: each has its own price at the
+/// provider, and the service's price for the kind covers the ones listed.
+pub(crate) fn offered_model(
+    parameters: &Value,
+    keys: &[&str],
+    models: &[String],
+    default: &str,
+) -> Result<String, ProviderError> {
+    let default = models.first().map_or(default, String::as_str);
+    let asked = keys
+        .iter()
+        .find_map(|k| parameters.get(*k).filter(|v| !v.is_null()));
+    let model = match asked {
+        None => default,
+        Some(Value::String(m)) => m.as_str(),
+        Some(_) => return Err(ProviderError::invalid("model must be a string")),
+    };
+    let offered = if models.is_empty() {
+        model == default
+    } else {
+        models.iter().any(|m| m == model)
+    };
+    if !offered {
+        return Err(ProviderError::invalid("this model is not offered"));
+    }
+    Ok(model.to_owned())
 }
 
 /// Which providers exist in this process. A provider left `None` is not
@@ -376,7 +408,11 @@ impl Provider {
     pub fn offers_model(&self, parameters: &Value) -> bool {
         match self {
             Provider::Fal(c) => c.model(parameters).is_ok(),
-            _ => true,
+            Provider::ElevenLabs(c) => c.model(parameters).is_ok(),
+            Provider::Seedance(c) => c.model(parameters).is_ok(),
+            Provider::Whisper(c) => c.model(parameters).is_ok(),
+            Provider::ArkChat(c) => c.model(parameters).is_ok(),
+            Provider::Local(_) => true,
         }
     }
 
@@ -1079,5 +1115,30 @@ mod tests {
             serde_json::from_value::<Kind>("transcription".into()).unwrap(),
             Kind::Transcription
         );
+    }
+
+    #[test]
+    fn only_listed_models_are_offered_and_the_first_is_the_default() {
+        use serde_json::json;
+        let none: Vec<String> = Vec::new();
+        let listed = vec!["b-1".to_owned(), "c-2".to_owned()];
+        let ask = |p: serde_json::Value, models: &[String]| {
+            offered_model(&p, &["model_id", "model"], models, "a-0").map_err(|e| e.to_string())
+        };
+        assert_eq!(ask(json!({}), &none), Ok("a-0".into()));
+        assert_eq!(ask(json!({"model": "a-0"}), &none), Ok("a-0".into()));
+        assert!(ask(json!({"model": "b-1"}), &none).is_err());
+        assert_eq!(ask(json!({}), &listed), Ok("b-1".into()));
+        assert_eq!(ask(json!({"model": null}), &listed), Ok("b-1".into()));
+        assert_eq!(ask(json!({"model": "c-2"}), &listed), Ok("c-2".into()));
+        assert_eq!(
+            ask(json!({"model_id": "c-2", "model": "x"}), &listed),
+            Ok("c-2".into())
+        );
+        assert!(
+            ask(json!({"model": "a-0"}), &listed).is_err(),
+            "the built-in default is not listed"
+        );
+        assert!(ask(json!({"model": 3}), &listed).is_err());
     }
 }

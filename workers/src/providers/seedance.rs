@@ -63,6 +63,8 @@ const COMMANDS: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct SeedanceClient {
     http: Http,
+    /// The models offered (see `super::offered_model`).
+    models: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -91,7 +93,14 @@ impl SeedanceClient {
     ) -> Result<Self, SettingsError> {
         Ok(Self {
             http: Http::new(NAME, client, settings, KeyStyle::BEARER)?,
+            models: settings.models.clone(),
         })
+    }
+
+    /// The model `parameters` ask for, if it is offered (see
+    /// `super::offered_model`).
+    pub(crate) fn model(&self, parameters: &Value) -> Result<String, ProviderError> {
+        super::offered_model(parameters, &["model"], &self.models, DEFAULT_MODEL)
     }
 
     /// Parameters: `model`, `ratio` (or `aspect_ratio`; default 16:9),
@@ -105,7 +114,7 @@ impl SeedanceClient {
             ));
         }
         let p = parameters(req, ALLOWED)?;
-        let model = p.token("model", "-_.", 100)?.unwrap_or(DEFAULT_MODEL);
+        let model = self.model(&req.parameters)?;
         let ratio = match p.one_of("ratio", RATIOS)? {
             Some(r) => r,
             None => p.one_of("aspect_ratio", RATIOS)?.unwrap_or(DEFAULT_RATIO),

@@ -33,6 +33,8 @@ const ALLOWED: &[&str] = &["model", "language", "temperature"];
 #[derive(Debug, Clone)]
 pub struct WhisperClient {
     http: Http,
+    /// The models offered (see `super::offered_model`).
+    models: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -61,7 +63,14 @@ impl WhisperClient {
                     ..KeyStyle::BEARER
                 },
             )?,
+            models: settings.models.clone(),
         })
+    }
+
+    /// The model `parameters` ask for, if it is offered (see
+    /// `super::offered_model`).
+    pub(crate) fn model(&self, parameters: &Value) -> Result<String, ProviderError> {
+        super::offered_model(parameters, &["model"], &self.models, DEFAULT_MODEL)
     }
 
     /// Parameters: `model` (default whisper-1), `language` (ISO-639-1),
@@ -77,7 +86,7 @@ impl WhisperClient {
             .filter(|u| matches!(u.scheme(), "http" | "https"))
             .ok_or_else(|| ProviderError::invalid("input_url must be an http(s) URL"))?;
         let p = parameters(req, ALLOWED)?;
-        let model = p.token("model", "-_.", 64)?.unwrap_or(DEFAULT_MODEL);
+        let model = self.model(&req.parameters)?;
         let language = p.token("language", "-", 8)?;
         let temperature = p.number("temperature", 0.0..=1.0)?;
 
@@ -94,7 +103,7 @@ impl WhisperClient {
             .map_err(|_| ProviderError::invalid("input content type is not valid"))?;
         let mut form = Form::new()
             .part("file", part)
-            .text("model", model.to_owned())
+            .text("model", model)
             .text("response_format", "json");
         if let Some(language) = language {
             form = form.text("language", language.to_owned());
