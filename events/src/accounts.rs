@@ -100,7 +100,21 @@ pub async fn request_deletion(
     // Before anything else: a submission in flight holds the row key-share
     // locked until it commits, and is waited for here (see
     // `generations::submit`), so the open generations read below include it.
-    sqlx::query("select 1 from accounts where account_id = $1 for update")
+    // An account already deleted (two requests at once) keeps its date.
+    let already: Option<(bool, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(
+        "select deleted_at is not null, purge_after from accounts where account_id = $1 for update",
+    )
+    .bind(account_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some((true, Some(purge_after))) = already {
+        return Ok(purge_after);
+    }
+    // Then the credit row, before the account's stream: releasing a queued
+    // generation below locks it, and a worker capturing one locks it before
+    // appending to the same stream; taken the other way round, the two
+    // deadlocked.
+    sqlx::query("select 1 from credit_accounts where account_id = $1 for update")
         .bind(account_id)
         .execute(&mut *conn)
         .await?;

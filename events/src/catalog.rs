@@ -675,15 +675,17 @@ event_type!(EmailSent, "EmailSent", 1);
 /// A live Stripe subscription of a deleted account was set to end at its
 /// period's end (`renews: false`), so that no renewal is charged during the
 /// grace period, or set to renew again when the account was restored
-/// (`renews: true`). Recorded whatever Stripe needed: `detail` says what was
-/// done, e.g. "set to end at the period's end", "already set to end by its
-/// owner".
+/// (`renews: true`). Recorded whatever Stripe needed: `changed` says
+/// whether Stripe changed it, `detail` what was done or why not, e.g. "set
+/// to end at the period's end", "already set to end by its owner".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubscriptionRenewalChanged {
     pub account_id: Uuid,
     pub subscription_id: String,
+    /// What the account's state asked for: renew (restored) or not (deleted).
     pub renews: bool,
+    pub changed: bool,
     pub detail: String,
 }
 event_type!(SubscriptionRenewalChanged, "SubscriptionRenewalChanged", 1);

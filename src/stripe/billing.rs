@@ -202,6 +202,9 @@ pub fn subscription_renewal(client: stripe::Client) -> slate_workers::renewal::R
                 Err(stripe::StripeError::Stripe(_, 404)) => {
                     return Ok(Changed::Unchanged("unknown to Stripe"));
                 }
+                Err(stripe::StripeError::Stripe(_, status)) if refusal(status) => {
+                    return Ok(Changed::Refused(status));
+                }
                 Err(e) => return Err(describe(&e)),
             };
             let Value::Object(sub) = &current else {
@@ -221,6 +224,13 @@ pub fn subscription_renewal(client: stripe::Client) -> slate_workers::renewal::R
             };
             if matches!(status, "canceled" | "incomplete_expired") {
                 return Ok(Changed::Unchanged("already ended"));
+            }
+            // Stripe changes only the metadata of an incomplete one; it
+            // renews nothing until its first invoice is paid.
+            if status == "incomplete" {
+                return Ok(Changed::Unchanged(
+                    "incomplete: its first invoice is unpaid",
+                ));
             }
             let mark = match (want, ends, marked) {
                 (Want::Stop, false, _) => MARK_VALUE,
@@ -257,10 +267,20 @@ pub fn subscription_renewal(client: stripe::Client) -> slate_workers::renewal::R
                 Err(stripe::StripeError::Stripe(_, 404)) => {
                     Ok(Changed::Unchanged("unknown to Stripe"))
                 }
+                Err(stripe::StripeError::Stripe(_, status)) if refusal(status) => {
+                    Ok(Changed::Refused(status))
+                }
                 Err(e) => Err(describe(&e)),
             }
         })
     })
+}
+
+/// A Stripe answer that asking again will not change: a 4xx other than a
+/// key or permission problem an operator can fix (401, 403), a conflict
+/// (409) or a rate limit (429).
+fn refusal(status: u16) -> bool {
+    (400..500).contains(&status) && !matches!(status, 401 | 403 | 409 | 429)
 }
 
 /// A Stripe failure in words that carry no request or response body.

@@ -1022,4 +1022,64 @@ async fn a_submission_authenticated_before_a_deletion_never_runs_for_the_deleted
         .unwrap();
     assert_eq!(rows, 0);
     assert_eq!(released(bob).await, (50, 0));
+
+    // The deletion first, not committed yet, when the submission arrives:
+    // the submission waits for it and is refused.
+    let carol = crate::credits::new_account(&mut conn).await;
+    crate::credits::grant(
+        &mut conn,
+        carol,
+        50,
+        slate_events::catalog::GrantSource::Purchase,
+        None,
+    )
+    .await;
+    let mut deletion = db.pool.begin().await.unwrap();
+    slate_events::accounts::request_deletion(
+        &mut deletion,
+        carol,
+        chrono::Utc::now(),
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    let pool = db.pool.clone();
+    let submitting = tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        let outcome = slate_workers::generations::submit(
+            &mut tx,
+            &video_for(carol),
+            &slate_events::Metadata::system(),
+            5,
+        )
+        .await
+        .map(|(outcome, _wake)| outcome);
+        tx.rollback().await.unwrap();
+        outcome
+    });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "select exists(select 1 from pg_stat_activity
+                            where datname = current_database() and wait_event_type = 'Lock')",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if waiting || submitting.is_finished() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the submission never ran"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    deletion.commit().await.unwrap();
+    let outcome = submitting.await.unwrap();
+    assert!(
+        matches!(outcome, Ok(Submitted::AccountDeleted)),
+        "{outcome:?}"
+    );
+    assert_eq!(released(carol).await, (50, 0));
 }

@@ -680,6 +680,11 @@ impl Respond for RenewableSubscriptions {
                 "type": "invalid_request_error", "code": "resource_missing",
                 "message": format!("No such subscription: '{id}'"), "param": "id"}}));
         };
+        if request.method.as_str() == "POST" && sub["x_refuse_updates"] == true {
+            return ResponseTemplate::new(400).set_body_json(json!({"error": {
+                "type": "invalid_request_error",
+                "message": "This subscription cannot be updated right now."}}));
+        }
         if request.method.as_str() == "POST" {
             for pair in String::from_utf8_lossy(&request.body).split('&') {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -719,7 +724,7 @@ async fn run_renewal_jobs(
     .unwrap();
     for (id, job) in &jobs {
         let job: slate_workers::renewal::RenewalJob = serde_json::from_slice(job).unwrap();
-        slate_workers::renewal::reconcile(renewals, job.account_id, id)
+        slate_workers::renewal::reconcile(renewals, job.account_id, id, 1)
             .await
             .unwrap();
         sqlx::query("delete from apalis.jobs where id = $1")
@@ -786,7 +791,26 @@ async fn a_deleted_accounts_subscriptions_stop_renewing_until_it_is_restored() {
         .unwrap()["data"]["object"]
             .clone();
         sub["cancel_at_period_end"] = owner_ends_it.into();
-        state.lock().unwrap().insert(format!("sub_{run}"), sub);
+        state
+            .lock()
+            .unwrap()
+            .insert(format!("sub_{run}"), sub.clone());
+        if !owner_ends_it {
+            // A second one of Alice's, which Stripe will not change (and
+            // which comes first): it does not hold up the other.
+            let other = format!("0{}", &run[1..]);
+            let (status, _) = app
+                .deliver(&crate::stripe::fixture(
+                    "03_customer_subscription_created",
+                    account,
+                    &other,
+                ))
+                .await;
+            assert_eq!(status, 200);
+            sub["id"] = format!("sub_{other}").into();
+            sub["x_refuse_updates"] = true.into();
+            state.lock().unwrap().insert(format!("sub_{other}"), sub);
+        }
         people.push((account, key, format!("sub_{run}")));
     }
     app.process_stripe().await;
@@ -835,12 +859,19 @@ async fn a_deleted_accounts_subscriptions_stop_renewing_until_it_is_restored() {
         sub(&bob_sub)["metadata"].get(MARK_KEY).is_none(),
         "Bob's own, left alone"
     );
-    let sent = posts().await;
-    assert_eq!(sent.len(), 1, "only Alice's was changed");
+    let sent: Vec<_> = posts()
+        .await
+        .into_iter()
+        .filter(|r| r.url.path().ends_with(&alice_sub))
+        .collect();
+    assert_eq!(sent.len(), 1, "Alice's was changed, once");
     assert!(sent[0].headers.get("idempotency-key").is_some());
     assert_eq!(
         recorded(alice).await,
-        vec![(false, "set to end at the period's end".to_owned())]
+        vec![
+            (false, "Stripe refused the change (HTTP 400)".to_owned()),
+            (false, "set to end at the period's end".to_owned())
+        ]
     );
     assert_eq!(
         recorded(bob).await,
@@ -849,19 +880,21 @@ async fn a_deleted_accounts_subscriptions_stop_renewing_until_it_is_restored() {
     // Another run (as after a crash before the job's end) reads the state
     // first and changes nothing.
     let again = renewals.clone();
+    let rerun = slate_workers::renewal::reconcile(&again, alice, "a-rerun", 1)
+        .await
+        .unwrap();
     assert_eq!(
-        slate_workers::renewal::reconcile(&again, alice, "a-rerun")
-            .await
-            .unwrap(),
-        vec![(
+        rerun.last().unwrap(),
+        &(
             alice_sub.clone(),
             Changed::Unchanged("already set to end by the deletion")
-        )]
+        )
     );
-    assert_eq!(posts().await.len(), 1);
+    let changes = posts().await.len();
+    assert_eq!(changes, 3, "Alice's, and the refused one's twice");
     app.db.settle_projections().await;
     let actions: Vec<String> = sqlx::query_scalar(
-        "select action from audit_entries where account_id = $1 and action like 'subscription.renewal%'",
+        "select action from audit_entries where account_id = $1 and action like 'subscription.renewal%' order by seq",
     )
     .bind(alice)
     .fetch_all(&app.db.pool)
@@ -870,8 +903,10 @@ async fn a_deleted_accounts_subscriptions_stop_renewing_until_it_is_restored() {
     assert_eq!(
         actions,
         [
+            "subscription.renewal_unchanged",
             "subscription.renewal_stopped",
-            "subscription.renewal_stopped"
+            "subscription.renewal_unchanged",
+            "subscription.renewal_unchanged"
         ]
     );
 
@@ -902,7 +937,7 @@ async fn a_deleted_accounts_subscriptions_stop_renewing_until_it_is_restored() {
         "the rest of it stays"
     );
     assert_eq!(sub(&bob_sub)["cancel_at_period_end"], true);
-    assert_eq!(posts().await.len(), 2);
+    assert_eq!(posts().await.len(), changes + 1);
     assert_eq!(
         recorded(alice).await.last().unwrap(),
         &(true, "set to renew again".to_owned())
@@ -942,5 +977,5 @@ async fn a_deleted_accounts_subscriptions_stop_renewing_until_it_is_restored() {
     assert_eq!(status, 200);
     assert_eq!(run_renewal_jobs(&app, &renewals, true).await, 2);
     assert_eq!(sub(&alice_sub)["cancel_at_period_end"], false);
-    assert_eq!(posts().await.len(), 2);
+    assert_eq!(posts().await.len(), changes + 1);
 }

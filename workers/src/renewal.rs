@@ -15,7 +15,9 @@
 //! picked up in. Each subscription's outcome is recorded
 //! (`SubscriptionRenewalChanged`), and Stripe is asked for a subscription's
 //! state before it is changed (the change carries an idempotency key), so a
-//! job run again after a crash changes nothing twice.
+//! job run again after a crash changes nothing twice. A subscription Stripe
+//! will not change (an `incomplete` one, say) is recorded as such and does
+//! not hold up the others.
 
 use std::sync::Arc;
 
@@ -53,11 +55,15 @@ pub enum Changed {
     Done,
     /// Nothing to change, and why.
     Unchanged(&'static str),
+    /// Stripe refused the change (a 4xx other than 409 and 429): asking
+    /// again would not help, and the account's other subscriptions go on.
+    Refused(u16),
 }
 
 /// Sets one subscription's renewal as wanted, reading its state first (the
 /// binary implements it over async-stripe). The last argument is the
-/// idempotency key for the change.
+/// idempotency key for the change. An `Err` is worth another try (Stripe
+/// out of reach, a 5xx, 409, 429).
 pub type RenewalSetter =
     Arc<dyn Fn(String, Want, String) -> BoxFuture<'static, Result<Changed, String>> + Send + Sync>;
 
@@ -88,13 +94,17 @@ pub async fn enqueue(
 pub struct NotConfigured;
 
 /// Bring the account's live subscriptions in line with what the account is
-/// now. `key` names this run (the job's id): a re-run of the same job
-/// records nothing twice. Returns what became of each subscription.
+/// now. `job` names the job (its id): a re-run of the same job records
+/// nothing twice; `attempt` makes each attempt's idempotency keys its own
+/// (Stripe answers a key with its first answer for a day, a 500 included).
+/// Every subscription is tried; a failure worth another try fails the run
+/// after the others are done. Returns what became of each subscription.
 #[tracing::instrument(skip_all, fields(%account_id))]
 pub async fn reconcile(
     r: &Renewals,
     account_id: Uuid,
-    key: &str,
+    job: &str,
+    attempt: usize,
 ) -> anyhow::Result<Vec<(String, Changed)>> {
     // Held until every subscription is done: one run per account at a time,
     // each reading the account's state after the previous run finished.
@@ -129,31 +139,47 @@ pub async fn reconcile(
     let Some(stripe) = &r.stripe else {
         return Err(NotConfigured.into());
     };
+    let direction = match want {
+        Want::Stop => "stop",
+        Want::Resume => "resume",
+    };
     let mut outcomes = Vec::new();
+    let mut failed = None;
     for id in live {
-        let changed = stripe(id.clone(), want, format!("slate-renewal-{key}-{id}"))
-            .await
-            .map_err(|e| anyhow::anyhow!("setting a subscription's renewal: {e}"))?;
+        let key = format!("slate-renewal-{job}-{attempt}-{direction}-{id}");
+        let changed = match stripe(id.clone(), want, key).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(subscription = %id, error = %e, "setting a subscription's renewal failed");
+                failed = Some(e);
+                continue;
+            }
+        };
         let detail = match (&changed, want) {
-            (Changed::Done, Want::Stop) => "set to end at the period's end",
-            (Changed::Done, Want::Resume) => "set to renew again",
-            (Changed::Unchanged(why), _) => why,
+            (Changed::Done, Want::Stop) => "set to end at the period's end".to_owned(),
+            (Changed::Done, Want::Resume) => "set to renew again".to_owned(),
+            (Changed::Unchanged(why), _) => (*why).to_owned(),
+            (Changed::Refused(status), _) => format!("Stripe refused the change (HTTP {status})"),
         };
         let mut conn = r.pool.acquire().await?;
         store::record_once(
             &mut conn,
             account_id,
-            &format!("renewal:{key}:{id}"),
+            &format!("renewal:{job}:{direction}:{id}"),
             DomainEvent::SubscriptionRenewalChanged(SubscriptionRenewalChanged {
                 account_id,
                 subscription_id: id.clone(),
                 renews: want == Want::Resume,
-                detail: detail.to_owned(),
+                changed: changed == Changed::Done,
+                detail: detail.clone(),
             }),
         )
         .await?;
-        tracing::info!(subscription = %id, detail, "subscription renewal reconciled");
+        tracing::info!(subscription = %id, %detail, "subscription renewal reconciled");
         outcomes.push((id, changed));
+    }
+    if let Some(e) = failed {
+        anyhow::bail!("setting a subscription's renewal: {e}");
     }
     lock.commit().await?;
     Ok(outcomes)
@@ -167,7 +193,14 @@ pub async fn handle(
     renewals: Data<Renewals>,
 ) -> Result<(), BoxDynError> {
     jobs::contain(async move {
-        match reconcile(&renewals, job.account_id, &task_id.to_string()).await {
+        match reconcile(
+            &renewals,
+            job.account_id,
+            &task_id.to_string(),
+            attempt.current(),
+        )
+        .await
+        {
             Ok(_) => Ok(()),
             Err(e) if e.is::<NotConfigured>() => {
                 tracing::error!(error = %e, "subscriptions left renewing; the purge cancels them");

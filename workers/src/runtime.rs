@@ -298,6 +298,9 @@ where
                 .backend(renewal_storage.clone())
                 .data(renewals.clone())
                 .catch_panic()
+                // Each job holds a connection while Stripe answers: one at a
+                // time is plenty for deletions and restores.
+                .concurrency(1)
                 .layer(renewal_workers.counted())
                 .build(renewal::handle)
         })

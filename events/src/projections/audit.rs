@@ -320,10 +320,10 @@ fn describe(event: &DomainEvent) -> Entry {
         E::AccountPurged(e) => entry("account.purged", Some(e.account_id), json!({})),
         E::SubscriptionRenewalChanged(e) => {
             let mut x = entry(
-                if e.renews {
-                    "subscription.renewal_resumed"
-                } else {
-                    "subscription.renewal_stopped"
+                match (e.changed, e.renews) {
+                    (true, true) => "subscription.renewal_resumed",
+                    (true, false) => "subscription.renewal_stopped",
+                    (false, _) => "subscription.renewal_unchanged",
                 },
                 Some(e.account_id),
                 json!({"subscription": e.subscription_id}),
