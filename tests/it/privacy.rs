@@ -979,3 +979,145 @@ async fn a_deleted_accounts_subscriptions_stop_renewing_until_it_is_restored() {
     assert_eq!(sub(&alice_sub)["cancel_at_period_end"], false);
     assert_eq!(posts().await.len(), changes + 1);
 }
+
+/// The maintenance sweep finds what no job saw to: an account deleted
+/// before the renewal job existed (or a subscription mirrored after its job
+/// ran) gets a job, once; so does a restored account whose subscription the
+/// deletion had set to end. Where Stripe is not configured, the job records
+/// that and the sweep lets it be.
+#[tokio::test]
+async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
+    use slate_workers::renewal::Renewals;
+    let app = crate::stripe::stripe_app().await;
+    let stripe = MockServer::start().await;
+    let state = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    Mock::given(path_regex("^/v1/subscriptions/sub_[a-z0-9]+$"))
+        .respond_with(RenewableSubscriptions(state.clone()))
+        .mount(&stripe)
+        .await;
+    let config = slate::config::Config::from_lookup(|k| match k {
+        "STRIPE_API_KEY" => Some("sk_test_purge".into()),
+        "STRIPE_API_BASE" => Some(stripe.uri()),
+        _ => None,
+    })
+    .unwrap();
+    let renewals = Renewals {
+        pool: app.db.pool.clone(),
+        stripe: config
+            .stripe_client()
+            .unwrap()
+            .map(slate::stripe::billing::subscription_renewal),
+    };
+    let (alice, _) = crate::billing::key_for(&app).await;
+    let run = Uuid::new_v4().simple().to_string()[..10].to_owned();
+    for name in [
+        "02_checkout_session_completed_subscription",
+        "03_customer_subscription_created",
+    ] {
+        let (status, _) = app
+            .deliver(&crate::stripe::fixture(name, alice, &run))
+            .await;
+        assert_eq!(status, 200);
+    }
+    app.process_stripe().await;
+    let sub_id = format!("sub_{run}");
+    let object: Value = serde_json::from_str::<Value>(&crate::stripe::fixture(
+        "03_customer_subscription_created",
+        alice,
+        &run,
+    ))
+    .unwrap()["data"]["object"]
+        .clone();
+    state.lock().unwrap().insert(sub_id.clone(), object);
+    let sweep = async |minutes: i64| {
+        let at = chrono::Utc::now() + chrono::Duration::minutes(minutes);
+        slate_workers::sweeper::sweep(&app.db.pool, at)
+            .await
+            .unwrap()
+            .renewals_scheduled
+    };
+    assert_eq!(
+        sweep(0).await,
+        0,
+        "a live account's subscription is left alone"
+    );
+
+    // Deleted without a job (as before the job existed).
+    let mut tx = app.db.pool.begin().await.unwrap();
+    slate_events::accounts::request_deletion(
+        &mut tx,
+        alice,
+        chrono::Utc::now(),
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(sweep(10).await, 1);
+    assert_eq!(sweep(20).await, 0, "one job at a time");
+    assert_eq!(run_renewal_jobs(&app, &renewals, false).await, 1);
+    assert_eq!(state.lock().unwrap()[&sub_id]["cancel_at_period_end"], true);
+    // The mirror still says it renews (Stripe's event has not come), but
+    // the outcome is recorded.
+    assert_eq!(sweep(30).await, 0);
+
+    // Restored without a job: the one the deletion stopped renews again.
+    slate_events::accounts::restore(
+        &mut *app.db.conn().await,
+        alice,
+        chrono::Utc::now(),
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    sqlx::query(
+        "update stripe_subscriptions set cancel_at_period_end = true where subscription_id = $1",
+    )
+    .bind(&sub_id)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(sweep(40).await, 1);
+    assert_eq!(run_renewal_jobs(&app, &renewals, false).await, 1);
+    assert_eq!(
+        state.lock().unwrap()[&sub_id]["cancel_at_period_end"],
+        false
+    );
+    assert_eq!(sweep(50).await, 0);
+
+    // Deleted again where Stripe is not configured: recorded, then left.
+    let mut tx = app.db.pool.begin().await.unwrap();
+    slate_events::accounts::request_deletion(
+        &mut tx,
+        alice,
+        chrono::Utc::now(),
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    sqlx::query(
+        "update stripe_subscriptions set cancel_at_period_end = false where subscription_id = $1",
+    )
+    .bind(&sub_id)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(sweep(60).await, 1);
+    let unconfigured = Renewals {
+        pool: app.db.pool.clone(),
+        stripe: None,
+    };
+    assert_eq!(run_renewal_jobs(&app, &unconfigured, false).await, 1);
+    assert_eq!(sweep(70).await, 0);
+    let last: String = sqlx::query_scalar(
+        "select payload->>'detail' from events
+          where stream_id = 'account-' || $1 and event_type = 'SubscriptionRenewalChanged'
+          order by global_position desc limit 1",
+    )
+    .bind(alice.to_string())
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(last, "Stripe is not configured here");
+}

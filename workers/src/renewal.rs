@@ -87,12 +87,6 @@ pub async fn enqueue(
     jobs::enqueue(conn, QUEUE, &RenewalJob { account_id }, MAX_ATTEMPTS).await
 }
 
-/// Stripe is not configured and the account has live subscriptions: trying
-/// again would not help.
-#[derive(Debug, thiserror::Error)]
-#[error("the account has live Stripe subscriptions and Stripe is not configured")]
-pub struct NotConfigured;
-
 /// Bring the account's live subscriptions in line with what the account is
 /// now. `job` names the job (its id): a re-run of the same job records
 /// nothing twice; `attempt` makes each attempt's idempotency keys its own
@@ -136,9 +130,12 @@ pub async fn reconcile(
     if live.is_empty() {
         return Ok(Vec::new());
     }
-    let Some(stripe) = &r.stripe else {
-        return Err(NotConfigured.into());
-    };
+    let stripe = r.stripe.clone();
+    if stripe.is_none() {
+        tracing::error!(
+            "the account has live Stripe subscriptions and Stripe is not configured here; they are left as they are"
+        );
+    }
     let direction = match want {
         Want::Stop => "stop",
         Want::Resume => "resume",
@@ -147,7 +144,11 @@ pub async fn reconcile(
     let mut failed = None;
     for id in live {
         let key = format!("slate-renewal-{job}-{attempt}-{direction}-{id}");
-        let changed = match stripe(id.clone(), want, key).await {
+        let changed = match &stripe {
+            None => Ok(Changed::Unchanged("Stripe is not configured here")),
+            Some(stripe) => stripe(id.clone(), want, key).await,
+        };
+        let changed = match changed {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(subscription = %id, error = %e, "setting a subscription's renewal failed");
@@ -185,6 +186,49 @@ pub async fn reconcile(
     Ok(outcomes)
 }
 
+/// Enqueue a renewal job (one per account at a time) for every account whose
+/// subscriptions were left as they should not be (run by the maintenance
+/// sweep): a deleted account with a live subscription that renews and has
+/// no outcome recorded since the deletion (an account deleted before this
+/// job existed, a subscription mirrored after the job ran, a job that died
+/// retrying through a long Stripe outage), and a restored one whose
+/// subscription the deletion set to end and nothing has set to renew since.
+/// An outcome of any kind, a refusal included, is the end of it.
+pub async fn schedule_missing(pool: &PgPool) -> anyhow::Result<usize> {
+    let due: Vec<Uuid> = sqlx::query_scalar(
+        "with outcomes as (
+             select s.account_id, s.subscription_id, s.cancel_at_period_end,
+                    a.deleted_at is not null as deleted,
+                    (select max(e.global_position) from events e
+                      where e.stream_id = 'account-' || a.account_id
+                        and e.event_type = 'AccountDeletionRequested') as deleted_at_position,
+                    (select e.global_position || ':' || (e.payload->>'renews') || ':' || (e.payload->>'changed')
+                       from events e
+                      where e.stream_id = 'account-' || a.account_id
+                        and e.event_type = 'SubscriptionRenewalChanged'
+                        and e.payload->>'subscription_id' = s.subscription_id
+                      order by e.global_position desc limit 1) as last
+               from stripe_subscriptions s join accounts a using (account_id)
+              where a.purged_at is null
+                and s.status not in ('canceled', 'incomplete_expired', 'incomplete')
+                and (a.deleted_at is not null) <> s.cancel_at_period_end)
+         select distinct account_id from outcomes
+          where case when deleted
+                     then last is null or split_part(last, ':', 1)::bigint < deleted_at_position
+                     else last like '%:false:true' end",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut enqueued = 0;
+    for account_id in due {
+        let key = format!("renewal:{account_id}");
+        if jobs::enqueue_once(pool, QUEUE, &RenewalJob { account_id }, MAX_ATTEMPTS, &key).await? {
+            enqueued += 1;
+        }
+    }
+    Ok(enqueued)
+}
+
 #[tracing::instrument(level = "error", skip_all, fields(job_id = %task_id, account_id = %job.account_id, attempt = attempt.current()))]
 pub async fn handle(
     job: RenewalJob,
@@ -202,10 +246,6 @@ pub async fn handle(
         .await
         {
             Ok(_) => Ok(()),
-            Err(e) if e.is::<NotConfigured>() => {
-                tracing::error!(error = %e, "subscriptions left renewing; the purge cancels them");
-                Err(Box::new(apalis::prelude::AbortError::new(NotConfigured)) as BoxDynError)
-            }
             Err(e) => {
                 let delay = jobs::backoff(attempt.current());
                 tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "renewal will be retried");

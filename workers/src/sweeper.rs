@@ -14,6 +14,7 @@ pub struct SweepReport {
     pub generations_abandoned: usize,
     pub audit_entries_dropped: u64,
     pub purges_scheduled: usize,
+    pub renewals_scheduled: usize,
     pub jobs_deleted: u64,
     pub workers_forgotten: u64,
     pub job_durations_folded: u64,
@@ -35,6 +36,10 @@ const STRIPE_LAG_FOLD_EVERY: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 /// How often the generation-count fold runs (the finished generations a
 /// scrape reads are those finished since the last fold, less its margin).
 const GENERATION_COUNT_FOLD_EVERY: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
+/// How often subscriptions left renewing for deleted accounts (or left
+/// ending for restored ones) are looked for (`renewal::schedule_missing`).
+const RENEWAL_CHECK_EVERY: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
 /// Claim `task` if it last ran `every` or longer before `now` (or never):
 /// of the sweeps of all worker processes, one runs it.
@@ -82,6 +87,11 @@ pub async fn sweep_with(
         slate_events::projections::audit::apply_retention(&mut conn, now).await?;
     drop(conn);
     let purges_scheduled = crate::purge::schedule_due(pool, now).await?;
+    let renewals_scheduled = if claim(pool, "renewal_check", now, RENEWAL_CHECK_EVERY).await? {
+        crate::renewal::schedule_missing(pool).await?
+    } else {
+        0
+    };
     // Before the retention, which deletes only Done jobs already folded.
     let job_durations_folded =
         if claim(pool, "job_duration_fold", now, JOB_DURATION_FOLD_EVERY).await? {
@@ -122,6 +132,7 @@ pub async fn sweep_with(
         stripe_events_folded,
         generations_folded,
         purges_scheduled,
+        renewals_scheduled,
         holds_released,
         buckets_expired,
         generations_past_deadline,
@@ -195,6 +206,7 @@ pub async fn handle(
                 generations_abandoned = r.generations_abandoned,
                 audit_entries_dropped = r.audit_entries_dropped,
                 purges_scheduled = r.purges_scheduled,
+                renewals_scheduled = r.renewals_scheduled,
                 jobs_deleted = r.jobs_deleted,
                 workers_forgotten = r.workers_forgotten,
                 job_durations_folded = r.job_durations_folded,
