@@ -185,8 +185,10 @@ pub fn subscription_canceller(
 /// so in its metadata, and only that is undone by a restore.
 pub fn subscription_renewal(client: stripe::Client) -> slate_workers::renewal::RenewalSetter {
     use miniserde::json::Value;
-    use slate_workers::renewal::{Changed, MARK_KEY, MARK_VALUE, Want};
-    use stripe_billing::subscription::{RetrieveSubscription, UpdateSubscription};
+    use slate_workers::renewal::{Changed, MARK_KEY, MARK_VALUE, OWNERS_DATE_KEY, Want};
+    use stripe_billing::subscription::{
+        RetrieveSubscription, UpdateSubscription, UpdateSubscriptionCancelAt,
+    };
     use stripe_client_core::{IdempotencyKey, RequestStrategy, StripeRequest};
     let client = std::sync::Arc::new(client);
     std::sync::Arc::new(move |id: String, want: Want, key: String| {
@@ -214,14 +216,34 @@ pub fn subscription_renewal(client: stripe::Client) -> slate_workers::renewal::R
                 Some(Value::String(s)) => s.as_str(),
                 _ => "",
             };
+            // Current API versions keep the period on the items.
+            let period_end = match sub.get("items") {
+                Some(Value::Object(items)) => match items.get("data") {
+                    Some(Value::Array(data)) => match data.first() {
+                        Some(Value::Object(item)) => seconds(item.get("current_period_end")),
+                        _ => None,
+                    },
+                    _ => None,
+                },
+                _ => None,
+            }
+            .or_else(|| seconds(sub.get("current_period_end")));
+            // Set to cancel at a date after this period (a date its owner
+            // chose): it renews until then, so it is stopped like one that
+            // renews, and the date is kept to be put back by a restore.
+            let cancel_at = seconds(sub.get("cancel_at"));
+            let later = cancel_at.filter(|at| period_end.is_some_and(|end| *at > end));
             let ends = matches!(sub.get("cancel_at_period_end"), Some(Value::Bool(true)))
-                || matches!(sub.get("cancel_at"), Some(Value::Number(_)));
-            let marked = match sub.get("metadata") {
-                Some(Value::Object(m)) => {
-                    matches!(m.get(MARK_KEY), Some(Value::String(v)) if v == MARK_VALUE)
-                }
-                _ => false,
+                || (cancel_at.is_some() && later.is_none());
+            let metadata = |k: &str| match sub.get("metadata") {
+                Some(Value::Object(m)) => match m.get(k) {
+                    Some(Value::String(v)) if !v.is_empty() => Some(v.clone()),
+                    _ => None,
+                },
+                _ => None,
             };
+            let marked = metadata(MARK_KEY).as_deref() == Some(MARK_VALUE);
+            let owners_date = metadata(OWNERS_DATE_KEY).and_then(|v| v.parse::<i64>().ok());
             if matches!(status, "canceled" | "incomplete_expired") {
                 return Ok(Changed::Unchanged("already ended"));
             }
@@ -251,12 +273,24 @@ pub fn subscription_renewal(client: stripe::Client) -> slate_workers::renewal::R
             };
             let key = IdempotencyKey::new(key)
                 .map_err(|_| "the idempotency key is malformed".to_owned())?;
-            match UpdateSubscription::new(id.as_str())
-                .cancel_at_period_end(want == Want::Stop)
-                .metadata(std::collections::HashMap::from([(
-                    MARK_KEY.to_owned(),
-                    mark.to_owned(),
-                )]))
+            let mut update = UpdateSubscription::new(id.as_str());
+            let mut marks =
+                std::collections::HashMap::from([(MARK_KEY.to_owned(), mark.to_owned())]);
+            match (want, later, owners_date) {
+                (Want::Stop, Some(at), _) => {
+                    marks.insert(OWNERS_DATE_KEY.to_owned(), at.to_string());
+                    update = update.cancel_at_period_end(true);
+                }
+                (Want::Stop, None, _) => update = update.cancel_at_period_end(true),
+                // Back to the date its owner had chosen.
+                (Want::Resume, _, Some(at)) => {
+                    marks.insert(OWNERS_DATE_KEY.to_owned(), String::new());
+                    update = update.cancel_at(UpdateSubscriptionCancelAt::Timestamp(at));
+                }
+                (Want::Resume, _, None) => update = update.cancel_at_period_end(false),
+            }
+            match update
+                .metadata(marks)
                 .build()
                 .customize::<Value>()
                 .request_strategy(RequestStrategy::Idempotent(key))
@@ -274,6 +308,16 @@ pub fn subscription_renewal(client: stripe::Client) -> slate_workers::renewal::R
             }
         })
     })
+}
+
+/// Whole seconds (a Stripe timestamp), if `v` is one.
+fn seconds(v: Option<&miniserde::json::Value>) -> Option<i64> {
+    use miniserde::json::{Number, Value};
+    match v {
+        Some(Value::Number(Number::U64(n))) => i64::try_from(*n).ok(),
+        Some(Value::Number(Number::I64(n))) => Some(*n),
+        _ => None,
+    }
 }
 
 /// A Stripe answer that asking again will not change: a 4xx other than a

@@ -667,8 +667,9 @@ async fn trace_logs_of_serve_and_work_and_a_database_dump_hold_no_prompt_email_o
 }
 
 /// Stripe's subscription endpoints for subscriptions with state: a GET
-/// reads one, a POST updates its `cancel_at_period_end` and metadata from
-/// the form, as Stripe does (an empty metadata value unsets the key).
+/// reads one, a POST updates its `cancel_at_period_end`, `cancel_at` and
+/// metadata from the form, as Stripe does (an empty metadata value unsets
+/// the key).
 struct RenewableSubscriptions(Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>>);
 
 impl Respond for RenewableSubscriptions {
@@ -689,8 +690,18 @@ impl Respond for RenewableSubscriptions {
             for pair in String::from_utf8_lossy(&request.body).split('&') {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
                 let k = k.replace("%5B", "[").replace("%5D", "]");
+                // As Stripe: ending at the period's end sets `cancel_at` to
+                // it; a date clears `cancel_at_period_end`.
                 if k == "cancel_at_period_end" {
                     sub["cancel_at_period_end"] = (v == "true").into();
+                    sub["cancel_at"] = if v == "true" {
+                        sub["items"]["data"][0]["current_period_end"].clone()
+                    } else {
+                        Value::Null
+                    };
+                } else if k == "cancel_at" {
+                    sub["cancel_at"] = v.parse::<i64>().unwrap().into();
+                    sub["cancel_at_period_end"] = false.into();
                 } else if let Some(name) = k
                     .strip_prefix("metadata[")
                     .and_then(|n| n.strip_suffix(']'))
@@ -1120,4 +1131,88 @@ async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
     .await
     .unwrap();
     assert_eq!(last, "Stripe is not configured here");
+}
+
+/// A subscription its owner set to cancel at a date after the current
+/// period renews until then: a deletion stops it at the period's end, and a
+/// restore puts the owner's date back. (Any `cancel_at` counted as ended by
+/// its owner, and such a subscription renewed through the grace period.)
+#[tokio::test]
+async fn a_subscription_set_to_cancel_after_its_period_stops_and_gets_its_date_back() {
+    use slate_workers::renewal::{OWNERS_DATE_KEY, Renewals};
+    let app = crate::stripe::stripe_app().await;
+    let stripe = MockServer::start().await;
+    let state = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    Mock::given(path_regex("^/v1/subscriptions/sub_[a-z0-9]+$"))
+        .respond_with(RenewableSubscriptions(state.clone()))
+        .mount(&stripe)
+        .await;
+    let config = slate::config::Config::from_lookup(|k| match k {
+        "STRIPE_API_KEY" => Some("sk_test_purge".into()),
+        "STRIPE_API_BASE" => Some(stripe.uri()),
+        _ => None,
+    })
+    .unwrap();
+    let renewals = Renewals {
+        pool: app.db.pool.clone(),
+        stripe: config
+            .stripe_client()
+            .unwrap()
+            .map(slate::stripe::billing::subscription_renewal),
+    };
+    let (carol, carol_key) = crate::billing::key_for(&app).await;
+    let run = Uuid::new_v4().simple().to_string()[..10].to_owned();
+    for name in [
+        "02_checkout_session_completed_subscription",
+        "03_customer_subscription_created",
+    ] {
+        let (status, _) = app
+            .deliver(&crate::stripe::fixture(name, carol, &run))
+            .await;
+        assert_eq!(status, 200);
+    }
+    app.process_stripe().await;
+    let sub_id = format!("sub_{run}");
+    let mut object: Value = serde_json::from_str::<Value>(&crate::stripe::fixture(
+        "03_customer_subscription_created",
+        carol,
+        &run,
+    ))
+    .unwrap()["data"]["object"]
+        .clone();
+    let period_end = object["items"]["data"][0]["current_period_end"]
+        .as_i64()
+        .unwrap();
+    let owners_date = period_end + 60 * 86_400;
+    object["cancel_at"] = owners_date.into();
+    state.lock().unwrap().insert(sub_id.clone(), object);
+    let sub = || state.lock().unwrap()[&sub_id].clone();
+
+    let r = app
+        .client
+        .delete(format!("{}/v1/account", app.address))
+        .bearer_auth(&carol_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(run_renewal_jobs(&app, &renewals, false).await, 1);
+    assert_eq!(sub()["cancel_at_period_end"], true);
+    assert_eq!(sub()["cancel_at"], period_end, "ends with this period");
+    assert_eq!(sub()["metadata"][OWNERS_DATE_KEY], owners_date.to_string());
+
+    let (_, staff_key) = app.staff().await;
+    let (status, _) = app
+        .post_json(
+            &format!("/admin/accounts/{carol}/restore"),
+            Some(&staff_key),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(run_renewal_jobs(&app, &renewals, false).await, 1);
+    assert_eq!(sub()["cancel_at_period_end"], false);
+    assert_eq!(sub()["cancel_at"], owners_date, "the owner's date is back");
+    assert!(sub()["metadata"].get(OWNERS_DATE_KEY).is_none());
+    assert_eq!(sub()["metadata"]["plan"], "pro");
 }

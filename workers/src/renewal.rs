@@ -38,6 +38,9 @@ pub const MAX_ATTEMPTS: usize = 12;
 /// by its account's deletion.
 pub const MARK_KEY: &str = "slate_renewal";
 pub const MARK_VALUE: &str = "stopped_for_account_deletion";
+/// The metadata key that keeps the date its owner had set a subscription to
+/// cancel at (after the period the deletion ended it at), for a restore.
+pub const OWNERS_DATE_KEY: &str = "slate_renewal_owner_cancel_at";
 
 /// What the account's subscriptions should do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
