@@ -185,7 +185,9 @@ pub fn subscription_canceller(
 /// so in its metadata, and only that is undone by a restore.
 pub fn subscription_renewal(client: stripe::Client) -> slate_workers::renewal::RenewalSetter {
     use miniserde::json::Value;
-    use slate_workers::renewal::{Changed, MARK_KEY, MARK_VALUE, OWNERS_DATE_KEY, Want};
+    use slate_workers::renewal::{
+        Changed, MARK_KEY, MARK_VALUE, OWNERS_DATE_KEY, PAUSED_INVOICE_KEY, Want,
+    };
     use stripe_billing::subscription::{
         RetrieveSubscription, UpdateSubscription, UpdateSubscriptionCancelAt,
     };
@@ -254,41 +256,63 @@ pub fn subscription_renewal(client: stripe::Client) -> slate_workers::renewal::R
                     "incomplete: its first invoice is unpaid",
                 ));
             }
-            let mark = match (want, ends, marked) {
-                (Want::Stop, false, _) => MARK_VALUE,
-                (Want::Stop, true, true) => {
-                    return Ok(Changed::Unchanged("already set to end by the deletion"));
-                }
-                (Want::Stop, true, false) => {
-                    return Ok(Changed::Unchanged("already set to end by its owner"));
-                }
-                // Stripe unsets a metadata key given an empty value.
-                (Want::Resume, true, true) => "",
-                (Want::Resume, true, false) => {
-                    return Ok(Changed::Unchanged(
-                        "set to end by its owner, not the deletion",
-                    ));
-                }
-                (Want::Resume, false, _) => return Ok(Changed::Unchanged("renews already")),
+            // A renewal already billed and unpaid (`past_due`) is retried
+            // by Stripe whatever the subscription is set to do next: its
+            // invoice's automatic collection is paused too, and resumed by
+            // a restore.
+            let latest_invoice = match sub.get("latest_invoice") {
+                Some(Value::String(i)) => Some(i.clone()),
+                Some(Value::Object(o)) => match o.get("id") {
+                    Some(Value::String(i)) => Some(i.clone()),
+                    _ => None,
+                },
+                _ => None,
             };
+            let paused = metadata(PAUSED_INVOICE_KEY);
+            let invoice = match (want, status, latest_invoice, paused) {
+                (Want::Stop, "past_due", Some(invoice), None) => Some((invoice, false)),
+                (Want::Resume, _, _, Some(invoice)) => Some((invoice, true)),
+                _ => None,
+            };
+            let renewal = match (want, ends, marked) {
+                (Want::Stop, false, _) => Ok(MARK_VALUE),
+                (Want::Stop, true, true) => Err("already set to end by the deletion"),
+                (Want::Stop, true, false) => Err("already set to end by its owner"),
+                // Stripe unsets a metadata key given an empty value.
+                (Want::Resume, true, true) => Ok(""),
+                (Want::Resume, true, false) => Err("set to end by its owner, not the deletion"),
+                (Want::Resume, false, _) => Err("renews already"),
+            };
+            if let (Err(why), None) = (renewal, &invoice) {
+                return Ok(Changed::Unchanged(why));
+            }
+            let mut update = UpdateSubscription::new(id.as_str());
+            let mut marks = std::collections::HashMap::new();
+            if let Some((invoice, collect)) = &invoice {
+                // Refused: paid, voided or gone meanwhile, nothing to pause
+                // or resume.
+                auto_advance(&client, invoice, *collect, &format!("{key}-{invoice}")).await?;
+                let kept = if *collect { "" } else { invoice.as_str() };
+                marks.insert(PAUSED_INVOICE_KEY.to_owned(), kept.to_owned());
+            }
+            if let Ok(mark) = renewal {
+                marks.insert(MARK_KEY.to_owned(), mark.to_owned());
+                match (want, later, owners_date) {
+                    (Want::Stop, Some(at), _) => {
+                        marks.insert(OWNERS_DATE_KEY.to_owned(), at.to_string());
+                        update = update.cancel_at_period_end(true);
+                    }
+                    (Want::Stop, None, _) => update = update.cancel_at_period_end(true),
+                    // Back to the date its owner had chosen.
+                    (Want::Resume, _, Some(at)) => {
+                        marks.insert(OWNERS_DATE_KEY.to_owned(), String::new());
+                        update = update.cancel_at(UpdateSubscriptionCancelAt::Timestamp(at));
+                    }
+                    (Want::Resume, _, None) => update = update.cancel_at_period_end(false),
+                }
+            }
             let key = IdempotencyKey::new(key)
                 .map_err(|_| "the idempotency key is malformed".to_owned())?;
-            let mut update = UpdateSubscription::new(id.as_str());
-            let mut marks =
-                std::collections::HashMap::from([(MARK_KEY.to_owned(), mark.to_owned())]);
-            match (want, later, owners_date) {
-                (Want::Stop, Some(at), _) => {
-                    marks.insert(OWNERS_DATE_KEY.to_owned(), at.to_string());
-                    update = update.cancel_at_period_end(true);
-                }
-                (Want::Stop, None, _) => update = update.cancel_at_period_end(true),
-                // Back to the date its owner had chosen.
-                (Want::Resume, _, Some(at)) => {
-                    marks.insert(OWNERS_DATE_KEY.to_owned(), String::new());
-                    update = update.cancel_at(UpdateSubscriptionCancelAt::Timestamp(at));
-                }
-                (Want::Resume, _, None) => update = update.cancel_at_period_end(false),
-            }
             match update
                 .metadata(marks)
                 .build()
@@ -308,6 +332,45 @@ pub fn subscription_renewal(client: stripe::Client) -> slate_workers::renewal::R
             }
         })
     })
+}
+
+/// Pause (`collect` false) or resume an invoice's automatic collection
+/// (`auto_advance`: Stripe's retries of an unpaid one). `Ok(false)`: Stripe
+/// refused (see [`refusal`]); an `Err` is worth another try.
+async fn auto_advance(
+    client: &stripe::Client,
+    invoice: &str,
+    collect: bool,
+    key: &str,
+) -> Result<bool, String> {
+    use stripe_client_core::{IdempotencyKey, RequestBuilder, RequestStrategy, StripeMethod};
+    #[derive(serde::Serialize)]
+    struct Form {
+        auto_advance: bool,
+    }
+    // The id goes into the request's path.
+    if invoice.is_empty()
+        || !invoice
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Ok(false);
+    }
+    let key =
+        IdempotencyKey::new(key).map_err(|_| "the idempotency key is malformed".to_owned())?;
+    match RequestBuilder::new(StripeMethod::Post, format!("/invoices/{invoice}"))
+        .form(&Form {
+            auto_advance: collect,
+        })
+        .customize::<miniserde::json::Value>()
+        .request_strategy(RequestStrategy::Idempotent(key))
+        .send(client)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(stripe::StripeError::Stripe(_, status)) if refusal(status) => Ok(false),
+        Err(e) => Err(describe(&e)),
+    }
 }
 
 /// Whole seconds (a Stripe timestamp), if `v` is one.

@@ -1133,18 +1133,38 @@ async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
     assert_eq!(last, "Stripe is not configured here");
 }
 
-/// A subscription its owner set to cancel at a date after the current
-/// period renews until then: a deletion stops it at the period's end, and a
-/// restore puts the owner's date back. (Any `cancel_at` counted as ended by
-/// its owner, and such a subscription renewed through the grace period.)
-#[tokio::test]
-async fn a_subscription_set_to_cancel_after_its_period_stops_and_gets_its_date_back() {
-    use slate_workers::renewal::{OWNERS_DATE_KEY, Renewals};
-    let app = crate::stripe::stripe_app().await;
+type Subscriptions = Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>>;
+
+/// A fake Stripe holding subscriptions (see [`RenewableSubscriptions`]) and
+/// invoices (a POST records the form's `auto_advance`), and the renewal
+/// job's dependencies pointed at it.
+async fn fake_stripe_for_renewals(
+    app: &TestApp,
+) -> (
+    MockServer,
+    Subscriptions,
+    Arc<std::sync::Mutex<std::collections::HashMap<String, bool>>>,
+    slate_workers::renewal::Renewals,
+) {
     let stripe = MockServer::start().await;
-    let state = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let subscriptions: Subscriptions = Default::default();
+    let invoices: Arc<std::sync::Mutex<std::collections::HashMap<String, bool>>> =
+        Default::default();
     Mock::given(path_regex("^/v1/subscriptions/sub_[a-z0-9]+$"))
-        .respond_with(RenewableSubscriptions(state.clone()))
+        .respond_with(RenewableSubscriptions(subscriptions.clone()))
+        .mount(&stripe)
+        .await;
+    let recorded = invoices.clone();
+    Mock::given(method("POST"))
+        .and(path_regex("^/v1/invoices/in_[a-z0-9_]+$"))
+        .respond_with(move |request: &Request| {
+            let id = request.url.path().rsplit('/').next().unwrap().to_owned();
+            let body = String::from_utf8_lossy(&request.body).into_owned();
+            let on = body.split('&').any(|p| p == "auto_advance=true");
+            recorded.lock().unwrap().insert(id.clone(), on);
+            ResponseTemplate::new(200).set_body_json(json!({
+                "id": id, "object": "invoice", "status": "open", "auto_advance": on}))
+        })
         .mount(&stripe)
         .await;
     let config = slate::config::Config::from_lookup(|k| match k {
@@ -1153,66 +1173,137 @@ async fn a_subscription_set_to_cancel_after_its_period_stops_and_gets_its_date_b
         _ => None,
     })
     .unwrap();
-    let renewals = Renewals {
+    let renewals = slate_workers::renewal::Renewals {
         pool: app.db.pool.clone(),
         stripe: config
             .stripe_client()
             .unwrap()
             .map(slate::stripe::billing::subscription_renewal),
     };
-    let (carol, carol_key) = crate::billing::key_for(&app).await;
+    (stripe, subscriptions, invoices, renewals)
+}
+
+/// A new account with a subscription mirrored from Stripe's events, and
+/// the fake Stripe's copy of it, shaped by `shape`: (account, key,
+/// subscription id).
+async fn subscribed(
+    app: &TestApp,
+    subscriptions: &Subscriptions,
+    shape: impl FnOnce(&mut Value),
+) -> (Uuid, String, String) {
+    let (account, key) = crate::billing::key_for(app).await;
     let run = Uuid::new_v4().simple().to_string()[..10].to_owned();
     for name in [
         "02_checkout_session_completed_subscription",
         "03_customer_subscription_created",
     ] {
         let (status, _) = app
-            .deliver(&crate::stripe::fixture(name, carol, &run))
+            .deliver(&crate::stripe::fixture(name, account, &run))
             .await;
         assert_eq!(status, 200);
     }
     app.process_stripe().await;
-    let sub_id = format!("sub_{run}");
     let mut object: Value = serde_json::from_str::<Value>(&crate::stripe::fixture(
         "03_customer_subscription_created",
-        carol,
+        account,
         &run,
     ))
     .unwrap()["data"]["object"]
         .clone();
-    let period_end = object["items"]["data"][0]["current_period_end"]
-        .as_i64()
-        .unwrap();
-    let owners_date = period_end + 60 * 86_400;
-    object["cancel_at"] = owners_date.into();
-    state.lock().unwrap().insert(sub_id.clone(), object);
-    let sub = || state.lock().unwrap()[&sub_id].clone();
+    shape(&mut object);
+    let id = format!("sub_{run}");
+    subscriptions.lock().unwrap().insert(id.clone(), object);
+    (account, key, id)
+}
 
+/// Delete the account with its key, then restore it as staff, running the
+/// renewal jobs after each; `between` looks in between.
+async fn delete_then_restore(
+    app: &TestApp,
+    account: Uuid,
+    key: &str,
+    renewals: &slate_workers::renewal::Renewals,
+    between: impl FnOnce(),
+) {
     let r = app
         .client
         .delete(format!("{}/v1/account", app.address))
-        .bearer_auth(&carol_key)
+        .bearer_auth(key)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 202);
-    assert_eq!(run_renewal_jobs(&app, &renewals, false).await, 1);
-    assert_eq!(sub()["cancel_at_period_end"], true);
-    assert_eq!(sub()["cancel_at"], period_end, "ends with this period");
-    assert_eq!(sub()["metadata"][OWNERS_DATE_KEY], owners_date.to_string());
-
+    assert_eq!(run_renewal_jobs(app, renewals, false).await, 1);
+    between();
     let (_, staff_key) = app.staff().await;
     let (status, _) = app
         .post_json(
-            &format!("/admin/accounts/{carol}/restore"),
+            &format!("/admin/accounts/{account}/restore"),
             Some(&staff_key),
             json!({}),
         )
         .await;
     assert_eq!(status, 200);
-    assert_eq!(run_renewal_jobs(&app, &renewals, false).await, 1);
+    assert_eq!(run_renewal_jobs(app, renewals, false).await, 1);
+}
+
+/// A subscription its owner set to cancel at a date after the current
+/// period renews until then: a deletion stops it at the period's end, and a
+/// restore puts the owner's date back. (Any `cancel_at` counted as ended by
+/// its owner, and such a subscription renewed through the grace period.)
+#[tokio::test]
+async fn a_subscription_set_to_cancel_after_its_period_stops_and_gets_its_date_back() {
+    use slate_workers::renewal::OWNERS_DATE_KEY;
+    let app = crate::stripe::stripe_app().await;
+    let (_stripe, subscriptions, _, renewals) = fake_stripe_for_renewals(&app).await;
+    let mut dates = (0, 0);
+    let (carol, key, id) = subscribed(&app, &subscriptions, |sub| {
+        let period_end = sub["items"]["data"][0]["current_period_end"]
+            .as_i64()
+            .unwrap();
+        dates = (period_end, period_end + 60 * 86_400);
+        sub["cancel_at"] = dates.1.into();
+    })
+    .await;
+    let (period_end, owners_date) = dates;
+    let sub = || subscriptions.lock().unwrap()[&id].clone();
+    delete_then_restore(&app, carol, &key, &renewals, || {
+        assert_eq!(sub()["cancel_at_period_end"], true);
+        assert_eq!(sub()["cancel_at"], period_end, "ends with this period");
+        assert_eq!(sub()["metadata"][OWNERS_DATE_KEY], owners_date.to_string());
+    })
+    .await;
     assert_eq!(sub()["cancel_at_period_end"], false);
     assert_eq!(sub()["cancel_at"], owners_date, "the owner's date is back");
     assert!(sub()["metadata"].get(OWNERS_DATE_KEY).is_none());
     assert_eq!(sub()["metadata"]["plan"], "pro");
+}
+
+/// A past-due subscription's unpaid renewal is retried by Stripe whatever
+/// the subscription does next: a deletion pauses that invoice's automatic
+/// collection as well, and a restore resumes it. (Stripe's retries charged
+/// the card during the grace period and credited the deleted account.)
+#[tokio::test]
+async fn a_past_due_renewal_is_not_collected_while_the_account_is_deleted() {
+    use slate_workers::renewal::PAUSED_INVOICE_KEY;
+    let app = crate::stripe::stripe_app().await;
+    let (_stripe, subscriptions, invoices, renewals) = fake_stripe_for_renewals(&app).await;
+    let (dave, key, id) = subscribed(&app, &subscriptions, |sub| {
+        sub["status"] = "past_due".into();
+    })
+    .await;
+    let invoice = subscriptions.lock().unwrap()[&id]["latest_invoice"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let sub = || subscriptions.lock().unwrap()[&id].clone();
+    delete_then_restore(&app, dave, &key, &renewals, || {
+        assert_eq!(invoices.lock().unwrap().get(&invoice), Some(&false));
+        assert_eq!(sub()["cancel_at_period_end"], true);
+        assert_eq!(sub()["metadata"][PAUSED_INVOICE_KEY], invoice.as_str());
+    })
+    .await;
+    assert_eq!(invoices.lock().unwrap().get(&invoice), Some(&true));
+    assert_eq!(sub()["cancel_at_period_end"], false);
+    assert!(sub()["metadata"].get(PAUSED_INVOICE_KEY).is_none());
 }

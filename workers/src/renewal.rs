@@ -41,6 +41,10 @@ pub const MARK_VALUE: &str = "stopped_for_account_deletion";
 /// The metadata key that keeps the date its owner had set a subscription to
 /// cancel at (after the period the deletion ended it at), for a restore.
 pub const OWNERS_DATE_KEY: &str = "slate_renewal_owner_cancel_at";
+/// The metadata key that names the unpaid invoice whose automatic
+/// collection the deletion paused (a `past_due` subscription's), for a
+/// restore.
+pub const PAUSED_INVOICE_KEY: &str = "slate_renewal_paused_invoice";
 
 /// What the account's subscriptions should do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
