@@ -258,8 +258,10 @@ pub fn subscription_renewal(client: stripe::Client) -> slate_workers::renewal::R
             }
             // A renewal already billed and unpaid (`past_due`) is retried
             // by Stripe whatever the subscription is set to do next: its
-            // invoice's automatic collection is paused too, and resumed by
-            // a restore.
+            // invoice's automatic collection is paused too, if it was on,
+            // and turned on again by a restore. The subscription's metadata
+            // names it before it is paused, so that a restore finds it
+            // whatever happened in between.
             let latest_invoice = match sub.get("latest_invoice") {
                 Some(Value::String(i)) => Some(i.clone()),
                 Some(Value::Object(o)) => match o.get("id") {
@@ -269,8 +271,13 @@ pub fn subscription_renewal(client: stripe::Client) -> slate_workers::renewal::R
                 _ => None,
             };
             let paused = metadata(PAUSED_INVOICE_KEY);
-            let invoice = match (want, status, latest_invoice, paused) {
-                (Want::Stop, "past_due", Some(invoice), None) => Some((invoice, false)),
+            let invoice = match (want, status, latest_invoice, paused.clone()) {
+                // Named by an earlier run, which may have died before the
+                // pause: pausing again is harmless.
+                (Want::Stop, _, _, Some(invoice)) => Some((invoice, false)),
+                (Want::Stop, "past_due", Some(invoice), None) => collecting(&client, &invoice)
+                    .await?
+                    .then_some((invoice, false)),
                 (Want::Resume, _, _, Some(invoice)) => Some((invoice, true)),
                 _ => None,
             };
@@ -283,55 +290,101 @@ pub fn subscription_renewal(client: stripe::Client) -> slate_workers::renewal::R
                 (Want::Resume, true, false) => Err("set to end by its owner, not the deletion"),
                 (Want::Resume, false, _) => Err("renews already"),
             };
-            if let (Err(why), None) = (renewal, &invoice) {
-                return Ok(Changed::Unchanged(why));
+            let invoice_key = |invoice: &str| format!("{key}-{invoice}");
+            // A restore turns collection on again before it forgets the
+            // invoice.
+            if let Some((invoice, true)) = &invoice {
+                auto_advance(&client, invoice, true, &invoice_key(invoice)).await?;
             }
-            let mut update = UpdateSubscription::new(id.as_str());
             let mut marks = std::collections::HashMap::new();
-            if let Some((invoice, collect)) = &invoice {
-                // Refused: paid, voided or gone meanwhile, nothing to pause
-                // or resume.
-                auto_advance(&client, invoice, *collect, &format!("{key}-{invoice}")).await?;
-                let kept = if *collect { "" } else { invoice.as_str() };
-                marks.insert(PAUSED_INVOICE_KEY.to_owned(), kept.to_owned());
+            let mut update = UpdateSubscription::new(id.as_str());
+            match &invoice {
+                Some((invoice, false)) if paused.is_none() => {
+                    marks.insert(PAUSED_INVOICE_KEY.to_owned(), invoice.clone());
+                }
+                Some((_, true)) => {
+                    marks.insert(PAUSED_INVOICE_KEY.to_owned(), String::new());
+                }
+                _ => {}
             }
             if let Ok(mark) = renewal {
                 marks.insert(MARK_KEY.to_owned(), mark.to_owned());
-                match (want, later, owners_date) {
-                    (Want::Stop, Some(at), _) => {
-                        marks.insert(OWNERS_DATE_KEY.to_owned(), at.to_string());
+                match (want, owners_date) {
+                    (Want::Stop, _) => {
+                        let kept = later.map(|at| at.to_string()).unwrap_or_default();
+                        marks.insert(OWNERS_DATE_KEY.to_owned(), kept);
                         update = update.cancel_at_period_end(true);
                     }
-                    (Want::Stop, None, _) => update = update.cancel_at_period_end(true),
                     // Back to the date its owner had chosen.
-                    (Want::Resume, _, Some(at)) => {
+                    (Want::Resume, Some(at)) => {
                         marks.insert(OWNERS_DATE_KEY.to_owned(), String::new());
                         update = update.cancel_at(UpdateSubscriptionCancelAt::Timestamp(at));
                     }
-                    (Want::Resume, _, None) => update = update.cancel_at_period_end(false),
+                    (Want::Resume, None) => update = update.cancel_at_period_end(false),
                 }
             }
-            let key = IdempotencyKey::new(key)
-                .map_err(|_| "the idempotency key is malformed".to_owned())?;
-            match update
-                .metadata(marks)
-                .build()
-                .customize::<Value>()
-                .request_strategy(RequestStrategy::Idempotent(key))
-                .send(&*client)
-                .await
-            {
-                Ok(_) => Ok(Changed::Done),
-                Err(stripe::StripeError::Stripe(_, 404)) => {
-                    Ok(Changed::Unchanged("unknown to Stripe"))
+            let outcome = if marks.is_empty() {
+                // Nothing to write on the subscription itself.
+                Changed::Unchanged(renewal.err().unwrap_or("unchanged"))
+            } else {
+                let key = IdempotencyKey::new(key.as_str())
+                    .map_err(|_| "the idempotency key is malformed".to_owned())?;
+                match update
+                    .metadata(marks)
+                    .build()
+                    .customize::<Value>()
+                    .request_strategy(RequestStrategy::Idempotent(key))
+                    .send(&*client)
+                    .await
+                {
+                    Ok(_) => match renewal {
+                        Ok(_) => Changed::Done,
+                        Err(why) => Changed::Unchanged(why),
+                    },
+                    Err(stripe::StripeError::Stripe(_, 404)) => {
+                        return Ok(Changed::Unchanged("unknown to Stripe"));
+                    }
+                    Err(stripe::StripeError::Stripe(_, status)) if refusal(status) => {
+                        return Ok(Changed::Refused(status));
+                    }
+                    Err(e) => return Err(describe(&e)),
                 }
-                Err(stripe::StripeError::Stripe(_, status)) if refusal(status) => {
-                    Ok(Changed::Refused(status))
-                }
-                Err(e) => Err(describe(&e)),
+            };
+            // Named now: pause it.
+            if let Some((invoice, false)) = &invoice {
+                auto_advance(&client, invoice, false, &invoice_key(invoice)).await?;
             }
+            Ok(outcome)
         })
     })
+}
+
+/// Whether an invoice is open and collected automatically (Stripe retries
+/// it). `Ok(false)` also when Stripe refuses to say (see [`refusal`]).
+async fn collecting(client: &stripe::Client, invoice: &str) -> Result<bool, String> {
+    use miniserde::json::Value;
+    use stripe_client_core::{RequestBuilder, StripeMethod};
+    if !is_stripe_id(invoice) {
+        return Ok(false);
+    }
+    match RequestBuilder::new(StripeMethod::Get, format!("/invoices/{invoice}"))
+        .customize::<Value>()
+        .send(client)
+        .await
+    {
+        Ok(Value::Object(o)) => Ok(
+            matches!(o.get("status"), Some(Value::String(s)) if s == "open")
+                && matches!(o.get("auto_advance"), Some(Value::Bool(true))),
+        ),
+        Ok(_) => Err("Stripe's answer was unreadable".into()),
+        Err(stripe::StripeError::Stripe(_, status)) if refusal(status) => Ok(false),
+        Err(e) => Err(describe(&e)),
+    }
+}
+
+/// An id that may go into a request's path.
+fn is_stripe_id(id: &str) -> bool {
+    !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// Pause (`collect` false) or resume an invoice's automatic collection
@@ -348,12 +401,7 @@ async fn auto_advance(
     struct Form {
         auto_advance: bool,
     }
-    // The id goes into the request's path.
-    if invoice.is_empty()
-        || !invoice
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-    {
+    if !is_stripe_id(invoice) {
         return Ok(false);
     }
     let key =

@@ -1071,6 +1071,10 @@ async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
     // The mirror still says it renews (Stripe's event has not come), but
     // the outcome is recorded.
     assert_eq!(sweep(30).await, 0);
+    // A second stop (a duplicate job) changes nothing and says so.
+    slate_workers::renewal::reconcile(&renewals, alice, "a-duplicate", 1)
+        .await
+        .unwrap();
 
     // Restored without a job: the one the deletion stopped renews again.
     slate_events::accounts::restore(
@@ -1136,8 +1140,8 @@ async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
 type Subscriptions = Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>>;
 
 /// A fake Stripe holding subscriptions (see [`RenewableSubscriptions`]) and
-/// invoices (a POST records the form's `auto_advance`), and the renewal
-/// job's dependencies pointed at it.
+/// open invoices (a POST sets the form's `auto_advance`, a GET reads it;
+/// true until set), and the renewal job's dependencies pointed at it.
 async fn fake_stripe_for_renewals(
     app: &TestApp,
 ) -> (
@@ -1155,13 +1159,16 @@ async fn fake_stripe_for_renewals(
         .mount(&stripe)
         .await;
     let recorded = invoices.clone();
-    Mock::given(method("POST"))
-        .and(path_regex("^/v1/invoices/in_[a-z0-9_]+$"))
+    Mock::given(path_regex("^/v1/invoices/in_[a-z0-9_]+$"))
         .respond_with(move |request: &Request| {
             let id = request.url.path().rsplit('/').next().unwrap().to_owned();
-            let body = String::from_utf8_lossy(&request.body).into_owned();
-            let on = body.split('&').any(|p| p == "auto_advance=true");
-            recorded.lock().unwrap().insert(id.clone(), on);
+            let mut invoices = recorded.lock().unwrap();
+            if request.method.as_str() == "POST" {
+                let body = String::from_utf8_lossy(&request.body).into_owned();
+                let on = body.split('&').any(|p| p == "auto_advance=true");
+                invoices.insert(id.clone(), on);
+            }
+            let on = invoices.get(&id).copied().unwrap_or(true);
             ResponseTemplate::new(200).set_body_json(json!({
                 "id": id, "object": "invoice", "status": "open", "auto_advance": on}))
         })
@@ -1306,4 +1313,23 @@ async fn a_past_due_renewal_is_not_collected_while_the_account_is_deleted() {
     assert_eq!(invoices.lock().unwrap().get(&invoice), Some(&true));
     assert_eq!(sub()["cancel_at_period_end"], false);
     assert!(sub()["metadata"].get(PAUSED_INVOICE_KEY).is_none());
+
+    // One whose unpaid invoice was no longer collected (retries over, or
+    // collected by hand) is left so: a restore does not start charging it.
+    let (erin, key, id) = subscribed(&app, &subscriptions, |sub| {
+        sub["status"] = "past_due".into();
+    })
+    .await;
+    let invoice = subscriptions.lock().unwrap()[&id]["latest_invoice"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    invoices.lock().unwrap().insert(invoice.clone(), false);
+    let sub = || subscriptions.lock().unwrap()[&id].clone();
+    delete_then_restore(&app, erin, &key, &renewals, || {
+        assert_eq!(sub()["cancel_at_period_end"], true);
+        assert!(sub()["metadata"].get(PAUSED_INVOICE_KEY).is_none());
+    })
+    .await;
+    assert_eq!(invoices.lock().unwrap().get(&invoice), Some(&false));
 }

@@ -199,8 +199,9 @@ pub async fn reconcile(
 /// no outcome recorded since the deletion (an account deleted before this
 /// job existed, a subscription mirrored after the job ran, a job that died
 /// retrying through a long Stripe outage), and a restored one whose
-/// subscription the deletion set to end and nothing has set to renew since.
-/// An outcome of any kind, a refusal included, is the end of it.
+/// subscription's last outcome is a deletion's. An outcome of any kind in
+/// the right direction, a refusal included, is the end of it; an account
+/// with a renewal job waiting, running or to be retried is left to it.
 pub async fn schedule_missing(pool: &PgPool) -> anyhow::Result<usize> {
     let due: Vec<Uuid> = sqlx::query_scalar(
         "with outcomes as (
@@ -219,11 +220,22 @@ pub async fn schedule_missing(pool: &PgPool) -> anyhow::Result<usize> {
               where a.purged_at is null
                 and s.status not in ('canceled', 'incomplete_expired', 'incomplete')
                 and (a.deleted_at is not null) <> s.cancel_at_period_end)
-         select distinct account_id from outcomes
+         select distinct o.account_id from outcomes o
           where case when deleted
-                     then last is null or split_part(last, ':', 1)::bigint < deleted_at_position
-                     else last like '%:false:true' end",
+                     -- nothing since the deletion, or a restore's last
+                     then last is null or split_part(last, ':', 2) = 'true'
+                          or split_part(last, ':', 1)::bigint < deleted_at_position
+                     -- a deletion's last
+                     else split_part(last, ':', 2) = 'false' end
+            -- a job of the account's waiting, running or to be retried
+            and not exists (
+                select 1 from apalis.jobs j
+                 where j.job_type = $1
+                   and convert_from(j.job, 'UTF8')::jsonb->>'account_id' = o.account_id::text
+                   and not (j.status in ('Done', 'Killed')
+                            or (j.status = 'Failed' and j.attempts >= j.max_attempts)))",
     )
+    .bind(QUEUE)
     .fetch_all(pool)
     .await?;
     let mut enqueued = 0;
