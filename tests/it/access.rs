@@ -946,15 +946,7 @@ async fn a_submission_authenticated_before_a_deletion_never_runs_for_the_deleted
 
     // In flight: the submission has reserved and recorded, not committed,
     // when the deletion starts. The deletion waits for it, then cancels it.
-    let alice = crate::credits::new_account(&mut conn).await;
-    crate::credits::grant(
-        &mut conn,
-        alice,
-        50,
-        slate_events::catalog::GrantSource::Purchase,
-        None,
-    )
-    .await;
+    let alice = with_50_credits(&mut conn).await;
     let submission = video_for(alice);
     let mut tx = db.pool.begin().await.unwrap();
     let (outcome, _wake) = slate_workers::generations::submit(&mut tx, &submission, &meta, 5)
@@ -962,24 +954,7 @@ async fn a_submission_authenticated_before_a_deletion_never_runs_for_the_deleted
         .unwrap();
     assert!(matches!(outcome, Submitted::Accepted { .. }));
     let deletion = delete(alice);
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let waiting: bool = sqlx::query_scalar(
-            "select exists(select 1 from pg_stat_activity
-                            where datname = current_database() and wait_event_type = 'Lock')",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        if waiting || deletion.is_finished() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the deletion never ran"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    until_waiting_for_a_lock(&db, &deletion, "the deletion never ran").await;
     tx.commit().await.unwrap();
     deletion.await.unwrap();
     let (status, reason): (String, Option<String>) =
@@ -997,15 +972,7 @@ async fn a_submission_authenticated_before_a_deletion_never_runs_for_the_deleted
 
     // After: the deletion committed first; the submission is refused and
     // writes nothing.
-    let bob = crate::credits::new_account(&mut conn).await;
-    crate::credits::grant(
-        &mut conn,
-        bob,
-        50,
-        slate_events::catalog::GrantSource::Purchase,
-        None,
-    )
-    .await;
+    let bob = with_50_credits(&mut conn).await;
     delete(bob).await.unwrap();
     let submission = video_for(bob);
     let mut tx = db.pool.begin().await.unwrap();
@@ -1025,15 +992,7 @@ async fn a_submission_authenticated_before_a_deletion_never_runs_for_the_deleted
 
     // The deletion first, not committed yet, when the submission arrives:
     // the submission waits for it and is refused.
-    let carol = crate::credits::new_account(&mut conn).await;
-    crate::credits::grant(
-        &mut conn,
-        carol,
-        50,
-        slate_events::catalog::GrantSource::Purchase,
-        None,
-    )
-    .await;
+    let carol = with_50_credits(&mut conn).await;
     let mut deletion = db.pool.begin().await.unwrap();
     slate_events::accounts::request_deletion(
         &mut deletion,
@@ -1057,6 +1016,23 @@ async fn a_submission_authenticated_before_a_deletion_never_runs_for_the_deleted
         tx.rollback().await.unwrap();
         outcome
     });
+    until_waiting_for_a_lock(&db, &submitting, "the submission never ran").await;
+    deletion.commit().await.unwrap();
+    let outcome = submitting.await.unwrap();
+    assert!(
+        matches!(outcome, Ok(Submitted::AccountDeleted)),
+        "{outcome:?}"
+    );
+    assert_eq!(released(carol).await, (50, 0));
+}
+
+/// Wait until a session of the test's database waits for a lock, or `task`
+/// has finished (then there was nothing to wait for).
+async fn until_waiting_for_a_lock<T>(
+    db: &crate::harness::TestDb,
+    task: &tokio::task::JoinHandle<T>,
+    never: &str,
+) {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let waiting: bool = sqlx::query_scalar(
@@ -1066,20 +1042,24 @@ async fn a_submission_authenticated_before_a_deletion_never_runs_for_the_deleted
         .fetch_one(&db.pool)
         .await
         .unwrap();
-        if waiting || submitting.is_finished() {
-            break;
+        if waiting || task.is_finished() {
+            return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the submission never ran"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "{never}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    deletion.commit().await.unwrap();
-    let outcome = submitting.await.unwrap();
-    assert!(
-        matches!(outcome, Ok(Submitted::AccountDeleted)),
-        "{outcome:?}"
-    );
-    assert_eq!(released(carol).await, (50, 0));
+}
+
+/// A new account with 50 purchased credits.
+async fn with_50_credits(conn: &mut sqlx::PgConnection) -> Uuid {
+    let account = crate::credits::new_account(conn).await;
+    crate::credits::grant(
+        conn,
+        account,
+        50,
+        slate_events::catalog::GrantSource::Purchase,
+        None,
+    )
+    .await;
+    account
 }

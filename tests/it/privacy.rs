@@ -755,77 +755,37 @@ async fn run_renewal_jobs(
 /// the card and credited an account its owner could not reach.)
 #[tokio::test]
 async fn a_deleted_accounts_subscriptions_stop_renewing_until_it_is_restored() {
-    use slate_workers::renewal::{Changed, MARK_KEY, MARK_VALUE, Renewals};
+    use slate_workers::renewal::{Changed, MARK_KEY, MARK_VALUE};
     let app = crate::stripe::stripe_app().await;
     let (_, staff_key) = app.staff().await;
-    let stripe = MockServer::start().await;
-    let state = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
-    Mock::given(path_regex("^/v1/subscriptions/sub_[a-z0-9]+$"))
-        .and(header("authorization", "Bearer sk_test_purge"))
-        .respond_with(RenewableSubscriptions(state.clone()))
-        .mount(&stripe)
-        .await;
-    let config = slate::config::Config::from_lookup(|k| match k {
-        "STRIPE_API_KEY" => Some("sk_test_purge".into()),
-        "STRIPE_API_BASE" => Some(stripe.uri()),
-        _ => None,
-    })
-    .unwrap();
-    let renewals = Renewals {
-        pool: app.db.pool.clone(),
-        stripe: config
-            .stripe_client()
-            .unwrap()
-            .map(slate::stripe::billing::subscription_renewal),
-    };
+    let (stripe, state, _, renewals) = fake_stripe_for_renewals(&app).await;
 
     // Alice's subscription renews; Bob had set his to end (the portal's
     // cancel). Both are mirrored from Stripe's events.
-    let mut people = Vec::new();
-    for owner_ends_it in [false, true] {
-        let (account, key) = crate::billing::key_for(&app).await;
-        let run = Uuid::new_v4().simple().to_string()[..10].to_owned();
-        for name in [
-            "02_checkout_session_completed_subscription",
+    let (alice, alice_key, alice_sub) = subscribed(&app, &state, |_| {}).await;
+    let (bob, bob_key, bob_sub) = subscribed(&app, &state, |sub| {
+        sub["cancel_at_period_end"] = true.into();
+    })
+    .await;
+    // A second one of Alice's, which Stripe will not change (and which
+    // comes first): it does not hold up the other.
+    let other = format!("0{}", &alice_sub["sub_".len()..]);
+    let (status, _) = app
+        .deliver(&crate::stripe::fixture(
             "03_customer_subscription_created",
-        ] {
-            let (status, _) = app
-                .deliver(&crate::stripe::fixture(name, account, &run))
-                .await;
-            assert_eq!(status, 200);
-        }
-        let mut sub: Value = serde_json::from_str::<Value>(&crate::stripe::fixture(
-            "03_customer_subscription_created",
-            account,
-            &run,
+            alice,
+            &other,
         ))
-        .unwrap()["data"]["object"]
-            .clone();
-        sub["cancel_at_period_end"] = owner_ends_it.into();
-        state
-            .lock()
-            .unwrap()
-            .insert(format!("sub_{run}"), sub.clone());
-        if !owner_ends_it {
-            // A second one of Alice's, which Stripe will not change (and
-            // which comes first): it does not hold up the other.
-            let other = format!("0{}", &run[1..]);
-            let (status, _) = app
-                .deliver(&crate::stripe::fixture(
-                    "03_customer_subscription_created",
-                    account,
-                    &other,
-                ))
-                .await;
-            assert_eq!(status, 200);
-            sub["id"] = format!("sub_{other}").into();
-            sub["x_refuse_updates"] = true.into();
-            state.lock().unwrap().insert(format!("sub_{other}"), sub);
-        }
-        people.push((account, key, format!("sub_{run}")));
-    }
+        .await;
+    assert_eq!(status, 200);
     app.process_stripe().await;
-    let [(alice, alice_key, alice_sub), (bob, bob_key, bob_sub)] = people.try_into().unwrap();
+    let mut refused = state.lock().unwrap()[&alice_sub].clone();
+    refused["id"] = format!("sub_{other}").into();
+    refused["x_refuse_updates"] = true.into();
+    state
+        .lock()
+        .unwrap()
+        .insert(format!("sub_{other}"), refused);
     let sub = |id: &str| state.lock().unwrap()[id].clone();
     let posts = async || {
         stripe
@@ -998,48 +958,9 @@ async fn a_deleted_accounts_subscriptions_stop_renewing_until_it_is_restored() {
 /// that and the sweep lets it be.
 #[tokio::test]
 async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
-    use slate_workers::renewal::Renewals;
     let app = crate::stripe::stripe_app().await;
-    let stripe = MockServer::start().await;
-    let state = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
-    Mock::given(path_regex("^/v1/subscriptions/sub_[a-z0-9]+$"))
-        .respond_with(RenewableSubscriptions(state.clone()))
-        .mount(&stripe)
-        .await;
-    let config = slate::config::Config::from_lookup(|k| match k {
-        "STRIPE_API_KEY" => Some("sk_test_purge".into()),
-        "STRIPE_API_BASE" => Some(stripe.uri()),
-        _ => None,
-    })
-    .unwrap();
-    let renewals = Renewals {
-        pool: app.db.pool.clone(),
-        stripe: config
-            .stripe_client()
-            .unwrap()
-            .map(slate::stripe::billing::subscription_renewal),
-    };
-    let (alice, _) = crate::billing::key_for(&app).await;
-    let run = Uuid::new_v4().simple().to_string()[..10].to_owned();
-    for name in [
-        "02_checkout_session_completed_subscription",
-        "03_customer_subscription_created",
-    ] {
-        let (status, _) = app
-            .deliver(&crate::stripe::fixture(name, alice, &run))
-            .await;
-        assert_eq!(status, 200);
-    }
-    app.process_stripe().await;
-    let sub_id = format!("sub_{run}");
-    let object: Value = serde_json::from_str::<Value>(&crate::stripe::fixture(
-        "03_customer_subscription_created",
-        alice,
-        &run,
-    ))
-    .unwrap()["data"]["object"]
-        .clone();
-    state.lock().unwrap().insert(sub_id.clone(), object);
+    let (_stripe, state, _, renewals) = fake_stripe_for_renewals(&app).await;
+    let (alice, _, sub_id) = subscribed(&app, &state, |_| {}).await;
     let sweep = async |minutes: i64| {
         let at = chrono::Utc::now() + chrono::Duration::minutes(minutes);
         slate_workers::sweeper::sweep(&app.db.pool, at)
@@ -1119,7 +1040,7 @@ async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
     .await
     .unwrap();
     assert_eq!(sweep(60).await, 1);
-    let unconfigured = Renewals {
+    let unconfigured = slate_workers::renewal::Renewals {
         pool: app.db.pool.clone(),
         stripe: None,
     };
