@@ -811,6 +811,17 @@ async fn signing_in_within_thirty_days_of_deleting_restores_the_account() {
         account.to_string(),
         "{restored_by}"
     );
+    // The deletion's renewal job and the restore's, which makes the
+    // subscriptions the deletion stopped renew again.
+    let renewal_jobs: i64 = sqlx::query_scalar(
+        "select count(*) from apalis.jobs where job_type = 'slate.renewal'
+            and convert_from(job, 'UTF8')::jsonb->>'account_id' = $1",
+    )
+    .bind(account.to_string())
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(renewal_jobs, 2);
 
     // Deleted again, and the grace period is over (purge not yet run).
     let mut tx = app.db.pool.begin().await.unwrap();
