@@ -135,24 +135,7 @@ async fn thirty_days_after_deletion_the_purge_erases_everything_personal_once_ev
 
     // Alice subscribes (Stripe events shaped like the real ones), has
     // credits and makes something; so does Bob.
-    let run = Uuid::new_v4().simple().to_string()[..10].to_owned();
-    for name in [
-        "02_checkout_session_completed_subscription",
-        "03_customer_subscription_created",
-    ] {
-        let (status, _) = app
-            .deliver(&crate::stripe::fixture(name, alice, &run))
-            .await;
-        assert_eq!(status, 200);
-    }
-    app.process_stripe().await;
-    let subscription: Value = serde_json::from_str::<Value>(&crate::stripe::fixture(
-        "03_customer_subscription_created",
-        alice,
-        &run,
-    ))
-    .unwrap()["data"]["object"]
-        .clone();
+    let (run, subscription) = subscribe(&app, alice).await;
     let stripe = fake_stripe(subscription).await;
     let email_api = fake_email_api().await;
     for (account, key) in [(alice, &alice_key), (bob, &bob_key)] {
@@ -1120,6 +1103,17 @@ async fn subscribed(
     shape: impl FnOnce(&mut Value),
 ) -> (Uuid, String, String) {
     let (account, key) = crate::billing::key_for(app).await;
+    let (run, mut object) = subscribe(app, account).await;
+    shape(&mut object);
+    let id = format!("sub_{run}");
+    subscriptions.lock().unwrap().insert(id.clone(), object);
+    (account, key, id)
+}
+
+/// `account` subscribes: Stripe's checkout and subscription events
+/// delivered and processed. Returns the run tag in their ids and the
+/// subscription object.
+async fn subscribe(app: &TestApp, account: Uuid) -> (String, Value) {
     let run = Uuid::new_v4().simple().to_string()[..10].to_owned();
     for name in [
         "02_checkout_session_completed_subscription",
@@ -1131,17 +1125,14 @@ async fn subscribed(
         assert_eq!(status, 200);
     }
     app.process_stripe().await;
-    let mut object: Value = serde_json::from_str::<Value>(&crate::stripe::fixture(
+    let object = serde_json::from_str::<Value>(&crate::stripe::fixture(
         "03_customer_subscription_created",
         account,
         &run,
     ))
     .unwrap()["data"]["object"]
         .clone();
-    shape(&mut object);
-    let id = format!("sub_{run}");
-    subscriptions.lock().unwrap().insert(id.clone(), object);
-    (account, key, id)
+    (run, object)
 }
 
 /// Delete the account with its key, then restore it as staff, running the
