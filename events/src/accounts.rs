@@ -114,7 +114,7 @@ pub async fn request_deletion(
     // generation below locks it, and a worker capturing one locks it before
     // appending to the same stream; taken the other way round, the two
     // deadlocked.
-    sqlx::query("select 1 from credit_accounts where account_id = $1 for update")
+    sqlx::query("select credit_lock_account($1)")
         .bind(account_id)
         .execute(&mut *conn)
         .await?;

@@ -364,7 +364,7 @@ pub fn subscription_renewal(client: stripe::Client) -> slate_workers::renewal::R
 async fn collecting(client: &stripe::Client, invoice: &str) -> Result<bool, String> {
     use miniserde::json::Value;
     use stripe_client_core::{RequestBuilder, StripeMethod};
-    if !is_stripe_id(invoice) {
+    if !super::is_id(invoice) {
         return Ok(false);
     }
     match RequestBuilder::new(StripeMethod::Get, format!("/invoices/{invoice}"))
@@ -382,11 +382,6 @@ async fn collecting(client: &stripe::Client, invoice: &str) -> Result<bool, Stri
     }
 }
 
-/// An id that may go into a request's path.
-fn is_stripe_id(id: &str) -> bool {
-    !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-}
-
 /// Pause (`collect` false) or resume an invoice's automatic collection
 /// (`auto_advance`: Stripe's retries of an unpaid one). `Ok(false)`: Stripe
 /// refused (see [`refusal`]); an `Err` is worth another try.
@@ -401,7 +396,7 @@ async fn auto_advance(
     struct Form {
         auto_advance: bool,
     }
-    if !is_stripe_id(invoice) {
+    if !super::is_id(invoice) {
         return Ok(false);
     }
     let key =

@@ -66,10 +66,7 @@ pub fn refetcher(client: stripe::Client) -> slate_events::stripe::Refetcher {
         #[serde(skip_serializing_if = "Option::is_none")]
         starting_after: Option<&'a str>,
     }
-    // Ids go into the request's path and query.
-    fn is_id(id: &str) -> bool {
-        !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-    }
+    use super::is_id;
     let client = std::sync::Arc::new(client);
     std::sync::Arc::new(move |what: Refetch| {
         let client = client.clone();

@@ -176,15 +176,24 @@ async fn erase(conn: &mut PgConnection, account_id: Uuid) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn cancel_subscriptions(p: &Purger, account_id: Uuid) -> anyhow::Result<String> {
-    let live: Vec<String> = sqlx::query_scalar(
+/// The account's subscriptions that have not ended, as mirrored from
+/// Stripe, in id order.
+pub async fn live_subscriptions(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
         "select subscription_id from stripe_subscriptions
           where account_id = $1 and status not in ('canceled', 'incomplete_expired')
           order by subscription_id",
     )
     .bind(account_id)
-    .fetch_all(&p.pool)
-    .await?;
+    .fetch_all(conn)
+    .await
+}
+
+async fn cancel_subscriptions(p: &Purger, account_id: Uuid) -> anyhow::Result<String> {
+    let live = live_subscriptions(&mut *p.pool.acquire().await?, account_id).await?;
     if live.is_empty() {
         return Ok("no live subscription".into());
     }

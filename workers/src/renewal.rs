@@ -126,18 +126,11 @@ pub async fn reconcile(
         Some((true, false)) => Want::Stop,
         Some((false, false)) => Want::Resume,
     };
-    let live: Vec<String> = sqlx::query_scalar(
-        "select subscription_id from stripe_subscriptions
-          where account_id = $1 and status not in ('canceled', 'incomplete_expired')
-          order by subscription_id",
-    )
-    .bind(account_id)
-    .fetch_all(&mut *lock)
-    .await?;
+    let live = crate::purge::live_subscriptions(&mut lock, account_id).await?;
     if live.is_empty() {
         return Ok(Vec::new());
     }
-    let stripe = r.stripe.clone();
+    let stripe = r.stripe.as_ref();
     if stripe.is_none() {
         tracing::error!(
             "the account has live Stripe subscriptions and Stripe is not configured here; they are left as they are"
@@ -151,7 +144,7 @@ pub async fn reconcile(
     let mut failed = None;
     for id in live {
         let key = format!("slate-renewal-{job}-{attempt}-{direction}-{id}");
-        let changed = match &stripe {
+        let changed = match stripe {
             None => Ok(Changed::Unchanged("Stripe is not configured here")),
             Some(stripe) => stripe(id.clone(), want, key).await,
         };
@@ -204,34 +197,33 @@ pub async fn reconcile(
 /// with a renewal job waiting, running or to be retried is left to it.
 pub async fn schedule_missing(pool: &PgPool) -> anyhow::Result<usize> {
     let due: Vec<Uuid> = sqlx::query_scalar(
-        "with outcomes as (
-             select s.account_id, s.subscription_id, s.cancel_at_period_end,
-                    a.deleted_at is not null as deleted,
-                    (select max(e.global_position) from events e
-                      where e.stream_id = 'account-' || a.account_id
-                        and e.event_type = 'AccountDeletionRequested') as deleted_at_position,
-                    (select e.global_position || ':' || (e.payload->>'renews') || ':' || (e.payload->>'changed')
-                       from events e
-                      where e.stream_id = 'account-' || a.account_id
-                        and e.event_type = 'SubscriptionRenewalChanged'
-                        and e.payload->>'subscription_id' = s.subscription_id
-                      order by e.global_position desc limit 1) as last
-               from stripe_subscriptions s join accounts a using (account_id)
-              where a.purged_at is null
-                and s.status not in ('canceled', 'incomplete_expired', 'incomplete')
-                and (a.deleted_at is not null) <> s.cancel_at_period_end)
-         select distinct o.account_id from outcomes o
-          where case when deleted
+        "select distinct s.account_id
+           from stripe_subscriptions s join accounts a using (account_id)
+           -- the subscription's last outcome
+           left join lateral (
+               select e.global_position, (e.payload->>'renews')::bool as renews
+                 from events e
+                where e.stream_id = 'account-' || a.account_id
+                  and e.event_type = 'SubscriptionRenewalChanged'
+                  and e.payload->>'subscription_id' = s.subscription_id
+                order by e.global_position desc limit 1) last on true
+          where a.purged_at is null
+            and s.status not in ('canceled', 'incomplete_expired', 'incomplete')
+            and (a.deleted_at is not null) <> s.cancel_at_period_end
+            and case when a.deleted_at is not null
                      -- nothing since the deletion, or a restore's last
-                     then last is null or split_part(last, ':', 2) = 'true'
-                          or split_part(last, ':', 1)::bigint < deleted_at_position
+                     then last.global_position is null or last.renews
+                          or last.global_position < (
+                              select max(e.global_position) from events e
+                               where e.stream_id = 'account-' || a.account_id
+                                 and e.event_type = 'AccountDeletionRequested')
                      -- a deletion's last
-                     else split_part(last, ':', 2) = 'false' end
+                     else not last.renews end
             -- a job of the account's waiting, running or to be retried
             and not exists (
                 select 1 from apalis.jobs j
                  where j.job_type = $1
-                   and convert_from(j.job, 'UTF8')::jsonb->>'account_id' = o.account_id::text
+                   and convert_from(j.job, 'UTF8')::jsonb->>'account_id' = s.account_id::text
                    and not (j.status in ('Done', 'Killed')
                             or (j.status = 'Failed' and j.attempts >= j.max_attempts)))",
     )
