@@ -519,14 +519,7 @@ async fn an_impersonation_issues_no_credentials_and_ends_with_its_accounts_delet
     assert_eq!(r.status().as_u16(), 200);
 
     // The user deletes the account: the impersonation ends with it.
-    let r = app
-        .client
-        .delete(format!("{}/v1/account", app.address))
-        .bearer_auth(&user_key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(app.delete_account(&user_key).await, 202);
     let r = as_user(reqwest::Method::GET, "/v1/credits")
         .send()
         .await
@@ -731,14 +724,7 @@ async fn deleting_an_account_stops_access_at_once_and_staff_can_restore_it_withi
         .await;
     let generation = g["id"].as_str().unwrap().to_owned();
 
-    let r = app
-        .client
-        .delete(format!("{}/v1/account", app.address))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(app.delete_account(&key).await, 202);
     assert_eq!(
         app.get_as("/v1/credits", Some(&key)).await.0,
         401,
@@ -766,13 +752,7 @@ async fn deleting_an_account_stops_access_at_once_and_staff_can_restore_it_withi
 
     // Staff restore it within the grace period; a new key works.
     let (_, staff_key) = app.staff().await;
-    let (status, body) = app
-        .post_json(
-            &format!("/admin/accounts/{account}/restore"),
-            Some(&staff_key),
-            json!({}),
-        )
-        .await;
+    let (status, body) = app.restore_as_staff(&staff_key, account).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         app.get_as("/v1/credits", Some(&key)).await.0,
@@ -794,13 +774,7 @@ async fn deleting_an_account_stops_access_at_once_and_staff_can_restore_it_withi
         (200, Some(20)),
         "everything is back"
     );
-    let (status, _) = app
-        .post_json(
-            &format!("/admin/accounts/{account}/restore"),
-            Some(&staff_key),
-            json!({}),
-        )
-        .await;
+    let (status, _) = app.restore_as_staff(&staff_key, account).await;
     assert_eq!(status, 409, "not deleted any more");
     let (status, body) = app
         .post_json(
@@ -812,16 +786,7 @@ async fn deleting_an_account_stops_access_at_once_and_staff_can_restore_it_withi
     assert_eq!(status, 404, "unknown account: {body}");
 
     // After 30 days (clock injected) it cannot be restored.
-    let mut tx = app.db.pool.begin().await.unwrap();
-    slate_events::accounts::request_deletion(
-        &mut tx,
-        account,
-        chrono::Utc::now(),
-        slate_events::Metadata::system(),
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    delete_committed(&app.db.pool, account, chrono::Utc::now()).await;
     let mut conn = app.db.conn().await;
     let late = chrono::Utc::now() + chrono::Duration::days(31);
     assert_eq!(
@@ -925,16 +890,7 @@ async fn a_submission_authenticated_before_a_deletion_never_runs_for_the_deleted
     let delete = |account: Uuid| {
         let pool = db.pool.clone();
         tokio::spawn(async move {
-            let mut tx = pool.begin().await.unwrap();
-            slate_events::accounts::request_deletion(
-                &mut tx,
-                account,
-                chrono::Utc::now(),
-                slate_events::Metadata::system(),
-            )
-            .await
-            .unwrap();
-            tx.commit().await.unwrap();
+            delete_committed(&pool, account, chrono::Utc::now()).await;
         })
     };
     let released = async |account: Uuid| {
@@ -1062,4 +1018,23 @@ async fn with_50_credits(conn: &mut sqlx::PgConnection) -> Uuid {
     )
     .await;
     account
+}
+
+/// Delete `account` at `at` in a transaction of its own, committed (no job
+/// enqueued: the domain call alone).
+pub async fn delete_committed(
+    pool: &sqlx::PgPool,
+    account: Uuid,
+    at: chrono::DateTime<chrono::Utc>,
+) {
+    let mut tx = pool.begin().await.unwrap();
+    slate_events::accounts::request_deletion(
+        &mut tx,
+        account,
+        at,
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
 }

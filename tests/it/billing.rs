@@ -64,6 +64,32 @@ impl TestApp {
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Delete the account the key is of (`DELETE /v1/account`): the status.
+    pub async fn delete_account(&self, key: &str) -> u16 {
+        self.client
+            .delete(format!("{}/v1/account", self.address))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// Staff restore `account` (`POST /admin/accounts/{id}/restore`).
+    pub async fn restore_as_staff(
+        &self,
+        staff_key: &str,
+        account: impl std::fmt::Display,
+    ) -> (u16, Value) {
+        self.post_json(
+            &format!("/admin/accounts/{account}/restore"),
+            Some(staff_key),
+            serde_json::json!({}),
+        )
+        .await
+    }
+
     pub async fn get_as(&self, path: &str, key: Option<&str>) -> (u16, Value) {
         let mut req = self.client.get(format!("{}{path}", self.address));
         if let Some(k) = key {

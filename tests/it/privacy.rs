@@ -158,14 +158,7 @@ async fn thirty_days_after_deletion_the_purge_erases_everything_personal_once_ev
     );
 
     // Alice deletes her account: the "scheduled" email is queued with it.
-    let r = app
-        .client
-        .delete(format!("{}/v1/account", app.address))
-        .bearer_auth(&alice_key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(app.delete_account(&alice_key).await, 202);
     let queued: Vec<Vec<u8>> =
         sqlx::query_scalar("select job from apalis.jobs where job_type = 'slate.email'")
             .fetch_all(&app.db.pool)
@@ -417,14 +410,7 @@ async fn thirty_days_after_deletion_the_purge_erases_everything_personal_once_ev
 async fn a_refused_farewell_email_does_not_stop_the_purge() {
     let app = spawn_app_with(&[]).await;
     let (alice, alice_key) = crate::billing::key_for(&app).await;
-    let r = app
-        .client
-        .delete(format!("{}/v1/account", app.address))
-        .bearer_auth(&alice_key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(app.delete_account(&alice_key).await, 202);
     let email_api = MockServer::start().await;
     let stripe = MockServer::start().await;
     let p = purger(&app, &stripe, &email_api);
@@ -792,14 +778,7 @@ async fn a_deleted_accounts_subscriptions_stop_renewing_until_it_is_restored() {
     };
 
     for key in [&alice_key, &bob_key] {
-        let r = app
-            .client
-            .delete(format!("{}/v1/account", app.address))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 202);
+        assert_eq!(app.delete_account(key).await, 202);
     }
     assert_eq!(
         run_renewal_jobs(&app, &renewals, false).await,
@@ -866,13 +845,7 @@ async fn a_deleted_accounts_subscriptions_stop_renewing_until_it_is_restored() {
 
     // Staff restore both: Alice's renews again, Bob's stays as he set it.
     for account in [alice, bob] {
-        let (status, body) = app
-            .post_json(
-                &format!("/admin/accounts/{account}/restore"),
-                Some(&staff_key),
-                json!({}),
-            )
-            .await;
+        let (status, body) = app.restore_as_staff(&staff_key, account).await;
         assert_eq!(status, 200, "{body}");
     }
     assert_eq!(
@@ -913,21 +886,8 @@ async fn a_deleted_accounts_subscriptions_stop_renewing_until_it_is_restored() {
     .await
     .unwrap()
     .plaintext;
-    let r = app
-        .client
-        .delete(format!("{}/v1/account", app.address))
-        .bearer_auth(&fresh)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
-    let (status, _) = app
-        .post_json(
-            &format!("/admin/accounts/{alice}/restore"),
-            Some(&staff_key),
-            json!({}),
-        )
-        .await;
+    assert_eq!(app.delete_account(&fresh).await, 202);
+    let (status, _) = app.restore_as_staff(&staff_key, alice).await;
     assert_eq!(status, 200);
     assert_eq!(run_renewal_jobs(&app, &renewals, true).await, 2);
     assert_eq!(sub(&alice_sub)["cancel_at_period_end"], false);
@@ -951,6 +911,17 @@ async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
             .unwrap()
             .renewals_scheduled
     };
+    // What the mirror says once Stripe's event of the change has come.
+    let mirror_ends = async |ends: bool| {
+        sqlx::query(
+            "update stripe_subscriptions set cancel_at_period_end = $2 where subscription_id = $1",
+        )
+        .bind(&sub_id)
+        .bind(ends)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    };
     assert_eq!(
         sweep(0).await,
         0,
@@ -958,16 +929,7 @@ async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
     );
 
     // Deleted without a job (as before the job existed).
-    let mut tx = app.db.pool.begin().await.unwrap();
-    slate_events::accounts::request_deletion(
-        &mut tx,
-        alice,
-        chrono::Utc::now(),
-        slate_events::Metadata::system(),
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    crate::access::delete_committed(&app.db.pool, alice, chrono::Utc::now()).await;
     assert_eq!(sweep(10).await, 1);
     assert_eq!(sweep(20).await, 0, "one job at a time");
     assert_eq!(run_renewal_jobs(&app, &renewals, false).await, 1);
@@ -989,13 +951,7 @@ async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
     )
     .await
     .unwrap();
-    sqlx::query(
-        "update stripe_subscriptions set cancel_at_period_end = true where subscription_id = $1",
-    )
-    .bind(&sub_id)
-    .execute(&app.db.pool)
-    .await
-    .unwrap();
+    mirror_ends(true).await;
     assert_eq!(sweep(40).await, 1);
     assert_eq!(run_renewal_jobs(&app, &renewals, false).await, 1);
     assert_eq!(
@@ -1005,23 +961,8 @@ async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
     assert_eq!(sweep(50).await, 0);
 
     // Deleted again where Stripe is not configured: recorded, then left.
-    let mut tx = app.db.pool.begin().await.unwrap();
-    slate_events::accounts::request_deletion(
-        &mut tx,
-        alice,
-        chrono::Utc::now(),
-        slate_events::Metadata::system(),
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
-    sqlx::query(
-        "update stripe_subscriptions set cancel_at_period_end = false where subscription_id = $1",
-    )
-    .bind(&sub_id)
-    .execute(&app.db.pool)
-    .await
-    .unwrap();
+    crate::access::delete_committed(&app.db.pool, alice, chrono::Utc::now()).await;
+    mirror_ends(false).await;
     assert_eq!(sweep(60).await, 1);
     let unconfigured = slate_workers::renewal::Renewals {
         pool: app.db.pool.clone(),
@@ -1144,24 +1085,11 @@ async fn delete_then_restore(
     renewals: &slate_workers::renewal::Renewals,
     between: impl FnOnce(),
 ) {
-    let r = app
-        .client
-        .delete(format!("{}/v1/account", app.address))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(app.delete_account(key).await, 202);
     assert_eq!(run_renewal_jobs(app, renewals, false).await, 1);
     between();
     let (_, staff_key) = app.staff().await;
-    let (status, _) = app
-        .post_json(
-            &format!("/admin/accounts/{account}/restore"),
-            Some(&staff_key),
-            json!({}),
-        )
-        .await;
+    let (status, _) = app.restore_as_staff(&staff_key, account).await;
     assert_eq!(status, 200);
     assert_eq!(run_renewal_jobs(app, renewals, false).await, 1);
 }

@@ -824,16 +824,12 @@ async fn signing_in_within_thirty_days_of_deleting_restores_the_account() {
     assert_eq!(renewal_jobs, 2);
 
     // Deleted again, and the grace period is over (purge not yet run).
-    let mut tx = app.db.pool.begin().await.unwrap();
-    slate_events::accounts::request_deletion(
-        &mut tx,
+    crate::access::delete_committed(
+        &app.db.pool,
         account,
         chrono::Utc::now() - chrono::Duration::days(31),
-        slate_events::Metadata::system(),
     )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    .await;
     let (state, nonce, cookie) = begin(&app).await;
     token_endpoint_returns(
         &issuer,
