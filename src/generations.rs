@@ -34,7 +34,8 @@ pub struct SubmitRequest {
     #[serde(default)]
     pub input_key: Option<String>,
     /// Provider parameters (an object); a video's `duration` is 1 to 60
-    /// seconds (default 5) and priced per second.
+    /// seconds (default 5) and priced per second; Seedance's video is priced
+    /// by its `resolution` too (480p, 720p or 1080p; default 1080p).
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub parameters: Value,
@@ -184,6 +185,13 @@ pub async fn submit(
         ));
     }
     let (collection_id, units) = validate(&state.provider_names, auth.account_id, &req)?;
+    let tier =
+        slate_workers::providers::price_tier(&req.provider, &req.parameters).map_err(|_| {
+            invalid(
+                "invalid_parameters",
+                "resolution is one of 480p, 720p, 1080p",
+            )
+        })?;
     if state
         .providers
         .get(&req.provider)
@@ -265,6 +273,7 @@ pub async fn submit(
         account_id: auth.account_id,
         kind: req.kind.clone(),
         provider: req.provider.clone(),
+        tier: tier.map(str::to_owned),
         units,
         collection_id,
         prompt: req.prompt.clone(),

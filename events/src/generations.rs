@@ -35,6 +35,10 @@ pub struct Submission {
     pub account_id: Uuid,
     pub kind: String,
     pub provider: String,
+    /// What the provider's price depends on beyond the kind and units
+    /// (Seedance's resolution): the operation priced is
+    /// `<kind>:<provider>:<tier>`.
+    pub tier: Option<String>,
     pub units: i32,
     pub collection_id: String,
     pub prompt: Option<String>,
@@ -88,7 +92,10 @@ pub async fn submit(
     // waits for the deletion's commit and is refused here. Without it, a
     // submission committing just after the deletion ran for a deleted
     // account, its credits reserved and its provider paid.
-    let operation = format!("{}:{}", s.kind, s.provider);
+    let operation = match &s.tier {
+        Some(tier) => format!("{}:{}:{tier}", s.kind, s.provider),
+        None => format!("{}:{}", s.kind, s.provider),
+    };
     let v: Value = sqlx::query_scalar(
         "with inputs as (
              insert into generation_inputs (generation_id, prompt, input_key, parameters, webhook_url)

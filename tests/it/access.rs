@@ -870,6 +870,7 @@ fn video_for(account: Uuid) -> slate_events::generations::Submission {
         account_id: account,
         kind: "script".into(),
         provider: "local".into(),
+        tier: None,
         units: 1,
         collection_id: "default".into(),
         prompt: Some("a lighthouse at dusk".into()),

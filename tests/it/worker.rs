@@ -193,6 +193,7 @@ async fn submit_local_video(
         account_id: account,
         kind: "video".into(),
         provider: "local".into(),
+        tier: None,
         units: 2,
         collection_id: "default".into(),
         prompt: Some("slow sunrise".into()),

@@ -744,6 +744,59 @@ async fn seedance_task_queued_running_succeeded() {
     assert_nothing_identifying(&server, None).await;
 }
 
+/// The resolution is always asked for: the one the video was priced at
+/// (`providers::price_tier`), 1080p when none was named, whatever the
+/// model's own default.
+#[tokio::test]
+async fn seedance_asks_for_the_resolution_it_was_priced_at() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(TASKS))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": TASK_ID})))
+        .mount(&server)
+        .await;
+    let providers = seedance(&server, Duration::from_secs(5));
+    let sd = providers.get("seedance").unwrap();
+    for (params, tier) in [
+        (Value::Null, "1080p"),
+        (json!({"duration": 3}), "1080p"),
+        (json!({"resolution": "480P"}), "480p"),
+    ] {
+        assert_eq!(
+            slate_workers::providers::price_tier("seedance", &params).unwrap(),
+            Some(tier)
+        );
+        sd.start(&request(Kind::Video, "a cat", params))
+            .await
+            .unwrap();
+    }
+    let received = server.received_requests().await.unwrap();
+    let texts: Vec<String> = requests_to(&received, TASKS)
+        .iter()
+        .map(|r| {
+            r.body_json::<Value>().unwrap()["content"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            "a cat --ratio 16:9 --duration 5 --resolution 1080p",
+            "a cat --ratio 16:9 --duration 3 --resolution 1080p",
+            "a cat --ratio 16:9 --duration 5 --resolution 480p",
+        ]
+    );
+    assert_eq!(
+        slate_workers::providers::price_tier("fal", &Value::Null).unwrap(),
+        None
+    );
+    assert!(
+        slate_workers::providers::price_tier("seedance", &json!({"resolution": "4k"})).is_err()
+    );
+}
+
 #[tokio::test]
 async fn seedance_failures() {
     let cases = [
@@ -823,6 +876,7 @@ async fn seedance_refuses_commands_in_the_prompt_and_bad_parameters() {
         ("a cat --rs 1080p", Value::Null),
         ("a cat", json!({"duration": 60})),
         ("a cat", json!({"ratio": "2:1"})),
+        ("a cat", json!({"resolution": "4k"})),
         ("a cat", json!({"callback_url": "https://example.com/hook"})),
     ] {
         let err = sd

@@ -292,6 +292,26 @@ impl EndpointSettings {
     }
 }
 
+/// The price tier a generation's `parameters` ask for at `provider`,
+/// beyond its kind and units: Seedance's resolution. Priced as the
+/// operation `<kind>:<provider>:<tier>`, so a 1080p video is not sold at
+/// the 480p price. Refused when the parameter is not one the provider
+/// makes; checked at submission, and made by the provider as priced.
+pub fn price_tier(
+    provider: &str,
+    parameters: &Value,
+) -> Result<Option<&'static str>, ProviderError> {
+    let empty = Map::new();
+    let map = match parameters {
+        Value::Object(m) => m,
+        _ => &empty,
+    };
+    match provider {
+        seedance::NAME => seedance::resolution(&Params(map)).map(Some),
+        _ => Ok(None),
+    }
+}
+
 /// The model `parameters` ask for under the first of `keys` present (the
 /// default when none is), if it is offered: with no `models` listed, only
 /// `default` is; with a list, any on it, its first being the default. Which

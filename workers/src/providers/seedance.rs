@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    ApiKey, EndpointSettings, ErrorDetail, Http, KeyStyle, Output, Polled, ProviderError,
+    ApiKey, EndpointSettings, ErrorDetail, Http, KeyStyle, Output, Params, Polled, ProviderError,
     ProviderRequest, SettingsError, Started, codes, is_token, parameters, refine_code,
     required_prompt, str_field, truncate,
 };
@@ -27,6 +27,10 @@ pub const BASE_URL: &str = "https://ark.ap-southeast.bytepluses.com";
 pub const DEFAULT_MODEL: &str = "seedance-1-0-pro-250528";
 pub const DEFAULT_RATIO: &str = "16:9";
 pub const DEFAULT_DURATION_S: i64 = 5;
+/// The resolution a video is made at, and priced by, when none is asked
+/// for: the highest, so that a default is never made at more than it was
+/// paid for (the lite models' own default is 720p, the pro models' 1080p).
+pub const DEFAULT_RESOLUTION: &str = "1080p";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 const TASKS: &str = "api/v3/contents/generations/tasks";
@@ -42,7 +46,7 @@ const ALLOWED: &[&str] = &[
     "watermark",
 ];
 const RATIOS: &[&str] = &["16:9", "4:3", "1:1", "3:4", "9:16", "21:9", "adaptive"];
-const RESOLUTIONS: &[&str] = &["480p", "720p", "1080p"];
+pub const RESOLUTIONS: &[&str] = &["480p", "720p", "1080p"];
 /// Seedance's text commands, long and short forms.
 const COMMANDS: &[&str] = &[
     "ratio",
@@ -104,7 +108,8 @@ impl SeedanceClient {
     }
 
     /// Parameters: `model`, `ratio` (or `aspect_ratio`; default 16:9),
-    /// `duration` (seconds, 2–12; default 5), `resolution` (480p/720p/1080p),
+    /// `duration` (seconds, 2–12; default 5), `resolution` (480p/720p/1080p;
+    /// default 1080p),
     /// `seed`, `camera_fixed`, `watermark`.
     pub async fn start(&self, req: &ProviderRequest) -> Result<Started, ProviderError> {
         let prompt = required_prompt(req, "prompt")?.trim();
@@ -121,9 +126,8 @@ impl SeedanceClient {
         };
         let duration = p.integer("duration", 2..=12)?.unwrap_or(DEFAULT_DURATION_S);
         let mut text = format!("{prompt} --ratio {ratio} --duration {duration}");
-        if let Some(resolution) = p.one_of("resolution", RESOLUTIONS)? {
-            text.push_str(&format!(" --resolution {resolution}"));
-        }
+        // Always sent: the price was the resolution's (see `resolution`).
+        text.push_str(&format!(" --resolution {}", resolution(&p)?));
         if let Some(seed) = p.integer("seed", -1..=4_294_967_295)? {
             text.push_str(&format!(" --seed {seed}"));
         }
@@ -261,6 +265,14 @@ fn is_task_id(id: &str) -> bool {
 
 fn bad_handle() -> ProviderError {
     ProviderError::permanent(codes::NOT_FOUND, "seedance: not a task id")
+}
+
+/// The resolution `p` asks for, or the default. BytePlus bills a video by
+/// its tokens, which grow with its pixels (1080p about five times 480p),
+/// so a video is priced by its resolution too (`super::price_tier`).
+pub(crate) fn resolution(p: &Params<'_>) -> Result<&'static str, ProviderError> {
+    Ok(p.one_of("resolution", RESOLUTIONS)?
+        .unwrap_or(DEFAULT_RESOLUTION))
 }
 
 /// Does the prompt contain a Seedance text command (`--ratio`, `--rs` …)?
