@@ -898,7 +898,7 @@ async fn a_deleted_accounts_subscriptions_stop_renewing_until_it_is_restored() {
 /// before the renewal job existed (or a subscription mirrored after its job
 /// ran) gets a job, once; so does a restored account whose subscription the
 /// deletion had set to end. Where Stripe is not configured, the job records
-/// that and the sweep lets it be.
+/// that and the sweep lets it be. After a job that gave up, the next waits.
 #[tokio::test]
 async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
     let app = crate::stripe::stripe_app().await;
@@ -980,6 +980,29 @@ async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
     .await
     .unwrap();
     assert_eq!(last, "Stripe is not configured here");
+
+    // Restored again without a job, and the job the sweep enqueues gives
+    // up (a revoked key, say): the sweep waits six hours before the next,
+    // rather than start one an hour for as long as the error lasts.
+    slate_events::accounts::restore(
+        &mut *app.db.conn().await,
+        alice,
+        chrono::Utc::now(),
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    mirror_ends(true).await;
+    assert_eq!(sweep(80).await, 1);
+    sqlx::query(
+        "update apalis.jobs set status = 'Failed', attempts = max_attempts, done_at = now()
+          where job_type = 'slate.renewal'",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(sweep(170).await, 0, "a job that gave up is waited for");
+    assert_eq!(sweep(370).await, 1, "and tried again six hours after");
 }
 
 type Subscriptions = Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>>;

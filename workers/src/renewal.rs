@@ -33,6 +33,12 @@ use crate::jobs;
 
 pub const QUEUE: &str = "slate.renewal";
 pub const MAX_ATTEMPTS: usize = 12;
+/// How long the maintenance sweep leaves an account whose renewal job gave
+/// up before it enqueues another ([`schedule_missing`]). A job's attempts
+/// span about 50 minutes: an error that outlasts them (a revoked key, an
+/// answer it cannot read) would otherwise start a new job every hour, each
+/// of twelve calls to Stripe, for as long as it lasts.
+pub const AFTER_A_DEAD_JOB: chrono::TimeDelta = chrono::TimeDelta::hours(6);
 
 /// The metadata key, and its value, that mark a subscription as set to end
 /// by its account's deletion.
@@ -194,8 +200,13 @@ pub async fn reconcile(
 /// retrying through a long Stripe outage), and a restored one whose
 /// subscription's last outcome is a deletion's. An outcome of any kind in
 /// the right direction, a refusal included, is the end of it; an account
-/// with a renewal job waiting, running or to be retried is left to it.
-pub async fn schedule_missing(pool: &PgPool) -> anyhow::Result<usize> {
+/// with a renewal job waiting, running or to be retried is left to it, and
+/// one whose last job gave up (no attempt left) less than
+/// [`AFTER_A_DEAD_JOB`] before `now` waits for that.
+pub async fn schedule_missing(
+    pool: &PgPool,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<usize> {
     let due: Vec<Uuid> = sqlx::query_scalar(
         "select distinct s.account_id
            from stripe_subscriptions s join accounts a using (account_id)
@@ -219,15 +230,18 @@ pub async fn schedule_missing(pool: &PgPool) -> anyhow::Result<usize> {
                                  and e.event_type = 'AccountDeletionRequested')
                      -- a deletion's last
                      else not last.renews end
-            -- a job of the account's waiting, running or to be retried
+            -- a job of the account's waiting, running or to be retried, or
+            -- one that gave up lately
             and not exists (
                 select 1 from apalis.jobs j
                  where j.job_type = $1
                    and convert_from(j.job, 'UTF8')::jsonb->>'account_id' = s.account_id::text
-                   and not (j.status in ('Done', 'Killed')
-                            or (j.status = 'Failed' and j.attempts >= j.max_attempts)))",
+                   and (not (j.status in ('Done', 'Killed')
+                             or (j.status = 'Failed' and j.attempts >= j.max_attempts))
+                        or (j.status <> 'Done' and j.done_at > $2)))",
     )
     .bind(QUEUE)
+    .bind(now - AFTER_A_DEAD_JOB)
     .fetch_all(pool)
     .await?;
     let mut enqueued = 0;

@@ -88,7 +88,7 @@ pub async fn sweep_with(
     drop(conn);
     let purges_scheduled = crate::purge::schedule_due(pool, now).await?;
     let renewals_scheduled = if claim(pool, "renewal_check", now, RENEWAL_CHECK_EVERY).await? {
-        crate::renewal::schedule_missing(pool).await?
+        crate::renewal::schedule_missing(pool, now).await?
     } else {
         0
     };
