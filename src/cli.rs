@@ -448,6 +448,10 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             settings.generation_attempts = config.generation_attempts;
             settings.generation_concurrency = config.generation_concurrency;
             settings.generation_fetchers = config.generation_fetchers;
+            settings.downloads = slate_workers::generations::Downloads::new(
+                slate_workers::runtime::RESULT_LIMIT,
+                config.result_memory,
+            );
             settings.poll_interval = config.provider_poll;
             settings.webhook_allow = config.webhook_allowlist.clone();
             settings.media_allow = config.media_allowlist.clone();

@@ -82,6 +82,9 @@ pub struct Config {
     /// with its own fetch loop) that share them.
     pub generation_concurrency: usize,
     pub generation_fetchers: usize,
+    /// Bytes the results fetched from providers may hold together in one
+    /// worker process.
+    pub result_memory: usize,
     /// How long a generation's credits stay reserved before the sweeper
     /// releases them (its job must have finished by then).
     pub generation_hold: std::time::Duration,
@@ -143,6 +146,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("SLATE_GENERATION_ATTEMPTS", "5"),
     ("SLATE_GENERATION_CONCURRENCY", "8"),
     ("SLATE_GENERATION_FETCHERS", "4"),
+    ("SLATE_RESULT_MEMORY_MB", "1024"),
     ("SLATE_GENERATION_HOLD_SECS", "7200"),
     ("SLATE_PROVIDER_POLL_MS", "2000"),
     ("SLATE_LOCAL_PROVIDER", "true"),
@@ -338,6 +342,9 @@ impl Config {
                 &get("SLATE_GENERATION_FETCHERS"),
                 "SLATE_GENERATION_FETCHERS",
             )? as usize,
+            result_memory: (positive(&get("SLATE_RESULT_MEMORY_MB"), "SLATE_RESULT_MEMORY_MB")?
+                as usize)
+                .saturating_mul(1 << 20),
             generation_hold: std::time::Duration::from_secs(
                 positive(
                     &get("SLATE_GENERATION_HOLD_SECS"),

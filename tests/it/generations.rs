@@ -26,7 +26,7 @@ pub fn worker(app: &TestApp) -> GenerationWorker {
         max_attempts: 3,
         poll_interval: Duration::from_millis(20),
         poll_timeout: Duration::from_secs(30),
-        download_limit: 64 << 20,
+        downloads: slate_workers::generations::Downloads::new(64 << 20, 256 << 20),
         http: slate_workers::generations::media_client().unwrap(),
         media_allow: vec!["127.0.0.1".into()],
     }
@@ -942,6 +942,143 @@ async fn every_provider_runs_only_the_operators_models() {
         let (status, body, _) = app.submit(&key, None, request.clone()).await;
         assert_eq!(status, 202, "{request}: {body}");
     }
+}
+
+/// Seedance's video is priced by its resolution as well as its seconds
+/// (`video:seedance:<resolution>`, derived by the migration from the
+/// deployment's `video:seedance` price of 10 a second: 3, 5 and 10). With
+/// none asked for, it is priced, and made, at 1080p. (Every resolution
+/// sold at the one price: BytePlus bills a 1080p video about five times a
+/// 480p one.)
+#[tokio::test]
+async fn a_seedance_video_is_priced_by_its_resolution() {
+    let fake = wiremock::MockServer::start().await;
+    let app = spawn_app_with(&[
+        ("ARK_API_KEY", "ark_test_key"),
+        ("ARK_BASE_URL", &fake.uri()),
+    ])
+    .await;
+    let (_, key) = funded(&app, 500).await;
+    let video = |parameters: Value| json!({"kind": "video", "provider": "seedance", "prompt": "a fox", "parameters": parameters});
+    for parameters in [
+        json!({"resolution": "4k"}),
+        json!({"resolution": 1080}),
+        json!({"resolution": ""}),
+    ] {
+        let (status, body, _) = app.submit(&key, None, video(parameters.clone())).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (422, Some("invalid_parameters")),
+            "{parameters}: {body}"
+        );
+    }
+    let b = app.balance(&key).await;
+    assert_eq!(
+        (b["available"].as_i64(), b["reserved"].as_i64()),
+        (Some(500), Some(0)),
+        "nothing was reserved"
+    );
+    let mut reserved = 0;
+    for (parameters, cost, operation) in [
+        (json!({"resolution": "480p"}), 15, "video:seedance:480p"),
+        (
+            json!({"resolution": "720p", "duration": 4}),
+            20,
+            "video:seedance:720p",
+        ),
+        (json!({"resolution": "1080P"}), 50, "video:seedance:1080p"),
+        (json!({"duration": 2}), 20, "video:seedance:1080p"),
+        (Value::Null, 50, "video:seedance:1080p"),
+    ] {
+        let (status, body, _) = app.submit(&key, None, video(parameters.clone())).await;
+        assert_eq!(
+            (status, body["cost"].as_i64()),
+            (202, Some(cost)),
+            "{parameters}: {body}"
+        );
+        let id: Uuid = body["id"].as_str().unwrap().parse().unwrap();
+        let recorded: String =
+            sqlx::query_scalar("select operation from generations where generation_id = $1")
+                .bind(id)
+                .fetch_one(&mut *app.db.conn().await)
+                .await
+                .unwrap();
+        assert_eq!(recorded, operation, "{parameters}");
+        reserved += cost;
+    }
+    let b = app.balance(&key).await;
+    assert_eq!(
+        (b["available"].as_i64(), b["reserved"].as_i64()),
+        (Some(500 - reserved), Some(reserved))
+    );
+}
+
+/// A result is held whole, to be probed and stored, so a process's results
+/// in flight share a memory budget (`SLATE_RESULT_MEMORY_MB`): one that
+/// does not fit waits until the others are stored, and then succeeds.
+/// (Each of a process's generations could hold up to 512 MiB at once, and
+/// the process be killed for it with every generation it was running.)
+#[tokio::test]
+async fn a_result_waits_for_memory_held_by_others_in_flight() {
+    let (fal, app, key) = fal_app().await;
+    fal_accepts(&fal, "req-1").await;
+    mount_fal_result(&fal, "req-1").await;
+    let id = submit_kling_video(&app, &key).await;
+    let w = GenerationWorker {
+        downloads: slate_workers::generations::Downloads::new(1 << 20, 1 << 20),
+        ..fal_worker(&app, &fal)
+    };
+    // Another result holds the whole budget.
+    let held = w.downloads.reserve(1).await.unwrap();
+    let attempt = tokio::spawn({
+        let w = w.clone();
+        async move { slate_workers::generations::attempt(&w, id, 1).await }
+    });
+    until_fal_called(&fal, "GET", "/files/out.mp4").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!attempt.is_finished(), "it waits for the memory");
+    assert_eq!(settled(&app, &key, id).await.0, "running");
+    drop(held);
+    assert_eq!(
+        attempt.await.unwrap(),
+        slate_workers::generations::AttemptOutcome::Finished
+    );
+    assert_eq!(
+        settled(&app, &key, id).await,
+        ("succeeded".to_owned(), 50, 0)
+    );
+}
+
+/// A result larger than the cap fails the generation (`output_too_large`),
+/// its credits released; one whose host announces it larger is not read.
+#[tokio::test]
+async fn a_result_larger_than_the_cap_fails_and_is_released() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+
+    let (fal, app, key) = fal_app().await;
+    fal_accepts(&fal, "req-1").await;
+    mount_fal_result(&fal, "req-1").await;
+    Mock::given(method("GET"))
+        .and(path("/files/out.mp4"))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(vec![7u8; (1 << 20) + 1]))
+        .with_priority(1)
+        .mount(&fal)
+        .await;
+    let id = submit_kling_video(&app, &key).await;
+    let w = GenerationWorker {
+        downloads: slate_workers::generations::Downloads::new(1 << 20, 8 << 20),
+        ..fal_worker(&app, &fal)
+    };
+    assert_eq!(
+        slate_workers::generations::attempt(&w, id, 1).await,
+        slate_workers::generations::AttemptOutcome::Finished
+    );
+    assert_eq!(settled(&app, &key, id).await, ("failed".to_owned(), 100, 0));
+    let (_, g) = app
+        .get_as(&format!("/v1/generations/{id}"), Some(&key))
+        .await;
+    assert_eq!(g["failure_code"].as_str(), Some("output_too_large"), "{g}");
 }
 
 /// A provider that does not answer a status request (a 503, a 429) is

@@ -275,7 +275,7 @@ pub async fn generations_per_second(
         max_attempts: 3,
         poll_interval: Duration::from_millis(50),
         poll_timeout: Duration::from_secs(60),
-        download_limit: 1 << 20,
+        downloads: generations::Downloads::new(1 << 20, 64 << 20),
         http: generations::media_client()?,
         media_allow: Vec::new(),
     };
@@ -314,6 +314,7 @@ pub async fn generations_per_second(
                     account_id: account,
                     kind: "script".into(),
                     provider: "local".into(),
+                    tier: None,
                     units: 1,
                     collection_id: "bench".into(),
                     prompt: Some(format!("bench idea {c}/{i}")),

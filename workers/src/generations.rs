@@ -72,7 +72,9 @@ pub struct GenerationWorker {
     /// Give up polling a provider after this long (the attempt fails
     /// transiently and is retried).
     pub poll_timeout: Duration,
-    pub download_limit: usize,
+    /// Results' size cap, and the memory a process's results in flight may
+    /// hold together.
+    pub downloads: Downloads,
     /// Fetches results from the addresses providers answer with; build it
     /// with [`media_client`] (redirects are followed by [`download`], each
     /// checked).
@@ -80,6 +82,64 @@ pub struct GenerationWorker {
     /// Result hosts (or host:port) allowed although they resolve to private
     /// or loopback addresses, or serve plain http (tests, a local provider).
     pub media_allow: Vec<String>,
+}
+
+const MIB: usize = 1 << 20;
+
+/// What results fetched from providers' addresses may take. A result is
+/// held whole, to be probed and stored, so each is capped (`limit`), and
+/// all of a process's results in flight together hold at most `memory`:
+/// a result beyond it waits for the others to be stored (a process running
+/// many generations at once would otherwise hold up to the cap for each,
+/// and be killed for it with every generation it was running). A result
+/// whose size is not announced counts as the cap. Clones share the budget.
+#[derive(Clone, Debug)]
+pub struct Downloads {
+    limit: usize,
+    memory: Arc<tokio::sync::Semaphore>,
+    memory_mib: u32,
+}
+
+impl Downloads {
+    /// `limit` bytes a result, `memory` bytes all of them (at least 1 MiB;
+    /// a result's share is rounded up to whole MiB, and one larger than
+    /// `memory` takes all of it).
+    pub fn new(limit: usize, memory: usize) -> Self {
+        let memory_mib = u32::try_from(memory.div_ceil(MIB))
+            .unwrap_or(u32::MAX)
+            .clamp(1, 1 << 28);
+        Self {
+            limit,
+            memory: Arc::new(tokio::sync::Semaphore::new(memory_mib as usize)),
+            memory_mib,
+        }
+    }
+
+    /// A result's size cap.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Take `bytes` of the budget, waiting until they are free; given back
+    /// when the permit is dropped. (The budget is never closed, so there is
+    /// no `Err` in practice.)
+    pub async fn reserve(
+        &self,
+        bytes: usize,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError> {
+        let mib = u32::try_from(bytes.div_ceil(MIB))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.memory_mib);
+        let memory = self.memory.clone();
+        if let Ok(permit) = memory.clone().try_acquire_many_owned(mib) {
+            return Ok(permit);
+        }
+        tracing::info!(
+            mib,
+            "a result waits for memory (the results in flight hold SLATE_RESULT_MEMORY_MB)"
+        );
+        memory.acquire_many_owned(mib).await
+    }
 }
 
 /// The client a [`GenerationWorker`] fetches results with: it follows no
@@ -476,6 +536,8 @@ async fn store_output(
     g: &Generation,
     output: Output,
 ) -> Result<StoredOutput, Step> {
+    // Held until the result is stored (see `Downloads`).
+    let mut _memory = None;
     let (bytes, content_type) = match output {
         Output::MediaBytes {
             bytes,
@@ -483,7 +545,8 @@ async fn store_output(
         } => (bytes, content_type),
         Output::Text { text } => (text.into_bytes(), "text/plain; charset=utf-8".to_owned()),
         Output::MediaUrl { url, content_type } => {
-            let bytes = download(w, &url).await?;
+            let (bytes, memory) = download(w, &url).await?;
+            _memory = Some(memory);
             let content_type = content_type
                 .or_else(|| media::sniff_content_type(&bytes).map(str::to_owned))
                 .unwrap_or_else(|| "application/octet-stream".to_owned());
@@ -526,8 +589,13 @@ async fn store_output(
 /// every redirect it takes (at most [`MEDIA_REDIRECTS`]): https, resolving
 /// only to public addresses, unless its host is on the allow-list. A result
 /// cannot point the worker at an internal service and have the answer
-/// stored for the user (`output_refused`). An empty body is no result.
-async fn download(w: &GenerationWorker, url: &str) -> Result<Vec<u8>, Step> {
+/// stored for the user (`output_refused`). An empty body is no result; one
+/// announced larger than the cap is not fetched (`output_too_large`). The
+/// result comes with its share of the memory budget (see [`Downloads`]).
+async fn download(
+    w: &GenerationWorker,
+    url: &str,
+) -> Result<(Vec<u8>, tokio::sync::OwnedSemaphorePermit), Step> {
     let refused = || Step::Fatal("output_refused".into());
     let mut url = reqwest::Url::parse(url).map_err(|_| refused())?;
     let mut redirects = 0;
@@ -564,13 +632,25 @@ async fn download(w: &GenerationWorker, url: &str) -> Result<Vec<u8>, Step> {
             },
         );
     }
-    let mut bytes = Vec::new();
+    let limit = w.downloads.limit();
+    let announced = response
+        .content_length()
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    if announced.is_some_and(|n| n > limit) {
+        return Err(Step::Fatal("output_too_large".into()));
+    }
+    let memory = w
+        .downloads
+        .reserve(announced.unwrap_or(limit))
+        .await
+        .map_err(|_| Step::Retry("provider_unavailable"))?;
+    let mut bytes = Vec::with_capacity(announced.unwrap_or(0));
     while let Some(chunk) = response
         .chunk()
         .await
         .map_err(|_| Step::Retry("provider_unavailable"))?
     {
-        if bytes.len() + chunk.len() > w.download_limit {
+        if bytes.len() + chunk.len() > limit {
             return Err(Step::Fatal("output_too_large".into()));
         }
         bytes.extend_from_slice(&chunk);
@@ -578,7 +658,7 @@ async fn download(w: &GenerationWorker, url: &str) -> Result<Vec<u8>, Step> {
     if bytes.is_empty() {
         return Err(Step::Fatal("output_unavailable".into()));
     }
-    Ok(bytes)
+    Ok((bytes, memory))
 }
 
 /// A result's address (see [`download`]), and the addresses it resolved to

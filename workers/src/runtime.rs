@@ -53,6 +53,8 @@ pub struct WorkerSettings {
     /// Workers (each with its own fetch loop) that share the generation
     /// concurrency; see [`split_concurrency`].
     pub generation_fetchers: usize,
+    /// Results' size cap and the memory results in flight may hold.
+    pub downloads: generations::Downloads,
     pub poll_interval: Duration,
     /// Webhook hosts allowed even though they resolve to private addresses.
     pub webhook_allow: Vec<String>,
@@ -88,6 +90,7 @@ impl WorkerSettings {
             generation_attempts: 5,
             generation_concurrency: GENERATION_CONCURRENCY,
             generation_fetchers: GENERATION_FETCHERS,
+            downloads: generations::Downloads::new(RESULT_LIMIT, RESULT_MEMORY),
             poll_interval: Duration::from_secs(2),
             webhook_allow: Vec::new(),
             media_allow: Vec::new(),
@@ -172,7 +175,7 @@ where
         max_attempts: settings.generation_attempts,
         poll_interval: settings.poll_interval,
         poll_timeout: Duration::from_secs(30 * 60),
-        download_limit: 512 << 20,
+        downloads: settings.downloads.clone(),
         http: generations::media_client()?,
         media_allow: settings.media_allow.clone(),
     };
@@ -501,6 +504,13 @@ pub const GENERATION_FETCHERS: usize = 4;
 /// Generations one `slate work` runs at once by default
 /// (`SLATE_GENERATION_CONCURRENCY`).
 pub const GENERATION_CONCURRENCY: usize = 8;
+
+/// A provider's result's size cap.
+pub const RESULT_LIMIT: usize = 512 << 20;
+
+/// The memory results in flight may hold together, by default
+/// (`SLATE_RESULT_MEMORY_MB`; see [`generations::Downloads`]).
+pub const RESULT_MEMORY: usize = 1024 << 20;
 
 /// Completion webhooks one `slate work` delivers at once.
 const WEBHOOK_CONCURRENCY: usize = 8;
