@@ -144,6 +144,55 @@ pub(crate) fn validate(
     Ok((collection, units))
 }
 
+/// The `Idempotency-Key` header, if any: 1-200 visible ASCII characters.
+/// (One that is not readable as such is refused, not taken for no key: a
+/// retry would then be a second generation, charged again.)
+pub(crate) fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if !key.is_empty() && key.len() <= 200 => Ok(Some(key)),
+        _ => Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            "Idempotency-Key is 1-200 visible ASCII characters",
+        )),
+    }
+}
+
+/// The answer already given to the request under `key`, if there is one
+/// (409 when `key` came with another request).
+async fn replay(
+    conn: &mut sqlx::PgConnection,
+    account_id: Uuid,
+    key: &str,
+    request_hash: &[u8],
+) -> Result<Option<(StatusCode, Value)>, ApiError> {
+    let row: Option<(Vec<u8>, Option<i32>, Option<Value>)> = sqlx::query_as(
+        "select request_hash, status_code, response from idempotency_keys where account_id = $1 and key = $2",
+    )
+    .bind(account_id)
+    .bind(key)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((hash, status, response)) = row else {
+        return Ok(None);
+    };
+    if hash != request_hash {
+        return Err(ApiError::conflict(
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with a different request",
+        ));
+    }
+    Ok(match (status, response) {
+        (Some(status), Some(response)) => Some((
+            StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK),
+            response,
+        )),
+        _ => None,
+    })
+}
+
 /// What an `Idempotency-Key` retry is compared by: the submission's hash.
 pub(crate) fn request_hash(req: &SubmitRequest) -> Result<Vec<u8>, ApiError> {
     let bytes = serde_json::to_vec(req).map_err(|e| ApiError::Internal(e.into()))?;
@@ -176,13 +225,16 @@ pub async fn submit(
     if let Some(ip) = client_ip {
         limit(state, "ip", &ip.to_string(), state.config.rate_limit_ip).await?;
     }
-    if let Some(key) = idempotency_key
-        && (key.is_empty() || key.len() > 200)
-    {
-        return Err(ApiError::bad_request(
-            "invalid_idempotency_key",
-            "Idempotency-Key is 1-200 characters",
-        ));
+    // A retry of a request already answered gets that answer, whatever has
+    // changed since (the deployment's providers, models or deny-list, the
+    // webhook host's DNS): checked again, it could be refused (and a
+    // rejected prompt recorded) while its generation runs.
+    let request_hash = request_hash(&req)?;
+    if let Some(key) = idempotency_key {
+        let mut conn = state.pool.acquire().await?;
+        if let Some(answer) = replay(&mut conn, auth.account_id, key, &request_hash).await? {
+            return Ok(answer);
+        }
     }
     let (collection_id, units) = validate(&state.provider_names, auth.account_id, &req)?;
     let tier =
@@ -232,7 +284,6 @@ pub async fn submit(
             .with_details(json!({ "category": category })));
     }
 
-    let request_hash = request_hash(&req)?;
     let mut tx = state.pool.begin().await?;
     if let Some(key) = idempotency_key {
         let inserted = sqlx::query(
@@ -246,24 +297,12 @@ pub async fn submit(
         .await?
         .rows_affected()
             == 1;
-        if !inserted {
-            let (hash, status, response): (Vec<u8>, Option<i32>, Option<Value>) = sqlx::query_as(
-                "select request_hash, status_code, response from idempotency_keys where account_id = $1 and key = $2",
-            )
-            .bind(auth.account_id)
-            .bind(key)
-            .fetch_one(&mut *tx)
-            .await?;
-            if hash != request_hash {
-                return Err(ApiError::conflict(
-                    "idempotency_key_reused",
-                    "this Idempotency-Key was used with a different request",
-                ));
-            }
-            if let (Some(status), Some(response)) = (status, response) {
-                let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK);
-                return Ok((status, response));
-            }
+        // Answered meanwhile by a request with the same key (the insert
+        // waited for its commit).
+        if !inserted
+            && let Some(answer) = replay(&mut tx, auth.account_id, key, &request_hash).await?
+        {
+            return Ok(answer);
         }
     }
 

@@ -43,7 +43,7 @@ pub(super) async fn submit(
     headers: HeaderMap,
     Json(body): Json<SubmitRequest>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
+    let key = generations::idempotency_key(&headers)?;
     let (status, body) = generations::submit(&state, &auth, ip, key, body).await?;
     Ok((status, Json(body)))
 }

@@ -234,7 +234,7 @@ pub const CODES: &[(&str, &str)] = &[
     ),
     (
         "invalid_idempotency_key",
-        "`Idempotency-Key` is 1-200 characters",
+        "`Idempotency-Key` is 1-200 visible ASCII characters",
     ),
     (
         "idempotency_key_reused",

@@ -290,6 +290,68 @@ async fn an_idempotency_key_replays_the_first_response_and_refuses_another_body(
     assert_eq!(b["reserved"], 4, "charged once");
 }
 
+/// A retry under the same `Idempotency-Key` gets the first answer whatever
+/// changed since: here it reaches a process whose deployment no longer
+/// offers the provider (a deploy between the two tries), which refuses a
+/// new request. A key that is not visible ASCII is refused, not taken for
+/// no key (its retry was a second generation, charged again).
+#[tokio::test]
+async fn a_retry_gets_the_first_answer_whatever_changed_since() {
+    let app = spawn_app_with(&[]).await;
+    let (_, key) = funded(&app, 100).await;
+    let (status, first, _) = app.submit(&key, Some("deploy"), video("waves")).await;
+    assert_eq!(status, 202, "{first}");
+    let other = app
+        .another_process(&[("SLATE_LOCAL_PROVIDER", "false")])
+        .await;
+    let post = |base: &str, key_header: Option<reqwest::header::HeaderValue>, body: Value| {
+        let mut req = app
+            .client
+            .post(format!("{base}/v1/generations"))
+            .bearer_auth(&key)
+            .json(&body);
+        if let Some(value) = key_header {
+            req = req.header("Idempotency-Key", value);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let deploy = || Some(reqwest::header::HeaderValue::from_static("deploy"));
+    assert_eq!(
+        post(&other, deploy(), video("waves")).await,
+        (202, first.clone()),
+        "the retry is answered as the first was"
+    );
+    let (status, body) = post(&other, None, video("waves")).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("unknown_provider")),
+        "a new request is not"
+    );
+    let (status, body) = post(&other, deploy(), video("other waves")).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("idempotency_key_reused"))
+    );
+    for bad in [&b"caf\xe9"[..], &b""[..], &[b'k'; 201][..]] {
+        let value = reqwest::header::HeaderValue::from_bytes(bad).unwrap();
+        let (status, body) = post(&app.address, Some(value), video("waves")).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("invalid_idempotency_key")),
+            "{bad:?}"
+        );
+    }
+    let count: i64 = sqlx::query_scalar("select count(*) from generations")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+    assert_eq!(app.balance(&key).await["reserved"], 4, "charged once");
+}
+
 #[tokio::test]
 async fn a_permanent_provider_failure_fails_the_generation_and_refunds_it() {
     let app = spawn_app_with(&[]).await;

@@ -22,12 +22,23 @@ pub async fn spawn_app_with(env: &[(&str, &str)]) -> TestApp {
 /// Serve `db` through `pool` (which may reach it another way than the
 /// test's own pool) on port 0; `env` overrides configuration.
 pub async fn serve_app(db: TestDb, pool: sqlx::PgPool, env: &[(&str, &str)]) -> TestApp {
+    let address = serve(&db.url, pool, env).await;
+    TestApp {
+        address,
+        db,
+        client: reqwest::Client::new(),
+    }
+}
+
+/// A server on port 0 for the database at `url`, through `pool`; its
+/// address.
+async fn serve(url: &str, pool: sqlx::PgPool, env: &[(&str, &str)]) -> String {
     let config = Config::from_lookup(|k| {
         env.iter()
             .find(|(key, _)| *key == k)
             .map(|(_, v)| v.to_string())
             .or_else(|| match k {
-                "DATABASE_URL" => Some(db.url.clone()),
+                "DATABASE_URL" => Some(url.to_owned()),
                 "REDIS_URL" => Some(redis_url()),
                 _ => None,
             })
@@ -41,11 +52,7 @@ pub async fn serve_app(db: TestDb, pool: sqlx::PgPool, env: &[(&str, &str)]) -> 
         state,
         std::future::pending(),
     ));
-    TestApp {
-        address,
-        db,
-        client: reqwest::Client::new(),
-    }
+    address
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -53,6 +60,12 @@ pub async fn spawn_app() -> TestApp {
 }
 
 impl TestApp {
+    /// Another web process on this app's database, configured by `env`
+    /// (another deployment's settings); its address.
+    pub async fn another_process(&self, env: &[(&str, &str)]) -> String {
+        serve(&self.db.url, self.db.pool.clone(), env).await
+    }
+
     /// A new staff account and an API key for it.
     pub async fn staff(&self) -> (uuid::Uuid, String) {
         let mut conn = self.db.conn().await;

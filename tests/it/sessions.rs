@@ -262,20 +262,7 @@ async fn sign_out_everywhere_ends_every_session_and_key_at_once_in_another_proce
     .plaintext;
 
     // A second web process on the same database.
-    let config = slate::config::Config::from_lookup(|k| match k {
-        "DATABASE_URL" => Some(app.db.url.clone()),
-        "REDIS_URL" => Some(crate::harness::redis_url()),
-        _ => None,
-    })
-    .unwrap();
-    let state = slate::http::AppState::new(config, app.db.pool.clone()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let other = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(slate::server::serve(
-        listener,
-        state,
-        std::future::pending(),
-    ));
+    let other = app.another_process(&[]).await;
     let get = |base: String, header: (&'static str, String)| async move {
         reqwest::Client::new()
             .get(format!("{base}/v1/credits"))
