@@ -1077,8 +1077,8 @@ async fn a_seedance_video_is_priced_by_its_resolution() {
 
 /// A result is held whole, to be probed and stored, so a process's results
 /// in flight share a memory budget (`SLATE_RESULT_MEMORY_MB`): one that
-/// does not fit waits until the others are stored, and then succeeds.
-/// (Each of a process's generations could hold up to 512 MiB at once, and
+/// does not fit waits until the others are stored, then asks for it again
+/// (a response held open meanwhile would time out), and succeeds. (Each of a process's generations could hold up to 512 MiB at once, and
 /// the process be killed for it with every generation it was running.)
 #[tokio::test]
 async fn a_result_waits_for_memory_held_by_others_in_flight() {
@@ -1108,6 +1108,11 @@ async fn a_result_waits_for_memory_held_by_others_in_flight() {
     assert_eq!(
         settled(&app, &key, id).await,
         ("succeeded".to_owned(), 50, 0)
+    );
+    assert_eq!(
+        fal_calls(&fal, "GET", "/files/out.mp4").await,
+        2,
+        "asked again once the memory was free, not held open while waiting"
     );
 }
 

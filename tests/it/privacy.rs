@@ -1003,6 +1003,34 @@ async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
     .unwrap();
     assert_eq!(sweep(170).await, 0, "a job that gave up is waited for");
     assert_eq!(sweep(370).await, 1, "and tried again six hours after");
+    // Unless the period ends before the wait would be over.
+    let dead_at = async |minutes: i32| {
+        sqlx::query(
+            "update apalis.jobs set status = 'Failed', attempts = max_attempts,
+                    done_at = now() + make_interval(mins => $1)
+              where job_type = 'slate.renewal'",
+        )
+        .bind(minutes)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    };
+    let period_ends_in_hours = async |hours: i32| {
+        sqlx::query(
+            "update stripe_subscriptions set current_period_end = now() + make_interval(hours => $2)
+              where subscription_id = $1",
+        )
+        .bind(&sub_id)
+        .bind(hours)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    };
+    dead_at(370).await;
+    period_ends_in_hours(24 * 20).await;
+    assert_eq!(sweep(380).await, 0);
+    period_ends_in_hours(8).await;
+    assert_eq!(sweep(390).await, 1, "it renews within the wait");
 }
 
 type Subscriptions = Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>>;

@@ -93,6 +93,8 @@ const MIB: usize = 1 << 20;
 /// many generations at once would otherwise hold up to the cap for each,
 /// and be killed for it with every generation it was running). A result
 /// whose size is not announced counts as the cap. Clones share the budget.
+/// Results a provider answers with inline (a synchronous provider's audio
+/// or text, read by its client) are not counted: they are small.
 #[derive(Clone, Debug)]
 pub struct Downloads {
     limit: usize,
@@ -102,14 +104,14 @@ pub struct Downloads {
 
 impl Downloads {
     /// `limit` bytes a result, `memory` bytes all of them (at least 1 MiB;
-    /// a result's share is rounded up to whole MiB, and one larger than
-    /// `memory` takes all of it).
+    /// a result's share is rounded up to whole MiB). A `memory` below
+    /// `limit` lowers the cap to it.
     pub fn new(limit: usize, memory: usize) -> Self {
         let memory_mib = u32::try_from(memory.div_ceil(MIB))
             .unwrap_or(u32::MAX)
             .clamp(1, 1 << 28);
         Self {
-            limit,
+            limit: limit.min(memory_mib as usize * MIB),
             memory: Arc::new(tokio::sync::Semaphore::new(memory_mib as usize)),
             memory_mib,
         }
@@ -120,25 +122,37 @@ impl Downloads {
         self.limit
     }
 
-    /// Take `bytes` of the budget, waiting until they are free; given back
-    /// when the permit is dropped. (The budget is never closed, so there is
-    /// no `Err` in practice.)
+    /// `bytes` in whole MiB, at most the whole budget.
+    fn share(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes.div_ceil(MIB))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.memory_mib)
+    }
+
+    /// Take `bytes` of the budget if they are free now; given back when the
+    /// permit is dropped.
+    pub fn try_reserve(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.memory
+            .clone()
+            .try_acquire_many_owned(self.share(bytes))
+            .ok()
+    }
+
+    /// Take `bytes` of the budget, waiting until they are free. (The budget
+    /// is never closed, so there is no `Err` in practice.)
     pub async fn reserve(
         &self,
         bytes: usize,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError> {
-        let mib = u32::try_from(bytes.div_ceil(MIB))
-            .unwrap_or(u32::MAX)
-            .clamp(1, self.memory_mib);
-        let memory = self.memory.clone();
-        if let Ok(permit) = memory.clone().try_acquire_many_owned(mib) {
+        if let Some(permit) = self.try_reserve(bytes) {
             return Ok(permit);
         }
+        let mib = self.share(bytes);
         tracing::info!(
             mib,
             "a result waits for memory (the results in flight hold SLATE_RESULT_MEMORY_MB)"
         );
-        memory.acquire_many_owned(mib).await
+        self.memory.clone().acquire_many_owned(mib).await
     }
 }
 
@@ -596,10 +610,49 @@ async fn download(
     w: &GenerationWorker,
     url: &str,
 ) -> Result<(Vec<u8>, tokio::sync::OwnedSemaphorePermit), Step> {
+    let limit = w.downloads.limit();
+    // Memory waited for when the first answer did not fit: asked again
+    // once it is free, rather than wait with a response open (its timeout
+    // runs until its body is read, and its host may close it meanwhile).
+    let mut waited: Option<(tokio::sync::OwnedSemaphorePermit, usize)> = None;
+    for _ in 0..3 {
+        let response = fetch_result(w, url).await?;
+        let announced = response
+            .content_length()
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+        if announced.is_some_and(|n| n > limit) {
+            return Err(Step::Fatal("output_too_large".into()));
+        }
+        let need = announced.unwrap_or(limit);
+        let memory = match waited.take() {
+            Some((permit, reserved)) if reserved >= need => Some(permit),
+            // None yet, or the result grew since: what it needs now.
+            _ => w.downloads.try_reserve(need),
+        };
+        let Some(memory) = memory else {
+            drop(response);
+            let permit = w
+                .downloads
+                .reserve(need)
+                .await
+                .map_err(|_| Step::Retry("provider_unavailable"))?;
+            waited = Some((permit, need));
+            continue;
+        };
+        return read_result(response, limit, announced)
+            .await
+            .map(|bytes| (bytes, memory));
+    }
+    // Larger at every asking.
+    Err(Step::Retry("provider_unavailable"))
+}
+
+/// The result at `url`, its headers read (see [`download`]).
+async fn fetch_result(w: &GenerationWorker, url: &str) -> Result<reqwest::Response, Step> {
     let refused = || Step::Fatal("output_refused".into());
     let mut url = reqwest::Url::parse(url).map_err(|_| refused())?;
     let mut redirects = 0;
-    let mut response = loop {
+    let response = loop {
         let resolved = check_media_url(&url, &w.media_allow).await?;
         let client = crate::webhooks::pinned(&w.http, media_client_builder, &url, &resolved)
             .map_err(|_| Step::Retry("provider_unavailable"))?;
@@ -632,18 +685,15 @@ async fn download(
             },
         );
     }
-    let limit = w.downloads.limit();
-    let announced = response
-        .content_length()
-        .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
-    if announced.is_some_and(|n| n > limit) {
-        return Err(Step::Fatal("output_too_large".into()));
-    }
-    let memory = w
-        .downloads
-        .reserve(announced.unwrap_or(limit))
-        .await
-        .map_err(|_| Step::Retry("provider_unavailable"))?;
+    Ok(response)
+}
+
+/// A result's body, at most `limit` bytes; an empty one is no result.
+async fn read_result(
+    mut response: reqwest::Response,
+    limit: usize,
+    announced: Option<usize>,
+) -> Result<Vec<u8>, Step> {
     let mut bytes = Vec::with_capacity(announced.unwrap_or(0));
     while let Some(chunk) = response
         .chunk()
@@ -658,7 +708,7 @@ async fn download(
     if bytes.is_empty() {
         return Err(Step::Fatal("output_unavailable".into()));
     }
-    Ok((bytes, memory))
+    Ok(bytes)
 }
 
 /// A result's address (see [`download`]), and the addresses it resolved to

@@ -202,7 +202,9 @@ pub async fn reconcile(
 /// the right direction, a refusal included, is the end of it; an account
 /// with a renewal job waiting, running or to be retried is left to it, and
 /// one whose last job gave up (no attempt left) less than
-/// [`AFTER_A_DEAD_JOB`] before `now` waits for that.
+/// [`AFTER_A_DEAD_JOB`] before `now` waits for that, unless the
+/// subscription's period ends before the wait would be over (a renewal
+/// charged, or a restored owner's subscription ended).
 pub async fn schedule_missing(
     pool: &PgPool,
     now: chrono::DateTime<chrono::Utc>,
@@ -238,10 +240,13 @@ pub async fn schedule_missing(
                    and convert_from(j.job, 'UTF8')::jsonb->>'account_id' = s.account_id::text
                    and (not (j.status in ('Done', 'Killed')
                              or (j.status = 'Failed' and j.attempts >= j.max_attempts))
-                        or (j.status <> 'Done' and j.done_at > $2)))",
+                        -- unless it renews (or ends) before the wait is over
+                        or (j.status <> 'Done' and j.done_at > $2
+                            and (s.current_period_end is null or s.current_period_end > $3))))",
     )
     .bind(QUEUE)
     .bind(now - AFTER_A_DEAD_JOB)
+    .bind(now + AFTER_A_DEAD_JOB)
     .fetch_all(pool)
     .await?;
     let mut enqueued = 0;

@@ -276,10 +276,18 @@ pub(crate) fn resolution(p: &Params<'_>) -> Result<&'static str, ProviderError> 
 }
 
 /// Does the prompt contain a Seedance text command (`--ratio`, `--rs` …)?
+/// Found anywhere, not only as a word of its own (`a fox,--rs 1080p`):
+/// a command that bought a higher resolution or a longer video than the
+/// one priced would be paid for by the service.
 fn carries_commands(prompt: &str) -> bool {
-    prompt.split_whitespace().any(|word| {
-        word.strip_prefix("--")
-            .is_some_and(|c| COMMANDS.iter().any(|k| c.eq_ignore_ascii_case(k)))
+    let lower = prompt.to_ascii_lowercase();
+    lower.match_indices("--").any(|(at, _)| {
+        let name: String = lower[at + 2..]
+            .trim_start_matches('-')
+            .chars()
+            .take_while(char::is_ascii_alphanumeric)
+            .collect();
+        COMMANDS.contains(&name.as_str())
     })
 }
 
@@ -304,6 +312,12 @@ mod tests {
         assert!(carries_commands("a cat --RS 1080p"));
         assert!(!carries_commands("a cat -- running fast"));
         assert!(!carries_commands("a cat with a --long-tail"));
+        assert!(carries_commands("a fox,--rs 1080p"));
+        assert!(carries_commands("a fox.--Resolution 1080p"));
+        assert!(carries_commands("a fox ---dur 12"));
+        assert!(carries_commands("a fox--ratio 21:9"));
+        assert!(!carries_commands("a fox -- 1080p -- red"));
+        assert!(!carries_commands("a road--rsvp"));
     }
 
     #[test]
