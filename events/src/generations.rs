@@ -391,25 +391,34 @@ pub async fn record_started(
         lock_key(g.generation_id)
     );
     let mut tx = sqlx::Connection::begin_with(&mut *conn, sqlx::AssertSqlSafe(begin)).await?;
-    append(
-        &mut tx,
-        g.generation_id,
-        store::deterministic_event_id(&format!("generation-started:{}:{attempt}", g.generation_id)),
-        DomainEvent::GenerationStarted(GenerationStarted {
-            generation_id: g.generation_id,
-            account_id: g.account_id,
-            attempt,
-        }),
-        metadata,
-    )
-    .await?;
+    // Read under the lock (a statement of its own: one that took the lock
+    // itself would read from before its wait). A finished generation gets
+    // no start after its end in its log.
     let status: Option<String> =
         sqlx::query_scalar("select status from generations where generation_id = $1")
             .bind(g.generation_id)
             .fetch_optional(&mut *tx)
             .await?;
+    let live = matches!(status.as_deref(), Some("queued" | "running"));
+    if live {
+        append(
+            &mut tx,
+            g.generation_id,
+            store::deterministic_event_id(&format!(
+                "generation-started:{}:{attempt}",
+                g.generation_id
+            )),
+            DomainEvent::GenerationStarted(GenerationStarted {
+                generation_id: g.generation_id,
+                account_id: g.account_id,
+                attempt,
+            }),
+            metadata,
+        )
+        .await?;
+    }
     tx.commit().await?;
-    Ok(status.as_deref() == Some("running"))
+    Ok(live)
 }
 
 pub async fn record_submitted(

@@ -4,6 +4,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -182,6 +183,9 @@ pub(super) async fn cancel(
         description = "Server-Sent Events named `status`, each `data` a JSON `GenerationStatusEvent`; the stream ends after the terminal event or 15 minutes (resume with `Last-Event-ID`), and within seconds of the key, session or impersonation that opened it being revoked or ended",
         content_type = "text/event-stream",
         body = super::openapi::schemas::GenerationStatusEvent,
+    ), (
+        status = 204,
+        description = "Resumed (`Last-Event-ID`) at or after the terminal event: nothing more will come (a browser's `EventSource` stops reconnecting)",
     )),
     security(("api_key" = []), ("session_cookie" = [])),
 )]
@@ -190,35 +194,55 @@ pub(super) async fn events(
     auth: Auth,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<Sse<impl futures::Stream<Item = Result<SseEvent, std::convert::Infallible>>>, ApiError>
-{
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let mut conn = state.pool.acquire().await?;
-    slate_events::generations::get(&mut conn, auth.account_id, id)
+    let g = slate_events::generations::get(&mut conn, auth.account_id, id)
         .await?
         .ok_or_else(ApiError::not_found)?;
+    let stream_id = format!("generation-{id}");
+    // Finished already: the stream ends with its terminal event (a client
+    // resuming after it gets nothing more, at once, rather than a stream
+    // that stays open for nothing and is resumed again).
+    let end: Option<i32> = if g.is_terminal() {
+        sqlx::query_scalar(
+            "select max(stream_version) from events
+              where stream_id = $1
+                and event_type in ('GenerationSucceeded', 'GenerationFailed', 'GenerationCanceled')",
+        )
+        .bind(&stream_id)
+        .fetch_one(&mut *conn)
+        .await?
+    } else {
+        None
+    };
     drop(conn);
     let after: i32 = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
+    if end.is_some_and(|end| after >= end) {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
     let follow = Follow {
         pool: state.pool.clone(),
         wake: state.hub.subscribe(),
-        stream_id: format!("generation-{id}"),
+        stream_id,
         after,
         pending: std::collections::VecDeque::new(),
         finished: false,
         until: tokio::time::Instant::now() + STREAM_FOR,
         access: super::extract::Reauthorise::new(auth, false),
     };
-    let stream =
-        futures::stream::unfold(
-            follow,
-            |mut f| async move { f.next().await.map(|e| (Ok(e), f)) },
-        );
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15))))
+    let stream = futures::stream::unfold(follow, |mut f| async move {
+        f.next()
+            .await
+            .map(|e| (Ok::<_, std::convert::Infallible>(e), f))
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
+        .into_response())
 }
 
 /// The completion-webhook signing secret.
@@ -282,6 +306,11 @@ impl Follow {
             .await
             .ok()?;
             for (version, event_type, payload, at) in rows {
+                // Nothing after the end (a start recorded by an older
+                // worker after a cancellation).
+                if self.finished {
+                    break;
+                }
                 self.after = version;
                 let (status, terminal) = match event_type.as_str() {
                     "GenerationRequested" => ("queued", false),

@@ -1717,6 +1717,16 @@ async fn the_event_stream_delivers_every_status_change_in_order_and_resumes() {
     let (_, resumed) = read_sse(&app.client, &app.address, &key, &id, Some("1")).await;
     let ids: Vec<&str> = resumed.iter().map(|(i, _)| i.as_str()).collect();
     assert_eq!(ids, vec!["2", "3"]);
+    // Resuming after the terminal event: nothing more, said at once (204
+    // stops a browser's EventSource; an empty stream kept it reconnecting).
+    for last in ["3", "9"] {
+        assert_eq!(
+            read_sse(&app.client, &app.address, &key, &id, Some(last))
+                .await
+                .0,
+            204
+        );
+    }
 }
 
 /// A stream is not authorised once for its quarter of an hour: revoking
@@ -1931,7 +1941,8 @@ async fn an_expired_hold_is_released_only_once_its_generations_job_is_gone() {
 /// A worker reads a queued generation; its cancellation commits before the
 /// worker records the start. The start then reports the generation
 /// finished, so the attempt goes no further (no provider call, which would
-/// be paid for a canceled generation); it stays canceled and released.
+/// be paid for a canceled generation); it stays canceled and released, and
+/// its log ends with the cancellation.
 #[tokio::test]
 async fn a_generation_canceled_after_its_worker_read_it_is_not_started() {
     let app = spawn_app_with(&[]).await;
@@ -1972,6 +1983,22 @@ async fn a_generation_canceled_after_its_worker_read_it_is_not_started() {
     assert_eq!(status, 200, "{body}");
     assert!(!start(g).await, "the attempt must not go on");
     assert_eq!(settled(&app, &key, id).await, ("canceled".into(), 100, 0));
+    // Nor is a start recorded after its end (a follower saw `canceled`,
+    // then `running`).
+    let log: Vec<String> = sqlx::query_scalar(
+        "select event_type from events where stream_id = 'generation-' || $1 order by stream_version",
+    )
+    .bind(id.to_string())
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(log, ["GenerationRequested", "GenerationCanceled"]);
+    let (_, events) = read_sse(&app.client, &app.address, &key, &id.to_string(), None).await;
+    let statuses: Vec<&str> = events
+        .iter()
+        .map(|(_, d)| d["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["queued", "canceled"]);
     // And a generation still queued starts.
     let (_, g) = read("started").await;
     assert!(start(g).await);
