@@ -1199,28 +1199,8 @@ async fn a_provider_status_blip_is_polled_through_within_the_attempt() {
 /// running.)
 #[tokio::test]
 async fn a_generation_failed_for_good_asks_the_provider_to_stop_its_job() {
-    use wiremock::matchers::{method, path};
-    use wiremock::{Mock, ResponseTemplate};
-
     let (fal, app, key) = fal_app().await;
-    fal_accepts(&fal, "req-5").await;
-    let base = "/fal-ai/kling-video/requests/req-5";
-    Mock::given(method("GET"))
-        .and(path(format!("{base}/status")))
-        .respond_with(
-            ResponseTemplate::new(202)
-                .set_body_json(json!({"status": "IN_PROGRESS", "request_id": "req-5"})),
-        )
-        .mount(&fal)
-        .await;
-    Mock::given(method("PUT"))
-        .and(path(format!("{base}/cancel")))
-        .respond_with(
-            ResponseTemplate::new(202).set_body_json(json!({"status": "CANCELLATION_REQUESTED"})),
-        )
-        .expect(1)
-        .mount(&fal)
-        .await;
+    fal_job_never_finishes(&fal, "req-5").await;
     let id = submit_kling_video(&app, &key).await;
     let w = GenerationWorker {
         max_attempts: 1,
@@ -1234,6 +1214,127 @@ async fn a_generation_failed_for_good_asks_the_provider_to_stop_its_job() {
     );
     assert_eq!(settled(&app, &key, id).await, ("failed".to_owned(), 100, 0));
     fal.verify().await;
+}
+
+/// A generation whose deadline passes between two attempts (the first gave
+/// up polling a provider job still running) is canceled unbilled by the
+/// next, and the provider is asked to stop that job. (It was left running,
+/// and billed.)
+#[tokio::test]
+async fn a_deadline_passed_between_attempts_asks_the_provider_to_stop_its_job() {
+    let (fal, app, key) = fal_app().await;
+    fal_job_never_finishes(&fal, "req-5").await;
+    let id = submit_kling_video(&app, &key).await;
+    let w = GenerationWorker {
+        poll_timeout: Duration::from_millis(300),
+        ..fal_worker(&app, &fal)
+    };
+    let outcome = slate_workers::generations::attempt(&w, id, 1).await;
+    assert!(
+        matches!(
+            outcome,
+            slate_workers::generations::AttemptOutcome::RetryAfter(..)
+        ),
+        "{outcome:?}"
+    );
+    sqlx::query("update generations set deadline = now() where generation_id = $1")
+        .bind(id)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let outcome = slate_workers::generations::attempt(&w, id, 2).await;
+    assert_eq!(
+        outcome,
+        slate_workers::generations::AttemptOutcome::Finished
+    );
+    assert_eq!(
+        settled(&app, &key, id).await,
+        ("canceled".to_owned(), 100, 0)
+    );
+    fal.verify().await;
+}
+
+/// A generation whose cancellation its owner asked for, and whose provider
+/// job was canceled but not yet recorded as such (the attempt that asked
+/// could not record it), ends canceled when the next attempt hears
+/// "cancelled" from the provider, not failed with `cancelled`.
+#[tokio::test]
+async fn a_cancellation_heard_from_the_provider_ends_the_generation_canceled() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+
+    let (fal, app, key) = fal_app().await;
+    fal_accepts(&fal, "req-6").await;
+    let status = "/fal-ai/kling-video/requests/req-6/status";
+    let answer = |s: &str| {
+        ResponseTemplate::new(200).set_body_json(json!({"status": s, "request_id": "req-6"}))
+    };
+    Mock::given(method("GET"))
+        .and(path(status))
+        .respond_with(answer("IN_PROGRESS"))
+        .mount(&fal)
+        .await;
+    let id = submit_kling_video(&app, &key).await;
+    let w = GenerationWorker {
+        poll_timeout: Duration::from_millis(300),
+        ..fal_worker(&app, &fal)
+    };
+    let outcome = slate_workers::generations::attempt(&w, id, 1).await;
+    assert!(
+        matches!(
+            outcome,
+            slate_workers::generations::AttemptOutcome::RetryAfter(..)
+        ),
+        "{outcome:?}"
+    );
+    let (code, c) = app
+        .post_json(
+            &format!("/v1/generations/{id}/cancel"),
+            Some(&key),
+            json!({}),
+        )
+        .await;
+    assert_eq!((code, c["cancel_requested"].as_bool()), (202, Some(true)));
+    Mock::given(method("GET"))
+        .and(path(status))
+        .respond_with(answer("CANCELLED"))
+        .with_priority(1)
+        .mount(&fal)
+        .await;
+    let outcome = slate_workers::generations::attempt(&w, id, 2).await;
+    assert_eq!(
+        outcome,
+        slate_workers::generations::AttemptOutcome::Finished
+    );
+    assert_eq!(
+        settled(&app, &key, id).await,
+        ("canceled".to_owned(), 100, 0)
+    );
+}
+
+/// Fal.ai's side of request `id`, accepted and in progress for good; its
+/// cancellation is expected once.
+async fn fal_job_never_finishes(fal: &wiremock::MockServer, id: &str) {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+    fal_accepts(fal, id).await;
+    let base = format!("/fal-ai/kling-video/requests/{id}");
+    Mock::given(method("GET"))
+        .and(path(format!("{base}/status")))
+        .respond_with(
+            ResponseTemplate::new(202)
+                .set_body_json(json!({"status": "IN_PROGRESS", "request_id": id})),
+        )
+        .mount(fal)
+        .await;
+    Mock::given(method("PUT"))
+        .and(path(format!("{base}/cancel")))
+        .respond_with(
+            ResponseTemplate::new(202).set_body_json(json!({"status": "CANCELLATION_REQUESTED"})),
+        )
+        .expect(1)
+        .mount(fal)
+        .await;
 }
 
 /// A result host that answers 429 (or 408) is asked again by the next

@@ -283,17 +283,23 @@ async fn fail(worker: &GenerationWorker, id: Uuid, code: &str, attempts: i32) {
     match result {
         Ok(submitted) => {
             tracing::info!(reason = code, "generation failed; credits released");
-            if let Some((provider, handle)) = submitted
-                && let Some(provider) = worker.providers.get(&provider)
-                && provider.cancel(&handle).await.is_err()
-            {
-                tracing::warn!(
-                    "the provider could not be asked to stop the failed generation's job"
-                );
+            if let Some((provider, handle)) = submitted {
+                stop_provider_job(worker, &provider, &handle).await;
             }
         }
         // The reservation's hold expiry still releases the credits.
         Err(e) => tracing::error!(error = %e, "recording the failure failed"),
+    }
+}
+
+/// Ask the provider to stop the job of a generation that ended unfinished
+/// (best effort; one that finished is left as it is): nobody will fetch its
+/// result, and it would go on being billed.
+async fn stop_provider_job(w: &GenerationWorker, provider: &str, handle: &str) {
+    if let Some(provider) = w.providers.get(provider)
+        && provider.cancel(handle).await.is_err()
+    {
+        tracing::warn!("the provider could not be asked to stop the ended generation's job");
     }
 }
 
@@ -307,7 +313,12 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
         return Ok(());
     }
     if g.deadline.is_some_and(|d| d <= chrono::Utc::now()) {
+        drop(conn);
         cancel(w, g, "deadline_passed").await?;
+        // An earlier attempt's provider job, which may still run.
+        if let Some(handle) = &g.provider_handle {
+            stop_provider_job(w, &g.provider, handle).await;
+        }
         return Ok(());
     }
     if g.cancel_requested && g.provider_handle.is_none() {
@@ -497,6 +508,18 @@ async fn poll(
                         "the provider did not answer a status request; asking again"
                     );
                 }
+            }
+            // Canceled at the provider, as its owner asked (an attempt
+            // asked the provider, and could not record the cancellation
+            // before it ended): canceled, as asked, not failed.
+            Err(e)
+                if e.code() == crate::providers::codes::CANCELLED
+                    && (g.cancel_requested
+                        || matches!(status_now(w, g.generation_id).await,
+                                    Ok(Some(c)) if c.cancel_requested)) =>
+            {
+                cancel(w, g, "canceled").await?;
+                return Err(Step::Fatal("canceled".into()));
             }
             Err(e) => return Err(e.into()),
         }
