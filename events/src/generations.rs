@@ -242,9 +242,18 @@ pub async fn get_any(conn: &mut PgConnection, id: Uuid) -> Result<Option<Generat
 }
 
 /// Newest first; `after` is the last item of the previous page.
+/// Which of an account's generations [`list`] gives (each `None`: any).
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub status: Option<String>,
+    pub kind: Option<String>,
+    pub collection_id: Option<String>,
+}
+
 pub async fn list(
     conn: &mut PgConnection,
     account_id: Uuid,
+    filter: &ListFilter,
     after: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,
 ) -> Result<Vec<Generation>, Error> {
@@ -252,12 +261,18 @@ pub async fn list(
     Ok(sqlx::query_as(trusted_sql!(
         "select {COLUMNS} from generations
           where account_id = $1 and ($2::timestamptz is null or (created_at, generation_id) < ($2, $3))
+            and ($5::text is null or status = $5)
+            and ($6::text is null or kind = $6)
+            and ($7::text is null or collection_id = $7)
           order by created_at desc, generation_id desc limit $4"
     ))
     .bind(account_id)
     .bind(at)
     .bind(id)
     .bind(limit)
+    .bind(&filter.status)
+    .bind(&filter.kind)
+    .bind(&filter.collection_id)
     .fetch_all(conn)
     .await?)
 }

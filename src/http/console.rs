@@ -258,7 +258,14 @@ async fn account(
     .await?;
     let b = slate_events::credits::balance(&mut conn, id).await?;
     let ledger = slate_events::credits::ledger_page(&mut conn, id, None, 20).await?;
-    let generations = slate_events::generations::list(&mut conn, id, None, 20).await?;
+    let generations = slate_events::generations::list(
+        &mut conn,
+        id,
+        &slate_events::generations::ListFilter::default(),
+        None,
+        20,
+    )
+    .await?;
     let subscription: Option<(String, String, Option<String>)> = sqlx::query_as(
         "select subscription_id, status, price_id from stripe_subscriptions where account_id = $1 order by state_at desc limit 1",
     )

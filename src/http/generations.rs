@@ -82,16 +82,26 @@ pub(super) async fn read(
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub(super) struct Page {
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page (with the same filters).
     cursor: Option<String>,
     /// 1 to 100 (default 20).
     limit: Option<i64>,
+    /// Only those with this status: queued, running, succeeded, failed or
+    /// canceled.
+    status: Option<String>,
+    /// Only those of this kind: video, voiceover, transcription or script.
+    kind: Option<String>,
+    /// Only those of this collection.
+    collection_id: Option<String>,
 }
 
 /// List generations.
 ///
-/// The account's generations, newest first.
+/// The account's generations, newest first, optionally only those of one
+/// status, kind or collection (a parameter not listed here is 400
+/// `invalid_query`, not ignored).
 #[utoipa::path(
     get,
     path = "/v1/generations",
@@ -107,6 +117,25 @@ pub(super) async fn list(
     Query(page): Query<Page>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = page.limit.unwrap_or(20).clamp(1, 100);
+    if page
+        .status
+        .as_deref()
+        .is_some_and(|s| !slate_events::generations::STATUSES.contains(&s))
+        || page
+            .kind
+            .as_deref()
+            .is_some_and(|k| !slate_events::generations::KINDS.contains(&k))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "status is queued, running, succeeded, failed or canceled; kind is video, voiceover, transcription or script",
+        ));
+    }
+    let filter = slate_events::generations::ListFilter {
+        status: page.status,
+        kind: page.kind,
+        collection_id: page.collection_id,
+    };
     let mut conn = super::scoped::scoped(&state.pool, auth.account_id).await?;
     let after = match &page.cursor {
         None => None,
@@ -123,7 +152,8 @@ pub(super) async fn list(
         }
     };
     let mut items =
-        slate_events::generations::list(&mut conn, auth.account_id, after, limit + 1).await?;
+        slate_events::generations::list(&mut conn, auth.account_id, &filter, after, limit + 1)
+            .await?;
     drop(conn);
     let more = items.len() as i64 > limit;
     items.truncate(limit as usize);

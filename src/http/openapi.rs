@@ -208,7 +208,7 @@ pub const CODES: &[(&str, &str)] = &[
     ("invalid_json", "the body is not valid JSON"),
     (
         "invalid_query",
-        "a query parameter has the wrong type or a required one is missing",
+        "a query parameter is unknown (where a route lists its own), has the wrong type or value, or a required one is missing",
     ),
     (
         "invalid_body",

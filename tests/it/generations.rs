@@ -540,6 +540,61 @@ async fn listing_pages_with_a_cursor() {
     }
     ids.reverse();
     assert_eq!(seen, ids, "newest first, each once");
+
+    // Filtered by status, kind and collection, paging within the filter.
+    let (_, v, _) = app.submit(&key, None, video("a reel")).await;
+    let (_, c) = app
+        .post_json(
+            &format!("/v1/generations/{}/cancel", ids[0]),
+            Some(&key),
+            json!({}),
+        )
+        .await;
+    assert_eq!(c["status"], "canceled", "{c}");
+    let listed = async |query: &str| {
+        let (status, page) = app
+            .get_as(&format!("/v1/generations?{query}"), Some(&key))
+            .await;
+        assert_eq!(status, 200, "{query}: {page}");
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(listed("status=canceled").await, [ids[0].clone()]);
+    assert_eq!(listed("kind=video").await, [v["id"].as_str().unwrap()]);
+    assert_eq!(
+        listed("collection_id=trailers").await,
+        [v["id"].as_str().unwrap()]
+    );
+    assert_eq!(listed("kind=script&status=queued").await, ids[1..]);
+    assert_eq!(
+        listed(&format!(
+            "kind=script&status=queued&limit=2&cursor={}",
+            ids[2]
+        ))
+        .await,
+        ids[3..]
+    );
+    assert!(
+        listed("status=queued&collection_id=elsewhere")
+            .await
+            .is_empty()
+    );
+    // A filter it does not know, or a value it does not, is refused rather
+    // than ignored (which answered everything to `?state=failed`).
+    for query in ["state=failed", "status=done", "kind=opera"] {
+        let (status, body) = app
+            .get_as(&format!("/v1/generations?{query}"), Some(&key))
+            .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("invalid_query")),
+            "{query}"
+        );
+    }
 }
 
 #[tokio::test]
