@@ -1280,18 +1280,7 @@ async fn a_deadline_passed_between_attempts_asks_the_provider_to_stop_its_job() 
     let (fal, app, key) = fal_app().await;
     fal_job_never_finishes(&fal, "req-5").await;
     let id = submit_kling_video(&app, &key).await;
-    let w = GenerationWorker {
-        poll_timeout: Duration::from_millis(300),
-        ..fal_worker(&app, &fal)
-    };
-    let outcome = slate_workers::generations::attempt(&w, id, 1).await;
-    assert!(
-        matches!(
-            outcome,
-            slate_workers::generations::AttemptOutcome::RetryAfter(..)
-        ),
-        "{outcome:?}"
-    );
+    let w = first_attempt_gives_up_polling(&app, &fal, id).await;
     sqlx::query("update generations set deadline = now() where generation_id = $1")
         .bind(id)
         .execute(&app.db.pool)
@@ -1330,18 +1319,7 @@ async fn a_cancellation_heard_from_the_provider_ends_the_generation_canceled() {
         .mount(&fal)
         .await;
     let id = submit_kling_video(&app, &key).await;
-    let w = GenerationWorker {
-        poll_timeout: Duration::from_millis(300),
-        ..fal_worker(&app, &fal)
-    };
-    let outcome = slate_workers::generations::attempt(&w, id, 1).await;
-    assert!(
-        matches!(
-            outcome,
-            slate_workers::generations::AttemptOutcome::RetryAfter(..)
-        ),
-        "{outcome:?}"
-    );
+    let w = first_attempt_gives_up_polling(&app, &fal, id).await;
     let (code, c) = app
         .post_json(
             &format!("/v1/generations/{id}/cancel"),
@@ -1365,6 +1343,28 @@ async fn a_cancellation_heard_from_the_provider_ends_the_generation_canceled() {
         settled(&app, &key, id).await,
         ("canceled".to_owned(), 100, 0)
     );
+}
+
+/// A worker that gives up polling after 300 ms, and its first attempt of
+/// generation `id`, which does so (its job to be retried).
+async fn first_attempt_gives_up_polling(
+    app: &TestApp,
+    fal: &wiremock::MockServer,
+    id: Uuid,
+) -> GenerationWorker {
+    let w = GenerationWorker {
+        poll_timeout: Duration::from_millis(300),
+        ..fal_worker(app, fal)
+    };
+    let outcome = slate_workers::generations::attempt(&w, id, 1).await;
+    assert!(
+        matches!(
+            outcome,
+            slate_workers::generations::AttemptOutcome::RetryAfter(..)
+        ),
+        "{outcome:?}"
+    );
+    w
 }
 
 /// Fal.ai's side of request `id`, accepted and in progress for good; its

@@ -922,6 +922,19 @@ async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
         .await
         .unwrap();
     };
+    // Restored (as before the job existed), the mirror still saying the
+    // deletion's stop.
+    let restored_without_a_job = async || {
+        slate_events::accounts::restore(
+            &mut *app.db.conn().await,
+            alice,
+            chrono::Utc::now(),
+            slate_events::Metadata::system(),
+        )
+        .await
+        .unwrap();
+        mirror_ends(true).await;
+    };
     assert_eq!(
         sweep(0).await,
         0,
@@ -943,15 +956,7 @@ async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
         .unwrap();
 
     // Restored without a job: the one the deletion stopped renews again.
-    slate_events::accounts::restore(
-        &mut *app.db.conn().await,
-        alice,
-        chrono::Utc::now(),
-        slate_events::Metadata::system(),
-    )
-    .await
-    .unwrap();
-    mirror_ends(true).await;
+    restored_without_a_job().await;
     assert_eq!(sweep(40).await, 1);
     assert_eq!(run_renewal_jobs(&app, &renewals, false).await, 1);
     assert_eq!(
@@ -984,15 +989,7 @@ async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
     // Restored again without a job, and the job the sweep enqueues gives
     // up (a revoked key, say): the sweep waits six hours before the next,
     // rather than start one an hour for as long as the error lasts.
-    slate_events::accounts::restore(
-        &mut *app.db.conn().await,
-        alice,
-        chrono::Utc::now(),
-        slate_events::Metadata::system(),
-    )
-    .await
-    .unwrap();
-    mirror_ends(true).await;
+    restored_without_a_job().await;
     assert_eq!(sweep(80).await, 1);
     sqlx::query(
         "update apalis.jobs set status = 'Failed', attempts = max_attempts, done_at = now()
