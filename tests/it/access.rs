@@ -787,12 +787,9 @@ async fn deleting_an_account_stops_access_at_once_and_staff_can_restore_it_withi
 
     // After 30 days (clock injected) it cannot be restored.
     delete_committed(&app.db.pool, account, chrono::Utc::now()).await;
-    let mut conn = app.db.conn().await;
     let late = chrono::Utc::now() + chrono::Duration::days(31);
     assert_eq!(
-        slate_events::accounts::restore(&mut conn, account, late, slate_events::Metadata::system())
-            .await
-            .unwrap(),
+        restore_at(&app.db.pool, account, late).await,
         slate_events::accounts::Restore::NotRestorable
     );
     assert!(
@@ -1023,6 +1020,23 @@ async fn with_50_credits(conn: &mut sqlx::PgConnection) -> Uuid {
 
 /// Delete `account` at `at` in a transaction of its own, committed (no job
 /// enqueued: the domain call alone).
+/// Restore `account` by the domain call, at `at` (a clock of the test's
+/// choosing), as the system.
+pub async fn restore_at(
+    pool: &sqlx::PgPool,
+    account: Uuid,
+    at: chrono::DateTime<chrono::Utc>,
+) -> slate_events::accounts::Restore {
+    slate_events::accounts::restore(
+        &mut pool.acquire().await.unwrap(),
+        account,
+        at,
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap()
+}
+
 pub async fn delete_committed(
     pool: &sqlx::PgPool,
     account: Uuid,

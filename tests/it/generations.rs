@@ -1035,20 +1035,7 @@ async fn every_provider_runs_only_the_operators_models() {
         json!({"kind": "script", "provider": "ark", "prompt": "a story", "parameters": {"model": "deepseek-v3-1-250821"}}),
         json!({"kind": "script", "provider": "ark", "prompt": "a story", "parameters": {"model": 7}}),
     ];
-    for request in refused {
-        let (status, body, _) = app.submit(&key, None, request.clone()).await;
-        assert_eq!(
-            (status, body["error"]["code"].as_str()),
-            (422, Some("model_not_offered")),
-            "{request}: {body}"
-        );
-    }
-    let b = app.balance(&key).await;
-    assert_eq!(
-        (b["available"].as_i64(), b["reserved"].as_i64()),
-        (Some(500), Some(0)),
-        "nothing was reserved"
-    );
+    refused_and_nothing_reserved(&app, &key, &refused, "model_not_offered", 500).await;
     let accepted = [
         json!({"kind": "voiceover", "provider": "elevenlabs", "prompt": "hello", "parameters": {"model_id": "eleven_multilingual_v2"}}),
         json!({"kind": "voiceover", "provider": "elevenlabs", "prompt": "hello"}),
@@ -1059,6 +1046,31 @@ async fn every_provider_runs_only_the_operators_models() {
         let (status, body, _) = app.submit(&key, None, request.clone()).await;
         assert_eq!(status, 202, "{request}: {body}");
     }
+}
+
+/// Submit each of `requests`: each is refused (422 `code`), and the
+/// account's `credits` stay available, none reserved.
+async fn refused_and_nothing_reserved(
+    app: &TestApp,
+    key: &str,
+    requests: &[Value],
+    code: &str,
+    credits: i64,
+) {
+    for request in requests {
+        let (status, body, _) = app.submit(key, None, request.clone()).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (422, Some(code)),
+            "{request}: {body}"
+        );
+    }
+    let b = app.balance(key).await;
+    assert_eq!(
+        (b["available"].as_i64(), b["reserved"].as_i64()),
+        (Some(credits), Some(0)),
+        "nothing was reserved"
+    );
 }
 
 /// Seedance's video is priced by its resolution as well as its seconds
@@ -1077,24 +1089,12 @@ async fn a_seedance_video_is_priced_by_its_resolution() {
     .await;
     let (_, key) = funded(&app, 500).await;
     let video = |parameters: Value| json!({"kind": "video", "provider": "seedance", "prompt": "a fox", "parameters": parameters});
-    for parameters in [
-        json!({"resolution": "4k"}),
-        json!({"resolution": 1080}),
-        json!({"resolution": ""}),
-    ] {
-        let (status, body, _) = app.submit(&key, None, video(parameters.clone())).await;
-        assert_eq!(
-            (status, body["error"]["code"].as_str()),
-            (422, Some("invalid_parameters")),
-            "{parameters}: {body}"
-        );
-    }
-    let b = app.balance(&key).await;
-    assert_eq!(
-        (b["available"].as_i64(), b["reserved"].as_i64()),
-        (Some(500), Some(0)),
-        "nothing was reserved"
-    );
+    let refused = [
+        video(json!({"resolution": "4k"})),
+        video(json!({"resolution": 1080})),
+        video(json!({"resolution": ""})),
+    ];
+    refused_and_nothing_reserved(&app, &key, &refused, "invalid_parameters", 500).await;
     let mut reserved = 0;
     for (parameters, cost, operation) in [
         (json!({"resolution": "480p"}), 15, "video:seedance:480p"),

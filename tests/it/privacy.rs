@@ -460,14 +460,7 @@ async fn a_refused_farewell_email_does_not_stop_the_purge() {
     // Purged is purged, whatever the clock of the one restoring says (the
     // purge ran here on a clock 31 days ahead). It brought back an account
     // with no address and no data key.
-    let restored = slate_events::accounts::restore(
-        &mut *app.db.conn().await,
-        alice,
-        chrono::Utc::now(),
-        slate_events::Metadata::system(),
-    )
-    .await
-    .unwrap();
+    let restored = crate::access::restore_at(&app.db.pool, alice, chrono::Utc::now()).await;
     assert_eq!(restored, slate_events::accounts::Restore::NotRestorable);
 }
 
@@ -925,14 +918,7 @@ async fn the_sweep_schedules_the_renewal_jobs_nobody_enqueued() {
     // Restored (as before the job existed), the mirror still saying the
     // deletion's stop.
     let restored_without_a_job = async || {
-        slate_events::accounts::restore(
-            &mut *app.db.conn().await,
-            alice,
-            chrono::Utc::now(),
-            slate_events::Metadata::system(),
-        )
-        .await
-        .unwrap();
+        crate::access::restore_at(&app.db.pool, alice, chrono::Utc::now()).await;
         mirror_ends(true).await;
     };
     assert_eq!(
