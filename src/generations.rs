@@ -144,7 +144,8 @@ pub(crate) fn validate(
     Ok((collection, units))
 }
 
-/// The `Idempotency-Key` header, if any: 1-200 visible ASCII characters.
+/// The `Idempotency-Key` header, if any: 1-200 printable ASCII characters
+/// (spaces included).
 /// (One that is not readable as such is refused, not taken for no key: a
 /// retry would then be a second generation, charged again.)
 pub(crate) fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiError> {
@@ -152,10 +153,16 @@ pub(crate) fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<
         return Ok(None);
     };
     match value.to_str() {
-        Ok(key) if !key.is_empty() && key.len() <= 200 => Ok(Some(key)),
+        Ok(key)
+            if !key.is_empty()
+                && key.len() <= 200
+                && key.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) =>
+        {
+            Ok(Some(key))
+        }
         _ => Err(ApiError::bad_request(
             "invalid_idempotency_key",
-            "Idempotency-Key is 1-200 visible ASCII characters",
+            "Idempotency-Key is 1-200 printable ASCII characters",
         )),
     }
 }

@@ -241,7 +241,6 @@ pub async fn get_any(conn: &mut PgConnection, id: Uuid) -> Result<Option<Generat
     .await?)
 }
 
-/// Newest first; `after` is the last item of the previous page.
 /// Which of an account's generations [`list`] gives (each `None`: any).
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -250,6 +249,7 @@ pub struct ListFilter {
     pub collection_id: Option<String>,
 }
 
+/// Newest first; `after` is the last item of the previous page.
 pub async fn list(
     conn: &mut PgConnection,
     account_id: Uuid,

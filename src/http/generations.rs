@@ -32,7 +32,7 @@ pub fn router() -> Router<AppState> {
     path = "/v1/generations",
     tag = "generations",
     operation_id = "submit_generation",
-    params(("Idempotency-Key" = Option<String>, Header, description = "1-200 characters; the same key with the same body answers the first response, with another body 409")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-200 printable ASCII characters (else 400); the same key with the same body answers the first response, with another body 409")),
     request_body = SubmitRequest,
     responses((status = 202, description = "Queued", body = super::openapi::schemas::Generation)),
     security(("api_key" = []), ("session_cookie" = [])),
@@ -117,6 +117,14 @@ pub(super) async fn list(
     Query(page): Query<Page>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = page.limit.unwrap_or(20).clamp(1, 100);
+    // An empty value is no filter (`?status=&kind=video`).
+    let given = |v: Option<String>| v.filter(|v| !v.is_empty());
+    let page = Page {
+        status: given(page.status),
+        kind: given(page.kind),
+        collection_id: given(page.collection_id),
+        ..page
+    };
     if page
         .status
         .as_deref()

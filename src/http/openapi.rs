@@ -234,7 +234,7 @@ pub const CODES: &[(&str, &str)] = &[
     ),
     (
         "invalid_idempotency_key",
-        "`Idempotency-Key` is 1-200 visible ASCII characters",
+        "`Idempotency-Key` is 1-200 printable ASCII characters",
     ),
     (
         "idempotency_key_reused",

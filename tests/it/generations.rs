@@ -335,7 +335,12 @@ async fn a_retry_gets_the_first_answer_whatever_changed_since() {
         (status, body["error"]["code"].as_str()),
         (409, Some("idempotency_key_reused"))
     );
-    for bad in [&b"caf\xe9"[..], &b""[..], &[b'k'; 201][..]] {
+    for bad in [
+        &b"caf\xe9"[..],
+        &b""[..],
+        &b"tab\there"[..],
+        &[b'k'; 201][..],
+    ] {
         let value = reqwest::header::HeaderValue::from_bytes(bad).unwrap();
         let (status, body) = post(&app.address, Some(value), video("waves")).await;
         assert_eq!(
@@ -582,6 +587,11 @@ async fn listing_pages_with_a_cursor() {
         listed("status=queued&collection_id=elsewhere")
             .await
             .is_empty()
+    );
+    assert_eq!(
+        listed("status=&kind=video&collection_id=").await,
+        [v["id"].as_str().unwrap()],
+        "an empty value is no filter"
     );
     // A filter it does not know, or a value it does not, is refused rather
     // than ignored (which answered everything to `?state=failed`).
@@ -1277,25 +1287,35 @@ async fn a_generation_failed_for_good_asks_the_provider_to_stop_its_job() {
 /// and billed.)
 #[tokio::test]
 async fn a_deadline_passed_between_attempts_asks_the_provider_to_stop_its_job() {
-    let (fal, app, key) = fal_app().await;
-    fal_job_never_finishes(&fal, "req-5").await;
-    let id = submit_kling_video(&app, &key).await;
-    let w = first_attempt_gives_up_polling(&app, &fal, id).await;
-    sqlx::query("update generations set deadline = now() where generation_id = $1")
-        .bind(id)
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
-    let outcome = slate_workers::generations::attempt(&w, id, 2).await;
-    assert_eq!(
-        outcome,
-        slate_workers::generations::AttemptOutcome::Finished
-    );
-    assert_eq!(
-        settled(&app, &key, id).await,
-        ("canceled".to_owned(), 100, 0)
-    );
-    fal.verify().await;
+    // The next attempt finds the deadline passed, or finds the generation
+    // canceled by the sweep (which has no provider to tell) meanwhile.
+    for swept_first in [false, true] {
+        let (fal, app, key) = fal_app().await;
+        fal_job_never_finishes(&fal, "req-5").await;
+        let id = submit_kling_video(&app, &key).await;
+        let w = first_attempt_gives_up_polling(&app, &fal, id).await;
+        sqlx::query("update generations set deadline = now() where generation_id = $1")
+            .bind(id)
+            .execute(&app.db.pool)
+            .await
+            .unwrap();
+        if swept_first {
+            let swept = slate_workers::sweeper::sweep(&app.db.pool, chrono::Utc::now())
+                .await
+                .unwrap();
+            assert_eq!(swept.generations_past_deadline, 1);
+        }
+        let outcome = slate_workers::generations::attempt(&w, id, 2).await;
+        assert_eq!(
+            outcome,
+            slate_workers::generations::AttemptOutcome::Finished
+        );
+        assert_eq!(
+            settled(&app, &key, id).await,
+            ("canceled".to_owned(), 100, 0)
+        );
+        fal.verify().await;
+    }
 }
 
 /// A generation whose cancellation its owner asked for, and whose provider

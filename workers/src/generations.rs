@@ -310,6 +310,15 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
     };
     let g = &work.generation;
     if g.is_terminal() {
+        // Ended unfinished while this job waited for its retry (the sweep
+        // cancels one past its deadline, and has no provider to tell): its
+        // provider job may still run.
+        if g.status != "succeeded"
+            && let Some(handle) = &g.provider_handle
+        {
+            drop(conn);
+            stop_provider_job(w, &g.provider, handle).await;
+        }
         return Ok(());
     }
     if g.deadline.is_some_and(|d| d <= chrono::Utc::now()) {
@@ -512,12 +521,15 @@ async fn poll(
             // Canceled at the provider, as its owner asked (an attempt
             // asked the provider, and could not record the cancellation
             // before it ended): canceled, as asked, not failed.
-            Err(e)
-                if e.code() == crate::providers::codes::CANCELLED
-                    && (g.cancel_requested
-                        || matches!(status_now(w, g.generation_id).await,
-                                    Ok(Some(c)) if c.cancel_requested)) =>
-            {
+            Err(e) if e.code() == crate::providers::codes::CANCELLED => {
+                let asked = g.cancel_requested
+                    || status_now(w, g.generation_id)
+                        .await
+                        .map_err(|_| Step::Retry("database_unavailable"))?
+                        .is_some_and(|c| c.cancel_requested);
+                if !asked {
+                    return Err(e.into());
+                }
                 cancel(w, g, "canceled").await?;
                 return Err(Step::Fatal("canceled".into()));
             }
