@@ -119,31 +119,21 @@ pub(super) async fn list(
     let limit = page.limit.unwrap_or(20).clamp(1, 100);
     // An empty value is no filter (`?status=&kind=video`).
     let given = |v: Option<String>| v.filter(|v| !v.is_empty());
-    let page = Page {
+    let filter = slate_events::generations::ListFilter {
         status: given(page.status),
         kind: given(page.kind),
         collection_id: given(page.collection_id),
-        ..page
     };
-    if page
-        .status
-        .as_deref()
-        .is_some_and(|s| !slate_events::generations::STATUSES.contains(&s))
-        || page
-            .kind
-            .as_deref()
-            .is_some_and(|k| !slate_events::generations::KINDS.contains(&k))
+    let known =
+        |v: &Option<String>, known: &[&str]| v.as_deref().is_none_or(|v| known.contains(&v));
+    if !known(&filter.status, slate_events::generations::STATUSES)
+        || !known(&filter.kind, slate_events::generations::KINDS)
     {
         return Err(ApiError::bad_request(
             "invalid_query",
             "status is queued, running, succeeded, failed or canceled; kind is video, voiceover, transcription or script",
         ));
     }
-    let filter = slate_events::generations::ListFilter {
-        status: page.status,
-        kind: page.kind,
-        collection_id: page.collection_id,
-    };
     let mut conn = super::scoped::scoped(&state.pool, auth.account_id).await?;
     let after = match &page.cursor {
         None => None,

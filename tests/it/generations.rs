@@ -1305,15 +1305,7 @@ async fn a_deadline_passed_between_attempts_asks_the_provider_to_stop_its_job() 
                 .unwrap();
             assert_eq!(swept.generations_past_deadline, 1);
         }
-        let outcome = slate_workers::generations::attempt(&w, id, 2).await;
-        assert_eq!(
-            outcome,
-            slate_workers::generations::AttemptOutcome::Finished
-        );
-        assert_eq!(
-            settled(&app, &key, id).await,
-            ("canceled".to_owned(), 100, 0)
-        );
+        second_attempt_ends_it_canceled(&app, &w, &key, id).await;
         fal.verify().await;
     }
 }
@@ -1354,15 +1346,7 @@ async fn a_cancellation_heard_from_the_provider_ends_the_generation_canceled() {
         .with_priority(1)
         .mount(&fal)
         .await;
-    let outcome = slate_workers::generations::attempt(&w, id, 2).await;
-    assert_eq!(
-        outcome,
-        slate_workers::generations::AttemptOutcome::Finished
-    );
-    assert_eq!(
-        settled(&app, &key, id).await,
-        ("canceled".to_owned(), 100, 0)
-    );
+    second_attempt_ends_it_canceled(&app, &w, &key, id).await;
 }
 
 /// A worker that gives up polling after 300 ms, and its first attempt of
@@ -1385,6 +1369,16 @@ async fn first_attempt_gives_up_polling(
         "{outcome:?}"
     );
     w
+}
+
+/// Generation `id`'s second attempt finishes it canceled, its 100 credits
+/// released.
+async fn second_attempt_ends_it_canceled(app: &TestApp, w: &GenerationWorker, key: &str, id: Uuid) {
+    assert_eq!(
+        slate_workers::generations::attempt(w, id, 2).await,
+        slate_workers::generations::AttemptOutcome::Finished
+    );
+    assert_eq!(settled(app, key, id).await, ("canceled".to_owned(), 100, 0));
 }
 
 /// Fal.ai's side of request `id`, accepted and in progress for good; its

@@ -1169,14 +1169,18 @@ async fn a_past_due_renewal_is_not_collected_while_the_account_is_deleted() {
     use slate_workers::renewal::PAUSED_INVOICE_KEY;
     let app = crate::stripe::stripe_app().await;
     let (_stripe, subscriptions, invoices, renewals) = fake_stripe_for_renewals(&app).await;
-    let (dave, key, id) = subscribed(&app, &subscriptions, |sub| {
-        sub["status"] = "past_due".into();
-    })
-    .await;
-    let invoice = subscriptions.lock().unwrap()[&id]["latest_invoice"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let past_due = async || {
+        let (account, key, id) = subscribed(&app, &subscriptions, |sub| {
+            sub["status"] = "past_due".into();
+        })
+        .await;
+        let invoice = subscriptions.lock().unwrap()[&id]["latest_invoice"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        (account, key, id, invoice)
+    };
+    let (dave, key, id, invoice) = past_due().await;
     let sub = || subscriptions.lock().unwrap()[&id].clone();
     delete_then_restore(&app, dave, &key, &renewals, || {
         assert_eq!(invoices.lock().unwrap().get(&invoice), Some(&false));
@@ -1190,14 +1194,7 @@ async fn a_past_due_renewal_is_not_collected_while_the_account_is_deleted() {
 
     // One whose unpaid invoice was no longer collected (retries over, or
     // collected by hand) is left so: a restore does not start charging it.
-    let (erin, key, id) = subscribed(&app, &subscriptions, |sub| {
-        sub["status"] = "past_due".into();
-    })
-    .await;
-    let invoice = subscriptions.lock().unwrap()[&id]["latest_invoice"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (erin, key, id, invoice) = past_due().await;
     invoices.lock().unwrap().insert(invoice.clone(), false);
     let sub = || subscriptions.lock().unwrap()[&id].clone();
     delete_then_restore(&app, erin, &key, &renewals, || {

@@ -46,7 +46,7 @@ const ALLOWED: &[&str] = &[
     "watermark",
 ];
 const RATIOS: &[&str] = &["16:9", "4:3", "1:1", "3:4", "9:16", "21:9", "adaptive"];
-pub const RESOLUTIONS: &[&str] = &["480p", "720p", "1080p"];
+const RESOLUTIONS: &[&str] = &["480p", "720p", "1080p"];
 /// Seedance's text commands, long and short forms.
 const COMMANDS: &[&str] = &[
     "ratio",
