@@ -176,10 +176,12 @@ async fn replay(
     request_hash: &[u8],
 ) -> Result<Option<(StatusCode, Value)>, ApiError> {
     let row: Option<(Vec<u8>, Option<i32>, Option<Value>)> = sqlx::query_as(
-        "select request_hash, status_code, response from idempotency_keys where account_id = $1 and key = $2",
+        "select request_hash, status_code, response from idempotency_keys
+          where account_id = $1 and key = $2 and created_at > now() - $3",
     )
     .bind(account_id)
     .bind(key)
+    .bind(generations::IDEMPOTENCY_KEY_TTL)
     .fetch_optional(&mut *conn)
     .await?;
     let Some((hash, status, response)) = row else {
@@ -261,6 +263,26 @@ pub async fn submit(
             "this provider does not offer that model here",
         ));
     }
+    // A key naming nothing used to be accepted, its credits held, and fail
+    // at its attempt (`input_unavailable`).
+    if let Some(key) = &req.input_key {
+        match state.storage.exists(key).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(invalid(
+                    "input_not_found",
+                    "input_key names no stored object",
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "storage out of reach while checking an input");
+                return Err(ApiError::Unavailable {
+                    code: "storage_unavailable",
+                    message: "the storage could not be reached; nothing was done, retry later",
+                });
+            }
+        }
+    }
     if let Some(url) = &req.webhook_url {
         slate_workers::webhooks::check_url(url, &state.config.webhook_allowlist)
             .await
@@ -293,13 +315,18 @@ pub async fn submit(
 
     let mut tx = state.pool.begin().await?;
     if let Some(key) = idempotency_key {
+        // An expired key (not yet deleted by the sweep) is taken over.
         let inserted = sqlx::query(
             "insert into idempotency_keys (account_id, key, request_hash) values ($1, $2, $3)
-             on conflict (account_id, key) do nothing",
+             on conflict (account_id, key) do update
+                set request_hash = excluded.request_hash, status_code = null, response = null,
+                    created_at = excluded.created_at
+              where idempotency_keys.created_at <= now() - $4",
         )
         .bind(auth.account_id)
         .bind(key)
         .bind(&request_hash)
+        .bind(generations::IDEMPOTENCY_KEY_TTL)
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -413,6 +440,7 @@ pub async fn view(state: &AppState, g: &Generation) -> Value {
                 "width": g.width,
                 "height": g.height,
                 "duration_ms": g.duration_ms,
+                "key": key,
             })
         }
         _ => Value::Null,

@@ -152,6 +152,30 @@ pub async fn submit(
     Ok(Submitted::Accepted { cost })
 }
 
+/// How long an `Idempotency-Key` answers with its first response (as
+/// Stripe's do): afterwards the key is free, and a request under it is a
+/// new one.
+pub const IDEMPOTENCY_KEY_TTL: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+
+/// Delete the idempotency keys expired at `now`, up to `limit` (the sweep;
+/// the oldest first). The number deleted.
+pub async fn expire_idempotency_keys(
+    conn: &mut PgConnection,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "delete from idempotency_keys where ctid = any(array(
+             select ctid from idempotency_keys where created_at <= $1
+              order by created_at limit $2))",
+    )
+    .bind(now - IDEMPOTENCY_KEY_TTL)
+    .bind(limit)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected())
+}
+
 /// A deny-listed prompt: recorded with its category and hash only.
 pub async fn record_prompt_rejection(
     conn: &mut PgConnection,

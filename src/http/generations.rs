@@ -24,7 +24,9 @@ pub fn router() -> Router<AppState> {
 
 /// Submit a generation.
 ///
-/// Rate limited, checked, priced and its credits held, then queued (202).
+/// Rate limited, checked, priced and its credits held, then queued (202) in
+/// its account's turn: accounts take turns in the queue, so one account's
+/// large batch does not hold everyone else's generations back.
 /// With `Idempotency-Key`, a retry of the same request answers the first
 /// response again.
 #[utoipa::path(
@@ -32,7 +34,7 @@ pub fn router() -> Router<AppState> {
     path = "/v1/generations",
     tag = "generations",
     operation_id = "submit_generation",
-    params(("Idempotency-Key" = Option<String>, Header, description = "1-200 printable ASCII characters (else 400); the same key with the same body answers the first response, with another body 409")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-200 printable ASCII characters (else 400); for 24 hours, the same key with the same body answers the first response, with another body 409; afterwards the key is free again")),
     request_body = SubmitRequest,
     responses((status = 202, description = "Queued", body = super::openapi::schemas::Generation)),
     security(("api_key" = []), ("session_cookie" = [])),

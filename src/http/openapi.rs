@@ -259,6 +259,11 @@ pub const CODES: &[(&str, &str)] = &[
         "invalid_input",
         "input_key must name one of your own objects",
     ),
+    ("input_not_found", "input_key names no stored object"),
+    (
+        "storage_unavailable",
+        "the storage could not be reached; nothing was done, retry later",
+    ),
     (
         "invalid_parameters",
         "parameters must be an object; a video's duration is 1 to 60 seconds",
@@ -432,6 +437,7 @@ pub const ERRORS: &[(&str, Errors)] = &[
                     "prompt_required",
                     "invalid_prompt",
                     "invalid_input",
+                    "input_not_found",
                     "invalid_parameters",
                     "invalid_deadline",
                     "model_not_offered",
@@ -441,6 +447,7 @@ pub const ERRORS: &[(&str, Errors)] = &[
                 ],
             ),
             (429, &["rate_limited"]),
+            (503, &["storage_unavailable"]),
         ],
     ),
     ("list_generations", &[(400, &["invalid_cursor"])]),
@@ -842,6 +849,9 @@ pub mod schemas {
         pub width: Option<i32>,
         pub height: Option<i32>,
         pub duration_ms: Option<i64>,
+        /// Where the output is stored, under the account's own prefix: give
+        /// it as a transcription's `input_key`.
+        pub key: String,
     }
 
     /// A generation as its owner sees it.
@@ -858,6 +868,23 @@ pub mod schemas {
         pub collection_id: String,
         pub cancel_requested: bool,
         pub deadline: Option<DateTime<Utc>>,
+        /// Why a failed or canceled generation ended; null otherwise. Its
+        /// credits are released either way. Canceled: `canceled` (its owner
+        /// asked), `deadline_passed`, `account_deleted`. Failed, refused by
+        /// the provider: `invalid_parameters`, `content_policy`, `not_found`
+        /// (model, voice or task), `input_too_large`, `input_unavailable`
+        /// (a transcription's input could not be fetched), `cancelled` (the
+        /// task was cancelled at the provider, not here), `provider_error`
+        /// (failed it, or answered in a shape not understood). Failed on our
+        /// side of the provider: `unauthorized`, `quota_exceeded` (this
+        /// service's account with the provider), and after the last attempt
+        /// `provider_unavailable`, `provider_timeout`. Failed with its
+        /// result: `output_too_large`, `output_refused` (an address that may
+        /// not be fetched), `output_unavailable`. Failed here:
+        /// `storage_unavailable`, `database_unavailable` (after the last
+        /// attempt), `internal_error`, `job_lost` (its job stopped for good
+        /// without an outcome). New codes may be added: treat an unknown one
+        /// as `provider_error`.
         pub failure_code: Option<String>,
         /// Set once succeeded.
         pub output: Option<GenerationOutput>,

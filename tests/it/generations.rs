@@ -268,6 +268,67 @@ async fn a_hundred_concurrent_submissions_on_credits_for_thirty_accept_exactly_t
     assert_eq!(captured, 60);
 }
 
+/// Accounts take turns in the queue (migration `…20261206000501`): a batch
+/// one account queued first does not hold back another account's
+/// generation, and an account that submits again after its turn comes back
+/// level with the queue's front, not behind the whole batch.
+#[tokio::test]
+async fn accounts_take_turns_in_the_queue() {
+    let app = spawn_app_with(&[]).await;
+    let (alice, alice_key) = funded(&app, 100).await;
+    let (bob, bob_key) = funded(&app, 100).await;
+    let voiceover =
+        |i: usize| json!({"kind": "voiceover", "provider": "local", "prompt": format!("line {i}")});
+    for i in 0..4 {
+        let (status, g, _) = app.submit(&alice_key, None, voiceover(i)).await;
+        assert_eq!(status, 202, "{g}");
+    }
+    let (status, g, _) = app.submit(&bob_key, None, voiceover(9)).await;
+    assert_eq!(status, 202, "{g}");
+    sqlx::query(
+        "insert into apalis.workers (id, worker_type, storage_name)
+         values ('turns', 'slate.generations', 'PostgresStorage')",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let next = |n: usize| {
+        let pool = app.db.pool.clone();
+        async move {
+            let mut owners = Vec::new();
+            for _ in 0..n {
+                let tasks = slate_workers::queue::fetch(
+                    &pool,
+                    slate_workers::generations::QUEUE,
+                    "turns",
+                    1,
+                )
+                .await
+                .unwrap();
+                let job: slate_workers::generations::GenerationJob =
+                    serde_json::from_slice(&tasks[0].args).unwrap();
+                let owner: Uuid = sqlx::query_scalar(
+                    "select account_id from generations where generation_id = $1",
+                )
+                .bind(job.generation_id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                owners.push(owner);
+            }
+            owners
+        }
+    };
+    assert_eq!(next(2).await, [alice, bob], "bob's comes second, not fifth");
+    let (status, g, _) = app.submit(&bob_key, None, voiceover(10)).await;
+    assert_eq!(status, 202, "{g}");
+    assert_eq!(
+        next(4).await,
+        [alice, bob, alice, alice],
+        "bob's second is level with alice's next, not behind her batch"
+    );
+}
+
 #[tokio::test]
 async fn an_idempotency_key_replays_the_first_response_and_refuses_another_body() {
     let app = spawn_app_with(&[]).await;
@@ -288,6 +349,61 @@ async fn an_idempotency_key_replays_the_first_response_and_refuses_another_body(
     );
     let b = app.balance(&key).await;
     assert_eq!(b["reserved"], 4, "charged once");
+}
+
+/// An `Idempotency-Key` answers with its first response for 24 hours, as
+/// Stripe's do; afterwards the key is free (a request under it is a new
+/// one, whatever its body), and the maintenance sweep deletes it. The rows
+/// used to stay until the account was purged.
+#[tokio::test]
+async fn an_idempotency_key_expires_after_a_day() {
+    let app = spawn_app_with(&[]).await;
+    let (_, key) = funded(&app, 100).await;
+    let (s1, first, _) = app.submit(&key, Some("daily"), video("waves")).await;
+    assert_eq!(s1, 202, "{first}");
+    let age = |hours: i32| {
+        let pool = app.db.pool.clone();
+        async move {
+            sqlx::query(
+                "update idempotency_keys set created_at = now() - make_interval(hours => $1)",
+            )
+            .bind(hours)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    age(23).await;
+    let (s2, again, _) = app.submit(&key, Some("daily"), video("waves")).await;
+    assert_eq!(
+        (s2, &again),
+        (202, &first),
+        "within a day: the first answer"
+    );
+
+    age(25).await;
+    let (s3, other, _) = app.submit(&key, Some("daily"), video("other waves")).await;
+    assert_eq!(s3, 202, "{other}");
+    assert_ne!(other["id"], first["id"], "a day later: a new generation");
+    let (s4, replay, _) = app.submit(&key, Some("daily"), video("other waves")).await;
+    assert_eq!(
+        (s4, &replay),
+        (202, &other),
+        "the key now answers for the new one"
+    );
+    let b = app.balance(&key).await;
+    assert_eq!(b["reserved"], 8, "two generations");
+
+    age(25).await;
+    let report = slate_workers::sweeper::sweep(&app.db.pool, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(report.idempotency_keys_expired, 1);
+    let left: i64 = sqlx::query_scalar("select count(*) from idempotency_keys")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
 }
 
 /// A retry under the same `Idempotency-Key` gets the first answer whatever
@@ -1083,6 +1199,53 @@ async fn refused_and_nothing_reserved(
     );
 }
 
+/// A transcription names its input by the key an earlier generation's
+/// output gives (`output.key`; the API gave only a presigned URL, so no
+/// key could be had), and one whose key names no stored object is refused
+/// at submission, nothing reserved (it was accepted, its credits held, and
+/// failed at its attempt).
+#[tokio::test]
+async fn a_transcription_takes_an_earlier_outputs_key_and_refuses_a_missing_one() {
+    let app = spawn_app_with(&[]).await;
+    let (account, key) = funded(&app, 100).await;
+    let (status, voice, _) = app
+        .submit(
+            &key,
+            None,
+            json!({"kind": "voiceover", "provider": "local", "prompt": "hello"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{voice}");
+    app.run_generations().await;
+    let (_, voice) = app
+        .get_as(
+            &format!("/v1/generations/{}", voice["id"].as_str().unwrap()),
+            Some(&key),
+        )
+        .await;
+    let input = voice["output"]["key"].as_str().unwrap().to_owned();
+    assert!(input.starts_with(&format!("users/{account}/")), "{input}");
+
+    let transcription =
+        |input: &str| json!({"kind": "transcription", "provider": "local", "input_key": input});
+    let (status, t, _) = app.submit(&key, None, transcription(&input)).await;
+    assert_eq!(status, 202, "{t}");
+    app.run_generations().await;
+    let id: Uuid = t["id"].as_str().unwrap().parse().unwrap();
+    let (done, available, _) = settled(&app, &key, id).await;
+    assert_eq!(done, "succeeded");
+
+    let missing = format!("users/{account}/collections/default/never-stored.mp3");
+    refused_and_nothing_reserved(
+        &app,
+        &key,
+        &[transcription(&missing)],
+        "input_not_found",
+        available,
+    )
+    .await;
+}
+
 /// Seedance's video is priced by its resolution as well as its seconds
 /// (`video:seedance:<resolution>`, derived by the migration from the
 /// deployment's `video:seedance` price of 10 a second: 3, 5 and 10). With
@@ -1308,6 +1471,56 @@ async fn a_deadline_passed_between_attempts_asks_the_provider_to_stop_its_job() 
         second_attempt_ends_it_canceled(&app, &w, &key, id).await;
         fal.verify().await;
     }
+}
+
+/// A generation the sweep fails as `job_lost` (its job stopped for good
+/// after the provider accepted the work) has its provider job stopped: the
+/// sweep has no providers, so it queues a job that finds the generation
+/// ended and asks the provider. (The provider job was left running, and
+/// billed.)
+#[tokio::test]
+async fn a_lost_jobs_provider_job_is_stopped() {
+    let (fal, app, key) = fal_app().await;
+    fal_job_never_finishes(&fal, "req-5").await;
+    let id = submit_kling_video(&app, &key).await;
+    let w = first_attempt_gives_up_polling(&app, &fal, id).await;
+    let jobs_of = |status: &'static str| {
+        let pool = app.db.pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "select count(*) from apalis.jobs
+                  where job_type = 'slate.generations' and status = $2
+                    and convert_from(job, 'UTF8')::jsonb ->> 'generation_id' = $1::text",
+            )
+            .bind(id)
+            .bind(status)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            n
+        }
+    };
+    sqlx::query(
+        "update apalis.jobs set status = 'Killed'
+          where convert_from(job, 'UTF8')::jsonb ->> 'generation_id' = $1::text",
+    )
+    .bind(id)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let later = chrono::Utc::now() + slate_workers::generations::ABANDONED_AFTER * 2;
+    let report = slate_workers::sweeper::sweep(&app.db.pool, later)
+        .await
+        .unwrap();
+    assert_eq!(report.generations_abandoned, 1);
+    assert_eq!(settled(&app, &key, id).await, ("failed".to_owned(), 100, 0));
+    assert_eq!(jobs_of("Pending").await, 1, "a job to stop the provider's");
+    assert_eq!(
+        slate_workers::generations::attempt(&w, id, 1).await,
+        slate_workers::generations::AttemptOutcome::Finished
+    );
+    fal.verify().await;
+    assert_eq!(settled(&app, &key, id).await, ("failed".to_owned(), 100, 0));
 }
 
 /// A generation whose cancellation its owner asked for, and whose provider

@@ -44,11 +44,55 @@ pub async fn submit(
             let job = GenerationJob {
                 generation_id: submission.generation_id,
             };
-            jobs::enqueue(conn, QUEUE, &job, max_attempts).await?
+            enqueue_in_turn(conn, submission.account_id, &job, max_attempts).await?
         }
         Submitted::Insufficient { .. } | Submitted::AccountDeleted => jobs::Wake::none(),
     };
     Ok((outcome, wake))
+}
+
+/// Push `job` onto the generation queue with its account's next turn, in
+/// the caller's transaction (migration `…20261206000501`): the fetch takes
+/// the lowest turn first, so accounts take turns and a large batch cannot
+/// hold everyone else back. The turn is the account's last plus one, and
+/// never earlier than the queue's front (the due job fetched next or, with
+/// none waiting, the latest turn given). Concurrent submissions of one
+/// account are serialized by its credit reservation, taken before this.
+/// One statement: the job is inserted with its turn (apalis-postgres's own
+/// insert has no place for it).
+async fn enqueue_in_turn(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+    job: &GenerationJob,
+    max_attempts: usize,
+) -> anyhow::Result<jobs::Wake> {
+    let id = ulid::Ulid::generate().to_string();
+    sqlx::query(
+        "with front as (
+             select fair_tag from apalis.jobs
+              where job_type = $2 and fair_tag is not null
+                and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))
+                and run_at < now()
+              order by priority desc, fair_tag asc nulls first, run_at asc
+              limit 1),
+         turn as (
+             insert into generation_turns (account_id, last_tag)
+             values ($4, coalesce((select fair_tag from front),
+                                  (select max(last_tag) from generation_turns), 0))
+             on conflict (account_id) do update
+                set last_tag = greatest(excluded.last_tag, generation_turns.last_tag + 1)
+             returning last_tag)
+         insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, fair_tag)
+         select $1, $2, $3, 'Pending', 0, $5, now(), 0, last_tag from turn",
+    )
+    .bind(&id)
+    .bind(QUEUE)
+    .bind(serde_json::to_vec(job)?)
+    .bind(account_id)
+    .bind(i32::try_from(max_attempts).unwrap_or(i32::MAX))
+    .execute(&mut *conn)
+    .await?;
+    Ok(jobs::Wake::job(QUEUE, id))
 }
 
 /// Where a generation's output lives.
@@ -311,8 +355,9 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
     let g = &work.generation;
     if g.is_terminal() {
         // Ended unfinished while this job waited for its retry (the sweep
-        // cancels one past its deadline, and has no provider to tell): its
-        // provider job may still run.
+        // cancels one past its deadline, and has no provider to tell), or
+        // failed by the sweep as `job_lost`, which queues this job for
+        // that: its provider job may still run.
         if g.status != "succeeded"
             && let Some(handle) = &g.provider_handle
         {
@@ -794,6 +839,7 @@ async fn end_unfinished(pool: &PgPool, id: Uuid, ending: Ending) -> anyhow::Resu
     let mut tx = pool.begin().await?;
     generations::lock(&mut tx, id).await?;
     let mut wake = crate::jobs::Wake::none();
+    let mut stop = crate::jobs::Wake::none();
     let mut ended = false;
     if let Some(g) = generations::get_any(&mut tx, id).await?
         && !g.is_terminal()
@@ -809,9 +855,18 @@ async fn end_unfinished(pool: &PgPool, id: Uuid, ending: Ending) -> anyhow::Resu
         if ended {
             wake = crate::webhooks::enqueue_for(&mut tx, id).await?;
         }
+        // A lost job's provider job may still run, billed, and the sweep has
+        // no providers to stop it: a job is queued that finds the generation
+        // ended and asks its provider to stop (`run`). (One past its deadline
+        // has a job of its own, which does so at its next attempt.)
+        if ended && matches!(ending, Ending::JobLost) && g.provider_handle.is_some() {
+            let job = GenerationJob { generation_id: id };
+            stop = jobs::enqueue(&mut tx, QUEUE, &job, jobs::DEFAULT_MAX_ATTEMPTS).await?;
+        }
     }
     tx.commit().await?;
     wake.send(pool).await;
+    stop.send(pool).await;
     Ok(ended)
 }
 

@@ -156,7 +156,12 @@ async fn erase(conn: &mut PgConnection, account_id: Uuid) -> anyhow::Result<()> 
     .bind(account_id)
     .execute(&mut *conn)
     .await?;
-    for table in ["idempotency_keys", "totp_secrets", "webhook_secrets"] {
+    for table in [
+        "idempotency_keys",
+        "totp_secrets",
+        "webhook_secrets",
+        "generation_turns",
+    ] {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "delete from {table} where account_id = $1"
         )))

@@ -276,6 +276,8 @@ impl Persistence for Bookkeeping {
 /// and PostgreSQL plans the statements of an SQL function again on every
 /// call (0.4 ms of planning per fetch in `pg_stat_statements`); a prepared
 /// statement keeps its plan on the connection. It commits on its own.
+/// Generations are taken by their account's turn before their run_at
+/// (`generations::enqueue_in_turn`); other jobs have no turn.
 /// Public for the test that compares a claimed job with its row.
 pub async fn fetch(
     pool: &PgPool,
@@ -288,7 +290,7 @@ pub async fn fetch(
            select id from apalis.jobs \
             where (status = 'Pending' or (status = 'Failed' and attempts < max_attempts)) \
               and run_at < now() and job_type = $2 \
-            order by priority desc, run_at asc \
+            order by priority desc, fair_tag asc nulls first, run_at asc \
             limit $3 \
             for update skip locked) \
          update apalis.jobs as jobs set status = 'Queued', lock_by = $1, lock_at = now() \

@@ -99,6 +99,23 @@ impl Storage {
         Ok(())
     }
 
+    /// Whether an object is stored under `key` (an error when the storage
+    /// could not say).
+    pub async fn exists(&self, key: &str) -> anyhow::Result<bool> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_not_found()) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub async fn get(&self, key: &str) -> anyhow::Result<Vec<u8>> {
         let out = self
             .client

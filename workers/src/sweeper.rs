@@ -20,6 +20,7 @@ pub struct SweepReport {
     pub job_durations_folded: u64,
     pub stripe_events_folded: u64,
     pub generations_folded: u64,
+    pub idempotency_keys_expired: u64,
 }
 
 /// How often the job retention runs: it deletes what was finished days ago,
@@ -36,6 +37,11 @@ const STRIPE_LAG_FOLD_EVERY: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 /// How often the generation-count fold runs (the finished generations a
 /// scrape reads are those finished since the last fold, less its margin).
 const GENERATION_COUNT_FOLD_EVERY: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
+/// How often expired idempotency keys are deleted, and how many at most
+/// each time (a day's submissions at well over 100 a second).
+const IDEMPOTENCY_EXPIRY_EVERY: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+const IDEMPOTENCY_EXPIRY_BATCH: i64 = 500_000;
 
 /// How often subscriptions left renewing for deleted accounts (or left
 /// ending for restored ones) are looked for (`renewal::schedule_missing`).
@@ -125,7 +131,20 @@ pub async fn sweep_with(
     } else {
         0
     };
+    let idempotency_keys_expired =
+        if claim(pool, "idempotency_expiry", now, IDEMPOTENCY_EXPIRY_EVERY).await? {
+            let mut conn = pool.acquire().await?;
+            slate_events::generations::expire_idempotency_keys(
+                &mut conn,
+                now,
+                IDEMPOTENCY_EXPIRY_BATCH,
+            )
+            .await?
+        } else {
+            0
+        };
     Ok(SweepReport {
+        idempotency_keys_expired,
         jobs_deleted,
         workers_forgotten,
         job_durations_folded,
@@ -144,8 +163,8 @@ pub async fn sweep_with(
 /// The scheduled maintenance job (`slate.maintenance`): holds past their
 /// expiry, expired buckets, overdue generations, audit retention, purges due,
 /// and (less often) the job-duration fold, job retention (and the rows of
-/// workers long dead), the generation-count fold and the Stripe
-/// processing-lag fold.
+/// workers long dead), the generation-count fold, the Stripe
+/// processing-lag fold and expired idempotency keys.
 pub const QUEUE: &str = "slate.maintenance";
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -212,6 +231,7 @@ pub async fn handle(
                 job_durations_folded = r.job_durations_folded,
                 stripe_events_folded = r.stripe_events_folded,
                 generations_folded = r.generations_folded,
+                idempotency_keys_expired = r.idempotency_keys_expired,
                 "maintenance sweep"
             );
         }
