@@ -165,9 +165,13 @@ pub async fn expire_idempotency_keys(
     limit: i64,
 ) -> Result<u64, Error> {
     Ok(sqlx::query(
-        "delete from idempotency_keys where ctid = any(array(
-             select ctid from idempotency_keys where created_at <= $1
-              order by created_at limit $2))",
+        // `created_at` again outside: a key taken over meanwhile (its row
+        // replaced by a new request's) is checked again and kept.
+        "delete from idempotency_keys
+          where ctid = any(array(
+                    select ctid from idempotency_keys where created_at <= $1
+                     order by created_at limit $2))
+            and created_at <= $1",
     )
     .bind(now - IDEMPOTENCY_KEY_TTL)
     .bind(limit)

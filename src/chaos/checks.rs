@@ -578,8 +578,10 @@ async fn check_all(
 
     // --- jobs: none lost, none left ------------------------------------------------------
     let jobs: Vec<(Option<String>, String, i32)> = sqlx::query_as(
+        // Not the job that stops a lost generation's provider job.
         "select convert_from(job, 'UTF8')::jsonb->>'generation_id', status::text, attempts
-           from apalis.jobs where job_type = 'slate.generations'",
+           from apalis.jobs where job_type = 'slate.generations'
+            and idempotency_key is distinct from 'stop:' || (convert_from(job, 'UTF8')::jsonb->>'generation_id')",
     )
     .fetch_all(pool)
     .await?;

@@ -270,8 +270,10 @@ async fn a_hundred_concurrent_submissions_on_credits_for_thirty_accept_exactly_t
 
 /// Accounts take turns in the queue (migration `…20261206000501`): a batch
 /// one account queued first does not hold back another account's
-/// generation, and an account that submits again after its turn comes back
-/// level with the queue's front, not behind the whole batch.
+/// generation, an account that submits again after its turn comes back
+/// level with the queue's front, not behind the whole batch, and a retried
+/// job (which keeps its early turn) does not let a newcomer's batch
+/// overtake an account already waiting.
 #[tokio::test]
 async fn accounts_take_turns_in_the_queue() {
     let app = spawn_app_with(&[]).await;
@@ -326,6 +328,32 @@ async fn accounts_take_turns_in_the_queue() {
         next(4).await,
         [alice, bob, alice, alice],
         "bob's second is level with alice's next, not behind her batch"
+    );
+
+    // Erin is waiting when alice's first job fails and comes due for its
+    // retry, with its turn 0; then carol submits two.
+    let (erin, erin_key) = funded(&app, 100).await;
+    let (status, g, _) = app.submit(&erin_key, None, voiceover(20)).await;
+    assert_eq!(status, 202, "{g}");
+    let retried = sqlx::query(
+        "update apalis.jobs set status = 'Failed', attempts = 1, run_at = now() - interval '1 second'
+          where fair_tag = 0 and convert_from(job, 'UTF8')::jsonb ->> 'generation_id' in
+                (select generation_id::text from generations where account_id = $1)",
+    )
+    .bind(alice)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(retried.rows_affected(), 1);
+    let (carol, carol_key) = funded(&app, 100).await;
+    for i in [30, 31] {
+        let (status, g, _) = app.submit(&carol_key, None, voiceover(i)).await;
+        assert_eq!(status, 202, "{g}");
+    }
+    assert_eq!(
+        next(4).await,
+        [alice, erin, carol, carol],
+        "the retry first, then erin, who was waiting before carol came"
     );
 }
 

@@ -54,12 +54,16 @@ pub async fn submit(
 /// Push `job` onto the generation queue with its account's next turn, in
 /// the caller's transaction (migration `…20261206000501`): the fetch takes
 /// the lowest turn first, so accounts take turns and a large batch cannot
-/// hold everyone else back. The turn is the account's last plus one, and
-/// never earlier than the queue's front (the due job fetched next or, with
-/// none waiting, the latest turn given). Concurrent submissions of one
-/// account are serialized by its credit reservation, taken before this.
-/// One statement: the job is inserted with its turn (apalis-postgres's own
-/// insert has no place for it).
+/// hold everyone else back. The turn is the account's last plus one (when
+/// it has generations unfinished), and never earlier than the queue's
+/// clock: the later of the latest turn among the jobs being worked on and
+/// the earliest turn waiting that was never tried (with neither, the latest
+/// turn given). A retried job keeps its early turn, and a job put back after
+/// its worker died too: neither takes the clock back, which would let a
+/// newcomer's whole batch overtake the accounts already waiting. Concurrent
+/// submissions of one account are serialized by its credit reservation,
+/// taken before this. One statement: the job is inserted with its turn
+/// (apalis-postgres's own insert has no place for it).
 async fn enqueue_in_turn(
     conn: &mut PgConnection,
     account_id: Uuid,
@@ -68,19 +72,28 @@ async fn enqueue_in_turn(
 ) -> anyhow::Result<jobs::Wake> {
     let id = ulid::Ulid::generate().to_string();
     sqlx::query(
-        "with front as (
-             select fair_tag from apalis.jobs
-              where job_type = $2 and fair_tag is not null
-                and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))
-                and run_at < now()
-              order by priority desc, fair_tag asc nulls first, run_at asc
-              limit 1),
+        "with clock as (
+             select coalesce(
+                 greatest(
+                     (select max(fair_tag) from apalis.jobs
+                       where job_type = $2 and status in ('Queued', 'Running')),
+                     (select fair_tag from apalis.jobs
+                       where job_type = $2 and fair_tag is not null and attempts = 0
+                         and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))
+                       order by priority desc, fair_tag asc nulls first, run_at asc
+                       limit 1)),
+                 (select max(last_tag) from generation_turns),
+                 0) as tag),
          turn as (
              insert into generation_turns (account_id, last_tag)
-             values ($4, coalesce((select fair_tag from front),
-                                  (select max(last_tag) from generation_turns), 0))
+             values ($4, (select tag from clock))
              on conflict (account_id) do update
-                set last_tag = greatest(excluded.last_tag, generation_turns.last_tag + 1)
+                set last_tag = case
+                    when exists (select 1 from generations
+                                  where account_id = $4 and generation_id <> $6
+                                    and status in ('queued', 'running'))
+                    then greatest(excluded.last_tag, generation_turns.last_tag + 1)
+                    else excluded.last_tag end
              returning last_tag)
          insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, fair_tag)
          select $1, $2, $3, 'Pending', 0, $5, now(), 0, last_tag from turn",
@@ -90,6 +103,7 @@ async fn enqueue_in_turn(
     .bind(serde_json::to_vec(job)?)
     .bind(account_id)
     .bind(i32::try_from(max_attempts).unwrap_or(i32::MAX))
+    .bind(job.generation_id)
     .execute(&mut *conn)
     .await?;
     Ok(jobs::Wake::job(QUEUE, id))
@@ -861,13 +875,26 @@ async fn end_unfinished(pool: &PgPool, id: Uuid, ending: Ending) -> anyhow::Resu
         // has a job of its own, which does so at its next attempt.)
         if ended && matches!(ending, Ending::JobLost) && g.provider_handle.is_some() {
             let job = GenerationJob { generation_id: id };
-            stop = jobs::enqueue(&mut tx, QUEUE, &job, jobs::DEFAULT_MAX_ATTEMPTS).await?;
+            stop = jobs::enqueue_keyed(
+                &mut tx,
+                QUEUE,
+                &job,
+                jobs::DEFAULT_MAX_ATTEMPTS,
+                &stop_job_key(id),
+            )
+            .await?;
         }
     }
     tx.commit().await?;
     wake.send(pool).await;
     stop.send(pool).await;
     Ok(ended)
+}
+
+/// The key of the job that stops lost generation `id`'s provider job (its
+/// second job; the chaos check tells it from a duplicate by it).
+pub fn stop_job_key(id: Uuid) -> String {
+    format!("stop:{id}")
 }
 
 /// How long a generation may stay unfinished with no job left to finish it

@@ -100,6 +100,21 @@ pub async fn enqueue<J: Serialize>(
     Ok(Wake::job(queue, id))
 }
 
+/// [`enqueue`] under `key` (unique in its queue: a second push under it
+/// fails).
+pub async fn enqueue_keyed<J: Serialize>(
+    conn: &mut PgConnection,
+    queue: &str,
+    job: &J,
+    max_attempts: usize,
+    key: &str,
+) -> Result<Wake, apalis_postgres::Error> {
+    let (task, id) = task(job, max_attempts);
+    let task = task.idempotency_key(key).build();
+    apalis_postgres::queries::push_tasks(conn, queue, vec![task]).await?;
+    Ok(Wake::job(queue, id))
+}
+
 /// Enqueue `job` unless one under the same `key` is waiting or running (a
 /// finished or dead one makes room). Returns whether it enqueued.
 pub async fn enqueue_once<J: Serialize>(
