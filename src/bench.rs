@@ -130,6 +130,13 @@ pub struct Jobs {
     pub cpu_per_noop_limited: crate::bench_cpu::PerJob,
     pub cpu_per_noop_submitted: crate::bench_cpu::PerJob,
     pub cpu_per_generation: crate::bench_cpu::PerJob,
+    /// Part 4c: a light account's generations, submitted one at a time
+    /// behind a heavy account's backlog of `jobs`, from commit to start
+    /// (accounts take turns in the queue), and how long the workers took to
+    /// start the whole backlog (about what they would have waited in order
+    /// of arrival).
+    pub fair_light_wait: crate::bench_scale::Percentiles,
+    pub fair_backlog_drain_s: f64,
 }
 
 /// Parts 1, 2 and 2b.
@@ -322,6 +329,16 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
     .await?;
     let (_, cpu_per_generation) = per_job(cpu, opts.jobs);
     slate_workers::bench::remove_outputs(&storage, &generations.accounts).await?;
+    let fair = slate_workers::bench::fair_wait(
+        pool,
+        &storage,
+        opts.jobs,
+        FAIR_SAMPLES,
+        opts.generation_concurrency,
+        opts.generation_fetchers,
+    )
+    .await?;
+    slate_workers::bench::remove_outputs(&storage, &fair.accounts).await?;
     Ok(Jobs {
         jobs: opts.jobs,
         submitters: opts.generation_clients,
@@ -338,8 +355,13 @@ async fn jobs(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow::Re
         cpu_per_noop_limited,
         cpu_per_noop_submitted,
         cpu_per_generation,
+        fair_light_wait: crate::bench_scale::percentiles(fair.light_ms),
+        fair_backlog_drain_s: fair.backlog_drain_s,
     })
 }
+
+/// Part 4c's light generations, timed one at a time.
+const FAIR_SAMPLES: usize = 20;
 
 /// One no-op run: its jobs per second, a CPU sample to go on from, and its
 /// CPU per job since `since`.
@@ -901,6 +923,14 @@ fn print_jobs_row(j: &Jobs) {
         j.submitters,
         j.noop_submitted_per_second,
         j.generations_per_second / j.noop_submitted_per_second
+    );
+    println!(
+        "4c. accounts take turns: behind one account's backlog of {} generations (started in {:.1} s), another account's {} generations, one at a time, waited p50 {:.1} ms, p99 {:.1} ms from commit to start",
+        j.jobs,
+        j.fair_backlog_drain_s,
+        j.fair_light_wait.samples,
+        j.fair_light_wait.p50_ms,
+        j.fair_light_wait.p99_ms
     );
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cpu = |name: &str, c: &crate::bench_cpu::PerJob| {

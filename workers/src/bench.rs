@@ -238,10 +238,50 @@ pub async fn generations_per_second(
     fetchers: usize,
     submitters: usize,
 ) -> anyhow::Result<GenerationRates> {
-    let submitters = submitters.max(1);
-    let mut accounts = Vec::with_capacity(submitters);
+    let accounts = funded_accounts(pool, submitters.max(1), n).await?;
+    let submitters = accounts.len();
+    let workers = GenerationWorkers::start(pool, storage, concurrency, fetchers).await?;
+    let start = db_now(pool).await?;
+    let mut clients = Vec::new();
+    for (c, &account) in accounts.iter().enumerate() {
+        let pool = pool.clone();
+        let mine = share(n, submitters, c);
+        clients.push(tokio::spawn(async move {
+            for i in 0..mine {
+                submit_script(&pool, account, &format!("bench idea {c}/{i}")).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for c in clients {
+        c.await??;
+    }
+    let submissions_end = db_now(pool).await?;
+    let last = wait_done(pool, generations::QUEUE, n, Duration::from_secs(600)).await?;
+    let done_while_submitting: i64 = sqlx::query_scalar(
+        "select count(*) from apalis.jobs
+          where job_type = $1 and status = 'Done' and done_at <= $2",
+    )
+    .bind(generations::QUEUE)
+    .bind(submissions_end)
+    .fetch_one(pool)
+    .await?;
+    workers.stop().await;
+    let (n, while_submitting) = (n as f64, done_while_submitting as f64);
+    Ok(GenerationRates {
+        end_to_end: per_second(n, start, last),
+        submitted: per_second(n, start, submissions_end),
+        while_submitting: per_second(while_submitting, start, submissions_end),
+        after_submissions: per_second(n - while_submitting, submissions_end, last),
+        accounts,
+    })
+}
+
+/// `count` bench accounts, each with credits for `n` generations.
+async fn funded_accounts(pool: &PgPool, count: usize, n: usize) -> anyhow::Result<Vec<Uuid>> {
+    let mut accounts = Vec::with_capacity(count);
     let mut conn = pool.acquire().await?;
-    for _ in 0..submitters {
+    for _ in 0..count {
         let account = slate_events::accounts::create_account(
             &mut conn,
             &format!("bench-{}@example.com", Uuid::new_v4().simple()),
@@ -265,105 +305,180 @@ pub async fn generations_per_second(
         .await?;
         accounts.push(account);
     }
-    drop(conn);
-    let storage_client = Storage::new(storage);
-    storage_client.ensure_bucket().await?;
-    let worker = GenerationWorker {
-        pool: pool.clone(),
-        providers: Arc::new(Providers::new(&ProviderSettings::default())?),
-        storage: storage_client,
-        max_attempts: 3,
-        poll_interval: Duration::from_millis(50),
-        poll_timeout: Duration::from_secs(60),
-        downloads: generations::Downloads::new(1 << 20, 64 << 20),
-        http: generations::media_client()?,
-        media_allow: Vec::new(),
+    Ok(accounts)
+}
+
+/// Submit a script generation for `account` as the HTTP path does (one
+/// transaction, then the wake); its id.
+async fn submit_script(pool: &PgPool, account: Uuid, idea: &str) -> anyhow::Result<Uuid> {
+    let mut tx = pool.begin().await?;
+    let s = Submission {
+        generation_id: Uuid::now_v7(),
+        account_id: account,
+        kind: "script".into(),
+        provider: "local".into(),
+        tier: None,
+        units: 1,
+        collection_id: "bench".into(),
+        prompt: Some(idea.to_owned()),
+        input_key: None,
+        parameters: serde_json::json!({}),
+        deadline: None,
+        webhook_url: None,
+        hold_until: chrono::Utc::now() + chrono::Duration::hours(1),
     };
-    let queue_pool = crate::poll::queue_pool(pool);
-    let backend = crate::poll::backend::<GenerationJob>(
-        &crate::poll::Wakeups::start(pool.clone()),
-        &queue_pool,
-        generations::QUEUE,
-        config(generations::QUEUE),
-    );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let slots = split_concurrency(concurrency, fetchers);
-    let monitor = Monitor::new().register_n(slots.len(), move |i, _| {
-        WorkerBuilder::new(format!("bench-generations-{}", Uuid::new_v4().simple()))
-            // As `slate work` runs it.
-            .backend(crate::poll::limited(&backend, slots[i]))
-            .data(worker.clone())
-            .concurrency(slots[i])
-            .parallelize(tokio::spawn)
-            .build(generations::handle)
-    });
-    let running = tokio::spawn(monitor.run_with_signal(async move {
-        let _ = stopped.await;
-        Ok(())
-    }));
-    let start = db_now(pool).await?;
-    let mut clients = Vec::new();
-    for (c, &account) in accounts.iter().enumerate() {
-        let pool = pool.clone();
-        let mine = share(n, submitters, c);
-        clients.push(tokio::spawn(async move {
-            for i in 0..mine {
-                let mut tx = pool.begin().await?;
-                let s = Submission {
-                    generation_id: Uuid::now_v7(),
-                    account_id: account,
-                    kind: "script".into(),
-                    provider: "local".into(),
-                    tier: None,
-                    units: 1,
-                    collection_id: "bench".into(),
-                    prompt: Some(format!("bench idea {c}/{i}")),
-                    input_key: None,
-                    parameters: serde_json::json!({}),
-                    deadline: None,
-                    webhook_url: None,
-                    hold_until: chrono::Utc::now() + chrono::Duration::hours(1),
-                };
-                // As the HTTP path: a refused reservation rolls back (the
-                // transaction is dropped), and the bench stops at once
-                // rather than wait for a job that was never queued.
-                let (outcome, wake) =
-                    generations::submit(&mut tx, &s, &Metadata::system(), 3).await?;
-                match outcome {
-                    Submitted::Accepted { .. } => {}
-                    Submitted::Insufficient { shortfall, .. } => {
-                        anyhow::bail!("a bench account ran out of credits (short by {shortfall})")
-                    }
-                    Submitted::AccountDeleted => anyhow::bail!("a bench account was deleted"),
-                }
-                tx.commit().await?;
-                wake.send(&pool).await;
-            }
-            anyhow::Ok(())
+    // As the HTTP path: a refused reservation rolls back (the transaction
+    // is dropped), and the bench stops at once rather than wait for a job
+    // that was never queued.
+    let (outcome, wake) = generations::submit(&mut tx, &s, &Metadata::system(), 3).await?;
+    match outcome {
+        Submitted::Accepted { .. } => {}
+        Submitted::Insufficient { shortfall, .. } => {
+            anyhow::bail!("a bench account ran out of credits (short by {shortfall})")
+        }
+        Submitted::AccountDeleted => anyhow::bail!("a bench account was deleted"),
+    }
+    tx.commit().await?;
+    wake.send(pool).await;
+    Ok(s.generation_id)
+}
+
+/// The generation workers, set up as `slate work` runs them, with the
+/// instant local provider.
+struct GenerationWorkers {
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<Result<(), MonitorError>>,
+    queue_pool: PgPool,
+}
+
+impl GenerationWorkers {
+    async fn start(
+        pool: &PgPool,
+        storage: &StorageSettings,
+        concurrency: usize,
+        fetchers: usize,
+    ) -> anyhow::Result<Self> {
+        let storage_client = Storage::new(storage);
+        storage_client.ensure_bucket().await?;
+        let worker = GenerationWorker {
+            pool: pool.clone(),
+            providers: Arc::new(Providers::new(&ProviderSettings::default())?),
+            storage: storage_client,
+            max_attempts: 3,
+            poll_interval: Duration::from_millis(50),
+            poll_timeout: Duration::from_secs(60),
+            downloads: generations::Downloads::new(1 << 20, 64 << 20),
+            http: generations::media_client()?,
+            media_allow: Vec::new(),
+        };
+        let queue_pool = crate::poll::queue_pool(pool);
+        let backend = crate::poll::backend::<GenerationJob>(
+            &crate::poll::Wakeups::start(pool.clone()),
+            &queue_pool,
+            generations::QUEUE,
+            config(generations::QUEUE),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let slots = split_concurrency(concurrency, fetchers);
+        let monitor = Monitor::new().register_n(slots.len(), move |i, _| {
+            WorkerBuilder::new(format!("bench-generations-{}", Uuid::new_v4().simple()))
+                // As `slate work` runs it.
+                .backend(crate::poll::limited(&backend, slots[i]))
+                .data(worker.clone())
+                .concurrency(slots[i])
+                .parallelize(tokio::spawn)
+                .build(generations::handle)
+        });
+        let running = tokio::spawn(monitor.run_with_signal(async move {
+            let _ = stopped.await;
+            Ok(())
         }));
+        Ok(Self {
+            stop,
+            running,
+            queue_pool,
+        })
     }
-    for c in clients {
-        c.await??;
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.running.await;
+        self.queue_pool.close().await;
     }
-    let submissions_end = db_now(pool).await?;
-    let last = wait_done(pool, generations::QUEUE, n, Duration::from_secs(600)).await?;
-    let done_while_submitting: i64 = sqlx::query_scalar(
-        "select count(*) from apalis.jobs
-          where job_type = $1 and status = 'Done' and done_at <= $2",
+}
+
+/// [`fair_wait`]'s figures.
+#[derive(Debug, Clone)]
+pub struct FairWait {
+    /// Milliseconds from a light account's submission (its commit) to its
+    /// generation's start, one at a time, behind the heavy account's
+    /// backlog.
+    pub light_ms: Vec<f64>,
+    /// Seconds the workers took to start the whole backlog: about what the
+    /// light account's generation would have waited, taken in order of
+    /// arrival.
+    pub backlog_drain_s: f64,
+    pub accounts: Vec<Uuid>,
+}
+
+/// Accounts taking turns in the queue: a heavy account queues `backlog`
+/// generations, the workers start, and a light account then submits
+/// `samples` generations one at a time, each timed from its commit to its
+/// start (the generation leaving `queued`, polled every 2 ms).
+pub async fn fair_wait(
+    pool: &PgPool,
+    storage: &StorageSettings,
+    backlog: usize,
+    samples: usize,
+    concurrency: usize,
+    fetchers: usize,
+) -> anyhow::Result<FairWait> {
+    let accounts = funded_accounts(pool, 2, backlog.max(samples)).await?;
+    let (heavy, light) = (accounts[0], accounts[1]);
+    for i in 0..backlog {
+        submit_script(pool, heavy, &format!("bench backlog {i}")).await?;
+    }
+    let workers = GenerationWorkers::start(pool, storage, concurrency, fetchers).await?;
+    let started = db_now(pool).await?;
+    let mut light_ms = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let id = submit_script(pool, light, &format!("bench light {i}")).await?;
+        let committed = Instant::now();
+        let deadline = committed + Duration::from_secs(60);
+        loop {
+            let status: String =
+                sqlx::query_scalar("select status from generations where generation_id = $1")
+                    .bind(id)
+                    .fetch_one(pool)
+                    .await?;
+            if status != "queued" {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "a light account's generation waited over 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        light_ms.push(committed.elapsed().as_secs_f64() * 1000.0);
+    }
+    wait_done(
+        pool,
+        generations::QUEUE,
+        backlog + samples,
+        Duration::from_secs(600),
+    )
+    .await?;
+    let last_start: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "select max(lock_at) from apalis.jobs where job_type = $1 and status = 'Done'",
     )
     .bind(generations::QUEUE)
-    .bind(submissions_end)
     .fetch_one(pool)
     .await?;
-    let _ = stop.send(());
-    let _ = running.await;
-    queue_pool.close().await;
-    let (n, while_submitting) = (n as f64, done_while_submitting as f64);
-    Ok(GenerationRates {
-        end_to_end: per_second(n, start, last),
-        submitted: per_second(n, start, submissions_end),
-        while_submitting: per_second(while_submitting, start, submissions_end),
-        after_submissions: per_second(n - while_submitting, submissions_end, last),
+    workers.stop().await;
+    Ok(FairWait {
+        light_ms,
+        backlog_drain_s: (last_start - started).as_seconds_f64().max(0.0),
         accounts,
     })
 }
