@@ -45,15 +45,15 @@ impl Progress {
 }
 
 async fn progress(pool: &PgPool) -> Result<Progress, sqlx::Error> {
-    let (unfinished, stripe_pending, live_jobs): (i64, i64, i64) = sqlx::query_as(
+    let (unfinished, stripe_pending, live_jobs): (i64, i64, i64) = sqlx::query_as(concat!(
         "select
            (select count(*) from generations where status in ('queued', 'running')),
            (select count(*) from stripe_events where status = 'pending'),
            (select count(*) from apalis.jobs
-             where job_type in ('slate.generations', 'slate.stripe')
-               and (status in ('Pending', 'Queued', 'Running')
-                    or (status = 'Failed' and attempts < max_attempts)))",
-    )
+             where job_type in ('slate.generations', 'slate.stripe') and ",
+        slate_workers::job_live!(),
+        ")",
+    ))
     .fetch_one(pool)
     .await?;
     let mut projection_lag = 0;
@@ -613,11 +613,11 @@ async fn check_all(
     )
     .fetch_all(pool)
     .await?;
-    let live: i64 = sqlx::query_scalar(
+    let live: i64 = sqlx::query_scalar(concat!(
         "select count(*) from apalis.jobs
-          where job_type <> 'slate.maintenance'
-            and (status in ('Pending', 'Queued', 'Running') or (status = 'Failed' and attempts < max_attempts))",
-    )
+          where job_type <> 'slate.maintenance' and ",
+        slate_workers::job_live!(),
+    ))
     .fetch_one(pool)
     .await?;
     set.expect("no job pending, queued or running", live == 0, || {

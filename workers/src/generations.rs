@@ -71,7 +71,7 @@ async fn enqueue_in_turn(
     max_attempts: usize,
 ) -> anyhow::Result<jobs::Wake> {
     let id = ulid::Ulid::generate().to_string();
-    sqlx::query(
+    sqlx::query(concat!(
         "with clock as (
              select coalesce(
                  greatest(
@@ -79,7 +79,9 @@ async fn enqueue_in_turn(
                        where job_type = $2 and status in ('Queued', 'Running')),
                      (select fair_tag from apalis.jobs
                        where job_type = $2 and fair_tag is not null and attempts = 0
-                         and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))
+                         and ",
+        crate::job_waiting!(),
+        "
                        order by priority desc, fair_tag asc nulls first, run_at asc
                        limit 1)),
                  (select max(last_tag) from generation_turns),
@@ -97,7 +99,7 @@ async fn enqueue_in_turn(
              returning last_tag)
          insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, fair_tag)
          select $1, $2, $3, 'Pending', 0, $5, now(), 0, last_tag from turn",
-    )
+    ))
     .bind(&id)
     .bind(QUEUE)
     .bind(serde_json::to_vec(job)?)
@@ -917,19 +919,19 @@ pub async fn fail_abandoned(
 ) -> anyhow::Result<usize> {
     // The live jobs' generations are read once (the queue's unfinished
     // jobs, through their partial index), not once per generation.
-    let ids: Vec<Uuid> = sqlx::query_scalar(
+    let ids: Vec<Uuid> = sqlx::query_scalar(concat!(
         "with live as (
-             select (convert_from(j.job, 'UTF8')::jsonb ->> 'generation_id')::uuid as generation_id
-               from apalis.jobs j
-              where j.job_type = $1 and j.status <> 'Done'
-                and (j.status in ('Pending', 'Queued', 'Running')
-                     or (j.status = 'Failed' and j.attempts < j.max_attempts)))
+             select (convert_from(job, 'UTF8')::jsonb ->> 'generation_id')::uuid as generation_id
+               from apalis.jobs
+              where job_type = $1 and status <> 'Done' and ",
+        crate::job_live!(),
+        ")
          select g.generation_id from generations g
           where g.status in ('queued', 'running') and g.updated_at < $2
             and not exists (select 1 from live where live.generation_id = g.generation_id)
           order by g.updated_at
           limit 500",
-    )
+    ))
     .bind(QUEUE)
     .bind(now - ABANDONED_AFTER)
     .fetch_all(pool)

@@ -15,6 +15,26 @@ pub const DEFAULT_MAX_ATTEMPTS: usize = 5;
 /// its payload is `{"job_type": queue, "id": job}`; see [`crate::poll::Wakeups`]).
 pub(crate) const CHANNEL: &str = "apalis::job::insert";
 
+/// The SQL predicate of a job waiting to be fetched: new, or failed with
+/// attempts to go (the fetch's, and its partial index's). A macro, so that
+/// a query can `concat!` it into its static text.
+#[macro_export]
+macro_rules! job_waiting {
+    () => {
+        "(status = 'Pending' or (status = 'Failed' and attempts < max_attempts))"
+    };
+}
+
+/// The SQL predicate of a live job: waiting ([`job_waiting!`]) or taken by
+/// a worker. A job that is not live is done, or stopped for good (killed,
+/// or failed with no attempts left).
+#[macro_export]
+macro_rules! job_live {
+    () => {
+        "(status in ('Pending', 'Queued', 'Running') or (status = 'Failed' and attempts < max_attempts))"
+    };
+}
+
 /// Jobs pushed in a transaction that has not committed yet: after the
 /// commit, [`send`](Wake::send) tells their queues' workers.
 ///
@@ -129,10 +149,10 @@ pub async fn enqueue_once<J: Serialize>(
         .bind(format!("{queue}/{key}"))
         .execute(&mut *tx)
         .await?;
-    sqlx::query(
-        "delete from apalis.jobs where job_type = $1 and idempotency_key = $2
-            and (status in ('Done', 'Killed') or (status = 'Failed' and attempts >= max_attempts))",
-    )
+    sqlx::query(concat!(
+        "delete from apalis.jobs where job_type = $1 and idempotency_key = $2 and not ",
+        crate::job_live!(),
+    ))
     .bind(queue)
     .bind(key)
     .execute(&mut *tx)

@@ -285,11 +285,12 @@ pub async fn fetch(
     worker: &str,
     count: usize,
 ) -> Result<Vec<PgTask>, Error> {
-    let rows = sqlx::query(
+    let rows = sqlx::query(concat!(
         "with next as ( \
            select id from apalis.jobs \
-            where (status = 'Pending' or (status = 'Failed' and attempts < max_attempts)) \
-              and run_at < now() and job_type = $2 \
+            where ",
+        crate::job_waiting!(),
+        " and run_at < now() and job_type = $2 \
             order by priority desc, fair_tag asc nulls first, run_at asc \
             limit $3 \
             for update skip locked) \
@@ -298,7 +299,7 @@ pub async fn fetch(
          returning jobs.job, jobs.id, jobs.job_type, jobs.status, jobs.attempts, \
                    jobs.max_attempts, jobs.run_at, jobs.lock_at, jobs.lock_by, jobs.done_at, \
                    jobs.priority, jobs.idempotency_key, jobs.metadata",
-    )
+    ))
     .bind(worker)
     .bind(queue)
     .bind(i32::try_from(count).unwrap_or(i32::MAX))
