@@ -577,17 +577,19 @@ async fn check_all(
     }
 
     // --- jobs: none lost, none left ------------------------------------------------------
-    let jobs: Vec<(Option<String>, String, i32)> = sqlx::query_as(
-        // Not the job that stops a lost generation's provider job.
-        "select convert_from(job, 'UTF8')::jsonb->>'generation_id', status::text, attempts
-           from apalis.jobs where job_type = 'slate.generations'
-            and idempotency_key is distinct from 'stop:' || (convert_from(job, 'UTF8')::jsonb->>'generation_id')",
+    let jobs: Vec<(Option<String>, Option<String>, String, i32)> = sqlx::query_as(
+        "select convert_from(job, 'UTF8')::jsonb->>'generation_id', idempotency_key,
+                status::text, attempts
+           from apalis.jobs where job_type = 'slate.generations'",
     )
     .fetch_all(pool)
     .await?;
     let mut job_of: HashMap<Uuid, Vec<(String, i32)>> = HashMap::new();
-    for (g, status, attempts) in jobs {
-        if let Some(g) = g.and_then(|g| g.parse().ok()) {
+    for (g, key, status, attempts) in jobs {
+        if let Some(g) = g.and_then(|g| g.parse().ok())
+            // Not the job that stops a lost generation's provider job.
+            && key != Some(slate_workers::generations::stop_job_key(g))
+        {
             job_of.entry(g).or_default().push((status, attempts));
         }
     }

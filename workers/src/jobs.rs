@@ -167,11 +167,9 @@ pub async fn enqueue_once<J: Serialize>(
     if exists {
         return Ok(false);
     }
-    let (task, id) = task(job, max_attempts);
-    let task = task.idempotency_key(key).build();
-    apalis_postgres::queries::push_tasks(&mut *tx, queue, vec![task]).await?;
+    let wake = enqueue_keyed(&mut tx, queue, job, max_attempts, key).await?;
     tx.commit().await?;
-    Wake::job(queue, id).send(pool).await;
+    wake.send(pool).await;
     Ok(true)
 }
 
