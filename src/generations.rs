@@ -462,8 +462,9 @@ pub async fn view(state: &AppState, g: &Generation) -> Value {
     })
 }
 
-/// Cancel: a queued generation ends canceled and released at once; a
-/// running one is asked to stop (its worker calls the provider's cancel).
+/// Cancel: a queued generation ends canceled and released at once, and its
+/// job gives its turn back; a running one is asked to stop (its worker calls
+/// the provider's cancel).
 pub async fn cancel(
     state: &AppState,
     auth: &Auth,
@@ -480,6 +481,9 @@ pub async fn cancel(
         "queued" => {
             if generations::cancel_now(&mut tx, &g, "canceled", &metadata).await? {
                 wake = slate_workers::webhooks::enqueue_for(&mut tx, id)
+                    .await
+                    .map_err(ApiError::Internal)?;
+                slate_workers::generations::withdraw(&mut tx, &g)
                     .await
                     .map_err(ApiError::Internal)?;
             }

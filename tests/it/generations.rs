@@ -287,40 +287,8 @@ async fn accounts_take_turns_in_the_queue() {
     }
     let (status, g, _) = app.submit(&bob_key, None, voiceover(9)).await;
     assert_eq!(status, 202, "{g}");
-    sqlx::query(
-        "insert into apalis.workers (id, worker_type, storage_name)
-         values ('turns', 'slate.generations', 'PostgresStorage')",
-    )
-    .execute(&app.db.pool)
-    .await
-    .unwrap();
-    let next = |n: usize| {
-        let pool = app.db.pool.clone();
-        async move {
-            let mut owners = Vec::new();
-            for _ in 0..n {
-                let tasks = slate_workers::queue::fetch(
-                    &pool,
-                    slate_workers::generations::QUEUE,
-                    "turns",
-                    1,
-                )
-                .await
-                .unwrap();
-                let job: slate_workers::generations::GenerationJob =
-                    serde_json::from_slice(&tasks[0].args).unwrap();
-                let owner: Uuid = sqlx::query_scalar(
-                    "select account_id from generations where generation_id = $1",
-                )
-                .bind(job.generation_id)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-                owners.push(owner);
-            }
-            owners
-        }
-    };
+    register_turns_worker(&app).await;
+    let next = |n: usize| fetch_owners(&app, n);
     assert_eq!(next(2).await, [alice, bob], "bob's comes second, not fifth");
     let (status, g, _) = app.submit(&bob_key, None, voiceover(10)).await;
     assert_eq!(status, 202, "{g}");
@@ -355,6 +323,93 @@ async fn accounts_take_turns_in_the_queue() {
         [alice, erin, carol, carol],
         "the retry first, then erin, who was waiting before carol came"
     );
+}
+
+/// A queued generation canceled by its owner gives its turn back: its job
+/// is withdrawn (done, never fetched), and its account's next submission
+/// comes level with the others again, not behind the canceled batch, even
+/// while one of the account's generations is still waiting. (Its canceled
+/// turns used to count: bob's whole queue went before alice's next one.)
+#[tokio::test]
+async fn a_canceled_batch_gives_its_turns_back() {
+    let app = spawn_app_with(&[]).await;
+    let (alice, alice_key) = funded(&app, 100).await;
+    let (bob, bob_key) = funded(&app, 100).await;
+    let voiceover =
+        |i: usize| json!({"kind": "voiceover", "provider": "local", "prompt": format!("line {i}")});
+    let mut batch = Vec::new();
+    for i in 0..5 {
+        let (status, g, _) = app.submit(&alice_key, None, voiceover(i)).await;
+        assert_eq!(status, 202, "{g}");
+        batch.push(g["id"].as_str().unwrap().to_owned());
+    }
+    for i in 10..13 {
+        let (status, g, _) = app.submit(&bob_key, None, voiceover(i)).await;
+        assert_eq!(status, 202, "{g}");
+    }
+    for id in &batch[1..] {
+        let (status, g) = app
+            .post_json(
+                &format!("/v1/generations/{id}/cancel"),
+                Some(&alice_key),
+                json!({}),
+            )
+            .await;
+        assert_eq!((status, g["status"].as_str()), (200, Some("canceled")));
+    }
+    let withdrawn: i64 = sqlx::query_scalar(
+        "select count(*) from apalis.jobs
+          where job_type = 'slate.generations' and status = 'Done'
+            and convert_from(job, 'UTF8')::jsonb ->> 'generation_id' = any($1)",
+    )
+    .bind(&batch[1..])
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(withdrawn, 4, "the canceled generations' jobs are done");
+    let (status, g, _) = app.submit(&alice_key, None, voiceover(5)).await;
+    assert_eq!(status, 202, "{g}");
+    register_turns_worker(&app).await;
+    assert_eq!(
+        fetch_owners(&app, 5).await,
+        [alice, bob, bob, alice, bob],
+        "alice's new one is level with bob's second round, not behind her canceled four"
+    );
+}
+
+/// Register the worker `turns` of the generation queue, for
+/// [`fetch_owners`].
+async fn register_turns_worker(app: &TestApp) {
+    sqlx::query(
+        "insert into apalis.workers (id, worker_type, storage_name)
+         values ('turns', 'slate.generations', 'PostgresStorage')",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+}
+
+/// Fetch the generation queue's next `n` jobs one at a time, as worker
+/// `turns`; their generations' accounts, in the order fetched.
+async fn fetch_owners(app: &TestApp, n: usize) -> Vec<Uuid> {
+    let pool = &app.db.pool;
+    let mut owners = Vec::new();
+    for _ in 0..n {
+        let tasks =
+            slate_workers::queue::fetch(pool, slate_workers::generations::QUEUE, "turns", 1)
+                .await
+                .unwrap();
+        let job: slate_workers::generations::GenerationJob =
+            serde_json::from_slice(&tasks[0].args).unwrap();
+        let owner: Uuid =
+            sqlx::query_scalar("select account_id from generations where generation_id = $1")
+                .bind(job.generation_id)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        owners.push(owner);
+    }
+    owners
 }
 
 #[tokio::test]
@@ -1549,6 +1604,60 @@ async fn a_lost_jobs_provider_job_is_stopped() {
     );
     fal.verify().await;
     assert_eq!(settled(&app, &key, id).await, ("failed".to_owned(), 100, 0));
+}
+
+/// A generation past its deadline whose job had died (killed, or out of
+/// attempts) before the abandoned-job sweep would fail it is canceled by
+/// the deadline sweep, and its provider job is stopped: the sweep queues the
+/// job that does so, as for a lost job. It used to be left running, billed
+/// (the deadline's own path relied on the generation's job, gone here).
+#[tokio::test]
+async fn an_overdue_generations_provider_job_is_stopped_when_its_job_died() {
+    let (fal, app, key) = fal_app().await;
+    fal_job_never_finishes(&fal, "req-5").await;
+    let (status, g, _) = app
+        .submit(&key, None, json!({"kind": "video", "provider": "fal", "prompt": "a fox in snow", "deadline_seconds": 60, "parameters": {"model": KLING, "duration": "5"}}))
+        .await;
+    assert_eq!(status, 202, "{g}");
+    let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
+    let w = first_attempt_gives_up_polling(&app, &fal, id).await;
+    sqlx::query(
+        "update apalis.jobs set status = 'Killed'
+          where convert_from(job, 'UTF8')::jsonb ->> 'generation_id' = $1::text",
+    )
+    .bind(id)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let later = chrono::Utc::now() + chrono::TimeDelta::minutes(2);
+    let report = slate_workers::sweeper::sweep(&app.db.pool, later)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            report.generations_past_deadline,
+            report.generations_abandoned
+        ),
+        (1, 0)
+    );
+    assert_eq!(
+        settled(&app, &key, id).await,
+        ("canceled".to_owned(), 100, 0)
+    );
+    let stop: i64 = sqlx::query_scalar(
+        "select count(*) from apalis.jobs
+          where job_type = 'slate.generations' and status = 'Pending' and idempotency_key = $1",
+    )
+    .bind(slate_workers::generations::stop_job_key(id))
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(stop, 1, "a job to stop the provider's");
+    assert_eq!(
+        slate_workers::generations::attempt(&w, id, 1).await,
+        slate_workers::generations::AttemptOutcome::Finished
+    );
+    fal.verify().await;
 }
 
 /// A generation whose cancellation its owner asked for, and whose provider

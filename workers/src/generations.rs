@@ -100,8 +100,8 @@ async fn enqueue_in_turn(
                     then greatest(excluded.last_tag, generation_turns.last_tag + 1)
                     else excluded.last_tag end
              returning last_tag)
-         insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, fair_tag)
-         select $1, $2, $3, 'Pending', 0, $5, now(), 0, last_tag from turn",
+         insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, fair_tag, idempotency_key)
+         select $1, $2, $3, 'Pending', 0, $5, now(), 0, last_tag, $7 from turn",
     ))
     .bind(&id)
     .bind(QUEUE)
@@ -109,9 +109,58 @@ async fn enqueue_in_turn(
     .bind(account_id)
     .bind(i32::try_from(max_attempts).unwrap_or(i32::MAX))
     .bind(job.generation_id)
+    .bind(job_key(job.generation_id))
     .execute(&mut *conn)
     .await?;
     Ok(jobs::Wake::job(QUEUE, id))
+}
+
+/// The key of generation `id`'s job (apalis's `idempotency_key`, unique per
+/// queue): what finds the job from its generation through an index, to
+/// withdraw it ([`withdraw`]) or to tell whether it still lives. Jobs
+/// enqueued before the twenty-ninth session have none.
+pub fn job_key(id: Uuid) -> String {
+    format!("gen:{id}")
+}
+
+/// A queued generation that ended before its job ran (canceled by its owner
+/// or past its deadline) gives its turn back, in the caller's transaction,
+/// after the outcome is recorded: its waiting job is marked done (it would
+/// have been fetched at its turn only to end at once), and its account's
+/// last turn goes back to the latest turn of the account's generations
+/// still unfinished. An account that canceled most of a batch while one of
+/// its generations ran used to have its next submission queued behind
+/// every canceled turn, everyone else's work in those rounds going first.
+/// Returns whether a job was withdrawn (none for a job enqueued before
+/// [`job_key`], or one already taken by a worker, which ends it itself).
+pub async fn withdraw(conn: &mut PgConnection, g: &Generation) -> anyhow::Result<bool> {
+    let withdrawn: i64 = sqlx::query_scalar(concat!(
+        "with gone as (
+             update apalis.jobs
+                set status = 'Done', lock_at = now(), done_at = now(),
+                    last_result = '{\"Ok\": \"withdrawn\"}'
+              where job_type = $1 and idempotency_key = $2 and ",
+        crate::job_waiting!(),
+        "
+              returning 1),
+         turns as (
+         update generation_turns t
+            set last_tag = coalesce(
+                (select max(j.fair_tag) from generations g
+                   join apalis.jobs j on j.job_type = $1 and j.idempotency_key = 'gen:' || g.generation_id
+                  where g.account_id = $3 and g.generation_id <> $4
+                    and g.status in ('queued', 'running')),
+                t.last_tag)
+          where t.account_id = $3 and exists (select 1 from gone))
+         select count(*) from gone",
+    ))
+    .bind(QUEUE)
+    .bind(job_key(g.generation_id))
+    .bind(g.account_id)
+    .bind(g.generation_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(withdrawn > 0)
 }
 
 /// Where a generation's output lives.
@@ -874,11 +923,21 @@ async fn end_unfinished(pool: &PgPool, id: Uuid, ending: Ending) -> anyhow::Resu
         if ended {
             wake = crate::webhooks::enqueue_for(&mut tx, id).await?;
         }
-        // A lost job's provider job may still run, billed, and the sweep has
-        // no providers to stop it: a job is queued that finds the generation
-        // ended and asks its provider to stop (`run`). (One past its deadline
-        // has a job of its own, which does so at its next attempt.)
-        if ended && matches!(ending, Ending::JobLost) && g.provider_handle.is_some() {
+        if ended && g.status == "queued" && matches!(ending, Ending::DeadlinePassed) {
+            withdraw(&mut tx, &g).await?;
+        }
+        // The provider job of a generation that ended unfinished may still
+        // run, billed, and the sweep has no providers to stop it: a job is
+        // queued that finds the generation ended and asks its provider to
+        // stop (`run`). A lost job's generation has no job left by
+        // definition. One past its deadline usually has a job of its own,
+        // which does so at its next attempt; not when that job had died
+        // (killed, or out of attempts) within `ABANDONED_AFTER`, before the
+        // abandoned-job sweep would have failed it (its provider job ran on).
+        if ended
+            && g.provider_handle.is_some()
+            && (matches!(ending, Ending::JobLost) || !job_lives(&mut tx, id).await?)
+        {
             let job = GenerationJob { generation_id: id };
             stop = jobs::enqueue_keyed(
                 &mut tx,
@@ -896,7 +955,23 @@ async fn end_unfinished(pool: &PgPool, id: Uuid, ending: Ending) -> anyhow::Resu
     Ok(ended)
 }
 
-/// The key of the job that stops lost generation `id`'s provider job (its
+/// Whether generation `id`'s own job is still live ([`job_live!`]): waiting,
+/// or taken by a worker. A job enqueued before [`job_key`] has no key and
+/// reads as gone (at worst its provider is asked to stop twice).
+async fn job_lives(conn: &mut PgConnection, id: Uuid) -> anyhow::Result<bool> {
+    Ok(sqlx::query_scalar(concat!(
+        "select exists (select 1 from apalis.jobs
+                         where job_type = $1 and idempotency_key = $2 and ",
+        crate::job_live!(),
+        ")",
+    ))
+    .bind(QUEUE)
+    .bind(job_key(id))
+    .fetch_one(conn)
+    .await?)
+}
+
+/// The key of the job that stops an ended generation `id`'s provider job (its
 /// second job; the chaos check tells it from a duplicate by it).
 pub fn stop_job_key(id: Uuid) -> String {
     format!("stop:{id}")
