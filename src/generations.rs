@@ -23,6 +23,7 @@ const OUTPUT_URL_TTL: Duration = Duration::from_secs(15 * 60);
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
     /// video, voiceover, transcription or script.
+    #[schema(value_type = crate::http::openapi::schemas::GenerationKind)]
     pub kind: String,
     /// One of the providers this deployment offers.
     pub provider: String,
@@ -44,6 +45,7 @@ pub struct SubmitRequest {
     pub collection_id: Option<String>,
     /// Cancel unbilled if not finished within this many seconds.
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub deadline_seconds: Option<u32>,
     /// Told the terminal status, signed the Standard Webhooks way.
     #[serde(default)]

@@ -51,7 +51,11 @@ where
                 "the body does not have the expected fields and types",
             )
         };
-        if has_nul(&value) {
+        // Every body of this API is an object. serde reads a struct from an
+        // array too, field by field in declaration order, so without this
+        // `["script", "local", "hi"]` was taken for a submission and `[]`
+        // for a new key.
+        if !value.is_object() || has_nul(&value) {
             return Err(mismatch());
         }
         serde_json::from_value(value)

@@ -34,7 +34,7 @@ pub fn router() -> Router<AppState> {
     path = "/v1/generations",
     tag = "generations",
     operation_id = "submit_generation",
-    params(("Idempotency-Key" = Option<String>, Header, description = "1-200 printable ASCII characters (else 400); for 24 hours, the same key with the same body answers the first response, with another body 409; afterwards the key is free again")),
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 200, pattern = "^[ -~]+$", description = "1-200 printable ASCII characters (else 400); for 24 hours, the same key with the same body answers the first response, with another body 409; afterwards the key is free again")),
     request_body = SubmitRequest,
     responses((status = 202, description = "Queued", body = super::openapi::schemas::Generation)),
     security(("api_key" = []), ("session_cookie" = [])),
@@ -86,7 +86,8 @@ pub(super) async fn read(
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Page {
-    /// `next_cursor` of the previous page (with the same filters).
+    /// `next_cursor` of the previous page (with the same filters); empty or
+    /// absent for the first.
     cursor: Option<String>,
     /// 1 to 100 (default 20).
     limit: Option<i64>,
@@ -137,7 +138,7 @@ pub(super) async fn list(
         ));
     }
     let mut conn = super::scoped::scoped(&state.pool, auth.account_id).await?;
-    let after = match &page.cursor {
+    let after = match &given(page.cursor) {
         None => None,
         Some(c) => {
             let id: Uuid = c.parse().map_err(|_| {

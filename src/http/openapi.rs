@@ -840,6 +840,15 @@ pub mod schemas {
     }
 
     #[derive(Serialize, ToSchema)]
+    #[serde(rename_all = "lowercase")]
+    pub enum GenerationKind {
+        Video,
+        Voiceover,
+        Transcription,
+        Script,
+    }
+
+    #[derive(Serialize, ToSchema)]
     pub struct GenerationOutput {
         /// Presigned, valid for 15 minutes; null if it could not be signed.
         pub url: Option<String>,
@@ -858,8 +867,7 @@ pub mod schemas {
     #[derive(Serialize, ToSchema)]
     pub struct Generation {
         pub id: Uuid,
-        /// video, voiceover, transcription or script.
-        pub kind: String,
+        pub kind: GenerationKind,
         pub provider: String,
         pub status: GenerationStatus,
         pub attempts: i32,

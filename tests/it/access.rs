@@ -195,6 +195,12 @@ async fn keys_are_shown_once_listed_by_prefix_and_revoked_at_once() {
     let app = spawn_app_with(&[]).await;
     let (_, first) = key_for(&app).await;
     let (_, other) = key_for(&app).await;
+    let (status, refused) = app.post_json("/v1/keys", Some(&first), json!([])).await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (422, Some("invalid_body")),
+        "a body that is not an object (it issued a key)"
+    );
     let (status, created) = app
         .post_json("/v1/keys", Some(&first), json!({"label": "ci"}))
         .await;

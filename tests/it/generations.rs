@@ -792,6 +792,11 @@ async fn listing_pages_with_a_cursor() {
         [v["id"].as_str().unwrap()],
         "an empty value is no filter"
     );
+    assert_eq!(
+        listed("kind=video&cursor=").await,
+        [v["id"].as_str().unwrap()],
+        "an empty cursor is the first page (it was 400 invalid_cursor)"
+    );
     // A filter it does not know, or a value it does not, is refused rather
     // than ignored (which answered everything to `?state=failed`).
     for query in ["state=failed", "status=done", "kind=opera"] {
@@ -847,6 +852,9 @@ async fn bad_submissions_get_stable_codes_and_unpriced_operations_are_refused() 
             json!({"kind": "video", "provider": "local", "prompt": "x", "extra": 1}),
             "invalid_body",
         ),
+        // The fields in order, as an array: serde reads a struct from one,
+        // and this was queued as a script.
+        (json!(["script", "local", "x"]), "invalid_body"),
     ];
     for (body, code) in cases {
         let (status, resp, _) = app.submit(&key, None, body.clone()).await;
