@@ -21,6 +21,14 @@ const OUTPUT_URL_TTL: Duration = Duration::from_secs(15 * 60);
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "kind": "video",
+    "provider": "fal",
+    "prompt": "a red fox crossing fresh snow at dawn",
+    "parameters": {"model": "fal-ai/kling-video/v2.1/master/text-to-video", "duration": 5},
+    "collection_id": "trailers",
+    "deadline_seconds": 3600
+}))]
 pub struct SubmitRequest {
     /// video, voiceover, transcription or script.
     #[schema(value_type = crate::http::openapi::schemas::GenerationKind)]

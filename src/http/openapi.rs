@@ -93,7 +93,57 @@ pub fn document() -> Value {
     add_security_schemes(&mut doc);
     add_error_responses(&mut doc);
     omit_null_parameters(&mut doc);
+    describe_event_streams(&mut doc);
     doc
+}
+
+/// A `text/event-stream` response is a sequence of events, each with an
+/// `event` name, an `id` and a `data` line, and it is the `data` that holds
+/// the JSON object utoipa was given as the body. OpenAPI 3.1 has no
+/// `itemSchema` (3.2 does), so the schema is of one event, its `data` a
+/// string whose content is that JSON (`contentMediaType` /
+/// `contentSchema`), as 3.2's own example of Server-Sent Events has it.
+/// The object as the whole schema told clients, and schemathesis, to expect
+/// a `status` field on the event itself. (The API's one stream names every
+/// event `status`.)
+fn describe_event_streams(doc: &mut Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for item in paths.values_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for op in item.values_mut() {
+            let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            for response in responses.values_mut() {
+                let Some(stream) = response
+                    .pointer_mut("/content/text~1event-stream")
+                    .and_then(Value::as_object_mut)
+                else {
+                    continue;
+                };
+                let Some(data) = stream.get("schema").cloned() else {
+                    continue;
+                };
+                stream["schema"] = json!({
+                    "type": "object",
+                    "properties": {
+                        "event": {"type": "string", "const": "status"},
+                        "id": {"type": "string", "description": "Resume after it with `Last-Event-ID`."},
+                        "data": {
+                            "type": "string",
+                            "contentMediaType": "application/json",
+                            "contentSchema": data,
+                        },
+                    },
+                    "required": ["event", "id", "data"],
+                });
+            }
+        }
+    }
 }
 
 /// An optional query or header parameter is absent, never null: utoipa
