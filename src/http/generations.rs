@@ -207,7 +207,7 @@ pub(super) async fn cancel(
     operation_id = "follow_generation",
     params(
         ("id" = Uuid, Path, description = "The generation's id"),
-        ("Last-Event-ID" = Option<i32>, Header, description = "Resume after this event id"),
+        ("Last-Event-ID" = Option<i32>, Header, minimum = 0, description = "Resume after this event id (else 400)"),
     ),
     responses((
         status = 200,
@@ -248,11 +248,7 @@ pub(super) async fn events(
         None
     };
     drop(conn);
-    let after: i32 = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let after = last_event_id(&headers)?;
     if end.is_some_and(|end| after >= end) {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
@@ -299,6 +295,27 @@ pub(super) async fn webhook_secret(
         "secret": secret,
         "scheme": "Standard Webhooks: webhook-signature = v1,base64(HMAC-SHA256(base64-decoded secret, id.timestamp.body))",
     })))
+}
+
+/// The event id a stream resumes after: 0 (from the start) without
+/// `Last-Event-ID`. One that is not an id this stream gives (a non-negative
+/// integer) is 400 `invalid_last_event_id`; it used to replay the stream
+/// from the start, as if absent.
+fn last_event_id(headers: &HeaderMap) -> Result<i32, ApiError> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(0);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .filter(|id| *id >= 0)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_last_event_id",
+                "Last-Event-ID is an event id this stream gave",
+            )
+        })
 }
 
 /// How long one stream stays open; clients resume with Last-Event-ID.

@@ -340,6 +340,10 @@ pub const CODES: &[(&str, &str)] = &[
         "not enough credits; `details.available` and `details.shortfall` say how many",
     ),
     ("invalid_cursor", "the cursor is not one this API gave"),
+    (
+        "invalid_last_event_id",
+        "`Last-Event-ID` is not an event id this stream gave",
+    ),
     ("generation_finished", "the generation has already finished"),
     // Keys.
     ("invalid_label", "a label is at most 100 characters"),
@@ -506,7 +510,10 @@ pub const ERRORS: &[(&str, Errors)] = &[
         "cancel_generation",
         &[(404, &["not_found"]), (409, &["generation_finished"])],
     ),
-    ("follow_generation", &[(404, &["not_found"])]),
+    (
+        "follow_generation",
+        &[(400, &["invalid_last_event_id"]), (404, &["not_found"])],
+    ),
     ("get_webhook_secret", &[(403, &["impersonation_forbidden"])]),
     (
         "create_key",

@@ -2255,6 +2255,16 @@ async fn the_event_stream_delivers_every_status_change_in_order_and_resumes() {
             204
         );
     }
+    // An id this stream never gives is refused (it replayed from the start).
+    for last in ["abc", "-1", "99999999999", ""] {
+        assert_eq!(
+            read_sse(&app.client, &app.address, &key, &id, Some(last))
+                .await
+                .0,
+            400,
+            "Last-Event-ID {last:?}"
+        );
+    }
 }
 
 /// A stream is not authorised once for its quarter of an hour: revoking
