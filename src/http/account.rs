@@ -50,6 +50,9 @@ pub(super) async fn delete_account(
         auth.metadata(),
     )
     .await?;
+    slate_workers::generations::withdraw_canceled(&mut tx, auth.account_id)
+        .await
+        .map_err(ApiError::Internal)?;
     let wake = slate_workers::email::enqueue(
         &mut tx,
         auth.account_id,

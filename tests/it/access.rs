@@ -755,6 +755,15 @@ async fn deleting_an_account_stops_access_at_once_and_staff_can_restore_it_withi
         (20, 0),
         "the queued generation was released"
     );
+    let job: String = sqlx::query_scalar(
+        "select status::text from apalis.jobs
+          where convert_from(job, 'UTF8')::jsonb ->> 'generation_id' = $1",
+    )
+    .bind(&generation)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(job, "Done", "and its job withdrawn, not left for its turn");
 
     // Staff restore it within the grace period; a new key works.
     let (_, staff_key) = app.staff().await;

@@ -1558,6 +1558,13 @@ async fn a_deadline_passed_between_attempts_asks_the_provider_to_stop_its_job() 
                 .await
                 .unwrap();
             assert_eq!(swept.generations_past_deadline, 1);
+            let stop: i64 =
+                sqlx::query_scalar("select count(*) from apalis.jobs where idempotency_key = $1")
+                    .bind(slate_workers::generations::stop_job_key(id))
+                    .fetch_one(&app.db.pool)
+                    .await
+                    .unwrap();
+            assert_eq!(stop, 0, "its own job, still live, stops the provider's");
         }
         second_attempt_ends_it_canceled(&app, &w, &key, id).await;
         fal.verify().await;
@@ -2574,6 +2581,19 @@ async fn a_generation_past_its_deadline_is_canceled_unbilled() {
     assert_eq!(
         (b["available"].as_i64(), b["reserved"].as_i64()),
         (Some(100), Some(0))
+    );
+    let job: (String, Option<chrono::DateTime<chrono::Utc>>) = sqlx::query_as(
+        "select status::text, lock_at from apalis.jobs
+          where convert_from(job, 'UTF8')::jsonb ->> 'generation_id' = $1",
+    )
+    .bind(&id)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        job,
+        ("Done".to_owned(), None),
+        "its job withdrawn, never taken (so not timed as a job that ran)"
     );
 }
 

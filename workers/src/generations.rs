@@ -126,7 +126,8 @@ pub fn job_key(id: Uuid) -> String {
 /// A queued generation that ended before its job ran (canceled by its owner
 /// or past its deadline) gives its turn back, in the caller's transaction,
 /// after the outcome is recorded: its waiting job is marked done (it would
-/// have been fetched at its turn only to end at once), and its account's
+/// have been fetched at its turn only to end at once; never taken, it has
+/// no `lock_at`, so the job-duration histogram leaves it out), and its account's
 /// last turn goes back to the latest turn of the account's generations
 /// still unfinished. An account that canceled most of a batch while one of
 /// its generations ran used to have its next submission queued behind
@@ -137,7 +138,7 @@ pub async fn withdraw(conn: &mut PgConnection, g: &Generation) -> anyhow::Result
     let withdrawn: i64 = sqlx::query_scalar(concat!(
         "with gone as (
              update apalis.jobs
-                set status = 'Done', lock_at = now(), done_at = now(),
+                set status = 'Done', done_at = now(),
                     last_result = '{\"Ok\": \"withdrawn\"}'
               where job_type = $1 and idempotency_key = $2 and ",
         crate::job_waiting!(),
@@ -161,6 +162,30 @@ pub async fn withdraw(conn: &mut PgConnection, g: &Generation) -> anyhow::Result
     .fetch_one(&mut *conn)
     .await?;
     Ok(withdrawn > 0)
+}
+
+/// [`withdraw`] the waiting jobs of every generation of `account_id` that
+/// ended canceled before its job ran, in the caller's transaction: what an
+/// account's deletion leaves (it cancels the account's queued generations,
+/// in `slate_events`, which knows nothing of the queue). Their jobs were
+/// left to be fetched at their turns, each only to end at once. Returns how
+/// many were withdrawn.
+pub async fn withdraw_canceled(conn: &mut PgConnection, account_id: Uuid) -> anyhow::Result<u64> {
+    let withdrawn = sqlx::query(concat!(
+        "update apalis.jobs
+            set status = 'Done', done_at = now(),
+                last_result = '{\"Ok\": \"withdrawn\"}'
+          where job_type = $1
+            and idempotency_key in (select 'gen:' || generation_id from generations
+                                     where account_id = $2 and status = 'canceled')
+            and ",
+        crate::job_waiting!(),
+    ))
+    .bind(QUEUE)
+    .bind(account_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(withdrawn.rows_affected())
 }
 
 /// Where a generation's output lives.
