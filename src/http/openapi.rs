@@ -107,68 +107,64 @@ pub fn document() -> Value {
 /// a `status` field on the event itself. (The API's one stream names every
 /// event `status`.)
 fn describe_event_streams(doc: &mut Value) {
-    let Some(paths) = doc["paths"].as_object_mut() else {
-        return;
-    };
-    for item in paths.values_mut() {
-        let Some(item) = item.as_object_mut() else {
-            continue;
+    for_each_operation(doc, |op| {
+        let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
+            return;
         };
-        for op in item.values_mut() {
-            let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
+        for response in responses.values_mut() {
+            let Some(stream) = response
+                .pointer_mut("/content/text~1event-stream")
+                .and_then(Value::as_object_mut)
+            else {
                 continue;
             };
-            for response in responses.values_mut() {
-                let Some(stream) = response
-                    .pointer_mut("/content/text~1event-stream")
-                    .and_then(Value::as_object_mut)
-                else {
-                    continue;
-                };
-                let Some(data) = stream.get("schema").cloned() else {
-                    continue;
-                };
-                stream["schema"] = json!({
-                    "type": "object",
-                    "properties": {
-                        "event": {"type": "string", "const": "status"},
-                        "id": {"type": "string", "description": "Resume after it with `Last-Event-ID`."},
-                        "data": {
-                            "type": "string",
-                            "contentMediaType": "application/json",
-                            "contentSchema": data,
-                        },
+            let Some(data) = stream.get("schema").cloned() else {
+                continue;
+            };
+            stream["schema"] = json!({
+                "type": "object",
+                "properties": {
+                    "event": {"type": "string", "const": "status"},
+                    "id": {"type": "string", "description": "Resume after it with `Last-Event-ID`."},
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": data,
                     },
-                    "required": ["event", "id", "data"],
-                });
-            }
+                },
+                "required": ["event", "id", "data"],
+            });
         }
-    }
+    });
 }
 
 /// An optional query or header parameter is absent, never null: utoipa
 /// types `Option<T>` as `[T, "null"]`, so drop the `"null"`.
 fn omit_null_parameters(doc: &mut Value) {
+    for_each_operation(doc, |op| {
+        let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) else {
+            return;
+        };
+        for p in params {
+            let Some(types) = p["schema"]["type"].as_array() else {
+                continue;
+            };
+            let kept: Vec<&Value> = types.iter().filter(|t| *t != "null").collect();
+            if let [t] = kept.as_slice() {
+                p["schema"]["type"] = (*t).clone();
+            }
+        }
+    });
+}
+
+/// Run `f` on every operation object of the document.
+fn for_each_operation(doc: &mut Value, mut f: impl FnMut(&mut Value)) {
     let Some(paths) = doc["paths"].as_object_mut() else {
         return;
     };
     for item in paths.values_mut() {
-        let Some(item) = item.as_object_mut() else {
-            continue;
-        };
-        for op in item.values_mut() {
-            let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) else {
-                continue;
-            };
-            for p in params {
-                let Some(types) = p["schema"]["type"].as_array() else {
-                    continue;
-                };
-                let kept: Vec<&Value> = types.iter().filter(|t| *t != "null").collect();
-                if let [t] = kept.as_slice() {
-                    p["schema"]["type"] = (*t).clone();
-                }
-            }
+        if let Some(item) = item.as_object_mut() {
+            item.values_mut().for_each(&mut f);
         }
     }
 }

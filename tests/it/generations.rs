@@ -1571,108 +1571,72 @@ async fn a_deadline_passed_between_attempts_asks_the_provider_to_stop_its_job() 
     }
 }
 
-/// A generation the sweep fails as `job_lost` (its job stopped for good
-/// after the provider accepted the work) has its provider job stopped: the
-/// sweep has no providers, so it queues a job that finds the generation
-/// ended and asks the provider. (The provider job was left running, and
-/// billed.)
+/// The sweep ends a generation whose provider had accepted the work and
+/// whose job then died (killed): failed `job_lost` ten minutes on, or, when
+/// its deadline passes first, canceled `deadline_passed`. Either way its
+/// provider job is stopped: the sweep has no providers, so it queues a job
+/// that finds the generation ended and asks the provider. (It was left
+/// running, and billed: a lost job's until the twenty-eighth session, an
+/// overdue one's until the twenty-ninth, whose deadline path relied on the
+/// generation's own job, gone here.)
 #[tokio::test]
-async fn a_lost_jobs_provider_job_is_stopped() {
-    let (fal, app, key) = fal_app().await;
-    fal_job_never_finishes(&fal, "req-5").await;
-    let id = submit_kling_video(&app, &key).await;
-    let w = first_attempt_gives_up_polling(&app, &fal, id).await;
-    let jobs_of = |status: &'static str| {
-        let pool = app.db.pool.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar(
-                "select count(*) from apalis.jobs
-                  where job_type = 'slate.generations' and status = $2
-                    and convert_from(job, 'UTF8')::jsonb ->> 'generation_id' = $1::text",
+async fn a_provider_job_is_stopped_when_the_sweep_ends_its_generation() {
+    for overdue in [false, true] {
+        let (fal, app, key) = fal_app().await;
+        fal_job_never_finishes(&fal, "req-5").await;
+        let mut body = json!({"kind": "video", "provider": "fal", "prompt": "a fox in snow", "parameters": {"model": KLING, "duration": "5"}});
+        if overdue {
+            body["deadline_seconds"] = 60.into();
+        }
+        let (status, g, _) = app.submit(&key, None, body).await;
+        assert_eq!(status, 202, "{g}");
+        let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
+        let w = first_attempt_gives_up_polling(&app, &fal, id).await;
+        sqlx::query(
+            "update apalis.jobs set status = 'Killed'
+              where convert_from(job, 'UTF8')::jsonb ->> 'generation_id' = $1::text",
+        )
+        .bind(id)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+        let (later, swept, ended) = if overdue {
+            (chrono::TimeDelta::minutes(2), (1, 0), "canceled")
+        } else {
+            (
+                slate_workers::generations::ABANDONED_AFTER * 2,
+                (0, 1),
+                "failed",
             )
-            .bind(id)
-            .bind(status)
-            .fetch_one(&pool)
+        };
+        let report = slate_workers::sweeper::sweep(&app.db.pool, chrono::Utc::now() + later)
             .await
             .unwrap();
-            n
-        }
-    };
-    sqlx::query(
-        "update apalis.jobs set status = 'Killed'
-          where convert_from(job, 'UTF8')::jsonb ->> 'generation_id' = $1::text",
-    )
-    .bind(id)
-    .execute(&app.db.pool)
-    .await
-    .unwrap();
-    let later = chrono::Utc::now() + slate_workers::generations::ABANDONED_AFTER * 2;
-    let report = slate_workers::sweeper::sweep(&app.db.pool, later)
+        assert_eq!(
+            (
+                report.generations_past_deadline,
+                report.generations_abandoned
+            ),
+            swept,
+            "overdue: {overdue}"
+        );
+        assert_eq!(settled(&app, &key, id).await, (ended.to_owned(), 100, 0));
+        let stop: i64 = sqlx::query_scalar(
+            "select count(*) from apalis.jobs
+              where job_type = 'slate.generations' and status = 'Pending' and idempotency_key = $1",
+        )
+        .bind(slate_workers::generations::stop_job_key(id))
+        .fetch_one(&app.db.pool)
         .await
         .unwrap();
-    assert_eq!(report.generations_abandoned, 1);
-    assert_eq!(settled(&app, &key, id).await, ("failed".to_owned(), 100, 0));
-    assert_eq!(jobs_of("Pending").await, 1, "a job to stop the provider's");
-    assert_eq!(
-        slate_workers::generations::attempt(&w, id, 1).await,
-        slate_workers::generations::AttemptOutcome::Finished
-    );
-    fal.verify().await;
-    assert_eq!(settled(&app, &key, id).await, ("failed".to_owned(), 100, 0));
-}
-
-/// A generation past its deadline whose job had died (killed, or out of
-/// attempts) before the abandoned-job sweep would fail it is canceled by
-/// the deadline sweep, and its provider job is stopped: the sweep queues the
-/// job that does so, as for a lost job. It used to be left running, billed
-/// (the deadline's own path relied on the generation's job, gone here).
-#[tokio::test]
-async fn an_overdue_generations_provider_job_is_stopped_when_its_job_died() {
-    let (fal, app, key) = fal_app().await;
-    fal_job_never_finishes(&fal, "req-5").await;
-    let (status, g, _) = app
-        .submit(&key, None, json!({"kind": "video", "provider": "fal", "prompt": "a fox in snow", "deadline_seconds": 60, "parameters": {"model": KLING, "duration": "5"}}))
-        .await;
-    assert_eq!(status, 202, "{g}");
-    let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
-    let w = first_attempt_gives_up_polling(&app, &fal, id).await;
-    sqlx::query(
-        "update apalis.jobs set status = 'Killed'
-          where convert_from(job, 'UTF8')::jsonb ->> 'generation_id' = $1::text",
-    )
-    .bind(id)
-    .execute(&app.db.pool)
-    .await
-    .unwrap();
-    let later = chrono::Utc::now() + chrono::TimeDelta::minutes(2);
-    let report = slate_workers::sweeper::sweep(&app.db.pool, later)
-        .await
-        .unwrap();
-    assert_eq!(
-        (
-            report.generations_past_deadline,
-            report.generations_abandoned
-        ),
-        (1, 0)
-    );
-    assert_eq!(
-        settled(&app, &key, id).await,
-        ("canceled".to_owned(), 100, 0)
-    );
-    let stop: i64 = sqlx::query_scalar(
-        "select count(*) from apalis.jobs
-          where job_type = 'slate.generations' and status = 'Pending' and idempotency_key = $1",
-    )
-    .bind(slate_workers::generations::stop_job_key(id))
-    .fetch_one(&app.db.pool)
-    .await
-    .unwrap();
-    assert_eq!(stop, 1, "a job to stop the provider's");
-    assert_eq!(
-        slate_workers::generations::attempt(&w, id, 1).await,
-        slate_workers::generations::AttemptOutcome::Finished
-    );
-    fal.verify().await;
+        assert_eq!(stop, 1, "a job to stop the provider's (overdue: {overdue})");
+        assert_eq!(
+            slate_workers::generations::attempt(&w, id, 1).await,
+            slate_workers::generations::AttemptOutcome::Finished
+        );
+        fal.verify().await;
+        assert_eq!(settled(&app, &key, id).await, (ended.to_owned(), 100, 0));
+    }
 }
 
 /// A generation whose cancellation its owner asked for, and whose provider
