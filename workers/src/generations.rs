@@ -115,12 +115,28 @@ async fn enqueue_in_turn(
     Ok(jobs::Wake::job(QUEUE, id))
 }
 
+/// [`job_key`] in SQL, of the generation id expression `$id`.
+macro_rules! job_key_sql {
+    ($id:literal) => {
+        concat!("'gen:' || ", $id)
+    };
+}
+
 /// The key of generation `id`'s job (apalis's `idempotency_key`, unique per
 /// queue): what finds the job from its generation through an index, to
 /// withdraw it ([`withdraw`]) or to tell whether it still lives. Jobs
-/// enqueued before the twenty-ninth session have none.
+/// enqueued before the twenty-ninth session have none. The SQL that finds
+/// jobs by their generations builds it with `job_key_sql!`.
 pub fn job_key(id: Uuid) -> String {
     format!("gen:{id}")
+}
+
+/// The SQL `set` of a waiting job withdrawn ([`withdraw`]): done, never
+/// taken (no `lock_at`, so the job-duration histogram leaves it out).
+macro_rules! withdrawn {
+    () => {
+        "status = 'Done', done_at = now(), last_result = '{\"Ok\": \"withdrawn\"}'"
+    };
 }
 
 /// A queued generation that ended before its job ran (canceled by its owner
@@ -137,9 +153,9 @@ pub fn job_key(id: Uuid) -> String {
 pub async fn withdraw(conn: &mut PgConnection, g: &Generation) -> anyhow::Result<bool> {
     let withdrawn: i64 = sqlx::query_scalar(concat!(
         "with gone as (
-             update apalis.jobs
-                set status = 'Done', done_at = now(),
-                    last_result = '{\"Ok\": \"withdrawn\"}'
+             update apalis.jobs set ",
+        withdrawn!(),
+        "
               where job_type = $1 and idempotency_key = $2 and ",
         crate::job_waiting!(),
         "
@@ -148,7 +164,9 @@ pub async fn withdraw(conn: &mut PgConnection, g: &Generation) -> anyhow::Result
          update generation_turns t
             set last_tag = coalesce(
                 (select max(j.fair_tag) from generations g
-                   join apalis.jobs j on j.job_type = $1 and j.idempotency_key = 'gen:' || g.generation_id
+                   join apalis.jobs j on j.job_type = $1 and j.idempotency_key = ",
+        job_key_sql!("g.generation_id"),
+        "
                   where g.account_id = $3 and g.generation_id <> $4
                     and g.status in ('queued', 'running')),
                 t.last_tag)
@@ -172,11 +190,13 @@ pub async fn withdraw(conn: &mut PgConnection, g: &Generation) -> anyhow::Result
 /// many were withdrawn.
 pub async fn withdraw_canceled(conn: &mut PgConnection, account_id: Uuid) -> anyhow::Result<u64> {
     let withdrawn = sqlx::query(concat!(
-        "update apalis.jobs
-            set status = 'Done', done_at = now(),
-                last_result = '{\"Ok\": \"withdrawn\"}'
+        "update apalis.jobs set ",
+        withdrawn!(),
+        "
           where job_type = $1
-            and idempotency_key in (select 'gen:' || generation_id from generations
+            and idempotency_key in (select ",
+        job_key_sql!("generation_id"),
+        " from generations
                                      where account_id = $2 and status = 'canceled')
             and ",
         crate::job_waiting!(),
