@@ -158,6 +158,7 @@ pub struct Report {
     pub rebuild: crate::bench_scale::Rebuild,
     pub append_growth: crate::bench_scale::AppendGrowth,
     pub skip: crate::bench_scale::Skip,
+    pub export: crate::bench_scale::ExportPages,
     pub processes: Processes,
     pub audit_entries: i64,
     pub audit_queries: Vec<crate::bench_scale::AuditQuery>,
@@ -457,6 +458,8 @@ async fn run_in(
     let big = scale::append_latency(&pool, opts.scale.samples).await?;
     eprintln!("bench: an idle projector's checkpoint over the log");
     let skip = scale::skip_speed(&pool).await?;
+    eprintln!("bench: accounts' exports from the log");
+    let export = scale::export_pages(&pool, opts.scale.samples).await?;
     eprintln!("bench: {} audit entries", opts.scale.audit_entries);
     let audit_entries = scale::fill_audit(&pool, opts.scale.audit_entries).await?;
     let audit_queries = scale::audit_queries(&pool, opts.scale.samples).await?;
@@ -478,6 +481,7 @@ async fn run_in(
             big,
         },
         skip,
+        export,
         processes,
         audit_entries,
         audit_queries,
@@ -1054,6 +1058,17 @@ pub fn print(report: &Report) {
             e.poll_wal_bytes
         );
     }
+    let x = &report.export;
+    println!(
+        "6c. an account's events for its export at {} events ({} accounts, {:.0} events each): first page p50 {:.2} ms, p99 {:.2} ms; all pages p50 {:.2} ms, p99 {:.2} ms",
+        x.log_events,
+        x.accounts,
+        x.events_per_account,
+        x.first_page.p50_ms,
+        x.first_page.p99_ms,
+        x.all_pages.p50_ms,
+        x.all_pages.p99_ms
+    );
     let p = &report.processes;
     println!(
         "7. RSS: serve {:.0} MiB idle, {:.0} MiB peak; work {:.0} MiB idle, {:.0} MiB peak ({})",

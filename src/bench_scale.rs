@@ -5,6 +5,7 @@
 //! 6. append p50/p99 on an (almost) empty log and at N events;
 //!    6b. an idle projector's checkpoint moved over that log's events of
 //!    other types, and an empty batch read before and after;
+//!    6c. an account's events read for its export from that log;
 //! 7. peak RSS of `slate serve` and `slate work`, idle and under load;
 //! 8. staff audit queries over N entries, first page and deep cursor;
 //! 9. pickup latency from a submission's commit to its worker starting it;
@@ -252,6 +253,57 @@ pub struct Skip {
     pub per_second: f64,
     /// The same after the skip.
     pub after: EmptyPolls,
+}
+
+/// Part 6c: accounts' events read as their export reads them
+/// ([`slate_events::accounts::export_events_page`], pages of 500), from the
+/// big log of part 6, whose events name 10,000 accounts ([`fill_log`]).
+#[derive(Debug, Serialize)]
+pub struct ExportPages {
+    pub log_events: i64,
+    /// The accounts read, and their events on average.
+    pub accounts: usize,
+    pub events_per_account: f64,
+    /// The first page of an account.
+    pub first_page: Percentiles,
+    /// All of an account's pages, the last (empty) one included.
+    pub all_pages: Percentiles,
+}
+
+pub async fn export_pages(pool: &PgPool, samples: usize) -> anyhow::Result<ExportPages> {
+    let mut conn = pool.acquire().await?;
+    let mut keyring = slate_events::vault::Keyring::default();
+    let (mut first_page, mut all_pages, mut events) = (Vec::new(), Vec::new(), 0usize);
+    for i in 0..samples {
+        // Spread over the 10,000 accounts; a new one each time.
+        let account = Uuid::from_u128((i as u128 * 7_919) % 10_000);
+        let t = Instant::now();
+        let mut after = 0;
+        loop {
+            let page = slate_events::accounts::export_events_page(
+                &mut conn,
+                &mut keyring,
+                account,
+                after,
+                500,
+            )
+            .await?;
+            if after == 0 {
+                first_page.push(millis(t));
+            }
+            let Some(last) = page.last() else { break };
+            after = last["position"].as_i64().unwrap_or(i64::MAX);
+            events += page.len();
+        }
+        all_pages.push(millis(t));
+    }
+    Ok(ExportPages {
+        log_events: log_size(pool).await?,
+        accounts: samples,
+        events_per_account: events as f64 / samples.max(1) as f64,
+        first_page: percentiles(first_page),
+        all_pages: percentiles(all_pages),
+    })
 }
 
 /// A caught-up projection's empty polls, [`EMPTY_BATCH_SAMPLES`] of each.

@@ -84,6 +84,63 @@ pub async fn get_account(
     .await?)
 }
 
+/// One page of an account's events for its export (`GET
+/// /v1/account/export`), after log position `$2`, at most `$3`: its own
+/// stream's and every event naming it (`payload->>'account_id'`), in log
+/// order. What staff or an operator did (a read, an impersonated request, a
+/// restore) comes without their address, user agent and key id: those are
+/// the staff member's, not the account's, to receive. An affiliate's
+/// commission on this account's payments is the affiliate's business (its
+/// rate shows in it), not the account's.
+///
+/// Each half reads its own index (`events_account_idx`, migration
+/// `20261206000801`, and the stream's) from the position on, so a page
+/// costs what the account's events cost, whatever the size of the log:
+/// written as one filter with `or`, PostgreSQL walked the whole log in
+/// order and filtered every event.
+pub const EXPORT_EVENTS_PAGE: &str = "
+    with page as (
+        (select global_position from events
+          where payload->>'account_id' = $1::text and global_position > $2
+            and event_type not in ('CommissionEarned', 'CommissionClawedBack')
+          order by global_position limit $3)
+        union
+        (select global_position from events
+          where stream_id = 'account-' || $1::text and global_position > $2
+            and event_type not in ('CommissionEarned', 'CommissionClawedBack')
+          order by global_position limit $3))
+    select jsonb_build_object('position', global_position, 'event_id', event_id, 'stream_id', stream_id,
+           'version', stream_version, 'type', event_type, 'schema_version', schema_version,
+           'payload', payload,
+           'metadata', case when metadata ? 'impersonator'
+                              or metadata->'actor'->>'kind' in ('staff', 'operator')
+                            then metadata - 'ip' - 'user_agent' - 'api_key_id'
+                            else metadata end,
+           'recorded_at', recorded_at)
+      from page join events using (global_position)
+     order by global_position limit $3";
+
+/// [`EXPORT_EVENTS_PAGE`] read, with personal fields opened (the email in
+/// `AccountCreated` is sealed in the log); the keyring lives across pages.
+pub async fn export_events_page(
+    conn: &mut PgConnection,
+    keyring: &mut crate::vault::Keyring,
+    account_id: Uuid,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<serde_json::Value>, Error> {
+    let mut page: Vec<serde_json::Value> = sqlx::query_scalar(EXPORT_EVENTS_PAGE)
+        .bind(account_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+    for e in &mut page {
+        keyring.reveal(&mut *conn, e).await?;
+    }
+    Ok(page)
+}
+
 /// How long a deleted account can still be restored.
 pub const GRACE: chrono::Duration = chrono::Duration::days(30);
 

@@ -10,7 +10,6 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use futures::StreamExt;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -78,55 +77,209 @@ pub(super) async fn delete_account(
         .into_response())
 }
 
-/// The account's events: its own streams and every event naming it.
-/// One page of the account's events, personal fields opened (the email in
-/// `AccountCreated` is sealed in the log); the keyring lives across pages.
-/// What staff or an operator did (a read, an impersonated request, a
-/// restore) comes without their address, user agent and key id: those are
-/// the staff member's, not the account's, to receive.
-async fn events_page(
-    pool: &PgPool,
-    keyring: &mut slate_events::vault::Keyring,
-    account: Uuid,
-    after: i64,
-) -> Result<Vec<Value>, slate_events::Error> {
-    let mut conn = pool.acquire().await?;
-    let mut page: Vec<Value> = sqlx::query_scalar(
-        "select jsonb_build_object('position', global_position, 'event_id', event_id, 'stream_id', stream_id,
-                'version', stream_version, 'type', event_type, 'schema_version', schema_version,
-                'payload', payload,
-                'metadata', case when metadata ? 'impersonator'
-                                   or metadata->'actor'->>'kind' in ('staff', 'operator')
-                                 then metadata - 'ip' - 'user_agent' - 'api_key_id'
-                                 else metadata end,
-                'recorded_at', recorded_at)
-           from events
-          where global_position > $2
-            and (payload->>'account_id' = $1::text or stream_id = 'account-' || $1::text)
-            -- An affiliate's commission on this account's payments is the
-            -- affiliate's business (its rate shows in it), not the account's.
-            and event_type not in ('CommissionEarned', 'CommissionClawedBack')
-          order by global_position limit 500",
-    )
-    .bind(account)
-    .bind(after)
-    .fetch_all(&mut *conn)
-    .await?;
-    for e in &mut page {
-        keyring.reveal(&mut conn, e).await?;
-    }
-    Ok(page)
+/// How many items a page of the export reads.
+const PAGE: i64 = 500;
+
+/// The parts of the export's body, in order.
+enum Part {
+    /// JSON text as it is.
+    Text(String),
+    /// A small section read whole when it is reached: one JSON value.
+    Whole(&'static str),
+    /// A long section's items, page by page (its brackets are `Text`s).
+    Pages(Long, Cursor, bool),
 }
 
-async fn section(
-    pool: &PgPool,
-    sql: &'static str,
+/// The sections that grow with the account's use, read by keyset pages.
+#[derive(Clone, Copy)]
+enum Long {
+    Events,
+    Ledger,
+    Generations,
+    Audit,
+}
+
+/// Where a long section's next page starts: after a log position or an
+/// audit `seq`, or after a generation's `(created_at, generation_id)`.
+#[derive(Clone, Copy)]
+enum Cursor {
+    After(i64),
+    Created(chrono::DateTime<chrono::Utc>, Uuid),
+}
+
+const BALANCE: &str =
+    "select coalesce(jsonb_agg(to_jsonb(c)), '[]') from credit_accounts c where account_id = $1";
+const SUBSCRIPTION: &str = "select coalesce(jsonb_agg(to_jsonb(s)), '[]') from stripe_subscriptions s where account_id = $1";
+const SESSIONS: &str = "select coalesce(jsonb_agg(jsonb_build_object('session_id', session_id, 'via', via, 'created_at', created_at,
+                'expires_at', expires_at, 'ended_at', ended_at)), '[]') from sessions where account_id = $1";
+const KEYS: &str = "select coalesce(jsonb_agg(jsonb_build_object('key_id', key_id, 'prefix', prefix, 'label', label,
+                'created_at', created_at, 'revoked_at', revoked_at)), '[]') from api_keys where account_id = $1";
+
+/// The body, part by part, while the caller's access holds.
+struct Export {
+    pool: PgPool,
+    storage: slate_workers::storage::Storage,
     account: Uuid,
-) -> Result<Value, slate_events::Error> {
-    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .bind(account)
-        .fetch_one(pool)
-        .await?)
+    keyring: slate_events::vault::Keyring,
+    access: super::extract::Reauthorise,
+    parts: std::collections::VecDeque<Part>,
+}
+
+impl Export {
+    /// The next chunk of the body; `None` at its end. After an error the
+    /// body ends (broken: the client sees it cut short).
+    async fn next(mut self) -> Option<(Chunk, Self)> {
+        loop {
+            let chunk = match self.parts.pop_front()? {
+                Part::Text(text) => Ok(Some(text)),
+                Part::Whole(sql) => sqlx::query_scalar::<_, Value>(sqlx::AssertSqlSafe(sql))
+                    .bind(self.account)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map(|v| Some(v.to_string()))
+                    .map_err(std::io::Error::other),
+                Part::Pages(long, after, first) => self.page(long, after, first).await,
+            };
+            match chunk {
+                Ok(Some(text)) => return Some((Ok(text), self)),
+                Ok(None) => continue,
+                Err(e) => {
+                    self.parts.clear();
+                    return Some((Err(e), self));
+                }
+            }
+        }
+    }
+
+    /// A page of `long` after `after`, its items joined; `None` when there
+    /// are no more (the section's next part follows).
+    async fn page(
+        &mut self,
+        long: Long,
+        after: Cursor,
+        first: bool,
+    ) -> Result<Option<String>, std::io::Error> {
+        self.access
+            .check(&self.pool)
+            .await
+            .map_err(std::io::Error::other)?;
+        let items = self
+            .read(long, after)
+            .await
+            .map_err(std::io::Error::other)?;
+        let Some(&(_, next)) = items.last() else {
+            return Ok(None);
+        };
+        let mut chunk = String::new();
+        for (i, (item, _)) in items.iter().enumerate() {
+            if !(first && i == 0) {
+                chunk.push(',');
+            }
+            chunk.push_str(&item.to_string());
+        }
+        self.parts.push_front(Part::Pages(long, next, false));
+        Ok(Some(chunk))
+    }
+
+    async fn read(
+        &mut self,
+        long: Long,
+        after: Cursor,
+    ) -> Result<Vec<(Value, Cursor)>, slate_events::Error> {
+        let mut conn = self.pool.acquire().await?;
+        let account = self.account;
+        let position = match after {
+            Cursor::After(n) => n,
+            Cursor::Created(..) => 0,
+        };
+        Ok(match long {
+            Long::Events => slate_events::accounts::export_events_page(
+                &mut conn,
+                &mut self.keyring,
+                account,
+                position,
+                PAGE,
+            )
+            .await?
+            .into_iter()
+            .map(|e| {
+                let at = e["position"].as_i64().unwrap_or(i64::MAX);
+                (e, Cursor::After(at))
+            })
+            .collect(),
+            Long::Ledger => sqlx::query_as::<_, (Value, i64)>(
+                "select to_jsonb(l), global_position from credit_ledger_entries l
+                  where account_id = $1 and global_position > $2
+                  order by global_position limit $3",
+            )
+            .bind(account)
+            .bind(position)
+            .bind(PAGE)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .map(|(v, at)| (v, Cursor::After(at)))
+            .collect(),
+            // What staff or an operator did comes without their address,
+            // user agent and key id (theirs, not the account's); an
+            // affiliate's commission is the affiliate's business.
+            Long::Audit => sqlx::query_as::<_, (Value, i64)>(
+                "select case when a.impersonator is not null or a.actor_kind in ('staff', 'operator')
+                             then to_jsonb(a) - 'seq' - 'ip' - 'user_agent' - 'api_key_id'
+                             else to_jsonb(a) - 'seq' end,
+                        seq
+                   from audit_entries a
+                  where account_id = $1 and seq > $2
+                    and action not in ('affiliate.commission_earned', 'affiliate.commission_clawed_back')
+                  order by seq limit $3",
+            )
+            .bind(account)
+            .bind(position)
+            .bind(PAGE)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .map(|(v, seq)| (v, Cursor::After(seq)))
+            .collect(),
+            // With prompts (opened), parameters and fresh presigned URLs.
+            Long::Generations => {
+                let (at, id) = match after {
+                    Cursor::Created(at, id) => (at, id),
+                    Cursor::After(_) => (chrono::DateTime::UNIX_EPOCH, Uuid::nil()),
+                };
+                let rows: Vec<(Value, Option<String>, chrono::DateTime<chrono::Utc>, Uuid)> =
+                    sqlx::query_as(
+                        "select (to_jsonb(g) - 'provider_handle')
+                                || jsonb_build_object('prompt', i.prompt, 'parameters', i.parameters,
+                                                      'webhook_url', i.webhook_url),
+                                g.output_key, g.created_at, g.generation_id
+                           from generations g left join generation_inputs i using (generation_id)
+                          where g.account_id = $1 and (g.created_at, g.generation_id) > ($2, $3)
+                          order by g.created_at, g.generation_id limit $4",
+                    )
+                    .bind(account)
+                    .bind(at)
+                    .bind(id)
+                    .bind(PAGE)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                let mut page = Vec::with_capacity(rows.len());
+                for (mut g, key, at, id) in rows {
+                    self.keyring.reveal(&mut conn, &mut g).await?;
+                    if let Some(key) = key {
+                        g["output_url"] = self
+                            .storage
+                            .presign_get(&key, std::time::Duration::from_secs(3600))
+                            .await
+                            .ok()
+                            .into();
+                    }
+                    page.push((g, Cursor::Created(at, id)));
+                }
+                page
+            }
+        })
+    }
 }
 
 /// Export the account.
@@ -154,121 +307,40 @@ pub(super) async fn export(
         .await?
         .ok_or_else(ApiError::not_found)?;
     drop(conn);
-    let pool = state.pool.clone();
     let head = format!(
         "{{\"exported_at\":{},\"account\":{},\"events\":[",
         json!(chrono::Utc::now()),
         serde_json::to_string(&profile).map_err(|e| ApiError::Internal(e.into()))?
     );
-    // The events, page by page, while the caller's access holds.
-    let events = futures::stream::unfold(
-        (
-            pool.clone(),
-            slate_events::vault::Keyring::default(),
-            0i64,
-            true,
-            super::extract::Reauthorise::new(auth, false),
-        ),
-        move |(pool, mut keyring, after, first, mut access)| async move {
-            if let Err(e) = access.check(&pool).await {
-                return Some((
-                    Err(std::io::Error::other(e)),
-                    (pool, keyring, i64::MAX, false, access),
-                ));
-            }
-            match events_page(&pool, &mut keyring, account, after).await {
-                Ok(page) if page.is_empty() => None,
-                Ok(page) => {
-                    let last = page
-                        .last()
-                        .and_then(|e| e["position"].as_i64())
-                        .unwrap_or(after);
-                    let mut chunk = String::new();
-                    for (i, e) in page.iter().enumerate() {
-                        if !(first && i == 0) {
-                            chunk.push(',');
-                        }
-                        chunk.push_str(&e.to_string());
-                    }
-                    Some((
-                        Ok::<_, std::io::Error>(chunk),
-                        (pool, keyring, last, false, access),
-                    ))
-                }
-                Err(e) => Some((
-                    Err(std::io::Error::other(e)),
-                    (pool, keyring, i64::MAX, false, access),
-                )),
-            }
-        },
-    );
-    // The other sections, each small enough to read whole.
-    let storage = state.storage.clone();
-    let rest = futures::stream::once(async move {
-        let sections = async {
-            let ledger = section(&pool,
-                "select coalesce(jsonb_agg(to_jsonb(l) order by global_position), '[]') from credit_ledger_entries l where account_id = $1",
-                account).await?;
-            let balance = section(&pool,
-                "select coalesce(jsonb_agg(to_jsonb(c)), '[]') from credit_accounts c where account_id = $1", account).await?;
-            let subscription = section(&pool,
-                "select coalesce(jsonb_agg(to_jsonb(s)), '[]') from stripe_subscriptions s where account_id = $1", account).await?;
-            let sessions = section(&pool,
-                "select coalesce(jsonb_agg(jsonb_build_object('session_id', session_id, 'via', via, 'created_at', created_at,
-                        'expires_at', expires_at, 'ended_at', ended_at)), '[]') from sessions where account_id = $1", account).await?;
-            let keys = section(&pool,
-                "select coalesce(jsonb_agg(jsonb_build_object('key_id', key_id, 'prefix', prefix, 'label', label,
-                        'created_at', created_at, 'revoked_at', revoked_at)), '[]') from api_keys where account_id = $1", account).await?;
-            let audit = section(&pool,
-                "select coalesce(jsonb_agg(case when a.impersonator is not null or a.actor_kind in ('staff', 'operator')
-                                                then to_jsonb(a) - 'seq' - 'ip' - 'user_agent' - 'api_key_id'
-                                                else to_jsonb(a) - 'seq' end
-                                           order by seq), '[]')
-                   from audit_entries a
-                  where account_id = $1
-                    and action not in ('affiliate.commission_earned', 'affiliate.commission_clawed_back')",
-                account).await?;
-            let generations: Vec<(Value, Option<String>)> = sqlx::query_as(
-                "select (to_jsonb(g) - 'provider_handle')
-                        || jsonb_build_object('prompt', i.prompt, 'parameters', i.parameters, 'webhook_url', i.webhook_url),
-                        g.output_key
-                   from generations g left join generation_inputs i using (generation_id)
-                  where g.account_id = $1 order by g.created_at",
-            )
-            .bind(account)
-            .fetch_all(&pool)
-            .await?;
-            let mut with_urls = Vec::with_capacity(generations.len());
-            let mut conn = pool.acquire().await?;
-            let mut keyring = slate_events::vault::Keyring::default();
-            for (mut g, key) in generations {
-                keyring.reveal(&mut conn, &mut g).await?;
-                if let Some(key) = key {
-                    g["output_url"] = storage
-                        .presign_get(&key, std::time::Duration::from_secs(3600))
-                        .await
-                        .ok()
-                        .into();
-                }
-                with_urls.push(g);
-            }
-            Ok::<_, slate_events::Error>(format!(
-                "],\"balance\":{},\"ledger\":{},\"generations\":{},\"subscription\":{},\"sessions\":{},\"keys\":{},\"audit\":{}}}",
-                balance,
-                ledger,
-                Value::Array(with_urls),
-                subscription,
-                sessions,
-                keys,
-                audit
-            ))
-        };
-        sections.await.map_err(std::io::Error::other)
-    });
-    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(head) })
-        .chain(events)
-        .chain(rest)
-        .map(|c: Chunk| c);
+    let start = Cursor::After(0);
+    let export = Export {
+        pool: state.pool.clone(),
+        storage: state.storage.clone(),
+        account,
+        keyring: slate_events::vault::Keyring::default(),
+        access: super::extract::Reauthorise::new(auth, false),
+        parts: [
+            Part::Text(head),
+            Part::Pages(Long::Events, start, true),
+            Part::Text("],\"balance\":".into()),
+            Part::Whole(BALANCE),
+            Part::Text(",\"ledger\":[".into()),
+            Part::Pages(Long::Ledger, start, true),
+            Part::Text("],\"generations\":[".into()),
+            Part::Pages(Long::Generations, start, true),
+            Part::Text("],\"subscription\":".into()),
+            Part::Whole(SUBSCRIPTION),
+            Part::Text(",\"sessions\":".into()),
+            Part::Whole(SESSIONS),
+            Part::Text(",\"keys\":".into()),
+            Part::Whole(KEYS),
+            Part::Text(",\"audit\":[".into()),
+            Part::Pages(Long::Audit, start, true),
+            Part::Text("]}".into()),
+        ]
+        .into(),
+    };
+    let body = futures::stream::unfold(export, Export::next);
     Ok((
         [
             (header::CONTENT_TYPE, "application/json"),

@@ -38,16 +38,21 @@ pub(super) async fn balance(
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub(super) struct Page {
-    /// The position after which to continue (from `next_cursor`).
+    /// The position after which to continue (`next_cursor` of the previous
+    /// page); empty or absent for the first.
+    #[serde(default, deserialize_with = "super::extract::empty_is_none")]
     cursor: Option<i64>,
-    /// 1 to 200 (default 50).
+    /// 1 to 200 (default 50; empty is the default).
+    #[serde(default, deserialize_with = "super::extract::empty_is_none")]
     limit: Option<i64>,
 }
 
 /// The credit ledger.
 ///
-/// The account's credit movements, newest first, by keyset pagination.
+/// The account's credit movements, newest first, by keyset pagination (a
+/// parameter not listed here is 400 `invalid_query`, not ignored).
 #[utoipa::path(
     get,
     path = "/v1/credits/ledger",

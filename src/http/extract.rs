@@ -128,6 +128,25 @@ where
     }
 }
 
+/// A query parameter given empty (`?cursor=`, `?limit=`) is no parameter,
+/// as an empty filter is no filter: `#[serde(default, deserialize_with =
+/// "empty_is_none")]` on an `Option` of a number. A value that does not
+/// parse is refused (`invalid_query`, by [`Query`]).
+pub fn empty_is_none<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+{
+    match <Option<String> as serde::Deserialize>::deserialize(d)? {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom("not a number")),
+    }
+}
+
 /// `axum::Form` (the staff console's forms), answering in Slate's error format.
 pub struct Form<T>(pub T);
 

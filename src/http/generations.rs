@@ -89,7 +89,8 @@ pub(super) struct Page {
     /// `next_cursor` of the previous page (with the same filters); empty or
     /// absent for the first.
     cursor: Option<String>,
-    /// 1 to 100 (default 20).
+    /// 1 to 100 (default 20; empty is the default).
+    #[serde(default, deserialize_with = "super::extract::empty_is_none")]
     limit: Option<i64>,
     /// Only those with this status: queued, running, succeeded, failed or
     /// canceled.

@@ -322,6 +322,22 @@ async fn routes_need_a_valid_live_key_and_show_only_the_owners_credits() {
     assert_eq!(b["entries"][0]["available"], 70);
     let (_, b) = app.get_as("/v1/credits/ledger", Some(&bob_key)).await;
     assert!(b["entries"].as_array().unwrap().is_empty());
+    // Empty values are absent ones (they were 400); a parameter the ledger
+    // does not know, or a value that is no number, is refused, not ignored.
+    let (s, b) = app
+        .get_as("/v1/credits/ledger?cursor=&limit=", Some(&alice_key))
+        .await;
+    assert_eq!((s, b["entries"].as_array().map(Vec::len)), (200, Some(1)));
+    for query in ["status=expired", "cursor=x", "limit=1.5"] {
+        let (s, b) = app
+            .get_as(&format!("/v1/credits/ledger?{query}"), Some(&alice_key))
+            .await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (400, Some("invalid_query")),
+            "{query}"
+        );
+    }
 
     // A revoked key stops working at once.
     let key_id: uuid::Uuid =

@@ -797,9 +797,14 @@ async fn listing_pages_with_a_cursor() {
         [v["id"].as_str().unwrap()],
         "an empty cursor is the first page (it was 400 invalid_cursor)"
     );
+    assert_eq!(
+        listed("kind=video&limit=").await,
+        [v["id"].as_str().unwrap()],
+        "an empty limit is the default (it was 400 invalid_query)"
+    );
     // A filter it does not know, or a value it does not, is refused rather
     // than ignored (which answered everything to `?state=failed`).
-    for query in ["state=failed", "status=done", "kind=opera"] {
+    for query in ["state=failed", "status=done", "kind=opera", "limit=x"] {
         let (status, body) = app
             .get_as(&format!("/v1/generations?{query}"), Some(&key))
             .await;
