@@ -471,13 +471,72 @@ pub struct ProcessOptions {
     pub hold_before_commit: Option<std::time::Duration>,
 }
 
+/// What a processing has read from Stripe, kept across its rounds.
+///
+/// Processing never waits for Stripe inside its transaction: the mirror
+/// row's lock gives that transaction an id, and a transaction id held open
+/// holds back every asynchronous projector (their gap-safe reads wait for
+/// it), for as long as Stripe takes to answer, up to its timeout, page after
+/// page of an invoice's lines. A read the processing has not made yet ends
+/// the round instead (rolled back, nothing written); [`process_with`] makes
+/// the read with no transaction open and starts the round again with the
+/// answer at hand. Each request is made once per processing.
+#[derive(Default)]
+struct Reads {
+    answers: std::sync::Mutex<Vec<(Refetch, Option<Value>)>>,
+    /// The read that ended the last round.
+    wanted: std::sync::Mutex<Option<Refetch>>,
+}
+
+impl Reads {
+    /// Stripe's answer to `request` (`None` when Stripe did not answer with
+    /// JSON), or the end of this round until it has been asked.
+    fn get(&self, request: Refetch) -> Result<Option<Value>, ProcessError> {
+        let answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, answer)) = answers.iter().find(|(asked, _)| *asked == request) {
+            return Ok(answer.clone());
+        }
+        *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = Some(request);
+        Err(ProcessError::Retryable(
+            "Stripe was not asked yet (a round of processing ended to ask it)".into(),
+        ))
+    }
+
+    fn take_wanted(&self) -> Option<Refetch> {
+        self.wanted.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn answer(&self, request: Refetch, answer: Option<Value>) {
+        self.answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((request, answer));
+    }
+}
+
+/// Rounds of a processing at most: one for each read from Stripe (an
+/// invoice's payments, its pages of lines, a subscription, a charge) and
+/// the last.
+const ROUNDS: usize = INVOICE_LINE_PAGES + 8;
+
 pub async fn process_with(
     pool: &PgPool,
     catalog: &StripeCatalog,
     stripe_event_id: &str,
     options: &ProcessOptions,
 ) -> Result<Outcome, ProcessError> {
-    let result = process_in_tx(pool, catalog, stripe_event_id, options).await;
+    let reads = Reads::default();
+    let mut result = process_in_tx(pool, catalog, stripe_event_id, options, &reads).await;
+    for _ in 1..ROUNDS {
+        let (Err(_), Some(refetch), Some(request)) =
+            (&result, options.refetch.as_ref(), reads.take_wanted())
+        else {
+            break;
+        };
+        let answer = refetch(request.clone()).await;
+        reads.answer(request, answer);
+        result = process_in_tx(pool, catalog, stripe_event_id, options, &reads).await;
+    }
     if let Err(e) = &result {
         let message: String = e.to_string().chars().take(500).collect();
         sqlx::query(
@@ -497,8 +556,10 @@ async fn process_in_tx(
     catalog: &StripeCatalog,
     id: &str,
     options: &ProcessOptions,
+    reads: &Reads,
 ) -> Result<Outcome, ProcessError> {
     let force = options.force;
+    let refetch = options.refetch.as_ref().map(|_| reads);
     let mut tx = pool.begin().await?;
     let row: Option<MirrorRow> = sqlx::query_as(
         "select raw, event_type, status, object_id, created, processed_at from stripe_events
@@ -539,10 +600,10 @@ async fn process_in_tx(
         event_type.as_str(),
         "invoice.paid" | "invoice.payment_failed"
     ) && invoice_payment_intent(&object).is_none()
-        && let Some(refetch) = options.refetch.as_ref()
+        && let Some(reads) = refetch
         && let Some(invoice) = text(&object, "/id").map(str::to_owned)
     {
-        match refetch(Refetch::Object(invoice.clone())).await {
+        match reads.get(Refetch::Object(invoice.clone()))? {
             Some(fresh) if fresh.pointer("/payments/data").is_some() => {
                 object["payments"] = fresh["payments"].clone();
             }
@@ -576,7 +637,7 @@ async fn process_in_tx(
         event_id: id,
         created,
         meta: Metadata::stripe_effect(id),
-        refetch: options.refetch.as_ref(),
+        refetch,
     };
     let outcome = match event_type.as_str() {
         "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
@@ -669,7 +730,8 @@ struct Cx<'a> {
     event_id: &'a str,
     created: DateTime<Utc>,
     meta: Metadata,
-    refetch: Option<&'a Refetcher>,
+    /// Stripe's answers, where Stripe can be asked ([`Reads`]).
+    refetch: Option<&'a Reads>,
 }
 
 fn text<'v>(v: &'v Value, pointer: &str) -> Option<&'v str> {
@@ -1010,12 +1072,12 @@ async fn invoice_lines<'v>(
     let mut lines: Vec<Value> = Vec::new();
     let mut after: Option<String> = None;
     for _ in 0..INVOICE_LINE_PAGES {
-        let page = refetch(Refetch::InvoiceLines {
-            invoice: invoice.to_owned(),
-            starting_after: after.clone(),
-        })
-        .await
-        .ok_or_else(unread)?;
+        let page = refetch
+            .get(Refetch::InvoiceLines {
+                invoice: invoice.to_owned(),
+                starting_after: after.clone(),
+            })?
+            .ok_or_else(unread)?;
         let data = page
             .pointer("/data")
             .and_then(Value::as_array)
@@ -1218,7 +1280,7 @@ async fn subscription_changed(
     // again later: the tie-break below would keep whichever state was
     // processed first, for as long as the subscription does not change.
     let fresh = match cx.refetch {
-        Some(refetch) if tie => match refetch(Refetch::Object(id.to_owned())).await {
+        Some(reads) if tie => match reads.get(Refetch::Object(id.to_owned()))? {
             Some(fresh) if text(&fresh, "/status").is_some() => Some(fresh),
             _ => {
                 return Err(ProcessError::Retryable(format!(
@@ -1465,9 +1527,9 @@ async fn refunds_of_charge(
     if undone.is_empty() {
         return Ok(None);
     }
-    if let Some(refetch) = cx.refetch {
-        let fresh = refetch(Refetch::Object(charge.to_owned()))
-            .await
+    if let Some(reads) = cx.refetch {
+        let fresh = reads
+            .get(Refetch::Object(charge.to_owned()))?
             .ok_or_else(|| {
                 ProcessError::Retryable(format!(
                     "{charge}: its refunds could not be read from Stripe"

@@ -798,6 +798,82 @@ async fn an_invoice_with_more_lines_than_its_event_carries_is_paid_for_by_all_of
     );
 }
 
+/// Stripe is never asked from inside processing's transaction: while Stripe
+/// takes its time over an invoice's lines, no connection to the database
+/// holds a transaction open or a transaction id (the mirror row's lock gave
+/// one, and an id held open holds back every asynchronous projector's
+/// gap-safe reads for as long as Stripe takes, up to its timeout, page after
+/// page). The event is then processed with the lines Stripe gave.
+#[tokio::test]
+async fn stripe_is_asked_with_no_transaction_open() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let stripe_api = MockServer::start().await;
+    let app = stripe_app().await;
+    let account = new_account(&mut *app.db.conn().await).await;
+    let run = run_tag();
+    let mut event: Value =
+        serde_json::from_str(&fixture("04_invoice_paid_1", account, &run)).unwrap();
+    let regular = event["data"]["object"]["lines"]["data"][0].clone();
+    event["data"]["object"]["lines"]["has_more"] = true.into();
+    let event_id = event["id"].as_str().unwrap().to_owned();
+    let (status, resp) = app.deliver(&event.to_string()).await;
+    assert_eq!(status, 200, "{resp}");
+    let lines_path = format!("/v1/invoices/in_{run}_1/lines");
+    let lines: Vec<Value> = (0..3)
+        .map(|n| {
+            let mut l = regular.clone();
+            l["id"] = format!("il_{run}_{n}").into();
+            l["amount"] = 4900.into();
+            l["quantity"] = 1.into();
+            l
+        })
+        .collect();
+    Mock::given(method("GET"))
+        .and(path(lines_path.as_str()))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({
+                    "object": "list", "data": lines, "has_more": false, "url": lines_path,
+                }))
+                .set_delay(std::time::Duration::from_millis(1500)),
+        )
+        .expect(1)
+        .mount(&stripe_api)
+        .await;
+
+    let options = slate::stripe::reconcile::replay_options(Some(app_stripe_client(&stripe_api)));
+    let pool = app.db.pool.clone();
+    let id = event_id.clone();
+    let processing = tokio::spawn(async move {
+        slate_events::stripe::process_with(&pool, &catalog(), &id, &options).await
+    });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stripe_api.received_requests().await.unwrap().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Stripe was never asked"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let holding: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
+        "select state, backend_xid::text from pg_stat_activity
+          where datname = current_database() and pid <> pg_backend_pid()
+            and (backend_xid is not null or state like 'idle in transaction%')",
+    )
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(holding.is_empty(), "while Stripe answers: {holding:?}");
+    processing.await.unwrap().unwrap();
+    assert_eq!(
+        available(&app, account).await,
+        3000,
+        "the three lines' seats"
+    );
+}
+
 /// Stripe's API answers the first GET of `path` with a 500 (its error
 /// body), and the mocks mounted for it after that.
 async fn stripe_fails_once(stripe_api: &wiremock::MockServer, path: &str) {
