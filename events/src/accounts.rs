@@ -141,6 +141,15 @@ pub async fn export_events_page(
     Ok(page)
 }
 
+/// The lock a purge of account `$1` holds from its start to its commit,
+/// and a restore takes first, in the caller's transaction: one purge of an
+/// account at a time, and a restore waits for the purge under way. An
+/// advisory lock, which gives the transaction no id: the purge holds it
+/// while it waits on Stripe, S3 and the email API, and a transaction id
+/// held that long (as the account row's lock gave it) would hold back
+/// every asynchronous projector for as long.
+pub const PURGE_LOCK: &str = "select pg_advisory_xact_lock(hashtext('account-purge:' || $1::text))";
+
 /// How long a deleted account can still be restored.
 pub const GRACE: chrono::Duration = chrono::Duration::days(30);
 
@@ -229,6 +238,11 @@ pub async fn restore(
     now: chrono::DateTime<chrono::Utc>,
     metadata: Metadata,
 ) -> Result<Restore, Error> {
+    // A purge under way is waited for (and then there is nothing to restore).
+    sqlx::query(PURGE_LOCK)
+        .bind(account_id)
+        .execute(&mut *conn)
+        .await?;
     let row: Option<(Option<chrono::DateTime<chrono::Utc>>, bool)> = sqlx::query_as(
         "select purge_after, purged_at is not null from accounts where account_id = $1 for update",
     )

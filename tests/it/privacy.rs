@@ -464,6 +464,73 @@ async fn a_refused_farewell_email_does_not_stop_the_purge() {
     assert_eq!(restored, slate_events::accounts::Restore::NotRestorable);
 }
 
+/// The purge waits on Stripe, S3 and the email API with no transaction id:
+/// while the email API takes its time over the farewell, no connection to
+/// the database holds one (the account row's lock gave the purge's
+/// transaction one for the whole purge, which held back every asynchronous
+/// projector for as long). A restore meanwhile, by a clock that says the
+/// grace period is not over, still waits for the purge, and then finds
+/// nothing to restore.
+#[tokio::test]
+async fn the_purge_waits_on_other_services_holding_no_transaction_id() {
+    let app = spawn_app_with(&[]).await;
+    let (alice, alice_key) = crate::billing::key_for(&app).await;
+    assert_eq!(app.delete_account(&alice_key).await, 202);
+    let email_api = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/emails"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "4ef9a417-02e9-4d39-ad75-9611e0fcc33c"}))
+                .set_delay(std::time::Duration::from_millis(1500)),
+        )
+        .mount(&email_api)
+        .await;
+    let stripe = MockServer::start().await;
+    let p = purger(&app, &stripe, &email_api);
+    let later = chrono::Utc::now() + chrono::Duration::days(31);
+    let purging = tokio::spawn(async move { purge::purge(&p, alice, later).await.unwrap() });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while email_api.received_requests().await.unwrap().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no farewell was sent"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let holding: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
+        "select state, backend_xid::text from pg_stat_activity
+          where datname = current_database() and pid <> pg_backend_pid()
+            and backend_xid is not null",
+    )
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(
+        holding.is_empty(),
+        "while the email API answers: {holding:?}"
+    );
+    let pool = app.db.pool.clone();
+    let restoring = tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        let restored = slate_events::accounts::restore(
+            &mut tx,
+            alice,
+            chrono::Utc::now(),
+            slate_events::Metadata::system(),
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        restored
+    });
+    assert_eq!(purging.await.unwrap(), Outcome::Purged);
+    assert_eq!(
+        restoring.await.unwrap(),
+        slate_events::accounts::Restore::NotRestorable
+    );
+}
+
 #[tokio::test]
 async fn trace_logs_of_serve_and_work_and_a_database_dump_hold_no_prompt_email_or_secret() {
     use std::process::{Command, Stdio};

@@ -77,20 +77,18 @@ pub struct InjectedCrash(pub &'static str);
 #[tracing::instrument(skip_all, fields(%account_id))]
 pub async fn purge(p: &Purger, account_id: Uuid, now: DateTime<Utc>) -> anyhow::Result<Outcome> {
     // Held for the whole purge: one purge of an account at a time, and a
-    // restore waits for it (and then finds nothing to restore).
+    // restore waits for it (and then finds nothing to restore). An advisory
+    // lock, so that this transaction has no id while the steps below wait on
+    // Stripe, S3 and the email API (minutes, for an account with many
+    // objects): the account row's lock gave it one, which held back every
+    // asynchronous projector for as long. The row is locked for the erase.
     let mut lock = p.pool.begin().await?;
-    type Times = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
-    let row: Option<Times> = sqlx::query_as(
-        "select purge_after, purged_at from accounts where account_id = $1 for update",
-    )
-    .bind(account_id)
-    .fetch_optional(&mut *lock)
-    .await?;
-    match row {
-        None => return Ok(Outcome::UnknownAccount),
-        Some((_, Some(_))) => return Ok(Outcome::AlreadyPurged),
-        Some((Some(after), None)) if after <= now => {}
-        Some(_) => return Ok(Outcome::NotDue),
+    sqlx::query(slate_events::accounts::PURGE_LOCK)
+        .bind(account_id)
+        .execute(&mut *lock)
+        .await?;
+    if let Some(not_due) = due(&mut lock, account_id, now, "").await? {
+        return Ok(not_due);
     }
     let done: Vec<String> = sqlx::query_scalar(
         "select payload->>'step' from events
@@ -141,10 +139,39 @@ pub async fn purge(p: &Purger, account_id: Uuid, now: DateTime<Utc>) -> anyhow::
         p.step_done(account_id, "farewell_email", detail).await?;
     }
 
+    // Read again under the row's lock: an account deleted and due is not
+    // restored while a purge holds its lock, but the row is what the
+    // deletion and every other writer of it wait for.
+    if let Some(not_due) = due(&mut lock, account_id, now, " for update").await? {
+        return Ok(not_due);
+    }
     erase(&mut lock, account_id).await?;
     lock.commit().await?;
     tracing::info!("account purged");
     Ok(Outcome::Purged)
+}
+
+/// Why `account_id` is not to be purged at `now`, if it is not; its row
+/// read with `lock` (`""` or `" for update"`).
+async fn due(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+    now: DateTime<Utc>,
+    lock: &'static str,
+) -> anyhow::Result<Option<Outcome>> {
+    type Times = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+    let row: Option<Times> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select purge_after, purged_at from accounts where account_id = $1{lock}"
+    )))
+    .bind(account_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(match row {
+        None => Some(Outcome::UnknownAccount),
+        Some((_, Some(_))) => Some(Outcome::AlreadyPurged),
+        Some((Some(after), None)) if after <= now => None,
+        Some(_) => Some(Outcome::NotDue),
+    })
 }
 
 /// Step 4, in the lock's transaction.
