@@ -41,6 +41,45 @@ async fn objects_round_trip_through_the_s3_server_and_bad_signatures_are_refused
     );
 }
 
+/// Deleting a prefix (an account's purge) takes every object under it, over
+/// more than one page of the listing (1,000 keys), a page per request, and
+/// nothing beside it: not a neighbour whose name only starts the same.
+#[tokio::test]
+async fn deleting_a_prefix_takes_every_page_of_it_and_nothing_else() {
+    let storage = Storage::new(&s3_settings());
+    storage.ensure_bucket().await.unwrap();
+    let id = uuid::Uuid::new_v4();
+    let prefix = format!("users/{id}/");
+    let neighbour = format!("users/{id}x/kept.txt");
+    storage
+        .put(&neighbour, b"kept".to_vec(), "text/plain")
+        .await
+        .unwrap();
+    let keys: Vec<String> = (0..1_050)
+        .map(|i| format!("{prefix}c/{i:04}.txt"))
+        .collect();
+    futures::future::try_join_all(keys.chunks(50).map(|chunk| {
+        let storage = storage.clone();
+        async move {
+            for key in chunk {
+                storage.put(key, b"x".to_vec(), "text/plain").await?;
+            }
+            anyhow::Ok(())
+        }
+    }))
+    .await
+    .unwrap();
+    assert_eq!(storage.list_prefix(&prefix).await.unwrap().len(), 1_050);
+    assert_eq!(storage.delete_prefix(&prefix).await.unwrap(), 1_050);
+    assert!(storage.list_prefix(&prefix).await.unwrap().is_empty());
+    assert_eq!(
+        storage.delete_prefix(&prefix).await.unwrap(),
+        0,
+        "idempotent"
+    );
+    assert_eq!(storage.get(&neighbour).await.unwrap(), b"kept");
+}
+
 #[tokio::test]
 #[should_panic(expected = "PostgreSQL unreachable")]
 async fn a_missing_postgres_panics_the_test_with_a_clear_message() {

@@ -165,18 +165,57 @@ impl Storage {
     }
 
     /// Delete every object under `prefix` (idempotent); how many there were.
+    /// A page of the listing (1,000 keys at most) at a time, each page in one
+    /// `DeleteObjects` request: one request per object took an account's
+    /// purge a round trip per output it ever made, and held every key in
+    /// memory first. A key S3 could not delete fails the call (the purge
+    /// tries again; what was deleted stays deleted).
     pub async fn delete_prefix(&self, prefix: &str) -> anyhow::Result<usize> {
-        let keys = self.list_prefix(prefix).await?;
-        for key in &keys {
-            self.client
-                .delete_object()
+        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        let mut deleted = 0;
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page =
+                page.map_err(|e| anyhow::anyhow!("listing {prefix}: {}", e.into_service_error()))?;
+            let objects = page
+                .contents()
+                .iter()
+                .filter_map(|o| o.key())
+                .map(|key| ObjectIdentifier::builder().key(key).build())
+                .collect::<Result<Vec<_>, _>>()?;
+            if objects.is_empty() {
+                continue;
+            }
+            let count = objects.len();
+            let out = self
+                .client
+                .delete_objects()
                 .bucket(&self.bucket)
-                .key(key)
+                .delete(
+                    Delete::builder()
+                        .set_objects(Some(objects))
+                        .quiet(true)
+                        .build()?,
+                )
                 .send()
                 .await
-                .map_err(|e| anyhow::anyhow!("deleting an object: {}", e.into_service_error()))?;
+                .map_err(|e| anyhow::anyhow!("deleting objects: {}", e.into_service_error()))?;
+            if let Some(failed) = out.errors().first() {
+                anyhow::bail!(
+                    "deleting objects: {} of {count} not deleted ({})",
+                    out.errors().len(),
+                    failed.code().unwrap_or("no code")
+                );
+            }
+            deleted += count;
         }
-        Ok(keys.len())
+        Ok(deleted)
     }
 
     pub fn bucket(&self) -> &str {
