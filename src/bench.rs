@@ -594,10 +594,9 @@ fn as_sqlx(e: slate_events::Error) -> sqlx::Error {
 }
 
 /// The event every append measurement writes (a new stream each time),
-/// naming one of 10,000 accounts at random, as users' events do: since the
-/// thirtieth session the log has an index by the account an event names
-/// (`events_account_idx`), whose entries then go to pages all over it.
-/// (Until then every one named the nil account.)
+/// naming one of 10,000 accounts at random, as users' events do: the log's
+/// index by the account an event names (`events_account_idx`) then takes
+/// its entries on pages all over it, as in production.
 fn bench_event() -> NewEvent {
     NewEvent::new(
         DomainEvent::AccountCreated(AccountCreated {

@@ -147,8 +147,11 @@ pub async fn export_events_page(
 /// advisory lock, which gives the transaction no id: the purge holds it
 /// while it waits on Stripe, S3 and the email API, and a transaction id
 /// held that long (as the account row's lock gave it) would hold back
-/// every asynchronous projector for as long.
-pub const PURGE_LOCK: &str = "select pg_advisory_xact_lock(hashtext('account-purge:' || $1::text))";
+/// every asynchronous projector for as long. Two keys, a space apart from
+/// the one-key locks elsewhere, which a collision of hashes would
+/// otherwise keep waiting through a purge.
+pub const PURGE_LOCK: &str =
+    "select pg_advisory_xact_lock(hashtext('account-purge'), hashtext($1::text))";
 
 /// How long a deleted account can still be restored.
 pub const GRACE: chrono::Duration = chrono::Duration::days(30);

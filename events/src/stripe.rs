@@ -514,10 +514,37 @@ impl Reads {
     }
 }
 
-/// Rounds of a processing at most: one for each read from Stripe (an
-/// invoice's payments, its pages of lines, a subscription, a charge) and
-/// the last.
-const ROUNDS: usize = INVOICE_LINE_PAGES + 8;
+/// Reads from Stripe one processing makes at most: an invoice's payments,
+/// its pages of lines, a subscription, the charges of a payment's refunds
+/// and disputes settled with its grant. Past it the event fails for good
+/// (a retry would start again with none), to be replayed.
+const READS: usize = INVOICE_LINE_PAGES + 50;
+
+/// The page of an invoice's lines after `page`, the answer to `asked`, when
+/// there is one: read with it, before the round that needs it, so that an
+/// invoice of many pages is not a round per page. (`invoice_lines` decides
+/// what the pages mean; this only follows the list as it does.)
+fn next_lines_page(asked: &Refetch, page: Option<&Value>) -> Option<Refetch> {
+    let Refetch::InvoiceLines {
+        invoice,
+        starting_after,
+    } = asked
+    else {
+        return None;
+    };
+    let page = page?;
+    let last = page
+        .pointer("/data")
+        .and_then(Value::as_array)
+        .and_then(|d| d.last())
+        .and_then(|l| text(l, "/id"))?;
+    (bool_at(page, "/has_more") == Some(true) && Some(last) != starting_after.as_deref()).then(
+        || Refetch::InvoiceLines {
+            invoice: invoice.clone(),
+            starting_after: Some(last.to_owned()),
+        },
+    )
+}
 
 pub async fn process_with(
     pool: &PgPool,
@@ -526,15 +553,28 @@ pub async fn process_with(
     options: &ProcessOptions,
 ) -> Result<Outcome, ProcessError> {
     let reads = Reads::default();
+    let mut made = 0;
     let mut result = process_in_tx(pool, catalog, stripe_event_id, options, &reads).await;
-    for _ in 1..ROUNDS {
-        let (Err(_), Some(refetch), Some(request)) =
-            (&result, options.refetch.as_ref(), reads.take_wanted())
-        else {
+    while let (Err(_), Some(refetch), Some(wanted)) =
+        (&result, options.refetch.as_ref(), reads.take_wanted())
+    {
+        if made >= READS {
+            result = Err(ProcessError::Permanent(format!(
+                "processing needs more than {READS} reads from Stripe"
+            )));
             break;
-        };
-        let answer = refetch(request.clone()).await;
-        reads.answer(request, answer);
+        }
+        // The read wanted, and the pages of lines after it (as many as
+        // `invoice_lines` reads at most).
+        let (mut next, mut pages) = (Some(wanted), 0);
+        while let Some(request) = next.take() {
+            let answer = refetch(request.clone()).await;
+            made += 1;
+            pages += usize::from(matches!(request, Refetch::InvoiceLines { .. }));
+            next = next_lines_page(&request, answer.as_ref())
+                .filter(|_| made < READS && pages < INVOICE_LINE_PAGES);
+            reads.answer(request, answer);
+        }
         result = process_in_tx(pool, catalog, stripe_event_id, options, &reads).await;
     }
     if let Err(e) = &result {

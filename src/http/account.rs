@@ -132,23 +132,33 @@ impl Export {
         loop {
             let chunk = match self.parts.pop_front()? {
                 Part::Text(text) => Ok(Some(text)),
-                Part::Whole(sql) => sqlx::query_scalar::<_, Value>(sqlx::AssertSqlSafe(sql))
-                    .bind(self.account)
-                    .fetch_one(&self.pool)
-                    .await
-                    .map(|v| Some(v.to_string()))
-                    .map_err(std::io::Error::other),
+                Part::Whole(sql) => self.whole(sql).await,
                 Part::Pages(long, after, first) => self.page(long, after, first).await,
             };
             match chunk {
                 Ok(Some(text)) => return Some((Ok(text), self)),
                 Ok(None) => continue,
                 Err(e) => {
+                    tracing::warn!(error = %e, "the account export ends early");
                     self.parts.clear();
                     return Some((Err(e), self));
                 }
             }
         }
+    }
+
+    /// A small section, whole, while the caller's access holds.
+    async fn whole(&mut self, sql: &'static str) -> Result<Option<String>, std::io::Error> {
+        self.access
+            .check(&self.pool)
+            .await
+            .map_err(std::io::Error::other)?;
+        sqlx::query_scalar::<_, Value>(sqlx::AssertSqlSafe(sql))
+            .bind(self.account)
+            .fetch_one(&self.pool)
+            .await
+            .map(|v| Some(v.to_string()))
+            .map_err(std::io::Error::other)
     }
 
     /// A page of `long` after `after`, its items joined; `None` when there

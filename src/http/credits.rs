@@ -40,8 +40,8 @@ pub(super) async fn balance(
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Page {
-    /// The position after which to continue (`next_cursor` of the previous
-    /// page); empty or absent for the first.
+    /// Where to continue: `next_cursor` of the previous page (the list is
+    /// newest first); empty or absent for the first.
     #[serde(default, deserialize_with = "super::extract::empty_is_none")]
     cursor: Option<i64>,
     /// 1 to 200 (default 50; empty is the default).

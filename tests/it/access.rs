@@ -892,6 +892,7 @@ async fn the_exports_pages_read_the_accounts_events_only() {
     let (mut removed, mut todo) = (0, vec![&plan[0]["Plan"]]);
     while let Some(node) = todo.pop() {
         if node["Relation Name"] == "events" {
+            assert_ne!(node["Node Type"], "Seq Scan", "{plan}");
             for k in ["Rows Removed by Filter", "Rows Removed by Index Recheck"] {
                 removed += node[k].as_i64().unwrap_or(0);
             }

@@ -501,6 +501,7 @@ async fn the_purge_waits_on_other_services_holding_no_transaction_id() {
     let holding: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
         "select state, backend_xid::text from pg_stat_activity
           where datname = current_database() and pid <> pg_backend_pid()
+            and backend_type = 'client backend'
             and backend_xid is not null",
     )
     .fetch_all(&app.db.pool)

@@ -860,6 +860,7 @@ async fn stripe_is_asked_with_no_transaction_open() {
     let holding: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
         "select state, backend_xid::text from pg_stat_activity
           where datname = current_database() and pid <> pg_backend_pid()
+            and backend_type = 'client backend'
             and (backend_xid is not null or state like 'idle in transaction%')",
     )
     .fetch_all(&app.db.pool)
