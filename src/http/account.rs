@@ -115,6 +115,25 @@ const SESSIONS: &str = "select coalesce(jsonb_agg(jsonb_build_object('session_id
 const KEYS: &str = "select coalesce(jsonb_agg(jsonb_build_object('key_id', key_id, 'prefix', prefix, 'label', label,
                 'created_at', created_at, 'revoked_at', revoked_at)), '[]') from api_keys where account_id = $1";
 
+/// A page of `sql`'s rows (JSON, then the number they are ordered by) for
+/// `account` after `after`.
+async fn numbered(
+    conn: &mut sqlx::PgConnection,
+    sql: &'static str,
+    account: Uuid,
+    after: i64,
+) -> Result<Vec<(Value, Cursor)>, sqlx::Error> {
+    Ok(sqlx::query_as::<_, (Value, i64)>(sqlx::AssertSqlSafe(sql))
+        .bind(account)
+        .bind(after)
+        .bind(PAGE)
+        .fetch_all(conn)
+        .await?
+        .into_iter()
+        .map(|(v, n)| (v, Cursor::After(n)))
+        .collect())
+}
+
 /// The body, part by part, while the caller's access holds.
 struct Export {
     pool: PgPool,
@@ -217,40 +236,36 @@ impl Export {
                 (e, Cursor::After(at))
             })
             .collect(),
-            Long::Ledger => sqlx::query_as::<_, (Value, i64)>(
-                "select to_jsonb(l), global_position from credit_ledger_entries l
-                  where account_id = $1 and global_position > $2
-                  order by global_position limit $3",
-            )
-            .bind(account)
-            .bind(position)
-            .bind(PAGE)
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .map(|(v, at)| (v, Cursor::After(at)))
-            .collect(),
+            Long::Ledger => {
+                numbered(
+                    &mut conn,
+                    "select to_jsonb(l), global_position from credit_ledger_entries l
+                      where account_id = $1 and global_position > $2
+                      order by global_position limit $3",
+                    account,
+                    position,
+                )
+                .await?
+            }
             // What staff or an operator did comes without their address,
             // user agent and key id (theirs, not the account's); an
             // affiliate's commission is the affiliate's business.
-            Long::Audit => sqlx::query_as::<_, (Value, i64)>(
-                "select case when a.impersonator is not null or a.actor_kind in ('staff', 'operator')
-                             then to_jsonb(a) - 'seq' - 'ip' - 'user_agent' - 'api_key_id'
-                             else to_jsonb(a) - 'seq' end,
-                        seq
-                   from audit_entries a
-                  where account_id = $1 and seq > $2
-                    and action not in ('affiliate.commission_earned', 'affiliate.commission_clawed_back')
-                  order by seq limit $3",
-            )
-            .bind(account)
-            .bind(position)
-            .bind(PAGE)
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .map(|(v, seq)| (v, Cursor::After(seq)))
-            .collect(),
+            Long::Audit => {
+                numbered(
+                    &mut conn,
+                    "select case when a.impersonator is not null or a.actor_kind in ('staff', 'operator')
+                                 then to_jsonb(a) - 'seq' - 'ip' - 'user_agent' - 'api_key_id'
+                                 else to_jsonb(a) - 'seq' end,
+                            seq
+                       from audit_entries a
+                      where account_id = $1 and seq > $2
+                        and action not in ('affiliate.commission_earned', 'affiliate.commission_clawed_back')
+                      order by seq limit $3",
+                    account,
+                    position,
+                )
+                .await?
+            }
             // With prompts (opened), parameters and fresh presigned URLs.
             Long::Generations => {
                 let (at, id) = match after {

@@ -228,6 +228,21 @@ impl TestDb {
     }
 }
 
+/// The transactions other connections of this test's database have open:
+/// their state and transaction id, if they hold one. A transaction id held
+/// open holds back every asynchronous projector's gap-safe reads.
+pub async fn open_transactions(pool: &sqlx::PgPool) -> Vec<(Option<String>, Option<String>)> {
+    sqlx::query_as(
+        "select state, backend_xid::text from pg_stat_activity
+          where datname = current_database() and pid <> pg_backend_pid()
+            and backend_type = 'client backend'
+            and (backend_xid is not null or state like 'idle in transaction%')",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
 /// A small deterministic PRNG (xorshift64*), so randomized tests can print
 /// and replay their seed.
 pub struct Rng(u64);

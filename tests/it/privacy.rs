@@ -498,18 +498,10 @@ async fn the_purge_waits_on_other_services_holding_no_transaction_id() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let holding: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
-        "select state, backend_xid::text from pg_stat_activity
-          where datname = current_database() and pid <> pg_backend_pid()
-            and backend_type = 'client backend'
-            and backend_xid is not null",
-    )
-    .fetch_all(&app.db.pool)
-    .await
-    .unwrap();
+    let open = crate::harness::open_transactions(&app.db.pool).await;
     assert!(
-        holding.is_empty(),
-        "while the email API answers: {holding:?}"
+        open.iter().all(|(_, xid)| xid.is_none()),
+        "while the email API answers: {open:?}"
     );
     let pool = app.db.pool.clone();
     let restoring = tokio::spawn(async move {

@@ -725,20 +725,7 @@ async fn an_invoice_with_more_lines_than_its_event_carries_is_paid_for_by_all_of
     let app = stripe_app().await;
     let account = new_account(&mut *app.db.conn().await).await;
     let run = run_tag();
-    let mut event: Value =
-        serde_json::from_str(&fixture("04_invoice_paid_1", account, &run)).unwrap();
-    let regular = event["data"]["object"]["lines"]["data"][0].clone();
-    let line = |n: usize, quantity: i64| {
-        let mut l = regular.clone();
-        l["id"] = format!("il_{run}_{n}").into();
-        l["amount"] = (4900 * quantity).into();
-        l["quantity"] = quantity.into();
-        l
-    };
-    event["data"]["object"]["lines"]["has_more"] = true.into();
-    let event_id = event["id"].as_str().unwrap().to_owned();
-    let (status, resp) = app.deliver(&event.to_string()).await;
-    assert_eq!(status, 200, "{resp}");
+    let (event_id, line) = invoice_with_more_lines(&app, account, &run).await;
 
     // Stripe cannot be asked: failed for good, with its reason; nothing granted.
     let failed = slate_events::stripe::process(&app.db.pool, &catalog(), &event_id, false).await;
@@ -813,23 +800,9 @@ async fn stripe_is_asked_with_no_transaction_open() {
     let app = stripe_app().await;
     let account = new_account(&mut *app.db.conn().await).await;
     let run = run_tag();
-    let mut event: Value =
-        serde_json::from_str(&fixture("04_invoice_paid_1", account, &run)).unwrap();
-    let regular = event["data"]["object"]["lines"]["data"][0].clone();
-    event["data"]["object"]["lines"]["has_more"] = true.into();
-    let event_id = event["id"].as_str().unwrap().to_owned();
-    let (status, resp) = app.deliver(&event.to_string()).await;
-    assert_eq!(status, 200, "{resp}");
+    let (event_id, line) = invoice_with_more_lines(&app, account, &run).await;
     let lines_path = format!("/v1/invoices/in_{run}_1/lines");
-    let lines: Vec<Value> = (0..3)
-        .map(|n| {
-            let mut l = regular.clone();
-            l["id"] = format!("il_{run}_{n}").into();
-            l["amount"] = 4900.into();
-            l["quantity"] = 1.into();
-            l
-        })
-        .collect();
+    let lines: Vec<Value> = (0..3).map(|n| line(n, 1)).collect();
     Mock::given(method("GET"))
         .and(path(lines_path.as_str()))
         .respond_with(
@@ -857,22 +830,39 @@ async fn stripe_is_asked_with_no_transaction_open() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let holding: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
-        "select state, backend_xid::text from pg_stat_activity
-          where datname = current_database() and pid <> pg_backend_pid()
-            and backend_type = 'client backend'
-            and (backend_xid is not null or state like 'idle in transaction%')",
-    )
-    .fetch_all(&app.db.pool)
-    .await
-    .unwrap();
-    assert!(holding.is_empty(), "while Stripe answers: {holding:?}");
+    let open = crate::harness::open_transactions(&app.db.pool).await;
+    assert!(open.is_empty(), "while Stripe answers: {open:?}");
     processing.await.unwrap().unwrap();
     assert_eq!(
         available(&app, account).await,
         3000,
         "the three lines' seats"
     );
+}
+
+/// An `invoice.paid` of `account` delivered, whose event carries only its
+/// first lines (`lines.has_more`): its id, and a maker of its lines (`n`,
+/// seats) shaped like the one it carries, each `il_<run>_<n>`.
+async fn invoice_with_more_lines(
+    app: &TestApp,
+    account: Uuid,
+    run: &str,
+) -> (String, impl Fn(usize, i64) -> Value) {
+    let mut event: Value =
+        serde_json::from_str(&fixture("04_invoice_paid_1", account, run)).unwrap();
+    let regular = event["data"]["object"]["lines"]["data"][0].clone();
+    event["data"]["object"]["lines"]["has_more"] = true.into();
+    let (status, resp) = app.deliver(&event.to_string()).await;
+    assert_eq!(status, 200, "{resp}");
+    let run = run.to_owned();
+    let line = move |n: usize, quantity: i64| {
+        let mut l = regular.clone();
+        l["id"] = format!("il_{run}_{n}").into();
+        l["amount"] = (4900 * quantity).into();
+        l["quantity"] = quantity.into();
+        l
+    };
+    (event["id"].as_str().unwrap().to_owned(), line)
 }
 
 /// Stripe's API answers the first GET of `path` with a 500 (its error
