@@ -522,8 +522,7 @@ const READS: usize = INVOICE_LINE_PAGES + 50;
 
 /// The page of an invoice's lines after `page`, the answer to `asked`, when
 /// there is one: read with it, before the round that needs it, so that an
-/// invoice of many pages is not a round per page. (`invoice_lines` decides
-/// what the pages mean; this only follows the list as it does.)
+/// invoice of many pages is not a round per page.
 fn next_lines_page(asked: &Refetch, page: Option<&Value>) -> Option<Refetch> {
     let Refetch::InvoiceLines {
         invoice,
@@ -532,18 +531,24 @@ fn next_lines_page(asked: &Refetch, page: Option<&Value>) -> Option<Refetch> {
     else {
         return None;
     };
-    let page = page?;
+    let last = goes_on_from(page?, starting_after.as_deref())?;
+    Some(Refetch::InvoiceLines {
+        invoice: invoice.clone(),
+        starting_after: Some(last.to_owned()),
+    })
+}
+
+/// Where a page of one of Stripe's lists goes on from: its last item's id,
+/// when Stripe says the list goes on (`has_more`) and that id is not where
+/// the page began (`after`). A list that goes on names where it goes on
+/// from; `None` otherwise.
+fn goes_on_from<'p>(page: &'p Value, after: Option<&str>) -> Option<&'p str> {
     let last = page
         .pointer("/data")
-        .and_then(Value::as_array)
-        .and_then(|d| d.last())
+        .and_then(Value::as_array)?
+        .last()
         .and_then(|l| text(l, "/id"))?;
-    (bool_at(page, "/has_more") == Some(true) && Some(last) != starting_after.as_deref()).then(
-        || Refetch::InvoiceLines {
-            invoice: invoice.clone(),
-            starting_after: Some(last.to_owned()),
-        },
-    )
+    (bool_at(page, "/has_more") == Some(true) && Some(last) != after).then_some(last)
 }
 
 pub async fn process_with(
@@ -1123,15 +1128,11 @@ async fn invoice_lines<'v>(
             .and_then(Value::as_array)
             .ok_or_else(unread)?;
         lines.extend(data.iter().cloned());
-        let last = data.last().and_then(|l| text(l, "/id"));
-        match (bool_at(&page, "/has_more"), last) {
-            (Some(false), _) => return Ok(Cow::Owned(lines)),
-            // A list that goes on names where it goes on from.
-            (Some(true), Some(last)) if Some(last) != after.as_deref() => {
-                after = Some(last.to_owned());
-            }
-            _ => return Err(unread()),
+        if bool_at(&page, "/has_more") == Some(false) {
+            return Ok(Cow::Owned(lines));
         }
+        let next = goes_on_from(&page, after.as_deref()).ok_or_else(unread)?;
+        after = Some(next.to_owned());
     }
     Err(ProcessError::Permanent(format!(
         "{invoice} has more than {} lines",

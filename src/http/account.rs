@@ -166,12 +166,17 @@ impl Export {
         }
     }
 
-    /// A small section, whole, while the caller's access holds.
-    async fn whole(&mut self, sql: &'static str) -> Result<Option<String>, std::io::Error> {
+    /// Whether the caller's access still holds ([`super::extract::Reauthorise`]).
+    async fn allowed(&mut self) -> Result<(), std::io::Error> {
         self.access
             .check(&self.pool)
             .await
-            .map_err(std::io::Error::other)?;
+            .map_err(std::io::Error::other)
+    }
+
+    /// A small section, whole, while the caller's access holds.
+    async fn whole(&mut self, sql: &'static str) -> Result<Option<String>, std::io::Error> {
+        self.allowed().await?;
         sqlx::query_scalar::<_, Value>(sqlx::AssertSqlSafe(sql))
             .bind(self.account)
             .fetch_one(&self.pool)
@@ -188,10 +193,7 @@ impl Export {
         after: Cursor,
         first: bool,
     ) -> Result<Option<String>, std::io::Error> {
-        self.access
-            .check(&self.pool)
-            .await
-            .map_err(std::io::Error::other)?;
+        self.allowed().await?;
         let items = self
             .read(long, after)
             .await

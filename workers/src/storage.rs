@@ -145,16 +145,9 @@ impl Storage {
     /// The keys under `prefix`, every page of them.
     pub async fn list_prefix(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
         let mut keys = Vec::new();
-        let mut pages = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(prefix)
-            .into_paginator()
-            .send();
+        let mut pages = self.listing(prefix).send();
         while let Some(page) = pages.next().await {
-            let page =
-                page.map_err(|e| anyhow::anyhow!("listing {prefix}: {}", e.into_service_error()))?;
+            let page = page.map_err(|e| listing_failed(prefix, e))?;
             keys.extend(
                 page.contents()
                     .iter()
@@ -162,6 +155,18 @@ impl Storage {
             );
         }
         Ok(keys)
+    }
+
+    /// The listing of `prefix`, page by page (1,000 keys at most each).
+    fn listing(
+        &self,
+        prefix: &str,
+    ) -> aws_sdk_s3::operation::list_objects_v2::paginator::ListObjectsV2Paginator {
+        self.client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
     }
 
     /// Delete every object under `prefix` (idempotent); how many there were.
@@ -173,16 +178,9 @@ impl Storage {
     pub async fn delete_prefix(&self, prefix: &str) -> anyhow::Result<usize> {
         use aws_sdk_s3::types::{Delete, ObjectIdentifier};
         let mut deleted = 0;
-        let mut pages = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(prefix)
-            .into_paginator()
-            .send();
+        let mut pages = self.listing(prefix).send();
         while let Some(page) = pages.next().await {
-            let page =
-                page.map_err(|e| anyhow::anyhow!("listing {prefix}: {}", e.into_service_error()))?;
+            let page = page.map_err(|e| listing_failed(prefix, e))?;
             let objects = page
                 .contents()
                 .iter()
@@ -221,4 +219,11 @@ impl Storage {
     pub fn bucket(&self) -> &str {
         &self.bucket
     }
+}
+
+fn listing_failed(
+    prefix: &str,
+    e: aws_sdk_s3::error::SdkError<aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Error>,
+) -> anyhow::Error {
+    anyhow::anyhow!("listing {prefix}: {}", e.into_service_error())
 }
