@@ -82,7 +82,7 @@ pub async fn query(
     f: &Filter,
     limit: i64,
     ascending: bool,
-) -> Result<Vec<AuditEntry>, sqlx::Error> {
+) -> Result<Vec<AuditEntry>, slate_events::Error> {
     let mut n = 0;
     let mut param = || {
         n += 1;
@@ -160,7 +160,48 @@ pub async fn query(
     if let Some(v) = f.cursor {
         q = q.bind(v);
     }
-    q.bind(limit).fetch_all(pool).await
+    let mut entries = q.bind(limit).fetch_all(pool).await?;
+    open_origins(pool, &mut entries).await?;
+    Ok(entries)
+}
+
+/// Open the client addresses and user agents of `entries` for staff (each
+/// sealed with the data key of the account whose credential made the
+/// request, or whose key was refused), or show them erased once that
+/// account is purged. One round
+/// trip for the keys of a page; none when nothing is sealed.
+async fn open_origins(
+    pool: &PgPool,
+    entries: &mut [AuditEntry],
+) -> Result<(), slate_events::Error> {
+    use slate_events::vault::{Keyring, is_sealed};
+    // A refused key's address is among the targets.
+    fn sealed(e: &AuditEntry) -> impl Iterator<Item = &str> {
+        [
+            e.ip.as_deref(),
+            e.user_agent.as_deref(),
+            e.targets.get("ip").and_then(Value::as_str),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|v| is_sealed(v))
+    }
+    if entries.iter().all(|e| sealed(e).next().is_none()) {
+        return Ok(());
+    }
+    let mut conn = pool.acquire().await?;
+    let mut keys = Keyring::default();
+    keys.fetch_for(&mut conn, entries.iter().flat_map(sealed))
+        .await?;
+    for e in entries {
+        for v in [&mut e.ip, &mut e.user_agent].into_iter().flatten() {
+            if is_sealed(v) {
+                *v = keys.open(&mut conn, v).await?.or_erased();
+            }
+        }
+        keys.reveal(&mut conn, &mut e.targets).await?;
+    }
+    Ok(())
 }
 
 /// A CSV cell. A value a spreadsheet would read as a formula (it starts
@@ -206,17 +247,20 @@ pub fn csv_line(e: &AuditEntry) -> String {
 }
 
 /// One entry by its seq.
-pub async fn entry(pool: &PgPool, seq: i64) -> Result<Option<AuditEntry>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+pub async fn entry(pool: &PgPool, seq: i64) -> Result<Option<AuditEntry>, slate_events::Error> {
+    let mut entry: Option<AuditEntry> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select {COLUMNS} from audit_entries where seq = $1"
     )))
     .bind(seq)
     .fetch_optional(pool)
-    .await
+    .await?;
+    open_origins(pool, entry.as_mut_slice()).await?;
+    Ok(entry)
 }
 
-/// The event an entry was made from, with its personal fields opened for
-/// staff (or shown as erased once the account is purged).
+/// The event an entry was made from, with its personal fields (and its
+/// request's origin) opened for staff, or shown as erased once the account
+/// is purged.
 pub async fn causing_event(
     pool: &PgPool,
     event_id: Uuid,
@@ -235,15 +279,19 @@ pub async fn causing_event(
     let Some(mut event) = event else {
         return Ok(None);
     };
-    slate_events::vault::Keyring::default()
-        .reveal(&mut conn, &mut event["payload"])
-        .await?;
+    let mut keys = slate_events::vault::Keyring::default();
+    for part in ["payload", "metadata"] {
+        keys.reveal(&mut conn, &mut event[part]).await?;
+    }
     Ok(Some(event))
 }
 
 /// The entries related to one: the same request, generation, Stripe event
 /// or object, subscription or impersonation.
-pub async fn related(pool: &PgPool, e: &AuditEntry) -> Result<Vec<AuditEntry>, sqlx::Error> {
+pub async fn related(
+    pool: &PgPool,
+    e: &AuditEntry,
+) -> Result<Vec<AuditEntry>, slate_events::Error> {
     let keys: Vec<String> = [
         "generation",
         "stripe_event",
@@ -254,7 +302,7 @@ pub async fn related(pool: &PgPool, e: &AuditEntry) -> Result<Vec<AuditEntry>, s
     .iter()
     .filter_map(|k| e.targets.get(*k).and_then(Value::as_str).map(str::to_owned))
     .collect();
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let mut entries: Vec<AuditEntry> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select {COLUMNS} from audit_entries
           where seq <> $1
             and (($2::text is not null and request_id = $2)
@@ -265,7 +313,9 @@ pub async fn related(pool: &PgPool, e: &AuditEntry) -> Result<Vec<AuditEntry>, s
     .bind(&e.request_id)
     .bind(&keys)
     .fetch_all(pool)
-    .await
+    .await?;
+    open_origins(pool, &mut entries).await?;
+    Ok(entries)
 }
 
 #[cfg(test)]

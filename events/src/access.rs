@@ -110,11 +110,14 @@ pub async fn revoke_key(
 }
 
 /// Who a presented key belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct KeyOwner {
     pub account_id: Uuid,
     pub key_id: Uuid,
     pub staff: bool,
+    /// The account's data key, read with the key (None: not created yet,
+    /// or erased).
+    pub data_key: Option<crate::vault::AccountKey>,
 }
 
 /// Look a presented key up. `None` for anything that is not a live key of a
@@ -132,15 +135,31 @@ pub async fn authenticate(
     if prefix.len() != 12 || secret.len() != 72 || !has_valid_checksum(presented) {
         return Ok(None);
     }
-    let row: Option<(Uuid, Uuid, Vec<u8>, bool)> = sqlx::query_as(
-        "select k.key_id, k.account_id, k.secret_hash, a.staff
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        key_id: Uuid,
+        account_id: Uuid,
+        secret_hash: Vec<u8>,
+        staff: bool,
+        wrapped: Option<String>,
+    }
+    let row: Option<Row> = sqlx::query_as(
+        "select k.key_id, k.account_id, k.secret_hash, a.staff, ak.wrapped
            from api_keys k join accounts a using (account_id)
+                left join account_keys ak using (account_id)
           where k.prefix = $1 and k.revoked_at is null and a.deleted_at is null",
     )
     .bind(prefix)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((key_id, account_id, stored, staff)) = row else {
+    let Some(Row {
+        key_id,
+        account_id,
+        secret_hash: stored,
+        staff,
+        wrapped,
+    }) = row
+    else {
         return Ok(None);
     };
     if !constant_time_eq(&stored, &hash(presented)) {
@@ -158,6 +177,7 @@ pub async fn authenticate(
         account_id,
         key_id,
         staff,
+        data_key: wrapped.and_then(|w| crate::vault::AccountKey::unwrap(account_id, &w)),
     }))
 }
 
@@ -214,6 +234,40 @@ pub async fn list_keys(conn: &mut PgConnection, account_id: Uuid) -> Result<Vec<
     .bind(account_id)
     .fetch_all(conn)
     .await?)
+}
+
+/// What the record of a refused key says of it and of where it came from.
+/// A key on file (revoked, or its account deleted) is named by its prefix,
+/// and the client's address is sealed with its account's data key, so that
+/// the account's purge erases it (left out once that key is erased). A key
+/// not on file is not named: it may be a purged account's, which the log's
+/// `ApiKeyCreated` would tie the address to; its address stays as it is
+/// (whoever tried an unknown key is no account's).
+pub async fn refused_key_origin(
+    conn: &mut PgConnection,
+    prefix: Option<&str>,
+    ip: Option<String>,
+) -> Result<(Option<String>, Option<String>), Error> {
+    let Some(prefix) = prefix else {
+        return Ok((None, ip));
+    };
+    let owner: Option<(Uuid, Option<String>)> = sqlx::query_as(
+        "select k.account_id, ak.wrapped
+           from api_keys k left join account_keys ak using (account_id)
+          where k.prefix = $1",
+    )
+    .bind(prefix)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((account_id, wrapped)) = owner else {
+        return Ok((None, ip));
+    };
+    let key = match wrapped.and_then(|w| crate::vault::AccountKey::unwrap(account_id, &w)) {
+        Some(k) => Some(k),
+        None => crate::vault::AccountKey::get_or_create(conn, account_id).await?,
+    };
+    let ip = ip.and_then(|ip| Some(key?.seal(&ip)));
+    Ok((Some(prefix.to_owned()), ip))
 }
 
 /// A presented credential was refused (recorded without the secret).

@@ -147,14 +147,18 @@ struct LiveSession {
     created_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
     last_seen_at: Option<DateTime<Utc>>,
+    wrapped: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct SessionOwner {
     pub account_id: Uuid,
     pub session_id: Uuid,
     pub staff: bool,
     pub mfa_verified: bool,
+    /// The account's data key, read with the session (None: not created
+    /// yet, or erased).
+    pub data_key: Option<crate::vault::AccountKey>,
 }
 
 /// The live session behind a cookie value. An idle one is ended on the spot.
@@ -168,8 +172,10 @@ pub async fn authenticate(
         return Ok(None);
     }
     let row: Option<LiveSession> = sqlx::query_as(
-        "select s.session_id, s.account_id, a.staff, s.mfa_verified, s.created_at, s.expires_at, s.last_seen_at
+        "select s.session_id, s.account_id, a.staff, s.mfa_verified, s.created_at, s.expires_at, s.last_seen_at,
+                ak.wrapped
            from sessions s join accounts a using (account_id)
+                left join account_keys ak using (account_id)
           where s.token_hash = $1 and s.ended_at is null and a.deleted_at is null",
     )
     .bind(hash(token))
@@ -183,6 +189,7 @@ pub async fn authenticate(
         created_at,
         expires_at,
         last_seen_at,
+        wrapped,
     }) = row
     else {
         return Ok(None);
@@ -209,6 +216,7 @@ pub async fn authenticate(
         session_id,
         staff,
         mfa_verified,
+        data_key: wrapped.and_then(|w| crate::vault::AccountKey::unwrap(account_id, &w)),
     }))
 }
 

@@ -329,7 +329,8 @@ impl From<sqlx::Error> for ProcessError {
     }
 }
 
-/// Fields of Stripe objects that describe a person, wherever they appear.
+/// Fields of Stripe objects that describe a person, wherever they appear:
+/// every string inside them is redacted.
 const PERSONAL: &[&str] = &[
     "email",
     "name",
@@ -343,7 +344,26 @@ const PERSONAL: &[&str] = &[
     "shipping",
     "shipping_details",
     "billing_details",
+    // A card's last digits and fingerprint (which follows the card from
+    // account to account).
+    "last4",
+    "fingerprint",
+    // Pages Stripe hosts, which show the customer's details to whoever
+    // has the link.
+    "receipt_url",
+    "hosted_invoice_url",
+    "invoice_pdf",
+    // A dispute's evidence.
+    "customer_email_address",
+    "customer_purchase_ip",
+    "billing_address",
+    "shipping_address",
+    "shipping_tracking_number",
 ];
+
+/// Lists of tax ids (`{type, value}`): their values are redacted, their
+/// types kept (Stripe's parser reads a type it does not know as an error).
+const TAX_IDS: &[&str] = &["customer_tax_ids", "tax_ids"];
 
 fn redact(v: &mut Value, personal: bool) -> bool {
     match v {
@@ -354,7 +374,11 @@ fn redact(v: &mut Value, personal: bool) -> bool {
         Value::Object(map) => {
             let mut changed = false;
             for (k, val) in map.iter_mut() {
-                changed |= redact(val, personal || PERSONAL.contains(&k.as_str()));
+                changed |= if TAX_IDS.contains(&k.as_str()) {
+                    redact_tax_ids(val)
+                } else {
+                    redact(val, personal || PERSONAL.contains(&k.as_str()))
+                };
             }
             changed
         }
@@ -363,17 +387,42 @@ fn redact(v: &mut Value, personal: bool) -> bool {
     }
 }
 
+/// A list of tax ids, or a Stripe list object of them (`data`).
+fn redact_tax_ids(v: &mut Value) -> bool {
+    let items = match v {
+        Value::Array(items) => items,
+        Value::Object(list) => match list.get_mut("data") {
+            Some(Value::Array(items)) => items,
+            _ => return false,
+        },
+        _ => return false,
+    };
+    items.iter_mut().fold(false, |c, item| {
+        item.get_mut("value")
+            .is_some_and(|value| redact(value, true))
+            | c
+    })
+}
+
 /// For a purge: in the mirrored Stripe events of the account (its
-/// customers', or naming it), replace names, emails, phones and addresses
-/// with "[redacted]" (strings stay strings, so the typed parser still reads
-/// them; ids, amounts and metadata stay, so a replay decides the same).
+/// customers', its credit purchases', or naming it), replace names, emails,
+/// phones, addresses, card digits, tax ids and links to Stripe's hosted
+/// receipts and invoices with "[redacted]" (strings stay strings, so the
+/// typed parser still reads them; ids, amounts and metadata stay, so a
+/// replay decides the same). Events processed after the purge are
+/// redacted as they are processed.
 /// Returns how many mirrored events changed.
 pub async fn redact_personal_details(
     conn: &mut PgConnection,
     account_id: Uuid,
 ) -> Result<u64, Error> {
+    // Its customers, and the payments that bought it credits (a dispute
+    // names its charge and payment intent, not the customer).
     let mut needles: Vec<String> = sqlx::query_scalar(
-        "select '%\"' || customer_id || '\"%' from stripe_customers where account_id = $1",
+        "select '%\"' || customer_id || '\"%' from stripe_customers where account_id = $1
+         union
+         select '%\"' || stripe_object || '\"%' from credit_buckets
+          where account_id = $1 and stripe_object is not null and source in ('purchase', 'subscription')",
     )
     .bind(account_id)
     .fetch_all(&mut *conn)
@@ -712,15 +761,23 @@ async fn process_in_tx(
     // waiting on the locks above, say): the lag fold stays a margin behind
     // the clock, and a stamp older than that when it commits would never be
     // counted.
+    // An event about an account already purged (a late refund or dispute,
+    // the subscription's end the purge itself caused) is redacted as the
+    // purge redacted the ones before it.
+    let mut payload = payload;
+    let redacted = (of_purged_account(&mut tx, &object).await?
+        && redact(&mut payload["data"], false))
+    .then(|| payload.to_string());
     sqlx::query(
         "update stripe_events
             set status = $2, outcome = $3, attempts = attempts + 1, last_error = null,
-                processed_at = clock_timestamp()
+                processed_at = clock_timestamp(), raw = coalesce($4, raw)
           where stripe_event_id = $1",
     )
     .bind(id)
     .bind(status)
     .bind(outcome.describe())
+    .bind(redacted)
     .execute(&mut *tx)
     .await?;
     if let Some(hold) = options.hold_before_commit {
@@ -732,6 +789,39 @@ async fn process_in_tx(
     }
     tx.commit().await?;
     Ok(outcome)
+}
+
+/// Whether a mirrored event's object is about an account that was purged:
+/// by its customer, by a payment that bought the account credits (a
+/// refund's or a dispute's charge and payment intent), or by the account
+/// its metadata or checkout names. The same links the purge's own
+/// redaction follows ([`redact_personal_details`]).
+async fn of_purged_account(conn: &mut PgConnection, object: &Value) -> Result<bool, sqlx::Error> {
+    let ids: Vec<&str> = ["/id", "/customer", "/charge", "/payment_intent", "/invoice"]
+        .iter()
+        .filter_map(|p| id_of(object, p))
+        .chain(invoice_payment_intent(object))
+        .collect();
+    let accounts: Vec<Uuid> = [
+        account_from_metadata(object),
+        text(object, "/client_reference_id").and_then(|r| r.parse().ok()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    sqlx::query_scalar(
+        "with candidates as (
+             select unnest($1::uuid[]) as account_id
+             union select account_id from stripe_customers where customer_id = any($2)
+             union select account_id from credit_buckets
+                    where stripe_object = any($2) and source in ('purchase', 'subscription'))
+         select exists (select 1 from accounts a join candidates c using (account_id)
+                         where a.purged_at is not null)",
+    )
+    .bind(&accounts)
+    .bind(&ids)
+    .fetch_one(conn)
+    .await
 }
 
 /// A processing replaces the event's earlier one (its `processed_at`). One

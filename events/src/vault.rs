@@ -67,28 +67,68 @@ pub async fn seal(
     account_id: Uuid,
     plaintext: &str,
 ) -> Result<String, Error> {
-    // One round trip: the stored key, or this fresh one on first use.
-    let fresh = server_key().seal_bound(&random_key(), account_id.as_bytes());
-    let wrapped: Option<Option<String>> = sqlx::query_scalar(
-        "with ins as (insert into account_keys (account_id, wrapped) values ($1, $2)
-                      on conflict (account_id) do nothing returning wrapped)
-         select wrapped from ins union all
-         select wrapped from account_keys where account_id = $1 limit 1",
-    )
-    .bind(account_id)
-    .bind(&fresh)
-    .fetch_optional(&mut *conn)
-    .await?;
-    // No row: a concurrent first use inserted it after our snapshot; read it.
-    let key = match wrapped {
-        Some(w) => w.and_then(|w| unwrap_key(account_id, &w)),
-        None => Keyring::default().key(conn, account_id).await?,
+    Ok(AccountKey::get_or_create(conn, account_id)
+        .await?
+        .ok_or_else(|| Error::InvalidArgument(format!("account {account_id} is erased")))?
+        .seal(plaintext))
+}
+
+/// One account's data key, opened, to seal several values without a round
+/// trip each (what a request records of its origin).
+#[derive(Clone)]
+pub struct AccountKey {
+    account_id: Uuid,
+    key: SealingKey,
+}
+
+impl std::fmt::Debug for AccountKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountKey")
+            .field("account_id", &self.account_id)
+            .finish_non_exhaustive()
     }
-    .ok_or_else(|| Error::InvalidArgument(format!("account {account_id} is erased")))?;
-    Ok(format!(
-        "{PREFIX}{account_id}:{}",
-        key.seal_bound(plaintext.as_bytes(), account_id.as_bytes())
-    ))
+}
+
+impl AccountKey {
+    /// The key from its wrapped form, as `account_keys` stores it (read
+    /// together with something else); None if it does not open.
+    pub fn unwrap(account_id: Uuid, wrapped: &str) -> Option<Self> {
+        unwrap_key(account_id, wrapped).map(|key| Self { account_id, key })
+    }
+
+    /// The account's key, created on first use; None once it was erased.
+    pub async fn get_or_create(
+        conn: &mut PgConnection,
+        account_id: Uuid,
+    ) -> Result<Option<Self>, Error> {
+        // One round trip: the stored key, or this fresh one on first use.
+        let fresh = server_key().seal_bound(&random_key(), account_id.as_bytes());
+        let wrapped: Option<Option<String>> = sqlx::query_scalar(
+            "with ins as (insert into account_keys (account_id, wrapped) values ($1, $2)
+                          on conflict (account_id) do nothing returning wrapped)
+             select wrapped from ins union all
+             select wrapped from account_keys where account_id = $1 limit 1",
+        )
+        .bind(account_id)
+        .bind(&fresh)
+        .fetch_optional(&mut *conn)
+        .await?;
+        // No row: a concurrent first use inserted it after our snapshot; read it.
+        let key = match wrapped {
+            Some(w) => w.and_then(|w| unwrap_key(account_id, &w)),
+            None => Keyring::default().key(conn, account_id).await?,
+        };
+        Ok(key.map(|key| Self { account_id, key }))
+    }
+
+    pub fn seal(&self, plaintext: &str) -> String {
+        format!(
+            "{PREFIX}{}:{}",
+            self.account_id,
+            self.key
+                .seal_bound(plaintext.as_bytes(), self.account_id.as_bytes())
+        )
+    }
 }
 
 /// Open one value (see [`Keyring`] to open many).
@@ -145,16 +185,46 @@ impl Keyring {
         Ok(key)
     }
 
+    /// Fetch in one round trip the keys of the accounts that sealed any of
+    /// `values` (those not fetched yet), to open a page of them.
+    pub async fn fetch_for<'a>(
+        &mut self,
+        conn: &mut PgConnection,
+        values: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), Error> {
+        let mut wanted: Vec<Uuid> = values
+            .into_iter()
+            .filter_map(|v| sealed_by(v).map(|(account_id, _)| account_id))
+            .filter(|a| !self.keys.contains_key(a))
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(Uuid, Option<String>)> = sqlx::query_as(
+            "select account_id, wrapped from account_keys where account_id = any($1)",
+        )
+        .bind(&wanted)
+        .fetch_all(conn)
+        .await?;
+        for account_id in wanted {
+            self.keys.insert(account_id, None);
+        }
+        for (account_id, wrapped) in rows {
+            let key = wrapped.and_then(|w| unwrap_key(account_id, &w));
+            self.keys.insert(account_id, key);
+        }
+        Ok(())
+    }
+
     /// Open a value: sealed ones with their account's key, plain ones as
     /// they are.
     pub async fn open(&mut self, conn: &mut PgConnection, value: &str) -> Result<Opened, Error> {
-        let Some(rest) = value.strip_prefix(PREFIX) else {
+        if !is_sealed(value) {
             return Ok(Opened::Plain(value.to_owned()));
-        };
-        let Some((account, body)) = rest.split_once(':') else {
-            return Ok(Opened::Erased);
-        };
-        let Ok(account_id) = account.parse::<Uuid>() else {
+        }
+        let Some((account_id, body)) = sealed_by(value) else {
             return Ok(Opened::Erased);
         };
         let Some(key) = self.key(conn, account_id).await? else {
@@ -186,6 +256,13 @@ impl Keyring {
         }
         Ok(())
     }
+}
+
+/// The account that sealed `value`, and the sealed body, if it is a
+/// well-formed sealed value.
+fn sealed_by(value: &str) -> Option<(Uuid, &str)> {
+    let (account, body) = value.strip_prefix(PREFIX)?.split_once(':')?;
+    Some((account.parse().ok()?, body))
 }
 
 /// A data key from its wrapped form (None if it does not open).

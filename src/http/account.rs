@@ -252,8 +252,10 @@ impl Export {
             // What staff or an operator did comes without their address,
             // user agent and key id (theirs, not the account's); an
             // affiliate's commission is the affiliate's business.
+            // The account's own requests' addresses and user agents are
+            // sealed with its key: opened here.
             Long::Audit => {
-                numbered(
+                let mut rows = numbered(
                     &mut conn,
                     "select case when a.impersonator is not null or a.actor_kind in ('staff', 'operator')
                                  then to_jsonb(a) - 'seq' - 'ip' - 'user_agent' - 'api_key_id'
@@ -266,7 +268,11 @@ impl Export {
                     account,
                     position,
                 )
-                .await?
+                .await?;
+                for (row, _) in &mut rows {
+                    self.keyring.reveal(&mut conn, row).await?;
+                }
+                rows
             }
             // With prompts (opened), parameters and fresh presigned URLs.
             Long::Generations => {

@@ -5,6 +5,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
+use slate_events::vault::AccountKey;
 use uuid::Uuid;
 
 use super::{ApiError, AppState};
@@ -217,7 +218,10 @@ pub struct Auth {
     pub origin: Origin,
 }
 
-/// The request's id, client address and user agent.
+/// The request's id, client address and user agent, as the log records
+/// them: the address and the user agent sealed with the data key of the
+/// account whose credential made the request, so that its purge erases
+/// them (staff read them opened).
 #[derive(Debug, Clone, Default)]
 pub struct Origin {
     pub request_id: Option<String>,
@@ -242,6 +246,29 @@ impl Origin {
                 .map(|c| c.0.ip().to_string()),
             user_agent: header("user-agent"),
         }
+    }
+
+    /// Seal the address and the user agent with the data key of the
+    /// account that presented the credential (read with it; created here
+    /// on the account's first request if it has none). Left out if the key
+    /// was erased.
+    async fn sealed(
+        mut self,
+        conn: &mut sqlx::PgConnection,
+        account_id: Uuid,
+        key: Option<AccountKey>,
+    ) -> Result<Self, ApiError> {
+        if self.ip.is_none() && self.user_agent.is_none() {
+            return Ok(self);
+        }
+        let key = match key {
+            Some(k) => Some(k),
+            None => AccountKey::get_or_create(conn, account_id).await?,
+        };
+        let seal = |v: Option<String>| Some(key.as_ref()?.seal(&v?));
+        self.ip = seal(self.ip.take());
+        self.user_agent = seal(self.user_agent.take());
+        Ok(self)
     }
 }
 
@@ -508,7 +535,9 @@ async fn from_session(parts: &Parts, state: &AppState) -> Result<Option<Auth>, A
             second_factor_pending: o.staff && !o.mfa_verified,
             impersonator: None,
             impersonation_id: None,
-            origin: Origin::of(parts),
+            origin: Origin::of(parts)
+                .sealed(&mut conn, o.account_id, o.data_key)
+                .await?,
         })),
         None => {
             let route = parts
@@ -571,10 +600,13 @@ impl FromRequestParts<AppState> for Auth {
                 .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
                 .map(|c| c.0.ip().to_string());
             let prefix = slate_events::access::public_prefix(presented);
+            let (named, ip) =
+                slate_events::access::refused_key_origin(&mut conn, prefix, ip).await?;
+            drop(conn);
             if let Err(e) = slate_events::access::record_auth_failure(
                 &state.appends,
                 reason,
-                prefix,
+                named.as_deref(),
                 ip.as_deref(),
                 &route,
             )
@@ -598,8 +630,11 @@ impl FromRequestParts<AppState> for Auth {
             second_factor_pending: false,
             impersonator: None,
             impersonation_id: None,
-            origin: Origin::of(parts),
+            origin: Origin::of(parts)
+                .sealed(&mut conn, owner.account_id, owner.data_key)
+                .await?,
         };
+        drop(conn);
         impersonate(parts, state, auth).await
     }
 }

@@ -148,6 +148,15 @@ async fn thirty_days_after_deletion_the_purge_erases_everything_personal_once_ev
         .await;
     }
     app.run_generations().await;
+    // She paid an invoice, and lost a dispute of its charge (a dispute
+    // names the charge and the payment intent, not the customer).
+    for name in ["07_invoice_paid_4", "11_charge_dispute_closed_lost"] {
+        let (status, _) = app
+            .deliver(&crate::stripe::fixture(name, alice, &run))
+            .await;
+        assert_eq!(status, 200);
+    }
+    app.process_stripe().await;
     let storage = crate::generations::storage();
     assert!(
         !storage
@@ -159,6 +168,15 @@ async fn thirty_days_after_deletion_the_purge_erases_everything_personal_once_ev
 
     // Alice deletes her account: the "scheduled" email is queued with it.
     assert_eq!(app.delete_account(&alice_key).await, 202);
+    // Her key, tried during the grace period, is refused: the record names
+    // it and holds the address sealed with her data key.
+    assert_eq!(
+        refused_key(&app, &alice_key).await,
+        (
+            slate_events::access::public_prefix(&alice_key).map(str::to_owned),
+            Some(alice),
+        )
+    );
     let queued: Vec<Vec<u8>> =
         sqlx::query_scalar("select job from apalis.jobs where job_type = 'slate.email'")
             .fetch_all(&app.db.pool)
@@ -189,6 +207,47 @@ async fn thirty_days_after_deletion_the_purge_erases_everything_personal_once_ev
 
     app.db.settle_projections().await;
     let books_before = books(&app).await;
+    // Staff see where each submission came from; the log holds the address
+    // sealed with the key of the account that made the request.
+    let (_, staff_key) = app.staff().await;
+    let submitted = |account: Uuid| {
+        let app = &app;
+        async move {
+            let seq: i64 = sqlx::query_scalar(
+                "select seq from audit_entries where account_id = $1 and action = 'generation.requested'",
+            )
+            .bind(account)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+            seq
+        }
+    };
+    let (alice_submitted, bob_submitted) = (submitted(alice).await, submitted(bob).await);
+    for seq in [alice_submitted, bob_submitted] {
+        let (status, entry) = app
+            .get_as(&format!("/admin/audit/{seq}"), Some(&staff_key))
+            .await;
+        assert_eq!(status, 200, "{entry}");
+        assert_eq!(entry["entry"]["ip"], "127.0.0.1", "{entry}");
+        assert_eq!(entry["cause"]["metadata"]["ip"], "127.0.0.1", "{entry}");
+    }
+    let stored: Vec<String> = sqlx::query_scalar(
+        "select metadata->>'ip' from events where metadata->'actor'->>'account_id' = $1
+         union all
+         select ip from audit_entries where actor_id = $1 and ip is not null",
+    )
+    .bind(alice.to_string())
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(stored.len() >= 2, "{stored:?}");
+    assert!(
+        stored
+            .iter()
+            .all(|ip| vault::is_sealed(ip) && ip.contains(&alice.to_string())),
+        "{stored:?}"
+    );
     let p = purger(&app, &stripe, &email_api);
     let now = chrono::Utc::now();
     assert_eq!(
@@ -352,19 +411,36 @@ async fn thirty_days_after_deletion_the_purge_erases_everything_personal_once_ev
         ]
     );
 
-    // Stripe's copies of her name and email are redacted in the mirror, and
-    // replaying every mirrored event still decides the same.
+    // A refund Stripe reports after the purge is redacted as it is
+    // processed.
+    let (status, _) = app
+        .deliver(&crate::stripe::fixture(
+            "09_charge_refunded_partial",
+            alice,
+            &run,
+        ))
+        .await;
+    assert_eq!(status, 200);
+    app.process_stripe().await;
+
+    // Stripe's copies of her name, email, card and receipts are redacted in
+    // the mirror, and replaying every mirrored event still decides the same.
     let mirrored: Vec<(String, String)> =
         sqlx::query_as("select stripe_event_id, raw from stripe_events")
             .fetch_all(&app.db.pool)
             .await
             .unwrap();
-    assert!(!mirrored.is_empty());
+    assert_eq!(mirrored.len(), 5);
     for (id, raw) in &mirrored {
-        assert!(
-            !raw.contains("ada@example.com") && !raw.contains("Ada Lovelace"),
-            "{raw}"
-        );
+        for personal in [
+            "ada@example.com",
+            "Ada Lovelace",
+            "4242",
+            "Xt5EWLLDS7FJjR1c",
+            "pay.stripe.com",
+        ] {
+            assert!(!raw.contains(personal), "{personal} in {raw}");
+        }
         // Effects are keyed: a replay changes nothing (the books below).
         slate_events::stripe::process(&app.db.pool, &crate::stripe::catalog(), id, true)
             .await
@@ -394,6 +470,76 @@ async fn thirty_days_after_deletion_the_purge_erases_everything_personal_once_ev
         .await;
     assert_eq!(status, 200, "{entry}");
     assert_eq!(entry["cause"]["payload"]["email"], vault::ERASED);
+    // Where her requests came from is erased with her key; Bob's is not.
+    for (seq, ip) in [
+        (alice_submitted, vault::ERASED),
+        (bob_submitted, "127.0.0.1"),
+    ] {
+        let (status, entry) = app
+            .get_as(&format!("/admin/audit/{seq}"), Some(&staff_key))
+            .await;
+        assert_eq!(status, 200, "{entry}");
+        assert_eq!(entry["entry"]["ip"], ip, "{entry}");
+        assert_eq!(entry["cause"]["metadata"]["ip"], ip, "{entry}");
+    }
+    let (_, page) = app
+        .get_as(
+            &format!("/admin/audit?account={alice}&action=generation"),
+            Some(&staff_key),
+        )
+        .await;
+    let ips: Vec<&Value> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["actor_kind"] == "user")
+        .map(|e| &e["ip"])
+        .collect();
+    assert!(
+        !ips.is_empty() && ips.iter().all(|ip| *ip == vault::ERASED),
+        "{page}"
+    );
+    let (_, page) = app
+        .get_as("/admin/audit?action=auth.failed", Some(&staff_key))
+        .await;
+    assert_eq!(page["data"][0]["targets"]["ip"], vault::ERASED, "{page}");
+    // Tried after the purge, her key is no longer on file: the record does
+    // not name it (the log's `ApiKeyCreated` would tie the address to her).
+    assert_eq!(refused_key(&app, &alice_key).await, (None, None));
+}
+
+/// Present `key`, expect a 401, and read what its record says: the key's
+/// prefix, and the account whose data key sealed the client's address
+/// (None: the address is plain, `127.0.0.1`).
+async fn refused_key(app: &TestApp, key: &str) -> (Option<String>, Option<Uuid>) {
+    let r = app
+        .client
+        .get(format!("{}/v1/credits", app.address))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let payload: Value = sqlx::query_scalar(
+        "select payload from events where event_type = 'AuthenticationFailed'
+          order by global_position desc limit 1",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    let ip = payload["ip"].as_str().unwrap();
+    let sealer = vault::is_sealed(ip).then(|| {
+        ip.trim_start_matches("sealed:v1:")
+            .split(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    });
+    if sealer.is_none() {
+        assert_eq!(ip, "127.0.0.1");
+    }
+    (payload["key_prefix"].as_str().map(str::to_owned), sealer)
 }
 
 /// `serve` and `work` as real processes at trace level, with the body
@@ -588,7 +734,11 @@ async fn trace_logs_of_serve_and_work_and_a_database_dump_hold_no_prompt_email_o
     };
     let mut serve = spawn(&["serve"], &serve_log);
     let mut work = spawn(&["work"], &work_log);
-    let client = reqwest::Client::new();
+    let user_agent = format!("privacy-agent/{}", Uuid::new_v4().simple());
+    let client = reqwest::Client::builder()
+        .user_agent(&user_agent)
+        .build()
+        .unwrap();
     let address = format!("http://127.0.0.1:{port}");
     crate::harness::until_serving(&address, || serve.try_wait().unwrap().is_none()).await;
 
@@ -675,6 +825,7 @@ async fn trace_logs_of_serve_and_work_and_a_database_dump_hold_no_prompt_email_o
         ("the email address", email.as_str()),
         ("the API key", key.as_str()),
         ("the email API's key", email_api_key),
+        ("the user agent", user_agent.as_str()),
     ] {
         assert!(!logs.contains(needle), "{what} is in the logs");
         assert!(
