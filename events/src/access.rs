@@ -55,13 +55,18 @@ pub async fn create_key(
     let secret = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
     let body = format!("{KEY_PREFIX}{prefix}_{secret}");
     let plaintext = format!("{body}{:08x}", crc32(body.as_bytes()));
+    // The owner's free text: sealed, so that a purge erases it.
+    let label = match label {
+        Some(l) => Some(crate::vault::seal(conn, account_id, l).await?),
+        None => None,
+    };
     let event = NewEvent::new(
         DomainEvent::ApiKeyCreated(ApiKeyCreated {
             account_id,
             key_id,
             prefix: prefix.clone(),
             secret_hash: hex::encode(hash(&plaintext)),
-            label: label.map(str::to_owned),
+            label,
         }),
         metadata,
     );
@@ -226,14 +231,23 @@ pub struct KeyInfo {
     pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// The labels opened (sealed with the account's key since the
+/// thirty-first session; older ones are plain).
 pub async fn list_keys(conn: &mut PgConnection, account_id: Uuid) -> Result<Vec<KeyInfo>, Error> {
-    Ok(sqlx::query_as(
+    let mut keys: Vec<KeyInfo> = sqlx::query_as(
         "select key_id, prefix, label, created_at, last_used_at, revoked_at from api_keys
           where account_id = $1 order by created_at desc",
     )
     .bind(account_id)
-    .fetch_all(conn)
-    .await?)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut keyring = crate::vault::Keyring::default();
+    for key in &mut keys {
+        if let Some(label) = &mut key.label {
+            *label = keyring.open(conn, label).await?.or_erased();
+        }
+    }
+    Ok(keys)
 }
 
 /// What the record of a refused key says of it and of where it came from.

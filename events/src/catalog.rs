@@ -340,6 +340,9 @@ pub struct ApiKeyCreated {
     pub key_id: Uuid,
     pub prefix: String,
     pub secret_hash: String,
+    /// The owner's label, sealed with the account's data key (`sealed:v1:…`,
+    /// see `vault`) since the thirty-first session; older events hold it
+    /// plain.
     pub label: Option<String>,
 }
 event_type!(ApiKeyCreated, "ApiKeyCreated", 1);

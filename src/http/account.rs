@@ -174,15 +174,20 @@ impl Export {
             .map_err(std::io::Error::other)
     }
 
-    /// A small section, whole, while the caller's access holds.
+    /// A small section, whole, while the caller's access holds, its sealed
+    /// fields opened (a key's label).
     async fn whole(&mut self, sql: &'static str) -> Result<Option<String>, std::io::Error> {
         self.allowed().await?;
-        sqlx::query_scalar::<_, Value>(sqlx::AssertSqlSafe(sql))
-            .bind(self.account)
-            .fetch_one(&self.pool)
-            .await
-            .map(|v| Some(v.to_string()))
-            .map_err(std::io::Error::other)
+        let read = async {
+            let mut conn = self.pool.acquire().await?;
+            let mut v = sqlx::query_scalar::<_, Value>(sqlx::AssertSqlSafe(sql))
+                .bind(self.account)
+                .fetch_one(&mut *conn)
+                .await?;
+            self.keyring.reveal(&mut conn, &mut v).await?;
+            Ok::<_, slate_events::Error>(Some(v.to_string()))
+        };
+        read.await.map_err(std::io::Error::other)
     }
 
     /// A page of `long` after `after`, its items joined; `None` when there

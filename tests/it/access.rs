@@ -221,6 +221,34 @@ async fn keys_are_shown_once_listed_by_prefix_and_revoked_at_once() {
         "no secret in the listing"
     );
     assert_eq!(keys[0]["label"], "ci");
+    // The owner's label is sealed in the log (a purge erases it), opened
+    // for the owner, in the list and in the export.
+    let logged: String = sqlx::query_scalar(
+        "select payload->>'label' from events where event_type = 'ApiKeyCreated'
+          and payload->>'key_id' = $1",
+    )
+    .bind(keys[0]["key_id"].as_str().unwrap())
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(slate_events::vault::is_sealed(&logged), "{logged}");
+    let export: Value = app
+        .client
+        .get(format!("{}/v1/account/export", app.address))
+        .bearer_auth(&second)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let exported: Vec<&Value> = export["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| &k["label"])
+        .collect();
+    assert!(exported.contains(&&json!("ci")), "{export}");
 
     // Rotation: the new key revokes the old one, which stops at once.
     let old_id = keys[1]["key_id"].as_str().unwrap();
@@ -610,6 +638,7 @@ async fn an_unscoped_query_under_an_accounts_setting_sees_only_that_accounts_row
         "credit_reservations",
         "api_keys",
         "accounts",
+        "account_keys",
     ] {
         let all: i64 =
             sqlx::query_scalar(sqlx::AssertSqlSafe(format!("select count(*) from {table}")))
