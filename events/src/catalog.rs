@@ -506,6 +506,9 @@ event_type!(GenerationCanceled, "GenerationCanceled", 1);
 pub struct PromptRejected {
     pub account_id: Uuid,
     pub category: String,
+    /// The hex SHA-256 of the prompt, sealed with the account's data key
+    /// (`sealed:v1:…`, see `vault`) since the thirty-first session; older
+    /// events hold it plain.
     pub prompt_sha256: String,
 }
 event_type!(PromptRejected, "PromptRejected", 1);

@@ -180,7 +180,9 @@ pub async fn expire_idempotency_keys(
     .rows_affected())
 }
 
-/// A deny-listed prompt: recorded with its category and hash only.
+/// A deny-listed prompt: recorded with its category and hash only, the
+/// hash sealed with the account's data key (a short prompt could be found
+/// again from its plain hash by guessing, after a purge too).
 pub async fn record_prompt_rejection(
     conn: &mut PgConnection,
     account_id: Uuid,
@@ -188,11 +190,12 @@ pub async fn record_prompt_rejection(
     prompt_sha256: &str,
     metadata: Metadata,
 ) -> Result<(), Error> {
+    let prompt_sha256 = crate::vault::seal(conn, account_id, prompt_sha256).await?;
     let event = NewEvent::new(
         DomainEvent::PromptRejected(PromptRejected {
             account_id,
             category: category.to_owned(),
-            prompt_sha256: prompt_sha256.to_owned(),
+            prompt_sha256,
         }),
         metadata,
     );

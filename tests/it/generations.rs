@@ -628,9 +628,14 @@ async fn a_deny_listed_prompt_is_rejected_touches_no_credits_and_is_not_kept() {
             .await
             .unwrap();
     assert_eq!(payload["category"], "violence");
+    // The hash is sealed with the account's key (a purge makes it unreadable).
+    let sealed = payload["prompt_sha256"].as_str().unwrap();
+    assert!(slate_events::vault::is_sealed(sealed), "{sealed}");
     assert_eq!(
-        payload["prompt_sha256"],
-        slate_events::moderation::prompt_sha256(prompt)
+        slate_events::vault::open(&mut *app.db.conn().await, sealed)
+            .await
+            .unwrap(),
+        slate_events::vault::Opened::Plain(slate_events::moderation::prompt_sha256(prompt))
     );
     let anywhere: i64 = sqlx::query_scalar(
         "select (select count(*) from events where payload::text ilike '%marble%' or metadata::text ilike '%marble%')
