@@ -231,8 +231,8 @@ pub struct KeyInfo {
     pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// The labels opened (sealed with the account's key since the
-/// thirty-first session; older ones are plain).
+/// The labels opened (sealed with the account's key since 2026-12-06;
+/// older ones are plain).
 pub async fn list_keys(conn: &mut PgConnection, account_id: Uuid) -> Result<Vec<KeyInfo>, Error> {
     let mut keys: Vec<KeyInfo> = sqlx::query_as(
         "select key_id, prefix, label, created_at, last_used_at, revoked_at from api_keys
@@ -241,7 +241,7 @@ pub async fn list_keys(conn: &mut PgConnection, account_id: Uuid) -> Result<Vec<
     .bind(account_id)
     .fetch_all(&mut *conn)
     .await?;
-    let mut keyring = crate::vault::Keyring::default();
+    let mut keyring = crate::vault::Keyring::only(account_id);
     for key in &mut keys {
         if let Some(label) = &mut key.label {
             *label = keyring.open(conn, label).await?.or_erased();
@@ -251,37 +251,51 @@ pub async fn list_keys(conn: &mut PgConnection, account_id: Uuid) -> Result<Vec<
 }
 
 /// What the record of a refused key says of it and of where it came from.
-/// A key on file (revoked, or its account deleted) is named by its prefix,
-/// and the client's address is sealed with its account's data key, so that
-/// the account's purge erases it (left out once that key is erased). A key
-/// not on file is not named: it may be a purged account's, which the log's
-/// `ApiKeyCreated` would tie the address to; its address stays as it is
-/// (whoever tried an unknown key is no account's).
+/// The owner's own key (on file and matching, but revoked, or its account
+/// deleted) is named by its prefix, and the client's address is sealed
+/// with its account's data key, so that the account's purge erases it
+/// (left out once that key is erased). A key on file presented with
+/// another secret is named, and the address kept as it is: whoever tried
+/// it is not shown to be the account. A key not on file is not named: it
+/// may be a purged account's, which the log's `ApiKeyCreated` would tie
+/// the address to. Where the key cannot be looked up (the database failing)
+/// neither is recorded.
 pub async fn refused_key_origin(
     conn: &mut PgConnection,
-    prefix: Option<&str>,
+    presented: &str,
     ip: Option<String>,
-) -> Result<(Option<String>, Option<String>), Error> {
-    let Some(prefix) = prefix else {
-        return Ok((None, ip));
+) -> (Option<String>, Option<String>) {
+    let Some(prefix) = public_prefix(presented) else {
+        return (None, ip);
     };
-    let owner: Option<(Uuid, Option<String>)> = sqlx::query_as(
-        "select k.account_id, ak.wrapped
-           from api_keys k left join account_keys ak using (account_id)
-          where k.prefix = $1",
-    )
-    .bind(prefix)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some((account_id, wrapped)) = owner else {
-        return Ok((None, ip));
+    let looked_up = async {
+        let owner: Option<(Uuid, Vec<u8>, Option<String>)> = sqlx::query_as(
+            "select k.account_id, k.secret_hash, ak.wrapped
+               from api_keys k left join account_keys ak using (account_id)
+              where k.prefix = $1",
+        )
+        .bind(prefix)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some((account_id, stored, wrapped)) = owner else {
+            return Ok::<_, Error>((None, ip));
+        };
+        if !constant_time_eq(&stored, &hash(presented)) {
+            return Ok((Some(prefix.to_owned()), ip));
+        }
+        let key = match wrapped.and_then(|w| crate::vault::AccountKey::unwrap(account_id, &w)) {
+            Some(k) => Some(k),
+            None => crate::vault::AccountKey::get_or_create(conn, account_id).await?,
+        };
+        Ok((
+            Some(prefix.to_owned()),
+            ip.and_then(|ip| Some(key?.seal(&ip))),
+        ))
     };
-    let key = match wrapped.and_then(|w| crate::vault::AccountKey::unwrap(account_id, &w)) {
-        Some(k) => Some(k),
-        None => crate::vault::AccountKey::get_or_create(conn, account_id).await?,
-    };
-    let ip = ip.and_then(|ip| Some(key?.seal(&ip)));
-    Ok((Some(prefix.to_owned()), ip))
+    looked_up.await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "could not look a refused key up");
+        (None, None)
+    })
 }
 
 /// A presented credential was refused (recorded without the secret).

@@ -341,8 +341,7 @@ pub struct ApiKeyCreated {
     pub prefix: String,
     pub secret_hash: String,
     /// The owner's label, sealed with the account's data key (`sealed:v1:…`,
-    /// see `vault`) since the thirty-first session; older events hold it
-    /// plain.
+    /// see `vault`) since 2026-12-06; older events hold it plain.
     pub label: Option<String>,
 }
 event_type!(ApiKeyCreated, "ApiKeyCreated", 1);
@@ -507,8 +506,8 @@ pub struct PromptRejected {
     pub account_id: Uuid,
     pub category: String,
     /// The hex SHA-256 of the prompt, sealed with the account's data key
-    /// (`sealed:v1:…`, see `vault`) since the thirty-first session; older
-    /// events hold it plain.
+    /// (`sealed:v1:…`, see `vault`) since 2026-12-06; older events hold it
+    /// plain.
     pub prompt_sha256: String,
 }
 event_type!(PromptRejected, "PromptRejected", 1);

@@ -359,10 +359,19 @@ const PERSONAL: &[&str] = &[
     "billing_address",
     "shipping_address",
     "shipping_tracking_number",
+    "access_activity_log",
+    "uncategorized_text",
+    // Where a mandate was accepted (`customer_acceptance.online`).
+    "ip_address",
+    "user_agent",
+    // A tax id's verified holder.
+    "verified_name",
+    "verified_address",
 ];
 
-/// Lists of tax ids (`{type, value}`): their values are redacted, their
-/// types kept (Stripe's parser reads a type it does not know as an error).
+/// Lists of tax ids (`{type, value}`, or tax id objects): their values are
+/// redacted, their types kept (Stripe's parser reads a type it does not
+/// know as an error).
 const TAX_IDS: &[&str] = &["customer_tax_ids", "tax_ids"];
 
 fn redact(v: &mut Value, personal: bool) -> bool {
@@ -372,12 +381,18 @@ fn redact(v: &mut Value, personal: bool) -> bool {
             true
         }
         Value::Object(map) => {
+            // A tax id object (`customer.tax_id.*` events' own object too).
+            let tax_id = map.get("object").and_then(Value::as_str) == Some("tax_id");
             let mut changed = false;
             for (k, val) in map.iter_mut() {
-                changed |= if TAX_IDS.contains(&k.as_str()) {
+                let k = k.as_str();
+                changed |= if TAX_IDS.contains(&k) {
                     redact_tax_ids(val)
                 } else {
-                    redact(val, personal || PERSONAL.contains(&k.as_str()))
+                    redact(
+                        val,
+                        personal || PERSONAL.contains(&k) || (tax_id && k == "value"),
+                    )
                 };
             }
             changed
@@ -387,7 +402,8 @@ fn redact(v: &mut Value, personal: bool) -> bool {
     }
 }
 
-/// A list of tax ids, or a Stripe list object of them (`data`).
+/// A list of tax ids, or a Stripe list object of them (`data`): each one's
+/// value, and whatever else in it is personal.
 fn redact_tax_ids(v: &mut Value) -> bool {
     let items = match v {
         Value::Array(items) => items,
@@ -398,9 +414,10 @@ fn redact_tax_ids(v: &mut Value) -> bool {
         _ => return false,
     };
     items.iter_mut().fold(false, |c, item| {
-        item.get_mut("value")
-            .is_some_and(|value| redact(value, true))
-            | c
+        let value = item
+            .get_mut("value")
+            .is_some_and(|value| redact(value, true));
+        (value | redact(item, false)) | c
     })
 }
 
@@ -1040,6 +1057,45 @@ fn checkout_credits(catalog: &StripeCatalog, s: &Value) -> Option<i64> {
     int(s, "/metadata/credits")
         .or_else(|| text(s, "/metadata/price_id").and_then(|p| catalog.packs.get(p).copied()))
         .filter(|c| *c > 0)
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tax_ids_mandates_and_dispute_text_are_redacted_and_their_types_kept() {
+        // A `customer.tax_id.created` event's object, an invoice's list,
+        // a mandate's acceptance and a dispute's evidence.
+        let mut data = json!({"object": {
+            "id": "txi_1", "object": "tax_id", "type": "eu_vat", "value": "DE123456789",
+            "verification": {"status": "verified", "verified_name": "Ada Lovelace GmbH",
+                             "verified_address": "Berlin"},
+            "customer_tax_ids": [{"type": "eu_vat", "value": "DE987654321"}],
+            "customer_acceptance": {"type": "online",
+                                    "online": {"ip_address": "203.0.113.9", "user_agent": "Mozilla/5.0 (Ada)"}},
+            "evidence": {"access_activity_log": "logged in from Ada's laptop",
+                         "uncategorized_text": "Ada says", "product_description": "credits"},
+            "tax_ids": {"object": "list", "data": [{"object": "tax_id", "type": "gb_vat", "value": "GB1"}]},
+        }});
+        assert!(redact(&mut data, false));
+        let text = data.to_string();
+        for personal in [
+            "DE123456789",
+            "DE987654321",
+            "GB1",
+            "Ada",
+            "203.0.113.9",
+            "Berlin",
+        ] {
+            assert!(!text.contains(personal), "{personal} in {text}");
+        }
+        for kept in ["eu_vat", "gb_vat", "verified", "online", "credits", "txi_1"] {
+            assert!(text.contains(kept), "{kept} gone from {text}");
+        }
+        assert!(!redact(&mut data, false), "nothing left to redact");
+    }
 }
 
 #[cfg(test)]

@@ -154,9 +154,23 @@ pub async fn erase(conn: &mut PgConnection, account_id: Uuid) -> Result<(), Erro
 #[derive(Default)]
 pub struct Keyring {
     keys: HashMap<Uuid, Option<SealingKey>>,
+    /// Open only this account's values ([`Keyring::only`]).
+    only: Option<Uuid>,
 }
 
 impl Keyring {
+    /// A keyring that opens `account_id`'s values only: what is shown to
+    /// that account. A value sealed by another account reads as erased: a
+    /// string the account wrote itself (a request id, a prompt) could be
+    /// someone else's ciphertext, copied from a dump, for this service to
+    /// open.
+    pub fn only(account_id: Uuid) -> Self {
+        Self {
+            keys: HashMap::new(),
+            only: Some(account_id),
+        }
+    }
+
     /// A keyring that already holds one account's data key, in the wrapped
     /// form `account_keys` stores (None: erased or never created), read
     /// together with the values it opens.
@@ -164,6 +178,7 @@ impl Keyring {
         let key = wrapped.and_then(|w| unwrap_key(account_id, w));
         Self {
             keys: HashMap::from([(account_id, key)]),
+            only: None,
         }
     }
 
@@ -227,6 +242,9 @@ impl Keyring {
         let Some((account_id, body)) = sealed_by(value) else {
             return Ok(Opened::Erased);
         };
+        if self.only.is_some_and(|only| only != account_id) {
+            return Ok(Opened::Erased);
+        }
         let Some(key) = self.key(conn, account_id).await? else {
             return Ok(Opened::Erased);
         };

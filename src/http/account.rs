@@ -1,8 +1,8 @@
 //! `GET /v1/account/export`: everything about the account as one JSON
 //! bundle, streamed section by section and page by page (never built in
 //! memory): profile, its events, ledger, generations with fresh presigned
-//! URLs, subscription, sessions and keys (prefixes only), and the audit
-//! entries about it.
+//! URLs, subscription, sessions and keys (prefixes and labels, never
+//! secrets), and the audit entries about it.
 
 use axum::Router;
 use axum::body::Body;
@@ -355,7 +355,7 @@ pub(super) async fn export(
         pool: state.pool.clone(),
         storage: state.storage.clone(),
         account,
-        keyring: slate_events::vault::Keyring::default(),
+        keyring: slate_events::vault::Keyring::only(account),
         access: super::extract::Reauthorise::new(auth, false),
         parts: [
             Part::Text(head),

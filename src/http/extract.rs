@@ -540,6 +540,7 @@ async fn from_session(parts: &Parts, state: &AppState) -> Result<Option<Auth>, A
                 .await?,
         })),
         None => {
+            drop(conn);
             let route = parts
                 .extensions
                 .get::<axum::extract::MatchedPath>()
@@ -601,7 +602,7 @@ impl FromRequestParts<AppState> for Auth {
                 .map(|c| c.0.ip().to_string());
             let prefix = slate_events::access::public_prefix(presented);
             let (named, ip) =
-                slate_events::access::refused_key_origin(&mut conn, prefix, ip).await?;
+                slate_events::access::refused_key_origin(&mut conn, presented, ip).await;
             drop(conn);
             if let Err(e) = slate_events::access::record_auth_failure(
                 &state.appends,
