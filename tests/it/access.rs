@@ -232,16 +232,7 @@ async fn keys_are_shown_once_listed_by_prefix_and_revoked_at_once() {
     .await
     .unwrap();
     assert!(slate_events::vault::is_sealed(&logged), "{logged}");
-    let export: Value = app
-        .client
-        .get(format!("{}/v1/account/export", app.address))
-        .bearer_auth(&second)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let export: Value = serde_json::from_str(&app.export(&second).await).unwrap();
     let exported: Vec<&Value> = export["keys"]
         .as_array()
         .unwrap()
@@ -407,16 +398,7 @@ async fn impersonation_is_announced_attributed_to_both_and_expires_at_sixty_minu
     // The user's own export says staff acted, not from where: no address,
     // user agent or key id of the staff member's, in the events or the
     // audit entries. (It handed the staff member's over.)
-    let export: Value = app
-        .client
-        .get(format!("{}/v1/account/export", app.address))
-        .bearer_auth(&user_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let export: Value = serde_json::from_str(&app.export(&user_key).await).unwrap();
     let by_staff: Vec<&Value> = export["events"]
         .as_array()
         .unwrap()
@@ -682,15 +664,7 @@ async fn the_export_holds_every_event_of_the_account_and_nothing_of_another() {
     }
     app.run_generations().await;
     app.db.settle_projections().await;
-    let r = app
-        .client
-        .get(format!("{}/v1/account/export", app.address))
-        .bearer_auth(&alice_key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let bundle: Value = r.json().await.unwrap();
+    let bundle: Value = serde_json::from_str(&app.export(&alice_key).await).unwrap();
     let exported: std::collections::BTreeSet<String> = bundle["events"]
         .as_array()
         .unwrap()
@@ -777,15 +751,7 @@ async fn a_long_export_holds_every_row_of_every_section_once() {
         .await
         .unwrap();
     }
-    let r = app
-        .client
-        .get(format!("{}/v1/account/export", app.address))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let bundle: Value = r.json().await.unwrap();
+    let bundle: Value = serde_json::from_str(&app.export(&key).await).unwrap();
     let column = |section: &str, field: &str| -> Vec<String> {
         bundle[section]
             .as_array()

@@ -90,6 +90,19 @@ impl TestApp {
         .await
     }
 
+    /// The account's export with `key` (expected 200), as text.
+    pub async fn export(&self, key: &str) -> String {
+        let r = self
+            .client
+            .get(format!("{}/v1/account/export", self.address))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        r.text().await.unwrap()
+    }
+
     pub async fn get_as(&self, path: &str, key: Option<&str>) -> (u16, Value) {
         let mut req = self.client.get(format!("{}{path}", self.address));
         if let Some(k) = key {

@@ -582,16 +582,7 @@ async fn an_export_opens_only_what_the_accounts_own_key_sealed() {
                "parameters": {"note": bob_sealed}}),
     )
     .await;
-    let export = app
-        .client
-        .get(format!("{}/v1/account/export", app.address))
-        .bearer_auth(&alice_key)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let export = app.export(&alice_key).await;
     assert!(
         export.contains("a quiet harbour"),
         "her own prompt is opened"

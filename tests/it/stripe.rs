@@ -1638,16 +1638,7 @@ async fn an_affiliates_commission_follows_refunds_their_failure_and_disputes() {
     .unwrap()
     .plaintext;
     app.db.settle_projections().await;
-    let export = app
-        .client
-        .get(format!("{}/v1/account/export", app.address))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let export = app.export(&key).await;
     assert!(export.contains("AccountReferred"), "{export}");
     for commission in ["Commission", "commission_"] {
         assert!(!export.contains(commission), "{commission} in {export}");
