@@ -658,8 +658,36 @@ pub async fn process_with(
         .bind(message)
         .execute(pool)
         .await?;
+        // Failed or not, an event about a purged account is redacted.
+        if let Err(e) = redact_if_purged(pool, stripe_event_id).await {
+            tracing::warn!(error = %e, "could not redact a failed event of a purged account");
+        }
     }
     result
+}
+
+/// Redact mirrored event `id` if it is about an account that was purged
+/// ([`of_purged_account`]); what a processing does as it ends, for an
+/// event whose processing failed.
+async fn redact_if_purged(pool: &PgPool, id: &str) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let raw: Option<String> =
+        sqlx::query_scalar("select raw from stripe_events where stripe_event_id = $1 for update")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(Ok(mut payload)) = raw.map(|r| serde_json::from_str::<Value>(&r)) else {
+        return Ok(());
+    };
+    let object = payload.pointer("/data/object").cloned().unwrap_or_default();
+    if of_purged_account(&mut tx, &object).await? && redact(&mut payload["data"], false) {
+        sqlx::query("update stripe_events set raw = $2 where stripe_event_id = $1")
+            .bind(id)
+            .bind(payload.to_string())
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
 }
 
 async fn process_in_tx(

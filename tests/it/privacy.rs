@@ -520,6 +520,31 @@ async fn thirty_days_after_deletion_the_purge_erases_everything_personal_once_ev
     // Tried after the purge, her key is no longer on file: the record does
     // not name it (the log's `ApiKeyCreated` would tie the address to her).
     assert_eq!(refused_key(&app, &alice_key).await, (None, None));
+
+    // A late event whose processing fails (a refund without its amount) is
+    // redacted all the same.
+    let mut broken: Value = serde_json::from_str(&crate::stripe::fixture(
+        "09_charge_refunded_partial",
+        alice,
+        &run,
+    ))
+    .unwrap();
+    broken["id"] = format!("evt_{run}_broken").into();
+    broken["data"]["object"]["amount"] = Value::Null;
+    assert_eq!(app.deliver(&broken.to_string()).await.0, 200);
+    let id = format!("evt_{run}_broken");
+    assert!(
+        slate_events::stripe::process(&app.db.pool, &crate::stripe::catalog(), &id, false)
+            .await
+            .is_err()
+    );
+    let raw: String =
+        sqlx::query_scalar("select raw from stripe_events where stripe_event_id = $1")
+            .bind(&id)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert!(!raw.contains("ada@example.com"), "{raw}");
 }
 
 /// Present `key`, expect a 401, and read what its record says: the key's
