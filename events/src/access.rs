@@ -125,64 +125,119 @@ pub struct KeyOwner {
     pub data_key: Option<crate::vault::AccountKey>,
 }
 
-/// Look a presented key up. `None` for anything that is not a live key of a
-/// live account; the comparison of hashes is constant-time.
-pub async fn authenticate(
-    conn: &mut PgConnection,
-    presented: &str,
-) -> Result<Option<KeyOwner>, Error> {
-    let Some(rest) = presented.strip_prefix(KEY_PREFIX) else {
-        return Ok(None);
-    };
-    let Some((prefix, secret)) = rest.split_once('_') else {
-        return Ok(None);
-    };
-    if prefix.len() != 12 || secret.len() != 72 || !has_valid_checksum(presented) {
-        return Ok(None);
+/// A presented key, looked up ([`authenticate`]).
+#[derive(Debug)]
+pub enum Presented {
+    /// A live key of a live account.
+    Owner(KeyOwner),
+    /// Anything else, with what its record may say.
+    Refused(Refusal),
+}
+
+impl Presented {
+    pub fn owner(self) -> Option<KeyOwner> {
+        match self {
+            Presented::Owner(o) => Some(o),
+            Presented::Refused(_) => None,
+        }
     }
+}
+
+/// What the record of a refused key says of it and of where it came from.
+/// The owner's own key (on file and matching, but revoked, or its account
+/// deleted) is named by its prefix, and the client's address is sealed
+/// with its account's data key, so that the account's purge erases it
+/// (left out once that key is erased). A key on file presented with
+/// another secret is named, and the address kept as it is: whoever tried
+/// it is not shown to be the account. A key not on file is not named: it
+/// may be a purged account's, which the log's `ApiKeyCreated` would tie
+/// the address to.
+#[derive(Debug, Default)]
+pub struct Refusal {
+    /// The key's prefix, when the key is on file.
+    pub key_prefix: Option<String>,
+    /// The account and its data key as read, when the key is the owner's.
+    owner: Option<(Uuid, Option<crate::vault::AccountKey>)>,
+}
+
+impl Refusal {
+    /// The client's address `ip` as the record keeps it. Where the owner's
+    /// key cannot be read (the database failing) it is left out.
+    pub async fn address(&self, conn: &mut PgConnection, ip: Option<String>) -> Option<String> {
+        let Some((account_id, known)) = &self.owner else {
+            return ip;
+        };
+        match crate::vault::AccountKey::known_or_create(conn, *account_id, known.clone()).await {
+            Ok(key) => Some(key?.seal(&ip?)),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read a refused key's account key");
+                None
+            }
+        }
+    }
+}
+
+/// Look a presented key up: its owner for a live key of a live account,
+/// or what the refusal's record may say ([`Refusal`]). One statement for
+/// either; the comparison of hashes is constant-time.
+pub async fn authenticate(conn: &mut PgConnection, presented: &str) -> Result<Presented, Error> {
+    // A malformed key is still named when its prefix is on file (a
+    // mistyped key, say).
+    let Some(prefix) = public_prefix(presented) else {
+        return Ok(Presented::Refused(Refusal::default()));
+    };
     #[derive(sqlx::FromRow)]
     struct Row {
         key_id: Uuid,
         account_id: Uuid,
         secret_hash: Vec<u8>,
         staff: bool,
+        live: bool,
         wrapped: Option<String>,
     }
     let row: Option<Row> = sqlx::query_as(
-        "select k.key_id, k.account_id, k.secret_hash, a.staff, ak.wrapped
+        "select k.key_id, k.account_id, k.secret_hash, a.staff,
+                k.revoked_at is null and a.deleted_at is null as live, ak.wrapped
            from api_keys k join accounts a using (account_id)
                 left join account_keys ak using (account_id)
-          where k.prefix = $1 and k.revoked_at is null and a.deleted_at is null",
+          where k.prefix = $1",
     )
     .bind(prefix)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some(Row {
-        key_id,
-        account_id,
-        secret_hash: stored,
-        staff,
-        wrapped,
-    }) = row
-    else {
-        return Ok(None);
+    let Some(row) = row else {
+        return Ok(Presented::Refused(Refusal::default()));
     };
-    if !constant_time_eq(&stored, &hash(presented)) {
-        return Ok(None);
+    let named = Some(prefix.to_owned());
+    // Only the key itself hashes to the stored hash (a malformed one never).
+    if !constant_time_eq(&row.secret_hash, &hash(presented)) {
+        return Ok(Presented::Refused(Refusal {
+            key_prefix: named,
+            owner: None,
+        }));
+    }
+    let data_key = row
+        .wrapped
+        .and_then(|w| crate::vault::AccountKey::unwrap(row.account_id, &w));
+    if !row.live {
+        return Ok(Presented::Refused(Refusal {
+            key_prefix: named,
+            owner: Some((row.account_id, data_key)),
+        }));
     }
     // Coarse last-use tracking: at most one write a minute per key.
     sqlx::query(
         "update api_keys set last_used_at = now()
           where key_id = $1 and (last_used_at is null or last_used_at < now() - interval '1 minute')",
     )
-    .bind(key_id)
+    .bind(row.key_id)
     .execute(&mut *conn)
     .await?;
-    Ok(Some(KeyOwner {
-        account_id,
-        key_id,
-        staff,
-        data_key: wrapped.and_then(|w| crate::vault::AccountKey::unwrap(account_id, &w)),
+    Ok(Presented::Owner(KeyOwner {
+        account_id: row.account_id,
+        key_id: row.key_id,
+        staff: row.staff,
+        data_key,
     }))
 }
 
@@ -248,54 +303,6 @@ pub async fn list_keys(conn: &mut PgConnection, account_id: Uuid) -> Result<Vec<
         }
     }
     Ok(keys)
-}
-
-/// What the record of a refused key says of it and of where it came from.
-/// The owner's own key (on file and matching, but revoked, or its account
-/// deleted) is named by its prefix, and the client's address is sealed
-/// with its account's data key, so that the account's purge erases it
-/// (left out once that key is erased). A key on file presented with
-/// another secret is named, and the address kept as it is: whoever tried
-/// it is not shown to be the account. A key not on file is not named: it
-/// may be a purged account's, which the log's `ApiKeyCreated` would tie
-/// the address to. Where the key cannot be looked up (the database failing)
-/// neither is recorded.
-pub async fn refused_key_origin(
-    conn: &mut PgConnection,
-    presented: &str,
-    ip: Option<String>,
-) -> (Option<String>, Option<String>) {
-    let Some(prefix) = public_prefix(presented) else {
-        return (None, ip);
-    };
-    let looked_up = async {
-        let owner: Option<(Uuid, Vec<u8>, Option<String>)> = sqlx::query_as(
-            "select k.account_id, k.secret_hash, ak.wrapped
-               from api_keys k left join account_keys ak using (account_id)
-              where k.prefix = $1",
-        )
-        .bind(prefix)
-        .fetch_optional(&mut *conn)
-        .await?;
-        let Some((account_id, stored, wrapped)) = owner else {
-            return Ok::<_, Error>((None, ip));
-        };
-        if !constant_time_eq(&stored, &hash(presented)) {
-            return Ok((Some(prefix.to_owned()), ip));
-        }
-        let key = match wrapped.and_then(|w| crate::vault::AccountKey::unwrap(account_id, &w)) {
-            Some(k) => Some(k),
-            None => crate::vault::AccountKey::get_or_create(conn, account_id).await?,
-        };
-        Ok((
-            Some(prefix.to_owned()),
-            ip.and_then(|ip| Some(key?.seal(&ip))),
-        ))
-    };
-    looked_up.await.unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "could not look a refused key up");
-        (None, None)
-    })
 }
 
 /// A presented credential was refused (recorded without the secret).

@@ -676,18 +676,30 @@ async fn redact_if_purged(pool: &PgPool, id: &str) -> Result<(), sqlx::Error> {
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
-    let Some(Ok(mut payload)) = raw.map(|r| serde_json::from_str::<Value>(&r)) else {
+    let Some(Ok(payload)) = raw.map(|r| serde_json::from_str::<Value>(&r)) else {
         return Ok(());
     };
-    let object = payload.pointer("/data/object").cloned().unwrap_or_default();
-    if of_purged_account(&mut tx, &object).await? && redact(&mut payload["data"], false) {
+    if let Some(redacted) = redacted_if_purged(&mut tx, payload).await? {
         sqlx::query("update stripe_events set raw = $2 where stripe_event_id = $1")
             .bind(id)
-            .bind(payload.to_string())
+            .bind(redacted)
             .execute(&mut *tx)
             .await?;
     }
     tx.commit().await
+}
+
+/// A mirrored event's body redacted, if it is about an account that was
+/// purged ([`of_purged_account`]) and had anything left to redact.
+async fn redacted_if_purged(
+    conn: &mut PgConnection,
+    mut payload: Value,
+) -> Result<Option<String>, sqlx::Error> {
+    let object = payload.pointer("/data/object").unwrap_or(&Value::Null);
+    Ok(
+        (of_purged_account(conn, object).await? && redact(&mut payload["data"], false))
+            .then(|| payload.to_string()),
+    )
 }
 
 async fn process_in_tx(
@@ -809,10 +821,7 @@ async fn process_in_tx(
     // An event about an account already purged (a late refund or dispute,
     // the subscription's end the purge itself caused) is redacted as the
     // purge redacted the ones before it.
-    let mut payload = payload;
-    let redacted = (of_purged_account(&mut tx, &object).await?
-        && redact(&mut payload["data"], false))
-    .then(|| payload.to_string());
+    let redacted = redacted_if_purged(&mut tx, payload).await?;
     sqlx::query(
         "update stripe_events
             set status = $2, outcome = $3, attempts = attempts + 1, last_error = null,

@@ -121,6 +121,19 @@ impl AccountKey {
         Ok(key.map(|key| Self { account_id, key }))
     }
 
+    /// `known` (read with something else), or else the account's key read
+    /// or created now; None once it was erased.
+    pub async fn known_or_create(
+        conn: &mut PgConnection,
+        account_id: Uuid,
+        known: Option<Self>,
+    ) -> Result<Option<Self>, Error> {
+        match known {
+            Some(k) => Ok(Some(k)),
+            None => Self::get_or_create(conn, account_id).await,
+        }
+    }
+
     pub fn seal(&self, plaintext: &str) -> String {
         format!(
             "{PREFIX}{}:{}",

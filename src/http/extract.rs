@@ -261,10 +261,7 @@ impl Origin {
         if self.ip.is_none() && self.user_agent.is_none() {
             return Ok(self);
         }
-        let key = match key {
-            Some(k) => Some(k),
-            None => AccountKey::get_or_create(conn, account_id).await?,
-        };
+        let key = AccountKey::known_or_create(conn, account_id, key).await?;
         let seal = |v: Option<String>| Some(key.as_ref()?.seal(&v?));
         self.ip = seal(self.ip.take());
         self.user_agent = seal(self.user_agent.take());
@@ -578,49 +575,40 @@ impl FromRequestParts<AppState> for Auth {
             .await
             .map_err(|e| ApiError::Internal(e.into()))?;
         let presented = bearer(header);
-        let well_formed = slate_events::access::has_valid_checksum(presented);
-        let owner = if well_formed {
-            slate_events::access::authenticate(&mut conn, presented).await?
-        } else {
-            None
-        };
-        let Some(owner) = owner else {
-            // A credential was presented and refused: recorded, without it.
-            let reason = if well_formed {
-                "unknown_or_revoked_key"
-            } else {
-                "malformed_credential"
-            };
-            let route = parts
-                .extensions
-                .get::<axum::extract::MatchedPath>()
-                .map(|p| p.as_str().to_owned())
-                .unwrap_or_default();
-            let ip = parts
-                .extensions
-                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                .map(|c| c.0.ip().to_string());
-            let prefix = slate_events::access::public_prefix(presented);
-            let (named, ip) =
-                slate_events::access::refused_key_origin(&mut conn, presented, ip).await;
-            drop(conn);
-            if let Err(e) = slate_events::access::record_auth_failure(
-                &state.appends,
-                reason,
-                named.as_deref(),
-                ip.as_deref(),
-                &route,
-            )
-            .await
-            {
-                tracing::warn!(error = %e, "could not record an authentication failure");
+        let owner = match slate_events::access::authenticate(&mut conn, presented).await? {
+            slate_events::access::Presented::Owner(owner) => owner,
+            slate_events::access::Presented::Refused(refusal) => {
+                // A credential was presented and refused: recorded, without it.
+                let reason = if slate_events::access::has_valid_checksum(presented) {
+                    "unknown_or_revoked_key"
+                } else {
+                    "malformed_credential"
+                };
+                let route = parts
+                    .extensions
+                    .get::<axum::extract::MatchedPath>()
+                    .map(|p| p.as_str().to_owned())
+                    .unwrap_or_default();
+                let ip = refusal.address(&mut conn, Origin::of(parts).ip).await;
+                drop(conn);
+                if let Err(e) = slate_events::access::record_auth_failure(
+                    &state.appends,
+                    reason,
+                    refusal.key_prefix.as_deref(),
+                    ip.as_deref(),
+                    &route,
+                )
+                .await
+                {
+                    tracing::warn!(error = %e, "could not record an authentication failure");
+                }
+                tracing::info!(
+                    reason,
+                    key_prefix = slate_events::access::public_prefix(presented).unwrap_or("-"),
+                    "authentication failed"
+                );
+                return Err(ApiError::unauthorized());
             }
-            tracing::info!(
-                reason,
-                key_prefix = prefix.unwrap_or("-"),
-                "authentication failed"
-            );
-            return Err(ApiError::unauthorized());
         };
         tracing::Span::current().record("account_id", tracing::field::display(owner.account_id));
         let auth = Auth {

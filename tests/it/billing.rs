@@ -389,6 +389,7 @@ async fn accounts_create_prints_the_key_alone_on_its_last_line_and_stores_only_i
     let owner = slate_events::access::authenticate(&mut conn, &key)
         .await
         .unwrap()
+        .owner()
         .unwrap();
     let stored: Vec<u8> = sqlx::query_scalar("select secret_hash from api_keys")
         .fetch_one(&mut *conn)
