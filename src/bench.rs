@@ -166,6 +166,7 @@ pub struct Report {
     pub pickup_loaded: crate::bench_scale::Percentiles,
     pub pickup_backlog: usize,
     pub scrape: crate::bench_scale::Scrape,
+    pub purge: crate::bench_scale::PurgeLookup,
     pub peak_rss_mib: f64,
 }
 
@@ -219,6 +220,29 @@ pub async fn run_scrape(
         let scrape = crate::bench_scale::scrape(config, &pool, &opts.scale).await;
         pool.close().await;
         scrape
+    })
+    .await
+}
+
+/// Part 11 alone (`slate bench --only purge`), over a mirror of its own, in
+/// its own scratch database.
+pub async fn run_purge(
+    config: &Config,
+    opts: &BenchOptions,
+) -> anyhow::Result<crate::bench_scale::PurgeLookup> {
+    in_scratch_database(config, |options, _| async move {
+        let pool = scratch_pool(options, 4).await?;
+        eprintln!(
+            "bench: a purge's look-up over {} mirrored Stripe events",
+            opts.scale.stripe_events
+        );
+        let purge = async {
+            crate::bench_scale::fill_stripe_mirror(&pool, opts.scale.stripe_events).await?;
+            crate::bench_scale::purge_lookup(&pool, &opts.scale).await
+        }
+        .await;
+        pool.close().await;
+        purge
     })
     .await
 }
@@ -471,6 +495,10 @@ async fn run_in(
         opts.scale.stripe_events, opts.scale.finished_jobs, opts.scale.finished_generations
     );
     let scrape = scale::scrape(config, &pool, &opts.scale).await?;
+    eprintln!(
+        "bench: a purge's look-up of its Stripe events, before and after their ids are written"
+    );
+    let purge = scale::purge_lookup(&pool, &opts.scale).await?;
     pool.close().await;
     Ok(Report {
         rebuild,
@@ -489,6 +517,7 @@ async fn run_in(
         pickup_loaded: scale::percentiles(loaded),
         pickup_backlog: opts.jobs,
         scrape,
+        purge,
         build: if cfg!(debug_assertions) {
             "debug"
         } else {
@@ -1024,6 +1053,20 @@ pub fn print_scrape(s: &crate::bench_scale::Scrape) {
     );
 }
 
+pub fn print_purge(p: &crate::bench_scale::PurgeLookup) {
+    println!(
+        "11. a purge's look-up of its Stripe events ({} found and redacted) in a mirror of {}: p50 / p99 ms {:.1} / {:.1} before their ids are written (every body scanned), {:.1} / {:.1} after (the sweep wrote them in {:.0} s, {:.0} events/s)",
+        p.events_per_account,
+        p.stripe_events,
+        p.unmapped.p50_ms,
+        p.unmapped.p99_ms,
+        p.mapped.p50_ms,
+        p.mapped.p99_ms,
+        p.map_seconds,
+        p.mapped_per_second
+    );
+}
+
 pub fn print(report: &Report) {
     println!("slate bench ({} build)", report.build);
     print_appends_rows(&report.appends);
@@ -1100,6 +1143,7 @@ pub fn print(report: &Report) {
         report.pickup_loaded.p99_ms
     );
     print_scrape(&report.scrape);
+    print_purge(&report.purge);
     println!("peak RSS of this process: {:.0} MiB", report.peak_rss_mib);
     println!("{}", serde_json::to_string(report).unwrap_or_default());
 }

@@ -45,6 +45,9 @@ pub struct ScaleOptions {
     pub finished_generations: usize,
     /// Scrapes timed before and after the fold (each reads the mirror).
     pub scrape_samples: usize,
+    /// Purges timed before the mirror's ids are written (each reads it
+    /// whole).
+    pub purge_scan_samples: usize,
 }
 
 impl ScaleOptions {
@@ -59,6 +62,7 @@ impl ScaleOptions {
             finished_jobs: 20_000,
             finished_generations: 20_000,
             scrape_samples: 10,
+            purge_scan_samples: 3,
         }
     }
 }
@@ -75,6 +79,7 @@ impl Default for ScaleOptions {
             finished_jobs: 1_000_000,
             finished_generations: 1_000_000,
             scrape_samples: 20,
+            purge_scan_samples: 3,
         }
     }
 }
@@ -628,9 +633,16 @@ pub async fn fill_generations(pool: &PgPool, n: usize) -> anyhow::Result<i64> {
     .await
 }
 
+/// Stripe customers the mirror's events name (`cus_bench_<i % CUSTOMERS>`,
+/// the literal in [`fill_stripe_mirror`]): 10 events each at 1 M.
+const CUSTOMERS: i64 = 100_000;
+
 /// Add `n` processed events to the Stripe mirror, shaped like the real rows
-/// (a checkout's body, about 1.4 kB), received over the `n` seconds before
-/// an hour ago and processed within a second of it (past the fold's margin).
+/// (a checkout's body, about 1.4 kB, naming one of [`CUSTOMERS`] and its
+/// email), received
+/// over the `n` seconds before an hour ago and processed within a second of
+/// it (past the fold's margin). Their `refs` are not written: as the rows
+/// mirrored before that column existed.
 pub async fn fill_stripe_mirror(pool: &PgPool, n: usize) -> anyhow::Result<i64> {
     fill_in_batches(
         pool,
@@ -642,7 +654,8 @@ pub async fn fill_stripe_mirror(pool: &PgPool, n: usize) -> anyhow::Result<i64> 
          select 'evt_bench_' || g, 'checkout.session.completed', '2025-03-31.basil', false,
                 r, 'cs_bench_' || g, 'pi_bench_' || g,
                 '{\"id\":\"evt_bench_' || g || '\",\"object\":\"event\",\"data\":{\"object\":{\"id\":\"cs_bench_'
-                  || g || '\",\"amount_total\":1000,\"metadata\":{\"k\":\"' || repeat(md5(g::text), 40) || '\"}}}}',
+                  || g || '\",\"customer\":\"cus_bench_' || g % 100000 || '\",\"customer_email\":\"bench@example.com\",\"amount_total\":1000,\"metadata\":{\"k\":\"'
+                  || repeat(md5(g::text), 40) || '\"}}}}',
                 'webhook', true, r, r, 'processed', 1, 'granted',
                 r + make_interval(secs => (g % 1000) / 1000.0)
            from generate_series($1::bigint, $1 + $2 - 1) g,
@@ -711,4 +724,83 @@ pub async fn scrape(
         })
     })
     .await
+}
+
+/// Part 11: an account's purge finding its mirrored Stripe events, over the
+/// mirror of part 10, before and after the maintenance sweep has written
+/// the ids each event names (`stripe_events.refs`).
+#[derive(Debug, Serialize)]
+pub struct PurgeLookup {
+    pub stripe_events: i64,
+    /// Every row not mapped yet (as just after the upgrade): each purge
+    /// scans their bodies.
+    pub unmapped: Percentiles,
+    /// The sweep's batches over the whole mirror.
+    pub map_seconds: f64,
+    pub mapped_per_second: f64,
+    /// Through the index of the ids.
+    pub mapped: Percentiles,
+    /// Events found and redacted (then rolled back) by a purge.
+    pub events_per_account: u64,
+}
+
+/// Part 11 on `pool`'s database, after [`fill_stripe_mirror`]: the purge's
+/// redaction of the mirror (`redact_personal_details`, each in a
+/// transaction rolled back) for accounts owning one of its customers, then
+/// the sweep's mapping of every row, then the redaction again.
+pub async fn purge_lookup(pool: &PgPool, opts: &ScaleOptions) -> anyhow::Result<PurgeLookup> {
+    let stripe_events: i64 = sqlx::query_scalar("select count(*) from stripe_events")
+        .fetch_one(pool)
+        .await?;
+    let customers = CUSTOMERS.min(stripe_events.max(1));
+    sqlx::query(
+        "insert into stripe_customers (customer_id, account_id, linked_at)
+         select 'cus_bench_' || k, lpad(to_hex(k), 32, '0')::uuid, now()
+           from generate_series(0, $1 - 1) k
+         on conflict do nothing",
+    )
+    .bind(customers)
+    .execute(pool)
+    .await?;
+    sqlx::query("analyze stripe_customers")
+        .execute(pool)
+        .await?;
+    async fn redact(
+        pool: &PgPool,
+        customers: i64,
+        samples: usize,
+    ) -> anyhow::Result<(Percentiles, u64)> {
+        let (mut ms, mut found) = (Vec::with_capacity(samples), 0);
+        for i in 0..samples {
+            let account = account_for((i * 7919) % customers as usize);
+            let mut tx = pool.begin().await?;
+            let t = Instant::now();
+            found = slate_events::stripe::redact_personal_details(&mut tx, account).await?;
+            ms.push(millis(t));
+            tx.rollback().await?;
+        }
+        Ok((percentiles(ms), found))
+    }
+    // Each one reads the whole mirror: a few are enough.
+    let (unmapped, _) = redact(pool, customers, opts.purge_scan_samples).await?;
+    let t = Instant::now();
+    loop {
+        let n = slate_events::stripe::map_unmapped(pool, 1_000).await?;
+        if n == 0 {
+            break;
+        }
+    }
+    let map_seconds = t.elapsed().as_secs_f64();
+    sqlx::query("vacuum analyze stripe_events")
+        .execute(pool)
+        .await?;
+    let (mapped, events_per_account) = redact(pool, customers, opts.samples).await?;
+    Ok(PurgeLookup {
+        stripe_events,
+        unmapped,
+        map_seconds,
+        mapped_per_second: stripe_events as f64 / map_seconds.max(1e-9),
+        mapped,
+        events_per_account,
+    })
 }

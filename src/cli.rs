@@ -148,8 +148,9 @@ pub enum Command {
         /// Run only this part: "appends" (parts 1, 2 and 2b: the ceiling
         /// and the appends), "rebuild" (part 5, the projection rebuild),
         /// "webhooks" (part 3, with the ceiling at 32 connections it is
-        /// compared with), "jobs" (part 4) or "scrape" (part 10).
-        #[arg(long, value_parser = ["appends", "rebuild", "webhooks", "jobs", "scrape"])]
+        /// compared with), "jobs" (part 4), "scrape" (part 10) or "purge"
+        /// (part 11, over a mirror of its own).
+        #[arg(long, value_parser = ["appends", "rebuild", "webhooks", "jobs", "scrape", "purge"])]
         only: Option<String>,
     },
     /// The multi-process soak with faults (run through `scripts/chaos`).
@@ -823,6 +824,11 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 }
                 Some("scrape") => {
                     crate::bench::print_scrape(&crate::bench::run_scrape(&config, &opts).await?)
+                }
+                Some("purge") => {
+                    let purge = crate::bench::run_purge(&config, &opts).await?;
+                    crate::bench::print_purge(&purge);
+                    println!("{}", serde_json::to_string(&purge).unwrap_or_default());
                 }
                 _ => crate::bench::print(&crate::bench::run(&config, &opts).await?),
             }

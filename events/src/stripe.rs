@@ -421,57 +421,172 @@ fn redact_tax_ids(v: &mut Value) -> bool {
     })
 }
 
+/// The ids a mirrored event names (`stripe_events.refs`), for a purge to
+/// find the event by an index look-up: every string shaped like a Stripe id
+/// (letters, digits and underscores, with an underscore: `cus_…`, `pi_…`)
+/// and every UUID inside a string (an account id, in metadata or a
+/// checkout's reference), sorted, each once. The purge's needles are such
+/// ids, so it finds the events its scan of the bodies found. Fields the
+/// redaction erases are left out (a name can look like an id), and so are
+/// object keys, which are field names.
+pub fn refs_of(payload: &Value) -> Vec<String> {
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) => {
+                if looks_like_id(s) {
+                    out.push(s.clone());
+                }
+                uuids_in(s, out);
+            }
+            Value::Object(map) => {
+                let tax_id = map.get("object").and_then(Value::as_str) == Some("tax_id");
+                for (k, val) in map {
+                    let k = k.as_str();
+                    if !(PERSONAL.contains(&k) || TAX_IDS.contains(&k) || (tax_id && k == "value"))
+                    {
+                        walk(val, out);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(payload, &mut out);
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+fn looks_like_id(s: &str) -> bool {
+    (3..=255).contains(&s.len())
+        && s.contains('_')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Every UUID (8-4-4-4-12 hex digits) inside `s`, in lower case.
+fn uuids_in(s: &str, out: &mut Vec<String>) {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i + 36 <= b.len() {
+        let w = &b[i..i + 36];
+        let is_uuid = w.iter().enumerate().all(|(j, c)| match j {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        });
+        if is_uuid {
+            out.push(String::from_utf8_lossy(w).to_ascii_lowercase());
+            i += 36;
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// A LIKE pattern for `id` as a whole JSON string, for the rows whose
+/// [`refs_of`] are not written yet.
+fn like_needle(id: &str) -> String {
+    format!("%\"{}\"%", id.replace('_', r"\_"))
+}
+
 /// For a purge: in the mirrored Stripe events of the account (its
 /// customers', its credit purchases', or naming it), replace names, emails,
 /// phones, addresses, card digits, tax ids and links to Stripe's hosted
 /// receipts and invoices with "[redacted]" (strings stay strings, so the
 /// typed parser still reads them; ids, amounts and metadata stay, so a
 /// replay decides the same). Events processed after the purge are
-/// redacted as they are processed.
-/// Returns how many mirrored events changed.
+/// redacted as they are processed. The events are found by the ids they
+/// name ([`refs_of`], an index look-up), and those not mapped yet by a scan
+/// of their bodies, which maps them.
+/// Returns how many mirrored events were redacted.
 pub async fn redact_personal_details(
     conn: &mut PgConnection,
     account_id: Uuid,
 ) -> Result<u64, Error> {
     // Its customers, and the payments that bought it credits (a dispute
     // names its charge and payment intent, not the customer).
-    let mut needles: Vec<String> = sqlx::query_scalar(
-        "select '%\"' || customer_id || '\"%' from stripe_customers where account_id = $1
+    let mut ids: Vec<String> = sqlx::query_scalar(
+        "select customer_id from stripe_customers where account_id = $1
          union
-         select '%\"' || stripe_object || '\"%' from credit_buckets
+         select stripe_object from credit_buckets
           where account_id = $1 and stripe_object is not null and source in ('purchase', 'subscription')",
     )
     .bind(account_id)
     .fetch_all(&mut *conn)
     .await?;
-    needles.push(format!("%{account_id}%"));
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "select stripe_event_id, raw from stripe_events where raw like any($1) for update",
+    // Rows not mapped yet (`refs` null: written before it existed and not
+    // reached by the sweep yet, or waiting for their processing) are
+    // scanned for the ids, and for the account's id anywhere in them.
+    let mut patterns: Vec<String> = ids.iter().map(|id| like_needle(id)).collect();
+    patterns.push(format!("%{account_id}%"));
+    ids.push(account_id.to_string());
+    let rows: Vec<(String, String, bool)> = sqlx::query_as(
+        "select stripe_event_id, raw, refs is null from stripe_events
+          where refs && $1 or (refs is null and raw like any($2))
+            for update",
     )
-    .bind(&needles)
+    .bind(&ids)
+    .bind(&patterns)
     .fetch_all(&mut *conn)
     .await?;
     let mut changed = 0;
-    for (id, raw) in rows {
-        let Ok(mut v) = serde_json::from_str::<Value>(&raw) else {
-            // Unreadable JSON cannot be redacted field by field: drop it whole.
-            sqlx::query("update stripe_events set raw = '{}' where stripe_event_id = $1")
+    for (id, raw, unmapped) in rows {
+        // Unreadable JSON cannot be redacted field by field: drop it whole.
+        let mut v = serde_json::from_str::<Value>(&raw).unwrap_or(Value::Null);
+        let redacted = v.is_null() || v.get_mut("data").is_some_and(|d| redact(d, false));
+        if redacted || unmapped {
+            let body = if v.is_null() {
+                "{}".to_owned()
+            } else {
+                v.to_string()
+            };
+            sqlx::query("update stripe_events set raw = $2, refs = $3 where stripe_event_id = $1")
                 .bind(&id)
+                .bind(&body)
+                .bind(refs_of(&v))
                 .execute(&mut *conn)
                 .await?;
-            changed += 1;
-            continue;
-        };
-        if redact(&mut v["data"], false) {
-            sqlx::query("update stripe_events set raw = $2 where stripe_event_id = $1")
-                .bind(&id)
-                .bind(v.to_string())
-                .execute(&mut *conn)
-                .await?;
-            changed += 1;
         }
+        changed += u64::from(redacted);
     }
     Ok(changed)
+}
+
+/// Write [`refs_of`] for up to `limit` mirrored events that have none yet
+/// (written before `refs` existed, or waiting for their processing), oldest
+/// first, in one transaction; returns how many. Rows locked by a processing
+/// are skipped (it writes them). A body that is not JSON names nothing.
+pub async fn map_unmapped(pool: &PgPool, limit: i64) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "select stripe_event_id, raw from stripe_events where refs is null
+          order by received_at limit $1 for update skip locked",
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    // Ids hold no spaces: each row's refs go as one space-separated string.
+    let (ids, refs): (Vec<&str>, Vec<String>) = rows
+        .iter()
+        .map(|(id, raw)| {
+            let refs = serde_json::from_str::<Value>(raw)
+                .map(|v| refs_of(&v).join(" "))
+                .unwrap_or_default();
+            (id.as_str(), refs)
+        })
+        .unzip();
+    sqlx::query(
+        "update stripe_events s set refs = string_to_array(r.refs, ' ')
+           from unnest($1::text[], $2::text[]) as r(id, refs)
+          where s.stripe_event_id = r.id",
+    )
+    .bind(&ids)
+    .bind(&refs)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(rows.len() as u64)
 }
 
 /// True when the mirror holds this Stripe event.
@@ -667,8 +782,8 @@ pub async fn process_with(
 }
 
 /// Redact mirrored event `id` if it is about an account that was purged
-/// ([`of_purged_account`]); what a processing does as it ends, for an
-/// event whose processing failed.
+/// ([`of_purged_account`]), and write its [`refs_of`]; what a processing
+/// does as it ends, for an event whose processing failed.
 async fn redact_if_purged(pool: &PgPool, id: &str) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     let raw: Option<String> =
@@ -676,30 +791,30 @@ async fn redact_if_purged(pool: &PgPool, id: &str) -> Result<(), sqlx::Error> {
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
-    let Some(Ok(payload)) = raw.map(|r| serde_json::from_str::<Value>(&r)) else {
+    let Some(Ok(mut payload)) = raw.map(|r| serde_json::from_str::<Value>(&r)) else {
         return Ok(());
     };
-    if let Some(redacted) = redacted_if_purged(&mut tx, payload).await? {
-        sqlx::query("update stripe_events set raw = $2 where stripe_event_id = $1")
-            .bind(id)
-            .bind(redacted)
-            .execute(&mut *tx)
-            .await?;
-    }
+    let redacted = redact_if_purged_body(&mut tx, &mut payload).await?;
+    sqlx::query(
+        "update stripe_events set raw = coalesce($2, raw), refs = $3 where stripe_event_id = $1",
+    )
+    .bind(id)
+    .bind(redacted.then(|| payload.to_string()))
+    .bind(refs_of(&payload))
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await
 }
 
-/// A mirrored event's body redacted, if it is about an account that was
-/// purged ([`of_purged_account`]) and had anything left to redact.
-async fn redacted_if_purged(
+/// Redact a mirrored event's body if it is about an account that was
+/// purged ([`of_purged_account`]); true if anything was left to redact.
+async fn redact_if_purged_body(
     conn: &mut PgConnection,
-    mut payload: Value,
-) -> Result<Option<String>, sqlx::Error> {
+    payload: &mut Value,
+) -> Result<bool, sqlx::Error> {
     let object = payload.pointer("/data/object").unwrap_or(&Value::Null);
-    Ok(
-        (of_purged_account(conn, object).await? && redact(&mut payload["data"], false))
-            .then(|| payload.to_string()),
-    )
+    Ok(of_purged_account(conn, object).await?
+        && payload.get_mut("data").is_some_and(|d| redact(d, false)))
 }
 
 async fn process_in_tx(
@@ -735,7 +850,7 @@ async fn process_in_tx(
     if !force && (status == "processed" || status == "ignored") {
         return Ok(Outcome::AlreadyDone(status));
     }
-    let payload: Value = serde_json::from_str(&raw)
+    let mut payload: Value = serde_json::from_str(&raw)
         .map_err(|_| ProcessError::Permanent("mirrored body is not JSON".into()))?;
     let mut object = payload
         .pointer("/data/object")
@@ -821,17 +936,18 @@ async fn process_in_tx(
     // An event about an account already purged (a late refund or dispute,
     // the subscription's end the purge itself caused) is redacted as the
     // purge redacted the ones before it.
-    let redacted = redacted_if_purged(&mut tx, payload).await?;
+    let redacted = redact_if_purged_body(&mut tx, &mut payload).await?;
     sqlx::query(
         "update stripe_events
             set status = $2, outcome = $3, attempts = attempts + 1, last_error = null,
-                processed_at = clock_timestamp(), raw = coalesce($4, raw)
+                processed_at = clock_timestamp(), raw = coalesce($4, raw), refs = $5
           where stripe_event_id = $1",
     )
     .bind(id)
     .bind(status)
     .bind(outcome.describe())
-    .bind(redacted)
+    .bind(redacted.then(|| payload.to_string()))
+    .bind(refs_of(&payload))
     .execute(&mut *tx)
     .await?;
     if let Some(hold) = options.hold_before_commit {
@@ -1132,6 +1248,34 @@ mod redaction_tests {
             assert!(text.contains(kept), "{kept} gone from {text}");
         }
         assert!(!redact(&mut data, false), "nothing left to redact");
+    }
+
+    #[test]
+    fn an_events_refs_are_its_ids_and_account_ids_and_none_of_its_personal_details() {
+        let account = "0b6c1a6e-5f4e-4f7a-9c1d-2b3a4c5d6e7f";
+        let event = json!({"id": "evt_1", "type": "charge.dispute.closed", "data": {"object": {
+            "id": "dp_1", "object": "dispute", "charge": "ch_1", "payment_intent": "pi_1",
+            "status": "lost", "amount": 4900,
+            "metadata": {"account_id": account.to_uppercase()},
+            "description": format!("Slate credits for {account}, again {account}"),
+            "evidence": {"customer_name": "Ada_Lovelace", "customer_email_address": "ada_l@example.com"},
+            "billing_details": {"name": "Ada_L", "address": {"line1": "1_Main"}},
+            "tax_id": {"object": "tax_id", "type": "eu_vat", "value": "DE_123"},
+            "customer_tax_ids": [{"type": "eu_vat", "value": "DE_987"}],
+            "balance_transactions": [{"id": "txn_1", "source": "dp_1", "reporting_category": "dispute"}],
+        }}});
+        assert_eq!(
+            refs_of(&event),
+            [
+                account, "ch_1", "dp_1", "eu_vat", "evt_1", "pi_1", "tax_id", "txn_1"
+            ]
+        );
+        // Redacting changes none of them.
+        let mut redacted = event.clone();
+        assert!(redact(&mut redacted["data"], false));
+        assert_eq!(refs_of(&redacted), refs_of(&event));
+        // A needle as a whole JSON string, its underscores literal.
+        assert_eq!(like_needle("cus_a1"), r#"%"cus\_a1"%"#);
     }
 }
 

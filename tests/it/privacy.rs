@@ -625,6 +625,93 @@ async fn an_export_opens_only_what_the_accounts_own_key_sealed() {
 /// not send to) does not stop the purge: everything personal is erased and
 /// the step says why no farewell went out. (The refusal ended every run
 /// before the erase, for good.) A transient failure still retries it.
+/// The purge finds an account's mirrored Stripe events by the ids they name
+/// (`refs`, written by their processing and by the sweep), and still scans
+/// the rows not mapped yet (written before `refs` existed); it maps what it
+/// redacts and touches no one else's.
+#[tokio::test]
+async fn the_purge_finds_mirrored_events_by_their_ids_and_scans_rows_not_mapped_yet() {
+    let app = crate::stripe::stripe_app().await;
+    let (alice, _) = crate::billing::key_for(&app).await;
+    let (bob, _) = crate::billing::key_for(&app).await;
+    let (alice_run, _) = subscribe(&app, alice).await;
+    let (bob_run, _) = subscribe(&app, bob).await;
+    for (account, run) in [(alice, &alice_run), (bob, &bob_run)] {
+        for name in ["07_invoice_paid_4", "11_charge_dispute_closed_lost"] {
+            let (status, _) = app
+                .deliver(&crate::stripe::fixture(name, account, run))
+                .await;
+            assert_eq!(status, 200);
+        }
+    }
+    app.process_stripe().await;
+    let mirror = || async {
+        let rows: Vec<(String, String, Option<Vec<String>>)> = sqlx::query_as(
+            "select stripe_event_id, raw, refs from stripe_events order by stripe_event_id",
+        )
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
+        rows
+    };
+    // Processing wrote each event's ids; the dispute is found by its charge
+    // (her credit purchase), not by her customer.
+    let processed = mirror().await;
+    assert_eq!(processed.len(), 8);
+    for (id, raw, refs) in &processed {
+        let refs = refs.as_ref().unwrap_or_else(|| panic!("{id} not mapped"));
+        let body: Value = serde_json::from_str(raw).unwrap();
+        assert_eq!(refs, &slate_events::stripe::refs_of(&body), "{id}");
+        assert!(refs.contains(id), "{id}: {refs:?}");
+    }
+    let dispute = |run: &str| format!("evt_{run}_11");
+    let refs_of = |id: &str| processed.iter().find(|r| r.0 == id).unwrap().2.clone();
+    let alice_dispute = refs_of(&dispute(&alice_run)).unwrap();
+    assert!(alice_dispute.contains(&format!("ch_{alice_run}_in4")));
+    assert!(!alice_dispute.contains(&format!("cus_{alice_run}")));
+
+    // As if written before `refs` existed: her invoice and her dispute,
+    // and Bob's invoice.
+    let unmapped = [
+        format!("evt_{alice_run}_07"),
+        dispute(&alice_run),
+        format!("evt_{bob_run}_07"),
+    ];
+    sqlx::query("update stripe_events set refs = null where stripe_event_id = any($1)")
+        .bind(&unmapped[..])
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let mut tx = app.db.pool.begin().await.unwrap();
+    let redacted = slate_events::stripe::redact_personal_details(&mut tx, alice)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    // Her subscription's event names her customer and holds nothing
+    // personal.
+    assert_eq!(redacted, 3, "her checkout, invoice and dispute");
+    for (id, raw, refs) in mirror().await {
+        let before = &processed.iter().find(|r| r.0 == id).unwrap().1;
+        if id.contains(&alice_run) {
+            assert!(!raw.contains("ada@example.com"), "{id}: {raw}");
+            // Mapped now, from the redacted body: the same ids.
+            assert_eq!(refs, refs_of(&id), "{id}");
+        } else {
+            // Bob's are untouched, his unmapped invoice too.
+            assert_eq!(&raw, before, "{id}");
+            assert_eq!(refs.is_none(), id == unmapped[2], "{id}");
+        }
+    }
+    // The sweep maps the rest, as processing would have.
+    let report = slate_workers::sweeper::sweep(&app.db.pool, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(report.stripe_events_mapped, 1);
+    let after = mirror().await;
+    let bob_invoice = after.iter().find(|r| r.0 == unmapped[2]).unwrap();
+    assert_eq!(bob_invoice.2, refs_of(&unmapped[2]));
+}
+
 #[tokio::test]
 async fn a_refused_farewell_email_does_not_stop_the_purge() {
     let app = spawn_app_with(&[]).await;
