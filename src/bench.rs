@@ -1055,7 +1055,7 @@ pub fn print_scrape(s: &crate::bench_scale::Scrape) {
 
 pub fn print_purge(p: &crate::bench_scale::PurgeLookup) {
     println!(
-        "11. a purge's look-up of its Stripe events ({} found and redacted) in a mirror of {}: p50 / p99 ms {:.1} / {:.1} before their ids are written (every body scanned), {:.1} / {:.1} after (the sweep wrote them in {:.0} s, {:.0} events/s)",
+        "11. a purge's look-up of its Stripe events ({} found and redacted) in a mirror of {}: p50 / p99 ms {:.1} / {:.1} before their ids are written (every body scanned), {:.1} / {:.1} after (the sweep wrote them in {:.0} s, {:.0} events/s; their index {:.0} MiB)",
         p.events_per_account,
         p.stripe_events,
         p.unmapped.p50_ms,
@@ -1063,7 +1063,8 @@ pub fn print_purge(p: &crate::bench_scale::PurgeLookup) {
         p.mapped.p50_ms,
         p.mapped.p99_ms,
         p.map_seconds,
-        p.mapped_per_second
+        p.mapped_per_second,
+        p.refs_index_mib
     );
 }
 

@@ -740,6 +740,8 @@ pub struct PurgeLookup {
     pub mapped_per_second: f64,
     /// Through the index of the ids.
     pub mapped: Percentiles,
+    /// The size of that index (`stripe_events_refs_idx`) once written.
+    pub refs_index_mib: f64,
     /// Events found and redacted (then rolled back) by a purge.
     pub events_per_account: u64,
 }
@@ -795,12 +797,17 @@ pub async fn purge_lookup(pool: &PgPool, opts: &ScaleOptions) -> anyhow::Result<
         .execute(pool)
         .await?;
     let (mapped, events_per_account) = redact(pool, customers, opts.samples).await?;
+    let refs_index_mib: f64 =
+        sqlx::query_scalar("select pg_relation_size('stripe_events_refs_idx')::float8 / 1048576")
+            .fetch_one(pool)
+            .await?;
     Ok(PurgeLookup {
         stripe_events,
         unmapped,
         map_seconds,
         mapped_per_second: stripe_events as f64 / map_seconds.max(1e-9),
         mapped,
+        refs_index_mib,
         events_per_account,
     })
 }
