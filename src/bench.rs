@@ -167,6 +167,7 @@ pub struct Report {
     pub pickup_backlog: usize,
     pub scrape: crate::bench_scale::Scrape,
     pub purge: crate::bench_scale::PurgeLookup,
+    pub auth: crate::bench_auth::AuthCost,
     pub peak_rss_mib: f64,
 }
 
@@ -220,6 +221,37 @@ pub async fn run_scrape(
         let scrape = crate::bench_scale::scrape(config, &pool, &opts.scale).await;
         pool.close().await;
         scrape
+    })
+    .await
+}
+
+/// Part 12: `--webhooks` requests from `--senders` clients, and
+/// `--samples` authentications alone.
+async fn auth_cost(
+    config: &Config,
+    pool: &PgPool,
+    opts: &BenchOptions,
+) -> anyhow::Result<crate::bench_auth::AuthCost> {
+    crate::bench_auth::auth_cost(
+        config,
+        pool,
+        opts.senders,
+        opts.webhooks,
+        opts.scale.samples,
+    )
+    .await
+}
+
+/// Part 12 alone (`slate bench --only auth`), in its own scratch database.
+pub async fn run_auth(
+    config: &Config,
+    opts: &BenchOptions,
+) -> anyhow::Result<crate::bench_auth::AuthCost> {
+    in_scratch_database(config, |options, _| async move {
+        let pool = scratch_pool(options, 40).await?;
+        let auth = auth_cost(config, &pool, opts).await;
+        pool.close().await;
+        auth
     })
     .await
 }
@@ -499,6 +531,8 @@ async fn run_in(
         "bench: a purge's look-up of its Stripe events, before and after their ids are written"
     );
     let purge = scale::purge_lookup(&pool, &opts.scale).await?;
+    eprintln!("bench: what authenticating a request costs");
+    let auth = auth_cost(config, &pool, opts).await?;
     pool.close().await;
     Ok(Report {
         rebuild,
@@ -518,6 +552,7 @@ async fn run_in(
         pickup_backlog: opts.jobs,
         scrape,
         purge,
+        auth,
         build: if cfg!(debug_assertions) {
             "debug"
         } else {
@@ -1145,6 +1180,7 @@ pub fn print(report: &Report) {
     );
     print_scrape(&report.scrape);
     print_purge(&report.purge);
+    crate::bench_auth::print(&report.auth);
     println!("peak RSS of this process: {:.0} MiB", report.peak_rss_mib);
     println!("{}", serde_json::to_string(report).unwrap_or_default());
 }

@@ -148,9 +148,9 @@ pub enum Command {
         /// Run only this part: "appends" (parts 1, 2 and 2b: the ceiling
         /// and the appends), "rebuild" (part 5, the projection rebuild),
         /// "webhooks" (part 3, with the ceiling at 32 connections it is
-        /// compared with), "jobs" (part 4), "scrape" (part 10) or "purge"
-        /// (part 11, over a mirror of its own).
-        #[arg(long, value_parser = ["appends", "rebuild", "webhooks", "jobs", "scrape", "purge"])]
+        /// compared with), "jobs" (part 4), "scrape" (part 10), "purge"
+        /// (part 11, over a mirror of its own) or "auth" (part 12).
+        #[arg(long, value_parser = ["appends", "rebuild", "webhooks", "jobs", "scrape", "purge", "auth"])]
         only: Option<String>,
     },
     /// The multi-process soak with faults (run through `scripts/chaos`).
@@ -824,6 +824,11 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 }
                 Some("scrape") => {
                     crate::bench::print_scrape(&crate::bench::run_scrape(&config, &opts).await?)
+                }
+                Some("auth") => {
+                    let auth = crate::bench::run_auth(&config, &opts).await?;
+                    crate::bench_auth::print(&auth);
+                    println!("{}", serde_json::to_string(&auth).unwrap_or_default());
                 }
                 Some("purge") => {
                     let purge = crate::bench::run_purge(&config, &opts).await?;

@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod bench;
+pub mod bench_auth;
 pub mod bench_cpu;
 pub mod bench_scale;
 pub mod chaos;
