@@ -238,6 +238,7 @@ async fn auth_cost(
         opts.senders,
         opts.webhooks,
         opts.scale.samples,
+        opts.scale.credit_buckets,
     )
     .await
 }

@@ -29,8 +29,9 @@ pub struct AuthCost {
     /// `GET /healthz`: no authentication, no database.
     pub unauthenticated: Requests,
     /// `GET /v1/credits` with an API key: the authentication and one read
-    /// of the account's balance.
+    /// of the account's balance (10 buckets, among `credit_buckets`).
     pub authenticated: Requests,
+    pub credit_buckets: i64,
     /// `access::authenticate` alone, one call after another on one
     /// connection: the key's read (with the data key's join) and the
     /// unwrapping of the data key.
@@ -49,8 +50,10 @@ pub async fn auth_cost(
     clients: usize,
     requests: usize,
     samples: usize,
+    other_buckets: usize,
 ) -> anyhow::Result<AuthCost> {
     let mut keys = Vec::with_capacity(clients);
+    crate::bench_scale::fill_credit_buckets(pool, other_buckets).await?;
     let mut conn = pool.acquire().await?;
     for i in 0..clients {
         let email = format!(
@@ -62,8 +65,25 @@ pub async fn auth_cost(
                 .await?;
         let key =
             slate_events::access::create_key(&mut conn, account, None, Metadata::system()).await?;
+        // Ten buckets of its own to list.
+        sqlx::query(
+            "insert into credit_buckets (bucket_id, account_id, source, grant_key, amount,
+                                         remaining, expires_at, granted_position, granted_at)
+             select gen_random_uuid(), $1, 'promotion', $1::text || '-bench-' || i, 100, 100,
+                    now() + make_interval(days => i), i, now()
+               from generate_series(1, 10) i",
+        )
+        .bind(account)
+        .execute(&mut *conn)
+        .await?;
         keys.push((account, key.plaintext));
     }
+    sqlx::query("analyze credit_buckets")
+        .execute(&mut *conn)
+        .await?;
+    let credit_buckets: i64 = sqlx::query_scalar("select count(*) from credit_buckets")
+        .fetch_one(&mut *conn)
+        .await?;
     // Each request's own seals, as the extractor makes them.
     let (account, _) = &keys[0];
     let data_key = slate_events::vault::AccountKey::known_or_create(&mut conn, *account, None)
@@ -97,6 +117,7 @@ pub async fn auth_cost(
             clients,
             unauthenticated,
             authenticated,
+            credit_buckets,
             authenticate,
             seal_us,
         })
@@ -165,6 +186,10 @@ pub fn print(a: &AuthCost) {
             r.path, a.clients, r.per_second, r.p50_ms, r.p99_ms, r.errors
         );
     }
+    println!(
+        "12. (each balance lists its account's 10 buckets among {} in the table)",
+        a.credit_buckets
+    );
     println!(
         "12. an API key's authentication alone (its read with the data key, the unwrap): p50 {:.3} ms, p99 {:.3} ms; sealing the address and user agent: {:.1} µs a request",
         a.authenticate.p50_ms, a.authenticate.p99_ms, a.seal_us

@@ -48,6 +48,8 @@ pub struct ScaleOptions {
     /// Purges timed before the mirror's ids are written (each reads it
     /// whole).
     pub purge_scan_samples: usize,
+    /// Credit buckets of other accounts for part 12's balance reads.
+    pub credit_buckets: usize,
 }
 
 impl ScaleOptions {
@@ -63,6 +65,7 @@ impl ScaleOptions {
             finished_generations: 20_000,
             scrape_samples: 10,
             purge_scan_samples: 3,
+            credit_buckets: 20_000,
         }
     }
 }
@@ -80,6 +83,7 @@ impl Default for ScaleOptions {
             finished_generations: 1_000_000,
             scrape_samples: 20,
             purge_scan_samples: 3,
+            credit_buckets: 1_000_000,
         }
     }
 }
@@ -607,6 +611,31 @@ async fn fill_in_batches(
     Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(count.to_owned()))
         .fetch_one(pool)
         .await?)
+}
+
+/// Add `n` credit buckets for 100,000 accounts (a tenth of them promotions,
+/// the rest purchases; a third with credits left), as the grants of a
+/// service in its second year leave them; returns how many the table holds.
+pub async fn fill_credit_buckets(pool: &PgPool, n: usize) -> anyhow::Result<i64> {
+    fill_in_batches(
+        pool,
+        n,
+        200_000,
+        "insert into credit_buckets (bucket_id, account_id, source, stripe_object, grant_key,
+                                     amount, remaining, consumed, expires_at, granted_position,
+                                     granted_at)
+         select gen_random_uuid(), lpad(to_hex(1000000 + ($1 + i) % 100000), 32, '0')::uuid,
+                case when ($1 + i) % 10 = 0 then 'promotion' else 'purchase' end,
+                case when ($1 + i) % 10 = 0 then null else 'pi_bench_bucket_' || ($1 + i) end,
+                'bench-bucket-' || ($1 + i), 1000,
+                case when ($1 + i) % 3 = 0 then 1000 else 0 end,
+                case when ($1 + i) % 3 = 0 then 0 else 1000 end,
+                now() + make_interval(days => (($1 + i) % 365)::int), $1 + i, now()
+           from generate_series(1, $2) i",
+        "credit_buckets",
+        "select count(*) from credit_buckets",
+    )
+    .await
 }
 
 /// Add `n` finished generations (the four kinds; mostly succeeded, some
