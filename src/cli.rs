@@ -121,6 +121,10 @@ pub enum Command {
         /// (part 10).
         #[arg(long)]
         stripe_events: Option<usize>,
+        /// Credit buckets of other accounts among which part 12 reads
+        /// balances.
+        #[arg(long)]
+        credit_buckets: Option<usize>,
         /// Done jobs in the queue's table for the scrape measurement
         /// (part 10).
         #[arg(long)]
@@ -776,6 +780,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             audit_entries,
             samples,
             stripe_events,
+            credit_buckets,
             finished_jobs,
             finished_generations,
             generation_fetchers,
@@ -807,6 +812,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             s.audit_entries = audit_entries.unwrap_or(s.audit_entries);
             s.samples = samples.unwrap_or(s.samples).max(1);
             s.stripe_events = stripe_events.unwrap_or(s.stripe_events);
+            s.credit_buckets = credit_buckets.unwrap_or(s.credit_buckets);
             s.finished_jobs = finished_jobs.unwrap_or(s.finished_jobs);
             s.finished_generations = finished_generations.unwrap_or(s.finished_generations);
             match only.as_deref() {
