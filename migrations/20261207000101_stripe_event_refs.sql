@@ -9,11 +9,10 @@
 -- mirror inside the purge's erase transaction, growing with the mirror
 -- (kept for ever).
 --
--- `refs` holds the body's Stripe ids of the kinds a purge looks for
--- (customers, payment intents, checkout sessions, invoices) and every UUID
--- inside a string, outside the fields the purge redacts
--- (slate_events::stripe::refs_of): no personal details. A purge whose
--- needles include an id of another kind scans every body for it. Processing writes it, as does every
+-- `refs` holds every string of the body shaped like a Stripe id (letters,
+-- digits and underscores, with an underscore) and every UUID inside a
+-- string, outside the fields the purge redacts (slate_events::stripe::
+-- refs_of): no personal details. Processing writes it, as does every
 -- redaction; the maintenance sweep fills it for the rows written before
 -- (oldest first, a batch a sweep). A row whose `refs` is still null is
 -- looked for by the old scan, over those rows only, so a purge finds the

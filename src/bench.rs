@@ -1091,8 +1091,9 @@ pub fn print_scrape(s: &crate::bench_scale::Scrape) {
 
 pub fn print_purge(p: &crate::bench_scale::PurgeLookup) {
     println!(
-        "11. a purge's look-up of its Stripe events ({} found and redacted) in a mirror of {}: p50 / p99 ms {:.1} / {:.1} before their ids are written (every body scanned), {:.1} / {:.1} after (the sweep wrote them in {:.0} s, {:.0} events/s; their index {:.0} MiB)",
-        p.events_per_account,
+        "11. a purge's look-up of its Stripe events ({} to {} found and redacted) in a mirror of {}: p50 / p99 ms {:.1} / {:.1} before their ids are written (every body scanned), {:.1} / {:.1} after (the sweep wrote them in {:.0} s, {:.0} events/s; their index {:.0} MiB)",
+        p.events_per_account.0,
+        p.events_per_account.1,
         p.stripe_events,
         p.unmapped.p50_ms,
         p.unmapped.p99_ms,

@@ -771,8 +771,9 @@ pub struct PurgeLookup {
     pub mapped: Percentiles,
     /// The size of that index (`stripe_events_refs_idx`) once written.
     pub refs_index_mib: f64,
-    /// Events found and redacted (then rolled back) by a purge.
-    pub events_per_account: u64,
+    /// Events found and redacted (then rolled back) by a purge, fewest and
+    /// most.
+    pub events_per_account: (u64, u64),
 }
 
 /// Part 11 on `pool`'s database, after [`fill_stripe_mirror`]: the purge's
@@ -783,7 +784,9 @@ pub async fn purge_lookup(pool: &PgPool, opts: &ScaleOptions) -> anyhow::Result<
     let stripe_events: i64 = sqlx::query_scalar("select count(*) from stripe_events")
         .fetch_one(pool)
         .await?;
-    let customers = CUSTOMERS.min(stripe_events.max(1));
+    // The customers the filled mirror names (part 3's events, in the same
+    // table in a full run, name none of them).
+    let customers = CUSTOMERS.min(opts.stripe_events.max(1) as i64);
     sqlx::query(
         "insert into stripe_customers (customer_id, account_id, linked_at)
          select 'cus_bench_' || k, lpad(to_hex(k), 32, '0')::uuid, now()
@@ -800,13 +803,14 @@ pub async fn purge_lookup(pool: &PgPool, opts: &ScaleOptions) -> anyhow::Result<
         pool: &PgPool,
         customers: i64,
         samples: usize,
-    ) -> anyhow::Result<(Percentiles, u64)> {
-        let (mut ms, mut found) = (Vec::with_capacity(samples), 0);
+    ) -> anyhow::Result<(Percentiles, (u64, u64))> {
+        let (mut ms, mut found) = (Vec::with_capacity(samples), (u64::MAX, 0));
         for i in 0..samples {
             let account = account_for((i * 7919) % customers as usize);
             let mut tx = pool.begin().await?;
             let t = Instant::now();
-            found = slate_events::stripe::redact_personal_details(&mut tx, account).await?;
+            let n = slate_events::stripe::redact_personal_details(&mut tx, account).await?;
+            found = (found.0.min(n), found.1.max(n));
             ms.push(millis(t));
             tx.rollback().await?;
         }

@@ -428,7 +428,8 @@ fn redact_tax_ids(v: &mut Value) -> bool {
 /// redaction erases are left out (a name can look like an id), and so are
 /// object keys, which are field names.
 pub fn refs_of(payload: &Value) -> Vec<String> {
-    fn walk(v: &Value, out: &mut Vec<String>) {
+    /// `in_tax_ids`: inside a list of tax ids, whose `value`s are erased.
+    fn walk(v: &Value, in_tax_ids: bool, out: &mut Vec<String>) {
         match v {
             Value::String(s) => {
                 if is_ref(s) {
@@ -440,18 +441,34 @@ pub fn refs_of(payload: &Value) -> Vec<String> {
                 let tax_id = map.get("object").and_then(Value::as_str) == Some("tax_id");
                 for (k, val) in map {
                     let k = k.as_str();
-                    if !(PERSONAL.contains(&k) || TAX_IDS.contains(&k) || (tax_id && k == "value"))
-                    {
-                        walk(val, out);
+                    if PERSONAL.contains(&k) || ((tax_id || in_tax_ids) && k == "value") {
+                        continue;
                     }
+                    walk(val, in_tax_ids || TAX_IDS.contains(&k), out);
                 }
             }
-            Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+            Value::Array(items) => items.iter().for_each(|i| walk(i, in_tax_ids, out)),
             _ => {}
         }
     }
     let mut out = Vec::new();
-    walk(payload, &mut out);
+    walk(payload, false, &mut out);
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// [`refs_of`] for a body that is not JSON (which the purge drops whole):
+/// every quoted token that is an id of a kind kept, and every UUID in it,
+/// whatever field holds them: what a scan of its text for the needles
+/// would find.
+fn refs_of_text(raw: &str) -> Vec<String> {
+    let mut out: Vec<String> = raw
+        .split('"')
+        .filter(|t| is_ref(t))
+        .map(str::to_owned)
+        .collect();
+    uuids_in(raw, &mut out);
     out.sort_unstable();
     out.dedup();
     out
@@ -464,11 +481,21 @@ pub fn refs_of(payload: &Value) -> Vec<String> {
 const REF_PREFIXES: &[&str] = &["cus_", "pi_", "cs_", "in_"];
 
 /// Whether `s` is a Stripe id of a kind [`refs_of`] keeps: one of
-/// [`REF_PREFIXES`], then letters, digits and underscores.
+/// [`REF_PREFIXES`], then letters, digits and underscores. Adding a kind
+/// needs a migration that sets `refs` to null again (rows mapped before
+/// would not hold it, and the purge would take the kind as indexed).
+/// A payment intent's client secret (`pi_…_secret_…`) has the shape too,
+/// and is left out.
 fn is_ref(s: &str) -> bool {
     (4..=255).contains(&s.len())
         && REF_PREFIXES.iter().any(|p| s.starts_with(p))
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && is_id_shaped(s)
+        && !s.contains("_secret_")
+}
+
+/// Letters, digits and underscores only: what a Stripe id is made of.
+fn is_id_shaped(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// Every UUID (8-4-4-4-12 hex digits) inside `s`, in lower case.
@@ -488,6 +515,20 @@ fn uuids_in(s: &str, out: &mut Vec<String>) {
             i += 1;
         }
     }
+}
+
+/// A purge's needles from its account's customers and purchases: the ids
+/// [`refs_of`] holds, and LIKE patterns for Stripe ids of other kinds (a
+/// purchase filed under some other object), looked for in every body:
+/// slow, never missed. What is not shaped like a Stripe id is Slate's own
+/// (a purchase's `<dispute>:restored`, `<bucket>:refund-returned`), in no
+/// body: left out.
+fn needles(found: Vec<String>) -> (Vec<String>, Vec<String>) {
+    let (ids, other): (Vec<String>, Vec<String>) = found
+        .into_iter()
+        .filter(|id| is_id_shaped(id))
+        .partition(|id| is_ref(id));
+    (ids, other.iter().map(|id| like_needle(id)).collect())
 }
 
 /// A LIKE pattern for `id` as a whole JSON string, for the rows whose
@@ -512,7 +553,7 @@ pub async fn redact_personal_details(
 ) -> Result<u64, Error> {
     // Its customers, and the payments that bought it credits (a dispute
     // names its charge and payment intent, not the customer).
-    let mut ids: Vec<String> = sqlx::query_scalar(
+    let found: Vec<String> = sqlx::query_scalar(
         "select customer_id from stripe_customers where account_id = $1
          union
          select stripe_object from credit_buckets
@@ -521,18 +562,12 @@ pub async fn redact_personal_details(
     .bind(account_id)
     .fetch_all(&mut *conn)
     .await?;
+    let (mut ids, unmapped_kinds) = needles(found);
     // Rows not mapped yet (`refs` null: written before it existed and not
     // reached by the sweep yet, or waiting for their processing) are
     // scanned for the ids, and for the account's id anywhere in them.
     let mut patterns: Vec<String> = ids.iter().map(|id| like_needle(id)).collect();
     patterns.push(format!("%{account_id}%"));
-    // An id of a kind `refs` does not hold (a purchase filed under some
-    // other object) is looked for in every body: slow, never missed.
-    let unmapped_kinds: Vec<String> = ids
-        .iter()
-        .filter(|id| !is_ref(id))
-        .map(|id| like_needle(id))
-        .collect();
     if !unmapped_kinds.is_empty() {
         tracing::warn!(
             ids = unmapped_kinds.len(),
@@ -548,6 +583,7 @@ pub async fn redact_personal_details(
     let mut find = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select stripe_event_id, raw, refs is null from stripe_events
           where refs && $1 or (refs is null and raw like any($2)){everywhere}
+          order by stripe_event_id
             for update"
     )))
     .bind(&ids)
@@ -581,37 +617,39 @@ pub async fn redact_personal_details(
 
 /// Write [`refs_of`] for up to `limit` mirrored events that have none yet
 /// (written before `refs` existed, or waiting for their processing), oldest
-/// first, in one transaction; returns how many. Rows locked by a processing
-/// are skipped (it writes them). A body that is not JSON names nothing.
+/// first; returns how many were read (each has refs after). A body that is
+/// not JSON is read as text ([`refs_of_text`]).
 pub async fn map_unmapped(pool: &PgPool, limit: i64) -> Result<u64, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    // Read without locks (no transaction id is held while the bodies are
+    // parsed); a row whose body changed meanwhile has its refs written by
+    // whoever changed it, and is left alone below.
     let rows: Vec<(String, String)> = sqlx::query_as(
         "select stripe_event_id, raw from stripe_events where refs is null
-          order by received_at limit $1 for update skip locked",
+          order by received_at limit $1",
     )
     .bind(limit)
-    .fetch_all(&mut *tx)
+    .fetch_all(pool)
     .await?;
     // Ids hold no spaces: each row's refs go as one space-separated string.
     let (ids, refs): (Vec<&str>, Vec<String>) = rows
         .iter()
         .map(|(id, raw)| {
-            let refs = serde_json::from_str::<Value>(raw)
-                .map(|v| refs_of(&v).join(" "))
-                .unwrap_or_default();
-            (id.as_str(), refs)
+            let refs = match serde_json::from_str::<Value>(raw) {
+                Ok(v) => refs_of(&v),
+                Err(_) => refs_of_text(raw),
+            };
+            (id.as_str(), refs.join(" "))
         })
         .unzip();
     sqlx::query(
         "update stripe_events s set refs = string_to_array(r.refs, ' ')
            from unnest($1::text[], $2::text[]) as r(id, refs)
-          where s.stripe_event_id = r.id",
+          where s.stripe_event_id = r.id and s.refs is null",
     )
     .bind(&ids)
     .bind(&refs)
-    .execute(&mut *tx)
+    .execute(pool)
     .await?;
-    tx.commit().await?;
     Ok(rows.len() as u64)
 }
 
@@ -1297,6 +1335,29 @@ mod redaction_tests {
         let mut redacted = event.clone();
         assert!(redact(&mut redacted["data"], false));
         assert_eq!(refs_of(&redacted), refs_of(&event));
+        // Ids inside a list of tax ids count, their values do not; nor does
+        // a client secret.
+        let list = json!({"data": {"object": {
+            "tax_ids": {"object": "list", "data": [{"object": "tax_id", "customer": "cus_2", "value": "in_3"}]},
+            "customer_tax_ids": [{"type": "eu_vat", "value": "pi_4"}],
+            "client_secret": "pi_5_secret_abc",
+        }}});
+        assert_eq!(refs_of(&list), ["cus_2"]);
+        // A body that is not JSON: its quoted ids and UUIDs, wherever.
+        let broken =
+            format!(r#"{{"a": "cus_9", "b": "{account} x", "c": "pi_9_secret_x", "d": [1e999"#);
+        assert_eq!(refs_of_text(&broken), [account, "cus_9"]);
+        // Needles: ids refs hold, patterns for Stripe ids of other kinds,
+        // nothing for Slate's own composite objects.
+        let (ids, scanned) = needles(vec![
+            "cus_1".into(),
+            "pi_1".into(),
+            "ch_1".into(),
+            format!("{account}:restored"),
+            "b:refund-returned".into(),
+        ]);
+        assert_eq!(ids, ["cus_1", "pi_1"]);
+        assert_eq!(scanned, [r#"%"ch\_1"%"#]);
         // A needle as a whole JSON string, its underscores literal.
         assert_eq!(like_needle("cus_a1"), r#"%"cus\_a1"%"#);
     }

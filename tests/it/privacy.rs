@@ -615,16 +615,6 @@ async fn an_export_opens_only_what_the_accounts_own_key_sealed() {
     assert!(!export.contains(&bob_email), "{export}");
 }
 
-/// `serve` and `work` as real processes at trace level, with the body
-/// debug switch on for the submission route, through a generation and a
-/// deletion (whose email goes to a fake email API); then a dump of the
-/// database. Neither the logs nor the dump outside `accounts` hold the
-/// prompt, the email address, the API key or the email API's key; the
-/// debugged route's bodies are logged, scrubbed.
-/// An email API that refuses the farewell (here 422: an address it will
-/// not send to) does not stop the purge: everything personal is erased and
-/// the step says why no farewell went out. (The refusal ended every run
-/// before the erase, for good.) A transient failure still retries it.
 /// The purge finds an account's mirrored Stripe events by the ids they name
 /// (`refs`, written by their processing and by the sweep), and still scans
 /// the rows not mapped yet (written before `refs` existed); it maps what it
@@ -654,9 +644,8 @@ async fn the_purge_finds_mirrored_events_by_their_ids_and_scans_rows_not_mapped_
         .unwrap();
         rows
     };
-    // Processing wrote each event's ids; the dispute is found by its
-    // payment intent (what her credits were bought with), not by her
-    // customer.
+    // Processing wrote each event's ids; the dispute names her only by its
+    // payment intent (what her credits were bought with).
     let processed = mirror().await;
     assert_eq!(processed.len(), 8);
     for (id, raw, refs) in &processed {
@@ -665,15 +654,58 @@ async fn the_purge_finds_mirrored_events_by_their_ids_and_scans_rows_not_mapped_
         assert_eq!(refs, &slate_events::stripe::refs_of(&body), "{id}");
         assert!(!refs.is_empty(), "{id}");
     }
-    let dispute = |run: &str| format!("evt_{run}_11");
     let refs_of = |id: &str| processed.iter().find(|r| r.0 == id).unwrap().2.clone();
-    let alice_dispute = refs_of(&dispute(&alice_run)).unwrap();
-    assert_eq!(alice_dispute, [format!("pi_{alice_run}_in4")]);
-    assert!(!alice_dispute.contains(&format!("cus_{alice_run}")));
+    let alice_dispute = format!("evt_{alice_run}_11");
+    assert_eq!(
+        refs_of(&alice_dispute).unwrap(),
+        [format!("pi_{alice_run}_in4")]
+    );
 
-    // A customer id of a kind `refs` does not hold, named by an event
-    // mapped already: found by a scan of every body.
-    let odd_customer = format!("cust-legacy-{alice_run}");
+    // Rows written some other way, each holding her email:
+    let insert = |id: String, raw: String, refs: Option<Vec<String>>| {
+        let app = &app;
+        async move {
+            sqlx::query(
+                "insert into stripe_events (stripe_event_id, event_type, livemode, created, raw,
+                                            source, parsed, status, refs)
+                 values ($1, 'customer.updated', false, now(), $2, 'webhook', true, 'ignored', $3)",
+            )
+            .bind(&id)
+            .bind(raw)
+            .bind(refs)
+            .execute(&app.db.pool)
+            .await
+            .unwrap();
+            id
+        }
+    };
+    let body = |id: &str, object: Value| {
+        json!({"id": id, "object": "event", "type": "customer.updated",
+               "data": {"object": object}})
+        .to_string()
+    };
+    // - one naming her account only (in its metadata), not mapped yet;
+    let by_account = format!("evt_{alice_run}_by_account");
+    let by_account = insert(
+        by_account.clone(),
+        body(
+            &by_account,
+            json!({"object": "customer", "email": "ada@example.com",
+                   "metadata": {"account_id": alice.to_string()}}),
+        ),
+        None,
+    )
+    .await;
+    // - one whose body is not JSON, naming her customer, not mapped yet;
+    let broken = insert(
+        format!("evt_{alice_run}_broken"),
+        format!(r#"{{"data": {{"object": {{"customer": "cus_{alice_run}", "email": "ada@example.com", "n": 1e999"#),
+        None,
+    )
+    .await;
+    // - one naming a customer id of hers of a kind `refs` does not hold,
+    //   mapped already (found by a scan of every body).
+    let odd_customer = format!("acct_legacy_{alice_run}");
     sqlx::query(
         "insert into stripe_customers (customer_id, account_id, linked_at) values ($1, $2, now())",
     )
@@ -682,28 +714,39 @@ async fn the_purge_finds_mirrored_events_by_their_ids_and_scans_rows_not_mapped_
     .execute(&app.db.pool)
     .await
     .unwrap();
-    let odd_event = format!("evt_{alice_run}_legacy");
-    sqlx::query(
-        "insert into stripe_events (stripe_event_id, event_type, livemode, created, raw, source,
-                                    parsed, status, refs)
-         values ($1, 'customer.updated', false, now(), $2, 'webhook', true, 'ignored', '{}')",
+    let odd_event = format!("evt_{alice_run}_odd");
+    let odd_event = insert(
+        odd_event.clone(),
+        body(
+            &odd_event,
+            json!({"id": odd_customer, "object": "customer", "email": "ada@example.com"}),
+        ),
+        Some(vec![]),
     )
-    .bind(&odd_event)
-    .bind(
-        json!({"id": odd_event, "object": "event", "type": "customer.updated",
-               "data": {"object": {"id": odd_customer, "object": "customer", "email": "ada@example.com"}}})
-        .to_string(),
-    )
-    .execute(&app.db.pool)
-    .await
-    .unwrap();
-    // As if written before `refs` existed: her invoice and her dispute,
-    // and Bob's invoice.
-    let unmapped = [
-        format!("evt_{alice_run}_07"),
-        dispute(&alice_run),
-        format!("evt_{bob_run}_07"),
-    ];
+    .await;
+    // The sweep maps the first two: her account's id, and the broken
+    // body's quoted ids.
+    let report = slate_workers::sweeper::sweep(&app.db.pool, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(report.stripe_events_mapped, 2);
+    let refs: Vec<(String, Vec<String>)> =
+        sqlx::query_as("select stripe_event_id, refs from stripe_events where stripe_event_id = any($1) order by stripe_event_id")
+            .bind([&broken, &by_account])
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        refs,
+        [
+            (broken.clone(), vec![format!("cus_{alice_run}")]),
+            (by_account.clone(), vec![alice.to_string()]),
+        ]
+    );
+
+    // As if written before `refs` existed: her invoice and Bob's. Her
+    // dispute stays mapped (found through its payment intent).
+    let unmapped = [format!("evt_{alice_run}_07"), format!("evt_{bob_run}_07")];
     sqlx::query("update stripe_events set refs = null where stripe_event_id = any($1)")
         .bind(&unmapped[..])
         .execute(&app.db.pool)
@@ -716,19 +759,25 @@ async fn the_purge_finds_mirrored_events_by_their_ids_and_scans_rows_not_mapped_
     tx.commit().await.unwrap();
     // Her subscription's event names her customer and holds nothing
     // personal.
-    assert_eq!(redacted, 4, "her checkout, invoice, dispute and odd one");
+    assert_eq!(
+        redacted, 6,
+        "her checkout, invoice, dispute, and the three rows above"
+    );
     for (id, raw, refs) in mirror().await {
         if id.contains(&alice_run) {
             assert!(!raw.contains("ada@example.com"), "{id}: {raw}");
-            // Mapped now, from the redacted body: the same ids.
-            if id != odd_event {
+            assert!(refs.is_some(), "{id}");
+            if id == broken {
+                assert_eq!(raw, "{}", "unreadable: dropped whole");
+            } else if ![&by_account, &odd_event].contains(&&id) {
+                // Mapped from the redacted body: the same ids.
                 assert_eq!(refs, refs_of(&id), "{id}");
             }
         } else {
             // Bob's are untouched, his unmapped invoice too.
             let before = &processed.iter().find(|r| r.0 == id).unwrap().1;
             assert_eq!(&raw, before, "{id}");
-            assert_eq!(refs.is_none(), id == unmapped[2], "{id}");
+            assert_eq!(refs.is_none(), id == unmapped[1], "{id}");
         }
     }
     // The sweep maps the rest, as processing would have.
@@ -737,10 +786,14 @@ async fn the_purge_finds_mirrored_events_by_their_ids_and_scans_rows_not_mapped_
         .unwrap();
     assert_eq!(report.stripe_events_mapped, 1);
     let after = mirror().await;
-    let bob_invoice = after.iter().find(|r| r.0 == unmapped[2]).unwrap();
-    assert_eq!(bob_invoice.2, refs_of(&unmapped[2]));
+    let bob_invoice = after.iter().find(|r| r.0 == unmapped[1]).unwrap();
+    assert_eq!(bob_invoice.2, refs_of(&unmapped[1]));
 }
 
+/// An email API that refuses the farewell (here 422: an address it will
+/// not send to) does not stop the purge: everything personal is erased and
+/// the step says why no farewell went out. (The refusal ended every run
+/// before the erase, for good.) A transient failure still retries it.
 #[tokio::test]
 async fn a_refused_farewell_email_does_not_stop_the_purge() {
     let app = spawn_app_with(&[]).await;
@@ -859,6 +912,12 @@ async fn the_purge_waits_on_other_services_holding_no_transaction_id() {
     );
 }
 
+/// `serve` and `work` as real processes at trace level, with the body
+/// debug switch on for the submission route, through a generation and a
+/// deletion (whose email goes to a fake email API); then a dump of the
+/// database. Neither the logs nor the dump outside `accounts` hold the
+/// prompt, the email address, the API key or the email API's key; the
+/// debugged route's bodies are logged, scrubbed.
 #[tokio::test]
 async fn trace_logs_of_serve_and_work_and_a_database_dump_hold_no_prompt_email_or_secret() {
     use std::process::{Command, Stdio};
