@@ -668,10 +668,9 @@ const CUSTOMERS: i64 = 100_000;
 
 /// Add `n` processed events to the Stripe mirror, shaped like the real rows
 /// (a checkout's body, about 1.4 kB, naming one of [`CUSTOMERS`] and its
-/// email), received
-/// over the `n` seconds before an hour ago and processed within a second of
-/// it (past the fold's margin). Their `refs` are not written: as the rows
-/// mirrored before that column existed.
+/// email), received over the `n` seconds before an hour ago and processed
+/// within a second of it (past the fold's margin). Their `refs` are not
+/// written: as the rows mirrored before that column existed.
 pub async fn fill_stripe_mirror(pool: &PgPool, n: usize) -> anyhow::Result<i64> {
     fill_in_batches(
         pool,
