@@ -424,12 +424,12 @@ fn redact_tax_ids(v: &mut Value) -> bool {
 /// The ids a mirrored event names (`stripe_events.refs`), for a purge to
 /// find the event by an index look-up: every string that is an id of a kind
 /// a purge looks for ([`is_ref`]) and every UUID inside a string (an account
-/// id, in metadata or a checkout's reference), sorted, each once. Fields the
-/// redaction erases are left out (a name can look like an id), and so are
-/// object keys, which are field names.
+/// id, in metadata or a checkout's reference), sorted, each once. They are
+/// read from the body as [`redact`] leaves it, so nothing personal is kept
+/// (a name can look like an id); object keys, which are field names, are
+/// not read.
 pub fn refs_of(payload: &Value) -> Vec<String> {
-    /// `in_tax_ids`: inside a list of tax ids, whose `value`s are erased.
-    fn walk(v: &Value, in_tax_ids: bool, out: &mut Vec<String>) {
+    fn walk(v: &Value, out: &mut Vec<String>) {
         match v {
             Value::String(s) => {
                 if is_ref(s) {
@@ -437,25 +437,16 @@ pub fn refs_of(payload: &Value) -> Vec<String> {
                 }
                 uuids_in(s, out);
             }
-            Value::Object(map) => {
-                let tax_id = map.get("object").and_then(Value::as_str) == Some("tax_id");
-                for (k, val) in map {
-                    let k = k.as_str();
-                    if PERSONAL.contains(&k) || ((tax_id || in_tax_ids) && k == "value") {
-                        continue;
-                    }
-                    walk(val, in_tax_ids || TAX_IDS.contains(&k), out);
-                }
-            }
-            Value::Array(items) => items.iter().for_each(|i| walk(i, in_tax_ids, out)),
+            Value::Object(map) => map.values().for_each(|v| walk(v, out)),
+            Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
             _ => {}
         }
     }
+    let mut redacted = payload.clone();
+    redact(&mut redacted, false);
     let mut out = Vec::new();
-    walk(payload, false, &mut out);
-    out.sort_unstable();
-    out.dedup();
-    out
+    walk(&redacted, &mut out);
+    sorted(out)
 }
 
 /// [`refs_of`] for a body that is not JSON (which the purge drops whole):
@@ -469,9 +460,13 @@ fn refs_of_text(raw: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect();
     uuids_in(raw, &mut out);
-    out.sort_unstable();
-    out.dedup();
-    out
+    sorted(out)
+}
+
+fn sorted(mut refs: Vec<String>) -> Vec<String> {
+    refs.sort_unstable();
+    refs.dedup();
+    refs
 }
 
 /// The kinds of Stripe ids a purge looks for: its account's customers, and
