@@ -194,10 +194,12 @@ pub async fn authenticate(conn: &mut PgConnection, presented: &str) -> Result<Pr
         staff: bool,
         live: bool,
         wrapped: Option<String>,
+        used_lately: bool,
     }
     let row: Option<Row> = sqlx::query_as(
         "select k.key_id, k.account_id, k.secret_hash, a.staff,
-                k.revoked_at is null and a.deleted_at is null as live, ak.wrapped
+                k.revoked_at is null and a.deleted_at is null as live, ak.wrapped,
+                coalesce(k.last_used_at >= now() - interval '1 minute', false) as used_lately
            from api_keys k join accounts a using (account_id)
                 left join account_keys ak using (account_id)
           where k.prefix = $1",
@@ -225,14 +227,18 @@ pub async fn authenticate(conn: &mut PgConnection, presented: &str) -> Result<Pr
             owner: Some((row.account_id, data_key)),
         }));
     }
-    // Coarse last-use tracking: at most one write a minute per key.
-    sqlx::query(
-        "update api_keys set last_used_at = now()
-          where key_id = $1 and (last_used_at is null or last_used_at < now() - interval '1 minute')",
-    )
-    .bind(row.key_id)
-    .execute(&mut *conn)
-    .await?;
+    // Coarse last-use tracking: at most one write a minute per key, and no
+    // statement at all when the read above saw a use within the minute (the
+    // update's own condition settles concurrent requests).
+    if !row.used_lately {
+        sqlx::query(
+            "update api_keys set last_used_at = now()
+              where key_id = $1 and (last_used_at is null or last_used_at < now() - interval '1 minute')",
+        )
+        .bind(row.key_id)
+        .execute(&mut *conn)
+        .await?;
+    }
     Ok(Presented::Owner(KeyOwner {
         account_id: row.account_id,
         key_id: row.key_id,

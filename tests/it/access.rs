@@ -1254,3 +1254,46 @@ pub async fn delete_committed(
     .unwrap();
     tx.commit().await.unwrap();
 }
+
+/// A key's last use is kept to the minute: the first request writes it, a
+/// request within the minute leaves it, one after the minute writes it again.
+#[tokio::test]
+async fn a_keys_last_use_is_written_at_most_once_a_minute() {
+    type At = Option<chrono::DateTime<chrono::Utc>>;
+    let app = spawn_app_with(&[]).await;
+    let (alice, key) = key_for(&app).await;
+    let last_used = || async {
+        sqlx::query_scalar::<_, At>("select last_used_at from api_keys where account_id = $1")
+            .bind(alice)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap()
+    };
+    let pool = &app.db.pool;
+    let set_back = |seconds: i32| async move {
+        sqlx::query(
+            "update api_keys set last_used_at = now() - $2 * interval '1 second'
+              where account_id = $1",
+        )
+        .bind(alice)
+        .bind(seconds)
+        .execute(pool)
+        .await
+        .unwrap();
+    };
+    assert_eq!(last_used().await, None);
+    assert_eq!(call(&app, "GET", "/v1/credits", Some(&key)).await.0, 200);
+    assert!(last_used().await.is_some());
+
+    set_back(30).await;
+    let half_a_minute_ago = last_used().await;
+    assert_eq!(call(&app, "GET", "/v1/credits", Some(&key)).await.0, 200);
+    assert_eq!(last_used().await, half_a_minute_ago);
+
+    set_back(90).await;
+    let before = last_used().await;
+    assert_eq!(call(&app, "GET", "/v1/credits", Some(&key)).await.0, 200);
+    assert!(last_used().await > before);
+    let listed = call(&app, "GET", "/v1/keys", Some(&key)).await.1;
+    assert!(listed.to_string().contains("last_used_at"), "{listed}");
+}
