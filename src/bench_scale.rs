@@ -818,12 +818,8 @@ pub async fn purge_lookup(pool: &PgPool, opts: &ScaleOptions) -> anyhow::Result<
     // Each one reads the whole mirror: a few are enough.
     let (unmapped, _) = redact(pool, customers, opts.purge_scan_samples).await?;
     let t = Instant::now();
-    loop {
-        let n = slate_events::stripe::map_unmapped(pool, 1_000).await?;
-        if n == 0 {
-            break;
-        }
-    }
+    // The sweep's batches, without its time budget.
+    slate_workers::sweeper::map_stripe_events(pool, std::time::Duration::MAX).await?;
     let map_seconds = t.elapsed().as_secs_f64();
     sqlx::query("vacuum analyze stripe_events")
         .execute(pool)

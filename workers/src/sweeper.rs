@@ -45,12 +45,14 @@ const IDEMPOTENCY_EXPIRY_EVERY: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 const IDEMPOTENCY_EXPIRY_BATCH: i64 = 500_000;
 
 /// Mirrored Stripe events whose ids are written for the purge's look-up
-/// (`stripe_events.refs`) at most at each sweep, in batches (a read, then
-/// one update): the rows written before it existed are done in about 50
-/// minutes a million at the default sweep interval (the batches alone go
-/// at about 19,000 rows a second: `slate bench --only purge`).
+/// (`stripe_events.refs`), in batches (a read, then one update), for at most
+/// this long at each sweep: at the batches' pace alone (about 19,000 rows a
+/// second: `slate bench --only purge`) that is some 95,000 rows a sweep, so
+/// the rows written before the column existed are done in about six minutes
+/// a million at the default sweep interval. Until then a purge scans their
+/// bodies.
+const STRIPE_REFS_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
 const STRIPE_REFS_BATCH: i64 = 1_000;
-const STRIPE_REFS_BATCHES: usize = 10;
 
 /// How often subscriptions left renewing for deleted accounts (or left
 /// ending for restored ones) are looked for (`renewal::schedule_missing`).
@@ -152,14 +154,7 @@ pub async fn sweep_with(
         } else {
             0
         };
-    let mut stripe_events_mapped = 0;
-    for _ in 0..STRIPE_REFS_BATCHES {
-        let n = slate_events::stripe::map_unmapped(pool, STRIPE_REFS_BATCH).await?;
-        stripe_events_mapped += n;
-        if n < STRIPE_REFS_BATCH as u64 {
-            break;
-        }
-    }
+    let stripe_events_mapped = map_stripe_events(pool, STRIPE_REFS_BUDGET).await?;
     Ok(SweepReport {
         stripe_events_mapped,
         idempotency_keys_expired,
@@ -176,6 +171,24 @@ pub async fn sweep_with(
         generations_abandoned,
         audit_entries_dropped,
     })
+}
+
+/// Write the ids of mirrored Stripe events not mapped yet, oldest first, a
+/// batch at a time until none is left or `budget` has passed (one batch at
+/// least); how many were mapped.
+pub async fn map_stripe_events(
+    pool: &PgPool,
+    budget: std::time::Duration,
+) -> Result<u64, sqlx::Error> {
+    let started = std::time::Instant::now();
+    let mut mapped = 0;
+    loop {
+        let n = slate_events::stripe::map_unmapped(pool, STRIPE_REFS_BATCH).await?;
+        mapped += n;
+        if n < STRIPE_REFS_BATCH as u64 || started.elapsed() >= budget {
+            return Ok(mapped);
+        }
+    }
 }
 
 /// The scheduled maintenance job (`slate.maintenance`): holds past their
