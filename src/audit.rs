@@ -1,6 +1,8 @@
 //! The audit log as staff read it: one query behind the HTTP routes and
 //! `slate audit query|export`.
 
+use std::collections::BTreeSet;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -28,6 +30,11 @@ pub struct AuditEntry {
     pub api_key_id: Option<Uuid>,
     pub ip: Option<String>,
     pub user_agent: Option<String>,
+    /// The accounts whose sealed values were opened in it (the key's owner,
+    /// for a refused key's address): a staff read is recorded against them.
+    #[sqlx(skip)]
+    #[serde(skip)]
+    pub opened_for: Vec<Uuid>,
 }
 
 pub const COLUMNS: &str = "seq, position, event_id, at, actor_kind, actor_id, impersonator, action, account_id, \
@@ -200,6 +207,7 @@ async fn open_origins(
             }
         }
         keys.reveal(&mut conn, &mut e.targets).await?;
+        e.opened_for = keys.take_opened().into_iter().collect();
     }
     Ok(())
 }
@@ -261,10 +269,17 @@ pub async fn entry(pool: &PgPool, seq: i64) -> Result<Option<AuditEntry>, slate_
 /// The event an entry was made from, with its personal fields (and its
 /// request's origin) opened for staff, or shown as erased once the account
 /// is purged.
+pub struct Cause {
+    pub event: Value,
+    /// The accounts whose sealed values were opened in it.
+    pub opened_for: BTreeSet<Uuid>,
+}
+
+/// The [`Cause`] of the entry made from `event_id`.
 pub async fn causing_event(
     pool: &PgPool,
     event_id: Uuid,
-) -> Result<Option<Value>, slate_events::Error> {
+) -> Result<Option<Cause>, slate_events::Error> {
     let mut conn = pool.acquire().await?;
     let event: Option<Value> = sqlx::query_scalar(
         "select jsonb_build_object('event_id', event_id, 'stream_id', stream_id,
@@ -283,7 +298,20 @@ pub async fn causing_event(
     for part in ["payload", "metadata"] {
         keys.reveal(&mut conn, &mut event[part]).await?;
     }
-    Ok(Some(event))
+    Ok(Some(Cause {
+        event,
+        opened_for: keys.take_opened(),
+    }))
+}
+
+/// The accounts one entry's page reads (see `http::audit::record_reads`):
+/// the entry's account, and those whose sealed values were opened in the
+/// entry or its cause, whether or not the entry is a staff read itself.
+pub fn accounts_read(entry: &AuditEntry, cause: Option<&Cause>) -> BTreeSet<Uuid> {
+    let mut accounts: BTreeSet<Uuid> = entry.account_id.into_iter().collect();
+    accounts.extend(entry.opened_for.iter().copied());
+    accounts.extend(cause.into_iter().flat_map(|c| c.opened_for.iter().copied()));
+    accounts
 }
 
 /// The entries related to one: the same request, generation, Stripe event

@@ -8,7 +8,7 @@
 //! a dump of the database alone opens nothing. Values written before sealing
 //! existed (plain strings) read as themselves.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::OnceLock;
 
 use sqlx::PgConnection;
@@ -169,6 +169,8 @@ pub struct Keyring {
     keys: HashMap<Uuid, Option<SealingKey>>,
     /// Open only this account's values ([`Keyring::only`]).
     only: Option<Uuid>,
+    /// The accounts whose values were opened since [`Keyring::take_opened`].
+    opened: BTreeSet<Uuid>,
 }
 
 impl Keyring {
@@ -181,6 +183,7 @@ impl Keyring {
         Self {
             keys: HashMap::new(),
             only: Some(account_id),
+            opened: BTreeSet::new(),
         }
     }
 
@@ -192,6 +195,7 @@ impl Keyring {
         Self {
             keys: HashMap::from([(account_id, key)]),
             only: None,
+            opened: BTreeSet::new(),
         }
     }
 
@@ -261,10 +265,20 @@ impl Keyring {
         let Some(key) = self.key(conn, account_id).await? else {
             return Ok(Opened::Erased);
         };
-        Ok(key
+        let opened = key
             .open_bound(body, account_id.as_bytes())
             .and_then(|b| String::from_utf8(b).ok())
-            .map_or(Opened::Erased, Opened::Plain))
+            .map_or(Opened::Erased, Opened::Plain);
+        if matches!(opened, Opened::Plain(_)) {
+            self.opened.insert(account_id);
+        }
+        Ok(opened)
+    }
+
+    /// The accounts whose sealed values this keyring opened since it was
+    /// last asked (a staff read of them is recorded against each).
+    pub fn take_opened(&mut self) -> BTreeSet<Uuid> {
+        std::mem::take(&mut self.opened)
     }
 
     /// Replace every sealed string inside `value` (an event payload, say)

@@ -50,12 +50,15 @@ pub(crate) async fn record_reads(
     record_reads_of(appends, staff, accounts, what).await
 }
 
-/// The accounts whose data `shown` shows (see [`record_reads`]).
+/// The accounts whose data `shown` shows (see [`record_reads`]): each
+/// entry's account, and the accounts whose sealed values were opened in it
+/// (a refused key's address, sealed for the key's owner, is the owner's
+/// data though the entry names no account).
 fn accounts_shown(shown: &[AuditEntry]) -> BTreeSet<Uuid> {
     shown
         .iter()
         .filter(|e| e.action != slate_events::projections::audit::STAFF_READ)
-        .filter_map(|e| e.account_id)
+        .flat_map(|e| e.account_id.into_iter().chain(e.opened_for.iter().copied()))
         .collect()
 }
 
@@ -113,11 +116,12 @@ async fn detail(
     record_reads(
         &state.appends,
         staff.account_id,
-        entry.account_id,
+        crate::audit::accounts_read(&entry, cause.as_ref()),
         &related,
         "audit:entry",
     )
     .await?;
+    let cause = cause.map(|c| c.event);
     Ok(Json(
         json!({ "entry": entry, "cause": cause, "related": related }),
     ))

@@ -180,7 +180,11 @@ async fn home(
         // Each account shown, and each whose entries are shown, was read:
         // its own trail says so. (The query itself is not kept: an email
         // typed here would outlive its account's erasure.)
-        if !accounts.is_empty() || rows.iter().any(|e| e.account_id.is_some()) {
+        if !accounts.is_empty()
+            || rows
+                .iter()
+                .any(|e| e.account_id.is_some() || !e.opened_for.is_empty())
+        {
             super::audit::record_reads(
                 &state.appends,
                 staff.account_id,
@@ -367,11 +371,12 @@ async fn entry(
     super::audit::record_reads(
         &state.appends,
         staff.account_id,
-        e.account_id,
+        crate::audit::accounts_read(&e, cause.as_ref()),
         &related,
         "console:audit_entry",
     )
     .await?;
+    let cause = cause.map(|c| c.event);
     let mut body = format!(
         "<h1>Entry {seq}: {}</h1>{}",
         esc(&e.action),

@@ -336,6 +336,58 @@ async fn every_account_whose_entries_staff_see_has_the_read_on_its_trail() {
     assert_eq!(body["error"]["code"], "invalid_query", "{body}");
 }
 
+/// A refused key's address is sealed with its owner's data key, and its
+/// entry names no account: a staff member who reads it (a search, the
+/// entry's page) has the read recorded on the owner's trail, as for any of
+/// the owner's data. (It was recorded against the staff member alone.)
+#[tokio::test]
+async fn a_staff_read_of_a_refused_keys_address_is_on_the_owners_trail() {
+    let app = spawn_app_with(&[]).await;
+    let (alice, key) = key_for(&app).await;
+    let key_id: Uuid = sqlx::query_scalar("select key_id from api_keys where account_id = $1")
+        .bind(alice)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    let revoked = app
+        .client
+        .delete(format!("{}/v1/keys/{key_id}", app.address))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert!(revoked.status().is_success(), "{}", revoked.status());
+    let (status, _) = app.get_as("/v1/credits", Some(&key)).await;
+    assert_eq!(status, 401);
+    app.db.settle_projections().await;
+    let (staff_id, staff) = app.staff().await;
+    let staff_id = staff_id.to_string();
+    assert_eq!(reads_of(&app, alice).await, []);
+
+    let (status, page) = app
+        .get_as("/admin/audit?action=auth.failed", Some(&staff))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let entries = page["data"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{page}");
+    assert_eq!(entries[0]["account_id"], Value::Null);
+    assert_eq!(entries[0]["targets"]["ip"], "127.0.0.1", "{page}");
+    assert_eq!(
+        reads_of(&app, alice).await,
+        [(staff_id.clone(), "audit:search".to_owned())]
+    );
+
+    let (status, detail) = app
+        .get_as(&format!("/admin/audit/{}", entries[0]["seq"]), Some(&staff))
+        .await;
+    assert_eq!(status, 200, "{detail}");
+    assert_eq!(detail["cause"]["payload"]["ip"], "127.0.0.1", "{detail}");
+    assert_eq!(
+        reads_of(&app, alice).await.last(),
+        Some(&(staff_id, "audit:entry".to_owned()))
+    );
+}
+
 /// A search by target (`/admin/audit?target=`, what the console's search
 /// asks for every query) finds its entries through
 /// `audit_entries_target_values_idx`, whatever the target's key. (It read
