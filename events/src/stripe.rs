@@ -1309,6 +1309,20 @@ mod redaction_tests {
         assert!(!redact(&mut data, false), "nothing left to redact");
     }
 
+    /// A tripwire: the rows mapped so far hold these kinds only, and a purge
+    /// takes every kind listed as found through `refs`. Adding one without a
+    /// migration that sets `refs` back to null (so that the sweep maps every
+    /// row again, and the purge scans the bodies meanwhile) would make the
+    /// purge miss that kind in every row mapped before.
+    #[test]
+    fn the_kinds_refs_holds_change_only_with_a_migration_that_maps_again() {
+        assert_eq!(
+            REF_PREFIXES,
+            ["cus_", "pi_", "cs_", "in_"],
+            "a new kind of id in refs needs a migration setting stripe_events.refs to null"
+        );
+    }
+
     #[test]
     fn an_events_refs_are_its_ids_and_account_ids_and_none_of_its_personal_details() {
         let account = "0b6c1a6e-5f4e-4f7a-9c1d-2b3a4c5d6e7f";
