@@ -611,15 +611,19 @@ pub async fn redact_personal_details(
 }
 
 /// Write [`refs_of`] for up to `limit` mirrored events that have none yet
-/// (written before `refs` existed, or waiting for their processing), oldest
-/// first; returns how many were read (each has refs after). A body that is
-/// not JSON is read as text ([`refs_of_text`]).
+/// (written before `refs` existed, or whose processing failed before it
+/// wrote them), oldest first; returns how many were read (each has refs
+/// after). Events waiting for their processing are left to it: it writes
+/// them in the update it makes anyway, and a backlog of them (an outage, a
+/// burst) would otherwise take each sweep's whole budget, written twice
+/// and locked against the processing. A body that is not JSON is read as
+/// text ([`refs_of_text`]).
 pub async fn map_unmapped(pool: &PgPool, limit: i64) -> Result<u64, sqlx::Error> {
     // Read without locks (no transaction id is held while the bodies are
     // parsed); a row whose body changed meanwhile has its refs written by
     // whoever changed it, and is left alone below.
     let rows: Vec<(String, String)> = sqlx::query_as(
-        "select stripe_event_id, raw from stripe_events where refs is null
+        "select stripe_event_id, raw from stripe_events where refs is null and status <> 'pending'
           order by received_at limit $1",
     )
     .bind(limit)
