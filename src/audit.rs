@@ -37,6 +37,16 @@ pub struct AuditEntry {
     pub opened_for: Vec<Uuid>,
 }
 
+impl AuditEntry {
+    /// The accounts whose data the entry shows: its own, and those whose
+    /// sealed values were opened in it.
+    pub fn accounts(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.account_id
+            .into_iter()
+            .chain(self.opened_for.iter().copied())
+    }
+}
+
 pub const COLUMNS: &str = "seq, position, event_id, at, actor_kind, actor_id, impersonator, action, account_id, \
                        targets, outcome, request_id, reason, api_key_id, ip, user_agent";
 
@@ -308,10 +318,10 @@ pub async fn causing_event(
 /// the entry's account, and those whose sealed values were opened in the
 /// entry or its cause, whether or not the entry is a staff read itself.
 pub fn accounts_read(entry: &AuditEntry, cause: Option<&Cause>) -> BTreeSet<Uuid> {
-    let mut accounts: BTreeSet<Uuid> = entry.account_id.into_iter().collect();
-    accounts.extend(entry.opened_for.iter().copied());
-    accounts.extend(cause.into_iter().flat_map(|c| c.opened_for.iter().copied()));
-    accounts
+    entry
+        .accounts()
+        .chain(cause.into_iter().flat_map(|c| c.opened_for.iter().copied()))
+        .collect()
 }
 
 /// The entries related to one: the same request, generation, Stripe event

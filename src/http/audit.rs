@@ -58,7 +58,7 @@ fn accounts_shown(shown: &[AuditEntry]) -> BTreeSet<Uuid> {
     shown
         .iter()
         .filter(|e| e.action != slate_events::projections::audit::STAFF_READ)
-        .flat_map(|e| e.account_id.into_iter().chain(e.opened_for.iter().copied()))
+        .flat_map(AuditEntry::accounts)
         .collect()
 }
 

@@ -180,11 +180,7 @@ async fn home(
         // Each account shown, and each whose entries are shown, was read:
         // its own trail says so. (The query itself is not kept: an email
         // typed here would outlive its account's erasure.)
-        if !accounts.is_empty()
-            || rows
-                .iter()
-                .any(|e| e.account_id.is_some() || !e.opened_for.is_empty())
-        {
+        if !accounts.is_empty() || rows.iter().any(|e| e.accounts().next().is_some()) {
             super::audit::record_reads(
                 &state.appends,
                 staff.account_id,
