@@ -231,23 +231,37 @@ pub struct Balance {
 }
 
 /// Available, reserved, debt, and every bucket with what is left in it.
+///
+/// One statement: the totals and the buckets are read in one round trip and
+/// from one snapshot (two reads in read committed could see a draw between
+/// them, the totals before it and the buckets after). An account with no
+/// bucket is one row with none.
 pub async fn balance(conn: &mut PgConnection, account_id: Uuid) -> Result<Balance, Error> {
-    let row: Option<(i64, i64, i64)> = sqlx::query_as(
-        "select available, reserved, debt from credit_accounts where account_id = $1",
-    )
-    .bind(account_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let (available, reserved, debt) = row.ok_or(Error::UnknownAccount(account_id))?;
-    let buckets = sqlx::query_as(
-        "select bucket_id, source, stripe_object, amount, remaining, reserved, consumed, lapsed,
-                revoked, expires_at, expired, granted_at
-           from credit_buckets where account_id = $1
-          order by expires_at asc nulls last, granted_position asc",
+    use sqlx::{FromRow, Row};
+    let rows = sqlx::query(
+        "select a.available, a.reserved as account_reserved, a.debt,
+                b.bucket_id, b.source, b.stripe_object, b.amount, b.remaining, b.reserved,
+                b.consumed, b.lapsed, b.revoked, b.expires_at, b.expired, b.granted_at
+           from credit_accounts a
+           left join credit_buckets b on b.account_id = a.account_id
+          where a.account_id = $1
+          order by b.expires_at asc nulls last, b.granted_position asc",
     )
     .bind(account_id)
     .fetch_all(&mut *conn)
     .await?;
+    let first = rows.first().ok_or(Error::UnknownAccount(account_id))?;
+    let (available, reserved, debt) = (
+        first.try_get("available")?,
+        first.try_get("account_reserved")?,
+        first.try_get("debt")?,
+    );
+    let mut buckets = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if row.try_get::<Option<Uuid>, _>("bucket_id")?.is_some() {
+            buckets.push(Bucket::from_row(row)?);
+        }
+    }
     Ok(Balance {
         account_id,
         available,

@@ -559,6 +559,49 @@ async fn caller_mistakes_are_typed_errors() {
     assert!(matches!(e, slate_events::Error::KeyReused));
 }
 
+/// The balance is one statement (totals and buckets together): an account
+/// without a bucket reads as zero with none listed, an unknown account is
+/// its typed error, and buckets come soonest expiry first, then in grant
+/// order, those that never expire last.
+#[tokio::test]
+async fn a_balance_lists_buckets_soonest_expiry_first_and_none_for_a_new_account() {
+    let db = TestDb::new().await;
+    let mut conn = db.conn().await;
+    let account = new_account(&mut conn).await;
+    let b = credits::balance(&mut conn, account).await.unwrap();
+    assert_eq!((b.available, b.reserved, b.debt), (0, 0, 0));
+    assert!(b.buckets.is_empty(), "{b:?}");
+    let unknown = Uuid::now_v7();
+    let e = credits::balance(&mut conn, unknown).await.unwrap_err();
+    assert!(
+        matches!(e, slate_events::Error::UnknownAccount(id) if id == unknown),
+        "{e:?}"
+    );
+    let soon = Utc::now() + Duration::days(3);
+    let later = Utc::now() + Duration::days(30);
+    let never = grant(&mut conn, account, 5, GrantSource::Purchase, None).await;
+    let late = grant(&mut conn, account, 7, GrantSource::Purchase, Some(later)).await;
+    let early = grant(&mut conn, account, 11, GrantSource::Purchase, Some(soon)).await;
+    let never_too = grant(&mut conn, account, 13, GrantSource::Purchase, None).await;
+    reserve(&mut conn, account, 4).await;
+    let b = credits::balance(&mut conn, account).await.unwrap();
+    assert_eq!((b.available, b.reserved, b.debt), (32, 4, 0));
+    let order: Vec<(Uuid, i64, i64)> = b
+        .buckets
+        .iter()
+        .map(|k| (k.bucket_id, k.remaining, k.reserved))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            (early, 7, 4),
+            (late, 7, 0),
+            (never, 5, 0),
+            (never_too, 13, 0)
+        ]
+    );
+}
+
 /// granted = available + reserved + captured + lapsed + revoked + debt settled.
 pub async fn assert_invariant(conn: &mut PgConnection, account: Uuid) {
     let row: (i64, i64, i64, i64, i64, i64, i64) = sqlx::query_as(
