@@ -1585,8 +1585,12 @@ fn invoice_plan_credits(
         // old plan, a charge for the rest of the period on the new one) pay
         // for no period of their own: the new plan's credits come with its
         // next regular line. Counted, each change granted a whole period of
-        // both plans, again at every change back and forth.
+        // both plans, again at every change back and forth. They are lines
+        // of the subscription item on an invoice the change made at once,
+        // and pending invoice items (the default, `create_prorations`) on
+        // the next invoice.
         let proration = bool_at(line, "/parent/subscription_item_details/proration")
+            .or_else(|| bool_at(line, "/parent/invoice_item_details/proration"))
             .or_else(|| bool_at(line, "/proration"))
             .unwrap_or(false);
         let quantity = int(line, "/quantity").unwrap_or(1);

@@ -677,7 +677,12 @@ async fn a_delayed_payment_grants_once_on_success_and_nothing_on_failure() {
 /// for the rest of the period) grant nothing; the plan's credits come with
 /// its regular line, once per seat. A line of no seats grants nothing.
 /// (Counted, an upgrade invoice granted a whole period of the old and the
-/// new plan, and again at every change back and forth.)
+/// new plan, and again at every change back and forth.) That holds for
+/// both of Stripe's shapes: lines of the subscription item, on the invoice
+/// a change makes at once, and the pending invoice items a change makes by
+/// default (`create_prorations`), which come on the next regular invoice
+/// under `parent.invoice_item_details` (these were counted until the
+/// thirty-fourth session).
 #[tokio::test]
 async fn proration_lines_grant_no_credits() {
     let app = stripe_app().await;
@@ -694,11 +699,28 @@ async fn proration_lines_grant_no_credits() {
         l["parent"]["subscription_item_details"]["proration"] = proration.into();
         l
     };
+    let pending_item = |id: &str, amount: i64, price: &str| {
+        let mut l = line(id, amount, 1, true);
+        l["parent"] = serde_json::json!({
+            "invoice_item_details": {
+                "invoice_item": format!("ii_{run}_{id}"),
+                "proration": true,
+                "proration_details": {"credited_items": null},
+                "subscription": format!("sub_{run}"),
+            },
+            "subscription_item_details": null,
+            "type": "invoice_item_details",
+        });
+        l["pricing"]["price_details"]["price"] = price.into();
+        l
+    };
     event["data"]["object"]["lines"]["data"] = serde_json::json!([
         line("unused", -2450, 1, true),
         line("remaining", 4900, 2, true),
         line("seats", 9800, 2, false),
         line("none", 0, 0, false),
+        pending_item("unused_seat", -2450, "price_pro_monthly"),
+        pending_item("remaining_pro", 2450, "price_pro_monthly"),
     ]);
     let (status, resp) = app.deliver(&event.to_string()).await;
     assert_eq!(status, 200, "{resp}");

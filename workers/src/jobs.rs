@@ -173,10 +173,16 @@ pub async fn enqueue_once<J: Serialize>(
     Ok(true)
 }
 
-/// Exponential backoff with a ceiling and up to 25 % jitter (so retries of
-/// many jobs that failed together spread out), for attempt `n` (1-based).
+/// Exponential backoff with a ceiling of ten minutes and up to 25 % jitter
+/// (so retries of many jobs that failed together spread out), for attempt
+/// `n` (1-based).
 pub fn backoff(attempt: usize) -> std::time::Duration {
-    let base_ms = 1000 * 2u64.saturating_pow(attempt.min(10) as u32).min(600);
+    backoff_up_to(attempt, 600)
+}
+
+/// [`backoff`] with a ceiling of `ceiling_s` seconds.
+pub fn backoff_up_to(attempt: usize, ceiling_s: u64) -> std::time::Duration {
+    let base_ms = 1000 * 2u64.saturating_pow(attempt.min(20) as u32).min(ceiling_s);
     let jitter = (uuid::Uuid::new_v4().as_u128() % 1000) as u64 * base_ms / 4000;
     std::time::Duration::from_millis(base_ms + jitter)
 }

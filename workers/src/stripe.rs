@@ -10,7 +10,20 @@ use sqlx::PgPool;
 use crate::jobs;
 
 pub const QUEUE: &str = "slate.stripe";
-const MAX_ATTEMPTS: usize = 8;
+/// How many times an event's processing is tried when it fails for a
+/// reason that may pass (Stripe's API or PostgreSQL out of reach): with
+/// [`retry_delay`], for about a day (21 h and up to a quarter more), as
+/// Stripe itself goes on delivering for days. An invoice's processing reads
+/// Stripe's API; with 8 tries over about 8 minutes, an outage of Stripe's
+/// API, or of the way to it, longer than that left every invoice paid
+/// meanwhile ungranted until an operator replayed it (Stripe, answered
+/// 200, does not deliver again).
+const MAX_ATTEMPTS: usize = 32;
+
+/// The wait after attempt `n`: doubling from 2 s to an hour.
+fn retry_delay(attempt: usize) -> std::time::Duration {
+    jobs::backoff_up_to(attempt, 3600)
+}
 
 /// The job carries the event id only; the payload stays in the mirror.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -149,7 +162,7 @@ pub async fn handle(
                 Ok(())
             }
             Err(ProcessError::Retryable(reason)) => {
-                let delay = jobs::backoff(attempt.current());
+                let delay = retry_delay(attempt.current());
                 tracing::warn!(%reason, retry_in_s = delay.as_secs(), "stripe event will be retried");
                 jobs::retry_later(&worker.pool, &task_id.to_string(), delay).await?;
                 Err(reason.into())
@@ -236,4 +249,22 @@ pub async fn fold_processing_lag_by(
         fold: &fold,
     };
     jobs::fold_before_watermark(pool, now, &f, step).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_ATTEMPTS, retry_delay};
+
+    /// The retries of an event's processing outlast about a day of Stripe
+    /// out of reach, and none waits more than an hour and a quarter.
+    #[test]
+    fn processing_is_retried_for_about_a_day_at_most_an_hour_and_a_quarter_apart() {
+        let waits: Vec<u64> = (1..MAX_ATTEMPTS)
+            .map(|n| retry_delay(n).as_secs())
+            .collect();
+        assert!(waits.iter().all(|&w| (2..=4500).contains(&w)), "{waits:?}");
+        assert!(waits.windows(2).all(|w| w[1] * 5 >= w[0] * 4), "{waits:?}");
+        let total: u64 = waits.iter().sum();
+        assert!((20 * 3600..=27 * 3600).contains(&total), "{total} s");
+    }
 }
