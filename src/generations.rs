@@ -116,9 +116,12 @@ pub(crate) fn validate(
             "the prompt is empty or longer than 4000 characters",
         ));
     }
+    // An object key is at most 1,024 bytes: a longer one names nothing, and
+    // the storage refuses to look it up (which read as an outage, 503).
     if let Some(key) = &r.input_key
         && (!key.starts_with(&slate_workers::storage::account_prefix(account_id))
-            || key.contains(".."))
+            || key.contains("..")
+            || key.len() > 1024)
     {
         return Err(invalid(
             "invalid_input",

@@ -179,10 +179,44 @@ pub async fn request_deletion(
     if let Some((true, Some(purge_after))) = already {
         return Ok(purge_after);
     }
-    // Then the credit row, before the account's stream: releasing a queued
-    // generation below locks it, and a worker capturing one locks it before
-    // appending to the same stream; taken the other way round, the two
-    // deadlocked.
+    // Then the open generations: queued ones are canceled and released,
+    // running ones asked to stop. Each is read under its lock
+    // (`generations::lock`, taken in one order), which an attempt's start
+    // takes too: a worker that read one as queued finds it canceled and
+    // does not send its prompt to a provider. Their events are all appended
+    // before any credit row is locked: a worker recording an outcome
+    // appends it to the generation's stream, then locks the credit row to
+    // capture or release, and a deletion that held the credit row while it
+    // appended to that stream deadlocked with it.
+    let open: Vec<Uuid> = sqlx::query_scalar(
+        "select generation_id from generations
+          where account_id = $1 and status in ('queued', 'running') order by generation_id",
+    )
+    .bind(account_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    for id in &open {
+        crate::generations::lock(conn, *id).await?;
+    }
+    let mut canceled = Vec::new();
+    for id in open {
+        let Some(g) = crate::generations::get_any(conn, id).await? else {
+            continue;
+        };
+        if g.status == "running" {
+            crate::generations::request_cancel(conn, &g, &metadata).await?;
+        } else if g.status == "queued"
+            && crate::generations::record_canceled(conn, &g, "account_deleted", &metadata).await?
+        {
+            canceled.push(id);
+        }
+    }
+    for id in canceled {
+        crate::credits::release(conn, id, "account_deleted", &metadata).await?;
+    }
+    // Then the credit row, before the account's stream: a worker capturing
+    // a generation locks it before appending to that stream; taken the
+    // other way round, the two deadlocked.
     sqlx::query("select credit_lock_account($1)")
         .bind(account_id)
         .execute(&mut *conn)
@@ -203,21 +237,6 @@ pub async fn request_deletion(
     )
     .await?;
     crate::sessions::end_all(conn, account_id, true, metadata.clone()).await?;
-    let open: Vec<Uuid> = sqlx::query_scalar(
-        "select generation_id from generations where account_id = $1 and status in ('queued', 'running')",
-    )
-    .bind(account_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    for id in open {
-        if let Some(g) = crate::generations::get_any(conn, id).await? {
-            if g.status == "queued" {
-                crate::generations::cancel_now(conn, &g, "account_deleted", &metadata).await?;
-            } else {
-                crate::generations::request_cancel(conn, &g, &metadata).await?;
-            }
-        }
-    }
     Ok(purge_after)
 }
 

@@ -413,10 +413,12 @@ fn lock_key(id: Uuid) -> String {
 /// (the queue runs the attempt again, and appending its start again is a
 /// no-op: the event id is derived from the attempt).
 ///
-/// Returns whether the generation is running now: false when it was
-/// finished meanwhile (a cancellation of the queued generation that
-/// committed after the worker read it), and the attempt must not go to the
-/// provider. Its transaction holds the generation's lock, which a
+/// Returns whether the generation is running now ([`Start`]). It is not
+/// when it was finished meanwhile (a cancellation of the queued generation
+/// that committed after the worker read it), or when its cancellation was
+/// asked for meanwhile and no provider job was submitted for it (an earlier
+/// attempt's retry, canceled while it waited): the attempt must not go to
+/// the provider. Its transaction holds the generation's lock, which a
 /// cancellation takes too: one that comes later finds it running and asks
 /// the attempt to stop instead.
 pub async fn record_started(
@@ -424,7 +426,7 @@ pub async fn record_started(
     g: &Generation,
     attempt: i32,
     metadata: &Metadata,
-) -> Result<bool, Error> {
+) -> Result<Start, Error> {
     debug_assert!(
         !sqlx::Connection::is_in_transaction(&*conn),
         "record_started commits on its own"
@@ -440,13 +442,20 @@ pub async fn record_started(
     // Read under the lock (a statement of its own: one that took the lock
     // itself would read from before its wait). A finished generation gets
     // no start after its end in its log.
-    let status: Option<String> =
-        sqlx::query_scalar("select status from generations where generation_id = $1")
-            .bind(g.generation_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let live = matches!(status.as_deref(), Some("queued" | "running"));
-    if live {
+    let now: Option<(String, bool)> = sqlx::query_as(
+        "select status, cancel_requested and provider_handle is null
+           from generations where generation_id = $1",
+    )
+    .bind(g.generation_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let start = match now {
+        Some((status, _)) if !matches!(status.as_str(), "queued" | "running") => Start::Finished,
+        None => Start::Finished,
+        Some((_, true)) => Start::CancelRequested,
+        Some((_, false)) => Start::Running,
+    };
+    if start == Start::Running {
         append(
             &mut tx,
             g.generation_id,
@@ -464,7 +473,19 @@ pub async fn record_started(
         .await?;
     }
     tx.commit().await?;
-    Ok(live)
+    Ok(start)
+}
+
+/// What [`record_started`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Running: the attempt goes on.
+    Running,
+    /// Finished meanwhile (canceled while queued, or past its deadline).
+    Finished,
+    /// Its cancellation was asked for, and no provider job was submitted
+    /// for it: the attempt ends it canceled instead.
+    CancelRequested,
 }
 
 pub async fn record_submitted(
@@ -571,7 +592,22 @@ pub async fn cancel_now(
     reason: &str,
     metadata: &Metadata,
 ) -> Result<bool, Error> {
-    let first = append(
+    let first = record_canceled(conn, g, reason, metadata).await?;
+    if first {
+        credits::release(conn, g.generation_id, reason, metadata).await?;
+    }
+    Ok(first)
+}
+
+/// [`cancel_now`]'s outcome without its release, which the caller owes
+/// when this returns true (the outcome was recorded first).
+pub(crate) async fn record_canceled(
+    conn: &mut PgConnection,
+    g: &Generation,
+    reason: &str,
+    metadata: &Metadata,
+) -> Result<bool, Error> {
+    append(
         conn,
         g.generation_id,
         outcome_event_id(g.generation_id),
@@ -582,11 +618,7 @@ pub async fn cancel_now(
         }),
         metadata,
     )
-    .await?;
-    if first {
-        credits::release(conn, g.generation_id, reason, metadata).await?;
-    }
-    Ok(first)
+    .await
 }
 
 pub async fn request_cancel(

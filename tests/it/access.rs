@@ -1181,6 +1181,141 @@ async fn a_submission_authenticated_before_a_deletion_never_runs_for_the_deleted
     assert_eq!(released(carol).await, (50, 0));
 }
 
+/// A deletion ends its account's open generations the way their workers
+/// take turns with them, before it locks the credit row:
+/// - A worker that read a generation as queued, recording the attempt's
+///   start while the deletion is under way, waits for the deletion and
+///   finds the generation canceled: no provider gets its prompt. (The start
+///   took no turn with the deletion, read `queued`, and was recorded after
+///   the cancellation: the attempt went to the provider for a deleted
+///   account.)
+/// - A worker recording an outcome (its event appended, the capture next)
+///   while the deletion runs is waited for, and both commit. (The deletion
+///   held the credit row while it waited for the outcome's stream, and the
+///   capture waited for the credit row: a deadlock, one of them aborted.)
+#[tokio::test]
+async fn a_deletion_takes_turns_with_a_workers_start_and_outcome() {
+    use slate_events::generations::{self, Start};
+    let db = crate::harness::TestDb::new().await;
+    let mut conn = db.conn().await;
+    let meta = slate_events::Metadata::system();
+    let submitted = async |account: Uuid| {
+        let submission = video_for(account);
+        let mut tx = db.pool.begin().await.unwrap();
+        let (_, _wake) = slate_workers::generations::submit(&mut tx, &submission, &meta, 5)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        submission.generation_id
+    };
+    let read = async |id: Uuid| {
+        generations::get_any(&mut *db.conn().await, id)
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let log = async |id: Uuid| -> Vec<String> {
+        sqlx::query_scalar(
+            "select event_type from events where stream_id = 'generation-' || $1
+              order by stream_version",
+        )
+        .bind(id.to_string())
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+    };
+
+    let alice = with_50_credits(&mut conn).await;
+    let id = submitted(alice).await;
+    let as_the_worker_read_it = read(id).await;
+    let mut deletion = db.pool.begin().await.unwrap();
+    slate_events::accounts::request_deletion(
+        &mut deletion,
+        alice,
+        chrono::Utc::now(),
+        meta.clone(),
+    )
+    .await
+    .unwrap();
+    let pool = db.pool.clone();
+    let starting = tokio::spawn(async move {
+        let mut conn = pool.acquire().await.unwrap();
+        generations::record_started(
+            &mut conn,
+            &as_the_worker_read_it,
+            1,
+            &slate_events::Metadata::system(),
+        )
+        .await
+        .unwrap()
+    });
+    until_waiting_for_a_lock(&db, &starting, "the start never ran").await;
+    deletion.commit().await.unwrap();
+    assert_eq!(starting.await.unwrap(), Start::Finished);
+    assert_eq!(log(id).await, ["GenerationRequested", "GenerationCanceled"]);
+
+    let bob = with_50_credits(&mut conn).await;
+    let id = submitted(bob).await;
+    let g = read(id).await;
+    assert_eq!(
+        generations::record_started(&mut conn, &g, 1, &meta)
+            .await
+            .unwrap(),
+        Start::Running
+    );
+    // The worker's outcome, as `generations::succeed` records it: the
+    // event, then the capture.
+    let mut worker = db.pool.begin().await.unwrap();
+    let outcome = slate_events::store::NewEvent {
+        event_id: slate_events::store::deterministic_event_id(&format!("generation-outcome:{id}")),
+        event: slate_events::DomainEvent::GenerationSucceeded(
+            slate_events::catalog::GenerationSucceeded {
+                generation_id: id,
+                account_id: bob,
+                output_key: format!("users/{bob}/out.txt"),
+                content_type: "text/plain".into(),
+                bytes: 5,
+                width: None,
+                height: None,
+                duration_ms: None,
+            },
+        ),
+        metadata: meta.clone(),
+    };
+    slate_events::store::append_and_apply(
+        &mut worker,
+        &format!("generation-{id}"),
+        slate_events::store::ExpectedVersion::Any,
+        &outcome,
+    )
+    .await
+    .unwrap();
+    let pool = db.pool.clone();
+    let deleting = tokio::spawn(async move {
+        let mut tx = pool.begin().await?;
+        slate_events::accounts::request_deletion(
+            &mut tx,
+            bob,
+            chrono::Utc::now(),
+            slate_events::Metadata::system(),
+        )
+        .await
+        .map_err(|e| sqlx::Error::Protocol(format!("{e:?}")))?;
+        tx.commit().await
+    });
+    until_waiting_for_a_lock(&db, &deleting, "the deletion never ran").await;
+    let captured = slate_events::credits::capture(&mut worker, id, &meta).await;
+    assert!(captured.is_ok(), "the worker's capture: {captured:?}");
+    worker.commit().await.unwrap();
+    let deleted = deleting.await.unwrap();
+    assert!(deleted.is_ok(), "the deletion: {deleted:?}");
+    let b = slate_events::credits::balance(&mut conn, bob)
+        .await
+        .unwrap();
+    assert_eq!((b.reserved, b.available < 50), (0, true), "{b:?}");
+    assert_eq!(read(id).await.status, "succeeded");
+}
+
 /// Wait until a session of the test's database waits for a lock, or `task`
 /// has finished (then there was nothing to wait for).
 async fn until_waiting_for_a_lock<T>(

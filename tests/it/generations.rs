@@ -824,7 +824,7 @@ async fn listing_pages_with_a_cursor() {
 #[tokio::test]
 async fn bad_submissions_get_stable_codes_and_unpriced_operations_are_refused() {
     let app = spawn_app_with(&[]).await;
-    let (_, key) = funded(&app, 100).await;
+    let (account, key) = funded(&app, 100).await;
     let cases = [
         (
             json!({"kind": "opera", "provider": "local", "prompt": "x"}),
@@ -852,6 +852,14 @@ async fn bad_submissions_get_stable_codes_and_unpriced_operations_are_refused() 
         ),
         (
             json!({"kind": "transcription", "provider": "local", "input_key": "users/someone-else/a.wav"}),
+            "invalid_input",
+        ),
+        // Longer than an object key can be (1,024 bytes), under the
+        // account's own prefix: the storage refused to look it up, which
+        // read as its outage (503 storage_unavailable, "retry later").
+        (
+            json!({"kind": "transcription", "provider": "local",
+                   "input_key": format!("{}{}.wav", slate_workers::storage::account_prefix(account), "a".repeat(1100))}),
             "invalid_input",
         ),
         (
@@ -2457,6 +2465,82 @@ async fn an_expired_hold_is_released_only_once_its_generations_job_is_gone() {
     assert_eq!(settled(&app, &key, slow).await, ("succeeded".into(), 96, 0));
 }
 
+/// A retry of a running generation is read by its worker; the owner's
+/// cancellation (asked for, the generation running with no provider job
+/// submitted) commits before the worker records the start. The start then
+/// reports it, the attempt ends the generation canceled and released, and
+/// no provider is called. (The start went on: the provider ran and the
+/// generation was billed for a cancellation asked for before the call.)
+#[tokio::test]
+async fn a_retry_whose_cancellation_came_after_its_worker_read_it_is_not_started() {
+    use slate_events::generations::Start;
+    let app = spawn_app_with(&[]).await;
+    let (_, key) = funded(&app, 100).await;
+    let (_, g, _) = app.submit(&key, None, video("asked to stop")).await;
+    let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
+    let read = || async {
+        slate_events::generations::work(&mut *app.db.conn().await, id)
+            .await
+            .unwrap()
+            .unwrap()
+            .generation
+    };
+    let app_ref = &app;
+    let start = move |g: slate_events::generations::Generation, attempt: i32| async move {
+        slate_events::generations::record_started(
+            &mut *app_ref.db.conn().await,
+            &g,
+            attempt,
+            &slate_events::Metadata::system(),
+        )
+        .await
+        .unwrap()
+    };
+    // The first attempt started, and failed before reaching the provider.
+    assert_eq!(start(read().await, 1).await, Start::Running);
+    let as_the_retry_read_it = read().await;
+    assert_eq!(
+        (
+            as_the_retry_read_it.status.as_str(),
+            as_the_retry_read_it.cancel_requested
+        ),
+        ("running", false)
+    );
+    let (status, body) = app
+        .post_json(
+            &format!("/v1/generations/{id}/cancel"),
+            Some(&key),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        start(as_the_retry_read_it, 2).await,
+        Start::CancelRequested,
+        "the attempt must not go to the provider"
+    );
+    // What the attempt does with that: the generation ends canceled, unbilled.
+    let w = worker(&app);
+    slate_workers::generations::attempt(&w, id, 2).await;
+    assert_eq!(settled(&app, &key, id).await, ("canceled".into(), 100, 0));
+    let log: Vec<String> = sqlx::query_scalar(
+        "select event_type from events where stream_id = 'generation-' || $1 order by stream_version",
+    )
+    .bind(id.to_string())
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        log,
+        [
+            "GenerationRequested",
+            "GenerationStarted",
+            "GenerationCancelRequested",
+            "GenerationCanceled"
+        ]
+    );
+}
+
 /// A worker reads a queued generation; its cancellation commits before the
 /// worker records the start. The start then reports the generation
 /// finished, so the attempt goes no further (no provider call, which would
@@ -2500,7 +2584,11 @@ async fn a_generation_canceled_after_its_worker_read_it_is_not_started() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    assert!(!start(g).await, "the attempt must not go on");
+    assert_eq!(
+        start(g).await,
+        slate_events::generations::Start::Finished,
+        "the attempt must not go on"
+    );
     assert_eq!(settled(&app, &key, id).await, ("canceled".into(), 100, 0));
     // Nor is a start recorded after its end (a follower saw `canceled`,
     // then `running`).
@@ -2520,7 +2608,7 @@ async fn a_generation_canceled_after_its_worker_read_it_is_not_started() {
     assert_eq!(statuses, ["queued", "canceled"]);
     // And a generation still queued starts.
     let (_, g) = read("started").await;
-    assert!(start(g).await);
+    assert_eq!(start(g).await, slate_events::generations::Start::Running);
 }
 
 #[tokio::test]

@@ -492,9 +492,17 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
         cancel(w, g, "canceled").await?;
         return Ok(());
     }
-    if !generations::record_started(&mut conn, g, attempt, &system()).await? {
+    match generations::record_started(&mut conn, g, attempt, &system()).await? {
+        generations::Start::Running => {}
         // Canceled after it was read: no provider call.
-        return Ok(());
+        generations::Start::Finished => return Ok(()),
+        // Its cancellation was asked for after it was read (a retry that
+        // waited): no provider call either.
+        generations::Start::CancelRequested => {
+            drop(conn);
+            cancel(w, g, "canceled").await?;
+            return Ok(());
+        }
     }
     // No connection is held while the provider works (minutes, for video):
     // the worker's concurrency is not bounded by its pool.
