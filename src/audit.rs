@@ -47,6 +47,21 @@ impl AuditEntry {
     }
 }
 
+/// What a reader shows of the entries it reads, so what is opened of them.
+/// The request's origin (`ip`, `user_agent`) is sealed with the data key of
+/// the account whose credential made the request (a staff member's, for a
+/// request made under an impersonation), and opening it is reading that
+/// account's data: a staff read is recorded against it. A reader that does
+/// not show the origin does not open it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shows {
+    /// Every field: the API's JSON, the JSON Lines export.
+    Everything,
+    /// All but the origin, which is left out (`None`): the staff console's
+    /// tables, the CSV export, `slate audit query`.
+    NoOrigin,
+}
+
 pub const COLUMNS: &str = "seq, position, event_id, at, actor_kind, actor_id, impersonator, action, account_id, \
                        targets, outcome, request_id, reason, api_key_id, ip, user_agent";
 
@@ -99,6 +114,7 @@ pub async fn query(
     f: &Filter,
     limit: i64,
     ascending: bool,
+    shows: Shows,
 ) -> Result<Vec<AuditEntry>, slate_events::Error> {
     let mut n = 0;
     let mut param = || {
@@ -178,18 +194,20 @@ pub async fn query(
         q = q.bind(v);
     }
     let mut entries = q.bind(limit).fetch_all(pool).await?;
-    open_origins(pool, &mut entries).await?;
+    open_origins(pool, &mut entries, shows).await?;
     Ok(entries)
 }
 
 /// Open the client addresses and user agents of `entries` for staff (each
 /// sealed with the data key of the account whose credential made the
 /// request, or whose key was refused), or show them erased once that
-/// account is purged. One round
-/// trip for the keys of a page; none when nothing is sealed.
+/// account is purged; with [`Shows::NoOrigin`], leave the origin out and
+/// open only a refused key's address among the targets. One round trip for
+/// the keys of a page; none when nothing is sealed.
 async fn open_origins(
     pool: &PgPool,
     entries: &mut [AuditEntry],
+    shows: Shows,
 ) -> Result<(), slate_events::Error> {
     use slate_events::vault::{Keyring, is_sealed};
     // A refused key's address is among the targets.
@@ -202,6 +220,11 @@ async fn open_origins(
         .into_iter()
         .flatten()
         .filter(|v| is_sealed(v))
+    }
+    if shows == Shows::NoOrigin {
+        for e in entries.iter_mut() {
+            (e.ip, e.user_agent) = (None, None);
+        }
     }
     if entries.iter().all(|e| sealed(e).next().is_none()) {
         return Ok(());
@@ -265,14 +288,18 @@ pub fn csv_line(e: &AuditEntry) -> String {
 }
 
 /// One entry by its seq.
-pub async fn entry(pool: &PgPool, seq: i64) -> Result<Option<AuditEntry>, slate_events::Error> {
+pub async fn entry(
+    pool: &PgPool,
+    seq: i64,
+    shows: Shows,
+) -> Result<Option<AuditEntry>, slate_events::Error> {
     let mut entry: Option<AuditEntry> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select {COLUMNS} from audit_entries where seq = $1"
     )))
     .bind(seq)
     .fetch_optional(pool)
     .await?;
-    open_origins(pool, entry.as_mut_slice()).await?;
+    open_origins(pool, entry.as_mut_slice(), shows).await?;
     Ok(entry)
 }
 
@@ -329,6 +356,7 @@ pub fn accounts_read(entry: &AuditEntry, cause: Option<&Cause>) -> BTreeSet<Uuid
 pub async fn related(
     pool: &PgPool,
     e: &AuditEntry,
+    shows: Shows,
 ) -> Result<Vec<AuditEntry>, slate_events::Error> {
     let keys: Vec<String> = [
         "generation",
@@ -352,7 +380,7 @@ pub async fn related(
     .bind(&keys)
     .fetch_all(pool)
     .await?;
-    open_origins(pool, &mut entries).await?;
+    open_origins(pool, &mut entries, shows).await?;
     Ok(entries)
 }
 

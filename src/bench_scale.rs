@@ -448,7 +448,7 @@ pub async fn fill_audit(pool: &PgPool, n: usize) -> anyhow::Result<i64> {
 /// The staff queries the console and `/admin/audit` run, p50/p99, for the
 /// newest page and for a page deep in history.
 pub async fn audit_queries(pool: &PgPool, samples: usize) -> anyhow::Result<Vec<AuditQuery>> {
-    use crate::audit::{Filter, query};
+    use crate::audit::{Filter, Shows, query};
     let max_seq: i64 = sqlx::query_scalar("select coalesce(max(seq), 0) from audit_entries")
         .fetch_one(pool)
         .await?;
@@ -490,14 +490,14 @@ pub async fn audit_queries(pool: &PgPool, samples: usize) -> anyhow::Result<Vec<
         for i in 0..samples {
             let f = make(i);
             let t = Instant::now();
-            query(pool, &f, 50, false).await?;
+            query(pool, &f, 50, false, Shows::Everything).await?;
             first.push(millis(t));
             let f = Filter {
                 cursor: Some(deep),
                 ..make(i)
             };
             let t = Instant::now();
-            query(pool, &f, 50, false).await?;
+            query(pool, &f, 50, false, Shows::Everything).await?;
             deep_ms.push(millis(t));
         }
         out.push(AuditQuery {

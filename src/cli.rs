@@ -917,7 +917,14 @@ async fn audit(pool: &sqlx::PgPool, command: AuditCommand) -> anyhow::Result<i32
                 outcome,
                 ..Default::default()
             };
-            let rows = crate::audit::query(pool, &f, limit.clamp(1, 10_000), false).await?;
+            let rows = crate::audit::query(
+                pool,
+                &f,
+                limit.clamp(1, 10_000),
+                false,
+                crate::audit::Shows::NoOrigin,
+            )
+            .await?;
             for e in &rows {
                 println!(
                     "{:>8}  {}  {:<8} {:<36}  {:<30} {:<8} {}{}",
@@ -968,9 +975,14 @@ async fn audit(pool: &sqlx::PgPool, command: AuditCommand) -> anyhow::Result<i32
                 to,
                 ..Default::default()
             };
+            let shows = if csv {
+                crate::audit::Shows::NoOrigin
+            } else {
+                crate::audit::Shows::Everything
+            };
             let mut written = 0i64;
             loop {
-                let page = crate::audit::query(pool, &f, 1000, true).await?;
+                let page = crate::audit::query(pool, &f, 1000, true, shows).await?;
                 let Some(last) = page.last() else { break };
                 f.cursor = Some(last.seq);
                 for e in &page {

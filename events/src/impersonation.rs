@@ -24,18 +24,16 @@ pub struct Impersonation {
     pub expires_at: DateTime<Utc>,
 }
 
-fn staff(staff_id: Uuid) -> Metadata {
-    Metadata::by(Actor::Staff {
-        account_id: staff_id,
-    })
-}
-
+/// Start acting as `account_id`; `request` is the staff member's own
+/// metadata, with the request's origin (its id, address, user agent and
+/// key), which the start records.
 pub async fn start(
     conn: &mut PgConnection,
     staff_id: Uuid,
     account_id: Uuid,
     reason: &str,
     minutes: i64,
+    request: Metadata,
 ) -> Result<Impersonation, Error> {
     let reason = reason.trim();
     if reason.len() < 3 || reason.len() > 500 {
@@ -76,7 +74,7 @@ pub async fn start(
         }),
         Metadata {
             impersonator: Some(staff_id),
-            ..staff(staff_id)
+            ..request
         },
     );
     let appended = store::append_and_apply(
@@ -98,6 +96,15 @@ pub async fn start(
         reason: reason.to_owned(),
         started_at,
         expires_at,
+    })
+}
+
+/// The staff member's metadata, without a request's origin: what ends an
+/// impersonation found expired, or of an account deleted since, as a
+/// request under it is authenticated.
+fn by_staff(staff_id: Uuid) -> Metadata {
+    Metadata::by(Actor::Staff {
+        account_id: staff_id,
     })
 }
 
@@ -128,19 +135,32 @@ pub async fn resolve(
     .await?;
     match found {
         Some(f) if f.account_deleted => {
-            end(conn, &f.impersonation, "account_deleted").await?;
+            end(
+                conn,
+                &f.impersonation,
+                "account_deleted",
+                by_staff(staff_id),
+            )
+            .await?;
             Ok(None)
         }
         Some(f) if now < f.impersonation.expires_at => Ok(Some(f.impersonation)),
         Some(f) => {
-            end(conn, &f.impersonation, "expired").await?;
+            end(conn, &f.impersonation, "expired", by_staff(staff_id)).await?;
             Ok(None)
         }
         None => Ok(None),
     }
 }
 
-pub async fn end(conn: &mut PgConnection, i: &Impersonation, reason: &str) -> Result<(), Error> {
+/// End an impersonation; `request` is the metadata of what ends it (the
+/// staff member's request, with its origin).
+pub async fn end(
+    conn: &mut PgConnection,
+    i: &Impersonation,
+    reason: &str,
+    request: Metadata,
+) -> Result<(), Error> {
     let event = NewEvent {
         event_id: store::deterministic_event_id(&format!(
             "impersonation-ended:{}",
@@ -154,7 +174,7 @@ pub async fn end(conn: &mut PgConnection, i: &Impersonation, reason: &str) -> Re
         }),
         metadata: Metadata {
             impersonator: Some(i.staff_id),
-            ..staff(i.staff_id)
+            ..request
         },
     };
     store::append_and_apply(

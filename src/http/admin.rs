@@ -50,6 +50,7 @@ async fn start_impersonation(
         body.account_id,
         &body.reason,
         body.minutes.unwrap_or(60),
+        staff.staff_metadata(),
     )
     .await
     .map_err(impersonation_refused)?;
@@ -84,7 +85,8 @@ async fn end_impersonation(
         slate_events::impersonation::resolve(&mut conn, staff.account_id, id, chrono::Utc::now())
             .await?
             .ok_or_else(ApiError::not_found)?;
-    slate_events::impersonation::end(&mut conn, &i, "ended_by_staff").await?;
+    slate_events::impersonation::end(&mut conn, &i, "ended_by_staff", staff.staff_metadata())
+        .await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
@@ -96,15 +98,7 @@ async fn restore_account(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found())?;
-    let metadata = slate_events::Metadata {
-        request_id: staff.origin.request_id.clone(),
-        ip: staff.origin.ip.clone(),
-        user_agent: staff.origin.user_agent.clone(),
-        api_key_id: staff.key_id,
-        ..slate_events::Metadata::by(slate_events::Actor::Staff {
-            account_id: staff.account_id,
-        })
-    };
+    let metadata = staff.staff_metadata();
     let mut tx = state.pool.begin().await?;
     let restored =
         slate_events::accounts::restore(&mut tx, id, chrono::Utc::now(), metadata).await?;

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::{ApiError, AppState, Json, Path, Query, Staff};
-use crate::audit::{AuditEntry, CSV_HEADER, Filter, csv_line, query};
+use crate::audit::{AuditEntry, CSV_HEADER, Filter, Shows, csv_line, query};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -83,7 +83,7 @@ async fn search(
     Query(f): Query<Filter>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = f.limit.unwrap_or(50).clamp(1, 200);
-    let mut rows = query(&state.pool, &f, limit + 1, false).await?;
+    let mut rows = query(&state.pool, &f, limit + 1, false, Shows::Everything).await?;
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     record_reads(
@@ -108,11 +108,11 @@ async fn detail(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let seq: i64 = id.parse().map_err(|_| ApiError::not_found())?;
-    let entry: AuditEntry = crate::audit::entry(&state.pool, seq)
+    let entry: AuditEntry = crate::audit::entry(&state.pool, seq, Shows::Everything)
         .await?
         .ok_or_else(ApiError::not_found)?;
     let cause = crate::audit::causing_event(&state.pool, entry.event_id).await?;
-    let related = crate::audit::related(&state.pool, &entry).await?;
+    let related = crate::audit::related(&state.pool, &entry, Shows::Everything).await?;
     record_reads(
         &state.appends,
         staff.account_id,
@@ -172,6 +172,12 @@ async fn export(
     let appends = state.appends.clone();
     let staff_id = staff.account_id;
     let header_line = csv.then(|| CSV_HEADER.to_owned());
+    // CSV has no column for the request's origin, so it is not opened.
+    let shows = if csv {
+        Shows::NoOrigin
+    } else {
+        Shows::Everything
+    };
     let access = super::extract::Reauthorise::new(staff, true);
     // The state carries the accounts this export has recorded a read of:
     // each is recorded once, before its first entries are sent.
@@ -203,7 +209,7 @@ async fn export(
                 if let Err(e) = access.check(&pool).await {
                     return fail(std::io::Error::other(e), f, access, recorded);
                 }
-                let page = match query(&pool, &f, 1000, true).await {
+                let page = match query(&pool, &f, 1000, true, shows).await {
                     Ok(p) => p,
                     Err(e) => return fail(std::io::Error::other(e), f, access, recorded),
                 };

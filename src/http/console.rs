@@ -14,7 +14,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::{ApiError, AppState, Auth, Form, Path, Query, Staff};
-use crate::audit::{AuditEntry, Filter, query};
+use crate::audit::{AuditEntry, Filter, Shows, query};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -67,6 +67,10 @@ fn sign_in_page() -> Response {
         .into_response()
 }
 
+/// A table of entries. It shows no request origin (client address, user
+/// agent): the entries are read with [`Shows::NoOrigin`], which does not
+/// open it, so a staff read is recorded only against the accounts whose
+/// data the table shows.
 fn entries_table(rows: &[AuditEntry]) -> String {
     let mut t = String::from(
         "<table><thead><tr><th>#</th><th>time (UTC)</th><th>actor</th><th>action</th><th>outcome</th><th>targets</th></tr></thead><tbody>",
@@ -162,6 +166,7 @@ async fn home(
             },
             50,
             false,
+            Shows::NoOrigin,
         )
         .await?;
         let by_target = query(
@@ -172,6 +177,7 @@ async fn home(
             },
             50,
             false,
+            Shows::NoOrigin,
         )
         .await?;
         let mut rows: Vec<AuditEntry> = by_request.into_iter().chain(by_target).collect();
@@ -249,10 +255,24 @@ async fn account(
     let a = slate_events::accounts::get_account(&mut conn, id)
         .await?
         .ok_or_else(ApiError::not_found)?;
-    slate_events::access::record_staff_read(
+    let audit = query(
+        &state.pool,
+        &Filter {
+            account: Some(id),
+            ..Default::default()
+        },
+        30,
+        false,
+        Shows::NoOrigin,
+    )
+    .await?;
+    // The account, and any other whose sealed values its entries show (a
+    // refused key's address, sealed for the key's owner).
+    super::audit::record_reads(
         &state.appends,
         staff.account_id,
-        id,
+        [id],
+        &audit,
         "console:account",
     )
     .await?;
@@ -340,7 +360,7 @@ async fn account(
         "</tbody></table><h2>Impersonate</h2><form method=post action='/admin/console/accounts/{id}/impersonate'>\
          <label>Reason <input type=text name=reason required minlength=3 maxlength=500></label> <button>Start (60 minutes)</button></form>\
          <h2>Audit</h2>{}",
-        entries_table(&query(&state.pool, &Filter { account: Some(id), ..Default::default() }, 30, false).await?)
+        entries_table(&audit)
     ));
     Ok(page(
         a.email.as_deref().unwrap_or(slate_events::vault::ERASED),
@@ -359,11 +379,11 @@ async fn entry(
         Err(page) => return Ok(page),
     };
     let seq: i64 = seq.parse().map_err(|_| ApiError::not_found())?;
-    let e = crate::audit::entry(&state.pool, seq)
+    let e = crate::audit::entry(&state.pool, seq, Shows::NoOrigin)
         .await?
         .ok_or_else(ApiError::not_found)?;
     let cause = crate::audit::causing_event(&state.pool, e.event_id).await?;
-    let related = crate::audit::related(&state.pool, &e).await?;
+    let related = crate::audit::related(&state.pool, &e, Shows::NoOrigin).await?;
     super::audit::record_reads(
         &state.appends,
         staff.account_id,
@@ -421,9 +441,16 @@ async fn impersonate(
 ) -> Result<Response, ApiError> {
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found())?;
     let mut conn = state.pool.acquire().await?;
-    let i = slate_events::impersonation::start(&mut conn, staff.account_id, id, &f.reason, 60)
-        .await
-        .map_err(super::admin::impersonation_refused)?;
+    let i = slate_events::impersonation::start(
+        &mut conn,
+        staff.account_id,
+        id,
+        &f.reason,
+        60,
+        staff.staff_metadata(),
+    )
+    .await
+    .map_err(super::admin::impersonation_refused)?;
     Ok(page(
         "Impersonation started",
         &format!(
@@ -470,9 +497,7 @@ async fn replay(
                 outcome: outcome.clone(),
             },
         ),
-        slate_events::Metadata::by(slate_events::Actor::Staff {
-            account_id: staff.account_id,
-        }),
+        staff.staff_metadata(),
     );
     slate_events::store::append(
         &mut conn,

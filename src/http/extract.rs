@@ -337,13 +337,29 @@ impl Auth {
     pub fn metadata(&self) -> slate_events::Metadata {
         slate_events::Metadata {
             impersonator: self.impersonator,
+            ..self.with_origin(slate_events::Actor::User {
+                account_id: self.account_id,
+            })
+        }
+    }
+
+    /// What a staff member does as staff (not as an account they act for):
+    /// the staff actor, with the request's origin.
+    pub fn staff_metadata(&self) -> slate_events::Metadata {
+        self.with_origin(slate_events::Actor::Staff {
+            account_id: self.account_id,
+        })
+    }
+
+    /// `actor`'s metadata with this request's id, key, address and user
+    /// agent (the last two sealed with the credential's account's key).
+    fn with_origin(&self, actor: slate_events::Actor) -> slate_events::Metadata {
+        slate_events::Metadata {
             request_id: self.origin.request_id.clone(),
             api_key_id: self.key_id,
             ip: self.origin.ip.clone(),
             user_agent: self.origin.user_agent.clone(),
-            ..slate_events::Metadata::by(slate_events::Actor::User {
-                account_id: self.account_id,
-            })
+            ..slate_events::Metadata::by(actor)
         }
     }
 }

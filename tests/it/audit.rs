@@ -388,6 +388,86 @@ async fn a_staff_read_of_a_refused_keys_address_is_on_the_owners_trail() {
     );
 }
 
+/// A request's origin (client address, user agent) is sealed with the data
+/// key of the account whose credential made it: a staff member's, for the
+/// start of an impersonation. A reader that shows the origin (the JSON
+/// export) records a read on that staff member's trail; one that does not
+/// (the console's search and account page, the CSV export) leaves it
+/// sealed and records none. (Every reader opened it, and each recorded a
+/// read of the impersonator's data it did not show.) The start's entry
+/// names its request, found by its id. (It recorded no origin at all.)
+#[tokio::test]
+async fn only_a_reader_that_shows_a_requests_origin_records_a_read_of_its_account() {
+    let app = spawn_app_with(&[]).await;
+    let (user, _) = key_for(&app).await;
+    let (impersonator, impersonator_key) = app.staff().await;
+    let (status, i) = app
+        .post_json(
+            "/admin/impersonations",
+            Some(&impersonator_key),
+            json!({"account_id": user, "reason": "ticket 7: a look"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{i}");
+    app.db.settle_projections().await;
+    let request_id: String = sqlx::query_scalar(
+        "select request_id from audit_entries where action = 'impersonation.started'",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    let (reader, reader_key) = app.staff().await;
+    let reader = reader.to_string();
+    let reads_by_reader = |account: Uuid| {
+        let reader = reader.clone();
+        let app = &app;
+        async move {
+            reads_of(app, account)
+                .await
+                .into_iter()
+                .filter(|(staff, _)| *staff == reader)
+                .map(|(_, what)| what)
+                .collect::<Vec<_>>()
+        }
+    };
+    let get = |path: String| {
+        let (client, url, key) = (
+            app.client.clone(),
+            format!("{}{path}", app.address),
+            reader_key.clone(),
+        );
+        async move {
+            let r = client.get(url).bearer_auth(key).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+
+    let (status, body) = get(format!("/admin?q={request_id}")).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("impersonation.started"), "{body}");
+    let (status, body) = get(format!("/admin/console/accounts/{user}")).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("impersonation.started"), "{body}");
+    let (status, csv) = get(format!("/admin/audit/export?account={user}&format=csv")).await;
+    assert_eq!(status, 200);
+    assert!(csv.contains("impersonation.started"), "{csv}");
+    assert_eq!(
+        reads_by_reader(user).await,
+        ["console:search", "console:account", "audit:export"]
+    );
+    assert_eq!(reads_by_reader(impersonator).await, Vec::<String>::new());
+
+    let (status, jsonl) = get(format!("/admin/audit/export?account={user}")).await;
+    assert_eq!(status, 200);
+    let started: Value = jsonl
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["action"] == "impersonation.started")
+        .unwrap();
+    assert_eq!(started["ip"], "127.0.0.1", "{started}");
+    assert_eq!(reads_by_reader(impersonator).await, ["audit:export"]);
+}
+
 /// A search by target (`/admin/audit?target=`, what the console's search
 /// asks for every query) finds its entries through
 /// `audit_entries_target_values_idx`, whatever the target's key. (It read
