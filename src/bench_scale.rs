@@ -445,7 +445,8 @@ pub async fn fill_audit(pool: &PgPool, n: usize) -> anyhow::Result<i64> {
         .await?)
 }
 
-/// The staff queries the console and `/admin/audit` run, p50/p99, for the
+/// The staff queries `/admin/audit` runs (every field shown, the request's
+/// origin opened; the console's tables leave it out), p50/p99, for the
 /// newest page and for a page deep in history.
 pub async fn audit_queries(pool: &PgPool, samples: usize) -> anyhow::Result<Vec<AuditQuery>> {
     use crate::audit::{Filter, Shows, query};

@@ -180,24 +180,22 @@ pub async fn request_deletion(
         return Ok(purge_after);
     }
     // Then the open generations: queued ones are canceled and released,
-    // running ones asked to stop. Each is read under its lock
-    // (`generations::lock`, taken in one order), which an attempt's start
-    // takes too: a worker that read one as queued finds it canceled and
-    // does not send its prompt to a provider. Their events are all appended
-    // before any credit row is locked: a worker recording an outcome
-    // appends it to the generation's stream, then locks the credit row to
-    // capture or release, and a deletion that held the credit row while it
-    // appended to that stream deadlocked with it.
+    // running ones asked to stop. They are read once the attempts recording
+    // their start have done so, and no other can until this commits
+    // (`generations::hold_starts`): a worker that read one as queued finds
+    // it canceled and does not send its prompt to a provider. Their events
+    // are all appended before any credit row is locked: a worker recording
+    // an outcome appends it to the generation's stream, then locks the
+    // credit row to capture or release, and a deletion that held the credit
+    // row while it appended to that stream deadlocked with it.
+    crate::generations::hold_starts(conn, account_id).await?;
     let open: Vec<Uuid> = sqlx::query_scalar(
         "select generation_id from generations
-          where account_id = $1 and status in ('queued', 'running') order by generation_id",
+          where account_id = $1 and status in ('queued', 'running')",
     )
     .bind(account_id)
     .fetch_all(&mut *conn)
     .await?;
-    for id in &open {
-        crate::generations::lock(conn, *id).await?;
-    }
     let mut canceled = Vec::new();
     for id in open {
         let Some(g) = crate::generations::get_any(conn, id).await? else {

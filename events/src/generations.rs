@@ -396,6 +396,28 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<(), Error> {
     Ok(())
 }
 
+/// Wait for the attempts of `account_id`'s generations that are recording
+/// their start, and keep new ones from recording theirs, for the rest of
+/// the caller's transaction: an account's deletion, which cancels every
+/// generation of the account. Each start holds this lock shared
+/// ([`record_started`]) and then reads its generation's status, so one that
+/// waited finds it canceled. One lock for the account, not one per
+/// generation: the server's lock table holds a few thousand, and an account
+/// can have more generations queued.
+pub async fn hold_starts(conn: &mut PgConnection, account_id: Uuid) -> Result<(), Error> {
+    sqlx::query("select pg_advisory_xact_lock(hashtext($1))")
+        .bind(starts_lock_key(account_id))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The advisory lock's key of the starts of `account_id`'s generations
+/// ([`hold_starts`]).
+fn starts_lock_key(account_id: Uuid) -> String {
+    format!("generation-starts:{account_id}")
+}
+
 /// The advisory lock's key of generation `id` ([`lock`]).
 fn lock_key(id: Uuid) -> String {
     format!("generation:{id}")
@@ -431,11 +453,14 @@ pub async fn record_started(
         !sqlx::Connection::is_in_transaction(&*conn),
         "record_started commits on its own"
     );
-    // One round trip: the setting and the lock ([`lock`]'s) are sent with
-    // the `begin` (a uuid's text needs no quoting).
+    // One round trip: the setting and the locks (the account's starts,
+    // shared, as [`hold_starts`] takes it exclusively; then [`lock`]'s) are
+    // sent with the `begin` (a uuid's text needs no quoting).
     let begin = format!(
         "begin; set local synchronous_commit = off;
+         select pg_advisory_xact_lock_shared(hashtext('{}'));
          select pg_advisory_xact_lock(hashtext('{}'))",
+        starts_lock_key(g.account_id),
         lock_key(g.generation_id)
     );
     let mut tx = sqlx::Connection::begin_with(&mut *conn, sqlx::AssertSqlSafe(begin)).await?;

@@ -2471,11 +2471,13 @@ async fn an_expired_hold_is_released_only_once_its_generations_job_is_gone() {
 /// reports it, the attempt ends the generation canceled and released, and
 /// no provider is called. (The start went on: the provider ran and the
 /// generation was billed for a cancellation asked for before the call.)
+/// The attempt is held between its read and its start by the lock an
+/// account's deletion takes (`generations::hold_starts`).
 #[tokio::test]
 async fn a_retry_whose_cancellation_came_after_its_worker_read_it_is_not_started() {
     use slate_events::generations::Start;
     let app = spawn_app_with(&[]).await;
-    let (_, key) = funded(&app, 100).await;
+    let (account, key) = funded(&app, 100).await;
     let (_, g, _) = app.submit(&key, None, video("asked to stop")).await;
     let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
     let read = || async {
@@ -2519,9 +2521,53 @@ async fn a_retry_whose_cancellation_came_after_its_worker_read_it_is_not_started
         Start::CancelRequested,
         "the attempt must not go to the provider"
     );
-    // What the attempt does with that: the generation ends canceled, unbilled.
+    // (An attempt that reads it now finds it so at once.)
     let w = worker(&app);
     slate_workers::generations::attempt(&w, id, 2).await;
+    assert_eq!(settled(&app, &key, id).await, ("canceled".into(), 100, 0));
+    // What an attempt does with that: held after its read, it finds the
+    // cancellation at its start and ends the generation canceled, unbilled.
+    let (_, g, _) = app.submit(&key, None, video("asked to stop too")).await;
+    let id: Uuid = g["id"].as_str().unwrap().parse().unwrap();
+    let work = slate_events::generations::work(&mut *app.db.conn().await, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(start(work.generation, 1).await, Start::Running);
+    let mut held = app.db.pool.begin().await.unwrap();
+    slate_events::generations::hold_starts(&mut held, account)
+        .await
+        .unwrap();
+    let w = worker(&app);
+    let attempt = tokio::spawn(async move { slate_workers::generations::attempt(&w, id, 2).await });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "select exists(select 1 from pg_stat_activity
+                            where datname = current_database() and wait_event_type = 'Lock')",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        if waiting || attempt.is_finished() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the attempt never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (status, body) = app
+        .post_json(
+            &format!("/v1/generations/{id}/cancel"),
+            Some(&key),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    held.rollback().await.unwrap();
+    attempt.await.unwrap();
     assert_eq!(settled(&app, &key, id).await, ("canceled".into(), 100, 0));
     let log: Vec<String> = sqlx::query_scalar(
         "select event_type from events where stream_id = 'generation-' || $1 order by stream_version",

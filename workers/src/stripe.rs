@@ -11,7 +11,8 @@ use crate::jobs;
 
 pub const QUEUE: &str = "slate.stripe";
 /// How many times an event's processing is tried when it fails for a
-/// reason that may pass (Stripe's API or PostgreSQL out of reach): with
+/// reason that may pass (Stripe's API or PostgreSQL out of reach, a
+/// customer not linked to an account yet): with
 /// [`retry_delay`], for about a day (21 h and up to a quarter more), as
 /// Stripe itself goes on delivering for days. An invoice's processing reads
 /// Stripe's API; with 8 tries over about 8 minutes, an outage of Stripe's
