@@ -348,13 +348,7 @@ async fn a_canceled_batch_gives_its_turns_back() {
         assert_eq!(status, 202, "{g}");
     }
     for id in &batch[1..] {
-        let (status, g) = app
-            .post_json(
-                &format!("/v1/generations/{id}/cancel"),
-                Some(&alice_key),
-                json!({}),
-            )
-            .await;
+        let (status, g) = cancel(&app, &alice_key, id).await;
         assert_eq!((status, g["status"].as_str()), (200, Some("canceled")));
     }
     let withdrawn: i64 = sqlx::query_scalar(
@@ -660,16 +654,7 @@ async fn another_user_cannot_read_list_or_cancel_a_generation() {
             .0,
         404
     );
-    assert_eq!(
-        app.post_json(
-            &format!("/v1/generations/{id}/cancel"),
-            Some(&bob),
-            json!({})
-        )
-        .await
-        .0,
-        404
-    );
+    assert_eq!(cancel(&app, &bob, id).await.0, 404);
     let (_, list) = app.get_as("/v1/generations", Some(&bob)).await;
     assert!(list["data"].as_array().unwrap().is_empty());
     assert_eq!(
@@ -684,26 +669,14 @@ async fn another_user_cannot_read_list_or_cancel_a_generation() {
     );
 
     // The owner cancels it while queued: canceled and released at once.
-    let (status, c) = app
-        .post_json(
-            &format!("/v1/generations/{id}/cancel"),
-            Some(&alice),
-            json!({}),
-        )
-        .await;
+    let (status, c) = cancel(&app, &alice, id).await;
     assert_eq!((status, c["status"].as_str()), (200, Some("canceled")));
     let b = app.balance(&alice).await;
     assert_eq!(
         (b["available"].as_i64(), b["reserved"].as_i64()),
         (Some(100), Some(0))
     );
-    let (status, c) = app
-        .post_json(
-            &format!("/v1/generations/{id}/cancel"),
-            Some(&alice),
-            json!({}),
-        )
-        .await;
+    let (status, c) = cancel(&app, &alice, id).await;
     assert_eq!(
         (status, c["error"]["code"].as_str()),
         (409, Some("generation_finished"))
@@ -1679,13 +1652,7 @@ async fn a_cancellation_heard_from_the_provider_ends_the_generation_canceled() {
         .await;
     let id = submit_kling_video(&app, &key).await;
     let w = first_attempt_gives_up_polling(&app, &fal, id).await;
-    let (code, c) = app
-        .post_json(
-            &format!("/v1/generations/{id}/cancel"),
-            Some(&key),
-            json!({}),
-        )
-        .await;
+    let (code, c) = cancel(&app, &key, id).await;
     assert_eq!((code, c["cancel_requested"].as_bool()), (202, Some(true)));
     Mock::given(method("GET"))
         .and(path(status))
@@ -1890,6 +1857,16 @@ async fn fal_app() -> (wiremock::MockServer, TestApp, String) {
     let app = spawn_app_with(&[("FAL_KEY", "fal_test_key"), ("FAL_BASE_URL", &fal.uri())]).await;
     let (_, key) = funded(&app, 100).await;
     (fal, app, key)
+}
+
+/// `POST /v1/generations/{id}/cancel` with `key`: its status and body.
+async fn cancel(app: &TestApp, key: &str, id: impl std::fmt::Display) -> (u16, Value) {
+    app.post_json(
+        &format!("/v1/generations/{id}/cancel"),
+        Some(key),
+        json!({}),
+    )
+    .await
 }
 
 /// Generation `id`'s status, and its account's available and reserved
@@ -2508,13 +2485,7 @@ async fn a_retry_whose_cancellation_came_after_its_worker_read_it_is_not_started
         ),
         ("running", false)
     );
-    let (status, body) = app
-        .post_json(
-            &format!("/v1/generations/{id}/cancel"),
-            Some(&key),
-            json!({}),
-        )
-        .await;
+    let (status, body) = cancel(&app, &key, id).await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(
         start(as_the_retry_read_it, 2).await,
@@ -2558,13 +2529,7 @@ async fn a_retry_whose_cancellation_came_after_its_worker_read_it_is_not_started
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let (status, body) = app
-        .post_json(
-            &format!("/v1/generations/{id}/cancel"),
-            Some(&key),
-            json!({}),
-        )
-        .await;
+    let (status, body) = cancel(&app, &key, id).await;
     assert_eq!(status, 202, "{body}");
     held.rollback().await.unwrap();
     attempt.await.unwrap();
@@ -2622,13 +2587,7 @@ async fn a_generation_canceled_after_its_worker_read_it_is_not_started() {
         .unwrap()
     };
     let (id, g) = read("canceled at once").await;
-    let (status, body) = app
-        .post_json(
-            &format!("/v1/generations/{id}/cancel"),
-            Some(&key),
-            json!({}),
-        )
-        .await;
+    let (status, body) = cancel(&app, &key, id).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         start(g).await,
@@ -2738,13 +2697,7 @@ async fn canceling_a_running_generation_calls_the_provider_and_releases_unless_i
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (status, c) = app
-        .post_json(
-            &format!("/v1/generations/{id}/cancel"),
-            Some(&key),
-            json!({}),
-        )
-        .await;
+    let (status, c) = cancel(&app, &key, id).await;
     assert_eq!(
         (status, c["cancel_requested"].as_bool()),
         (202, Some(true)),
