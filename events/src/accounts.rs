@@ -189,24 +189,14 @@ pub async fn request_deletion(
     // credit row to capture or release, and a deletion that held the credit
     // row while it appended to that stream deadlocked with it.
     crate::generations::hold_starts(conn, account_id).await?;
-    let open: Vec<Uuid> = sqlx::query_scalar(
-        "select generation_id from generations
-          where account_id = $1 and status in ('queued', 'running')",
-    )
-    .bind(account_id)
-    .fetch_all(&mut *conn)
-    .await?;
     let mut canceled = Vec::new();
-    for id in open {
-        let Some(g) = crate::generations::get_any(conn, id).await? else {
-            continue;
-        };
+    for g in crate::generations::unfinished_of(conn, account_id).await? {
         if g.status == "running" {
             crate::generations::request_cancel(conn, &g, &metadata).await?;
-        } else if g.status == "queued"
-            && crate::generations::record_canceled(conn, &g, "account_deleted", &metadata).await?
+        } else if crate::generations::record_canceled(conn, &g, "account_deleted", &metadata)
+            .await?
         {
-            canceled.push(id);
+            canceled.push(g.generation_id);
         }
     }
     for id in canceled {

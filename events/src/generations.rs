@@ -272,6 +272,21 @@ pub async fn get_any(conn: &mut PgConnection, id: Uuid) -> Result<Option<Generat
     .await?)
 }
 
+/// The account's generations still queued or running, whole (through
+/// `generations_account_unfinished_idx`).
+pub(crate) async fn unfinished_of(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+) -> Result<Vec<Generation>, Error> {
+    Ok(sqlx::query_as(trusted_sql!(
+        "select {COLUMNS} from generations
+          where account_id = $1 and status in ('queued', 'running')"
+    ))
+    .bind(account_id)
+    .fetch_all(conn)
+    .await?)
+}
+
 /// Which of an account's generations [`list`] gives (each `None`: any).
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -475,10 +490,14 @@ pub async fn record_started(
     .fetch_optional(&mut *tx)
     .await?;
     let start = match now {
-        Some((status, _)) if !matches!(status.as_str(), "queued" | "running") => Start::Finished,
-        None => Start::Finished,
-        Some((_, true)) => Start::CancelRequested,
-        Some((_, false)) => Start::Running,
+        Some((status, cancel)) if matches!(status.as_str(), "queued" | "running") => {
+            if cancel {
+                Start::CancelRequested
+            } else {
+                Start::Running
+            }
+        }
+        _ => Start::Finished,
     };
     if start == Start::Running {
         append(

@@ -1109,7 +1109,8 @@ async fn a_submission_authenticated_before_a_deletion_never_runs_for_the_deleted
         .unwrap();
     assert!(matches!(outcome, Submitted::Accepted { .. }));
     let deletion = delete(alice);
-    until_waiting_for_a_lock(&db, &deletion, "the deletion never ran").await;
+    db.until_waiting_for_a_lock(&deletion, "the deletion never ran")
+        .await;
     tx.commit().await.unwrap();
     deletion.await.unwrap();
     let (status, reason): (String, Option<String>) =
@@ -1171,7 +1172,8 @@ async fn a_submission_authenticated_before_a_deletion_never_runs_for_the_deleted
         tx.rollback().await.unwrap();
         outcome
     });
-    until_waiting_for_a_lock(&db, &submitting, "the submission never ran").await;
+    db.until_waiting_for_a_lock(&submitting, "the submission never ran")
+        .await;
     deletion.commit().await.unwrap();
     let outcome = submitting.await.unwrap();
     assert!(
@@ -1214,16 +1216,6 @@ async fn a_deletion_takes_turns_with_a_workers_start_and_outcome() {
             .unwrap()
             .unwrap()
     };
-    let log = async |id: Uuid| -> Vec<String> {
-        sqlx::query_scalar(
-            "select event_type from events where stream_id = 'generation-' || $1
-              order by stream_version",
-        )
-        .bind(id.to_string())
-        .fetch_all(&db.pool)
-        .await
-        .unwrap()
-    };
 
     let alice = with_50_credits(&mut conn).await;
     let id = submitted(alice).await;
@@ -1249,10 +1241,14 @@ async fn a_deletion_takes_turns_with_a_workers_start_and_outcome() {
         .await
         .unwrap()
     });
-    until_waiting_for_a_lock(&db, &starting, "the start never ran").await;
+    db.until_waiting_for_a_lock(&starting, "the start never ran")
+        .await;
     deletion.commit().await.unwrap();
     assert_eq!(starting.await.unwrap(), Start::Finished);
-    assert_eq!(log(id).await, ["GenerationRequested", "GenerationCanceled"]);
+    assert_eq!(
+        db.generation_log(id).await,
+        ["GenerationRequested", "GenerationCanceled"]
+    );
 
     let bob = with_50_credits(&mut conn).await;
     let id = submitted(bob).await;
@@ -1303,7 +1299,8 @@ async fn a_deletion_takes_turns_with_a_workers_start_and_outcome() {
         .map_err(|e| sqlx::Error::Protocol(format!("{e:?}")))?;
         tx.commit().await
     });
-    until_waiting_for_a_lock(&db, &deleting, "the deletion never ran").await;
+    db.until_waiting_for_a_lock(&deleting, "the deletion never ran")
+        .await;
     let captured = slate_events::credits::capture(&mut worker, id, &meta).await;
     assert!(captured.is_ok(), "the worker's capture: {captured:?}");
     worker.commit().await.unwrap();
@@ -1314,30 +1311,6 @@ async fn a_deletion_takes_turns_with_a_workers_start_and_outcome() {
         .unwrap();
     assert_eq!((b.reserved, b.available < 50), (0, true), "{b:?}");
     assert_eq!(read(id).await.status, "succeeded");
-}
-
-/// Wait until a session of the test's database waits for a lock, or `task`
-/// has finished (then there was nothing to wait for).
-async fn until_waiting_for_a_lock<T>(
-    db: &crate::harness::TestDb,
-    task: &tokio::task::JoinHandle<T>,
-    never: &str,
-) {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let waiting: bool = sqlx::query_scalar(
-            "select exists(select 1 from pg_stat_activity
-                            where datname = current_database() and wait_event_type = 'Lock')",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        if waiting || task.is_finished() {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{never}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
 }
 
 /// A new account with 50 purchased credits.

@@ -2511,36 +2511,15 @@ async fn a_retry_whose_cancellation_came_after_its_worker_read_it_is_not_started
         .unwrap();
     let w = worker(&app);
     let attempt = tokio::spawn(async move { slate_workers::generations::attempt(&w, id, 2).await });
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let waiting: bool = sqlx::query_scalar(
-            "select exists(select 1 from pg_stat_activity
-                            where datname = current_database() and wait_event_type = 'Lock')",
-        )
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap();
-        if waiting || attempt.is_finished() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the attempt never started"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    app.db
+        .until_waiting_for_a_lock(&attempt, "the attempt never started")
+        .await;
     let (status, body) = cancel(&app, &key, id).await;
     assert_eq!(status, 202, "{body}");
     held.rollback().await.unwrap();
     attempt.await.unwrap();
     assert_eq!(settled(&app, &key, id).await, ("canceled".into(), 100, 0));
-    let log: Vec<String> = sqlx::query_scalar(
-        "select event_type from events where stream_id = 'generation-' || $1 order by stream_version",
-    )
-    .bind(id.to_string())
-    .fetch_all(&app.db.pool)
-    .await
-    .unwrap();
+    let log = app.db.generation_log(id).await;
     assert_eq!(
         log,
         [
@@ -2597,13 +2576,7 @@ async fn a_generation_canceled_after_its_worker_read_it_is_not_started() {
     assert_eq!(settled(&app, &key, id).await, ("canceled".into(), 100, 0));
     // Nor is a start recorded after its end (a follower saw `canceled`,
     // then `running`).
-    let log: Vec<String> = sqlx::query_scalar(
-        "select event_type from events where stream_id = 'generation-' || $1 order by stream_version",
-    )
-    .bind(id.to_string())
-    .fetch_all(&app.db.pool)
-    .await
-    .unwrap();
+    let log = app.db.generation_log(id).await;
     assert_eq!(log, ["GenerationRequested", "GenerationCanceled"]);
     let (_, events) = read_sse(&app.client, &app.address, &key, &id.to_string(), None).await;
     let statuses: Vec<&str> = events

@@ -267,3 +267,41 @@ impl Rng {
         &items[self.next() as usize % items.len()]
     }
 }
+
+impl TestDb {
+    /// Wait until a session of this database waits for a lock, or `task`
+    /// has finished (then there was nothing to wait for).
+    pub async fn until_waiting_for_a_lock<T>(
+        &self,
+        task: &tokio::task::JoinHandle<T>,
+        never: &str,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let waiting: bool = sqlx::query_scalar(
+                "select exists(select 1 from pg_stat_activity
+                                where datname = current_database() and wait_event_type = 'Lock')",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+            if waiting || task.is_finished() {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{never}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The types of generation `id`'s events, in its stream's order.
+    pub async fn generation_log(&self, id: Uuid) -> Vec<String> {
+        sqlx::query_scalar(
+            "select event_type from events where stream_id = 'generation-' || $1
+              order by stream_version",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+}
