@@ -2329,45 +2329,117 @@ async fn dispute_changed(
             )))
         }
         "needs_response" | "under_review" | "lost" => {
+            // Frozen once, by the dispute's first event processed: its later
+            // events change its status, not what it froze.
+            if let Some(frozen) = revoked {
+                return Ok(Outcome::Processed(format!(
+                    "{dispute} {status}; {frozen} credits frozen earlier"
+                )));
+            }
             let granted: i64 =
                 sqlx::query_scalar("select amount from credit_buckets where bucket_id = $1")
                     .bind(bucket)
                     .fetch_one(&mut *conn)
                     .await?;
-            let out = credits::revoke(
-                conn,
-                account,
-                bucket,
-                granted,
-                &revoke_key,
-                Some("dispute"),
-                &cx.meta,
-            )
-            .await?;
-            // What failed refunds of the charge gave back is the grant's too.
+            let share = disputed_share(conn, cx, dp, granted).await?;
+            let out = match share {
+                0 => None,
+                share => Some(
+                    credits::revoke(
+                        conn,
+                        account,
+                        bucket,
+                        share,
+                        &revoke_key,
+                        Some("dispute"),
+                        &cx.meta,
+                    )
+                    .await?,
+                ),
+            };
+            let (outcome, frozen, debt) = out.map_or(("nothing_to_revoke".into(), 0, 0), |o| {
+                (o.outcome, o.amount, o.debt_added)
+            });
+            // What failed refunds of the charge gave back is the grant's too:
+            // the disputed share comes out of it where the grant has too
+            // little left.
+            let mut short = share - frozen;
             let mut returns_frozen = 0;
             for (returned, amount) in refund_returns_of(conn, bucket).await? {
+                if short <= 0 {
+                    break;
+                }
                 let more = credits::revoke(
                     conn,
                     account,
                     returned,
-                    amount,
+                    amount.min(short),
                     &format!("{revoke_key}:{returned}"),
                     Some("dispute"),
                     &cx.meta,
                 )
                 .await?;
                 returns_frozen += more.amount;
+                short -= more.amount;
             }
             Ok(Outcome::Processed(format!(
-                "{dispute} {status}; {} {} credits frozen ({} debt; {returns_frozen} of what \
-                 failed refunds gave back)",
-                out.outcome, out.amount, out.debt_added
+                "{dispute} {status}; {outcome} {frozen} of {granted} credits frozen ({debt} debt; \
+                 {returns_frozen} of what failed refunds gave back)"
             )))
         }
         other => Ok(Outcome::Ignored(format!(
             "{dispute} is {other}; no credits affected"
         ))),
+    }
+}
+
+/// What of a grant a dispute freezes: the disputed share of its charge, as
+/// a refund of that much would take. A dispute can be for less than its
+/// charge ("only part of the order is disputed"); it can also say more, in
+/// another currency or after an exchange rate moved, and then it is all of
+/// the grant, as it is where the charge's amount cannot be known (no
+/// Stripe API to ask and no event of the charge in the mirror).
+async fn disputed_share(
+    conn: &mut PgConnection,
+    cx: &Cx<'_>,
+    dp: &Value,
+    granted: i64,
+) -> Result<i64, ProcessError> {
+    let (Some(disputed), Some(charge)) = (int(dp, "/amount"), id_of(dp, "/charge")) else {
+        return Ok(granted);
+    };
+    let mirrored: Option<(Option<i64>, Option<String>)> = sqlx::query_as(
+        "select (raw::jsonb #>> '{data,object,amount}')::bigint,
+                raw::jsonb #>> '{data,object,currency}'
+           from stripe_events
+          where object_id = $1 and raw::jsonb #>> '{data,object,object}' = 'charge'
+          order by created desc limit 1",
+    )
+    .bind(charge)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let (amount, currency) = match (mirrored, cx.refetch) {
+        (Some((amount, currency)), _) => (amount, currency),
+        (None, Some(reads)) => {
+            let fresh = reads
+                .get(Refetch::Object(charge.to_owned()))?
+                .ok_or_else(|| {
+                    ProcessError::Retryable(format!(
+                        "{charge}: its amount could not be read from Stripe"
+                    ))
+                })?;
+            (
+                int(&fresh, "/amount"),
+                text(&fresh, "/currency").map(str::to_owned),
+            )
+        }
+        (None, None) => return Ok(granted),
+    };
+    match amount {
+        Some(amount) if amount > 0 && currency.as_deref() == text(dp, "/currency") => {
+            Ok(refund_share(granted, disputed.clamp(0, amount), amount))
+        }
+        _ => Ok(granted),
     }
 }
 

@@ -1364,6 +1364,110 @@ async fn a_dispute_freezes_the_purchase_and_a_won_dispute_restores_it_in_either_
     assert_eq!(b.available, 500);
 }
 
+/// A dispute for part of its charge freezes that part of the grant, as a
+/// refund of as much would take, not all of it: a quarter of the pack's
+/// 2,000 cents disputed freezes 125 of its 500 credits. A lost dispute
+/// keeps them; a won one gives them back. The charge's amount is read from
+/// Stripe's API, or from the mirror where an event of the charge is.
+#[tokio::test]
+async fn a_dispute_for_part_of_a_charge_freezes_that_share_of_the_grant() {
+    use wiremock::matchers::{method, path, query_param};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let stripe_api = MockServer::start().await;
+    let app = app_with_stripe_api(&stripe_api, ("STRIPE_PACKS", "price_starter=500")).await;
+    let options = slate_events::stripe::ProcessOptions {
+        refetch: Some(slate::stripe::reconcile::refetcher(app_stripe_client(
+            &stripe_api,
+        ))),
+        ..Default::default()
+    };
+    let process = |event: String, options: slate_events::stripe::ProcessOptions| {
+        let pool = app.db.pool.clone();
+        async move {
+            slate_events::stripe::process_with(&pool, &catalog(), &event, &options)
+                .await
+                .unwrap()
+        }
+    };
+    for (outcome, disputed, asks_stripe, frozen, after) in [
+        ("lost", 500, true, 125, 375),
+        ("won", 1000, false, 250, 500),
+    ] {
+        let account = new_account(&mut *app.db.conn().await).await;
+        let run = run_tag();
+        let event =
+            |name: &str| -> Value { serde_json::from_str(&fixture(name, account, &run)).unwrap() };
+        // The pack's charge, as Stripe's API has it: 2,000 cents, nothing
+        // refunded.
+        let mut charge = event("09_charge_refunded_partial")["data"]["object"].clone();
+        charge["amount_refunded"] = 0.into();
+        charge["refunded"] = false.into();
+        charge["refunds"] = serde_json::json!({
+            "object": "list", "data": [], "has_more": false, "total_count": 0,
+            "url": format!("/v1/charges/ch_{run}_pack/refunds"),
+        });
+        Mock::given(method("GET"))
+            .and(path(format!("/v1/charges/ch_{run}_pack")))
+            .and(query_param("expand[0]", "refunds"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(&charge))
+            .expect(u64::from(asks_stripe))
+            .mount(&stripe_api)
+            .await;
+        let mut closed = event("x_charge_dispute_closed_won");
+        closed["data"]["object"]["status"] = outcome.into();
+        closed["data"]["object"]["amount"] = disputed.into();
+        let mut opened = event("10_charge_dispute_created");
+        opened["id"] = format!("evt_{run}_dp_open").into();
+        opened["created"] = (closed["created"].as_i64().unwrap() - 3600).into();
+        opened["data"]["object"]["amount"] = disputed.into();
+        for field in ["id", "charge", "payment_intent"] {
+            opened["data"]["object"][field] = closed["data"]["object"][field].clone();
+        }
+        assert_eq!(opened["data"]["object"]["charge"], format!("ch_{run}_pack"));
+
+        app.deliver_accepted("01_checkout_session_completed_pack", account, &run)
+            .await;
+        process(format!("evt_{run}_01"), options.clone()).await;
+        if !asks_stripe {
+            // The charge's own event in the mirror (Slate does nothing with
+            // `charge.succeeded` but keep it), and no Stripe API to ask.
+            let succeeded = serde_json::json!({
+                "id": format!("evt_{run}_ch"), "object": "event",
+                "api_version": opened["api_version"], "created": opened["created"],
+                "data": {"object": charge}, "livemode": false, "pending_webhooks": 1,
+                "request": {"id": null, "idempotency_key": null}, "type": "charge.succeeded",
+            });
+            app.deliver(&succeeded.to_string()).await;
+        }
+        let options = if asks_stripe {
+            options.clone()
+        } else {
+            Default::default()
+        };
+        app.deliver(&opened.to_string()).await;
+        let frozen_now = process(opened["id"].as_str().unwrap().into(), options.clone()).await;
+        assert_eq!(
+            available(&app, account).await,
+            500 - frozen,
+            "{outcome}: {frozen_now:?}"
+        );
+        app.deliver(&closed.to_string()).await;
+        process(closed["id"].as_str().unwrap().into(), options.clone()).await;
+        let b = slate_events::credits::balance(&mut *app.db.conn().await, account)
+            .await
+            .unwrap();
+        assert_eq!((b.available, b.debt), (after, 0), "{outcome}");
+        // A replay of the opening freezes nothing more.
+        let replay = slate_events::stripe::ProcessOptions {
+            force: true,
+            ..options
+        };
+        process(opened["id"].as_str().unwrap().into(), replay).await;
+        assert_eq!(available(&app, account).await, after, "{outcome}: replayed");
+    }
+}
+
 /// Stripe fails a pending refund once its charge is disputed
 /// (`charge_for_pending_refund_disputed`): the dispute decides. What the
 /// refund took stays taken while the dispute is open; a won dispute gives
