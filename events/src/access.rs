@@ -362,7 +362,9 @@ pub async fn record_access_denied(
     Ok(())
 }
 
-/// A staff member read an account's data (staff reads are audited).
+/// A staff member read an account's data (staff reads are audited), by
+/// the request `request` describes (its id, key, and sealed address and
+/// user agent: a search by request id finds what a request read).
 /// Standalone appends like these are committed in groups
 /// ([`store::GroupCommit`]): a flood of refused credentials shares commits.
 pub async fn record_staff_read(
@@ -370,6 +372,7 @@ pub async fn record_staff_read(
     staff_id: Uuid,
     account_id: Uuid,
     what: &str,
+    request: &Metadata,
 ) -> Result<(), Error> {
     let event = NewEvent::new(
         DomainEvent::StaffRead(crate::catalog::StaffRead {
@@ -377,9 +380,12 @@ pub async fn record_staff_read(
             account_id,
             what: what.to_owned(),
         }),
-        Metadata::by(crate::Actor::Staff {
-            account_id: staff_id,
-        }),
+        Metadata {
+            actor: crate::Actor::Staff {
+                account_id: staff_id,
+            },
+            ..request.clone()
+        },
     );
     appends
         .append(

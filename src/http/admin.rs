@@ -131,8 +131,14 @@ async fn account(
     let account = slate_events::accounts::get_account(&mut conn, id)
         .await?
         .ok_or_else(ApiError::not_found)?;
-    slate_events::access::record_staff_read(&state.appends, staff.account_id, id, "account")
-        .await?;
+    slate_events::access::record_staff_read(
+        &state.appends,
+        staff.account_id,
+        id,
+        "account",
+        &staff.staff_metadata(),
+    )
+    .await?;
     let balance = slate_events::credits::balance(&mut conn, id).await?;
     let generations: Vec<(String, i64)> = sqlx::query_as(
         "select status, count(*) from generations where account_id = $1 group by 1 order by 1",

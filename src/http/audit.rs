@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{ApiError, AppState, Json, Path, Query, Staff};
+use super::{ApiError, AppState, Auth, Json, Path, Query, Staff};
 use crate::audit::{AuditEntry, CSV_HEADER, Filter, Shows, csv_line, query};
 
 pub fn router() -> Router<AppState> {
@@ -37,7 +37,7 @@ pub fn router() -> Router<AppState> {
 /// made more of them.
 pub(crate) async fn record_reads(
     appends: &slate_events::store::GroupCommit,
-    staff: Uuid,
+    staff: &Auth,
     asked: impl IntoIterator<Item = Uuid>,
     shown: &[AuditEntry],
     what: &str,
@@ -45,9 +45,10 @@ pub(crate) async fn record_reads(
     let mut accounts = accounts_shown(shown);
     accounts.extend(asked);
     if accounts.is_empty() {
-        accounts.insert(staff);
+        accounts.insert(staff.account_id);
     }
-    record_reads_of(appends, staff, accounts, what).await
+    let request = staff.staff_metadata();
+    record_reads_of(appends, (staff.account_id, &request), accounts, what).await
 }
 
 /// The accounts whose data `shown` shows (see [`record_reads`]): each
@@ -62,17 +63,16 @@ fn accounts_shown(shown: &[AuditEntry]) -> BTreeSet<Uuid> {
         .collect()
 }
 
+/// One `StaffRead` per account, each with the staff member's request.
 async fn record_reads_of(
     appends: &slate_events::store::GroupCommit,
-    staff: Uuid,
+    (staff, request): (Uuid, &slate_events::Metadata),
     accounts: BTreeSet<Uuid>,
     what: &str,
 ) -> Result<(), slate_events::Error> {
-    futures::future::try_join_all(
-        accounts
-            .into_iter()
-            .map(|account| slate_events::access::record_staff_read(appends, staff, account, what)),
-    )
+    futures::future::try_join_all(accounts.into_iter().map(|account| {
+        slate_events::access::record_staff_read(appends, staff, account, what, request)
+    }))
     .await?;
     Ok(())
 }
@@ -86,14 +86,7 @@ async fn search(
     let mut rows = query(&state.pool, &f, limit + 1, false, Shows::Everything).await?;
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
-    record_reads(
-        &state.appends,
-        staff.account_id,
-        f.account,
-        &rows,
-        "audit:search",
-    )
-    .await?;
+    record_reads(&state.appends, &staff, f.account, &rows, "audit:search").await?;
     let next = if more {
         rows.last().map(|e| e.seq)
     } else {
@@ -115,7 +108,7 @@ async fn detail(
     let related = crate::audit::related(&state.pool, &entry, Shows::Everything).await?;
     record_reads(
         &state.appends,
-        staff.account_id,
+        &staff,
         crate::audit::accounts_read(&entry, cause.as_ref()),
         &related,
         "audit:entry",
@@ -154,14 +147,7 @@ async fn export(
             ));
         }
     };
-    record_reads(
-        &state.appends,
-        staff.account_id,
-        q.account,
-        &[],
-        "audit:export",
-    )
-    .await?;
+    record_reads(&state.appends, &staff, q.account, &[], "audit:export").await?;
     let filter = Filter {
         account: q.account,
         from: q.from,
@@ -170,7 +156,7 @@ async fn export(
     };
     let pool = state.pool.clone();
     let appends = state.appends.clone();
-    let staff_id = staff.account_id;
+    let (staff_id, request) = (staff.account_id, staff.staff_metadata());
     let header_line = csv.then(|| CSV_HEADER.to_owned());
     // CSV has no column for the request's origin, so it is not opened.
     let shows = if csv {
@@ -190,7 +176,7 @@ async fn export(
             q.account.into_iter().collect(),
         ),
         move |(mut f, head, done, mut access, mut recorded)| {
-            let (pool, appends) = (pool.clone(), appends.clone());
+            let (pool, appends, request) = (pool.clone(), appends.clone(), request.clone());
             async move {
                 if let Some(h) = head {
                     return Some((
@@ -226,7 +212,8 @@ async fn export(
                     .collect();
                 if !new.is_empty() {
                     if let Err(e) =
-                        record_reads_of(&appends, staff_id, new.clone(), "audit:export").await
+                        record_reads_of(&appends, (staff_id, &request), new.clone(), "audit:export")
+                            .await
                     {
                         return fail(std::io::Error::other(e), f, access, recorded);
                     }

@@ -133,6 +133,7 @@ async fn home(
             staff.account_id,
             staff.account_id,
             "console:search",
+            &staff.staff_metadata(),
         )
         .await?;
         let accounts: Vec<(Uuid, Option<String>, bool)> = sqlx::query_as(
@@ -189,7 +190,7 @@ async fn home(
         if !accounts.is_empty() || rows.iter().any(|e| e.accounts().next().is_some()) {
             super::audit::record_reads(
                 &state.appends,
-                staff.account_id,
+                &staff,
                 accounts.iter().map(|(id, _, _)| *id),
                 &rows,
                 "console:search",
@@ -268,14 +269,7 @@ async fn account(
     .await?;
     // The account, and any other whose sealed values its entries show (a
     // refused key's address, sealed for the key's owner).
-    super::audit::record_reads(
-        &state.appends,
-        staff.account_id,
-        [id],
-        &audit,
-        "console:account",
-    )
-    .await?;
+    super::audit::record_reads(&state.appends, &staff, [id], &audit, "console:account").await?;
     let b = slate_events::credits::balance(&mut conn, id).await?;
     let ledger = slate_events::credits::ledger_page(&mut conn, id, None, 20).await?;
     let generations = slate_events::generations::list(
@@ -386,7 +380,7 @@ async fn entry(
     let related = crate::audit::related(&state.pool, &e, Shows::NoOrigin).await?;
     super::audit::record_reads(
         &state.appends,
-        staff.account_id,
+        &staff,
         crate::audit::accounts_read(&e, cause.as_ref()),
         &related,
         "console:audit_entry",

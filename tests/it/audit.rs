@@ -265,8 +265,20 @@ async fn every_account_whose_entries_staff_see_has_the_read_on_its_trail() {
     let (staff_id, staff) = app.staff().await;
     let staff_id = staff_id.to_string();
 
-    let (status, page) = app.get_as("/admin/audit?limit=200", Some(&staff)).await;
-    assert_eq!(status, 200, "{page}");
+    let request_id = format!("staff-search-{}", Uuid::now_v7());
+    let page: Value = app
+        .client
+        .get(format!("{}/admin/audit?limit=200", app.address))
+        .bearer_auth(&staff)
+        .header("x-request-id", &request_id)
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     for account in [alice, bob] {
         assert!(
             page["data"]
@@ -281,6 +293,37 @@ async fn every_account_whose_entries_staff_see_has_the_read_on_its_trail() {
             vec![(staff_id.clone(), "audit:search".to_owned())]
         );
     }
+    // Each read names the request that made it: a search by its id finds
+    // what it read. (Staff reads recorded the staff member alone.)
+    app.db.settle_projections().await;
+    let (status, by_request) = app
+        .get_as(
+            &format!("/admin/audit?request_id={request_id}"),
+            Some(&staff),
+        )
+        .await;
+    assert_eq!(status, 200, "{by_request}");
+    let mut read: Vec<(String, String)> = by_request["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["account_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    read.sort();
+    let mut expected: Vec<(String, String)> = [alice, bob]
+        .iter()
+        .map(|a| ("staff.read".to_owned(), a.to_string()))
+        .collect();
+    expected.sort();
+    assert!(
+        expected.iter().all(|e| read.contains(e)),
+        "{read:?} lacks {expected:?}"
+    );
 
     let export = app
         .client
