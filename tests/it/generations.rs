@@ -1506,11 +1506,26 @@ async fn a_provider_status_blip_is_polled_through_within_the_attempt() {
 /// running (here: it never finished within the polling time) fails, its
 /// credits released, and the provider is asked to stop that job: nobody
 /// will fetch its result, and it would go on being billed. (It was left
-/// running.)
+/// running.) A stop job is queued with the failure, and a provider that
+/// cannot be reached is asked again by its next attempt. (It was asked
+/// once, after the commit: a provider's error, or a crash in between, left
+/// its job running.)
 #[tokio::test]
 async fn a_generation_failed_for_good_asks_the_provider_to_stop_its_job() {
+    use slate_workers::generations::{AttemptOutcome, STOP_ATTEMPTS, attempt_of, stop_job_key};
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+
     let (fal, app, key) = fal_app().await;
     fal_job_never_finishes(&fal, "req-5").await;
+    Mock::given(method("PUT"))
+        .and(path("/fal-ai/kling-video/requests/req-5/cancel"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .expect(1)
+        .mount(&fal)
+        .await;
     let id = submit_kling_video(&app, &key).await;
     let w = GenerationWorker {
         max_attempts: 1,
@@ -1518,10 +1533,34 @@ async fn a_generation_failed_for_good_asks_the_provider_to_stop_its_job() {
         ..fal_worker(&app, &fal)
     };
     let outcome = slate_workers::generations::attempt(&w, id, 1).await;
+    assert_eq!(outcome, AttemptOutcome::Finished);
+    assert_eq!(settled(&app, &key, id).await, ("failed".to_owned(), 100, 0));
     assert_eq!(
-        outcome,
-        slate_workers::generations::AttemptOutcome::Finished
+        fal_calls(&fal, "PUT", "/cancel").await,
+        0,
+        "not asked inline"
     );
+    let stop: (i32, String) = sqlx::query_as(
+        "select max_attempts, status from apalis.jobs
+          where job_type = 'slate.generations' and idempotency_key = $1",
+    )
+    .bind(stop_job_key(id))
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(stop, (STOP_ATTEMPTS as i32, "Pending".to_owned()));
+
+    // The stop job: Fal.ai answers 503, then accepts.
+    let first = attempt_of(&w, id, 1, STOP_ATTEMPTS).await;
+    assert!(
+        matches!(first, AttemptOutcome::RetryAfter(_, ref c) if c == "provider_unavailable"),
+        "{first:?}"
+    );
+    assert_eq!(
+        attempt_of(&w, id, 2, STOP_ATTEMPTS).await,
+        AttemptOutcome::Finished
+    );
+    assert_eq!(fal_calls(&fal, "PUT", "/cancel").await, 2);
     assert_eq!(settled(&app, &key, id).await, ("failed".to_owned(), 100, 0));
     fal.verify().await;
 }
@@ -1558,6 +1597,23 @@ async fn a_deadline_passed_between_attempts_asks_the_provider_to_stop_its_job() 
             assert_eq!(stop, 0, "its own job, still live, stops the provider's");
         }
         second_attempt_ends_it_canceled(&app, &w, &key, id).await;
+        if !swept_first {
+            // Canceled by its own job, which queued the stop job with the
+            // cancellation.
+            assert_eq!(fal_calls(&fal, "PUT", "/cancel").await, 0);
+            let stop: i64 = sqlx::query_scalar(
+                "select count(*) from apalis.jobs where idempotency_key = $1 and status = 'Pending'",
+            )
+            .bind(slate_workers::generations::stop_job_key(id))
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+            assert_eq!(stop, 1);
+            assert_eq!(
+                slate_workers::generations::attempt(&w, id, 1).await,
+                slate_workers::generations::AttemptOutcome::Finished
+            );
+        }
         fal.verify().await;
     }
 }
@@ -2340,6 +2396,24 @@ async fn a_completion_webhook_is_signed_retried_under_the_same_id_and_private_ur
     let w = slate_workers::webhooks::WebhookWorker::new(app.db.pool.clone(), vec![allow.clone()])
         .unwrap();
     use slate_workers::webhooks::{Delivery, deliver};
+    // A host that does not resolve at delivery (the resolver failed, or the
+    // receiver's DNS is down) is tried again, not refused. (It was refused:
+    // the notification was lost for good on a DNS blip.)
+    let set_url = async |url: String| {
+        sqlx::query("update generation_inputs set webhook_url = $2 where generation_id = $1")
+            .bind(id)
+            .bind(url)
+            .execute(&app.db.pool)
+            .await
+            .unwrap();
+    };
+    set_url("http://slate-webhook-receiver.invalid/hooks/slate".into()).await;
+    let unresolved = deliver(&w, id).await.unwrap();
+    assert!(
+        matches!(unresolved, Delivery::Retry(ref r) if r.contains("did not resolve")),
+        "{unresolved:?}"
+    );
+    set_url(format!("http://127.0.0.1:{port}/hooks/slate")).await;
     assert!(matches!(deliver(&w, id).await.unwrap(), Delivery::Retry(ref r) if r == "HTTP 500"));
     assert_eq!(deliver(&w, id).await.unwrap(), Delivery::Delivered);
 

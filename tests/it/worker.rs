@@ -177,6 +177,15 @@ async fn submit_local_video(
     db: &TestDb,
     parameters: serde_json::Value,
 ) -> (uuid::Uuid, uuid::Uuid) {
+    submit_local_video_tried(db, parameters, 5).await
+}
+
+/// [`submit_local_video`], its job tried at most `attempts` times.
+async fn submit_local_video_tried(
+    db: &TestDb,
+    parameters: serde_json::Value,
+    attempts: usize,
+) -> (uuid::Uuid, uuid::Uuid) {
     let mut conn = db.conn().await;
     let account = crate::credits::new_account(&mut conn).await;
     crate::credits::grant(
@@ -208,7 +217,7 @@ async fn submit_local_video(
         &mut tx,
         &submission,
         &slate_events::Metadata::system(),
-        5,
+        attempts,
     )
     .await
     .unwrap();
@@ -304,6 +313,42 @@ async fn a_worker_killed_mid_generation_is_recovered_and_billed_exactly_once() {
         .await
         .unwrap();
     assert_eq!((b.available, b.reserved), (46, 0));
+}
+
+/// The worker counts a generation's attempts against its job's own limit,
+/// which the web process wrote when it was submitted, not against its own
+/// `SLATE_GENERATION_ATTEMPTS`: a job of one attempt whose provider fails
+/// transiently is failed with that reason at once, its credits released.
+/// (With the worker's 5, its first attempt asked for a retry that apalis,
+/// at the job's limit, never ran: the generation stayed running until the
+/// abandoned-job sweep failed it as `job_lost`, ten minutes on.)
+#[tokio::test]
+async fn the_last_attempt_is_the_jobs_own_not_the_workers() {
+    let db = TestDb::new().await;
+    let (account, generation_id) = submit_local_video_tried(
+        &db,
+        serde_json::json!({"duration": 2, "fail": "transient"}),
+        1,
+    )
+    .await;
+    let _worker = start_worker_with(&db, &[("SLATE_GENERATION_ATTEMPTS", "5")]);
+    until("the generation never failed", async || {
+        generation_status(&db, generation_id).await == "failed"
+    })
+    .await;
+    let reason: Option<String> = sqlx::query_scalar(
+        "select payload->>'reason_code' from events
+          where event_type = 'GenerationFailed' and payload->>'generation_id' = $1",
+    )
+    .bind(generation_id.to_string())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(reason.as_deref(), Some("provider_unavailable"));
+    let b = slate_events::credits::balance(&mut *db.conn().await, account)
+        .await
+        .unwrap();
+    assert_eq!((b.available, b.reserved), (50, 0));
 }
 
 #[tokio::test]

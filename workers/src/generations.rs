@@ -320,7 +320,10 @@ pub fn media_client() -> reqwest::Result<reqwest::Client> {
 }
 
 fn media_client_builder() -> reqwest::ClientBuilder {
+    // No proxy from the environment: a proxy resolves the host itself, past
+    // the checked addresses a download is pinned to.
     reqwest::Client::builder()
+        .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(300))
 }
@@ -376,10 +379,21 @@ pub enum AttemptOutcome {
 /// to run queued work in place). Never panics: a panic inside fails the
 /// generation and releases its credits.
 pub async fn attempt(w: &GenerationWorker, id: Uuid, n: i32) -> AttemptOutcome {
+    attempt_of(w, id, n, w.max_attempts).await
+}
+
+/// [`attempt`] `n` of a job that has `max_attempts` in all: the last one
+/// fails the generation rather than ask for a retry.
+pub async fn attempt_of(
+    w: &GenerationWorker,
+    id: Uuid,
+    n: i32,
+    max_attempts: usize,
+) -> AttemptOutcome {
     let run = AssertUnwindSafe(run(w, id, n)).catch_unwind().await;
     let code = match run {
         Ok(Ok(())) => return AttemptOutcome::Finished,
-        Ok(Err(Step::Retry(code))) if (n as usize) < w.max_attempts => {
+        Ok(Err(Step::Retry(code))) if (n as usize) < max_attempts => {
             return AttemptOutcome::RetryAfter(jobs::backoff(n as usize), code.to_owned());
         }
         Ok(Err(Step::Retry(code))) => code.to_owned(),
@@ -398,10 +412,14 @@ pub async fn handle(
     job: GenerationJob,
     task_id: TaskId,
     attempt_no: Attempt,
+    max_attempts: jobs::MaxAttempts,
     worker: Data<GenerationWorker>,
 ) -> Result<(), BoxDynError> {
     let n = attempt_no.current().max(1) as i32;
-    match attempt(&worker, job.generation_id, n).await {
+    // The job's own limit, written when it was enqueued (the web's
+    // `SLATE_GENERATION_ATTEMPTS`, or a stop job's), not this process's.
+    let max_attempts = max_attempts.0.unwrap_or(worker.max_attempts);
+    match attempt_of(&worker, job.generation_id, n, max_attempts).await {
         AttemptOutcome::Finished => Ok(()),
         AttemptOutcome::RetryAfter(delay, code) => {
             tracing::warn!(reason = %code, retry_in_s = delay.as_secs(), "generation will be retried");
@@ -417,46 +435,87 @@ pub async fn handle(
 /// generation would stay running with no job left to finish it. Recording
 /// it twice is harmless (the outcome's event id is the generation's).
 ///
-/// A provider job the generation had submitted is then asked to stop (best
-/// effort; one that finished is left as it is): after the last attempt
-/// gave up on it, nobody would fetch its result, and it would go on being
-/// billed.
+/// A provider job the generation had submitted is to be stopped (one that
+/// finished is left as it is): after the last attempt gave up on it, nobody
+/// would fetch its result, and it would go on being billed. A stop job is
+/// queued with the failure, in its transaction, as the sweep does for the
+/// generations it ends: asked from here, after the commit, the request was
+/// lost to a provider error or a crash in between.
 async fn fail(worker: &GenerationWorker, id: Uuid, code: &str, attempts: i32) {
     let result = while_out_of_reach("record_failure", || async {
         let mut tx = worker.pool.begin().await?;
-        let mut wake = crate::jobs::Wake::none();
-        let mut submitted = None;
+        let (mut wake, mut stop) = (jobs::Wake::none(), jobs::Wake::none());
+        let mut failed = false;
         if let Some(g) = generations::get_any(&mut tx, id).await?
             && generations::fail(&mut tx, &g, code, attempts, &system()).await?
         {
+            failed = true;
             wake = crate::webhooks::enqueue_for(&mut tx, id).await?;
-            submitted = g.provider_handle.map(|h| (g.provider, h));
+            if g.provider_handle.is_some() {
+                stop = enqueue_stop(&mut tx, id).await?;
+            }
         }
         tx.commit().await?;
         wake.send(&worker.pool).await;
-        Ok::<_, anyhow::Error>(submitted)
+        stop.send(&worker.pool).await;
+        Ok::<_, anyhow::Error>(failed)
     })
     .await;
     match result {
-        Ok(submitted) => {
-            tracing::info!(reason = code, "generation failed; credits released");
-            if let Some((provider, handle)) = submitted {
-                stop_provider_job(worker, &provider, &handle).await;
-            }
-        }
+        Ok(true) => tracing::info!(reason = code, "generation failed; credits released"),
+        Ok(false) => {}
         // The reservation's hold expiry still releases the credits.
         Err(e) => tracing::error!(error = %e, "recording the failure failed"),
     }
 }
 
+/// Ask the provider to stop `g`'s job now and, where it cannot be reached,
+/// leave that to a stop job (not from a stop job: it would find itself).
+async fn stop_now_or_later(w: &GenerationWorker, g: &Generation, handle: &str) -> Result<(), Step> {
+    if stop_provider_job(w, &g.provider, handle).await.is_err() {
+        let job = GenerationJob {
+            generation_id: g.generation_id,
+        };
+        let key = stop_job_key(g.generation_id);
+        jobs::enqueue_once(&w.pool, QUEUE, &job, STOP_ATTEMPTS, &key)
+            .await
+            .map_err(|_| Step::Retry("database_unavailable"))?;
+    }
+    Ok(())
+}
+
+/// Attempts of a job that stops an ended generation's provider job: the
+/// waits double from 2 s to the ten-minute ceiling, about 40 minutes in all
+/// (a provider's outage, or its rate limit, is waited out that long).
+pub const STOP_ATTEMPTS: usize = 12;
+
+/// Queue the job that stops generation `id`'s provider job ([`stop_job_key`];
+/// `run` finds the generation ended and asks the provider), in the
+/// transaction that ended it: one per generation, which ends once.
+async fn enqueue_stop(conn: &mut PgConnection, id: Uuid) -> anyhow::Result<jobs::Wake> {
+    let job = GenerationJob { generation_id: id };
+    Ok(jobs::enqueue_keyed(conn, QUEUE, &job, STOP_ATTEMPTS, &stop_job_key(id)).await?)
+}
+
 /// Ask the provider to stop the job of a generation that ended unfinished
-/// (best effort; one that finished is left as it is): nobody will fetch its
-/// result, and it would go on being billed.
-async fn stop_provider_job(w: &GenerationWorker, provider: &str, handle: &str) {
-    if let Some(provider) = w.providers.get(provider)
-        && provider.cancel(handle).await.is_err()
-    {
-        tracing::warn!("the provider could not be asked to stop the ended generation's job");
+/// (one that finished is left as it is): nobody will fetch its result, and
+/// it would go on being billed. A provider that could not be reached, or
+/// did not answer in time, is asked again by the job's next attempt; one
+/// that refused is not.
+async fn stop_provider_job(w: &GenerationWorker, provider: &str, handle: &str) -> Result<(), Step> {
+    let Some(provider) = w.providers.get(provider) else {
+        return Ok(());
+    };
+    match provider.cancel(handle).await {
+        Ok(()) => Ok(()),
+        Err(e @ (ProviderError::Transient(_) | ProviderError::Timeout)) => {
+            tracing::warn!(error = %e.code(), "the provider could not be asked to stop the ended generation's job; asking again later");
+            Err(Step::Retry("provider_unavailable"))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e.code(), "the provider refused to stop the ended generation's job");
+            Ok(())
+        }
     }
 }
 
@@ -475,21 +534,19 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
             && let Some(handle) = &g.provider_handle
         {
             drop(conn);
-            stop_provider_job(w, &g.provider, handle).await;
+            stop_provider_job(w, &g.provider, handle).await?;
         }
         return Ok(());
     }
     if g.deadline.is_some_and(|d| d <= chrono::Utc::now()) {
         drop(conn);
-        cancel(w, g, "deadline_passed").await?;
-        // An earlier attempt's provider job, which may still run.
-        if let Some(handle) = &g.provider_handle {
-            stop_provider_job(w, &g.provider, handle).await;
-        }
+        // An earlier attempt's provider job may still run: a stop job is
+        // queued with the cancellation.
+        cancel(w, g, "deadline_passed", g.provider_handle.is_some()).await?;
         return Ok(());
     }
     if g.cancel_requested && g.provider_handle.is_none() {
-        cancel(w, g, "canceled").await?;
+        cancel(w, g, "canceled", false).await?;
         return Ok(());
     }
     match generations::record_started(&mut conn, g, attempt, &system()).await? {
@@ -500,7 +557,7 @@ async fn run(w: &GenerationWorker, id: Uuid, attempt: i32) -> Result<(), Step> {
         // waited): no provider call either.
         generations::Start::CancelRequested => {
             drop(conn);
-            cancel(w, g, "canceled").await?;
+            cancel(w, g, "canceled", false).await?;
             return Ok(());
         }
     }
@@ -644,16 +701,32 @@ async fn patiently<T, F: Future<Output = anyhow::Result<T>>>(
     })
 }
 
-async fn cancel(w: &GenerationWorker, g: &Generation, reason: &str) -> Result<(), Step> {
+/// End `g` canceled, its credits released, and with `stop`, queue the job
+/// that stops its provider job (one the provider was not told of, or not
+/// reached for).
+async fn cancel(
+    w: &GenerationWorker,
+    g: &Generation,
+    reason: &str,
+    stop: bool,
+) -> Result<(), Step> {
     let mut tx = w.pool.begin().await?;
-    let mut wake = crate::jobs::Wake::none();
+    let (mut wake, mut stopping) = (jobs::Wake::none(), jobs::Wake::none());
     if generations::cancel_now(&mut tx, g, reason, &system()).await? {
-        wake = crate::webhooks::enqueue_for(&mut tx, g.generation_id)
+        let enqueued = async {
+            wake = crate::webhooks::enqueue_for(&mut tx, g.generation_id).await?;
+            if stop {
+                stopping = enqueue_stop(&mut tx, g.generation_id).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        };
+        enqueued
             .await
             .map_err(|_| Step::Retry("database_unavailable"))?;
     }
     tx.commit().await?;
     wake.send(&w.pool).await;
+    stopping.send(&w.pool).await;
     Ok(())
 }
 
@@ -696,7 +769,7 @@ async fn poll(
                 if !asked {
                     return Err(e.into());
                 }
-                cancel(w, g, "canceled").await?;
+                cancel(w, g, "canceled", false).await?;
                 return Err(Step::Fatal("canceled".into()));
             }
             Err(e) => return Err(e.into()),
@@ -716,17 +789,18 @@ async fn poll(
             Err(e) => return Err(e.into()),
         };
         if let Some(c) = current {
+            // Ended meanwhile (the sweep, past its deadline).
             if c.is_terminal() {
-                let _ = provider.cancel(handle).await;
+                stop_now_or_later(w, g, handle).await?;
                 return Err(Step::Fatal(c.status));
             }
             if c.cancel_requested {
-                let _ = provider.cancel(handle).await;
+                let told = stop_provider_job(w, &g.provider, handle).await.is_ok();
                 // Finished anyway? Then it is billed; otherwise released.
                 if let Ok(Polled::Done(output)) = provider.poll(handle).await {
                     return Ok(output);
                 }
-                cancel(w, g, "canceled").await?;
+                cancel(w, g, "canceled", !told).await?;
                 return Err(Step::Fatal("canceled".into()));
             }
         }
@@ -991,15 +1065,7 @@ async fn end_unfinished(pool: &PgPool, id: Uuid, ending: Ending) -> anyhow::Resu
             && g.provider_handle.is_some()
             && (matches!(ending, Ending::JobLost) || !job_lives(&mut tx, id).await?)
         {
-            let job = GenerationJob { generation_id: id };
-            stop = jobs::enqueue_keyed(
-                &mut tx,
-                QUEUE,
-                &job,
-                jobs::DEFAULT_MAX_ATTEMPTS,
-                &stop_job_key(id),
-            )
-            .await?;
+            stop = enqueue_stop(&mut tx, id).await?;
         }
     }
     tx.commit().await?;

@@ -95,6 +95,24 @@ impl Wake {
     }
 }
 
+/// A job's own limit of attempts, as its row has it (`max_attempts`, set
+/// when it was enqueued): a handler extracts it to know its last attempt,
+/// the one apalis will not retry. The limit a process is configured with
+/// may differ (another process enqueued the job, with its own setting, or
+/// before a change of it); a handler that judged by its own would ask for a
+/// retry that never comes, or give up with attempts left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxAttempts(pub Option<usize>);
+
+impl<Args: Sync> apalis_core::task::from_request::FromRequest<apalis_core::task::Task<Args>>
+    for MaxAttempts
+{
+    type Error = std::convert::Infallible;
+    async fn from_request(task: &apalis_core::task::Task<Args>) -> Result<Self, Self::Error> {
+        Ok(MaxAttempts(task.max_attempts()))
+    }
+}
+
 /// `job`'s task, with an id of its own (a ULID, as apalis-postgres makes
 /// them) for its wake-up to name.
 fn task<J: Serialize>(job: &J, max_attempts: usize) -> (TaskBuilder<Vec<u8>>, TaskId) {

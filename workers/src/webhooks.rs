@@ -21,7 +21,16 @@ use uuid::Uuid;
 use crate::jobs;
 
 pub const QUEUE: &str = "slate.webhooks";
-pub const MAX_ATTEMPTS: usize = 8;
+/// Deliveries tried at most, with [`retry_delay`]: about 13 hours in all
+/// (plus up to a quarter of jitter), so that a receiver down for a deploy
+/// or a night's outage still gets the notification. (It was 8 tries over
+/// about 4 minutes.)
+pub const MAX_ATTEMPTS: usize = 24;
+
+/// The wait after delivery `n`: doubling from 2 s to an hour.
+fn retry_delay(attempt: usize) -> Duration {
+    jobs::backoff_up_to(attempt, 3600)
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct WebhookJob {
@@ -243,8 +252,12 @@ impl WebhookWorker {
     }
 }
 
+/// No redirects, and no proxy from the environment (`HTTPS_PROXY` …): a
+/// proxy resolves the host itself, past the checked addresses the request
+/// is pinned to.
 fn webhook_client() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
+        .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(10))
 }
@@ -280,9 +293,18 @@ pub async fn deliver(w: &WebhookWorker, generation_id: Uuid) -> anyhow::Result<D
     };
     let secret = secret_for(&mut conn, g.account_id).await?;
     drop(conn);
-    let Ok(resolved) = check_url_resolved(&url, &w.allow).await else {
-        tracing::warn!(%generation_id, "webhook not sent: its URL is not allowed");
-        return Ok(Delivery::Refused);
+    let resolved = match check_url_resolved(&url, &w.allow).await {
+        Ok(resolved) => resolved,
+        // A name that does not resolve now (the resolver failed, or the
+        // receiver's DNS is down) may resolve later: it was checked at
+        // submission. Refused, the notification was lost for good.
+        Err(UrlError::Unresolvable) => {
+            return Ok(Delivery::Retry("the webhook's host did not resolve".into()));
+        }
+        Err(UrlError::NotAllowed | UrlError::Invalid) => {
+            tracing::warn!(%generation_id, "webhook not sent: its URL is not allowed");
+            return Ok(Delivery::Refused);
+        }
     };
     let http = match reqwest::Url::parse(&url) {
         Ok(parsed) => pinned(&w.http, webhook_client, &parsed, &resolved)?,
@@ -350,7 +372,7 @@ pub async fn handle(
         }
         Delivery::Nothing | Delivery::Refused => Ok(()),
         Delivery::Retry(reason) => {
-            let delay = jobs::backoff(attempt.current());
+            let delay = retry_delay(attempt.current());
             tracing::warn!(%reason, retry_in_s = delay.as_secs(), "completion webhook will be retried");
             jobs::retry_later(&worker.pool, &task_id.to_string(), delay).await?;
             Err(reason.into())
@@ -395,5 +417,22 @@ mod address_tests {
         ] {
             assert!(is_public(public.parse().unwrap()), "{public}");
         }
+    }
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::{MAX_ATTEMPTS, retry_delay};
+
+    /// A receiver out of reach for half a day still gets its notification,
+    /// and no two tries are more than an hour and a quarter apart.
+    #[test]
+    fn deliveries_are_retried_for_about_half_a_day_at_most_an_hour_and_a_quarter_apart() {
+        let waits: Vec<u64> = (1..MAX_ATTEMPTS)
+            .map(|n| retry_delay(n).as_secs())
+            .collect();
+        assert!(waits.iter().all(|&w| (2..=4500).contains(&w)), "{waits:?}");
+        let total: u64 = waits.iter().sum();
+        assert!((12 * 3600..=17 * 3600).contains(&total), "{total} s");
     }
 }

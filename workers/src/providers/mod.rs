@@ -496,6 +496,7 @@ impl Providers {
         // No user-agent, no default headers, no proxy from the environment,
         // no redirects (a redirect could carry a key header elsewhere).
         let client = reqwest::Client::builder()
+            .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let mut providers = Vec::new();
