@@ -70,6 +70,9 @@ pub(super) async fn checkout(
     auth: Auth,
     Json(body): Json<CheckoutBody>,
 ) -> Result<Json<Value>, ApiError> {
+    // A checkout for the user's Stripe customer can offer the cards it
+    // keeps: a purchase is the user's to make.
+    auth.not_impersonated()?;
     body.check()?;
     let customer = customer_of(&state, &auth).await?;
     let created = billing::create_checkout(
@@ -106,6 +109,9 @@ pub(super) async fn portal(
     State(state): State<AppState>,
     auth: Auth,
 ) -> Result<Json<Value>, ApiError> {
+    // The portal is the user's billing account (payment methods, billing
+    // address, invoices, the subscription): not for staff acting as them.
+    auth.not_impersonated()?;
     let customer = customer_of(&state, &auth).await?;
     let url = billing::create_portal(
         state.stripe.as_ref(),

@@ -486,16 +486,23 @@ async fn impersonate(parts: &mut Parts, state: &AppState, auth: Auth) -> Result<
     })
 }
 
-/// A cookie's value from the request.
+/// A cookie's value from the request; none when the request carries the
+/// name more than once. A page on a sibling subdomain can set a cookie of
+/// the same name for this host (`Domain=` the parent, and a narrower
+/// `Path`, which the browser sends first): read first-found, it signed the
+/// browser into the session, or finished the sign-in, of the account that
+/// page chose.
 pub fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
-    headers
+    let mut found = headers
         .get_all(axum::http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+        .filter(|(k, _)| *k == name)
+        .map(|(_, v)| v);
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
 }
 
 /// A browser's request that changes something, sent from another site

@@ -452,6 +452,7 @@ pub const ERRORS: &[(&str, Errors)] = &[
     (
         "create_checkout_session",
         &[
+            (403, &["impersonation_forbidden"]),
             (422, &["invalid_quantity", "unknown_price"]),
             (
                 503,
@@ -462,6 +463,7 @@ pub const ERRORS: &[(&str, Errors)] = &[
     (
         "create_portal_session",
         &[
+            (403, &["impersonation_forbidden"]),
             (409, &["no_billing_customer"]),
             (
                 503,

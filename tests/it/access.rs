@@ -504,6 +504,19 @@ async fn an_impersonation_issues_no_credentials_and_ends_with_its_accounts_delet
         .await
         .unwrap();
     assert_eq!(code(r).await, forbidden, "no deletion");
+    // Nor the user's billing account: the portal (payment methods, address,
+    // the subscription), or a checkout that can offer its saved cards.
+    let r = as_user(reqwest::Method::POST, "/v1/billing/portal")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(code(r).await, forbidden, "no billing portal");
+    let r = as_user(reqwest::Method::POST, "/v1/billing/checkout")
+        .json(&json!({"price_id": "price_starter", "quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(code(r).await, forbidden, "no checkout");
     // Staff routes are not reached through it; the refusal is recorded
     // against the staff member who asked.
     let r = as_user(reqwest::Method::GET, &format!("/admin/accounts/{user}"))

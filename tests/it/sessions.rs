@@ -317,6 +317,40 @@ async fn sign_out_everywhere_ends_every_session_and_key_at_once_in_another_proce
     }
 }
 
+/// A cookie name sent twice is read as no cookie at all. A page on a
+/// sibling subdomain can set a cookie of the same name for this host
+/// (`Domain=` the parent, a narrower `Path`, sent first): the first one
+/// read signed the browser into the session that page chose, or finished
+/// its own sign-in in the victim's browser. Now neither is read.
+#[tokio::test]
+async fn a_cookie_sent_twice_is_not_read() {
+    let issuer = issuer().await;
+    let app = app_for(&issuer).await;
+    let victim = sign_in(&app, &issuer, "vic@example.com").await;
+    let attacker = sign_in(&app, &issuer, "mallory@example.com").await;
+    assert_eq!(credits_with_cookie(&app, &victim).await, 200);
+    assert_eq!(
+        credits_with_cookie(&app, &format!("{attacker}; {victim}")).await,
+        401
+    );
+    // The attacker's sign-in, finished in the victim's browser that holds
+    // a state of its own.
+    let (state, nonce, tossed) = begin(&app).await;
+    let (_, _, own) = begin(&app).await;
+    token_endpoint_returns(
+        &issuer,
+        id_token("issuer", claims(&issuer, "mallory@example.com", &nonce)),
+    )
+    .await;
+    let (status, body, session) = finish(&app, &state, &format!("{tossed}; {own}")).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("sign_in_state_invalid")),
+        "{body}"
+    );
+    assert!(session.is_none());
+}
+
 #[tokio::test]
 async fn an_idle_session_ends_and_an_unknown_cookie_is_refused() {
     let issuer = issuer().await;
