@@ -12,6 +12,13 @@ use redis::aio::MultiplexedConnection;
 
 const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 
+/// After Redis failed to answer, the next attempt to reach it waits this
+/// long; hits meanwhile count locally at once. (Each hit tried again, one
+/// at a time under the connection's lock, 250 ms each when Redis did not
+/// answer at all, a partition or a host down: every rate-limited request
+/// of the process queued behind the others, about four a second.)
+const REDIS_RETRY: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     Allowed,
@@ -37,6 +44,8 @@ impl Decision {
 pub struct RateLimiter {
     client: redis::Client,
     conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// Until when Redis is not tried ([`REDIS_RETRY`]).
+    retry_at: Mutex<Option<std::time::Instant>>,
     local: Mutex<HashMap<String, (u64, u32)>>,
     last_degraded_log: AtomicI64,
     script: redis::Script,
@@ -47,6 +56,7 @@ impl RateLimiter {
         Self {
             client,
             conn: tokio::sync::Mutex::new(None),
+            retry_at: Mutex::new(None),
             local: Mutex::new(HashMap::new()),
             last_degraded_log: AtomicI64::new(0),
             script: redis::Script::new(
@@ -78,16 +88,27 @@ impl RateLimiter {
     }
 
     async fn redis_incr(&self, key: &str, window: u64) -> Option<u64> {
+        if self.backing_off() {
+            return None;
+        }
         let mut guard = self.conn.lock().await;
         if guard.is_none() {
-            let c = tokio::time::timeout(
+            // The hit that held the lock may have just failed to connect.
+            if self.backing_off() {
+                return None;
+            }
+            let connected = tokio::time::timeout(
                 REDIS_TIMEOUT,
                 self.client.get_multiplexed_async_connection(),
             )
-            .await
-            .ok()?
-            .ok()?;
-            *guard = Some(c);
+            .await;
+            match connected {
+                Ok(Ok(c)) => *guard = Some(c),
+                _ => {
+                    self.back_off();
+                    return None;
+                }
+            }
         }
         let mut conn = guard.as_ref()?.clone();
         drop(guard);
@@ -102,11 +123,22 @@ impl RateLimiter {
         match result {
             Ok(Ok(n)) => Some(n),
             _ => {
-                // Reconnect next time.
+                // Reconnect, after a while.
                 *self.conn.lock().await = None;
+                self.back_off();
                 None
             }
         }
+    }
+
+    fn backing_off(&self) -> bool {
+        let retry_at = self.retry_at.lock().expect("not poisoned");
+        retry_at.is_some_and(|at| std::time::Instant::now() < at)
+    }
+
+    fn back_off(&self) {
+        *self.retry_at.lock().expect("not poisoned") =
+            Some(std::time::Instant::now() + REDIS_RETRY);
     }
 
     fn local_incr(&self, key: &str, slot: u64) -> u64 {
@@ -130,5 +162,48 @@ impl RateLimiter {
         {
             tracing::warn!("redis unreachable: rate limits enforced per process until it is back");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::{Decision, RateLimiter};
+
+    /// A Redis that takes connections and never answers (a partition, a
+    /// host that hangs) is tried once by twenty hits at once, which count
+    /// locally meanwhile; each of them tried it in turn, 250 ms apiece.
+    #[tokio::test]
+    async fn a_redis_that_does_not_answer_is_tried_once_not_once_a_hit() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                held.push(socket);
+            }
+        });
+        let limiter = Arc::new(RateLimiter::new(
+            redis::Client::open(format!("redis://{address}")).unwrap(),
+        ));
+        let hits = (0..20).map(|_| {
+            let limiter = limiter.clone();
+            tokio::spawn(async move { limiter.hit("test", "a", 100, 86_400).await })
+        });
+        for hit in futures::future::join_all(hits).await {
+            assert_eq!(hit.unwrap(), Decision::Allowed);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Over its limit locally, as with Redis.
+        let mut last = Decision::Allowed;
+        for _ in 0..90 {
+            last = limiter.hit("test", "a", 100, 86_400).await;
+        }
+        assert!(matches!(last, Decision::Limited { .. }), "{last:?}");
     }
 }
