@@ -228,6 +228,24 @@ pub async fn request_deletion(
     Ok(purge_after)
 }
 
+/// The purge steps recorded since the account's latest deletion request
+/// (`AccountPurgeStepCompleted`, their `payload` rows), from the account
+/// stream `$1`: the steps of the purge of that deletion. Steps of an
+/// earlier deletion, which a restore ended, are not this purge's.
+#[macro_export]
+macro_rules! purge_steps_of_deletion {
+    () => {
+        "select payload from events
+          where stream_id = $1 and event_type = 'AccountPurgeStepCompleted'
+            and stream_version > coalesce(
+                (select max(stream_version) from events
+                  where stream_id = $1 and event_type = 'AccountDeletionRequested'), 0)"
+    };
+}
+
+/// The query of [`purge_steps_of_deletion!`], for the docs.
+pub const PURGE_STEPS_OF_DELETION: &str = purge_steps_of_deletion!();
+
 /// What [`restore`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Restore {
@@ -241,7 +259,10 @@ pub enum Restore {
 /// Its old sessions and keys stay ended: the user signs in again. A purged
 /// account is not restorable, whatever the clock says: the purge runs on
 /// another machine's clock, and a restore at the boundary would bring back
-/// an account with no address and no data key.
+/// an account with no address and no data key. Nor is one whose purge has
+/// begun ([`PURGE_STEPS_OF_DELETION`]) and failed before the erase: its
+/// media may be gone and its subscriptions canceled, and a later deletion's
+/// purge skipped the steps it found done.
 pub async fn restore(
     conn: &mut PgConnection,
     account_id: Uuid,
@@ -259,8 +280,17 @@ pub async fn restore(
     .bind(account_id)
     .fetch_optional(&mut *conn)
     .await?;
-    match row {
-        Some((Some(purge_after), false)) if now < purge_after => {
+    let in_grace = matches!(row, Some((Some(purge_after), false)) if now < purge_after);
+    if in_grace {
+        let purge_begun: bool = sqlx::query_scalar(concat!(
+            "select exists (",
+            crate::purge_steps_of_deletion!(),
+            ")"
+        ))
+        .bind(store::account_stream(account_id))
+        .fetch_one(&mut *conn)
+        .await?;
+        if !purge_begun {
             let event = NewEvent::new(
                 DomainEvent::AccountRestored(crate::catalog::AccountRestored { account_id }),
                 metadata,
@@ -272,8 +302,10 @@ pub async fn restore(
                 &event,
             )
             .await?;
-            Ok(Restore::Restored)
+            return Ok(Restore::Restored);
         }
+    }
+    match row {
         Some(_) => Ok(Restore::NotRestorable),
         None => Ok(Restore::UnknownAccount),
     }

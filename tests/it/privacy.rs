@@ -893,6 +893,50 @@ async fn a_refused_farewell_email_does_not_stop_the_purge() {
     assert_eq!(restored, slate_events::accounts::Restore::NotRestorable);
 }
 
+/// A purge that began and failed before its erase (here: after deleting
+/// the account's media) ends the grace period, whatever the clock of the
+/// one restoring says: its media is gone and its subscriptions canceled.
+/// A restore then brought back an account half purged, and the purge of a
+/// later deletion skipped the steps it found done (the media made since
+/// stayed, no subscription was canceled, no farewell sent). The re-run
+/// finishes the purge.
+#[tokio::test]
+async fn a_purge_that_began_ends_the_grace_period() {
+    let app = spawn_app_with(&[]).await;
+    let (alice, alice_key) = crate::billing::key_for(&app).await;
+    assert_eq!(app.delete_account(&alice_key).await, 202);
+    let email_api = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/emails"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": "em_farewell"})))
+        .mount(&email_api)
+        .await;
+    let stripe = MockServer::start().await;
+    let p = purger(&app, &stripe, &email_api);
+    let later = chrono::Utc::now() + chrono::Duration::days(31);
+    let crashing = Purger {
+        crash_after: Some("storage"),
+        ..p.clone()
+    };
+    assert!(purge::purge(&crashing, alice, later).await.is_err());
+    let restored = crate::access::restore_at(&app.db.pool, alice, chrono::Utc::now()).await;
+    assert_eq!(restored, slate_events::accounts::Restore::NotRestorable);
+    assert_eq!(
+        purge::purge(&p, alice, later).await.unwrap(),
+        Outcome::Purged
+    );
+    let steps: Vec<String> = sqlx::query_scalar(
+        "select payload->>'step' from events
+          where stream_id = 'account-' || $1 and event_type = 'AccountPurgeStepCompleted'
+          order by global_position",
+    )
+    .bind(alice.to_string())
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(steps, ["stripe", "storage", "farewell_email"]);
+}
+
 /// The purge waits on Stripe, S3 and the email API with no transaction id:
 /// while the email API takes its time over the farewell, no connection to
 /// the database holds one (the account row's lock gave the purge's

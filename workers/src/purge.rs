@@ -90,10 +90,11 @@ pub async fn purge(p: &Purger, account_id: Uuid, now: DateTime<Utc>) -> anyhow::
     if let Some(not_due) = due(&mut lock, account_id, now, "").await? {
         return Ok(not_due);
     }
-    let done: Vec<String> = sqlx::query_scalar(
-        "select payload->>'step' from events
-          where stream_id = $1 and event_type = 'AccountPurgeStepCompleted'",
-    )
+    let done: Vec<String> = sqlx::query_scalar(concat!(
+        "select payload->>'step' from (",
+        slate_events::purge_steps_of_deletion!(),
+        ") s"
+    ))
     .bind(store::account_stream(account_id))
     .fetch_all(&p.pool)
     .await?;
