@@ -703,7 +703,9 @@ async fn patiently<T, F: Future<Output = anyhow::Result<T>>>(
 
 /// End `g` canceled, its credits released, and with `stop`, queue the job
 /// that stops its provider job (one the provider was not told of, or not
-/// reached for).
+/// reached for). Found ended already (the sweep canceled it past its
+/// deadline, and left its provider job to this job, which lives), the
+/// provider is asked now, or left to a stop job when it cannot be reached.
 async fn cancel(
     w: &GenerationWorker,
     g: &Generation,
@@ -712,7 +714,8 @@ async fn cancel(
 ) -> Result<(), Step> {
     let mut tx = w.pool.begin().await?;
     let (mut wake, mut stopping) = (jobs::Wake::none(), jobs::Wake::none());
-    if generations::cancel_now(&mut tx, g, reason, &system()).await? {
+    let ended = generations::cancel_now(&mut tx, g, reason, &system()).await?;
+    if ended {
         let enqueued = async {
             wake = crate::webhooks::enqueue_for(&mut tx, g.generation_id).await?;
             if stop {
@@ -727,6 +730,12 @@ async fn cancel(
     tx.commit().await?;
     wake.send(&w.pool).await;
     stopping.send(&w.pool).await;
+    if stop
+        && !ended
+        && let Some(handle) = &g.provider_handle
+    {
+        stop_now_or_later(w, g, handle).await?;
+    }
     Ok(())
 }
 
