@@ -243,9 +243,6 @@ macro_rules! purge_steps_of_deletion {
     };
 }
 
-/// The query of [`purge_steps_of_deletion!`], for the docs.
-pub const PURGE_STEPS_OF_DELETION: &str = purge_steps_of_deletion!();
-
 /// What [`restore`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Restore {
@@ -260,7 +257,7 @@ pub enum Restore {
 /// account is not restorable, whatever the clock says: the purge runs on
 /// another machine's clock, and a restore at the boundary would bring back
 /// an account with no address and no data key. Nor is one whose purge has
-/// begun ([`PURGE_STEPS_OF_DELETION`]) and failed before the erase: its
+/// begun ([`purge_steps_of_deletion!`](crate::purge_steps_of_deletion)) and failed before the erase: its
 /// media may be gone and its subscriptions canceled, and a later deletion's
 /// purge skipped the steps it found done.
 pub async fn restore(

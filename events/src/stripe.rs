@@ -1997,13 +1997,7 @@ async fn refunds_of_charge(
         return Ok(None);
     }
     if let Some(reads) = cx.refetch {
-        let fresh = reads
-            .get(Refetch::Object(charge.to_owned()))?
-            .ok_or_else(|| {
-                ProcessError::Retryable(format!(
-                    "{charge}: its refunds could not be read from Stripe"
-                ))
-            })?;
+        let fresh = charge_from_stripe(reads, charge, "its refunds")?;
         let amount = int(&fresh, "/amount").filter(|a| *a > 0).ok_or_else(|| {
             ProcessError::Retryable(format!("{charge}: Stripe's answer has no amount"))
         })?;
@@ -2393,6 +2387,17 @@ async fn dispute_changed(
     }
 }
 
+/// Charge `charge` as Stripe's API has it now, with its refunds (a round
+/// of processing ends to ask, [`Reads`]); retryable when Stripe did not
+/// answer, for what the caller wanted of it (`wanted`).
+fn charge_from_stripe(reads: &Reads, charge: &str, wanted: &str) -> Result<Value, ProcessError> {
+    reads
+        .get(Refetch::Object(charge.to_owned()))?
+        .ok_or_else(|| {
+            ProcessError::Retryable(format!("{charge}: {wanted} could not be read from Stripe"))
+        })
+}
+
 /// What of a grant a dispute freezes: the disputed share of its charge, as
 /// a refund of that much would take. A dispute can be for less than its
 /// charge ("only part of the order is disputed"); it can also say more, in
@@ -2421,13 +2426,7 @@ async fn disputed_share(
     let (amount, currency) = match (mirrored, cx.refetch) {
         (Some((amount, currency)), _) => (amount, currency),
         (None, Some(reads)) => {
-            let fresh = reads
-                .get(Refetch::Object(charge.to_owned()))?
-                .ok_or_else(|| {
-                    ProcessError::Retryable(format!(
-                        "{charge}: its amount could not be read from Stripe"
-                    ))
-                })?;
+            let fresh = charge_from_stripe(reads, charge, "its amount")?;
             (
                 int(&fresh, "/amount"),
                 text(&fresh, "/currency").map(str::to_owned),

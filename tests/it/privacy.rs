@@ -835,12 +835,18 @@ async fn the_sweeps_mapping_goes_on_in_batches_until_no_row_is_left() {
 /// not send to) does not stop the purge: everything personal is erased and
 /// the step says why no farewell went out. (The refusal ended every run
 /// before the erase, for good.) A transient failure still retries it.
-#[tokio::test]
-async fn a_refused_farewell_email_does_not_stop_the_purge() {
+/// An app with one account, alice, deleted (202), and an email API fake
+/// with nothing mounted yet.
+async fn deleted_account() -> (TestApp, Uuid, MockServer) {
     let app = spawn_app_with(&[]).await;
     let (alice, alice_key) = crate::billing::key_for(&app).await;
     assert_eq!(app.delete_account(&alice_key).await, 202);
-    let email_api = MockServer::start().await;
+    (app, alice, MockServer::start().await)
+}
+
+#[tokio::test]
+async fn a_refused_farewell_email_does_not_stop_the_purge() {
+    let (app, alice, email_api) = deleted_account().await;
     let stripe = MockServer::start().await;
     let p = purger(&app, &stripe, &email_api);
     let later = chrono::Utc::now() + chrono::Duration::days(31);
@@ -902,10 +908,7 @@ async fn a_refused_farewell_email_does_not_stop_the_purge() {
 /// finishes the purge.
 #[tokio::test]
 async fn a_purge_that_began_ends_the_grace_period() {
-    let app = spawn_app_with(&[]).await;
-    let (alice, alice_key) = crate::billing::key_for(&app).await;
-    assert_eq!(app.delete_account(&alice_key).await, 202);
-    let email_api = MockServer::start().await;
+    let (app, alice, email_api) = deleted_account().await;
     Mock::given(method("POST"))
         .and(path("/emails"))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": "em_farewell"})))
@@ -946,10 +949,7 @@ async fn a_purge_that_began_ends_the_grace_period() {
 /// nothing to restore.
 #[tokio::test]
 async fn the_purge_waits_on_other_services_holding_no_transaction_id() {
-    let app = spawn_app_with(&[]).await;
-    let (alice, alice_key) = crate::billing::key_for(&app).await;
-    assert_eq!(app.delete_account(&alice_key).await, 202);
-    let email_api = MockServer::start().await;
+    let (app, alice, email_api) = deleted_account().await;
     Mock::given(method("POST"))
         .and(path("/emails"))
         .respond_with(
