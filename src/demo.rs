@@ -151,8 +151,8 @@ pub async fn run(pool: &PgPool, config: &Config) -> anyhow::Result<i32> {
     )
     .await?;
     line(format!(
-        "revoked {}: {} taken back, {} recorded as debt",
-        out.amount, out.taken, out.debt_added
+        "revoked {}: {} taken back, {} held by generations, {} recorded as debt",
+        out.amount, out.taken, out.held, out.debt_added
     ));
     show_balance(pool, account).await?;
 

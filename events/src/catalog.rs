@@ -95,6 +95,10 @@ pub trait EventType: Serialize + DeserializeOwned + JsonSchema {
     const VERSION: i16;
 }
 
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
 macro_rules! event_type {
     ($ty:ty, $name:literal, $version:literal) => {
         impl EventType for $ty {
@@ -187,6 +191,11 @@ pub struct CreditsCaptured {
     pub account_id: Uuid,
     pub generation_id: Uuid,
     pub amount: i64,
+    /// Held credits a revocation of their bucket had claimed: spent after
+    /// all, so owed (added to the account's debt), by bucket. Absent when
+    /// none (and in events before `held` existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owed: Vec<Draw>,
 }
 event_type!(CreditsCaptured, "CreditsCaptured", 1);
 
@@ -201,6 +210,9 @@ pub struct ReleasedDraw {
     pub lapsed: i64,
     /// Used to pay off the account's debt.
     pub debt_settled: i64,
+    /// Claimed by a revocation of the bucket while held: taken back.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revoked: i64,
 }
 
 /// A reservation returned (failure, cancellation, stale hold): the compensating refund.
@@ -228,7 +240,11 @@ pub struct CreditsRevoked {
     pub taken: i64,
     /// Had lapsed already: nothing to take, nothing owed.
     pub from_lapsed: i64,
-    /// Already spent or held: recorded as debt.
+    /// Held by generations: taken back when they are released, owed when
+    /// they are captured. Earlier events counted held credits as debt.
+    #[serde(default)]
+    pub held: i64,
+    /// Already spent: recorded as debt.
     pub debt_added: i64,
     pub reason: Option<String>,
 }

@@ -33,6 +33,13 @@ pub struct GrantOutcome {
     pub debt_settled: i64,
 }
 
+impl GrantOutcome {
+    /// True when this call made the grant (not a duplicate of an earlier one).
+    pub fn took_effect(&self) -> bool {
+        self.outcome == "granted"
+    }
+}
+
 #[tracing::instrument(skip_all, fields(account_id = %grant.account_id, amount = grant.amount))]
 pub async fn grant(
     conn: &mut PgConnection,
@@ -160,6 +167,8 @@ pub struct RevokeOutcome {
     pub amount: i64,
     pub taken: i64,
     pub from_lapsed: i64,
+    /// Held by generations: taken back if they are released, owed if captured.
+    pub held: i64,
     pub debt_added: i64,
 }
 

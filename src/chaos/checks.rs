@@ -209,6 +209,7 @@ struct CreditRow {
     total_lapsed: i64,
     total_revoked: i64,
     total_debt_settled: i64,
+    total_debt_added: i64,
 }
 
 pub async fn check(
@@ -449,7 +450,7 @@ async fn check_all(
     // --- credits: conservation per account -----------------------------------------
     let credit_rows: Vec<CreditRow> = sqlx::query_as(
         "select account_id, available, reserved, debt, total_granted, total_captured,
-                total_lapsed, total_revoked, total_debt_settled
+                total_lapsed, total_revoked, total_debt_settled, total_debt_added
            from credit_accounts where account_id = any($1)",
     )
     .bind(&account_ids)
@@ -464,6 +465,19 @@ async fn check_all(
     .await?
     .into_iter()
     .map(|(a, x, d)| (a, (x, d)))
+    .collect();
+    // Captures add debt too: held credits a revocation had claimed.
+    let owed: HashMap<Uuid, i64> = sqlx::query_as::<_, (Uuid, i64)>(
+        "select (e.payload->>'account_id')::uuid, sum((o->>'amount')::bigint)::bigint
+           from events e, jsonb_array_elements(e.payload->'owed') o
+          where e.event_type = 'CreditsCaptured' and e.payload ? 'owed'
+            and (e.payload->>'account_id')::uuid = any($1)
+          group by 1",
+    )
+    .bind(&account_ids)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
     .collect();
     let packs_of = |i: usize| if i == 0 { 1 } else { ctx.plan.packs_per_account } as i64;
     let refunds_of = |i: usize| (0..packs_of(i)).filter(|p| p % 3 == 1).count() as i64;
@@ -504,7 +518,8 @@ async fn check_all(
                 )
             },
         );
-        let (rev, debt_added) = revoked.get(&account.id).copied().unwrap_or((0, 0));
+        let (rev, revoked_debt) = revoked.get(&account.id).copied().unwrap_or((0, 0));
+        let debt_added = revoked_debt + owed.get(&account.id).copied().unwrap_or(0);
         set.expect(
             "revoked = every refund once",
             rev == refunds_of(i) * REFUND_CREDITS,
@@ -518,11 +533,13 @@ async fn check_all(
         );
         set.expect(
             "debt = added − settled",
-            c.debt == debt_added - c.total_debt_settled && c.debt >= 0,
+            c.debt == debt_added - c.total_debt_settled
+                && c.total_debt_added == debt_added
+                && c.debt >= 0,
             || {
                 format!(
-                    "{}: debt {} vs added {debt_added} settled {}",
-                    account.id, c.debt, c.total_debt_settled
+                    "{}: debt {} vs added {debt_added} (recorded {}) settled {}",
+                    account.id, c.debt, c.total_debt_added, c.total_debt_settled
                 )
             },
         );

@@ -290,7 +290,8 @@ async fn a_revoke_of_a_partly_spent_purchase_leaves_the_right_debt_settled_by_th
         .unwrap();
     let (held, _) = reserve(&mut conn, account, 15).await;
 
-    // Refund of the whole purchase: 25 left to take, 75 spent or held → debt.
+    // Refund of the whole purchase: 25 left to take, 60 spent → debt, 15
+    // held: their generation decides.
     let out = credits::revoke(
         &mut conn,
         account,
@@ -303,11 +304,11 @@ async fn a_revoke_of_a_partly_spent_purchase_leaves_the_right_debt_settled_by_th
     .await
     .unwrap();
     assert_eq!(
-        (out.outcome.as_str(), out.taken, out.debt_added),
-        ("revoked", 25, 75)
+        (out.outcome.as_str(), out.taken, out.held, out.debt_added),
+        ("revoked", 25, 15, 60)
     );
     let b = credits::balance(&mut conn, account).await.unwrap();
-    assert_eq!((b.available, b.reserved, b.debt), (0, 15, 75));
+    assert_eq!((b.available, b.reserved, b.debt), (0, 15, 60));
 
     // The same refund delivered again changes nothing.
     let again = credits::revoke(
@@ -336,18 +337,107 @@ async fn a_revoke_of_a_partly_spent_purchase_leaves_the_right_debt_settled_by_th
     .unwrap();
     assert_eq!(more.outcome, "nothing_to_revoke");
 
-    // The held 15 come back: they pay off debt instead of becoming available.
+    // The held 15 come back: the refund takes them; they are not available.
     let rel = credits::release(&mut conn, held, "canceled", &Metadata::system())
         .await
         .unwrap();
     assert_eq!(rel.outcome, "released");
     let b = credits::balance(&mut conn, account).await.unwrap();
     assert_eq!((b.available, b.reserved, b.debt), (0, 0, 60));
+    let bucket = b.buckets.iter().find(|b| b.bucket_id == purchase).unwrap();
+    assert_eq!((bucket.remaining, bucket.revoked), (0, 100));
 
     // The next grant settles the rest of the debt first.
     grant(&mut conn, account, 100, GrantSource::Subscription, None).await;
     let b = credits::balance(&mut conn, account).await.unwrap();
     assert_eq!((b.available, b.reserved, b.debt), (40, 0, 0));
+    assert_invariant(&mut conn, account).await;
+}
+
+/// The account's debt, totals and held claims, as `(debt, total_debt_added,
+/// total_debt_settled)`.
+async fn debt_totals(conn: &mut PgConnection, account: Uuid) -> (i64, i64, i64) {
+    sqlx::query_as(
+        "select debt, total_debt_added, total_debt_settled from credit_accounts where account_id = $1",
+    )
+    .bind(account)
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}
+
+/// Grant A 100 expiring, hold 40 of it, A lapses (60), A refunded in full,
+/// then grant B 40: the account's state before the hold is resolved.
+async fn refunded_while_held(conn: &mut PgConnection) -> (Uuid, Uuid, Uuid) {
+    let account = new_account(conn).await;
+    let t0 = Utc::now();
+    let a = grant(
+        conn,
+        account,
+        100,
+        GrantSource::Purchase,
+        Some(t0 + Duration::days(7)),
+    )
+    .await;
+    let (held, _) = reserve(conn, account, 40).await;
+    credits::expire(conn, t0 + Duration::days(8)).await.unwrap();
+    let out = credits::revoke(
+        conn,
+        account,
+        a,
+        100,
+        &format!("re_{}", Uuid::new_v4().simple()),
+        Some("refund"),
+        &Metadata::by(Actor::Stripe),
+    )
+    .await
+    .unwrap();
+    // 60 had lapsed; 40 are held; nothing was spent, so nothing is owed.
+    assert_eq!(
+        (out.taken, out.from_lapsed, out.held, out.debt_added),
+        (0, 60, 40, 0)
+    );
+    grant(conn, account, 40, GrantSource::Subscription, None).await;
+    let b = credits::balance(conn, account).await.unwrap();
+    assert_eq!((b.available, b.reserved, b.debt), (40, 40, 0));
+    (account, a, held)
+}
+
+#[tokio::test]
+async fn held_credits_of_a_refunded_grant_are_taken_back_when_released_and_owed_when_captured() {
+    let db = TestDb::new().await;
+    let mut conn = db.conn().await;
+
+    // Released: the refund takes the 40 back; the credits granted after stay.
+    // (They used to pay the held credits' debt and then lapse with them.)
+    let (account, a, held) = refunded_while_held(&mut conn).await;
+    credits::release(&mut conn, held, "provider_failed", &Metadata::system())
+        .await
+        .unwrap();
+    let b = credits::balance(&mut conn, account).await.unwrap();
+    assert_eq!((b.available, b.reserved, b.debt), (40, 0, 0));
+    let bucket = b.buckets.iter().find(|b| b.bucket_id == a).unwrap();
+    assert_eq!(
+        (bucket.remaining, bucket.lapsed, bucket.revoked),
+        (0, 60, 100)
+    );
+    assert_eq!(debt_totals(&mut conn, account).await, (0, 0, 0));
+    assert_invariant(&mut conn, account).await;
+
+    // Captured: the 40 were spent after all, and are owed.
+    let (account, _, held) = refunded_while_held(&mut conn).await;
+    credits::capture(&mut conn, held, &Metadata::system())
+        .await
+        .unwrap();
+    let b = credits::balance(&mut conn, account).await.unwrap();
+    assert_eq!((b.available, b.reserved, b.debt), (40, 0, 40));
+    assert_eq!(debt_totals(&mut conn, account).await, (40, 40, 0));
+    assert_invariant(&mut conn, account).await;
+    // The next grant pays it.
+    grant(&mut conn, account, 50, GrantSource::Subscription, None).await;
+    let b = credits::balance(&mut conn, account).await.unwrap();
+    assert_eq!((b.available, b.debt), (50, 0));
+    assert_eq!(debt_totals(&mut conn, account).await, (0, 40, 40));
     assert_invariant(&mut conn, account).await;
 }
 

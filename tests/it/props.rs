@@ -197,6 +197,8 @@ struct MBucket {
     lapsed: i64,
     revoked: i64,
     revoked_lapsed: i64,
+    /// Held credits a revoke claimed: taken back on release, owed on capture.
+    revoked_held: i64,
     expired: bool,
 }
 
@@ -219,8 +221,10 @@ struct MRevocation {
 /// bucket; reservations draw soonest expiry first, then oldest; a release
 /// returns to the draws' buckets, settling debt first, and what is left of a
 /// draw from a lapsed bucket lapses; a revoke takes what is left of its grant,
-/// then what had lapsed, and the rest (spent or held) becomes debt; incoming
-/// credits settle debt first; a second capture/release reports the first.
+/// then what had lapsed, then claims what is held, and the rest (spent)
+/// becomes debt; a release gives a revoke the held credits it claimed, a
+/// capture owes them; incoming credits settle debt first; a second
+/// capture/release reports the first.
 #[derive(Debug, Clone, Default)]
 struct LedgerModel {
     now: i64,
@@ -232,6 +236,8 @@ struct LedgerModel {
     lapsed: i64,
     revoked: i64,
     settled: i64,
+    /// Debt added, by revokes and captures.
+    added: i64,
     buckets: Vec<MBucket>,
     /// Grant keys: (bucket index).
     grant_keys: HashMap<String, usize>,
@@ -386,8 +392,13 @@ impl LedgerModel {
         let r = self.reservations.get_mut(&generation).unwrap();
         r.status = Status::Captured;
         for &(i, d) in &r.draws {
-            self.buckets[i].reserved -= d;
-            self.buckets[i].consumed += d;
+            let b = &mut self.buckets[i];
+            let owed = b.revoked_held.min(d);
+            b.revoked_held -= owed;
+            b.reserved -= d;
+            b.consumed += d;
+            self.debt += owed;
+            self.added += owed;
         }
         self.reserved -= r.amount;
         self.captured += r.amount;
@@ -408,11 +419,15 @@ impl LedgerModel {
         draws.sort_by_key(|&(i, _)| i);
         for (i, d) in draws {
             let b = &mut self.buckets[i];
-            // Credits coming back settle debt first, wherever they come from.
-            let settle = self.debt.min(d);
+            // A revoke's claim first: those credits are gone.
+            let claimed = b.revoked_held.min(d);
+            b.revoked_held -= claimed;
+            self.revoked += claimed;
+            // The rest settles debt first, wherever it comes from.
+            let settle = self.debt.min(d - claimed);
             self.debt -= settle;
             self.settled += settle;
-            let rest = d - settle;
+            let rest = d - claimed - settle;
             b.reserved -= d;
             if b.expired {
                 b.lapsed += rest;
@@ -461,23 +476,28 @@ impl LedgerModel {
                 amount: 0,
                 taken: 0,
                 from_lapsed: 0,
+                held: 0,
                 debt_added: 0,
             });
         }
         let taken = b.remaining.min(amount);
         let from_lapsed = (b.lapsed - b.revoked_lapsed).min(amount - taken);
-        let debt_added = amount - taken - from_lapsed;
+        let held = (b.reserved - b.revoked_held).min(amount - taken - from_lapsed);
+        let debt_added = amount - taken - from_lapsed - held;
         b.remaining -= taken;
         b.revoked += amount;
         b.revoked_lapsed += from_lapsed;
+        b.revoked_held += held;
         self.available -= taken;
         self.debt += debt_added;
+        self.added += debt_added;
         self.revoked += taken;
         let out = RevokeOutcome {
             outcome: "revoked".into(),
             amount,
             taken,
             from_lapsed,
+            held,
             debt_added,
         };
         self.revocations.insert(
@@ -757,14 +777,19 @@ impl LedgerCase<'_> {
             m.available + m.reserved + m.captured + m.lapsed + m.revoked + m.settled
         );
         assert_invariant(self.conn, self.account).await;
-        // Debt is what revokes added less what was settled.
-        let added: i64 = sqlx::query_scalar(
-            "select coalesce(sum(debt_added), 0)::bigint from credit_revocations where account_id = $1",
+        // Debt is what revokes and captures added less what was settled.
+        let (added, by_revokes): (i64, i64) = sqlx::query_as(
+            "select a.total_debt_added,
+                    (select coalesce(sum(debt_added), 0)::bigint from credit_revocations r
+                      where r.account_id = a.account_id)
+               from credit_accounts a where a.account_id = $1",
         )
         .bind(self.account)
         .fetch_one(&mut *self.conn)
         .await
         .unwrap();
+        prop_assert_eq!(added, m.added, "debt added");
+        prop_assert!(by_revokes <= added);
         prop_assert_eq!(m.debt, added - m.settled, "debt = added - settled");
         let statuses: Vec<(Uuid, String)> = sqlx::query_as(
             "select generation_id, status from credit_reservations where account_id = $1",

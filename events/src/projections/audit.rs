@@ -107,11 +107,14 @@ fn describe(event: &DomainEvent) -> Entry {
             Some(e.account_id),
             json!({"generation": e.generation_id, "amount": e.amount}),
         ),
-        E::CreditsCaptured(e) => entry(
-            "credits.captured",
-            Some(e.account_id),
-            json!({"generation": e.generation_id, "amount": e.amount}),
-        ),
+        E::CreditsCaptured(e) => {
+            let mut details = json!({"generation": e.generation_id, "amount": e.amount});
+            let owed: i64 = e.owed.iter().map(|d| d.amount).sum();
+            if owed > 0 {
+                details["debt_added"] = owed.into();
+            }
+            entry("credits.captured", Some(e.account_id), details)
+        }
         E::CreditsReleased(e) => {
             let mut x = entry(
                 "credits.released",
@@ -124,7 +127,7 @@ fn describe(event: &DomainEvent) -> Entry {
         E::CreditsRevoked(e) => entry(
             "credits.revoked",
             Some(e.account_id),
-            json!({"bucket": e.bucket_id, "stripe_object": e.stripe_object, "amount": e.amount, "debt_added": e.debt_added}),
+            json!({"bucket": e.bucket_id, "stripe_object": e.stripe_object, "amount": e.amount, "held": e.held, "debt_added": e.debt_added}),
         ),
         E::CreditsExpired(e) => entry(
             "credits.expired",

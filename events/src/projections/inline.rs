@@ -20,13 +20,13 @@ pub const TABLES: &[Table] = &[
     Table {
         name: "credit_accounts",
         columns: "account_id, available, reserved, debt, total_granted, total_captured, \
-                  total_lapsed, total_revoked, total_debt_settled",
+                  total_lapsed, total_revoked, total_debt_settled, total_debt_added",
     },
     Table {
         name: "credit_buckets",
         columns: "bucket_id, account_id, source, stripe_object, grant_key, amount, debt_settled, \
-                  remaining, reserved, consumed, lapsed, revoked, revoked_lapsed, expires_at, \
-                  expired, granted_position, granted_at",
+                  remaining, reserved, consumed, lapsed, revoked, revoked_lapsed, revoked_held, \
+                  expires_at, expired, granted_position, granted_at",
     },
     Table {
         name: "credit_reservations",
@@ -39,7 +39,8 @@ pub const TABLES: &[Table] = &[
     },
     Table {
         name: "credit_revocations",
-        columns: "revoke_key, account_id, bucket_id, amount, taken, from_lapsed, debt_added, revoked_at",
+        columns: "revoke_key, account_id, bucket_id, amount, taken, from_lapsed, held, debt_added, \
+                  revoked_at",
     },
 ];
 
@@ -191,6 +192,18 @@ pub async fn apply(
             .bind(recorded_at)
             .execute(&mut *conn)
             .await?;
+            // Claims first: a bucket's claim never exceeds what it holds.
+            let mut owed = 0;
+            for d in &e.owed {
+                sqlx::query(trusted_sql!(
+                    "update {p}credit_buckets set revoked_held = revoked_held - $2 where bucket_id = $1"
+                ))
+                .bind(d.bucket_id)
+                .bind(d.amount)
+                .execute(&mut *conn)
+                .await?;
+                owed += d.amount;
+            }
             sqlx::query(trusted_sql!(
                 "update {p}credit_buckets cb set reserved = cb.reserved - d.amount, consumed = cb.consumed + d.amount
                    from {p}credit_reservation_draws d
@@ -200,31 +213,36 @@ pub async fn apply(
             .execute(&mut *conn)
             .await?;
             sqlx::query(trusted_sql!(
-                "update {p}credit_accounts set reserved = reserved - $2, total_captured = total_captured + $2
+                "update {p}credit_accounts set reserved = reserved - $2, total_captured = total_captured + $2,
+                        debt = debt + $3, total_debt_added = total_debt_added + $3
                   where account_id = $1"
             ))
             .bind(e.account_id)
             .bind(e.amount)
+            .bind(owed)
             .execute(&mut *conn)
             .await?;
         }
         DomainEvent::CreditsReleased(e) => {
-            let (mut restored, mut lapsed, mut settled) = (0, 0, 0);
+            let (mut restored, mut lapsed, mut settled, mut revoked) = (0, 0, 0, 0);
             for d in &e.draws {
                 sqlx::query(trusted_sql!(
                     "update {p}credit_buckets
-                        set reserved = reserved - $2, remaining = remaining + $3, lapsed = lapsed + $4
+                        set reserved = reserved - $2, remaining = remaining + $3, lapsed = lapsed + $4,
+                            revoked_held = revoked_held - $5
                       where bucket_id = $1"
                 ))
                 .bind(d.bucket_id)
                 .bind(d.amount)
                 .bind(d.restored)
                 .bind(d.lapsed)
+                .bind(d.revoked)
                 .execute(&mut *conn)
                 .await?;
                 restored += d.restored;
                 lapsed += d.lapsed;
                 settled += d.debt_settled;
+                revoked += d.revoked;
             }
             sqlx::query(trusted_sql!(
                 "update {p}credit_reservations set status = 'released', resolved_at = $2, release_reason = $3
@@ -238,7 +256,8 @@ pub async fn apply(
             sqlx::query(trusted_sql!(
                 "update {p}credit_accounts
                     set reserved = reserved - $2, available = available + $3, debt = debt - $4,
-                        total_lapsed = total_lapsed + $5, total_debt_settled = total_debt_settled + $4
+                        total_lapsed = total_lapsed + $5, total_debt_settled = total_debt_settled + $4,
+                        total_revoked = total_revoked + $6
                   where account_id = $1"
             ))
             .bind(e.account_id)
@@ -246,24 +265,28 @@ pub async fn apply(
             .bind(restored)
             .bind(settled)
             .bind(lapsed)
+            .bind(revoked)
             .execute(&mut *conn)
             .await?;
         }
         DomainEvent::CreditsRevoked(e) => {
             sqlx::query(trusted_sql!(
                 "update {p}credit_buckets
-                    set remaining = remaining - $2, revoked = revoked + $3, revoked_lapsed = revoked_lapsed + $4
+                    set remaining = remaining - $2, revoked = revoked + $3, revoked_lapsed = revoked_lapsed + $4,
+                        revoked_held = revoked_held + $5
                   where bucket_id = $1"
             ))
             .bind(e.bucket_id)
             .bind(e.taken)
             .bind(e.amount)
             .bind(e.from_lapsed)
+            .bind(e.held)
             .execute(&mut *conn)
             .await?;
             sqlx::query(trusted_sql!(
                 "update {p}credit_accounts
-                    set available = available - $2, debt = debt + $3, total_revoked = total_revoked + $2
+                    set available = available - $2, debt = debt + $3, total_revoked = total_revoked + $2,
+                        total_debt_added = total_debt_added + $3
                   where account_id = $1"
             ))
             .bind(e.account_id)
@@ -273,7 +296,7 @@ pub async fn apply(
             .await?;
             sqlx::query(trusted_sql!(
                 "insert into {p}credit_revocations (revoke_key, account_id, bucket_id, amount, taken,
-                    from_lapsed, debt_added, revoked_at) values ($1, $2, $3, $4, $5, $6, $7, $8)"
+                    from_lapsed, held, debt_added, revoked_at) values ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
             ))
             .bind(&e.revoke_key)
             .bind(e.account_id)
@@ -281,6 +304,7 @@ pub async fn apply(
             .bind(e.amount)
             .bind(e.taken)
             .bind(e.from_lapsed)
+            .bind(e.held)
             .bind(e.debt_added)
             .bind(recorded_at)
             .execute(&mut *conn)

@@ -45,7 +45,10 @@ pub async fn apply(
             -e.debt_settled,
         ),
         DomainEvent::CreditsReserved(e) => (Some(e.generation_id), None, -e.amount, e.amount, 0),
-        DomainEvent::CreditsCaptured(e) => (Some(e.generation_id), None, 0, -e.amount, 0),
+        DomainEvent::CreditsCaptured(e) => {
+            let owed: i64 = e.owed.iter().map(|d| d.amount).sum();
+            (Some(e.generation_id), None, 0, -e.amount, owed)
+        }
         DomainEvent::CreditsReleased(e) => {
             let restored: i64 = e.draws.iter().map(|d| d.restored).sum();
             let settled: i64 = e.draws.iter().map(|d| d.debt_settled).sum();
