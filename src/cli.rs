@@ -667,7 +667,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                     reference,
                 } => {
                     let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
-                    let left = slate_events::affiliates::record_payout(
+                    let payout = slate_events::affiliates::record_payout(
                         &mut tx,
                         affiliate,
                         &currency,
@@ -677,8 +677,15 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                     )
                     .await?;
                     tx.commit().await?;
-                    tracing::info!(%affiliate, amount, %currency, %reference, "affiliate payout recorded");
-                    println!("payout {reference} recorded; {left} {currency} still owed");
+                    let left = payout.owed;
+                    if payout.recorded {
+                        tracing::info!(%affiliate, amount, %currency, %reference, "affiliate payout recorded");
+                        println!("payout {reference} recorded; {left} {currency} still owed");
+                    } else {
+                        println!(
+                            "payout {reference} was recorded already; {left} {currency} still owed"
+                        );
+                    }
                 }
             }
         }
@@ -965,7 +972,17 @@ async fn audit(pool: &sqlx::PgPool, command: AuditCommand) -> anyhow::Result<i32
             .bind(account)
             .fetch_one(pool)
             .await?;
-            let mut file = std::io::BufWriter::new(std::fs::File::create(&out)?);
+            // Readable by its owner alone: a JSON Lines export opens the
+            // entries' sealed addresses and user agents.
+            let mut file = std::io::BufWriter::new({
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&out)?
+            });
             if csv {
                 file.write_all(crate::audit::CSV_HEADER.as_bytes())?;
             }

@@ -345,8 +345,18 @@ pub async fn owed(conn: &mut PgConnection) -> Result<Vec<Owed>, Error> {
         .collect())
 }
 
+/// What recording a payout did: `recorded` false when its reference was
+/// recorded already (with the same amount and currency); `owed`, what is
+/// still owed in its currency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Payout {
+    pub recorded: bool,
+    pub owed: i64,
+}
+
 /// Record a payout made outside Slate. The same `reference` twice records
-/// it once; more than is owed is refused.
+/// it once, and with another amount or currency is refused
+/// ([`Error::KeyReused`]); more than is owed is refused.
 pub async fn record_payout(
     conn: &mut PgConnection,
     affiliate_id: Uuid,
@@ -354,7 +364,7 @@ pub async fn record_payout(
     amount: i64,
     reference: &str,
     metadata: Metadata,
-) -> Result<i64, Error> {
+) -> Result<Payout, Error> {
     if amount <= 0 || reference.trim().is_empty() {
         return Err(Error::InvalidArgument(
             "a payout needs a positive amount and a reference".into(),
@@ -366,10 +376,10 @@ pub async fn record_payout(
         .execute(&mut *conn)
         .await?;
     let key = format!("payout:{affiliate_id}:{reference}");
-    let exists: bool =
-        sqlx::query_scalar("select exists(select 1 from events where event_id = $1)")
+    let earlier: Option<Value> =
+        sqlx::query_scalar("select payload from events where event_id = $1")
             .bind(store::deterministic_event_id(&key))
-            .fetch_one(&mut *conn)
+            .fetch_optional(&mut *conn)
             .await?;
     let owed_now = owed(conn)
         .await?
@@ -377,8 +387,17 @@ pub async fn record_payout(
         .find(|o| o.affiliate_id == affiliate_id && o.currency == currency)
         .map(|o| o.owed)
         .unwrap_or(0);
-    if exists {
-        return Ok(owed_now);
+    if let Some(earlier) = earlier {
+        // The same payout again, or another one under a reference used.
+        let same = earlier["amount"].as_i64() == Some(amount)
+            && earlier["currency"].as_str() == Some(currency);
+        return match same {
+            true => Ok(Payout {
+                recorded: false,
+                owed: owed_now,
+            }),
+            false => Err(Error::KeyReused),
+        };
     }
     if amount > owed_now {
         return Err(Error::InvalidArgument(format!(
@@ -398,5 +417,8 @@ pub async fn record_payout(
         &metadata,
     )
     .await?;
-    Ok(owed_now - amount)
+    Ok(Payout {
+        recorded: true,
+        owed: owed_now - amount,
+    })
 }

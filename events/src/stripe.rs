@@ -33,6 +33,9 @@ pub struct IncomingEvent {
     pub event_type: String,
     pub api_version: Option<String>,
     pub livemode: bool,
+    /// The event names a connected account (`account`, Stripe Connect): not
+    /// this account's own.
+    pub connected_account: bool,
     pub created: DateTime<Utc>,
     pub object_id: Option<String>,
     /// `data.object.payment_intent`, for charges and disputes.
@@ -63,6 +66,8 @@ impl IncomingEvent {
             api_version: Option<Cow<'a, str>>,
             livemode: bool,
             created: i64,
+            #[serde(default, borrow)]
+            account: Option<Cow<'a, str>>,
             #[serde(default)]
             data: Option<Data>,
         }
@@ -79,7 +84,12 @@ impl IncomingEvent {
             payment_intent: Option<Value>,
         }
         let e: Envelope = serde_json::from_str(raw).ok()?;
-        if !e.id.starts_with("evt_") || e.object != "event" {
+        // Stripe's events are of this century; PostgreSQL refuses some times
+        // chrono takes.
+        if !e.id.starts_with("evt_")
+            || e.object != "event"
+            || !(0..=10_000_000_000).contains(&e.created)
+        {
             return None;
         }
         let object = e.data.and_then(|d| d.object);
@@ -89,6 +99,7 @@ impl IncomingEvent {
             event_type: e.event_type.into_owned(),
             api_version: e.api_version.map(Cow::into_owned),
             livemode: e.livemode,
+            connected_account: e.account.is_some(),
             created: Utc.timestamp_opt(e.created, 0).single()?,
             object_id: object
                 .and_then(|o| o.id.as_ref())
@@ -827,21 +838,30 @@ pub async fn process_with(
         result = process_in_tx(pool, catalog, stripe_event_id, options, &reads).await;
     }
     if let Err(e) = &result {
-        let message: String = e.to_string().chars().take(500).collect();
-        sqlx::query(
-            "update stripe_events set status = 'failed', attempts = attempts + 1, last_error = $2
-              where stripe_event_id = $1",
-        )
-        .bind(stripe_event_id)
-        .bind(message)
-        .execute(pool)
-        .await?;
-        // Failed or not, an event about a purged account is redacted.
-        if let Err(e) = redact_if_purged(pool, stripe_event_id).await {
-            tracing::warn!(error = %e, "could not redact a failed event of a purged account");
-        }
+        mark_failed(pool, stripe_event_id, &e.to_string()).await?;
     }
     result
+}
+
+/// Record that processing mirrored event `id` failed (`error`, its first
+/// 500 characters), unless another processing finished it meanwhile: the
+/// failure is written after its transaction rolled back, and a replay or a
+/// second job may have been waiting on the row and processed it since.
+pub async fn mark_failed(pool: &PgPool, id: &str, error: &str) -> Result<(), sqlx::Error> {
+    let message: String = error.chars().take(500).collect();
+    sqlx::query(
+        "update stripe_events set status = 'failed', attempts = attempts + 1, last_error = $2
+          where stripe_event_id = $1 and status not in ('processed', 'ignored')",
+    )
+    .bind(id)
+    .bind(message)
+    .execute(pool)
+    .await?;
+    // Failed or not, an event about a purged account is redacted.
+    if let Err(e) = redact_if_purged(pool, id).await {
+        tracing::warn!(error = %e, "could not redact a failed event of a purged account");
+    }
+    Ok(())
 }
 
 /// Redact mirrored event `id` if it is about an account that was purged
@@ -1442,8 +1462,11 @@ async fn checkout_paid(
             .await?
         }
     };
+    // A commission is decided with the grant, once: a replay, or a later
+    // processing of the session's other event, earns nothing, whatever the
+    // account's referral has become since.
     let currency = text(s, "/currency").unwrap_or("usd");
-    if let Some(paid) = int(s, "/amount_total") {
+    if let (true, Some(paid)) = (out.took_effect(), int(s, "/amount_total")) {
         affiliates::earn(conn, &cx.meta, account, &settle, currency, paid).await?;
     }
     settle_payment(conn, cx, &settle).await?;
@@ -1653,8 +1676,11 @@ async fn invoice_paid(
             .await?
         }
     };
+    // Decided with the grant, once (see `checkout_paid`): a replay that can
+    // now read the invoice's payment intent would otherwise earn a second
+    // commission under it.
     let paid_for = payment_intent.unwrap_or(invoice);
-    if let Some(paid) = int(inv, "/amount_paid") {
+    if let (true, Some(paid)) = (out.took_effect(), int(inv, "/amount_paid")) {
         let currency = text(inv, "/currency").unwrap_or("usd");
         affiliates::earn(conn, &cx.meta, account, paid_for, currency, paid).await?;
     }
@@ -2158,9 +2184,9 @@ async fn settle_refunds(
         from_restored += more.amount;
     }
     Ok(Outcome::Processed(format!(
-        "{charge}: {} revoked ({} taken, {} debt; {from_restored} from a won dispute's restoration \
-         or a failed refund's return); commission clawed back: {clawed}",
-        out.amount, out.taken, out.debt_added
+        "{charge}: {} revoked ({} taken, {} held, {} debt; {from_restored} from a won dispute's \
+         restoration or a failed refund's return); commission clawed back: {clawed}",
+        out.amount, out.taken, out.held, out.debt_added
     )))
 }
 
@@ -2351,9 +2377,10 @@ async fn dispute_changed(
                     .await?,
                 ),
             };
-            let (outcome, frozen, debt) = out.map_or(("nothing_to_revoke".into(), 0, 0), |o| {
-                (o.outcome, o.amount, o.debt_added)
-            });
+            let (outcome, frozen, held, debt) = out
+                .map_or(("nothing_to_revoke".into(), 0, 0, 0), |o| {
+                    (o.outcome, o.amount, o.held, o.debt_added)
+                });
             // What failed refunds of the charge gave back is the grant's too:
             // the disputed share comes out of it where the grant has too
             // little left.
@@ -2377,8 +2404,8 @@ async fn dispute_changed(
                 short -= more.amount;
             }
             Ok(Outcome::Processed(format!(
-                "{dispute} {status}; {outcome} {frozen} of {granted} credits frozen ({debt} debt; \
-                 {returns_frozen} of what failed refunds gave back)"
+                "{dispute} {status}; {outcome} {frozen} of {granted} credits frozen ({held} held, \
+                 {debt} debt; {returns_frozen} of what failed refunds gave back)"
             )))
         }
         other => Ok(Outcome::Ignored(format!(

@@ -380,6 +380,10 @@ pub const CODES: &[(&str, &str)] = &[
         "livemode_mismatch",
         "the event's livemode does not match this deployment",
     ),
+    (
+        "connected_account_event",
+        "the event is a connected account's, not this account's",
+    ),
     ("webhooks_not_configured", "no webhook secret is configured"),
     // Sign-in and sessions.
     (
@@ -442,6 +446,7 @@ pub const ERRORS: &[(&str, Errors)] = &[
                     "signature_timestamp_out_of_tolerance",
                     "body_unparseable",
                     "livemode_mismatch",
+                    "connected_account_event",
                 ],
             ),
             (413, &["payload_too_large", "body_too_large"]),
@@ -524,6 +529,10 @@ pub const ERRORS: &[(&str, Errors)] = &[
     ("revoke_key", &[(404, &["not_found"])]),
     ("export_account", &[(404, &["not_found"])]),
     ("delete_account", &[(403, &["impersonation_forbidden"])]),
+    (
+        "revoke_all_sessions",
+        &[(403, &["impersonation_forbidden"])],
+    ),
     (
         "start_sign_in",
         &[

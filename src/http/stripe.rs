@@ -72,6 +72,10 @@ fn to_api_error(e: WebhookError) -> ApiError {
             "livemode_mismatch",
             "the event's livemode does not match this deployment",
         ),
+        WebhookError::ConnectedAccount => bad(
+            "connected_account_event",
+            "the event is a connected account's, not this account's",
+        ),
         WebhookError::NotConfigured => ApiError::Unavailable {
             code: "webhooks_not_configured",
             message: "no webhook secret is configured",

@@ -128,6 +128,12 @@ struct Page<'a> {
     has_more: bool,
 }
 
+/// An item of a list, for its id alone.
+#[derive(Deserialize)]
+struct Listed {
+    id: String,
+}
+
 #[derive(Debug, Default)]
 pub struct Summary {
     pub listed: usize,
@@ -193,15 +199,19 @@ pub async fn reconcile(
             .ok_or(ReconcileError::BadPage)?;
         let text = std::str::from_utf8(&bytes).map_err(|_| ReconcileError::BadPage)?;
         let page: Page<'_> = serde_json::from_str(text).map_err(|_| ReconcileError::BadPage)?;
+        let page_after = starting_after.clone();
         for raw in &page.data {
             summary.listed += 1;
             let raw = raw.get();
+            // The list goes on from the last item, readable or not.
+            if let Ok(Listed { id }) = serde_json::from_str::<Listed>(raw) {
+                starting_after = Some(id);
+            }
             let Some(event) = IncomingEvent::from_raw(raw, super::webhook::typed_parse_error(raw))
             else {
                 summary.unreadable += 1;
                 continue;
             };
-            starting_after = Some(event.stripe_event_id.clone());
             if event.livemode != livemode {
                 summary.other_mode += 1;
                 continue;
@@ -225,6 +235,11 @@ pub async fn reconcile(
         }
         if !page.has_more || page.data.is_empty() {
             break;
+        }
+        // A page whose items name no id cannot say where the list goes on;
+        // asking from the same place again would get it again, for ever.
+        if starting_after == page_after {
+            return Err(ReconcileError::BadPage);
         }
     }
     Ok(summary)

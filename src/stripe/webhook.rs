@@ -16,6 +16,10 @@ pub enum WebhookError {
     Unparseable,
     #[error("the event's livemode does not match this deployment")]
     LivemodeMismatch,
+    /// A Connect event (its `account` names a connected account): a
+    /// connected account's checkout could name any of Slate's accounts.
+    #[error("the event is a connected account's")]
+    ConnectedAccount,
     #[error("storing the event failed")]
     Store(#[source] anyhow::Error),
 }
@@ -40,6 +44,9 @@ pub async fn receive(
     let event = IncomingEvent::from_raw(raw, parse_error).ok_or(WebhookError::Unparseable)?;
     if event.livemode != config.livemode {
         return Err(WebhookError::LivemodeMismatch);
+    }
+    if event.connected_account {
+        return Err(WebhookError::ConnectedAccount);
     }
     if let Some(reason) = &event.parse_error {
         tracing::warn!(

@@ -316,6 +316,18 @@ async fn every_signature_case_gives_the_right_status_and_code() {
     let (status, resp) = app.deliver(&live).await;
     assert_eq!((status, code(&resp)), (400, "livemode_mismatch"));
 
+    // A connected account's event (Stripe Connect) is not this account's: its
+    // checkout could name any of Slate's accounts.
+    let mut connected: Value = serde_json::from_str(&fixture(
+        "01_checkout_session_completed_pack",
+        account,
+        &run,
+    ))
+    .unwrap();
+    connected["account"] = "acct_1Connected".into();
+    let (status, resp) = app.deliver(&connected.to_string()).await;
+    assert_eq!((status, code(&resp)), (400, "connected_account_event"));
+
     // Far too big to be Stripe's.
     let huge = format!("{{\"pad\": \"{}\"}}", "x".repeat(2 * 1024 * 1024));
     let (status, resp) = app.deliver(&huge).await;
@@ -1553,6 +1565,79 @@ async fn a_refund_failed_by_a_dispute_gives_back_only_if_the_dispute_is_won() {
     }
 }
 
+/// The list goes on from a page's last item even when that item cannot be
+/// read as an event (it went on from the last readable one, and so asked
+/// for the same items again, or for ever when none was readable); a page
+/// naming no id at all ends the run with an error, not a loop.
+#[tokio::test]
+async fn reconcile_pages_past_an_unreadable_last_event() {
+    use wiremock::matchers::{method, path, query_param, query_param_is_missing};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let stripe_api = MockServer::start().await;
+    let app = app_with_stripe_api(&stripe_api, ("STRIPE_PLANS", "price_pro_monthly=1000")).await;
+    let account = new_account(&mut *app.db.conn().await).await;
+    let run = run_tag();
+    let mut unreadable: Value = serde_json::from_str(&fixture(HISTORY[1], account, &run)).unwrap();
+    unreadable["created"] = "yesterday".into();
+    let first = vec![
+        serde_json::from_str::<Value>(&fixture(HISTORY[0], account, &run)).unwrap(),
+        unreadable,
+    ];
+    Mock::given(method("GET"))
+        .and(path("/v1/events"))
+        .and(query_param_is_missing("starting_after"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "object": "list", "url": "/v1/events", "has_more": true, "data": first,
+        })))
+        .mount(&stripe_api)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/events"))
+        .and(query_param(
+            "starting_after",
+            format!("evt_{run}_02").as_str(),
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "object": "list", "url": "/v1/events", "has_more": false, "data": [],
+        })))
+        .expect(1)
+        .mount(&stripe_api)
+        .await;
+    let client = app_stripe_client(&stripe_api);
+    let since = chrono::Utc::now() - chrono::Duration::days(2);
+    let run_it = || {
+        slate::stripe::reconcile::reconcile(
+            &app.db.pool,
+            Some(&client),
+            false,
+            since,
+            false,
+            chrono::Utc::now(),
+        )
+    };
+    let summary = run_it().await.unwrap();
+    assert_eq!(
+        (summary.listed, summary.unreadable, summary.ingested),
+        (2, 1, 1)
+    );
+
+    // Items with no id: nowhere to go on from.
+    stripe_api.reset().await;
+    Mock::given(method("GET"))
+        .and(path("/v1/events"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "object": "list", "url": "/v1/events", "has_more": true, "data": [{"object": "event"}],
+        })))
+        .expect(1)
+        .mount(&stripe_api)
+        .await;
+    let stuck = tokio::time::timeout(std::time::Duration::from_secs(20), run_it())
+        .await
+        .expect("reconcile ends");
+    assert!(stuck.is_err());
+}
+
 #[tokio::test]
 async fn reconcile_ingests_what_the_webhook_never_delivered_once() {
     use wiremock::matchers::{method, path, query_param, query_param_is_missing};
@@ -1771,6 +1856,66 @@ async fn an_affiliates_commission_follows_refunds_their_failure_and_disputes() {
     }
 }
 
+/// A failure is recorded after its transaction rolled back, and a replay or
+/// another job may have processed the event meanwhile: it is not taken back
+/// to `failed`. (It was: the mirror said `failed` of an event whose credits
+/// were granted.)
+#[tokio::test]
+async fn a_late_failure_does_not_undo_a_processing_that_finished() {
+    let app = stripe_app().await;
+    let account = new_account(&mut *app.db.conn().await).await;
+    let run = run_tag();
+    app.deliver(&fixture(HISTORY[0], account, &run)).await;
+    let (done, pending) = (format!("evt_{run}_01"), format!("evt_{run}_02"));
+    slate_events::stripe::process(&app.db.pool, &catalog(), &done, false)
+        .await
+        .unwrap();
+    app.deliver(&fixture(HISTORY[1], account, &run)).await;
+    for id in [&done, &pending] {
+        slate_events::stripe::mark_failed(&app.db.pool, id, "customer not linked yet")
+            .await
+            .unwrap();
+    }
+    let status = |id: String| {
+        let pool = app.db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "select status from stripe_events where stripe_event_id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(status(done).await, "processed");
+    assert_eq!(status(pending).await, "failed");
+}
+
+/// A commission is decided with its grant, once: a payment processed
+/// before its account was referred earns nothing when it is replayed after.
+/// (A replay used to earn one, the grant being a duplicate.)
+#[tokio::test]
+async fn a_replay_earns_no_commission_its_first_processing_did_not() {
+    let app = stripe_app().await;
+    let account = new_account(&mut *app.db.conn().await).await;
+    let run = run_tag();
+    app.deliver(&fixture(HISTORY[0], account, &run)).await;
+    app.process_stripe().await;
+    referred_by_affiliate(&app, account).await;
+    let replay =
+        slate_events::stripe::process(&app.db.pool, &catalog(), &format!("evt_{run}_01"), true)
+            .await
+            .unwrap();
+    assert!(replay.describe().contains("duplicate"), "{replay:?}");
+    let earned: i64 =
+        sqlx::query_scalar("select count(*) from events where event_type = 'CommissionEarned'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(earned, 0);
+}
+
 #[tokio::test]
 async fn affiliate_payouts_are_recorded_once_and_never_exceed_what_is_owed() {
     let app = stripe_app().await;
@@ -1802,12 +1947,20 @@ async fn affiliate_payouts_are_recorded_once_and_never_exceed_what_is_owed() {
             r
         }
     };
-    assert_eq!(pay(150, "po_1").await.unwrap(), 50);
+    use slate_events::affiliates::Payout;
+    let payout = |recorded, owed| Payout { recorded, owed };
+    assert_eq!(pay(150, "po_1").await.unwrap(), payout(true, 50));
     assert_eq!(
         pay(150, "po_1").await.unwrap(),
-        50,
+        payout(false, 50),
         "same reference: recorded once"
     );
+    // A reference used already, for another payout, is refused, not
+    // taken for the first.
+    assert!(matches!(
+        pay(40, "po_1").await,
+        Err(slate_events::Error::KeyReused)
+    ));
     assert!(matches!(
         pay(60, "po_2").await,
         Err(slate_events::Error::InvalidArgument(_))

@@ -241,6 +241,15 @@ where
     }
 }
 
+/// True when `error` is what [`contain`] made of a panic.
+pub fn panicked(error: &apalis::prelude::BoxDynError) -> bool {
+    use std::error::Error as _;
+    error
+        .downcast_ref::<apalis::prelude::AbortError>()
+        .and_then(|e| e.source())
+        .is_some_and(|e| e.is::<JobPanicked>())
+}
+
 /// The job-duration histogram's bounds; the fold ([`fold_durations`]) adds
 /// finished jobs to the same buckets.
 pub use slate_events::histogram::{DURATION_BUCKETS, duration_bounds};
@@ -543,4 +552,32 @@ pub async fn retry_later(
         .execute(pool)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod panic_tests {
+    use apalis::prelude::BoxDynError;
+
+    #[tokio::test]
+    async fn a_contained_panic_is_told_from_other_errors() {
+        let panicked = super::contain(async {
+            if u8::MAX > 1 {
+                panic!("boom");
+            }
+            Ok::<(), BoxDynError>(())
+        })
+        .await
+        .unwrap_err();
+        assert!(super::panicked(&panicked));
+        let failed = super::contain(async { Err::<(), BoxDynError>("no".into()) })
+            .await
+            .unwrap_err();
+        assert!(!super::panicked(&failed));
+        let aborted = super::contain(async {
+            Err::<(), BoxDynError>(Box::new(apalis::prelude::AbortError::new("no")))
+        })
+        .await
+        .unwrap_err();
+        assert!(!super::panicked(&aborted));
+    }
 }

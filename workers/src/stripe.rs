@@ -156,7 +156,8 @@ pub async fn handle(
     attempt: Attempt,
     worker: Data<StripeWorker>,
 ) -> Result<(), BoxDynError> {
-    jobs::contain(async move {
+    let (pool, id) = (worker.pool.clone(), job.stripe_event_id.clone());
+    let result = jobs::contain(async move {
         match stripe::process_with(&worker.pool, &worker.catalog, &job.stripe_event_id, &worker.options).await {
             Ok(outcome) => {
                 tracing::info!(outcome = outcome.describe(), "stripe event processed");
@@ -174,7 +175,17 @@ pub async fn handle(
             }
         }
     })
-    .await
+    .await;
+    // A panic ended the job before processing could record anything: the
+    // event would stay `pending` with no job to run it, out of sight of
+    // `replay --failed`.
+    if let Err(e) = &result
+        && jobs::panicked(e)
+        && let Err(e) = stripe::mark_failed(&pool, &id, "processing panicked").await
+    {
+        tracing::error!(error = %e, "could not record a panicked processing");
+    }
+    result
 }
 
 /// Process every mirrored event still pending, in Stripe's order. Tests use
