@@ -255,11 +255,18 @@ impl Config {
                 anyhow::bail!("SLATE_LOG_FORMAT: expected json, pretty or auto, got {other:?}")
             }
         };
+        let livemode = match get("SLATE_LIVEMODE").as_str() {
+            "true" | "1" => true,
+            "false" | "0" | "" => false,
+            other => anyhow::bail!("SLATE_LIVEMODE: expected true or false, got {other:?}"),
+        };
         Ok(Self {
             database_url: Secret::new(get("DATABASE_URL")),
-            database_max_connections: get("DATABASE_MAX_CONNECTIONS")
-                .parse()
-                .context("DATABASE_MAX_CONNECTIONS must be a number")?,
+            // None would leave every connect waiting for a connection.
+            database_max_connections: positive(
+                &get("DATABASE_MAX_CONNECTIONS"),
+                "DATABASE_MAX_CONNECTIONS",
+            )?,
             redis_url: Secret::new(get("REDIS_URL")),
             listen: get("SLATE_LISTEN")
                 .parse()
@@ -272,11 +279,7 @@ impl Config {
             stripe_webhook_secrets: secrets,
             stripe_api_key: non_empty("STRIPE_API_KEY").map(Secret::new),
             stripe_api_base: non_empty("STRIPE_API_BASE"),
-            livemode: match get("SLATE_LIVEMODE").as_str() {
-                "true" | "1" => true,
-                "false" | "0" | "" => false,
-                other => anyhow::bail!("SLATE_LIVEMODE: expected true or false, got {other:?}"),
-            },
+            livemode,
             log_format,
             stripe_catalog: StripeCatalog {
                 packs: StripeCatalog::parse_prices(&get("STRIPE_PACKS"))
@@ -432,6 +435,11 @@ impl Config {
                         .context("SLATE_SECRET_KEY must be 64 hex characters")?;
                     slate_events::mfa::SealingKey::new(key)
                 }
+                // The development key is in the source: live data sealed
+                // with it would be readable by anyone holding a backup.
+                None if livemode => {
+                    anyhow::bail!("SLATE_SECRET_KEY is required with SLATE_LIVEMODE=true")
+                }
                 None => slate_events::mfa::SealingKey::development(),
             },
             debug_bodies: non_empty("SLATE_DEBUG_BODIES"),
@@ -489,19 +497,40 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let c = Config::from_lookup(|k| {
-            (k == "STRIPE_WEBHOOK_SECRETS").then(|| "whsec_one,whsec_two".to_owned())
+        let c = Config::from_lookup(|k| match k {
+            "STRIPE_WEBHOOK_SECRETS" => Some("whsec_one,whsec_two".to_owned()),
+            "SLATE_EMAIL_API_KEY" => Some("re_email_secret".to_owned()),
+            _ => None,
         })
         .unwrap();
         assert_eq!(c.stripe_webhook_secrets.len(), 2);
+        assert!(c.email.is_some());
         let printed = format!("{c:?}");
         assert!(!printed.contains("whsec_one"));
         assert!(!printed.contains("slate-local-secret"));
+        assert!(!printed.contains("re_email_secret"));
+    }
+
+    #[test]
+    fn live_mode_needs_its_own_secret_key() {
+        let live = |key: Option<&str>| {
+            Config::from_lookup(|k| match k {
+                "SLATE_LIVEMODE" => Some("true".to_owned()),
+                "SLATE_SECRET_KEY" => key.map(str::to_owned),
+                _ => None,
+            })
+        };
+        let refused = live(None).unwrap_err();
+        assert!(format!("{refused:#}").contains("SLATE_SECRET_KEY"));
+        assert!(live(Some(&"ab".repeat(32))).unwrap().livemode);
     }
 
     #[test]
     fn bad_values_are_refused() {
         assert!(Config::from_lookup(|k| (k == "SLATE_LIVEMODE").then(|| "maybe".into())).is_err());
+        assert!(
+            Config::from_lookup(|k| (k == "DATABASE_MAX_CONNECTIONS").then(|| "0".into())).is_err()
+        );
         assert!(
             Config::from_lookup(|k| (k == "STRIPE_WEBHOOK_SECRETS").then(|| "nope".into()))
                 .is_err()

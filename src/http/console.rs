@@ -138,7 +138,7 @@ async fn home(
         .await?;
         let accounts: Vec<(Uuid, Option<String>, bool)> = sqlx::query_as(
             "select account_id, email, staff from accounts
-              where account_id::text = $1 or lower(email) like '%' || lower($1) || '%'
+              where account_id::text = $1 or strpos(lower(email), lower($1)) > 0
               order by created_at desc limit 20",
         )
         .bind(&q)
@@ -233,6 +233,15 @@ async fn totp(
     .await?;
     tx.commit().await?;
     if !ok {
+        // As the API's own second factor does: a guess is on the record.
+        let _ = slate_events::access::record_auth_failure(
+            &state.appends,
+            "totp_invalid",
+            None,
+            None,
+            "/admin/totp",
+        )
+        .await;
         return Ok(sign_in_page());
     }
     Ok((
@@ -288,9 +297,10 @@ async fn account(
     .await?;
     let sessions = slate_events::sessions::list(&mut conn, id).await?;
     let stripe_events: Vec<(String, String, String)> = sqlx::query_as(
-        "select distinct se.stripe_event_id, se.event_type, se.status from stripe_events se
-           join audit_entries ae on ae.targets->>'stripe_event' = se.stripe_event_id
-          where ae.account_id = $1 order by 1 limit 20",
+        "select se.stripe_event_id, se.event_type, se.status from stripe_events se
+          where se.stripe_event_id in (select ae.targets->>'stripe_event' from audit_entries ae
+                                        where ae.account_id = $1)
+          order by se.created desc, se.stripe_event_id desc limit 20",
     )
     .bind(id)
     .fetch_all(&mut *conn)

@@ -370,6 +370,9 @@ pub(super) async fn revoke_all(
     auth: Auth,
     Json(body): Json<RevokeAll>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    // The user's own security action: under an impersonation it would end
+    // the user's sessions and integrations (a staff target's too).
+    auth.not_impersonated()?;
     let mut conn = state.pool.acquire().await?;
     let (sessions, keys) = slate_events::sessions::end_all(
         &mut conn,

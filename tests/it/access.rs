@@ -517,6 +517,14 @@ async fn an_impersonation_issues_no_credentials_and_ends_with_its_accounts_delet
         .await
         .unwrap();
     assert_eq!(code(r).await, forbidden, "no checkout");
+    // Nor signing the user out everywhere and revoking their keys: the
+    // user's own security action (a staff target's keys too).
+    let r = as_user(reqwest::Method::POST, "/v1/sessions/revoke-all")
+        .json(&json!({"include_keys": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(code(r).await, forbidden, "no sign-out everywhere");
     // Staff routes are not reached through it; the refusal is recorded
     // against the staff member who asked.
     let r = as_user(reqwest::Method::GET, &format!("/admin/accounts/{user}"))

@@ -759,6 +759,11 @@ async fn the_staff_console_searches_follows_entries_and_replays_a_stripe_event()
     .unwrap();
     assert_eq!(read_by.len(), 1, "{read_by:?}");
     assert_ne!(read_by[0], account.to_string());
+    // Search text is text: `%` is no wildcard (it matched every account,
+    // and recorded a staff read in each one's trail).
+    let (status, body) = html("/admin?q=%25".into(), Some(staff.clone())).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("No account matches."), "{body}");
 
     let (status, body) = html(
         format!("/admin/console/accounts/{account}"),

@@ -59,12 +59,22 @@ impl Template {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MailerSettings {
     /// e.g. `https://api.resend.com`.
     pub api_base: String,
     pub api_key: String,
     pub from: String,
+}
+
+impl std::fmt::Debug for MailerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MailerSettings")
+            .field("api_base", &self.api_base)
+            .field("api_key", &"…")
+            .field("from", &self.from)
+            .finish()
+    }
 }
 
 #[derive(Clone)]
