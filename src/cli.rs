@@ -757,6 +757,12 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                         config.livemode
                     );
                 }
+                if s.other_account > 0 {
+                    println!(
+                        "  {} connected account event(s) were skipped",
+                        s.other_account
+                    );
+                }
             }
         },
         Command::Jobs { command } => match command {
@@ -975,13 +981,16 @@ async fn audit(pool: &sqlx::PgPool, command: AuditCommand) -> anyhow::Result<i32
             // Readable by its owner alone: a JSON Lines export opens the
             // entries' sealed addresses and user agents.
             let mut file = std::io::BufWriter::new({
-                use std::os::unix::fs::OpenOptionsExt;
-                std::fs::OpenOptions::new()
+                use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+                let file = std::fs::OpenOptions::new()
                     .write(true)
                     .create(true)
                     .truncate(true)
                     .mode(0o600)
-                    .open(&out)?
+                    .open(&out)?;
+                // A file there already keeps its mode otherwise.
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+                file
             });
             if csv {
                 file.write_all(crate::audit::CSV_HEADER.as_bytes())?;

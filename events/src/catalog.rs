@@ -191,11 +191,15 @@ pub struct CreditsCaptured {
     pub account_id: Uuid,
     pub generation_id: Uuid,
     pub amount: i64,
-    /// Held credits a revocation of their bucket had claimed: spent after
-    /// all, so owed (added to the account's debt), by bucket. Absent when
-    /// none (and in events before `held` existed).
+    /// Held credits a revocation of their bucket had claimed and the
+    /// bucket's other holds cannot cover: spent after all, so owed, by
+    /// bucket. Absent when none (and in events before `held` existed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub owed: Vec<Draw>,
+    /// What of `owed` the account's available credits paid at once, by the
+    /// bucket they came from; the rest is debt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub settled: Vec<Draw>,
 }
 event_type!(CreditsCaptured, "CreditsCaptured", 1);
 
@@ -242,7 +246,7 @@ pub struct CreditsRevoked {
     pub from_lapsed: i64,
     /// Held by generations: taken back when they are released, owed when
     /// they are captured. Earlier events counted held credits as debt.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub held: i64,
     /// Already spent: recorded as debt.
     pub debt_added: i64,

@@ -46,12 +46,18 @@ pub async fn start(
             "staff cannot impersonate themselves".into(),
         ));
     }
-    let deleted: Option<bool> =
-        sqlx::query_scalar("select deleted_at is not null from accounts where account_id = $1")
+    let target: Option<(bool, bool)> =
+        sqlx::query_as("select deleted_at is not null, staff from accounts where account_id = $1")
             .bind(account_id)
             .fetch_optional(&mut *conn)
             .await?;
-    match deleted {
+    // Acting as another staff member would reach their sessions and keys.
+    if target.is_some_and(|(_, staff)| staff) {
+        return Err(Error::InvalidArgument(
+            "a staff account cannot be impersonated".into(),
+        ));
+    }
+    match target.map(|(deleted, _)| deleted) {
         None => return Err(Error::UnknownAccount(account_id)),
         // A deleted account acts no more (its keys and sessions ended), and
         // not through staff either.

@@ -988,7 +988,12 @@ async fn process_in_tx(
         meta: Metadata::stripe_effect(id),
         refetch,
     };
+    // A connected account's event (Stripe Connect) is not this account's:
+    // the webhook refuses it, and one mirrored before it did, or listed by
+    // a reconcile, changes nothing here either.
+    let connected = payload.get("account").is_some_and(|a| !a.is_null());
     let outcome = match event_type.as_str() {
+        _ if connected => Outcome::Ignored("a connected account's event".into()),
         "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
             checkout_paid(&mut tx, &cx, &object).await?
         }

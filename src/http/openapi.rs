@@ -233,7 +233,7 @@ pub const CODES: &[(&str, &str)] = &[
     ),
     (
         "impersonation_forbidden",
-        "not done as someone else: under an impersonation staff cannot issue API keys, read the webhook signing secret or delete the account",
+        "not done as someone else: under an impersonation staff cannot issue API keys, read the webhook signing secret, delete the account, open the billing portal or a checkout, sign out everywhere, or pass the second factor",
     ),
     (
         "second_factor_required",
@@ -530,10 +530,6 @@ pub const ERRORS: &[(&str, Errors)] = &[
     ("export_account", &[(404, &["not_found"])]),
     ("delete_account", &[(403, &["impersonation_forbidden"])]),
     (
-        "revoke_all_sessions",
-        &[(403, &["impersonation_forbidden"])],
-    ),
-    (
         "start_sign_in",
         &[
             (500, &["internal_error"]),
@@ -575,12 +571,16 @@ pub const ERRORS: &[(&str, Errors)] = &[
         &[
             (400, &["session_required"]),
             (401, &["totp_invalid"]),
+            (403, &["impersonation_forbidden"]),
             (429, &["rate_limited"]),
         ],
     ),
     ("list_sessions", &[]),
     ("end_session", &[(404, &["not_found"])]),
-    ("revoke_all_sessions", &[]),
+    (
+        "revoke_all_sessions",
+        &[(403, &["impersonation_forbidden"])],
+    ),
 ];
 
 /// Errors of every authenticated operation.

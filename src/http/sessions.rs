@@ -286,6 +286,9 @@ pub(super) async fn totp(
     auth: Auth,
     Json(body): Json<TotpCode>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    // The staff member's session is not the user's: their code would be
+    // checked against it, and spend the user's attempts.
+    auth.not_impersonated()?;
     let session = auth.session_id.ok_or_else(|| {
         ApiError::bad_request(
             "session_required",

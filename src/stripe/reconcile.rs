@@ -146,6 +146,9 @@ pub struct Summary {
     /// this deployment's mode (`SLATE_LIVEMODE`). Skipped, as the webhook
     /// refuses them.
     pub other_mode: usize,
+    /// Listed events of a connected account (Stripe Connect): skipped, as
+    /// the webhook refuses them.
+    pub other_account: usize,
     pub beyond_retention: bool,
 }
 
@@ -214,6 +217,11 @@ pub async fn reconcile(
             };
             if event.livemode != livemode {
                 summary.other_mode += 1;
+                continue;
+            }
+            // As the webhook refuses them.
+            if event.connected_account {
+                summary.other_account += 1;
                 continue;
             }
             let known = slate_events::stripe::is_mirrored(pool, &event.stripe_event_id)

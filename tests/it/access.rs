@@ -585,6 +585,20 @@ async fn an_impersonation_issues_no_credentials_and_ends_with_its_accounts_delet
         (422, Some("invalid_impersonation")),
         "{body}"
     );
+    // Nor of another staff member: their sessions and keys are theirs.
+    let (other_staff, _) = app.staff().await;
+    let (status, body) = app
+        .post_json(
+            "/admin/impersonations",
+            Some(&staff_key),
+            json!({"account_id": other_staff, "reason": "ticket 45: a colleague"}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("invalid_impersonation")),
+        "{body}"
+    );
 }
 
 #[tokio::test]

@@ -424,21 +424,83 @@ async fn held_credits_of_a_refunded_grant_are_taken_back_when_released_and_owed_
     assert_eq!(debt_totals(&mut conn, account).await, (0, 0, 0));
     assert_invariant(&mut conn, account).await;
 
-    // Captured: the 40 were spent after all, and are owed.
+    // Captured: the 40 were spent after all, and are owed; what is
+    // available pays them at once.
     let (account, _, held) = refunded_while_held(&mut conn).await;
     credits::capture(&mut conn, held, &Metadata::system())
         .await
         .unwrap();
     let b = credits::balance(&mut conn, account).await.unwrap();
-    assert_eq!((b.available, b.reserved, b.debt), (40, 0, 40));
-    assert_eq!(debt_totals(&mut conn, account).await, (40, 40, 0));
-    assert_invariant(&mut conn, account).await;
-    // The next grant pays it.
-    grant(&mut conn, account, 50, GrantSource::Subscription, None).await;
-    let b = credits::balance(&mut conn, account).await.unwrap();
-    assert_eq!((b.available, b.debt), (50, 0));
+    assert_eq!((b.available, b.reserved, b.debt), (0, 0, 0));
     assert_eq!(debt_totals(&mut conn, account).await, (0, 40, 40));
     assert_invariant(&mut conn, account).await;
+}
+
+/// A bucket's claim is on all its holds: a capture owes only what the
+/// others cannot give back, so the order generations end in changes
+/// nothing. (The first capture owed its whole draw: captured before the
+/// other's release, 40 credits were lost.)
+#[tokio::test]
+async fn a_claim_on_two_holds_ends_the_same_whichever_finishes_first() {
+    let db = TestDb::new().await;
+    let mut conn = db.conn().await;
+    let mut ends = Vec::new();
+    for capture_first in [true, false] {
+        let account = new_account(&mut conn).await;
+        let t0 = Utc::now();
+        let a = grant(
+            &mut conn,
+            account,
+            100,
+            GrantSource::Purchase,
+            Some(t0 + Duration::days(7)),
+        )
+        .await;
+        let (spent, _) = reserve(&mut conn, account, 50).await;
+        let (failed, _) = reserve(&mut conn, account, 50).await;
+        credits::expire(&mut conn, t0 + Duration::days(8))
+            .await
+            .unwrap();
+        let out = credits::revoke(
+            &mut conn,
+            account,
+            a,
+            60,
+            &format!("re_{}", Uuid::new_v4().simple()),
+            Some("refund"),
+            &Metadata::by(Actor::Stripe),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (out.taken, out.from_lapsed, out.held, out.debt_added),
+            (0, 0, 60, 0)
+        );
+        let capture = async |conn: &mut PgConnection| {
+            credits::capture(conn, spent, &Metadata::system())
+                .await
+                .unwrap();
+        };
+        let release = async |conn: &mut PgConnection| {
+            credits::release(conn, failed, "provider_failed", &Metadata::system())
+                .await
+                .unwrap();
+        };
+        if capture_first {
+            capture(&mut conn).await;
+            grant(&mut conn, account, 50, GrantSource::Subscription, None).await;
+            release(&mut conn).await;
+        } else {
+            release(&mut conn).await;
+            grant(&mut conn, account, 50, GrantSource::Subscription, None).await;
+            capture(&mut conn).await;
+        }
+        let b = credits::balance(&mut conn, account).await.unwrap();
+        assert_invariant(&mut conn, account).await;
+        ends.push((b.available, b.reserved, b.debt));
+    }
+    // 50 spent of the 100 refunded, of which 10 are owed: 40 of the 50 left.
+    assert_eq!(ends, [(40, 0, 0), (40, 0, 0)]);
 }
 
 #[tokio::test]

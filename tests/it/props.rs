@@ -391,21 +391,40 @@ impl LedgerModel {
         }
         let r = self.reservations.get_mut(&generation).unwrap();
         r.status = Status::Captured;
+        let mut owed = 0;
         for &(i, d) in &r.draws {
             let b = &mut self.buckets[i];
-            let owed = b.revoked_held.min(d);
-            b.revoked_held -= owed;
+            // Owed: what of the claim the bucket's other holds cannot cover.
+            let o = (b.revoked_held - (b.reserved - d)).max(0);
+            b.revoked_held -= o;
             b.reserved -= d;
             b.consumed += d;
-            self.debt += owed;
-            self.added += owed;
+            owed += o;
         }
-        self.reserved -= r.amount;
-        self.captured += r.amount;
+        let amount = r.amount;
+        self.reserved -= amount;
+        self.captured += amount;
+        // Paid at once from what is available, in draw order; the rest is debt.
+        let mut left = owed.min(self.available);
+        let mut order: Vec<usize> = (0..self.buckets.len())
+            .filter(|&i| !self.buckets[i].expired && self.buckets[i].remaining > 0)
+            .collect();
+        order.sort_by_key(|&i| (self.buckets[i].expires_at.unwrap_or(i64::MAX), i));
+        let settle = left;
+        for i in order {
+            let take = self.buckets[i].remaining.min(left);
+            self.buckets[i].remaining -= take;
+            left -= take;
+        }
+        assert_eq!(left, 0, "model: buckets do not cover available");
+        self.available -= settle;
+        self.settled += settle;
+        self.debt += owed - settle;
+        self.added += owed;
         Answer::Resolve(Resolution {
             outcome: "captured".into(),
             status: "captured".into(),
-            amount: r.amount,
+            amount,
         })
     }
 
@@ -750,6 +769,18 @@ impl LedgerCase<'_> {
                 "bucket {} (amount, remaining, reserved, consumed, lapsed, revoked, expired)",
                 i
             );
+        }
+        // The claims on held credits, which the balance does not show.
+        let claims: Vec<(Uuid, i64)> = sqlx::query_as(
+            "select bucket_id, revoked_held from credit_buckets where account_id = $1",
+        )
+        .bind(self.account)
+        .fetch_all(&mut *self.conn)
+        .await
+        .unwrap();
+        for (bucket, claim) in claims {
+            let i = self.bucket_index(bucket);
+            prop_assert_eq!(claim, m.buckets[i].revoked_held, "bucket {} claim", i);
         }
         Ok(())
     }

@@ -1580,7 +1580,11 @@ async fn reconcile_pages_past_an_unreadable_last_event() {
     let run = run_tag();
     let mut unreadable: Value = serde_json::from_str(&fixture(HISTORY[1], account, &run)).unwrap();
     unreadable["created"] = "yesterday".into();
+    // A connected account's event is skipped, as the webhook refuses it.
+    let mut connected: Value = serde_json::from_str(&fixture(HISTORY[3], account, &run)).unwrap();
+    connected["account"] = "acct_1Connected".into();
     let first = vec![
+        connected,
         serde_json::from_str::<Value>(&fixture(HISTORY[0], account, &run)).unwrap(),
         unreadable,
     ];
@@ -1618,8 +1622,13 @@ async fn reconcile_pages_past_an_unreadable_last_event() {
     };
     let summary = run_it().await.unwrap();
     assert_eq!(
-        (summary.listed, summary.unreadable, summary.ingested),
-        (2, 1, 1)
+        (
+            summary.listed,
+            summary.unreadable,
+            summary.other_account,
+            summary.ingested
+        ),
+        (3, 1, 1, 1)
     );
 
     // Items with no id: nowhere to go on from.

@@ -12,13 +12,25 @@ pub fn account_prefix(account_id: Uuid) -> String {
     format!("users/{account_id}/")
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StorageSettings {
     pub endpoint: String,
     pub bucket: String,
     pub region: String,
     pub access_key_id: String,
     pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for StorageSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageSettings")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"…")
+            .finish()
+    }
 }
 
 #[derive(Clone)]

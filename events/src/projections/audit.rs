@@ -110,8 +110,12 @@ fn describe(event: &DomainEvent) -> Entry {
         E::CreditsCaptured(e) => {
             let mut details = json!({"generation": e.generation_id, "amount": e.amount});
             let owed: i64 = e.owed.iter().map(|d| d.amount).sum();
+            let settled: i64 = e.settled.iter().map(|d| d.amount).sum();
             if owed > 0 {
-                details["debt_added"] = owed.into();
+                details["owed"] = owed.into();
+            }
+            if settled > 0 {
+                details["debt_settled"] = settled.into();
             }
             entry("credits.captured", Some(e.account_id), details)
         }
@@ -124,11 +128,14 @@ fn describe(event: &DomainEvent) -> Entry {
             x.reason = Some(e.reason.clone());
             x
         }
-        E::CreditsRevoked(e) => entry(
-            "credits.revoked",
-            Some(e.account_id),
-            json!({"bucket": e.bucket_id, "stripe_object": e.stripe_object, "amount": e.amount, "held": e.held, "debt_added": e.debt_added}),
-        ),
+        E::CreditsRevoked(e) => {
+            let mut details = json!({"bucket": e.bucket_id, "stripe_object": e.stripe_object, "amount": e.amount, "debt_added": e.debt_added});
+            // Only when some were: entries written before `held` have none.
+            if e.held > 0 {
+                details["held"] = e.held.into();
+            }
+            entry("credits.revoked", Some(e.account_id), details)
+        }
         E::CreditsExpired(e) => entry(
             "credits.expired",
             Some(e.account_id),

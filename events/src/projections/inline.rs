@@ -212,14 +212,27 @@ pub async fn apply(
             .bind(e.generation_id)
             .execute(&mut *conn)
             .await?;
+            let mut settled = 0;
+            for d in &e.settled {
+                sqlx::query(trusted_sql!(
+                    "update {p}credit_buckets set remaining = remaining - $2 where bucket_id = $1"
+                ))
+                .bind(d.bucket_id)
+                .bind(d.amount)
+                .execute(&mut *conn)
+                .await?;
+                settled += d.amount;
+            }
             sqlx::query(trusted_sql!(
                 "update {p}credit_accounts set reserved = reserved - $2, total_captured = total_captured + $2,
-                        debt = debt + $3, total_debt_added = total_debt_added + $3
+                        available = available - $4, debt = debt + $3 - $4,
+                        total_debt_added = total_debt_added + $3, total_debt_settled = total_debt_settled + $4
                   where account_id = $1"
             ))
             .bind(e.account_id)
             .bind(e.amount)
             .bind(owed)
+            .bind(settled)
             .execute(&mut *conn)
             .await?;
         }

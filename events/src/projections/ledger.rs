@@ -47,7 +47,14 @@ pub async fn apply(
         DomainEvent::CreditsReserved(e) => (Some(e.generation_id), None, -e.amount, e.amount, 0),
         DomainEvent::CreditsCaptured(e) => {
             let owed: i64 = e.owed.iter().map(|d| d.amount).sum();
-            (Some(e.generation_id), None, 0, -e.amount, owed)
+            let settled: i64 = e.settled.iter().map(|d| d.amount).sum();
+            (
+                Some(e.generation_id),
+                None,
+                -settled,
+                -e.amount,
+                owed - settled,
+            )
         }
         DomainEvent::CreditsReleased(e) => {
             let restored: i64 = e.draws.iter().map(|d| d.restored).sum();
