@@ -589,9 +589,11 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                     reason: Some(reason),
                 };
                 let out = credits::grant(&mut conn, &grant, &operator()).await?;
+                // The key makes a re-run safe: a connection lost after the
+                // commit is retried with `--key` and grants nothing twice.
                 println!(
-                    "{}: {} credits into bucket {} ({} settled debt)",
-                    out.outcome, out.amount, out.bucket_id, out.debt_settled
+                    "{}: {} credits into bucket {} ({} settled debt; key {})",
+                    out.outcome, out.amount, out.bucket_id, out.debt_settled, grant.grant_key
                 );
             }
             CreditsCommand::Show { account } => {

@@ -260,6 +260,11 @@ impl Config {
             "false" | "0" | "" => false,
             other => anyhow::bail!("SLATE_LIVEMODE: expected true or false, got {other:?}"),
         };
+        // The offline provider makes placeholder media: live customers
+        // would pay credits for it.
+        if livemode && matches!(get("SLATE_LOCAL_PROVIDER").as_str(), "true" | "1") {
+            anyhow::bail!("SLATE_LOCAL_PROVIDER must be false with SLATE_LIVEMODE=true");
+        }
         Ok(Self {
             database_url: Secret::new(get("DATABASE_URL")),
             // None would leave every connect waiting for a connection.
@@ -512,17 +517,21 @@ mod tests {
     }
 
     #[test]
-    fn live_mode_needs_its_own_secret_key() {
-        let live = |key: Option<&str>| {
+    fn live_mode_needs_its_own_secret_key_and_no_offline_provider() {
+        let live = |key: Option<&str>, local: &str| {
             Config::from_lookup(|k| match k {
                 "SLATE_LIVEMODE" => Some("true".to_owned()),
                 "SLATE_SECRET_KEY" => key.map(str::to_owned),
+                "SLATE_LOCAL_PROVIDER" => Some(local.to_owned()),
                 _ => None,
             })
         };
-        let refused = live(None).unwrap_err();
+        let key = "ab".repeat(32);
+        let refused = live(None, "false").unwrap_err();
         assert!(format!("{refused:#}").contains("SLATE_SECRET_KEY"));
-        assert!(live(Some(&"ab".repeat(32))).unwrap().livemode);
+        let refused = live(Some(&key), "true").unwrap_err();
+        assert!(format!("{refused:#}").contains("SLATE_LOCAL_PROVIDER"));
+        assert!(live(Some(&key), "false").unwrap().livemode);
     }
 
     #[test]
