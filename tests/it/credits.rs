@@ -366,6 +366,28 @@ async fn debt_totals(conn: &mut PgConnection, account: Uuid) -> (i64, i64, i64) 
     .unwrap()
 }
 
+/// A refund of `amount` of grant `bucket`, under a fresh key: what it took,
+/// found lapsed, claimed held and made debt.
+async fn refund(
+    conn: &mut PgConnection,
+    account: Uuid,
+    bucket: Uuid,
+    amount: i64,
+) -> (i64, i64, i64, i64) {
+    let out = credits::revoke(
+        conn,
+        account,
+        bucket,
+        amount,
+        &format!("re_{}", Uuid::new_v4().simple()),
+        Some("refund"),
+        &Metadata::by(Actor::Stripe),
+    )
+    .await
+    .unwrap();
+    (out.taken, out.from_lapsed, out.held, out.debt_added)
+}
+
 /// Grant A 100 expiring, hold 40 of it, A lapses (60), A refunded in full,
 /// then grant B 40: the account's state before the hold is resolved.
 async fn refunded_while_held(conn: &mut PgConnection) -> (Uuid, Uuid, Uuid) {
@@ -381,22 +403,8 @@ async fn refunded_while_held(conn: &mut PgConnection) -> (Uuid, Uuid, Uuid) {
     .await;
     let (held, _) = reserve(conn, account, 40).await;
     credits::expire(conn, t0 + Duration::days(8)).await.unwrap();
-    let out = credits::revoke(
-        conn,
-        account,
-        a,
-        100,
-        &format!("re_{}", Uuid::new_v4().simple()),
-        Some("refund"),
-        &Metadata::by(Actor::Stripe),
-    )
-    .await
-    .unwrap();
     // 60 had lapsed; 40 are held; nothing was spent, so nothing is owed.
-    assert_eq!(
-        (out.taken, out.from_lapsed, out.held, out.debt_added),
-        (0, 60, 40, 0)
-    );
+    assert_eq!(refund(conn, account, a, 100).await, (0, 60, 40, 0));
     grant(conn, account, 40, GrantSource::Subscription, None).await;
     let b = credits::balance(conn, account).await.unwrap();
     assert_eq!((b.available, b.reserved, b.debt), (40, 40, 0));
@@ -461,21 +469,7 @@ async fn a_claim_on_two_holds_ends_the_same_whichever_finishes_first() {
         credits::expire(&mut conn, t0 + Duration::days(8))
             .await
             .unwrap();
-        let out = credits::revoke(
-            &mut conn,
-            account,
-            a,
-            60,
-            &format!("re_{}", Uuid::new_v4().simple()),
-            Some("refund"),
-            &Metadata::by(Actor::Stripe),
-        )
-        .await
-        .unwrap();
-        assert_eq!(
-            (out.taken, out.from_lapsed, out.held, out.debt_added),
-            (0, 0, 60, 0)
-        );
+        assert_eq!(refund(&mut conn, account, a, 60).await, (0, 0, 60, 0));
         let capture = async |conn: &mut PgConnection| {
             credits::capture(conn, spent, &Metadata::system())
                 .await
