@@ -553,16 +553,18 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 referral_code,
             } => {
                 let pool = pool().await?;
-                let mut conn = pool.acquire().await?;
-                let id =
-                    slate_events::accounts::create_account(&mut conn, &email, staff, operator())
-                        .await?;
+                // All or nothing: a wrong referral code left an account
+                // without its key (and its email taken for a second try).
+                let mut tx = pool.begin().await?;
+                let id = slate_events::accounts::create_account(&mut tx, &email, staff, operator())
+                    .await?;
                 if let Some(code) = referral_code {
-                    slate_events::affiliates::refer(&mut conn, id, &code, operator()).await?;
+                    slate_events::affiliates::refer(&mut tx, id, &code, operator()).await?;
                 }
                 let key =
-                    slate_events::access::create_key(&mut conn, id, Some("first key"), operator())
+                    slate_events::access::create_key(&mut tx, id, Some("first key"), operator())
                         .await?;
+                tx.commit().await?;
                 println!("account {id}");
                 println!("API key (shown once; only its hash is stored):");
                 println!("{}", key.plaintext);

@@ -89,8 +89,36 @@ pub async fn refer(
             .await?;
     let affiliate =
         affiliate.ok_or_else(|| Error::InvalidArgument("unknown referral code".into()))?;
+    let live: Option<bool> =
+        sqlx::query_scalar("select deleted_at is null from accounts where account_id = $1")
+            .bind(account_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    match live {
+        None => return Err(Error::UnknownAccount(account_id)),
+        Some(false) => {
+            return Err(Error::InvalidArgument(
+                "a deleted account cannot be referred".into(),
+            ));
+        }
+        Some(true) => {}
+    }
+    let event_id = store::deterministic_event_id(&format!("referred:{account_id}"));
+    // An account is referred once: a second referral is the first again, or
+    // refused when it names another affiliate (it read as done, and the
+    // first affiliate kept the account).
+    let earlier: Option<String> =
+        sqlx::query_scalar("select payload->>'affiliate_id' from events where event_id = $1")
+            .bind(event_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if earlier.is_some_and(|a| a != affiliate.to_string()) {
+        return Err(Error::InvalidArgument(
+            "the account was referred by another affiliate".into(),
+        ));
+    }
     let event = NewEvent {
-        event_id: store::deterministic_event_id(&format!("referred:{account_id}")),
+        event_id,
         event: DomainEvent::AccountReferred(AccountReferred {
             account_id,
             affiliate_id: affiliate,

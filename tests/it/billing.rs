@@ -376,12 +376,23 @@ async fn routes_need_a_valid_live_key_and_show_only_the_owners_credits() {
 #[tokio::test]
 async fn accounts_create_prints_the_key_alone_on_its_last_line_and_stores_only_its_hash() {
     let db = crate::harness::TestDb::new().await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_slate"))
-        .args(["accounts", "create", "--email", "cli@example.com"])
-        .env("DATABASE_URL", &db.url)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let create = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_slate"))
+            .args(["accounts", "create", "--email", "cli@example.com"])
+            .args(extra)
+            .env("DATABASE_URL", &db.url)
+            .output()
+            .unwrap()
+    };
+    // A wrong referral code creates nothing: the same command without it
+    // then works (the account used to stay, keyless, its email taken).
+    assert!(!create(&["--referral-code", "nosuchcode"]).status.success());
+    let out = create(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let key = stdout.lines().last().unwrap().trim().to_owned();
     assert!(key.starts_with("slate_live_"), "{stdout}");

@@ -1923,6 +1923,17 @@ async fn a_replay_earns_no_commission_its_first_processing_did_not() {
             .await
             .unwrap();
     assert_eq!(earned, 0);
+    // An account is referred once: another affiliate's code is refused (it
+    // read as done, and the first affiliate kept the account).
+    let mut conn = app.db.conn().await;
+    let meta = slate_events::Metadata::system;
+    slate_events::affiliates::create_affiliate(&mut conn, "Other", "otherref", 1000, meta())
+        .await
+        .unwrap();
+    assert!(matches!(
+        slate_events::affiliates::refer(&mut conn, account, "otherref", meta()).await,
+        Err(slate_events::Error::InvalidArgument(_))
+    ));
 }
 
 #[tokio::test]
