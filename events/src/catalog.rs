@@ -203,6 +203,18 @@ pub struct CreditsCaptured {
 }
 event_type!(CreditsCaptured, "CreditsCaptured", 1);
 
+impl CreditsCaptured {
+    /// Credits owed by this capture, all buckets together.
+    pub fn owed_total(&self) -> i64 {
+        self.owed.iter().map(|d| d.amount).sum()
+    }
+
+    /// What of that the account's available credits paid at once.
+    pub fn settled_total(&self) -> i64 {
+        self.settled.iter().map(|d| d.amount).sum()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReleasedDraw {

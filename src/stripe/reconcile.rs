@@ -206,15 +206,16 @@ pub async fn reconcile(
         for raw in &page.data {
             summary.listed += 1;
             let raw = raw.get();
-            // The list goes on from the last item, readable or not.
-            if let Ok(Listed { id }) = serde_json::from_str::<Listed>(raw) {
-                starting_after = Some(id);
-            }
             let Some(event) = IncomingEvent::from_raw(raw, super::webhook::typed_parse_error(raw))
             else {
+                // The list goes on from the last item, readable or not.
+                if let Ok(Listed { id }) = serde_json::from_str::<Listed>(raw) {
+                    starting_after = Some(id);
+                }
                 summary.unreadable += 1;
                 continue;
             };
+            starting_after = Some(event.stripe_event_id.clone());
             if event.livemode != livemode {
                 summary.other_mode += 1;
                 continue;

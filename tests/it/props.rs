@@ -272,6 +272,16 @@ fn error_kind(e: &Error) -> &'static str {
 }
 
 impl LedgerModel {
+    /// The buckets credits are drawn from: unexpired with some left,
+    /// soonest expiry first (never-expiring last), then oldest.
+    fn draw_order(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.buckets.len())
+            .filter(|&i| !self.buckets[i].expired && self.buckets[i].remaining > 0)
+            .collect();
+        order.sort_by_key(|&i| (self.buckets[i].expires_at.unwrap_or(i64::MAX), i));
+        order
+    }
+
     fn grant(&mut self, key: &str, amount: i64, expires_at: Option<i64>) -> Answer {
         if let Some(&i) = self.grant_keys.get(key) {
             let b = &self.buckets[i];
@@ -336,14 +346,9 @@ impl LedgerModel {
                 shortfall: amount - self.available,
             });
         }
-        let mut order: Vec<usize> = (0..self.buckets.len())
-            .filter(|&i| !self.buckets[i].expired && self.buckets[i].remaining > 0)
-            .collect();
-        // Soonest expiry first (never-expiring last), then oldest.
-        order.sort_by_key(|&i| (self.buckets[i].expires_at.unwrap_or(i64::MAX), i));
         let mut left = amount;
         let mut draws = Vec::new();
-        for i in order {
+        for i in self.draw_order() {
             if left == 0 {
                 break;
             }
@@ -406,12 +411,8 @@ impl LedgerModel {
         self.captured += amount;
         // Paid at once from what is available, in draw order; the rest is debt.
         let mut left = owed.min(self.available);
-        let mut order: Vec<usize> = (0..self.buckets.len())
-            .filter(|&i| !self.buckets[i].expired && self.buckets[i].remaining > 0)
-            .collect();
-        order.sort_by_key(|&i| (self.buckets[i].expires_at.unwrap_or(i64::MAX), i));
         let settle = left;
-        for i in order {
+        for i in self.draw_order() {
             let take = self.buckets[i].remaining.min(left);
             self.buckets[i].remaining -= take;
             left -= take;

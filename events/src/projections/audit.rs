@@ -109,8 +109,7 @@ fn describe(event: &DomainEvent) -> Entry {
         ),
         E::CreditsCaptured(e) => {
             let mut details = json!({"generation": e.generation_id, "amount": e.amount});
-            let owed: i64 = e.owed.iter().map(|d| d.amount).sum();
-            let settled: i64 = e.settled.iter().map(|d| d.amount).sum();
+            let (owed, settled) = (e.owed_total(), e.settled_total());
             if owed > 0 {
                 details["owed"] = owed.into();
             }

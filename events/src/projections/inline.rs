@@ -193,7 +193,6 @@ pub async fn apply(
             .execute(&mut *conn)
             .await?;
             // Claims first: a bucket's claim never exceeds what it holds.
-            let mut owed = 0;
             for d in &e.owed {
                 sqlx::query(trusted_sql!(
                     "update {p}credit_buckets set revoked_held = revoked_held - $2 where bucket_id = $1"
@@ -202,7 +201,6 @@ pub async fn apply(
                 .bind(d.amount)
                 .execute(&mut *conn)
                 .await?;
-                owed += d.amount;
             }
             sqlx::query(trusted_sql!(
                 "update {p}credit_buckets cb set reserved = cb.reserved - d.amount, consumed = cb.consumed + d.amount
@@ -212,7 +210,6 @@ pub async fn apply(
             .bind(e.generation_id)
             .execute(&mut *conn)
             .await?;
-            let mut settled = 0;
             for d in &e.settled {
                 sqlx::query(trusted_sql!(
                     "update {p}credit_buckets set remaining = remaining - $2 where bucket_id = $1"
@@ -221,7 +218,6 @@ pub async fn apply(
                 .bind(d.amount)
                 .execute(&mut *conn)
                 .await?;
-                settled += d.amount;
             }
             sqlx::query(trusted_sql!(
                 "update {p}credit_accounts set reserved = reserved - $2, total_captured = total_captured + $2,
@@ -231,8 +227,8 @@ pub async fn apply(
             ))
             .bind(e.account_id)
             .bind(e.amount)
-            .bind(owed)
-            .bind(settled)
+            .bind(e.owed_total())
+            .bind(e.settled_total())
             .execute(&mut *conn)
             .await?;
         }

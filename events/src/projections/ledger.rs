@@ -46,8 +46,7 @@ pub async fn apply(
         ),
         DomainEvent::CreditsReserved(e) => (Some(e.generation_id), None, -e.amount, e.amount, 0),
         DomainEvent::CreditsCaptured(e) => {
-            let owed: i64 = e.owed.iter().map(|d| d.amount).sum();
-            let settled: i64 = e.settled.iter().map(|d| d.amount).sum();
+            let (owed, settled) = (e.owed_total(), e.settled_total());
             (
                 Some(e.generation_id),
                 None,
