@@ -133,7 +133,10 @@ pub async fn query(
         .map(|a| (param(), a.len() == 36 && a.parse::<Uuid>().is_ok()));
     if f.action.is_some() {
         let p = param();
-        conditions.push(format!("(action = {p} or action like {p} || '.%')"));
+        // A name or a prefix of names: `%` and `_` are no patterns here.
+        conditions.push(format!(
+            "(action = {p} or left(action, length({p}) + 1) = {p} || '.')"
+        ));
     }
     if f.target.is_some() {
         // Through `audit_entries_target_values_idx` (the same expression).
@@ -352,7 +355,9 @@ pub fn accounts_read(entry: &AuditEntry, cause: Option<&Cause>) -> BTreeSet<Uuid
 }
 
 /// The entries related to one: the same request, generation, Stripe event
-/// or object, subscription or impersonation.
+/// or object, subscription or impersonation. A request id is the client's to
+/// choose (`x-request-id`), so two clients can send the same one: entries of
+/// one request share its actor and impersonator, and only those relate.
 pub async fn related(
     pool: &PgPool,
     e: &AuditEntry,
@@ -371,13 +376,18 @@ pub async fn related(
     let mut entries: Vec<AuditEntry> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select {COLUMNS} from audit_entries
           where seq <> $1
-            and (($2::text is not null and request_id = $2)
+            and (($2::text is not null and request_id = $2
+                  and actor_kind = $4 and actor_id is not distinct from $5
+                  and impersonator is not distinct from $6)
                  or jsonb_path_query_array(targets, '$.*') ?| $3)
           order by seq limit 100"
     )))
     .bind(e.seq)
     .bind(&e.request_id)
     .bind(&keys)
+    .bind(&e.actor_kind)
+    .bind(&e.actor_id)
+    .bind(e.impersonator)
     .fetch_all(pool)
     .await?;
     open_origins(pool, &mut entries, shows).await?;

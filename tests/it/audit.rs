@@ -379,6 +379,76 @@ async fn every_account_whose_entries_staff_see_has_the_read_on_its_trail() {
     assert_eq!(body["error"]["code"], "invalid_query", "{body}");
 }
 
+/// A request id is the client's to choose: two accounts sending the same
+/// one do not appear in each other's related entries, while one request's
+/// own entries still relate. (Any entry with the same id related.) An
+/// `?action=` filter is a name or a prefix of names, never a pattern.
+#[tokio::test]
+async fn a_request_id_shared_by_two_accounts_does_not_relate_their_entries() {
+    let app = spawn_app_with(&[]).await;
+    let (alice, alice_key) = key_for(&app).await;
+    let (bob, bob_key) = key_for(&app).await;
+    let shared = format!("shared-{}", Uuid::now_v7());
+    for key in [&alice_key, &bob_key] {
+        let r = app
+            .client
+            .post(format!("{}/v1/keys", app.address))
+            .bearer_auth(key)
+            .header("x-request-id", &shared)
+            .json(&json!({"label": "second"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    app.db.settle_projections().await;
+    let (_, staff) = app.staff().await;
+    let (status, page) = app
+        .get_as(&format!("/admin/audit?request_id={shared}"), Some(&staff))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let entries = page["data"].as_array().unwrap();
+    let of = |account: Uuid| {
+        entries
+            .iter()
+            .filter(|e| e["account_id"] == account.to_string())
+            .count()
+    };
+    assert!(of(alice) >= 1 && of(bob) >= 1, "{page}");
+    let alices = entries
+        .iter()
+        .find(|e| e["account_id"] == alice.to_string())
+        .unwrap();
+    let (status, detail) = app
+        .get_as(&format!("/admin/audit/{}", alices["seq"]), Some(&staff))
+        .await;
+    assert_eq!(status, 200, "{detail}");
+    let related = detail["related"].as_array().unwrap();
+    assert!(
+        related.iter().all(|e| e["account_id"] != bob.to_string()),
+        "{detail}"
+    );
+    assert_eq!(
+        related
+            .iter()
+            .filter(|e| e["request_id"] == shared.as_str())
+            .count(),
+        of(alice) - 1,
+        "{detail}"
+    );
+
+    let (status, page) = app.get_as("/admin/audit?action=key", Some(&staff)).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page["data"].as_array().unwrap().len() >= 2, "{page}");
+    for pattern in ["%", "ke%", "_ey"] {
+        let (status, page) = app
+            .get_as(&format!("/admin/audit?action={pattern}"), Some(&staff))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["data"], json!([]), "{pattern}: {page}");
+    }
+}
+
 /// A refused key's address is sealed with its owner's data key, and its
 /// entry names no account: a staff member who reads it (a search, the
 /// entry's page) has the read recorded on the owner's trail, as for any of
@@ -764,6 +834,29 @@ async fn the_staff_console_searches_follows_entries_and_replays_a_stripe_event()
     let (status, body) = html("/admin?q=%25".into(), Some(staff.clone())).await;
     assert_eq!(status, 200);
     assert!(body.contains("No account matches."), "{body}");
+    // Nor does a part too short to name anyone (`@` matched every account
+    // with an email), while a whole email, however short, still finds its
+    // account.
+    for q in ["%40", ".", "b%3E%40"] {
+        let (status, body) = html(format!("/admin?q={q}"), Some(staff.clone())).await;
+        assert_eq!(status, 200);
+        assert!(body.contains("No account matches."), "{q}: {body}");
+    }
+    let short = slate_events::accounts::create_account(
+        &mut *app.db.conn().await,
+        "q@z",
+        false,
+        slate_events::Metadata::system(),
+    )
+    .await
+    .unwrap();
+    let (status, body) = html("/admin?q=Q%40Z".into(), Some(staff.clone())).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains(&format!("/admin/console/accounts/{short}"))
+            && !body.contains(&format!("/admin/console/accounts/{account}")),
+        "{body}"
+    );
 
     let (status, body) = html(
         format!("/admin/console/accounts/{account}"),
