@@ -114,6 +114,10 @@ pub struct Config {
     /// SLATE_METRICS_TOKEN: when set, `/metrics` answers only a scraper that
     /// sends it as `Authorization: Bearer <token>`.
     pub metrics_token: Option<Secret>,
+    /// SLATE_REQUEST_READ_SECS: how long a client has to send a request's
+    /// headers (on a kept-alive connection: from the previous answer), and,
+    /// from the server's first read of it, its whole body.
+    pub request_read: std::time::Duration,
 }
 
 /// The documented defaults (README, `scripts/services`).
@@ -162,6 +166,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("SLATE_SECRET_KEY", ""),
     ("SLATE_DEBUG_BODIES", ""),
     ("SLATE_METRICS_TOKEN", ""),
+    ("SLATE_REQUEST_READ_SECS", "30"),
     ("SLATE_EMAIL_API_KEY", ""),
     ("SLATE_EMAIL_API_BASE", "https://api.resend.com"),
     ("SLATE_EMAIL_FROM", "Slate <no-reply@slate.local>"),
@@ -422,6 +427,9 @@ impl Config {
                     )
                 }),
             }),
+            request_read: std::time::Duration::from_secs(
+                positive(&get("SLATE_REQUEST_READ_SECS"), "SLATE_REQUEST_READ_SECS")?.into(),
+            ),
             session_idle: std::time::Duration::from_secs(
                 positive(&get("SLATE_SESSION_IDLE_SECS"), "SLATE_SESSION_IDLE_SECS")?.into(),
             ),

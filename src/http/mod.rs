@@ -6,6 +6,7 @@ mod audit;
 mod billing;
 mod console;
 mod credits;
+mod deadline;
 mod debug_bodies;
 mod error;
 mod extract;
@@ -153,6 +154,10 @@ pub fn router(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             debug_bodies::log_bodies,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            deadline::read_deadline,
         ))
         // A layer, not a route layer: unknown routes (404) and wrong methods
         // (405) are counted too, as "unmatched" and on their route.

@@ -266,6 +266,10 @@ pub const CODES: &[(&str, &str)] = &[
     ),
     ("payload_too_large", "the request body is too large"),
     (
+        "request_timeout",
+        "the request body did not arrive within `SLATE_REQUEST_READ_SECS` of its headers; the connection is closed",
+    ),
+    (
         "body_too_large",
         "the body exceeds 1 MiB on the one route whose bodies are being debug-logged (`SLATE_DEBUG_BODIES`)",
     ),
@@ -449,6 +453,7 @@ pub const ERRORS: &[(&str, Errors)] = &[
                     "connected_account_event",
                 ],
             ),
+            (408, &["request_timeout"]),
             (413, &["payload_too_large", "body_too_large"]),
             (500, &["internal_error"]),
             (503, &["webhooks_not_configured", "database_unavailable"]),
@@ -600,6 +605,7 @@ const QUERY_ERRORS: Errors = &[(400, &["invalid_query"])];
 /// Errors of every operation with a JSON body (the `Json` extractor).
 const BODY_ERRORS: Errors = &[
     (400, &["invalid_json", "invalid_body"]),
+    (408, &["request_timeout"]),
     (413, &["payload_too_large", "body_too_large"]),
     (415, &["unsupported_media_type"]),
     (422, &["invalid_body"]),

@@ -124,6 +124,52 @@ async fn health_and_readiness_answer_when_postgres_and_redis_do() {
     let _ = &app.db;
 }
 
+/// A client has `SLATE_REQUEST_READ_SECS` for a request's headers and as
+/// long again for its body: a trickled body is answered 408
+/// `request_timeout` and its connection closed; headers never finished, or
+/// an idle kept-alive connection, are closed. (Both were held for ever.)
+#[tokio::test]
+async fn slow_headers_and_bodies_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(&[("SLATE_REQUEST_READ_SECS", "1")]).await;
+    let addr = app.address.trim_start_matches("http://").to_owned();
+    let read_all = |mut s: tokio::net::TcpStream| async move {
+        let mut out = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("the server closes the connection")
+            .ok();
+        String::from_utf8_lossy(&out).into_owned()
+    };
+
+    // A body that stops arriving.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(
+        b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"id\"",
+    )
+    .await
+    .unwrap();
+    let answer = read_all(s).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"request_timeout\""), "{answer}");
+
+    // Headers that never end.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let answer = read_all(s).await;
+    assert!(!answer.contains("200 OK"), "{answer}");
+
+    // A whole request is answered; the connection, left idle, is closed.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_all(s).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
 #[tokio::test]
 async fn readiness_fails_with_503_when_redis_is_unreachable() {
     // Nothing listens on port 1.
