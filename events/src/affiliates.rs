@@ -232,8 +232,9 @@ async fn commission_of(
     conn: &mut PgConnection,
     stripe_object: &str,
 ) -> Result<Option<Standing>, Error> {
-    let rows: Vec<(String, Value)> = sqlx::query_as(
-        "select event_type, payload from events
+    // Through `events_commission_object_idx` (the same predicate).
+    let rows: Vec<(String, i16, Value)> = sqlx::query_as(
+        "select event_type, schema_version, payload from events
           where event_type in ('CommissionEarned', 'CommissionClawedBack')
             and payload->>'stripe_object' = $1
           order by global_position",
@@ -243,8 +244,8 @@ async fn commission_of(
     .await?;
     let mut first: Option<CommissionEarned> = None;
     let (mut now, mut adjustments) = (0i64, 0usize);
-    for (t, payload) in rows {
-        match DomainEvent::decode(&t, 1, payload)? {
+    for (t, version, payload) in rows {
+        match DomainEvent::decode(&t, version, payload)? {
             DomainEvent::CommissionEarned(e) => {
                 now += e.amount;
                 if first.is_none() {
