@@ -160,7 +160,7 @@ pub struct Report {
     pub skip: crate::bench_scale::Skip,
     pub export: crate::bench_scale::ExportPages,
     pub processes: Processes,
-    pub audit_entries: i64,
+    pub audit_entries: crate::bench_scale::AuditFill,
     pub audit_queries: Vec<crate::bench_scale::AuditQuery>,
     pub pickup_idle: crate::bench_scale::Percentiles,
     pub pickup_loaded: crate::bench_scale::Percentiles,
@@ -451,26 +451,48 @@ where
 {
     let base: PgConnectOptions = config.database_url.expose().parse()?;
     let db = format!("slate_bench_{}", Uuid::new_v4().simple());
-    let mut admin = base
-        .clone()
-        .database("postgres")
-        .disable_statement_logging()
-        .connect()
-        .await
-        .context("connecting to PostgreSQL")?;
+    let admin = || async {
+        base.clone()
+            .database("postgres")
+            .disable_statement_logging()
+            .connect()
+            .await
+            .context("connecting to PostgreSQL")
+    };
+    let mut conn = admin().await?;
     sqlx::query(sqlx::AssertSqlSafe(format!("create database {db}")))
-        .execute(&mut admin)
+        .execute(&mut conn)
         .await?;
+    conn.close().await.ok();
     let mut url = reqwest::Url::parse(config.database_url.expose())?;
     url.set_path(&format!("/{db}"));
     let result = body(base.clone().database(&db), url.as_str().to_owned()).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "drop database if exists {db} with (force)"
-    )))
-    .execute(&mut admin)
-    .await?;
-    admin.close().await.ok();
-    result
+    // A connection of its own: one opened before a run of half an hour may
+    // be gone, and the run's result must not be lost to it.
+    let dropped = async {
+        let mut conn = admin().await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "drop database if exists {db} with (force)"
+        )))
+        .execute(&mut conn)
+        .await?;
+        conn.close().await.ok();
+        anyhow::Ok(())
+    }
+    .await
+    .with_context(|| format!("dropping the scratch database {db}"));
+    match (result, dropped) {
+        (Ok(v), Ok(())) => Ok(v),
+        (Ok(v), Err(d)) => {
+            eprintln!("bench: {d:#}: drop it by hand");
+            Ok(v)
+        }
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(d)) => {
+            eprintln!("bench: {d:#}");
+            Err(e)
+        }
+    }
 }
 
 async fn run_in(
@@ -490,6 +512,18 @@ async fn run_in(
 
     eprintln!("bench: webhook ingest");
     let webhook_ingest = webhooks(config, &pool, opts).await?;
+    // Part 3's deliveries were ingested, never processed (no worker runs
+    // here): left, they would wait for ever, and a purge's look-up (part 11)
+    // reads the body of every event still waiting (it read 20,000 of them
+    // in each sample, 545 ms where 6 ms is the figure without them). A
+    // production mirror has such a backlog only while its workers are down.
+    sqlx::query("delete from apalis.jobs where job_type = $1")
+        .bind(slate_workers::stripe::QUEUE)
+        .execute(&pool)
+        .await?;
+    sqlx::query("delete from stripe_events where status = 'pending'")
+        .execute(&pool)
+        .await?;
     eprintln!("bench: jobs");
     let jobs = jobs(config, &pool, opts).await?;
     eprintln!("bench: serve and work as child processes, idle and under load");
@@ -519,7 +553,7 @@ async fn run_in(
     let export = scale::export_pages(&pool, opts.scale.samples).await?;
     eprintln!("bench: {} audit entries", opts.scale.audit_entries);
     let audit_entries = scale::fill_audit(&pool, opts.scale.audit_entries).await?;
-    let audit_queries = scale::audit_queries(&pool, opts.scale.samples).await?;
+    let audit_queries = scale::audit_queries(&pool, &audit_entries, opts.scale.samples).await?;
     eprintln!("bench: pickup latency");
     let (idle, loaded) =
         slate_workers::bench::pickup_latency(&pool, opts.scale.pickup_samples, opts.jobs).await?;
@@ -749,6 +783,11 @@ async fn webhooks(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow
             let tag = format!("w{round}");
             deliveries.add(send_webhooks(&url, opts.senders, per_round, &tag).await?);
         }
+        anyhow::ensure!(
+            deliveries.errors == 0,
+            "{} webhook deliveries failed",
+            deliveries.errors
+        );
         anyhow::Ok(deliveries.latency(opts.senders, ceiling_32.per_second()))
     })
     .await
@@ -842,17 +881,23 @@ async fn send_webhooks(
                     body.as_bytes(),
                 );
                 let t = Instant::now();
-                let ok = client
+                // The answer is read whole, as a client does (an unread
+                // body can cost the connection), and only answered
+                // deliveries are timed: a fast refusal is no ingest.
+                let ok = match client
                     .post(&url)
                     .header("stripe-signature", header)
                     .header("content-type", "application/json")
                     .body(body)
                     .send()
                     .await
-                    .map(|r| r.status().is_success())
-                    .unwrap_or(false);
-                latencies.push(t.elapsed().as_secs_f64() * 1000.0);
-                if !ok {
+                {
+                    Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                if ok {
+                    latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                } else {
                     errors += 1;
                 }
             }
@@ -884,6 +929,8 @@ async fn processes(database_url: &str, opts: &BenchOptions) -> anyhow::Result<Pr
             .env("DATABASE_URL", database_url)
             .env("SLATE_LISTEN", format!("127.0.0.1:{port}"))
             .env("STRIPE_WEBHOOK_SECRETS", WEBHOOK_SECRET)
+            // The deliveries are test mode, whatever this shell's setting.
+            .env("SLATE_LIVEMODE", "false")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -896,22 +943,27 @@ async fn processes(database_url: &str, opts: &BenchOptions) -> anyhow::Result<Pr
             let _ = self.0.wait();
         }
     }
-    let serve = Kill(spawn("serve")?);
-    let work = Kill(spawn("work")?);
+    let mut serve = Kill(spawn("serve")?);
+    let mut work = Kill(spawn("work")?);
     let base = format!("http://127.0.0.1:{port}");
     crate::bench_scale::wait_for_http(&format!("{base}/healthz"), Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (serve_idle_mib, _) = crate::bench_scale::rss_mib(serve.0.id());
     let (work_idle_mib, _) = crate::bench_scale::rss_mib(work.0.id());
     let n = opts.webhooks / 2;
-    send_webhooks(&format!("{base}/webhooks/stripe"), opts.senders, n, "p").await?;
+    let sent = send_webhooks(&format!("{base}/webhooks/stripe"), opts.senders, n, "p").await?;
+    anyhow::ensure!(
+        sent.errors == 0,
+        "{} webhook deliveries failed",
+        sent.errors
+    );
     // Let the worker drain what the deliveries queued.
     let pool = slate_events::db::pool_options()
         .max_connections(1)
         .connect(database_url)
         .await?;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
+    loop {
         let pending: i64 =
             sqlx::query_scalar("select count(*) from stripe_events where status = 'pending'")
                 .fetch_one(&pool)
@@ -919,11 +971,28 @@ async fn processes(database_url: &str, opts: &BenchOptions) -> anyhow::Result<Pr
         if pending == 0 {
             break;
         }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the worker left {pending} Stripe events pending after 120 s"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     pool.close().await;
     let (_, serve_peak_mib) = crate::bench_scale::rss_mib(serve.0.id());
     let (_, work_peak_mib) = crate::bench_scale::rss_mib(work.0.id());
+    // A process that died reads as 0 MiB, which would pass any target.
+    for (name, child) in [("serve", &mut serve), ("work", &mut work)] {
+        anyhow::ensure!(
+            child.0.try_wait()?.is_none(),
+            "slate {name} exited during the measurement"
+        );
+    }
+    anyhow::ensure!(
+        [serve_idle_mib, work_idle_mib, serve_peak_mib, work_peak_mib]
+            .iter()
+            .all(|m| *m > 0.0),
+        "a process's RSS could not be read"
+    );
     Ok(Processes {
         serve_idle_mib,
         work_idle_mib,
@@ -1159,17 +1228,19 @@ pub fn print(report: &Report) {
         p.serve_idle_mib, p.serve_peak_mib, p.work_idle_mib, p.work_peak_mib, p.load
     );
     println!(
-        "8. staff audit queries over {} entries (50 per page), p50 / p99 ms:",
-        report.audit_entries
+        "8. staff audit queries over {} entries ({} filled), 50 per page, p50 / p99 ms (rows per page):",
+        report.audit_entries.entries, report.audit_entries.filled
     );
     for q in &report.audit_queries {
         println!(
-            "   {:<26} first page {:>7.2} / {:>7.2}   deep cursor {:>7.2} / {:>7.2}",
+            "   {:<26} first page {:>7.2} / {:>7.2} ({:>4.1})   deep cursor {:>7.2} / {:>7.2} ({:>4.1})",
             q.filter,
             q.first_page.p50_ms,
             q.first_page.p99_ms,
+            q.first_page_rows,
             q.deep_cursor.p50_ms,
-            q.deep_cursor.p99_ms
+            q.deep_cursor.p99_ms,
+            q.deep_cursor_rows
         );
     }
     println!(

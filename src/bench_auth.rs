@@ -154,8 +154,12 @@ async fn drive(
                     Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
                     Err(_) => false,
                 };
-                ms.push(t.elapsed().as_secs_f64() * 1000.0);
-                errors += usize::from(!ok);
+                // Only answered requests are timed: a refusal is no answer.
+                if ok {
+                    ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                } else {
+                    errors += 1;
+                }
             }
             (ms, errors)
         }));
@@ -167,6 +171,7 @@ async fn drive(
         errors += e;
     }
     let secs = start.elapsed().as_secs_f64();
+    anyhow::ensure!(errors == 0, "{errors} requests to {path} failed");
     let requests = all.len();
     let p = percentiles(all);
     Ok(Requests {

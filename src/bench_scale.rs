@@ -131,7 +131,10 @@ pub struct AppendGrowth {
 pub struct AuditQuery {
     pub filter: &'static str,
     pub first_page: Percentiles,
+    /// Rows a query returned, on average (at most 50).
+    pub first_page_rows: f64,
     pub deep_cursor: Percentiles,
+    pub deep_cursor_rows: f64,
 }
 
 fn millis(t: Instant) -> f64 {
@@ -407,104 +410,188 @@ async fn empty_polls(pool: &PgPool, p: Projection) -> anyhow::Result<EmptyPolls>
     })
 }
 
-/// Fill `audit_entries` up to `n` rows shaped like real ones: 10,000
-/// accounts, 1,000 actors, a request id per three entries, 18 months of
-/// timestamps.
-pub async fn fill_audit(pool: &PgPool, n: usize) -> anyhow::Result<i64> {
+/// What `fill_audit` wrote: rows numbered `first..=last` (row `g` has
+/// position `FILL_BASE + g`), oldest first, spread evenly over 18 months.
+#[derive(Debug, Serialize)]
+pub struct AuditFill {
+    /// Every entry in the table, the projection's own included.
+    pub entries: i64,
+    pub filled: i64,
+    first: i64,
+    last: i64,
+    first_seq: i64,
+    last_seq: i64,
+    oldest: chrono::DateTime<chrono::Utc>,
+    newest: chrono::DateTime<chrono::Utc>,
+}
+
+impl AuditFill {
+    /// The filled row a fraction `f` (0 oldest, 1 newest) of the way.
+    fn row(&self, f: f64) -> i64 {
+        self.first + ((self.last - self.first) as f64 * f) as i64
+    }
+    fn seq(&self, f: f64) -> i64 {
+        self.first_seq + ((self.last_seq - self.first_seq) as f64 * f) as i64
+    }
+    fn at(&self, f: f64) -> chrono::DateTime<chrono::Utc> {
+        let span = (self.newest - self.oldest).num_milliseconds() as f64;
+        self.oldest + chrono::Duration::milliseconds((span * f) as i64)
+    }
+}
+
+/// Filled rows' positions start above any event's.
+const FILL_BASE: i64 = 1_000_000_000_000;
+
+/// Fill `audit_entries` up to `n` rows shaped like real ones (and with at
+/// least `n / 2` of its own, so that a quick run's queries find them):
+/// 10,000 accounts, 1,000 actors, a request id per three entries, 18 months
+/// of timestamps. Rows are numbered across chunks, so each of those is
+/// spread over the whole fill.
+pub async fn fill_audit(pool: &PgPool, n: usize) -> anyhow::Result<AuditFill> {
     let have: i64 = sqlx::query_scalar("select count(*) from audit_entries")
         .fetch_one(pool)
         .await?;
-    let base: i64 = sqlx::query_scalar("select coalesce(max(position), 0) from audit_entries")
-        .fetch_one(pool)
-        .await?;
-    let mut done = have.max(0) as usize;
-    let start = base + 1_000_000_000;
-    while done < n {
-        let chunk = (n - done).min(250_000);
+    let fill = (n as i64 - have).max(n as i64 / 2).max(1);
+    let first = n as i64 - fill + 1;
+    let mut done = 0;
+    while done < fill {
+        let chunk = (fill - done).min(250_000);
         sqlx::query(
             "insert into audit_entries (position, event_id, at, actor_kind, actor_id, action,
                                         account_id, targets, outcome, request_id)
-             select $1 + i, gen_random_uuid(),
-                    now() - make_interval(secs => (($3 - i) * 47304000.0 / $3)),
-                    'user', 'actor-' || (i % 1000), 'generation.requested',
-                    lpad(to_hex(i % 10000), 32, '0')::uuid,
-                    jsonb_build_object('generation', md5(i::text)),
-                    'ok', 'req-' || (i / 3)
-               from generate_series(1, $2) i",
+             select $4 + g, gen_random_uuid(),
+                    now() - make_interval(secs => (($3 - g) * 47304000.0 / $3)),
+                    'user', 'actor-' || (g % 1000), 'generation.requested',
+                    lpad(to_hex(g % 10000), 32, '0')::uuid,
+                    jsonb_build_object('generation', md5(g::text)),
+                    'ok', 'req-' || (g / 3)
+               from (select $1 + i as g from generate_series(0, $2 - 1) i) rows",
         )
-        .bind(start + done as i64)
-        .bind(chunk as i64)
+        .bind(first + done)
+        .bind(chunk)
         .bind(n as i64)
+        .bind(FILL_BASE)
         .execute(pool)
         .await?;
         done += chunk;
     }
     sqlx::query("analyze audit_entries").execute(pool).await?;
-    Ok(sqlx::query_scalar("select count(*) from audit_entries")
-        .fetch_one(pool)
-        .await?)
+    let last = first + fill - 1;
+    let (entries, first_seq, last_seq, oldest, newest): (
+        i64,
+        i64,
+        i64,
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+    ) = sqlx::query_as(
+        "select (select count(*) from audit_entries),
+                (select seq from audit_entries where position = $1),
+                (select seq from audit_entries where position = $2),
+                (select at from audit_entries where position = $1),
+                (select at from audit_entries where position = $2)",
+    )
+    .bind(FILL_BASE + first)
+    .bind(FILL_BASE + last)
+    .fetch_one(pool)
+    .await?;
+    Ok(AuditFill {
+        entries,
+        filled: fill,
+        first,
+        last,
+        first_seq,
+        last_seq,
+        oldest,
+        newest,
+    })
 }
 
 /// The staff queries `/admin/audit` runs (every field shown, the request's
 /// origin opened; the console's tables leave it out), p50/p99, for the
-/// newest page and for a page deep in history.
-pub async fn audit_queries(pool: &PgPool, samples: usize) -> anyhow::Result<Vec<AuditQuery>> {
+/// newest page and for a page deep in history: the cursor a tenth of the way
+/// into the filled rows (nine tenths of them newer), each filter's value
+/// chosen among the rows older than it. Each query's rows are counted, so a
+/// filter that finds nothing shows.
+pub async fn audit_queries(
+    pool: &PgPool,
+    fill: &AuditFill,
+    samples: usize,
+) -> anyhow::Result<Vec<AuditQuery>> {
     use crate::audit::{Filter, Shows, query};
-    let max_seq: i64 = sqlx::query_scalar("select coalesce(max(seq), 0) from audit_entries")
-        .fetch_one(pool)
-        .await?;
-    let deep = max_seq / 10;
+    const DEEP: f64 = 0.1;
+    // Sample `i`'s place among the rows (0 oldest, 1 newest) below `top`.
+    let spread = |i: usize, top: f64| ((i * 7919) % 1000) as f64 / 1000.0 * top;
+    let deep = fill.seq(DEEP);
     let mut out = Vec::new();
-    type MakeFilter = fn(usize) -> Filter;
+    type MakeFilter<'a> = Box<dyn Fn(usize, f64) -> Filter + 'a>;
     let filters: [(&'static str, MakeFilter); 5] = [
-        ("by account", |i| Filter {
-            account: Some(account_for(i % 10_000)),
-            ..Default::default()
-        }),
-        ("by actor", |i| Filter {
-            actor: Some(format!("actor-{}", i % 1000)),
-            ..Default::default()
-        }),
-        ("by request id", |i| Filter {
-            request_id: Some(format!("req-{}", (i * 7919) % 1_000_000)),
-            ..Default::default()
-        }),
+        (
+            "by account",
+            Box::new(|i, _| Filter {
+                account: Some(account_for(i % 10_000)),
+                ..Default::default()
+            }),
+        ),
+        (
+            "by actor",
+            Box::new(|i, _| Filter {
+                actor: Some(format!("actor-{}", i % 1000)),
+                ..Default::default()
+            }),
+        ),
+        (
+            "by request id",
+            Box::new(|i, top| Filter {
+                request_id: Some(format!("req-{}", fill.row(spread(i, top)) / 3)),
+                ..Default::default()
+            }),
+        ),
         // What the console's search asks for every query: an id, under
         // any key of an entry's targets; here one found nowhere, the case
         // that reads furthest without an index.
-        ("by target (an id found nowhere)", |i| Filter {
-            target: Some(format!("gen-missing-{i}")),
-            ..Default::default()
-        }),
-        ("by time range (one day)", |i| {
-            let end = chrono::Utc::now() - chrono::Duration::days((i % 500) as i64);
-            Filter {
-                from: Some(end - chrono::Duration::days(1)),
-                to: Some(end),
+        (
+            "by target (an id found nowhere)",
+            Box::new(|i, _| Filter {
+                target: Some(format!("gen-missing-{i}")),
                 ..Default::default()
-            }
-        }),
+            }),
+        ),
+        (
+            "by time range (one day)",
+            Box::new(|i, top| {
+                let end = fill.at(spread(i, top)) + chrono::Duration::hours(12);
+                Filter {
+                    from: Some(end - chrono::Duration::days(1)),
+                    to: Some(end),
+                    ..Default::default()
+                }
+            }),
+        ),
     ];
     for (name, make) in filters {
         let mut first = Vec::with_capacity(samples);
         let mut deep_ms = Vec::with_capacity(samples);
+        let (mut first_rows, mut deep_rows) = (0, 0);
         for i in 0..samples {
-            let f = make(i);
+            let f = make(i, 1.0);
             let t = Instant::now();
-            query(pool, &f, 50, false, Shows::Everything).await?;
+            first_rows += query(pool, &f, 50, false, Shows::Everything).await?.len();
             first.push(millis(t));
             let f = Filter {
                 cursor: Some(deep),
-                ..make(i)
+                ..make(i, DEEP)
             };
             let t = Instant::now();
-            query(pool, &f, 50, false, Shows::Everything).await?;
+            deep_rows += query(pool, &f, 50, false, Shows::Everything).await?.len();
             deep_ms.push(millis(t));
         }
+        let per = |rows: usize| rows as f64 / samples.max(1) as f64;
         out.push(AuditQuery {
             filter: name,
             first_page: percentiles(first),
+            first_page_rows: per(first_rows),
             deep_cursor: percentiles(deep_ms),
+            deep_cursor_rows: per(deep_rows),
         });
     }
     Ok(out)

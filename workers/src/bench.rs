@@ -258,6 +258,20 @@ pub async fn generations_per_second(
     }
     let submissions_end = db_now(pool).await?;
     let last = wait_done(pool, generations::QUEUE, n, Duration::from_secs(600)).await?;
+    // A job ends Done when its generation failed for good too (the failure
+    // is recorded and refunded): only succeeded generations count.
+    let (succeeded, other): (i64, i64) = sqlx::query_as(
+        "select count(*) filter (where status = 'succeeded'),
+                count(*) filter (where status <> 'succeeded')
+           from generations where account_id = any($1)",
+    )
+    .bind(&accounts)
+    .fetch_one(pool)
+    .await?;
+    anyhow::ensure!(
+        succeeded == n as i64 && other == 0,
+        "{succeeded} of {n} generations succeeded ({other} did not): the figures would count failures"
+    );
     let done_while_submitting: i64 = sqlx::query_scalar(
         "select count(*) from apalis.jobs
           where job_type = $1 and status = 'Done' and done_at <= $2",
