@@ -444,18 +444,25 @@ pub async fn drive(config: &Config, opts: DriveOptions) -> anyhow::Result<i32> {
     tokio::time::sleep(plan.soak).await;
     ctx.stop_load.store(true, Ordering::Relaxed);
     ctx.event("soak over: no new submissions or faults".into());
-    let _ = kills.await;
-    let _ = service_faults.await;
+    // A driver task that panicked stopped its load or its faults early: the
+    // soak did less than it says, which is a failure, not a pass.
+    let joined = |what: &str, r: Result<(), tokio::task::JoinError>| {
+        if let Err(e) = r {
+            ctx.violation(format!("the {what} task ended early: {e}"));
+        }
+    };
+    joined("worker kills", kills.await);
+    joined("service faults", service_faults.await);
     for t in tasks {
-        let _ = t.await;
+        joined("load", t.await);
     }
     let soak_secs = started.elapsed().as_secs_f64();
 
     let drained = checks::drain(&ctx, &pool).await;
     ctx.stop_all.store(true, Ordering::Relaxed);
-    let _ = webhooks.await;
-    let _ = probe.await;
-    let _ = supervising.await;
+    joined("webhooks", webhooks.await);
+    joined("readiness probe", probe.await);
+    joined("supervisor", supervising.await);
 
     let report = checks::check(&ctx, &pool, config, drained, &bin).await;
     let (killed, failed) = tokio::task::block_in_place(|| {
