@@ -443,7 +443,13 @@ fn per_job(
     (now, now.per_job_since(&since, jobs))
 }
 
+/// The scratch databases created and not dropped yet (nested runs included).
+static SCRATCH: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
 /// Run `body` against a scratch database (its options and URL), then drop it.
+/// Interrupted (Ctrl-C, SIGTERM), it stops `body` (dropping it kills the
+/// child processes it started) and drops every scratch database still
+/// there, a nested run's too: they were left behind.
 async fn in_scratch_database<T, F, Fut>(config: &Config, body: F) -> anyhow::Result<T>
 where
     F: FnOnce(PgConnectOptions, String) -> Fut,
@@ -466,21 +472,34 @@ where
     conn.close().await.ok();
     let mut url = reqwest::Url::parse(config.database_url.expose())?;
     url.set_path(&format!("/{db}"));
-    let result = body(base.clone().database(&db), url.as_str().to_owned()).await;
+    SCRATCH.lock().expect("not poisoned").push(db.clone());
+    let (result, names) = tokio::select! {
+        r = body(base.clone().database(&db), url.as_str().to_owned()) => (r, vec![db.clone()]),
+        () = crate::shutdown_signal() => (
+            Err(anyhow::anyhow!("interrupted")),
+            SCRATCH.lock().expect("not poisoned").clone(),
+        ),
+    };
     // A connection of its own: one opened before a run of half an hour may
     // be gone, and the run's result must not be lost to it.
     let dropped = async {
         let mut conn = admin().await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "drop database if exists {db} with (force)"
-        )))
-        .execute(&mut conn)
-        .await?;
+        for name in &names {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "drop database if exists {name} with (force)"
+            )))
+            .execute(&mut conn)
+            .await?;
+        }
         conn.close().await.ok();
         anyhow::Ok(())
     }
     .await
     .with_context(|| format!("dropping the scratch database {db}"));
+    SCRATCH
+        .lock()
+        .expect("not poisoned")
+        .retain(|n| !names.contains(n));
     match (result, dropped) {
         (Ok(v), Ok(())) => Ok(v),
         (Ok(v), Err(d)) => {

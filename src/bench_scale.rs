@@ -451,6 +451,7 @@ pub async fn fill_audit(pool: &PgPool, n: usize) -> anyhow::Result<AuditFill> {
     let have: i64 = sqlx::query_scalar("select count(*) from audit_entries")
         .fetch_one(pool)
         .await?;
+    anyhow::ensure!(n > 0, "--audit-entries must be positive");
     let fill = (n as i64 - have).max(n as i64 / 2).max(1);
     let first = n as i64 - fill + 1;
     let mut done = 0;
@@ -527,15 +528,15 @@ pub async fn audit_queries(
     let filters: [(&'static str, MakeFilter); 5] = [
         (
             "by account",
-            Box::new(|i, _| Filter {
-                account: Some(account_for(i % 10_000)),
+            Box::new(|i, top| Filter {
+                account: Some(account_for((fill.row(spread(i, top)) % 10_000) as usize)),
                 ..Default::default()
             }),
         ),
         (
             "by actor",
-            Box::new(|i, _| Filter {
-                actor: Some(format!("actor-{}", i % 1000)),
+            Box::new(|i, top| Filter {
+                actor: Some(format!("actor-{}", fill.row(spread(i, top)) % 1000)),
                 ..Default::default()
             }),
         ),

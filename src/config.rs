@@ -166,7 +166,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("SLATE_SECRET_KEY", ""),
     ("SLATE_DEBUG_BODIES", ""),
     ("SLATE_METRICS_TOKEN", ""),
-    ("SLATE_REQUEST_READ_SECS", "30"),
+    ("SLATE_REQUEST_READ_SECS", "75"),
     ("SLATE_EMAIL_API_KEY", ""),
     ("SLATE_EMAIL_API_BASE", "https://api.resend.com"),
     ("SLATE_EMAIL_FROM", "Slate <no-reply@slate.local>"),

@@ -267,7 +267,7 @@ pub const CODES: &[(&str, &str)] = &[
     ("payload_too_large", "the request body is too large"),
     (
         "request_timeout",
-        "the request body did not arrive within `SLATE_REQUEST_READ_SECS` of its headers; the connection is closed",
+        "the request body did not arrive within `SLATE_REQUEST_READ_SECS` of the server's first read of it; the connection is closed",
     ),
     (
         "body_too_large",
