@@ -100,6 +100,32 @@ pub fn bounded_time<'de, D: serde::Deserializer<'de>>(
     }
 }
 
+/// Whether a page of a time window (`from` and `to`, no more selective
+/// filter) is read through the window (`audit_entries_at_idx`), then
+/// sorted, rather than by walking `seq` down from the newest entry until it
+/// reaches the window. The planner takes the walk, supposing the window's
+/// entries spread over all seqs; they lie together, in the order they were
+/// written, so a window a year back walked past every entry since: 1.9 s
+/// at 10 M entries, against 20-30 ms for a day read through its index.
+/// The walk stays for a window with fewer than 10,000 entries after it
+/// (the newest, or one with no start); the probe reads at most that many
+/// index entries.
+async fn window_first(pool: &PgPool, f: &Filter) -> Result<bool, sqlx::Error> {
+    let (Some(_), Some(to)) = (f.from, f.to) else {
+        return Ok(false);
+    };
+    if f.account.is_some() || f.actor.is_some() || f.target.is_some() || f.request_id.is_some() {
+        return Ok(false);
+    }
+    let after: i64 = sqlx::query_scalar(
+        "select count(*) from (select 1 from audit_entries where at >= $1 limit 10000) a",
+    )
+    .bind(to)
+    .fetch_one(pool)
+    .await?;
+    Ok(after >= 10_000)
+}
+
 /// Newest first (or oldest first), after the cursor (a seq), matching every
 /// given filter. Only the given filters are in the SQL, so the planner can use
 /// the index that fits (a catch-all `$1 is null or …` statement gets a
@@ -162,7 +188,12 @@ pub async fn query(
         conditions.push(format!("seq {} {p}", if ascending { ">" } else { "<" }));
     }
     let order = format!(
-        "order by seq {} limit {}",
+        "order by {} {} limit {}",
+        if window_first(pool, f).await? {
+            "seq + 0"
+        } else {
+            "seq"
+        },
         if ascending { "asc" } else { "desc" },
         param()
     );
