@@ -8,12 +8,20 @@ use crate::http::{TestApp, spawn_app_with};
 
 /// Every entry of an account, oldest first, following the cursor.
 async fn trail(app: &TestApp, key: &str, account: Uuid) -> Vec<Value> {
+    let mut out = pages(app, key, &format!("/admin/audit?account={account}&limit=3")).await;
+    out.reverse();
+    out
+}
+
+/// Every entry `path` (a query with its filters) pages through, newest
+/// first, following the cursor.
+async fn pages(app: &TestApp, key: &str, path: &str) -> Vec<Value> {
     let mut out = Vec::new();
     let mut cursor: Option<i64> = None;
     loop {
         let path = match cursor {
-            Some(c) => format!("/admin/audit?account={account}&limit=3&cursor={c}"),
-            None => format!("/admin/audit?account={account}&limit=3"),
+            Some(c) => format!("{path}&cursor={c}"),
+            None => path.to_owned(),
         };
         let (status, page) = app.get_as(&path, Some(key)).await;
         assert_eq!(status, 200, "{page}");
@@ -23,7 +31,6 @@ async fn trail(app: &TestApp, key: &str, account: Uuid) -> Vec<Value> {
             None => break,
         }
     }
-    out.reverse();
     out
 }
 
@@ -468,31 +475,19 @@ async fn a_time_window_far_back_pages_newest_first() {
     let (_, staff) = app.staff().await;
     let from = (chrono::Utc::now() - chrono::Duration::minutes(11_000)).to_rfc3339();
     let to = (chrono::Utc::now() - chrono::Duration::minutes(10_900)).to_rfc3339();
-    let mut seen: Vec<i64> = Vec::new();
-    let mut cursor: Option<i64> = None;
-    loop {
-        let mut path = format!(
+    let seen: Vec<i64> = pages(
+        &app,
+        &staff,
+        &format!(
             "/admin/audit?from={}&to={}&limit=40",
             urlencode(&from),
             urlencode(&to)
-        );
-        if let Some(c) = cursor {
-            path.push_str(&format!("&cursor={c}"));
-        }
-        let (status, page) = app.get_as(&path, Some(&staff)).await;
-        assert_eq!(status, 200, "{page}");
-        seen.extend(
-            page["data"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|e| e["seq"].as_i64().unwrap()),
-        );
-        match page["next_cursor"].as_i64() {
-            Some(c) => cursor = Some(c),
-            None => break,
-        }
-    }
+        ),
+    )
+    .await
+    .iter()
+    .map(|e| e["seq"].as_i64().unwrap())
+    .collect();
     let expected: Vec<i64> = sqlx::query_scalar(
         "select seq from audit_entries where at >= $1 and at < $2 order by seq desc",
     )

@@ -133,46 +133,46 @@ async fn slow_headers_and_bodies_are_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = spawn_app_with(&[("SLATE_REQUEST_READ_SECS", "1")]).await;
     let addr = app.address.trim_start_matches("http://").to_owned();
-    let read_all = |mut s: tokio::net::TcpStream| async move {
-        let mut out = Vec::new();
-        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out))
-            .await
-            .expect("the server closes the connection")
-            .ok();
-        String::from_utf8_lossy(&out).into_owned()
+    // Sends `request` on a connection of its own; what came back until the
+    // server closed it, and when it did.
+    let exchange = |request: &'static [u8]| {
+        let addr = addr.clone();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let started = std::time::Instant::now();
+            s.write_all(request).await.unwrap();
+            let mut out = Vec::new();
+            tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out))
+                .await
+                .expect("the server closes the connection")
+                .ok();
+            (
+                String::from_utf8_lossy(&out).into_owned(),
+                started.elapsed(),
+            )
+        }
     };
+    let a_second = std::time::Duration::from_millis(900);
 
     // A body that stops arriving.
-    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    s.write_all(
+    let (answer, _) = exchange(
         b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"id\"",
     )
-    .await
-    .unwrap();
-    let answer = read_all(s).await;
+    .await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("\"request_timeout\""), "{answer}");
 
     // Headers that never end: closed, unanswered, once the second passed.
-    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let started = std::time::Instant::now();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
-    let answer = read_all(s).await;
-    assert!(answer.is_empty(), "{answer}");
-    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    let (answer, after) = exchange(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await;
+    assert!(answer.is_empty() && after >= a_second, "{answer} {after:?}");
 
     // A whole request is answered; the connection, left idle, is closed a
     // second later.
-    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let started = std::time::Instant::now();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_all(s).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    let (answer, after) = exchange(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && after >= a_second,
+        "{answer} {after:?}"
+    );
 }
 
 #[tokio::test]
