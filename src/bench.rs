@@ -802,11 +802,6 @@ async fn webhooks(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow
             let tag = format!("w{round}");
             deliveries.add(send_webhooks(&url, opts.senders, per_round, &tag).await?);
         }
-        anyhow::ensure!(
-            deliveries.errors == 0,
-            "{} webhook deliveries failed",
-            deliveries.errors
-        );
         anyhow::Ok(deliveries.latency(opts.senders, ceiling_32.per_second()))
     })
     .await
@@ -930,6 +925,8 @@ async fn send_webhooks(
         out.errors += e;
     }
     out.secs = start.elapsed().as_secs_f64();
+    // A refused or failed delivery is no ingest: the figures would count it.
+    anyhow::ensure!(out.errors == 0, "{} webhook deliveries failed", out.errors);
     Ok(out)
 }
 
@@ -970,12 +967,7 @@ async fn processes(database_url: &str, opts: &BenchOptions) -> anyhow::Result<Pr
     let (serve_idle_mib, _) = crate::bench_scale::rss_mib(serve.0.id());
     let (work_idle_mib, _) = crate::bench_scale::rss_mib(work.0.id());
     let n = opts.webhooks / 2;
-    let sent = send_webhooks(&format!("{base}/webhooks/stripe"), opts.senders, n, "p").await?;
-    anyhow::ensure!(
-        sent.errors == 0,
-        "{} webhook deliveries failed",
-        sent.errors
-    );
+    send_webhooks(&format!("{base}/webhooks/stripe"), opts.senders, n, "p").await?;
     // Let the worker drain what the deliveries queued.
     let pool = slate_events::db::pool_options()
         .max_connections(1)

@@ -47,9 +47,8 @@ pub(super) async fn read_deadline(
     let mut sleep: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let (parts, body) = req.into_parts();
     let mut data = body.into_data_stream();
-    let mut done = false;
     let body = Body::from_stream(futures::stream::poll_fn(move |cx| {
-        if done {
+        if flag.load(Ordering::Relaxed) {
             return Poll::Ready(None);
         }
         let sleep = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(read)));
@@ -59,7 +58,6 @@ pub(super) async fn read_deadline(
         }
         match sleep.as_mut().poll(cx) {
             Poll::Ready(()) => {
-                done = true;
                 flag.store(true, Ordering::Relaxed);
                 Poll::Ready(Some(Err(axum::BoxError::from(BodyTimedOut))))
             }
