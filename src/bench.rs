@@ -207,6 +207,31 @@ pub async fn run_rebuild(
     .await
 }
 
+/// Part 8 alone (`slate bench --only audit`), in its own scratch database:
+/// every audit entry is the fill's.
+pub async fn run_audit(
+    config: &Config,
+    opts: &BenchOptions,
+) -> anyhow::Result<(
+    crate::bench_scale::AuditFill,
+    Vec<crate::bench_scale::AuditQuery>,
+)> {
+    in_scratch_database(config, |options, _| async move {
+        let pool = scratch_pool(options, 4).await?;
+        eprintln!("bench: {} audit entries", opts.scale.audit_entries);
+        let audit = async {
+            let fill = crate::bench_scale::fill_audit(&pool, opts.scale.audit_entries).await?;
+            let queries =
+                crate::bench_scale::audit_queries(&pool, &fill, opts.scale.samples).await?;
+            anyhow::Ok((fill, queries))
+        }
+        .await;
+        pool.close().await;
+        audit
+    })
+    .await
+}
+
 /// Part 10 alone (`slate bench --only scrape`), in its own scratch database.
 pub async fn run_scrape(
     config: &Config,
@@ -1238,22 +1263,7 @@ pub fn print(report: &Report) {
         "7. RSS: serve {:.0} MiB idle, {:.0} MiB peak; work {:.0} MiB idle, {:.0} MiB peak ({})",
         p.serve_idle_mib, p.serve_peak_mib, p.work_idle_mib, p.work_peak_mib, p.load
     );
-    println!(
-        "8. staff audit queries over {} entries ({} filled), 50 per page, p50 / p99 ms (rows per page):",
-        report.audit_entries.entries, report.audit_entries.filled
-    );
-    for q in &report.audit_queries {
-        println!(
-            "   {:<26} first page {:>7.2} / {:>7.2} ({:>4.1})   deep cursor {:>7.2} / {:>7.2} ({:>4.1})",
-            q.filter,
-            q.first_page.p50_ms,
-            q.first_page.p99_ms,
-            q.first_page_rows,
-            q.deep_cursor.p50_ms,
-            q.deep_cursor.p99_ms,
-            q.deep_cursor_rows
-        );
-    }
+    print_audit(&report.audit_entries, &report.audit_queries);
     println!(
         "9. pickup latency (commit to handler start): idle p50 {:.1} ms, p99 {:.1} ms; behind {} queued jobs p50 {:.1} ms, p99 {:.1} ms",
         report.pickup_idle.p50_ms,
@@ -1267,4 +1277,27 @@ pub fn print(report: &Report) {
     crate::bench_auth::print(&report.auth);
     println!("peak RSS of this process: {:.0} MiB", report.peak_rss_mib);
     println!("{}", serde_json::to_string(report).unwrap_or_default());
+}
+
+/// Part 8's table.
+pub fn print_audit(
+    fill: &crate::bench_scale::AuditFill,
+    queries: &[crate::bench_scale::AuditQuery],
+) {
+    println!(
+        "8. staff audit queries over {} entries ({} filled), 50 per page, p50 / p99 ms (rows per page):",
+        fill.entries, fill.filled
+    );
+    for q in queries {
+        println!(
+            "   {:<26} first page {:>7.2} / {:>7.2} ({:>4.1})   deep cursor {:>7.2} / {:>7.2} ({:>4.1})",
+            q.filter,
+            q.first_page.p50_ms,
+            q.first_page.p99_ms,
+            q.first_page_rows,
+            q.deep_cursor.p50_ms,
+            q.deep_cursor.p99_ms,
+            q.deep_cursor_rows
+        );
+    }
 }

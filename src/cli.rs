@@ -152,9 +152,10 @@ pub enum Command {
         /// Run only this part: "appends" (parts 1, 2 and 2b: the ceiling
         /// and the appends), "rebuild" (part 5, the projection rebuild),
         /// "webhooks" (part 3, with the ceiling at 32 connections it is
-        /// compared with), "jobs" (part 4), "scrape" (part 10), "purge"
+        /// compared with), "jobs" (part 4), "audit" (part 8, over audit
+        /// entries that are all the fill's), "scrape" (part 10), "purge"
         /// (part 11, over a mirror of its own) or "auth" (part 12).
-        #[arg(long, value_parser = ["appends", "rebuild", "webhooks", "jobs", "scrape", "purge", "auth"])]
+        #[arg(long, value_parser = ["appends", "rebuild", "webhooks", "jobs", "audit", "scrape", "purge", "auth"])]
         only: Option<String>,
     },
     /// The multi-process soak with faults (run through `scripts/chaos`).
@@ -844,6 +845,14 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 }
                 Some("jobs") => {
                     crate::bench::print_jobs(&crate::bench::run_jobs(&config, &opts).await?)
+                }
+                Some("audit") => {
+                    let (fill, queries) = crate::bench::run_audit(&config, &opts).await?;
+                    crate::bench::print_audit(&fill, &queries);
+                    println!(
+                        "{}",
+                        serde_json::json!({ "audit_entries": fill, "audit_queries": queries })
+                    );
                 }
                 Some("scrape") => {
                     crate::bench::print_scrape(&crate::bench::run_scrape(&config, &opts).await?)
