@@ -50,7 +50,7 @@ async fn progress(pool: &PgPool) -> Result<Progress, sqlx::Error> {
            (select count(*) from generations where status in ('queued', 'running')),
            (select count(*) from stripe_events where status = 'pending'),
            (select count(*) from apalis.jobs
-             where job_type in ('slate.generations', 'slate.stripe') and ",
+             where job_type <> 'slate.maintenance' and ",
         slate_workers::job_live!(),
         ")",
     ))
@@ -80,7 +80,8 @@ async fn progress(pool: &PgPool) -> Result<Progress, sqlx::Error> {
 }
 
 /// Wait until nothing is queued or running, no Stripe event is pending, no
-/// job is live, every projection has caught up and every webhook delivery
+/// job is live (every queue's but the maintenance sweep's, which schedules
+/// itself: what the check "no job pending, queued or running" counts), every projection has caught up and every webhook delivery
 /// was acknowledged. Returns the seconds it took, or None at the limit.
 pub async fn drain(ctx: &Ctx, pool: &PgPool) -> Option<f64> {
     let started = Instant::now();
@@ -979,6 +980,7 @@ pub fn summary(ctx: &Ctx, report: &Report, fake: &FakeStats, soak_secs: f64) {
     let stopped: Vec<String> = sup
         .exits
         .iter()
+        .filter(|e| e.watchdog())
         .filter_map(|e| {
             let queue = e.silent_queue.as_deref()?;
             Some(format!(

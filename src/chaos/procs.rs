@@ -41,12 +41,15 @@ pub struct Exit {
     /// had gone silent (see workers/src/runtime.rs): that worker's queue,
     /// as the watchdog's line names it.
     pub silent_queue: Option<String>,
+    /// The exit code (none when a signal ended it).
+    pub code: Option<i32>,
 }
 
 impl Exit {
-    /// `slate work`'s watchdog stopped it.
+    /// `slate work`'s watchdog stopped it: its line, and the failure exit
+    /// `slate work` makes after it (1), not a panic's (101) or a signal.
     pub fn watchdog(&self) -> bool {
-        self.silent_queue.is_some()
+        self.silent_queue.is_some() && self.code == Some(1)
     }
 }
 
@@ -156,6 +159,7 @@ impl Supervisor {
                     silent_queue: silent_queue(&tail),
                     name: p.name.clone(),
                     status: status.to_string(),
+                    code: status.code(),
                     uptime: p.started.elapsed(),
                     during_pg_outage: pg_down || p.started_in_pg_outage,
                 });

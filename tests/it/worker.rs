@@ -1133,3 +1133,172 @@ async fn the_rows_of_workers_long_dead_go_once_no_job_names_them() {
         .unwrap();
     assert_eq!(left, ["gone-but-named.diagnostics", "live.diagnostics"]);
 }
+
+/// The watchdog's look: a process whose every queue has a fresh worker but
+/// one of whose four generation fetchers stopped beating is silent (the
+/// chaos soak found one so at its end, which a look by queue let pass); a
+/// fresh restart of that fetcher (`.r1`) or its being a failed worker kept
+/// alive for its jobs is not.
+#[tokio::test]
+async fn one_silent_generation_fetcher_is_a_silent_queue() {
+    let db = TestDb::new().await;
+    let process = "host-4242-0a1b2c3d";
+    let now = chrono::Utc::now();
+    let stale = now - chrono::Duration::seconds(60);
+    let add = async |id: String, queue: &str, last_seen: chrono::DateTime<chrono::Utc>| {
+        sqlx::query(
+            "insert into apalis.workers (id, worker_type, storage_name, layers, last_seen, started_at)
+             values ($1, $2, 'PgStorage', '', $3, $3)",
+        )
+        .bind(id)
+        .bind(queue)
+        .bind(last_seen)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    };
+    for queue in slate_workers::runtime::QUEUES {
+        if *queue != slate_workers::generations::QUEUE {
+            add(format!("{process}.{queue}"), queue, now).await;
+        }
+    }
+    for i in 0..4 {
+        let seen = if i == 1 { stale } else { now };
+        add(
+            format!("{process}.generations.{i}"),
+            slate_workers::generations::QUEUE,
+            seen,
+        )
+        .await;
+    }
+    // Another process's stale fetcher is not this one's.
+    add(
+        "host-4243-99999999.generations.0".to_owned(),
+        slate_workers::generations::QUEUE,
+        stale,
+    )
+    .await;
+    let look = async |retired: &[String]| {
+        slate_workers::runtime::silent_queue(&db.pool, process, Duration::from_secs(30), retired)
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        look(&[]).await.as_deref(),
+        Some(slate_workers::generations::QUEUE)
+    );
+    assert_eq!(
+        look(&[format!("{process}.generations.1")]).await,
+        None,
+        "a failed worker kept alive for its jobs is not silent"
+    );
+    add(
+        format!("{process}.generations.1.r1"),
+        slate_workers::generations::QUEUE,
+        now,
+    )
+    .await;
+    assert_eq!(look(&[]).await, None, "its restart beats for it");
+}
+
+/// The silent worker of docs/CHAOS.md, made to happen. A queue's fetchers
+/// are clones of one backend (as `slate work`'s four generation fetchers
+/// are), and every fetch here outlasts the heartbeat interval, so each
+/// fetcher's heartbeat timer fires while it fetches: apalis-core polls that
+/// timer only between fetches, and the wake-up it gave was spent. With
+/// apalis's `Strategy` (shared by the clones: the last poller held its
+/// wake-ups) three of the four then stopped beating and fetching, for good,
+/// after their first fetch. Every fetcher must keep beating.
+#[tokio::test]
+async fn fetchers_of_one_queue_keep_beating_when_a_fetch_outlasts_a_beat() {
+    use apalis::prelude::*;
+
+    const QUEUE: &str = "test.slow";
+    let db = TestDb::new().await;
+    // On the queue pool's connections `now()` is this function (first on
+    // their search path), which makes a fetch (the only statement that
+    // claims jobs `for update skip locked` and sets them `Queued`) take
+    // 1.5 s. One job never due makes the fetch's filter call it.
+    sqlx::raw_sql(
+        "create schema slow;
+         create function slow.now() returns timestamptz language plpgsql volatile as $$
+         begin
+           if current_query() like '%for update skip locked%''Queued''%' then
+             perform pg_sleep(1.5);
+           end if;
+           return pg_catalog.now();
+         end $$;",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let never = vec![TaskBuilder::new(serde_json::to_vec(&Held { i: 0 }).unwrap()).build()];
+    apalis_postgres::queries::push_tasks(&mut *conn, QUEUE, never)
+        .await
+        .unwrap();
+    sqlx::query("update apalis.jobs set run_at = now() + interval '1 day'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn);
+
+    let options = (*db.pool.connect_options())
+        .clone()
+        .options([("search_path", "slow, pg_catalog, public")]);
+    let queue_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_lazy_with(options);
+    let wakeups = slate_workers::poll::Wakeups::start(db.pool.clone());
+    let config = apalis_postgres::Config::default()
+        .queue(QUEUE)
+        .heartbeat_interval(Duration::from_secs(1))
+        .missed_heartbeats(3);
+    let backend = slate_workers::poll::backend::<Held>(&wakeups, &queue_pool, QUEUE, config);
+    let gate = Gate::default();
+    let monitor = Monitor::new().register_n(4, move |i, _| {
+        WorkerBuilder::new(format!("slow.{i}"))
+            .backend(slate_workers::poll::limited(&backend, 2))
+            .data(gate.clone())
+            .concurrency(2)
+            .build(held)
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(monitor.run_with_signal(async move {
+        let _ = stopped.await;
+        Ok(())
+    }));
+
+    until("four fetchers never registered", async || {
+        let n: i64 =
+            sqlx::query_scalar("select count(*) from apalis.workers where worker_type = $1")
+                .bind(QUEUE)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        n == 4
+    })
+    .await;
+    // A beat is at most a fetch (1.5 s) and an interval (1 s) late; watch
+    // for 12 s (several fetches each).
+    let watch = std::time::Instant::now();
+    while watch.elapsed() < Duration::from_secs(12) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stale: Vec<(String, f64)> = sqlx::query_as(
+            "select id, extract(epoch from now() - last_seen)::float8 from apalis.workers
+              where worker_type = $1 and last_seen < now() - interval '5 seconds' order by id",
+        )
+        .bind(QUEUE)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        assert!(
+            stale.is_empty(),
+            "fetchers silent after {:.1} s (name, seconds since their last beat): {stale:?}",
+            watch.elapsed().as_secs_f64()
+        );
+    }
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    queue_pool.close().await;
+}

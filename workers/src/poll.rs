@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use apalis::prelude::{BackendExt, PollSnapshot, PollStrategy, PollWith, Strategy};
+use apalis::prelude::{BackendExt, PollSnapshot, PollStrategy, PollWith};
 use apalis_postgres::Config;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -84,7 +84,7 @@ pub fn queue_pool(pool: &PgPool) -> PgPool {
 const QUEUE_POOL_SIZE: u32 = 8;
 
 /// A queue's storage as every Slate worker polls it.
-pub type Backend<T> = PollWith<QueueStorage<T>, Strategy>;
+pub type Backend<T> = PollWith<QueueStorage<T>, Looks>;
 
 /// The storage of `queue` with `config` (whose queue must be `queue`),
 /// woken by `wakeups`' notifications of `queue`, a re-check after them and
@@ -96,11 +96,8 @@ pub fn backend<T>(
     queue: &str,
     config: Config,
 ) -> Backend<T> {
-    QueueStorage::<T>::new(queue_pool, config).poll_with_strategy(
-        Strategy::new()
-            .apply(NotifyThenRecheck::new(wakeups, queue, RECHECK))
-            .interval(SAFETY_NET),
-    )
+    QueueStorage::<T>::new(queue_pool, config)
+        .poll_with_strategy(Looks::new(wakeups, queue, RECHECK, SAFETY_NET))
 }
 
 /// `backend` for a worker that runs at most `slots` jobs at once (give it
@@ -243,6 +240,72 @@ async fn listen(pool: PgPool, subscribers: Weak<Mutex<Subscribers>>) {
     }
 }
 
+/// When one worker looks for jobs: at each notification of its queue and
+/// `recheck` after ([`NotifyThenRecheck`]), and at least every
+/// `safety_net`. Each clone (each worker: a queue's fetchers, a restart) has
+/// wake-ups of its own.
+///
+/// apalis's `Strategy` combinator, used until the thirty-eighth session,
+/// shares its strategies between clones (an `Arc`). A receiver or a timer
+/// keeps one waker, the last poller's, so of a queue's four generation
+/// fetchers only the one that polled last was woken, and the others lived
+/// on their own heartbeat timers. apalis-core polls that timer only between
+/// fetches (`Persisted::poll_ready` in `State::Ready`): one that fired
+/// during a fetch woke the worker once, for nothing, and never again. A
+/// fetcher in that state whose wake-ups a sibling had taken over was never
+/// polled again: no heartbeat, no fetch, no error (the silent worker of
+/// docs/CHAOS.md). `crate::queue` also polls the timer after an empty
+/// fetch now. And apalis's interval re-armed itself without polling the new
+/// timer, so after each tick it woke nobody until something else had.
+pub struct Looks {
+    notified: NotifyThenRecheck,
+    safety_net: Duration,
+    tick: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Looks {
+    pub fn new(wakeups: &Wakeups, queue: &str, recheck: Duration, safety_net: Duration) -> Self {
+        Self {
+            notified: NotifyThenRecheck::new(wakeups, queue, recheck),
+            safety_net,
+            tick: None,
+        }
+    }
+}
+
+impl Clone for Looks {
+    fn clone(&self) -> Self {
+        Self {
+            notified: self.notified.clone(),
+            safety_net: self.safety_net,
+            tick: None,
+        }
+    }
+}
+
+impl PollStrategy for Looks {
+    fn poll_drive(&mut self, cx: &mut Context<'_>, snapshot: &PollSnapshot) -> Poll<Option<()>> {
+        // Both, every time: each must hold this worker's waker.
+        let notified = self.notified.poll_drive(cx, snapshot).is_ready();
+        let mut ticked = false;
+        let tick = self
+            .tick
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(self.safety_net)));
+        // A timer that fired is set again and polled, so that it wakes
+        // this worker at its next tick whatever else does.
+        while tick.as_mut().poll(cx).is_ready() {
+            ticked = true;
+            let next = tokio::time::Instant::now() + self.safety_net;
+            tick.as_mut().reset(next);
+        }
+        if notified || ticked {
+            Poll::Ready(Some(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
 /// Wakes the worker on every notification of its queue (all that are
 /// waiting count as one) and once more `recheck` after the last of them.
 /// Costs nothing while the queue is idle. Subscribes at its first poll, so
@@ -303,9 +366,52 @@ impl PollStrategy for NotifyThenRecheck {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
+    use std::task::{Context, Waker};
+    use std::time::Duration;
 
-    use super::{Subscribers, subscribe_to as subscribe, wake};
+    use apalis::prelude::{PollSnapshot, PollStrategy};
+
+    use super::{Looks, RECHECK, Subscribers, Wakeups, subscribe_to as subscribe, wake};
+
+    struct Woken(AtomicUsize);
+
+    impl std::task::Wake for Woken {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Each clone (each worker of a queue) is woken by its own safety net,
+    /// tick after tick. (apalis's `Strategy`, shared by its clones, woke
+    /// only the one that polled last, and its interval, once fired, woke
+    /// nobody until something else had polled it.)
+    #[tokio::test]
+    async fn every_clone_is_woken_by_its_own_safety_net_at_every_tick() {
+        // Nothing to listen to: only the safety net wakes.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .unwrap();
+        let wakeups = Wakeups::start(pool);
+        let first = Looks::new(&wakeups, "q", RECHECK, Duration::from_millis(100));
+        let mut looks = [first.clone(), first.clone(), first];
+        let woken: Vec<Arc<Woken>> = (0..3)
+            .map(|_| Arc::new(Woken(AtomicUsize::new(0))))
+            .collect();
+        for tick in 1..=3 {
+            for (l, w) in looks.iter_mut().zip(&woken) {
+                let waker = Waker::from(w.clone());
+                let _ = l.poll_drive(&mut Context::from_waker(&waker), &PollSnapshot::default());
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let counts: Vec<usize> = woken.iter().map(|w| w.0.load(Ordering::SeqCst)).collect();
+            assert!(
+                counts.iter().all(|&n| n >= tick),
+                "after tick {tick}, wake-ups per clone: {counts:?}"
+            );
+        }
+    }
 
     #[test]
     fn a_notification_wakes_its_queue_once_and_forgets_the_gone() {

@@ -22,7 +22,9 @@ use std::task::{Context, Poll};
 use apalis::prelude::{Backend, WorkerContext};
 use apalis_codec::json::JsonCodec;
 use apalis_core::backend::finalize::Durable;
-use apalis_core::backend::persistence::{Persisted, Persistence, TaskEvent, TaskPersistLayer};
+use apalis_core::backend::persistence::{
+    Persisted, Persistence, State, TaskEvent, TaskPersistLayer,
+};
 use apalis_core::backend::{BackendConfig, WireFormatBackend};
 use apalis_core::task::builder::TaskBuilder;
 use apalis_core::task::metadata::MetadataStore;
@@ -467,7 +469,20 @@ impl<Args> Backend for QueueStorage<Args> {
         cx: &mut Context<'_>,
         worker: &WorkerContext,
     ) -> Poll<Option<Result<PgTask, Error>>> {
-        self.persistence.poll_next(cx, worker)
+        let next = self.persistence.poll_next(cx, worker);
+        // An empty fetch parks the worker in `State::Ready` without polling
+        // its heartbeat timer, which apalis-core polls only in `poll_ready`:
+        // a timer that fired during the fetch has spent its wake-up, and the
+        // worker would beat (and look for jobs) again only when something
+        // else woke it. Polled here, it wakes the worker at the next beat
+        // (or starts a beat that is due). See `crate::poll::Looks`.
+        if next.is_pending()
+            && matches!(self.persistence.state(), State::Ready)
+            && let Poll::Ready(Err(e)) = self.poll_ready(cx, worker)
+        {
+            return Poll::Ready(Some(Err(e)));
+        }
+        next
     }
 
     fn poll_close(

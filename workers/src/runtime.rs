@@ -384,7 +384,7 @@ where
 }
 
 /// Every job queue a `slate work` process serves.
-const QUEUES: &[&str] = &[
+pub const QUEUES: &[&str] = &[
     diagnostics::QUEUE,
     stripe::QUEUE,
     generations::QUEUE,
@@ -396,7 +396,8 @@ const QUEUES: &[&str] = &[
 ];
 
 /// Resolves with a queue whose worker in this process has not heartbeated
-/// for `stale_after` while the database answers. An apalis worker was seen
+/// for `stale_after` while the database answers, or one of whose workers
+/// (by name: the generation queue has several) has not. An apalis worker was seen
 /// (in the chaos soak, docs/CHAOS.md) going silent without an error: no
 /// heartbeat, no fetch, for ever, so its queue lost this process's capacity
 /// until the process was restarted. Checked every `every`; a database that
@@ -430,20 +431,7 @@ async fn watchdog(
         if started.elapsed() < stale_after {
             continue;
         }
-        let silent: Result<Option<String>, sqlx::Error> = sqlx::query_scalar(
-            "select q from unnest($2::text[]) as t(q)
-              where not exists (select 1 from apalis.workers w
-                                 where w.worker_type = t.q and w.id like $1 || '.%'
-                                   and w.id <> all($4)
-                                   and w.last_seen > now() - make_interval(secs => $3))
-              limit 1",
-        )
-        .bind(&process)
-        .bind(QUEUES)
-        .bind(stale_after.as_secs_f64())
-        .bind(in_flight.retired())
-        .fetch_optional(&pool)
-        .await;
+        let silent = silent_queue(&pool, &process, stale_after, &in_flight.retired()).await;
         match silent {
             Err(_) => answering = None,
             Ok(queue) => {
@@ -457,6 +445,40 @@ async fn watchdog(
             }
         }
     }
+}
+
+/// A queue of `process` none of whose workers has heartbeated for
+/// `stale_after`, or one worker of which (by its name, a restart's `.rN`
+/// counting as the same) has not while its siblings of the same queue go
+/// on: one of the generation fetchers falling silent is the same loss of
+/// capacity, and a look by queue alone let the soak find it only at its
+/// end. `retired` names (failed workers kept alive for their jobs) count for
+/// nothing.
+pub async fn silent_queue(
+    pool: &PgPool,
+    process: &str,
+    stale_after: Duration,
+    retired: &[String],
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "select q from unnest($2::text[]) as t(q)
+          where not exists (select 1 from apalis.workers w
+                             where w.worker_type = t.q and w.id like $1 || '.%'
+                               and w.id <> all($4)
+                               and w.last_seen > now() - make_interval(secs => $3))
+         union all
+         select w.worker_type from apalis.workers w
+          where w.id like $1 || '.%' and w.id <> all($4)
+          group by w.worker_type, regexp_replace(w.id, '[.]r[0-9]+$', '')
+         having not bool_or(w.last_seen > now() - make_interval(secs => $3))
+          limit 1",
+    )
+    .bind(process)
+    .bind(QUEUES)
+    .bind(stale_after.as_secs_f64())
+    .bind(retired)
+    .fetch_optional(pool)
+    .await
 }
 
 /// This process's rows of `queue` in `apalis.workers`, newest beat first:
