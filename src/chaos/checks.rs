@@ -161,6 +161,7 @@ const INVARIANTS: &[&str] = &[
     "every queue's worker in every work process heartbeating",
     "idle processes stay idle (< 50 % CPU)",
     "no process crashed",
+    "provider paid twice only for a killed worker's attempt",
 ];
 
 /// One invariant, checked.
@@ -254,6 +255,7 @@ pub async fn check(
     config: &Config,
     drained_secs: Option<f64>,
     bin: &Path,
+    paid_twice: &[String],
 ) -> Report {
     let mut set = CheckSet(Vec::new());
     let mut report = Report {
@@ -265,7 +267,7 @@ pub async fn check(
         stripe_events: 0,
         job_states: Vec::new(),
     };
-    if let Err(e) = check_all(ctx, pool, config, bin, &mut set, &mut report).await {
+    if let Err(e) = check_all(ctx, pool, config, bin, paid_twice, &mut set, &mut report).await {
         set.fail("checks ran", format!("{e:#}"));
     }
     // Most checks run once per item (accepted generation, Stripe event,
@@ -294,6 +296,7 @@ async fn check_all(
     pool: &PgPool,
     config: &Config,
     bin: &Path,
+    paid_twice: &[String],
     set: &mut CheckSet,
     report: &mut Report,
 ) -> anyhow::Result<()> {
@@ -931,6 +934,37 @@ async fn check_all(
         });
     }
     set.pass("no process crashed");
+
+    // --- the provider paid twice only where an attempt was killed ----------------------
+    // Fal has no idempotency key: a second attempt submits again only when
+    // the first one's handle was never recorded, which a SIGKILL between
+    // the provider's answer and the record explains. An attempt keeps
+    // trying to record its handle through an outage for a minute
+    // (`DB_PATIENCE`), so only an outage near that long explains it too.
+    let killed = ctx.stats().killed_generations.clone();
+    let long_outage = ctx
+        .plan
+        .pg_restarts
+        .iter()
+        .any(|(_, d)| *d >= Duration::from_secs(45));
+    for prompt in paid_twice {
+        let generation = accepted
+            .values()
+            .find(|a| prompt.ends_with(&format!(" {}", a.key)));
+        set.expect(
+            "provider paid twice only for a killed worker's attempt",
+            long_outage || generation.is_some_and(|a| killed.contains(&a.id)),
+            || match generation {
+                Some(a) => format!(
+                    "{} ({}): accepted twice by the provider, and no worker was killed holding its job",
+                    a.id,
+                    a.scenario.name()
+                ),
+                None => "a prompt accepted twice names no accepted generation".to_owned(),
+            },
+        );
+    }
+    set.pass("provider paid twice only for a killed worker's attempt");
     Ok(())
 }
 

@@ -108,8 +108,10 @@ pub async fn wait_ready(ctx: &Ctx, pool: &PgPool) -> anyhow::Result<()> {
                 ready += 1;
             }
         }
+        // Work processes, not rows: one process has four generation
+        // fetchers (`<process>.generations.<n>`).
         let workers: i64 = sqlx::query_scalar(
-            "select count(*) from apalis.workers
+            "select count(distinct split_part(id, '.generations.', 1)) from apalis.workers
               where worker_type = 'slate.generations' and last_seen > now() - interval '5 seconds'",
         )
         .fetch_one(pool)
@@ -248,13 +250,17 @@ pub async fn reader(ctx: Arc<Ctx>) {
             0 => format!("{base}/v1/credits"),
             1 => format!("{base}/v1/generations"),
             _ => {
+                // Any of the account's accepted generations, not always
+                // the same one.
                 let id = {
                     let stats = ctx.stats();
-                    stats
+                    let mine: Vec<_> = stats
                         .accepted
                         .values()
-                        .find(|a| a.account == account)
+                        .filter(|a| a.account == account)
                         .map(|a| a.id)
+                        .collect();
+                    (!mine.is_empty()).then(|| mine[rng.below(mine.len())])
                 };
                 match id {
                     Some(id) => format!("{base}/v1/generations/{id}"),
@@ -502,6 +508,23 @@ pub async fn kill_workers(ctx: Arc<Ctx>) {
                 if holding > 0 {
                     ctx.stats().jobs_held_at_kill += holding as u64;
                 }
+                // Its generations, as the queue still names them (a dead
+                // worker's jobs stay locked by its name until they are
+                // taken for orphans, seconds later).
+                let held: Vec<Option<String>> = sqlx::query_scalar(
+                    "select convert_from(job, 'UTF8')::jsonb->>'generation_id' from apalis.jobs
+                      where job_type = 'slate.generations' and status in ('Queued', 'Running')
+                        and lock_by like '%-' || $1 || '-%'",
+                )
+                .bind(pid.to_string())
+                .fetch_all(&ctx.pool)
+                .await
+                .unwrap_or_default();
+                ctx.stats().killed_generations.extend(
+                    held.iter()
+                        .flatten()
+                        .filter_map(|g| g.parse::<uuid::Uuid>().ok()),
+                );
                 ctx.event(format!(
                     "SIGKILL {name} holding {} jobs; restart in {:.1} s",
                     if holding < 0 {

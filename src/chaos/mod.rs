@@ -28,7 +28,7 @@ pub mod fake;
 mod load;
 pub mod procs;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -222,6 +222,10 @@ pub struct Stats {
     pub recoveries: Vec<(String, f64)>,
     /// Jobs the killed workers held (queued or running) when killed.
     pub jobs_held_at_kill: u64,
+    /// The generations whose jobs a killed worker held when it was killed:
+    /// the only ones the provider may be paid for twice (an attempt killed
+    /// between the provider's answer and the record of its handle).
+    pub killed_generations: HashSet<Uuid>,
     /// Worker processes seen resuming by themselves after a PostgreSQL restart.
     pub workers_resumed: u64,
 }
@@ -464,7 +468,8 @@ pub async fn drive(config: &Config, opts: DriveOptions) -> anyhow::Result<i32> {
     joined("readiness probe", probe.await);
     joined("supervisor", supervising.await);
 
-    let report = checks::check(&ctx, &pool, config, drained, &bin).await;
+    let fake = fal.stats();
+    let report = checks::check(&ctx, &pool, config, drained, &bin, &fake.twice).await;
     let (killed, failed) = tokio::task::block_in_place(|| {
         ctx.supervisor
             .lock()
@@ -477,7 +482,7 @@ pub async fn drive(config: &Config, opts: DriveOptions) -> anyhow::Result<i32> {
     if !failed.is_empty() {
         ctx.violation(format!("exited with a failure on SIGTERM: {failed:?}"));
     }
-    checks::summary(&ctx, &report, &fal.stats(), soak_secs);
+    checks::summary(&ctx, &report, &fake, soak_secs);
     let violations = ctx.violations.lock().expect("not poisoned").len();
     if violations > 0 {
         println!("\nchaos soak FAILED: {violations} violation(s)");
