@@ -151,6 +151,8 @@ pub struct Appends {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub build: &'static str,
+    /// The server's durability settings, which bound every commit figure.
+    pub durability: String,
     #[serde(flatten)]
     pub appends: Appends,
     pub webhook_ingest: Latency,
@@ -547,6 +549,13 @@ async fn run_in(
     use crate::bench_scale as scale;
     let pool = scratch_pool(options, 40).await?;
     create_ceiling_table(&pool).await?;
+    let durability: String = sqlx::query_scalar(
+        "select string_agg(name || ' = ' || current_setting(name), ', ' order by name) from pg_settings
+          where name in ('fsync', 'synchronous_commit', 'wal_sync_method', 'full_page_writes',
+                         'commit_delay', 'shared_buffers')",
+    )
+    .fetch_one(&pool)
+    .await?;
     eprintln!("bench: append latency on a small log");
     let small_log_events = scale::log_size(&pool).await?;
     let small = scale::append_latency(&pool, opts.scale.samples).await?;
@@ -637,6 +646,7 @@ async fn run_in(
         } else {
             "release"
         },
+        durability,
         appends,
         webhook_ingest,
         jobs,
@@ -1212,6 +1222,7 @@ pub fn print_purge(p: &crate::bench_scale::PurgeLookup) {
 
 pub fn print(report: &Report) {
     println!("slate bench ({} build)", report.build);
+    println!("PostgreSQL: {}", report.durability);
     print_appends_rows(&report.appends);
     print_webhook_row(&report.webhook_ingest);
     print_jobs_row(&report.jobs);

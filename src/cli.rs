@@ -813,6 +813,12 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                 crate::bench::BenchOptions::default()
             };
             opts.seconds = seconds.unwrap_or(opts.seconds);
+            // A negative time panicked (`Duration::from_secs_f64`), and 0
+            // printed ratios of nothing to nothing.
+            anyhow::ensure!(
+                opts.seconds.is_finite() && opts.seconds > 0.0,
+                "--seconds must be a positive number"
+            );
             opts.webhooks = webhooks.unwrap_or(opts.webhooks);
             opts.senders = senders.unwrap_or(opts.senders).max(1);
             opts.jobs = jobs.unwrap_or(opts.jobs).max(1);
