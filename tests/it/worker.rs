@@ -1088,6 +1088,21 @@ async fn enqueuing_notifies_the_workers_only_after_the_commit() {
     assert!(heard.is_err(), "an empty wake notified");
 }
 
+/// A worker's row as apalis-postgres registers it, last beating at
+/// `last_seen`.
+async fn worker_row(db: &TestDb, id: &str, queue: &str, last_seen: chrono::DateTime<chrono::Utc>) {
+    sqlx::query(
+        "insert into apalis.workers (id, worker_type, storage_name, layers, last_seen, started_at)
+         values ($1, $2, 'PgStorage', '', $3, $3)",
+    )
+    .bind(id)
+    .bind(queue)
+    .bind(last_seen)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
 /// The maintenance sweep's hourly retention also deletes the rows of
 /// workers that stopped heartbeating a day ago and that no job names any
 /// more (a job's `lock_by` references its worker's row). Nothing else did:
@@ -1101,16 +1116,7 @@ async fn the_rows_of_workers_long_dead_go_once_no_job_names_them() {
         ("gone-but-named.diagnostics", day_and_a_bit),
         ("live.diagnostics", chrono::Utc::now()),
     ] {
-        sqlx::query(
-            "insert into apalis.workers (id, worker_type, storage_name, layers, last_seen, started_at)
-             values ($1, $2, 'PgStorage', '', $3, $3)",
-        )
-        .bind(id)
-        .bind(QUEUE)
-        .bind(last_seen)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+        worker_row(&db, id, QUEUE, last_seen).await;
     }
     let mut conn = db.conn().await;
     let _ = slate_workers::jobs::enqueue(&mut conn, QUEUE, &DiagnosticJob::Ping, 1)
@@ -1146,16 +1152,7 @@ async fn one_silent_generation_fetcher_is_a_silent_queue() {
     let now = chrono::Utc::now();
     let stale = now - chrono::Duration::seconds(60);
     let add = async |id: String, queue: &str, last_seen: chrono::DateTime<chrono::Utc>| {
-        sqlx::query(
-            "insert into apalis.workers (id, worker_type, storage_name, layers, last_seen, started_at)
-             values ($1, $2, 'PgStorage', '', $3, $3)",
-        )
-        .bind(id)
-        .bind(queue)
-        .bind(last_seen)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+        worker_row(&db, &id, queue, last_seen).await
     };
     for queue in slate_workers::runtime::QUEUES {
         if *queue != slate_workers::generations::QUEUE {
