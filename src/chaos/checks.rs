@@ -948,19 +948,25 @@ async fn check_all(
         .iter()
         .any(|(_, d)| *d >= Duration::from_secs(45));
     for prompt in paid_twice {
+        // Its generation by the key in its prompt: an accepted one, or one
+        // a given-up submission created (through its idempotency key).
         let generation = accepted
             .values()
-            .find(|a| prompt.ends_with(&format!(" {}", a.key)));
+            .find(|a| prompt.ends_with(&format!(" {}", a.key)))
+            .map(|a| a.id)
+            .or_else(|| {
+                keys.iter()
+                    .find(|(_, (_, key))| prompt.ends_with(&format!(" {key}")))
+                    .map(|(id, _)| *id)
+            });
         set.expect(
             "provider paid twice only for a killed worker's attempt",
-            long_outage || generation.is_some_and(|a| killed.contains(&a.id)),
+            long_outage || generation.is_some_and(|g| killed.contains(&g)),
             || match generation {
-                Some(a) => format!(
-                    "{} ({}): accepted twice by the provider, and no worker was killed holding its job",
-                    a.id,
-                    a.scenario.name()
+                Some(g) => format!(
+                    "{g}: accepted twice by the provider, and no worker was killed holding its job"
                 ),
-                None => "a prompt accepted twice names no accepted generation".to_owned(),
+                None => "a prompt accepted twice names no generation".to_owned(),
             },
         );
     }

@@ -510,16 +510,30 @@ pub async fn kill_workers(ctx: Arc<Ctx>) {
                 }
                 // Its generations, as the queue still names them (a dead
                 // worker's jobs stay locked by its name until they are
-                // taken for orphans, seconds later).
-                let held: Vec<Option<String>> = sqlx::query_scalar(
-                    "select convert_from(job, 'UTF8')::jsonb->>'generation_id' from apalis.jobs
-                      where job_type = 'slate.generations' and status in ('Queued', 'Running')
-                        and lock_by like '%-' || $1 || '-%'",
-                )
-                .bind(pid.to_string())
-                .fetch_all(&ctx.pool)
-                .await
-                .unwrap_or_default();
+                // taken for orphans, which needs the database too). Asked
+                // until PostgreSQL answers: a kill during an outage is the
+                // case the check allows most.
+                let asked = Instant::now();
+                let held: Vec<Option<String>> = loop {
+                    match sqlx::query_scalar(
+                        "select convert_from(job, 'UTF8')::jsonb->>'generation_id' from apalis.jobs
+                          where job_type = 'slate.generations' and status in ('Queued', 'Running')
+                            and lock_by like '%-' || $1 || '-%'",
+                    )
+                    .bind(pid.to_string())
+                    .fetch_all(&ctx.pool)
+                    .await
+                    {
+                        Ok(held) => break held,
+                        Err(e) if asked.elapsed() > Duration::from_secs(180) => {
+                            ctx.violation(format!(
+                                "the jobs of a killed worker could not be read: {e}"
+                            ));
+                            break Vec::new();
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                    }
+                };
                 ctx.stats().killed_generations.extend(
                     held.iter()
                         .flatten()

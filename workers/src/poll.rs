@@ -267,7 +267,9 @@ impl Looks {
     pub fn new(wakeups: &Wakeups, queue: &str, recheck: Duration, safety_net: Duration) -> Self {
         Self {
             notified: NotifyThenRecheck::new(wakeups, queue, recheck),
-            safety_net,
+            // Never zero: a timer re-armed at "now" would fire at once, and
+            // its loop below would not end.
+            safety_net: safety_net.max(Duration::from_millis(1)),
             tick: None,
         }
     }
