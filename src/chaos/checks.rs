@@ -81,7 +81,8 @@ async fn progress(pool: &PgPool) -> Result<Progress, sqlx::Error> {
 
 /// Wait until nothing is queued or running, no Stripe event is pending, no
 /// job is live (every queue's but the maintenance sweep's, which schedules
-/// itself: what the check "no job pending, queued or running" counts), every projection has caught up and every webhook delivery
+/// itself: what the check "no job pending, queued or running" counts),
+/// every projection has caught up and every webhook delivery
 /// was acknowledged. Returns the seconds it took, or None at the limit.
 pub async fn drain(ctx: &Ctx, pool: &PgPool) -> Option<f64> {
     let started = Instant::now();

@@ -898,6 +898,22 @@ async fn until(what: &str, mut ready: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// Runs `monitor` on a task of its own until the sender is used (or
+/// dropped).
+fn spawn_monitor(
+    monitor: apalis::prelude::Monitor,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), apalis::prelude::MonitorError>>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(monitor.run_with_signal(async move {
+        let _ = stopped.await;
+        Ok(())
+    }));
+    (stop, running)
+}
+
 /// A worker with a concurrency limit claims as many jobs as it has free
 /// slots, in one fetch, and no more: the rest stay in the queue for other
 /// workers, and it keeps heartbeating while its slots are busy. (apalis-
@@ -939,11 +955,7 @@ async fn a_limited_worker_claims_only_its_free_slots_and_keeps_its_heartbeat() {
             .parallelize(tokio::spawn)
             .build(held)
     });
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(monitor.run_with_signal(async move {
-        let _ = stopped.await;
-        Ok(())
-    }));
+    let (stop, running) = spawn_monitor(monitor);
 
     until("two jobs never started", async || {
         gate.started.load(std::sync::atomic::Ordering::SeqCst) >= 2
@@ -1260,11 +1272,7 @@ async fn fetchers_of_one_queue_keep_beating_when_a_fetch_outlasts_a_beat() {
             .concurrency(2)
             .build(held)
     });
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(monitor.run_with_signal(async move {
-        let _ = stopped.await;
-        Ok(())
-    }));
+    let (stop, running) = spawn_monitor(monitor);
 
     until("four fetchers never registered", async || {
         let n: i64 =
