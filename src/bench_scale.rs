@@ -452,7 +452,8 @@ const FILL_BASE: i64 = 1_000_000_000_000;
 /// Fill `audit_entries` up to `n` rows shaped like real ones (and with at
 /// least `n / 2` of its own, so that a quick run's queries find them):
 /// 10,000 accounts, 1,000 actors, a request id per three entries, 18 months
-/// of timestamps. Rows are numbered across chunks, so each of those is
+/// of timestamps, two actions of one family and a rare one (one entry in
+/// 100,000). Rows are numbered across chunks, so each of those is
 /// spread over the whole fill.
 pub async fn fill_audit(pool: &PgPool, n: usize) -> anyhow::Result<AuditFill> {
     let have: i64 = sqlx::query_scalar("select count(*) from audit_entries")
@@ -469,7 +470,10 @@ pub async fn fill_audit(pool: &PgPool, n: usize) -> anyhow::Result<AuditFill> {
                                         account_id, targets, outcome, request_id)
              select $4 + g, gen_random_uuid(),
                     now() - make_interval(secs => (($3 - g) * 47304000.0 / $3)),
-                    'user', 'actor-' || (g % 1000), 'generation.requested',
+                    'user', 'actor-' || (g % 1000),
+                    case when g % 100000 = 0 then 'key.revoked'
+                         when g % 2 = 0 then 'generation.requested'
+                         else 'generation.succeeded' end,
                     lpad(to_hex(g % 10000), 32, '0')::uuid,
                     jsonb_build_object('generation', md5(g::text)),
                     'ok', 'req-' || (g / 3)
@@ -536,7 +540,7 @@ pub async fn audit_queries(
     let deep = fill.seq(DEEP);
     let mut out = Vec::new();
     type MakeFilter<'a> = Box<dyn Fn(usize, f64) -> Filter + 'a>;
-    let filters: [(&'static str, MakeFilter); 5] = [
+    let filters: [(&'static str, MakeFilter); 7] = [
         (
             "by account",
             Box::new(|i, top| Filter {
@@ -565,6 +569,20 @@ pub async fn audit_queries(
             "by target (an id found nowhere)",
             Box::new(|i, _| Filter {
                 target: Some(format!("gen-missing-{i}")),
+                ..Default::default()
+            }),
+        ),
+        (
+            "by action (one entry in 100,000)",
+            Box::new(|_, _| Filter {
+                action: Some("key.revoked".to_owned()),
+                ..Default::default()
+            }),
+        ),
+        (
+            "by action family (generation)",
+            Box::new(|_, _| Filter {
+                action: Some("generation".to_owned()),
                 ..Default::default()
             }),
         ),

@@ -500,6 +500,105 @@ async fn a_time_window_far_back_pages_newest_first() {
     assert_eq!(seen, expected);
 }
 
+/// `?action=` names an action or a family, read through each action's
+/// entries in log order: every page, alone or with a narrower filter or a
+/// window far back, is what one filter over the whole log gives, newest
+/// first, a family never matching a longer name that only starts like it.
+#[tokio::test]
+async fn an_action_filter_pages_each_of_its_actions_in_log_order() {
+    let app = spawn_app_with(&[]).await;
+    let account = Uuid::now_v7();
+    // 12,000 entries a minute apart, the oldest 200 hours ago: a rare
+    // action, two of one family, and one whose name only starts like it.
+    sqlx::query(
+        "insert into audit_entries (position, event_id, at, actor_kind, action, outcome, account_id)
+         select 1000000 + g, gen_random_uuid(), now() - make_interval(mins => 12000 - g),
+                'system',
+                case when g % 1000 = 7 then 'bench.rare'
+                     when g % 3 = 0 then 'bench.a'
+                     when g % 3 = 1 then 'bench.b'
+                     else 'benchmark.c' end,
+                'ok', case when g % 5 = 0 then $1 end
+           from generate_series(1, 12000) g",
+    )
+    .bind(account)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let (_, staff) = app.staff().await;
+    let expected = |condition: &'static str| {
+        let pool = app.db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+                "select seq from audit_entries where {condition} order by seq desc"
+            )))
+            .bind(account)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let seqs = |entries: Vec<Value>| -> Vec<i64> {
+        entries.iter().map(|e| e["seq"].as_i64().unwrap()).collect()
+    };
+    let family = seqs(pages(&app, &staff, "/admin/audit?action=bench&limit=500").await);
+    let want = expected("left(action, 6) = 'bench.' and $1::uuid is not null").await;
+    assert_eq!(want.len(), 8_004);
+    assert_eq!(family, want);
+
+    let rare = seqs(pages(&app, &staff, "/admin/audit?action=bench.rare&limit=5").await);
+    let want = expected("action = 'bench.rare' and $1::uuid is not null").await;
+    assert_eq!(want.len(), 12);
+    assert_eq!(rare, want);
+
+    let of_account = seqs(
+        pages(
+            &app,
+            &staff,
+            &format!("/admin/audit?action=bench&account={account}&limit=100"),
+        )
+        .await,
+    );
+    let want = expected("left(action, 6) = 'bench.' and account_id = $1").await;
+    assert_eq!(want.len(), 1_600);
+    assert_eq!(of_account, want);
+
+    // A window far back, read through its time index.
+    let from = (chrono::Utc::now() - chrono::Duration::minutes(11_000)).to_rfc3339();
+    let to = (chrono::Utc::now() - chrono::Duration::minutes(10_900)).to_rfc3339();
+    let windowed = seqs(
+        pages(
+            &app,
+            &staff,
+            &format!(
+                "/admin/audit?action=bench.a&from={}&to={}&limit=7",
+                urlencode(&from),
+                urlencode(&to)
+            ),
+        )
+        .await,
+    );
+    let want: Vec<i64> = sqlx::query_scalar(
+        "select seq from audit_entries where action = 'bench.a' and at >= $1 and at < $2
+          order by seq desc",
+    )
+    .bind(chrono::DateTime::parse_from_rfc3339(&from).unwrap())
+    .bind(chrono::DateTime::parse_from_rfc3339(&to).unwrap())
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert!((32..=35).contains(&want.len()), "{}", want.len());
+    assert_eq!(windowed, want);
+
+    for name in ["bench.nothing", "benc", "bench.", "chmark"] {
+        let (status, page) = app
+            .get_as(&format!("/admin/audit?action={name}"), Some(&staff))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["data"], json!([]), "{name}: {page}");
+    }
+}
+
 fn urlencode(s: &str) -> String {
     s.replace('+', "%2B").replace(':', "%3A")
 }
