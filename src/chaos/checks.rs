@@ -256,7 +256,7 @@ pub async fn check(
     config: &Config,
     drained_secs: Option<f64>,
     bin: &Path,
-    paid_twice: &[String],
+    paid_twice: &[(String, Instant)],
 ) -> Report {
     let mut set = CheckSet(Vec::new());
     let mut report = Report {
@@ -297,7 +297,7 @@ async fn check_all(
     pool: &PgPool,
     config: &Config,
     bin: &Path,
-    paid_twice: &[String],
+    paid_twice: &[(String, Instant)],
     set: &mut CheckSet,
     report: &mut Report,
 ) -> anyhow::Result<()> {
@@ -856,40 +856,58 @@ async fn check_all(
         .expect("not poisoned")
         .running(super::procs::Kind::Work);
     for (name, pid) in &workers {
-        // Each queue type, and each of the process's workers by its name
-        // (`<host>-<pid>-<random>.generations.2`, a restart's `….r1`
-        // counting as the same): one of several generation fetchers falling
-        // silent is the failure this is for, and a fresh beat of a sibling
-        // hid it. Only the names of the newest process with this pid (pids
-        // are reused).
-        let stale: Vec<String> = sqlx::query_scalar(
-            "with mine as (
-                 select id, last_seen,
-                        substring(id from '^(.*-' || $1 || '-[0-9a-f]{8})[.]') as process
-                   from apalis.workers where id like '%-' || $1 || '-%'),
-             newest as (
-                 select process from mine where process is not null
-                  order by last_seen desc limit 1)
-             select t.worker_type from (select distinct worker_type from apalis.workers) t
-              where not exists (select 1 from apalis.workers w
-                                 where w.worker_type = t.worker_type
-                                   and w.id like '%-' || $1 || '-%'
-                                   and w.last_seen > now() - interval '30 seconds')
-             union all
-             select name from (
-                 select regexp_replace(id, '[.]r[0-9]+$', '') as name,
-                        bool_or(last_seen > now() - interval '30 seconds') as fresh
-                   from mine where process = (select process from newest)
-                  group by 1) n
-              where not fresh",
+        // The process's name is `<host>-<pid>-<random>`; only the newest
+        // process with this pid counts (pids are reused). Then the
+        // watchdog's own look (`runtime::silent_queue`): each queue, and
+        // each of its workers by name (one of several generation fetchers
+        // falling silent is the failure this is for, and a fresh beat of a
+        // sibling hid it).
+        let process: Option<String> = sqlx::query_scalar(
+            "select substring(id from '^(.*-' || $1 || '-[0-9a-f]{8})[.]') as process
+               from apalis.workers
+              where id like '%-' || $1 || '-%'
+                and substring(id from '^(.*-' || $1 || '-[0-9a-f]{8})[.]') is not null
+              order by last_seen desc limit 1",
         )
         .bind(pid.to_string())
-        .fetch_all(pool)
+        .fetch_optional(pool)
         .await?;
+        let silent = match &process {
+            None => Some("every queue (none registered)".to_owned()),
+            Some(process) => {
+                slate_workers::runtime::silent_queue(pool, process, Duration::from_secs(30), &[])
+                    .await?
+            }
+        };
+        // On failure, the queue's workers and their last beats.
+        let beats: Vec<(String, f64)> = match (&process, &silent) {
+            (Some(process), Some(queue)) => sqlx::query_as(
+                "select id, extract(epoch from now() - last_seen)::float8
+                   from apalis.workers
+                  where worker_type = $1 and starts_with(id, $2 || '.')
+                  order by id",
+            )
+            .bind(queue)
+            .bind(process)
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default(),
+            _ => Vec::new(),
+        };
         set.expect(
             "every queue's worker in every work process heartbeating",
-            stale.is_empty(),
-            || format!("{name} (pid {pid}): no heartbeat for {stale:?}"),
+            silent.is_none(),
+            || {
+                let beats: Vec<String> = beats
+                    .iter()
+                    .map(|(id, ago)| format!("{id} beat {ago:.0} s ago"))
+                    .collect();
+                format!(
+                    "{name} (pid {pid}): {} silent for 30 s ({})",
+                    silent.as_deref().unwrap_or_default(),
+                    beats.join("; ")
+                )
+            },
         );
     }
 
@@ -941,14 +959,15 @@ async fn check_all(
     // the first one's handle was never recorded, which a SIGKILL between
     // the provider's answer and the record explains. An attempt keeps
     // trying to record its handle through an outage for a minute
-    // (`DB_PATIENCE`), so only an outage near that long explains it too.
-    let killed = ctx.stats().killed_generations.clone();
-    let long_outage = ctx
-        .plan
-        .pg_restarts
-        .iter()
-        .any(|(_, d)| *d >= Duration::from_secs(45));
-    for prompt in paid_twice {
+    // (`DB_PATIENCE`, in pauses of up to 5 s), so an outage explains it
+    // too, but only one that began by the time the provider first accepted
+    // the generation (a moment after, at most) and lasted nearly that long
+    // past it.
+    let (killed, outages) = {
+        let s = ctx.stats();
+        (s.killed_generations.clone(), s.pg_outages.clone())
+    };
+    for (prompt, first) in paid_twice {
         // Its generation by the key in its prompt: an accepted one, or one
         // a given-up submission created (through its idempotency key).
         let generation = accepted
@@ -960,12 +979,20 @@ async fn check_all(
                     .find(|(_, (_, key))| prompt.ends_with(&format!(" {key}")))
                     .map(|(id, _)| *id)
             });
+        // The last try of the minute starts more than 50 s after the first
+        // (it gives up once a pause would end past the minute; a try that
+        // cannot connect waits up to 5 s for a connection).
+        let gives_up = slate_workers::generations::DB_PATIENCE - Duration::from_secs(10);
+        let outlasted = outages
+            .iter()
+            .any(|&(down, up)| down <= *first + Duration::from_secs(2) && up >= *first + gives_up);
         set.expect(
             "provider paid twice only for a killed worker's attempt",
-            long_outage || generation.is_some_and(|g| killed.contains(&g)),
+            outlasted || generation.is_some_and(|g| killed.contains(&g)),
             || match generation {
                 Some(g) => format!(
-                    "{g}: accepted twice by the provider, and no worker was killed holding its job"
+                    "{g}: accepted twice by the provider, and no worker was killed holding its job \
+                     nor did PostgreSQL stay down through its first attempt's record"
                 ),
                 None => "a prompt accepted twice names no generation".to_owned(),
             },
@@ -1092,7 +1119,7 @@ pub fn summary(ctx: &Ctx, report: &Report, fake: &FakeStats, soak_secs: f64) {
             .twice
             .iter()
             .take(10)
-            .map(|prompt| {
+            .map(|(prompt, _)| {
                 s.accepted
                     .values()
                     .find(|a| prompt.ends_with(&format!(" {}", a.key)))

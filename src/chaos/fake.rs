@@ -118,15 +118,17 @@ pub struct FakeStats {
     /// Prompts (generations) that were accepted by the provider more than
     /// once: a restarted worker paid twice.
     pub accepted_twice: u64,
-    /// Their prompts (each carries its submission's key).
-    pub twice: Vec<String>,
+    /// Their prompts (each carries its submission's key), with when the
+    /// provider first accepted them.
+    pub twice: Vec<(String, Instant)>,
 }
 
 #[derive(Clone)]
 pub struct FakeFal {
     inner: Arc<Mutex<Inner>>,
     stats: Arc<Mutex<FakeStats>>,
-    accepted_by_prompt: Arc<Mutex<HashMap<String, u32>>>,
+    /// Prompt → (times accepted, when first accepted).
+    accepted_by_prompt: Arc<Mutex<HashMap<String, (u32, Instant)>>>,
     base: Arc<String>,
 }
 
@@ -259,10 +261,12 @@ async fn submit(fal: &FakeFal, owner: &str, app: &str, body: &[u8]) -> Response 
     };
     {
         let mut accepted = fal.accepted_by_prompt.lock().expect("not poisoned");
-        let n = accepted.entry(prompt.clone()).or_insert(0);
+        let (n, first) = accepted
+            .entry(prompt.clone())
+            .or_insert((0, Instant::now()));
         *n += 1;
         if *n == 2 {
-            let p = prompt.clone();
+            let p = (prompt.clone(), *first);
             fal.count(|s| {
                 s.accepted_twice += 1;
                 s.twice.push(p);

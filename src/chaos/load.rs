@@ -625,6 +625,7 @@ async fn pg_restart(ctx: &Ctx, down: Duration) {
         .lock()
         .expect("not poisoned")
         .running(super::procs::Kind::Work);
+    let stopped = Instant::now();
     ctx.control("pg", "stop").await;
     // Readiness checks in flight when it stopped may still finish green.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -632,6 +633,7 @@ async fn pg_restart(ctx: &Ctx, down: Duration) {
     tokio::time::sleep(down.saturating_sub(Duration::from_secs(3))).await;
     ctx.pg_hard_down.store(false, Ordering::Relaxed);
     ctx.control("pg", "start").await;
+    ctx.stats().pg_outages.push((stopped, Instant::now()));
     recovered(ctx, "PostgreSQL").await;
     ctx.pg_down.store(false, Ordering::Relaxed);
     workers_resumed(ctx, &before).await;

@@ -228,6 +228,9 @@ pub struct Stats {
     pub killed_generations: HashSet<Uuid>,
     /// Worker processes seen resuming by themselves after a PostgreSQL restart.
     pub workers_resumed: u64,
+    /// PostgreSQL's outages as they happened: from the stop's start to the
+    /// end of the start (the server accepting connections again).
+    pub pg_outages: Vec<(Instant, Instant)>,
 }
 
 pub struct Ctx {

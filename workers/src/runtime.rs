@@ -463,12 +463,12 @@ pub async fn silent_queue(
     sqlx::query_scalar(
         "select q from unnest($2::text[]) as t(q)
           where not exists (select 1 from apalis.workers w
-                             where w.worker_type = t.q and w.id like $1 || '.%'
+                             where w.worker_type = t.q and starts_with(w.id, $1 || '.')
                                and w.id <> all($4)
                                and w.last_seen > now() - make_interval(secs => $3))
          union all
          select w.worker_type from apalis.workers w
-          where w.id like $1 || '.%' and w.id <> all($4)
+          where starts_with(w.id, $1 || '.') and w.id <> all($4)
           group by w.worker_type, regexp_replace(w.id, '[.]r[0-9]+$', '')
          having not bool_or(w.last_seen > now() - make_interval(secs => $3))
           limit 1",
@@ -491,7 +491,7 @@ async fn queue_workers(pool: &PgPool, process: &str, queue: &str, in_flight: &In
         "select id, extract(epoch from now() - last_seen)::float8,
                 extract(epoch from now() - started_at)::float8
            from apalis.workers
-          where worker_type = $1 and id like $2 || '.%'
+          where worker_type = $1 and starts_with(id, $2 || '.')
           order by last_seen desc
           limit 12",
     )
