@@ -202,17 +202,22 @@ pub async fn query(
         let p = param();
         conditions.push(format!("{seq} {} {p}", if ascending { ">" } else { "<" }));
     }
-    let order = format!(
-        "order by {seq} {} limit {}",
-        if ascending { "asc" } else { "desc" },
-        param()
-    );
+    let dir = if ascending { "asc" } else { "desc" };
+    let limit_param = param();
+    let order = format!("order by {seq} {dir} limit {limit_param}");
     // An action's entries are read through `audit_entries_action_idx`,
     // in `seq` order, a page of each at most, when nothing narrower is
     // given: as a filter beside `seq`'s walk, an action written once in a
     // million entries walked every entry after it (seconds at 10 M). Not
     // for a window read through its time index (one read of the window,
     // not one per action).
+    //
+    // Each action's page is ordered by `(action, seq)`, which only that
+    // index gives without a sort, and names its action as `= any(array[…])`:
+    // as `action = named.name`, PostgreSQL drops the action from the order
+    // (equal throughout) and, not knowing which action it is, walks the
+    // primary key instead, filtering (0.97 s for an action in 100,000 at
+    // 10 M entries, against 0.66 ms through the index).
     let by_action = match &actions {
         Some((p, _))
             if seq == "seq"
@@ -234,7 +239,8 @@ pub async fn query(
         (None, Some(p)) => format!(
             "select {COLUMNS} from unnest({p}::text[]) as named(name)
                cross join lateral (select {COLUMNS} from audit_entries
-                                    where action = named.name and {rest} {order}) e
+                                    where action = any(array[named.name]) and {rest}
+                                    order by action {dir}, seq {dir} limit {limit_param}) e
               {order}"
         ),
         (None, None) => format!("select {COLUMNS} from audit_entries where {rest} {order}"),
