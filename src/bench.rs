@@ -167,6 +167,11 @@ pub struct Report {
     pub pickup_idle: crate::bench_scale::Percentiles,
     pub pickup_loaded: crate::bench_scale::Percentiles,
     pub pickup_backlog: usize,
+    /// Script generations submitted one at a time to an idle generation
+    /// queue: commit to start.
+    pub pickup_generation_idle: crate::bench_scale::Percentiles,
+    /// How many of those the clock put before their commit (counted 0).
+    pub pickup_generation_early: usize,
     pub scrape: crate::bench_scale::Scrape,
     pub purge: crate::bench_scale::PurgeLookup,
     pub auth: crate::bench_auth::AuthCost,
@@ -610,6 +615,16 @@ async fn run_in(
     eprintln!("bench: pickup latency");
     let (idle, loaded) =
         slate_workers::bench::pickup_latency(&pool, opts.scale.pickup_samples, opts.jobs).await?;
+    let storage = config.storage();
+    let (generation_idle, generation_early, accounts) = slate_workers::bench::generation_pickup(
+        &pool,
+        &storage,
+        opts.scale.pickup_samples,
+        opts.generation_concurrency,
+        opts.generation_fetchers,
+    )
+    .await?;
+    slate_workers::bench::remove_outputs(&storage, &accounts).await?;
     eprintln!(
         "bench: /metrics over {} processed Stripe events, {} Done jobs and {} finished generations",
         opts.scale.stripe_events, opts.scale.finished_jobs, opts.scale.finished_generations
@@ -638,6 +653,8 @@ async fn run_in(
         pickup_idle: scale::percentiles(idle),
         pickup_loaded: scale::percentiles(loaded),
         pickup_backlog: opts.jobs,
+        pickup_generation_idle: scale::percentiles(generation_idle),
+        pickup_generation_early: generation_early,
         scrape,
         purge,
         auth,
@@ -1282,6 +1299,13 @@ pub fn print(report: &Report) {
         report.pickup_backlog,
         report.pickup_loaded.p50_ms,
         report.pickup_loaded.p99_ms
+    );
+    println!(
+        "   a generation submitted to an idle queue (commit to start): p50 {:.1} ms, p99 {:.1} ms ({} of {} started before the client saw its commit, counted 0)",
+        report.pickup_generation_idle.p50_ms,
+        report.pickup_generation_idle.p99_ms,
+        report.pickup_generation_early,
+        report.pickup_generation_idle.samples
     );
     print_scrape(&report.scrape);
     print_purge(&report.purge);

@@ -117,6 +117,17 @@ pub enum Command {
         /// Samples per latency figure.
         #[arg(long)]
         samples: Option<usize>,
+        /// Jobs, and generations, timed one by one for the pickup latency
+        /// (part 9).
+        #[arg(long)]
+        pickup_samples: Option<usize>,
+        /// Scrapes timed before and after the fold (part 10).
+        #[arg(long)]
+        scrape_samples: Option<usize>,
+        /// Purges timed before the mirror's ids are written (part 11; each
+        /// reads the mirror whole).
+        #[arg(long)]
+        purge_samples: Option<usize>,
         /// Processed Stripe events in the mirror for the scrape measurement
         /// (part 10).
         #[arg(long)]
@@ -797,6 +808,9 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             log_events,
             audit_entries,
             samples,
+            pickup_samples,
+            scrape_samples,
+            purge_samples,
             stripe_events,
             credit_buckets,
             finished_jobs,
@@ -835,6 +849,9 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             s.log_events = log_events.unwrap_or(s.log_events);
             s.audit_entries = audit_entries.unwrap_or(s.audit_entries);
             s.samples = samples.unwrap_or(s.samples).max(1);
+            s.pickup_samples = pickup_samples.unwrap_or(s.pickup_samples).max(1);
+            s.scrape_samples = scrape_samples.unwrap_or(s.scrape_samples).max(1);
+            s.purge_scan_samples = purge_samples.unwrap_or(s.purge_scan_samples).max(1);
             s.stripe_events = stripe_events.unwrap_or(s.stripe_events);
             s.credit_buckets = credit_buckets.unwrap_or(s.credit_buckets);
             s.finished_jobs = finished_jobs.unwrap_or(s.finished_jobs);

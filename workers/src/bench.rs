@@ -524,6 +524,69 @@ async fn started_within(pool: &PgPool, id: Uuid, deadline: Instant) -> anyhow::R
     }
 }
 
+/// Part 9 for generations: milliseconds from a script generation's
+/// submission (its commit, as the client saw it) to its start (the
+/// `recorded_at` of its first `GenerationStarted`: the attempt's
+/// transaction start, on the same clock), `samples` of them one at a time
+/// on an idle queue (each submitted once the last one finished), through
+/// the generation workers as `slate work` runs them. A start the clock puts
+/// before the client saw its commit counts 0 (a fetch that was looking
+/// anyway); how many did is returned too. Also the bench account.
+pub async fn generation_pickup(
+    pool: &PgPool,
+    storage: &StorageSettings,
+    samples: usize,
+    concurrency: usize,
+    fetchers: usize,
+) -> anyhow::Result<(Vec<f64>, usize, Vec<Uuid>)> {
+    let accounts = funded_accounts(pool, 1, samples.max(1)).await?;
+    let workers = GenerationWorkers::start(pool, storage, concurrency, fetchers).await?;
+    // Let the workers register and start listening.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut out = Vec::with_capacity(samples);
+    let mut early = 0;
+    for i in 0..samples {
+        let (id, committed) =
+            submit_script(pool, accounts[0], &format!("bench pickup {i}")).await?;
+        let committed = chrono::Utc::now() - committed.elapsed();
+        finished_within(pool, id, Instant::now() + Duration::from_secs(60)).await?;
+        let started: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+            "select min(recorded_at) from events
+              where stream_id = $1 and event_type = 'GenerationStarted'",
+        )
+        .bind(format!("generation-{id}"))
+        .fetch_one(pool)
+        .await?;
+        let ms = (started - committed).as_seconds_f64() * 1000.0;
+        early += usize::from(ms < 0.0);
+        out.push(ms.max(0.0));
+    }
+    workers.stop().await;
+    Ok((out, early, accounts))
+}
+
+/// Wait until generation `id` has finished (polled every 5 ms), at most
+/// until `deadline`; an error unless it succeeded.
+async fn finished_within(pool: &PgPool, id: Uuid, deadline: Instant) -> anyhow::Result<()> {
+    loop {
+        let status: String =
+            sqlx::query_scalar("select status from generations where generation_id = $1")
+                .bind(id)
+                .fetch_one(pool)
+                .await?;
+        match status.as_str() {
+            "succeeded" => return Ok(()),
+            "queued" | "running" => {}
+            other => anyhow::bail!("a bench generation ended {other}"),
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "a generation did not finish within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Delete what [`generations_per_second`] stored in the bucket (each
 /// account's objects, the accounts side by side): the bench leaves no
 /// objects behind, as it leaves no database. (s3s-fs 0.14 keeps two small
