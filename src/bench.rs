@@ -852,7 +852,9 @@ async fn webhooks(config: &Config, pool: &PgPool, opts: &BenchOptions) -> anyhow
             // Rounds after part 1's, whose stream ids are in the same table.
             ceiling_32.add(ceiling(pool, 32, slice, ROUNDS + round).await?);
             let tag = format!("w{round}");
-            deliveries.add(send_webhooks(&url, opts.senders, per_round, &tag).await?);
+            // Ingested only (no worker runs): any account will do.
+            deliveries
+                .add(send_webhooks(&url, opts.senders, per_round, &tag, &[Uuid::nil()]).await?);
         }
         anyhow::Ok(deliveries.latency(opts.senders, ceiling_32.per_second()))
     })
@@ -915,18 +917,20 @@ impl Deliveries {
     }
 }
 
-/// `n` verified deliveries from `senders` concurrent clients. `tag` makes
-/// their Stripe ids unique in the database (`evt_<tag>s<sender>x<i>_01`).
+/// `n` verified deliveries from `senders` concurrent clients, each a pack
+/// bought by one of `accounts` (sender `s` buys for `accounts[s % len]`).
+/// `tag` makes their Stripe ids unique in the database
+/// (`evt_<tag>s<sender>x<i>_01`).
 async fn send_webhooks(
     url: &str,
     senders: usize,
     n: usize,
     tag: &str,
+    accounts: &[Uuid],
 ) -> anyhow::Result<Deliveries> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(senders)
         .build()?;
-    let account = Uuid::now_v7();
     let per_sender = n.div_ceil(senders);
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -934,6 +938,7 @@ async fn send_webhooks(
         let client = client.clone();
         let url = url.to_owned();
         let tag = tag.to_owned();
+        let account = accounts[s % accounts.len().max(1)];
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(per_sender);
             let mut errors = 0usize;
@@ -1019,16 +1024,42 @@ async fn processes(database_url: &str, opts: &BenchOptions) -> anyhow::Result<Pr
     let (serve_idle_mib, _) = crate::bench_scale::rss_mib(serve.0.id());
     let (work_idle_mib, _) = crate::bench_scale::rss_mib(work.0.id());
     let n = opts.webhooks / 2;
-    send_webhooks(&format!("{base}/webhooks/stripe"), opts.senders, n, "p").await?;
-    // Let the worker drain what the deliveries queued.
+    // The packs are bought by accounts that exist (one per sender), so the
+    // worker processes them as a shop's deliveries are processed: each
+    // links its customer and grants its pack. (Until the thirty-ninth
+    // session the account did not exist and every event failed for good at
+    // once: the worker's load was a failure path.)
     let pool = slate_events::db::pool_options()
         .max_connections(1)
         .connect(database_url)
         .await?;
+    let mut accounts = Vec::with_capacity(opts.senders);
+    for _ in 0..opts.senders {
+        let mut conn = pool.acquire().await?;
+        accounts.push(
+            slate_events::accounts::create_account(
+                &mut conn,
+                &format!("bench-{}@example.com", Uuid::new_v4().simple()),
+                false,
+                Metadata::system(),
+            )
+            .await?,
+        );
+    }
+    send_webhooks(
+        &format!("{base}/webhooks/stripe"),
+        opts.senders,
+        n,
+        "p",
+        &accounts,
+    )
+    .await?;
+    // Let the worker drain what the deliveries queued: every event
+    // processed (a failed one waits for its retry: not drained yet).
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let pending: i64 =
-            sqlx::query_scalar("select count(*) from stripe_events where status = 'pending'")
+            sqlx::query_scalar("select count(*) from stripe_events where status <> 'processed'")
                 .fetch_one(&pool)
                 .await?;
         if pending == 0 {
@@ -1036,11 +1067,19 @@ async fn processes(database_url: &str, opts: &BenchOptions) -> anyhow::Result<Pr
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the worker left {pending} Stripe events pending after 120 s"
+            "the worker left {pending} Stripe events unprocessed after 120 s"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let outcomes: Vec<(String, i64)> =
+        sqlx::query_as("select status, count(*) from stripe_events group by 1 order by 1")
+            .fetch_all(&pool)
+            .await?;
     pool.close().await;
+    anyhow::ensure!(
+        outcomes.iter().all(|(status, _)| status == "processed"),
+        "part 7's deliveries were not all processed: {outcomes:?}"
+    );
     let (_, serve_peak_mib) = crate::bench_scale::rss_mib(serve.0.id());
     let (_, work_peak_mib) = crate::bench_scale::rss_mib(work.0.id());
     // A process that died reads as 0 MiB, which would pass any target.

@@ -171,6 +171,76 @@ async fn a_worker_killed_while_processing_a_stripe_event_leaves_it_processed_exa
     assert_eq!(b.available, 500);
 }
 
+/// A burst of Stripe deliveries is processed a few at a time
+/// (`STRIPE_CONCURRENCY`), not all at once: an unlimited apalis worker runs
+/// every job it fetches, and held thousands running on the pool's 20
+/// connections (and hundreds of MiB) behind a burst.
+#[tokio::test]
+async fn a_burst_of_stripe_events_is_processed_a_few_at_a_time() {
+    let db = TestDb::new().await;
+    const EVENTS: usize = 30;
+    for i in 0..EVENTS {
+        // An account each: a pack's grant holds its account's row until
+        // its commit, which would make them take turns anyway.
+        let account = crate::credits::new_account(&mut *db.conn().await).await;
+        let raw = crate::stripe::fixture(
+            "01_checkout_session_completed_pack",
+            account,
+            &format!(
+                "burst{i}x{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+        );
+        let event = slate_events::stripe::IncomingEvent::from_raw(&raw, None).unwrap();
+        slate_workers::stripe::ingest(
+            &db.pool,
+            &event,
+            slate_events::catalog::StripeSource::Webhook,
+        )
+        .await
+        .unwrap();
+    }
+    // Each processing holds its transaction open for 1.5 s before its
+    // commit: the jobs running at once stay running long enough to count.
+    let _worker = start_worker_with(&db, &[("SLATE_FAULT_STRIPE_HOLD_MS", "1500")]);
+    let count = |status: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "select count(*) from apalis.jobs where job_type = 'slate.stripe' and status = $1",
+            )
+            .bind(status)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut most = 0;
+    loop {
+        most = most.max(count("Running").await);
+        if count("Done").await == EVENTS as i64 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not all processed: {} done",
+            count("Done").await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        most as usize <= slate_workers::runtime::STRIPE_CONCURRENCY && most >= 2,
+        "{most} ran at once"
+    );
+    let processed: i64 =
+        sqlx::query_scalar("select count(*) from stripe_events where status = 'processed'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(processed, EVENTS as i64);
+}
+
 /// An account with 50 credits, and a video generation of it on the local
 /// provider with `parameters`, queued: (account, generation).
 async fn submit_local_video(
