@@ -98,15 +98,10 @@ async fn stripe_status(db: &TestDb) -> (Option<String>, Option<String>) {
     (job, mirror)
 }
 
-#[tokio::test]
-async fn a_worker_killed_while_processing_a_stripe_event_leaves_it_processed_exactly_once() {
-    let db = TestDb::new().await;
-    let account = crate::credits::new_account(&mut *db.conn().await).await;
-    let raw = crate::stripe::fixture(
-        "01_checkout_session_completed_pack",
-        account,
-        &uuid::Uuid::new_v4().simple().to_string()[..10],
-    );
+/// Mirror and queue a pack bought by `account` (Stripe ids made unique by
+/// `run`), as a delivery does.
+async fn ingest_pack(db: &TestDb, account: uuid::Uuid, run: &str) {
+    let raw = crate::stripe::fixture("01_checkout_session_completed_pack", account, run);
     let event = slate_events::stripe::IncomingEvent::from_raw(&raw, None).unwrap();
     slate_workers::stripe::ingest(
         &db.pool,
@@ -115,6 +110,18 @@ async fn a_worker_killed_while_processing_a_stripe_event_leaves_it_processed_exa
     )
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn a_worker_killed_while_processing_a_stripe_event_leaves_it_processed_exactly_once() {
+    let db = TestDb::new().await;
+    let account = crate::credits::new_account(&mut *db.conn().await).await;
+    ingest_pack(
+        &db,
+        account,
+        &uuid::Uuid::new_v4().simple().to_string()[..10],
+    )
+    .await;
 
     // This worker applies the grant, then hangs before its commit…
     let liveness = [
@@ -183,22 +190,11 @@ async fn a_burst_of_stripe_events_is_processed_a_few_at_a_time() {
         // An account each: a pack's grant holds its account's row until
         // its commit, which would make them take turns anyway.
         let account = crate::credits::new_account(&mut *db.conn().await).await;
-        let raw = crate::stripe::fixture(
-            "01_checkout_session_completed_pack",
-            account,
-            &format!(
-                "burst{i}x{}",
-                &uuid::Uuid::new_v4().simple().to_string()[..8]
-            ),
+        let run = format!(
+            "burst{i}x{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let event = slate_events::stripe::IncomingEvent::from_raw(&raw, None).unwrap();
-        slate_workers::stripe::ingest(
-            &db.pool,
-            &event,
-            slate_events::catalog::StripeSource::Webhook,
-        )
-        .await
-        .unwrap();
+        ingest_pack(&db, account, &run).await;
     }
     // Each processing holds its transaction open for 1.5 s before its
     // commit: the jobs running at once stay running long enough to count.

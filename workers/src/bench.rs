@@ -508,11 +508,7 @@ pub async fn fair_wait(
 /// most until `deadline`.
 async fn started_within(pool: &PgPool, id: Uuid, deadline: Instant) -> anyhow::Result<()> {
     loop {
-        let status: String =
-            sqlx::query_scalar("select status from generations where generation_id = $1")
-                .bind(id)
-                .fetch_one(pool)
-                .await?;
+        let status = generation_status(pool, id).await?;
         if status != "queued" {
             return Ok(());
         }
@@ -565,15 +561,18 @@ pub async fn generation_pickup(
     Ok((out, early, accounts))
 }
 
+async fn generation_status(pool: &PgPool, id: Uuid) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar("select status from generations where generation_id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+}
+
 /// Wait until generation `id` has finished (polled every 5 ms), at most
 /// until `deadline`; an error unless it succeeded.
 async fn finished_within(pool: &PgPool, id: Uuid, deadline: Instant) -> anyhow::Result<()> {
     loop {
-        let status: String =
-            sqlx::query_scalar("select status from generations where generation_id = $1")
-                .bind(id)
-                .fetch_one(pool)
-                .await?;
+        let status = generation_status(pool, id).await?;
         match status.as_str() {
             "succeeded" => return Ok(()),
             "queued" | "running" => {}
