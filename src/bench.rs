@@ -1054,20 +1054,22 @@ async fn processes(database_url: &str, opts: &BenchOptions) -> anyhow::Result<Pr
         &accounts,
     )
     .await?;
-    // Let the worker drain what the deliveries queued: every event
-    // processed (a failed one waits for its retry: not drained yet).
+    // Let the worker drain what the deliveries queued: no event pending or
+    // failed (a failed one waits for its retry); then every one must be
+    // processed (not ignored).
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let pending: i64 =
-            sqlx::query_scalar("select count(*) from stripe_events where status <> 'processed'")
-                .fetch_one(&pool)
-                .await?;
+        let pending: i64 = sqlx::query_scalar(
+            "select count(*) from stripe_events where status in ('pending', 'failed')",
+        )
+        .fetch_one(&pool)
+        .await?;
         if pending == 0 {
             break;
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the worker left {pending} Stripe events unprocessed after 120 s"
+            "the worker left {pending} Stripe events pending or failed after 120 s"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

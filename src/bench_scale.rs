@@ -177,7 +177,8 @@ pub async fn append_latency(pool: &PgPool, samples: usize) -> anyhow::Result<Per
 /// The events in the log, counted: the highest position overstates it by
 /// every value an append used up and did not keep (a rolled-back or raced
 /// append, a duplicate tried). An index-only count once the log is
-/// vacuumed (part 6 settles it first): under a second at 10 M.
+/// vacuumed (under a second at 10 M, after part 6's `settle`); a scan of
+/// the table before.
 pub async fn log_size(pool: &PgPool) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar("select count(*) from events")
         .fetch_one(pool)

@@ -961,8 +961,8 @@ async fn check_all(
     // trying to record its handle through an outage for a minute
     // (`DB_PATIENCE`, in pauses of up to 5 s), so an outage explains it
     // too, but only one that began by the time the provider first accepted
-    // the generation (a moment after, at most) and lasted nearly that long
-    // past it.
+    // the generation (6 s after, at most: its first try may wait 5 s for a
+    // pool connection) and lasted nearly that long past it.
     let (killed, outages) = {
         let s = ctx.stats();
         (s.killed_generations.clone(), s.pg_outages.clone())
@@ -985,7 +985,7 @@ async fn check_all(
         let gives_up = slate_workers::generations::DB_PATIENCE - Duration::from_secs(10);
         let outlasted = outages
             .iter()
-            .any(|&(down, up)| down <= *first + Duration::from_secs(2) && up >= *first + gives_up);
+            .any(|&(down, up)| down <= *first + Duration::from_secs(6) && up >= *first + gives_up);
         set.expect(
             "provider paid twice only for a killed worker's attempt",
             outlasted || generation.is_some_and(|g| killed.contains(&g)),

@@ -283,23 +283,29 @@ where
         })
         .register(move |restarts| {
             WorkerBuilder::new(email_workers.name("email", restarts))
-                .backend(email_storage.clone())
+                .backend(crate::poll::limited(&email_storage, EMAIL_CONCURRENCY))
                 .data(email_worker.clone())
                 .catch_panic()
+                .concurrency(EMAIL_CONCURRENCY)
                 .layer(email_workers.counted())
                 .build(email::handle)
         })
         .register(move |restarts| {
             WorkerBuilder::new(purge_workers.name("purge", restarts))
-                .backend(purge_storage.clone())
+                .backend(crate::poll::limited(&purge_storage, PURGE_CONCURRENCY))
                 .data(purger.clone())
                 .catch_panic()
+                .concurrency(PURGE_CONCURRENCY)
                 .layer(purge_workers.counted())
                 .build(purge::handle)
         })
         .register(move |restarts| {
             WorkerBuilder::new(renewal_workers.name("renewal", restarts))
-                .backend(renewal_storage.clone())
+                // Fetching one job for its one slot: a batch of 10 waiting
+                // in apalis's buffer behind Stripe calls sent no heartbeat
+                // (see `crate::queue`), and others could take the worker for
+                // dead and call Stripe again for its jobs.
+                .backend(crate::poll::limited(&renewal_storage, 1))
                 .data(renewals.clone())
                 .catch_panic()
                 // Each job holds a connection while Stripe answers: one at a
@@ -545,6 +551,17 @@ const WEBHOOK_CONCURRENCY: usize = 8;
 /// connections, at 534 MiB of memory, and the ones that waited past the
 /// pool's 5 s were retried later instead of processed.
 pub const STRIPE_CONCURRENCY: usize = 8;
+
+/// Emails one `slate work` sends at once (each an HTTP call to the email
+/// API): a burst of them was as many calls at once, unlimited like the
+/// Stripe events above.
+const EMAIL_CONCURRENCY: usize = 8;
+
+/// Account purges one `slate work` runs at once. A purge holds a connection
+/// for its whole run (its lock's transaction) and asks the pool for more,
+/// and the sweep queues every due purge at once: unlimited, about 20 of
+/// them would hold the pool's 20 connections, each waiting for a second.
+const PURGE_CONCURRENCY: usize = 2;
 
 /// `concurrency` jobs at once across up to `fetchers` workers of one queue:
 /// how many jobs each worker runs at once (as even as can be, `concurrency`
