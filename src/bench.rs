@@ -1034,18 +1034,11 @@ async fn processes(database_url: &str, opts: &BenchOptions) -> anyhow::Result<Pr
         .connect(database_url)
         .await?;
     let mut accounts = Vec::with_capacity(opts.senders);
+    let mut conn = pool.acquire().await?;
     for _ in 0..opts.senders {
-        let mut conn = pool.acquire().await?;
-        accounts.push(
-            slate_events::accounts::create_account(
-                &mut conn,
-                &format!("bench-{}@example.com", Uuid::new_v4().simple()),
-                false,
-                Metadata::system(),
-            )
-            .await?,
-        );
+        accounts.push(slate_workers::bench::bench_account(&mut conn).await?);
     }
+    drop(conn);
     send_webhooks(
         &format!("{base}/webhooks/stripe"),
         opts.senders,

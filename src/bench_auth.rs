@@ -55,14 +55,8 @@ pub async fn auth_cost(
     let mut keys = Vec::with_capacity(clients);
     crate::bench_scale::fill_credit_buckets(pool, other_buckets).await?;
     let mut conn = pool.acquire().await?;
-    for i in 0..clients {
-        let email = format!(
-            "bench-auth-{i}-{}@example.com",
-            uuid::Uuid::new_v4().simple()
-        );
-        let account =
-            slate_events::accounts::create_account(&mut conn, &email, false, Metadata::system())
-                .await?;
+    for _ in 0..clients {
+        let account = slate_workers::bench::bench_account(&mut conn).await?;
         let key =
             slate_events::access::create_key(&mut conn, account, None, Metadata::system()).await?;
         // Ten buckets of its own to list.

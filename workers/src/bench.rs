@@ -291,18 +291,23 @@ pub async fn generations_per_second(
     })
 }
 
+/// A new account for the bench (an address of its own each time).
+pub async fn bench_account(conn: &mut sqlx::PgConnection) -> Result<Uuid, slate_events::Error> {
+    slate_events::accounts::create_account(
+        conn,
+        &format!("bench-{}@example.com", Uuid::new_v4().simple()),
+        false,
+        Metadata::system(),
+    )
+    .await
+}
+
 /// `count` bench accounts, each with credits for `n` generations.
 async fn funded_accounts(pool: &PgPool, count: usize, n: usize) -> anyhow::Result<Vec<Uuid>> {
     let mut accounts = Vec::with_capacity(count);
     let mut conn = pool.acquire().await?;
     for _ in 0..count {
-        let account = slate_events::accounts::create_account(
-            &mut conn,
-            &format!("bench-{}@example.com", Uuid::new_v4().simple()),
-            false,
-            Metadata::system(),
-        )
-        .await?;
+        let account = bench_account(&mut conn).await?;
         slate_events::credits::grant(
             &mut conn,
             &slate_events::credits::Grant {
