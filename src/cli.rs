@@ -465,6 +465,10 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             settings.generation_attempts = config.generation_attempts;
             settings.generation_concurrency = config.generation_concurrency;
             settings.generation_fetchers = config.generation_fetchers;
+            settings.stripe_concurrency = config.stripe_concurrency;
+            settings.webhook_concurrency = config.webhook_concurrency;
+            settings.email_concurrency = config.email_concurrency;
+            settings.purge_concurrency = config.purge_concurrency;
             settings.downloads = slate_workers::generations::Downloads::new(
                 slate_workers::runtime::RESULT_LIMIT,
                 config.result_memory,

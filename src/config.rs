@@ -82,6 +82,12 @@ pub struct Config {
     /// with its own fetch loop) that share them.
     pub generation_concurrency: usize,
     pub generation_fetchers: usize,
+    /// Jobs one `slate work` runs at once on the Stripe, completion-webhook,
+    /// email and purge queues.
+    pub stripe_concurrency: usize,
+    pub webhook_concurrency: usize,
+    pub email_concurrency: usize,
+    pub purge_concurrency: usize,
     /// Bytes the results fetched from providers may hold together in one
     /// worker process.
     pub result_memory: usize,
@@ -150,6 +156,10 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("SLATE_GENERATION_ATTEMPTS", "5"),
     ("SLATE_GENERATION_CONCURRENCY", "8"),
     ("SLATE_GENERATION_FETCHERS", "4"),
+    ("SLATE_STRIPE_CONCURRENCY", "8"),
+    ("SLATE_WEBHOOK_CONCURRENCY", "8"),
+    ("SLATE_EMAIL_CONCURRENCY", "8"),
+    ("SLATE_PURGE_CONCURRENCY", "2"),
     ("SLATE_RESULT_MEMORY_MB", "1024"),
     ("SLATE_GENERATION_HOLD_SECS", "7200"),
     ("SLATE_PROVIDER_POLL_MS", "2000"),
@@ -355,6 +365,18 @@ impl Config {
                 &get("SLATE_GENERATION_FETCHERS"),
                 "SLATE_GENERATION_FETCHERS",
             )? as usize,
+            stripe_concurrency: positive(
+                &get("SLATE_STRIPE_CONCURRENCY"),
+                "SLATE_STRIPE_CONCURRENCY",
+            )? as usize,
+            webhook_concurrency: positive(
+                &get("SLATE_WEBHOOK_CONCURRENCY"),
+                "SLATE_WEBHOOK_CONCURRENCY",
+            )? as usize,
+            email_concurrency: positive(&get("SLATE_EMAIL_CONCURRENCY"), "SLATE_EMAIL_CONCURRENCY")?
+                as usize,
+            purge_concurrency: positive(&get("SLATE_PURGE_CONCURRENCY"), "SLATE_PURGE_CONCURRENCY")?
+                as usize,
             result_memory: (positive(&get("SLATE_RESULT_MEMORY_MB"), "SLATE_RESULT_MEMORY_MB")?
                 as usize)
                 .saturating_mul(1 << 20),
@@ -506,6 +528,20 @@ mod tests {
         assert!(c.database_url.expose().contains("127.0.0.1:5432/slate"));
         assert!(c.stripe_webhook_secrets.is_empty());
         assert!(!c.livemode);
+        assert_eq!(
+            (
+                c.stripe_concurrency,
+                c.webhook_concurrency,
+                c.email_concurrency,
+                c.purge_concurrency
+            ),
+            (
+                slate_workers::runtime::STRIPE_CONCURRENCY,
+                slate_workers::runtime::WEBHOOK_CONCURRENCY,
+                slate_workers::runtime::EMAIL_CONCURRENCY,
+                slate_workers::runtime::PURGE_CONCURRENCY
+            )
+        );
     }
 
     #[test]
@@ -552,5 +588,18 @@ mod tests {
             Config::from_lookup(|k| (k == "STRIPE_WEBHOOK_SECRETS").then(|| "nope".into()))
                 .is_err()
         );
+        for name in [
+            "SLATE_STRIPE_CONCURRENCY",
+            "SLATE_WEBHOOK_CONCURRENCY",
+            "SLATE_EMAIL_CONCURRENCY",
+            "SLATE_PURGE_CONCURRENCY",
+        ] {
+            for bad in ["0", "-1", "many"] {
+                assert!(
+                    Config::from_lookup(|k| (k == name).then(|| bad.into())).is_err(),
+                    "{name}={bad}"
+                );
+            }
+        }
     }
 }

@@ -53,6 +53,12 @@ pub struct WorkerSettings {
     /// Workers (each with its own fetch loop) that share the generation
     /// concurrency; see [`split_concurrency`].
     pub generation_fetchers: usize,
+    /// Jobs one process runs at once on the Stripe, completion-webhook,
+    /// email and purge queues (each fetches only for its free slots).
+    pub stripe_concurrency: usize,
+    pub webhook_concurrency: usize,
+    pub email_concurrency: usize,
+    pub purge_concurrency: usize,
     /// Results' size cap and the memory results in flight may hold.
     pub downloads: generations::Downloads,
     pub poll_interval: Duration,
@@ -90,6 +96,10 @@ impl WorkerSettings {
             generation_attempts: 5,
             generation_concurrency: GENERATION_CONCURRENCY,
             generation_fetchers: GENERATION_FETCHERS,
+            stripe_concurrency: STRIPE_CONCURRENCY,
+            webhook_concurrency: WEBHOOK_CONCURRENCY,
+            email_concurrency: EMAIL_CONCURRENCY,
+            purge_concurrency: PURGE_CONCURRENCY,
             downloads: generations::Downloads::new(RESULT_LIMIT, RESULT_MEMORY),
             poll_interval: Duration::from_secs(2),
             webhook_allow: Vec::new(),
@@ -224,6 +234,10 @@ where
         settings.generation_fetchers,
     );
     let diagnostics_workers = workers.clone();
+    let stripe_slots = settings.stripe_concurrency.max(1);
+    let webhook_slots = settings.webhook_concurrency.max(1);
+    let email_slots = settings.email_concurrency.max(1);
+    let purge_slots = settings.purge_concurrency.max(1);
     let retired = in_flight.clone();
     let stripe_workers = workers.clone();
     let generation_workers = workers.clone();
@@ -233,17 +247,21 @@ where
     let monitor = Monitor::new()
         .register(move |restarts| {
             WorkerBuilder::new(diagnostics_workers.name("diagnostics", restarts))
-                .backend(diagnostics_storage.clone())
+                .backend(crate::poll::limited(
+                    &diagnostics_storage,
+                    DIAGNOSTICS_CONCURRENCY,
+                ))
                 .catch_panic()
+                .concurrency(DIAGNOSTICS_CONCURRENCY)
                 .layer(diagnostics_workers.counted())
                 .build(diagnostics::handle)
         })
         .register(move |restarts| {
             WorkerBuilder::new(stripe_workers.name("stripe", restarts))
-                .backend(crate::poll::limited(&stripe_storage, STRIPE_CONCURRENCY))
+                .backend(crate::poll::limited(&stripe_storage, stripe_slots))
                 .data(stripe_worker.clone())
                 .catch_panic()
-                .concurrency(STRIPE_CONCURRENCY)
+                .concurrency(stripe_slots)
                 .layer(stripe_workers.counted())
                 .build(stripe::handle)
         })
@@ -266,36 +284,39 @@ where
         })
         .register(move |restarts| {
             WorkerBuilder::new(maintenance_workers.name("maintenance", restarts))
-                .backend(maintenance_storage.clone())
+                // One sweep at a time, fetched only when the slot is free
+                // (the schedule already queues none while one waits or runs).
+                .backend(crate::poll::limited(&maintenance_storage, 1))
                 .data(maintenance.clone())
                 .catch_panic()
+                .concurrency(1)
                 .layer(maintenance_workers.counted())
                 .build(sweeper::handle)
         })
         .register(move |restarts| {
             WorkerBuilder::new(webhook_workers.name("webhooks", restarts))
-                .backend(crate::poll::limited(&webhook_storage, WEBHOOK_CONCURRENCY))
+                .backend(crate::poll::limited(&webhook_storage, webhook_slots))
                 .data(webhook_worker.clone())
                 .catch_panic()
-                .concurrency(WEBHOOK_CONCURRENCY)
+                .concurrency(webhook_slots)
                 .layer(webhook_workers.counted())
                 .build(webhooks::handle)
         })
         .register(move |restarts| {
             WorkerBuilder::new(email_workers.name("email", restarts))
-                .backend(crate::poll::limited(&email_storage, EMAIL_CONCURRENCY))
+                .backend(crate::poll::limited(&email_storage, email_slots))
                 .data(email_worker.clone())
                 .catch_panic()
-                .concurrency(EMAIL_CONCURRENCY)
+                .concurrency(email_slots)
                 .layer(email_workers.counted())
                 .build(email::handle)
         })
         .register(move |restarts| {
             WorkerBuilder::new(purge_workers.name("purge", restarts))
-                .backend(crate::poll::limited(&purge_storage, PURGE_CONCURRENCY))
+                .backend(crate::poll::limited(&purge_storage, purge_slots))
                 .data(purger.clone())
                 .catch_panic()
-                .concurrency(PURGE_CONCURRENCY)
+                .concurrency(purge_slots)
                 .layer(purge_workers.counted())
                 .build(purge::handle)
         })
@@ -541,10 +562,12 @@ pub const RESULT_LIMIT: usize = 512 << 20;
 /// (`SLATE_RESULT_MEMORY_MB`; see [`generations::Downloads`]).
 pub const RESULT_MEMORY: usize = 1024 << 20;
 
-/// Completion webhooks one `slate work` delivers at once.
-const WEBHOOK_CONCURRENCY: usize = 8;
+/// Completion webhooks one `slate work` delivers at once by default
+/// (`SLATE_WEBHOOK_CONCURRENCY`).
+pub const WEBHOOK_CONCURRENCY: usize = 8;
 
-/// Stripe events one `slate work` processes at once. Without a limit an
+/// Stripe events one `slate work` processes at once by default
+/// (`SLATE_STRIPE_CONCURRENCY`). Without a limit an
 /// apalis worker runs every job it fetches at once, and fetches again at
 /// once: behind a burst of deliveries (10,000 in the bench's part 7) it
 /// held about 7,800 jobs running at once, waiting on the pool's 20
@@ -552,16 +575,22 @@ const WEBHOOK_CONCURRENCY: usize = 8;
 /// pool's 5 s were retried later instead of processed.
 pub const STRIPE_CONCURRENCY: usize = 8;
 
-/// Emails one `slate work` sends at once (each an HTTP call to the email
-/// API): a burst of them was as many calls at once, unlimited like the
-/// Stripe events above.
-const EMAIL_CONCURRENCY: usize = 8;
+/// Emails one `slate work` sends at once by default
+/// (`SLATE_EMAIL_CONCURRENCY`; each an HTTP call to the email API): a burst
+/// of them was as many calls at once, unlimited like the Stripe events
+/// above.
+pub const EMAIL_CONCURRENCY: usize = 8;
 
-/// Account purges one `slate work` runs at once. A purge holds a connection
+/// Account purges one `slate work` runs at once by default
+/// (`SLATE_PURGE_CONCURRENCY`). A purge holds a connection
 /// for its whole run (its lock's transaction) and asks the pool for more,
 /// and the sweep queues every due purge at once: unlimited, about 20 of
 /// them would hold the pool's 20 connections, each waiting for a second.
-const PURGE_CONCURRENCY: usize = 2;
+pub const PURGE_CONCURRENCY: usize = 2;
+
+/// Diagnostic jobs (`slate jobs ping`) one `slate work` runs at once: they
+/// finish at once, and unlimited a flood of them would be as many tasks.
+const DIAGNOSTICS_CONCURRENCY: usize = 4;
 
 /// `concurrency` jobs at once across up to `fetchers` workers of one queue:
 /// how many jobs each worker runs at once (as even as can be, `concurrency`
