@@ -321,6 +321,27 @@ pub(super) async fn metrics(
     out.push_str("# HELP slate_credits_reserved Credits held by outstanding reservations.\n# TYPE slate_credits_reserved gauge\n");
     let _ = writeln!(out, "slate_credits_reserved {}", held.unwrap_or(0));
 
+    // Deleted accounts whose grace period has ended and which are not
+    // purged yet. The maintenance sweep queues each within a sweep interval,
+    // and a purge that keeps failing is retried for ever (at most ten minutes
+    // apart; once its 20 attempts are spent the sweep queues it again):
+    // this is what an alert watches.
+    // Read through `accounts_purge_due_idx`.
+    let (overdue, oldest): (i64, Option<f64>) = sqlx::query_as(
+        "select count(*), extract(epoch from now() - min(purge_after))::float8 from accounts
+          where deleted_at is not null and purged_at is null and purge_after <= now()",
+    )
+    .fetch_one(pool)
+    .await?;
+    out.push_str("# HELP slate_purges_due Deleted accounts whose grace period has ended, not purged yet.\n# TYPE slate_purges_due gauge\n");
+    let _ = writeln!(out, "slate_purges_due {overdue}");
+    out.push_str("# HELP slate_purge_due_oldest_seconds How long the oldest of them has been due (0: none).\n# TYPE slate_purge_due_oldest_seconds gauge\n");
+    let _ = writeln!(
+        out,
+        "slate_purge_due_oldest_seconds {:.3}",
+        oldest.unwrap_or(0.0).max(0.0)
+    );
+
     let _ = writeln!(
         out,
         "# HELP slate_projection_lag_events Events of an asynchronous projection's types not applied yet, counted up to {LAG_COUNT_CAP}.\n# TYPE slate_projection_lag_events gauge"

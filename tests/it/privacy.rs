@@ -1748,3 +1748,47 @@ async fn a_past_due_renewal_is_not_collected_while_the_account_is_deleted() {
     .await;
     assert_eq!(invoices.lock().unwrap().get(&invoice), Some(&false));
 }
+
+/// A purge that is due and not done shows in `/metrics` (what an alert
+/// watches: a purge that keeps failing is retried for ever, quietly), and
+/// stops showing once the account is purged.
+#[tokio::test]
+async fn metrics_show_purges_due_and_not_done() {
+    let (app, alice, email_api) = deleted_account().await;
+    let due = |text: &str| -> (i64, f64) {
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("{name} missing: {text}"))
+        };
+        (
+            value("slate_purges_due ") as i64,
+            value("slate_purge_due_oldest_seconds "),
+        )
+    };
+    assert_eq!(due(&app.metrics().await), (0, 0.0), "in its grace period");
+    sqlx::query(
+        "update accounts set purge_after = now() - interval '2 hours' where account_id = $1",
+    )
+    .bind(alice)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let (n, oldest) = due(&app.metrics().await);
+    assert_eq!(n, 1);
+    assert!((7200.0..7300.0).contains(&oldest), "{oldest}");
+
+    Mock::given(method("POST"))
+        .and(path("/emails"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": "em_farewell"})))
+        .mount(&email_api)
+        .await;
+    let stripe = MockServer::start().await;
+    let p = purger(&app, &stripe, &email_api);
+    assert_eq!(
+        purge::purge(&p, alice, chrono::Utc::now()).await.unwrap(),
+        Outcome::Purged
+    );
+    assert_eq!(due(&app.metrics().await), (0, 0.0), "purged");
+}
