@@ -1004,6 +1004,12 @@ async fn processes(database_url: &str, opts: &BenchOptions) -> anyhow::Result<Pr
             .env("STRIPE_WEBHOOK_SECRETS", WEBHOOK_SECRET)
             // The deliveries are test mode, whatever this shell's setting.
             .env("SLATE_LIVEMODE", "false")
+            // `work` as deployed by default, whatever this shell's settings:
+            // part 7's peak memory follows how many run at once.
+            .env_remove("SLATE_STRIPE_CONCURRENCY")
+            .env_remove("SLATE_WEBHOOK_CONCURRENCY")
+            .env_remove("SLATE_EMAIL_CONCURRENCY")
+            .env_remove("SLATE_PURGE_CONCURRENCY")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -469,6 +469,19 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             settings.webhook_concurrency = config.webhook_concurrency;
             settings.email_concurrency = config.email_concurrency;
             settings.purge_concurrency = config.purge_concurrency;
+            // Each Stripe event holds a connection while it runs, each purge
+            // one and at times a second: more than the pool has would leave
+            // them waiting on its timeout and retried (the projectors, the
+            // sweep and the other queues need connections too).
+            let held = config.stripe_concurrency + 2 * config.purge_concurrency;
+            if held >= config.database_max_connections as usize {
+                tracing::warn!(
+                    stripe = config.stripe_concurrency,
+                    purge = config.purge_concurrency,
+                    pool = config.database_max_connections,
+                    "SLATE_STRIPE_CONCURRENCY + 2 × SLATE_PURGE_CONCURRENCY is not below DATABASE_MAX_CONNECTIONS: jobs will wait for connections"
+                );
+            }
             settings.downloads = slate_workers::generations::Downloads::new(
                 slate_workers::runtime::RESULT_LIMIT,
                 config.result_memory,

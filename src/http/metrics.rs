@@ -323,9 +323,10 @@ pub(super) async fn metrics(
 
     // Deleted accounts whose grace period has ended and which are not
     // purged yet. The maintenance sweep queues each within a sweep interval,
-    // and a purge that keeps failing is retried for ever (at most ten minutes
-    // apart; once its 20 attempts are spent the sweep queues it again):
-    // this is what an alert watches.
+    // and a purge that keeps failing is retried for ever (about every ten
+    // minutes, with the backoff's jitter up to twelve and a half; once its
+    // 20 attempts are spent the sweep queues it again): this is what an
+    // alert watches.
     // Read through `accounts_purge_due_idx`.
     let (overdue, oldest): (i64, Option<f64>) = sqlx::query_as(
         "select count(*), extract(epoch from now() - min(purge_after))::float8 from accounts

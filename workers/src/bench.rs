@@ -86,7 +86,8 @@ fn per_second(
 #[derive(Debug, Clone, Copy)]
 pub enum NoopSetup {
     /// apalis-postgres's usual set-up: 10 jobs per fetch, no concurrency
-    /// limit (what `slate work` does for the unlimited queues).
+    /// limit (no queue of `slate work` runs this way since the fortieth
+    /// session: the queue's own cost per job, nothing else).
     Bare,
     /// The generation queue's: `concurrency` at once across `fetchers`
     /// workers, each fetching as many as it has free slots, each job on its
