@@ -844,6 +844,19 @@ async fn deleted_account() -> (TestApp, Uuid, MockServer) {
     (app, alice, MockServer::start().await)
 }
 
+/// A purger whose email API accepts the farewell, with a Stripe API that
+/// has nothing to cancel (keep the server while the purger is used).
+async fn farewell_purger(app: &TestApp, email_api: &MockServer) -> (Purger, MockServer) {
+    Mock::given(method("POST"))
+        .and(path("/emails"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": "em_farewell"})))
+        .mount(email_api)
+        .await;
+    let stripe = MockServer::start().await;
+    let p = purger(app, &stripe, email_api);
+    (p, stripe)
+}
+
 #[tokio::test]
 async fn a_refused_farewell_email_does_not_stop_the_purge() {
     let (app, alice, email_api) = deleted_account().await;
@@ -909,13 +922,7 @@ async fn a_refused_farewell_email_does_not_stop_the_purge() {
 #[tokio::test]
 async fn a_purge_that_began_ends_the_grace_period() {
     let (app, alice, email_api) = deleted_account().await;
-    Mock::given(method("POST"))
-        .and(path("/emails"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": "em_farewell"})))
-        .mount(&email_api)
-        .await;
-    let stripe = MockServer::start().await;
-    let p = purger(&app, &stripe, &email_api);
+    let (p, _stripe) = farewell_purger(&app, &email_api).await;
     let later = chrono::Utc::now() + chrono::Duration::days(31);
     let crashing = Purger {
         crash_after: Some("storage"),
@@ -1779,13 +1786,7 @@ async fn metrics_show_purges_due_and_not_done() {
     assert_eq!(n, 1);
     assert!((7200.0..7300.0).contains(&oldest), "{oldest}");
 
-    Mock::given(method("POST"))
-        .and(path("/emails"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": "em_farewell"})))
-        .mount(&email_api)
-        .await;
-    let stripe = MockServer::start().await;
-    let p = purger(&app, &stripe, &email_api);
+    let (p, _stripe) = farewell_purger(&app, &email_api).await;
     assert_eq!(
         purge::purge(&p, alice, chrono::Utc::now()).await.unwrap(),
         Outcome::Purged
