@@ -26,7 +26,10 @@ pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
                 .await
                 .or_else(
                     |e| match e.as_database_error().and_then(|d| d.code()).as_deref() {
-                        Some("42P04") => Ok(Default::default()), // created meanwhile
+                        // Created meanwhile: 42P04 when the other create had
+                        // committed, 23505 (the catalog's unique name index)
+                        // when both were inserting the row at once.
+                        Some("42P04" | "23505") => Ok(Default::default()),
                         _ => Err(e),
                     },
                 )

@@ -131,3 +131,25 @@ async fn a_pooled_connection_that_died_while_idle_is_replaced_before_use() {
     let second = pid().await;
     assert_ne!(second, first, "the dead connection was replaced");
 }
+
+/// `slate migrate` and `slate demo` create their database when it is
+/// missing; several started at once (a deploy's replicas) all go on, the
+/// ones that lost the race to create it included.
+#[tokio::test]
+async fn commands_started_together_create_a_missing_database_once() {
+    let name = format!("slate_test_{}", uuid::Uuid::new_v4().simple());
+    let server = crate::harness::server_url();
+    let url = format!("{}/{name}", server.rsplit_once('/').unwrap().0);
+    let results =
+        futures::future::join_all((0..8).map(|_| slate::migrate::ensure_database(&url))).await;
+    for r in &results {
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let mut admin = crate::harness::admin_connection(&server).await;
+    let n: i64 = sqlx::query_scalar("select count(*) from pg_database where datname = $1")
+        .bind(&name)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}
