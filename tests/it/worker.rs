@@ -199,11 +199,12 @@ async fn a_burst_of_stripe_events_is_processed_a_few_at_a_time() {
     // Each processing holds its transaction open for 1.5 s before its
     // commit: the jobs running at once stay running long enough to count.
     const SLOTS: i64 = 3;
+    let slots = SLOTS.to_string();
     let _worker = start_worker_with(
         &db,
         &[
             ("SLATE_FAULT_STRIPE_HOLD_MS", "1500"),
-            ("SLATE_STRIPE_CONCURRENCY", "3"),
+            ("SLATE_STRIPE_CONCURRENCY", &slots),
         ],
     );
     let count = |status: &'static str| {
